@@ -1,1 +1,120 @@
-// (being written)
+#include "model/checkpoint.h"
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "core/atomic_file.h"
+#include "core/error.h"
+
+namespace fs = std::filesystem;
+
+namespace antkv {
+
+std::string Checkpoint::layer_name(int layer, const char* suffix) {
+  return fmt::format("model.layers.{}.{}", layer, suffix);
+}
+
+bool Checkpoint::has(const std::string& name) const { return index_.count(name) != 0; }
+
+const TensorView& Checkpoint::tensor(const std::string& name) const {
+  auto it = index_.find(name);
+  ANTKV_CHECK(it != index_.end(), "{}: missing tensor \"{}\"", dir_, name);
+  return *it->second;
+}
+
+const TensorView& Checkpoint::tensor(const std::string& name, const std::vector<int64_t>& shape) const {
+  const TensorView& t = tensor(name);
+  TensorView want;
+  want.shape = shape;
+  ANTKV_CHECK(t.shape == shape, "{}: tensor \"{}\" has shape {}, expected {} (from config.json)", t.file, name,
+              t.shape_str(), want.shape_str());
+  ANTKV_CHECK(t.dtype == DType::kBF16 || t.dtype == DType::kF16 || t.dtype == DType::kF32,
+              "{}: tensor \"{}\" has dtype {}, expected BF16, F16 or F32", t.file, name, dtype_name(t.dtype));
+  return t;
+}
+
+const TensorView& Checkpoint::lm_head() const {
+  const int64_t v = config_.vocab_size, h = config_.hidden_size;
+  if (has("lm_head.weight")) return tensor("lm_head.weight", {v, h});
+  ANTKV_CHECK(config_.tie_word_embeddings,
+              "{}: missing tensor \"lm_head.weight\" (and tie_word_embeddings is false)", dir_);
+  return tensor("model.embed_tokens.weight", {v, h});
+}
+
+size_t Checkpoint::total_bytes() const {
+  size_t n = 0;
+  for (auto& f : files_)
+    for (auto& [name, t] : f->tensors()) n += t.nbytes;
+  return n;
+}
+
+Checkpoint Checkpoint::open(const std::string& dir) {
+  Checkpoint c;
+  c.dir_ = dir;
+  ANTKV_CHECK(fs::is_directory(dir), "{}: not a checkpoint directory (config.json, model.safetensors)", dir);
+  const std::string cfg_path = dir + "/config.json";
+  ANTKV_CHECK(fs::exists(cfg_path), "{}: missing config.json", dir);
+  c.config_ = load_model_config(cfg_path);
+
+  const std::string single = dir + "/model.safetensors";
+  const std::string index = dir + "/model.safetensors.index.json";
+  if (fs::exists(index)) {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(read_file(index));
+    } catch (const nlohmann::json::parse_error& e) {
+      fail("{}: not valid JSON: {}", index, e.what());
+    }
+    ANTKV_CHECK(j.contains("weight_map") && j["weight_map"].is_object(), "{}: missing \"weight_map\" object",
+                index);
+    std::set<std::string> shards;
+    for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
+      ANTKV_CHECK(it->is_string(), "{}: weight_map entry \"{}\" is not a file name", index, it.key());
+      shards.insert(it->get<std::string>());
+    }
+    for (const auto& s : shards) {
+      ANTKV_CHECK(s.find('/') == std::string::npos, "{}: shard name \"{}\" must be a plain file name", index, s);
+      const std::string p = dir + "/" + s;
+      ANTKV_CHECK(fs::exists(p), "{}: shard \"{}\" listed in the index is missing", index, s);
+      c.files_.push_back(SafetensorsFile::open(p));
+    }
+    for (auto& f : c.files_)
+      for (auto& [name, t] : f->tensors()) c.index_[name] = &t;
+    for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
+      auto found = c.index_.find(it.key());
+      ANTKV_CHECK(found != c.index_.end() && found->second->file == dir + "/" + it->get<std::string>(),
+                  "{}: tensor \"{}\" is listed in {} but not stored there", index, it.key(), it->get<std::string>());
+    }
+  } else {
+    ANTKV_CHECK(fs::exists(single), "{}: missing model.safetensors (or model.safetensors.index.json)", dir);
+    c.files_.push_back(SafetensorsFile::open(single));
+    for (auto& [name, t] : c.files_[0]->tensors()) c.index_[name] = &t;
+  }
+
+  // Validate every tensor the runtime needs, so problems surface at load time with the tensor's name.
+  const ModelConfig& m = c.config_;
+  const int64_t h = m.hidden_size, q = m.q_dim(), kv = m.kv_dim(), f = m.intermediate_size;
+  c.tensor("model.embed_tokens.weight", {m.vocab_size, h});
+  c.tensor("model.norm.weight", {h});
+  c.lm_head();
+  for (int l = 0; l < m.num_layers; ++l) {
+    c.tensor(layer_name(l, "input_layernorm.weight"), {h});
+    c.tensor(layer_name(l, "post_attention_layernorm.weight"), {h});
+    c.tensor(layer_name(l, "self_attn.q_proj.weight"), {q, h});
+    c.tensor(layer_name(l, "self_attn.k_proj.weight"), {kv, h});
+    c.tensor(layer_name(l, "self_attn.v_proj.weight"), {kv, h});
+    c.tensor(layer_name(l, "self_attn.o_proj.weight"), {h, q});
+    c.tensor(layer_name(l, "mlp.gate_proj.weight"), {f, h});
+    c.tensor(layer_name(l, "mlp.up_proj.weight"), {f, h});
+    c.tensor(layer_name(l, "mlp.down_proj.weight"), {h, f});
+    if (m.attention_bias) {
+      c.tensor(layer_name(l, "self_attn.q_proj.bias"), {q});
+      c.tensor(layer_name(l, "self_attn.k_proj.bias"), {kv});
+      c.tensor(layer_name(l, "self_attn.v_proj.bias"), {kv});
+    }
+  }
+  return c;
+}
+
+}  // namespace antkv
