@@ -1,1 +1,42 @@
+// Core utilities: atomic output files, hashing, progress formatting, interruption.
+#include <filesystem>
+#include <fstream>
+
+#include "core/atomic_file.h"
+#include "core/error.h"
+#include "core/hash.h"
+#include "core/progress.h"
 #include "test_support.h"
+
+using namespace antkv;
+namespace fs = std::filesystem;
+
+TEST_CASE("AtomicFile: nothing at the final path until commit; temp removed when abandoned", "[core]") {
+  const std::string dir = test::temp_dir();
+  const std::string path = dir + "/out.json";
+  {
+    AtomicFile f(path);
+    std::ofstream(f.temp_path()) << "partial";
+    CHECK_FALSE(fs::exists(path));
+  }  // abandoned (an exception or an interrupt unwinds through here)
+  CHECK_FALSE(fs::exists(path));
+  CHECK(fs::is_empty(dir));
+  write_file_atomic(path, "done\n");
+  CHECK(read_file(path) == "done\n");
+  CHECK_THROWS_WITH(write_file_atomic(dir + "/no/such/dir/x", "y"), Catch::Contains("no/such/dir"));
+}
+
+TEST_CASE("hashes are stable and content-sensitive", "[core]") {
+  CHECK(hash_bytes("abc") == hash_bytes("abc"));
+  CHECK(hash_bytes("abc") != hash_bytes("abd"));
+  CHECK(hash_bytes("abc").size() == 32);
+  const std::string dir = test::temp_dir();
+  write_file_atomic(dir + "/f", "abc");
+  CHECK(hash_file(dir + "/f") == hash_bytes("abc"));
+}
+
+TEST_CASE("durations format as h:mm:ss", "[core]") {
+  CHECK(format_duration(0) == "0:00:00");
+  CHECK(format_duration(3725.4) == "1:02:05");
+  CHECK(format_duration(-1) == "?");
+}

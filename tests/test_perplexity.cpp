@@ -1,1 +1,100 @@
+// Perplexity protocols (design note §5) against the per-window references of transformers
+// (reference/ppl_*.json: NLL summed over each window's seq_len-1 predicted positions).
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "core/atomic_file.h"
+#include "eval/perplexity.h"
+#include "model/checkpoint.h"
+#include "runtime/cpu_runtime.h"
+#include "tokenizer/tokenizer.h"
 #include "test_support.h"
+
+using namespace antkv;
+
+TEST_CASE("window protocols: counts and contents by hand", "[ppl]") {
+  // stream: BOS=0 then text tokens 1..10 (11 ids)
+  std::vector<int32_t> ids = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+  CHECK(count_windows(11, 4, WindowProtocol::kBosWindow) == 3);  // (11-1)/(4-1)
+  CHECK(count_windows(11, 4, WindowProtocol::kSingleBos) == 2);  // 11/4
+  CHECK(make_window(ids, 0, 4, WindowProtocol::kBosWindow, 0) == std::vector<int32_t>{0, 1, 2, 3});
+  CHECK(make_window(ids, 0, 4, WindowProtocol::kBosWindow, 2) == std::vector<int32_t>{0, 7, 8, 9});
+  CHECK(make_window(ids, 0, 4, WindowProtocol::kSingleBos, 1) == std::vector<int32_t>{4, 5, 6, 7});
+  CHECK_THROWS_WITH(make_window(ids, 0, 4, WindowProtocol::kSingleBos, 2), Catch::Contains("out of range"));
+  // the reference files' counts: WikiText-2 has 404779 ids -> 197 windows of 2048 by both protocols
+  CHECK(count_windows(404779, 2048, WindowProtocol::kBosWindow) == 197);
+  CHECK(count_windows(404779, 2048, WindowProtocol::kSingleBos) == 197);
+  CHECK(parse_window_protocol("single_bos") == WindowProtocol::kSingleBos);
+  CHECK_THROWS_WITH(parse_window_protocol("sliding"), Catch::Contains("sliding"));
+}
+
+namespace {
+struct Reference {
+  std::vector<double> nll;  // per window
+  int seq_len = 0;
+  int64_t tokens = 0;
+};
+
+Reference load_reference(const std::string& path, const char* protocol) {
+  auto j = nlohmann::json::parse(read_file(path));
+  Reference r;
+  r.seq_len = j["seq_len"].get<int>();
+  r.tokens = j["tokens"].get<int64_t>();
+  for (auto& x : j[protocol]["nll_sum_per_window"]) r.nll.push_back(x.get<double>());
+  return r;
+}
+
+// Evaluates windows [0, n) and compares each window's NLL and the perplexity over them.
+void check_windows(Runtime& rt, const std::vector<int32_t>& ids, int32_t bos, const Reference& ref,
+                   WindowProtocol p, int n, double tol) {
+  PerplexityOptions o;
+  o.seq_len = ref.seq_len;
+  o.protocol = p;
+  o.max_windows = n;
+  o.progress = false;
+  const auto r = evaluate_perplexity(rt, ids, bos, o);
+  REQUIRE(r.windows == n);
+  CHECK(r.windows_available == static_cast<int64_t>(ref.nll.size()));
+  double ref_total = 0;
+  for (int c = 0; c < n; ++c) {
+    INFO(window_protocol_name(p) << " window " << c << ": ours " << r.nll_per_window[c] << " reference " << ref.nll[c]);
+    CHECK(std::fabs(r.nll_per_window[c] - ref.nll[c]) <= tol * ref.nll[c]);
+    ref_total += ref.nll[c];
+  }
+  const double ref_ppl = std::exp(ref_total / (static_cast<double>(n) * (ref.seq_len - 1)));
+  INFO(window_protocol_name(p) << ": ppl " << r.ppl << " reference " << ref_ppl);
+  CHECK(std::fabs(r.ppl - ref_ppl) <= tol * ref_ppl);
+}
+}  // namespace
+
+// antkv-ref-18m: the first 2 windows of each protocol on each text (CI time: about 1 s a window on
+// 2 cores). The tolerance is the 0.5%; the FP16 cache moves the NLL by well under that.
+TEST_CASE("perplexity: antkv-ref-18m on books-test and WikiText-2, both protocols, first 2 windows",
+          "[ppl][shared]") {
+  const std::string dir = test::model_dir("antkv-ref-18m");
+  Checkpoint ckpt = Checkpoint::open(dir);
+  Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  CpuRuntime rt(ckpt);  // default FP16 cache, as antkv-eval
+  struct Text { const char* file; const char* ref; };
+  for (auto t : {Text{"data/books-test.txt", "ppl_books-test_txt.json"},
+                 Text{"data/wikitext-2-raw-test.txt", "ppl_wiki_test_raw.json"}}) {
+    const auto ids = tok.encode(read_file(test::shared_path(t.file)));
+    for (auto p : {WindowProtocol::kBosWindow, WindowProtocol::kSingleBos}) {
+      const Reference ref = load_reference(dir + "/reference/" + t.ref, window_protocol_name(p));
+      REQUIRE(static_cast<int64_t>(ids.size()) == ref.tokens);
+      INFO(t.file);
+      check_windows(rt, ids, tok.bos_id(), ref, p, 2, 0.005);
+    }
+  }
+}
+
+TEST_CASE("perplexity: stories260K single_bos, first 8 windows of 512", "[ppl][shared]") {
+  const std::string dir = test::model_dir("stories260K");
+  Checkpoint ckpt = Checkpoint::open(dir);
+  Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  CpuRuntime rt(ckpt);
+  const auto ids = tok.encode(read_file(test::shared_path("data/books-test.txt")));
+  const Reference ref = load_reference(dir + "/reference/ppl_books-test_txt.json", "single_bos");
+  REQUIRE(static_cast<int64_t>(ids.size()) == ref.tokens);
+  check_windows(rt, ids, tok.bos_id(), ref, WindowProtocol::kSingleBos, 8, 0.005);
+}

@@ -39,11 +39,12 @@ void Progress::advance(int64_t n, const std::string& extra) {
 void Progress::finish(const std::string& extra) {
   if (finished_) return;
   finished_ = true;
-  draw(true, extra);
+  if (tty_ || drawn_done_ != done_) draw(true, extra);  // a log already has the final count
 }
 
 void Progress::draw(bool final, const std::string& extra) {
   if (!enabled_) return;
+  drawn_done_ = done_;
   double el = elapsed_seconds();
   double rate = el > 0 ? done_ / el : 0.0;
   double eta = rate > 0 ? (total_ - done_) / rate : NAN;

@@ -18,7 +18,7 @@ class Progress {
  private:
   void draw(bool final, const std::string& extra);
   std::string label_, unit_;
-  int64_t total_, done_ = 0;
+  int64_t total_, done_ = 0, drawn_done_ = -1;
   bool enabled_, tty_, finished_ = false;
   std::chrono::steady_clock::time_point start_, last_draw_;
 };

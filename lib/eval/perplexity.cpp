@@ -1,1 +1,91 @@
-// (being written)
+#include "eval/perplexity.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "core/error.h"
+#include "core/interrupt.h"
+#include "core/progress.h"
+
+namespace antkv {
+
+WindowProtocol parse_window_protocol(const std::string& s) {
+  if (s == "bos_window") return WindowProtocol::kBosWindow;
+  if (s == "single_bos") return WindowProtocol::kSingleBos;
+  fail("unknown window protocol \"{}\" (expected bos_window or single_bos)", s);
+}
+
+const char* window_protocol_name(WindowProtocol p) {
+  return p == WindowProtocol::kBosWindow ? "bos_window" : "single_bos";
+}
+
+int64_t count_windows(int64_t n_ids, int seq_len, WindowProtocol p) {
+  ANTKV_CHECK(seq_len >= 2, "seq_len must be at least 2, got {}", seq_len);
+  if (p == WindowProtocol::kBosWindow) return n_ids > 1 ? (n_ids - 1) / (seq_len - 1) : 0;
+  return n_ids / seq_len;
+}
+
+std::vector<int32_t> make_window(const std::vector<int32_t>& ids, int32_t bos_id, int seq_len,
+                                 WindowProtocol p, int64_t c) {
+  const int64_t n = count_windows(static_cast<int64_t>(ids.size()), seq_len, p);
+  ANTKV_CHECK(c >= 0 && c < n, "window {} out of range (the text has {} windows of {} tokens)", c, n, seq_len);
+  std::vector<int32_t> w;
+  w.reserve(static_cast<size_t>(seq_len));
+  if (p == WindowProtocol::kBosWindow) {
+    ANTKV_CHECK(bos_id >= 0, "the bos_window protocol needs a BOS token, and the tokenizer has none");
+    w.push_back(bos_id);
+    const int64_t b = 1 + c * (seq_len - 1);
+    w.insert(w.end(), ids.begin() + b, ids.begin() + b + (seq_len - 1));
+  } else {
+    const int64_t b = c * seq_len;
+    w.insert(w.end(), ids.begin() + b, ids.begin() + b + seq_len);
+  }
+  return w;
+}
+
+PerplexityResult evaluate_perplexity(Runtime& rt, const std::vector<int32_t>& ids, int32_t bos_id,
+                                     const PerplexityOptions& o) {
+  PerplexityResult r;
+  r.protocol = o.protocol;
+  r.seq_len = o.seq_len;
+  r.first_window = o.first_window;
+  r.windows_available = count_windows(static_cast<int64_t>(ids.size()), o.seq_len, o.protocol);
+  ANTKV_CHECK(r.windows_available > 0, "the text has {} tokens: not enough for one window of {}", ids.size(),
+              o.seq_len);
+  ANTKV_CHECK(o.first_window >= 0 && o.first_window < r.windows_available,
+              "first window {} out of range (the text has {} windows)", o.first_window, r.windows_available);
+  const int64_t last = o.max_windows < 0 ? r.windows_available
+                                         : std::min(r.windows_available, o.first_window + o.max_windows);
+  Progress progress(o.progress_label, last - o.first_window, "windows", o.progress);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<int32_t> targets(static_cast<size_t>(o.seq_len));
+  ForwardResult res;
+  for (int64_t c = o.first_window; c < last; ++c) {
+    check_interrupted();
+    const auto w = make_window(ids, bos_id, o.seq_len, o.protocol, c);
+    for (int i = 0; i + 1 < o.seq_len; ++i) targets[i] = w[i + 1];
+    targets[o.seq_len - 1] = -1;
+    rt.reset();
+    ForwardRequest req;
+    req.tokens = w.data();
+    req.n_tokens = o.seq_len;
+    req.logits = LogitsMode::kNone;
+    req.targets = targets.data();
+    rt.forward(req, res);
+    double nll = 0;
+    for (int i = 0; i + 1 < o.seq_len; ++i) nll += res.nll[i];
+    ANTKV_CHECK(std::isfinite(nll), "window {}: the NLL is not finite ({})", c, nll);
+    r.nll_per_window.push_back(nll);
+    r.nll_total += nll;
+    r.windows += 1;
+    r.predicted_tokens += o.seq_len - 1;
+    progress.advance(1, fmt::format("ppl {:.4f}", std::exp(r.nll_total / r.predicted_tokens)));
+  }
+  progress.finish(fmt::format("ppl {:.4f}", std::exp(r.nll_total / r.predicted_tokens)));
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.ppl = std::exp(r.nll_total / static_cast<double>(r.predicted_tokens));
+  r.tokens_per_second = r.seconds > 0 ? static_cast<double>(r.windows) * o.seq_len / r.seconds : 0;
+  return r;
+}
+
+}  // namespace antkv
