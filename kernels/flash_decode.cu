@@ -1,0 +1,297 @@
+// Flash-decoding over a bf16 KV cache arena [batch, n_kv_heads, capacity, head_dim].
+// Split kernel: one block of 4 warps per (split, kv head, sequence). The group's G <= 16 query heads are
+// the rows of one 16-row tensor-core tile, so every K/V tile is read from memory once for all of them.
+// 64-key K/V tiles stream through a kStages-deep cp.async pipeline; each warp takes 16 keys of a tile
+// (S = Q K^T and O += P V on mma.sync m16n8k16) with its own online softmax; the 4 warps are merged in
+// shared memory and the split's unnormalized O, max and sum go to the workspace. The reduction kernel
+// combines the splits of each (sequence, head). Slots at or past seq_lens[b] are never read (cp.async
+// zero-fills them).
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/cuda_check.h"
+#include "kernels/device_utils.cuh"
+#include "kernels/ops.h"
+
+namespace antkv::cuda {
+namespace {
+
+using namespace dev;
+
+constexpr int kTile = 64;  // keys per pipeline stage
+constexpr int kWarps = 4;
+constexpr int kThreadsFD = kWarps * 32;
+constexpr int kMinSplitLen = 256;
+
+template <int D>
+constexpr int decode_stages() { return D == 128 ? 3 : 4; }
+
+template <int D>
+constexpr int decode_smem_bytes() {
+  const int pipe = (16 * D + decode_stages<D>() * 2 * kTile * D) * static_cast<int>(sizeof(bf16));
+  const int merge = kWarps * 16 * (D + 2) * static_cast<int>(sizeof(float));
+  return pipe > merge ? pipe : merge;
+}
+
+// workspace layout: O partials [batch * n_heads, n_splits, D] then (m, l) pairs [batch * n_heads, n_splits, 2]
+template <int D>
+__global__ void __launch_bounds__(kThreadsFD) flash_decode_split_kernel(const FlashDecodeParams p) {
+  constexpr int CH = D / 8;
+  constexpr int NST = decode_stages<D>();
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [16][D]
+  bf16* sK = sQ + 16 * D;                        // [NST][kTile][D]
+  bf16* sV = sK + NST * kTile * D;               // [NST][kTile][D]
+
+  const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int G = p.n_heads / p.n_kv_heads;
+  const int len = p.seq_lens[b];
+  const int k0 = split * p.split_len;
+  const int k1 = min(k0 + p.split_len, len);
+  if (k0 >= k1) return;  // nothing here: the reduction skips this split
+  const int n_tiles = (k1 - k0 + kTile - 1) / kTile;
+
+  const int64_t head_off = (static_cast<int64_t>(b) * p.n_kv_heads + kvh) * p.capacity * D;
+  const bf16* kbase = p.k_cache + head_off;
+  const bf16* vbase = p.v_cache + head_off;
+
+  // Q rows g < G: query heads kvh*G + g of sequence b; rows >= G are zero
+  const bf16* qbase = p.q + (static_cast<int64_t>(b) * p.n_heads + kvh * G) * D;
+  for (int idx = tid; idx < 16 * CH; idx += kThreadsFD) {
+    const int r = idx / CH, c = idx % CH;
+    const bool valid = r < G;
+    cp_async_16(sQ + swz<D>(r, c), qbase + (valid ? r : 0) * D + c * 8, valid);
+  }
+  auto load_tile = [&](int tile, int stage) {
+    const int kb = k0 + tile * kTile;
+    bf16* dk = sK + stage * kTile * D;
+    bf16* dv = sV + stage * kTile * D;
+#pragma unroll 4
+    for (int idx = tid; idx < kTile * CH; idx += kThreadsFD) {
+      const int r = idx / CH, c = idx % CH;
+      const int key = kb + r;
+      const bool valid = key < k1;
+      const int64_t off = static_cast<int64_t>(valid ? key : k0) * D + c * 8;
+      cp_async_16(dk + swz<D>(r, c), kbase + off, valid);
+      cp_async_16(dv + swz<D>(r, c), vbase + off, valid);
+    }
+  };
+#pragma unroll
+  for (int st = 0; st < NST - 1; ++st) {
+    if (st < n_tiles) load_tile(st, st);
+    cp_async_commit();  // the Q load rides in group 0
+  }
+
+  const float sl = p.scale * 1.4426950408889634f;
+  uint32_t qf[D / 16][4];
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};
+  float l_run[2] = {0.f, 0.f};
+
+  for (int j = 0; j < n_tiles; ++j) {
+    cp_async_wait<NST - 2>();
+    __syncthreads();  // tile j has landed for every thread; stage (j-1) % NST is free again
+    if (j + NST - 1 < n_tiles) load_tile(j + NST - 1, (j + NST - 1) % NST);
+    cp_async_commit();
+    if (j == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        ldmatrix_x4(qf[kk], sQ + swz<D>(lane & 15, kk * 2 + (lane >> 4)));
+    }
+    const int stage = j % NST;
+    const bf16* tk = sK + stage * kTile * D + warp * 16 * D;  // this warp's 16 keys (rows of the tile)
+    const bf16* tv = sV + stage * kTile * D + warp * 16 * D;
+    const int kw = k0 + j * kTile + warp * 16;  // first key of this warp's slice
+    if (kw >= k1) continue;                     // the slice is past the end (last tile only)
+
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t bb[4];
+      // swizzle uses the row index within the tile: warp*16 + r keeps (row & 7) == (r & 7)
+      ldmatrix_x4(bb, tk + swz<D>(((lane >> 4) << 3) + (lane & 7), kk * 2 + ((lane >> 3) & 1)));
+      mma_bf16_16816(s[0], qf[kk], bb[0], bb[1]);
+      mma_bf16_16816(s[1], qf[kk], bb[2], bb[3]);
+    }
+    if (kw + 16 > k1) {
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (kw + nb * 8 + (lane & 3) * 2 + (e & 1) >= k1) s[nb][e] = -INFINITY;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run[r], mx * sl);  // finite: key kw < k1 is always valid
+      const float alpha = exp2f(m_run[r] - m_new);
+      m_run[r] = m_new;
+      float rs = 0.f;
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+        s[nb][2 * r] = exp2f(s[nb][2 * r] * sl - m_new);
+        s[nb][2 * r + 1] = exp2f(s[nb][2 * r + 1] * sl - m_new);
+        rs += s[nb][2 * r] + s[nb][2 * r + 1];
+      }
+      l_run[r] = l_run[r] * alpha + rs;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        o[nd][2 * r] *= alpha;
+        o[nd][2 * r + 1] *= alpha;
+      }
+    }
+    uint32_t a[4];
+    a[0] = pack_bf16(s[0][0], s[0][1]);
+    a[1] = pack_bf16(s[0][2], s[0][3]);
+    a[2] = pack_bf16(s[1][0], s[1][1]);
+    a[3] = pack_bf16(s[1][2], s[1][3]);
+#pragma unroll
+    for (int nd2 = 0; nd2 < D / 16; ++nd2) {
+      uint32_t bb[4];
+      ldmatrix_x4_trans(bb, tv + swz<D>((((lane >> 3) & 1) << 3) + (lane & 7), nd2 * 2 + (lane >> 4)));
+      mma_bf16_16816(o[2 * nd2], a, bb[0], bb[1]);
+      mma_bf16_16816(o[2 * nd2 + 1], a, bb[2], bb[3]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline buffers are reused for the merge
+
+  // merge the 4 warps: sO [warp][16][D] fp32, sML [warp][16][2]
+  float* sO = reinterpret_cast<float*>(smem_raw);
+  float* sML = sO + kWarps * 16 * D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int row = (lane >> 2) + r * 8;
+    float* orow = sO + (warp * 16 + row) * D;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+      const int c = nd * 8 + (lane & 3) * 2;
+      orow[c] = o[nd][2 * r];
+      orow[c + 1] = o[nd][2 * r + 1];
+    }
+    if ((lane & 3) == 0) {
+      sML[(warp * 16 + row) * 2] = m_run[r];
+      sML[(warp * 16 + row) * 2 + 1] = l;
+    }
+  }
+  __syncthreads();
+  const int64_t bh0 = static_cast<int64_t>(b) * p.n_heads + kvh * G;
+  float* wo = p.workspace;
+  float* wml = p.workspace + static_cast<int64_t>(p.batch) * p.n_heads * p.n_splits * D;
+  for (int idx = tid; idx < G * D; idx += kThreadsFD) {
+    const int g = idx / D, c = idx % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sML[(w * 16 + g) * 2]);
+    float acc = 0.f, L = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float mw = sML[(w * 16 + g) * 2];
+      const float f = mw == -INFINITY ? 0.f : exp2f(mw - M);  // a warp with no keys has m = -inf
+      acc += f * sO[(w * 16 + g) * D + c];
+      L += f * sML[(w * 16 + g) * 2 + 1];
+    }
+    const int64_t slot = (bh0 + g) * p.n_splits + split;
+    wo[slot * D + c] = acc;
+    if (c == 0) {
+      wml[slot * 2] = M;
+      wml[slot * 2 + 1] = L;
+    }
+  }
+}
+
+// One block of D threads per (head, sequence): combines the valid splits.
+template <int D>
+__global__ void __launch_bounds__(D) flash_decode_reduce_kernel(const FlashDecodeParams p) {
+  const int h = blockIdx.x, b = blockIdx.y, c = threadIdx.x;
+  const int len = p.seq_lens[b];
+  const int n_valid = min(p.n_splits, (len + p.split_len - 1) / p.split_len);
+  const int64_t bh = static_cast<int64_t>(b) * p.n_heads + h;
+  if (len < 1 || len > p.capacity || static_cast<int64_t>(p.n_splits) * p.split_len < len) {
+    // a plan made for a shorter context, or a bad length: make it visible instead of dropping keys
+    p.out[bh * D + c] = __float2bfloat16_rn(NAN);
+    if (p.lse && c == 0) p.lse[bh] = NAN;
+    return;
+  }
+  const float* wo = p.workspace + bh * p.n_splits * D;
+  const float* wml = p.workspace + static_cast<int64_t>(p.batch) * p.n_heads * p.n_splits * D + bh * p.n_splits * 2;
+  float M = -INFINITY;
+  for (int s = 0; s < n_valid; ++s) M = fmaxf(M, wml[2 * s]);
+  float acc = 0.f, L = 0.f;
+  for (int s = 0; s < n_valid; ++s) {
+    const float f = exp2f(wml[2 * s] - M);
+    L += f * wml[2 * s + 1];
+    acc += f * wo[static_cast<int64_t>(s) * D + c];
+  }
+  p.out[bh * D + c] = __float2bfloat16_rn(acc / L);
+  if (p.lse && c == 0) p.lse[bh] = (M + log2f(L)) * 0.6931471805599453f;
+}
+
+template <int D>
+void launch_decode(const FlashDecodeParams& p, cudaStream_t stream) {
+  constexpr int smem = decode_smem_bytes<D>();
+  static bool attr_set = false;
+  if (!attr_set) {
+    ANTKV_CUDA_CHECK(cudaFuncSetAttribute(flash_decode_split_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    attr_set = true;
+  }
+  const dim3 grid(p.n_splits, p.n_kv_heads, p.batch);
+  flash_decode_split_kernel<D><<<grid, kThreadsFD, smem, stream>>>(p);
+  ANTKV_LAUNCH_CHECK(D == 64 ? "flash_decode_split_kernel<64>" : "flash_decode_split_kernel<128>");
+  flash_decode_reduce_kernel<D><<<dim3(p.n_heads, p.batch), D, 0, stream>>>(p);
+  ANTKV_LAUNCH_CHECK(D == 64 ? "flash_decode_reduce_kernel<64>" : "flash_decode_reduce_kernel<128>");
+}
+
+}  // namespace
+
+DecodePlan plan_flash_decode(int batch, int n_kv_heads, int max_len) {
+  ANTKV_CHECK(batch > 0 && n_kv_heads > 0 && max_len > 0, "plan_flash_decode: bad sizes");
+  // Aim at ~16 resident-block waves (2 blocks per SM for head_dim 128) so that the last, partial wave
+  // costs little, with splits of at least kMinSplitLen keys and at most kMaxDecodeSplits splits.
+  const int64_t want_blocks = 16ll * 2 * device_sm_count();
+  int64_t n_splits = (want_blocks + static_cast<int64_t>(batch) * n_kv_heads - 1) / (static_cast<int64_t>(batch) * n_kv_heads);
+  n_splits = std::clamp<int64_t>(n_splits, 1, kMaxDecodeSplits);
+  int64_t split_len = (max_len + n_splits - 1) / n_splits;
+  split_len = std::max<int64_t>(kMinSplitLen, (split_len + kTile - 1) / kTile * kTile);
+  DecodePlan plan;
+  plan.split_len = static_cast<int>(split_len);
+  plan.n_splits = static_cast<int>((max_len + split_len - 1) / split_len);
+  return plan;
+}
+
+int64_t decode_workspace_floats(int batch, int n_heads, int head_dim) {
+  return static_cast<int64_t>(batch) * n_heads * kMaxDecodeSplits * (head_dim + 2);
+}
+
+void flash_decode(FlashDecodeParams p, cudaStream_t stream) {
+  ANTKV_CHECK(p.q && p.k_cache && p.v_cache && p.seq_lens && p.out && p.workspace, "flash_decode: null pointer");
+  ANTKV_CHECK(p.n_heads > 0 && p.n_kv_heads > 0 && p.n_heads % p.n_kv_heads == 0,
+              "flash_decode: n_heads {} must be a multiple of n_kv_heads {}", p.n_heads, p.n_kv_heads);
+  ANTKV_CHECK(p.n_heads / p.n_kv_heads <= 16, "flash_decode: GQA group {} > 16 is not supported",
+              p.n_heads / p.n_kv_heads);
+  ANTKV_CHECK(p.batch > 0 && p.batch <= 65535 && p.n_kv_heads <= 65535 && p.capacity > 0, "flash_decode: bad sizes");
+  ANTKV_CHECK(p.n_splits >= 1 && p.n_splits <= kMaxDecodeSplits && p.split_len > 0 && p.split_len % kTile == 0,
+              "flash_decode: bad split plan ({} splits of {} keys)", p.n_splits, p.split_len);
+  ANTKV_CHECK(static_cast<int64_t>(p.n_splits) * p.split_len >= 1,
+              "flash_decode: bad split plan");
+  ANTKV_CHECK(p.workspace_floats >= static_cast<int64_t>(p.batch) * p.n_heads * p.n_splits * (p.head_dim + 2),
+              "flash_decode: workspace of {} floats is too small", p.workspace_floats);
+  ANTKV_CHECK(reinterpret_cast<uintptr_t>(p.q) % 16 == 0 && reinterpret_cast<uintptr_t>(p.k_cache) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(p.v_cache) % 16 == 0,
+              "flash_decode: q and the caches must be 16-byte aligned");
+  switch (p.head_dim) {
+    case 64: launch_decode<64>(p, stream); break;
+    case 128: launch_decode<128>(p, stream); break;
+    default: fail("flash_decode: head_dim {} is not supported (64 or 128)", p.head_dim);
+  }
+}
+
+}  // namespace antkv::cuda
