@@ -1,0 +1,304 @@
+#include "kernels/bench.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "core/error.h"
+#include "kernels/cuda_check.h"
+#include "kernels/device_buffer.h"
+#include "kernels/gpu_runtime.h"
+#include "kernels/ops.h"
+
+namespace antkv::cuda {
+
+namespace {
+
+class Events {
+ public:
+  Events() {
+    ANTKV_CUDA_CHECK(cudaEventCreate(&a_));
+    ANTKV_CUDA_CHECK(cudaEventCreate(&b_));
+  }
+  ~Events() {
+    cudaEventDestroy(a_);
+    cudaEventDestroy(b_);
+  }
+  void start(cudaStream_t s) { ANTKV_CUDA_CHECK(cudaEventRecord(a_, s)); }
+  float stop_ms(cudaStream_t s) {
+    ANTKV_CUDA_CHECK(cudaEventRecord(b_, s));
+    ANTKV_CUDA_CHECK(cudaEventSynchronize(b_));
+    float ms = 0;
+    ANTKV_CUDA_CHECK(cudaEventElapsedTime(&ms, a_, b_));
+    return ms;
+  }
+
+ private:
+  cudaEvent_t a_ = nullptr, b_ = nullptr;
+};
+
+class Stream {
+ public:
+  Stream() { ANTKV_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+  ~Stream() { cudaStreamDestroy(s_); }
+  cudaStream_t get() const { return s_; }
+
+ private:
+  cudaStream_t s_ = nullptr;
+};
+
+DecodeAttnPoint bench_decode(int B, int ctx, const KernelBenchOptions& o, double copy_gbps, cudaStream_t st) {
+  const int H = o.n_heads, Hkv = o.n_kv_heads, d = o.head_dim;
+  const size_t kv_elems = static_cast<size_t>(B) * Hkv * ctx * d;
+  const double kv_bytes = 2.0 * kv_elems * sizeof(bf16);
+  // several cache copies, rotated, so that no step finds the previous one's data in L2
+  const int copies = static_cast<int>(std::clamp(std::ceil((1.0 * (size_t{1} << 30)) / kv_bytes), 1.0, 8.0));
+  std::vector<DeviceBuffer<bf16>> ks(copies), vs(copies);
+  for (int c = 0; c < copies; ++c) {
+    ks[c].resize(kv_elems);
+    vs[c].resize(kv_elems);
+    fill_random_bf16(ks[c].get(), static_cast<int64_t>(kv_elems), 100 + 2 * c, 1.0f, st);
+    fill_random_bf16(vs[c].get(), static_cast<int64_t>(kv_elems), 101 + 2 * c, 1.0f, st);
+  }
+  DeviceBuffer<bf16> q(static_cast<size_t>(B) * H * d), out(static_cast<size_t>(B) * H * d);
+  fill_random_bf16(q.get(), static_cast<int64_t>(q.size()), 7, 1.0f, st);
+  DeviceBuffer<int32_t> lens(B);
+  std::vector<int32_t> hl(B, ctx);
+  ANTKV_CUDA_CHECK(cudaMemcpyAsync(lens.get(), hl.data(), B * sizeof(int32_t), cudaMemcpyHostToDevice, st));
+  DeviceBuffer<float> ws(decode_workspace_floats(B, H, d));
+  const DecodePlan plan = plan_flash_decode(B, Hkv, ctx);
+  FlashDecodeParams p;
+  p.q = q.get();
+  p.seq_lens = lens.get();
+  p.out = out.get();
+  p.workspace = ws.get();
+  p.workspace_floats = static_cast<int64_t>(ws.size());
+  p.batch = B;
+  p.n_heads = H;
+  p.n_kv_heads = Hkv;
+  p.head_dim = d;
+  p.capacity = ctx;
+  p.n_splits = plan.n_splits;
+  p.split_len = plan.split_len;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  auto step = [&](int i) {
+    p.k_cache = ks[i % copies].get();
+    p.v_cache = vs[i % copies].get();
+    flash_decode(p, st);
+  };
+  for (int i = 0; i < 3; ++i) step(i);
+  ANTKV_CUDA_CHECK(cudaStreamSynchronize(st));
+  // at least ~100 ms of work, at least o.iters steps
+  const int iters = std::max(o.iters, static_cast<int>(0.1 / (kv_bytes / (copy_gbps * 1e9)) + 1));
+  Events ev;
+  ev.start(st);
+  for (int i = 0; i < iters; ++i) step(i);
+  const float ms = ev.stop_ms(st);
+  DecodeAttnPoint r;
+  r.batch = B;
+  r.context = ctx;
+  r.n_splits = plan.n_splits;
+  r.split_len = plan.split_len;
+  r.ms_per_step = ms / iters;
+  r.bytes = kv_bytes + 2.0 * B * H * d * sizeof(bf16);
+  r.gbps = r.bytes / (r.ms_per_step * 1e-3) / 1e9;
+  r.frac_of_copy = r.gbps / copy_gbps;
+  return r;
+}
+
+PrefillPoint bench_prefill(int T, const KernelBenchOptions& o, cudaStream_t st) {
+  const int H = o.n_heads, Hkv = o.n_kv_heads, d = o.head_dim;
+  DeviceBuffer<bf16> q(static_cast<size_t>(T) * H * d), k(static_cast<size_t>(T) * Hkv * d),
+      v(static_cast<size_t>(T) * Hkv * d), out(static_cast<size_t>(T) * H * d);
+  DeviceBuffer<float> lse(static_cast<size_t>(H) * T);
+  fill_random_bf16(q.get(), static_cast<int64_t>(q.size()), 11, 1.0f, st);
+  fill_random_bf16(k.get(), static_cast<int64_t>(k.size()), 12, 1.0f, st);
+  fill_random_bf16(v.get(), static_cast<int64_t>(v.size()), 13, 1.0f, st);
+  FlashPrefillParams p;
+  p.q = q.get();
+  p.k = k.get();
+  p.v = v.get();
+  p.out = out.get();
+  p.lse = lse.get();
+  p.n_q = p.n_kv = T;
+  p.n_heads = H;
+  p.n_kv_heads = Hkv;
+  p.head_dim = d;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  p.q_row_stride = p.o_row_stride = static_cast<int64_t>(H) * d;
+  p.k_row_stride = p.v_row_stride = static_cast<int64_t>(Hkv) * d;
+  p.k_head_stride = p.v_head_stride = d;
+  for (int i = 0; i < 3; ++i) flash_prefill(p, st);
+  ANTKV_CUDA_CHECK(cudaStreamSynchronize(st));
+  const int iters = std::max(5, o.iters / 2);
+  Events ev;
+  ev.start(st);
+  for (int i = 0; i < iters; ++i) flash_prefill(p, st);
+  const float ms = ev.stop_ms(st);
+  PrefillPoint r;
+  r.n_tokens = T;
+  r.n_heads = H;
+  r.n_kv_heads = Hkv;
+  r.head_dim = d;
+  r.ms = ms / iters;
+  const double flops = 4.0 * d * H * (static_cast<double>(T) * (T + 1) / 2);
+  r.tflops = flops / (r.ms * 1e-3) / 1e12;
+  return r;
+}
+
+E2EPoint bench_e2e(int B, int ctx, const KernelBenchOptions& o, const ModelConfig& cfg, double copy_gbps) {
+  E2EPoint r;
+  r.batch = B;
+  r.context = ctx;
+  const int steps = std::max(5, o.iters);
+  const int warm = 3;
+  GpuRuntimeOptions ro;
+  ro.max_batch = B;
+  ro.max_context = ctx + warm + steps + 1;
+  // memory check before allocating: weights + KV arena + ~4 GB of scratch
+  const double kv_arena = static_cast<double>(B) * ro.max_context * cfg.num_layers * 2 * cfg.num_kv_heads *
+                          cfg.head_dim * sizeof(bf16);
+  const double weights = 2.0 * (static_cast<double>(cfg.num_layers) *
+                                    (static_cast<double>(cfg.hidden_size) * (cfg.q_dim() + 2 * cfg.kv_dim()) +
+                                     static_cast<double>(cfg.hidden_size) * cfg.q_dim() +
+                                     3.0 * cfg.hidden_size * cfg.intermediate_size) +
+                                2.0 * cfg.vocab_size * cfg.hidden_size);
+  size_t free_b = 0, total_b = 0;
+  ANTKV_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  if (kv_arena + weights + 4e9 > static_cast<double>(free_b)) {
+    r.note = fmt::format("needs {:.1f} GB (weights {:.1f} + KV {:.1f}), {:.1f} GB free", (kv_arena + weights + 4e9) / 1e9,
+                         weights / 1e9, kv_arena / 1e9, free_b / 1e9);
+    return r;
+  }
+  GpuRuntime rt(cfg, o.seed, ro);
+  rt.fill_kv_random(o.seed + 1);
+  rt.set_batch_lengths(std::vector<int>(B, ctx));
+  std::vector<int32_t> tok(B), next;
+  for (int b = 0; b < B; ++b) tok[b] = (1 + 7919 * b) % cfg.vocab_size;
+  for (int i = 0; i < warm; ++i) {
+    rt.decode_batch(tok, nullptr, &next);
+    tok = next;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < steps; ++i) {
+    rt.decode_batch(tok, nullptr, &next);
+    tok = next;
+  }
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.ran = true;
+  r.ms_per_step = s * 1e3 / steps;
+  r.tokens_per_s = B / (r.ms_per_step * 1e-3);
+  const double mean_ctx = ctx + warm + steps / 2.0;
+  r.bytes_per_step = static_cast<double>(rt.step_weight_bytes()) + B * mean_ctx * rt.kv_bytes_per_token();
+  r.roofline_ms = r.bytes_per_step / (copy_gbps * 1e9) * 1e3;
+  r.roofline_tokens_per_s = B / (r.roofline_ms * 1e-3);
+  r.frac_of_roofline = r.roofline_ms / r.ms_per_step;
+  return r;
+}
+
+}  // namespace
+
+ModelConfig llama3_8b_shape_config() {
+  ModelConfig c;
+  c.model_type = "llama";
+  c.hidden_size = 4096;
+  c.num_layers = 32;
+  c.num_heads = 32;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  c.intermediate_size = 14336;
+  c.vocab_size = 128256;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 500000.0;
+  c.rope_scaling.type = RopeScaling::Type::kLlama3;
+  c.rope_scaling.factor = 8.0;
+  c.rope_scaling.low_freq_factor = 1.0;
+  c.rope_scaling.high_freq_factor = 4.0;
+  c.rope_scaling.original_max_position = 8192;
+  c.max_position_embeddings = 131072;
+  c.tie_word_embeddings = false;
+  c.bos_token_id = 128000;
+  c.eos_token_id = 128001;
+  c.torch_dtype = "bfloat16";
+  return c;
+}
+
+double measure_copy_bandwidth_gbps(size_t bytes, int iters) {
+  Stream st;
+  DeviceBuffer<unsigned char> a(bytes), b(bytes);
+  ANTKV_CUDA_CHECK(cudaMemsetAsync(a.get(), 1, bytes, st.get()));
+  for (int i = 0; i < 3; ++i)
+    ANTKV_CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, st.get()));
+  Events ev;
+  ev.start(st.get());
+  for (int i = 0; i < iters; ++i)
+    ANTKV_CUDA_CHECK(cudaMemcpyAsync(i % 2 ? a.get() : b.get(), i % 2 ? b.get() : a.get(), bytes,
+                                     cudaMemcpyDeviceToDevice, st.get()));
+  const float ms = ev.stop_ms(st.get());
+  return 2.0 * bytes * iters / (ms * 1e-3) / 1e9;  // read + write
+}
+
+KernelBenchResult run_kernel_bench(const KernelBenchOptions& opt, const std::function<void(const std::string&)>& log) {
+  auto say = [&](const std::string& s) {
+    if (log) log(s);
+  };
+  KernelBenchResult r;
+  int dev = 0;
+  ANTKV_CUDA_CHECK(cudaGetDevice(&dev));
+  cudaDeviceProp prop{};
+  ANTKV_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  r.device = fmt::format("{} ({} SMs, {:.0f} GiB)", prop.name, prop.multiProcessorCount,
+                         prop.totalGlobalMem / 1073741824.0);
+  r.copy_gbps = measure_copy_bandwidth_gbps();
+  say(fmt::format("device {}: copy bandwidth {:.0f} GB/s", r.device, r.copy_gbps));
+  Stream st;
+  for (int B : opt.decode_batches)
+    for (int ctx : opt.decode_contexts) {
+      r.decode.push_back(bench_decode(B, ctx, opt, r.copy_gbps, st.get()));
+      const auto& p = r.decode.back();
+      say(fmt::format("decode attention B={} ctx={}: {:.3f} ms, {:.0f} GB/s, {:.1f}% of copy bw ({} splits x {})", B,
+                      ctx, p.ms_per_step, p.gbps, 100 * p.frac_of_copy, p.n_splits, p.split_len));
+    }
+  for (int T : opt.prefill_tokens) {
+    r.prefill.push_back(bench_prefill(T, opt, st.get()));
+    say(fmt::format("prefill attention T={}: {:.3f} ms, {:.1f} TFLOP/s", T, r.prefill.back().ms,
+                    r.prefill.back().tflops));
+  }
+  const ModelConfig cfg = opt.e2e_config.hidden_size > 0 ? opt.e2e_config : llama3_8b_shape_config();
+  for (auto [B, ctx] : opt.e2e_points) {
+    r.e2e.push_back(bench_e2e(B, ctx, opt, cfg, r.copy_gbps));
+    const auto& p = r.e2e.back();
+    if (p.ran)
+      say(fmt::format("e2e decode B={} ctx={}: {:.2f} ms/step, {:.1f} tok/s; roofline {:.2f} ms, {:.1f} tok/s ({:.1f}%)",
+                      B, ctx, p.ms_per_step, p.tokens_per_s, p.roofline_ms, p.roofline_tokens_per_s,
+                      100 * p.frac_of_roofline));
+    else
+      say(fmt::format("e2e decode B={} ctx={}: skipped: {}", B, ctx, p.note));
+  }
+  return r;
+}
+
+std::string format_kernel_bench(const KernelBenchResult& r) {
+  std::string s = fmt::format("device: {}\ncopy bandwidth (D2D, read+write): {:.0f} GB/s\n\n", r.device, r.copy_gbps);
+  s += "decode attention (bf16 KV, one layer)\n  batch  context  splits  ms/step    GB/s  %copy-bw\n";
+  for (const auto& p : r.decode)
+    s += fmt::format("  {:5d}  {:7d}  {:6d}  {:7.3f}  {:6.0f}  {:7.1f}%\n", p.batch, p.context, p.n_splits,
+                     p.ms_per_step, p.gbps, 100 * p.frac_of_copy);
+  s += "\nprefill flash attention (causal)\n  tokens  heads/kv  d    ms      TFLOP/s\n";
+  for (const auto& p : r.prefill)
+    s += fmt::format("  {:6d}  {:3d}/{:<3d}  {:3d}  {:7.3f}  {:7.1f}\n", p.n_tokens, p.n_heads, p.n_kv_heads, p.head_dim,
+                     p.ms, p.tflops);
+  s += "\nend-to-end decode (random weights, LLaMA-3-8B shapes)\n  batch  context  ms/step   tok/s  roofline-ms  roofline-tok/s  %roofline\n";
+  for (const auto& p : r.e2e) {
+    if (p.ran)
+      s += fmt::format("  {:5d}  {:7d}  {:7.2f}  {:6.1f}  {:11.2f}  {:14.1f}  {:8.1f}%\n", p.batch, p.context,
+                       p.ms_per_step, p.tokens_per_s, p.roofline_ms, p.roofline_tokens_per_s, 100 * p.frac_of_roofline);
+    else
+      s += fmt::format("  {:5d}  {:7d}  skipped: {}\n", p.batch, p.context, p.note);
+  }
+  return s;
+}
+
+}  // namespace antkv::cuda

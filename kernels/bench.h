@@ -1,0 +1,66 @@
+// Kernel and end-to-end decode benchmark on the current CUDA device. Roofline: the measured device copy
+// bandwidth (cudaMemcpy device-to-device of 2 GiB, bytes read + written, CUDA events after warm-up).
+#pragma once
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "model/model_config.h"
+
+namespace antkv::cuda {
+
+struct DecodeAttnPoint {
+  int batch = 0, context = 0;
+  int n_splits = 0, split_len = 0;
+  double ms_per_step = 0;    // split + reduce kernels, one layer
+  double bytes = 0;          // K + V of every sequence, q, out
+  double gbps = 0;           // bytes / time
+  double frac_of_copy = 0;   // gbps / copy bandwidth
+};
+
+struct PrefillPoint {
+  int n_tokens = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  double ms = 0;
+  double tflops = 0;         // causal: 4 * d * heads * T(T+1)/2 flops
+};
+
+struct E2EPoint {
+  int batch = 0, context = 0;
+  bool ran = false;
+  std::string note;          // why it did not run (memory)
+  double ms_per_step = 0;    // one decode step of the whole model (host-timed, includes the argmax copy)
+  double tokens_per_s = 0;   // batch / step time
+  double bytes_per_step = 0; // weights read + KV of every sequence
+  double roofline_ms = 0;    // bytes_per_step / copy bandwidth
+  double roofline_tokens_per_s = 0;
+  double frac_of_roofline = 0;
+};
+
+struct KernelBenchOptions {
+  std::vector<int> decode_batches = {1, 16};
+  std::vector<int> decode_contexts = {32768, 131072};
+  int n_heads = 32, n_kv_heads = 8, head_dim = 128;  // LLaMA-3-8B attention
+  std::vector<int> prefill_tokens = {2048, 8192};
+  std::vector<std::pair<int, int>> e2e_points = {{1, 32768}, {1, 131072}, {16, 32768}};  // (batch, context)
+  ModelConfig e2e_config;    // default: llama3_8b_shape_config()
+  int iters = 20;
+  uint64_t seed = 1;
+};
+
+struct KernelBenchResult {
+  std::string device;
+  double copy_gbps = 0;
+  std::vector<DecodeAttnPoint> decode;
+  std::vector<PrefillPoint> prefill;
+  std::vector<E2EPoint> e2e;
+};
+
+// LLaMA-3-8B's shapes: 32 layers, hidden 4096, 32/8 heads, head_dim 128, FFN 14336, vocab 128256.
+ModelConfig llama3_8b_shape_config();
+double measure_copy_bandwidth_gbps(size_t bytes = size_t{2} << 30, int iters = 10);
+KernelBenchResult run_kernel_bench(const KernelBenchOptions& opt,
+                                   const std::function<void(const std::string&)>& log = {});
+std::string format_kernel_bench(const KernelBenchResult& r);
+
+}  // namespace antkv::cuda

@@ -1,0 +1,67 @@
+// GpuRuntime: the transformer on one CUDA GPU (antkv::Runtime), for LLaMA-family checkpoints.
+// Weights are uploaded once as bf16 (fp16/fp32 converted on load; norm weights and biases fp32).
+// Activations: fp32 residual stream and GEMM outputs, bf16 GEMM inputs, bf16 KV cache (see kernels/ops.h).
+// The KV cache is one preallocated arena per layer, [max_batch, kv_heads, max_context, head_dim] for K
+// and for V; forward() uses sequence slot 0, decode_batch() slots 0..B-1. Nothing is allocated on the
+// device in a decode step (scratch grows only when a longer prefill chunk than before arrives).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/runtime.h"
+
+namespace antkv {
+
+class Checkpoint;
+
+struct GpuRuntimeOptions {
+  int max_context = 0;  // KV capacity per sequence; 0: min(max_position_embeddings, 8192), at least 2048
+  int max_batch = 1;    // sequences in the KV arena (for decode_batch)
+  int device = 0;       // CUDA device ordinal
+};
+
+class GpuRuntime : public Runtime {
+ public:
+  // Weights from a checkpoint.
+  GpuRuntime(const Checkpoint& ckpt, const GpuRuntimeOptions& opt = {});
+  // Random weights of the shapes in cfg (benchmarks on real shapes): reproducible from seed.
+  GpuRuntime(const ModelConfig& cfg, uint64_t seed, const GpuRuntimeOptions& opt = {});
+  ~GpuRuntime() override;
+
+  const ModelConfig& config() const override;
+  std::string device_name() const override;
+  void reset() override;                // all sequences emptied
+  int cached_tokens() const override;   // of sequence 0
+  void forward(const ForwardRequest& req, ForwardResult& out) override;
+
+  // ---- batched decode (sequences 0..B-1 of the arena) ----
+  int max_batch() const;
+  int capacity() const;  // tokens per sequence
+  // Declares that sequence b holds lens[b] tokens (b < lens.size()), e.g. after fill_kv_random() for a
+  // benchmark; lengths beyond capacity are an error.
+  void set_batch_lengths(const std::vector<int>& lens);
+  std::vector<int> batch_lengths() const;
+  // Fills every cache slot of every layer with random bf16 values (benchmarks: decode time does not
+  // depend on the values).
+  void fill_kv_random(uint64_t seed);
+  // One decode step: tokens[b] is the next token of sequence b (B = tokens.size() <= max_batch), at
+  // position batch_lengths()[b]. When set, logits gets [B, vocab] and next_tokens the greedy argmax [B].
+  void decode_batch(const std::vector<int32_t>& tokens, std::vector<float>* logits,
+                    std::vector<int32_t>* next_tokens);
+  // Waits for the runtime's stream (benchmarks time around it).
+  void synchronize();
+
+  size_t weight_bytes() const;          // device bytes of all weights
+  size_t step_weight_bytes() const;     // weight bytes one decode step reads (all but an untied embedding)
+  size_t kv_bytes_per_token() const;    // K+V bytes of one token over all layers
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+std::unique_ptr<Runtime> make_gpu_runtime(const Checkpoint& ckpt, const GpuRuntimeOptions& opt = {});
+
+}  // namespace antkv
