@@ -1,0 +1,60 @@
+// Calibration: runs the runtime over windows of calibration text and streams every layer's K/V and
+// anchor scores (S_K, S_V, AnS; design note §2) into the HDF5 dump of §7, window by window.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "anchor/anchor_scores.h"
+#include "recipe/recipe.h"
+#include "runtime/runtime.h"
+
+namespace antkv {
+
+class Tokenizer;
+
+// Computes S_K, S_V of one layer of one window (CPU or GPU implementation).
+using AnchorScoreFn = std::function<void(const AnchorScoreArgs&, float* s_k, float* s_v)>;
+
+struct CalibrationPlan {
+  std::vector<int32_t> ids;      // the tokenized text, BOS first
+  int64_t text_tokens_used = 0;  // text tokens covered by the windows
+  int seq_len = 0;
+  int stride = 0;
+  int64_t windows = 0;
+  std::vector<int32_t> window(int64_t c, int32_t bos) const;  // BOS + up to seq_len-1 text tokens
+};
+// Windows of `tokens` text tokens: window c starts at text token c*stride (bos_window layout).
+CalibrationPlan plan_calibration(std::vector<int32_t> ids, int64_t tokens, int seq_len, int stride);
+
+struct LayerSummary {
+  double top1_share_attention = 0;   // share of S_V (attention mass) held by the top 1% of tokens
+  double top1_share_anchor = 0;      // share of the anchor score held by its top 1%
+  double sink_share_attention = 0;   // share of S_V on position 0
+  std::vector<std::pair<int32_t, int64_t>> top_anchor_positions;  // (position, count) most frequent
+  std::vector<std::pair<int32_t, int64_t>> top_anchor_tokens;     // (token id, count) most frequent
+  std::vector<float> key_channel_mean_abs, value_channel_mean_abs;  // [kv_heads * d]
+};
+
+struct CalibrationResult {
+  int64_t windows = 0, tokens_run = 0, tokens_stored = 0;
+  double seconds = 0, tokens_per_second = 0;
+  std::vector<LayerSummary> layers;
+};
+
+struct CalibrationOptions {
+  const Recipe* recipe = nullptr;
+  std::string out_path;          // the (temporary) HDF5 file to write
+  std::string model_dir, text_path, version;
+  AnchorScoreFn anchor_fn;       // default: anchor_scores_cpu
+  bool progress = true;
+};
+
+CalibrationResult run_calibration(Runtime& rt, const Tokenizer& tok, const CalibrationPlan& plan,
+                                  const CalibrationOptions& opts);
+
+// The summary as JSON text (per layer), with token ids decoded.
+std::string calibration_summary_json(const CalibrationResult& r, const Tokenizer& tok);
+
+}  // namespace antkv

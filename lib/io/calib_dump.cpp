@@ -1,0 +1,218 @@
+#include "io/calib_dump.h"
+
+#include <Eigen/Core>
+
+#include "core/error.h"
+#include "io/h5_util.h"
+
+namespace antkv {
+
+namespace {
+std::string layer_group(int l) { return "layer_" + std::to_string(l); }
+constexpr hsize_t kChunkRows = 512;
+
+// HDF5 converts float <-> our half type itself, but slowly; convert with Eigen and write raw halves.
+std::vector<Eigen::half> to_half(const float* x, size_t n) {
+  std::vector<Eigen::half> h(n);
+  for (size_t i = 0; i < n; ++i) h[i] = Eigen::half(x[i]);
+  return h;
+}
+
+template <typename F>
+auto h5_guard(const std::string& path, F&& f) {
+  try {
+    return f();
+  } catch (const H5::Exception& e) {
+    fail("{}: HDF5 error: {} ({})", path, e.getDetailMsg(), e.getFuncName());
+  }
+}
+}  // namespace
+
+struct CalibDumpWriter::Impl {
+  std::string path;
+  H5::H5File file;
+  H5::DataSet tokens, positions, windows;
+  struct Layer { H5::Group group; H5::DataSet keys, values, s_k, s_v, score; };
+  std::vector<Layer> layers;
+  int kv_heads = 0, head_dim = 0;
+  H5::FloatType half = h5::half_type();
+};
+
+CalibDumpWriter::CalibDumpWriter(const std::string& path, int num_layers, int num_kv_heads, int head_dim)
+    : impl_(new Impl) {
+  h5::quiet_errors();
+  impl_->path = path;
+  impl_->kv_heads = num_kv_heads;
+  impl_->head_dim = head_dim;
+  h5_guard(path, [&] {
+    impl_->file = H5::H5File(path, H5F_ACC_TRUNC);
+    H5::Group root = impl_->file.openGroup("/");
+    impl_->tokens = h5::create_growing(root, "tokens", H5::PredType::STD_I32LE, {}, 4096);
+    impl_->positions = h5::create_growing(root, "positions", H5::PredType::STD_I32LE, {}, 4096);
+    impl_->windows = h5::create_growing(root, "window", H5::PredType::STD_I32LE, {}, 4096);
+    const hsize_t kv = static_cast<hsize_t>(num_kv_heads), d = static_cast<hsize_t>(head_dim);
+    for (int l = 0; l < num_layers; ++l) {
+      Impl::Layer L;
+      L.group = impl_->file.createGroup(layer_group(l));
+      L.keys = h5::create_growing(L.group, "keys", impl_->half, {kv, d}, kChunkRows);
+      L.values = h5::create_growing(L.group, "values", impl_->half, {kv, d}, kChunkRows);
+      L.s_k = h5::create_growing(L.group, "S_K", H5::PredType::IEEE_F32LE, {kv}, 4096);
+      L.s_v = h5::create_growing(L.group, "S_V", H5::PredType::IEEE_F32LE, {kv}, 4096);
+      L.score = h5::create_growing(L.group, "anchor_score", H5::PredType::IEEE_F32LE, {kv}, 4096);
+      impl_->layers.push_back(std::move(L));
+    }
+    return 0;
+  });
+}
+
+CalibDumpWriter::~CalibDumpWriter() = default;
+
+void CalibDumpWriter::append_tokens(int n, const int32_t* tokens, const int32_t* positions, const int32_t* windows) {
+  h5_guard(impl_->path, [&] {
+    h5::append_rows(impl_->tokens, H5::PredType::NATIVE_INT32, n, tokens);
+    h5::append_rows(impl_->positions, H5::PredType::NATIVE_INT32, n, positions);
+    h5::append_rows(impl_->windows, H5::PredType::NATIVE_INT32, n, windows);
+    return 0;
+  });
+}
+
+void CalibDumpWriter::append_layer(int layer, int n, const float* keys, const float* values, const float* s_k,
+                                   const float* s_v, const float* anchor_score) {
+  ANTKV_CHECK(layer >= 0 && layer < static_cast<int>(impl_->layers.size()), "calibration dump: bad layer {}", layer);
+  auto& L = impl_->layers[layer];
+  const size_t kv = static_cast<size_t>(impl_->kv_heads), row = kv * impl_->head_dim;
+  const auto kh = to_half(keys, n * row), vh = to_half(values, n * row);
+  h5_guard(impl_->path, [&] {
+    h5::append_rows(L.keys, impl_->half, n, kh.data());
+    h5::append_rows(L.values, impl_->half, n, vh.data());
+    h5::append_rows(L.s_k, H5::PredType::NATIVE_FLOAT, n, s_k);
+    h5::append_rows(L.s_v, H5::PredType::NATIVE_FLOAT, n, s_v);
+    h5::append_rows(L.score, H5::PredType::NATIVE_FLOAT, n, anchor_score);
+    return 0;
+  });
+}
+
+void CalibDumpWriter::finish(const CalibMeta& m) {
+  h5_guard(impl_->path, [&] {
+    H5::Group g = impl_->file.createGroup("meta");
+    h5::set_attr(g, "model", m.model);
+    h5::set_attr(g, "config_hash", m.config_hash);
+    h5::set_attr(g, "recipe", m.recipe);
+    h5::set_attr(g, "key_rope", m.key_rope);
+    h5::set_attr(g, "anchor_score", m.anchor_score);
+    h5::set_attr(g, "text", m.text);
+    h5::set_attr(g, "text_hash", m.text_hash);
+    h5::set_attr(g, "version", m.version);
+    h5::set_attr(g, "created", m.created);
+    h5::set_attr(g, "tokens", m.tokens);
+    h5::set_attr(g, "seq_len", m.seq_len);
+    h5::set_attr(g, "windows", m.windows);
+    h5::set_attr(g, "seed", m.seed);
+    h5::set_attr(g, "num_layers", m.num_layers);
+    h5::set_attr(g, "num_kv_heads", m.num_kv_heads);
+    h5::set_attr(g, "head_dim", m.head_dim);
+    impl_->layers.clear();
+    impl_->tokens.close();
+    impl_->positions.close();
+    impl_->windows.close();
+    impl_->file.close();
+    return 0;
+  });
+}
+
+struct CalibDumpReader::Impl {
+  std::string path;
+  H5::H5File file;
+  CalibMeta meta;
+  int64_t n = 0;
+};
+
+CalibDumpReader::CalibDumpReader(const std::string& path) : impl_(new Impl) {
+  h5::quiet_errors();
+  impl_->path = path;
+  h5_guard(path, [&] {
+    ANTKV_CHECK(H5::H5File::isHdf5(path.c_str()), "{}: not an HDF5 file", path);
+    impl_->file = H5::H5File(path, H5F_ACC_RDONLY);
+    ANTKV_CHECK(impl_->file.nameExists("meta"), "{}: no /meta group: not a complete antkv calibration dump", path);
+    H5::Group g = impl_->file.openGroup("meta");
+    CalibMeta& m = impl_->meta;
+    m.model = h5::get_attr_string(g, "model", path);
+    m.config_hash = h5::get_attr_string(g, "config_hash", path);
+    m.recipe = h5::get_attr_string(g, "recipe", path);
+    m.key_rope = h5::get_attr_string(g, "key_rope", path);
+    m.anchor_score = h5::get_attr_string(g, "anchor_score", path);
+    m.text = h5::get_attr_string(g, "text", path);
+    m.text_hash = h5::get_attr_string(g, "text_hash", path);
+    m.version = h5::get_attr_string(g, "version", path);
+    m.created = h5::get_attr_string(g, "created", path);
+    m.tokens = h5::get_attr_int(g, "tokens", path);
+    m.seq_len = h5::get_attr_int(g, "seq_len", path);
+    m.windows = h5::get_attr_int(g, "windows", path);
+    m.seed = h5::get_attr_int(g, "seed", path);
+    m.num_layers = h5::get_attr_int(g, "num_layers", path);
+    m.num_kv_heads = h5::get_attr_int(g, "num_kv_heads", path);
+    m.head_dim = h5::get_attr_int(g, "head_dim", path);
+    const auto td = h5::dims_of(impl_->file.openDataSet("tokens"));
+    ANTKV_CHECK(td.size() == 1, "{}: /tokens must be one-dimensional", path);
+    impl_->n = static_cast<int64_t>(td[0]);
+    ANTKV_CHECK(impl_->n == m.tokens, "{}: /tokens holds {} tokens but /meta says {}", path, impl_->n, m.tokens);
+    for (int64_t l = 0; l < m.num_layers; ++l) {
+      const std::string gname = layer_group(static_cast<int>(l));
+      ANTKV_CHECK(impl_->file.nameExists(gname), "{}: missing group /{}", path, gname);
+      for (const char* ds : {"keys", "values"}) {
+        const auto d = h5::dims_of(impl_->file.openDataSet(gname + "/" + ds));
+        ANTKV_CHECK(d.size() == 3 && static_cast<int64_t>(d[0]) == impl_->n &&
+                        static_cast<int64_t>(d[1]) == m.num_kv_heads && static_cast<int64_t>(d[2]) == m.head_dim,
+                    "{}: /{}/{} has the wrong shape", path, gname, ds);
+      }
+      for (const char* ds : {"S_K", "S_V", "anchor_score"}) {
+        const auto d = h5::dims_of(impl_->file.openDataSet(gname + "/" + ds));
+        ANTKV_CHECK(d.size() == 2 && static_cast<int64_t>(d[0]) == impl_->n &&
+                        static_cast<int64_t>(d[1]) == m.num_kv_heads,
+                    "{}: /{}/{} has the wrong shape", path, gname, ds);
+      }
+    }
+    return 0;
+  });
+}
+
+CalibDumpReader::~CalibDumpReader() = default;
+const CalibMeta& CalibDumpReader::meta() const { return impl_->meta; }
+const std::string& CalibDumpReader::path() const { return impl_->path; }
+int64_t CalibDumpReader::n_tokens() const { return impl_->n; }
+
+namespace {
+std::vector<int32_t> read_ints(const H5::H5File& f, const char* name, int64_t n, const std::string& path) {
+  std::vector<int32_t> v(static_cast<size_t>(n));
+  h5_guard(path, [&] {
+    if (n) h5::read_rows(f.openDataSet(name), H5::PredType::NATIVE_INT32, 0, n, v.data());
+    return 0;
+  });
+  return v;
+}
+}  // namespace
+
+std::vector<int32_t> CalibDumpReader::tokens() const { return read_ints(impl_->file, "tokens", impl_->n, impl_->path); }
+std::vector<int32_t> CalibDumpReader::positions() const { return read_ints(impl_->file, "positions", impl_->n, impl_->path); }
+std::vector<int32_t> CalibDumpReader::windows() const { return read_ints(impl_->file, "window", impl_->n, impl_->path); }
+
+void CalibDumpReader::read_keys(int layer, int64_t row0, int64_t rows, float* out) const {
+  h5_guard(impl_->path, [&] {
+    h5::read_rows(impl_->file.openDataSet(layer_group(layer) + "/keys"), H5::PredType::NATIVE_FLOAT, row0, rows, out);
+    return 0;
+  });
+}
+void CalibDumpReader::read_values(int layer, int64_t row0, int64_t rows, float* out) const {
+  h5_guard(impl_->path, [&] {
+    h5::read_rows(impl_->file.openDataSet(layer_group(layer) + "/values"), H5::PredType::NATIVE_FLOAT, row0, rows, out);
+    return 0;
+  });
+}
+void CalibDumpReader::read_scores(int layer, const char* name, int64_t row0, int64_t rows, float* out) const {
+  h5_guard(impl_->path, [&] {
+    h5::read_rows(impl_->file.openDataSet(layer_group(layer) + "/" + name), H5::PredType::NATIVE_FLOAT, row0, rows, out);
+    return 0;
+  });
+}
+
+}  // namespace antkv

@@ -1,0 +1,63 @@
+// The calibration dump (design note §7), HDF5:
+//   /meta                       attributes: model, config_hash, recipe (YAML), tokens, seq_len, windows,
+//                               key_rope, anchor_score, seed, text, text_hash, num_layers, num_kv_heads,
+//                               head_dim, version, created
+//   /tokens     [N] int32       token id of each stored token
+//   /positions  [N] int32       its position in its window
+//   /window     [N] int32       its window's index
+//   /layer_{l}/keys          [N, kv_heads, d] fp16   (post- or pre-RoPE as meta key_rope says)
+//   /layer_{l}/values        [N, kv_heads, d] fp16
+//   /layer_{l}/S_K, /S_V, /anchor_score  [N, kv_heads] fp32
+// Datasets grow window by window (chunked, shuffle + deflate), so memory stays bounded.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace antkv {
+
+struct CalibMeta {
+  std::string model, config_hash, recipe, key_rope, anchor_score, text, text_hash, version, created;
+  int64_t tokens = 0, seq_len = 0, windows = 0, seed = 0;
+  int64_t num_layers = 0, num_kv_heads = 0, head_dim = 0;
+};
+
+class CalibDumpWriter {
+ public:
+  // Creates `path` (the caller writes to a temporary path and renames it when complete).
+  CalibDumpWriter(const std::string& path, int num_layers, int num_kv_heads, int head_dim);
+  ~CalibDumpWriter();
+  // n tokens of one window: ids, positions, window index: [n] each.
+  void append_tokens(int n, const int32_t* tokens, const int32_t* positions, const int32_t* windows);
+  // The same n tokens for one layer: keys, values [n, kv_heads, d]; s_k, s_v, anchor_score [n, kv_heads].
+  void append_layer(int layer, int n, const float* keys, const float* values, const float* s_k,
+                    const float* s_v, const float* anchor_score);
+  void finish(const CalibMeta& meta);  // writes /meta and closes; the dump is complete
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+class CalibDumpReader {
+ public:
+  explicit CalibDumpReader(const std::string& path);  // validates layout and shapes
+  ~CalibDumpReader();
+  const CalibMeta& meta() const;
+  const std::string& path() const;
+  int64_t n_tokens() const;
+  std::vector<int32_t> tokens() const;
+  std::vector<int32_t> positions() const;
+  std::vector<int32_t> windows() const;
+  // rows [row0, row0 + rows) of one layer; keys/values: [rows, kv_heads, d], scores: [rows, kv_heads].
+  void read_keys(int layer, int64_t row0, int64_t rows, float* out) const;
+  void read_values(int layer, int64_t row0, int64_t rows, float* out) const;
+  void read_scores(int layer, const char* name, int64_t row0, int64_t rows, float* out) const;  // S_K|S_V|anchor_score
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace antkv

@@ -1,0 +1,85 @@
+// Recipes: one YAML file describes a whole experiment (model, calibration, anchors, VQ configuration,
+// k-means, evaluation). Every command takes --recipe and `--set key=value` overrides for any field
+// (dotted keys, YAML values). Unknown keys and bad values are errors naming the key. The resolved recipe
+// (every field, defaults included) is stored in every output file.
+//
+// Paths in the file are relative to the recipe's folder; ${VAR} and ${VAR:-default} are expanded from the
+// environment (e.g. ${ANTKV_SHARED_DIR:-../../shared}). Paths given with --set are relative to the cwd.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace antkv {
+
+// One VQ configuration: groups of c channels, 2^b centroids each, b/c bits per channel.
+struct VqConfig {
+  int c = 8;
+  int b = 8;
+  double bits() const { return static_cast<double>(b) / c; }
+};
+// The design note's named configurations: 4 -> c2b8, 2 -> c4b8, 1 -> c8b8, 0.75 -> c16b12,
+// 0.5 -> c16b8, 0.375 -> c16b6. Throws for anything else.
+VqConfig vq_config_for_bits(double bits);
+
+struct Recipe {
+  std::string name = "unnamed";
+  std::string model;  // HF checkpoint directory
+
+  struct Calibration {
+    std::string text;
+    int64_t tokens = 262144;       // tokens of calibration text to run (from the start of the text)
+    int seq_len = 2048;            // window length (BOS + seq_len - 1 text tokens, as bos_window)
+    int stride = 0;                // text tokens between window starts; 0 = seq_len - 1 (no overlap)
+    int sample_per_window = 0;     // store only this many random tokens per window; 0 = all
+    uint64_t seed = 0;
+    std::string device = "cpu";    // cpu | cuda
+  } calibration;
+
+  std::string key_rope = "post";   // post | pre: which keys are quantized (and stored in the dump)
+
+  struct Anchor {
+    std::string score = "error_bound";  // error_bound | attention_mass | key_bound | random | recent
+    double ratio = 0.01;                // share of tokens kept in FP16
+    int window = 128;                   // newest tokens kept in FP16 during decode
+  } anchor;
+
+  struct Quant {
+    VqConfig keys, values;
+  } quant;
+
+  struct KMeans {
+    int iters = 20;
+    double tol = 1e-4;                 // stop when the relative objective change is below this
+    uint64_t seed = 0;
+    std::string weighting = "anchor";  // anchor | none
+    bool exclude_anchors = true;
+    std::string device = "cuda";       // cuda | cpu (FAISS)
+    int64_t max_points = 0;            // per codebook; 0 = all calibration tokens
+    double holdout = 0.05;             // share of tokens held out for the quantization-error report
+  } kmeans;
+
+  struct Eval {
+    std::vector<std::string> texts;
+    int seq_len = 2048;
+    std::string protocol = "bos_window";
+    int64_t max_windows = -1;
+    std::vector<std::string> methods = {"fp16"};
+    std::string device = "cpu";
+  } eval;
+
+  std::string out_dir;  // where `antkv-eval run` puts its outputs; default runs/<name>
+
+  std::string source;  // the recipe file (empty for defaults)
+
+  // Loads and validates; overrides are "key=value" (value parsed as YAML).
+  static Recipe load(const std::string& path, const std::vector<std::string>& overrides = {});
+  static Recipe defaults_with(const std::vector<std::string>& overrides);
+  // Every field, as YAML (stored in outputs; load() of it gives the same recipe).
+  std::string to_yaml() const;
+  // The keys this schema knows (for documentation and errors).
+  static std::vector<std::string> known_keys();
+};
+
+}  // namespace antkv
