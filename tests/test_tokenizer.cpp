@@ -244,6 +244,26 @@ const std::vector<Case> kRef18mNoIgnoreMergesCases = {
     {"lighthouse keeper", {3068, 6655, 1256, 269}},
 };
 
+const std::vector<Case> kRef18mNFCCases = {
+    {"e\u0301t\u00e9", {6312, 1023}},
+    {"A\u030a \u212b \u00c5", {129, 229, 2846, 229, 2846, 229}},
+    {"\u1100\u1161\u11a8 \uac01", {168, 110, 225, 222, 168, 110, 225}},
+    {"a\u0323\u0307 a\u0307\u0323", {159, 120, 96, 138, 231, 222, 159, 120, 96, 138, 231}},
+    {"\u0b47\u0b3e", {158, 257, 235}},
+    {"\uf900 \u2126", {166, 111, 232, 222, 140, 104}},
+    {"plain ascii", {580, 368, 343, 621, 74}},
+};
+
+const std::vector<Case> kRef18mNFDCases = {
+    {"e\u0301t\u00e9", {70, 138, 225, 782, 138, 225}},
+    {"A\u030a \u212b \u00c5", {34, 138, 234, 366, 138, 234, 366, 138, 234}},
+    {"\u1100\u1161\u11a8 \uac01", {159, 228, 224, 159, 229, 96, 159, 230, 103, 222, 159, 228, 224, 159, 229, 96, 159, 230, 103}},
+    {"a\u0323\u0307 a\u0307\u0323", {66, 138, 98, 138, 231, 260, 138, 98, 138, 231}},
+    {"\u0b47\u0b3e", {158, 257, 231, 158, 107, 124}},
+    {"\uf900 \u2126", {166, 111, 232, 222, 140, 104}},
+    {"plain ascii", {580, 368, 343, 621, 74}},
+};
+
 void check_cases(const Tokenizer& tok, const std::vector<Case>& cases, bool round_trip) {
   for (const auto& c : cases) {
     INFO("text: \"" << c.text << "\"");
@@ -409,6 +429,21 @@ TEST_CASE("tokenizer: merges as \"a b\" strings equal merges as pairs; ignore_me
   json no_ignore = base;
   no_ignore["model"]["ignore_merges"] = false;
   check_cases(from_json(no_ignore), kRef18mNoIgnoreMergesCases, true);
+}
+
+TEST_CASE("tokenizer: NFC and NFD normalizers (Qwen2 uses NFC) match the tokenizers library", "[tokenizer][shared]") {
+  const json base = read_json(antkv::test::model_dir("antkv-ref-18m") + "/tokenizer.json");
+  json nfc = base, nfd = base;
+  nfc["normalizer"] = {{"type", "NFC"}};
+  nfd["normalizer"] = {{"type", "NFD"}};
+  const Tokenizer tc = from_json(nfc), td = from_json(nfd);
+  check_cases(tc, kRef18mNFCCases, false);
+  check_cases(td, kRef18mNFDCases, false);
+  CHECK(tc.decode(tc.encode("e\u0301", false)) == "\u00e9");  // composed
+  CHECK(td.decode(td.encode("\u00e9", false)) == "e\u0301");  // decomposed
+  // Text that normalization cannot change takes the fast path and gives the same ids.
+  const std::string text = read_all(antkv::test::shared_path("data/wikitext-2-raw-test.txt")).substr(0, 100000);
+  CHECK(tc.encode(text) == ref18m().encode(text));
 }
 
 // ---------------------------------------------------------------------------------------------
