@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   bool no_e2e = false;
   app.add_option("--batches", opt.decode_batches, "decode attention batch sizes");
   app.add_option("--contexts", opt.decode_contexts, "decode attention context lengths");
+  app.add_option("--waves", opt.decode_waves, "decode split plans to compare (grid size in waves)");
   app.add_option("--prefill-tokens", opt.prefill_tokens, "prefill attention lengths");
   app.add_option("--iters", opt.iters, "timed iterations (at least)");
   app.add_flag("--no-e2e", no_e2e, "skip the end-to-end decode of the random-weight model");
@@ -35,7 +36,7 @@ int main(int argc, char** argv) {
       j["device"] = r.device;
       j["copy_gbps"] = r.copy_gbps;
       for (const auto& p : r.decode)
-        j["decode_attention"].push_back({{"batch", p.batch}, {"context", p.context}, {"n_splits", p.n_splits},
+        j["decode_attention"].push_back({{"batch", p.batch}, {"context", p.context}, {"waves", p.waves}, {"n_splits", p.n_splits},
                                          {"split_len", p.split_len}, {"ms_per_step", p.ms_per_step}, {"bytes", p.bytes},
                                          {"gbps", p.gbps}, {"frac_of_copy_bw", p.frac_of_copy}});
       for (const auto& p : r.prefill)
@@ -43,7 +44,7 @@ int main(int argc, char** argv) {
                                           {"head_dim", p.head_dim}, {"ms", p.ms}, {"tflops", p.tflops}});
       for (const auto& p : r.e2e)
         j["e2e_decode"].push_back({{"batch", p.batch}, {"context", p.context}, {"ran", p.ran}, {"note", p.note},
-                                   {"ms_per_step", p.ms_per_step}, {"tokens_per_s", p.tokens_per_s},
+                                   {"ms_per_step", p.ms_per_step}, {"ms_per_step_eager", p.ms_per_step_eager}, {"tokens_per_s", p.tokens_per_s},
                                    {"bytes_per_step", p.bytes_per_step}, {"roofline_ms", p.roofline_ms},
                                    {"roofline_tokens_per_s", p.roofline_tokens_per_s},
                                    {"frac_of_roofline", p.frac_of_roofline}});

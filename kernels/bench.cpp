@@ -49,7 +49,7 @@ class Stream {
   cudaStream_t s_ = nullptr;
 };
 
-DecodeAttnPoint bench_decode(int B, int ctx, const KernelBenchOptions& o, double copy_gbps, cudaStream_t st) {
+DecodeAttnPoint bench_decode(int B, int ctx, int waves, const KernelBenchOptions& o, double copy_gbps, cudaStream_t st) {
   const int H = o.n_heads, Hkv = o.n_kv_heads, d = o.head_dim;
   const size_t kv_elems = static_cast<size_t>(B) * Hkv * ctx * d;
   const double kv_bytes = 2.0 * kv_elems * sizeof(bf16);
@@ -68,7 +68,7 @@ DecodeAttnPoint bench_decode(int B, int ctx, const KernelBenchOptions& o, double
   std::vector<int32_t> hl(B, ctx);
   ANTKV_CUDA_CHECK(cudaMemcpyAsync(lens.get(), hl.data(), B * sizeof(int32_t), cudaMemcpyHostToDevice, st));
   DeviceBuffer<float> ws(decode_workspace_floats(B, H, d));
-  const DecodePlan plan = plan_flash_decode(B, Hkv, ctx);
+  const DecodePlan plan = plan_flash_decode(B, Hkv, ctx, d, waves);
   FlashDecodeParams p;
   p.q = q.get();
   p.seq_lens = lens.get();
@@ -99,6 +99,7 @@ DecodeAttnPoint bench_decode(int B, int ctx, const KernelBenchOptions& o, double
   DecodeAttnPoint r;
   r.batch = B;
   r.context = ctx;
+  r.waves = waves;
   r.n_splits = plan.n_splits;
   r.split_len = plan.split_len;
   r.ms_per_step = ms / iters;
@@ -177,18 +178,23 @@ E2EPoint bench_e2e(int B, int ctx, const KernelBenchOptions& o, const ModelConfi
   rt.set_batch_lengths(std::vector<int>(B, ctx));
   std::vector<int32_t> tok(B), next;
   for (int b = 0; b < B; ++b) tok[b] = (1 + 7919 * b) % cfg.vocab_size;
-  for (int i = 0; i < warm; ++i) {
-    rt.decode_batch(tok, nullptr, &next);
-    tok = next;
-  }
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < steps; ++i) {
-    rt.decode_batch(tok, nullptr, &next);
-    tok = next;
-  }
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  auto run = [&](bool graphs) {
+    rt.set_use_graphs(graphs);
+    rt.set_batch_lengths(std::vector<int>(B, ctx));
+    for (int i = 0; i < warm; ++i) {
+      rt.decode_batch(tok, nullptr, &next);
+      tok = next;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < steps; ++i) {
+      rt.decode_batch(tok, nullptr, &next);
+      tok = next;
+    }
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e3 / steps;
+  };
+  r.ms_per_step_eager = run(false);
+  r.ms_per_step = run(true);
   r.ran = true;
-  r.ms_per_step = s * 1e3 / steps;
   r.tokens_per_s = B / (r.ms_per_step * 1e-3);
   const double mean_ctx = ctx + warm + steps / 2.0;
   r.bytes_per_step = static_cast<double>(rt.step_weight_bytes()) + B * mean_ctx * rt.kv_bytes_per_token();
@@ -255,12 +261,13 @@ KernelBenchResult run_kernel_bench(const KernelBenchOptions& opt, const std::fun
   say(fmt::format("device {}: copy bandwidth {:.0f} GB/s", r.device, r.copy_gbps));
   Stream st;
   for (int B : opt.decode_batches)
-    for (int ctx : opt.decode_contexts) {
-      r.decode.push_back(bench_decode(B, ctx, opt, r.copy_gbps, st.get()));
-      const auto& p = r.decode.back();
-      say(fmt::format("decode attention B={} ctx={}: {:.3f} ms, {:.0f} GB/s, {:.1f}% of copy bw ({} splits x {})", B,
-                      ctx, p.ms_per_step, p.gbps, 100 * p.frac_of_copy, p.n_splits, p.split_len));
-    }
+    for (int ctx : opt.decode_contexts)
+      for (int waves : opt.decode_waves) {
+        r.decode.push_back(bench_decode(B, ctx, waves, opt, r.copy_gbps, st.get()));
+        const auto& p = r.decode.back();
+        say(fmt::format("decode attention B={} ctx={} waves={}: {:.4f} ms, {:.0f} GB/s, {:.1f}% of copy bw ({} splits x {})",
+                        B, ctx, waves, p.ms_per_step, p.gbps, 100 * p.frac_of_copy, p.n_splits, p.split_len));
+      }
   for (int T : opt.prefill_tokens) {
     r.prefill.push_back(bench_prefill(T, opt, st.get()));
     say(fmt::format("prefill attention T={}: {:.3f} ms, {:.1f} TFLOP/s", T, r.prefill.back().ms,
@@ -271,9 +278,10 @@ KernelBenchResult run_kernel_bench(const KernelBenchOptions& opt, const std::fun
     r.e2e.push_back(bench_e2e(B, ctx, opt, cfg, r.copy_gbps));
     const auto& p = r.e2e.back();
     if (p.ran)
-      say(fmt::format("e2e decode B={} ctx={}: {:.2f} ms/step, {:.1f} tok/s; roofline {:.2f} ms, {:.1f} tok/s ({:.1f}%)",
-                      B, ctx, p.ms_per_step, p.tokens_per_s, p.roofline_ms, p.roofline_tokens_per_s,
-                      100 * p.frac_of_roofline));
+      say(fmt::format("e2e decode B={} ctx={}: {:.2f} ms/step ({:.2f} without graphs), {:.1f} tok/s; roofline {:.2f} ms, "
+                      "{:.1f} tok/s ({:.1f}%)",
+                      B, ctx, p.ms_per_step, p.ms_per_step_eager, p.tokens_per_s, p.roofline_ms,
+                      p.roofline_tokens_per_s, 100 * p.frac_of_roofline));
     else
       say(fmt::format("e2e decode B={} ctx={}: skipped: {}", B, ctx, p.note));
   }
@@ -282,19 +290,22 @@ KernelBenchResult run_kernel_bench(const KernelBenchOptions& opt, const std::fun
 
 std::string format_kernel_bench(const KernelBenchResult& r) {
   std::string s = fmt::format("device: {}\ncopy bandwidth (D2D, read+write): {:.0f} GB/s\n\n", r.device, r.copy_gbps);
-  s += "decode attention (bf16 KV, one layer)\n  batch  context  splits  ms/step    GB/s  %copy-bw\n";
+  s += "decode attention (bf16 KV, one layer; waves 1 = the runtime's plan)\n"
+       "  batch  context  waves  splits x len   ms/step    GB/s  %copy-bw\n";
   for (const auto& p : r.decode)
-    s += fmt::format("  {:5d}  {:7d}  {:6d}  {:7.3f}  {:6.0f}  {:7.1f}%\n", p.batch, p.context, p.n_splits,
-                     p.ms_per_step, p.gbps, 100 * p.frac_of_copy);
+    s += fmt::format("  {:5d}  {:7d}  {:5d}  {:6d} x {:<5d} {:8.4f}  {:6.0f}  {:7.1f}%\n", p.batch, p.context, p.waves,
+                     p.n_splits, p.split_len, p.ms_per_step, p.gbps, 100 * p.frac_of_copy);
   s += "\nprefill flash attention (causal)\n  tokens  heads/kv  d    ms      TFLOP/s\n";
   for (const auto& p : r.prefill)
     s += fmt::format("  {:6d}  {:3d}/{:<3d}  {:3d}  {:7.3f}  {:7.1f}\n", p.n_tokens, p.n_heads, p.n_kv_heads, p.head_dim,
                      p.ms, p.tflops);
-  s += "\nend-to-end decode (random weights, LLaMA-3-8B shapes)\n  batch  context  ms/step   tok/s  roofline-ms  roofline-tok/s  %roofline\n";
+  s += "\nend-to-end decode (random weights, LLaMA-3-8B shapes; CUDA graph per step)\n"
+       "  batch  context  ms/step  (eager)   tok/s  roofline-ms  roofline-tok/s  %roofline\n";
   for (const auto& p : r.e2e) {
     if (p.ran)
-      s += fmt::format("  {:5d}  {:7d}  {:7.2f}  {:6.1f}  {:11.2f}  {:14.1f}  {:8.1f}%\n", p.batch, p.context,
-                       p.ms_per_step, p.tokens_per_s, p.roofline_ms, p.roofline_tokens_per_s, 100 * p.frac_of_roofline);
+      s += fmt::format("  {:5d}  {:7d}  {:7.2f}  {:7.2f}  {:6.1f}  {:11.2f}  {:14.1f}  {:8.1f}%\n", p.batch, p.context,
+                       p.ms_per_step, p.ms_per_step_eager, p.tokens_per_s, p.roofline_ms, p.roofline_tokens_per_s,
+                       100 * p.frac_of_roofline);
     else
       s += fmt::format("  {:5d}  {:7d}  skipped: {}\n", p.batch, p.context, p.note);
   }

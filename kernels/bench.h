@@ -12,6 +12,7 @@ namespace antkv::cuda {
 
 struct DecodeAttnPoint {
   int batch = 0, context = 0;
+  int waves = 1;             // the plan's target grid size in waves of resident blocks (1: the runtime's)
   int n_splits = 0, split_len = 0;
   double ms_per_step = 0;    // split + reduce kernels, one layer
   double bytes = 0;          // K + V of every sequence, q, out
@@ -29,7 +30,9 @@ struct E2EPoint {
   int batch = 0, context = 0;
   bool ran = false;
   std::string note;          // why it did not run (memory)
-  double ms_per_step = 0;    // one decode step of the whole model (host-timed, includes the argmax copy)
+  double ms_per_step = 0;    // one decode step of the whole model (host-timed, includes the argmax copy),
+                             // replaying a CUDA graph (the runtime's default)
+  double ms_per_step_eager = 0;  // the same without graphs (kernels launched one by one)
   double tokens_per_s = 0;   // batch / step time
   double bytes_per_step = 0; // weights read + KV of every sequence
   double roofline_ms = 0;    // bytes_per_step / copy bandwidth
@@ -40,6 +43,7 @@ struct E2EPoint {
 struct KernelBenchOptions {
   std::vector<int> decode_batches = {1, 16};
   std::vector<int> decode_contexts = {32768, 131072};
+  std::vector<int> decode_waves = {1, 4, 16};  // split plans compared (plan_flash_decode's waves)
   int n_heads = 32, n_kv_heads = 8, head_dim = 128;  // LLaMA-3-8B attention
   std::vector<int> prefill_tokens = {2048, 8192};
   std::vector<std::pair<int, int>> e2e_points = {{1, 32768}, {1, 131072}, {16, 32768}};  // (batch, context)

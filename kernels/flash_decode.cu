@@ -236,15 +236,33 @@ __global__ void __launch_bounds__(D) flash_decode_reduce_kernel(const FlashDecod
 }
 
 template <int D>
+void set_decode_smem_attr() {
+  static const bool done = [] {
+    ANTKV_CUDA_CHECK(cudaFuncSetAttribute(flash_decode_split_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          decode_smem_bytes<D>()));
+    return true;
+  }();
+  (void)done;
+}
+
+template <int D>
+int resident_blocks() {
+  static const int n = [] {
+    set_decode_smem_attr<D>();
+    int per_sm = 0;
+    ANTKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, flash_decode_split_kernel<D>, kThreadsFD,
+                                                                    decode_smem_bytes<D>()));
+    ANTKV_CHECK(per_sm >= 1, "flash_decode: the split kernel does not fit on a multiprocessor");
+    return per_sm * device_sm_count();
+  }();
+  return n;
+}
+
+template <int D>
 void launch_decode(const FlashDecodeParams& p, cudaStream_t stream) {
-  constexpr int smem = decode_smem_bytes<D>();
-  static bool attr_set = false;
-  if (!attr_set) {
-    ANTKV_CUDA_CHECK(cudaFuncSetAttribute(flash_decode_split_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    attr_set = true;
-  }
+  set_decode_smem_attr<D>();
   const dim3 grid(p.n_splits, p.n_kv_heads, p.batch);
-  flash_decode_split_kernel<D><<<grid, kThreadsFD, smem, stream>>>(p);
+  flash_decode_split_kernel<D><<<grid, kThreadsFD, decode_smem_bytes<D>(), stream>>>(p);
   ANTKV_LAUNCH_CHECK(D == 64 ? "flash_decode_split_kernel<64>" : "flash_decode_split_kernel<128>");
   flash_decode_reduce_kernel<D><<<dim3(p.n_heads, p.batch), D, 0, stream>>>(p);
   ANTKV_LAUNCH_CHECK(D == 64 ? "flash_decode_reduce_kernel<64>" : "flash_decode_reduce_kernel<128>");
@@ -252,13 +270,20 @@ void launch_decode(const FlashDecodeParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-DecodePlan plan_flash_decode(int batch, int n_kv_heads, int max_len) {
-  ANTKV_CHECK(batch > 0 && n_kv_heads > 0 && max_len > 0, "plan_flash_decode: bad sizes");
-  // Aim at ~16 resident-block waves (2 blocks per SM for head_dim 128) so that the last, partial wave
-  // costs little, with splits of at least kMinSplitLen keys and at most kMaxDecodeSplits splits.
-  const int64_t want_blocks = 16ll * 2 * device_sm_count();
-  int64_t n_splits = (want_blocks + static_cast<int64_t>(batch) * n_kv_heads - 1) / (static_cast<int64_t>(batch) * n_kv_heads);
-  n_splits = std::clamp<int64_t>(n_splits, 1, kMaxDecodeSplits);
+int decode_resident_blocks(int head_dim) {
+  switch (head_dim) {
+    case 64: return resident_blocks<64>();
+    case 128: return resident_blocks<128>();
+    default: fail("flash_decode: head_dim {} is not supported (64 or 128)", head_dim);
+  }
+}
+
+DecodePlan plan_flash_decode(int batch, int n_kv_heads, int max_len, int head_dim, int waves) {
+  ANTKV_CHECK(batch > 0 && n_kv_heads > 0 && max_len > 0 && waves > 0, "plan_flash_decode: bad sizes");
+  // (sequence, kv head) units each split into n_splits blocks; grid ~ waves x resident blocks
+  const int64_t units = static_cast<int64_t>(batch) * n_kv_heads;
+  const int64_t want = static_cast<int64_t>(waves) * decode_resident_blocks(head_dim);
+  const int64_t n_splits = std::clamp<int64_t>(want / units, 1, kMaxDecodeSplits);
   int64_t split_len = (max_len + n_splits - 1) / n_splits;
   split_len = std::max<int64_t>(kMinSplitLen, (split_len + kTile - 1) / kTile * kTile);
   DecodePlan plan;

@@ -5,6 +5,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <set>
+#include <tuple>
 
 #include "core/error.h"
 #include "kernels/cuda_check.h"
@@ -84,6 +87,16 @@ struct GpuRuntime::Impl {
   cuda::PinnedBuffer<int32_t> host_ints;
   int logits_rows = 0;
 
+  // decode_batch graphs, keyed by (batch, n_splits, split_len, argmax); a key runs eagerly once first
+  using GraphKey = std::tuple<int, int, int, bool>;
+  std::map<GraphKey, cudaGraphExec_t> graphs;
+  std::set<GraphKey> seen;
+  void clear_graphs() {
+    for (auto& kv : graphs) cudaGraphExecDestroy(kv.second);
+    graphs.clear();
+    seen.clear();
+  }
+
   int qkv_dim() const { return cfg.q_dim() + 2 * cfg.kv_dim(); }
 
   void init_common(const ModelConfig& c, const GpuRuntimeOptions& o) {
@@ -131,6 +144,7 @@ struct GpuRuntime::Impl {
 
   void ensure_rows(int rows) {
     if (rows <= rows_cap) return;
+    clear_graphs();  // they hold the old scratch pointers
     const size_t r = rows;
     x.resize(r * cfg.hidden_size);
     qkv.resize(r * qkv_dim());
@@ -248,13 +262,12 @@ struct GpuRuntime::Impl {
   // seq_index[t] (null: sequence 0). decode: one row per sequence, attention by flash-decoding over
   // sequences 0..T-1; else one sequence's chunk at positions past..past+T-1, flash prefill.
   void run_layers(int T, bool decode, int past, const int32_t* d_pos, const int32_t* d_seq,
-                  const int32_t* d_lens, int max_len, ForwardObserver* observer) {
+                  const int32_t* d_lens, const cuda::DecodePlan& plan, ForwardObserver* observer) {
     const int H = cfg.hidden_size, F = cfg.intermediate_size, qd = cfg.q_dim(), kvd = cfg.kv_dim();
     const int d = cfg.head_dim;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     std::vector<float> hq, hkpre, hkpost, hv;
     if (observer) k_pre.ensure(static_cast<size_t>(T) * kvd);
-    const cuda::DecodePlan plan = decode ? cuda::plan_flash_decode(T, cfg.num_kv_heads, max_len) : cuda::DecodePlan{};
     for (int l = 0; l < cfg.num_layers; ++l) {
       LayerWeights& L = layers[l];
       cuda::RmsNormParams rn;
@@ -421,7 +434,9 @@ struct GpuRuntime::Impl {
     ep.vocab = V;
     cuda::embedding(ep, stream);
     const bool decode = (T == 1);
-    run_layers(T, decode, past, d_pos, nullptr, d_lens, past + T, req.observer);
+    const cuda::DecodePlan plan =
+        decode ? cuda::plan_flash_decode(1, cfg.num_kv_heads, past + T, cfg.head_dim) : cuda::DecodePlan{};
+    run_layers(T, decode, past, d_pos, nullptr, d_lens, plan, req.observer);
     lens[0] = past + T;
 
     const bool all_rows = want_nll || req.logits == LogitsMode::kAll;
@@ -481,26 +496,64 @@ struct GpuRuntime::Impl {
       hi[3 * B + b] = lens[b] + 1;
     }
     ANTKV_CUDA_CHECK(cudaMemcpyAsync(ints.get(), hi, 4 * B * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
-    cuda::EmbeddingParams ep;
-    ep.table = embed.get();
-    ep.tokens = ints.get();
-    ep.out = x.get();
-    ep.n_tokens = B;
-    ep.hidden = cfg.hidden_size;
-    ep.vocab = V;
-    cuda::embedding(ep, stream);
-    run_layers(B, true, 0, ints.get() + B, ints.get() + 2 * B, ints.get() + 3 * B, max_len, nullptr);
+    const cuda::DecodePlan plan = cuda::plan_flash_decode(B, cfg.num_kv_heads, max_len, cfg.head_dim);
+    auto body = [&] {
+      cuda::EmbeddingParams ep;
+      ep.table = embed.get();
+      ep.tokens = ints.get();
+      ep.out = x.get();
+      ep.n_tokens = B;
+      ep.hidden = cfg.hidden_size;
+      ep.vocab = V;
+      cuda::embedding(ep, stream);
+      run_layers(B, true, 0, ints.get() + B, ints.get() + 2 * B, ints.get() + 3 * B, plan, nullptr);
+      final_norm_rows(0, B);
+      blas->linear(hn.get(), cfg.hidden_size, lm_head, logits.get(), V, B, V, cfg.hidden_size);
+      if (next) {
+        cuda::ArgmaxParams ap;
+        ap.logits = logits.get();
+        ap.out = ints.get() + 4 * B;
+        ap.n_rows = B;
+        ap.vocab = V;
+        ap.ld = V;
+        cuda::argmax_rows(ap, stream);
+      }
+    };
+    const GraphKey key{B, plan.n_splits, plan.split_len, next != nullptr};
+    auto it = graphs.find(key);
+    if (!opt.use_graphs || cuda::sync_mode()) {
+      body();
+    } else if (it != graphs.end()) {
+      ANTKV_CUDA_CHECK(cudaGraphLaunch(it->second, stream));
+    } else if (!seen.count(key)) {
+      body();  // first time eagerly: lazy initialization (function attributes, cuBLAS) stays out of capture
+      if (seen.size() >= 64) seen.clear();
+      seen.insert(key);
+    } else {
+      cudaGraph_t graph = nullptr;
+      ANTKV_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      try {
+        body();
+      } catch (...) {
+        cudaStreamEndCapture(stream, &graph);
+        if (graph) cudaGraphDestroy(graph);
+        (void)cudaGetLastError();
+        throw;
+      }
+      ANTKV_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+      cudaGraphExec_t exec = nullptr;
+      const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+      cudaGraphDestroy(graph);
+      if (err != cudaSuccess) cuda::throw_cuda_error(err, "cudaGraphInstantiate(decode step)", __FILE__, __LINE__);
+      if (graphs.size() >= 16) {  // the plan changes every n_splits * 64 tokens: keep the cache small
+        for (auto& kv : graphs) cudaGraphExecDestroy(kv.second);
+        graphs.clear();
+      }
+      graphs.emplace(key, exec);
+      ANTKV_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    }
     for (int b = 0; b < B; ++b) lens[b] += 1;
-    final_norm_rows(0, B);
-    blas->linear(hn.get(), cfg.hidden_size, lm_head, logits.get(), V, B, V, cfg.hidden_size);
     if (next) {
-      cuda::ArgmaxParams ap;
-      ap.logits = logits.get();
-      ap.out = ints.get() + 4 * B;
-      ap.n_rows = B;
-      ap.vocab = V;
-      ap.ld = V;
-      cuda::argmax_rows(ap, stream);
       next->resize(B);
       ANTKV_CUDA_CHECK(cudaMemcpyAsync(next->data(), ints.get() + 4 * B, B * sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
     }
@@ -513,6 +566,7 @@ struct GpuRuntime::Impl {
   }
 
   ~Impl() {
+    clear_graphs();
     blas.reset();
     if (stream) cudaStreamDestroy(stream);
   }
@@ -565,6 +619,7 @@ void GpuRuntime::decode_batch(const std::vector<int32_t>& tokens, std::vector<fl
   impl_->decode_batch(tokens, logits, next_tokens);
 }
 
+void GpuRuntime::set_use_graphs(bool on) { impl_->opt.use_graphs = on; }
 void GpuRuntime::synchronize() { ANTKV_CUDA_CHECK(cudaStreamSynchronize(impl_->stream)); }
 size_t GpuRuntime::weight_bytes() const { return impl_->weight_bytes; }
 size_t GpuRuntime::step_weight_bytes() const {

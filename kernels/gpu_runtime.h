@@ -20,6 +20,8 @@ struct GpuRuntimeOptions {
   int max_context = 0;  // KV capacity per sequence; 0: min(max_position_embeddings, 8192), at least 2048
   int max_batch = 1;    // sequences in the KV arena (for decode_batch)
   int device = 0;       // CUDA device ordinal
+  bool use_graphs = true;  // decode_batch replays a captured CUDA graph per (batch, split plan); off with
+                           // ANTKV_CUDA_SYNC=1
 };
 
 class GpuRuntime : public Runtime {
@@ -52,6 +54,7 @@ class GpuRuntime : public Runtime {
                     std::vector<int32_t>* next_tokens);
   // Waits for the runtime's stream (benchmarks time around it).
   void synchronize();
+  void set_use_graphs(bool on);
 
   size_t weight_bytes() const;          // device bytes of all weights
   size_t step_weight_bytes() const;     // weight bytes one decode step reads (all but an untied embedding)

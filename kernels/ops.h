@@ -168,8 +168,12 @@ struct DecodePlan {
   int split_len = 64;
 };
 constexpr int kMaxDecodeSplits = 256;
-// Chooses the split so that the grid fills the GPU several times over (max_len: longest sequence).
-DecodePlan plan_flash_decode(int batch, int n_kv_heads, int max_len);
+// Chooses the split (max_len: the longest sequence) so that the grid is about `waves` waves of resident
+// blocks (occupancy x SMs): one wave by default, so that each block streams a long stretch of the cache and
+// pays its pipeline start and drain once. A plan is valid for any max_len up to n_splits * split_len.
+DecodePlan plan_flash_decode(int batch, int n_kv_heads, int max_len, int head_dim = 128, int waves = 1);
+// Resident split-kernel blocks on the whole device (occupancy x SMs) for head_dim 64 or 128.
+int decode_resident_blocks(int head_dim);
 int64_t decode_workspace_floats(int batch, int n_heads, int head_dim);
 void flash_decode(FlashDecodeParams p, cudaStream_t stream);
 

@@ -540,7 +540,7 @@ TEST_CASE("GPU: flash decoding over a NaN-poisoned cache arena equals cpu::atten
     DeviceBuffer<float> lse(want_lse.size());
     DeviceBuffer<float> ws(cuda::decode_workspace_floats(B, c.heads, c.d));
     // the planner's split, one split for everything, and many 64-key splits
-    const cuda::DecodePlan auto_plan = cuda::plan_flash_decode(B, c.kv_heads, max_len);
+    const cuda::DecodePlan auto_plan = cuda::plan_flash_decode(B, c.kv_heads, max_len, c.d);
     const cuda::DecodePlan plans[] = {auto_plan, {1, (max_len + 63) / 64 * 64}, {(max_len + 63) / 64, 64}};
     for (const auto& plan : plans) {
       cuda::fill_bf16(out.get(), int64_t(out.size()), NAN, nullptr);
