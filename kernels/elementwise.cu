@@ -93,22 +93,27 @@ __global__ void rope_kernel(const RopeParams p) {
   }
 }
 
-// ---- fused QKV epilogue: one block per token ----
+// ---- fused QKV epilogue: one block per (token, group of kQkvHeadsPerBlock heads of q | k | v) ----
+constexpr int kQkvHeadsPerBlock = 4;
 __global__ void qkv_rope_store_kernel(const QkvRopeStoreParams p) {
   extern __shared__ float tab[];
   const int d = p.head_dim, half = d / 2;
   float* cs = tab;
   float* sn = tab + half;
   const int t = blockIdx.x;
+  const int n_rot = p.n_heads + p.n_kv_heads;  // q heads then k heads are rotated; v heads follow
+  const int n_all = n_rot + p.n_kv_heads;
+  const int h0 = blockIdx.y * kQkvHeadsPerBlock;
+  const int h1 = min(h0 + kQkvHeadsPerBlock, n_all);
   const int pos = p.positions[t];
   const int seq = p.seq_index ? p.seq_index[t] : 0;
-  rope_table(cs, sn, pos, p.inv_freq, half);
+  if (h0 < n_rot) rope_table(cs, sn, pos, p.inv_freq, half);  // block-uniform condition
   const int qdim = p.n_heads * d, kvdim = p.n_kv_heads * d;
   float* row = p.qkv + static_cast<int64_t>(t) * (qdim + 2 * kvdim);
-  // q and k: rotate pairs (i, i + half) of each head
-  const int n_rot_heads = p.n_heads + p.n_kv_heads;
-  for (int idx = threadIdx.x; idx < n_rot_heads * half; idx += blockDim.x) {
-    const int h = idx / half, i = idx % half;
+  // rotated heads h0 .. min(h1, n_rot) - 1: pairs (i, i + half)
+  const int n_pairs = max(0, min(h1, n_rot) - h0) * half;
+  for (int idx = threadIdx.x; idx < n_pairs; idx += blockDim.x) {
+    const int h = h0 + idx / half, i = idx % half;
     const int col = h * d + i;  // q heads first, then k heads (contiguous in the row)
     float a = row[col], b = row[col + half];
     if (p.bias) {
@@ -137,12 +142,14 @@ __global__ void qkv_rope_store_kernel(const QkvRopeStoreParams p) {
       row[col + half] = rb;
     }
   }
-  // v: bias and store
-  for (int idx = threadIdx.x; idx < kvdim; idx += blockDim.x) {
-    const int col = qdim + kvdim + idx;
+  // v heads max(h0, n_rot) .. h1 - 1: bias and store
+  const int v0 = max(h0, n_rot);
+  const int n_v = max(0, h1 - v0) * d;
+  for (int idx = threadIdx.x; idx < n_v; idx += blockDim.x) {
+    const int h = v0 - n_rot + idx / d, c = idx % d;
+    const int col = qdim + kvdim + h * d + c;
     float v = row[col];
     if (p.bias) v += p.bias[col];
-    const int h = idx / d, c = idx % d;
     p.v_cache[((static_cast<int64_t>(seq) * p.n_kv_heads + h) * p.capacity + pos) * d + c] = __float2bfloat16_rn(v);
     if (p.write_back) row[col] = v;
   }
@@ -332,7 +339,10 @@ void qkv_rope_store(QkvRopeStoreParams p, cudaStream_t stream) {
   ANTKV_CHECK(p.head_dim > 0 && p.head_dim % 2 == 0 && p.n_heads > 0 && p.n_kv_heads > 0 && p.capacity > 0,
               "qkv_rope_store: bad sizes");
   if (p.n_tokens == 0) return;
-  qkv_rope_store_kernel<<<p.n_tokens, kThreads, p.head_dim * sizeof(float), stream>>>(p);
+  const int n_all = p.n_heads + 2 * p.n_kv_heads;
+  const dim3 grid(p.n_tokens, (n_all + kQkvHeadsPerBlock - 1) / kQkvHeadsPerBlock);
+  ANTKV_CHECK(grid.y <= 65535, "qkv_rope_store: too many heads ({})", n_all);
+  qkv_rope_store_kernel<<<grid, 128, p.head_dim * sizeof(float), stream>>>(p);
   ANTKV_LAUNCH_CHECK("qkv_rope_store_kernel");
 }
 
@@ -385,7 +395,7 @@ void argmax_rows(ArgmaxParams p, cudaStream_t stream) {
   ANTKV_CHECK(p.logits && p.out, "argmax_rows: null pointer");
   ANTKV_CHECK(p.vocab > 0 && p.ld >= p.vocab && p.n_rows >= 0 && p.n_rows < (1ll << 31), "argmax_rows: bad sizes");
   if (p.n_rows == 0) return;
-  argmax_kernel<<<static_cast<unsigned>(p.n_rows), 512, 0, stream>>>(p);
+  argmax_kernel<<<static_cast<unsigned>(p.n_rows), 1024, 0, stream>>>(p);
   ANTKV_LAUNCH_CHECK("argmax_kernel");
 }
 

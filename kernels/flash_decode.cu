@@ -208,10 +208,18 @@ __global__ void __launch_bounds__(kThreadsFD) flash_decode_split_kernel(const Fl
   }
 }
 
-// One block of D threads per (head, sequence): combines the valid splits.
+// One block of D threads per (head, sequence): combines the valid splits. Launched as a programmatic
+// dependent of the split kernel (its launch overlaps the split kernel's tail); it waits for the split
+// kernel's results with griddepcontrol.wait before reading the workspace. The splits' maxima and weights
+// are spread over the threads and the per-channel sums keep several loads in flight (the split count is
+// small, so a serial loop would be latency-bound).
 template <int D>
 __global__ void __launch_bounds__(D) flash_decode_reduce_kernel(const FlashDecodeParams p) {
+  __shared__ float w[kMaxDecodeSplits];
+  __shared__ float red[D / 32];
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   const int h = blockIdx.x, b = blockIdx.y, c = threadIdx.x;
+  const int lane = c & 31, warp = c >> 5;
   const int len = p.seq_lens[b];
   const int n_valid = min(p.n_splits, (len + p.split_len - 1) / p.split_len);
   const int64_t bh = static_cast<int64_t>(b) * p.n_heads + h;
@@ -223,15 +231,35 @@ __global__ void __launch_bounds__(D) flash_decode_reduce_kernel(const FlashDecod
   }
   const float* wo = p.workspace + bh * p.n_splits * D;
   const float* wml = p.workspace + static_cast<int64_t>(p.batch) * p.n_heads * p.n_splits * D + bh * p.n_splits * 2;
-  float M = -INFINITY;
-  for (int s = 0; s < n_valid; ++s) M = fmaxf(M, wml[2 * s]);
-  float acc = 0.f, L = 0.f;
-  for (int s = 0; s < n_valid; ++s) {
+  float m = -INFINITY;
+  for (int s = c; s < n_valid; s += D) m = fmaxf(m, wml[2 * s]);
+  m = warp_max(m);
+  if (lane == 0) red[warp] = m;
+  __syncthreads();
+  float M = red[0];
+#pragma unroll
+  for (int i = 1; i < D / 32; ++i) M = fmaxf(M, red[i]);
+  __syncthreads();  // red[] is reused below
+  float l = 0.f;
+  for (int s = c; s < n_valid; s += D) {
     const float f = exp2f(wml[2 * s] - M);
-    L += f * wml[2 * s + 1];
-    acc += f * wo[static_cast<int64_t>(s) * D + c];
+    w[s] = f;
+    l += f * wml[2 * s + 1];
   }
-  p.out[bh * D + c] = __float2bfloat16_rn(acc / L);
+  l = warp_sum(l);
+  if (lane == 0) red[warp] = l;
+  __syncthreads();  // also publishes w[]
+  float L = 0.f;
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) L += red[i];
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  int s = 0;
+  for (; s + 4 <= n_valid; s += 4) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) acc[u] += w[s + u] * wo[static_cast<int64_t>(s + u) * D + c];
+  }
+  for (; s < n_valid; ++s) acc[0] += w[s] * wo[static_cast<int64_t>(s) * D + c];
+  p.out[bh * D + c] = __float2bfloat16_rn((acc[0] + acc[1] + acc[2] + acc[3]) / L);
   if (p.lse && c == 0) p.lse[bh] = (M + log2f(L)) * 0.6931471805599453f;
 }
 
@@ -264,7 +292,18 @@ void launch_decode(const FlashDecodeParams& p, cudaStream_t stream) {
   const dim3 grid(p.n_splits, p.n_kv_heads, p.batch);
   flash_decode_split_kernel<D><<<grid, kThreadsFD, decode_smem_bytes<D>(), stream>>>(p);
   ANTKV_LAUNCH_CHECK(D == 64 ? "flash_decode_split_kernel<64>" : "flash_decode_split_kernel<128>");
-  flash_decode_reduce_kernel<D><<<dim3(p.n_heads, p.batch), D, 0, stream>>>(p);
+  // the reduction as a programmatic dependent launch (it waits in-kernel for the split kernel)
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(p.n_heads, p.batch);
+  cfg.blockDim = dim3(D);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  ANTKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, flash_decode_reduce_kernel<D>, p));
   ANTKV_LAUNCH_CHECK(D == 64 ? "flash_decode_reduce_kernel<64>" : "flash_decode_reduce_kernel<128>");
 }
 

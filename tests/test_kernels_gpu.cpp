@@ -651,7 +651,7 @@ TEST_CASE("GPU runtime: antkv-ref-18m logits, keys and greedy ids match the refe
   REQUIRE(res.logits.size() == ref_logits.size());
   const double err = test::max_rel_error(res.logits.data(), ref_logits.data(), ref_logits.size());
   WARN("antkv-ref-18m GPU (bf16) logits: max |gpu - ref| / max |ref| = " << err);
-  CHECK(err < 3e-2);
+  CHECK(err < 1e-2);  // measured 2.1e-3 on an H200
   std::vector<float> want_nll(T);
   cpu::nll_from_logits(ref_logits.data(), targets.data(), want_nll.data(), T, V);
   REQUIRE(res.nll.size() == size_t(T));
