@@ -115,8 +115,11 @@ void anchor_scores_cpu(const AnchorScoreArgs& a, float* s_k, float* s_v) {
           const float qs = q_norm(r) * scale;
           for (int j = 0; j < visible; ++j) {
             const float p = P(r, j);
-            // |v_j - o_i|^2 = |v_j|^2 - 2 v_j.o_i + |o_i|^2 (clamped: cancellation can make it slightly < 0)
-            const float dist2 = std::max(0.0f, v_norm2(j) - 2.0f * VO(r, j) + o_norm2(r));
+            // |v_j - o_i|^2 = |v_j|^2 - 2 v_j.o_i + |o_i|^2; where that cancels (o_i close to v_j, e.g. a row
+            // attending mostly to one key) the expansion's rounding dominates: compute the difference directly.
+            float dist2 = v_norm2(j) - 2.0f * VO(r, j) + o_norm2(r);
+            if (dist2 < (v_norm2(j) + o_norm2(r)) * (1.0f / 16)) dist2 = (V.row(j) - O.row(r)).squaredNorm();
+            dist2 = std::max(0.0f, dist2);
             pv[j] += p;
             pk[j] += p * qs * std::sqrt(dist2);
           }
