@@ -95,6 +95,7 @@ void CalibDumpWriter::append_layer(int layer, int n, const float* keys, const fl
 void CalibDumpWriter::finish(const CalibMeta& m) {
   h5_guard(impl_->path, [&] {
     H5::Group g = impl_->file.createGroup("meta");
+    h5::set_attr(g, "kind", std::string("antkv-calibration"));
     h5::set_attr(g, "model", m.model);
     h5::set_attr(g, "config_hash", m.config_hash);
     h5::set_attr(g, "recipe", m.recipe);
@@ -135,6 +136,8 @@ CalibDumpReader::CalibDumpReader(const std::string& path) : impl_(new Impl) {
     impl_->file = H5::H5File(path, H5F_ACC_RDONLY);
     ANTKV_CHECK(impl_->file.nameExists("meta"), "{}: no /meta group: not a complete antkv calibration dump", path);
     H5::Group g = impl_->file.openGroup("meta");
+    ANTKV_CHECK(h5::has_attr(g, "kind") && h5::get_attr_string(g, "kind", path) == "antkv-calibration",
+                "{}: not an antkv calibration dump (/meta kind is not antkv-calibration)", path);
     CalibMeta& m = impl_->meta;
     m.model = h5::get_attr_string(g, "model", path);
     m.config_hash = h5::get_attr_string(g, "config_hash", path);

@@ -1,0 +1,81 @@
+// antkv-train-codebook: token-aware weighted k-means codebooks from a calibration dump (design note §3-4).
+//   antkv-train-codebook --recipe R --calib calib.h5 --out codebooks.h5 [--set key=value ...]
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <filesystem>
+
+#include "codebook/train_codebooks.h"
+#include "core/atomic_file.h"
+#include "core/error.h"
+#include "core/interrupt.h"
+#include "model/model_config.h"
+#ifdef ANTKV_HAVE_CUDA
+#include "kernels/kmeans.h"
+#endif
+
+namespace fs = std::filesystem;
+using namespace antkv;
+
+int main(int argc, char** argv) {
+  CLI::App app{"antkv-train-codebook: weighted k-means VQ codebooks for every layer, KV head and channel group"};
+  std::string recipe_path, calib, out, report, device;
+  std::vector<std::string> sets;
+  bool force = false, quiet = false;
+  app.add_option("--recipe", recipe_path, "recipe YAML")->required();
+  app.add_option("--calib", calib, "calibration dump from antkv-calibrate")->required();
+  app.add_option("--out", out, "output codebook HDF5 file")->required();
+  app.add_option("--set", sets, "override a recipe field: key=value (repeatable), e.g. quant.bits=0.5");
+  app.add_option("--device", device, "shorthand for --set kmeans.device=cpu|cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--report", report, "summary JSON (default: <out>.report.json)");
+  app.add_flag("--force", force, "overwrite an existing output");
+  app.add_flag("--quiet,-q", quiet, "no progress line");
+  CLI11_PARSE(app, argc, argv);
+  install_interrupt_handler();
+  try {
+    if (!device.empty()) sets.push_back("kmeans.device=" + device);
+    const Recipe recipe = Recipe::load(recipe_path, sets);
+    if (report.empty()) report = out + ".report.json";
+    ANTKV_CHECK(force || !fs::exists(out), "{}: already exists (use --force to overwrite)", out);
+    ANTKV_CHECK(fs::is_regular_file(calib), "{}: calibration dump not found", calib);
+    const fs::path out_dir = fs::absolute(out).parent_path();
+    ANTKV_CHECK(fs::is_directory(out_dir), "{}: output folder {} does not exist", out, out_dir.string());
+
+    TrainCodebooksOptions o;
+    o.recipe = &recipe;
+    o.calib_path = calib;
+    if (!recipe.model.empty()) o.expected_config_hash = load_model_config(recipe.model + "/config.json").config_hash;
+    o.version = ANTKV_VERSION;
+    o.progress = !quiet;
+    if (recipe.kmeans.device == "cuda") {
+#ifdef ANTKV_HAVE_CUDA
+      o.make_trainer = [](const KMeansParams& p) { return make_kmeans_gpu(p); };
+      o.trainer_name = "antkv-gpu";
+#else
+      fail("kmeans.device = cuda: this antkv-train-codebook was built without CUDA (use --device cpu for FAISS)");
+#endif
+    }
+    AtomicFile file(out);
+    const TrainCodebooksResult res = train_codebooks(o);
+    write_codebooks(file.temp_path(), res.codebooks);
+    file.commit();
+    write_file_atomic(report, train_report_json(res) + "\n");
+
+    const auto& m = res.codebooks.meta;
+    std::printf("%s: keys c%db%d (%.3g bits), values c%db%d (%.3g bits), weighting %s, %s, %.1f s\n", out.c_str(), m.key_c,
+                m.key_b, double(m.key_b) / m.key_c, m.value_c, m.value_b, double(m.value_b) / m.value_c,
+                m.weighting.c_str(), m.trainer.c_str(), res.seconds);
+    std::printf("layer  K rel err  V rel err  K weighted  V weighted  (held-out tokens)\n");
+    for (size_t l = 0; l < res.layers.size(); ++l)
+      std::printf("%5zu  %9.4f  %9.4f  %10.4f  %10.4f  (%lld)\n", l, res.layers[l].keys.relative,
+                  res.layers[l].values.relative, res.layers[l].keys.weighted_relative,
+                  res.layers[l].values.weighted_relative, static_cast<long long>(res.layers[l].keys.tokens));
+    std::printf("report: %s\n", report.c_str());
+    return 0;
+  } catch (const Interrupted&) {
+    std::fprintf(stderr, "antkv-train-codebook: interrupted; no output written\n");
+    return 130;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "antkv-train-codebook: error: %s\n", e.what());
+    return 1;
+  }
+}

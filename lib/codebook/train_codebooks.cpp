@@ -1,0 +1,244 @@
+#include "codebook/train_codebooks.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "anchor/anchor_scores.h"
+#include "core/error.h"
+#include "core/hash.h"
+#include "core/interrupt.h"
+#include "core/progress.h"
+#include "core/system_info.h"
+#include "io/calib_dump.h"
+#include "quant/vq.h"
+
+namespace antkv {
+
+namespace {
+
+// Which rows train, which are held out, and each row's anchor flag per head.
+struct RowPlan {
+  std::vector<int64_t> train, holdout;
+  std::vector<uint8_t> anchor;  // [N, kv_heads]
+};
+
+RowPlan plan_rows(const CalibDumpReader& dump, const Recipe& r, int layer, const std::vector<int32_t>& windows) {
+  const int64_t N = dump.n_tokens();
+  const int KV = static_cast<int>(dump.meta().num_kv_heads);
+  RowPlan p;
+  p.anchor.assign(static_cast<size_t>(N) * KV, 0);
+  std::vector<float> score(static_cast<size_t>(N) * KV);
+  dump.read_scores(layer, "anchor_score", 0, N, score.data());
+  const auto positions = dump.positions();
+  // anchors per window and head: the window's rows are contiguous in the dump
+  for (int64_t a = 0; a < N;) {
+    int64_t b = a;
+    while (b < N && windows[b] == windows[a]) ++b;
+    const int T = static_cast<int>(b - a);
+    for (int h = 0; h < KV; ++h) {
+      // select_anchors forces row 0 of the slice; that is position 0 only when the sample kept it
+      for (int32_t t : select_anchors(score.data() + a * KV, T, KV, h, r.anchor.ratio))
+        if (t != 0 || positions[a] == 0) p.anchor[(a + t) * KV + h] = 1;
+      if (positions[a] == 0) p.anchor[a * KV + h] = 1;
+    }
+    a = b;
+  }
+  std::mt19937_64 rng(r.kmeans.seed * 7919 + 17);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  for (int64_t j = 0; j < N; ++j) (u(rng) < r.kmeans.holdout ? p.holdout : p.train).push_back(j);
+  if (r.kmeans.max_points > 0 && static_cast<int64_t>(p.train.size()) > r.kmeans.max_points) {
+    std::shuffle(p.train.begin(), p.train.end(), rng);
+    p.train.resize(static_cast<size_t>(r.kmeans.max_points));
+    std::sort(p.train.begin(), p.train.end());
+  }
+  return p;
+}
+
+struct Side {
+  const char* name;   // "keys" | "values"
+  int c, b;
+  const char* weight_dataset;  // S_K | S_V
+};
+
+// Trains one layer's codebooks for one side; fills cb and the held-out error report.
+void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodebooksOptions& o, int layer,
+                const RowPlan& plan, const Side& side, LayerCodebooks& cb, QuantErrorReport& rep) {
+  const int64_t N = dump.n_tokens();
+  const int KV = static_cast<int>(dump.meta().num_kv_heads), d = static_cast<int>(dump.meta().head_dim);
+  const int c = side.c, groups = d / c, k = 1 << side.b;
+  std::vector<float> x(static_cast<size_t>(N) * KV * d), w(static_cast<size_t>(N) * KV);
+  if (std::string(side.name) == "keys") dump.read_keys(layer, 0, N, x.data());
+  else dump.read_values(layer, 0, N, x.data());
+  dump.read_scores(layer, side.weight_dataset, 0, N, w.data());
+  for (float v : x)
+    ANTKV_CHECK(std::isfinite(v), "{}: layer {} {} contain NaN or Inf", dump.path(), layer, side.name);
+
+  const bool weighted = r.kmeans.weighting == "anchor";
+  // per-head token weights over the training rows, normalized to mean 1 over the rows that train
+  const int64_t n = static_cast<int64_t>(plan.train.size());
+  std::vector<float> tw(static_cast<size_t>(KV) * n);
+  for (int h = 0; h < KV; ++h) {
+    double sum = 0;
+    int64_t cnt = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t j = plan.train[i];
+      const bool excluded = r.kmeans.exclude_anchors && plan.anchor[j * KV + h];
+      const float v = excluded ? 0.0f : (weighted ? w[j * KV + h] : 1.0f);
+      tw[h * n + i] = v;
+      if (v > 0) sum += v, ++cnt;
+    }
+    const double mean = cnt ? sum / cnt : 1.0;
+    for (int64_t i = 0; i < n; ++i) tw[h * n + i] = static_cast<float>(tw[h * n + i] / (mean > 0 ? mean : 1.0));
+  }
+  // the batch: codebook (h, g) -> points x[train rows, h, g*c : (g+1)*c]
+  const int B = KV * groups;
+  std::vector<float> bx(static_cast<size_t>(B) * n * c), bw(static_cast<size_t>(B) * n);
+  for (int h = 0; h < KV; ++h)
+    for (int g = 0; g < groups; ++g) {
+      const int64_t cbi = static_cast<int64_t>(h) * groups + g;
+      for (int64_t i = 0; i < n; ++i) {
+        const float* src = x.data() + (plan.train[i] * KV + h) * d + static_cast<int64_t>(g) * c;
+        std::copy_n(src, c, bx.data() + (cbi * n + i) * c);
+        bw[cbi * n + i] = tw[h * n + i];
+      }
+    }
+  KMeansParams kp;
+  kp.k = k;
+  kp.iters = r.kmeans.iters;
+  kp.tol = r.kmeans.tol;
+  kp.seed = r.kmeans.seed + static_cast<uint64_t>(layer) * 1000 + (std::string(side.name) == "keys" ? 0 : 500);
+  KMeansBatch batch;
+  batch.n_codebooks = B;
+  batch.n_points = n;
+  batch.dim = c;
+  batch.x = bx.data();
+  batch.weights = bw.data();
+  const std::string what = fmt::format("{}: layer {} {} (c={}, 2^b={})", dump.path(), layer, side.name, c, k);
+  validate_kmeans_batch(batch, k, what);
+  auto trainer = o.make_trainer ? o.make_trainer(kp) : make_kmeans_cpu(kp);
+  KMeansResult res = trainer->train(batch);
+  cb.centroids = std::move(res.centroids);
+  cb.objective = res.objective;
+  cb.iterations.assign(res.iterations.begin(), res.iterations.end());
+  cb.reseeded = res.reseeded;
+
+  // held-out error (all held-out rows, anchors included: they are what a cache would see)
+  cb.error_norm.assign(static_cast<size_t>(KV), 0.0f);
+  double err = 0, norm = 0, werr = 0, wnorm = 0;
+  std::vector<float> xr(static_cast<size_t>(d));
+  for (int h = 0; h < KV; ++h) {
+    VqHeadCodebooks hc{cb.centroids.data() + static_cast<int64_t>(h) * groups * k * c, groups, k, c};
+    double en = 0;
+    for (int64_t j : plan.holdout) {
+      const float* xj = x.data() + (j * KV + h) * d;
+      vq_quantize(hc, xj, 1, d, xr.data());
+      double e = 0, s = 0;
+      for (int t = 0; t < d; ++t) e += (xj[t] - xr[t]) * double(xj[t] - xr[t]), s += xj[t] * double(xj[t]);
+      const double wj = w[j * KV + h];  // the sensitivity weights, whatever the training weighting
+      err += e, norm += s, werr += wj * e, wnorm += wj * s;
+      en += std::sqrt(e);
+      rep.mse += e / d;
+    }
+    cb.error_norm[h] = plan.holdout.empty() ? 0.0f : static_cast<float>(en / plan.holdout.size());
+  }
+  rep.tokens = static_cast<int64_t>(plan.holdout.size());
+  const double cnt = static_cast<double>(plan.holdout.size()) * KV;
+  rep.mse = cnt > 0 ? rep.mse / cnt : 0;
+  rep.relative = norm > 0 ? err / norm : 0;
+  rep.weighted_relative = wnorm > 0 ? werr / wnorm : 0;
+}
+
+}  // namespace
+
+TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
+  ANTKV_CHECK(o.recipe, "train_codebooks: no recipe");
+  const Recipe& r = *o.recipe;
+  CalibDumpReader dump(o.calib_path);
+  const CalibMeta& m = dump.meta();
+  ANTKV_CHECK(o.expected_config_hash.empty() || m.config_hash == o.expected_config_hash,
+              "{}: the calibration dump was made with another model (config hash {} in the dump, {} for {})",
+              o.calib_path, m.config_hash, o.expected_config_hash, r.model);
+  ANTKV_CHECK(m.key_rope == r.key_rope,
+              "{}: the dump holds {}-RoPE keys but the recipe asks key_rope: {} (recalibrate or change the recipe)",
+              o.calib_path, m.key_rope, r.key_rope);
+  for (auto [key, q] : {std::pair<const char*, VqConfig>{"quant.keys", r.quant.keys}, {"quant.values", r.quant.values}})
+    ANTKV_CHECK(m.head_dim % q.c == 0, "{}: {}.c = {} does not divide head_dim {}", r.source.empty() ? "recipe" : r.source,
+                key, q.c, m.head_dim);
+
+  TrainCodebooksResult out;
+  CodebookMeta& cm = out.codebooks.meta;
+  cm.config_hash = m.config_hash;
+  cm.calib_hash = hash_file(o.calib_path);
+  cm.recipe = r.to_yaml();
+  cm.key_rope = r.key_rope;
+  cm.weighting = r.kmeans.weighting;
+  cm.trainer = o.trainer_name;
+  cm.version = o.version;
+  cm.created = utc_timestamp();
+  cm.key_c = r.quant.keys.c;
+  cm.key_b = r.quant.keys.b;
+  cm.value_c = r.quant.values.c;
+  cm.value_b = r.quant.values.b;
+  cm.num_layers = static_cast<int>(m.num_layers);
+  cm.num_kv_heads = static_cast<int>(m.num_kv_heads);
+  cm.head_dim = static_cast<int>(m.head_dim);
+  out.codebooks.keys.resize(cm.num_layers);
+  out.codebooks.values.resize(cm.num_layers);
+  out.layers.resize(cm.num_layers);
+
+  const auto windows = dump.windows();
+  Progress progress("train-codebook", cm.num_layers, "layers", o.progress);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int l = 0; l < cm.num_layers; ++l) {
+    check_interrupted();
+    const auto tl = std::chrono::steady_clock::now();
+    const RowPlan plan = plan_rows(dump, r, l, windows);
+    train_side(dump, r, o, l, plan, {"keys", r.quant.keys.c, r.quant.keys.b, "S_K"}, out.codebooks.keys[l], out.layers[l].keys);
+    train_side(dump, r, o, l, plan, {"values", r.quant.values.c, r.quant.values.b, "S_V"}, out.codebooks.values[l],
+               out.layers[l].values);
+    out.layers[l].seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - tl).count();
+    progress.advance(1, fmt::format("layer {}: K rel err {:.4f}, V rel err {:.4f}", l, out.layers[l].keys.relative,
+                                    out.layers[l].values.relative));
+  }
+  progress.finish();
+  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return out;
+}
+
+std::string train_report_json(const TrainCodebooksResult& r) {
+  using json = nlohmann::json;
+  const CodebookMeta& m = r.codebooks.meta;
+  json j;
+  j["config"] = {{"key_c", m.key_c}, {"key_b", m.key_b}, {"value_c", m.value_c}, {"value_b", m.value_b},
+                 {"key_bits", double(m.key_b) / m.key_c}, {"value_bits", double(m.value_b) / m.value_c},
+                 {"weighting", m.weighting}, {"key_rope", m.key_rope}, {"trainer", m.trainer}};
+  j["seconds"] = r.seconds;
+  json layers = json::array();
+  for (size_t l = 0; l < r.layers.size(); ++l) {
+    json L;
+    L["layer"] = l;
+    L["seconds"] = r.layers[l].seconds;
+    for (int kind = 0; kind < 2; ++kind) {
+      const auto& rep = kind == 0 ? r.layers[l].keys : r.layers[l].values;
+      const auto& cb = kind == 0 ? r.codebooks.keys[l] : r.codebooks.values[l];
+      json s;
+      s["heldout_tokens"] = rep.tokens;
+      s["heldout_mse"] = rep.mse;
+      s["heldout_relative_error"] = rep.relative;
+      s["heldout_weighted_relative_error"] = rep.weighted_relative;
+      s["error_norm_per_head"] = cb.error_norm;
+      s["objective_per_codebook"] = cb.objective;
+      s["iterations_per_codebook"] = cb.iterations;
+      s["reseeded_per_codebook"] = cb.reseeded;
+      L[kind == 0 ? "keys" : "values"] = s;
+    }
+    layers.push_back(L);
+  }
+  j["layers"] = layers;
+  return j.dump(1);
+}
+
+}  // namespace antkv

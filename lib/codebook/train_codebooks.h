@@ -1,0 +1,50 @@
+// antkv-train-codebook's pipeline: for every layer, KV head and channel group, a codebook of 2^b
+// centroids in R^c for keys and for values (design note §3-4), trained by weighted k-means on a
+// calibration dump: keys weighted by S_K, values by S_V (each normalized to mean 1 per layer and head),
+// anchor tokens (top ratio of each window by anchor score, and position 0) left out when asked.
+#pragma once
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/codebooks.h"
+#include "kmeans/kmeans.h"
+#include "recipe/recipe.h"
+
+namespace antkv {
+
+using KMeansFactory = std::function<std::unique_ptr<KMeansTrainer>(const KMeansParams&)>;
+
+struct QuantErrorReport {
+  double mse = 0;            // mean over held-out tokens and heads of |x - x_hat|^2 / d
+  double relative = 0;       // sum |x - x_hat|^2 / sum |x|^2
+  double weighted_relative = 0;  // the same weighted by the sensitivities S_K (keys) or S_V (values)
+  int64_t tokens = 0;
+};
+
+struct LayerTrainReport {
+  QuantErrorReport keys, values;
+  double seconds = 0;
+};
+
+struct TrainCodebooksOptions {
+  const Recipe* recipe = nullptr;
+  std::string calib_path;
+  std::string expected_config_hash;  // the recipe model's; a dump of another model is an error
+  KMeansFactory make_trainer;        // default: make_kmeans_cpu
+  std::string trainer_name = "faiss-cpu";
+  std::string version;
+  bool progress = true;
+};
+
+struct TrainCodebooksResult {
+  CodebookSet codebooks;
+  std::vector<LayerTrainReport> layers;
+  double seconds = 0;
+};
+
+TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& opts);
+std::string train_report_json(const TrainCodebooksResult& r);
+
+}  // namespace antkv

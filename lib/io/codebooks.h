@@ -1,0 +1,41 @@
+// Codebook files (design note §7), HDF5:
+//   /meta   attributes: config_hash, calib_hash, recipe (YAML), key_rope, weighting, key_c, key_b,
+//           value_c, value_b, num_layers, num_kv_heads, head_dim, trainer, version, created
+//   /layer_{l}/key_centroids    [kv_heads, d/c, 2^b, c] fp32   (value_centroids likewise, with the value c, b)
+//   /layer_{l}/key_objective    [kv_heads, d/c] fp64   final weighted k-means objective per codebook
+//   /layer_{l}/key_iterations   [kv_heads, d/c] int32, /key_reseeded [kv_heads, d/c] int64
+//   /layer_{l}/key_error_norm   [kv_heads] fp32   mean |k - k_hat| on held-out tokens (e_K of §2)
+//   (value_* likewise)
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace antkv {
+
+struct CodebookMeta {
+  std::string config_hash, calib_hash, recipe, key_rope, weighting, trainer, version, created;
+  int key_c = 0, key_b = 0, value_c = 0, value_b = 0;
+  int num_layers = 0, num_kv_heads = 0, head_dim = 0;
+};
+
+// One layer's codebooks for keys or values.
+struct LayerCodebooks {
+  std::vector<float> centroids;   // [kv_heads, d/c, 2^b, c]
+  std::vector<double> objective;  // [kv_heads, d/c]
+  std::vector<int32_t> iterations;
+  std::vector<int64_t> reseeded;
+  std::vector<float> error_norm;  // [kv_heads]
+};
+
+struct CodebookSet {
+  CodebookMeta meta;
+  std::vector<LayerCodebooks> keys, values;  // [num_layers]
+  int key_groups() const { return meta.head_dim / meta.key_c; }
+  int value_groups() const { return meta.head_dim / meta.value_c; }
+};
+
+void write_codebooks(const std::string& path, const CodebookSet& set);  // path: caller renames into place
+CodebookSet read_codebooks(const std::string& path);                    // validates shapes
+
+}  // namespace antkv

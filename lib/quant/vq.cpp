@@ -1,0 +1,49 @@
+#include "quant/vq.h"
+
+#include <cstddef>
+#include <limits>
+#include <vector>
+
+namespace antkv {
+
+namespace {
+inline int32_t nearest(const float* x, const float* cents, int k, int c) {
+  float best = std::numeric_limits<float>::infinity();
+  int32_t arg = 0;
+  for (int q = 0; q < k; ++q) {
+    const float* cq = cents + static_cast<int64_t>(q) * c;
+    float d = 0;
+    for (int t = 0; t < c; ++t) {
+      const float diff = x[t] - cq[t];
+      d += diff * diff;
+    }
+    if (d < best) best = d, arg = q;  // ties: lowest index, as the k-means assignment
+  }
+  return arg;
+}
+}  // namespace
+
+void vq_encode(const VqHeadCodebooks& cb, const float* x, int64_t n, int64_t stride, int32_t* codes) {
+#pragma omp parallel for schedule(static) if (n * cb.groups * cb.k > 65536)
+  for (int64_t r = 0; r < n; ++r)
+    for (int g = 0; g < cb.groups; ++g)
+      codes[r * cb.groups + g] =
+          nearest(x + r * stride + static_cast<int64_t>(g) * cb.c, cb.centroids + static_cast<int64_t>(g) * cb.k * cb.c, cb.k, cb.c);
+}
+
+void vq_decode(const VqHeadCodebooks& cb, const int32_t* codes, int64_t n, int64_t stride, float* out) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int g = 0; g < cb.groups; ++g) {
+      const float* src = cb.centroids + (static_cast<int64_t>(g) * cb.k + codes[r * cb.groups + g]) * cb.c;
+      float* dst = out + r * stride + static_cast<int64_t>(g) * cb.c;
+      for (int t = 0; t < cb.c; ++t) dst[t] = src[t];
+    }
+}
+
+void vq_quantize(const VqHeadCodebooks& cb, const float* x, int64_t n, int64_t stride, float* out) {
+  std::vector<int32_t> codes(static_cast<size_t>(n) * cb.groups);
+  vq_encode(cb, x, n, stride, codes.data());
+  vq_decode(cb, codes.data(), n, stride, out);
+}
+
+}  // namespace antkv

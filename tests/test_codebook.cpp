@@ -1,0 +1,143 @@
+// antkv-train-codebook's pipeline on synthetic dumps (fast, every CI run) and on a real small dump.
+#include <cmath>
+#include <filesystem>
+#include <random>
+
+#include "codebook/train_codebooks.h"
+#include "core/atomic_file.h"
+#include "io/calib_dump.h"
+#include "io/codebooks.h"
+#include "quant/vq.h"
+#include "test_support.h"
+
+using namespace antkv;
+using Catch::Matchers::Contains;
+
+namespace {
+// A dump of one or two layers with random K/V (channels of different scales), scores from a
+// Pareto-like distribution, windows of 100 tokens.
+std::string synthetic_dump(int n, int layers, int kv, int d, float nan_at = -1, bool correlated = false) {
+  const std::string path = test::temp_dir() + "/synthetic.h5";
+  CalibDumpWriter w(path, layers, kv, d);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0, 1);
+  std::uniform_real_distribution<float> ud(0.01f, 1);
+  std::vector<int32_t> toks(n), pos(n), win(n);
+  for (int i = 0; i < n; ++i) toks[i] = i % 50, pos[i] = i % 100, win[i] = i / 100;
+  w.append_tokens(n, toks.data(), pos.data(), win.data());
+  for (int l = 0; l < layers; ++l) {
+    std::vector<float> k(size_t(n) * kv * d), v(k.size()), sk(size_t(n) * kv), sv(sk.size()), an(sk.size());
+    for (size_t i = 0; i < k.size(); ++i) k[i] = nd(rng) * (1 + (i % d) * 0.2f), v[i] = nd(rng);
+    for (size_t i = 0; i < sk.size(); ++i) sk[i] = 1 / ud(rng), sv[i] = 1 / ud(rng), an[i] = sk[i] + sv[i];
+    if (correlated)  // sensitive tokens live in one region of key space: channel 0 > 1
+      for (size_t i = 0; i < sk.size(); ++i) sk[i] = k[i * d] > 1 ? 50.0f : 1.0f;
+    if (nan_at >= 0) k[static_cast<size_t>(nan_at)] = NAN;
+    w.append_layer(l, n, k.data(), v.data(), sk.data(), sv.data(), an.data());
+  }
+  CalibMeta m;
+  m.config_hash = "synthetic";
+  m.key_rope = "post";
+  m.tokens = n;
+  m.num_layers = layers;
+  m.num_kv_heads = kv;
+  m.head_dim = d;
+  w.finish(m);
+  return path;
+}
+
+TrainCodebooksResult train(const std::string& dump, const std::vector<std::string>& sets) {
+  std::vector<std::string> all = {"kmeans.device=cpu", "kmeans.iters=8"};
+  all.insert(all.end(), sets.begin(), sets.end());
+  const Recipe r = Recipe::defaults_with(all);
+  TrainCodebooksOptions o;
+  o.recipe = &r;
+  o.calib_path = dump;
+  o.progress = false;
+  return train_codebooks(o);
+}
+}  // namespace
+
+TEST_CASE("train-codebook: codebooks per layer, head and group; file round trip; more bits, less error",
+          "[codebook]") {
+  const std::string dump = synthetic_dump(2000, 2, 2, 16);
+  const auto r4 = train(dump, {"quant.keys.c=4", "quant.keys.b=4", "quant.values.c=8", "quant.values.b=5"});
+  const auto& cb = r4.codebooks;
+  REQUIRE(cb.keys.size() == 2);
+  CHECK(cb.keys[0].centroids.size() == 2 * 4 * 16 * 4);    // [kv, d/c, 2^b, c]
+  CHECK(cb.values[1].centroids.size() == 2 * 2 * 32 * 8);
+  CHECK(cb.keys[0].objective.size() == 8);
+  CHECK(r4.layers[0].keys.tokens > 0);                       // 5% held out
+  CHECK(r4.layers[0].keys.relative > 0);
+  CHECK(r4.layers[0].keys.relative < 1);
+
+  const std::string path = test::temp_dir() + "/cb.h5";
+  write_codebooks(path, cb);
+  const CodebookSet back = read_codebooks(path);
+  CHECK(back.meta.key_c == 4);
+  CHECK(back.meta.value_b == 5);
+  CHECK(back.meta.config_hash == "synthetic");
+  CHECK(back.keys[1].centroids == cb.keys[1].centroids);
+  CHECK(back.values[0].objective == cb.values[0].objective);
+  CHECK(back.keys[0].error_norm == cb.keys[0].error_norm);
+
+  // 2 bits per channel (c4b8... here c4b6) vs 1 bit (c4b4): the held-out error must drop
+  const auto r6 = train(dump, {"quant.keys.c=4", "quant.keys.b=6", "quant.values.c=8", "quant.values.b=5"});
+  CHECK(r6.layers[0].keys.relative < r4.layers[0].keys.relative);
+  // the codebooks quantize the dump's keys to the reported error
+  CHECK(r4.codebooks.keys[0].error_norm[0] > 0);
+}
+
+TEST_CASE("train-codebook: weighting none vs anchor weights; anchors excluded get weight 0", "[codebook]") {
+  const std::string dump = synthetic_dump(3000, 1, 1, 8, -1, /*correlated=*/true);
+  const std::vector<std::string> cfg = {"quant.keys.c=8", "quant.keys.b=5", "kmeans.exclude_anchors=false"};
+  auto with = [&](const char* w) { auto v = cfg; v.push_back(std::string("kmeans.weighting=") + w); return v; };
+  const auto weighted = train(dump, with("anchor"));
+  const auto plain = train(dump, with("none"));
+  // centroids follow the heavy tokens: lower held-out error where it is weighted, higher elsewhere
+  INFO("weighted training: " << weighted.layers[0].keys.weighted_relative << " / " << weighted.layers[0].keys.relative
+       << "; plain: " << plain.layers[0].keys.weighted_relative << " / " << plain.layers[0].keys.relative);
+  CHECK(weighted.layers[0].keys.weighted_relative < plain.layers[0].keys.weighted_relative);
+  CHECK(weighted.layers[0].keys.relative > plain.layers[0].keys.relative);
+  CHECK(weighted.codebooks.meta.weighting == "anchor");
+  CHECK(plain.codebooks.meta.weighting == "none");
+}
+
+TEST_CASE("train-codebook: bad inputs are clear errors", "[codebook]") {
+  const std::string dump = synthetic_dump(600, 1, 2, 16);
+  // c must divide head_dim
+  CHECK_THROWS_WITH(train(dump, {"quant.keys.c=3"}), Contains("quant.keys.c = 3") && Contains("head_dim 16"));
+  // fewer points than centroids: 2^12 centroids, 600 tokens
+  CHECK_THROWS_WITH(train(dump, {"quant.keys.c=8", "quant.keys.b=12"}), Contains("fewer than its 4096 centroids"));
+  // a dump of another model
+  {
+    const Recipe r = Recipe::defaults_with({"kmeans.device=cpu"});
+    TrainCodebooksOptions o;
+    o.recipe = &r;
+    o.calib_path = dump;
+    o.expected_config_hash = "0123";
+    o.progress = false;
+    CHECK_THROWS_WITH(train_codebooks(o), Contains("another model") && Contains("synthetic.h5"));
+  }
+  // pre-RoPE codebooks from a post-RoPE dump
+  CHECK_THROWS_WITH(train(dump, {"key_rope=pre"}), Contains("post-RoPE") && Contains("key_rope: pre"));
+  // NaN in the activations
+  const std::string bad = synthetic_dump(600, 1, 2, 16, 77);
+  CHECK_THROWS_WITH(train(bad, {"quant.keys.c=8", "quant.keys.b=4", "quant.values.c=8", "quant.values.b=4"}),
+                    Contains("NaN"));
+  CHECK_THROWS_WITH(read_codebooks(dump), Contains("not an antkv codebook file"));
+}
+
+TEST_CASE("VQ encode/decode: nearest centroid per group, exact round trip of centroids", "[codebook]") {
+  // 2 groups of c=2, k=3
+  const std::vector<float> cents = {0, 0, 1, 1, -1, 2, /* group 1 */ 5, 5, 0, 0, 3, -3};
+  VqHeadCodebooks cb{cents.data(), 2, 3, 2};
+  const std::vector<float> x = {0.9f, 1.2f, 2.9f, -2.5f, /* row 1 */ -0.8f, 1.9f, 0.1f, 0.1f};
+  std::vector<int32_t> codes(4);
+  vq_encode(cb, x.data(), 2, 4, codes.data());
+  CHECK(codes == std::vector<int32_t>{1, 2, 2, 1});
+  std::vector<float> out(8);
+  vq_decode(cb, codes.data(), 2, 4, out.data());
+  CHECK(out == std::vector<float>{1, 1, 3, -3, -1, 2, 0, 0});
+  vq_quantize(cb, out.data(), 2, 4, out.data());  // centroids quantize to themselves
+  CHECK(out == std::vector<float>{1, 1, 3, -3, -1, 2, 0, 0});
+}
