@@ -1,6 +1,9 @@
-// antkv-eval: perplexity with a chosen KV cache on a Hugging Face LLaMA-family checkpoint (CPU or CUDA).
+// antkv-eval: evaluation of LLaMA-family checkpoints with full-precision and quantized KV caches.
 //   antkv-eval ppl --model DIR --text FILE [--seq-len 2048] [--protocol bos_window|single_bos]
-//                  [--max-windows N] [--device cpu|cuda] [--json out.json]
+//                  [--max-windows N] [--device cpu|cuda] [--json out.json]       one model, FP16 cache
+//   antkv-eval ppl --recipe R [--set key=value ...]       every method of the recipe on every text (table)
+//   antkv-eval run --recipe R                              calibrate -> train codebooks -> ppl table
+//   antkv-eval bench --shape llama3-8b | --model DIR      decode attention and end-to-end decode (CUDA)
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <filesystem>
@@ -12,12 +15,17 @@
 #include "core/hash.h"
 #include "core/interrupt.h"
 #include "core/system_info.h"
+#include "eval/compare.h"
 #include "eval/perplexity.h"
 #include "model/checkpoint.h"
 #include "runtime/cpu_runtime.h"
 #include "tokenizer/tokenizer.h"
 #ifdef ANTKV_HAVE_CUDA
+#include "kernels/anchor_scores.h"
+#include "kernels/bench.h"
 #include "kernels/gpu_runtime.h"
+#include "kernels/gpu_kv_quant.h"
+#include "kernels/kmeans.h"
 #endif
 
 namespace fs = std::filesystem;
@@ -108,6 +116,159 @@ int run_ppl(const PplArgs& a) {
   return 0;
 }
 
+struct RecipeArgs {
+  std::string recipe, out, codebooks;
+  std::vector<std::string> sets;
+  int threads = 0;
+  bool quiet = false, force = false;
+};
+
+MethodRuntimeFactory method_factory(const Checkpoint& ckpt, const Recipe& r, int threads) {
+  if (r.eval.device == "cpu") return cpu_method_runtime_factory(ckpt, threads);
+#ifdef ANTKV_HAVE_CUDA
+  return gpu_method_runtime_factory(ckpt);
+#else
+  fail("eval.device = cuda: this antkv-eval was built without CUDA");
+#endif
+}
+
+void write_results(const std::vector<MethodResult>& res, const Recipe& r, const std::string& out_dir,
+                   const std::string& device) {
+  fs::create_directories(out_dir);
+  const std::string table = results_table(res);
+  std::printf("%s", table.c_str());
+  write_file_atomic((fs::path(out_dir) / "results.json").string(), results_json(res, r, device) + "\n");
+  write_file_atomic((fs::path(out_dir) / "results.csv").string(), results_csv(res));
+  write_file_atomic((fs::path(out_dir) / "results.txt").string(), table);
+  std::printf("results: %s/results.{json,csv,txt}\n", out_dir.c_str());
+}
+
+int run_recipe_ppl(const RecipeArgs& a) {
+  const Recipe r = Recipe::load(a.recipe, a.sets);
+  Checkpoint ckpt = Checkpoint::open(r.model);
+  Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  CompareOptions o;
+  o.recipe = &r;
+  o.codebook_dir = !a.codebooks.empty() ? a.codebooks : (fs::path(r.out_dir) / "codebooks").string();
+  o.make_runtime = method_factory(ckpt, r, a.threads);
+  o.progress = !a.quiet;
+  const auto res = compare_methods(tok, o);
+  write_results(res, r, a.out.empty() ? r.out_dir : a.out, r.eval.device);
+  return 0;
+}
+
+int run_pipeline_cmd(const RecipeArgs& a) {
+  const Recipe r = Recipe::load(a.recipe, a.sets);
+  Checkpoint ckpt = Checkpoint::open(r.model);
+  Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  PipelineOptions o;
+  o.recipe = &r;
+  o.ckpt = &ckpt;
+  o.tok = &tok;
+  o.progress = !a.quiet;
+  o.force = a.force;
+  o.make_method_runtime = method_factory(ckpt, r, a.threads);
+  const bool cal_gpu = r.calibration.device == "cuda", km_gpu = r.kmeans.device == "cuda";
+#ifdef ANTKV_HAVE_CUDA
+  if (cal_gpu) {
+    o.make_calibration_runtime = [&ckpt]() { return make_gpu_runtime(ckpt); };
+    o.anchor_fn = gpu_anchor_score_fn();
+  }
+  if (km_gpu) {
+    o.make_trainer = [](const KMeansParams& p) { return make_kmeans_gpu(p); };
+    o.trainer_name = "antkv-gpu";
+  }
+#else
+  ANTKV_CHECK(!cal_gpu && !km_gpu, "{}: calibration.device / kmeans.device = cuda, but this antkv-eval was built "
+              "without CUDA (use --set calibration.device=cpu --set kmeans.device=cpu)", a.recipe);
+#endif
+  if (!cal_gpu) {
+    o.make_calibration_runtime = [&ckpt, &a]() -> std::unique_ptr<Runtime> {
+      CpuRuntimeOptions co;
+      co.threads = a.threads;
+      co.kv_dtype = KvDType::kF32;
+      return std::make_unique<CpuRuntime>(ckpt, co);
+    };
+  }
+  const auto res = run_pipeline(o);
+  write_results(res, r, a.out.empty() ? r.out_dir : a.out, r.eval.device);
+  return 0;
+}
+
+struct BenchArgs {
+  std::string shape = "llama3-8b", model, json_out;
+  std::vector<int> batches = {1, 16}, contexts = {32768, 131072};
+  int iters = 20;
+  bool no_e2e = false;
+};
+
+ModelConfig shape_config(const std::string& shape) {
+  ModelConfig c;
+  c.model_type = "llama";
+  c.hidden_size = 4096;
+  c.num_layers = 32;
+  c.num_heads = 32;
+  c.head_dim = 128;
+  c.rms_norm_eps = 1e-5;
+  c.max_position_embeddings = 1 << 20;
+  if (shape == "llama3-8b") {
+    c.num_kv_heads = 8, c.intermediate_size = 14336, c.vocab_size = 128256, c.rope_theta = 500000;
+  } else if (shape == "mistral-7b") {
+    c.model_type = "mistral", c.num_kv_heads = 8, c.intermediate_size = 14336, c.vocab_size = 32000, c.rope_theta = 1e6;
+  } else if (shape == "llama2-7b") {
+    c.num_kv_heads = 32, c.intermediate_size = 11008, c.vocab_size = 32000, c.rope_theta = 10000;
+  } else {
+    fail("unknown --shape \"{}\" (llama3-8b, mistral-7b, llama2-7b)", shape);
+  }
+  c.config_hash = "synthetic-" + shape;
+  return c;
+}
+
+int run_bench(const BenchArgs& a) {
+#ifdef ANTKV_HAVE_CUDA
+  const ModelConfig cfg = a.model.empty() ? shape_config(a.shape) : load_model_config(a.model + "/config.json");
+  cuda::KernelBenchOptions o;
+  o.decode_batches = a.batches;
+  o.decode_contexts = a.contexts;
+  o.n_heads = cfg.num_heads;
+  o.n_kv_heads = cfg.num_kv_heads;
+  o.head_dim = cfg.head_dim;
+  o.e2e_config = cfg;
+  o.iters = a.iters;
+  o.e2e_points.clear();
+  if (!a.no_e2e)
+    for (int b : a.batches)
+      for (int c : a.contexts) o.e2e_points.emplace_back(b, c);
+  const auto r = cuda::run_kernel_bench(o, [](const std::string& s) { std::fprintf(stderr, "%s\n", s.c_str()); });
+  std::printf("shape: %s (weights random; decode time does not depend on their values)\n%s",
+              a.model.empty() ? a.shape.c_str() : a.model.c_str(), cuda::format_kernel_bench(r).c_str());
+  if (!a.json_out.empty()) {
+    nlohmann::json j;
+    j["tool"] = "antkv-eval bench";
+    j["version"] = ANTKV_VERSION;
+    j["shape"] = a.model.empty() ? a.shape : a.model;
+    j["device"] = r.device;
+    j["copy_gbps"] = r.copy_gbps;
+    for (const auto& p : r.decode)
+      j["decode_attention"].push_back({{"batch", p.batch}, {"context", p.context}, {"waves", p.waves},
+                                       {"ms_per_step", p.ms_per_step}, {"bytes", p.bytes}, {"gbps", p.gbps},
+                                       {"frac_of_copy_bw", p.frac_of_copy}});
+    for (const auto& p : r.prefill)
+      j["prefill_attention"].push_back({{"tokens", p.n_tokens}, {"ms", p.ms}, {"tflops", p.tflops}});
+    for (const auto& p : r.e2e)
+      j["e2e_decode"].push_back({{"batch", p.batch}, {"context", p.context}, {"ran", p.ran}, {"note", p.note},
+                                 {"ms_per_step", p.ms_per_step}, {"tokens_per_s", p.tokens_per_s},
+                                 {"bytes_per_step", p.bytes_per_step}, {"roofline_tokens_per_s", p.roofline_tokens_per_s},
+                                 {"frac_of_roofline", p.frac_of_roofline}});
+    write_file_atomic(a.json_out, j.dump(1) + "\n");
+  }
+  return 0;
+#else
+  (void)a;
+  fail("bench: this antkv-eval was built without CUDA");
+#endif
+}
+
 }  // namespace
 }  // namespace antkv
 
@@ -116,10 +277,14 @@ int main(int argc, char** argv) {
   CLI::App app{"antkv-eval: evaluate LLaMA-family models with full-precision and quantized KV caches"};
   app.require_subcommand(1);
   PplArgs p;
-  auto* ppl = app.add_subcommand("ppl", "perplexity of a checkpoint on a text, by the windows of design note §5");
-  ppl->add_option("--model", p.model, "Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer.json)")
-      ->required();
-  ppl->add_option("--text", p.text, "UTF-8 text file to evaluate")->required();
+  RecipeArgs ra;
+  auto* ppl = app.add_subcommand("ppl", "perplexity of a checkpoint on a text (FP16 cache), or of every method of a recipe");
+  ppl->add_option("--model", p.model, "Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer.json)");
+  ppl->add_option("--text", p.text, "UTF-8 text file to evaluate");
+  auto* ppl_recipe = ppl->add_option("--recipe", ra.recipe, "evaluate every method of eval.methods on every eval.texts");
+  ppl->add_option("--set", ra.sets, "override a recipe field: key=value (repeatable)")->needs(ppl_recipe);
+  ppl->add_option("--codebooks", ra.codebooks, "folder of codebook files (default <out_dir>/codebooks)")->needs(ppl_recipe);
+  ppl->add_option("--out", ra.out, "folder for results.{json,csv,txt} (default the recipe's out_dir)")->needs(ppl_recipe);
   ppl->add_option("--seq-len", p.seq_len, "window length in tokens")->capture_default_str()->check(CLI::Range(2, 1 << 24));
   ppl->add_flag("--window-bos,!--no-window-bos", p.window_bos,
                 "bos_window protocol (BOS + seq_len-1 text tokens per window; default) or single_bos");
@@ -134,6 +299,23 @@ int main(int argc, char** argv) {
   ppl->add_option("--json", p.json_out, "write the result (with per-window NLL) to this JSON file");
   ppl->add_flag("--quiet,-q", p.quiet, "no progress line");
 
+  auto* run = app.add_subcommand("run", "the whole pipeline: calibrate -> train-codebook -> ppl, reusing matching outputs");
+  run->add_option("--recipe", ra.recipe, "recipe YAML")->required();
+  run->add_option("--set", ra.sets, "override a recipe field: key=value (repeatable)");
+  run->add_option("--out", ra.out, "folder for results (default the recipe's out_dir)");
+  run->add_option("--threads", ra.threads, "CPU threads (0 = all cores)");
+  run->add_flag("--force", ra.force, "redo every stage");
+  run->add_flag("--quiet,-q", ra.quiet, "no progress lines");
+
+  BenchArgs ba;
+  auto* bench = app.add_subcommand("bench", "decode benchmark on the GPU: attention kernels and end-to-end decode vs roofline");
+  bench->add_option("--shape", ba.shape, "named synthetic shape: llama3-8b, mistral-7b, llama2-7b")->capture_default_str();
+  bench->add_option("--model", ba.model, "a checkpoint directory whose shapes to use instead");
+  bench->add_option("--batch", ba.batches, "batch sizes")->capture_default_str();
+  bench->add_option("--context", ba.contexts, "context lengths")->capture_default_str();
+  bench->add_option("--iters", ba.iters, "timed iterations")->capture_default_str();
+  bench->add_flag("--no-e2e", ba.no_e2e, "attention kernels only");
+  bench->add_option("--json", ba.json_out, "write the figures as JSON");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -141,7 +323,15 @@ int main(int argc, char** argv) {
   }
   install_interrupt_handler();
   try {
-    if (*ppl) return run_ppl(p);
+    if (*ppl) {
+      ra.threads = p.threads;
+      ra.quiet = p.quiet;
+      if (!ra.recipe.empty()) return run_recipe_ppl(ra);
+      ANTKV_CHECK(!p.model.empty() && !p.text.empty(), "ppl: give --model and --text, or --recipe");
+      return run_ppl(p);
+    }
+    if (*run) return run_pipeline_cmd(ra);
+    if (*bench) return run_bench(ba);
   } catch (const Interrupted&) {
     std::fprintf(stderr, "antkv-eval: interrupted; no output written\n");
     return 130;

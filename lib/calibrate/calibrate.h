@@ -48,6 +48,7 @@ struct CalibrationOptions {
   std::string out_path;          // the (temporary) HDF5 file to write
   std::string model_dir, text_path, version;
   AnchorScoreFn anchor_fn;       // default: anchor_scores_cpu
+  std::string fingerprint;       // stored in /meta
   bool progress = true;
 };
 

@@ -178,6 +178,7 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
   cm.trainer = o.trainer_name;
   cm.version = o.version;
   cm.created = utc_timestamp();
+  cm.fingerprint = o.fingerprint;
   cm.key_c = r.quant.keys.c;
   cm.key_b = r.quant.keys.b;
   cm.value_c = r.quant.values.c;

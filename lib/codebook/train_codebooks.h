@@ -35,6 +35,7 @@ struct TrainCodebooksOptions {
   KMeansFactory make_trainer;        // default: make_kmeans_cpu
   std::string trainer_name = "faiss-cpu";
   std::string version;
+  std::string fingerprint;           // stored in /meta
   bool progress = true;
 };
 

@@ -105,6 +105,7 @@ void CalibDumpWriter::finish(const CalibMeta& m) {
     h5::set_attr(g, "text_hash", m.text_hash);
     h5::set_attr(g, "version", m.version);
     h5::set_attr(g, "created", m.created);
+    h5::set_attr(g, "fingerprint", m.fingerprint);
     h5::set_attr(g, "tokens", m.tokens);
     h5::set_attr(g, "seq_len", m.seq_len);
     h5::set_attr(g, "windows", m.windows);
@@ -148,6 +149,7 @@ CalibDumpReader::CalibDumpReader(const std::string& path) : impl_(new Impl) {
     m.text_hash = h5::get_attr_string(g, "text_hash", path);
     m.version = h5::get_attr_string(g, "version", path);
     m.created = h5::get_attr_string(g, "created", path);
+    if (h5::has_attr(g, "fingerprint")) m.fingerprint = h5::get_attr_string(g, "fingerprint", path);
     m.tokens = h5::get_attr_int(g, "tokens", path);
     m.seq_len = h5::get_attr_int(g, "seq_len", path);
     m.windows = h5::get_attr_int(g, "windows", path);

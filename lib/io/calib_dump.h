@@ -19,6 +19,7 @@ namespace antkv {
 
 struct CalibMeta {
   std::string model, config_hash, recipe, key_rope, anchor_score, text, text_hash, version, created;
+  std::string fingerprint;  // what the dump depends on (antkv-eval run reuses a dump whose fingerprint matches)
   int64_t tokens = 0, seq_len = 0, windows = 0, seed = 0;
   int64_t num_layers = 0, num_kv_heads = 0, head_dim = 0;
 };

@@ -52,6 +52,7 @@ void write_codebooks(const std::string& path, const CodebookSet& s) {
     h5::set_attr(g, "trainer", m.trainer);
     h5::set_attr(g, "version", m.version);
     h5::set_attr(g, "created", m.created);
+    h5::set_attr(g, "fingerprint", m.fingerprint);
     h5::set_attr(g, "key_c", int64_t{m.key_c});
     h5::set_attr(g, "key_b", int64_t{m.key_b});
     h5::set_attr(g, "value_c", int64_t{m.value_c});
@@ -89,6 +90,7 @@ CodebookSet read_codebooks(const std::string& path) {
     m.trainer = h5::get_attr_string(g, "trainer", path);
     m.version = h5::get_attr_string(g, "version", path);
     m.created = h5::get_attr_string(g, "created", path);
+    if (h5::has_attr(g, "fingerprint")) m.fingerprint = h5::get_attr_string(g, "fingerprint", path);
     m.key_c = static_cast<int>(h5::get_attr_int(g, "key_c", path));
     m.key_b = static_cast<int>(h5::get_attr_int(g, "key_b", path));
     m.value_c = static_cast<int>(h5::get_attr_int(g, "value_c", path));

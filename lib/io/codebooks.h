@@ -15,6 +15,7 @@ namespace antkv {
 
 struct CodebookMeta {
   std::string config_hash, calib_hash, recipe, key_rope, weighting, trainer, version, created;
+  std::string fingerprint;  // what the codebooks depend on (antkv-eval run reuses matching ones)
   int key_c = 0, key_b = 0, value_c = 0, value_b = 0;
   int num_layers = 0, num_kv_heads = 0, head_dim = 0;
 };

@@ -187,6 +187,7 @@ void CpuRuntime::forward(const ForwardRequest& req, ForwardResult& out) {
     app.k_pre_rope = k_pre.data();
     app.k_post_rope = k.data();
     app.v = v.data();
+    app.q = q.data();
     cache_->append(app);
     const int S = cache_->length(l);
     attention_blocked(q.data(), cache_->keys(l), cache_->values(l), attn.data(), nullptr, T, S, cfg_.num_heads,

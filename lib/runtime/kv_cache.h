@@ -20,6 +20,7 @@ struct KvAppend {
   const float* k_pre_rope = nullptr;  // [n_tokens, kv_heads, head_dim]
   const float* k_post_rope = nullptr; // [n_tokens, kv_heads, head_dim]
   const float* v = nullptr;           // [n_tokens, kv_heads, head_dim]
+  const float* q = nullptr;           // [n_tokens, num_heads, head_dim] post-RoPE queries (anchor scores)
 };
 
 class KvCache {

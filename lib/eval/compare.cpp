@@ -1,0 +1,254 @@
+#include "eval/compare.h"
+
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "core/atomic_file.h"
+#include "core/error.h"
+#include "core/hash.h"
+#include "core/system_info.h"
+#include "io/calib_dump.h"
+#include "quant/quantized_cache.h"
+#include "runtime/cpu_runtime.h"
+#include "tokenizer/tokenizer.h"
+
+namespace fs = std::filesystem;
+
+namespace antkv {
+
+MethodRuntimeFactory cpu_method_runtime_factory(const Checkpoint& ckpt, int threads) {
+  return [&ckpt, threads](const MethodSpec& m, std::shared_ptr<const CodebookSet> cb) -> std::unique_ptr<Runtime> {
+    CpuRuntimeOptions o;
+    o.threads = threads;
+    auto rt = std::make_unique<CpuRuntime>(ckpt, o);
+    rt->set_kv_cache(std::make_unique<QuantizedKvCache>(ckpt.config(), m, std::move(cb)));
+    return rt;
+  };
+}
+
+std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOptions& o) {
+  ANTKV_CHECK(o.recipe && o.make_runtime, "compare_methods: recipe and runtime factory needed");
+  const Recipe& r = *o.recipe;
+  ANTKV_CHECK(!r.eval.texts.empty(), "{}: key \"eval.texts\" lists no text", r.source.empty() ? "recipe" : r.source);
+  std::vector<MethodSpec> methods;
+  for (const auto& s : r.eval.methods) methods.push_back(parse_method(s, r));
+  // codebooks, loaded once per file
+  std::map<std::string, std::shared_ptr<const CodebookSet>> books;
+  for (const auto& m : methods) {
+    if (!m.needs_codebooks() || books.count(m.codebook_file())) continue;
+    const std::string p = (fs::path(o.codebook_dir) / m.codebook_file()).string();
+    ANTKV_CHECK(fs::exists(p), "method {}: codebook file {} not found (train it with antkv-train-codebook, or run "
+                "the whole pipeline with `antkv-eval run`)", m.text, p);
+    books[m.codebook_file()] = std::make_shared<const CodebookSet>(read_codebooks(p));
+  }
+  std::vector<MethodResult> out;
+  for (const auto& text : r.eval.texts) {
+    ANTKV_CHECK(fs::is_regular_file(text), "{}: evaluation text not found", text);
+    const auto ids = tok.encode(read_file(text), true);
+    double fp16_ppl = NAN;
+    for (const auto& m : methods) {
+      std::shared_ptr<const CodebookSet> cb = m.needs_codebooks() ? books[m.codebook_file()] : nullptr;
+      auto rt = o.make_runtime(m, cb);
+      PerplexityOptions po;
+      po.seq_len = r.eval.seq_len;
+      po.protocol = parse_window_protocol(r.eval.protocol);
+      po.max_windows = r.eval.max_windows;
+      po.progress = o.progress;
+      po.progress_label = fmt::format("{} on {}", m.text, fs::path(text).filename().string());
+      MethodResult res;
+      res.method = m;
+      res.text = text;
+      res.ppl = evaluate_perplexity(*rt, ids, tok.bos_id(), po);
+      res.effective_bits = effective_bits(m, r.eval.seq_len, rt->config().head_dim, true);
+      res.effective_bits_no_codebooks = effective_bits(m, r.eval.seq_len, rt->config().head_dim, false);
+      if (m.kind == "fp16") fp16_ppl = res.ppl.ppl;
+      res.delta_ppl = res.ppl.ppl - fp16_ppl;
+      out.push_back(res);
+    }
+  }
+  return out;
+}
+
+std::string results_table(const std::vector<MethodResult>& rs) {
+  std::vector<std::string> texts, methods;
+  std::map<std::pair<std::string, std::string>, const MethodResult*> cell;
+  for (const auto& r : rs) {
+    if (std::find(texts.begin(), texts.end(), r.text) == texts.end()) texts.push_back(r.text);
+    if (std::find(methods.begin(), methods.end(), r.method.text) == methods.end()) methods.push_back(r.method.text);
+    cell[{r.method.text, r.text}] = &r;
+  }
+  std::string s = fmt::format("{:<40} {:>6} {:>9} {:>9}", "method", "bits", "eff.bits", "(no cb)");
+  for (const auto& t : texts) s += fmt::format(" {:>14} {:>8}", fs::path(t).filename().string().substr(0, 14), "dPPL");
+  s += "\n";
+  for (const auto& m : methods) {
+    const MethodResult* any = nullptr;
+    for (const auto& t : texts)
+      if (cell.count({m, t})) any = cell[{m, t}];
+    s += fmt::format("{:<40} {:>6.3f} {:>9.3f} {:>9.3f}", m.substr(0, 40), any->method.nominal_bits(), any->effective_bits,
+                     any->effective_bits_no_codebooks);
+    for (const auto& t : texts) {
+      auto it = cell.find({m, t});
+      if (it == cell.end()) s += fmt::format(" {:>14} {:>8}", "-", "-");
+      else s += fmt::format(" {:>14.3f} {:>+8.3f}", it->second->ppl.ppl, it->second->delta_ppl);
+    }
+    s += "\n";
+  }
+  if (!rs.empty())
+    s += fmt::format("(protocol {}, seq_len {}, {} windows per text; eff.bits at context {} with codebooks amortized)\n",
+                     window_protocol_name(rs[0].ppl.protocol), rs[0].ppl.seq_len, rs[0].ppl.windows, rs[0].ppl.seq_len);
+  return s;
+}
+
+std::string results_json(const std::vector<MethodResult>& rs, const Recipe& recipe, const std::string& device) {
+  using json = nlohmann::json;
+  json j;
+  j["tool"] = "antkv-eval";
+  j["version"] = ANTKV_VERSION;
+  j["timestamp"] = utc_timestamp();
+  j["recipe"] = recipe.to_yaml();
+  j["model"] = recipe.model;
+  j["hardware"] = {{"device", device}, {"cpu", cpu_model_name()}};
+  json arr = json::array();
+  for (const auto& r : rs) {
+    arr.push_back({{"method", r.method.text}, {"kind", r.method.kind}, {"text", r.text},
+                   {"nominal_bits", r.method.nominal_bits()}, {"effective_bits", r.effective_bits},
+                   {"effective_bits_without_codebooks", r.effective_bits_no_codebooks},
+                   {"protocol", window_protocol_name(r.ppl.protocol)}, {"seq_len", r.ppl.seq_len},
+                   {"windows", r.ppl.windows}, {"ppl", r.ppl.ppl},
+                   {"delta_ppl", std::isfinite(r.delta_ppl) ? json(r.delta_ppl) : json(nullptr)},
+                   {"nll_per_window", r.ppl.nll_per_window}, {"seconds", r.ppl.seconds},
+                   {"tokens_per_second", r.ppl.tokens_per_second}});
+  }
+  j["results"] = arr;
+  return j.dump(1);
+}
+
+std::string results_csv(const std::vector<MethodResult>& rs) {
+  std::string s = "method,kind,text,nominal_bits,effective_bits,effective_bits_without_codebooks,protocol,seq_len,windows,ppl,delta_ppl\n";
+  for (const auto& r : rs)
+    s += fmt::format("\"{}\",{},{},{:.4f},{:.4f},{:.4f},{},{},{},{:.6f},{:.6f}\n", r.method.text, r.method.kind,
+                     fs::path(r.text).filename().string(), r.method.nominal_bits(), r.effective_bits,
+                     r.effective_bits_no_codebooks, window_protocol_name(r.ppl.protocol), r.ppl.seq_len, r.ppl.windows,
+                     r.ppl.ppl, r.delta_ppl);
+  return s;
+}
+
+std::string calibration_fingerprint(const Recipe& r, const std::string& config_hash, const std::string& key_rope) {
+  const auto& c = r.calibration;
+  return hash_bytes(fmt::format("calib|{}|{}|{}|{}|{}|{}|{}|{}|{}", config_hash, c.text.empty() ? "" : hash_file(c.text),
+                                c.tokens, c.seq_len, c.stride, c.sample_per_window, c.seed, key_rope, r.anchor.score));
+}
+
+std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std::string& calib_hash) {
+  const auto& k = r.kmeans;
+  return hash_bytes(fmt::format("cb|{}|{}|k{}x{}|v{}x{}|{}|{}|{}|{}|{}|{}|{}|{}|{}", calib_hash, m.key_rope, m.keys.c,
+                                m.keys.b, m.values.c, m.values.b, m.weighting, k.iters, k.tol, k.seed, k.exclude_anchors,
+                                k.max_points, k.holdout, m.ratio, k.device));
+}
+
+std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
+  ANTKV_CHECK(o.recipe && o.ckpt && o.tok, "run_pipeline: recipe, checkpoint and tokenizer needed");
+  const Recipe& r = *o.recipe;
+  const ModelConfig& cfg = o.ckpt->config();
+  fs::create_directories(fs::path(r.out_dir) / "codebooks");
+  std::vector<MethodSpec> methods;
+  for (const auto& s : r.eval.methods) methods.push_back(parse_method(s, r));
+  // fail before hours of work, not after
+  ANTKV_CHECK(!r.eval.texts.empty(), "{}: key \"eval.texts\" lists no text", r.source.empty() ? "recipe" : r.source);
+  for (const auto& t : r.eval.texts) ANTKV_CHECK(fs::is_regular_file(t), "{}: evaluation text not found (eval.texts)", t);
+
+  // 1. calibration dumps, one per key_rope the methods need
+  std::map<std::string, std::string> dumps;  // key_rope -> path
+  for (const auto& m : methods) {
+    if (!m.needs_codebooks() || dumps.count(m.key_rope)) continue;
+    const std::string path = (fs::path(r.out_dir) / ("calib-" + m.key_rope + ".h5")).string();
+    const std::string fp = calibration_fingerprint(r, cfg.config_hash, m.key_rope);
+    bool reuse = false;
+    if (!o.force && fs::exists(path)) {
+      try {
+        reuse = CalibDumpReader(path).meta().fingerprint == fp;
+      } catch (const Error&) {
+        reuse = false;
+      }
+    }
+    if (reuse) {
+      std::fprintf(stderr, "reusing %s\n", path.c_str());
+    } else {
+      ANTKV_CHECK(!r.calibration.text.empty(), "{}: key \"calibration.text\" is not set", r.source);
+      Recipe rc = r;
+      rc.key_rope = m.key_rope;
+      auto rt = o.make_calibration_runtime();
+      const auto plan = plan_calibration(o.tok->encode(read_file(r.calibration.text), true), r.calibration.tokens,
+                                         r.calibration.seq_len, r.calibration.stride);
+      AtomicFile f(path);
+      CalibrationOptions co;
+      co.recipe = &rc;
+      co.out_path = f.temp_path();
+      co.model_dir = r.model;
+      co.text_path = r.calibration.text;
+      co.version = ANTKV_VERSION;
+      co.anchor_fn = o.anchor_fn;
+      co.fingerprint = fp;
+      co.progress = o.progress;
+      const auto res = run_calibration(*rt, *o.tok, plan, co);
+      f.commit();
+      write_file_atomic(path + ".summary.json", calibration_summary_json(res, *o.tok) + "\n");
+    }
+    dumps[m.key_rope] = path;
+  }
+
+  // 2. codebooks, one file per configuration the methods need
+  std::set<std::string> done;
+  for (const auto& m : methods) {
+    if (!m.needs_codebooks() || done.count(m.codebook_file())) continue;
+    done.insert(m.codebook_file());
+    const std::string path = (fs::path(r.out_dir) / "codebooks" / m.codebook_file()).string();
+    const std::string calib_hash = hash_file(dumps[m.key_rope]);
+    const std::string fp = codebook_fingerprint(r, m, calib_hash);
+    bool reuse = false;
+    if (!o.force && fs::exists(path)) {
+      try {
+        reuse = read_codebooks(path).meta.fingerprint == fp;
+      } catch (const Error&) {
+        reuse = false;
+      }
+    }
+    if (reuse) {
+      std::fprintf(stderr, "reusing %s\n", path.c_str());
+      continue;
+    }
+    Recipe rc = r;
+    rc.quant.keys = m.keys;
+    rc.quant.values = m.values;
+    rc.kmeans.weighting = m.weighting;
+    rc.key_rope = m.key_rope;
+    rc.anchor.ratio = m.ratio;
+    TrainCodebooksOptions to;
+    to.recipe = &rc;
+    to.calib_path = dumps[m.key_rope];
+    to.expected_config_hash = cfg.config_hash;
+    to.make_trainer = o.make_trainer;
+    to.trainer_name = o.trainer_name;
+    to.version = ANTKV_VERSION;
+    to.fingerprint = fp;
+    to.progress = o.progress;
+    const auto res = train_codebooks(to);
+    AtomicFile f(path);
+    write_codebooks(f.temp_path(), res.codebooks);
+    f.commit();
+    write_file_atomic(path + ".report.json", train_report_json(res) + "\n");
+  }
+
+  // 3. perplexity of every method
+  CompareOptions co;
+  co.recipe = &r;
+  co.codebook_dir = (fs::path(r.out_dir) / "codebooks").string();
+  co.make_runtime = o.make_method_runtime;
+  co.progress = o.progress;
+  return compare_methods(*o.tok, co);
+}
+
+}  // namespace antkv

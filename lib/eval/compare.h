@@ -1,0 +1,71 @@
+// Evaluation of KV-cache methods side by side (design note §5): every method of a recipe on every text,
+// perplexity with its quantized cache, nominal and effective bits, ΔPPL against fp16; and the whole
+// pipeline (calibrate -> train codebooks -> perplexity) reusing outputs whose fingerprint matches.
+#pragma once
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "calibrate/calibrate.h"
+#include "codebook/train_codebooks.h"
+#include "eval/perplexity.h"
+#include "io/codebooks.h"
+#include "model/checkpoint.h"
+#include "quant/method.h"
+#include "recipe/recipe.h"
+
+namespace antkv {
+
+class Tokenizer;
+
+// Makes a runtime whose KV cache implements `method` (codebooks may be null for fp16/uniform).
+using MethodRuntimeFactory =
+    std::function<std::unique_ptr<Runtime>(const MethodSpec& method, std::shared_ptr<const CodebookSet> codebooks)>;
+MethodRuntimeFactory cpu_method_runtime_factory(const Checkpoint& ckpt, int threads = 0);
+
+struct MethodResult {
+  MethodSpec method;
+  std::string text;           // path
+  PerplexityResult ppl;
+  double effective_bits = 0, effective_bits_no_codebooks = 0;
+  double delta_ppl = 0;       // vs fp16 on the same text and windows (NaN when fp16 was not run)
+};
+
+struct CompareOptions {
+  const Recipe* recipe = nullptr;
+  std::string codebook_dir;   // where <MethodSpec::codebook_file()> files are
+  MethodRuntimeFactory make_runtime;
+  bool progress = true;
+};
+
+std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOptions& o);
+
+// One table (method rows, text columns), the JSON object, the CSV.
+std::string results_table(const std::vector<MethodResult>& r);
+std::string results_json(const std::vector<MethodResult>& r, const Recipe& recipe, const std::string& device);
+std::string results_csv(const std::vector<MethodResult>& r);
+
+// Fingerprints of what an output depends on (stored in its /meta; equal -> reusable).
+std::string calibration_fingerprint(const Recipe& r, const std::string& config_hash, const std::string& key_rope);
+std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std::string& calib_hash);
+
+struct PipelineOptions {
+  const Recipe* recipe = nullptr;
+  const Checkpoint* ckpt = nullptr;
+  const Tokenizer* tok = nullptr;
+  // calibration runtime and anchor pass for the recipe's calibration.device
+  std::function<std::unique_ptr<Runtime>()> make_calibration_runtime;
+  AnchorScoreFn anchor_fn;
+  KMeansFactory make_trainer;
+  std::string trainer_name = "faiss-cpu";
+  MethodRuntimeFactory make_method_runtime;
+  bool progress = true;
+  bool force = false;  // redo every stage
+};
+
+// Runs calibrate -> train-codebook -> ppl into recipe.out_dir; returns the results (also written as
+// results.json, results.csv, results.txt there).
+std::vector<MethodResult> run_pipeline(const PipelineOptions& o);
+
+}  // namespace antkv

@@ -1,0 +1,110 @@
+#include "quant/method.h"
+
+#include <cmath>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace antkv {
+
+std::string MethodSpec::codebook_file() const {
+  return fmt::format("k-c{}b{}_v-c{}b{}_{}_{}.h5", keys.c, keys.b, values.c, values.b, weighting, key_rope);
+}
+
+double MethodSpec::nominal_bits() const {
+  if (kind == "fp16") return 16;
+  if (kind == "uniform") return bits;
+  return (keys.bits() + values.bits()) / 2;
+}
+
+MethodSpec parse_method(const std::string& text, const Recipe& r) {
+  MethodSpec m;
+  m.text = text;
+  const size_t colon = text.find(':');
+  m.kind = text.substr(0, colon);
+  ANTKV_CHECK(m.kind == "fp16" || m.kind == "uniform" || m.kind == "vq" || m.kind == "antkv",
+              "method \"{}\": unknown kind \"{}\" (expected fp16, uniform, vq or antkv)", text, m.kind);
+  m.keys = r.quant.keys;
+  m.values = r.quant.values;
+  m.ratio = r.anchor.ratio;
+  m.score = r.anchor.score;
+  m.key_rope = r.key_rope;
+  m.weighting = r.kmeans.weighting;
+  if (m.kind == "vq") m.anchors = false, m.weighting = "none";
+  if (colon == std::string::npos) return m;
+  ANTKV_CHECK(m.kind != "fp16", "method \"{}\": fp16 takes no options", text);
+  std::stringstream ss(text.substr(colon + 1));
+  for (std::string kv; std::getline(ss, kv, ',');) {
+    const size_t eq = kv.find('=');
+    ANTKV_CHECK(eq != std::string::npos, "method \"{}\": option \"{}\" is not key=value", text, kv);
+    const std::string k = kv.substr(0, eq), v = kv.substr(eq + 1);
+    auto number = [&]() {
+      try {
+        size_t used = 0;
+        const double x = std::stod(v, &used);
+        ANTKV_CHECK(used == v.size(), "");
+        return x;
+      } catch (...) {
+        fail("method \"{}\": option {} needs a number, got \"{}\"", text, k, v);
+      }
+    };
+    auto on_off = [&]() {
+      ANTKV_CHECK(v == "on" || v == "off", "method \"{}\": option {} is on or off, got \"{}\"", text, k, v);
+      return v == "on";
+    };
+    if (m.kind == "uniform") {
+      if (k == "bits") m.bits = static_cast<int>(number());
+      else if (k == "group") m.group = static_cast<int>(number());
+      else if (k == "window") m.window = static_cast<int>(number());
+      else fail("method \"{}\": unknown option \"{}\" for uniform (bits, group, window)", text, k);
+    } else {
+      if (k == "bits") m.keys = m.values = vq_config_for_bits(number());
+      else if (k == "kbits") m.keys = vq_config_for_bits(number());
+      else if (k == "vbits") m.values = vq_config_for_bits(number());
+      else if (k == "anchors") m.anchors = on_off();
+      else if (k == "weighting") {
+        ANTKV_CHECK(v == "anchor" || v == "none", "method \"{}\": weighting is anchor or none", text);
+        m.weighting = v;
+      } else if (k == "ratio") m.ratio = number();
+      else if (k == "score") m.score = v;
+      else if (k == "key_rope") {
+        ANTKV_CHECK(v == "post" || v == "pre", "method \"{}\": key_rope is post or pre", text);
+        m.key_rope = v;
+      } else fail("method \"{}\": unknown option \"{}\" (bits, kbits, vbits, anchors, weighting, ratio, score, key_rope)", text, k);
+    }
+  }
+  if (m.kind == "uniform") {
+    ANTKV_CHECK(m.bits >= 1 && m.bits <= 8, "method \"{}\": bits must be in [1, 8]", text);
+    ANTKV_CHECK(m.group >= 1, "method \"{}\": group must be positive", text);
+    ANTKV_CHECK(m.window >= 0, "method \"{}\": window must be >= 0", text);
+  } else {
+    ANTKV_CHECK(m.ratio >= 0 && m.ratio <= 1, "method \"{}\": ratio must be in [0, 1]", text);
+    if (m.kind == "vq") ANTKV_CHECK(!m.anchors, "method \"{}\": vq has no anchors (use antkv:weighting=none)", text);
+  }
+  return m;
+}
+
+double effective_bits(const MethodSpec& m, int L, int d, bool include_codebooks) {
+  if (m.kind == "fp16") return 16;
+  if (m.kind == "uniform") {
+    // keys: groups of `group` tokens per channel with an fp16 scale and zero point; tokens of a partial
+    // group and the window stay FP16. values: groups of `group` channels per token (at most d).
+    const int window = std::min(m.window, L);
+    const int quant = L - window;
+    const int full = quant / m.group * m.group;
+    const double key_bits = (full * (m.bits + 32.0 / m.group) + (L - full) * 16.0) / L;
+    const int vg = std::min(m.group, d);
+    const double value_bits = (quant * (m.bits + 32.0 / vg) + window * 16.0) / L;
+    return (key_bits + value_bits) / 2;
+  }
+  const int n_anchor = m.anchors ? std::min(L, static_cast<int>(std::ceil(m.ratio * L))) : 0;
+  double total = 0;
+  for (const VqConfig& q : {m.keys, m.values}) {
+    double bits = ((L - n_anchor) * q.bits() * d + n_anchor * (16.0 * d + 32.0)) / (static_cast<double>(L) * d);
+    if (include_codebooks) bits += static_cast<double>(1 << q.b) * 16.0 / L;  // 2^b x c fp16 per group of c channels
+    total += bits;
+  }
+  return total / 2;
+}
+
+}  // namespace antkv

@@ -1,0 +1,193 @@
+#include "quant/quantized_cache.h"
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "anchor/anchor_scores.h"
+#include "core/error.h"
+#include "quant/vq.h"
+#include "runtime/rope.h"
+
+namespace antkv {
+
+void uniform_quantize(float* x, int64_t n, int64_t stride, int bits) {
+  float lo = x[0], hi = x[0];
+  for (int64_t i = 1; i < n; ++i) lo = std::min(lo, x[i * stride]), hi = std::max(hi, x[i * stride]);
+  // scale and zero point are stored in fp16
+  const float zero = static_cast<float>(Eigen::half(lo));
+  const float levels = static_cast<float>((1 << bits) - 1);
+  float scale = static_cast<float>(Eigen::half((hi - zero) / levels));
+  if (!(scale > 0)) {
+    for (int64_t i = 0; i < n; ++i) x[i * stride] = zero;
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = std::min(levels, std::max(0.0f, std::nearbyint((x[i * stride] - zero) / scale)));
+    x[i * stride] = q * scale + zero;
+  }
+}
+
+namespace {
+float round_fp16(float x) { return static_cast<float>(Eigen::half(x)); }
+}  // namespace
+
+QuantizedKvCache::QuantizedKvCache(const ModelConfig& cfg, const MethodSpec& m, std::shared_ptr<const CodebookSet> cb,
+                                   int decode_window)
+    : cfg_(cfg), method_(m), cb_(std::move(cb)), decode_window_(decode_window), row_(static_cast<size_t>(cfg.kv_dim())) {
+  if (m.needs_codebooks()) {
+    ANTKV_CHECK(cb_, "method {}: needs codebooks", m.text);
+    const CodebookMeta& cm = cb_->meta;
+    ANTKV_CHECK(cm.config_hash == cfg.config_hash, "method {}: the codebooks were trained for another model", m.text);
+    ANTKV_CHECK(cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b,
+                "method {}: codebooks are keys c{}b{} / values c{}b{}, the method needs c{}b{} / c{}b{}", m.text, cm.key_c,
+                cm.key_b, cm.value_c, cm.value_b, m.keys.c, m.keys.b, m.values.c, m.values.b);
+    ANTKV_CHECK(cm.key_rope == m.key_rope, "method {}: codebooks are for {}-RoPE keys", m.text, cm.key_rope);
+    ANTKV_CHECK(cm.num_layers == cfg.num_layers && cm.num_kv_heads == cfg.num_kv_heads && cm.head_dim == cfg.head_dim,
+                "method {}: codebook shapes do not match the model", m.text);
+  }
+  inv_freq_ = rope_inv_freq(cfg);
+  const size_t L = static_cast<size_t>(cfg.num_layers);
+  k_.resize(L), v_.resize(L), k_exact_.resize(L), v_exact_.resize(L), k_pre_exact_.resize(L), anchor_.resize(L);
+  quantized_upto_.assign(L * 2, 0);  // [layer][0 = keys, 1 = values]
+}
+
+void QuantizedKvCache::reset() {
+  for (size_t l = 0; l < k_.size(); ++l) {
+    k_[l].clear(), v_[l].clear(), k_exact_[l].clear(), v_exact_[l].clear(), k_pre_exact_[l].clear(), anchor_[l].clear();
+  }
+  std::fill(quantized_upto_.begin(), quantized_upto_.end(), 0);
+  stats_ = {};
+}
+
+void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const float* k_pre, const float* k_post,
+                                     const float* v, const uint8_t* keep, int position0) {
+  const int KV = cfg_.num_kv_heads, d = cfg_.head_dim;
+  float* kd = k_[layer].data() + row0 * row_;
+  float* vd = v_[layer].data() + row0 * row_;
+  const LayerCodebooks& kc = cb_->keys[layer];
+  const LayerCodebooks& vc = cb_->values[layer];
+  const int kg = d / method_.keys.c, vg = d / method_.values.c;
+  const int kk = 1 << method_.keys.b, vk = 1 << method_.values.b;
+  const bool pre = method_.key_rope == "pre";
+  for (int h = 0; h < KV; ++h) {
+    VqHeadCodebooks khc{kc.centroids.data() + static_cast<int64_t>(h) * kg * kk * method_.keys.c, kg, kk, method_.keys.c};
+    VqHeadCodebooks vhc{vc.centroids.data() + static_cast<int64_t>(h) * vg * vk * method_.values.c, vg, vk, method_.values.c};
+    vq_quantize(khc, (pre ? k_pre : k_post) + static_cast<int64_t>(h) * d, n, static_cast<int64_t>(row_),
+                kd + static_cast<int64_t>(h) * d);
+    vq_quantize(vhc, v + static_cast<int64_t>(h) * d, n, static_cast<int64_t>(row_), vd + static_cast<int64_t>(h) * d);
+  }
+  if (pre) {  // rotate the dequantized pre-RoPE keys to their positions
+    std::vector<int32_t> pos(static_cast<size_t>(n));
+    std::iota(pos.begin(), pos.end(), position0);
+    rope_apply(kd, static_cast<int>(n), KV, d, pos.data(), inv_freq_.data());
+  }
+  for (int64_t r = 0; r < n; ++r)
+    for (int h = 0; h < KV; ++h)
+      if (keep && keep[r * KV + h]) {  // anchors stay exact (FP16)
+        std::copy_n(k_post + r * row_ + h * d, d, kd + r * row_ + h * d);
+        std::copy_n(v + r * row_ + h * d, d, vd + r * row_ + h * d);
+      }
+}
+
+void QuantizedKvCache::append(const KvAppend& a) {
+  const int l = a.layer, n = a.n_tokens, KV = cfg_.num_kv_heads, d = cfg_.head_dim;
+  ANTKV_CHECK(l >= 0 && l < cfg_.num_layers, "KV cache: layer {} out of range", l);
+  ANTKV_CHECK(a.position0 == length(l), "KV cache: layer {} appends at position {} but holds {} tokens", l, a.position0,
+              length(l));
+  const int64_t row0 = length(l);
+  const size_t add = static_cast<size_t>(n) * row_;
+  // exact copies, rounded to fp16 (what an FP16 part of the cache holds)
+  auto push = [&](std::vector<float>& dst, const float* src) {
+    const size_t old = dst.size();
+    dst.resize(old + add);
+    for (size_t i = 0; i < add; ++i) dst[old + i] = round_fp16(src[i]);
+  };
+  push(k_exact_[l], a.k_post_rope);
+  push(v_exact_[l], a.v);
+  push(k_pre_exact_[l], a.k_pre_rope);
+  k_[l].insert(k_[l].end(), k_exact_[l].end() - add, k_exact_[l].end());
+  v_[l].insert(v_[l].end(), v_exact_[l].end() - add, v_exact_[l].end());
+  anchor_[l].resize(anchor_[l].size() + static_cast<size_t>(n) * KV, 0);
+  const int64_t len = row0 + n;
+  stats_.tokens += static_cast<int64_t>(n) * KV;
+
+  if (method_.kind == "fp16") {
+    stats_.fp16_tokens += static_cast<int64_t>(n) * KV;
+    return;
+  }
+
+  if (method_.kind == "uniform") {
+    const int G = method_.group;
+    const int64_t quantizable = std::max<int64_t>(0, len - method_.window);
+    int& k_upto = quantized_upto_[static_cast<size_t>(l) * 2];
+    int& v_upto = quantized_upto_[static_cast<size_t>(l) * 2 + 1];
+    // keys: complete groups of G tokens, per channel
+    const int64_t k_end = quantizable / G * G;
+    for (int64_t g0 = k_upto; g0 < k_end; g0 += G)
+      for (size_t c = 0; c < row_; ++c) uniform_quantize(k_[l].data() + g0 * row_ + c, G, static_cast<int64_t>(row_), method_.bits);
+    k_upto = static_cast<int>(std::max<int64_t>(k_upto, k_end));
+    // values: each token, groups of min(G, d) channels
+    const int vgs = std::min(G, d);
+    for (int64_t r = v_upto; r < quantizable; ++r)
+      for (size_t c0 = 0; c0 < row_; c0 += vgs) uniform_quantize(v_[l].data() + r * row_ + c0, vgs, 1, method_.bits);
+    v_upto = static_cast<int>(std::max<int64_t>(v_upto, quantizable));
+    return;
+  }
+
+  // vq / antkv
+  int& upto = quantized_upto_[static_cast<size_t>(l) * 2];
+  if (n > 1) {
+    // a prefill chunk: anchors from the chunk's own full-precision attention, everything else quantized now
+    std::vector<uint8_t> keep(static_cast<size_t>(n) * KV, 0);
+    if (method_.anchors && method_.ratio > 0) {
+      ANTKV_CHECK(a.q, "antkv cache: the runtime passed no queries (anchor scores need them)");
+      std::vector<float> s_k(static_cast<size_t>(n) * KV), s_v(s_k.size()), score(s_k.size());
+      AnchorScoreArgs args{a.q, a.k_post_rope, a.v, n, cfg_.num_heads, KV, d};
+      anchor_scores_cpu(args, s_k.data(), s_v.data());
+      combine_anchor_scores(parse_anchor_score_kind(method_.score), s_k.data(), s_v.data(),
+                            cb_->keys[l].error_norm.data(), cb_->values[l].error_norm.data(), n, KV,
+                            static_cast<uint64_t>(l) * 7919 + static_cast<uint64_t>(row0), score.data());
+      for (int h = 0; h < KV; ++h) {
+        std::vector<int32_t> picked;
+        if (a.position0 == 0) {
+          picked = select_anchors(score.data(), n, KV, h, method_.ratio);
+        } else {  // no sink in this chunk: plain top ceil(ratio * n)
+          std::vector<int32_t> idx(static_cast<size_t>(n));
+          std::iota(idx.begin(), idx.end(), 0);
+          const int m = std::min(n, static_cast<int>(std::ceil(method_.ratio * n)));
+          std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), [&](int32_t x, int32_t y) {
+            return score[static_cast<size_t>(x) * KV + h] > score[static_cast<size_t>(y) * KV + h];
+          });
+          picked.assign(idx.begin(), idx.begin() + m);
+        }
+        for (int32_t t : picked) keep[static_cast<size_t>(t) * KV + h] = 1;
+      }
+    }
+    quantize_rows(l, row0, n, k_pre_exact_[l].data() + row0 * row_, k_exact_[l].data() + row0 * row_,
+                  v_exact_[l].data() + row0 * row_, keep.data(), a.position0);
+    for (size_t i = 0; i < keep.size(); ++i) {
+      anchor_[l][static_cast<size_t>(row0) * KV + i] = keep[i];
+      stats_.anchors += keep[i];
+    }
+    upto = static_cast<int>(len);
+  } else {
+    // decode: quantize what left the FP16 window
+    const int64_t end = std::max<int64_t>(upto, len - decode_window_);
+    if (end > upto)
+      quantize_rows(l, upto, end - upto, k_pre_exact_[l].data() + upto * row_, k_exact_[l].data() + upto * row_,
+                    v_exact_[l].data() + upto * row_, anchor_[l].data() + static_cast<size_t>(upto) * KV, static_cast<int>(upto));
+    upto = static_cast<int>(end);
+  }
+}
+
+size_t QuantizedKvCache::stored_bytes() const {
+  if (k_.empty()) return 0;
+  const int len = length(0);
+  if (len == 0) return 0;
+  const double bits = effective_bits(method_, len, cfg_.head_dim, /*include_codebooks=*/true);
+  return static_cast<size_t>(bits * len * static_cast<double>(row_) * 2 * cfg_.num_layers / 8);
+}
+
+}  // namespace antkv

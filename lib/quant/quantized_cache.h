@@ -1,0 +1,64 @@
+// The CPU KV caches of the compared methods (design note §2-3, §5): what attention reads is the
+// dequantized cache, computed when tokens are appended.
+//   fp16     keys and values rounded to fp16
+//   uniform  KIVI-style asymmetric integer quantization: keys per channel over groups of `group` tokens,
+//            values per token over groups of `group` channels; fp16 scale and zero point; the newest
+//            `window` tokens and an incomplete key group stay FP16
+//   vq/antkv nearest-centroid codes per group of c channels (codebooks per layer, head, group); antkv keeps
+//            the ceil(ratio * n) tokens of each appended chunk with the largest anchor score (and the
+//            chunk's position 0) in FP16, scored from the chunk's full-precision attention. Pre-RoPE
+//            keys are quantized before RoPE and rotated after dequantization.
+// Decode (one-token appends): a new token stays FP16 while it is among the newest `decode_window`; when
+// it leaves the window it is quantized (anchors are chosen per prefill chunk; no promotion at decode).
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/codebooks.h"
+#include "quant/method.h"
+#include "runtime/kv_cache.h"
+
+namespace antkv {
+
+struct QuantizedCacheStats {
+  int64_t tokens = 0, anchors = 0, fp16_tokens = 0;  // per layer and head, summed
+};
+
+class QuantizedKvCache : public KvCache {
+ public:
+  // codebooks: required for vq/antkv (must match the model and the method's c, b, key_rope).
+  QuantizedKvCache(const ModelConfig& cfg, const MethodSpec& method, std::shared_ptr<const CodebookSet> codebooks,
+                   int decode_window = 128);
+  std::string name() const override { return method_.text; }
+  void reset() override;
+  int length(int layer) const override { return static_cast<int>(k_[layer].size() / row_); }
+  void append(const KvAppend& a) override;
+  const float* keys(int layer) const override { return k_[layer].data(); }
+  const float* values(int layer) const override { return v_[layer].data(); }
+  size_t stored_bytes() const override;
+
+  const QuantizedCacheStats& stats() const { return stats_; }
+  // Anchor flags of layer l: [length, kv_heads] (1 = kept in FP16).
+  const std::vector<uint8_t>& anchor_flags(int layer) const { return anchor_[layer]; }
+
+ private:
+  void quantize_rows(int layer, int64_t row0, int64_t n, const float* k_pre, const float* k_post, const float* v,
+                     const uint8_t* keep_fp16, int position0);
+  const ModelConfig cfg_;
+  MethodSpec method_;
+  std::shared_ptr<const CodebookSet> cb_;
+  int decode_window_;
+  size_t row_;
+  std::vector<float> inv_freq_;
+  std::vector<std::vector<float>> k_, v_;          // dequantized, [len, kv, d]
+  std::vector<std::vector<float>> k_exact_, v_exact_, k_pre_exact_;  // FP16 copies of window tokens awaiting quantization
+  std::vector<std::vector<uint8_t>> anchor_;       // [len, kv]
+  std::vector<int> quantized_upto_;                // uniform/decode: rows [0, quantized_upto) are final
+  QuantizedCacheStats stats_;
+};
+
+// Asymmetric uniform quantization of n values with stride: min/max, fp16 scale and zero point.
+void uniform_quantize(float* x, int64_t n, int64_t stride, int bits);
+
+}  // namespace antkv
