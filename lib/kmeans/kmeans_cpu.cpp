@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 
 #include "core/error.h"
 #include "kmeans/kmeans.h"
@@ -125,12 +126,30 @@ class FaissKMeans : public KMeansTrainer {
     validate_kmeans_batch(b, p_.k, "k-means (FAISS)");
     KMeansResult r;
     const int k = p_.k, dim = b.dim;
-    const int64_t n = b.n_points;
     r.centroids.resize(static_cast<size_t>(b.n_codebooks) * k * dim);
     r.objective.resize(b.n_codebooks);
     r.iterations.assign(b.n_codebooks, p_.iters);
     r.reseeded.assign(b.n_codebooks, 0);
+    // Codebooks in parallel, each FAISS run single-threaded inside (nested OpenMP regions run serially):
+    // thousands of small problems, where FAISS's own per-call threading costs more than it gains.
+    std::vector<std::string> errors(static_cast<size_t>(b.n_codebooks));
+#pragma omp parallel for schedule(dynamic, 1)
     for (int cb = 0; cb < b.n_codebooks; ++cb) {
+      try {
+        train_one(b, init, cb, r);
+      } catch (const std::exception& e) {
+        errors[cb] = e.what();
+      }
+    }
+    for (const auto& e : errors) ANTKV_CHECK(e.empty(), "k-means (FAISS): {}", e);
+    return r;
+  }
+
+ private:
+  void train_one(const KMeansBatch& b, const float* init, int cb, KMeansResult& r) const {
+    const int k = p_.k, dim = b.dim;
+    const int64_t n = b.n_points;
+    {
       const float* x = b.x + static_cast<int64_t>(cb) * n * dim;
       const float* w = b.weights ? b.weights + static_cast<int64_t>(cb) * n : nullptr;
       float* out = r.centroids.data() + static_cast<int64_t>(cb) * k * dim;
@@ -139,6 +158,7 @@ class FaissKMeans : public KMeansTrainer {
       cp.seed = static_cast<int>(p_.seed % INT_MAX);
       cp.max_points_per_centroid = INT_MAX;  // train on every point (FAISS subsamples by default)
       cp.min_points_per_centroid = 1;
+      cp.verbose = false;
       faiss::Clustering cl(dim, k, cp);
       cl.centroids.resize(static_cast<size_t>(k) * dim);
       if (init) {
@@ -152,10 +172,8 @@ class FaissKMeans : public KMeansTrainer {
       for (const auto& s : cl.iteration_stats) r.reseeded[cb] += s.nsplit;
       r.objective[cb] = kmeans_objective_cpu(x, w, n, out, k, dim);
     }
-    return r;
   }
 
- private:
   KMeansParams p_;
 };
 
