@@ -200,5 +200,25 @@ TEST_CASE("attention_blocked equals the naive reference, with LSE, for odd sizes
     // both fp32; the blocked path sums in a different order: errors of a few ulp of the output scale
     CHECK(test::max_rel_error(o2.data(), o1.data(), o1.size()) < 1e-5);
     CHECK(test::max_rel_error(l2.data(), l1.data(), l1.size()) < 1e-5);
+    // the key-error score correction with all errors 0 changes nothing
+    std::vector<float> err(size_t(S) * c.kv_heads, 0.0f);
+    std::vector<float> o3(q.size());
+    attention_blocked(q.data(), k.data(), v.data(), o3.data(), nullptr, c.n_q, S, c.heads, c.kv_heads, c.d, scale, err.data());
+    CHECK(o3 == o2);
   }
+  // With one query row, the correction s_j += scale^2 |q|^2 e_j / 2 equals moving key j by alpha_j q with
+  // alpha_j = scale e_j / 2 (then q.k_j scale grows by exactly that): the reference runs on moved keys.
+  const int S = 37, d = 16;
+  std::vector<float> q(d), k(size_t(S) * d), v(k.size()), err(S), moved(k.size());
+  for (auto* a : {&q, &k, &v})
+    for (auto& x : *a) x = nd(rng);
+  const float scale = 1.0f / std::sqrt(float(d));
+  for (int j = 0; j < S; ++j) {
+    err[j] = j % 3 == 0 ? 0.0f : 0.5f * (j % 5);
+    for (int c = 0; c < d; ++c) moved[j * d + c] = k[j * d + c] + scale * err[j] / 2 * q[c];
+  }
+  std::vector<float> want(d), got(d);
+  cpu::attention(q.data(), moved.data(), v.data(), want.data(), nullptr, 1, S, 1, 1, d, scale);
+  attention_blocked(q.data(), k.data(), v.data(), got.data(), nullptr, 1, S, 1, 1, d, scale, err.data());
+  CHECK(test::max_rel_error(got.data(), want.data(), d) < 1e-5);
 }

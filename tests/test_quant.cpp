@@ -51,6 +51,9 @@ TEST_CASE("effective bits by hand", "[quant]") {
   CHECK(effective_bits(parse_method("antkv:bits=1", r), 2048, 128, false) ==
         Approx(((2048 - 21) * 1.0 * 128 + 21 * (16.0 * 128 + 32)) / (2048.0 * 128)));
   CHECK(effective_bits(parse_method("antkv:bits=0.375", r), 131072, 128, false) < 0.55);
+  // correct=on stores an fp16 error per quantized key and head: + 16 / d bits on the key side
+  CHECK(effective_bits(parse_method("antkv:bits=1,correct=on", r), 2048, 128, false) ==
+        Approx(effective_bits(parse_method("antkv:bits=1", r), 2048, 128, false) + (2048 - 21) * 16.0 / (2048 * 128) / 2));
   CHECK(effective_bits(parse_method("fp16", r), 2048, 128) == 16);
 }
 
@@ -166,6 +169,21 @@ TEST_CASE("VQ and AnTKV caches: nearest centroids, FP16 anchors, pre-RoPE rotati
   for (int t = 0; t < 5; ++t) dec.append(KvAppend{0, 1, t, k.data() + t * 16, k.data() + t * 16, v.data() + t * 16, q.data()});
   CHECK(dec.keys(0)[4 * 16] == static_cast<float>(Eigen::half(k[4 * 16])));   // newest: FP16
   CHECK(dec.keys(0)[0] == vq.keys(0)[0]);                                     // oldest: quantized
+  // correct=on: each quantized key's |k - k_hat|^2 / d, 0 for anchors, and attention reads it
+  QuantizedKvCache cor(cfg, parse_method("antkv:ratio=0.1,correct=on", r), cb_w);
+  cor.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+  REQUIRE(cor.key_error(0) != nullptr);
+  CHECK(an.key_error(0) == nullptr);
+  for (int t = 0; t < T; ++t)
+    for (int h = 0; h < 2; ++h) {
+      double e = 0;
+      for (int c = 0; c < 8; ++c) {
+        const double diff = static_cast<float>(Eigen::half(k[t * 16 + h * 8 + c])) - cor.keys(0)[t * 16 + h * 8 + c];
+        e += diff * diff;
+      }
+      CHECK(cor.key_error(0)[t * 2 + h] == Approx(e / 8).epsilon(2e-3));  // stored in fp16
+      if (cor.anchor_flags(0)[t * 2 + h]) CHECK(cor.key_error(0)[t * 2 + h] == 0);
+    }
   // codebooks of another configuration
   CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq:bits=1", r), cb), Contains("c8b8"));
 }

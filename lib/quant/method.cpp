@@ -62,6 +62,7 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
       else if (k == "kbits") m.keys = vq_config_for_bits(number());
       else if (k == "vbits") m.values = vq_config_for_bits(number());
       else if (k == "anchors") m.anchors = on_off();
+      else if (k == "correct") m.correct = on_off();
       else if (k == "weighting") {
         ANTKV_CHECK(v == "anchor" || v == "none", "method \"{}\": weighting is anchor or none", text);
         m.weighting = v;
@@ -70,7 +71,7 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
       else if (k == "key_rope") {
         ANTKV_CHECK(v == "post" || v == "pre", "method \"{}\": key_rope is post or pre", text);
         m.key_rope = v;
-      } else fail("method \"{}\": unknown option \"{}\" (bits, kbits, vbits, anchors, weighting, ratio, score, key_rope)", text, k);
+      } else fail("method \"{}\": unknown option \"{}\" (bits, kbits, vbits, anchors, weighting, ratio, score, key_rope, correct)", text, k);
     }
   }
   if (m.kind == "uniform") {
@@ -99,9 +100,11 @@ double effective_bits(const MethodSpec& m, int L, int d, bool include_codebooks)
   }
   const int n_anchor = m.anchors ? std::min(L, static_cast<int>(std::ceil(m.ratio * L))) : 0;
   double total = 0;
-  for (const VqConfig& q : {m.keys, m.values}) {
+  for (const VqConfig* qp : {&m.keys, &m.values}) {
+    const VqConfig& q = *qp;
     double bits = ((L - n_anchor) * q.bits() * d + n_anchor * (16.0 * d + 32.0)) / (static_cast<double>(L) * d);
     if (include_codebooks) bits += static_cast<double>(1 << q.b) * 16.0 / L;  // 2^b x c fp16 per group of c channels
+    if (m.correct && qp == &m.keys) bits += (L - n_anchor) * 16.0 / (static_cast<double>(L) * d);  // fp16 error per key
     total += bits;
   }
   return total / 2;

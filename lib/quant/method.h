@@ -4,7 +4,7 @@
 //   vq:bits=1                                  CQ-style: plain k-means codebooks, no anchors
 //   antkv:bits=1                               weighted codebooks + anchors (the paper's method)
 // Options of vq/antkv: bits (both K and V; or kbits=, vbits=), anchors=on|off, weighting=anchor|none,
-// ratio=0.01, score=error_bound|attention_mass|key_bound|random|recent, key_rope=post|pre.
+// ratio=0.01, score=error_bound|attention_mass|key_bound|random|recent, key_rope=post|pre, correct=on|off.
 // `vq` is antkv with anchors=off, weighting=none; ablations are antkv with one component off.
 #pragma once
 #include <string>
@@ -25,6 +25,10 @@ struct MethodSpec {
   double ratio = 0.01;
   std::string score = "error_bound";
   std::string key_rope = "post";
+  // Our variant (not in the paper): store each quantized key's error |k - k_hat|^2 (fp16, per token and
+  // head) and add scale^2 |q|^2 e / 2 to its attention score, undoing the exp-mass that centroid keys lose
+  // against exact (anchor) keys. Option correct=on.
+  bool correct = false;
 
   bool needs_codebooks() const { return kind == "vq" || kind == "antkv"; }
   // The codebook file name of the configuration this method needs: "k-c8b8_v-c8b8_anchor_post.h5".

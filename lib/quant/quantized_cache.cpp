@@ -49,13 +49,13 @@ QuantizedKvCache::QuantizedKvCache(const ModelConfig& cfg, const MethodSpec& m, 
   }
   inv_freq_ = rope_inv_freq(cfg);
   const size_t L = static_cast<size_t>(cfg.num_layers);
-  k_.resize(L), v_.resize(L), k_exact_.resize(L), v_exact_.resize(L), k_pre_exact_.resize(L), anchor_.resize(L);
+  k_.resize(L), v_.resize(L), k_exact_.resize(L), v_exact_.resize(L), k_pre_exact_.resize(L), anchor_.resize(L), key_err_.resize(L);
   quantized_upto_.assign(L * 2, 0);  // [layer][0 = keys, 1 = values]
 }
 
 void QuantizedKvCache::reset() {
   for (size_t l = 0; l < k_.size(); ++l) {
-    k_[l].clear(), v_[l].clear(), k_exact_[l].clear(), v_exact_[l].clear(), k_pre_exact_[l].clear(), anchor_[l].clear();
+    k_[l].clear(), v_[l].clear(), k_exact_[l].clear(), v_exact_[l].clear(), k_pre_exact_[l].clear(), anchor_[l].clear(), key_err_[l].clear();
   }
   std::fill(quantized_upto_.begin(), quantized_upto_.end(), 0);
   stats_ = {};
@@ -89,6 +89,18 @@ void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const f
         std::copy_n(k_post + r * row_ + h * d, d, kd + r * row_ + h * d);
         std::copy_n(v + r * row_ + h * d, d, vd + r * row_ + h * d);
       }
+  if (method_.correct) {
+    float* e = key_err_[layer].data() + row0 * KV;
+    for (int64_t r = 0; r < n; ++r)
+      for (int h = 0; h < KV; ++h) {
+        double s = 0;
+        for (int c = 0; c < d; ++c) {
+          const double diff = k_post[r * row_ + h * d + c] - kd[r * row_ + h * d + c];
+          s += diff * diff;
+        }
+        e[r * KV + h] = round_fp16(static_cast<float>(s / d));  // 0 for anchors
+      }
+  }
 }
 
 void QuantizedKvCache::append(const KvAppend& a) {
@@ -110,6 +122,7 @@ void QuantizedKvCache::append(const KvAppend& a) {
   k_[l].insert(k_[l].end(), k_exact_[l].end() - add, k_exact_[l].end());
   v_[l].insert(v_[l].end(), v_exact_[l].end() - add, v_exact_[l].end());
   anchor_[l].resize(anchor_[l].size() + static_cast<size_t>(n) * KV, 0);
+  key_err_[l].resize(anchor_[l].size(), 0.0f);
   const int64_t len = row0 + n;
   stats_.tokens += static_cast<int64_t>(n) * KV;
 

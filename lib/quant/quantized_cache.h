@@ -37,6 +37,9 @@ class QuantizedKvCache : public KvCache {
   const float* keys(int layer) const override { return k_[layer].data(); }
   const float* values(int layer) const override { return v_[layer].data(); }
   size_t stored_bytes() const override;
+  const float* key_error(int layer) const override {
+    return method_.correct ? key_err_[layer].data() : nullptr;
+  }
 
   const QuantizedCacheStats& stats() const { return stats_; }
   // Anchor flags of layer l: [length, kv_heads] (1 = kept in FP16).
@@ -54,6 +57,7 @@ class QuantizedKvCache : public KvCache {
   std::vector<std::vector<float>> k_, v_;          // dequantized, [len, kv, d]
   std::vector<std::vector<float>> k_exact_, v_exact_, k_pre_exact_;  // FP16 copies of window tokens awaiting quantization
   std::vector<std::vector<uint8_t>> anchor_;       // [len, kv]
+  std::vector<std::vector<float>> key_err_;        // [len, kv] |k - k_hat|^2 / d (correct=on), fp16-rounded
   std::vector<int> quantized_upto_;                // uniform/decode: rows [0, quantized_upto) are final
   QuantizedCacheStats stats_;
 };

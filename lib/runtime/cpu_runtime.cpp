@@ -47,7 +47,7 @@ void linear(const float* x, const std::vector<float>& w, const std::vector<float
 }  // namespace
 
 void attention_blocked(const float* q, const float* k, const float* v, float* out, float* lse, int n_q,
-                       int n_kv_tokens, int n_heads, int n_kv_heads, int d, float scale) {
+                       int n_kv_tokens, int n_heads, int n_kv_heads, int d, float scale, const float* key_err) {
   const int past = n_kv_tokens - n_q;
   const int group = n_heads / n_kv_heads;
   constexpr int kBlock = 64;  // query rows per task: bounds the score matrix to kBlock x n_kv_tokens
@@ -71,6 +71,10 @@ void attention_blocked(const float* q, const float* k, const float* v, float* ou
         for (int r = 0; r < rows; ++r) {
           const int visible = past + i0 + r + 1;  // causal
           float* s = scores.row(r).data();
+          if (key_err) {
+            const float half_var = 0.5f * scale * scale * Q.row(r).squaredNorm();
+            for (int j = 0; j < visible; ++j) s[j] += half_var * key_err[static_cast<int64_t>(j) * n_kv_heads + kvh];
+          }
           float m = -std::numeric_limits<float>::infinity();
           for (int j = 0; j < visible; ++j) m = std::max(m, s[j]);
           double sum = 0;
@@ -191,7 +195,7 @@ void CpuRuntime::forward(const ForwardRequest& req, ForwardResult& out) {
     cache_->append(app);
     const int S = cache_->length(l);
     attention_blocked(q.data(), cache_->keys(l), cache_->values(l), attn.data(), nullptr, T, S, cfg_.num_heads,
-                      cfg_.num_kv_heads, d, scale);
+                      cfg_.num_kv_heads, d, scale, cache_->key_error(l));
     linear(attn.data(), w.wo, nullptr, xn.data(), T, nq, h);
     for (size_t i = 0; i < x.size(); ++i) x[i] += xn[i];
 

@@ -48,8 +48,11 @@ class CpuRuntime : public Runtime {
 };
 
 // Blocked causal GQA attention on Eigen GEMMs (the fast CPU path; cpu::attention is the naive reference).
-// Same arguments as cpu::attention.
+// Same arguments as cpu::attention, plus optional key_err: [n_kv_tokens, n_kv_heads] per-channel mean squared
+// quantization error e_j of each key; when given, score s_ij gets + scale^2 |q_i|^2 e_j / 2 (the expected
+// exp-mass a token loses when its key is replaced by a centroid: E[exp(ds)] = exp(var(ds) / 2)).
 void attention_blocked(const float* q, const float* k, const float* v, float* out, float* lse, int n_q,
-                       int n_kv_tokens, int n_heads, int n_kv_heads, int d, float scale);
+                       int n_kv_tokens, int n_heads, int n_kv_heads, int d, float scale,
+                       const float* key_err = nullptr);
 
 }  // namespace antkv

@@ -35,6 +35,9 @@ class KvCache {
   virtual const float* values(int layer) const = 0;
   // Bytes the cache would occupy in its storage format (codes, FP16 parts, metadata).
   virtual size_t stored_bytes() const = 0;
+  // Optional: [length(layer), kv_heads] per-channel mean squared error of each stored key (0 for exact
+  // keys), for attention's score correction; null when the cache asks for none.
+  virtual const float* key_error(int /*layer*/) const { return nullptr; }
 };
 
 enum class KvDType { kF32, kF16, kBF16 };
