@@ -10,6 +10,7 @@ PACKAGES=(
   build-essential cmake ninja-build pkg-config git file xz-utils
   libeigen3-dev libopenblas-dev libfaiss-dev libhdf5-dev hdf5-tools
   libcli11-dev libfmt-dev catch2 libyaml-cpp-dev nlohmann-json3-dev libpcre2-dev libxxhash-dev
+  python3-matplotlib
 )
 $SUDO apt-get update -qq
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
