@@ -13,6 +13,7 @@
 #include "kernels/cuda_check.h"
 #include "kernels/device_buffer.h"
 #include "kernels/gemm.h"
+#include "kernels/gpu_kv_quant.h"
 #include "kernels/ops.h"
 #include "model/checkpoint.h"
 #include "runtime/rope.h"
@@ -76,6 +77,7 @@ struct GpuRuntime::Impl {
   size_t weight_bytes = 0;
 
   std::vector<int> lens;          // tokens cached per sequence
+  std::unique_ptr<GpuKvQuantizer> quantizer;  // or null
 
   // scratch (grown to the largest chunk seen)
   int rows_cap = 0;
@@ -261,13 +263,16 @@ struct GpuRuntime::Impl {
   // The transformer layers over T rows already embedded in x. Row t is token positions[t] of sequence
   // seq_index[t] (null: sequence 0). decode: one row per sequence, attention by flash-decoding over
   // sequences 0..T-1; else one sequence's chunk at positions past..past+T-1, flash prefill.
+  // quant (forward() only: sequence 0): the KV-cache quantizer hook, or null.
   void run_layers(int T, bool decode, int past, const int32_t* d_pos, const int32_t* d_seq,
-                  const int32_t* d_lens, const cuda::DecodePlan& plan, ForwardObserver* observer) {
+                  const int32_t* d_lens, const cuda::DecodePlan& plan, ForwardObserver* observer,
+                  GpuKvQuantizer* quant = nullptr) {
     const int H = cfg.hidden_size, F = cfg.intermediate_size, qd = cfg.q_dim(), kvd = cfg.kv_dim();
     const int d = cfg.head_dim;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     std::vector<float> hq, hkpre, hkpost, hv;
-    if (observer) k_pre.ensure(static_cast<size_t>(T) * kvd);
+    const bool want_f32 = observer != nullptr || quant != nullptr;  // fp32 q, k_pre, k_post, v kept
+    if (want_f32) k_pre.ensure(static_cast<size_t>(T) * kvd);
     for (int l = 0; l < cfg.num_layers; ++l) {
       LayerWeights& L = layers[l];
       cuda::RmsNormParams rn;
@@ -291,8 +296,8 @@ struct GpuRuntime::Impl {
       qp.k_cache = L.k_cache.get();
       qp.v_cache = L.v_cache.get();
       qp.capacity = capacity;
-      qp.k_pre_rope = observer ? k_pre.get() : nullptr;
-      qp.write_back = observer != nullptr;
+      qp.k_pre_rope = want_f32 ? k_pre.get() : nullptr;
+      qp.write_back = want_f32;
       qp.n_tokens = T;
       qp.n_heads = cfg.num_heads;
       qp.n_kv_heads = cfg.num_kv_heads;
@@ -323,6 +328,25 @@ struct GpuRuntime::Impl {
         act_.k_post_rope = hkpost.data();
         act_.v = hv.data();
         observer->on_layer(act_);
+      }
+
+      if (quant) {  // fake quantization of this layer's new cache entries, before attention reads them
+        GpuKvLayerChunk ch;
+        ch.layer = l;
+        ch.n_tokens = T;
+        ch.position0 = past;
+        ch.q = qkv.get();
+        ch.k_post = qkv.get() + qd;
+        ch.v = qkv.get() + qd + kvd;
+        ch.q_stride = ch.k_post_stride = ch.v_stride = qkv_dim();
+        ch.k_pre = k_pre.get();
+        ch.k_pre_stride = kvd;
+        ch.positions = d_pos;
+        ch.inv_freq = inv_freq.get();
+        ch.k_cache = L.k_cache.get();  // sequence 0
+        ch.v_cache = L.v_cache.get();
+        ch.capacity = capacity;
+        quant->on_layer(ch, stream);
       }
 
       if (decode) {
@@ -436,7 +460,7 @@ struct GpuRuntime::Impl {
     const bool decode = (T == 1);
     const cuda::DecodePlan plan =
         decode ? cuda::plan_flash_decode(1, cfg.num_kv_heads, past + T, cfg.head_dim) : cuda::DecodePlan{};
-    run_layers(T, decode, past, d_pos, nullptr, d_lens, plan, req.observer);
+    run_layers(T, decode, past, d_pos, nullptr, d_lens, plan, req.observer, quantizer.get());
     lens[0] = past + T;
 
     const bool all_rows = want_nll || req.logits == LogitsMode::kAll;
@@ -479,6 +503,8 @@ struct GpuRuntime::Impl {
   void decode_batch(const std::vector<int32_t>& tokens, std::vector<float>* out_logits, std::vector<int32_t>* next) {
     const int B = static_cast<int>(tokens.size());
     ANTKV_CHECK(B >= 1 && B <= opt.max_batch, "decode_batch: batch {} outside [1, max_batch {}]", B, opt.max_batch);
+    ANTKV_CHECK(!quantizer, "decode_batch: not supported with a KV-cache quantizer ({}); use forward()",
+                quantizer ? quantizer->name() : std::string());
     check_tokens(tokens.data(), B);
     int max_len = 0;
     for (int b = 0; b < B; ++b) {
@@ -587,7 +613,15 @@ GpuRuntime::~GpuRuntime() = default;
 
 const ModelConfig& GpuRuntime::config() const { return impl_->cfg; }
 std::string GpuRuntime::device_name() const { return impl_->name; }
-void GpuRuntime::reset() { std::fill(impl_->lens.begin(), impl_->lens.end(), 0); }
+void GpuRuntime::reset() {
+  std::fill(impl_->lens.begin(), impl_->lens.end(), 0);
+  if (impl_->quantizer) impl_->quantizer->reset();
+}
+void GpuRuntime::set_kv_quantizer(std::unique_ptr<GpuKvQuantizer> q) {
+  ANTKV_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));  // nothing in flight uses the old one
+  impl_->quantizer = std::move(q);
+}
+GpuKvQuantizer* GpuRuntime::kv_quantizer() const { return impl_->quantizer.get(); }
 int GpuRuntime::cached_tokens() const { return impl_->lens[0]; }
 void GpuRuntime::forward(const ForwardRequest& req, ForwardResult& out) { impl_->forward(req, out); }
 int GpuRuntime::max_batch() const { return impl_->opt.max_batch; }

@@ -4,6 +4,8 @@
 // The KV cache is one preallocated arena per layer, [max_batch, kv_heads, max_context, head_dim] for K
 // and for V; forward() uses sequence slot 0, decode_batch() slots 0..B-1. Nothing is allocated on the
 // device in a decode step (scratch grows only when a longer prefill chunk than before arrives).
+// A KV-cache quantizer (kernels/gpu_kv_quant.h) may be installed: forward() then hands it every layer's new
+// tokens after their K/V are in the cache and before attention reads it (fake quantization in place).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -15,6 +17,7 @@
 namespace antkv {
 
 class Checkpoint;
+class GpuKvQuantizer;
 
 struct GpuRuntimeOptions {
   int max_context = 0;  // KV capacity per sequence; 0: min(max_position_embeddings, 8192), at least 2048
@@ -37,6 +40,15 @@ class GpuRuntime : public Runtime {
   void reset() override;                // all sequences emptied
   int cached_tokens() const override;   // of sequence 0
   void forward(const ForwardRequest& req, ForwardResult& out) override;
+
+  // ---- KV-cache quantizer hook (kernels/gpu_kv_quant.h) ----
+  // In every forward() (prefill chunks and one-token steps), for each layer: after the chunk's q, pre-RoPE k,
+  // post-RoPE k and v are computed (fp32) and the K/V written to the bf16 cache, and before attention reads
+  // the cache, q->on_layer() may rewrite the cache entries. reset() resets it too. Null (the default): the
+  // plain bf16 cache. decode_batch() throws while one is set. Replacing it mid-sequence is the caller's call
+  // (the new one expects position 0: reset() first).
+  void set_kv_quantizer(std::unique_ptr<GpuKvQuantizer> q);
+  GpuKvQuantizer* kv_quantizer() const;
 
   // ---- batched decode (sequences 0..B-1 of the arena) ----
   int max_batch() const;

@@ -1,0 +1,698 @@
+// KV-cache quantizers on the GPU (see gpu_kv_quant.h): fake quantization of GpuRuntime's bf16 arena with
+// QuantizedKvCache's semantics. Kernels first, then the quantizer classes, the runtime factory and the
+// host AnchorScoreFn wrapper.
+#include "kernels/gpu_kv_quant.h"
+
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <numeric>
+
+#include "anchor/anchor_scores.h"
+#include "core/error.h"
+#include "kernels/anchor_scores.h"
+#include "kernels/cuda_check.h"
+#include "kernels/device_buffer.h"
+#include "kernels/ops.h"
+#include "model/checkpoint.h"
+
+namespace antkv {
+
+using cuda::bf16;
+using cuda::DeviceBuffer;
+
+namespace {
+
+constexpr int kThreads = 256;
+
+int blocks_for(int64_t n, int threads = kThreads) {
+  return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, int64_t{1} << 20));
+}
+
+__device__ __forceinline__ float round_fp16(float x) { return __half2float(__float2half_rn(x)); }
+
+// ---- staging: rows [lo, lo + rows) of (k_pre, k_post, v), fp16-rounded, into work [3][rows][kvd] -------------
+// Rows before row0 are waiting tokens of earlier calls, read from the ring (already rounded); the others come
+// from the chunk (row row0 + t is chunk row t).
+struct GatherArgs {
+  const float* src[3] = {nullptr, nullptr, nullptr};
+  int64_t stride[3] = {0, 0, 0};
+  const float* ring = nullptr;  // [3][R][kvd]
+  float* dst = nullptr;         // [3][rows][kvd]
+  int lo = 0, row0 = 0, rows = 0, R = 0, kvd = 0;
+};
+
+__global__ void gather_kernel(const GatherArgs p) {
+  const int which = blockIdx.y;
+  const int64_t n = static_cast<int64_t>(p.rows) * p.kvd;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int r = static_cast<int>(i / p.kvd), col = static_cast<int>(i % p.kvd);
+    const int row = p.lo + r;
+    float x;
+    if (row < p.row0)
+      x = p.ring[(static_cast<int64_t>(which) * p.R + row % p.R) * p.kvd + col];
+    else
+      x = round_fp16(p.src[which][static_cast<int64_t>(row - p.row0) * p.stride[which] + col]);
+    p.dst[(static_cast<int64_t>(which) * p.rows + r) * p.kvd + col] = x;
+  }
+}
+
+// ring[row % R] = work row (row - lo), rows [first, first + n), all three arrays
+struct RingWriteArgs {
+  const float* work = nullptr;  // [3][rows][kvd]
+  float* ring = nullptr;        // [3][R][kvd]
+  int lo = 0, rows = 0, first = 0, n = 0, R = 0, kvd = 0;
+};
+
+__global__ void ring_write_kernel(const RingWriteArgs p) {
+  const int which = blockIdx.y;
+  const int64_t n = static_cast<int64_t>(p.n) * p.kvd;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int r = static_cast<int>(i / p.kvd), col = static_cast<int>(i % p.kvd);
+    const int row = p.first + r;
+    p.ring[(static_cast<int64_t>(which) * p.R + row % p.R) * p.kvd + col] =
+        p.work[(static_cast<int64_t>(which) * p.rows + (row - p.lo)) * p.kvd + col];
+  }
+}
+
+// ---- store rows into the bf16 arena: cache[h][slot0 + r][c] = bf16(keep[r][h] ? keep_src : src) ------------
+struct StoreArgs {
+  const float* src = nullptr;       // [n][kvd]
+  const float* keep_src = nullptr;  // [n][kvd] or null
+  const uint8_t* keep = nullptr;    // [n][kv_heads] or null
+  bf16* cache = nullptr;            // [kv_heads][capacity][d]
+  int slot0 = 0, n = 0, kv_heads = 0, d = 0, capacity = 0;
+};
+
+__global__ void store_kernel(const StoreArgs p) {
+  const int kvd = p.kv_heads * p.d;
+  const int64_t n = static_cast<int64_t>(p.n) * kvd;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int r = static_cast<int>(i / kvd), col = static_cast<int>(i % kvd);
+    const int h = col / p.d, c = col % p.d;
+    const bool kept = p.keep && p.keep[static_cast<int64_t>(r) * p.kv_heads + h];
+    const float x = kept ? p.keep_src[i] : p.src[i];
+    p.cache[(static_cast<int64_t>(h) * p.capacity + p.slot0 + r) * p.d + c] = __float2bfloat16_rn(x);
+  }
+}
+
+// ---- uniform (asymmetric integer) quantization, as antkv::uniform_quantize -------------------------------------
+__device__ __forceinline__ void uniform_params(float lo, float hi, int bits, float& zero, float& scale,
+                                               float& levels) {
+  zero = round_fp16(lo);
+  levels = static_cast<float>((1 << bits) - 1);
+  scale = round_fp16((hi - zero) / levels);
+}
+__device__ __forceinline__ float uniform_value(float x, float zero, float scale, float levels) {
+  if (!(scale > 0)) return zero;
+  const float q = fminf(levels, fmaxf(0.0f, rintf((x - zero) / scale)));  // rint: half to even (nearbyint)
+  return fmaf(q, scale, zero);
+}
+
+// keys: one thread per (group of G rows, channel), in place on x ([rows][kvd], groups from row first).
+struct UniformKeyArgs {
+  float* x = nullptr;
+  int first = 0, n_groups = 0, group = 0, kvd = 0, bits = 2;
+};
+
+__global__ void uniform_keys_kernel(const UniformKeyArgs p) {
+  const int64_t n = static_cast<int64_t>(p.n_groups) * p.kvd;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int g = static_cast<int>(i / p.kvd), col = static_cast<int>(i % p.kvd);
+    float* x = p.x + (static_cast<int64_t>(p.first) + static_cast<int64_t>(g) * p.group) * p.kvd + col;
+    float lo = x[0], hi = x[0];
+    for (int t = 1; t < p.group; ++t) {
+      const float v = x[static_cast<int64_t>(t) * p.kvd];
+      lo = fminf(lo, v);
+      hi = fmaxf(hi, v);
+    }
+    float zero, scale, levels;
+    uniform_params(lo, hi, p.bits, zero, scale, levels);
+    for (int t = 0; t < p.group; ++t) {
+      float& v = x[static_cast<int64_t>(t) * p.kvd];
+      v = uniform_value(v, zero, scale, levels);
+    }
+  }
+}
+
+// values: one warp per (row, group of gs channels), in place on x ([rows][kvd], rows [first, first + n)).
+struct UniformValueArgs {
+  float* x = nullptr;
+  int first = 0, n = 0, gs = 0, kvd = 0, bits = 2;
+};
+
+__global__ void uniform_values_kernel(const UniformValueArgs p) {
+  const int lane = threadIdx.x & 31;
+  const int groups_per_row = p.kvd / p.gs;
+  const int64_t n_warps = static_cast<int64_t>(p.n) * groups_per_row;
+  const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
+  if (warp >= n_warps) return;  // warp-uniform
+  const int r = static_cast<int>(warp / groups_per_row), g = static_cast<int>(warp % groups_per_row);
+  float* x = p.x + (static_cast<int64_t>(p.first) + r) * p.kvd + static_cast<int64_t>(g) * p.gs;
+  float lo = x[0], hi = x[0];
+  for (int c = lane; c < p.gs; c += 32) lo = fminf(lo, x[c]), hi = fmaxf(hi, x[c]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  float zero, scale, levels;
+  uniform_params(lo, hi, p.bits, zero, scale, levels);
+  for (int c = lane; c < p.gs; c += 32) x[c] = uniform_value(x[c], zero, scale, levels);
+}
+
+// ---- vector quantization: nearest centroid per (row, KV head, group of C channels) --------------------------
+// One thread per row; the block walks the (layer, head, group) codebook [k][C] through shared memory in tiles.
+// Distances as the CPU's nearest() computes them: sum over t of (x_t - c_t)^2 in channel order, first minimum
+// wins. The rounding follows the CPU build (gcc -O3 -march=x86-64-v3): for c >= 4 it vectorizes the products
+// and adds them in order (a rounded product, then a rounded sum); for c < 4 its scalar loop contracts to fused
+// multiply-adds. Matching it keeps near-tie codes identical on equal inputs.
+struct VqArgs {
+  const float* x = nullptr;      // [n][kvd]
+  const float* cents = nullptr;  // [kv_heads][groups][k][C]
+  float* out = nullptr;          // [n][kvd]: the centroids
+  int n = 0, groups = 0, k = 0, d = 0, kvd = 0;
+};
+
+constexpr int kVqThreads = 128;
+constexpr int kVqTileFloats = 4096;  // 16 KB of centroids per tile
+
+template <int C>
+__global__ void __launch_bounds__(kVqThreads) vq_kernel(const VqArgs p) {
+  constexpr int kTile = kVqTileFloats / C;
+  __shared__ __align__(16) float tile[kVqTileFloats];
+  const int g = blockIdx.y, h = blockIdx.z;
+  const int r = blockIdx.x * kVqThreads + threadIdx.x;
+  const bool active = r < p.n;
+  const int64_t col0 = static_cast<int64_t>(h) * p.d + static_cast<int64_t>(g) * C;
+  float x[C];
+#pragma unroll
+  for (int t = 0; t < C; ++t) x[t] = active ? p.x[static_cast<int64_t>(r) * p.kvd + col0 + t] : 0.f;
+  const float* cb = p.cents + (static_cast<int64_t>(h) * p.groups + g) * p.k * C;
+  float best = INFINITY;
+  int arg = 0;
+  for (int base = 0; base < p.k; base += kTile) {
+    const int m = min(kTile, p.k - base);
+    __syncthreads();
+    for (int i = threadIdx.x; i < m * C; i += kVqThreads) tile[i] = cb[static_cast<int64_t>(base) * C + i];
+    __syncthreads();
+    if (active) {
+      for (int q = 0; q < m; ++q) {
+        float dd = 0.f;
+#pragma unroll
+        for (int t = 0; t < C; ++t) {
+          const float diff = x[t] - tile[q * C + t];
+          if constexpr (C >= 4)
+            dd = __fadd_rn(dd, __fmul_rn(diff, diff));
+          else
+            dd = fmaf(diff, diff, dd);
+        }
+        if (dd < best) best = dd, arg = base + q;
+      }
+    }
+  }
+  if (active) {
+#pragma unroll
+    for (int t = 0; t < C; ++t) p.out[static_cast<int64_t>(r) * p.kvd + col0 + t] = cb[static_cast<int64_t>(arg) * C + t];
+  }
+}
+
+__global__ void iota_kernel(int32_t* out, int n, int first) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = first + i;
+}
+
+bool vq_c_supported(int c) { return c == 1 || c == 2 || c == 4 || c == 8 || c == 16 || c == 32; }
+
+void launch_vq(const VqArgs& p, int kv_heads, int c, cudaStream_t stream) {
+  if (p.n == 0) return;
+  const dim3 grid((p.n + kVqThreads - 1) / kVqThreads, p.groups, kv_heads);
+  switch (c) {
+    case 1: vq_kernel<1><<<grid, kVqThreads, 0, stream>>>(p); break;
+    case 2: vq_kernel<2><<<grid, kVqThreads, 0, stream>>>(p); break;
+    case 4: vq_kernel<4><<<grid, kVqThreads, 0, stream>>>(p); break;
+    case 8: vq_kernel<8><<<grid, kVqThreads, 0, stream>>>(p); break;
+    case 16: vq_kernel<16><<<grid, kVqThreads, 0, stream>>>(p); break;
+    case 32: vq_kernel<32><<<grid, kVqThreads, 0, stream>>>(p); break;
+    default: fail("GPU VQ: group size c = {} is not supported (1, 2, 4, 8, 16 or 32)", c);
+  }
+  ANTKV_LAUNCH_CHECK("vq_kernel");
+}
+
+void launch_store(const StoreArgs& p, cudaStream_t stream) {
+  if (p.n <= 0) return;
+  store_kernel<<<blocks_for(static_cast<int64_t>(p.n) * p.kv_heads * p.d), kThreads, 0, stream>>>(p);
+  ANTKV_LAUNCH_CHECK("store_kernel");
+}
+
+// ---- the quantizer -----------------------------------------------------------------------------------------------
+
+enum class Kind { kFp16, kUniform, kVq };
+
+class GpuKvQuantizerImpl final : public GpuKvQuantizer {
+ public:
+  GpuKvQuantizerImpl(const ModelConfig& cfg, const MethodSpec& m, std::shared_ptr<const CodebookSet> cb,
+                     int decode_window)
+      : cfg_(cfg), m_(m), cb_(std::move(cb)), W_(decode_window) {
+    KV_ = cfg.num_kv_heads;
+    d_ = cfg.head_dim;
+    kvd_ = cfg.kv_dim();
+    ANTKV_CHECK(cfg.num_layers > 0 && KV_ > 0 && d_ > 0 && cfg.num_heads > 0, "method {}: incomplete model config", m.text);
+    ANTKV_CHECK(decode_window >= 0, "method {}: decode window {} must be >= 0", m.text, decode_window);
+    const int L = cfg.num_layers;
+    if (m.kind == "fp16") {
+      kind_ = Kind::kFp16;
+    } else if (m.kind == "uniform") {
+      kind_ = Kind::kUniform;
+      ANTKV_CHECK(m.bits >= 1 && m.bits <= 8, "method {}: bits must be in [1, 8]", m.text);
+      ANTKV_CHECK(m.group >= 1 && m.window >= 0, "method {}: group must be >= 1 and window >= 0", m.text);
+      vgs_ = std::min(m.group, d_);
+      ANTKV_CHECK(d_ % vgs_ == 0,
+                  "method {}: value groups of min(group, head_dim) = {} channels must divide head_dim {} (the CPU cache "
+                  "would let a group run into the next head)",
+                  m.text, vgs_, d_);
+      R_ = m.window + m.group;  // waiting tokens: an incomplete key group plus the window
+    } else if (m.kind == "vq" || m.kind == "antkv") {
+      kind_ = Kind::kVq;
+      ANTKV_CHECK(!m.correct,
+                  "method {}: correct=on (the attention-score correction) is not implemented on the GPU runtime; "
+                  "evaluate it with eval.device: cpu",
+                  m.text);
+      validate_codebooks();
+      use_anchors_ = m.anchors && m.ratio > 0;
+      if (use_anchors_) score_kind_ = parse_anchor_score_kind(m.score);
+      ANTKV_CHECK(m.key_rope == "post" || m.key_rope == "pre", "method {}: key_rope is post or pre", m.text);
+      pre_ = m.key_rope == "pre";
+      R_ = W_ + 1;
+      kcent_.resize(L), vcent_.resize(L);
+      for (int l = 0; l < L; ++l) {
+        upload(kcent_[l], cb_->keys[l].centroids);
+        upload(vcent_[l], cb_->values[l].centroids);
+      }
+    } else {
+      fail("method {}: unknown kind \"{}\" (fp16, uniform, vq or antkv)", m.text, m.kind);
+    }
+    if (R_ > 0) {
+      ring_.resize(L);
+      for (auto& r : ring_) r.resize(static_cast<size_t>(3) * R_ * kvd_);
+    }
+    anchor_.resize(L);
+    len_.assign(L, 0);
+    k_upto_.assign(L, 0);
+    v_upto_.assign(L, 0);
+  }
+
+  std::string name() const override { return m_.text; }
+
+  void reset() override {
+    std::fill(len_.begin(), len_.end(), 0);
+    std::fill(k_upto_.begin(), k_upto_.end(), 0);
+    std::fill(v_upto_.begin(), v_upto_.end(), 0);
+    for (auto& a : anchor_) a.clear();
+  }
+
+  const std::vector<uint8_t>& anchor_flags(int layer) const override {
+    ANTKV_CHECK(layer >= 0 && layer < cfg_.num_layers, "anchor_flags: layer {} out of range", layer);
+    return anchor_[layer];
+  }
+
+  void on_layer(const GpuKvLayerChunk& c, cudaStream_t stream) override {
+    const int l = c.layer, n = c.n_tokens;
+    ANTKV_CHECK(l >= 0 && l < cfg_.num_layers, "GPU KV quantizer {}: layer {} out of range", m_.text, l);
+    ANTKV_CHECK(c.position0 == len_[l], "GPU KV quantizer {}: layer {} gets tokens at position {} but has seen {}",
+                m_.text, l, c.position0, len_[l]);
+    ANTKV_CHECK(c.k_pre && c.k_post && c.v && c.k_cache && c.v_cache && c.positions && c.inv_freq,
+                "GPU KV quantizer {}: null pointer in the layer chunk", m_.text);
+    ANTKV_CHECK(c.position0 + n <= c.capacity, "GPU KV quantizer {}: tokens past the cache capacity", m_.text);
+    if (n <= 0) return;
+    const int row0 = c.position0, len = row0 + n;
+    anchor_[l].resize(static_cast<size_t>(len) * KV_, 0);
+    switch (kind_) {
+      case Kind::kFp16: {
+        stage(c, row0, nullptr, stream);
+        store_rows(c, row0, n, true, true, stream);
+        break;
+      }
+      case Kind::kUniform: uniform(c, stream); break;
+      case Kind::kVq: vq(c, stream); break;
+    }
+    len_[l] = len;
+  }
+
+ private:
+  static void upload(DeviceBuffer<float>& dst, const std::vector<float>& src) {
+    dst.resize(src.size());
+    if (!src.empty())
+      ANTKV_CUDA_CHECK(cudaMemcpy(dst.get(), src.data(), src.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
+
+  void validate_codebooks() const {
+    const MethodSpec& m = m_;
+    ANTKV_CHECK(cb_, "method {}: needs codebooks", m.text);
+    const CodebookMeta& cm = cb_->meta;
+    ANTKV_CHECK(cm.config_hash == cfg_.config_hash, "method {}: the codebooks were trained for another model", m.text);
+    ANTKV_CHECK(cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b,
+                "method {}: codebooks are keys c{}b{} / values c{}b{}, the method needs c{}b{} / c{}b{}", m.text, cm.key_c,
+                cm.key_b, cm.value_c, cm.value_b, m.keys.c, m.keys.b, m.values.c, m.values.b);
+    ANTKV_CHECK(cm.key_rope == m.key_rope, "method {}: codebooks are for {}-RoPE keys", m.text, cm.key_rope);
+    ANTKV_CHECK(cm.num_layers == cfg_.num_layers && cm.num_kv_heads == cfg_.num_kv_heads && cm.head_dim == cfg_.head_dim,
+                "method {}: codebook shapes do not match the model (codebooks: {} layers, {} KV heads, head_dim {}; "
+                "model: {}, {}, {})",
+                m.text, cm.num_layers, cm.num_kv_heads, cm.head_dim, cfg_.num_layers, cfg_.num_kv_heads, cfg_.head_dim);
+    for (const VqConfig* q : {&m.keys, &m.values}) {
+      ANTKV_CHECK(vq_c_supported(q->c) && d_ % q->c == 0,
+                  "method {}: group size c = {} is not supported on the GPU (1, 2, 4, 8, 16 or 32, dividing head_dim {})",
+                  m.text, q->c, d_);
+      ANTKV_CHECK(q->b >= 1 && q->b <= 16, "method {}: b = {} bits per code outside [1, 16]", m.text, q->b);
+    }
+    ANTKV_CHECK(static_cast<int>(cb_->keys.size()) == cfg_.num_layers &&
+                    static_cast<int>(cb_->values.size()) == cfg_.num_layers,
+                "method {}: codebooks hold {} / {} layers of key / value centroids, the model has {}", m.text,
+                cb_->keys.size(), cb_->values.size(), cfg_.num_layers);
+    for (int l = 0; l < cfg_.num_layers; ++l)
+      for (int kv = 0; kv < 2; ++kv) {
+        const LayerCodebooks& lc = kv ? cb_->values[l] : cb_->keys[l];
+        const VqConfig& q = kv ? m.values : m.keys;
+        const size_t want = static_cast<size_t>(KV_) * (d_ / q.c) * (size_t{1} << q.b) * q.c;
+        ANTKV_CHECK(lc.centroids.size() == want,
+                    "method {}: layer {} {} centroids hold {} floats, expected {} ([kv_heads {}, groups {}, 2^{}, c {}])",
+                    m.text, l, kv ? "value" : "key", lc.centroids.size(), want, KV_, d_ / q.c, q.b, q.c);
+        ANTKV_CHECK(lc.error_norm.empty() || static_cast<int>(lc.error_norm.size()) == KV_,
+                    "method {}: layer {} {} error_norm holds {} values, expected {} (one per KV head)", m.text, l,
+                    kv ? "value" : "key", lc.error_norm.size(), KV_);
+      }
+  }
+
+  // work = fp16-rounded rows [lo, len) of (k_pre, k_post, v): waiting rows from the ring, the chunk's rows.
+  void stage(const GpuKvLayerChunk& c, int lo, const float* ring, cudaStream_t stream) {
+    const int row0 = c.position0, rows = row0 + c.n_tokens - lo;
+    ANTKV_CHECK(lo <= row0 && (lo == row0 || (ring && row0 - lo <= R_)),
+                "GPU KV quantizer {}: internal error: {} waiting tokens, ring of {}", m_.text, row0 - lo, R_);
+    work_rows_ = rows;
+    work_lo_ = lo;
+    work_.ensure(static_cast<size_t>(3) * rows * kvd_);
+    GatherArgs g;
+    g.src[0] = c.k_pre, g.src[1] = c.k_post, g.src[2] = c.v;
+    g.stride[0] = c.k_pre_stride, g.stride[1] = c.k_post_stride, g.stride[2] = c.v_stride;
+    g.ring = ring;
+    g.dst = work_.get();
+    g.lo = lo, g.row0 = row0, g.rows = rows, g.R = R_, g.kvd = kvd_;
+    gather_kernel<<<dim3(blocks_for(static_cast<int64_t>(rows) * kvd_), 3), kThreads, 0, stream>>>(g);
+    ANTKV_LAUNCH_CHECK("gather_kernel");
+  }
+  float* work(int which, int row) const {
+    return work_.get() + (static_cast<int64_t>(which) * work_rows_ + (row - work_lo_)) * kvd_;
+  }
+  // Stores work rows [first, first + n) of k_post and v as they are (FP16 copies) into the arena.
+  void store_rows(const GpuKvLayerChunk& c, int first, int n, bool keys, bool values, cudaStream_t stream) {
+    StoreArgs s;
+    s.n = n, s.kv_heads = KV_, s.d = d_, s.capacity = c.capacity, s.slot0 = first;
+    if (keys) {
+      s.src = work(1, first);
+      s.cache = c.k_cache;
+      launch_store(s, stream);
+    }
+    if (values) {
+      s.src = work(2, first);
+      s.cache = c.v_cache;
+      launch_store(s, stream);
+    }
+  }
+  // Saves the newest min(R, n) chunk rows (fp16 copies) into the layer's ring.
+  void save_ring(const GpuKvLayerChunk& c, cudaStream_t stream) {
+    const int len = c.position0 + c.n_tokens;
+    const int first = std::max(c.position0, len - R_);
+    if (len - first <= 0) return;
+    RingWriteArgs a;
+    a.work = work_.get();
+    a.ring = ring_[c.layer].get();
+    a.lo = work_lo_, a.rows = work_rows_, a.first = first, a.n = len - first, a.R = R_, a.kvd = kvd_;
+    ring_write_kernel<<<dim3(blocks_for(static_cast<int64_t>(a.n) * kvd_), 3), kThreads, 0, stream>>>(a);
+    ANTKV_LAUNCH_CHECK("ring_write_kernel");
+  }
+
+  // KIVI-style, as QuantizedKvCache::append's uniform branch.
+  void uniform(const GpuKvLayerChunk& c, cudaStream_t stream) {
+    const int l = c.layer, row0 = c.position0, len = row0 + c.n_tokens, G = m_.group;
+    int& k_upto = k_upto_[l];
+    int& v_upto = v_upto_[l];
+    const int quantizable = std::max(0, len - m_.window);
+    const int k_end = quantizable / G * G;
+    const int lo = std::min({row0, k_upto, v_upto});
+    stage(c, lo, ring_[l].get(), stream);
+    store_rows(c, row0, c.n_tokens, true, true, stream);  // FP16 until quantized
+    save_ring(c, stream);                                 // before the in-place quantization below
+    if (k_end > k_upto) {
+      UniformKeyArgs a;
+      a.x = work(1, lo);
+      a.first = k_upto - lo;
+      a.n_groups = (k_end - k_upto) / G;
+      a.group = G;
+      a.kvd = kvd_;
+      a.bits = m_.bits;
+      uniform_keys_kernel<<<blocks_for(static_cast<int64_t>(a.n_groups) * kvd_), kThreads, 0, stream>>>(a);
+      ANTKV_LAUNCH_CHECK("uniform_keys_kernel");
+      store_rows(c, k_upto, k_end - k_upto, true, false, stream);
+    }
+    k_upto = std::max(k_upto, k_end);
+    if (quantizable > v_upto) {
+      UniformValueArgs a;
+      a.x = work(2, lo);
+      a.first = v_upto - lo;
+      a.n = quantizable - v_upto;
+      a.gs = vgs_;
+      a.kvd = kvd_;
+      a.bits = m_.bits;
+      const int64_t threads = static_cast<int64_t>(a.n) * (kvd_ / vgs_) * 32;
+      uniform_values_kernel<<<static_cast<int>((threads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(a);
+      ANTKV_LAUNCH_CHECK("uniform_values_kernel");
+      store_rows(c, v_upto, quantizable - v_upto, false, true, stream);
+    }
+    v_upto = std::max(v_upto, quantizable);
+  }
+
+  // Quantizes work rows [first, first + n) (positions first..) into the arena; keep: device [n][KV] or null.
+  void quantize_rows(const GpuKvLayerChunk& c, int first, int n, const uint8_t* keep, cudaStream_t stream) {
+    if (n <= 0) return;
+    const int l = c.layer;
+    tmp_.ensure(static_cast<size_t>(2) * n * kvd_);
+    float* tk = tmp_.get();
+    float* tv = tmp_.get() + static_cast<size_t>(n) * kvd_;
+    VqArgs a;
+    a.n = n, a.d = d_, a.kvd = kvd_;
+    a.x = work(pre_ ? 0 : 1, first);
+    a.cents = kcent_[l].get();
+    a.out = tk;
+    a.groups = d_ / m_.keys.c;
+    a.k = 1 << m_.keys.b;
+    launch_vq(a, KV_, m_.keys.c, stream);
+    a.x = work(2, first);
+    a.cents = vcent_[l].get();
+    a.out = tv;
+    a.groups = d_ / m_.values.c;
+    a.k = 1 << m_.values.b;
+    launch_vq(a, KV_, m_.values.c, stream);
+    if (pre_) {  // rotate the dequantized pre-RoPE keys to their positions
+      pos_.ensure(n);
+      iota_kernel<<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(pos_.get(), n, first);
+      ANTKV_LAUNCH_CHECK("iota_kernel");
+      cuda::RopeParams rp;
+      rp.x = tk;
+      rp.positions = pos_.get();
+      rp.inv_freq = c.inv_freq;
+      rp.n_tokens = n;
+      rp.n_heads = KV_;
+      rp.head_dim = d_;
+      cuda::rope(rp, stream);
+    }
+    StoreArgs s;
+    s.n = n, s.kv_heads = KV_, s.d = d_, s.capacity = c.capacity, s.slot0 = first;
+    s.keep = keep;
+    s.src = tk;
+    s.keep_src = work(1, first);
+    s.cache = c.k_cache;
+    launch_store(s, stream);
+    s.src = tv;
+    s.keep_src = work(2, first);
+    s.cache = c.v_cache;
+    launch_store(s, stream);
+  }
+
+  // vq / antkv, as QuantizedKvCache::append's codebook branch.
+  void vq(const GpuKvLayerChunk& c, cudaStream_t stream) {
+    const int l = c.layer, n = c.n_tokens, row0 = c.position0, len = row0 + n;
+    int& upto = k_upto_[l];
+    if (n > 1) {
+      // a prefill chunk: anchors from the chunk's own full-precision attention, everything else quantized now
+      stage(c, row0, nullptr, stream);
+      save_ring(c, stream);
+      const uint8_t* keep = nullptr;
+      if (use_anchors_) {
+        select_anchors_gpu(c, stream);
+        keep = keep_d_.get();
+      }
+      quantize_rows(c, row0, n, keep, stream);
+      upto = len;
+    } else {
+      // decode: the new token stays FP16; quantize what left the window (never anchors)
+      const int end = std::max(upto, len - W_);
+      stage(c, upto, ring_[l].get(), stream);
+      store_rows(c, row0, n, true, true, stream);
+      save_ring(c, stream);
+      if (end > upto) {
+        const size_t nk = static_cast<size_t>(end - upto) * KV_;
+        keep_h_.assign(anchor_[l].begin() + static_cast<size_t>(upto) * KV_,
+                       anchor_[l].begin() + static_cast<size_t>(upto) * KV_ + nk);
+        const bool any = std::any_of(keep_h_.begin(), keep_h_.end(), [](uint8_t x) { return x != 0; });
+        if (any) {
+          keep_d_.ensure(nk);
+          ANTKV_CUDA_CHECK(cudaMemcpyAsync(keep_d_.get(), keep_h_.data(), nk, cudaMemcpyHostToDevice, stream));
+          ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));  // keep_h_ may change before the copy ran
+        }
+        quantize_rows(c, upto, end - upto, any ? keep_d_.get() : nullptr, stream);
+      }
+      upto = end;
+    }
+  }
+
+  // S_K, S_V of the chunk on the GPU, combined and selected on the host; fills anchor_[l] and keep_d_.
+  void select_anchors_gpu(const GpuKvLayerChunk& c, cudaStream_t stream) {
+    ANTKV_CHECK(c.q, "GPU KV quantizer {}: the runtime passed no queries (anchor scores need them)", m_.text);
+    const int l = c.layer, n = c.n_tokens, H = cfg_.num_heads, qd = cfg_.q_dim();
+    aq_.ensure(static_cast<size_t>(n) * qd);
+    ak_.ensure(static_cast<size_t>(n) * kvd_);
+    av_.ensure(static_cast<size_t>(n) * kvd_);
+    sk_.ensure(static_cast<size_t>(n) * KV_);
+    sv_.ensure(static_cast<size_t>(n) * KV_);
+    auto copy2d = [&](float* dst, int width, const float* src, int64_t stride) {
+      ANTKV_CUDA_CHECK(cudaMemcpy2DAsync(dst, width * sizeof(float), src, stride * sizeof(float), width * sizeof(float),
+                                         n, cudaMemcpyDeviceToDevice, stream));
+    };
+    copy2d(aq_.get(), qd, c.q, c.q_stride);
+    copy2d(ak_.get(), kvd_, c.k_post, c.k_post_stride);
+    copy2d(av_.get(), kvd_, c.v, c.v_stride);
+    cuda::AnchorScoreGpuArgs a;
+    a.q = aq_.get(), a.k = ak_.get(), a.v = av_.get();
+    a.s_k = sk_.get(), a.s_v = sv_.get();
+    a.n_tokens = n, a.n_heads = H, a.n_kv_heads = KV_, a.head_dim = d_;
+    cuda::anchor_scores_gpu(a, ws_, stream);
+    const size_t ns = static_cast<size_t>(n) * KV_;
+    h_sk_.resize(ns), h_sv_.resize(ns), h_score_.resize(ns);
+    ANTKV_CUDA_CHECK(cudaMemcpyAsync(h_sk_.data(), sk_.get(), ns * sizeof(float), cudaMemcpyDeviceToHost, stream));
+    ANTKV_CUDA_CHECK(cudaMemcpyAsync(h_sv_.data(), sv_.get(), ns * sizeof(float), cudaMemcpyDeviceToHost, stream));
+    ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const auto& ek = cb_->keys[l].error_norm;
+    const auto& ev = cb_->values[l].error_norm;
+    combine_anchor_scores(score_kind_, h_sk_.data(), h_sv_.data(), ek.empty() ? nullptr : ek.data(),
+                          ev.empty() ? nullptr : ev.data(), n, KV_,
+                          static_cast<uint64_t>(l) * 7919 + static_cast<uint64_t>(c.position0), h_score_.data());
+    keep_h_.assign(ns, 0);
+    const float* score = h_score_.data();
+    for (int h = 0; h < KV_; ++h) {
+      std::vector<int32_t> picked;
+      if (c.position0 == 0) {
+        picked = select_anchors(score, n, KV_, h, m_.ratio);
+      } else {  // no sink in this chunk: plain top ceil(ratio * n), as QuantizedKvCache
+        std::vector<int32_t> idx(static_cast<size_t>(n));
+        std::iota(idx.begin(), idx.end(), 0);
+        const int m = std::min(n, static_cast<int>(std::ceil(m_.ratio * n)));
+        std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), [&](int32_t x, int32_t y) {
+          return score[static_cast<size_t>(x) * KV_ + h] > score[static_cast<size_t>(y) * KV_ + h];
+        });
+        picked.assign(idx.begin(), idx.begin() + m);
+      }
+      for (int32_t t : picked) keep_h_[static_cast<size_t>(t) * KV_ + h] = 1;
+    }
+    std::copy(keep_h_.begin(), keep_h_.end(), anchor_[l].begin() + static_cast<size_t>(c.position0) * KV_);
+    keep_d_.ensure(ns);
+    ANTKV_CUDA_CHECK(cudaMemcpyAsync(keep_d_.get(), keep_h_.data(), ns, cudaMemcpyHostToDevice, stream));
+    ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));  // keep_h_ is reused by the next layer
+  }
+
+  const ModelConfig cfg_;
+  const MethodSpec m_;
+  std::shared_ptr<const CodebookSet> cb_;
+  const int W_;
+  int KV_ = 0, d_ = 0, kvd_ = 0;
+  Kind kind_ = Kind::kFp16;
+  int vgs_ = 0;                 // uniform: value group size
+  int R_ = 0;                   // ring rows per layer (0: no ring)
+  bool use_anchors_ = false, pre_ = false;
+  AnchorScoreKind score_kind_ = AnchorScoreKind::kErrorBound;
+
+  std::vector<int> len_, k_upto_, v_upto_;  // vq uses k_upto_ as its `upto`
+  std::vector<std::vector<uint8_t>> anchor_;
+  std::vector<DeviceBuffer<float>> ring_;   // per layer [3][R][kvd]: fp16 copies of waiting tokens
+  std::vector<DeviceBuffer<float>> kcent_, vcent_;
+
+  DeviceBuffer<float> work_, tmp_;
+  int work_rows_ = 0, work_lo_ = 0;
+  DeviceBuffer<float> aq_, ak_, av_, sk_, sv_;
+  DeviceBuffer<uint8_t> keep_d_;
+  DeviceBuffer<int32_t> pos_;
+  cuda::AnchorScoreWorkspace ws_;
+  std::vector<float> h_sk_, h_sv_, h_score_;
+  std::vector<uint8_t> keep_h_;
+};
+
+}  // namespace
+
+std::unique_ptr<GpuKvQuantizer> make_gpu_kv_quantizer(const ModelConfig& cfg, const MethodSpec& method,
+                                                      std::shared_ptr<const CodebookSet> codebooks, int decode_window) {
+  return std::make_unique<GpuKvQuantizerImpl>(cfg, method, std::move(codebooks), decode_window);
+}
+
+MethodRuntimeFactory gpu_method_runtime_factory(const Checkpoint& ckpt, const GpuRuntimeOptions& opt) {
+  return [&ckpt, opt](const MethodSpec& m, std::shared_ptr<const CodebookSet> cb) -> std::unique_ptr<Runtime> {
+    auto rt = std::make_unique<GpuRuntime>(ckpt, opt);  // selects opt.device: the codebooks go there
+    rt->set_kv_quantizer(make_gpu_kv_quantizer(ckpt.config(), m, std::move(cb)));
+    return rt;
+  };
+}
+
+AnchorScoreFn gpu_anchor_score_fn() {
+  struct State {
+    std::mutex mu;
+    int device = -1;
+    cudaStream_t stream = nullptr;
+    DeviceBuffer<float> q, k, v, s_k, s_v;
+    cuda::AnchorScoreWorkspace ws;
+    ~State() {
+      if (stream) cudaStreamDestroy(stream);
+    }
+  };
+  auto st = std::make_shared<State>();
+  return [st](const AnchorScoreArgs& a, float* s_k, float* s_v) {
+    std::lock_guard<std::mutex> lock(st->mu);
+    ANTKV_CHECK(a.n_tokens >= 0 && a.n_heads > 0 && a.n_kv_heads > 0 && a.head_dim > 0,
+                "gpu anchor scores: bad shape (T {}, heads {}/{}, head_dim {})", a.n_tokens, a.n_heads, a.n_kv_heads,
+                a.head_dim);
+    if (a.n_tokens == 0) return;
+    ANTKV_CHECK(a.q && a.k && a.v && s_k && s_v, "gpu anchor scores: null pointer");
+    if (!st->stream) {
+      ANTKV_CUDA_CHECK(cudaGetDevice(&st->device));
+      ANTKV_CUDA_CHECK(cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking));
+    }
+    const size_t T = static_cast<size_t>(a.n_tokens);
+    const size_t nq = T * a.n_heads * a.head_dim, nkv = T * a.n_kv_heads * a.head_dim, ns = T * a.n_kv_heads;
+    st->q.ensure(nq), st->k.ensure(nkv), st->v.ensure(nkv), st->s_k.ensure(ns), st->s_v.ensure(ns);
+    ANTKV_CUDA_CHECK(cudaMemcpyAsync(st->q.get(), a.q, nq * sizeof(float), cudaMemcpyHostToDevice, st->stream));
+    ANTKV_CUDA_CHECK(cudaMemcpyAsync(st->k.get(), a.k, nkv * sizeof(float), cudaMemcpyHostToDevice, st->stream));
+    ANTKV_CUDA_CHECK(cudaMemcpyAsync(st->v.get(), a.v, nkv * sizeof(float), cudaMemcpyHostToDevice, st->stream));
+    cuda::AnchorScoreGpuArgs p;
+    p.q = st->q.get(), p.k = st->k.get(), p.v = st->v.get(), p.s_k = st->s_k.get(), p.s_v = st->s_v.get();
+    p.n_tokens = a.n_tokens, p.n_heads = a.n_heads, p.n_kv_heads = a.n_kv_heads, p.head_dim = a.head_dim;
+    cuda::anchor_scores_gpu(p, st->ws, st->stream);
+    ANTKV_CUDA_CHECK(cudaMemcpyAsync(s_k, st->s_k.get(), ns * sizeof(float), cudaMemcpyDeviceToHost, st->stream));
+    ANTKV_CUDA_CHECK(cudaMemcpyAsync(s_v, st->s_v.get(), ns * sizeof(float), cudaMemcpyDeviceToHost, st->stream));
+    ANTKV_CUDA_CHECK(cudaStreamSynchronize(st->stream));
+  };
+}
+
+}  // namespace antkv

@@ -1,0 +1,101 @@
+// KV-cache quantizers on the GPU (design note §5): the compared methods of lib/quant/method.h applied to
+// GpuRuntime's bf16 KV arena as *fake quantization*: after a layer's new K/V are in the cache and before
+// attention reads them, the quantizer rewrites the new tokens' cache entries with their dequantized values.
+// The semantics are those of the CPU reference cache QuantizedKvCache (lib/quant/quantized_cache.h), step
+// for step; the only systematic difference is that the arena holds bf16, so every value the CPU cache holds
+// in fp32 (an fp16-rounded token, a dequantized value) is rounded once more, to bf16, when stored:
+//   fp16     each new token's K and V rounded to fp16 (the CPU FP16 baseline), then stored as bf16: the
+//            stored value is bf16(fp16(x)), within 2^-9 relative of what the CPU fp16 cache holds (the same
+//            bf16 rounding the plain GpuRuntime applies; fp16's range limit 65504 and its subnormals apply).
+//   uniform  KIVI-style: keys per channel over complete groups of `group` tokens, values per token over groups
+//            of min(group, head_dim) channels; fp16 scale and zero point (asymmetric, round half to even);
+//            the newest `window` tokens and an incomplete key group stay FP16 (carried over, from their exact
+//            fp16 copies, until a later forward() completes the group or moves them out of the window).
+//   vq       nearest centroid (squared L2, ties to the lowest index) per group of c channels, codebooks per
+//            (layer, KV head, group), uploaded once; no anchors.
+//   antkv    vq, plus ceil(ratio * n) FP16 anchor tokens per KV head in every prefill chunk of n > 1
+//            tokens, from the chunk's full-precision attention (kernels/anchor_scores.h on the runtime's fp32
+//            q/k/v), combined with the codebooks' error_norm as e_K / e_V exactly as combine_anchor_scores,
+//            selected on the host (select_anchors when the chunk starts at position 0, so token 0 is always
+//            an anchor; else the plain top ceil(ratio * n), as QuantizedKvCache does).
+//   key_rope: pre   the fp16 pre-RoPE keys are quantized with the pre-RoPE codebooks, dequantized and rotated to
+//            their positions (the runtime's RoPE kernel and inv_freq); anchors keep their post-RoPE keys.
+// Inputs of quantization are the fp16-rounded K/V (the CPU cache quantizes its fp16 copies too); anchor scores
+// use the unrounded fp32 q/k/v, as on the CPU.
+// Decode (one-token forwards), as QuantizedKvCache: vq/antkv tokens stay FP16 while among the newest
+// `decode_window` (128) tokens and are quantized (never made anchors) when they leave it; uniform follows its
+// own `window` and key groups. Exact fp16 copies of the tokens still waiting are kept on the device in a small
+// per-layer ring (window + group or decode_window + 1 tokens), so nothing is re-read from the bf16 arena.
+// A prefill chunk (n > 1) after decode steps quantizes only its own tokens (the waiting ones stay FP16), as on
+// the CPU. GpuRuntime::decode_batch() does not support a quantizer (it throws when one is set), and neither
+// does the option correct=on (the CPU attention's score correction; an error naming the method).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "calibrate/calibrate.h"
+#include "eval/compare.h"
+#include "io/codebooks.h"
+#include "kernels/gpu_runtime.h"
+#include "model/model_config.h"
+#include "quant/method.h"
+
+namespace antkv {
+
+class Checkpoint;
+
+// One layer's new tokens of one forward() (sequence 0), handed to the quantizer. Device pointers; the
+// activations are fp32 row-major with the given row strides (in elements):
+struct GpuKvLayerChunk {
+  int layer = 0;
+  int n_tokens = 0;                 // n: tokens of this forward() call
+  int position0 = 0;                // position (= cache slot) of the first of them
+  const float* q = nullptr;         // [n, num_heads, head_dim] post-RoPE queries (biased), row stride q_stride
+  const float* k_pre = nullptr;     // [n, num_kv_heads, head_dim] biased keys before RoPE, row stride k_pre_stride
+  const float* k_post = nullptr;    // [n, num_kv_heads, head_dim] post-RoPE keys, row stride k_post_stride
+  const float* v = nullptr;         // [n, num_kv_heads, head_dim] biased values, row stride v_stride
+  int64_t q_stride = 0, k_pre_stride = 0, k_post_stride = 0, v_stride = 0;
+  const int32_t* positions = nullptr;  // [n] the tokens' positions (position0 + t)
+  const float* inv_freq = nullptr;     // [head_dim / 2] RoPE inverse frequencies (rope_inv_freq)
+  // This layer's cache of sequence 0, [num_kv_heads, capacity, head_dim] bf16: token t of the chunk is in
+  // slot position0 + t (already written by the runtime as bf16 of the fp32 K/V); slots [0, position0) hold
+  // earlier tokens. The quantizer may rewrite any slot < position0 + n.
+  __nv_bfloat16* k_cache = nullptr;
+  __nv_bfloat16* v_cache = nullptr;
+  int capacity = 0;
+};
+
+class GpuKvQuantizer {
+ public:
+  virtual ~GpuKvQuantizer() = default;
+  virtual std::string name() const = 0;
+  // A new sequence (GpuRuntime::reset calls it).
+  virtual void reset() = 0;
+  // Rewrites the chunk's cache entries (and any earlier ones whose turn has come) on `stream`. Chunks of a
+  // layer must arrive in order: c.position0 == the tokens this quantizer has seen for the layer.
+  virtual void on_layer(const GpuKvLayerChunk& c, cudaStream_t stream) = 0;
+  // Anchor flags of layer l: [tokens seen, num_kv_heads], 1 = kept in FP16 as an anchor (all 0 without anchors).
+  virtual const std::vector<uint8_t>& anchor_flags(int layer) const = 0;
+};
+
+// The quantizer of `method`; codebooks are required for vq/antkv and validated like QuantizedKvCache's (model
+// hash, c/b, key_rope, layer/head counts) plus every layer's centroid and error_norm array sizes; errors
+// name the method. Codebooks are uploaded to the current CUDA device here.
+std::unique_ptr<GpuKvQuantizer> make_gpu_kv_quantizer(const ModelConfig& cfg, const MethodSpec& method,
+                                                      std::shared_ptr<const CodebookSet> codebooks,
+                                                      int decode_window = 128);
+
+// GpuRuntimes (weights from ckpt, which must outlive the factory's runtimes) with the method's quantizer.
+MethodRuntimeFactory gpu_method_runtime_factory(const Checkpoint& ckpt, const GpuRuntimeOptions& opt = {});
+
+// anchor_scores_gpu behind the host fp32 AnchorScoreFn interface (antkv-calibrate on the GPU): uploads q/k/v,
+// runs both passes on a stream of its own with a reusable workspace, downloads S_K/S_V. Device buffers grow
+// to the largest window seen and are kept (shared by copies of the returned function; calls are serialized).
+AnchorScoreFn gpu_anchor_score_fn();
+
+}  // namespace antkv
