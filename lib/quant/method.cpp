@@ -95,7 +95,8 @@ double effective_bits(const MethodSpec& m, int L, int d, bool include_codebooks)
     const int full = quant / m.group * m.group;
     const double key_bits = (full * (m.bits + 32.0 / m.group) + (L - full) * 16.0) / L;
     const int vg = std::min(m.group, d);
-    const double value_bits = (quant * (m.bits + 32.0 / vg) + window * 16.0) / L;
+    const double groups_per_head = std::ceil(static_cast<double>(d) / vg);  // the last group may be shorter
+    const double value_bits = (quant * (m.bits + 32.0 * groups_per_head / d) + window * 16.0) / L;
     return (key_bits + value_bits) / 2;
   }
   const int n_anchor = m.anchors ? std::min(L, static_cast<int>(std::ceil(m.ratio * L))) : 0;

@@ -142,9 +142,11 @@ void QuantizedKvCache::append(const KvAppend& a) {
       for (size_t c = 0; c < row_; ++c) uniform_quantize(k_[l].data() + g0 * row_ + c, G, static_cast<int64_t>(row_), method_.bits);
     k_upto = static_cast<int>(std::max<int64_t>(k_upto, k_end));
     // values: each token, groups of min(G, d) channels
-    const int vgs = std::min(G, d);
+    const int vgs = std::min(G, d);  // groups stay inside a head; the last one is shorter when vgs does not divide d
     for (int64_t r = v_upto; r < quantizable; ++r)
-      for (size_t c0 = 0; c0 < row_; c0 += vgs) uniform_quantize(v_[l].data() + r * row_ + c0, vgs, 1, method_.bits);
+      for (int h = 0; h < KV; ++h)
+        for (int c0 = 0; c0 < d; c0 += vgs)
+          uniform_quantize(v_[l].data() + r * row_ + static_cast<int64_t>(h) * d + c0, std::min(vgs, d - c0), 1, method_.bits);
     v_upto = static_cast<int>(std::max<int64_t>(v_upto, quantizable));
     return;
   }
