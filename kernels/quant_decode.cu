@@ -1,0 +1,990 @@
+// Decode attention over a vector-quantized KV cache and the quantize kernel (layout and method: quant_decode.h).
+//
+// Split kernel, one block of NT threads (256, or 512 when only one block fits on a multiprocessor) per (split,
+// KV head x head tile, sequence):
+//  1. q (HT heads) -> shared, scaled by scale*log2(e); bins zeroed; the first tile's codes are requested
+//     from memory before the LUT is built so that their latency overlaps the build.
+//  2. LUT[code][group][0..HT) = q_group . key_centroid (fp32, or fp16 for c16b12 / lut_half).
+//  3. The block's stretch of the code stream, in tiles of 1024 slots (thread tid takes slots tile_base +
+//     u*NT + tid, so lane = slot mod 32), the next tile's records in flight in registers while this one is
+//     processed:
+//     - score of each slot and head: sum over the NG record positions i of LUT[code_i][i ^ lane_g] (lane_g =
+//       lane mod NG; records are XOR-swizzled by slot). Per position i the lanes of a quarter warp read 8
+//       distinct groups: for HT=4 fp32 entries (16 bytes) these are 8 distinct bank quads (a LUT row is
+//       NG*16 bytes, a multiple of 128): no bank conflicts. The address is (code << row_shift) | (lane
+//       constant ^ compile-time constant): one byte permute and one LOP3.
+//     - per tile, the block's maximum score per head (warp max, one barrier); when a score would make a
+//       weight larger than 2^16 the reference m is raised so that the tile's maximum weighs 2^14 and the
+//       bins are rescaled (rare: log of the number of tiles for i.i.d. scores).
+//     - weight F = floor(exp2(s - m) + d), d a per-(slot, head) hash dither in (0, 1): E[F] = exp2(s - m).
+//       F <= 2^16 and a split has <= 32768 slots, so a u32 bin never overflows.
+//     - bins[code][head][group] += F (shared-memory integer atomics). At instruction (j1, j0) a lane adds
+//       head j1*Q + (j0 ^ kappa), kappa = (lane / NG) mod Q, Q = min(32/NG, HT), so the 32 lanes of an
+//       instruction hit 32 distinct banks when NG*HT >= 32.
+//  4. The block's share of the sequence's FP16 tokens (anchors then window; split s takes the s-th
+//     ceil(n/n_splits) of them): 8 warps, warp per token, lanes over channels, online softmax per warp.
+//  5. O_q[head][group*c + j] = sum_code bins[code][head][group] * value_centroid[group][code][j] (warps over
+//     codes, lanes over (group, code)), L_q = sum_code bins[code][head][0]; merged with the FP16 partials
+//     (log-sum-exp) into the split's unnormalized O, max and sum in the workspace.
+// Reduction: one block of head_dim threads per (head, sequence) merges the splits (programmatic dependent
+// launch, as flash_decode's).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "kernels/cuda_check.h"
+#include "kernels/device_utils.cuh"
+#include "kernels/quant_decode.h"
+
+namespace antkv::cuda {
+namespace {
+
+using namespace dev;
+
+constexpr int kTile = 1024;          // code-stream slots per tile (threads x slots per thread)
+constexpr int kFW = 8;               // warps that take the FP16 tokens
+constexpr int kFMaxBits = 16;        // weights F <= 2^16
+constexpr int kSlack = 2;            // after a rescale the tile maximum weighs 2^(16-2)
+constexpr int kMaxSplitLen = 32768;  // 32768 * 2^16 = 2^31: a u32 bin cannot overflow
+
+constexpr int cmax(int a, int b) { return a > b ? a : b; }
+constexpr int cmin(int a, int b) { return a < b ? a : b; }
+constexpr int ilog2(int x) { return x <= 1 ? 0 : 1 + ilog2(x / 2); }
+
+template <int D_, int C_, int NB_, int HT_, bool LH_>
+struct QCfg {
+  static constexpr int D = D_, C = C_, NB = NB_, HT = HT_;
+  static constexpr bool LUT_HALF = LH_;
+  static constexpr int NG = D / C;
+  static constexpr int K = 1 << NB;
+  static constexpr int REC = NG * NB / 8;
+  static constexpr int NWD = (REC + 3) / 4;
+  static constexpr int Q = cmin(32 / NG, HT);
+  static constexpr int ENTRIES = NG * K;
+  static constexpr int LUT_ES = LH_ ? 2 : 4;
+  static constexpr int LUT_BYTES = ENTRIES * HT * LUT_ES;
+  static constexpr int BIN_WORDS = ENTRIES * HT;
+  static constexpr int FIXED = BIN_WORDS * 4 + HT * D * 4 + 16 * 4;
+  static constexpr int PART_FLOATS = kFW * HT * (D + 2);  // FP16 partials of the kFW warps: o[D], m, l
+  // 256 threads when two blocks fit on a multiprocessor, else 512 (16 warps in the one block)
+  static constexpr int SMEM256 = cmax(LUT_BYTES, (PART_FLOATS + 8 * HT * (D + 1)) * 4) + FIXED + 2 * 8 * HT * 4;
+  static constexpr int NT = SMEM256 <= 110 * 1024 ? 256 : 512;
+  static constexpr int NW = NT / 32;
+  static constexpr int U = kTile / NT;                     // slots per thread per tile
+  static constexpr int PROD_FLOATS = NW * HT * (D + 1);   // bins x centroids per warp: o[D], l
+  static constexpr int REGION_A = cmax(LUT_BYTES, (PART_FLOATS + PROD_FLOATS) * 4);
+  static constexpr int SMEM = REGION_A + FIXED + 2 * NW * HT * 4;
+  static constexpr int MINB = NT == 256 ? 2 : 1;
+  static constexpr int LUT_ROW_SHIFT = ilog2(NG * HT * LUT_ES);  // bytes of a LUT row (one code)
+  static constexpr int BIN_ROW_SHIFT = ilog2(NG * HT * 4);       // bytes of a bins row
+  static_assert(REC * 8 == NG * NB, "records are whole bytes");
+  static_assert(SMEM <= 227 * 1024, "shared memory");
+  static_assert((NG & (NG - 1)) == 0 && NG <= 32 && NG % 2 == 0, "group count");
+  static_assert(kTile % NT == 0, "tile");
+};
+
+// ---- records ----
+template <int REC>
+__device__ __forceinline__ void load_record(const uint8_t* __restrict__ base, int64_t t, uint32_t (&w)[(REC + 3) / 4]) {
+  const uint8_t* ptr = base + t * REC;
+  if constexpr (REC % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < REC / 16; ++i) {
+      const uint4 v = __ldcs(reinterpret_cast<const uint4*>(ptr) + i);
+      w[4 * i] = v.x;
+      w[4 * i + 1] = v.y;
+      w[4 * i + 2] = v.z;
+      w[4 * i + 3] = v.w;
+    }
+  } else if constexpr (REC % 8 == 0) {
+#pragma unroll
+    for (int i = 0; i < REC / 8; ++i) {
+      const uint2 v = __ldcs(reinterpret_cast<const uint2*>(ptr) + i);
+      w[2 * i] = v.x;
+      w[2 * i + 1] = v.y;
+    }
+  } else if constexpr (REC % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < REC / 4; ++i) w[i] = __ldcs(reinterpret_cast<const unsigned int*>(ptr) + i);
+  } else if constexpr (REC % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < (REC + 3) / 4; ++i) w[i] = 0;
+#pragma unroll
+    for (int i = 0; i < REC / 2; ++i)
+      w[i >> 1] |= static_cast<uint32_t>(__ldcs(reinterpret_cast<const unsigned short*>(ptr) + i)) << (16 * (i & 1));
+  } else {
+#pragma unroll
+    for (int i = 0; i < (REC + 3) / 4; ++i) w[i] = 0;
+#pragma unroll
+    for (int i = 0; i < REC; ++i)
+      w[i >> 2] |= static_cast<uint32_t>(__ldcs(reinterpret_cast<const unsigned char*>(ptr) + i)) << (8 * (i & 3));
+  }
+}
+
+// The i-th b-bit code of a record (i a compile-time constant after unrolling).
+template <int NB, int NWD>
+__device__ __forceinline__ uint32_t code_at(const uint32_t (&w)[NWD], int i) {
+  const int bit = i * NB, wi = bit >> 5, sh = bit & 31;
+  uint32_t v = w[wi] >> sh;
+  if (sh + NB > 32 && wi + 1 < NWD) v |= w[wi + 1] << (32 - sh);
+  return v & ((1u << NB) - 1u);
+}
+
+__device__ __forceinline__ uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// C fp16 values (C = 8 or 16, 16-byte aligned) -> floats
+template <int C>
+__device__ __forceinline__ void load_half_vec(const __half* ptr, float (&v)[C]) {
+#pragma unroll
+  for (int i = 0; i < C / 8; ++i) {
+    const uint4 r = __ldg(reinterpret_cast<const uint4*>(ptr) + i);
+    const uint32_t wd[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&wd[j]));
+      v[8 * i + 2 * j] = f.x;
+      v[8 * i + 2 * j + 1] = f.y;
+    }
+  }
+}
+
+// The i-th code shifted left by SH (i a compile-time constant after unrolling); b = 8: one byte permute.
+template <int NB, int SH, int NWD>
+__device__ __forceinline__ uint32_t code_shl(const uint32_t (&w)[NWD], int i) {
+  if constexpr (NB == 8) {
+    const uint32_t b1 = __byte_perm(w[i >> 2], 0u, 0x4404u | ((i & 3) << 4));  // byte i%4 -> byte 1
+    if constexpr (SH >= 8) return b1 << (SH - 8);
+    else return b1 >> (8 - SH);
+  } else {
+    return code_at<NB>(w, i) << SH;
+  }
+}
+
+// acc[h] += LUT values at byte offset off (fp32 tables)
+template <int HT>
+__device__ __forceinline__ void lut_add_f32(const unsigned char* lut, uint32_t off, float (&acc)[HT]) {
+  if constexpr (HT == 4) {
+    const float4 x = *reinterpret_cast<const float4*>(lut + off);
+    acc[0] += x.x, acc[1] += x.y, acc[2] += x.z, acc[3] += x.w;
+  } else if constexpr (HT == 2) {
+    const float2 x = *reinterpret_cast<const float2*>(lut + off);
+    acc[0] += x.x, acc[1] += x.y;
+  } else {
+    acc[0] += *reinterpret_cast<const float*>(lut + off);
+  }
+}
+
+// acc[h] += the sum of two fp16 LUT entries (added in fp16, then accumulated in fp32)
+template <int HT>
+__device__ __forceinline__ void lut_add2_f16(const unsigned char* lut, uint32_t off0, uint32_t off1, float (&acc)[HT]) {
+  if constexpr (HT == 4) {
+    const uint2 a = *reinterpret_cast<const uint2*>(lut + off0), b = *reinterpret_cast<const uint2*>(lut + off1);
+    const float2 x = __half22float2(__hadd2(*reinterpret_cast<const __half2*>(&a.x), *reinterpret_cast<const __half2*>(&b.x)));
+    const float2 y = __half22float2(__hadd2(*reinterpret_cast<const __half2*>(&a.y), *reinterpret_cast<const __half2*>(&b.y)));
+    acc[0] += x.x, acc[1] += x.y, acc[2] += y.x, acc[3] += y.y;
+  } else if constexpr (HT == 2) {
+    const float2 x = __half22float2(__hadd2(*reinterpret_cast<const __half2*>(lut + off0), *reinterpret_cast<const __half2*>(lut + off1)));
+    acc[0] += x.x, acc[1] += x.y;
+  } else {
+    acc[0] += __half2float(__hadd(*reinterpret_cast<const __half*>(lut + off0), *reinterpret_cast<const __half*>(lut + off1)));
+  }
+}
+
+// C fp16 values from raw 16-byte words
+template <int C>
+__device__ __forceinline__ void halves_to_float(const uint4 (&r)[C / 8], float (&v)[C]) {
+#pragma unroll
+  for (int i = 0; i < C / 8; ++i) {
+    const uint32_t wd[4] = {r[i].x, r[i].y, r[i].z, r[i].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&wd[j]));
+      v[8 * i + 2 * j] = f.x;
+      v[8 * i + 2 * j + 1] = f.y;
+    }
+  }
+}
+
+template <class CF>
+__global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const QuantDecodeParams p) {
+  constexpr int D = CF::D, C = CF::C, NB = CF::NB, HT = CF::HT, NG = CF::NG, K = CF::K, REC = CF::REC;
+  constexpr int NWD = CF::NWD, Q = CF::Q, NT = CF::NT, NW = CF::NW, U = CF::U, ES = CF::LUT_ES;
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* sA = smem;                                         // LUT; later FP16 / product partials
+  uint32_t* bins = reinterpret_cast<uint32_t*>(smem + CF::REGION_A);  // [K][HT][NG]
+  unsigned char* bins_b = smem + CF::REGION_A;
+  float* sQ = reinterpret_cast<float*>(bins + CF::BIN_WORDS);       // [HT][D] q * scale * log2(e)
+  float* sRef = sQ + HT * D;                                        // [HT] final reference of the bins (16 floats)
+  float* sMax = sRef + 16;                                          // [2][NW][HT]
+
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int G = p.n_heads / p.n_kv_heads;
+  const int tiles_per_kv = G / HT;
+  const int kvh = blockIdx.y / tiles_per_kv;
+  const int h0 = kvh * G + (blockIdx.y % tiles_per_kv) * HT;  // first query head of the block
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const float sl = p.scale * 1.4426950408889634f;
+
+  // the block's stretch of the code stream (counts clamped: a bad count is reported by the reduction)
+  const int64_t q_limit = std::min<int64_t>(static_cast<int64_t>(p.n_splits) * p.split_len, p.quant_capacity);
+  const int nq = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(p.n_quant[b], q_limit)));
+  const int q0 = split * p.split_len;
+  const int q1 = min(q0 + p.split_len, nq);
+  const bool has_q = q0 < q1;
+  const int n_tiles = has_q ? (q1 - q0 + kTile - 1) / kTile : 0;
+  const int64_t head_off = (static_cast<int64_t>(b) * p.n_kv_heads + kvh) * p.quant_capacity * REC;
+  const uint8_t* kbase = p.k_codes + head_off;
+  const uint8_t* vbase = p.v_codes + head_off;
+
+  uint32_t ak[U][NWD], av[U][NWD], bk[U][NWD], bv[U][NWD];
+  auto load_tile = [&](uint32_t (&rk)[U][NWD], uint32_t (&rv)[U][NWD], int tile) {
+    const int t0 = q0 + tile * kTile + tid;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int t = t0 + u * NT;
+      if (t < q1) {
+        load_record<REC>(kbase, t, rk[u]);
+        load_record<REC>(vbase, t, rv[u]);
+      }
+    }
+  };
+  if (n_tiles > 0) load_tile(ak, av, 0);  // in flight while the LUT is built
+
+  // 1. q, bins
+  for (int i = tid; i < HT * D; i += NT)
+    sQ[i] = __bfloat162float(p.q[(static_cast<int64_t>(b) * p.n_heads + h0) * D + i]) * sl;
+  for (int i = tid; i < CF::BIN_WORDS / 4; i += NT) reinterpret_cast<uint4*>(bins)[i] = make_uint4(0, 0, 0, 0);
+  __syncthreads();
+
+  // 2. LUT. Entry e of the loop -> (code, group) such that a warp reads whole 32-byte sectors of the codebook
+  // and writes consecutive entries; a thread's group is the same for all its entries. Loads are issued a chunk
+  // at a time (up to 8 centroids in flight per thread).
+  if (has_q) {
+    constexpr int PER = NG * K / NT;
+    constexpr int CH = cmin(PER, C == 8 ? 8 : 4);
+    static_assert(PER >= 1 && PER % CH == 0, "LUT entries per thread");
+    const int grp = (tid >> 1) & (NG - 1);
+    float qg[HT][C];
+#pragma unroll
+    for (int h = 0; h < HT; ++h)
+#pragma unroll
+      for (int c = 0; c < C; ++c) qg[h][c] = sQ[h * D + grp * C + c];
+    const __half* kc = p.k_centroids + (static_cast<int64_t>(kvh) * NG + grp) * K * C;
+#pragma unroll 1
+    for (int base = 0; base < PER; base += CH) {
+      uint4 raw[CH][C / 8];
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+        const int e = tid + (base + j) * NT;
+        const int code = ((e >> 1) >> ilog2(NG)) * 2 + (e & 1);
+#pragma unroll
+        for (int r = 0; r < C / 8; ++r)
+          raw[j][r] = __ldg(reinterpret_cast<const uint4*>(kc + static_cast<int64_t>(code) * C) + r);
+      }
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+        const int e = tid + (base + j) * NT;
+        const int code = ((e >> 1) >> ilog2(NG)) * 2 + (e & 1);
+        float cen[C];
+        halves_to_float<C>(raw[j], cen);
+        float val[HT];
+#pragma unroll
+        for (int h = 0; h < HT; ++h) {
+          float s = 0.f;
+#pragma unroll
+          for (int c = 0; c < C; ++c) s = fmaf(qg[h][c], cen[c], s);
+          val[h] = s;
+        }
+        const int entry = code * NG + grp;
+        if constexpr (!CF::LUT_HALF) {
+          float* dst = reinterpret_cast<float*>(sA) + entry * HT;
+          if constexpr (HT == 4) *reinterpret_cast<float4*>(dst) = make_float4(val[0], val[1], val[2], val[3]);
+          else if constexpr (HT == 2) *reinterpret_cast<float2*>(dst) = make_float2(val[0], val[1]);
+          else *dst = val[0];
+        } else {
+          __half* dst = reinterpret_cast<__half*>(sA) + entry * HT;
+          if constexpr (HT == 4) {
+            const __half2 x = __floats2half2_rn(val[0], val[1]), y = __floats2half2_rn(val[2], val[3]);
+            uint2 pk;
+            pk.x = *reinterpret_cast<const uint32_t*>(&x);
+            pk.y = *reinterpret_cast<const uint32_t*>(&y);
+            *reinterpret_cast<uint2*>(dst) = pk;
+          } else if constexpr (HT == 2) {
+            *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(val[0], val[1]);
+          } else {
+            *dst = __float2half_rn(val[0]);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // 3. the code stream. Position i of a slot's record holds group i ^ lane_g (records are XOR-swizzled by slot
+  // and slot mod 32 = lane). Lane constants make each lookup address one LOP3 with the shifted code.
+  const int lane_g = lane & (NG - 1);
+  const int kappa = (lane / NG) & (Q - 1);
+  const uint32_t lut_lane = static_cast<uint32_t>(lane_g * HT * ES);
+  const uint32_t bin_lane = static_cast<uint32_t>((kappa * NG + lane_g) * 4);
+  float mref[HT];  // the bins hold sum of floor(exp2(s - mref) + d); -inf before the first tile
+#pragma unroll
+  for (int h = 0; h < HT; ++h) mref[h] = -INFINITY;
+  const uint32_t seed = static_cast<uint32_t>(b) * 0x9e3779b9u + static_cast<uint32_t>(kvh) * 0x85ebca6bu;
+
+  auto process = [&](const uint32_t (&ck)[U][NWD], const uint32_t (&cv)[U][NWD], int tile) {
+    const int t0 = q0 + tile * kTile + tid;
+    float s[U][HT];
+    float wm[HT];
+#pragma unroll
+    for (int h = 0; h < HT; ++h) wm[h] = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int h = 0; h < HT; ++h) s[u][h] = -INFINITY;
+      if (t0 + u * NT < q1) {
+        float acc[HT];
+#pragma unroll
+        for (int h = 0; h < HT; ++h) acc[h] = 0.f;
+        if constexpr (!CF::LUT_HALF) {
+#pragma unroll
+          for (int i = 0; i < NG; ++i)
+            lut_add_f32<HT>(sA, code_shl<NB, CF::LUT_ROW_SHIFT>(ck[u], i) | (lut_lane ^ (i * HT * ES)), acc);
+        } else {
+#pragma unroll
+          for (int i = 0; i < NG; i += 2)
+            lut_add2_f16<HT>(sA, code_shl<NB, CF::LUT_ROW_SHIFT>(ck[u], i) | (lut_lane ^ (i * HT * ES)),
+                             code_shl<NB, CF::LUT_ROW_SHIFT>(ck[u], i + 1) | (lut_lane ^ ((i + 1) * HT * ES)), acc);
+        }
+#pragma unroll
+        for (int h = 0; h < HT; ++h) {
+          s[u][h] = acc[h];
+          wm[h] = fmaxf(wm[h], acc[h]);
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < HT; ++h) {
+      wm[h] = warp_max(wm[h]);
+      if (lane == 0) sMax[((tile & 1) * NW + warp) * HT + h] = wm[h];
+    }
+    __syncthreads();
+    bool rescale = false;
+    float fac[HT];
+#pragma unroll
+    for (int h = 0; h < HT; ++h) {
+      float T = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) T = fmaxf(T, sMax[((tile & 1) * NW + w) * HT + h]);
+      fac[h] = 1.f;
+      if (T > mref[h] + kFMaxBits) {  // some weight would exceed 2^16
+        const float nr = T - (kFMaxBits - kSlack);
+        fac[h] = exp2f(mref[h] - nr);
+        mref[h] = nr;
+        rescale = true;
+      }
+    }
+    if (rescale && tile > 0) {  // uniform over the block; before tile 0 the bins are all zero
+#pragma unroll
+      for (int h = 0; h < HT; ++h) {
+        if (fac[h] == 1.f) continue;
+        for (int idx = tid; idx < K * NG; idx += NT) {  // the words of head h: bins[code][h][group]
+          const int wd = ((idx / NG) * HT + h) * NG + (idx & (NG - 1));
+          bins[wd] = __float2uint_rn(__uint2float_rn(bins[wd]) * fac[h]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int t = t0 + u * NT;
+      if (t < q1) {
+        const uint32_t hs = hash32(static_cast<uint32_t>(t) ^ seed);
+        uint32_t F[HT];
+#pragma unroll
+        for (int h = 0; h < HT; ++h) {
+          // dither d = byte/256 + 1/512 in (0, 1), from 1.byte (as a float in [1, 2)) - (1 - 1/512)
+          const float d = __uint_as_float(0x3f800000u | (((hs >> (8 * h)) & 255u) << 15)) - 0.998046875f;
+          const float x = exp2f(s[u][h] - mref[h]);
+          F[h] = __float_as_uint(__fadd_rd(x + d, 8388608.f)) - 0x4b000000u;  // floor(x + d), x + d < 2^23
+        }
+        uint32_t Fr[HT];  // Fr[j1*Q + j0] = F[j1*Q + (j0 ^ kappa)]: instruction (j1, j0) adds head j1*Q + (j0 ^ kappa)
+#pragma unroll
+        for (int j1 = 0; j1 < HT / Q; ++j1)
+#pragma unroll
+          for (int j0 = 0; j0 < Q; ++j0) {
+            uint32_t v = F[j1 * Q + j0];
+#pragma unroll
+            for (int k = 1; k < Q; ++k)
+              if (kappa == k) v = F[j1 * Q + (j0 ^ k)];
+            Fr[j1 * Q + j0] = v;
+          }
+#pragma unroll
+        for (int i = 0; i < NG; ++i) {
+          const uint32_t vb = code_shl<NB, CF::BIN_ROW_SHIFT>(cv[u], i);
+#pragma unroll
+          for (int j0 = 0; j0 < Q; ++j0) {
+            // bins[code][j1*Q + (j0 ^ kappa)][i ^ lane_g]
+            const uint32_t off = vb | (bin_lane ^ static_cast<uint32_t>((j0 * NG + i) * 4));
+#pragma unroll
+            for (int j1 = 0; j1 < HT / Q; ++j1)
+              atomicAdd(reinterpret_cast<uint32_t*>(bins_b + off + j1 * Q * NG * 4), Fr[j1 * Q + j0]);
+          }
+        }
+      }
+    }
+  };
+
+  for (int tile = 0; tile < n_tiles; tile += 2) {
+    if (tile + 1 < n_tiles) load_tile(bk, bv, tile + 1);
+    process(ak, av, tile);
+    if (tile + 1 < n_tiles) {
+      if (tile + 2 < n_tiles) load_tile(ak, av, tile + 2);
+      process(bk, bv, tile + 1);
+    }
+  }
+  if (tid == 0) {
+#pragma unroll
+    for (int h = 0; h < HT; ++h) sRef[h] = mref[h];
+  }
+  __syncthreads();  // bins complete; the LUT region is free
+
+  // 4. FP16 tokens (anchors then window), on the first kFW warps: warp per token, lanes over channels,
+  // 4 tokens' rows requested at once.
+  float* sPart = reinterpret_cast<float*>(sA);  // [kFW][HT][D + 2]: o, m, l
+  float* sProd = sPart + CF::PART_FLOATS;       // [NW][HT][D + 1]: o, l
+  if (warp < kFW) {
+    constexpr int E = D / 32;
+    constexpr int R = 4;
+    const int na = max(0, min(p.n_anchor[b], p.anchor_capacity));
+    const int nw = max(0, min(p.n_window[b], p.window_capacity));
+    const int nf = na + nw;
+    const int fs = (nf + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
+    const int f0 = split * fs, f1 = min(nf, f0 + fs);
+    const int64_t bh = static_cast<int64_t>(b) * p.n_kv_heads + kvh;
+    float qr[HT][E], fm[HT], fl[HT], fo[HT][E];
+#pragma unroll
+    for (int h = 0; h < HT; ++h) {
+      fm[h] = -INFINITY;
+      fl[h] = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        qr[h][e] = sQ[h * D + lane * E + e];
+        fo[h][e] = 0.f;
+      }
+    }
+    auto row = [&](int f, bool is_k) -> const __half* {
+      if (f < na) return (is_k ? p.anchor_k : p.anchor_v) + (bh * p.anchor_capacity + f) * D + lane * E;
+      return (is_k ? p.window_k : p.window_v) + (bh * p.window_capacity + (f - na)) * D + lane * E;
+    };
+    auto load_row = [&](const __half* ptr, float (&v)[E]) {
+      if constexpr (E == 4) {
+        const uint2 r = __ldg(reinterpret_cast<const uint2*>(ptr));
+        const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&r.x));
+        const float2 c = __half22float2(*reinterpret_cast<const __half2*>(&r.y));
+        v[0] = a.x, v[1] = a.y, v[2] = c.x, v[3] = c.y;
+      } else {
+        const unsigned int r = __ldg(reinterpret_cast<const unsigned int*>(ptr));
+        const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&r));
+        v[0] = a.x, v[1] = a.y;
+      }
+    };
+    for (int f = f0 + warp; f < f1; f += R * kFW) {
+      float kx[R][E], vx[R][E];
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (f + r * kFW < f1) {
+          load_row(row(f + r * kFW, true), kx[r]);
+          load_row(row(f + r * kFW, false), vx[r]);
+        }
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (f + r * kFW < f1) {
+#pragma unroll
+          for (int h = 0; h < HT; ++h) {
+            float part = 0.f;
+#pragma unroll
+            for (int e = 0; e < E; ++e) part = fmaf(qr[h][e], kx[r][e], part);
+            const float sc = warp_sum(part);
+            const float mn = fmaxf(fm[h], sc);
+            const float al = exp2f(fm[h] - mn);
+            const float pw = exp2f(sc - mn);
+            fm[h] = mn;
+            fl[h] = fl[h] * al + pw;
+#pragma unroll
+            for (int e = 0; e < E; ++e) fo[h][e] = fmaf(fo[h][e], al, pw * vx[r][e]);
+          }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < HT; ++h) {
+      float* dst = sPart + (warp * HT + h) * (D + 2);
+#pragma unroll
+      for (int e = 0; e < E; ++e) dst[lane * E + e] = fo[h][e];
+      if (lane == 0) {
+        dst[D] = fm[h];
+        dst[D + 1] = fl[h];
+      }
+    }
+  }
+
+  // 5. bins x value centroids: lane -> (group, cl), warp and cl stride over the codes; centroids requested a
+  // chunk at a time
+  if (has_q) {
+    constexpr int LPG = 32 / NG;
+    constexpr int PER_LANE = K / (LPG * NW);
+    constexpr int CH = cmin(PER_LANE, C == 8 ? 8 : 4);
+    static_assert(PER_LANE >= 1 && PER_LANE % CH == 0, "codes per lane");
+    const int grp = lane & (NG - 1), cl = lane / NG;
+    float acc[HT][C], accl[HT];
+#pragma unroll
+    for (int h = 0; h < HT; ++h) {
+      accl[h] = 0.f;
+#pragma unroll
+      for (int c = 0; c < C; ++c) acc[h][c] = 0.f;
+    }
+    const __half* vcb = p.v_centroids + (static_cast<int64_t>(kvh) * NG + grp) * K * C;
+#pragma unroll 1
+    for (int base = 0; base < PER_LANE; base += CH) {
+      uint4 raw[CH][C / 8];
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+        const int code = cl + LPG * (warp + NW * (base + j));
+#pragma unroll
+        for (int r = 0; r < C / 8; ++r)
+          raw[j][r] = __ldg(reinterpret_cast<const uint4*>(vcb + static_cast<int64_t>(code) * C) + r);
+      }
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+        const int code = cl + LPG * (warp + NW * (base + j));
+        float cen[C];
+        halves_to_float<C>(raw[j], cen);
+#pragma unroll
+        for (int h = 0; h < HT; ++h) {
+          const float w = __uint2float_rn(bins[(code * HT + h) * NG + grp]);
+          accl[h] += w;
+#pragma unroll
+          for (int c = 0; c < C; ++c) acc[h][c] = fmaf(w, cen[c], acc[h][c]);
+        }
+      }
+    }
+#pragma unroll
+    for (int off = NG; off < 32; off <<= 1)
+#pragma unroll
+      for (int h = 0; h < HT; ++h) {
+        accl[h] += __shfl_xor_sync(0xffffffffu, accl[h], off);
+#pragma unroll
+        for (int c = 0; c < C; ++c) acc[h][c] += __shfl_xor_sync(0xffffffffu, acc[h][c], off);
+      }
+    if (cl == 0) {
+#pragma unroll
+      for (int h = 0; h < HT; ++h) {
+        float* dst = sProd + (warp * HT + h) * (D + 1);
+#pragma unroll
+        for (int c = 0; c < C; ++c) dst[grp * C + c] = acc[h][c];
+        if (grp == 0) dst[D] = accl[h];
+      }
+    }
+  }
+  __syncthreads();
+
+  // merge and write the split's record
+  float* wo = p.workspace;
+  float* wml = p.workspace + static_cast<int64_t>(p.batch) * p.n_heads * p.n_splits * D;
+  for (int i = tid; i < HT * D; i += NT) {
+    const int h = i / D, c = i % D;
+    const float mq = has_q ? sRef[h] : -INFINITY;
+    float M = mq;
+#pragma unroll
+    for (int w = 0; w < kFW; ++w) M = fmaxf(M, sPart[(w * HT + h) * (D + 2) + D]);
+    float O = 0.f, L = 0.f;
+    if (M != -INFINITY) {
+      if (has_q) {
+        const float f = exp2f(mq - M);
+        float oq = 0.f, lq = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+          oq += sProd[(w * HT + h) * (D + 1) + c];
+          lq += sProd[(w * HT + h) * (D + 1) + D];
+        }
+        O = f * oq;
+        L = f * lq;
+      }
+#pragma unroll
+      for (int w = 0; w < kFW; ++w) {
+        const float* src = sPart + (w * HT + h) * (D + 2);
+        const float mw = src[D];
+        if (mw != -INFINITY) {
+          const float f = exp2f(mw - M);
+          O = fmaf(f, src[c], O);
+          L = fmaf(f, src[D + 1], L);
+        }
+      }
+    }
+    const int64_t slot = (static_cast<int64_t>(b) * p.n_heads + h0 + h) * p.n_splits + split;
+    wo[slot * D + c] = O;
+    if (c == 0) {
+      wml[slot * 2] = M;
+      wml[slot * 2 + 1] = L;
+    }
+  }
+}
+
+// One block of D threads per (head, sequence): merges every split's record (empty splits have m = -inf).
+template <int D>
+__global__ void __launch_bounds__(D) quant_reduce_kernel(const QuantDecodeParams p) {
+  __shared__ float w[kMaxQuantSplits];
+  __shared__ float red[D / 32];
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  const int h = blockIdx.x, b = blockIdx.y, c = threadIdx.x;
+  const int lane = c & 31, warp = c >> 5;
+  const int nq = p.n_quant[b], na = p.n_anchor[b], nw = p.n_window[b];
+  const int64_t bh = static_cast<int64_t>(b) * p.n_heads + h;
+  const bool bad = nq < 0 || nq > p.quant_capacity || static_cast<int64_t>(p.n_splits) * p.split_len < nq || na < 0 ||
+                   na > p.anchor_capacity || nw < 0 || nw > p.window_capacity ||
+                   static_cast<int64_t>(nq) + na + nw < 1;
+  if (bad) {  // a plan made for a shorter stream, a count past its capacity, or an empty context
+    p.out[bh * D + c] = __float2bfloat16_rn(NAN);
+    if (p.lse && c == 0) p.lse[bh] = NAN;
+    return;
+  }
+  const int S = p.n_splits;
+  const float* wo = p.workspace + bh * S * D;
+  const float* wml = p.workspace + static_cast<int64_t>(p.batch) * p.n_heads * S * D + bh * S * 2;
+  float m = -INFINITY;
+  for (int s = c; s < S; s += D) m = fmaxf(m, wml[2 * s]);
+  m = warp_max(m);
+  if (lane == 0) red[warp] = m;
+  __syncthreads();
+  float M = red[0];
+#pragma unroll
+  for (int i = 1; i < D / 32; ++i) M = fmaxf(M, red[i]);
+  __syncthreads();
+  float l = 0.f;
+  for (int s = c; s < S; s += D) {
+    const float ms = wml[2 * s];
+    const float f = ms == -INFINITY ? 0.f : exp2f(ms - M);
+    w[s] = f;
+    l += f * wml[2 * s + 1];
+  }
+  l = warp_sum(l);
+  if (lane == 0) red[warp] = l;
+  __syncthreads();
+  float L = 0.f;
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) L += red[i];
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  int s = 0;
+  for (; s + 4 <= S; s += 4) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) acc[u] = fmaf(w[s + u], wo[static_cast<int64_t>(s + u) * D + c], acc[u]);
+  }
+  for (; s < S; ++s) acc[0] = fmaf(w[s], wo[static_cast<int64_t>(s) * D + c], acc[0]);
+  p.out[bh * D + c] = __float2bfloat16_rn((acc[0] + acc[1] + acc[2] + acc[3]) / L);
+  if (p.lse && c == 0) p.lse[bh] = (M + log2f(L)) * 0.6931471805599453f;
+}
+
+// ---- dispatch over the closed set ----
+int heads_per_block(int G, VqConfig cfg) {
+  if (cfg == VqConfig::kC16B12) return 1;
+  if (G % 4 == 0) return 4;
+  if (G % 2 == 0) return 2;
+  return 1;
+}
+
+bool lut_half_for(VqConfig cfg, bool requested) { return cfg == VqConfig::kC16B12 || requested; }
+
+// LH: whether an fp16-LUT instantiation exists for this configuration (c8b8 only; c16b12 has only fp16)
+template <int D, int C, int NB, bool LH, class F>
+void with_ht(int ht, bool lh, F&& f) {
+  auto go = [&](auto ht_tag) {
+    constexpr int HT = decltype(ht_tag)::value;
+    if constexpr (LH) {
+      if (lh) {
+        f(QCfg<D, C, NB, HT, true>{});
+        return;
+      }
+    }
+    f(QCfg<D, C, NB, HT, false>{});
+  };
+  switch (ht) {
+    case 4: go(std::integral_constant<int, 4>{}); break;
+    case 2: go(std::integral_constant<int, 2>{}); break;
+    default: go(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+template <int D, class F>
+void with_config(VqConfig cfg, int ht, bool lh, F&& f) {
+  switch (cfg) {
+    case VqConfig::kC8B8: with_ht<D, 8, 8, true>(ht, lh, f); break;
+    case VqConfig::kC16B8: with_ht<D, 16, 8, false>(ht, false, f); break;
+    case VqConfig::kC16B6: with_ht<D, 16, 6, false>(ht, false, f); break;
+    case VqConfig::kC16B12: f(QCfg<D, 16, 12, 1, true>{}); break;
+  }
+}
+
+// Calls f(QCfg<...>{}) for the instantiation of (head_dim, cfg, HT, lut_half); errors outside the set.
+template <class F>
+void dispatch(int head_dim, VqConfig cfg, int ht, bool lut_half, F&& f) {
+  check_vq_shape(head_dim, cfg);
+  ANTKV_CHECK(ht == 1 || ht == 2 || ht == 4, "quant_decode: heads per block {}", ht);
+  ANTKV_CHECK(!lut_half || cfg == VqConfig::kC8B8 || cfg == VqConfig::kC16B12,
+              "quant_decode: fp16 lookup tables are built for c8b8 and c16b12 only (not {})", vq_config_info(cfg).name);
+  const bool lh = lut_half_for(cfg, lut_half);
+  if (head_dim == 128) with_config<128>(cfg, ht, lh, f);
+  else with_config<64>(cfg, ht, lh, f);
+}
+
+template <class CF>
+void set_smem_attr() {
+  static const bool done = [] {
+    ANTKV_CUDA_CHECK(cudaFuncSetAttribute(quant_split_kernel<CF>, cudaFuncAttributeMaxDynamicSharedMemorySize, CF::SMEM));
+    return true;
+  }();
+  (void)done;
+}
+
+template <class CF>
+int blocks_per_sm() {
+  static const int n = [] {
+    set_smem_attr<CF>();
+    int per_sm = 0;
+    ANTKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, quant_split_kernel<CF>, CF::NT, CF::SMEM));
+    ANTKV_CHECK(per_sm >= 1, "quant_decode: the split kernel does not fit on a multiprocessor");
+    return per_sm;
+  }();
+  return n;
+}
+
+template <int D>
+void launch_reduce(const QuantDecodeParams& p, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(p.n_heads, p.batch);
+  cfg.blockDim = dim3(D);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  ANTKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, quant_reduce_kernel<D>, p));
+  ANTKV_LAUNCH_CHECK(D == 64 ? "quant_reduce_kernel<64>" : "quant_reduce_kernel<128>");
+}
+
+// ---- quantize ----
+template <int D, int C, int NB>
+__global__ void __launch_bounds__(128) quantize_kernel(const QuantizeParams p) {
+  constexpr int NG = D / C, K = 1 << NB, REC = NG * NB / 8;
+  __shared__ float sX[D];
+  __shared__ int32_t sCode[NG];
+  const int i = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t xoff = static_cast<int64_t>(i) * p.x_row_stride + static_cast<int64_t>(h) * D;
+  for (int c = tid; c < D; c += blockDim.x) {
+    float v;
+    if (p.x_type == ElemType::kF32) v = static_cast<const float*>(p.x)[xoff + c];
+    else if (p.x_type == ElemType::kF16) v = __half2float(static_cast<const __half*>(p.x)[xoff + c]);
+    else v = __bfloat162float(static_cast<const bf16*>(p.x)[xoff + c]);
+    sX[c] = v;
+  }
+  __syncthreads();
+  for (int g = warp; g < NG; g += blockDim.x / 32) {
+    float xv[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) xv[c] = sX[g * C + c];
+    const __half* cb = p.centroids + (static_cast<int64_t>(h) * NG + g) * K * C;
+    float best = INFINITY;
+    int arg = 0;
+    for (int code = lane; code < K; code += 32) {
+      float cen[C];
+      load_half_vec<C>(cb + static_cast<int64_t>(code) * C, cen);
+      float d = 0.f;
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const float diff = __fsub_rn(xv[c], cen[c]);
+        d = __fadd_rn(d, __fmul_rn(diff, diff));  // no FMA: the same rounding as vq_encode on the host
+      }
+      if (d < best) best = d, arg = code;  // increasing codes: ties keep the lowest
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, off);
+      const int oa = __shfl_xor_sync(0xffffffffu, arg, off);
+      if (ob < best || (ob == best && oa < arg)) best = ob, arg = oa;
+    }
+    if (lane == 0) sCode[g] = arg;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    const int seq = p.seq_index[i], t = p.slot[i];
+    const bool ok = seq >= 0 && seq < p.batch && t >= 0 && t < p.capacity;
+    if (p.codes_out)
+      for (int g = 0; g < NG; ++g) p.codes_out[(static_cast<int64_t>(i) * p.n_kv_heads + h) * NG + g] = ok ? sCode[g] : -1;
+    if (ok) {
+      uint8_t rec[REC];
+#pragma unroll
+      for (int j = 0; j < REC; ++j) rec[j] = 0;
+      const int sw = t & (NG - 1);
+      for (int j = 0; j < NG; ++j) {
+        const uint32_t code = static_cast<uint32_t>(sCode[j ^ sw]);
+        for (int bit = 0; bit < NB; ++bit)
+          if ((code >> bit) & 1u) rec[(j * NB + bit) >> 3] |= static_cast<uint8_t>(1u << ((j * NB + bit) & 7));
+      }
+      uint8_t* dst = p.codes + ((static_cast<int64_t>(seq) * p.n_kv_heads + h) * p.capacity + t) * REC;
+#pragma unroll
+      for (int j = 0; j < REC; ++j) dst[j] = rec[j];
+    }
+  }
+}
+
+__device__ __forceinline__ uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  x ^= x >> 31;
+  return x;
+}
+
+__global__ void fill_bytes_kernel(uint8_t* dst, int64_t n, uint64_t seed) {
+  const int64_t words = (n + 7) / 8;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < words;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t r = mix64(seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i));
+    if (i * 8 + 8 <= n && reinterpret_cast<uintptr_t>(dst) % 8 == 0) {
+      reinterpret_cast<uint64_t*>(dst)[i] = r;
+    } else {
+      for (int j = 0; j < 8 && i * 8 + j < n; ++j) dst[i * 8 + j] = static_cast<uint8_t>(r >> (8 * j));
+    }
+  }
+}
+
+__global__ void fill_f16_kernel(__half* dst, int64_t n, uint64_t seed, float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t r = mix64(seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i));
+    const float u = static_cast<float>(r >> 40) * (1.f / 16777216.f);  // [0, 1)
+    dst[i] = __float2half_rn((2.f * u - 1.f) * scale);
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+
+int quant_decode_tile() { return kTile; }
+
+QuantDecodePlan plan_quant_decode(int batch, int n_heads, int n_kv_heads, int head_dim, VqConfig cfg,
+                                  int64_t max_quant_len, bool lut_half, int waves) {
+  ANTKV_CHECK(batch > 0 && n_kv_heads > 0 && n_heads > 0 && n_heads % n_kv_heads == 0 && max_quant_len >= 0 && waves > 0,
+              "plan_quant_decode: bad sizes");
+  const int G = n_heads / n_kv_heads;
+  QuantDecodePlan plan;
+  plan.heads_per_block = heads_per_block(G, cfg);
+  dispatch(head_dim, cfg, plan.heads_per_block, lut_half,
+           [&](auto cf) { plan.blocks_per_sm = blocks_per_sm<decltype(cf)>(); });
+  const int64_t units = static_cast<int64_t>(batch) * n_kv_heads * (G / plan.heads_per_block);
+  const int64_t want = static_cast<int64_t>(waves) * plan.blocks_per_sm * device_sm_count();
+  int64_t n_splits = std::clamp<int64_t>(want / units, 1, kMaxQuantSplits);
+  int64_t split_len = (std::max<int64_t>(max_quant_len, 1) + n_splits - 1) / n_splits;
+  split_len = std::clamp<int64_t>((split_len + kTile - 1) / kTile * kTile, kTile, kMaxSplitLen);
+  n_splits = std::max<int64_t>(1, (max_quant_len + split_len - 1) / split_len);
+  ANTKV_CHECK(n_splits <= kMaxQuantSplits, "plan_quant_decode: {} quantized tokens need {} splits (at most {})",
+              max_quant_len, n_splits, kMaxQuantSplits);
+  plan.n_splits = static_cast<int>(n_splits);
+  plan.split_len = static_cast<int>(split_len);
+  return plan;
+}
+
+int64_t quant_decode_workspace_floats(int batch, int n_heads, int head_dim, int n_splits) {
+  return static_cast<int64_t>(batch) * n_heads * n_splits * (head_dim + 2);
+}
+
+void quant_decode(QuantDecodeParams p, cudaStream_t stream) {
+  check_vq_shape(p.head_dim, p.config);
+  ANTKV_CHECK(p.n_heads > 0 && p.n_kv_heads > 0 && p.n_heads % p.n_kv_heads == 0,
+              "quant_decode: n_heads {} must be a multiple of n_kv_heads {}", p.n_heads, p.n_kv_heads);
+  ANTKV_CHECK(p.batch > 0 && p.batch <= 65535, "quant_decode: batch {} out of range", p.batch);
+  ANTKV_CHECK(p.q && p.out && p.workspace && p.n_quant && p.n_anchor && p.n_window, "quant_decode: null pointer");
+  ANTKV_CHECK(p.quant_capacity >= 0 && p.anchor_capacity >= 0 && p.window_capacity >= 0, "quant_decode: bad capacity");
+  ANTKV_CHECK(p.quant_capacity == 0 || (p.k_codes && p.v_codes && p.k_centroids && p.v_centroids),
+              "quant_decode: codes and codebooks are required when quant_capacity > 0");
+  ANTKV_CHECK(p.anchor_capacity == 0 || (p.anchor_k && p.anchor_v), "quant_decode: anchor K/V are null");
+  ANTKV_CHECK(p.window_capacity == 0 || (p.window_k && p.window_v), "quant_decode: window K/V are null");
+  const int rec = vq_record_bytes(p.head_dim, p.config);
+  const int align = rec % 16 == 0 ? 16 : rec % 8 == 0 ? 8 : rec % 4 == 0 ? 4 : rec % 2 == 0 ? 2 : 1;
+  ANTKV_CHECK(reinterpret_cast<uintptr_t>(p.k_codes) % align == 0 && reinterpret_cast<uintptr_t>(p.v_codes) % align == 0,
+              "quant_decode: code arenas must be {}-byte aligned", align);
+  ANTKV_CHECK(aligned16(p.k_centroids) && aligned16(p.v_centroids) && aligned16(p.anchor_k) && aligned16(p.anchor_v) &&
+                  aligned16(p.window_k) && aligned16(p.window_v),
+              "quant_decode: codebooks and FP16 buffers must be 16-byte aligned");
+  const int G = p.n_heads / p.n_kv_heads;
+  const int ht = heads_per_block(G, p.config);
+  ANTKV_CHECK(static_cast<int64_t>(p.n_kv_heads) * (G / ht) <= 65535, "quant_decode: too many heads");
+  ANTKV_CHECK(p.n_splits >= 1 && p.n_splits <= kMaxQuantSplits && p.split_len > 0 && p.split_len % kTile == 0 &&
+                  p.split_len <= kMaxSplitLen,
+              "quant_decode: bad split plan ({} splits of {} slots)", p.n_splits, p.split_len);
+  ANTKV_CHECK(p.workspace_floats >= quant_decode_workspace_floats(p.batch, p.n_heads, p.head_dim, p.n_splits),
+              "quant_decode: workspace of {} floats is too small", p.workspace_floats);
+  dispatch(p.head_dim, p.config, ht, p.lut_half, [&](auto cf) {
+    using CF = decltype(cf);
+    set_smem_attr<CF>();
+    const dim3 grid(p.n_splits, p.n_kv_heads * (G / ht), p.batch);
+    quant_split_kernel<CF><<<grid, CF::NT, CF::SMEM, stream>>>(p);
+    ANTKV_LAUNCH_CHECK("quant_split_kernel");
+  });
+  if (p.head_dim == 128) launch_reduce<128>(p, stream);
+  else launch_reduce<64>(p, stream);
+}
+
+void quantize_kv(QuantizeParams p, cudaStream_t stream) {
+  check_vq_shape(p.head_dim, p.config);
+  ANTKV_CHECK(p.n_tokens >= 0 && p.n_kv_heads > 0 && p.n_kv_heads <= 65535 && p.batch > 0 && p.capacity > 0,
+              "quantize_kv: bad sizes");
+  if (p.n_tokens == 0) return;
+  ANTKV_CHECK(p.x && p.centroids && p.seq_index && p.slot && p.codes, "quantize_kv: null pointer");
+  ANTKV_CHECK(p.x_type == ElemType::kF16 || p.x_type == ElemType::kBF16 || p.x_type == ElemType::kF32,
+              "quantize_kv: input type {} is not supported", elem_type_name(p.x_type));
+  ANTKV_CHECK(p.x_row_stride >= static_cast<int64_t>(p.n_kv_heads) * p.head_dim, "quantize_kv: row stride too small");
+  ANTKV_CHECK(aligned16(p.centroids), "quantize_kv: centroids must be 16-byte aligned");
+  const dim3 grid(p.n_tokens, p.n_kv_heads);
+  auto go = [&](auto kernel) {
+    kernel<<<grid, 128, 0, stream>>>(p);
+    ANTKV_LAUNCH_CHECK("quantize_kernel");
+  };
+  const bool d128 = p.head_dim == 128;
+  switch (p.config) {
+    case VqConfig::kC8B8: d128 ? go(quantize_kernel<128, 8, 8>) : go(quantize_kernel<64, 8, 8>); break;
+    case VqConfig::kC16B12: d128 ? go(quantize_kernel<128, 16, 12>) : go(quantize_kernel<64, 16, 12>); break;
+    case VqConfig::kC16B8: d128 ? go(quantize_kernel<128, 16, 8>) : go(quantize_kernel<64, 16, 8>); break;
+    case VqConfig::kC16B6: d128 ? go(quantize_kernel<128, 16, 6>) : go(quantize_kernel<64, 16, 6>); break;
+  }
+}
+
+void fill_random_bytes(uint8_t* dst, int64_t n, uint64_t seed, cudaStream_t stream) {
+  if (n <= 0) return;
+  ANTKV_CHECK(dst, "fill_random_bytes: null pointer");
+  const int blocks = static_cast<int>(std::min<int64_t>((n / 8 + 255) / 256 + 1, 4096));
+  fill_bytes_kernel<<<blocks, 256, 0, stream>>>(dst, n, seed);
+  ANTKV_LAUNCH_CHECK("fill_bytes_kernel");
+}
+
+void fill_random_f16(__half* dst, int64_t n, uint64_t seed, float scale, cudaStream_t stream) {
+  if (n <= 0) return;
+  ANTKV_CHECK(dst, "fill_random_f16: null pointer");
+  const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 4096));
+  fill_f16_kernel<<<blocks, 256, 0, stream>>>(dst, n, seed, scale);
+  ANTKV_LAUNCH_CHECK("fill_f16_kernel");
+}
+
+}  // namespace antkv::cuda

@@ -1,0 +1,217 @@
+// Decode attention over a vector-quantized KV cache, and the quantize kernel that fills it (design note §3,
+// §6). One new query token per sequence attends to its whole context: the quantized tokens (b-bit codes
+// per group of c channels, ~1 bit per channel) and the FP16 tokens (anchors and the newest window), all in
+// one softmax. Keys are post-RoPE (the design's default; pre-RoPE keys need the dequantize-and-rotate path,
+// which is not implemented here).
+//
+// ---- configurations (closed set) -------------------------------------------------------------------------
+//   c8b8 = 1 bit/channel, c16b12 = 0.75, c16b8 = 0.5, c16b6 = 0.375; head_dim 128 or 64. Keys and values use
+//   the same configuration and each have their own codebooks. Anything else is an antkv::Error.
+//
+// ---- cache layout, per layer ------------------------------------------------------------------------------
+// G = n_heads / n_kv_heads, NG = head_dim / c groups, K = 2^b centroids, R = NG * b / 8 bytes per token
+// (an integer for every configuration: 16, 12, 8, 6 bytes at head_dim 128; 8, 6, 4, 3 at 64).
+//  codes     k_codes, v_codes: uint8 [batch, n_kv_heads, quant_capacity, R]. Per (sequence, KV head), a
+//            compacted stream of the quantized tokens in slots 0 .. n_quant[b]-1 (the order of tokens does
+//            not matter to attention; anchors and window tokens are not in it). Slot t holds one record of
+//            R bytes with NG tightly packed b-bit codes, little-endian (bit i*b of the record is the lowest
+//            bit of its i-th code), in an XOR-SWIZZLED group order: the i-th code of slot t is the code of group
+//            i ^ (t mod NG). (The decode kernel gives slot t to lane t mod 32; the swizzle makes the lanes of a
+//            warp read NG different groups' lookup tables and bins at once, so shared memory serves a warp's
+//            lookups and bin updates without bank conflicts, and a lookup address is one logic op of the code
+//            and a per-lane constant.) pack_codes / unpack_codes below convert [n, NG] int32 codes.
+//  codebooks k_centroids, v_centroids: fp16 [n_kv_heads, NG, K, c] (the layer's codebooks of §7, rounded to
+//            fp16; the CPU reference dequantizes with the same fp16-rounded values).
+//  anchors   anchor_k, anchor_v: fp16 [batch, n_kv_heads, anchor_capacity, head_dim], slots 0 ..
+//            n_anchor[b]-1; anchor_pos: int32 [batch, n_kv_heads, anchor_capacity] their token positions
+//            (bookkeeping for the cache manager; attention does not read them).
+//  window    window_k, window_v: fp16 [batch, n_kv_heads, window_capacity, head_dim], slots 0 ..
+//            n_window[b]-1 (the newest tokens, any slot order, e.g. a ring).
+//  Each token of a sequence's context is in exactly one of: the code stream, the anchors, the window; the
+//  counts n_quant / n_anchor / n_window are per sequence (the anchor budget ceil(rho*T) is the same for every
+//  KV head). Slots past the counts are never read (they may hold anything, NaN included).
+//
+// ---- decode kernel ---------------------------------------------------------------------------------------
+// Flash-decoding: grid (split, KV head x query-head tile, sequence). A block (256 threads, or 512 when only
+// one block fits on a multiprocessor) takes HT = 4, 2 or 1 query
+// heads of one KV head (all G heads share each code read when G <= 4); for its stretch of the code stream it
+//  - builds LUT[code][group][head] = (q_group . centroid) * scale * log2(e) in shared memory (fp32; fp16
+//    for c16b12, whose 4096-entry tables would not fit in fp32, or when lut_half is set), so a token's score
+//    is the sum over groups of LUT[code][group];
+//  - accumulates each token's weight exp2(score - m) into value bins[code][head][group] in shared memory
+//    (u32 fixed point: shared-memory integer atomics are native, float ones are not; weights are scaled so
+//    that the largest is 2^14..2^16 and dithered before truncation, so the rounding is unbiased; m is raised
+//    per tile of 1024 tokens when a score would overflow, rescaling the bins), then multiplies the bins by the
+//    value centroids once at the end;
+//  - takes a share of the sequence's FP16 tokens (anchors, then window) on CUDA cores, online softmax;
+// and writes its unnormalized output, max and sum; a reduction kernel (log-sum-exp merge) combines the
+// splits. Outputs bf16 like flash_decode.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "core/error.h"
+
+namespace antkv::cuda {
+
+enum class VqConfig { kC8B8, kC16B12, kC16B8, kC16B6 };
+
+struct VqConfigInfo {
+  int c = 0;          // channels per group
+  int b = 0;          // bits per code
+  const char* name = "";
+};
+
+inline VqConfigInfo vq_config_info(VqConfig cfg) {
+  switch (cfg) {
+    case VqConfig::kC8B8: return {8, 8, "c8b8"};
+    case VqConfig::kC16B12: return {16, 12, "c16b12"};
+    case VqConfig::kC16B8: return {16, 8, "c16b8"};
+    case VqConfig::kC16B6: return {16, 6, "c16b6"};
+  }
+  fail("unknown VQ configuration {}", static_cast<int>(cfg));
+}
+inline VqConfig parse_vq_config(const std::string& name) {
+  for (VqConfig c : {VqConfig::kC8B8, VqConfig::kC16B12, VqConfig::kC16B8, VqConfig::kC16B6})
+    if (name == vq_config_info(c).name) return c;
+  fail("unknown VQ configuration '{}' (c8b8, c16b12, c16b8 or c16b6)", name);
+}
+inline void check_vq_shape(int head_dim, VqConfig cfg) {
+  (void)vq_config_info(cfg);
+  ANTKV_CHECK(head_dim == 64 || head_dim == 128, "quantized KV cache: head_dim {} is not supported (64 or 128)",
+              head_dim);
+}
+inline int vq_groups(int head_dim, VqConfig cfg) { return head_dim / vq_config_info(cfg).c; }
+inline int vq_centroid_count(VqConfig cfg) { return 1 << vq_config_info(cfg).b; }
+// Bytes of one token's record (all groups of one KV head).
+inline int vq_record_bytes(int head_dim, VqConfig cfg) { return vq_groups(head_dim, cfg) * vq_config_info(cfg).b / 8; }
+inline double vq_bits_per_channel(VqConfig cfg) {
+  return static_cast<double>(vq_config_info(cfg).b) / vq_config_info(cfg).c;
+}
+
+// ---- packing (host) --------------------------------------------------------------------------------------
+// codes: int32 [n, NG] in natural group order, of the n consecutive stream slots first_slot .. first_slot+n-1
+// -> out: uint8 [n, R] (the swizzled, tightly packed records described above). Codes outside [0, 2^b) are an
+// antkv::Error.
+inline void pack_codes(const int32_t* codes, int64_t n, int64_t first_slot, int head_dim, VqConfig cfg, uint8_t* out) {
+  check_vq_shape(head_dim, cfg);
+  ANTKV_CHECK(n >= 0 && first_slot >= 0, "pack_codes: bad range");
+  const int ng = vq_groups(head_dim, cfg), nb = vq_config_info(cfg).b, rb = vq_record_bytes(head_dim, cfg);
+  for (int64_t r = 0; r < n; ++r) {
+    const int sw = static_cast<int>((first_slot + r) % ng);
+    uint8_t* rec = out + r * rb;
+    for (int i = 0; i < rb; ++i) rec[i] = 0;
+    for (int i = 0; i < ng; ++i) {
+      const int32_t code = codes[r * ng + (i ^ sw)];
+      ANTKV_CHECK(code >= 0 && code < (1 << nb), "pack_codes: code {} of token {} is outside [0, {})", code, r,
+                  1 << nb);
+      for (int bit = 0; bit < nb; ++bit)
+        if ((code >> bit) & 1) {
+          const int at = i * nb + bit;
+          rec[at >> 3] = static_cast<uint8_t>(rec[at >> 3] | (1u << (at & 7)));
+        }
+    }
+  }
+}
+
+// The inverse: records of slots first_slot .. first_slot+n-1 -> codes int32 [n, NG] in natural group order.
+inline void unpack_codes(const uint8_t* packed, int64_t n, int64_t first_slot, int head_dim, VqConfig cfg, int32_t* codes) {
+  check_vq_shape(head_dim, cfg);
+  ANTKV_CHECK(n >= 0 && first_slot >= 0, "unpack_codes: bad range");
+  const int ng = vq_groups(head_dim, cfg), nb = vq_config_info(cfg).b, rb = vq_record_bytes(head_dim, cfg);
+  for (int64_t r = 0; r < n; ++r) {
+    const int sw = static_cast<int>((first_slot + r) % ng);
+    const uint8_t* rec = packed + r * rb;
+    for (int i = 0; i < ng; ++i) {
+      int32_t code = 0;
+      for (int bit = 0; bit < nb; ++bit) {
+        const int at = i * nb + bit;
+        code |= static_cast<int32_t>((rec[at >> 3] >> (at & 7)) & 1u) << bit;
+      }
+      codes[r * ng + (i ^ sw)] = code;
+    }
+  }
+}
+
+}  // namespace antkv::cuda
+
+#ifdef ANTKV_HAVE_CUDA
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/ops.h"
+
+namespace antkv::cuda {
+
+// ---- decode ---------------------------------------------------------------------------------------------
+struct QuantDecodeParams {
+  VqConfig config = VqConfig::kC8B8;
+  int batch = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  const bf16* q = nullptr;             // [batch, n_heads, head_dim], post-RoPE (the runtime's bf16 q)
+  const uint8_t* k_codes = nullptr;    // [batch, n_kv_heads, quant_capacity, R] (layout above)
+  const uint8_t* v_codes = nullptr;    // [batch, n_kv_heads, quant_capacity, R]
+  const __half* k_centroids = nullptr; // [n_kv_heads, NG, 2^b, c]
+  const __half* v_centroids = nullptr; // [n_kv_heads, NG, 2^b, c]
+  const __half* anchor_k = nullptr;    // [batch, n_kv_heads, anchor_capacity, head_dim] (null if anchor_capacity 0)
+  const __half* anchor_v = nullptr;    // [batch, n_kv_heads, anchor_capacity, head_dim]
+  const int32_t* anchor_pos = nullptr; // [batch, n_kv_heads, anchor_capacity] (documentation of the layout; not read)
+  const __half* window_k = nullptr;    // [batch, n_kv_heads, window_capacity, head_dim] (null if window_capacity 0)
+  const __half* window_v = nullptr;    // [batch, n_kv_heads, window_capacity, head_dim]
+  const int32_t* n_quant = nullptr;    // [batch] (device): quantized tokens per sequence, <= quant_capacity
+  const int32_t* n_anchor = nullptr;   // [batch] (device): <= anchor_capacity
+  const int32_t* n_window = nullptr;   // [batch] (device): <= window_capacity
+  int quant_capacity = 0, anchor_capacity = 0, window_capacity = 0;
+  bf16* out = nullptr;                 // [batch, n_heads, head_dim]
+  float* lse = nullptr;                // [batch, n_heads] natural log-sum-exp of the scaled scores, or null
+  float* workspace = nullptr;          // quant_decode_workspace_floats(batch, n_heads, head_dim, n_splits)
+  int64_t workspace_floats = 0;
+  int n_splits = 0, split_len = 0;     // from plan_quant_decode(): code-stream slots per split
+  float scale = 0.f;                   // usually 1/sqrt(head_dim)
+  bool lut_half = false;               // fp16 lookup tables (always on for c16b12)
+};
+
+struct QuantDecodePlan {
+  int n_splits = 1;
+  int split_len = 1024;      // a multiple of quant_decode_tile(); at most 32768 (the bins' overflow bound)
+  int heads_per_block = 1;   // HT
+  int blocks_per_sm = 1;     // occupancy of the split kernel
+};
+constexpr int kMaxQuantSplits = 1024;
+// Slots per tile of the split kernel (1024): split lengths are multiples of it.
+int quant_decode_tile();
+// Splits the longest code stream (max_quant_len slots) so that the grid is about `waves` waves of resident
+// blocks. A plan is valid for any sequence whose n_quant <= n_splits * split_len (else the output is NaN).
+QuantDecodePlan plan_quant_decode(int batch, int n_heads, int n_kv_heads, int head_dim, VqConfig cfg,
+                                  int64_t max_quant_len, bool lut_half = false, int waves = 1);
+int64_t quant_decode_workspace_floats(int batch, int n_heads, int head_dim, int n_splits);
+void quant_decode(QuantDecodeParams p, cudaStream_t stream);
+
+// ---- quantize ---------------------------------------------------------------------------------------------
+// Nearest centroid (squared L2 summed channel by channel in fp32 without FMA contraction, as vq_encode does, so
+// the codes equal the CPU's; ties to the lowest index) for each of n_tokens new K or V vectors of every KV
+// head, written as packed records into the code stream: token i of sequence seq_index[i] goes to slot
+// slot[i] of each head's stream. Rows whose seq_index or slot is out of range are skipped (codes_out -1).
+struct QuantizeParams {
+  VqConfig config = VqConfig::kC8B8;
+  int n_tokens = 0, n_kv_heads = 0, head_dim = 0;
+  const void* x = nullptr;             // [n_tokens, n_kv_heads, head_dim] of x_type, row stride x_row_stride
+  ElemType x_type = ElemType::kF16;    // kF16, kBF16 or kF32
+  int64_t x_row_stride = 0;            // elements between tokens (>= n_kv_heads * head_dim)
+  const __half* centroids = nullptr;   // [n_kv_heads, NG, 2^b, c]
+  const int32_t* seq_index = nullptr;  // [n_tokens] (device)
+  const int32_t* slot = nullptr;       // [n_tokens] (device)
+  uint8_t* codes = nullptr;            // [batch, n_kv_heads, capacity, R]
+  int batch = 0, capacity = 0;
+  int32_t* codes_out = nullptr;        // [n_tokens, n_kv_heads, NG] natural group order, or null
+};
+void quantize_kv(QuantizeParams p, cudaStream_t stream);
+
+// ---- fills for tests and benchmarks -----------------------------------------------------------------------
+// Uniformly random bytes (a counter-based hash of (seed, i)): synthetic code streams.
+void fill_random_bytes(uint8_t* dst, int64_t n, uint64_t seed, cudaStream_t stream);
+// Uniform in [-scale, scale), rounded to fp16.
+void fill_random_f16(__half* dst, int64_t n, uint64_t seed, float scale, cudaStream_t stream);
+
+}  // namespace antkv::cuda
+#endif  // ANTKV_HAVE_CUDA
