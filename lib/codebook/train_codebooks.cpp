@@ -25,14 +25,14 @@ struct RowPlan {
   std::vector<uint8_t> anchor;  // [N, kv_heads]
 };
 
-RowPlan plan_rows(const CalibDumpReader& dump, const Recipe& r, int layer, const std::vector<int32_t>& windows) {
+RowPlan plan_rows(const CalibDumpReader& dump, const Recipe& r, int layer, const std::vector<int32_t>& windows,
+                  const std::vector<int32_t>& positions) {
   const int64_t N = dump.n_tokens();
   const int KV = static_cast<int>(dump.meta().num_kv_heads);
   RowPlan p;
   p.anchor.assign(static_cast<size_t>(N) * KV, 0);
   std::vector<float> score(static_cast<size_t>(N) * KV);
   dump.read_scores(layer, "anchor_score", 0, N, score.data());
-  const auto positions = dump.positions();
   // anchors per window and head: the window's rows are contiguous in the dump
   for (int64_t a = 0; a < N;) {
     int64_t b = a;
@@ -109,6 +109,8 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
   kp.k = k;
   kp.iters = r.kmeans.iters;
   kp.tol = r.kmeans.tol;
+  // k-means++ on a sample: enough points per centroid to seed well, not all of them (init is sequential in k)
+  kp.init_sample = std::min<int64_t>(n, std::max<int64_t>(16384, 8LL * k));
   kp.seed = r.kmeans.seed + static_cast<uint64_t>(layer) * 1000 + (std::string(side.name) == "keys" ? 0 : 500);
   KMeansBatch batch;
   batch.n_codebooks = B;
@@ -125,25 +127,31 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
   cb.iterations.assign(res.iterations.begin(), res.iterations.end());
   cb.reseeded = res.reseeded;
 
-  // held-out error (all held-out rows, anchors included: they are what a cache would see)
+  // held-out error (all held-out rows, anchors included: they are what a cache would see); the rows are
+  // gathered and quantized in one parallel pass per head
   cb.error_norm.assign(static_cast<size_t>(KV), 0.0f);
-  double err = 0, norm = 0, werr = 0, wnorm = 0;
-  std::vector<float> xr(static_cast<size_t>(d));
+  const int64_t nh = static_cast<int64_t>(plan.holdout.size());
+  std::vector<float> hx(static_cast<size_t>(nh) * KV * d), hr(hx.size());
+  for (int64_t i = 0; i < nh; ++i)
+    std::copy_n(x.data() + plan.holdout[i] * KV * d, static_cast<size_t>(KV) * d, hx.data() + i * KV * d);
   for (int h = 0; h < KV; ++h) {
     VqHeadCodebooks hc{cb.centroids.data() + static_cast<int64_t>(h) * groups * k * c, groups, k, c};
-    double en = 0;
-    for (int64_t j : plan.holdout) {
-      const float* xj = x.data() + (j * KV + h) * d;
-      vq_quantize(hc, xj, 1, d, xr.data());
-      double e = 0, s = 0;
-      for (int t = 0; t < d; ++t) e += (xj[t] - xr[t]) * double(xj[t] - xr[t]), s += xj[t] * double(xj[t]);
-      const double wj = w[j * KV + h];  // the sensitivity weights, whatever the training weighting
-      err += e, norm += s, werr += wj * e, wnorm += wj * s;
-      en += std::sqrt(e);
+    vq_quantize(hc, hx.data() + static_cast<int64_t>(h) * d, nh, static_cast<int64_t>(KV) * d, hr.data() + static_cast<int64_t>(h) * d);
+  }
+  double err = 0, norm = 0, werr = 0, wnorm = 0;
+  std::vector<double> en(static_cast<size_t>(KV), 0.0);
+  for (int64_t i = 0; i < nh; ++i)
+    for (int h = 0; h < KV; ++h) {
+      const float* xj = hx.data() + (i * KV + h) * d;
+      const float* xr = hr.data() + (i * KV + h) * d;
+      double e = 0, sq = 0;
+      for (int t = 0; t < d; ++t) e += (xj[t] - xr[t]) * double(xj[t] - xr[t]), sq += xj[t] * double(xj[t]);
+      const double wj = w[plan.holdout[i] * KV + h];  // the sensitivity weights, whatever the training weighting
+      err += e, norm += sq, werr += wj * e, wnorm += wj * sq;
+      en[h] += std::sqrt(e);
       rep.mse += e / d;
     }
-    cb.error_norm[h] = plan.holdout.empty() ? 0.0f : static_cast<float>(en / plan.holdout.size());
-  }
+  for (int h = 0; h < KV; ++h) cb.error_norm[h] = nh ? static_cast<float>(en[h] / nh) : 0.0f;
   rep.tokens = static_cast<int64_t>(plan.holdout.size());
   const double cnt = static_cast<double>(plan.holdout.size()) * KV;
   rep.mse = cnt > 0 ? rep.mse / cnt : 0;
@@ -191,12 +199,13 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
   out.layers.resize(cm.num_layers);
 
   const auto windows = dump.windows();
+  const auto positions = dump.positions();
   Progress progress("train-codebook", cm.num_layers, "layers", o.progress);
   const auto t0 = std::chrono::steady_clock::now();
   for (int l = 0; l < cm.num_layers; ++l) {
     check_interrupted();
     const auto tl = std::chrono::steady_clock::now();
-    const RowPlan plan = plan_rows(dump, r, l, windows);
+    const RowPlan plan = plan_rows(dump, r, l, windows, positions);
     train_side(dump, r, o, l, plan, {"keys", r.quant.keys.c, r.quant.keys.b, "S_K"}, out.codebooks.keys[l], out.layers[l].keys);
     train_side(dump, r, o, l, plan, {"values", r.quant.values.c, r.quant.values.b, "S_V"}, out.codebooks.values[l],
                out.layers[l].values);

@@ -1,0 +1,87 @@
+// antkv-calibrate on the GPU (GpuRuntime + the GPU anchor-score pass) against the CPU path on the same
+// windows of antkv-ref-18m: same tokens, K/V within bf16 rounding, anchor scores close, same anchors mostly.
+#include "test_support.h"
+
+#ifdef ANTKV_HAVE_CUDA
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include "calibrate/calibrate.h"
+#include "core/atomic_file.h"
+#include "io/calib_dump.h"
+#include "kernels/gpu_kv_quant.h"
+#include "kernels/gpu_runtime.h"
+#include "model/checkpoint.h"
+#include "runtime/cpu_runtime.h"
+#include "tokenizer/tokenizer.h"
+
+using namespace antkv;
+
+TEST_CASE("calibrate: GPU dump agrees with the CPU dump (antkv-ref-18m, 2 windows)", "[gpu][calibrate][shared]") {
+  SKIP_WITHOUT_GPU();
+  const std::string dir = test::model_dir("antkv-ref-18m");
+  Checkpoint ckpt = Checkpoint::open(dir);
+  Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  const auto ids = tok.encode(read_file(test::shared_path("data/books-calib.txt")).substr(0, 40000));
+  const Recipe recipe = Recipe::defaults_with({"model=" + dir});
+  const std::string tmp = test::temp_dir();
+
+  CpuRuntimeOptions co;
+  co.kv_dtype = KvDType::kF32;
+  CpuRuntime cpu(ckpt, co);
+  auto gpu = make_gpu_runtime(ckpt);
+  CalibrationOptions o;
+  o.recipe = &recipe;
+  o.progress = false;
+  o.out_path = tmp + "/cpu.h5";
+  run_calibration(cpu, tok, plan_calibration(ids, 2 * 2047, 2048, 0), o);
+  o.out_path = tmp + "/gpu.h5";
+  o.anchor_fn = gpu_anchor_score_fn();
+  run_calibration(*gpu, tok, plan_calibration(ids, 2 * 2047, 2048, 0), o);
+
+  CalibDumpReader a(tmp + "/cpu.h5"), b(tmp + "/gpu.h5");
+  REQUIRE(a.n_tokens() == b.n_tokens());
+  CHECK(a.tokens() == b.tokens());
+  const int64_t N = a.n_tokens();
+  const int KV = ckpt.config().num_kv_heads, d = ckpt.config().head_dim;
+  std::vector<float> x(N * KV * d), y(x.size()), s(N * KV), t(s.size());
+  for (int layer = 0; layer < ckpt.config().num_layers; ++layer) {
+    // The GPU runtime runs bf16 GEMMs (8 mantissa bits) over 6 layers: K/V differ by ~1% of their scale,
+    // more in the last layers as the errors compound; 3% catches a wrong layout or position, not rounding.
+    a.read_keys(layer, 0, N, x.data());
+    b.read_keys(layer, 0, N, y.data());
+    const double ek = test::max_rel_error(y.data(), x.data(), x.size());
+    a.read_values(layer, 0, N, x.data());
+    b.read_values(layer, 0, N, y.data());
+    const double ev = test::max_rel_error(y.data(), x.data(), x.size());
+    // Scores are sums over 2048 rows of attention weights: relative error of the totals ~ the logits' error.
+    double es = 0;
+    for (const char* name : {"S_K", "S_V"}) {
+      a.read_scores(layer, name, 0, N, s.data());
+      b.read_scores(layer, name, 0, N, t.data());
+      es = std::max(es, test::max_rel_error(t.data(), s.data(), s.size()));
+    }
+    // anchors (top 1% by the combined score, per window and head): overlap of the two selections
+    a.read_scores(layer, "anchor_score", 0, N, s.data());
+    b.read_scores(layer, "anchor_score", 0, N, t.data());
+    int same = 0, total = 0;
+    for (int64_t w0 = 0; w0 < N; w0 += 2048) {
+      const int T = static_cast<int>(std::min<int64_t>(2048, N - w0));
+      for (int h = 0; h < KV; ++h) {
+        const auto pa = select_anchors(s.data() + w0 * KV, T, KV, h, 0.01);
+        const auto pb = select_anchors(t.data() + w0 * KV, T, KV, h, 0.01);
+        std::set<int32_t> sa(pa.begin(), pa.end());
+        for (auto p : pb) same += sa.count(p);
+        total += static_cast<int>(pa.size());
+      }
+    }
+    INFO("layer " << layer << ": keys " << ek << ", values " << ev << ", scores " << es << ", anchors shared "
+                  << same << "/" << total);
+    CHECK(ek < 0.03);
+    CHECK(ev < 0.03);
+    CHECK(es < 0.05);
+    CHECK(same >= 0.8 * total);  // near-ties between the 1% cut and the next token may swap
+  }
+}
+#endif
