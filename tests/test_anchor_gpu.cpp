@@ -65,7 +65,7 @@ double sum_of(const std::vector<float>& x) {
 
 }  // namespace
 
-TEST_CASE("anchor_scores_cpu equals anchor_scores_reference; S_V sums to n_heads * T", "[anchor]") {
+TEST_CASE("anchor_scores_cpu equals anchor_scores_reference - S_V sums to n_heads * T", "[anchor]") {
   double worst_k = 0, worst_k0 = 0, worst_v = 0;
   for (int G : {1, 2, 4})
     for (int T : {1, 37, 131}) {
@@ -178,7 +178,7 @@ TEST_CASE("anchor_scores_gpu equals the reference: T 1/67/200, GQA 1/2/4, head_d
 #endif
 }
 
-TEST_CASE("anchor_scores_gpu equals anchor_scores_cpu at T=2048, d=128, 4/2 heads; deterministic",
+TEST_CASE("anchor_scores_gpu equals anchor_scores_cpu at T=2048, d=128, 4/2 heads - deterministic",
           "[gpu][anchor]") {
   SKIP_WITHOUT_GPU();
 #ifdef ANTKV_HAVE_CUDA

@@ -57,7 +57,7 @@ TrainCodebooksResult train(const std::string& dump, const std::vector<std::strin
 }
 }  // namespace
 
-TEST_CASE("train-codebook: codebooks per layer, head and group; file round trip; more bits, less error",
+TEST_CASE("train-codebook: codebooks per layer, head and group - file round trip - more bits, less error",
           "[codebook]") {
   const std::string dump = synthetic_dump(2000, 2, 2, 16);
   const auto r4 = train(dump, {"quant.keys.c=4", "quant.keys.b=4", "quant.values.c=8", "quant.values.b=5"});
@@ -87,7 +87,7 @@ TEST_CASE("train-codebook: codebooks per layer, head and group; file round trip;
   CHECK(r4.codebooks.keys[0].error_norm[0] > 0);
 }
 
-TEST_CASE("train-codebook: weighting none vs anchor weights; anchors excluded get weight 0", "[codebook]") {
+TEST_CASE("train-codebook: weighting none vs anchor weights - anchors excluded get weight 0", "[codebook]") {
   const std::string dump = synthetic_dump(3000, 1, 1, 8, -1, /*correlated=*/true);
   const std::vector<std::string> cfg = {"quant.keys.c=8", "quant.keys.b=5", "kmeans.exclude_anchors=false"};
   auto with = [&](const char* w) { auto v = cfg; v.push_back(std::string("kmeans.weighting=") + w); return v; };

@@ -149,7 +149,7 @@ TEST_CASE("CPU runtime: greedy decoding equals the reference ids", "[runtime][sh
   }
 }
 
-TEST_CASE("CPU runtime: prefill in chunks equals one prefill; fp16 cache stays close", "[runtime][shared]") {
+TEST_CASE("CPU runtime: prefill in chunks equals one prefill - fp16 cache stays close", "[runtime][shared]") {
   const std::string dir = test::model_dir("antkv-ref-18m");
   auto ref = SafetensorsFile::open(dir + "/reference/reference.safetensors");
   const auto ids = ints(ref->get("greedy_ids"));

@@ -776,7 +776,7 @@ void write_synthetic_qwen2(const std::string& dir, uint32_t seed) {
 
 }  // namespace
 
-TEST_CASE("GPU runtime: qwen2 biases, fp32 weights, head_dim 64 match the CPU runtime; batched decode", "[gpu]") {
+TEST_CASE("GPU runtime: qwen2 biases, fp32 weights, head_dim 64 match the CPU runtime - batched decode", "[gpu]") {
   SKIP_WITHOUT_GPU();
   const uint32_t seed = fresh_seed();
   INFO("seed " << seed);

@@ -418,7 +418,7 @@ TEST_CASE("tokenizer: lone ByteLevel pre-tokenizer (GPT-2 regex, add_prefix_spac
   check_cases(tok, kRef18mGpt2RegexPrefixCases, false);
 }
 
-TEST_CASE("tokenizer: merges as \"a b\" strings equal merges as pairs; ignore_merges off", "[tokenizer][shared]") {
+TEST_CASE("tokenizer: merges as \"a b\" strings equal merges as pairs - ignore_merges off", "[tokenizer][shared]") {
   const json base = read_json(antkv::test::model_dir("antkv-ref-18m") + "/tokenizer.json");
   json strings = base;
   for (auto& m : strings["model"]["merges"]) m = m[0].get<std::string>() + " " + m[1].get<std::string>();
@@ -585,7 +585,7 @@ TEST_CASE("tokenizer: Metaspace prepend_scheme/split, unk fusing and byte fallba
   check_cases(from_json(fallback), kMetaByteFallback, false);
 }
 
-TEST_CASE("tokenizer: invalid UTF-8 input is read as U+FFFD; decode output is valid UTF-8", "[tokenizer]") {
+TEST_CASE("tokenizer: invalid UTF-8 input is read as U+FFFD - decode output is valid UTF-8", "[tokenizer]") {
   const Tokenizer tok =
       Tokenizer::from_file(antkv::test::source_path("data/fixtures/tokenizer_gpt2_tiny.json"));
   CHECK(tok.encode("a\xFF" "b", false) == tok.encode("a\xEF\xBF\xBD" "b", false));
