@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "kernels/cuda_check.h"
+#include "kernels/cuda_timing.h"
 #include "kernels/device_buffer.h"
 #include "kernels/gpu_runtime.h"
 #include "kernels/ops.h"
@@ -15,39 +16,6 @@
 namespace antkv::cuda {
 
 namespace {
-
-class Events {
- public:
-  Events() {
-    ANTKV_CUDA_CHECK(cudaEventCreate(&a_));
-    ANTKV_CUDA_CHECK(cudaEventCreate(&b_));
-  }
-  ~Events() {
-    cudaEventDestroy(a_);
-    cudaEventDestroy(b_);
-  }
-  void start(cudaStream_t s) { ANTKV_CUDA_CHECK(cudaEventRecord(a_, s)); }
-  float stop_ms(cudaStream_t s) {
-    ANTKV_CUDA_CHECK(cudaEventRecord(b_, s));
-    ANTKV_CUDA_CHECK(cudaEventSynchronize(b_));
-    float ms = 0;
-    ANTKV_CUDA_CHECK(cudaEventElapsedTime(&ms, a_, b_));
-    return ms;
-  }
-
- private:
-  cudaEvent_t a_ = nullptr, b_ = nullptr;
-};
-
-class Stream {
- public:
-  Stream() { ANTKV_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
-  ~Stream() { cudaStreamDestroy(s_); }
-  cudaStream_t get() const { return s_; }
-
- private:
-  cudaStream_t s_ = nullptr;
-};
 
 DecodeAttnPoint bench_decode(int B, int ctx, int waves, const KernelBenchOptions& o, double copy_gbps, cudaStream_t st) {
   const int H = o.n_heads, Hkv = o.n_kv_heads, d = o.head_dim;

@@ -9,45 +9,13 @@
 #include "core/error.h"
 #include "kernels/bench.h"
 #include "kernels/cuda_check.h"
+#include "kernels/cuda_timing.h"
 #include "kernels/device_buffer.h"
 #include "kernels/ops.h"
 
 namespace antkv::cuda {
 
 namespace {
-
-class Events {
- public:
-  Events() {
-    ANTKV_CUDA_CHECK(cudaEventCreate(&a_));
-    ANTKV_CUDA_CHECK(cudaEventCreate(&b_));
-  }
-  ~Events() {
-    cudaEventDestroy(a_);
-    cudaEventDestroy(b_);
-  }
-  void start(cudaStream_t s) { ANTKV_CUDA_CHECK(cudaEventRecord(a_, s)); }
-  float stop_ms(cudaStream_t s) {
-    ANTKV_CUDA_CHECK(cudaEventRecord(b_, s));
-    ANTKV_CUDA_CHECK(cudaEventSynchronize(b_));
-    float ms = 0;
-    ANTKV_CUDA_CHECK(cudaEventElapsedTime(&ms, a_, b_));
-    return ms;
-  }
-
- private:
-  cudaEvent_t a_ = nullptr, b_ = nullptr;
-};
-
-class Stream {
- public:
-  Stream() { ANTKV_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
-  ~Stream() { cudaStreamDestroy(s_); }
-  cudaStream_t get() const { return s_; }
-
- private:
-  cudaStream_t s_ = nullptr;
-};
 
 struct Split {
   int64_t n_quant = 0, n_anchor = 0, n_window = 0;

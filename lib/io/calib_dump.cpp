@@ -18,14 +18,6 @@ std::vector<Eigen::half> to_half(const float* x, size_t n) {
   return h;
 }
 
-template <typename F>
-auto h5_guard(const std::string& path, F&& f) {
-  try {
-    return f();
-  } catch (const H5::Exception& e) {
-    fail("{}: HDF5 error: {} ({})", path, e.getDetailMsg(), e.getFuncName());
-  }
-}
 }  // namespace
 
 struct CalibDumpWriter::Impl {
@@ -44,7 +36,7 @@ CalibDumpWriter::CalibDumpWriter(const std::string& path, int num_layers, int nu
   impl_->path = path;
   impl_->kv_heads = num_kv_heads;
   impl_->head_dim = head_dim;
-  h5_guard(path, [&] {
+  h5::guard(path, [&] {
     impl_->file = H5::H5File(path, H5F_ACC_TRUNC);
     H5::Group root = impl_->file.openGroup("/");
     impl_->tokens = h5::create_growing(root, "tokens", H5::PredType::STD_I32LE, {}, 4096);
@@ -68,7 +60,7 @@ CalibDumpWriter::CalibDumpWriter(const std::string& path, int num_layers, int nu
 CalibDumpWriter::~CalibDumpWriter() = default;
 
 void CalibDumpWriter::append_tokens(int n, const int32_t* tokens, const int32_t* positions, const int32_t* windows) {
-  h5_guard(impl_->path, [&] {
+  h5::guard(impl_->path, [&] {
     h5::append_rows(impl_->tokens, H5::PredType::NATIVE_INT32, n, tokens);
     h5::append_rows(impl_->positions, H5::PredType::NATIVE_INT32, n, positions);
     h5::append_rows(impl_->windows, H5::PredType::NATIVE_INT32, n, windows);
@@ -82,7 +74,7 @@ void CalibDumpWriter::append_layer(int layer, int n, const float* keys, const fl
   auto& L = impl_->layers[layer];
   const size_t kv = static_cast<size_t>(impl_->kv_heads), row = kv * impl_->head_dim;
   const auto kh = to_half(keys, n * row), vh = to_half(values, n * row);
-  h5_guard(impl_->path, [&] {
+  h5::guard(impl_->path, [&] {
     h5::append_rows(L.keys, impl_->half, n, kh.data());
     h5::append_rows(L.values, impl_->half, n, vh.data());
     h5::append_rows(L.s_k, H5::PredType::NATIVE_FLOAT, n, s_k);
@@ -93,7 +85,7 @@ void CalibDumpWriter::append_layer(int layer, int n, const float* keys, const fl
 }
 
 void CalibDumpWriter::finish(const CalibMeta& m) {
-  h5_guard(impl_->path, [&] {
+  h5::guard(impl_->path, [&] {
     H5::Group g = impl_->file.createGroup("meta");
     h5::set_attr(g, "kind", std::string("antkv-calibration"));
     h5::set_attr(g, "model", m.model);
@@ -132,7 +124,7 @@ struct CalibDumpReader::Impl {
 CalibDumpReader::CalibDumpReader(const std::string& path) : impl_(new Impl) {
   h5::quiet_errors();
   impl_->path = path;
-  h5_guard(path, [&] {
+  h5::guard(path, [&] {
     ANTKV_CHECK(H5::H5File::isHdf5(path.c_str()), "{}: not an HDF5 file", path);
     impl_->file = H5::H5File(path, H5F_ACC_RDONLY);
     ANTKV_CHECK(impl_->file.nameExists("meta"), "{}: no /meta group: not a complete antkv calibration dump", path);
@@ -189,7 +181,7 @@ int64_t CalibDumpReader::n_tokens() const { return impl_->n; }
 namespace {
 std::vector<int32_t> read_ints(const H5::H5File& f, const char* name, int64_t n, const std::string& path) {
   std::vector<int32_t> v(static_cast<size_t>(n));
-  h5_guard(path, [&] {
+  h5::guard(path, [&] {
     if (n) h5::read_rows(f.openDataSet(name), H5::PredType::NATIVE_INT32, 0, n, v.data());
     return 0;
   });
@@ -206,7 +198,7 @@ namespace {
 // convert them here.
 void read_halves(const H5::H5File& f, const std::string& name, int64_t row0, int64_t rows, float* out,
                  const std::string& path) {
-  h5_guard(path, [&] {
+  h5::guard(path, [&] {
     H5::DataSet ds = f.openDataSet(name);
     const auto dims = h5::dims_of(ds);
     size_t n = static_cast<size_t>(rows);
@@ -227,7 +219,7 @@ void CalibDumpReader::read_values(int layer, int64_t row0, int64_t rows, float* 
   read_halves(impl_->file, layer_group(layer) + "/values", row0, rows, out, impl_->path);
 }
 void CalibDumpReader::read_scores(int layer, const char* name, int64_t row0, int64_t rows, float* out) const {
-  h5_guard(impl_->path, [&] {
+  h5::guard(impl_->path, [&] {
     h5::read_rows(impl_->file.openDataSet(layer_group(layer) + "/" + name), H5::PredType::NATIVE_FLOAT, row0, rows, out);
     return 0;
   });

@@ -5,21 +5,10 @@
 
 namespace antkv {
 
-namespace {
-template <typename F>
-auto h5_guard(const std::string& path, F&& f) {
-  try {
-    return f();
-  } catch (const H5::Exception& e) {
-    fail("{}: HDF5 error: {} ({})", path, e.getDetailMsg(), e.getFuncName());
-  }
-}
-}  // namespace
-
 void write_codebooks(const std::string& path, const CodebookSet& s) {
   h5::quiet_errors();
   const CodebookMeta& m = s.meta;
-  h5_guard(path, [&] {
+  h5::guard(path, [&] {
     H5::H5File f(path, H5F_ACC_TRUNC);
     for (int l = 0; l < m.num_layers; ++l) {
       H5::Group g = f.createGroup("layer_" + std::to_string(l));
@@ -74,7 +63,7 @@ void write_codebooks(const std::string& path, const CodebookSet& s) {
 CodebookSet read_codebooks(const std::string& path) {
   h5::quiet_errors();
   CodebookSet s;
-  h5_guard(path, [&] {
+  h5::guard(path, [&] {
     ANTKV_CHECK(H5::H5File::isHdf5(path.c_str()), "{}: not an HDF5 file", path);
     H5::H5File f(path, H5F_ACC_RDONLY);
     ANTKV_CHECK(f.nameExists("meta"), "{}: no /meta group: not a complete antkv codebook file", path);

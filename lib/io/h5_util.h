@@ -3,6 +3,8 @@
 #pragma once
 #include <H5Cpp.h>
 
+#include "core/error.h"
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -36,5 +38,15 @@ std::vector<hsize_t> dims_of(const H5::DataSet& ds);
 
 // Silences HDF5's own error printing (we report through antkv::Error) — call once per process.
 void quiet_errors();
+
+// Runs f(), turning an H5::Exception into an antkv::Error that names the file.
+template <typename F>
+auto guard(const std::string& path, F&& f) {
+  try {
+    return f();
+  } catch (const H5::Exception& e) {
+    fail("{}: HDF5 error: {} ({})", path, e.getDetailMsg(), e.getFuncName());
+  }
+}
 
 }  // namespace antkv::h5
