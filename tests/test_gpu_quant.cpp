@@ -15,6 +15,7 @@
 // 3. antkv with ratio 1.0 (every token an anchor) gives exactly the GPU fp16 method's logits.
 // 4. Codebooks that do not fit the method or the model: antkv::Error naming the problem.
 #include "test_support.h"
+#include "gpu_test_support.h"
 
 #ifdef ANTKV_HAVE_CUDA
 
@@ -47,23 +48,12 @@
 using namespace antkv;
 using cuda::bf16;
 using cuda::DeviceBuffer;
+using test::f2bf;
+using test::bf2f;
+using test::round_bf;
 
 namespace {
 
-uint16_t f2bf(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if (std::isnan(f)) return 0x7fc0;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-float bf2f(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-float round_bf(float f) { return bf2f(f2bf(f)); }
 
 MethodSpec method(const std::string& text) {
   static const Recipe r = Recipe::defaults_with({});

@@ -13,6 +13,7 @@
 //    each GEMM input, and K/V and P in attention): logits within 3e-2 of max |logit| of the fp32 reference
 //    (the measured figure is printed); greedy ids equal for the first 16 generated tokens.
 #include "test_support.h"
+#include "gpu_test_support.h"
 
 #ifdef ANTKV_HAVE_CUDA
 
@@ -42,29 +43,14 @@
 using namespace antkv;
 using cuda::bf16;
 using cuda::DeviceBuffer;
+using test::f2bf;
+using test::bf2f;
+using test::round_bf;
+using test::fresh_seed;
 
 namespace {
 
-// ---- host helpers ----
-uint16_t f2bf(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if (std::isnan(f)) return 0x7fc0;
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return static_cast<uint16_t>(u >> 16);
-}
-float bf2f(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-float round_bf(float f) { return bf2f(f2bf(f)); }
 
-uint32_t fresh_seed() {
-  static std::random_device rd;
-  return rd();
-}
 
 std::vector<float> randn(size_t n, std::mt19937& rng, float scale = 1.f) {
   std::normal_distribution<float> nd(0.f, scale);

@@ -19,6 +19,7 @@
 // does, so its codes equal the CPU's; a differing code is accepted only at an exact-arithmetic near tie
 // (distances within 1e-5 relative).
 #include "test_support.h"
+#include "gpu_test_support.h"
 
 #include "../kernels/quant_decode.h"
 
@@ -112,27 +113,13 @@ TEST_CASE("quant: pack/unpack of b-bit codes round-trips with the swizzled group
 using namespace antkv;
 using cuda::bf16;
 using cuda::DeviceBuffer;
+using test::f2bf;
+using test::bf2f;
+using test::fresh_seed;
 
 namespace {
 
-uint32_t fresh_seed() {
-  static std::random_device rd;
-  return rd();
-}
 
-uint16_t f2bf(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if (std::isnan(f)) return 0x7fc0;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-float bf2f(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 float round_f16(float f) { return __half2float(__float2half_rn(f)); }
 __half nan_f16() {
   __half_raw r;
