@@ -36,6 +36,8 @@ DecodeAttnPoint bench_decode(int B, int ctx, int waves, const KernelBenchOptions
   std::vector<int32_t> hl(B, ctx);
   ANTKV_CUDA_CHECK(cudaMemcpyAsync(lens.get(), hl.data(), B * sizeof(int32_t), cudaMemcpyHostToDevice, st));
   DeviceBuffer<float> ws(decode_workspace_floats(B, H, d));
+  DeviceBuffer<uint32_t> counters(decode_counter_count(B, Hkv));
+  ANTKV_CUDA_CHECK(cudaMemsetAsync(counters.get(), 0, counters.bytes(), st));
   const DecodePlan plan = plan_flash_decode(B, Hkv, ctx, d, waves);
   FlashDecodeParams p;
   p.q = q.get();
@@ -43,6 +45,7 @@ DecodeAttnPoint bench_decode(int B, int ctx, int waves, const KernelBenchOptions
   p.out = out.get();
   p.workspace = ws.get();
   p.workspace_floats = static_cast<int64_t>(ws.size());
+  p.split_counters = counters.get();
   p.batch = B;
   p.n_heads = H;
   p.n_kv_heads = Hkv;

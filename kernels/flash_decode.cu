@@ -1,11 +1,12 @@
-// Flash-decoding over a bf16 KV cache arena [batch, n_kv_heads, capacity, head_dim].
-// Split kernel: one block of 4 warps per (split, kv head, sequence). The group's G <= 16 query heads are
-// the rows of one 16-row tensor-core tile, so every K/V tile is read from memory once for all of them.
-// 64-key K/V tiles stream through a kStages-deep cp.async pipeline; each warp takes 16 keys of a tile
-// (S = Q K^T and O += P V on mma.sync m16n8k16) with its own online softmax; the 4 warps are merged in
-// shared memory and the split's unnormalized O, max and sum go to the workspace. The reduction kernel
-// combines the splits of each (sequence, head). Slots at or past seq_lens[b] are never read (cp.async
-// zero-fills them).
+// Flash-decoding over a bf16 KV cache arena [batch, n_kv_heads, capacity, head_dim], one kernel per step.
+// One block of 4 warps per (split, kv head, sequence). The group's G <= 16 query heads are the rows of one
+// 16-row tensor-core tile, so every K/V tile is read from memory once for all of them. 64-key K/V tiles
+// stream through a kStages-deep cp.async pipeline; each warp takes 16 keys of a tile (S = Q K^T and
+// O += P V on mma.sync m16n8k16) with its own online softmax; the 4 warps are merged in shared memory and
+// the split's unnormalized O, max and sum go to the workspace. The last block of each (sequence, kv head)
+// to finish (a counter per pair) combines all its splits: no second kernel, whose launch, wait for the whole
+// grid and ramp-up were the fixed cost that held short contexts at batch 1 below the bandwidth target.
+// Slots at or past seq_lens[b] are never read (cp.async zero-fills them).
 #include <algorithm>
 #include <cmath>
 
@@ -30,7 +31,8 @@ template <int D>
 constexpr int decode_smem_bytes() {
   const int pipe = (16 * D + decode_stages<D>() * 2 * kTile * D) * static_cast<int>(sizeof(bf16));
   const int merge = kWarps * 16 * (D + 2) * static_cast<int>(sizeof(float));
-  return pipe > merge ? pipe : merge;
+  const int combine = (2 * 16 * kMaxDecodeSplits + 2 * 16) * static_cast<int>(sizeof(float));
+  return std::max(pipe, std::max(merge, combine));
 }
 
 // workspace layout: O partials [batch * n_heads, n_splits, D] then (m, l) pairs [batch * n_heads, n_splits, 2]
@@ -46,10 +48,26 @@ __global__ void __launch_bounds__(kThreadsFD) flash_decode_split_kernel(const Fl
   const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = p.n_heads / p.n_kv_heads;
+  // Launched as a programmatic dependent (see launch_decode): this block may be scheduled while the
+  // previous kernel of the stream finishes, so it waits for that kernel's completion and memory before
+  // touching anything; it lets the next kernel be scheduled the same way as soon as its own blocks run.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   const int len = p.seq_lens[b];
+  const int64_t bh0 = static_cast<int64_t>(b) * p.n_heads + kvh * G;  // first query head of the group
+  if (len < 1 || len > p.capacity || static_cast<int64_t>(p.n_splits) * p.split_len < len) {
+    // a bad length, or a plan made for a shorter context: make it visible instead of dropping keys
+    if (split == 0)
+      for (int idx = tid; idx < G * D; idx += kThreadsFD) {
+        p.out[bh0 * D + idx] = __float2bfloat16_rn(NAN);
+        if (p.lse && idx % D == 0) p.lse[bh0 + idx / D] = NAN;
+      }
+    return;
+  }
+  const int n_valid = (len + p.split_len - 1) / p.split_len;  // splits holding keys (<= n_splits)
   const int k0 = split * p.split_len;
   const int k1 = min(k0 + p.split_len, len);
-  if (k0 >= k1) return;  // nothing here: the reduction skips this split
+  if (k0 >= k1) return;  // past the end: not counted, never combined
   const int n_tiles = (k1 - k0 + kTile - 1) / kTile;
 
   const int64_t head_off = (static_cast<int64_t>(b) * p.n_kv_heads + kvh) * p.capacity * D;
@@ -183,7 +201,6 @@ __global__ void __launch_bounds__(kThreadsFD) flash_decode_split_kernel(const Fl
     }
   }
   __syncthreads();
-  const int64_t bh0 = static_cast<int64_t>(b) * p.n_heads + kvh * G;
   float* wo = p.workspace;
   float* wml = p.workspace + static_cast<int64_t>(p.batch) * p.n_heads * p.n_splits * D;
   for (int idx = tid; idx < G * D; idx += kThreadsFD) {
@@ -206,61 +223,89 @@ __global__ void __launch_bounds__(kThreadsFD) flash_decode_split_kernel(const Fl
       wml[slot * 2 + 1] = L;
     }
   }
-}
 
-// One block of D threads per (head, sequence): combines the valid splits. Launched as a programmatic
-// dependent of the split kernel (its launch overlaps the split kernel's tail); it waits for the split
-// kernel's results with griddepcontrol.wait before reading the workspace. The splits' maxima and weights
-// are spread over the threads and the per-channel sums keep several loads in flight (the split count is
-// small, so a serial loop would be latency-bound).
-template <int D>
-__global__ void __launch_bounds__(D) flash_decode_reduce_kernel(const FlashDecodeParams p) {
-  __shared__ float w[kMaxDecodeSplits];
-  __shared__ float red[D / 32];
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  const int h = blockIdx.x, b = blockIdx.y, c = threadIdx.x;
-  const int lane = c & 31, warp = c >> 5;
-  const int len = p.seq_lens[b];
-  const int n_valid = min(p.n_splits, (len + p.split_len - 1) / p.split_len);
-  const int64_t bh = static_cast<int64_t>(b) * p.n_heads + h;
-  if (len < 1 || len > p.capacity || static_cast<int64_t>(p.n_splits) * p.split_len < len) {
-    // a plan made for a shorter context, or a bad length: make it visible instead of dropping keys
-    p.out[bh * D + c] = __float2bfloat16_rn(NAN);
-    if (p.lse && c == 0) p.lse[bh] = NAN;
-    return;
-  }
-  const float* wo = p.workspace + bh * p.n_splits * D;
-  const float* wml = p.workspace + static_cast<int64_t>(p.batch) * p.n_heads * p.n_splits * D + bh * p.n_splits * 2;
-  float m = -INFINITY;
-  for (int s = c; s < n_valid; s += D) m = fmaxf(m, wml[2 * s]);
-  m = warp_max(m);
-  if (lane == 0) red[warp] = m;
+  // Count this split done; the last of the pair's n_valid splits combines them. The fence before the count
+  // publishes this block's partials device-wide (threadFenceReduction pattern); the last block resets the
+  // counter, so every launch leaves the counters zero.
+  __shared__ int s_last;
+  __threadfence();
   __syncthreads();
-  float M = red[0];
-#pragma unroll
-  for (int i = 1; i < D / 32; ++i) M = fmaxf(M, red[i]);
-  __syncthreads();  // red[] is reused below
-  float l = 0.f;
-  for (int s = c; s < n_valid; s += D) {
-    const float f = exp2f(wml[2 * s] - M);
-    w[s] = f;
-    l += f * wml[2 * s + 1];
+  if (tid == 0) {
+    uint32_t* counter = p.split_counters + static_cast<int64_t>(b) * p.n_kv_heads + kvh;
+    const uint32_t done_before = atomicAdd(counter, 1u);
+    s_last = done_before + 1 == static_cast<uint32_t>(n_valid);
+    if (s_last) atomicExch(counter, 0u);
   }
-  l = warp_sum(l);
-  if (lane == 0) red[warp] = l;
-  __syncthreads();  // also publishes w[]
-  float L = 0.f;
-#pragma unroll
-  for (int i = 0; i < D / 32; ++i) L += red[i];
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  int s = 0;
-  for (; s + 4 <= n_valid; s += 4) {
-#pragma unroll
-    for (int u = 0; u < 4; ++u) acc[u] += w[s + u] * wo[static_cast<int64_t>(s + u) * D + c];
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+
+  // combine: per query head, weights exp2(m_s - M) of its n_valid splits (sW, [G][n_valid]), then each
+  // output channel sums its splits with several loads in flight. Partials are read through L2 (__ldcg):
+  // other blocks wrote them.
+  float* sW = reinterpret_cast<float*>(smem_raw);  // [G][n_valid]: split maxima, then weights
+  float* sL = sW + 16 * kMaxDecodeSplits;           // [G][n_valid]: split sums
+  float* sMg = sL + 16 * kMaxDecodeSplits;          // [G]: head maximum
+  float* sLg = sMg + 16;                            // [G]: head sum
+  for (int idx = tid; idx < G * n_valid; idx += kThreadsFD) {
+    const int g = idx / n_valid, s = idx % n_valid;
+    const int64_t slot = (bh0 + g) * p.n_splits + s;
+    sW[idx] = __ldcg(wml + slot * 2);
+    sL[idx] = __ldcg(wml + slot * 2 + 1);
   }
-  for (; s < n_valid; ++s) acc[0] += w[s] * wo[static_cast<int64_t>(s) * D + c];
-  p.out[bh * D + c] = __float2bfloat16_rn((acc[0] + acc[1] + acc[2] + acc[3]) / L);
-  if (p.lse && c == 0) p.lse[bh] = (M + log2f(L)) * 0.6931471805599453f;
+  __syncthreads();
+  for (int g = warp; g < G; g += kWarps) {
+    float m = -INFINITY;
+    for (int s = lane; s < n_valid; s += 32) m = fmaxf(m, sW[g * n_valid + s]);
+    m = warp_max(m);  // finite: every counted split holds at least one key
+    float l = 0.f;
+    for (int s = lane; s < n_valid; s += 32) {
+      const float f = exp2f(sW[g * n_valid + s] - m);
+      sW[g * n_valid + s] = f;
+      l += f * sL[g * n_valid + s];
+    }
+    l = warp_sum(l);
+    if (lane == 0) {
+      sMg[g] = m;
+      sLg[g] = l;
+    }
+  }
+  __syncthreads();
+  // one float4 of channels per item: all 32-channel groups of the G heads (G*D/4 items, 128 for G=4,
+  // D=128: one per thread), 8 splits' loads in flight per thread
+  for (int idx = tid; idx < G * (D / 4); idx += kThreadsFD) {
+    const int g = idx / (D / 4), c = (idx % (D / 4)) * 4;
+    const float4* po = reinterpret_cast<const float4*>(wo + (bh0 + g) * p.n_splits * D + c);
+    const float* w = sW + g * n_valid;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    int s = 0;
+    for (; s + 8 <= n_valid; s += 8) {
+      float4 v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) v[u] = __ldcg(po + static_cast<int64_t>(s + u) * (D / 4));
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        acc.x += w[s + u] * v[u].x;
+        acc.y += w[s + u] * v[u].y;
+        acc.z += w[s + u] * v[u].z;
+        acc.w += w[s + u] * v[u].w;
+      }
+    }
+    for (; s < n_valid; ++s) {
+      const float4 v = __ldcg(po + static_cast<int64_t>(s) * (D / 4));
+      acc.x += w[s] * v.x;
+      acc.y += w[s] * v.y;
+      acc.z += w[s] * v.z;
+      acc.w += w[s] * v.w;
+    }
+    const float inv_l = 1.f / sLg[g];
+    bf16* o = p.out + (bh0 + g) * D + c;
+    o[0] = __float2bfloat16_rn(acc.x * inv_l);
+    o[1] = __float2bfloat16_rn(acc.y * inv_l);
+    o[2] = __float2bfloat16_rn(acc.z * inv_l);
+    o[3] = __float2bfloat16_rn(acc.w * inv_l);
+    if (p.lse && c == 0) p.lse[bh0 + g] = (sMg[g] + log2f(sLg[g])) * 0.6931471805599453f;
+  }
 }
 
 template <int D>
@@ -289,22 +334,20 @@ int resident_blocks() {
 template <int D>
 void launch_decode(const FlashDecodeParams& p, cudaStream_t stream) {
   set_decode_smem_attr<D>();
-  const dim3 grid(p.n_splits, p.n_kv_heads, p.batch);
-  flash_decode_split_kernel<D><<<grid, kThreadsFD, decode_smem_bytes<D>(), stream>>>(p);
-  ANTKV_LAUNCH_CHECK(D == 64 ? "flash_decode_split_kernel<64>" : "flash_decode_split_kernel<128>");
-  // the reduction as a programmatic dependent launch (it waits in-kernel for the split kernel)
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(p.n_heads, p.batch);
-  cfg.blockDim = dim3(D);
-  cfg.dynamicSmemBytes = 0;
+  cfg.gridDim = dim3(p.n_splits, p.n_kv_heads, p.batch);
+  cfg.blockDim = dim3(kThreadsFD);
+  cfg.dynamicSmemBytes = decode_smem_bytes<D>();
   cfg.stream = stream;
+  // programmatic stream serialization: the kernel's blocks are scheduled while the previous kernel drains
+  // (they wait in-kernel with griddepcontrol.wait before any memory access)
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  ANTKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, flash_decode_reduce_kernel<D>, p));
-  ANTKV_LAUNCH_CHECK(D == 64 ? "flash_decode_reduce_kernel<64>" : "flash_decode_reduce_kernel<128>");
+  ANTKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, flash_decode_split_kernel<D>, p));
+  ANTKV_LAUNCH_CHECK(D == 64 ? "flash_decode_split_kernel<64>" : "flash_decode_split_kernel<128>");
 }
 
 }  // namespace
@@ -331,12 +374,15 @@ DecodePlan plan_flash_decode(int batch, int n_kv_heads, int max_len, int head_di
   return plan;
 }
 
+int64_t decode_counter_count(int batch, int n_kv_heads) { return static_cast<int64_t>(batch) * n_kv_heads; }
+
 int64_t decode_workspace_floats(int batch, int n_heads, int head_dim) {
   return static_cast<int64_t>(batch) * n_heads * kMaxDecodeSplits * (head_dim + 2);
 }
 
 void flash_decode(FlashDecodeParams p, cudaStream_t stream) {
-  ANTKV_CHECK(p.q && p.k_cache && p.v_cache && p.seq_lens && p.out && p.workspace, "flash_decode: null pointer");
+  ANTKV_CHECK(p.q && p.k_cache && p.v_cache && p.seq_lens && p.out && p.workspace && p.split_counters,
+              "flash_decode: null pointer");
   ANTKV_CHECK(p.n_heads > 0 && p.n_kv_heads > 0 && p.n_heads % p.n_kv_heads == 0,
               "flash_decode: n_heads {} must be a multiple of n_kv_heads {}", p.n_heads, p.n_kv_heads);
   ANTKV_CHECK(p.n_heads / p.n_kv_heads <= 16, "flash_decode: GQA group {} > 16 is not supported",
@@ -351,6 +397,7 @@ void flash_decode(FlashDecodeParams p, cudaStream_t stream) {
   ANTKV_CHECK(reinterpret_cast<uintptr_t>(p.q) % 16 == 0 && reinterpret_cast<uintptr_t>(p.k_cache) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(p.v_cache) % 16 == 0,
               "flash_decode: q and the caches must be 16-byte aligned");
+  ANTKV_CHECK(reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0, "flash_decode: the workspace must be 16-byte aligned");
   switch (p.head_dim) {
     case 64: launch_decode<64>(p, stream); break;
     case 128: launch_decode<128>(p, stream); break;

@@ -86,6 +86,7 @@ struct GpuRuntime::Impl {
   DeviceBuffer<int32_t> ints;     // tokens | positions | seq_index | seq_lens | targets | argmax
   DeviceBuffer<float> logits, nll;
   DeviceBuffer<float> decode_ws;
+  DeviceBuffer<uint32_t> decode_counters;  // flash_decode's split counters (zeroed once, left zero by each step)
   cuda::PinnedBuffer<int32_t> host_ints;
   int logits_rows = 0;
 
@@ -125,6 +126,8 @@ struct GpuRuntime::Impl {
     logits_rows = std::max(logits_rows, opt.max_batch);
     logits.resize(static_cast<size_t>(logits_rows) * cfg.vocab_size);
     decode_ws.resize(cuda::decode_workspace_floats(opt.max_batch, cfg.num_heads, cfg.head_dim));
+    decode_counters.resize(cuda::decode_counter_count(opt.max_batch, cfg.num_kv_heads));
+    ANTKV_CUDA_CHECK(cudaMemset(decode_counters.get(), 0, decode_counters.bytes()));
     ensure_rows(std::max(opt.max_batch, 16));
   }
 
@@ -358,6 +361,7 @@ struct GpuRuntime::Impl {
         fp.out = attn.get();
         fp.workspace = decode_ws.get();
         fp.workspace_floats = static_cast<int64_t>(decode_ws.size());
+        fp.split_counters = decode_counters.get();
         fp.batch = T;
         fp.n_heads = cfg.num_heads;
         fp.n_kv_heads = cfg.num_kv_heads;

@@ -148,17 +148,20 @@ void flash_prefill(FlashPrefillParams p, cudaStream_t stream);
 // One new query token per sequence over a bf16 KV cache arena [batch, n_kv_heads, capacity, head_dim]
 // (each sequence's keys 0 .. seq_lens[b]-1). The context is split into n_splits chunks of split_len keys
 // (one thread block per split, kv head and sequence; all n_heads/n_kv_heads query heads of a group read
-// each K/V tile once, as the rows of one tensor-core tile), then a reduction kernel combines the splits.
+// each K/V tile once, as the rows of one tensor-core tile); the last split block of each (sequence, kv head)
+// to finish combines the splits (one kernel per step).
 // Cache slots at or past seq_lens[b] are never read. head_dim 64 or 128; group size <= 16.
 struct FlashDecodeParams {
   const bf16* q = nullptr;          // [batch, n_heads, head_dim]
   const bf16* k_cache = nullptr;    // [batch, n_kv_heads, capacity, head_dim]
   const bf16* v_cache = nullptr;    // [batch, n_kv_heads, capacity, head_dim]
-  const int32_t* seq_lens = nullptr;// [batch] (device), each in [1, capacity] (not checked on device)
+  const int32_t* seq_lens = nullptr;// [batch] (device), each in [1, capacity]; otherwise NaN outputs
   bf16* out = nullptr;              // [batch, n_heads, head_dim]
   float* lse = nullptr;             // [batch, n_heads] or null
   float* workspace = nullptr;       // decode_workspace_floats(batch, n_heads, head_dim) floats
   int64_t workspace_floats = 0;
+  uint32_t* split_counters = nullptr;  // [batch, n_kv_heads]: zero before the first launch (cudaMemset once
+                                       // after allocation); every completed launch leaves them zero
   int batch = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, capacity = 0;
   int n_splits = 0, split_len = 0;  // from plan_flash_decode(); split_len a multiple of 64
   float scale = 0.f;
@@ -175,6 +178,7 @@ DecodePlan plan_flash_decode(int batch, int n_kv_heads, int max_len, int head_di
 // Resident split-kernel blocks on the whole device (occupancy x SMs) for head_dim 64 or 128.
 int decode_resident_blocks(int head_dim);
 int64_t decode_workspace_floats(int batch, int n_heads, int head_dim);
+int64_t decode_counter_count(int batch, int n_kv_heads);  // entries of FlashDecodeParams::split_counters
 void flash_decode(FlashDecodeParams p, cudaStream_t stream);
 
 // Multiprocessor count of the current device (cached).

@@ -163,6 +163,8 @@ double time_fp16(int B, int H, int Hkv, int d, int64_t T, int min_iters, double 
   std::vector<int32_t> hl(B, static_cast<int32_t>(T));
   ANTKV_CUDA_CHECK(cudaMemcpyAsync(lens.get(), hl.data(), B * sizeof(int32_t), cudaMemcpyHostToDevice, st));
   DeviceBuffer<float> ws(decode_workspace_floats(B, H, d));
+  DeviceBuffer<uint32_t> counters(decode_counter_count(B, Hkv));
+  ANTKV_CUDA_CHECK(cudaMemsetAsync(counters.get(), 0, counters.bytes(), st));
   const DecodePlan plan = plan_flash_decode(B, Hkv, static_cast<int>(T), d, 1);
   FlashDecodeParams p;
   p.q = q.get();
@@ -170,6 +172,7 @@ double time_fp16(int B, int H, int Hkv, int d, int64_t T, int min_iters, double 
   p.out = out.get();
   p.workspace = ws.get();
   p.workspace_floats = static_cast<int64_t>(ws.size());
+  p.split_counters = counters.get();
   p.batch = B;
   p.n_heads = H;
   p.n_kv_heads = Hkv;

@@ -525,6 +525,8 @@ TEST_CASE("GPU: flash decoding over a NaN-poisoned cache arena equals cpu::atten
     DeviceBuffer<bf16> out(q.size());
     DeviceBuffer<float> lse(want_lse.size());
     DeviceBuffer<float> ws(cuda::decode_workspace_floats(B, c.heads, c.d));
+    DeviceBuffer<uint32_t> counters(cuda::decode_counter_count(B, c.kv_heads));
+    ANTKV_CUDA_CHECK(cudaMemset(counters.get(), 0, counters.bytes()));
     // the planner's split, one split for everything, and many 64-key splits
     const cuda::DecodePlan auto_plan = cuda::plan_flash_decode(B, c.kv_heads, max_len, c.d);
     const cuda::DecodePlan plans[] = {auto_plan, {1, (max_len + 63) / 64 * 64}, {(max_len + 63) / 64, 64}};
@@ -541,6 +543,7 @@ TEST_CASE("GPU: flash decoding over a NaN-poisoned cache arena equals cpu::atten
       p.lse = lse.get();
       p.workspace = ws.get();
       p.workspace_floats = int64_t(ws.size());
+      p.split_counters = counters.get();
       p.batch = B;
       p.n_heads = c.heads;
       p.n_kv_heads = c.kv_heads;
@@ -555,6 +558,37 @@ TEST_CASE("GPU: flash decoding over a NaN-poisoned cache arena equals cpu::atten
       INFO(fmt::format("{} splits of {}: output error {}, LSE error {}", plan.n_splits, plan.split_len, eo, el));
       CHECK(eo < 1e-2);
       CHECK(el < 1e-4);
+      // the last split block of each (sequence, kv head) resets its counter: the next launch starts clean
+      const auto ctr = download(counters);
+      CHECK(std::all_of(ctr.begin(), ctr.end(), [](uint32_t v) { return v == 0; }));
+    }
+    // a plan made for a shorter context must not silently drop keys: the longer sequences get NaN
+    {
+      cuda::FlashDecodeParams p;
+      p.q = dq.get();
+      p.k_cache = dk.get();
+      p.v_cache = dv.get();
+      p.seq_lens = dlens.get();
+      p.out = out.get();
+      p.workspace = ws.get();
+      p.workspace_floats = int64_t(ws.size());
+      p.split_counters = counters.get();
+      p.batch = B;
+      p.n_heads = c.heads;
+      p.n_kv_heads = c.kv_heads;
+      p.head_dim = c.d;
+      p.capacity = cap;
+      p.n_splits = 1;
+      p.split_len = 64;
+      p.scale = 1.0f / std::sqrt(float(c.d));
+      cuda::flash_decode(p, nullptr);
+      const auto got = download_bf(out.get(), out.size());
+      for (int b = 0; b < B; ++b) {
+        INFO("sequence " << b << " of length " << c.lens[b]);
+        CHECK(std::isnan(got[size_t(b) * c.heads * c.d]) == (c.lens[b] > 64));
+      }
+      const auto ctr = download(counters);
+      CHECK(std::all_of(ctr.begin(), ctr.end(), [](uint32_t v) { return v == 0; }));
     }
   }
   // closed set: group > 16 and head_dim 96 are errors
@@ -562,11 +596,13 @@ TEST_CASE("GPU: flash decoding over a NaN-poisoned cache arena equals cpu::atten
   DeviceBuffer<bf16> dummy(1 << 16);
   DeviceBuffer<int32_t> lens(1);
   DeviceBuffer<float> ws(cuda::decode_workspace_floats(1, 32, 128));
+  DeviceBuffer<uint32_t> counters(cuda::decode_counter_count(1, 8));
   p.q = p.k_cache = p.v_cache = dummy.get();
   p.out = dummy.get();
   p.seq_lens = lens.get();
   p.workspace = ws.get();
   p.workspace_floats = int64_t(ws.size());
+  p.split_counters = counters.get();
   p.batch = 1;
   p.n_heads = 32;
   p.n_kv_heads = 1;
