@@ -3,6 +3,7 @@
 //                  [--max-windows N] [--device cpu|cuda] [--json out.json]       one model, FP16 cache
 //   antkv-eval ppl --recipe R [--set key=value ...]       every method of the recipe on every text (table)
 //   antkv-eval run --recipe R                              calibrate -> train codebooks -> ppl table
+//   antkv-eval diagnose --recipe R [--text FILE]           per-layer attention error of each method (CPU)
 //   antkv-eval bench --shape llama3-8b | --model DIR      decode attention and end-to-end decode (CUDA)
 #include <CLI/CLI.hpp>
 #include <cstdio>
@@ -16,6 +17,7 @@
 #include "core/interrupt.h"
 #include "core/system_info.h"
 #include "eval/compare.h"
+#include "eval/diagnostics.h"
 #include "eval/perplexity.h"
 #include "model/checkpoint.h"
 #include "runtime/cpu_runtime.h"
@@ -195,6 +197,35 @@ int run_pipeline_cmd(const RecipeArgs& a) {
   return 0;
 }
 
+int run_diagnose(const RecipeArgs& a, const std::string& text, const std::string& json_out) {
+  const Recipe r = Recipe::load(a.recipe, a.sets);
+  Checkpoint ckpt = Checkpoint::open(r.model);
+  Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  const std::vector<std::string> texts = text.empty() ? r.eval.texts : std::vector<std::string>{text};
+  ANTKV_CHECK(!texts.empty(), "{}: no text (eval.texts is empty and no --text)", a.recipe);
+  nlohmann::json all = nlohmann::json::array();
+  for (const auto& t : texts) {
+    DiagnoseOptions o;
+    o.recipe = &r;
+    o.ckpt = &ckpt;
+    o.tok = &tok;
+    o.text = t;
+    o.codebook_dir = !a.codebooks.empty() ? a.codebooks : (fs::path(r.out_dir) / "codebooks").string();
+    o.threads = a.threads;
+    o.progress = !a.quiet;
+    const auto res = diagnose_methods(o);
+    std::printf("%s\n%s", t.c_str(), diagnostics_table(res).c_str());
+    auto j = nlohmann::json::parse(diagnostics_json(res));
+    j["text"] = t;
+    all.push_back(j);
+  }
+  if (!json_out.empty()) {
+    nlohmann::json j{{"tool", "antkv-eval diagnose"}, {"recipe", r.to_yaml()}, {"texts", all}};
+    write_file_atomic(json_out, j.dump(1) + "\n");
+  }
+  return 0;
+}
+
 struct BenchArgs {
   std::string shape = "llama3-8b", model, json_out;
   std::vector<int> batches = {1, 16}, contexts = {32768, 131072};
@@ -307,6 +338,17 @@ int main(int argc, char** argv) {
   run->add_flag("--force", ra.force, "redo every stage");
   run->add_flag("--quiet,-q", ra.quiet, "no progress lines");
 
+  std::string diag_text, diag_json;
+  auto* diag = app.add_subcommand("diagnose", "per-layer attention-output error, sink and anchor attention mass of "
+                                  "every method of a recipe (teacher-forced on the FP16 cache, CPU)");
+  diag->add_option("--recipe", ra.recipe, "recipe YAML (eval.methods, eval.texts, eval.max_windows)")->required();
+  diag->add_option("--set", ra.sets, "override a recipe field: key=value (repeatable)");
+  diag->add_option("--codebooks", ra.codebooks, "folder of codebook files (default <out_dir>/codebooks)");
+  diag->add_option("--text", diag_text, "one text instead of eval.texts");
+  diag->add_option("--json", diag_json, "write the figures as JSON");
+  diag->add_option("--threads", ra.threads, "CPU threads (0 = all cores)");
+  diag->add_flag("--quiet,-q", ra.quiet, "no progress line");
+
   BenchArgs ba;
   auto* bench = app.add_subcommand("bench", "decode benchmark on the GPU: attention kernels and end-to-end decode vs roofline");
   bench->add_option("--shape", ba.shape, "named synthetic shape: llama3-8b, mistral-7b, llama2-7b")->capture_default_str();
@@ -331,6 +373,7 @@ int main(int argc, char** argv) {
       return run_ppl(p);
     }
     if (*run) return run_pipeline_cmd(ra);
+    if (*diag) return run_diagnose(ra, diag_text, diag_json);
     if (*bench) return run_bench(ba);
   } catch (const Interrupted&) {
     std::fprintf(stderr, "antkv-eval: interrupted; no output written\n");

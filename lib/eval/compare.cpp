@@ -29,21 +29,26 @@ MethodRuntimeFactory cpu_method_runtime_factory(const Checkpoint& ckpt, int thre
   };
 }
 
+std::map<std::string, std::shared_ptr<const CodebookSet>> load_method_codebooks(const std::vector<MethodSpec>& methods,
+                                                                               const std::string& dir) {
+  std::map<std::string, std::shared_ptr<const CodebookSet>> books;
+  for (const auto& m : methods) {
+    if (!m.needs_codebooks() || books.count(m.codebook_file())) continue;
+    const std::string p = (fs::path(dir) / m.codebook_file()).string();
+    ANTKV_CHECK(fs::exists(p), "method {}: codebook file {} not found (train it with antkv-train-codebook, or run "
+                "the whole pipeline with `antkv-eval run`)", m.text, p);
+    books[m.codebook_file()] = std::make_shared<const CodebookSet>(read_codebooks(p));
+  }
+  return books;
+}
+
 std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOptions& o) {
   ANTKV_CHECK(o.recipe && o.make_runtime, "compare_methods: recipe and runtime factory needed");
   const Recipe& r = *o.recipe;
   ANTKV_CHECK(!r.eval.texts.empty(), "{}: key \"eval.texts\" lists no text", r.source.empty() ? "recipe" : r.source);
   std::vector<MethodSpec> methods;
   for (const auto& s : r.eval.methods) methods.push_back(parse_method(s, r));
-  // codebooks, loaded once per file
-  std::map<std::string, std::shared_ptr<const CodebookSet>> books;
-  for (const auto& m : methods) {
-    if (!m.needs_codebooks() || books.count(m.codebook_file())) continue;
-    const std::string p = (fs::path(o.codebook_dir) / m.codebook_file()).string();
-    ANTKV_CHECK(fs::exists(p), "method {}: codebook file {} not found (train it with antkv-train-codebook, or run "
-                "the whole pipeline with `antkv-eval run`)", m.text, p);
-    books[m.codebook_file()] = std::make_shared<const CodebookSet>(read_codebooks(p));
-  }
+  auto books = load_method_codebooks(methods, o.codebook_dir);
   std::vector<MethodResult> out;
   for (const auto& text : r.eval.texts) {
     ANTKV_CHECK(fs::is_regular_file(text), "{}: evaluation text not found", text);

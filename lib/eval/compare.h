@@ -3,6 +3,7 @@
 // pipeline (calibrate -> train codebooks -> perplexity) reusing outputs whose fingerprint matches.
 #pragma once
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -40,6 +41,11 @@ struct CompareOptions {
 };
 
 std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOptions& o);
+
+// The codebook files the methods need, from `dir` (named MethodSpec::codebook_file()), each loaded once;
+// a missing file is an error naming the method and the path.
+std::map<std::string, std::shared_ptr<const CodebookSet>> load_method_codebooks(const std::vector<MethodSpec>& methods,
+                                                                               const std::string& dir);
 
 // One table (method rows, text columns), the JSON object, the CSV.
 std::string results_table(const std::vector<MethodResult>& r);
