@@ -68,9 +68,13 @@ TEST_CASE("method strings: kinds, options, errors", "[quant]") {
   CHECK_FALSE(v.anchors);
   CHECK(v.weighting == "none");
   CHECK(v.keys.b == 12);
-  CHECK(v.codebook_file() == "k-c16b12_v-c16b12_none_post.h5");
+  CHECK_FALSE(v.exclude_anchors);  // CQ-style: codebooks from every calibration token
+  CHECK(v.codebook_file() == "k-c16b12_v-c16b12_none_all_post.h5");
   const auto ab = parse_method("antkv:bits=1,anchors=off,key_rope=pre", r);
+  CHECK(ab.exclude_anchors);
   CHECK(ab.codebook_file() == "k-c8b8_v-c8b8_anchor_pre.h5");
+  CHECK(parse_method("antkv:bits=1,weighting=none", r).codebook_file() == "k-c8b8_v-c8b8_none_post.h5");
+  CHECK(parse_method("antkv:bits=1,exclude=off", r).codebook_file() == "k-c8b8_v-c8b8_anchor_all_post.h5");
   CHECK_THROWS_WITH(parse_method("kivi", r), Contains("kivi"));
   CHECK_THROWS_WITH(parse_method("uniform:bits=2,grp=3", r), Contains("grp"));
   CHECK_THROWS_WITH(parse_method("antkv:bits=3", r), Contains("3 bits"));
@@ -193,7 +197,8 @@ namespace {
 // 18m: a small calibration dump and quickly trained codebooks (3 Lloyd iterations) for `method`.
 std::shared_ptr<const CodebookSet> quick_codebooks(const Checkpoint& ckpt, const Tokenizer& tok, const MethodSpec& m) {
   Recipe r = Recipe::defaults_with({"kmeans.device=cpu", "kmeans.iters=5", "kmeans.holdout=0.02",
-                                    "key_rope=" + m.key_rope, "kmeans.weighting=" + m.weighting});
+                                    "key_rope=" + m.key_rope, "kmeans.weighting=" + m.weighting,
+                                    std::string("kmeans.exclude_anchors=") + (m.exclude_anchors ? "true" : "false")});
   r.quant.keys = m.keys;
   r.quant.values = m.values;
   const std::string dir = test::temp_dir();

@@ -183,6 +183,7 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
   cm.recipe = r.to_yaml();
   cm.key_rope = r.key_rope;
   cm.weighting = r.kmeans.weighting;
+  cm.exclude_anchors = r.kmeans.exclude_anchors;
   cm.trainer = o.trainer_name;
   cm.version = o.version;
   cm.created = utc_timestamp();

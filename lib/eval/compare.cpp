@@ -37,7 +37,15 @@ std::map<std::string, std::shared_ptr<const CodebookSet>> load_method_codebooks(
     const std::string p = (fs::path(dir) / m.codebook_file()).string();
     ANTKV_CHECK(fs::exists(p), "method {}: codebook file {} not found (train it with antkv-train-codebook, or run "
                 "the whole pipeline with `antkv-eval run`)", m.text, p);
-    books[m.codebook_file()] = std::make_shared<const CodebookSet>(read_codebooks(p));
+    auto set = std::make_shared<const CodebookSet>(read_codebooks(p));
+    const CodebookMeta& cm = set->meta;
+    ANTKV_CHECK(cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b &&
+                    cm.weighting == m.weighting && cm.exclude_anchors == m.exclude_anchors && cm.key_rope == m.key_rope,
+                "{}: codebooks for keys c{}b{}, values c{}b{}, weighting {}, anchors {} in training, key_rope {}; method "
+                "{} needs c{}b{}, c{}b{}, {}, {}, {}", p, cm.key_c, cm.key_b, cm.value_c, cm.value_b, cm.weighting,
+                cm.exclude_anchors ? "excluded" : "included", cm.key_rope, m.text, m.keys.c, m.keys.b, m.values.c,
+                m.values.b, m.weighting, m.exclude_anchors ? "excluded" : "included", m.key_rope);
+    books[m.codebook_file()] = std::move(set);
   }
   return books;
 }
@@ -150,7 +158,7 @@ std::string calibration_fingerprint(const Recipe& r, const std::string& config_h
 std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std::string& calib_hash) {
   const auto& k = r.kmeans;
   return hash_bytes(fmt::format("cb|{}|{}|k{}x{}|v{}x{}|{}|{}|{}|{}|{}|{}|{}|{}|{}", calib_hash, m.key_rope, m.keys.c,
-                                m.keys.b, m.values.c, m.values.b, m.weighting, k.iters, k.tol, k.seed, k.exclude_anchors,
+                                m.keys.b, m.values.c, m.values.b, m.weighting, k.iters, k.tol, k.seed, m.exclude_anchors,
                                 k.max_points, k.holdout, m.ratio, k.device));
 }
 
@@ -229,6 +237,7 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
     rc.quant.keys = m.keys;
     rc.quant.values = m.values;
     rc.kmeans.weighting = m.weighting;
+    rc.kmeans.exclude_anchors = m.exclude_anchors;
     rc.key_rope = m.key_rope;
     rc.anchor.ratio = m.ratio;
     TrainCodebooksOptions to;

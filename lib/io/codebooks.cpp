@@ -38,6 +38,7 @@ void write_codebooks(const std::string& path, const CodebookSet& s) {
     h5::set_attr(g, "recipe", m.recipe);
     h5::set_attr(g, "key_rope", m.key_rope);
     h5::set_attr(g, "weighting", m.weighting);
+    h5::set_attr(g, "exclude_anchors", int64_t{m.exclude_anchors ? 1 : 0});
     h5::set_attr(g, "trainer", m.trainer);
     h5::set_attr(g, "version", m.version);
     h5::set_attr(g, "created", m.created);
@@ -76,6 +77,7 @@ CodebookSet read_codebooks(const std::string& path) {
     m.recipe = h5::get_attr_string(g, "recipe", path);
     m.key_rope = h5::get_attr_string(g, "key_rope", path);
     m.weighting = h5::get_attr_string(g, "weighting", path);
+    if (h5::has_attr(g, "exclude_anchors")) m.exclude_anchors = h5::get_attr_int(g, "exclude_anchors", path) != 0;
     m.trainer = h5::get_attr_string(g, "trainer", path);
     m.version = h5::get_attr_string(g, "version", path);
     m.created = h5::get_attr_string(g, "created", path);

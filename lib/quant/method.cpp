@@ -8,7 +8,8 @@
 namespace antkv {
 
 std::string MethodSpec::codebook_file() const {
-  return fmt::format("k-c{}b{}_v-c{}b{}_{}_{}.h5", keys.c, keys.b, values.c, values.b, weighting, key_rope);
+  return fmt::format("k-c{}b{}_v-c{}b{}_{}{}_{}.h5", keys.c, keys.b, values.c, values.b, weighting,
+                     exclude_anchors ? "" : "_all", key_rope);
 }
 
 double MethodSpec::nominal_bits() const {
@@ -30,7 +31,8 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
   m.score = r.anchor.score;
   m.key_rope = r.key_rope;
   m.weighting = r.kmeans.weighting;
-  if (m.kind == "vq") m.anchors = false, m.weighting = "none";
+  m.exclude_anchors = r.kmeans.exclude_anchors;
+  if (m.kind == "vq") m.anchors = false, m.weighting = "none", m.exclude_anchors = false;
   if (colon == std::string::npos) return m;
   ANTKV_CHECK(m.kind != "fp16", "method \"{}\": fp16 takes no options", text);
   std::stringstream ss(text.substr(colon + 1));
@@ -63,6 +65,7 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
       else if (k == "vbits") m.values = vq_config_for_bits(number());
       else if (k == "anchors") m.anchors = on_off();
       else if (k == "correct") m.correct = on_off();
+      else if (k == "exclude") m.exclude_anchors = on_off();
       else if (k == "weighting") {
         ANTKV_CHECK(v == "anchor" || v == "none", "method \"{}\": weighting is anchor or none", text);
         m.weighting = v;
@@ -71,7 +74,7 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
       else if (k == "key_rope") {
         ANTKV_CHECK(v == "post" || v == "pre", "method \"{}\": key_rope is post or pre", text);
         m.key_rope = v;
-      } else fail("method \"{}\": unknown option \"{}\" (bits, kbits, vbits, anchors, weighting, ratio, score, key_rope, correct)", text, k);
+      } else fail("method \"{}\": unknown option \"{}\" (bits, kbits, vbits, anchors, weighting, ratio, score, key_rope, correct, exclude)", text, k);
     }
   }
   if (m.kind == "uniform") {

@@ -5,7 +5,9 @@
 //   antkv:bits=1                               weighted codebooks + anchors (the paper's method)
 // Options of vq/antkv: bits (both K and V; or kbits=, vbits=), anchors=on|off, weighting=anchor|none,
 // ratio=0.01, score=error_bound|attention_mass|key_bound|random|recent, key_rope=post|pre, correct=on|off.
-// `vq` is antkv with anchors=off, weighting=none; ablations are antkv with one component off.
+// `vq` is antkv with anchors=off, weighting=none and codebooks trained on every calibration token (CQ knows
+// no anchors); antkv's codebooks leave the calibration anchors out (recipe kmeans.exclude_anchors; option
+// exclude=on|off). Ablations are antkv with one component off.
 #pragma once
 #include <string>
 
@@ -22,6 +24,7 @@ struct MethodSpec {
   VqConfig keys, values;
   bool anchors = true;
   std::string weighting = "anchor";
+  bool exclude_anchors = true;  // codebooks trained without the calibration anchors (vq: false)
   double ratio = 0.01;
   std::string score = "error_bound";
   std::string key_rope = "post";
@@ -31,7 +34,8 @@ struct MethodSpec {
   bool correct = false;
 
   bool needs_codebooks() const { return kind == "vq" || kind == "antkv"; }
-  // The codebook file name of the configuration this method needs: "k-c8b8_v-c8b8_anchor_post.h5".
+  // The codebook file name of the configuration this method needs: "k-c8b8_v-c8b8_anchor_post.h5"
+  // ("k-c8b8_v-c8b8_none_all_post.h5" when trained on every token, anchors included).
   std::string codebook_file() const;
   // Nominal bits per channel (K and V averaged).
   double nominal_bits() const;
