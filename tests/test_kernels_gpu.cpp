@@ -530,10 +530,7 @@ TEST_CASE("GPU: flash decoding over a NaN-poisoned cache arena equals cpu::atten
     // the planner's split, one split for everything, and many 64-key splits
     const cuda::DecodePlan auto_plan = cuda::plan_flash_decode(B, c.kv_heads, max_len, c.d);
     const cuda::DecodePlan plans[] = {auto_plan, {1, (max_len + 63) / 64 * 64}, {(max_len + 63) / 64, 64}};
-    for (const auto& plan : plans) {
-      cuda::fill_bf16(out.get(), int64_t(out.size()), NAN, nullptr);
-      cuda::fill_f32(lse.get(), int64_t(lse.size()), NAN, nullptr);
-      cuda::fill_f32(ws.get(), int64_t(ws.size()), NAN, nullptr);
+    auto params_for = [&](const cuda::DecodePlan& plan) {
       cuda::FlashDecodeParams p;
       p.q = dq.get();
       p.k_cache = dk.get();
@@ -552,44 +549,32 @@ TEST_CASE("GPU: flash decoding over a NaN-poisoned cache arena equals cpu::atten
       p.n_splits = plan.n_splits;
       p.split_len = plan.split_len;
       p.scale = 1.0f / std::sqrt(float(c.d));
-      cuda::flash_decode(p, nullptr);
+      return p;
+    };
+    auto counters_zero = [&] {
+      const auto ctr = download(counters);
+      return std::all_of(ctr.begin(), ctr.end(), [](uint32_t v) { return v == 0; });
+    };
+    for (const auto& plan : plans) {
+      cuda::fill_bf16(out.get(), int64_t(out.size()), NAN, nullptr);
+      cuda::fill_f32(lse.get(), int64_t(lse.size()), NAN, nullptr);
+      cuda::fill_f32(ws.get(), int64_t(ws.size()), NAN, nullptr);
+      cuda::flash_decode(params_for(plan), nullptr);
       const double eo = rel_err(download_bf(out.get(), out.size()), want);
       const double el = rel_err(download(lse), want_lse);
       INFO(fmt::format("{} splits of {}: output error {}, LSE error {}", plan.n_splits, plan.split_len, eo, el));
       CHECK(eo < 1e-2);
       CHECK(el < 1e-4);
-      // the last split block of each (sequence, kv head) resets its counter: the next launch starts clean
-      const auto ctr = download(counters);
-      CHECK(std::all_of(ctr.begin(), ctr.end(), [](uint32_t v) { return v == 0; }));
+      CHECK(counters_zero());  // the last split block of each (sequence, kv head) resets its counter
     }
     // a plan made for a shorter context must not silently drop keys: the longer sequences get NaN
-    {
-      cuda::FlashDecodeParams p;
-      p.q = dq.get();
-      p.k_cache = dk.get();
-      p.v_cache = dv.get();
-      p.seq_lens = dlens.get();
-      p.out = out.get();
-      p.workspace = ws.get();
-      p.workspace_floats = int64_t(ws.size());
-      p.split_counters = counters.get();
-      p.batch = B;
-      p.n_heads = c.heads;
-      p.n_kv_heads = c.kv_heads;
-      p.head_dim = c.d;
-      p.capacity = cap;
-      p.n_splits = 1;
-      p.split_len = 64;
-      p.scale = 1.0f / std::sqrt(float(c.d));
-      cuda::flash_decode(p, nullptr);
-      const auto got = download_bf(out.get(), out.size());
-      for (int b = 0; b < B; ++b) {
-        INFO("sequence " << b << " of length " << c.lens[b]);
-        CHECK(std::isnan(got[size_t(b) * c.heads * c.d]) == (c.lens[b] > 64));
-      }
-      const auto ctr = download(counters);
-      CHECK(std::all_of(ctr.begin(), ctr.end(), [](uint32_t v) { return v == 0; }));
+    cuda::flash_decode(params_for({1, 64}), nullptr);
+    const auto got = download_bf(out.get(), out.size());
+    for (int b = 0; b < B; ++b) {
+      INFO("sequence " << b << " of length " << c.lens[b]);
+      CHECK(std::isnan(got[size_t(b) * c.heads * c.d]) == (c.lens[b] > 64));
     }
+    CHECK(counters_zero());
   }
   // closed set: group > 16 and head_dim 96 are errors
   cuda::FlashDecodeParams p;
