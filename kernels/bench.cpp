@@ -17,69 +17,6 @@ namespace antkv::cuda {
 
 namespace {
 
-DecodeAttnPoint bench_decode(int B, int ctx, int waves, const KernelBenchOptions& o, double copy_gbps, cudaStream_t st) {
-  const int H = o.n_heads, Hkv = o.n_kv_heads, d = o.head_dim;
-  const size_t kv_elems = static_cast<size_t>(B) * Hkv * ctx * d;
-  const double kv_bytes = 2.0 * kv_elems * sizeof(bf16);
-  // several cache copies, rotated, so that no step finds the previous one's data in L2
-  const int copies = static_cast<int>(std::clamp(std::ceil((1.0 * (size_t{1} << 30)) / kv_bytes), 1.0, 8.0));
-  std::vector<DeviceBuffer<bf16>> ks(copies), vs(copies);
-  for (int c = 0; c < copies; ++c) {
-    ks[c].resize(kv_elems);
-    vs[c].resize(kv_elems);
-    fill_random_bf16(ks[c].get(), static_cast<int64_t>(kv_elems), 100 + 2 * c, 1.0f, st);
-    fill_random_bf16(vs[c].get(), static_cast<int64_t>(kv_elems), 101 + 2 * c, 1.0f, st);
-  }
-  DeviceBuffer<bf16> q(static_cast<size_t>(B) * H * d), out(static_cast<size_t>(B) * H * d);
-  fill_random_bf16(q.get(), static_cast<int64_t>(q.size()), 7, 1.0f, st);
-  DeviceBuffer<int32_t> lens(B);
-  std::vector<int32_t> hl(B, ctx);
-  ANTKV_CUDA_CHECK(cudaMemcpyAsync(lens.get(), hl.data(), B * sizeof(int32_t), cudaMemcpyHostToDevice, st));
-  DeviceBuffer<float> ws(decode_workspace_floats(B, H, d));
-  DeviceBuffer<uint32_t> counters(decode_counter_count(B, Hkv));
-  ANTKV_CUDA_CHECK(cudaMemsetAsync(counters.get(), 0, counters.bytes(), st));
-  const DecodePlan plan = plan_flash_decode(B, Hkv, ctx, d, waves);
-  FlashDecodeParams p;
-  p.q = q.get();
-  p.seq_lens = lens.get();
-  p.out = out.get();
-  p.workspace = ws.get();
-  p.workspace_floats = static_cast<int64_t>(ws.size());
-  p.split_counters = counters.get();
-  p.batch = B;
-  p.n_heads = H;
-  p.n_kv_heads = Hkv;
-  p.head_dim = d;
-  p.capacity = ctx;
-  p.n_splits = plan.n_splits;
-  p.split_len = plan.split_len;
-  p.scale = 1.0f / std::sqrt(static_cast<float>(d));
-  auto step = [&](int i) {
-    p.k_cache = ks[i % copies].get();
-    p.v_cache = vs[i % copies].get();
-    flash_decode(p, st);
-  };
-  for (int i = 0; i < 3; ++i) step(i);
-  ANTKV_CUDA_CHECK(cudaStreamSynchronize(st));
-  // at least ~100 ms of work, at least o.iters steps
-  const int iters = std::max(o.iters, static_cast<int>(0.1 / (kv_bytes / (copy_gbps * 1e9)) + 1));
-  Events ev;
-  ev.start(st);
-  for (int i = 0; i < iters; ++i) step(i);
-  const float ms = ev.stop_ms(st);
-  DecodeAttnPoint r;
-  r.batch = B;
-  r.context = ctx;
-  r.waves = waves;
-  r.n_splits = plan.n_splits;
-  r.split_len = plan.split_len;
-  r.ms_per_step = ms / iters;
-  r.bytes = kv_bytes + 2.0 * B * H * d * sizeof(bf16);
-  r.gbps = r.bytes / (r.ms_per_step * 1e-3) / 1e9;
-  r.frac_of_copy = r.gbps / copy_gbps;
-  return r;
-}
-
 PrefillPoint bench_prefill(int T, const KernelBenchOptions& o, cudaStream_t st) {
   const int H = o.n_heads, Hkv = o.n_kv_heads, d = o.head_dim;
   DeviceBuffer<bf16> q(static_cast<size_t>(T) * H * d), k(static_cast<size_t>(T) * Hkv * d),
@@ -177,6 +114,70 @@ E2EPoint bench_e2e(int B, int ctx, const KernelBenchOptions& o, const ModelConfi
 
 }  // namespace
 
+DecodeAttnPoint bench_flash_decode(int B, int ctx, int H, int Hkv, int d, int waves, int min_iters, double copy_gbps,
+                                   cudaStream_t st) {
+  const size_t kv_elems = static_cast<size_t>(B) * Hkv * ctx * d;
+  const double kv_bytes = 2.0 * kv_elems * sizeof(bf16);
+  // several cache copies, rotated, so that no step finds the previous one's data in L2
+  const int copies = static_cast<int>(std::clamp(std::ceil((1.0 * (size_t{1} << 30)) / kv_bytes), 1.0, 8.0));
+  std::vector<DeviceBuffer<bf16>> ks(copies), vs(copies);
+  for (int c = 0; c < copies; ++c) {
+    ks[c].resize(kv_elems);
+    vs[c].resize(kv_elems);
+    fill_random_bf16(ks[c].get(), static_cast<int64_t>(kv_elems), 100 + 2 * c, 1.0f, st);
+    fill_random_bf16(vs[c].get(), static_cast<int64_t>(kv_elems), 101 + 2 * c, 1.0f, st);
+  }
+  DeviceBuffer<bf16> q(static_cast<size_t>(B) * H * d), out(static_cast<size_t>(B) * H * d);
+  fill_random_bf16(q.get(), static_cast<int64_t>(q.size()), 7, 1.0f, st);
+  DeviceBuffer<int32_t> lens(B);
+  std::vector<int32_t> hl(B, ctx);
+  ANTKV_CUDA_CHECK(cudaMemcpyAsync(lens.get(), hl.data(), B * sizeof(int32_t), cudaMemcpyHostToDevice, st));
+  DeviceBuffer<float> ws(decode_workspace_floats(B, H, d));
+  DeviceBuffer<uint32_t> counters(decode_counter_count(B, Hkv));
+  ANTKV_CUDA_CHECK(cudaMemsetAsync(counters.get(), 0, counters.bytes(), st));
+  const DecodePlan plan = plan_flash_decode(B, Hkv, ctx, d, waves);
+  FlashDecodeParams p;
+  p.q = q.get();
+  p.seq_lens = lens.get();
+  p.out = out.get();
+  p.workspace = ws.get();
+  p.workspace_floats = static_cast<int64_t>(ws.size());
+  p.split_counters = counters.get();
+  p.batch = B;
+  p.n_heads = H;
+  p.n_kv_heads = Hkv;
+  p.head_dim = d;
+  p.capacity = ctx;
+  p.n_splits = plan.n_splits;
+  p.split_len = plan.split_len;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  auto step = [&](int i) {
+    p.k_cache = ks[i % copies].get();
+    p.v_cache = vs[i % copies].get();
+    flash_decode(p, st);
+  };
+  for (int i = 0; i < 3; ++i) step(i);
+  ANTKV_CUDA_CHECK(cudaStreamSynchronize(st));
+  // at least ~100 ms of work, at least min_iters steps
+  const int iters = std::max(min_iters, static_cast<int>(0.1 / (kv_bytes / (copy_gbps * 1e9)) + 1));
+  Events ev;
+  ev.start(st);
+  for (int i = 0; i < iters; ++i) step(i);
+  const float ms = ev.stop_ms(st);
+  DecodeAttnPoint r;
+  r.batch = B;
+  r.context = ctx;
+  r.waves = waves;
+  r.n_splits = plan.n_splits;
+  r.split_len = plan.split_len;
+  r.ms_per_step = ms / iters;
+  r.bytes = kv_bytes + 2.0 * B * H * d * sizeof(bf16);
+  r.gbps = r.bytes / (r.ms_per_step * 1e-3) / 1e9;
+  r.frac_of_copy = r.gbps / copy_gbps;
+  return r;
+}
+
+
 ModelConfig llama3_8b_shape_config() {
   ModelConfig c;
   c.model_type = "llama";
@@ -234,7 +235,7 @@ KernelBenchResult run_kernel_bench(const KernelBenchOptions& opt, const std::fun
   for (int B : opt.decode_batches)
     for (int ctx : opt.decode_contexts)
       for (int waves : opt.decode_waves) {
-        r.decode.push_back(bench_decode(B, ctx, waves, opt, r.copy_gbps, st.get()));
+        r.decode.push_back(bench_flash_decode(B, ctx, opt.n_heads, opt.n_kv_heads, opt.head_dim, waves, opt.iters, r.copy_gbps, st.get()));
         const auto& p = r.decode.back();
         say(fmt::format("decode attention B={} ctx={} waves={}: {:.4f} ms, {:.0f} GB/s, {:.1f}% of copy bw ({} splits x {})",
                         B, ctx, waves, p.ms_per_step, p.gbps, 100 * p.frac_of_copy, p.n_splits, p.split_len));

@@ -1,6 +1,8 @@
 // Kernel and end-to-end decode benchmark on the current CUDA device. Roofline: the measured device copy
 // bandwidth (cudaMemcpy device-to-device of 2 GiB, bytes read + written, CUDA events after warm-up).
 #pragma once
+#include <cuda_runtime.h>
+
 #include <functional>
 #include <string>
 #include <utility>
@@ -14,7 +16,7 @@ struct DecodeAttnPoint {
   int batch = 0, context = 0;
   int waves = 1;             // the plan's target grid size in waves of resident blocks (1: the runtime's)
   int n_splits = 0, split_len = 0;
-  double ms_per_step = 0;    // split + reduce kernels, one layer
+  double ms_per_step = 0;    // the flash-decoding kernel, one layer
   double bytes = 0;          // K + V of every sequence, q, out
   double gbps = 0;           // bytes / time
   double frac_of_copy = 0;   // gbps / copy bandwidth
@@ -66,5 +68,10 @@ double measure_copy_bandwidth_gbps(size_t bytes = size_t{2} << 30, int iters = 1
 KernelBenchResult run_kernel_bench(const KernelBenchOptions& opt,
                                    const std::function<void(const std::string&)>& log = {});
 std::string format_kernel_bench(const KernelBenchResult& r);
+// Flash-decoding of B sequences of `context` tokens over random bf16 caches [B, n_kv_heads, context,
+// head_dim] (several copies rotated so that no step finds its data in L2), the `waves` split plan; CUDA
+// events around >= min_iters back-to-back steps (and >= ~100 ms of work) after warm-up.
+DecodeAttnPoint bench_flash_decode(int B, int context, int n_heads, int n_kv_heads, int head_dim, int waves,
+                                   int min_iters, double copy_gbps, cudaStream_t st);
 
 }  // namespace antkv::cuda

@@ -144,57 +144,14 @@ QuantRun time_quant(const Shape& sh, bool lut_half, int copies, int min_iters, d
   return r;
 }
 
-// flash_decode over a bf16 cache [B, Hkv, T, d] (as bench.cpp's decode benchmark, one-wave plan).
+// flash_decode over a bf16 cache [B, Hkv, T, d]: bench.cpp's decode benchmark, one-wave plan (the runtime's).
 double time_fp16(int B, int H, int Hkv, int d, int64_t T, int min_iters, double copy_gbps, cudaStream_t st,
                  int* n_splits = nullptr, int* split_len = nullptr) {
-  const size_t kv_elems = static_cast<size_t>(B) * Hkv * T * d;
-  const double kv_bytes = 2.0 * kv_elems * sizeof(bf16);
-  const int copies = static_cast<int>(std::clamp(std::ceil((1.0 * (size_t{1} << 30)) / kv_bytes), 1.0, 8.0));
-  std::vector<DeviceBuffer<bf16>> ks(copies), vs(copies);
-  for (int c = 0; c < copies; ++c) {
-    ks[c].resize(kv_elems);
-    vs[c].resize(kv_elems);
-    fill_random_bf16(ks[c].get(), static_cast<int64_t>(kv_elems), 100 + 2 * c, 1.0f, st);
-    fill_random_bf16(vs[c].get(), static_cast<int64_t>(kv_elems), 101 + 2 * c, 1.0f, st);
-  }
-  DeviceBuffer<bf16> q(static_cast<size_t>(B) * H * d), out(q.size());
-  fill_random_bf16(q.get(), static_cast<int64_t>(q.size()), 7, 1.0f, st);
-  DeviceBuffer<int32_t> lens(B);
-  std::vector<int32_t> hl(B, static_cast<int32_t>(T));
-  ANTKV_CUDA_CHECK(cudaMemcpyAsync(lens.get(), hl.data(), B * sizeof(int32_t), cudaMemcpyHostToDevice, st));
-  DeviceBuffer<float> ws(decode_workspace_floats(B, H, d));
-  DeviceBuffer<uint32_t> counters(decode_counter_count(B, Hkv));
-  ANTKV_CUDA_CHECK(cudaMemsetAsync(counters.get(), 0, counters.bytes(), st));
-  const DecodePlan plan = plan_flash_decode(B, Hkv, static_cast<int>(T), d, 1);
-  FlashDecodeParams p;
-  p.q = q.get();
-  p.seq_lens = lens.get();
-  p.out = out.get();
-  p.workspace = ws.get();
-  p.workspace_floats = static_cast<int64_t>(ws.size());
-  p.split_counters = counters.get();
-  p.batch = B;
-  p.n_heads = H;
-  p.n_kv_heads = Hkv;
-  p.head_dim = d;
-  p.capacity = static_cast<int>(T);
-  p.n_splits = plan.n_splits;
-  p.split_len = plan.split_len;
-  p.scale = 1.0f / std::sqrt(static_cast<float>(d));
-  auto step = [&](int i) {
-    p.k_cache = ks[i % copies].get();
-    p.v_cache = vs[i % copies].get();
-    flash_decode(p, st);
-  };
-  for (int i = 0; i < 3; ++i) step(i);
-  ANTKV_CUDA_CHECK(cudaStreamSynchronize(st));
-  const int iters = std::max(min_iters, static_cast<int>(0.1 / (kv_bytes / (copy_gbps * 1e9)) + 1));
-  Events ev;
-  ev.start(st);
-  for (int i = 0; i < iters; ++i) step(i);
-  if (n_splits) *n_splits = plan.n_splits;
-  if (split_len) *split_len = plan.split_len;
-  return ev.stop_ms(st) / iters;
+  ANTKV_CHECK(T <= (int64_t{1} << 30), "fp16 decode baseline: context {} is too long", T);
+  const DecodeAttnPoint r = bench_flash_decode(B, static_cast<int>(T), H, Hkv, d, 1, min_iters, copy_gbps, st);
+  if (n_splits) *n_splits = r.n_splits;
+  if (split_len) *split_len = r.split_len;
+  return r.ms_per_step;
 }
 
 double llama3_8b_weight_bytes() {
