@@ -1,5 +1,6 @@
-// Host-side helpers shared by the GPU tests: bf16 conversion (round to nearest even, as the kernels store)
-// and a fresh random seed per run (GPU tests draw new inputs every time).
+// Host-side helpers shared by the GPU tests: bf16 conversion (round to nearest even, as the kernels store),
+// a fresh random seed per run (GPU tests draw new inputs every time), and (CUDA builds) checked uploads and
+// downloads of device buffers.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -29,3 +30,48 @@ inline uint32_t fresh_seed() {
 }
 
 }  // namespace antkv::test
+
+#ifdef ANTKV_HAVE_CUDA
+#include <vector>
+
+#include "kernels/cuda_check.h"
+#include "kernels/device_buffer.h"
+#include "kernels/ops.h"
+
+namespace antkv::test {
+
+template <typename T>
+cuda::DeviceBuffer<T> upload(const std::vector<T>& h) {
+  cuda::DeviceBuffer<T> d(h.size());
+  if (!h.empty()) ANTKV_CUDA_CHECK(cudaMemcpy(d.get(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+// fp32 host values rounded to bf16 on the way
+inline cuda::DeviceBuffer<cuda::bf16> upload_bf(const std::vector<float>& h) {
+  std::vector<uint16_t> b(h.size());
+  for (size_t i = 0; i < h.size(); ++i) b[i] = f2bf(h[i]);
+  cuda::DeviceBuffer<cuda::bf16> d(h.size());
+  if (!h.empty()) ANTKV_CUDA_CHECK(cudaMemcpy(d.get(), b.data(), b.size() * 2, cudaMemcpyHostToDevice));
+  return d;
+}
+// Synchronizes the device first (kernels run on whatever stream), then copies n elements.
+template <typename T>
+std::vector<T> download(const T* d, size_t n) {
+  std::vector<T> h(n);
+  ANTKV_CUDA_CHECK(cudaDeviceSynchronize());
+  if (n) ANTKV_CUDA_CHECK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+  return h;
+}
+template <typename T>
+std::vector<T> download(const cuda::DeviceBuffer<T>& d, size_t n = 0) {
+  return download(d.get(), n ? n : d.size());
+}
+inline std::vector<float> download_bf(const cuda::bf16* d, size_t n) {
+  const auto b = download(reinterpret_cast<const uint16_t*>(d), n);
+  std::vector<float> f(n);
+  for (size_t i = 0; i < n; ++i) f[i] = bf2f(b[i]);
+  return f;
+}
+
+}  // namespace antkv::test
+#endif

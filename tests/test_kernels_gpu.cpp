@@ -47,6 +47,10 @@ using test::f2bf;
 using test::bf2f;
 using test::round_bf;
 using test::fresh_seed;
+using test::upload;
+using test::upload_bf;
+using test::download;
+using test::download_bf;
 
 namespace {
 
@@ -61,35 +65,6 @@ std::vector<float> randn(size_t n, std::mt19937& rng, float scale = 1.f) {
 std::vector<float> rounded_bf(std::vector<float> v) {
   for (auto& x : v) x = round_bf(x);
   return v;
-}
-
-template <typename T>
-DeviceBuffer<T> upload(const std::vector<T>& h) {
-  DeviceBuffer<T> d(h.size());
-  ANTKV_CUDA_CHECK(cudaMemcpy(d.get(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
-}
-DeviceBuffer<bf16> upload_bf(const std::vector<float>& h) {
-  std::vector<uint16_t> b(h.size());
-  for (size_t i = 0; i < h.size(); ++i) b[i] = f2bf(h[i]);
-  DeviceBuffer<bf16> d(h.size());
-  ANTKV_CUDA_CHECK(cudaMemcpy(d.get(), b.data(), b.size() * 2, cudaMemcpyHostToDevice));
-  return d;
-}
-template <typename T>
-std::vector<T> download(const DeviceBuffer<T>& d, size_t n = 0) {
-  std::vector<T> h(n ? n : d.size());
-  ANTKV_CUDA_CHECK(cudaDeviceSynchronize());
-  ANTKV_CUDA_CHECK(cudaMemcpy(h.data(), d.get(), h.size() * sizeof(T), cudaMemcpyDeviceToHost));
-  return h;
-}
-std::vector<float> download_bf(const bf16* d, size_t n) {
-  std::vector<uint16_t> b(n);
-  ANTKV_CUDA_CHECK(cudaDeviceSynchronize());
-  ANTKV_CUDA_CHECK(cudaMemcpy(b.data(), d, n * 2, cudaMemcpyDeviceToHost));
-  std::vector<float> f(n);
-  for (size_t i = 0; i < n; ++i) f[i] = bf2f(b[i]);
-  return f;
 }
 
 double rel_err(const std::vector<float>& a, const std::vector<float>& b) {

@@ -116,6 +116,9 @@ using cuda::DeviceBuffer;
 using test::f2bf;
 using test::bf2f;
 using test::fresh_seed;
+using test::upload;
+using test::download;
+using test::download_bf;
 
 namespace {
 
@@ -127,29 +130,10 @@ __half nan_f16() {
   return __half(r);
 }
 
-template <typename T>
-DeviceBuffer<T> upload(const std::vector<T>& h) {
-  DeviceBuffer<T> d(h.size());
-  if (!h.empty()) ANTKV_CUDA_CHECK(cudaMemcpy(d.get(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
-}
 DeviceBuffer<__half> upload_f16(const std::vector<float>& h) {
   std::vector<__half> x(h.size());
   for (size_t i = 0; i < h.size(); ++i) x[i] = std::isnan(h[i]) ? nan_f16() : __float2half_rn(h[i]);
   return upload(x);
-}
-template <typename T>
-std::vector<T> download(const T* d, size_t n) {
-  std::vector<T> h(n);
-  ANTKV_CUDA_CHECK(cudaDeviceSynchronize());
-  ANTKV_CUDA_CHECK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
-  return h;
-}
-std::vector<float> download_bf(const bf16* d, size_t n) {
-  const auto b = download(reinterpret_cast<const uint16_t*>(d), n);
-  std::vector<float> f(n);
-  for (size_t i = 0; i < n; ++i) f[i] = bf2f(b[i]);
-  return f;
 }
 double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
   REQUIRE(a.size() == b.size());
