@@ -4,6 +4,8 @@
 #include <random>
 
 #include "codebook/train_codebooks.h"
+#include "eval/compare.h"
+#include "quant/method.h"
 #include "core/atomic_file.h"
 #include "io/calib_dump.h"
 #include "io/codebooks.h"
@@ -87,7 +89,7 @@ TEST_CASE("train-codebook: codebooks per layer, head and group - file round trip
   CHECK(r4.codebooks.keys[0].error_norm[0] > 0);
 }
 
-TEST_CASE("train-codebook: weighting none vs anchor weights - anchors excluded get weight 0", "[codebook]") {
+TEST_CASE("train-codebook: weighting none vs anchor weights - anchors excluded get weight 0 - or included (vq)", "[codebook]") {
   const std::string dump = synthetic_dump(3000, 1, 1, 8, -1, /*correlated=*/true);
   const std::vector<std::string> cfg = {"quant.keys.c=8", "quant.keys.b=5", "kmeans.exclude_anchors=false"};
   auto with = [&](const char* w) { auto v = cfg; v.push_back(std::string("kmeans.weighting=") + w); return v; };
@@ -100,6 +102,24 @@ TEST_CASE("train-codebook: weighting none vs anchor weights - anchors excluded g
   CHECK(weighted.layers[0].keys.relative > plain.layers[0].keys.relative);
   CHECK(weighted.codebooks.meta.weighting == "anchor");
   CHECK(plain.codebooks.meta.weighting == "none");
+  // leaving the anchor tokens out (antkv) trains other codebooks than using every token (CQ-style vq), and
+  // the file says which
+  auto excl = cfg;
+  excl.back() = "kmeans.exclude_anchors=true";
+  excl.push_back("kmeans.weighting=none");
+  const auto without = train(dump, excl);
+  CHECK_FALSE(plain.codebooks.meta.exclude_anchors);
+  CHECK(without.codebooks.meta.exclude_anchors);
+  CHECK(without.codebooks.keys[0].centroids != plain.codebooks.keys[0].centroids);
+  const std::string path = test::temp_dir() + "/cb-all.h5";
+  write_codebooks(path, plain.codebooks);
+  CHECK_FALSE(read_codebooks(path).meta.exclude_anchors);
+  // an evaluation refuses codebooks of another configuration, naming the file and both sides
+  const std::string dir = test::temp_dir();
+  write_codebooks(dir + "/k-c8b8_v-c8b8_none_all_post.h5", plain.codebooks);
+  const Recipe r = Recipe::defaults_with({});
+  CHECK_THROWS_WITH(load_method_codebooks({parse_method("vq:bits=1", r)}, dir),
+                    Contains("k-c8b8_v-c8b8_none_all_post.h5") && Contains("keys c8b5") && Contains("needs c8b8"));
 }
 
 TEST_CASE("train-codebook: bad inputs are clear errors", "[codebook]") {
