@@ -14,6 +14,7 @@
 //    (the measured figure is printed); greedy ids equal for the first 16 generated tokens.
 #include "test_support.h"
 #include "gpu_test_support.h"
+#include "synthetic_checkpoint.h"
 
 #ifdef ANTKV_HAVE_CUDA
 
@@ -22,10 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <limits>
-#include <nlohmann/json.hpp>
 #include <random>
 #include <vector>
 
@@ -691,80 +689,25 @@ TEST_CASE("GPU runtime: antkv-ref-18m logits, keys and greedy ids match the refe
   CHECK(cerr < 1e-2);
 }
 
-namespace {
-
-// Writes a qwen2-style checkpoint (fp32 weights, q/k/v biases, untied LM head, head_dim 64) to dir.
-void write_synthetic_qwen2(const std::string& dir, uint32_t seed) {
-  const int hidden = 96, layers = 2, heads = 4, kv_heads = 2, d = 64, ffn = 160, vocab = 301;
-  std::filesystem::create_directories(dir);
-  nlohmann::json cfg = {{"architectures", {"Qwen2ForCausalLM"}},
-                        {"model_type", "qwen2"},
-                        {"hidden_size", hidden},
-                        {"num_hidden_layers", layers},
-                        {"num_attention_heads", heads},
-                        {"num_key_value_heads", kv_heads},
-                        {"head_dim", d},
-                        {"intermediate_size", ffn},
-                        {"vocab_size", vocab},
-                        {"rms_norm_eps", 1e-6},
-                        {"rope_theta", 1000000.0},
-                        {"max_position_embeddings", 4096},
-                        {"tie_word_embeddings", false},
-                        {"hidden_act", "silu"},
-                        {"bos_token_id", 1},
-                        {"eos_token_id", 2}};
-  std::ofstream(dir + "/config.json") << cfg.dump(1);
-  std::mt19937 rng(seed);
-  std::vector<std::pair<std::string, std::vector<int64_t>>> specs = {{"model.embed_tokens.weight", {vocab, hidden}},
-                                                                     {"model.norm.weight", {hidden}},
-                                                                     {"lm_head.weight", {vocab, hidden}}};
-  for (int l = 0; l < layers; ++l) {
-    auto n = [&](const char* s) { return fmt::format("model.layers.{}.{}", l, s); };
-    specs.push_back({n("input_layernorm.weight"), {hidden}});
-    specs.push_back({n("post_attention_layernorm.weight"), {hidden}});
-    specs.push_back({n("self_attn.q_proj.weight"), {heads * d, hidden}});
-    specs.push_back({n("self_attn.k_proj.weight"), {kv_heads * d, hidden}});
-    specs.push_back({n("self_attn.v_proj.weight"), {kv_heads * d, hidden}});
-    specs.push_back({n("self_attn.q_proj.bias"), {heads * d}});
-    specs.push_back({n("self_attn.k_proj.bias"), {kv_heads * d}});
-    specs.push_back({n("self_attn.v_proj.bias"), {kv_heads * d}});
-    specs.push_back({n("self_attn.o_proj.weight"), {hidden, heads * d}});
-    specs.push_back({n("mlp.gate_proj.weight"), {ffn, hidden}});
-    specs.push_back({n("mlp.up_proj.weight"), {ffn, hidden}});
-    specs.push_back({n("mlp.down_proj.weight"), {hidden, ffn}});
-  }
-  nlohmann::json header = nlohmann::json::object();
-  std::vector<float> data;
-  for (auto& [name, shape] : specs) {
-    int64_t n = 1;
-    for (auto s : shape) n *= s;
-    const bool norm = name.find("norm") != std::string::npos;
-    const float scale = norm ? 0.2f : (name.find("bias") != std::string::npos ? 0.5f : 1.0f / std::sqrt(float(shape.back())));
-    auto vals = randn(n, rng, scale);
-    if (norm)
-      for (auto& x : vals) x += 1.0f;
-    const size_t b = data.size() * 4;
-    data.insert(data.end(), vals.begin(), vals.end());
-    header[name] = {{"dtype", "F32"}, {"shape", shape}, {"data_offsets", {b, data.size() * 4}}};
-  }
-  std::string hs = header.dump();
-  while (hs.size() % 8) hs.push_back(' ');
-  std::ofstream f(dir + "/model.safetensors", std::ios::binary);
-  const uint64_t hl = hs.size();
-  f.write(reinterpret_cast<const char*>(&hl), 8);
-  f.write(hs.data(), static_cast<std::streamsize>(hs.size()));
-  f.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size() * 4));
-}
-
-}  // namespace
-
 TEST_CASE("GPU runtime: qwen2 biases, fp32 weights, head_dim 64 match the CPU runtime - batched decode", "[gpu]") {
   SKIP_WITHOUT_GPU();
   const uint32_t seed = fresh_seed();
   INFO("seed " << seed);
-  const std::string dir = test::temp_dir() + "/qwen2-synthetic";
-  write_synthetic_qwen2(dir, seed);
-  Checkpoint ckpt = Checkpoint::open(dir);
+  // qwen2-style: fp32 weights, q/k/v biases, untied LM head, head_dim 64
+  test::SyntheticCheckpoint sc;
+  sc.model_type = "qwen2";
+  sc.hidden = 96;
+  sc.heads = 4;
+  sc.kv_heads = 2;
+  sc.head_dim = 64;
+  sc.ffn = 160;
+  sc.vocab = 301;
+  sc.bias = true;
+  sc.tied = false;
+  sc.rms_norm_eps = 1e-6;
+  sc.rope_theta = 1000000.0;
+  sc.seed = seed;
+  Checkpoint ckpt = Checkpoint::open(test::write_synthetic_checkpoint(test::temp_dir() + "/qwen2-synthetic", sc));
   const ModelConfig& cfg = ckpt.config();
   REQUIRE(cfg.attention_bias);
   CpuRuntimeOptions copt;
