@@ -215,7 +215,7 @@ int run_diagnose(const RecipeArgs& a, const std::string& text, const std::string
     o.progress = !a.quiet;
     const auto res = diagnose_methods(o);
     std::printf("%s\n%s", t.c_str(), diagnostics_table(res).c_str());
-    auto j = nlohmann::json::parse(diagnostics_json(res));
+    auto j = diagnostics_json(res);
     j["text"] = t;
     all.push_back(j);
   }

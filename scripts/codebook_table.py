@@ -32,6 +32,8 @@ def summarize(path):
         "bits": cfg["key_bits"],
         "trainer": cfg["trainer"],
         "weighting": cfg["weighting"],
+        # calibration anchors left out of training (antkv) or not (CQ-style vq); reports before it: out
+        "anchors": "out" if cfg.get("exclude_anchors", True) else "in",
         "key_rope": cfg["key_rope"],
         "k_rel": mean("keys", "heldout_relative_error"),
         "v_rel": mean("values", "heldout_relative_error"),
@@ -49,22 +51,22 @@ def main():
     ap.add_argument("reports", nargs="+")
     ap.add_argument("--json", help="also write the rows as JSON")
     a = ap.parse_args()
-    rows = sorted((summarize(p) for p in a.reports), key=lambda r: (-r["bits"], r["weighting"], r["trainer"]))
-    hdr = (f"{'bits':>6} {'config':<20} {'weighting':<9} {'trainer':<10} {'K rel':>8} {'V rel':>8} "
+    rows = sorted((summarize(p) for p in a.reports), key=lambda r: (-r["bits"], r["weighting"], r["anchors"], r["trainer"]))
+    hdr = (f"{'bits':>6} {'config':<20} {'weighting':<9} {'anchors':<7} {'trainer':<10} {'K rel':>8} {'V rel':>8} "
            f"{'K mse':>10} {'V mse':>10} {'reseeded':>8} {'seconds':>8}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['bits']:>6g} {r['config']:<20} {r['weighting']:<9} {r['trainer']:<10} {r['k_rel']:>8.4f} "
+        print(f"{r['bits']:>6g} {r['config']:<20} {r['weighting']:<9} {r['anchors']:<7} {r['trainer']:<10} {r['k_rel']:>8.4f} "
               f"{r['v_rel']:>8.4f} {r['k_mse']:>10.4g} {r['v_mse']:>10.4g} {r['reseeded']:>8d} {r['seconds']:>8.1f}")
     # same configuration, two trainers: objective ratio
     by_cfg = defaultdict(dict)
     for r in rows:
-        by_cfg[(r["bits"], r["config"], r["weighting"], r["key_rope"])][r["trainer"]] = r
+        by_cfg[(r["bits"], r["config"], r["weighting"], r["anchors"], r["key_rope"])][r["trainer"]] = r
     pairs = [(k, v) for k, v in by_cfg.items() if "faiss-cpu" in v and len(v) > 1]
     if pairs:
         print("\nfinal k-means objective (sum over codebooks), GPU / FAISS CPU:")
-        for (bits, config, weighting, _), v in pairs:
+        for (bits, config, weighting, _, _), v in pairs:
             cpu = v["faiss-cpu"]
             for name, g in v.items():
                 if name == "faiss-cpu":

@@ -225,7 +225,8 @@ std::string train_report_json(const TrainCodebooksResult& r) {
   json j;
   j["config"] = {{"key_c", m.key_c}, {"key_b", m.key_b}, {"value_c", m.value_c}, {"value_b", m.value_b},
                  {"key_bits", double(m.key_b) / m.key_c}, {"value_bits", double(m.value_b) / m.value_c},
-                 {"weighting", m.weighting}, {"key_rope", m.key_rope}, {"trainer", m.trainer}};
+                 {"weighting", m.weighting}, {"exclude_anchors", m.exclude_anchors}, {"key_rope", m.key_rope},
+                 {"trainer", m.trainer}};
   j["seconds"] = r.seconds;
   json layers = json::array();
   for (size_t l = 0; l < r.layers.size(); ++l) {

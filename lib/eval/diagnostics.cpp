@@ -1,7 +1,6 @@
 #include "eval/diagnostics.h"
 
 #include <fmt/format.h>
-#include <omp.h>
 
 #include <cmath>
 #include <filesystem>
@@ -24,10 +23,9 @@ struct DiagnosticKvCache::Impl {
   Impl(const ModelConfig& c) : cfg(c), base(c, KvDType::kF16) {}
 };
 
-DiagnosticKvCache::DiagnosticKvCache(const ModelConfig& cfg, const std::vector<Compared>& methods, int threads)
+DiagnosticKvCache::DiagnosticKvCache(const ModelConfig& cfg, const std::vector<Compared>& methods)
     : impl_(std::make_unique<Impl>(cfg)) {
   ANTKV_CHECK(!methods.empty(), "diagnostics: no method to compare");
-  if (threads > 0) omp_set_num_threads(threads);
   for (const auto& m : methods) {
     impl_->caches.push_back(std::make_unique<QuantizedKvCache>(cfg, m.method, m.codebooks));
     MethodDiagnostics d;
@@ -87,11 +85,10 @@ void DiagnosticKvCache::append(const KvAppend& a) {
   const int H = cfg.num_heads, Hkv = cfg.num_kv_heads, d = cfg.head_dim, n = a.n_tokens;
   const int L = impl_->base.length(a.layer), past = L - n;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  std::vector<float> q(static_cast<size_t>(n) * H * d);
-  // the queries as the runtime's attention sees them: fp32 (the runtime does not round them)
-  std::copy(a.q, a.q + q.size(), q.begin());
-  std::vector<float> o_ref(q.size()), lse_ref(static_cast<size_t>(H) * n), o(q.size()), lse(lse_ref.size());
-  attention_blocked(q.data(), impl_->base.keys(a.layer), impl_->base.values(a.layer), o_ref.data(), lse_ref.data(), n,
+  const float* q = a.q;  // [n, H, d] fp32, as the runtime's attention reads them
+  const size_t q_elems = static_cast<size_t>(n) * H * d;
+  std::vector<float> o_ref(q_elems), lse_ref(static_cast<size_t>(H) * n), o(q_elems), lse(lse_ref.size());
+  attention_blocked(q, impl_->base.keys(a.layer), impl_->base.values(a.layer), o_ref.data(), lse_ref.data(), n,
                     L, H, Hkv, d, scale);
   double ref2 = 0;
   for (float x : o_ref) ref2 += static_cast<double>(x) * x;
@@ -108,14 +105,14 @@ void DiagnosticKvCache::append(const KvAppend& a) {
         if (flags[static_cast<size_t>(j) * Hkv + g]) anchors[g].push_back(j);
     break;
   }
-  const double sink_ref = attention_mass(q.data(), impl_->base.keys(a.layer), lse_ref.data(), nullptr, n, past, H, Hkv,
+  const double sink_ref = attention_mass(q, impl_->base.keys(a.layer), lse_ref.data(), nullptr, n, past, H, Hkv,
                                          d, scale, sink);
-  const double anchor_ref = attention_mass(q.data(), impl_->base.keys(a.layer), lse_ref.data(), nullptr, n, past, H,
+  const double anchor_ref = attention_mass(q, impl_->base.keys(a.layer), lse_ref.data(), nullptr, n, past, H,
                                            Hkv, d, scale, anchors);
   for (size_t m = 0; m < impl_->caches.size(); ++m) {
     const QuantizedKvCache& c = *impl_->caches[m];
     const float* kerr = c.key_error(a.layer);
-    attention_blocked(q.data(), c.keys(a.layer), c.values(a.layer), o.data(), lse.data(), n, L, H, Hkv, d, scale, kerr);
+    attention_blocked(q, c.keys(a.layer), c.values(a.layer), o.data(), lse.data(), n, L, H, Hkv, d, scale, kerr);
     double err2 = 0;
     for (size_t i = 0; i < o.size(); ++i) {
       const double e = static_cast<double>(o[i]) - o_ref[i];
@@ -126,8 +123,8 @@ void DiagnosticKvCache::append(const KvAppend& a) {
     r.output_ref2 += ref2;
     r.sink_mass_ref += sink_ref;
     r.anchor_mass_ref += anchor_ref;
-    r.sink_mass += attention_mass(q.data(), c.keys(a.layer), lse.data(), kerr, n, past, H, Hkv, d, scale, sink);
-    r.anchor_mass += attention_mass(q.data(), c.keys(a.layer), lse.data(), kerr, n, past, H, Hkv, d, scale, anchors);
+    r.sink_mass += attention_mass(q, c.keys(a.layer), lse.data(), kerr, n, past, H, Hkv, d, scale, sink);
+    r.anchor_mass += attention_mass(q, c.keys(a.layer), lse.data(), kerr, n, past, H, Hkv, d, scale, anchors);
     r.rows += static_cast<int64_t>(n) * H;
   }
 }
@@ -144,7 +141,7 @@ std::vector<MethodDiagnostics> diagnose_methods(const DiagnoseOptions& o) {
   CpuRuntimeOptions ro;
   ro.threads = o.threads;
   CpuRuntime rt(*o.ckpt, ro);
-  auto cache = std::make_unique<DiagnosticKvCache>(o.ckpt->config(), compared, o.threads);
+  auto cache = std::make_unique<DiagnosticKvCache>(o.ckpt->config(), compared);
   DiagnosticKvCache* diag = cache.get();
   rt.set_kv_cache(std::move(cache));
   PerplexityOptions po;
@@ -184,7 +181,7 @@ std::string diagnostics_table(const std::vector<MethodDiagnostics>& r) {
   return s;
 }
 
-std::string diagnostics_json(const std::vector<MethodDiagnostics>& r) {
+nlohmann::json diagnostics_json(const std::vector<MethodDiagnostics>& r) {
   using json = nlohmann::json;
   json arr = json::array();
   for (const auto& m : r) {
@@ -198,7 +195,7 @@ std::string diagnostics_json(const std::vector<MethodDiagnostics>& r) {
     }
     arr.push_back({{"method", m.method.text}, {"layers", layers}});
   }
-  return json{{"diagnostics", arr}}.dump(1);
+  return json{{"diagnostics", arr}};
 }
 
 }  // namespace antkv

@@ -11,6 +11,7 @@
 //                    shift shows how exact anchors gain weight over shrunk centroid keys
 #pragma once
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -44,7 +45,7 @@ class DiagnosticKvCache : public KvCache {
     MethodSpec method;
     std::shared_ptr<const CodebookSet> codebooks;  // null for fp16 / uniform
   };
-  DiagnosticKvCache(const ModelConfig& cfg, const std::vector<Compared>& methods, int threads = 0);
+  DiagnosticKvCache(const ModelConfig& cfg, const std::vector<Compared>& methods);
   ~DiagnosticKvCache() override;
   std::string name() const override { return "diagnostics"; }
   void reset() override;
@@ -76,6 +77,6 @@ std::vector<MethodDiagnostics> diagnose_methods(const DiagnoseOptions& o);
 
 // Text table: one block per layer, one row per method.
 std::string diagnostics_table(const std::vector<MethodDiagnostics>& r);
-std::string diagnostics_json(const std::vector<MethodDiagnostics>& r);
+nlohmann::json diagnostics_json(const std::vector<MethodDiagnostics>& r);
 
 }  // namespace antkv
