@@ -1,4 +1,4 @@
-// antkv-bench-kernels: the CUDA kernel benchmark (kernels/bench.h) from the command line: copy bandwidth,
+// antkv-bench-kernels: the CUDA kernel benchmark (kernels/bench/bench.h) from the command line: copy bandwidth,
 // flash-decoding attention (% of copy bandwidth), flash prefill TFLOP/s, and end-to-end decode of a
 // random-weight LLaMA-3-8B-shaped model beside its roofline. Prints a table; --json writes the figures.
 #include <CLI/CLI.hpp>
@@ -10,7 +10,7 @@
 #include <iostream>
 
 #include "core/error.h"
-#include "kernels/bench.h"
+#include "kernels/bench/bench.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"antkv CUDA kernel benchmark"};

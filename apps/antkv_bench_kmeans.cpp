@@ -22,8 +22,8 @@
 #include <thread>
 
 #include "core/error.h"
-#include "kernels/device_buffer.h"
-#include "kernels/kmeans.h"
+#include "kernels/common/device_buffer.h"
+#include "kernels/kmeans/kmeans.h"
 #include "kmeans/kmeans.h"
 
 namespace {

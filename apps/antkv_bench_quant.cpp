@@ -1,5 +1,5 @@
-// antkv-bench-quant: quantized-KV decode attention (kernels/quant_decode.h) against FP16 flash-decoding on
-// LLaMA-3-8B's attention shape (kernels/quant_bench.h): time per step, bytes moved, % of the measured copy
+// antkv-bench-quant: quantized-KV decode attention (kernels/attention/quant_decode.h) against FP16 flash-decoding on
+// LLaMA-3-8B's attention shape (kernels/bench/quant_bench.h): time per step, bytes moved, % of the measured copy
 // bandwidth, speedup; the largest context of a 1-bit cache on this GPU, and one decode step of one layer at
 // long contexts. Prints a table; --json writes the figures.
 #include <CLI/CLI.hpp>
@@ -11,7 +11,7 @@
 #include <iostream>
 
 #include "core/error.h"
-#include "kernels/quant_bench.h"
+#include "kernels/bench/quant_bench.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"antkv quantized-KV decode attention benchmark"};

@@ -13,7 +13,7 @@
 #include "runtime/cpu_runtime.h"
 #include "tokenizer/tokenizer.h"
 #ifdef ANTKV_HAVE_CUDA
-#include "kernels/gpu_runtime.h"
+#include "kernels/runtime/gpu_runtime.h"
 #endif
 
 namespace fs = std::filesystem;

@@ -23,11 +23,11 @@
 #include "runtime/cpu_runtime.h"
 #include "tokenizer/tokenizer.h"
 #ifdef ANTKV_HAVE_CUDA
-#include "kernels/anchor_scores.h"
-#include "kernels/bench.h"
-#include "kernels/gpu_runtime.h"
-#include "kernels/gpu_kv_quant.h"
-#include "kernels/kmeans.h"
+#include "kernels/anchor/anchor_scores.h"
+#include "kernels/bench/bench.h"
+#include "kernels/runtime/gpu_runtime.h"
+#include "kernels/quant/quantized_cache.h"
+#include "kernels/kmeans/kmeans.h"
 #endif
 
 namespace fs = std::filesystem;

@@ -10,7 +10,7 @@
 #include "core/interrupt.h"
 #include "model/model_config.h"
 #ifdef ANTKV_HAVE_CUDA
-#include "kernels/kmeans.h"
+#include "kernels/kmeans/kmeans.h"
 #endif
 
 namespace fs = std::filesystem;

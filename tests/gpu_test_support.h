@@ -34,9 +34,9 @@ inline uint32_t fresh_seed() {
 #ifdef ANTKV_HAVE_CUDA
 #include <vector>
 
-#include "kernels/cuda_check.h"
-#include "kernels/device_buffer.h"
-#include "kernels/ops.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/device_buffer.h"
+#include "kernels/runtime/ops.h"
 
 namespace antkv::test {
 

@@ -1,5 +1,5 @@
 // Anchor scores: the CPU fast path against the double-precision reference (runs everywhere), and the GPU
-// two-pass kernels (kernels/anchor_scores.cu) against both.
+// two-pass kernels (kernels/anchor/anchor_scores.cu) against both.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -15,9 +15,9 @@
 #ifdef ANTKV_HAVE_CUDA
 #include <cuda_runtime.h>
 
-#include "kernels/anchor_scores.h"
-#include "kernels/cuda_check.h"
-#include "kernels/device_buffer.h"
+#include "kernels/anchor/anchor_scores.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/device_buffer.h"
 #endif
 
 namespace antkv {
@@ -85,7 +85,7 @@ TEST_CASE("anchor_scores_cpu equals anchor_scores_reference - S_V sums to n_head
       // |v_0 - o_0| = 0), and the CPU path's fp32 expansion leaves a residue of a few ulp of |v_0|^2, whose
       // square root (~sqrt(eps) |v_0|) is added to S_K(0) once per query head: measured 3.4e-4 relative here.
       // That is a precision weakness of anchor_scores_cpu (the same cancellation hits any row whose attention
-      // is concentrated on one key), not a tiling bug; kernels/anchor_scores.cu recomputes the distance
+      // is concentrated on one key), not a tiling bug; kernels/anchor/anchor_scores.cu recomputes the distance
       // directly when the expansion is small.
       const double ev = test::max_rel_error(cv.data(), rv.data(), rv.size());
       CHECK(ev < 1e-4);

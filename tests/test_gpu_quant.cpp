@@ -1,4 +1,4 @@
-// GPU KV-cache quantizers (kernels/gpu_kv_quant.h) against the CPU reference cache QuantizedKvCache.
+// GPU KV-cache quantizers (kernels/quant/quantized_cache.h) against the CPU reference cache QuantizedKvCache.
 //
 // 1. Same inputs on both sides (synthetic q/k/v fed chunk by chunk: a 300-token prefill at position 0, a
 //    40-token chunk at 300, then 150 one-token decode steps): the GPU arena (bf16) against the CPU cache (fp32)
@@ -32,11 +32,11 @@
 #include "core/error.h"
 #include "eval/compare.h"
 #include "io/codebooks.h"
-#include "kernels/cuda_check.h"
-#include "kernels/device_buffer.h"
-#include "kernels/gpu_kv_quant.h"
-#include "kernels/gpu_runtime.h"
-#include "kernels/ops.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/device_buffer.h"
+#include "kernels/quant/quantized_cache.h"
+#include "kernels/runtime/gpu_runtime.h"
+#include "kernels/runtime/ops.h"
 #include "model/checkpoint.h"
 #include "quant/method.h"
 #include "quant/quantized_cache.h"

@@ -28,10 +28,11 @@
 #include <vector>
 
 #include "core/error.h"
-#include "kernels/cuda_check.h"
-#include "kernels/device_buffer.h"
-#include "kernels/gpu_runtime.h"
-#include "kernels/ops.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/device_buffer.h"
+#include "kernels/runtime/gpu_runtime.h"
+#include "kernels/attention/flash_attention.h"
+#include "kernels/runtime/ops.h"
 #include "model/checkpoint.h"
 #include "model/safetensors.h"
 #include "runtime/cpu_ops.h"

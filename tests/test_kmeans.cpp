@@ -1,5 +1,5 @@
 // Weighted k-means (design note §4): properties of the FAISS CPU trainer (run everywhere) and of the GPU
-// trainer (kernels/kmeans.h; [gpu], skipped without a GPU), and the GPU against FAISS on the same data and
+// trainer (kernels/kmeans/kmeans.h; [gpu], skipped without a GPU), and the GPU against FAISS on the same data and
 // the same initialization. Properties, not examples:
 //  - the weighted objective never increases with more Lloyd iterations from the same init,
 //  - a point of weight 0 changes nothing (far-away zero-weight points: same centroids),
@@ -23,8 +23,8 @@
 #include "test_support.h"
 
 #ifdef ANTKV_HAVE_CUDA
-#include "kernels/device_buffer.h"
-#include "kernels/kmeans.h"
+#include "kernels/common/device_buffer.h"
+#include "kernels/kmeans/kmeans.h"
 #endif
 
 namespace antkv {

@@ -1,4 +1,4 @@
-// Quantized-KV decode attention and the quantize kernel (kernels/quant_decode.h) against the CPU reference:
+// Quantized-KV decode attention and the quantize kernel (kernels/attention/quant_decode.h) against the CPU reference:
 // the codes dequantized with the fp16-rounded centroids (vq_decode), concatenated with the FP16 anchors and
 // window, through cpu::attention (one query row per head). Fresh random inputs (the seed is printed on
 // failure), batch 3 with different per-sequence counts (odd, not multiples of the 1024-slot tile, one
@@ -21,7 +21,7 @@
 #include "test_support.h"
 #include "gpu_test_support.h"
 
-#include "../kernels/quant_decode.h"
+#include "kernels/attention/quant_decode.h"
 
 #include <fmt/format.h>
 
@@ -104,9 +104,10 @@ TEST_CASE("quant: pack/unpack of b-bit codes round-trips with the swizzled group
 
 #include <cuda_fp16.h>
 
-#include "kernels/cuda_check.h"
-#include "kernels/device_buffer.h"
-#include "kernels/ops.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/device_buffer.h"
+#include "kernels/attention/flash_attention.h"
+#include "kernels/runtime/ops.h"
 #include "quant/vq.h"
 #include "runtime/cpu_ops.h"
 

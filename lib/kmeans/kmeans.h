@@ -1,6 +1,6 @@
 // Weighted k-means for VQ codebooks (design note §4): minimize sum_j w_j |x_j - c(x_j)|^2 for many
 // independent small problems at once (one per layer, KV head and channel group). The CPU trainer goes
-// through FAISS (faiss::Clustering with weights); the GPU trainer (kernels/kmeans.h) batches thousands of
+// through FAISS (faiss::Clustering with weights); the GPU trainer (kernels/kmeans/kmeans.h) batches thousands of
 // codebooks per launch. Both start from the same k-means++ initialization when given one, and are
 // compared by objective, not by centroids.
 #pragma once

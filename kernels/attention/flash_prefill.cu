@@ -4,9 +4,10 @@
 // fp32 accumulate) with an online softmax in the log2 domain. Returns O (bf16) and the row log-sum-exp.
 #include <cmath>
 
-#include "kernels/cuda_check.h"
-#include "kernels/device_utils.cuh"
-#include "kernels/ops.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/device_utils.cuh"
+#include "kernels/attention/flash_attention.h"
+#include "kernels/runtime/ops.h"
 
 namespace antkv::cuda {
 namespace {

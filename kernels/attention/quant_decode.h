@@ -140,7 +140,8 @@ inline void unpack_codes(const uint8_t* packed, int64_t n, int64_t first_slot, i
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "kernels/ops.h"
+#include "kernels/attention/flash_attention.h"
+#include "kernels/runtime/ops.h"
 
 namespace antkv::cuda {
 

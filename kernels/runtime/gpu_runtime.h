@@ -1,10 +1,10 @@
 // GpuRuntime: the transformer on one CUDA GPU (antkv::Runtime), for LLaMA-family checkpoints.
 // Weights are uploaded once as bf16 (fp16/fp32 converted on load; norm weights and biases fp32).
-// Activations: fp32 residual stream and GEMM outputs, bf16 GEMM inputs, bf16 KV cache (see kernels/ops.h).
+// Activations: fp32 residual stream and GEMM outputs, bf16 GEMM inputs, bf16 KV cache (see kernels/runtime/ops.h).
 // The KV cache is one preallocated arena per layer, [max_batch, kv_heads, max_context, head_dim] for K
 // and for V; forward() uses sequence slot 0, decode_batch() slots 0..B-1. Nothing is allocated on the
 // device in a decode step (scratch grows only when a longer prefill chunk than before arrives).
-// A KV-cache quantizer (kernels/gpu_kv_quant.h) may be installed: forward() then hands it every layer's new
+// A KV-cache quantizer (kernels/quant/quantized_cache.h) may be installed: forward() then hands it every layer's new
 // tokens after their K/V are in the cache and before attention reads it (fake quantization in place).
 #pragma once
 #include <cstdint>
@@ -41,7 +41,7 @@ class GpuRuntime : public Runtime {
   int cached_tokens() const override;   // of sequence 0
   void forward(const ForwardRequest& req, ForwardResult& out) override;
 
-  // ---- KV-cache quantizer hook (kernels/gpu_kv_quant.h) ----
+  // ---- KV-cache quantizer hook (kernels/quant/quantized_cache.h) ----
   // In every forward() (prefill chunks and one-token steps), for each layer: after the chunk's q, pre-RoPE k,
   // post-RoPE k and v are computed (fp32) and the K/V written to the bf16 cache, and before attention reads
   // the cache, q->on_layer() may rewrite the cache entries. reset() resets it too. Null (the default): the

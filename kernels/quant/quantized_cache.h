@@ -14,7 +14,7 @@
 //   vq       nearest centroid (squared L2, ties to the lowest index) per group of c channels, codebooks per
 //            (layer, KV head, group), uploaded once; no anchors.
 //   antkv    vq, plus ceil(ratio * n) FP16 anchor tokens per KV head in every prefill chunk of n > 1
-//            tokens, from the chunk's full-precision attention (kernels/anchor_scores.h on the runtime's fp32
+//            tokens, from the chunk's full-precision attention (kernels/anchor/anchor_scores.h on the runtime's fp32
 //            q/k/v), combined with the codebooks' error_norm as e_K / e_V exactly as combine_anchor_scores,
 //            selected on the host (select_anchors when the chunk starts at position 0, so token 0 is always
 //            an anchor; else the plain top ceil(ratio * n), as QuantizedKvCache does).
@@ -41,7 +41,7 @@
 #include "calibrate/calibrate.h"
 #include "eval/compare.h"
 #include "io/codebooks.h"
-#include "kernels/gpu_runtime.h"
+#include "kernels/runtime/gpu_runtime.h"
 #include "model/model_config.h"
 #include "quant/method.h"
 

@@ -1,4 +1,4 @@
-#include "kernels/bench.h"
+#include "kernels/bench/bench.h"
 
 #include <fmt/format.h>
 
@@ -7,11 +7,12 @@
 #include <cmath>
 
 #include "core/error.h"
-#include "kernels/cuda_check.h"
-#include "kernels/cuda_timing.h"
-#include "kernels/device_buffer.h"
-#include "kernels/gpu_runtime.h"
-#include "kernels/ops.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/cuda_timing.h"
+#include "kernels/common/device_buffer.h"
+#include "kernels/runtime/gpu_runtime.h"
+#include "kernels/attention/flash_attention.h"
+#include "kernels/runtime/ops.h"
 
 namespace antkv::cuda {
 

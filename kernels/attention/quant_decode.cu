@@ -35,9 +35,9 @@
 #include <cmath>
 #include <type_traits>
 
-#include "kernels/cuda_check.h"
-#include "kernels/device_utils.cuh"
-#include "kernels/quant_decode.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/device_utils.cuh"
+#include "kernels/attention/quant_decode.h"
 
 namespace antkv::cuda {
 namespace {

@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "kernels/ops.h"
+#include "kernels/runtime/ops.h"
 
 namespace antkv::cuda {
 

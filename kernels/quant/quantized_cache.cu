@@ -1,7 +1,7 @@
 // KV-cache quantizers on the GPU (see gpu_kv_quant.h): fake quantization of GpuRuntime's bf16 arena with
 // QuantizedKvCache's semantics. Kernels first, then the quantizer classes, the runtime factory and the
 // host AnchorScoreFn wrapper.
-#include "kernels/gpu_kv_quant.h"
+#include "kernels/quant/quantized_cache.h"
 
 #include <cuda_fp16.h>
 
@@ -12,10 +12,10 @@
 
 #include "anchor/anchor_scores.h"
 #include "core/error.h"
-#include "kernels/anchor_scores.h"
-#include "kernels/cuda_check.h"
-#include "kernels/device_buffer.h"
-#include "kernels/ops.h"
+#include "kernels/anchor/anchor_scores.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/device_buffer.h"
+#include "kernels/runtime/ops.h"
 #include "model/checkpoint.h"
 
 namespace antkv {

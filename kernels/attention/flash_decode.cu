@@ -10,9 +10,10 @@
 #include <algorithm>
 #include <cmath>
 
-#include "kernels/cuda_check.h"
-#include "kernels/device_utils.cuh"
-#include "kernels/ops.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/device_utils.cuh"
+#include "kernels/attention/flash_attention.h"
+#include "kernels/runtime/ops.h"
 
 namespace antkv::cuda {
 namespace {

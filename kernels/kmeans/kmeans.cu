@@ -1,4 +1,4 @@
-// GPU weighted k-means: kernels and host orchestration. Contract and design choices: kernels/kmeans.h.
+// GPU weighted k-means: kernels and host orchestration. Contract and design choices: kernels/kmeans/kmeans.h.
 //
 // Kernels (every one covers all codebooks of a chunk, grid.y or grid.x = codebook):
 //   stats_kernel        max |x|, max w, count of w > 0, first non-finite x / bad weight (integer atomics
@@ -11,7 +11,7 @@
 //   finalize_kernel     objective (fixed-order sum of per-block partials), stopping rule, centroid update,
 //                       ordered list of empty clusters
 //   reseed_kernel       empty clusters <- points of largest w d^2 (block argmax, ties: lowest index)
-#include "kernels/kmeans.h"
+#include "kernels/kmeans/kmeans.h"
 
 #include <algorithm>
 #include <chrono>
@@ -26,7 +26,7 @@
 #include <thread>
 
 #include "core/error.h"
-#include "kernels/cuda_check.h"
+#include "kernels/common/cuda_check.h"
 
 namespace antkv::cuda {
 namespace {

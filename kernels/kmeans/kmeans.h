@@ -43,7 +43,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/device_buffer.h"
+#include "kernels/common/device_buffer.h"
 #include "kmeans/kmeans.h"
 
 namespace antkv::cuda {

@@ -1,4 +1,4 @@
-#include "kernels/gpu_runtime.h"
+#include "kernels/runtime/gpu_runtime.h"
 
 #include <fmt/format.h>
 
@@ -10,11 +10,12 @@
 #include <tuple>
 
 #include "core/error.h"
-#include "kernels/cuda_check.h"
-#include "kernels/device_buffer.h"
-#include "kernels/gemm.h"
-#include "kernels/gpu_kv_quant.h"
-#include "kernels/ops.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/device_buffer.h"
+#include "kernels/runtime/gemm.h"
+#include "kernels/quant/quantized_cache.h"
+#include "kernels/attention/flash_attention.h"
+#include "kernels/runtime/ops.h"
 #include "model/checkpoint.h"
 #include "runtime/rope.h"
 

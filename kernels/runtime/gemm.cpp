@@ -1,6 +1,6 @@
-#include "kernels/gemm.h"
+#include "kernels/runtime/gemm.h"
 
-#include "kernels/cuda_check.h"
+#include "kernels/common/cuda_check.h"
 
 namespace antkv::cuda {
 

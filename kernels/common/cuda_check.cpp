@@ -1,4 +1,4 @@
-#include "kernels/cuda_check.h"
+#include "kernels/common/cuda_check.h"
 
 #include <cstdlib>
 #include <cstring>

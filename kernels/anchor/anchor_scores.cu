@@ -1,5 +1,5 @@
 // GPU anchor scores: fp32 flash attention forward (pass 1) and the key-block anchor-score pass (pass 2).
-// See kernels/anchor_scores.h for the maths and the contract.
+// See kernels/anchor/anchor_scores.h for the maths and the contract.
 //
 // Both kernels: 128 threads, tiles of 64 query rows x 64 keys, whole head_dim rows in shared memory (row
 // stride D + 4 floats: 16-byte aligned float4 reads, and 8 consecutive rows fall in 8 different bank groups).
@@ -9,8 +9,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "kernels/anchor_scores.h"
-#include "kernels/cuda_check.h"
+#include "kernels/anchor/anchor_scores.h"
+#include "kernels/common/cuda_check.h"
 
 namespace antkv::cuda {
 namespace {

@@ -1,4 +1,4 @@
-#include "kernels/quant_bench.h"
+#include "kernels/bench/quant_bench.h"
 
 #include <fmt/format.h>
 
@@ -7,11 +7,12 @@
 #include <limits>
 
 #include "core/error.h"
-#include "kernels/bench.h"
-#include "kernels/cuda_check.h"
-#include "kernels/cuda_timing.h"
-#include "kernels/device_buffer.h"
-#include "kernels/ops.h"
+#include "kernels/bench/bench.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/cuda_timing.h"
+#include "kernels/common/device_buffer.h"
+#include "kernels/attention/flash_attention.h"
+#include "kernels/runtime/ops.h"
 
 namespace antkv::cuda {
 

@@ -1,4 +1,4 @@
-// Benchmark of the quantized-KV decode attention (kernels/quant_decode.h) against our FP16 (bf16 cache)
+// Benchmark of the quantized-KV decode attention (kernels/attention/quant_decode.h) against our FP16 (bf16 cache)
 // flash-decoding, in the same run, on LLaMA-3-8B's attention shape (32 query heads, 8 KV heads, d 128), one
 // layer per step; and the largest context a 1-bit cache allows for the whole model on this GPU, with one
 // decode step of one layer run at a long context to show that it works.
@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/quant_decode.h"
+#include "kernels/attention/quant_decode.h"
 
 namespace antkv::cuda {
 

@@ -14,7 +14,7 @@
 
 #include <cstddef>
 
-#include "kernels/device_buffer.h"
+#include "kernels/common/device_buffer.h"
 
 namespace antkv::cuda {
 

@@ -4,9 +4,9 @@
 
 #include <cmath>
 
-#include "kernels/cuda_check.h"
-#include "kernels/device_utils.cuh"
-#include "kernels/ops.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/device_utils.cuh"
+#include "kernels/runtime/ops.h"
 
 namespace antkv::cuda {
 
