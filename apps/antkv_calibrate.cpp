@@ -9,6 +9,8 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/interrupt.h"
+#include "core/output_check.h"
+#include "core/text_file.h"
 #include "model/checkpoint.h"
 #include "runtime/cpu_runtime.h"
 #include "tokenizer/tokenizer.h"
@@ -43,13 +45,18 @@ int main(int argc, char** argv) {
     if (!device.empty()) sets.push_back("calibration.device=" + device);
     const Recipe recipe = Recipe::load(recipe_path, sets);
     if (summary_path.empty()) summary_path = out + ".summary.json";
-    ANTKV_CHECK(force || !fs::exists(out), "{}: already exists (use --force to overwrite)", out);
     ANTKV_CHECK(!recipe.model.empty(), "{}: key \"model\" is not set", recipe_path);
     ANTKV_CHECK(!recipe.calibration.text.empty(), "{}: key \"calibration.text\" is not set", recipe_path);
     ANTKV_CHECK(fs::is_regular_file(recipe.calibration.text), "{}: calibration text not found (key calibration.text in {})",
                 recipe.calibration.text, recipe_path);
-    const fs::path out_dir = fs::absolute(out).parent_path();
-    ANTKV_CHECK(fs::is_directory(out_dir), "{}: output folder {} does not exist", out, out_dir.string());
+    // every output checked before any work: writable, not an input, not another output, --force to replace
+    OutputCheck outputs;
+    outputs.input(recipe_path, "--recipe");
+    outputs.input(recipe.calibration.text, "calibration.text");
+    outputs.input_folder(recipe.model, "a file of the model");
+    outputs.output(out, "--out", force);
+    outputs.output(summary_path, "--summary", force);
+    outputs.check();
 
     Checkpoint ckpt = Checkpoint::open(recipe.model);
     Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
@@ -67,7 +74,7 @@ int main(int argc, char** argv) {
       o.kv_dtype = KvDType::kF32;  // calibration sees the model's own full-precision K/V
       rt = std::make_unique<CpuRuntime>(ckpt, o);
     }
-    const std::string text = read_file(recipe.calibration.text);
+    const std::string text = read_text_file(recipe.calibration.text);
     auto ids = tok.encode(text, true);
     const CalibrationPlan plan =
         plan_calibration(std::move(ids), recipe.calibration.tokens, recipe.calibration.seq_len, recipe.calibration.stride);
@@ -85,9 +92,17 @@ int main(int argc, char** argv) {
     co.version = ANTKV_VERSION;
     co.anchor_fn = anchor_fn;
     co.progress = !quiet;
-    const CalibrationResult res = run_calibration(*rt, tok, plan, co);
+    CalibrationResult res;
+    try {
+      res = run_calibration(*rt, tok, plan, co);
+    } catch (const NonFinite& e) {
+      rethrow_with_weight_check(e, ckpt);
+    }
+    // both outputs complete before either gets its final name
+    AtomicFile summary(summary_path);
+    summary.write(calibration_summary_json(res, tok) + "\n");
     h5.commit();
-    write_file_atomic(summary_path, calibration_summary_json(res, tok) + "\n");
+    summary.commit();
 
     std::printf("%s: %lld tokens stored from %lld windows, %.1f tokens/s on %s\n", out.c_str(),
                 static_cast<long long>(res.tokens_stored), static_cast<long long>(res.windows), res.tokens_per_second,
@@ -100,7 +115,7 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const Interrupted&) {
     std::fprintf(stderr, "antkv-calibrate: interrupted; no output written\n");
-    return 130;
+    return 128 + interrupt_signal();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "antkv-calibrate: error: %s\n", e.what());
     return 1;

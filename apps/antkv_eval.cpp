@@ -15,6 +15,8 @@
 #include "core/error.h"
 #include "core/hash.h"
 #include "core/interrupt.h"
+#include "core/output_check.h"
+#include "core/text_file.h"
 #include "core/system_info.h"
 #include "eval/compare.h"
 #include "eval/diagnostics.h"
@@ -39,7 +41,7 @@ namespace {
 struct PplArgs {
   std::string model, text, json_out, device = "cpu", kv_dtype = "fp16", protocol;
   int seq_len = 2048, threads = 0;
-  bool window_bos = true, quiet = false;
+  bool window_bos = true, quiet = false, force = false;
   int64_t max_windows = -1, first_window = 0;
 };
 
@@ -65,12 +67,21 @@ int run_ppl(const PplArgs& a) {
                                   : a.window_bos     ? WindowProtocol::kBosWindow
                                                      : WindowProtocol::kSingleBos;
   ANTKV_CHECK(fs::is_regular_file(a.text), "{}: text file not found", a.text);
+  ANTKV_CHECK(a.max_windows != 0, "--max-windows 0: nothing to evaluate (give at least 1, or leave it out for every "
+              "window)");
+  if (!a.json_out.empty()) {  // checked before the evaluation, not after
+    OutputCheck outputs;
+    outputs.input(a.text, "--text");
+    outputs.input_folder(a.model, "a file of the model");
+    outputs.output(a.json_out, "--json", a.force);
+    outputs.check();
+  }
   Checkpoint ckpt = Checkpoint::open(a.model);
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
   auto rt = make_runtime(ckpt, a);
 
   const auto t_tok = std::chrono::steady_clock::now();
-  const std::string text = read_file(a.text);
+  const std::string text = read_text_file(a.text);
   const std::vector<int32_t> ids = tok.encode(text, /*add_special=*/true);
   const double tok_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_tok).count();
   if (!a.quiet)
@@ -86,12 +97,13 @@ int run_ppl(const PplArgs& a) {
   o.max_windows = a.max_windows;
   o.first_window = a.first_window;
   o.progress = !a.quiet;
-  const PerplexityResult r = evaluate_perplexity(*rt, ids, tok.bos_id(), o);
+  PerplexityResult r;
+  try {
+    r = evaluate_perplexity(*rt, ids, tok.bos_id(), o);
+  } catch (const NonFinite& e) {
+    rethrow_with_weight_check(e, ckpt);
+  }
 
-  std::printf("model %s  text %s  protocol %s  seq_len %d  windows %lld/%lld  ppl %.4f  (%.1f tokens/s on %s, %.1f s)\n",
-              a.model.c_str(), fs::path(a.text).filename().c_str(), window_protocol_name(protocol), a.seq_len,
-              static_cast<long long>(r.windows), static_cast<long long>(r.windows_available), r.ppl,
-              r.tokens_per_second, rt->device_name().c_str(), r.seconds);
   if (!a.json_out.empty()) {
     json j;
     j["tool"] = "antkv-eval ppl";
@@ -115,6 +127,11 @@ int run_ppl(const PplArgs& a) {
     j["tokens_per_second"] = r.tokens_per_second;
     write_file_atomic(a.json_out, j.dump(1) + "\n");
   }
+  // printed after the JSON is safely written: a failed run prints no result
+  std::printf("model %s  text %s  protocol %s  seq_len %d  windows %lld/%lld  ppl %.4f  (%.1f tokens/s on %s, %.1f s)\n",
+              a.model.c_str(), fs::path(a.text).filename().c_str(), window_protocol_name(protocol), a.seq_len,
+              static_cast<long long>(r.windows), static_cast<long long>(r.windows_available), r.ppl,
+              r.tokens_per_second, rt->device_name().c_str(), r.seconds);
   return 0;
 }
 
@@ -134,19 +151,34 @@ MethodRuntimeFactory method_factory(const Checkpoint& ckpt, const Recipe& r, int
 #endif
 }
 
+// The results folder, checked writable before the evaluation (stale temporaries of killed runs removed).
+void check_results_folder(const std::string& out_dir, const Recipe& r) {
+  OutputCheck outputs;
+  outputs.input(r.source, "--recipe");
+  for (const auto& t : r.eval.texts) outputs.input(t, "eval.texts");
+  outputs.output_folder(out_dir, "results folder");
+  outputs.check();
+}
+
 void write_results(const std::vector<MethodResult>& res, const Recipe& r, const std::string& out_dir,
                    const std::string& device) {
-  fs::create_directories(out_dir);
   const std::string table = results_table(res);
-  std::printf("%s", table.c_str());
-  write_file_atomic((fs::path(out_dir) / "results.json").string(), results_json(res, r, device) + "\n");
-  write_file_atomic((fs::path(out_dir) / "results.csv").string(), results_csv(res));
-  write_file_atomic((fs::path(out_dir) / "results.txt").string(), table);
-  std::printf("results: %s/results.{json,csv,txt}\n", out_dir.c_str());
+  // all three complete before any gets its final name
+  AtomicFile json_file((fs::path(out_dir) / "results.json").string()), csv((fs::path(out_dir) / "results.csv").string()),
+      txt((fs::path(out_dir) / "results.txt").string());
+  json_file.write(results_json(res, r, device) + "\n");
+  csv.write(results_csv(res));
+  txt.write(table);
+  json_file.commit();
+  csv.commit();
+  txt.commit();
+  std::printf("%sresults: %s/results.{json,csv,txt}\n", table.c_str(), out_dir.c_str());
 }
 
 int run_recipe_ppl(const RecipeArgs& a) {
   const Recipe r = Recipe::load(a.recipe, a.sets);
+  const std::string out_dir = a.out.empty() ? r.out_dir : a.out;
+  check_results_folder(out_dir, r);
   Checkpoint ckpt = Checkpoint::open(r.model);
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
   CompareOptions o;
@@ -154,13 +186,22 @@ int run_recipe_ppl(const RecipeArgs& a) {
   o.codebook_dir = !a.codebooks.empty() ? a.codebooks : (fs::path(r.out_dir) / "codebooks").string();
   o.make_runtime = method_factory(ckpt, r, a.threads);
   o.progress = !a.quiet;
-  const auto res = compare_methods(tok, o);
-  write_results(res, r, a.out.empty() ? r.out_dir : a.out, r.eval.device);
+  std::vector<MethodResult> res;
+  try {
+    res = compare_methods(tok, o);
+  } catch (const NonFinite& e) {
+    rethrow_with_weight_check(e, ckpt);
+  }
+  write_results(res, r, out_dir, r.eval.device);
   return 0;
 }
 
 int run_pipeline_cmd(const RecipeArgs& a) {
   const Recipe r = Recipe::load(a.recipe, a.sets);
+  const std::string out_dir = a.out.empty() ? r.out_dir : a.out;
+  // every folder the stages and the results go to, checked before the first stage
+  check_results_folder(out_dir, r);
+  check_results_folder((fs::path(r.out_dir) / "codebooks").string(), r);
   Checkpoint ckpt = Checkpoint::open(r.model);
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
   PipelineOptions o;
@@ -192,13 +233,26 @@ int run_pipeline_cmd(const RecipeArgs& a) {
       return std::make_unique<CpuRuntime>(ckpt, co);
     };
   }
-  const auto res = run_pipeline(o);
-  write_results(res, r, a.out.empty() ? r.out_dir : a.out, r.eval.device);
+  std::vector<MethodResult> res;
+  try {
+    res = run_pipeline(o);
+  } catch (const NonFinite& e) {
+    rethrow_with_weight_check(e, ckpt);
+  }
+  write_results(res, r, out_dir, r.eval.device);
   return 0;
 }
 
 int run_diagnose(const RecipeArgs& a, const std::string& text, const std::string& json_out) {
   const Recipe r = Recipe::load(a.recipe, a.sets);
+  if (!json_out.empty()) {
+    OutputCheck outputs;
+    outputs.input(a.recipe, "--recipe");
+    outputs.input(text, "--text");
+    for (const auto& t : r.eval.texts) outputs.input(t, "eval.texts");
+    outputs.output(json_out, "--json", a.force);
+    outputs.check();
+  }
   Checkpoint ckpt = Checkpoint::open(r.model);
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
   const std::vector<std::string> texts = text.empty() ? r.eval.texts : std::vector<std::string>{text};
@@ -227,6 +281,7 @@ int run_diagnose(const RecipeArgs& a, const std::string& text, const std::string
 }
 
 struct BenchArgs {
+  bool force = false;
   std::string shape = "llama3-8b", model, json_out;
   std::vector<int> batches = {1, 16}, contexts = {32768, 131072};
   int iters = 20;
@@ -257,6 +312,11 @@ ModelConfig shape_config(const std::string& shape) {
 
 int run_bench(const BenchArgs& a) {
 #ifdef ANTKV_HAVE_CUDA
+  if (!a.json_out.empty()) {
+    OutputCheck outputs;
+    outputs.output(a.json_out, "--json", a.force);
+    outputs.check();
+  }
   const ModelConfig cfg = a.model.empty() ? shape_config(a.shape) : load_model_config(a.model + "/config.json");
   cuda::KernelBenchOptions o;
   o.decode_batches = a.batches;
@@ -328,6 +388,7 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(CLI::IsMember({"fp16", "bf16", "fp32"}));
   ppl->add_option("--threads", p.threads, "CPU threads (0 = all cores)")->capture_default_str();
   ppl->add_option("--json", p.json_out, "write the result (with per-window NLL) to this JSON file");
+  ppl->add_flag("--force", p.force, "overwrite an existing --json file");
   ppl->add_flag("--quiet,-q", p.quiet, "no progress line");
 
   auto* run = app.add_subcommand("run", "the whole pipeline: calibrate -> train-codebook -> ppl, reusing matching outputs");
@@ -346,6 +407,7 @@ int main(int argc, char** argv) {
   diag->add_option("--codebooks", ra.codebooks, "folder of codebook files (default <out_dir>/codebooks)");
   diag->add_option("--text", diag_text, "one text instead of eval.texts");
   diag->add_option("--json", diag_json, "write the figures as JSON");
+  diag->add_flag("--force", ra.force, "overwrite an existing --json file");
   diag->add_option("--threads", ra.threads, "CPU threads (0 = all cores)");
   diag->add_flag("--quiet,-q", ra.quiet, "no progress line");
 
@@ -358,6 +420,7 @@ int main(int argc, char** argv) {
   bench->add_option("--iters", ba.iters, "timed iterations")->capture_default_str();
   bench->add_flag("--no-e2e", ba.no_e2e, "attention kernels only");
   bench->add_option("--json", ba.json_out, "write the figures as JSON");
+  bench->add_flag("--force", ba.force, "overwrite an existing --json file");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -377,7 +440,7 @@ int main(int argc, char** argv) {
     if (*bench) return run_bench(ba);
   } catch (const Interrupted&) {
     std::fprintf(stderr, "antkv-eval: interrupted; no output written\n");
-    return 130;
+    return 128 + interrupt_signal();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "antkv-eval: error: %s\n", e.what());
     return 1;

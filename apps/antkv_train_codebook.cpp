@@ -8,6 +8,7 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/interrupt.h"
+#include "core/output_check.h"
 #include "model/model_config.h"
 #ifdef ANTKV_HAVE_CUDA
 #include "kernels/kmeans/kmeans.h"
@@ -35,10 +36,15 @@ int main(int argc, char** argv) {
     if (!device.empty()) sets.push_back("kmeans.device=" + device);
     const Recipe recipe = Recipe::load(recipe_path, sets);
     if (report.empty()) report = out + ".report.json";
-    ANTKV_CHECK(force || !fs::exists(out), "{}: already exists (use --force to overwrite)", out);
     ANTKV_CHECK(fs::is_regular_file(calib), "{}: calibration dump not found", calib);
-    const fs::path out_dir = fs::absolute(out).parent_path();
-    ANTKV_CHECK(fs::is_directory(out_dir), "{}: output folder {} does not exist", out, out_dir.string());
+    // every output checked before k-means: writable, not an input, not another output, --force to replace
+    OutputCheck outputs;
+    outputs.input(recipe_path, "--recipe");
+    outputs.input(calib, "--calib");
+    if (!recipe.model.empty()) outputs.input_folder(recipe.model, "a file of the model");
+    outputs.output(out, "--out", force);
+    outputs.output(report, "--report", force);
+    outputs.check();
 
     TrainCodebooksOptions o;
     o.recipe = &recipe;
@@ -57,8 +63,11 @@ int main(int argc, char** argv) {
     AtomicFile file(out);
     const TrainCodebooksResult res = train_codebooks(o);
     write_codebooks(file.temp_path(), res.codebooks);
+    // both outputs complete before either gets its final name
+    AtomicFile report_file(report);
+    report_file.write(train_report_json(res) + "\n");
     file.commit();
-    write_file_atomic(report, train_report_json(res) + "\n");
+    report_file.commit();
 
     const auto& m = res.codebooks.meta;
     std::printf("%s: keys c%db%d (%.3g bits), values c%db%d (%.3g bits), weighting %s, %s, %.1f s\n", out.c_str(), m.key_c,
@@ -73,7 +82,7 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const Interrupted&) {
     std::fprintf(stderr, "antkv-train-codebook: interrupted; no output written\n");
-    return 130;
+    return 128 + interrupt_signal();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "antkv-train-codebook: error: %s\n", e.what());
     return 1;

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "core/error.h"
+#include "core/finite.h"
 #include "core/hash.h"
 #include "core/interrupt.h"
 #include "core/progress.h"
@@ -87,6 +88,10 @@ class CalibObserver : public ForwardObserver {
     fn_(args, s_k_.data(), s_v_.data());
     combine_anchor_scores(kind_, s_k_.data(), s_v_.data(), nullptr, nullptr, T, KV,
                           static_cast<uint64_t>(r_.calibration.seed) * 1000003u + index_ * 131u + a.layer, ans_.data());
+    check_finite(a.layer, "keys", r_.key_rope == "pre" ? a.k_pre_rope : a.k_post_rope, T, KV * d);
+    check_finite(a.layer, "values", a.v, T, KV * d);
+    check_finite(a.layer, "S_K", s_k_.data(), T, KV);
+    check_finite(a.layer, "S_V", s_v_.data(), T, KV);
 
     // summary statistics over the whole window
     LayerStats& st = stats_[a.layer];
@@ -136,6 +141,14 @@ class CalibObserver : public ForwardObserver {
   }
 
  private:
+  // NaN/Inf in what would be stored stop calibration, naming the layer, tensor, window and token.
+  void check_finite(int layer, const char* name, const float* x, int T, int width) const {
+    const int64_t i = first_non_finite(x, static_cast<size_t>(T) * width);
+    if (i >= 0)
+      throw NonFinite(fmt::format("calibration window {}: layer {} {} are not finite (token {}, value {})", index_,
+                                  layer, name, i / width, x[i]));
+  }
+
   const ModelConfig& cfg_;
   const Recipe& r_;
   CalibDumpWriter& writer_;

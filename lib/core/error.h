@@ -19,6 +19,12 @@ class Interrupted : public Error {
   Interrupted() : Error("interrupted") {}
 };
 
+// Thrown when a computation produced NaN or Inf; the message names the layer / tensor / window.
+class NonFinite : public Error {
+ public:
+  explicit NonFinite(const std::string& msg) : Error(msg) {}
+};
+
 template <typename... Args>
 [[noreturn]] void fail(fmt::format_string<Args...> f, Args&&... args) {
   throw Error(fmt::format(f, std::forward<Args>(args)...));

@@ -6,23 +6,23 @@
 
 namespace antkv {
 namespace {
-volatile std::sig_atomic_t g_interrupted = 0;
+volatile std::sig_atomic_t g_signal = 0;
 extern "C" void on_signal(int sig) {
-  if (g_interrupted) {  // second signal: stop now, the default way
+  if (g_signal) {  // second signal: stop now, the default way
     std::signal(sig, SIG_DFL);
     std::raise(sig);
   }
-  g_interrupted = 1;
+  g_signal = sig;
 }
 }  // namespace
 
 void install_interrupt_handler() {
-  std::signal(SIGINT, on_signal);
-  std::signal(SIGTERM, on_signal);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) std::signal(sig, on_signal);
 }
-bool interrupted() { return g_interrupted != 0; }
+bool interrupted() { return g_signal != 0; }
+int interrupt_signal() { return g_signal; }
 void check_interrupted() {
-  if (g_interrupted) throw Interrupted();
+  if (g_signal) throw Interrupted();
 }
 
 }  // namespace antkv

@@ -10,6 +10,8 @@
 #include "core/error.h"
 #include "core/hash.h"
 #include "core/system_info.h"
+#include "core/text_file.h"
+#include "eval/fingerprint.h"
 #include "io/calib_dump.h"
 #include "quant/quantized_cache.h"
 #include "runtime/cpu_runtime.h"
@@ -60,8 +62,9 @@ std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOpt
   std::vector<MethodResult> out;
   for (const auto& text : r.eval.texts) {
     ANTKV_CHECK(fs::is_regular_file(text), "{}: evaluation text not found", text);
-    const auto ids = tok.encode(read_file(text), true);
+    const auto ids = tok.encode(read_text_file(text), true);
     double fp16_ppl = NAN;
+    const size_t text_begin = out.size();
     for (const auto& m : methods) {
       std::shared_ptr<const CodebookSet> cb = m.needs_codebooks() ? books[m.codebook_file()] : nullptr;
       auto rt = o.make_runtime(m, cb);
@@ -78,9 +81,10 @@ std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOpt
       res.effective_bits = effective_bits(m, r.eval.seq_len, rt->config().head_dim, true);
       res.effective_bits_no_codebooks = effective_bits(m, r.eval.seq_len, rt->config().head_dim, false);
       if (m.kind == "fp16") fp16_ppl = res.ppl.ppl;
-      res.delta_ppl = res.ppl.ppl - fp16_ppl;
       out.push_back(res);
     }
+    // against the fp16 row wherever it is listed; NaN (printed n/a) when fp16 is not among the methods
+    for (size_t i = text_begin; i < out.size(); ++i) out[i].delta_ppl = out[i].ppl.ppl - fp16_ppl;
   }
   return out;
 }
@@ -105,10 +109,16 @@ std::string results_table(const std::vector<MethodResult>& rs) {
     for (const auto& t : texts) {
       auto it = cell.find({m, t});
       if (it == cell.end()) s += fmt::format(" {:>14} {:>8}", "-", "-");
-      else s += fmt::format(" {:>14.3f} {:>+8.3f}", it->second->ppl.ppl, it->second->delta_ppl);
+      else if (std::isfinite(it->second->delta_ppl))
+        s += fmt::format(" {:>14.3f} {:>+8.3f}", it->second->ppl.ppl, it->second->delta_ppl);
+      else
+        s += fmt::format(" {:>14.3f} {:>8}", it->second->ppl.ppl, "n/a");
     }
     s += "\n";
   }
+  bool has_fp16 = false;
+  for (const auto& r : rs) has_fp16 |= r.method.kind == "fp16";
+  if (!rs.empty() && !has_fp16) s += "(dPPL n/a: fp16 is not among the methods)\n";
   if (!rs.empty())
     s += fmt::format("(protocol {}, seq_len {}, {} windows per text; eff.bits at context {} with codebooks amortized)\n",
                      window_protocol_name(rs[0].ppl.protocol), rs[0].ppl.seq_len, rs[0].ppl.windows, rs[0].ppl.seq_len);
@@ -142,24 +152,45 @@ std::string results_json(const std::vector<MethodResult>& rs, const Recipe& reci
 std::string results_csv(const std::vector<MethodResult>& rs) {
   std::string s = "method,kind,text,nominal_bits,effective_bits,effective_bits_without_codebooks,protocol,seq_len,windows,ppl,delta_ppl\n";
   for (const auto& r : rs)
-    s += fmt::format("\"{}\",{},{},{:.4f},{:.4f},{:.4f},{},{},{},{:.6f},{:.6f}\n", r.method.text, r.method.kind,
+    s += fmt::format("\"{}\",{},{},{:.4f},{:.4f},{:.4f},{},{},{},{:.6f},{}\n", r.method.text, r.method.kind,
                      fs::path(r.text).filename().string(), r.method.nominal_bits(), r.effective_bits,
                      r.effective_bits_no_codebooks, window_protocol_name(r.ppl.protocol), r.ppl.seq_len, r.ppl.windows,
-                     r.ppl.ppl, r.delta_ppl);
+                     r.ppl.ppl, std::isfinite(r.delta_ppl) ? fmt::format("{:.6f}", r.delta_ppl) : std::string());
   return s;
 }
 
-std::string calibration_fingerprint(const Recipe& r, const std::string& config_hash, const std::string& key_rope) {
+std::string calibration_fingerprint(const Recipe& r, const std::string& model_hash, const std::string& key_rope) {
   const auto& c = r.calibration;
-  return hash_bytes(fmt::format("calib|{}|{}|{}|{}|{}|{}|{}|{}|{}", config_hash, c.text.empty() ? "" : hash_file(c.text),
-                                c.tokens, c.seq_len, c.stride, c.sample_per_window, c.seed, key_rope, r.anchor.score));
+  return make_fingerprint({{"stage", "calibration"},
+                           {"model (config, weights, tokenizer)", model_hash},
+                           {"calibration.text (content)", c.text.empty() ? "" : hash_file(c.text)},
+                           {"calibration.tokens", std::to_string(c.tokens)},
+                           {"calibration.seq_len", std::to_string(c.seq_len)},
+                           {"calibration.stride", std::to_string(c.stride)},
+                           {"calibration.sample_per_window", std::to_string(c.sample_per_window)},
+                           {"calibration.seed", std::to_string(c.seed)},
+                           {"calibration.device", c.device},
+                           {"key_rope", key_rope},
+                           {"anchor.score", r.anchor.score},
+                           {"anchor.ratio", fmt::format("{}", r.anchor.ratio)}});
 }
 
 std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std::string& calib_hash) {
   const auto& k = r.kmeans;
-  return hash_bytes(fmt::format("cb|{}|{}|k{}x{}|v{}x{}|{}|{}|{}|{}|{}|{}|{}|{}|{}", calib_hash, m.key_rope, m.keys.c,
-                                m.keys.b, m.values.c, m.values.b, m.weighting, k.iters, k.tol, k.seed, m.exclude_anchors,
-                                k.max_points, k.holdout, m.ratio, k.device));
+  return make_fingerprint({{"stage", "codebooks"},
+                           {"calibration dump (content)", calib_hash},
+                           {"key_rope", m.key_rope},
+                           {"quant.keys", fmt::format("c{}b{}", m.keys.c, m.keys.b)},
+                           {"quant.values", fmt::format("c{}b{}", m.values.c, m.values.b)},
+                           {"kmeans.weighting", m.weighting},
+                           {"kmeans.exclude_anchors", m.exclude_anchors ? "true" : "false"},
+                           {"kmeans.iters", std::to_string(k.iters)},
+                           {"kmeans.tol", fmt::format("{}", k.tol)},
+                           {"kmeans.seed", std::to_string(k.seed)},
+                           {"kmeans.max_points", std::to_string(k.max_points)},
+                           {"kmeans.holdout", fmt::format("{}", k.holdout)},
+                           {"kmeans.device", k.device},
+                           {"anchor.ratio", fmt::format("{}", m.ratio)}});
 }
 
 std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
@@ -178,23 +209,17 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
   for (const auto& m : methods) {
     if (!m.needs_codebooks() || dumps.count(m.key_rope)) continue;
     const std::string path = (fs::path(r.out_dir) / ("calib-" + m.key_rope + ".h5")).string();
-    const std::string fp = calibration_fingerprint(r, cfg.config_hash, m.key_rope);
-    bool reuse = false;
-    if (!o.force && fs::exists(path)) {
-      try {
-        reuse = CalibDumpReader(path).meta().fingerprint == fp;
-      } catch (const Error&) {
-        reuse = false;
-      }
-    }
-    if (reuse) {
-      std::fprintf(stderr, "reusing %s\n", path.c_str());
-    } else {
+    const std::string fp = calibration_fingerprint(r, o.ckpt->content_hash(), m.key_rope);
+    const ReuseDecision d = decide_reuse(path, fp, o.force, [](const std::string& p) {
+      return CalibDumpReader(p).meta().fingerprint;
+    });
+    std::fprintf(stderr, "%s\n", d.message.c_str());
+    if (!d.reuse) {
       ANTKV_CHECK(!r.calibration.text.empty(), "{}: key \"calibration.text\" is not set", r.source);
       Recipe rc = r;
       rc.key_rope = m.key_rope;
       auto rt = o.make_calibration_runtime();
-      const auto plan = plan_calibration(o.tok->encode(read_file(r.calibration.text), true), r.calibration.tokens,
+      const auto plan = plan_calibration(o.tok->encode(read_text_file(r.calibration.text), true), r.calibration.tokens,
                                          r.calibration.seq_len, r.calibration.stride);
       AtomicFile f(path);
       CalibrationOptions co;
@@ -221,18 +246,11 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
     const std::string path = (fs::path(r.out_dir) / "codebooks" / m.codebook_file()).string();
     const std::string calib_hash = hash_file(dumps[m.key_rope]);
     const std::string fp = codebook_fingerprint(r, m, calib_hash);
-    bool reuse = false;
-    if (!o.force && fs::exists(path)) {
-      try {
-        reuse = read_codebooks(path).meta.fingerprint == fp;
-      } catch (const Error&) {
-        reuse = false;
-      }
-    }
-    if (reuse) {
-      std::fprintf(stderr, "reusing %s\n", path.c_str());
-      continue;
-    }
+    const ReuseDecision d = decide_reuse(path, fp, o.force, [](const std::string& p) {
+      return read_codebooks(p).meta.fingerprint;
+    });
+    std::fprintf(stderr, "%s\n", d.message.c_str());
+    if (d.reuse) continue;
     Recipe rc = r;
     rc.quant.keys = m.keys;
     rc.quant.values = m.values;

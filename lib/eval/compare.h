@@ -52,8 +52,9 @@ std::string results_table(const std::vector<MethodResult>& r);
 std::string results_json(const std::vector<MethodResult>& r, const Recipe& recipe, const std::string& device);
 std::string results_csv(const std::vector<MethodResult>& r);
 
-// Fingerprints of what an output depends on (stored in its /meta; equal -> reusable).
-std::string calibration_fingerprint(const Recipe& r, const std::string& config_hash, const std::string& key_rope);
+// Fingerprints of what an output depends on (stored in its /meta; equal -> reusable; see eval/fingerprint.h).
+// model_hash: Checkpoint::content_hash() (config, every weight byte, tokenizer).
+std::string calibration_fingerprint(const Recipe& r, const std::string& model_hash, const std::string& key_rope);
 std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std::string& calib_hash);
 
 struct PipelineOptions {

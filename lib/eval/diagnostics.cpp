@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/text_file.h"
 #include "core/atomic_file.h"
 #include "eval/compare.h"
 #include "eval/perplexity.h"
@@ -150,7 +151,7 @@ std::vector<MethodDiagnostics> diagnose_methods(const DiagnoseOptions& o) {
   po.max_windows = r.eval.max_windows;
   po.progress = o.progress;
   po.progress_label = "diagnostics on " + std::filesystem::path(o.text).filename().string();
-  const auto ids = o.tok->encode(read_file(o.text), true);
+  const auto ids = o.tok->encode(read_text_file(o.text), true);
   evaluate_perplexity(rt, ids, o.tok->bos_id(), po);
   return diag->results();
 }

@@ -54,6 +54,8 @@ PerplexityResult evaluate_perplexity(Runtime& rt, const std::vector<int32_t>& id
               o.seq_len);
   ANTKV_CHECK(o.first_window >= 0 && o.first_window < r.windows_available,
               "first window {} out of range (the text has {} windows)", o.first_window, r.windows_available);
+  ANTKV_CHECK(o.max_windows != 0, "max windows is 0: nothing to evaluate (give at least 1, or leave it out for every "
+              "window)");
   const int64_t last = o.max_windows < 0 ? r.windows_available
                                          : std::min(r.windows_available, o.first_window + o.max_windows);
   Progress progress(o.progress_label, last - o.first_window, "windows", o.progress);
@@ -74,7 +76,11 @@ PerplexityResult evaluate_perplexity(Runtime& rt, const std::vector<int32_t>& id
     rt.forward(req, res);
     double nll = 0;
     for (int i = 0; i + 1 < o.seq_len; ++i) nll += res.nll[i];
-    ANTKV_CHECK(std::isfinite(nll), "window {}: the NLL is not finite ({})", c, nll);
+    if (!std::isfinite(nll)) {
+      int first = 0;
+      while (first + 1 < o.seq_len && std::isfinite(res.nll[first])) ++first;
+      throw NonFinite(fmt::format("window {}: the NLL is not finite ({}; first at position {})", c, nll, first));
+    }
     r.nll_per_window.push_back(nll);
     r.nll_total += nll;
     r.windows += 1;

@@ -37,7 +37,7 @@ CalibDumpWriter::CalibDumpWriter(const std::string& path, int num_layers, int nu
   impl_->kv_heads = num_kv_heads;
   impl_->head_dim = head_dim;
   h5::guard(path, [&] {
-    impl_->file = H5::H5File(path, H5F_ACC_TRUNC);
+    impl_->file = h5::create_file(path);
     H5::Group root = impl_->file.openGroup("/");
     impl_->tokens = h5::create_growing(root, "tokens", H5::PredType::STD_I32LE, {}, 4096);
     impl_->positions = h5::create_growing(root, "positions", H5::PredType::STD_I32LE, {}, 4096);
@@ -109,7 +109,7 @@ void CalibDumpWriter::finish(const CalibMeta& m) {
     impl_->tokens.close();
     impl_->positions.close();
     impl_->windows.close();
-    impl_->file.close();
+    h5::close_file(impl_->file, impl_->path);
     return 0;
   });
 }
@@ -126,7 +126,7 @@ CalibDumpReader::CalibDumpReader(const std::string& path) : impl_(new Impl) {
   impl_->path = path;
   h5::guard(path, [&] {
     ANTKV_CHECK(H5::H5File::isHdf5(path.c_str()), "{}: not an HDF5 file", path);
-    impl_->file = H5::H5File(path, H5F_ACC_RDONLY);
+    impl_->file = h5::open_file_read(path);
     ANTKV_CHECK(impl_->file.nameExists("meta"), "{}: no /meta group: not a complete antkv calibration dump", path);
     H5::Group g = impl_->file.openGroup("meta");
     ANTKV_CHECK(h5::has_attr(g, "kind") && h5::get_attr_string(g, "kind", path) == "antkv-calibration",

@@ -9,7 +9,7 @@ void write_codebooks(const std::string& path, const CodebookSet& s) {
   h5::quiet_errors();
   const CodebookMeta& m = s.meta;
   h5::guard(path, [&] {
-    H5::H5File f(path, H5F_ACC_TRUNC);
+    H5::H5File f = h5::create_file(path);
     for (int l = 0; l < m.num_layers; ++l) {
       H5::Group g = f.createGroup("layer_" + std::to_string(l));
       for (int kind = 0; kind < 2; ++kind) {
@@ -56,7 +56,7 @@ void write_codebooks(const std::string& path, const CodebookSet& s) {
     for (int l = 0; l < m.num_layers; ++l)
       for (const auto* cb : {&s.keys[l], &s.values[l]}) all_obj.insert(all_obj.end(), cb->objective.begin(), cb->objective.end());
     h5::set_attr(g, "objective_per_codebook", all_obj);  // layer-major, keys then values, [kv_heads, groups] each
-    f.close();
+    h5::close_file(f, path);
     return 0;
   });
 }
@@ -66,7 +66,7 @@ CodebookSet read_codebooks(const std::string& path) {
   CodebookSet s;
   h5::guard(path, [&] {
     ANTKV_CHECK(H5::H5File::isHdf5(path.c_str()), "{}: not an HDF5 file", path);
-    H5::H5File f(path, H5F_ACC_RDONLY);
+    H5::H5File f = h5::open_file_read(path);
     ANTKV_CHECK(f.nameExists("meta"), "{}: no /meta group: not a complete antkv codebook file", path);
     H5::Group g = f.openGroup("meta");
     ANTKV_CHECK(h5::has_attr(g, "kind") && h5::get_attr_string(g, "kind", path) == "antkv-codebooks",

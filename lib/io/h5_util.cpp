@@ -12,11 +12,12 @@ H5::FloatType half_type() {
   return t;
 }
 
-void quiet_errors() { H5::Exception::dontPrint(); }
+void quiet_errors() { install_error_handler(); }
 
 bool has_attr(const H5::H5Object& obj, const std::string& name) { return obj.attrExists(name); }
 
 void set_attr(H5::H5Object& obj, const std::string& name, const std::string& value) {
+  ObjectContext ctx("attribute " + name);
   H5::StrType t(H5::PredType::C_S1, value.empty() ? 1 : value.size());
   t.setCset(H5T_CSET_UTF8);
   H5::Attribute a = obj.createAttribute(name, t, H5::DataSpace(H5S_SCALAR));
@@ -83,6 +84,7 @@ H5::DataSet create_growing(H5::Group& parent, const std::string& name, const H5:
     maxdims.push_back(d);
     chunk.push_back(d);
   }
+  ObjectContext ctx("dataset " + name);
   H5::DataSpace space(static_cast<int>(dims.size()), dims.data(), maxdims.data());
   H5::DSetCreatPropList props;
   props.setChunk(static_cast<int>(chunk.size()), chunk.data());
@@ -93,6 +95,7 @@ H5::DataSet create_growing(H5::Group& parent, const std::string& name, const H5:
 
 H5::DataSet write_dataset(H5::Group& parent, const std::string& name, const H5::DataType& file_type,
                           const H5::DataType& mem_type, const std::vector<hsize_t>& dims, const void* data) {
+  ObjectContext ctx("dataset " + name);
   H5::DataSpace space(static_cast<int>(dims.size()), dims.data());
   H5::DSetCreatPropList props;
   hsize_t total = 1;
@@ -118,6 +121,7 @@ std::vector<hsize_t> dims_of(const H5::DataSet& ds) {
 
 void append_rows(H5::DataSet& ds, const H5::DataType& mem_type, hsize_t rows, const void* data) {
   if (rows == 0) return;
+  ObjectContext ctx("dataset " + ds.getObjName());
   std::vector<hsize_t> dims = dims_of(ds);
   std::vector<hsize_t> start(dims.size(), 0), count(dims);
   start[0] = dims[0];
@@ -131,6 +135,7 @@ void append_rows(H5::DataSet& ds, const H5::DataType& mem_type, hsize_t rows, co
 }
 
 void read_rows(const H5::DataSet& ds, const H5::DataType& mem_type, hsize_t row0, hsize_t rows, void* data) {
+  ObjectContext ctx("dataset " + ds.getObjName());
   std::vector<hsize_t> dims = dims_of(ds);
   std::vector<hsize_t> start(dims.size(), 0), count(dims);
   start[0] = row0;

@@ -3,7 +3,9 @@
 #pragma once
 #include <H5Cpp.h>
 
+#include "core/atomic_file.h"
 #include "core/error.h"
+#include "io/h5_file.h"
 
 #include <cstdint>
 #include <string>
@@ -39,13 +41,21 @@ std::vector<hsize_t> dims_of(const H5::DataSet& ds);
 // Silences HDF5's own error printing (we report through antkv::Error) — call once per process.
 void quiet_errors();
 
-// Runs f(), turning an H5::Exception into an antkv::Error that names the file.
+// Runs f(), turning an H5::Exception into one antkv::Error line that names the file, the object and the
+// cause (the OS reason when a read or write of the file failed); also raises a write failure that the
+// checked driver recorded during f() (writes after it are dropped, so HDF5 itself saw no error).
 template <typename F>
 auto guard(const std::string& path, F&& f) {
+  reset_error_stack_summary();
   try {
-    return f();
+    auto r = f();
+    check_write_error(path);
+    return r;
   } catch (const H5::Exception& e) {
-    fail("{}: HDF5 error: {} ({})", path, e.getDetailMsg(), e.getFuncName());
+    const std::string os = recorded_failure(path);
+    if (!os.empty()) fail("{}: cannot write: {}", output_name(path), os);
+    const std::string stack = error_stack_summary();
+    fail("{}: HDF5 error: {}", output_name(path), !stack.empty() ? stack : e.getFuncName() + ": " + e.getDetailMsg());
   }
 }
 

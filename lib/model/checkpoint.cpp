@@ -1,11 +1,15 @@
 #include "model/checkpoint.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
 
 #include "core/atomic_file.h"
 #include "core/error.h"
+#include "core/hash.h"
+
+#include <cmath>
 
 namespace fs = std::filesystem;
 
@@ -47,6 +51,38 @@ size_t Checkpoint::total_bytes() const {
   for (auto& f : files_)
     for (auto& [name, t] : f->tensors()) n += t.nbytes;
   return n;
+}
+
+const std::string& Checkpoint::content_hash() const {
+  if (content_hash_.empty()) {
+    std::vector<std::string> parts;
+    for (const auto& f : files_) parts.push_back(fs::path(f->path()).filename().string() + "=" + hash_file(f->path()));
+    std::sort(parts.begin(), parts.end());
+    std::string all = "config=" + config_.config_hash;
+    for (const auto& p : parts) all += "|" + p;
+    if (fs::exists(tokenizer_path())) all += "|tokenizer=" + hash_file(tokenizer_path());
+    content_hash_ = hash_bytes(all);
+  }
+  return content_hash_;
+}
+
+std::string Checkpoint::find_non_finite_weight() const {
+  std::vector<float> buf;
+  for (const auto& [name, t] : index_) {
+    if (t->dtype != DType::kBF16 && t->dtype != DType::kF16 && t->dtype != DType::kF32) continue;
+    buf.resize(static_cast<size_t>(t->numel()));
+    t->to_float(buf.data());
+    for (size_t i = 0; i < buf.size(); ++i)
+      if (!std::isfinite(buf[i]))
+        return fmt::format("tensor \"{}\" ({}) element {} = {}", name, t->file, i, buf[i]);
+  }
+  return "";
+}
+
+void rethrow_with_weight_check(const NonFinite& e, const Checkpoint& ckpt) {
+  const std::string w = ckpt.find_non_finite_weight();
+  if (w.empty()) throw NonFinite(fmt::format("{} (every weight of {} is finite)", e.what(), ckpt.dir()));
+  throw NonFinite(fmt::format("{}; cause: {} has a non-finite weight: {}", e.what(), ckpt.dir(), w));
 }
 
 Checkpoint Checkpoint::open(const std::string& dir) {

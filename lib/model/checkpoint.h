@@ -4,6 +4,8 @@
 #pragma once
 #include <memory>
 #include <string>
+
+#include "core/error.h"
 #include <vector>
 
 #include "model/model_config.h"
@@ -29,12 +31,24 @@ class Checkpoint {
   // The LM head: "lm_head.weight", or the embedding when tied.
   const TensorView& lm_head() const;
   size_t total_bytes() const;
+  // XXH3-128 of the whole content of every safetensors file (in name order) and of tokenizer.json: what
+  // the weights and the tokenization are, for the fingerprints of outputs made from this checkpoint
+  // (~10 GB/s from the page cache; computed once).
+  const std::string& content_hash() const;
+  // The first weight that is NaN or infinite, as "tensor \"name\" (file) element i = nan", or "" when all
+  // are finite (scans every tensor: called after a non-finite result, to name its cause).
+  std::string find_non_finite_weight() const;
 
  private:
   std::string dir_;
   ModelConfig config_;
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, const TensorView*> index_;
+  mutable std::string content_hash_;
 };
+
+// Rethrows a NonFinite error with its cause in the checkpoint appended (the first non-finite weight, or
+// that every weight is finite).
+[[noreturn]] void rethrow_with_weight_check(const NonFinite& e, const Checkpoint& ckpt);
 
 }  // namespace antkv
