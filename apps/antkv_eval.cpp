@@ -201,6 +201,7 @@ int run_pipeline_cmd(const RecipeArgs& a) {
   const std::string out_dir = a.out.empty() ? r.out_dir : a.out;
   // every folder the stages and the results go to, checked before the first stage
   check_results_folder(out_dir, r);
+  if (!same_file(out_dir, r.out_dir)) check_results_folder(r.out_dir, r);
   check_results_folder((fs::path(r.out_dir) / "codebooks").string(), r);
   Checkpoint ckpt = Checkpoint::open(r.model);
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
