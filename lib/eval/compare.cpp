@@ -232,8 +232,10 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
       co.fingerprint = fp;
       co.progress = o.progress;
       const auto res = run_calibration(*rt, *o.tok, plan, co);
+      AtomicFile summary(path + ".summary.json");  // both complete before either gets its final name
+      summary.write(calibration_summary_json(res, *o.tok) + "\n");
       f.commit();
-      write_file_atomic(path + ".summary.json", calibration_summary_json(res, *o.tok) + "\n");
+      summary.commit();
     }
     dumps[m.key_rope] = path;
   }
@@ -270,8 +272,10 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
     const auto res = train_codebooks(to);
     AtomicFile f(path);
     write_codebooks(f.temp_path(), res.codebooks);
+    AtomicFile report(path + ".report.json");  // both complete before either gets its final name
+    report.write(train_report_json(res) + "\n");
     f.commit();
-    write_file_atomic(path + ".report.json", train_report_json(res) + "\n");
+    report.commit();
   }
 
   // 3. perplexity of every method
