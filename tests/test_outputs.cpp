@@ -425,7 +425,7 @@ TEST_CASE("CLI: zero windows is an error, dPPL without fp16 is n/a, invalid UTF-
   CHECK_THAT(results_csv({a}), !Contains("nan"));
 }
 
-TEST_CASE("CLI: SIGTERM leaves no final file; a killed run's temporary is removed by the next run",
+TEST_CASE("CLI: SIGTERM leaves no final file - a killed run's temporary is removed by the next run",
           "[outputs][cli][shared]") {
   const std::string dir = test::temp_dir();
   const std::string recipe = small_recipe(dir, test::model_dir("stories260K"), "");
