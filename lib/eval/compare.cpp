@@ -162,7 +162,7 @@ std::string results_csv(const std::vector<MethodResult>& rs) {
 std::string calibration_fingerprint(const Recipe& r, const std::string& model_hash, const std::string& key_rope) {
   const auto& c = r.calibration;
   return make_fingerprint({{"stage", "calibration"},
-                           {"model (config, weights, tokenizer)", model_hash},
+                           {"model content (XXH3-128 of config, every safetensors byte, tokenizer.json)", model_hash},
                            {"calibration.text (content)", c.text.empty() ? "" : hash_file(c.text)},
                            {"calibration.tokens", std::to_string(c.tokens)},
                            {"calibration.seq_len", std::to_string(c.seq_len)},

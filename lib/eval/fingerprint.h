@@ -11,7 +11,7 @@ namespace antkv {
 
 // "antkv-fingerprint-2\nfield=value\n..." (fields in the given order; '\n' and '=' are not allowed in fields).
 std::string make_fingerprint(const std::vector<std::pair<std::string, std::string>>& fields);
-// "" when equal; else what differs, e.g. "model (config, weights, tokenizer) differs (4f2a.. in the file,
+// "" when equal; else what differs, e.g. "model content (...) differs (4f2a.. in the file,
 // 9c1e.. now)"; a fingerprint of an older antkv (not of this format) is described as such.
 std::string fingerprint_difference(const std::string& stored, const std::string& wanted);
 
