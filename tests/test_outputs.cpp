@@ -22,6 +22,8 @@
 #include "eval/fingerprint.h"
 #include "io/calib_dump.h"
 #include "io/codebooks.h"
+
+#include <H5Cpp.h>
 #include "test_support.h"
 
 using namespace antkv;
@@ -272,6 +274,13 @@ TEST_CASE("HDF5 writers past a file-size limit: one error line with the OS reaso
   write_codebooks(dir + "/cb.h5", s);
   CHECK(read_codebooks(dir + "/cb.h5").meta.head_dim == 64);
   CHECK(read_codebooks(dir + "/cb.h5").keys[1].centroids == s.keys[1].centroids);
+  // a missing dataset is named, and HDF5 prints nothing itself
+  {
+    H5::H5File f(dir + "/cb.h5", H5F_ACC_RDWR);
+    f.unlink("layer_1/value_objective");
+  }
+  CHECK_THROWS_WITH(read_codebooks(dir + "/cb.h5"),
+                    Contains(dir + "/cb.h5: HDF5 error: dataset layer_1/value_objective: H5Dopen2"));
 }
 
 TEST_CASE("CLI fault: file-size limit on every command's outputs - exit 1, one line, old file intact",

@@ -149,7 +149,7 @@ CalibDumpReader::CalibDumpReader(const std::string& path) : impl_(new Impl) {
     m.num_layers = h5::get_attr_int(g, "num_layers", path);
     m.num_kv_heads = h5::get_attr_int(g, "num_kv_heads", path);
     m.head_dim = h5::get_attr_int(g, "head_dim", path);
-    const auto td = h5::dims_of(impl_->file.openDataSet("tokens"));
+    const auto td = h5::dims_of(h5::open_dataset(impl_->file, "tokens"));
     ANTKV_CHECK(td.size() == 1, "{}: /tokens must be one-dimensional", path);
     impl_->n = static_cast<int64_t>(td[0]);
     ANTKV_CHECK(impl_->n == m.tokens, "{}: /tokens holds {} tokens but /meta says {}", path, impl_->n, m.tokens);
@@ -157,13 +157,13 @@ CalibDumpReader::CalibDumpReader(const std::string& path) : impl_(new Impl) {
       const std::string gname = layer_group(static_cast<int>(l));
       ANTKV_CHECK(impl_->file.nameExists(gname), "{}: missing group /{}", path, gname);
       for (const char* ds : {"keys", "values"}) {
-        const auto d = h5::dims_of(impl_->file.openDataSet(gname + "/" + ds));
+        const auto d = h5::dims_of(h5::open_dataset(impl_->file, gname + "/" + ds));
         ANTKV_CHECK(d.size() == 3 && static_cast<int64_t>(d[0]) == impl_->n &&
                         static_cast<int64_t>(d[1]) == m.num_kv_heads && static_cast<int64_t>(d[2]) == m.head_dim,
                     "{}: /{}/{} has the wrong shape", path, gname, ds);
       }
       for (const char* ds : {"S_K", "S_V", "anchor_score"}) {
-        const auto d = h5::dims_of(impl_->file.openDataSet(gname + "/" + ds));
+        const auto d = h5::dims_of(h5::open_dataset(impl_->file, gname + "/" + ds));
         ANTKV_CHECK(d.size() == 2 && static_cast<int64_t>(d[0]) == impl_->n &&
                         static_cast<int64_t>(d[1]) == m.num_kv_heads,
                     "{}: /{}/{} has the wrong shape", path, gname, ds);
@@ -182,7 +182,7 @@ namespace {
 std::vector<int32_t> read_ints(const H5::H5File& f, const char* name, int64_t n, const std::string& path) {
   std::vector<int32_t> v(static_cast<size_t>(n));
   h5::guard(path, [&] {
-    if (n) h5::read_rows(f.openDataSet(name), H5::PredType::NATIVE_INT32, 0, n, v.data());
+    if (n) h5::read_rows(h5::open_dataset(f, name), H5::PredType::NATIVE_INT32, 0, n, v.data());
     return 0;
   });
   return v;
@@ -199,7 +199,7 @@ namespace {
 void read_halves(const H5::H5File& f, const std::string& name, int64_t row0, int64_t rows, float* out,
                  const std::string& path) {
   h5::guard(path, [&] {
-    H5::DataSet ds = f.openDataSet(name);
+    H5::DataSet ds = h5::open_dataset(f, name);
     const auto dims = h5::dims_of(ds);
     size_t n = static_cast<size_t>(rows);
     for (size_t i = 1; i < dims.size(); ++i) n *= dims[i];
@@ -220,7 +220,7 @@ void CalibDumpReader::read_values(int layer, int64_t row0, int64_t rows, float* 
 }
 void CalibDumpReader::read_scores(int layer, const char* name, int64_t row0, int64_t rows, float* out) const {
   h5::guard(impl_->path, [&] {
-    h5::read_rows(impl_->file.openDataSet(layer_group(layer) + "/" + name), H5::PredType::NATIVE_FLOAT, row0, rows, out);
+    h5::read_rows(h5::open_dataset(impl_->file, layer_group(layer) + "/" + name), H5::PredType::NATIVE_FLOAT, row0, rows, out);
     return 0;
   });
 }

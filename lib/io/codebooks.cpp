@@ -102,19 +102,19 @@ CodebookSet read_codebooks(const std::string& path) {
         const std::string p = gname + "/" + (kind == 0 ? "key_" : "value_");
         const hsize_t c = kind == 0 ? m.key_c : m.value_c, b = kind == 0 ? m.key_b : m.value_b;
         const std::vector<hsize_t> want{static_cast<hsize_t>(m.num_kv_heads), m.head_dim / c, hsize_t{1} << b, c};
-        H5::DataSet ds = f.openDataSet(p + "centroids");
+        H5::DataSet ds = h5::open_dataset(f, p + "centroids");
         ANTKV_CHECK(h5::dims_of(ds) == want, "{}: /{}centroids has the wrong shape", path, p);
         cb.centroids.resize(want[0] * want[1] * want[2] * want[3]);
         ds.read(cb.centroids.data(), H5::PredType::NATIVE_FLOAT);
         const size_t ncb = want[0] * want[1];
         cb.objective.resize(ncb);
-        f.openDataSet(p + "objective").read(cb.objective.data(), H5::PredType::NATIVE_DOUBLE);
+        h5::open_dataset(f, p + "objective").read(cb.objective.data(), H5::PredType::NATIVE_DOUBLE);
         cb.iterations.resize(ncb);
-        f.openDataSet(p + "iterations").read(cb.iterations.data(), H5::PredType::NATIVE_INT32);
+        h5::open_dataset(f, p + "iterations").read(cb.iterations.data(), H5::PredType::NATIVE_INT32);
         cb.reseeded.resize(ncb);
-        f.openDataSet(p + "reseeded").read(cb.reseeded.data(), H5::PredType::NATIVE_INT64);
+        h5::open_dataset(f, p + "reseeded").read(cb.reseeded.data(), H5::PredType::NATIVE_INT64);
         cb.error_norm.resize(want[0]);
-        f.openDataSet(p + "error_norm").read(cb.error_norm.data(), H5::PredType::NATIVE_FLOAT);
+        h5::open_dataset(f, p + "error_norm").read(cb.error_norm.data(), H5::PredType::NATIVE_FLOAT);
       }
     }
     return 0;

@@ -112,6 +112,11 @@ H5::DataSet write_dataset(H5::Group& parent, const std::string& name, const H5::
   return ds;
 }
 
+H5::DataSet open_dataset(const H5::Group& parent, const std::string& name) {
+  ObjectContext ctx("dataset " + name);
+  return parent.openDataSet(name);
+}
+
 std::vector<hsize_t> dims_of(const H5::DataSet& ds) {
   H5::DataSpace s = ds.getSpace();
   std::vector<hsize_t> d(static_cast<size_t>(s.getSimpleExtentNdims()));

@@ -37,6 +37,8 @@ void append_rows(H5::DataSet& ds, const H5::DataType& mem_type, hsize_t rows, co
 // Reads rows [row0, row0 + rows) of a dataset into data (mem_type).
 void read_rows(const H5::DataSet& ds, const H5::DataType& mem_type, hsize_t row0, hsize_t rows, void* data);
 std::vector<hsize_t> dims_of(const H5::DataSet& ds);
+// Opens a dataset; a failure names it ("dataset layer_0/keys: H5Dopen2: ...").
+H5::DataSet open_dataset(const H5::Group& parent, const std::string& name);
 
 // Silences HDF5's own error printing (we report through antkv::Error) — call once per process.
 void quiet_errors();
