@@ -9,6 +9,8 @@
 #include <fstream>
 #include <iostream>
 
+#include "core/atomic_file.h"
+#include "core/output_check.h"
 #include "core/error.h"
 #include "kernels/bench/bench.h"
 
@@ -24,9 +26,16 @@ int main(int argc, char** argv) {
   app.add_option("--iters", opt.iters, "timed iterations (at least)");
   app.add_flag("--no-e2e", no_e2e, "skip the end-to-end decode of the random-weight model");
   app.add_option("--json", json_path, "write the results as JSON");
+  bool force = false;
+  app.add_flag("--force", force, "overwrite an existing --json file");
   CLI11_PARSE(app, argc, argv);
   if (no_e2e) opt.e2e_points.clear();
   try {
+    if (!json_path.empty()) {  // checked before the benchmark, not after
+      antkv::OutputCheck outputs;
+      outputs.output(json_path, "--json", force);
+      outputs.check();
+    }
     const auto r = antkv::cuda::run_kernel_bench(opt, [](const std::string& s) {
       std::fprintf(stderr, "%s\n", s.c_str());
     });
@@ -48,9 +57,9 @@ int main(int argc, char** argv) {
                                    {"bytes_per_step", p.bytes_per_step}, {"roofline_ms", p.roofline_ms},
                                    {"roofline_tokens_per_s", p.roofline_tokens_per_s},
                                    {"frac_of_roofline", p.frac_of_roofline}});
-      std::ofstream(json_path) << j.dump(2) << "\n";
+      antkv::write_file_atomic(json_path, j.dump(2) + "\n");
     }
-  } catch (const antkv::Error& e) {
+  } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
   }

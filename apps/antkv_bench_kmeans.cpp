@@ -21,6 +21,8 @@
 #include <iostream>
 #include <thread>
 
+#include "core/atomic_file.h"
+#include "core/output_check.h"
 #include "core/error.h"
 #include "kernels/common/device_buffer.h"
 #include "kernels/kmeans/kmeans.h"
@@ -112,8 +114,15 @@ int main(int argc, char** argv) {
   app.add_option("--faiss-1bit", faiss1, "codebooks of the FAISS slice, 1-bit (0: skip)");
   app.add_option("--faiss-075", faiss075, "codebooks of the FAISS slice, 0.75-bit (0: skip)");
   app.add_option("--json", json_path, "write the results as JSON");
+  bool force = false;
+  app.add_flag("--force", force, "overwrite an existing --json file");
   CLI11_PARSE(app, argc, argv);
   try {
+    if (!json_path.empty()) {  // checked before the benchmark, not after
+      antkv::OutputCheck outputs;
+      outputs.output(json_path, "--json", force);
+      outputs.check();
+    }
     cudaDeviceProp prop{};
     ANTKV_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     const unsigned cores = std::thread::hardware_concurrency();
@@ -227,8 +236,8 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     }
     std::cout << "\n" << table;
-    if (!json_path.empty()) std::ofstream(json_path) << out.dump(2) << "\n";
-  } catch (const antkv::Error& e) {
+    if (!json_path.empty()) antkv::write_file_atomic(json_path, out.dump(2) + "\n");
+  } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
   }

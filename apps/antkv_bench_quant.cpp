@@ -10,6 +10,8 @@
 #include <fstream>
 #include <iostream>
 
+#include "core/atomic_file.h"
+#include "core/output_check.h"
 #include "core/error.h"
 #include "kernels/bench/quant_bench.h"
 
@@ -29,8 +31,15 @@ int main(int argc, char** argv) {
   app.add_flag("--no-max-context", no_max, "skip the one-layer run at the computed maximum context");
   app.add_option("--iters", opt.iters, "timed iterations (at least)");
   app.add_option("--json", json_path, "write the results as JSON");
+  bool force = false;
+  app.add_flag("--force", force, "overwrite an existing --json file");
   CLI11_PARSE(app, argc, argv);
   try {
+    if (!json_path.empty()) {  // checked before the benchmark, not after
+      antkv::OutputCheck outputs;
+      outputs.output(json_path, "--json", force);
+      outputs.check();
+    }
     opt.configs.clear();
     for (const auto& c : configs) opt.configs.push_back(antkv::cuda::parse_vq_config(c));
     opt.lut_half_too = !no_lut16;
@@ -66,9 +75,9 @@ int main(int argc, char** argv) {
                                      {"split_len", l.split_len}, {"layer_cache_bytes", l.layer_cache_bytes},
                                      {"ms_per_step", l.ms_per_step}, {"gbps", l.gbps}, {"frac_of_copy_bw", l.frac_of_copy},
                                      {"finite", l.finite}, {"fp16_ms_per_step", l.fp16_ms_per_step}});
-      std::ofstream(json_path) << j.dump(2) << "\n";
+      antkv::write_file_atomic(json_path, j.dump(2) + "\n");
     }
-  } catch (const antkv::Error& e) {
+  } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
   }
