@@ -195,6 +195,8 @@ void validate(const Recipe& r, const std::string& src) {
   check(r.kmeans.max_points >= 0, "kmeans.max_points", "must be >= 0 (0 = all)");
   check(r.kmeans.holdout >= 0 && r.kmeans.holdout < 1, "kmeans.holdout", "must be in [0, 1)");
   check(r.eval.seq_len >= 2, "eval.seq_len", "must be at least 2");
+  check(r.eval.max_windows == -1 || r.eval.max_windows >= 1, "eval.max_windows",
+        "must be at least 1, or -1 for every window (0 would evaluate nothing)");
   one_of("eval.protocol", r.eval.protocol, {"bos_window", "single_bos"});
   one_of("eval.device", r.eval.device, {"cpu", "cuda"});
   check(!r.eval.methods.empty(), "eval.methods", "must list at least one method");
