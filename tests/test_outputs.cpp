@@ -141,6 +141,7 @@ TEST_CASE("fingerprints: equal inputs reuse, any differing field is named", "[ou
   CHECK_THAT(fingerprint_difference(a, b), Contains("model differs (abc in the file, abd now)") &&
                                                Contains("seed differs (0 in the file, 1 now)"));
   CHECK_THAT(fingerprint_difference("0123abcd", a), Contains("older"));
+  CHECK_THAT(fingerprint_difference("", a), Contains("records no fingerprint"));
   const std::string dir = test::temp_dir();
   auto read = [&](const std::string& p) { return read_file(p); };
   CHECK_THAT(decide_reuse(dir + "/none", a, false, read).message, Contains("not made yet"));

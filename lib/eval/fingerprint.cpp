@@ -41,7 +41,8 @@ std::string make_fingerprint(const std::vector<std::pair<std::string, std::strin
 std::string fingerprint_difference(const std::string& stored, const std::string& wanted) {
   if (stored == wanted) return "";
   std::vector<std::pair<std::string, std::string>> a, b;
-  if (!parse(stored, a)) return "it has no fingerprint of this antkv version (made by an older one)";
+  if (stored.empty()) return "it records no fingerprint (made by antkv-calibrate / antkv-train-codebook directly, or an older antkv)";
+  if (!parse(stored, a)) return "its fingerprint is of an older antkv version";
   if (!parse(wanted, b)) return "the fingerprints differ";
   std::map<std::string, std::string> have(a.begin(), a.end());
   std::string diff;

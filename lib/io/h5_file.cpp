@@ -19,16 +19,17 @@ namespace {
 // What failed first on one file: the OS reason and the operation.
 struct Failure {
   int err = 0;
+  std::string verb;  // "cannot write", "cannot read", "cannot open", "cannot create"
   std::string what;  // e.g. "writing 50357 bytes at offset 204800"
 };
 
 std::mutex g_mutex;
 std::map<std::string, Failure> g_failures;  // by the file name given to create_file/open_file_read
 
-void record(const std::string& name, int err, std::string what) {
+void record(const std::string& name, int err, std::string verb, std::string what) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_failures.find(name);
-  if (it == g_failures.end() || it->second.err == 0) g_failures[name] = Failure{err, std::move(what)};
+  if (it == g_failures.end() || it->second.err == 0) g_failures[name] = Failure{err, std::move(verb), std::move(what)};
 }
 
 struct CheckedFile {
@@ -44,9 +45,9 @@ struct CheckedFile {
 CheckedFile* of(H5FD_t* f) { return reinterpret_cast<CheckedFile*>(f); }
 const CheckedFile* of(const H5FD_t* f) { return reinterpret_cast<const CheckedFile*>(f); }
 
-void fail_file(CheckedFile* f, int err, std::string what) {
+void fail_file(CheckedFile* f, int err, std::string what) {  // a write-side failure
   f->failed = true;
-  record(f->name, err, std::move(what));
+  record(f->name, err, "cannot write", std::move(what));
 }
 
 H5FD_t* drv_open(const char* name, unsigned flags, hid_t, haddr_t) {
@@ -57,12 +58,13 @@ H5FD_t* drv_open(const char* name, unsigned flags, hid_t, haddr_t) {
   const int fd = ::open(name, o | O_CLOEXEC, 0666);
   if (fd < 0) {
     // HDF5 first tries an existing file without O_CREAT: only a real create's failure is the user's
-    if ((flags & H5F_ACC_CREAT) || !(flags & H5F_ACC_RDWR)) record(name, errno, "opening");
+    if ((flags & H5F_ACC_CREAT) || !(flags & H5F_ACC_RDWR))
+      record(name, errno, (flags & H5F_ACC_CREAT) ? "cannot create" : "cannot open", "opening");
     return nullptr;
   }
   struct stat st {};
   if (fstat(fd, &st) != 0) {
-    record(name, errno, "fstat");
+    record(name, errno, "cannot open", "fstat");
     ::close(fd);
     return nullptr;
   }
@@ -118,7 +120,7 @@ herr_t drv_read(H5FD_t* file, H5FD_mem_t, hid_t, haddr_t addr, size_t size, void
     const ssize_t n = ::pread(f->fd, p, size, static_cast<off_t>(addr));
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
-      record(f->name, errno, fmt::format("reading {} bytes at offset {}", size, addr));
+      record(f->name, errno, "cannot read", fmt::format("reading {} bytes at offset {}", size, addr));
       return -1;
     }
     if (n == 0) {  // past the end of the file: zeros, as sec2 does
@@ -201,7 +203,7 @@ H5::FileAccPropList checked_fapl(bool strong_close) {
 }
 
 std::string describe(const Failure& f) {
-  return fmt::format("{} ({})", std::strerror(f.err), f.what);
+  return fmt::format("{}: {} ({})", f.verb, std::strerror(f.err), f.what);
 }
 
 // The HDF5 error-stack callback (replaces HDF5's printing): keeps a one-line summary of the first failure
@@ -248,7 +250,7 @@ void forget_failure(const std::string& path) {
 
 void check_write_error(const std::string& path) {
   const std::string why = recorded_failure(path);
-  if (!why.empty()) fail("{}: cannot write: {}", output_name(path), why);
+  if (!why.empty()) fail("{}: {}", output_name(path), why);
 }
 
 H5::H5File create_file(const std::string& path) {
@@ -260,7 +262,7 @@ H5::H5File create_file(const std::string& path) {
   } catch (const H5::Exception& e) {
     const std::string why = recorded_failure(path);
     forget_failure(path);
-    fail("{}: cannot create: {}", output_name(path), !why.empty() ? why : error_stack_summary());
+    fail("{}: {}", output_name(path), !why.empty() ? why : "cannot create: " + error_stack_summary());
   }
 }
 
@@ -273,7 +275,7 @@ H5::H5File open_file_read(const std::string& path) {
   } catch (const H5::Exception& e) {
     const std::string why = recorded_failure(path);
     forget_failure(path);
-    fail("{}: cannot open: {}", path, !why.empty() ? why : error_stack_summary());
+    fail("{}: {}", path, !why.empty() ? why : "cannot open: " + error_stack_summary());
   }
 }
 
@@ -287,7 +289,7 @@ void close_file(H5::H5File& file, const std::string& path) {
   }
   const std::string why = recorded_failure(path);
   forget_failure(path);
-  if (!why.empty()) fail("{}: cannot write: {}", output_name(path), why);
+  if (!why.empty()) fail("{}: {}", output_name(path), why);
   if (rc < 0) fail("{}: closing failed: {}", output_name(path), error_stack_summary());
 }
 

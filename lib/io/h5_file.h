@@ -20,9 +20,10 @@ H5::H5File open_file_read(const std::string& path);
 // Closes the file (and every object still open in it); throws antkv::Error naming the file and the OS
 // reason when any write to it failed, or when closing failed.
 void close_file(H5::H5File& file, const std::string& path);
-// Throws antkv::Error when a write to the open file `path` has failed (cheap: called after every step).
+// Throws antkv::Error when a read or write of the open file `path` has failed (cheap: after every step).
 void check_write_error(const std::string& path);
-// "<OS reason> (<what was being done>)" of the failure recorded for path, or "" when none.
+// "cannot write: <OS reason> (<what was being done>)" (or cannot read / open / create) of the failure
+// recorded for path, or "" when none.
 std::string recorded_failure(const std::string& path);
 // One line describing the HDF5 error stack of the call that just failed (innermost cause first), or ""
 // when the stack is empty. Call before any other HDF5 call clears it.

@@ -55,7 +55,7 @@ auto guard(const std::string& path, F&& f) {
     return r;
   } catch (const H5::Exception& e) {
     const std::string os = recorded_failure(path);
-    if (!os.empty()) fail("{}: cannot write: {}", output_name(path), os);
+    if (!os.empty()) fail("{}: {}", output_name(path), os);
     const std::string stack = error_stack_summary();
     fail("{}: HDF5 error: {}", output_name(path), !stack.empty() ? stack : e.getFuncName() + ": " + e.getDetailMsg());
   }
