@@ -10,6 +10,7 @@
 #include <set>
 #include <sstream>
 
+#include "core/device.h"
 #include "core/error.h"
 
 namespace fs = std::filesystem;
@@ -179,7 +180,7 @@ void validate(const Recipe& r, const std::string& src) {
   check(r.calibration.seq_len >= 2, "calibration.seq_len", "must be at least 2");
   check(r.calibration.stride >= 0, "calibration.stride", "must be >= 0 (0 = no overlap)");
   check(r.calibration.sample_per_window >= 0, "calibration.sample_per_window", "must be >= 0");
-  one_of("calibration.device", r.calibration.device, {"cpu", "cuda"});
+  one_of("calibration.device", r.calibration.device, {"auto", "cpu", "cuda"});
   one_of("key_rope", r.key_rope, {"post", "pre"});
   one_of("anchor.score", r.anchor.score, {"error_bound", "attention_mass", "key_bound", "random", "recent"});
   check(r.anchor.ratio >= 0 && r.anchor.ratio <= 1, "anchor.ratio", "must be in [0, 1]");
@@ -191,12 +192,13 @@ void validate(const Recipe& r, const std::string& src) {
   check(r.kmeans.iters >= 1, "kmeans.iters", "must be >= 1");
   check(r.kmeans.tol >= 0, "kmeans.tol", "must be >= 0");
   one_of("kmeans.weighting", r.kmeans.weighting, {"anchor", "none"});
-  one_of("kmeans.device", r.kmeans.device, {"cpu", "cuda"});
+  one_of("kmeans.device", r.kmeans.device, {"auto", "cpu", "cuda"});
   check(r.kmeans.max_points >= 0, "kmeans.max_points", "must be >= 0 (0 = all)");
   check(r.kmeans.holdout >= 0 && r.kmeans.holdout < 1, "kmeans.holdout", "must be in [0, 1)");
   check(r.eval.seq_len >= 2, "eval.seq_len", "must be at least 2");
+  check(r.eval.max_windows == -1 || r.eval.max_windows > 0, "eval.max_windows", "must be positive, or -1 for all");
   one_of("eval.protocol", r.eval.protocol, {"bos_window", "single_bos"});
-  one_of("eval.device", r.eval.device, {"cpu", "cuda"});
+  one_of("eval.device", r.eval.device, {"auto", "cpu", "cuda"});
   check(!r.eval.methods.empty(), "eval.methods", "must list at least one method");
 }
 
@@ -306,6 +308,23 @@ std::vector<std::string> Recipe::known_keys() {
   for_each_field(probe, [&](const char* key, Kind, void*) { keys.emplace_back(key); });
   keys.insert(keys.end(), kShorthands.begin(), kShorthands.end());
   return keys;
+}
+
+std::string resolve_recipe_devices(Recipe& r, const std::vector<std::string>& keys) {
+  std::vector<DeviceRequest> req;
+  std::vector<std::string*> fields;
+  for (const auto& k : keys) {
+    std::string* f = k == "calibration.device" ? &r.calibration.device
+                     : k == "kmeans.device"    ? &r.kmeans.device
+                     : k == "eval.device"      ? &r.eval.device
+                                               : nullptr;
+    ANTKV_CHECK(f, "resolve_recipe_devices: \"{}\" is not a device key", k);
+    req.push_back({k, *f});
+    fields.push_back(f);
+  }
+  const DeviceSelection s = select_devices(req, r.source.empty() ? "recipe" : r.source);
+  for (size_t i = 0; i < fields.size(); ++i) *fields[i] = s.devices[i];
+  return s.line;
 }
 
 }  // namespace antkv
