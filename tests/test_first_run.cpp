@@ -121,7 +121,7 @@ TEST_CASE("antkv-eval ppl: device auto without a GPU runs on the CPU and says wh
 }
 
 TEST_CASE("antkv-eval run --out DIR: every stage's output lands in DIR, nothing in the current folder",
-          "[cli][shared]") {
+          "[cli][shared][slow]") {  // 8 s in Release
   const std::string dir = test::temp_dir();
   const std::string cwd = dir + "/cwd";
   fs::create_directories(cwd);
