@@ -243,3 +243,22 @@ TEST_CASE("recipes: every shipped recipe compares methods beyond fp16, and needs
     }
   }
 }
+
+TEST_CASE("recipes: eval.widths repeats the vq/antkv methods without bits at each width", "[recipe]") {
+  Recipe r = Recipe::load(test::source_path("recipes/llama3-8b.yaml"), {"eval.widths=[1, 0.5]"});
+  CHECK(r.eval.methods == std::vector<std::string>{
+                              "fp16", "uniform:bits=4,group=128", "uniform:bits=2,group=128",
+                              "vq:bits=1", "antkv:bits=1", "antkv:bits=1,anchors=off", "antkv:bits=1,weighting=none",
+                              "vq:bits=1,key_rope=pre", "antkv:bits=1,key_rope=pre",
+                              "vq:bits=0.5", "antkv:bits=0.5", "antkv:bits=0.5,anchors=off",
+                              "antkv:bits=0.5,weighting=none", "vq:bits=0.5,key_rope=pre", "antkv:bits=0.5,key_rope=pre"});
+  // methods naming their bits stay as they are, duplicates are dropped, and the stored recipe loads the same
+  r = Recipe::defaults_with({"eval.methods=[fp16, \"vq:bits=2\", antkv, \"antkv:kbits=1\"]", "eval.widths=[2, 0.375]"});
+  CHECK(r.eval.methods ==
+        std::vector<std::string>{"fp16", "vq:bits=2", "antkv:bits=2", "antkv:bits=0.375", "antkv:kbits=1"});
+  const std::string p = test::temp_dir() + "/stored.yaml";
+  std::ofstream(p) << r.to_yaml();
+  CHECK(Recipe::load(p).eval.methods == r.eval.methods);
+  CHECK_THROWS_WITH(Recipe::defaults_with({"eval.methods=[antkv]", "eval.widths=[3]"}),
+                    Contains("key \"eval.widths\": \"3\" is not one of the widths"));
+}

@@ -2,6 +2,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -62,6 +63,7 @@ void for_each_field(Recipe& r, F&& f) {
   f("eval.protocol", Kind::kString, &r.eval.protocol);
   f("eval.max_windows", Kind::kInt64, &r.eval.max_windows);
   f("eval.methods", Kind::kStringList, &r.eval.methods);
+  f("eval.widths", Kind::kStringList, &r.eval.widths);
   f("eval.device", Kind::kString, &r.eval.device);
   f("out_dir", Kind::kPath, &r.out_dir);
 }
@@ -202,6 +204,59 @@ void validate(const Recipe& r, const std::string& src) {
   check(!r.eval.methods.empty(), "eval.methods", "must list at least one method");
 }
 
+// eval.widths: "antkv" -> "antkv:bits=1", "antkv:bits=0.5"; "antkv:anchors=off" -> "antkv:bits=1,anchors=off", ...
+// The block of repeated methods (width by width) takes the place of the first of them; duplicates are dropped.
+std::vector<std::string> expand_widths(const std::vector<std::string>& methods, const std::vector<std::string>& widths,
+                                       const std::string& src) {
+  if (widths.empty()) return methods;
+  std::vector<std::string> canonical;
+  for (const auto& w : widths) {
+    double bits = 0;
+    try {
+      size_t used = 0;
+      bits = std::stod(w, &used);
+      ANTKV_CHECK(used == w.size(), "");
+      vq_config_for_bits(bits);
+    } catch (const std::exception&) {
+      fail("{}: key \"eval.widths\": \"{}\" is not one of the widths 4, 2, 1, 0.75, 0.5, 0.375", src, w);
+    }
+    canonical.push_back(fmt::format("{}", bits));
+  }
+  auto takes_width = [](const std::string& m) {
+    const size_t colon = m.find(':');
+    const std::string kind = m.substr(0, colon);
+    if (kind != "vq" && kind != "antkv") return false;
+    if (colon == std::string::npos) return true;
+    std::stringstream ss(m.substr(colon + 1));
+    for (std::string kv; std::getline(ss, kv, ',');) {
+      const std::string k = kv.substr(0, kv.find('='));
+      if (k == "bits" || k == "kbits" || k == "vbits") return false;
+    }
+    return true;
+  };
+  std::vector<std::string> out, block;
+  for (const auto& w : canonical)
+    for (const auto& m : methods)
+      if (takes_width(m)) {
+        const size_t colon = m.find(':');
+        block.push_back(colon == std::string::npos ? m + ":bits=" + w
+                                                   : m.substr(0, colon) + ":bits=" + w + "," + m.substr(colon + 1));
+      }
+  bool placed = false;
+  auto add = [&](const std::string& m) {
+    if (std::find(out.begin(), out.end(), m) == out.end()) out.push_back(m);
+  };
+  for (const auto& m : methods) {
+    if (!takes_width(m)) {
+      add(m);
+    } else if (!placed) {
+      for (const auto& b : block) add(b);
+      placed = true;
+    }
+  }
+  return out;
+}
+
 Recipe build(const YAML::Node& file_root, const std::string& src, const fs::path& base,
              const std::vector<std::string>& overrides) {
   // Flatten the file and the overrides into dotted keys; check every key against the schema.
@@ -257,6 +312,7 @@ Recipe build(const YAML::Node& file_root, const std::string& src, const fs::path
   apply(file_keys, src, base);
   apply(override_keys, "--set", fs::current_path());
   validate(r, src.empty() ? "recipe" : src);
+  r.eval.methods = expand_widths(r.eval.methods, r.eval.widths, src.empty() ? "recipe" : src);
   if (r.out_dir.empty()) r.out_dir = (fs::current_path() / "runs" / r.name).lexically_normal().string();
   return r;
 }

@@ -66,6 +66,10 @@ struct Recipe {
     std::string protocol = "bos_window";
     int64_t max_windows = -1;
     std::vector<std::string> methods = {"fp16"};
+    // Widths (bits per channel, as quant.bits) at which the vq/antkv methods that name no bits/kbits/vbits are
+    // compared: each such method is repeated once per width with bits=W (one codebook set per width, one
+    // calibration dump). Empty: they take quant.bits. Expanded by load(); methods then holds the result.
+    std::vector<std::string> widths;
     std::string device = "auto";  // auto | cpu | cuda
   } eval;
 
