@@ -73,7 +73,7 @@ int main(int argc, char** argv) {
     auto ids = tok.encode(text, true);
     const CalibrationPlan plan =
         plan_calibration(std::move(ids), recipe.calibration.tokens, recipe.calibration.seq_len, recipe.calibration.stride);
-    if (!quiet)
+    if (!quiet || plan.dropped_tokens > 0)  // tokens left out are said even when quiet
       std::fprintf(stderr, "calibrating %s on %s (%s), on %s\n", recipe.model.c_str(), recipe.calibration.text.c_str(),
                    calibration_plan_line(plan).c_str(), rt->device_name().c_str());
 
