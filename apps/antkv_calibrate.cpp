@@ -32,8 +32,8 @@ int main(int argc, char** argv) {
   app.add_option("--out", out, "output HDF5 file")->required();
   app.add_option("--set", sets, "override a recipe field: key=value (repeatable), e.g. calibration.tokens=8192");
   app.add_option("--max-tokens", max_tokens, "shorthand for --set calibration.tokens=N");
-  app.add_option("--device", device, "shorthand for --set calibration.device=cpu|cuda")
-      ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--device", device, "shorthand for --set calibration.device=auto|cpu|cuda (auto: the GPU when one "
+                 "is usable, else the CPU)")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app.add_option("--summary", summary_path, "summary JSON (default: <out>.summary.json)");
   app.add_option("--threads", threads, "CPU threads (0 = all cores)");
   app.add_flag("--force", force, "overwrite an existing output");
@@ -43,7 +43,8 @@ int main(int argc, char** argv) {
   try {
     if (max_tokens > 0) sets.push_back("calibration.tokens=" + std::to_string(max_tokens));
     if (!device.empty()) sets.push_back("calibration.device=" + device);
-    const Recipe recipe = Recipe::load(recipe_path, sets);
+    Recipe recipe = Recipe::load(recipe_path, sets);
+    const std::string device_line = resolve_recipe_devices(recipe, {"calibration.device"});
     if (summary_path.empty()) summary_path = out + ".summary.json";
     ANTKV_CHECK(!recipe.model.empty(), "{}: key \"model\" is not set", recipe_path);
     ANTKV_CHECK(!recipe.calibration.text.empty(), "{}: key \"calibration.text\" is not set", recipe_path);
@@ -60,6 +61,7 @@ int main(int argc, char** argv) {
 
     Checkpoint ckpt = Checkpoint::open(recipe.model);
     Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+    std::fprintf(stderr, "%s\n", device_line.c_str());  // after the inputs' checks: an error stays one line
     std::unique_ptr<Runtime> rt;
     AnchorScoreFn anchor_fn;  // default: CPU
     if (recipe.calibration.device == "cuda") {
@@ -78,10 +80,9 @@ int main(int argc, char** argv) {
     auto ids = tok.encode(text, true);
     const CalibrationPlan plan =
         plan_calibration(std::move(ids), recipe.calibration.tokens, recipe.calibration.seq_len, recipe.calibration.stride);
-    if (!quiet)
-      std::fprintf(stderr, "calibrating %s on %s: %lld text tokens in %lld windows of %d on %s\n", recipe.model.c_str(),
-                   recipe.calibration.text.c_str(), static_cast<long long>(plan.text_tokens_used),
-                   static_cast<long long>(plan.windows), plan.seq_len, rt->device_name().c_str());
+    if (!quiet || plan.dropped_tokens > 0)  // tokens left out are said even when quiet
+      std::fprintf(stderr, "calibrating %s on %s (%s), on %s\n", recipe.model.c_str(), recipe.calibration.text.c_str(),
+                   calibration_plan_line(plan).c_str(), rt->device_name().c_str());
 
     AtomicFile h5(out);
     CalibrationOptions co;

@@ -1,8 +1,8 @@
 // antkv-eval: evaluation of LLaMA-family checkpoints with full-precision and quantized KV caches.
 //   antkv-eval ppl --model DIR --text FILE [--seq-len 2048] [--protocol bos_window|single_bos]
-//                  [--max-windows N] [--device cpu|cuda] [--json out.json]       one model, FP16 cache
+//                  [--max-windows N] [--device auto|cpu|cuda] [--json out.json]  one model, FP16 cache
 //   antkv-eval ppl --recipe R [--set key=value ...]       every method of the recipe on every text (table)
-//   antkv-eval run --recipe R                              calibrate -> train codebooks -> ppl table
+//   antkv-eval run --recipe R [--out DIR]                  calibrate -> train codebooks -> ppl table, all in DIR
 //   antkv-eval diagnose --recipe R [--text FILE]           per-layer attention error of each method (CPU)
 //   antkv-eval bench --shape llama3-8b | --model DIR      decode attention and end-to-end decode (CUDA)
 #include <CLI/CLI.hpp>
@@ -12,6 +12,7 @@
 #include <omp.h>
 
 #include "core/atomic_file.h"
+#include "core/device.h"
 #include "core/error.h"
 #include "core/hash.h"
 #include "core/interrupt.h"
@@ -39,7 +40,7 @@ namespace antkv {
 namespace {
 
 struct PplArgs {
-  std::string model, text, json_out, device = "cpu", kv_dtype = "fp16", protocol;
+  std::string model, text, json_out, device = "auto", kv_dtype = "fp16", protocol;
   int seq_len = 2048, threads = 0;
   bool window_bos = true, quiet = false, force = false;
   int64_t max_windows = -1, first_window = 0;
@@ -62,7 +63,10 @@ std::unique_ptr<Runtime> make_runtime(const Checkpoint& ckpt, const PplArgs& a) 
   fail("--device must be cpu or cuda, got \"{}\"", a.device);
 }
 
-int run_ppl(const PplArgs& a) {
+int run_ppl(PplArgs a) {
+  // the device first: an explicit cuda without a usable GPU fails before the checkpoint is read
+  const DeviceSelection dev = select_devices({{"--device", a.device}}, "antkv-eval ppl");
+  a.device = dev.devices[0];
   const WindowProtocol protocol = !a.protocol.empty() ? parse_window_protocol(a.protocol)
                                   : a.window_bos     ? WindowProtocol::kBosWindow
                                                      : WindowProtocol::kSingleBos;
@@ -78,6 +82,7 @@ int run_ppl(const PplArgs& a) {
   }
   Checkpoint ckpt = Checkpoint::open(a.model);
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  std::fprintf(stderr, "%s\n", dev.line.c_str());  // after the inputs' checks: an error stays one line
   auto rt = make_runtime(ckpt, a);
 
   const auto t_tok = std::chrono::steady_clock::now();
@@ -87,6 +92,9 @@ int run_ppl(const PplArgs& a) {
   if (!a.quiet)
     std::fprintf(stderr, "%s: %zu tokens (tokenized in %.1f s), model %s on %s\n", a.text.c_str(), ids.size(),
                  tok_seconds, a.model.c_str(), rt->device_name().c_str());
+  if (!a.quiet)
+    std::fprintf(stderr, "%s\n", windows_line(fs::path(a.text).filename().string(), static_cast<int64_t>(ids.size()),
+                                              a.seq_len, protocol, a.first_window, a.max_windows).c_str());
   if (protocol == WindowProtocol::kBosWindow)
     ANTKV_CHECK(!ids.empty() && ids[0] == tok.bos_id(),
                 "{}: the tokenizer adds no BOS token; use --protocol single_bos", ckpt.tokenizer_path());
@@ -175,12 +183,23 @@ void write_results(const std::vector<MethodResult>& res, const Recipe& r, const 
   std::printf("%sresults: %s/results.{json,csv,txt}\n", table.c_str(), out_dir.c_str());
 }
 
+// The recipe with --out as its out_dir (the folder of every output of the run) and its devices resolved
+// (an explicit cuda without a usable GPU fails here, before any work); *device_line says what was chosen.
+Recipe load_run_recipe(const RecipeArgs& a, const std::vector<std::string>& device_keys, std::string* device_line) {
+  Recipe r = Recipe::load(a.recipe, a.sets);
+  if (!a.out.empty()) r.out_dir = fs::absolute(a.out).lexically_normal().string();
+  *device_line = resolve_recipe_devices(r, device_keys);
+  return r;
+}
+
 int run_recipe_ppl(const RecipeArgs& a) {
-  const Recipe r = Recipe::load(a.recipe, a.sets);
-  const std::string out_dir = a.out.empty() ? r.out_dir : a.out;
+  std::string device_line;
+  const Recipe r = load_run_recipe(a, {"eval.device"}, &device_line);
+  const std::string out_dir = r.out_dir;
   check_results_folder(out_dir, r);
   Checkpoint ckpt = Checkpoint::open(r.model);
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  std::fprintf(stderr, "%s\n", device_line.c_str());
   CompareOptions o;
   o.recipe = &r;
   o.codebook_dir = !a.codebooks.empty() ? a.codebooks : (fs::path(r.out_dir) / "codebooks").string();
@@ -197,14 +216,15 @@ int run_recipe_ppl(const RecipeArgs& a) {
 }
 
 int run_pipeline_cmd(const RecipeArgs& a) {
-  const Recipe r = Recipe::load(a.recipe, a.sets);
-  const std::string out_dir = a.out.empty() ? r.out_dir : a.out;
+  std::string device_line;
+  const Recipe r = load_run_recipe(a, {"calibration.device", "kmeans.device", "eval.device"}, &device_line);
+  const std::string out_dir = r.out_dir;  // --out (folded into the recipe) holds every stage's output
   // every folder the stages and the results go to, checked before the first stage
   check_results_folder(out_dir, r);
-  if (!same_file(out_dir, r.out_dir)) check_results_folder(r.out_dir, r);
   check_results_folder((fs::path(r.out_dir) / "codebooks").string(), r);
   Checkpoint ckpt = Checkpoint::open(r.model);
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  std::fprintf(stderr, "%s\n", device_line.c_str());
   PipelineOptions o;
   o.recipe = &r;
   o.ckpt = &ckpt;
@@ -224,7 +244,7 @@ int run_pipeline_cmd(const RecipeArgs& a) {
   }
 #else
   ANTKV_CHECK(!cal_gpu && !km_gpu, "{}: calibration.device / kmeans.device = cuda, but this antkv-eval was built "
-              "without CUDA (use --set calibration.device=cpu --set kmeans.device=cpu)", a.recipe);
+              "without CUDA (use auto or cpu)", a.recipe);
 #endif
   if (!cal_gpu) {
     o.make_calibration_runtime = [&ckpt, &a]() -> std::unique_ptr<Runtime> {
@@ -234,6 +254,7 @@ int run_pipeline_cmd(const RecipeArgs& a) {
       return std::make_unique<CpuRuntime>(ckpt, co);
     };
   }
+  std::fprintf(stderr, "outputs: %s\n", r.out_dir.c_str());
   std::vector<MethodResult> res;
   try {
     res = run_pipeline(o);
@@ -241,11 +262,14 @@ int run_pipeline_cmd(const RecipeArgs& a) {
     rethrow_with_weight_check(e, ckpt);
   }
   write_results(res, r, out_dir, r.eval.device);
+  std::printf("plot: /usr/bin/python3 scripts/plot_results.py %s/results.json  (writes %s/results.png)\n",
+              r.out_dir.c_str(), r.out_dir.c_str());
   return 0;
 }
 
 int run_diagnose(const RecipeArgs& a, const std::string& text, const std::string& json_out) {
-  const Recipe r = Recipe::load(a.recipe, a.sets);
+  Recipe r = Recipe::load(a.recipe, a.sets);
+  if (!a.out.empty()) r.out_dir = fs::absolute(a.out).lexically_normal().string();
   if (!json_out.empty()) {
     OutputCheck outputs;
     outputs.input(a.recipe, "--recipe");
@@ -256,6 +280,7 @@ int run_diagnose(const RecipeArgs& a, const std::string& text, const std::string
   }
   Checkpoint ckpt = Checkpoint::open(r.model);
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  std::fprintf(stderr, "device: cpu (diagnose runs on the CPU whatever eval.device says)\n");
   const std::vector<std::string> texts = text.empty() ? r.eval.texts : std::vector<std::string>{text};
   ANTKV_CHECK(!texts.empty(), "{}: no text (eval.texts is empty and no --text)", a.recipe);
   nlohmann::json all = nlohmann::json::array();
@@ -376,7 +401,8 @@ int main(int argc, char** argv) {
   auto* ppl_recipe = ppl->add_option("--recipe", ra.recipe, "evaluate every method of eval.methods on every eval.texts");
   ppl->add_option("--set", ra.sets, "override a recipe field: key=value (repeatable)")->needs(ppl_recipe);
   ppl->add_option("--codebooks", ra.codebooks, "folder of codebook files (default <out_dir>/codebooks)")->needs(ppl_recipe);
-  ppl->add_option("--out", ra.out, "folder for results.{json,csv,txt} (default the recipe's out_dir)")->needs(ppl_recipe);
+  ppl->add_option("--out", ra.out, "the run's folder: results.{json,csv,txt} there, codebooks from DIR/codebooks "
+                  "(default the recipe's out_dir)")->needs(ppl_recipe);
   ppl->add_option("--seq-len", p.seq_len, "window length in tokens")->capture_default_str()->check(CLI::Range(2, 1 << 24));
   ppl->add_flag("--window-bos,!--no-window-bos", p.window_bos,
                 "bos_window protocol (BOS + seq_len-1 text tokens per window; default) or single_bos");
@@ -384,7 +410,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"bos_window", "single_bos"}));
   ppl->add_option("--max-windows", p.max_windows, "evaluate at most N windows (quick runs); default all");
   ppl->add_option("--first-window", p.first_window, "index of the first window to evaluate")->capture_default_str();
-  ppl->add_option("--device", p.device, "cpu | cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+  ppl->add_option("--device", p.device, "auto (the GPU when one is usable, else the CPU) | cpu | cuda")
+      ->capture_default_str()->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   ppl->add_option("--kv-dtype", p.kv_dtype, "CPU cache storage: fp16 | bf16 | fp32")
       ->capture_default_str()->check(CLI::IsMember({"fp16", "bf16", "fp32"}));
   ppl->add_option("--threads", p.threads, "CPU threads (0 = all cores)")->capture_default_str();
@@ -395,7 +422,8 @@ int main(int argc, char** argv) {
   auto* run = app.add_subcommand("run", "the whole pipeline: calibrate -> train-codebook -> ppl, reusing matching outputs");
   run->add_option("--recipe", ra.recipe, "recipe YAML")->required();
   run->add_option("--set", ra.sets, "override a recipe field: key=value (repeatable)");
-  run->add_option("--out", ra.out, "folder for results (default the recipe's out_dir)");
+  run->add_option("--out", ra.out, "folder for every output of the run: calibration dumps, codebooks, results "
+                  "(default the recipe's out_dir, else runs/<name>)");
   run->add_option("--threads", ra.threads, "CPU threads (0 = all cores)");
   run->add_flag("--force", ra.force, "redo every stage");
   run->add_flag("--quiet,-q", ra.quiet, "no progress lines");
@@ -406,6 +434,8 @@ int main(int argc, char** argv) {
   diag->add_option("--recipe", ra.recipe, "recipe YAML (eval.methods, eval.texts, eval.max_windows)")->required();
   diag->add_option("--set", ra.sets, "override a recipe field: key=value (repeatable)");
   diag->add_option("--codebooks", ra.codebooks, "folder of codebook files (default <out_dir>/codebooks)");
+  diag->add_option("--out", ra.out, "the folder of the run whose codebooks to use (as run --out; default the "
+                   "recipe's out_dir)");
   diag->add_option("--text", diag_text, "one text instead of eval.texts");
   diag->add_option("--json", diag_json, "write the figures as JSON");
   diag->add_flag("--force", ra.force, "overwrite an existing --json file");

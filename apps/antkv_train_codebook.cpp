@@ -26,7 +26,8 @@ int main(int argc, char** argv) {
   app.add_option("--calib", calib, "calibration dump from antkv-calibrate")->required();
   app.add_option("--out", out, "output codebook HDF5 file")->required();
   app.add_option("--set", sets, "override a recipe field: key=value (repeatable), e.g. quant.bits=0.5");
-  app.add_option("--device", device, "shorthand for --set kmeans.device=cpu|cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--device", device, "shorthand for --set kmeans.device=auto|cpu|cuda (auto: the GPU when one is "
+                 "usable, else FAISS on the CPU)")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app.add_option("--report", report, "summary JSON (default: <out>.report.json)");
   app.add_flag("--force", force, "overwrite an existing output");
   app.add_flag("--quiet,-q", quiet, "no progress line");
@@ -34,7 +35,8 @@ int main(int argc, char** argv) {
   install_interrupt_handler();
   try {
     if (!device.empty()) sets.push_back("kmeans.device=" + device);
-    const Recipe recipe = Recipe::load(recipe_path, sets);
+    Recipe recipe = Recipe::load(recipe_path, sets);
+    const std::string device_line = resolve_recipe_devices(recipe, {"kmeans.device"});
     if (report.empty()) report = out + ".report.json";
     ANTKV_CHECK(fs::is_regular_file(calib), "{}: calibration dump not found", calib);
     // every output checked before k-means: writable, not an input, not another output, --force to replace
@@ -46,6 +48,7 @@ int main(int argc, char** argv) {
     outputs.output(report, "--report", force);
     outputs.check();
 
+    std::fprintf(stderr, "%s\n", device_line.c_str());  // after the inputs' checks: an error stays one line
     TrainCodebooksOptions o;
     o.recipe = &recipe;
     o.calib_path = calib;

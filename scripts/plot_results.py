@@ -17,6 +17,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def option_keys(method):
+    """The option names of a method string: "antkv:bits=1,anchors=off" -> {"bits", "anchors"}."""
+    if ":" not in method:
+        return set()
+    return {kv.split("=", 1)[0] for kv in method.split(":", 1)[1].split(",") if kv}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results")
@@ -37,8 +44,9 @@ def main():
         fp16 = [r["ppl"] for r in rows if r["text"] == text and r["kind"] == "fp16"]
         for kind in ["uniform", "vq", "antkv"]:
             pts = sorted((r[xkey], r["ppl"], r["method"]) for r in rows if r["text"] == text and r["kind"] == kind)
-            # the main curve: methods whose only option is bits (or bits and group); ablations as single marks
-            main = [p for p in pts if "," not in p[2].split(":", 1)[-1] or kind == "uniform"]
+            # the main curve: methods whose only options are bits and group ("antkv", "vq:bits=0.5",
+            # "uniform:bits=2,group=128"); ablations ("antkv:anchors=off") as single marks
+            main = [p for p in pts if kind == "uniform" or option_keys(p[2]) <= {"bits", "group"}]
             other = [p for p in pts if p not in main]
             if main:
                 ax.plot([p[0] for p in main], [p[1] for p in main], "o-", color=colors[kind], label=kind)

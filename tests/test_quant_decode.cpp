@@ -21,6 +21,8 @@
 #include "test_support.h"
 #include "gpu_test_support.h"
 
+// The whole file needs the CUDA build: even its host-side checks live in antkv_cuda.
+#ifdef ANTKV_HAVE_CUDA
 #include "kernels/attention/quant_decode.h"
 
 #include <fmt/format.h>
@@ -531,3 +533,5 @@ TEST_CASE("GPU quantize: nearest-centroid codes equal vq_encode and land packed 
 }
 
 #endif  // ANTKV_HAVE_CUDA
+
+#endif  // ANTKV_HAVE_CUDA (the whole file)

@@ -20,9 +20,10 @@
 namespace antkv {
 
 std::vector<int32_t> CalibrationPlan::window(int64_t c, int32_t bos) const {
-  std::vector<int32_t> w{bos};
   const int64_t b = 1 + c * stride;
   const int64_t e = std::min<int64_t>(b + seq_len - 1, 1 + text_tokens_used);
+  // no BOS (Qwen2's tokenizer has none): the text token before the window's span takes its place
+  std::vector<int32_t> w{bos >= 0 ? bos : ids[static_cast<size_t>(b - 1)]};
   w.insert(w.end(), ids.begin() + b, ids.begin() + e);
   return w;
 }
@@ -36,8 +37,24 @@ CalibrationPlan plan_calibration(std::vector<int32_t> ids, int64_t tokens, int s
   const int64_t span = seq_len - 1;
   // windows until the text tokens to use are covered; the last may be shorter
   p.windows = p.text_tokens_used <= span ? 1 : 1 + (p.text_tokens_used - span + p.stride - 1) / p.stride;
+  // a last window of a few tokens adds nothing to the codebooks but skews the per-window statistics
+  const int64_t last = p.text_tokens_used - (p.windows - 1) * p.stride;
+  if (p.windows > 1 && last < (span + 1) / 2) {
+    p.windows -= 1;
+    const int64_t used = (p.windows - 1) * p.stride + span;
+    p.dropped_tokens = p.text_tokens_used - used;
+    p.text_tokens_used = used;
+  }
   p.ids = std::move(ids);
   return p;
+}
+
+std::string calibration_plan_line(const CalibrationPlan& p) {
+  std::string s = fmt::format("calibration: {} text tokens in {} windows of {}", p.text_tokens_used, p.windows,
+                              p.seq_len);
+  if (p.dropped_tokens > 0)
+    s += fmt::format(" (the last {} tokens, less than half a window, are left out)", p.dropped_tokens);
+  return s;
 }
 
 namespace {
@@ -175,7 +192,6 @@ CalibrationResult run_calibration(Runtime& rt, const Tokenizer& tok, const Calib
   ANTKV_CHECK(o.recipe, "run_calibration: no recipe");
   const Recipe& r = *o.recipe;
   const ModelConfig& cfg = rt.config();
-  ANTKV_CHECK(tok.bos_id() >= 0, "calibration windows start with BOS, and the tokenizer has none");
   AnchorScoreFn fn = o.anchor_fn ? o.anchor_fn : AnchorScoreFn(anchor_scores_cpu);
   CalibDumpWriter writer(o.out_path, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim);
   std::vector<LayerStats> stats(static_cast<size_t>(cfg.num_layers));

@@ -23,10 +23,17 @@ struct CalibrationPlan {
   int seq_len = 0;
   int stride = 0;
   int64_t windows = 0;
-  std::vector<int32_t> window(int64_t c, int32_t bos) const;  // BOS + up to seq_len-1 text tokens
+  int64_t dropped_tokens = 0;    // text tokens of a last window too short to use (see plan_calibration)
+  // BOS + up to seq_len-1 text tokens; bos < 0 (a tokenizer without BOS, ids[0] is text): the text token
+  // before them instead, so that windows are still seq_len long
+  std::vector<int32_t> window(int64_t c, int32_t bos) const;
 };
-// Windows of `tokens` text tokens: window c starts at text token c*stride (bos_window layout).
+// Windows of `tokens` text tokens: window c starts at text token c*stride (bos_window layout). A last window
+// with fewer than half a window's text tokens (e.g. 4096 tokens in windows of 2048: a third window of 2) is
+// dropped, its tokens counted in dropped_tokens; a single window is kept however short.
 CalibrationPlan plan_calibration(std::vector<int32_t> ids, int64_t tokens, int seq_len, int stride);
+// "calibration: 16376 text tokens in 8 windows of 2048 (the last 8 tokens, less than half a window, are left out)"
+std::string calibration_plan_line(const CalibrationPlan& p);
 
 struct LayerSummary {
   double top1_share_attention = 0;   // share of S_V (attention mass) held by the top 1% of tokens

@@ -63,6 +63,10 @@ std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOpt
   for (const auto& text : r.eval.texts) {
     ANTKV_CHECK(fs::is_regular_file(text), "{}: evaluation text not found", text);
     const auto ids = tok.encode(read_text_file(text), true);
+    if (o.progress)
+      std::fprintf(stderr, "%s\n", windows_line(fs::path(text).filename().string(), static_cast<int64_t>(ids.size()),
+                                                r.eval.seq_len, parse_window_protocol(r.eval.protocol), 0,
+                                                r.eval.max_windows).c_str());
     double fp16_ppl = NAN;
     const size_t text_begin = out.size();
     for (const auto& m : methods) {
@@ -221,6 +225,7 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
       auto rt = o.make_calibration_runtime();
       const auto plan = plan_calibration(o.tok->encode(read_text_file(r.calibration.text), true), r.calibration.tokens,
                                          r.calibration.seq_len, r.calibration.stride);
+      if (o.progress) std::fprintf(stderr, "%s\n", calibration_plan_line(plan).c_str());
       AtomicFile f(path);
       CalibrationOptions co;
       co.recipe = &rc;

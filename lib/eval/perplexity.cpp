@@ -1,5 +1,6 @@
 #include "eval/perplexity.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 
@@ -23,6 +24,25 @@ int64_t count_windows(int64_t n_ids, int seq_len, WindowProtocol p) {
   ANTKV_CHECK(seq_len >= 2, "seq_len must be at least 2, got {}", seq_len);
   if (p == WindowProtocol::kBosWindow) return n_ids > 1 ? (n_ids - 1) / (seq_len - 1) : 0;
   return n_ids / seq_len;
+}
+
+int64_t remainder_tokens(int64_t n_ids, int seq_len, WindowProtocol p) {
+  const int64_t n = count_windows(n_ids, seq_len, p);
+  if (p == WindowProtocol::kBosWindow) return n_ids > 1 ? (n_ids - 1) - n * (seq_len - 1) : 0;
+  return n_ids - n * seq_len;
+}
+
+std::string windows_line(const std::string& label, int64_t n_ids, int seq_len, WindowProtocol p, int64_t first_window,
+                         int64_t max_windows) {
+  const int64_t n = count_windows(n_ids, seq_len, p);
+  const int64_t used = max_windows < 0 ? n - first_window : std::min(max_windows, n - first_window);
+  if (used < n)
+    return fmt::format("{}: {} tokens, {} of its {} windows of {}{}", label, n_ids, used, n, seq_len,
+                       first_window > 0 ? fmt::format(" (from window {})", first_window) : std::string());
+  const int64_t rest = remainder_tokens(n_ids, seq_len, p);
+  if (rest == 0) return fmt::format("{}: {} tokens, {} windows of {}", label, n_ids, n, seq_len);
+  return fmt::format("{}: {} tokens, {} windows of {}; the last {} tokens (less than a window) are not scored", label,
+                     n_ids, n, seq_len, rest);
 }
 
 std::vector<int32_t> make_window(const std::vector<int32_t>& ids, int32_t bos_id, int seq_len,
@@ -58,6 +78,7 @@ PerplexityResult evaluate_perplexity(Runtime& rt, const std::vector<int32_t>& id
               "window)");
   const int64_t last = o.max_windows < 0 ? r.windows_available
                                          : std::min(r.windows_available, o.first_window + o.max_windows);
+  ANTKV_CHECK(last > o.first_window, "no window to evaluate (max_windows {})", o.max_windows);
   Progress progress(o.progress_label, last - o.first_window, "windows", o.progress);
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<int32_t> targets(static_cast<size_t>(o.seq_len));

@@ -17,6 +17,13 @@ const char* window_protocol_name(WindowProtocol p);
 
 // Number of full windows of the stream `n_ids` long.
 int64_t count_windows(int64_t n_ids, int seq_len, WindowProtocol p);
+// Text tokens after the last full window: never scored (a shorter window would be scored with less context
+// than the others and skew the perplexity), and said so by windows_line().
+int64_t remainder_tokens(int64_t n_ids, int seq_len, WindowProtocol p);
+// One line for the log: "books-test.txt: 812345 tokens, 3 of 396 windows of 2048 (eval.max_windows)" or
+// "...: 396 windows of 2048; the last 1234 tokens (less than a window) are not scored".
+std::string windows_line(const std::string& label, int64_t n_ids, int seq_len, WindowProtocol p, int64_t first_window,
+                         int64_t max_windows);
 // Window c (seq_len ids). ids[0] must be BOS for kBosWindow.
 std::vector<int32_t> make_window(const std::vector<int32_t>& ids, int32_t bos_id, int seq_len,
                                  WindowProtocol p, int64_t c);

@@ -2,6 +2,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -10,6 +11,7 @@
 #include <set>
 #include <sstream>
 
+#include "core/device.h"
 #include "core/error.h"
 
 namespace fs = std::filesystem;
@@ -61,6 +63,7 @@ void for_each_field(Recipe& r, F&& f) {
   f("eval.protocol", Kind::kString, &r.eval.protocol);
   f("eval.max_windows", Kind::kInt64, &r.eval.max_windows);
   f("eval.methods", Kind::kStringList, &r.eval.methods);
+  f("eval.widths", Kind::kStringList, &r.eval.widths);
   f("eval.device", Kind::kString, &r.eval.device);
   f("out_dir", Kind::kPath, &r.out_dir);
 }
@@ -179,7 +182,7 @@ void validate(const Recipe& r, const std::string& src) {
   check(r.calibration.seq_len >= 2, "calibration.seq_len", "must be at least 2");
   check(r.calibration.stride >= 0, "calibration.stride", "must be >= 0 (0 = no overlap)");
   check(r.calibration.sample_per_window >= 0, "calibration.sample_per_window", "must be >= 0");
-  one_of("calibration.device", r.calibration.device, {"cpu", "cuda"});
+  one_of("calibration.device", r.calibration.device, {"auto", "cpu", "cuda"});
   one_of("key_rope", r.key_rope, {"post", "pre"});
   one_of("anchor.score", r.anchor.score, {"error_bound", "attention_mass", "key_bound", "random", "recent"});
   check(r.anchor.ratio >= 0 && r.anchor.ratio <= 1, "anchor.ratio", "must be in [0, 1]");
@@ -191,15 +194,68 @@ void validate(const Recipe& r, const std::string& src) {
   check(r.kmeans.iters >= 1, "kmeans.iters", "must be >= 1");
   check(r.kmeans.tol >= 0, "kmeans.tol", "must be >= 0");
   one_of("kmeans.weighting", r.kmeans.weighting, {"anchor", "none"});
-  one_of("kmeans.device", r.kmeans.device, {"cpu", "cuda"});
+  one_of("kmeans.device", r.kmeans.device, {"auto", "cpu", "cuda"});
   check(r.kmeans.max_points >= 0, "kmeans.max_points", "must be >= 0 (0 = all)");
   check(r.kmeans.holdout >= 0 && r.kmeans.holdout < 1, "kmeans.holdout", "must be in [0, 1)");
   check(r.eval.seq_len >= 2, "eval.seq_len", "must be at least 2");
   check(r.eval.max_windows == -1 || r.eval.max_windows >= 1, "eval.max_windows",
         "must be at least 1, or -1 for every window (0 would evaluate nothing)");
   one_of("eval.protocol", r.eval.protocol, {"bos_window", "single_bos"});
-  one_of("eval.device", r.eval.device, {"cpu", "cuda"});
+  one_of("eval.device", r.eval.device, {"auto", "cpu", "cuda"});
   check(!r.eval.methods.empty(), "eval.methods", "must list at least one method");
+}
+
+// eval.widths: "antkv" -> "antkv:bits=1", "antkv:bits=0.5"; "antkv:anchors=off" -> "antkv:bits=1,anchors=off", ...
+// The block of repeated methods (width by width) takes the place of the first of them; duplicates are dropped.
+std::vector<std::string> expand_widths(const std::vector<std::string>& methods, const std::vector<std::string>& widths,
+                                       const std::string& src) {
+  if (widths.empty()) return methods;
+  std::vector<std::string> canonical;
+  for (const auto& w : widths) {
+    double bits = 0;
+    try {
+      size_t used = 0;
+      bits = std::stod(w, &used);
+      ANTKV_CHECK(used == w.size(), "");
+      vq_config_for_bits(bits);
+    } catch (const std::exception&) {
+      fail("{}: key \"eval.widths\": \"{}\" is not one of the widths 4, 2, 1, 0.75, 0.5, 0.375", src, w);
+    }
+    canonical.push_back(fmt::format("{}", bits));
+  }
+  auto takes_width = [](const std::string& m) {
+    const size_t colon = m.find(':');
+    const std::string kind = m.substr(0, colon);
+    if (kind != "vq" && kind != "antkv") return false;
+    if (colon == std::string::npos) return true;
+    std::stringstream ss(m.substr(colon + 1));
+    for (std::string kv; std::getline(ss, kv, ',');) {
+      const std::string k = kv.substr(0, kv.find('='));
+      if (k == "bits" || k == "kbits" || k == "vbits") return false;
+    }
+    return true;
+  };
+  std::vector<std::string> out, block;
+  for (const auto& w : canonical)
+    for (const auto& m : methods)
+      if (takes_width(m)) {
+        const size_t colon = m.find(':');
+        block.push_back(colon == std::string::npos ? m + ":bits=" + w
+                                                   : m.substr(0, colon) + ":bits=" + w + "," + m.substr(colon + 1));
+      }
+  bool placed = false;
+  auto add = [&](const std::string& m) {
+    if (std::find(out.begin(), out.end(), m) == out.end()) out.push_back(m);
+  };
+  for (const auto& m : methods) {
+    if (!takes_width(m)) {
+      add(m);
+    } else if (!placed) {
+      for (const auto& b : block) add(b);
+      placed = true;
+    }
+  }
+  return out;
 }
 
 Recipe build(const YAML::Node& file_root, const std::string& src, const fs::path& base,
@@ -257,6 +313,7 @@ Recipe build(const YAML::Node& file_root, const std::string& src, const fs::path
   apply(file_keys, src, base);
   apply(override_keys, "--set", fs::current_path());
   validate(r, src.empty() ? "recipe" : src);
+  r.eval.methods = expand_widths(r.eval.methods, r.eval.widths, src.empty() ? "recipe" : src);
   if (r.out_dir.empty()) r.out_dir = (fs::current_path() / "runs" / r.name).lexically_normal().string();
   return r;
 }
@@ -308,6 +365,23 @@ std::vector<std::string> Recipe::known_keys() {
   for_each_field(probe, [&](const char* key, Kind, void*) { keys.emplace_back(key); });
   keys.insert(keys.end(), kShorthands.begin(), kShorthands.end());
   return keys;
+}
+
+std::string resolve_recipe_devices(Recipe& r, const std::vector<std::string>& keys) {
+  std::vector<DeviceRequest> req;
+  std::vector<std::string*> fields;
+  for (const auto& k : keys) {
+    std::string* f = k == "calibration.device" ? &r.calibration.device
+                     : k == "kmeans.device"    ? &r.kmeans.device
+                     : k == "eval.device"      ? &r.eval.device
+                                               : nullptr;
+    ANTKV_CHECK(f, "resolve_recipe_devices: \"{}\" is not a device key", k);
+    req.push_back({k, *f});
+    fields.push_back(f);
+  }
+  const DeviceSelection s = select_devices(req, r.source.empty() ? "recipe" : r.source);
+  for (size_t i = 0; i < fields.size(); ++i) *fields[i] = s.devices[i];
+  return s.line;
 }
 
 }  // namespace antkv

@@ -34,7 +34,7 @@ struct Recipe {
     int stride = 0;                // text tokens between window starts; 0 = seq_len - 1 (no overlap)
     int sample_per_window = 0;     // store only this many random tokens per window; 0 = all
     uint64_t seed = 0;
-    std::string device = "cpu";    // cpu | cuda
+    std::string device = "auto";   // auto (GPU when usable, else CPU) | cpu | cuda
   } calibration;
 
   std::string key_rope = "post";   // post | pre: which keys are quantized (and stored in the dump)
@@ -55,7 +55,7 @@ struct Recipe {
     uint64_t seed = 0;
     std::string weighting = "anchor";  // anchor | none
     bool exclude_anchors = true;
-    std::string device = "cuda";       // cuda | cpu (FAISS)
+    std::string device = "auto";       // auto | cuda | cpu (FAISS)
     int64_t max_points = 0;            // per codebook; 0 = all calibration tokens
     double holdout = 0.05;             // share of tokens held out for the quantization-error report
   } kmeans;
@@ -66,7 +66,11 @@ struct Recipe {
     std::string protocol = "bos_window";
     int64_t max_windows = -1;
     std::vector<std::string> methods = {"fp16"};
-    std::string device = "cpu";
+    // Widths (bits per channel, as quant.bits) at which the vq/antkv methods that name no bits/kbits/vbits are
+    // compared: each such method is repeated once per width with bits=W (one codebook set per width, one
+    // calibration dump). Empty: they take quant.bits. Expanded by load(); methods then holds the result.
+    std::vector<std::string> widths;
+    std::string device = "auto";  // auto | cpu | cuda
   } eval;
 
   std::string out_dir;  // where `antkv-eval run` puts its outputs; default runs/<name>
@@ -81,5 +85,10 @@ struct Recipe {
   // The keys this schema knows (for documentation and errors).
   static std::vector<std::string> known_keys();
 };
+
+// Resolves the named device keys ("calibration.device", "kmeans.device", "eval.device") in place: "auto"
+// becomes cuda when a GPU is usable, else cpu (core/device.h). An explicit cuda without a usable GPU throws a
+// one-line error naming the key, before any work. Returns the line to print ("device: cpu (no usable GPU: ...)").
+std::string resolve_recipe_devices(Recipe& r, const std::vector<std::string>& keys);
 
 }  // namespace antkv
