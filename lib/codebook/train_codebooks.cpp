@@ -61,6 +61,7 @@ struct Side {
   const char* name;   // "keys" | "values"
   int c, b;
   const char* weight_dataset;  // S_K | S_V
+  bool gain = false;           // gain-shape: train on unit vectors (kmeans.gain)
 };
 
 // Trains one layer's codebooks for one side; fills cb and the held-out error report.
@@ -75,6 +76,17 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
   dump.read_scores(layer, side.weight_dataset, 0, N, w.data());
   for (float v : x)
     ANTKV_CHECK(std::isfinite(v), "{}: layer {} {} contain NaN or Inf", dump.path(), layer, side.name);
+  // gain-shape: the codebooks learn directions; norms are what a cache stores in fp16 beside the codes
+  std::vector<float> norms, norms16;  // [N, kv_heads]: exact, fp16-rounded
+  if (side.gain) {
+    norms.resize(static_cast<size_t>(N) * KV), norms16.resize(norms.size());
+    for (size_t i = 0; i < norms.size(); ++i) {
+      double sq = 0;
+      for (int t = 0; t < d; ++t) sq += static_cast<double>(x[i * d + t]) * x[i * d + t];
+      norms[i] = static_cast<float>(std::sqrt(sq));
+    }
+    gain_normalize(x.data(), N * KV, d, d, norms16.data());
+  }
 
   const bool weighted = r.kmeans.weighting == "anchor";
   // per-head token weights over the training rows, normalized to mean 1 over the rows that train
@@ -138,6 +150,13 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
     VqHeadCodebooks hc{cb.centroids.data() + static_cast<int64_t>(h) * groups * k * c, groups, k, c};
     vq_quantize(hc, hx.data() + static_cast<int64_t>(h) * d, nh, static_cast<int64_t>(KV) * d, hr.data() + static_cast<int64_t>(h) * d);
   }
+  if (side.gain)  // errors in the space the cache reconstructs: fp16 norm * unit centroid direction vs the input
+    for (int64_t i = 0; i < nh; ++i)
+      for (int h = 0; h < KV; ++h) {
+        const size_t row = static_cast<size_t>(plan.holdout[i] * KV + h);
+        gain_restore(hr.data() + (i * KV + h) * d, 1, d, d, &norms16[row]);
+        for (int t = 0; t < d; ++t) hx[(i * KV + h) * d + t] *= norms[row];
+      }
   double err = 0, norm = 0, werr = 0, wnorm = 0;
   std::vector<double> en(static_cast<size_t>(KV), 0.0);
   for (int64_t i = 0; i < nh; ++i)
@@ -184,6 +203,7 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
   cm.key_rope = r.key_rope;
   cm.weighting = r.kmeans.weighting;
   cm.exclude_anchors = r.kmeans.exclude_anchors;
+  cm.gain = r.kmeans.gain;
   cm.trainer = o.trainer_name;
   cm.version = o.version;
   cm.created = utc_timestamp();
@@ -207,8 +227,8 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
     check_interrupted();
     const auto tl = std::chrono::steady_clock::now();
     const RowPlan plan = plan_rows(dump, r, l, windows, positions);
-    train_side(dump, r, o, l, plan, {"keys", r.quant.keys.c, r.quant.keys.b, "S_K"}, out.codebooks.keys[l], out.layers[l].keys);
-    train_side(dump, r, o, l, plan, {"values", r.quant.values.c, r.quant.values.b, "S_V"}, out.codebooks.values[l],
+    train_side(dump, r, o, l, plan, {"keys", r.quant.keys.c, r.quant.keys.b, "S_K", r.kmeans.gain != "off"}, out.codebooks.keys[l], out.layers[l].keys);
+    train_side(dump, r, o, l, plan, {"values", r.quant.values.c, r.quant.values.b, "S_V", r.kmeans.gain == "kv"}, out.codebooks.values[l],
                out.layers[l].values);
     out.layers[l].seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - tl).count();
     progress.advance(1, fmt::format("layer {}: K rel err {:.4f}, V rel err {:.4f}", l, out.layers[l].keys.relative,
@@ -225,7 +245,7 @@ std::string train_report_json(const TrainCodebooksResult& r) {
   json j;
   j["config"] = {{"key_c", m.key_c}, {"key_b", m.key_b}, {"value_c", m.value_c}, {"value_b", m.value_b},
                  {"key_bits", double(m.key_b) / m.key_c}, {"value_bits", double(m.value_b) / m.value_c},
-                 {"weighting", m.weighting}, {"exclude_anchors", m.exclude_anchors}, {"key_rope", m.key_rope},
+                 {"weighting", m.weighting}, {"exclude_anchors", m.exclude_anchors}, {"gain", m.gain}, {"key_rope", m.key_rope},
                  {"trainer", m.trainer}};
   j["seconds"] = r.seconds;
   json layers = json::array();
