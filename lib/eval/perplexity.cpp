@@ -1,5 +1,6 @@
 #include "eval/perplexity.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 
@@ -45,6 +46,7 @@ std::vector<int32_t> make_window(const std::vector<int32_t>& ids, int32_t bos_id
 
 PerplexityResult evaluate_perplexity(Runtime& rt, const std::vector<int32_t>& ids, int32_t bos_id,
                                      const PerplexityOptions& o) {
+  check_window_length(rt.config(), o.seq_len, o.seq_len_name);
   PerplexityResult r;
   r.protocol = o.protocol;
   r.seq_len = o.seq_len;
@@ -66,14 +68,20 @@ PerplexityResult evaluate_perplexity(Runtime& rt, const std::vector<int32_t>& id
     for (int i = 0; i + 1 < o.seq_len; ++i) targets[i] = w[i + 1];
     targets[o.seq_len - 1] = -1;
     rt.reset();
-    ForwardRequest req;
-    req.tokens = w.data();
-    req.n_tokens = o.seq_len;
-    req.logits = LogitsMode::kNone;
-    req.targets = targets.data();
-    rt.forward(req, res);
     double nll = 0;
-    for (int i = 0; i + 1 < o.seq_len; ++i) nll += res.nll[i];
+    const int chunk = o.prefill_chunk > 0 ? o.prefill_chunk : o.seq_len;
+    for (int p0 = 0; p0 < o.seq_len; p0 += chunk) {
+      const int n = std::min(chunk, o.seq_len - p0);
+      ForwardRequest req;
+      req.tokens = w.data() + p0;
+      req.n_tokens = n;
+      req.logits = LogitsMode::kNone;
+      req.targets = targets.data() + p0;
+      rt.forward(req, res);
+      ANTKV_CHECK(static_cast<int>(res.nll.size()) == n, "window {}: the runtime returned {} NLL values for {} tokens",
+                  c, res.nll.size(), n);
+      for (int i = 0; i < n && p0 + i + 1 < o.seq_len; ++i) nll += res.nll[i];
+    }
     ANTKV_CHECK(std::isfinite(nll), "window {}: the NLL is not finite ({})", c, nll);
     r.nll_per_window.push_back(nll);
     r.nll_total += nll;
