@@ -291,6 +291,10 @@ class HostWorker {
       try {
         half_.begin_window(job);
         for (int l = 0; l < layers_; ++l) half_.layer(job, l, stage_.host(l, job.slot));
+      } catch (const std::bad_alloc&) {
+        std::lock_guard<std::mutex> lk(mu_);
+        err_ = std::make_exception_ptr(Error(fmt::format(
+            "calibration: out of host memory storing window {} ({} tokens)", job.index, job.tokens.size())));
       } catch (...) {
         std::lock_guard<std::mutex> lk(mu_);
         err_ = std::current_exception();
@@ -376,7 +380,13 @@ CalibrationResult run_calibration(Runtime& rt, const Tokenizer& tok, const Calib
   if (o.device_stage) {
     // GPU: window c runs on the device into slot c % 2 while the worker stores window c - 1
     res.device_path = true;
-    auto stage = o.device_stage(cfg, plan.seq_len);
+    std::unique_ptr<CalibDeviceStage> stage;
+    try {
+      stage = o.device_stage(cfg, plan.seq_len);
+    } catch (const std::bad_alloc&) {
+      fail("calibration: out of host memory for the device stage's buffers ({} layers, windows of {})", cfg.num_layers,
+           plan.seq_len);
+    }
     DeviceObserver obs(*stage, r.key_rope == "pre");
     HostWorker worker(half, *stage, cfg.num_layers);
     for (int64_t c = 0; c < plan.windows; ++c) {
@@ -387,7 +397,11 @@ CalibrationResult run_calibration(Runtime& rt, const Tokenizer& tok, const Calib
       worker.wait_until_at_most(CalibDeviceStage::kSlots - 1);  // the slot's previous window is stored
       res.stall_seconds += since(ts);
       obs.set_slot(job.slot);
-      run_forward(job, &obs);
+      try {
+        run_forward(job, &obs);
+      } catch (const std::bad_alloc&) {
+        fail("calibration: out of host memory in the forward pass of window {} ({} tokens)", c, job.tokens.size());
+      }
       worker.push(std::move(job));
     }
     const auto ts = Clock::now();
