@@ -103,7 +103,7 @@ TEST_CASE("perplexity: stories260K single_bos, first 8 windows of 512", "[ppl][s
 
 // Long windows: chunked prefill is the same computation (fp16 cache), and a window longer than the model
 // allows is one clear error, on the CPU as on the GPU (the check is in evaluate_perplexity).
-TEST_CASE("perplexity: chunked prefill equals one prefill; windows past max_position_embeddings or the sliding "
+TEST_CASE("perplexity: chunked prefill equals one prefill, and windows past max_position_embeddings or the sliding "
           "window are refused", "[ppl]") {
   test::SyntheticCheckpoint sc;
   sc.config_extra = R"({"max_position_embeddings": 256})";
