@@ -7,6 +7,7 @@
 #include <random>
 
 #include "io/calib_dump.h"
+#include "codebook/train_codebooks.h"
 #include "io/codebooks.h"
 #include "recipe/recipe.h"
 #include "test_support.h"
@@ -131,4 +132,65 @@ TEST_CASE("scale: calibration dump metadata at the LLaMA-3-8B and LLaMA-2-7B sha
     CHECK(std::filesystem::file_size(path) < 20u << 20);
     std::filesystem::remove(path);
   }
+}
+
+// Hidden benchmark (not in CI: [.]): where codebook training's host time goes on a dump of LLaMA-3-8B-shaped
+// layers, with an instant k-means (centroids = the first points) so that reading, preparing the batches and
+// the held-out error are what is timed. Run: antkv-tests "[.train-bench]".
+TEST_CASE("scale: codebook training host time on 8B-shaped layers", "[.train-bench]") {
+  const int layers = 2, kv = 8, d = 128, n = 65536, T = 2048;
+  const std::string path = test::temp_dir() + "/bench.h5";
+  {
+    CalibDumpWriter w(path, layers, kv, d);
+    std::vector<int32_t> toks(T), pos(T), win(T);
+    std::mt19937 rng(1);
+    std::normal_distribution<float> nd;
+    std::vector<float> k(static_cast<size_t>(T) * kv * d), s(static_cast<size_t>(T) * kv);
+    for (auto& x : k) x = nd(rng);
+    for (auto& x : s) x = std::fabs(nd(rng));
+    for (int c = 0; c < n / T; ++c) {
+      for (int i = 0; i < T; ++i) toks[i] = i, pos[i] = i, win[i] = c;
+      w.append_tokens(T, toks.data(), pos.data(), win.data());
+      for (int l = 0; l < layers; ++l) w.append_layer(l, T, k.data(), k.data(), s.data(), s.data(), s.data());
+    }
+    CalibMeta m;
+    m.config_hash = "bench";
+    m.key_rope = "post";
+    m.tokens = n;
+    m.num_layers = layers;
+    m.num_kv_heads = kv;
+    m.head_dim = d;
+    w.finish(m);
+  }
+  struct Instant : KMeansTrainer {
+    KMeansParams p;
+    std::string name() const override { return "instant"; }
+    KMeansResult train(const KMeansBatch& b, const float*) override {
+      validate_kmeans_batch(b, p.k, "bench");
+      KMeansResult r;
+      r.centroids.resize(static_cast<size_t>(b.n_codebooks) * p.k * b.dim);
+      for (int cb = 0; cb < b.n_codebooks; ++cb)
+        std::copy_n(b.x + static_cast<size_t>(cb) * b.n_points * b.dim, static_cast<size_t>(p.k) * b.dim,
+                    r.centroids.data() + static_cast<size_t>(cb) * p.k * b.dim);
+      r.objective.assign(b.n_codebooks, 0.0);
+      r.iterations.assign(b.n_codebooks, 0);
+      r.reseeded.assign(b.n_codebooks, 0);
+      return r;
+    }
+  };
+  const Recipe r = Recipe::defaults_with({"quant.bits=1"});
+  TrainCodebooksOptions o;
+  o.recipe = &r;
+  o.calib_path = path;
+  o.progress = false;
+  o.make_trainer = [](const KMeansParams& p) {
+    auto t = std::make_unique<Instant>();
+    t->p = p;
+    return std::unique_ptr<KMeansTrainer>(std::move(t));
+  };
+  const auto res = train_codebooks(o);
+  WARN("n " << n << " x " << kv << " heads, " << layers << " layers: total " << res.seconds << " s, read "
+            << res.read_seconds << " (waited " << res.wait_read_seconds << "), prepare " << res.prepare_seconds
+            << ", k-means " << res.kmeans_seconds << ", held-out " << res.heldout_seconds);
+  std::filesystem::remove(path);
 }

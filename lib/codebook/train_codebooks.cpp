@@ -112,9 +112,21 @@ struct SideTimes {
   double prepare = 0, kmeans = 0, heldout = 0;
 };
 
+// Buffers reused by every side of every layer: a LLaMA-3-8B side's batch is 1 GiB, and allocating it anew
+// each time cost more than filling it (zeroing plus a page fault per 4 KiB, serialized in the kernel).
+struct Workspace {
+  std::vector<float> tw, bx, bw, hx, hr;
+};
+template <typename T>
+T* sized(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
 // Trains one layer's codebooks for one side; fills cb and the held-out error report.
 void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodebooksOptions& o, const LayerData& data,
-                const RowPlan& plan, const Side& side, LayerCodebooks& cb, QuantErrorReport& rep, SideTimes& times) {
+                const RowPlan& plan, const Side& side, LayerCodebooks& cb, QuantErrorReport& rep, SideTimes& times,
+                Workspace& ws) {
   const int layer = data.layer;
   const int KV = static_cast<int>(dump.meta().num_kv_heads), d = static_cast<int>(dump.meta().head_dim);
   const int c = side.c, groups = d / c, k = 1 << side.b;
@@ -125,7 +137,7 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
   const bool weighted = r.kmeans.weighting == "anchor";
   // per-head token weights over the training rows, normalized to mean 1 over the rows that train
   const int64_t n = static_cast<int64_t>(plan.train.size());
-  std::vector<float> tw(static_cast<size_t>(KV) * n);
+  float* tw = sized(ws.tw, static_cast<size_t>(KV) * n);
   for (int h = 0; h < KV; ++h) {
     double sum = 0;
     int64_t cnt = 0;
@@ -142,7 +154,8 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
   // the batch: codebook (h, g) -> points x[train rows, h, g*c : (g+1)*c], gathered and converted in one
   // parallel pass over the rows (each row read once, contiguously)
   const int B = KV * groups;
-  std::vector<float> bx(static_cast<size_t>(B) * n * c), bw(static_cast<size_t>(B) * n);
+  float* bx = sized(ws.bx, static_cast<size_t>(B) * n * c);
+  float* bw = sized(ws.bw, static_cast<size_t>(B) * n);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const uint16_t* row = x + plan.train[i] * KV * d;
@@ -150,7 +163,7 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
       for (int g = 0; g < groups; ++g) {
         const int64_t cbi = static_cast<int64_t>(h) * groups + g;
         const uint16_t* src = row + static_cast<int64_t>(h) * d + static_cast<int64_t>(g) * c;
-        float* dst = bx.data() + (cbi * n + i) * c;
+        float* dst = bx + (cbi * n + i) * c;
         for (int t = 0; t < c; ++t) dst[t] = half_to_float(src[t]);
         bw[cbi * n + i] = tw[h * n + i];
       }
@@ -166,8 +179,8 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
   batch.n_codebooks = B;
   batch.n_points = n;
   batch.dim = c;
-  batch.x = bx.data();
-  batch.weights = bw.data();
+  batch.x = bx;
+  batch.weights = bw;
   const std::string what = fmt::format("{}: layer {} {} (c={}, 2^b={})", dump.path(), layer, side.name, c, k);
   validate_kmeans_batch(batch, k, what);
   times.prepare += since(t0);
@@ -186,7 +199,8 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
   cb.error_norm.assign(static_cast<size_t>(KV), 0.0f);
   const int64_t nh = static_cast<int64_t>(plan.holdout.size());
   const int64_t row = static_cast<int64_t>(KV) * d;
-  std::vector<float> hx(static_cast<size_t>(nh) * row), hr(hx.size());
+  float* hx = sized(ws.hx, static_cast<size_t>(nh) * row);
+  float* hr = sized(ws.hr, static_cast<size_t>(nh) * row);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < nh; ++i) {
     const uint16_t* src = x + plan.holdout[i] * row;
@@ -194,14 +208,14 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
   }
   for (int h = 0; h < KV; ++h) {
     VqHeadCodebooks hc{cb.centroids.data() + static_cast<int64_t>(h) * groups * k * c, groups, k, c};
-    vq_quantize(hc, hx.data() + static_cast<int64_t>(h) * d, nh, row, hr.data() + static_cast<int64_t>(h) * d);
+    vq_quantize(hc, hx + static_cast<int64_t>(h) * d, nh, row, hr + static_cast<int64_t>(h) * d);
   }
   double err = 0, norm = 0, werr = 0, wnorm = 0;
   std::vector<double> en(static_cast<size_t>(KV), 0.0);
   for (int64_t i = 0; i < nh; ++i)
     for (int h = 0; h < KV; ++h) {
-      const float* xj = hx.data() + (i * KV + h) * d;
-      const float* xr = hr.data() + (i * KV + h) * d;
+      const float* xj = hx + (i * KV + h) * d;
+      const float* xr = hr + (i * KV + h) * d;
       double e = 0, sq = 0;
       for (int t = 0; t < d; ++t) e += (xj[t] - xr[t]) * double(xj[t] - xr[t]), sq += xj[t] * double(xj[t]);
       const double wj = w[plan.holdout[i] * KV + h];  // the sensitivity weights, whatever the training weighting
@@ -267,6 +281,7 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
   std::future<LayerData> next;
   if (cm.num_layers > 0) next = std::async(std::launch::async, load_layer, std::cref(dump), 0);
   SideTimes times;
+  Workspace ws;
   for (int l = 0; l < cm.num_layers; ++l) {
     check_interrupted();
     const auto tw = Clock::now();
@@ -278,9 +293,9 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
     const RowPlan plan = plan_rows(dump, r, data, windows, positions);
     times.prepare += since(tl);
     train_side(dump, r, o, data, plan, {"keys", r.quant.keys.c, r.quant.keys.b, true}, out.codebooks.keys[l],
-               out.layers[l].keys, times);
+               out.layers[l].keys, times, ws);
     train_side(dump, r, o, data, plan, {"values", r.quant.values.c, r.quant.values.b, false}, out.codebooks.values[l],
-               out.layers[l].values, times);
+               out.layers[l].values, times, ws);
     out.layers[l].seconds = since(tl);
     progress.advance(1, fmt::format("layer {}: K rel err {:.4f}, V rel err {:.4f}", l, out.layers[l].keys.relative,
                                     out.layers[l].values.relative));
