@@ -3,11 +3,17 @@
 // stopped every 7B-class model from being quantized at the very end of codebook training.
 #include <H5Cpp.h>
 
+#include <chrono>
 #include <filesystem>
 #include <random>
 
 #include "io/calib_dump.h"
+#include "calibrate/calibrate.h"
 #include "codebook/train_codebooks.h"
+#include "core/atomic_file.h"
+#include "model/checkpoint.h"
+#include "runtime/cpu_runtime.h"
+#include "tokenizer/tokenizer.h"
 #include "io/codebooks.h"
 #include "recipe/recipe.h"
 #include "test_support.h"
@@ -193,4 +199,50 @@ TEST_CASE("scale: codebook training host time on 8B-shaped layers", "[.train-ben
             << res.read_seconds << " (waited " << res.wait_read_seconds << "), prepare " << res.prepare_seconds
             << ", k-means " << res.kmeans_seconds << ", held-out " << res.heldout_seconds);
   std::filesystem::remove(path);
+}
+
+// Hidden measurement (not in CI: [.]): what shuffle + deflate buys on real fp16 K/V (antkv-ref-18m, a trained
+// model, 4 calibration windows of 2048) and what it costs in write time, one core.
+TEST_CASE("scale: compression of real fp16 K/V in the calibration dump", "[.compression-bench][shared]") {
+  const std::string dir = test::model_dir("antkv-ref-18m");
+  Checkpoint ckpt = Checkpoint::open(dir);
+  Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  const auto ids = tok.encode(read_file(test::shared_path("data/books-calib.txt")).substr(0, 60000));
+  const Recipe recipe = Recipe::defaults_with({"model=" + dir});
+  CpuRuntime rt(ckpt);
+  const std::string tmp = test::temp_dir();
+  CalibrationOptions co;
+  co.recipe = &recipe;
+  co.out_path = tmp + "/plain.h5";
+  co.progress = false;
+  run_calibration(rt, tok, plan_calibration(ids, 4 * 2047, 2048, 0), co);
+  CalibDumpReader src(co.out_path);
+  const ModelConfig& cfg = ckpt.config();
+  const int64_t N = src.n_tokens();
+  const size_t kvd = cfg.kv_dim(), KV = cfg.num_kv_heads;
+  for (int level : {0, 1, 6}) {
+    const std::string out = tmp + "/deflate" + std::to_string(level) + ".h5";
+    CalibDumpWriter w(out, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, level);
+    const auto toks = src.tokens(), pos = src.positions(), win = src.windows();
+    w.append_tokens(static_cast<int>(N), toks.data(), pos.data(), win.data());
+    double seconds = 0;
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      std::vector<uint16_t> k(N * kvd), v(N * kvd);
+      std::vector<float> sk(N * KV), sv(N * KV), an(N * KV);
+      src.read_keys_half(l, 0, N, k.data());
+      src.read_values_half(l, 0, N, v.data());
+      src.read_scores(l, "S_K", 0, N, sk.data());
+      src.read_scores(l, "S_V", 0, N, sv.data());
+      src.read_scores(l, "anchor_score", 0, N, an.data());
+      const auto t0 = std::chrono::steady_clock::now();
+      w.append_layer_f16(l, static_cast<int>(N), k.data(), v.data(), sk.data(), sv.data(), an.data());
+      seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    CalibMeta m = src.meta();
+    w.finish(m);
+    const double mb = std::filesystem::file_size(out) / 1e6;
+    WARN("deflate level " << level << ": " << mb << " MB for " << N << " tokens (" << mb * 1e6 / N << " bytes/token), "
+                          << seconds << " s of writes (" << w.bytes_appended() / 1e6 / std::max(seconds, 1e-9)
+                          << " MB/s)");
+  }
 }
