@@ -334,6 +334,9 @@ def cmd_run(a):
     summary["checkpoint_gib"] = round(file_gib(ck), 2)
 
     stages = set(a.stages.split(","))
+    unknown = stages - {"calibrate", "train", "train-antkv", "train-vq", "ppl", "calib-compare", "none"}
+    if unknown:
+        raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)}")
     # the calibration text's first ~8 bytes per token asked for (tokenizing all of a long text costs time)
     calib_text = os.path.join(work, "calib-text.txt")
     with open(a.calib_text, "rb") as f:
@@ -371,11 +374,13 @@ def cmd_run(a):
         rec["dump_gib"] = round(file_gib(calib), 3) if os.path.exists(calib) else None
         print(f"   calibration: {s.get('tokens_per_second')} tokens/s, dump {rec['dump_gib']} GiB, "
               f"split {s.get('seconds_split')}")
-    if "train" in stages and os.path.exists(calib):
+    if stages & {"train", "train-antkv", "train-vq"} and os.path.exists(calib):
         for name, extra, fname in [
                 ("train-antkv", [], "k-c8b8_v-c8b8_anchor_post.h5"),
                 ("train-vq", ["--set", "kmeans.weighting=none", "--set", "kmeans.exclude_anchors=false"],
                  "k-c8b8_v-c8b8_none_all_post.h5")]:
+            if "train" not in stages and name not in stages:
+                continue
             out = os.path.join(cbdir, fname)
             rec = run_stage(name, [b("antkv-train-codebook")] + base + [
                 "--set", "quant.bits=1", "--set", "kmeans.device=" + dev] + extra +
@@ -508,7 +513,8 @@ def main():
     r.add_argument("--long", type=int, nargs="*", help="long-window ppl at these --seq-len (one window each)")
     r.add_argument("--long-methods", default="fp16,antkv:bits=1")
     r.add_argument("--stages", default="calibrate,train,ppl",
-                   help="comma-separated: calibrate, train, ppl, calib-compare (GPU vs CPU dump; use with --tiny)")
+                   help="comma-separated: calibrate, train (= train-antkv and train-vq), ppl, calib-compare (GPU "
+                   "vs CPU dump; use with --tiny)")
     r.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     r.add_argument("--set", action="append", help="recipe override key=value (repeatable)")
     r.add_argument("--tiny", action="store_true")
