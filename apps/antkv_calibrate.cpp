@@ -15,6 +15,7 @@
 #include "runtime/cpu_runtime.h"
 #include "tokenizer/tokenizer.h"
 #ifdef ANTKV_HAVE_CUDA
+#include "kernels/calibrate/calib_stage.h"
 #include "kernels/runtime/gpu_runtime.h"
 #endif
 
@@ -64,9 +65,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", device_line.c_str());  // after the inputs' checks: an error stays one line
     std::unique_ptr<Runtime> rt;
     AnchorScoreFn anchor_fn;  // default: CPU
+    CalibDeviceStageFactory device_stage;
     if (recipe.calibration.device == "cuda") {
 #ifdef ANTKV_HAVE_CUDA
-      rt = make_gpu_runtime(ckpt);
+      GpuRuntimeOptions go;
+      go.max_context = recipe.calibration.seq_len;  // the KV cache holds one window
+      rt = make_gpu_runtime(ckpt, go);
+      device_stage = gpu_calib_device_stage();
 #else
       fail("calibration.device = cuda: this antkv-calibrate was built without CUDA");
 #endif
@@ -92,6 +97,7 @@ int main(int argc, char** argv) {
     co.text_path = recipe.calibration.text;
     co.version = ANTKV_VERSION;
     co.anchor_fn = anchor_fn;
+    co.device_stage = device_stage;
     co.progress = !quiet;
     CalibrationResult res;
     try {
@@ -108,6 +114,11 @@ int main(int argc, char** argv) {
     std::printf("%s: %lld tokens stored from %lld windows, %.1f tokens/s on %s\n", out.c_str(),
                 static_cast<long long>(res.tokens_stored), static_cast<long long>(res.windows), res.tokens_per_second,
                 rt->device_name().c_str());
+    std::printf("time: %.1f s (forward%s %.1f s, host half %.1f s of which HDF5 writes %.1f s, waiting for the host "
+                "half %.1f s, closing the file %.1f s); %.2f GiB of K/V and scores stored (%s)\n",
+                res.seconds, res.device_path ? " + device stage" : " + host half", res.forward_seconds,
+                res.host_seconds, res.write_seconds, res.stall_seconds, res.finish_seconds,
+                res.bytes_stored / 1073741824.0, res.device_path ? "device path" : "host path");
     std::printf("layer  top-1%% share of attention mass  top-1%% share of anchor score  sink share\n");
     for (size_t l = 0; l < res.layers.size(); ++l)
       std::printf("%5zu  %31.3f  %28.3f  %10.3f\n", l, res.layers[l].top1_share_attention,

@@ -28,6 +28,7 @@
 #ifdef ANTKV_HAVE_CUDA
 #include "kernels/anchor/anchor_scores.h"
 #include "kernels/bench/bench.h"
+#include "kernels/calibrate/calib_stage.h"
 #include "kernels/runtime/gpu_runtime.h"
 #include "kernels/quant/quantized_cache.h"
 #include "kernels/kmeans/kmeans.h"
@@ -41,7 +42,7 @@ namespace {
 
 struct PplArgs {
   std::string model, text, json_out, device = "auto", kv_dtype = "fp16", protocol;
-  int seq_len = 2048, threads = 0;
+  int seq_len = 2048, threads = 0, prefill_chunk = 8192;
   bool window_bos = true, quiet = false, force = false;
   int64_t max_windows = -1, first_window = 0;
 };
@@ -55,7 +56,9 @@ std::unique_ptr<Runtime> make_runtime(const Checkpoint& ckpt, const PplArgs& a) 
   }
   if (a.device == "cuda") {
 #ifdef ANTKV_HAVE_CUDA
-    return make_gpu_runtime(ckpt);
+    GpuRuntimeOptions go;
+    go.max_context = a.seq_len;  // the KV cache holds one window
+    return make_gpu_runtime(ckpt, go);
 #else
     fail("--device cuda: this antkv-eval was built without CUDA (configure with nvcc available)");
 #endif
@@ -81,6 +84,7 @@ int run_ppl(PplArgs a) {
     outputs.check();
   }
   Checkpoint ckpt = Checkpoint::open(a.model);
+  check_window_length(ckpt.config(), a.seq_len, "--seq-len");  // before the runtime allocates its cache
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
   std::fprintf(stderr, "%s\n", dev.line.c_str());  // after the inputs' checks: an error stays one line
   auto rt = make_runtime(ckpt, a);
@@ -104,6 +108,7 @@ int run_ppl(PplArgs a) {
   o.protocol = protocol;
   o.max_windows = a.max_windows;
   o.first_window = a.first_window;
+  o.prefill_chunk = a.prefill_chunk;
   o.progress = !a.quiet;
   PerplexityResult r;
   try {
@@ -153,7 +158,9 @@ struct RecipeArgs {
 MethodRuntimeFactory method_factory(const Checkpoint& ckpt, const Recipe& r, int threads) {
   if (r.eval.device == "cpu") return cpu_method_runtime_factory(ckpt, threads);
 #ifdef ANTKV_HAVE_CUDA
-  return gpu_method_runtime_factory(ckpt);
+  GpuRuntimeOptions go;
+  go.max_context = r.eval.seq_len;  // the KV cache holds one window
+  return gpu_method_runtime_factory(ckpt, go);
 #else
   fail("eval.device = cuda: this antkv-eval was built without CUDA");
 #endif
@@ -235,8 +242,13 @@ int run_pipeline_cmd(const RecipeArgs& a) {
   const bool cal_gpu = r.calibration.device == "cuda", km_gpu = r.kmeans.device == "cuda";
 #ifdef ANTKV_HAVE_CUDA
   if (cal_gpu) {
-    o.make_calibration_runtime = [&ckpt]() { return make_gpu_runtime(ckpt); };
+    o.make_calibration_runtime = [&ckpt, &r]() {
+      GpuRuntimeOptions go;
+      go.max_context = r.calibration.seq_len;
+      return make_gpu_runtime(ckpt, go);
+    };
     o.anchor_fn = gpu_anchor_score_fn();
+    o.calib_device_stage = gpu_calib_device_stage();
   }
   if (km_gpu) {
     o.make_trainer = [](const KMeansParams& p) { return make_kmeans_gpu(p); };
@@ -408,6 +420,9 @@ int main(int argc, char** argv) {
                 "bos_window protocol (BOS + seq_len-1 text tokens per window; default) or single_bos");
   ppl->add_option("--protocol", p.protocol, "bos_window | single_bos (overrides --window-bos)")
       ->check(CLI::IsMember({"bos_window", "single_bos"}));
+  ppl->add_option("--prefill-chunk", p.prefill_chunk,
+                  "prefill windows longer than this in chunks of this many tokens (0: whole windows)")
+      ->capture_default_str()->check(CLI::Range(0, 1 << 24));
   ppl->add_option("--max-windows", p.max_windows, "evaluate at most N windows (quick runs); default all");
   ppl->add_option("--first-window", p.first_window, "index of the first window to evaluate")->capture_default_str();
   ppl->add_option("--device", p.device, "auto (the GPU when one is usable, else the CPU) | cpu | cuda")

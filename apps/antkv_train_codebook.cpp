@@ -1,6 +1,8 @@
 // antkv-train-codebook: token-aware weighted k-means codebooks from a calibration dump (design note §3-4).
 //   antkv-train-codebook --recipe R --calib calib.h5 --out codebooks.h5 [--set key=value ...]
 #include <CLI/CLI.hpp>
+#include <chrono>
+#include <nlohmann/json.hpp>
 #include <cstdio>
 #include <filesystem>
 
@@ -65,10 +67,14 @@ int main(int argc, char** argv) {
     }
     AtomicFile file(out);
     const TrainCodebooksResult res = train_codebooks(o);
+    const auto tw = std::chrono::steady_clock::now();
     write_codebooks(file.temp_path(), res.codebooks);
+    const double write_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - tw).count();
+    auto rep = nlohmann::json::parse(train_report_json(res));
+    rep["seconds_split"]["write"] = write_s;
     // both outputs complete before either gets its final name
     AtomicFile report_file(report);
-    report_file.write(train_report_json(res) + "\n");
+    report_file.write(rep.dump(1) + "\n");
     file.commit();
     report_file.commit();
 
@@ -76,6 +82,11 @@ int main(int argc, char** argv) {
     std::printf("%s: keys c%db%d (%.3g bits), values c%db%d (%.3g bits), weighting %s, %s, %.1f s\n", out.c_str(), m.key_c,
                 m.key_b, double(m.key_b) / m.key_c, m.value_c, m.value_b, double(m.value_b) / m.value_c,
                 m.weighting.c_str(), m.trainer.c_str(), res.seconds);
+    std::printf("time: read %.1f s (on a prefetch thread; training waited %.1f s for it), prepare %.1f s, k-means %.1f s, "
+                "held-out error %.1f s, write %.2f s; %lld calibration tokens, %zu codebooks\n",
+                res.read_seconds, res.wait_read_seconds, res.prepare_seconds, res.kmeans_seconds, res.heldout_seconds,
+                write_s, static_cast<long long>(res.calibration_tokens),
+                static_cast<size_t>(m.num_layers) * m.num_kv_heads * (m.head_dim / m.key_c + m.head_dim / m.value_c));
     std::printf("layer  K rel err  V rel err  K weighted  V weighted  (held-out tokens)\n");
     for (size_t l = 0; l < res.layers.size(); ++l)
       std::printf("%5zu  %9.4f  %9.4f  %10.4f  %10.4f  (%lld)\n", l, res.layers[l].keys.relative,

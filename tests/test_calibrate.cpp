@@ -2,6 +2,9 @@
 // and the anchor-score reference; bad recipes and paths leave nothing behind.
 #include <filesystem>
 #include <fstream>
+#include <map>
+
+#include <Eigen/Core>
 
 #include "anchor/anchor_scores.h"
 #include "calibrate/calibrate.h"
@@ -203,4 +206,128 @@ TEST_CASE("calibration dump reader: not HDF5, or incomplete, is a clear error", 
   const std::string q = test::temp_dir() + "/partial.h5";
   { CalibDumpWriter w(q, 2, 1, 4); }  // never finished: no /meta
   CHECK_THROWS_WITH(CalibDumpReader(q), Contains("partial.h5") && Contains("/meta"));
+}
+
+namespace {
+// The device path of run_calibration without a GPU: a runtime that hands its activations through
+// on_layer_device (host pointers standing in for device ones) and a stage that does on the host what the
+// GPU stage does (anchor scores, fp16, per-slot copies). The dump must equal the host path's bit for bit.
+class DeviceStyleRuntime : public Runtime {
+ public:
+  explicit DeviceStyleRuntime(CpuRuntime& rt) : rt_(rt) {}
+  const ModelConfig& config() const override { return rt_.config(); }
+  std::string device_name() const override { return "fake-device"; }
+  void reset() override { rt_.reset(); }
+  int cached_tokens() const override { return rt_.cached_tokens(); }
+  void forward(const ForwardRequest& req, ForwardResult& out) override {
+    struct Relay : ForwardObserver {
+      ForwardObserver* to = nullptr;
+      int qd = 0, kd = 0;
+      void on_layer(const LayerActivations& a) override {
+        DeviceLayerActivations d;
+        d.layer = a.layer, d.n_tokens = a.n_tokens, d.position0 = a.position0;
+        d.q = a.q, d.k_pre = a.k_pre_rope, d.k_post = a.k_post_rope, d.v = a.v;
+        d.q_stride = qd, d.k_pre_stride = d.k_post_stride = d.v_stride = kd;
+        to->on_layer_device(d);
+      }
+    } relay;
+    ForwardRequest r = req;
+    if (req.observer && req.observer->wants_device()) {
+      relay.to = req.observer;
+      relay.qd = rt_.config().q_dim();
+      relay.kd = rt_.config().kv_dim();
+      r.observer = &relay;
+    }
+    rt_.forward(r, out);
+  }
+
+ private:
+  CpuRuntime& rt_;
+};
+
+class HostStage : public CalibDeviceStage {
+ public:
+  explicit HostStage(const ModelConfig& cfg) : cfg_(cfg) {}
+  void enqueue(const DeviceLayerActivations& a, bool pre_rope, int slot) override {
+    REQUIRE(a.q_stride == cfg_.q_dim());
+    auto& s = slots_[slot][a.layer];
+    const size_t T = a.n_tokens, n = T * cfg_.kv_dim();
+    s.keys.resize(n), s.values.resize(n), s.s_k.resize(T * cfg_.num_kv_heads), s.s_v.resize(T * cfg_.num_kv_heads);
+    AnchorScoreArgs args{a.q, a.k_post, a.v, a.n_tokens, cfg_.num_heads, cfg_.num_kv_heads, cfg_.head_dim};
+    anchor_scores_cpu(args, s.s_k.data(), s.s_v.data());
+    const float* k = pre_rope ? a.k_pre : a.k_post;
+    for (size_t i = 0; i < n; ++i) {
+      s.keys[i] = Eigen::numext::bit_cast<uint16_t>(Eigen::half(k[i]));
+      s.values[i] = Eigen::numext::bit_cast<uint16_t>(Eigen::half(a.v[i]));
+    }
+    ++enqueued;
+  }
+  CalibLayerHost host(int layer, int slot) override {
+    auto& s = slots_[slot][layer];
+    return {s.keys.data(), s.values.data(), s.s_k.data(), s.s_v.data()};
+  }
+  int enqueued = 0;
+
+ private:
+  struct Slot {
+    std::vector<uint16_t> keys, values;
+    std::vector<float> s_k, s_v;
+  };
+  ModelConfig cfg_;
+  std::map<int, std::map<int, Slot>> slots_;
+};
+}  // namespace
+
+TEST_CASE("calibrate: the device path (worker thread, two slots) writes the same dump as the host path",
+          "[calibrate][shared]") {
+  const std::string dir = test::model_dir("antkv-ref-18m");
+  Checkpoint ckpt = Checkpoint::open(dir);
+  Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  const auto ids = tok.encode(read_file(test::shared_path("data/books-calib.txt")).substr(0, 20000));
+  for (const char* sample : {"0", "40"}) {
+    const Recipe recipe = Recipe::defaults_with({"model=" + dir, "calibration.seq_len=128", "key_rope=pre",
+                                                 std::string("calibration.sample_per_window=") + sample});
+    CpuRuntimeOptions o;
+    o.kv_dtype = KvDType::kF32;
+    CpuRuntime cpu(ckpt, o);
+    const std::string tmp = test::temp_dir();
+    CalibrationOptions co;
+    co.recipe = &recipe;
+    co.progress = false;
+    co.out_path = tmp + "/host.h5";
+    const auto plan = plan_calibration(ids, 127 * 5 - 30, 128, 0);  // 5 windows, the last one shorter
+    const auto a = run_calibration(cpu, tok, plan, co);
+    DeviceStyleRuntime dev(cpu);
+    co.out_path = tmp + "/device.h5";
+    co.device_stage = [](const ModelConfig& cfg, int) {
+      return std::unique_ptr<CalibDeviceStage>(std::make_unique<HostStage>(cfg));
+    };
+    const auto b = run_calibration(dev, tok, plan, co);
+    CHECK(b.device_path);
+    CHECK(a.tokens_stored == b.tokens_stored);
+    CHECK(b.windows == 5);
+    CalibDumpReader x(tmp + "/host.h5"), y(tmp + "/device.h5");
+    REQUIRE(x.n_tokens() == y.n_tokens());
+    CHECK(x.tokens() == y.tokens());
+    CHECK(x.positions() == y.positions());
+    CHECK(x.windows() == y.windows());
+    const int64_t N = x.n_tokens();
+    const size_t kvd = ckpt.config().kv_dim(), KV = ckpt.config().num_kv_heads;
+    for (int l = 0; l < ckpt.config().num_layers; ++l) {
+      std::vector<uint16_t> p(N * kvd), q(N * kvd);
+      x.read_keys_half(l, 0, N, p.data());
+      y.read_keys_half(l, 0, N, q.data());
+      CHECK(p == q);
+      x.read_values_half(l, 0, N, p.data());
+      y.read_values_half(l, 0, N, q.data());
+      CHECK(p == q);
+      std::vector<float> s(N * KV), t(N * KV);
+      for (const char* name : {"S_K", "S_V", "anchor_score"}) {
+        x.read_scores(l, name, 0, N, s.data());
+        y.read_scores(l, name, 0, N, t.data());
+        CHECK(s == t);
+      }
+    }
+    CHECK(a.layers[1].key_channel_mean_abs == b.layers[1].key_channel_mean_abs);
+  }
 }

@@ -10,6 +10,7 @@
 #include "calibrate/calibrate.h"
 #include "core/atomic_file.h"
 #include "io/calib_dump.h"
+#include "kernels/calibrate/calib_stage.h"
 #include "kernels/quant/quantized_cache.h"
 #include "anchor/anchor_scores.h"
 #include "kernels/runtime/gpu_runtime.h"
@@ -38,8 +39,10 @@ TEST_CASE("calibrate: GPU dump agrees with the CPU dump (antkv-ref-18m, 2 window
   o.out_path = tmp + "/cpu.h5";
   run_calibration(cpu, tok, plan_calibration(ids, 2 * 2047, 2048, 0), o);
   o.out_path = tmp + "/gpu.h5";
-  o.anchor_fn = gpu_anchor_score_fn();
-  run_calibration(*gpu, tok, plan_calibration(ids, 2 * 2047, 2048, 0), o);
+  o.device_stage = gpu_calib_device_stage();  // the device path: anchor pass, fp16 and copies on the GPU
+  const auto res = run_calibration(*gpu, tok, plan_calibration(ids, 2 * 2047, 2048, 0), o);
+  CHECK(res.device_path);
+  CHECK(res.windows == 2);
 
   CalibDumpReader a(tmp + "/cpu.h5"), b(tmp + "/gpu.h5");
   REQUIRE(a.n_tokens() == b.n_tokens());

@@ -33,6 +33,7 @@
 #include "kernels/runtime/gpu_runtime.h"
 #include "kernels/attention/flash_attention.h"
 #include "kernels/runtime/ops.h"
+#include "eval/perplexity.h"
 #include "model/checkpoint.h"
 #include "model/safetensors.h"
 #include "runtime/cpu_ops.h"
@@ -798,6 +799,42 @@ TEST_CASE("GPU runtime: qwen2 biases, fp32 weights, head_dim 64 match the CPU ru
     INFO("sequence " << b);
     CHECK(rel_err(last_logits[b], gr.logits) < 3e-2);
   }
+}
+
+TEST_CASE("GPU runtime: long windows prefilled in chunks equal one prefill, capacity follows the window, "
+          "windows past max_position_embeddings refused", "[gpu]") {
+  SKIP_WITHOUT_GPU();
+  test::SyntheticCheckpoint sc;
+  sc.hidden = 128;
+  sc.heads = 4;
+  sc.kv_heads = 2;
+  sc.head_dim = 64;
+  sc.ffn = 256;
+  sc.vocab = 97;
+  sc.config_extra = R"({"max_position_embeddings": 3000})";
+  Checkpoint ckpt = Checkpoint::open(test::write_synthetic_checkpoint(test::temp_dir() + "/long", sc));
+  GpuRuntimeOptions gopt;
+  gopt.max_context = 3000;  // as antkv-eval ppl --seq-len 3000 sizes it
+  GpuRuntime rt(ckpt, gopt);
+  CHECK(rt.capacity() == 3000);
+  std::vector<int32_t> ids(1 + 2 * 2999);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 13 + i / 7) % 97);
+  PerplexityOptions o;
+  o.seq_len = 3000;
+  o.progress = false;
+  o.prefill_chunk = 0;
+  const auto whole = evaluate_perplexity(rt, ids, 1, o);
+  o.prefill_chunk = 1024;  // 1024 + 1024 + 952, each attending to the cached past
+  const auto chunked = evaluate_perplexity(rt, ids, 1, o);
+  REQUIRE(whole.windows == 2);
+  for (int c = 0; c < 2; ++c) {
+    INFO("window " << c << ": whole " << whole.nll_per_window[c] << ", chunked " << chunked.nll_per_window[c]);
+    // the same bf16 kernels over the same cache; only the prefill's tiling of the past differs
+    CHECK(std::fabs(chunked.nll_per_window[c] - whole.nll_per_window[c]) <= 1e-3 * std::fabs(whole.nll_per_window[c]));
+  }
+  o.seq_len = 3001;
+  CHECK_THROWS_WITH(evaluate_perplexity(rt, ids, 1, o),
+                    Catch::Matchers::Contains("--seq-len 3001 exceeds the model's max_position_embeddings 3000"));
 }
 
 #else  // built without CUDA

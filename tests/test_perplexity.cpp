@@ -8,6 +8,7 @@
 #include "model/checkpoint.h"
 #include "runtime/cpu_runtime.h"
 #include "tokenizer/tokenizer.h"
+#include "synthetic_checkpoint.h"
 #include "test_support.h"
 
 using namespace antkv;
@@ -98,4 +99,51 @@ TEST_CASE("perplexity: stories260K single_bos, first 8 windows of 512", "[ppl][s
   const Reference ref = load_reference(dir + "/reference/ppl_books-test_txt.json", "single_bos");
   REQUIRE(static_cast<int64_t>(ids.size()) == ref.tokens);
   check_windows(rt, ids, tok.bos_id(), ref, WindowProtocol::kSingleBos, 8, 0.005);
+}
+
+// Long windows: chunked prefill is the same computation (fp16 cache), and a window longer than the model
+// allows is one clear error, on the CPU as on the GPU (the check is in evaluate_perplexity).
+TEST_CASE("perplexity: chunked prefill equals one prefill, and windows past max_position_embeddings or the sliding "
+          "window are refused", "[ppl]") {
+  test::SyntheticCheckpoint sc;
+  sc.config_extra = R"({"max_position_embeddings": 256})";
+  const std::string dir = test::write_synthetic_checkpoint(test::temp_dir() + "/m", sc);
+  Checkpoint ckpt = Checkpoint::open(dir);
+  CpuRuntimeOptions co;
+  co.kv_dtype = KvDType::kF32;
+  CpuRuntime rt(ckpt, co);
+  std::vector<int32_t> ids(1 + 3 * 255);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 7 + i / 5) % 64);
+  PerplexityOptions o;
+  o.seq_len = 256;
+  o.progress = false;
+  o.prefill_chunk = 0;
+  const auto whole = evaluate_perplexity(rt, ids, 1, o);
+  o.prefill_chunk = 100;  // 100 + 100 + 56
+  const auto chunked = evaluate_perplexity(rt, ids, 1, o);
+  REQUIRE(whole.windows == 3);
+  REQUIRE(chunked.windows == 3);
+  for (int c = 0; c < 3; ++c) CHECK(chunked.nll_per_window[c] == Approx(whole.nll_per_window[c]).epsilon(1e-5));
+
+  o.seq_len = 257;
+  CHECK_THROWS_WITH(evaluate_perplexity(rt, ids, 1, o),
+                    Catch::Matchers::Contains("--seq-len 257 exceeds the model's max_position_embeddings 256"));
+  o.seq_len_name = "eval.seq_len";
+  CHECK_THROWS_WITH(evaluate_perplexity(rt, ids, 1, o), Catch::Matchers::Contains("eval.seq_len 257"));
+
+  // Mistral v0.1's sliding window: refused past it (not implemented); Qwen2's only when use_sliding_window
+  test::SyntheticCheckpoint ms = sc;
+  ms.model_type = "mistral";
+  ms.config_extra = R"({"max_position_embeddings": 1024, "sliding_window": 128})";
+  Checkpoint mck = Checkpoint::open(test::write_synthetic_checkpoint(test::temp_dir() + "/mistral", ms));
+  CHECK(mck.config().sliding_window == 128);
+  CHECK_THROWS_WITH(check_window_length(mck.config(), 129, "--seq-len"),
+                    Catch::Matchers::Contains("--seq-len 129 exceeds the model's sliding_window 128") &&
+                        Catch::Matchers::Contains("not implemented"));
+  CHECK_NOTHROW(check_window_length(mck.config(), 128, "--seq-len"));
+  const ModelConfig q = parse_model_config(
+      R"({"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "intermediate_size": 48, "vocab_size": 64, "max_position_embeddings": 1024,
+          "sliding_window": 128, "use_sliding_window": false})", "qwen2.json");
+  CHECK(q.sliding_window == 0);
 }

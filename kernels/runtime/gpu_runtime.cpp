@@ -276,6 +276,7 @@ struct GpuRuntime::Impl {
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     std::vector<float> hq, hkpre, hkpost, hv;
     const bool want_f32 = observer != nullptr || quant != nullptr;  // fp32 q, k_pre, k_post, v kept
+    const bool observe_device = observer != nullptr && observer->wants_device();
     if (want_f32) k_pre.ensure(static_cast<size_t>(T) * kvd);
     for (int l = 0; l < cfg.num_layers; ++l) {
       LayerWeights& L = layers[l];
@@ -308,7 +309,20 @@ struct GpuRuntime::Impl {
       qp.head_dim = d;
       cuda::qkv_rope_store(qp, stream);
 
-      if (observer) {
+      if (observe_device) {
+        DeviceLayerActivations da;
+        da.layer = l;
+        da.n_tokens = T;
+        da.position0 = past;
+        da.q = qkv.get();
+        da.k_post = qkv.get() + qd;
+        da.v = qkv.get() + qd + kvd;
+        da.q_stride = da.k_post_stride = da.v_stride = qkv_dim();
+        da.k_pre = k_pre.get();
+        da.k_pre_stride = kvd;
+        da.stream = stream;
+        observer->on_layer_device(da);
+      } else if (observer) {
         hq.resize(static_cast<size_t>(T) * qd);
         hkpre.resize(static_cast<size_t>(T) * kvd);
         hkpost.resize(static_cast<size_t>(T) * kvd);
@@ -435,9 +449,9 @@ struct GpuRuntime::Impl {
     check_tokens(req.tokens, T);
     const int past = lens[0];
     if (past + T > capacity)
-      fail("GpuRuntime: KV cache capacity exceeded: {} tokens cached + {} new > capacity {} (set "
-           "GpuRuntimeOptions::max_context)",
-           past, T, capacity);
+      fail("GPU runtime: its KV cache holds {} tokens per sequence, and {} cached + {} new exceed it (the "
+           "capacity is the evaluation's window length: --seq-len, eval.seq_len or calibration.seq_len)",
+           capacity, past, T);
     ensure_rows(T);
     const int H = cfg.hidden_size, V = cfg.vocab_size;
     // ints: tokens [T] | positions [T] | seq_lens [1] | targets [T]

@@ -184,14 +184,21 @@ void combine_anchor_scores(AnchorScoreKind kind, const float* s_k, const float* 
 std::vector<int32_t> select_anchors(const float* scores, int T, int KV, int head, double ratio) {
   ANTKV_CHECK(ratio >= 0 && ratio <= 1, "anchor ratio {} must be in [0, 1]", ratio);
   const int n = std::min(T, static_cast<int>(std::ceil(ratio * T)));
+  const int keep = std::min(T, std::max(n, T > 0 && ratio > 0 ? 1 : 0));
+  // the head's column, contiguous (the scores are [T, KV])
+  std::vector<float> col(static_cast<size_t>(T));
+  for (int t = 0; t < T; ++t) col[t] = scores[static_cast<size_t>(t) * KV + head];
   std::vector<int32_t> order(static_cast<size_t>(T));
   std::iota(order.begin(), order.end(), 0);
-  // token 0 first (the attention sink is always an anchor), then by score, ties by position
-  std::stable_sort(order.begin(), order.end(), [&](int32_t x, int32_t y) {
+  // token 0 first (the attention sink is always an anchor), then by score, ties by position: a strict total
+  // order, so the first `keep` of a partial sort are those of a full stable sort (calibration and training
+  // call this for every window, layer and head)
+  std::partial_sort(order.begin(), order.begin() + keep, order.end(), [&](int32_t x, int32_t y) {
     if ((x == 0) != (y == 0)) return x == 0;
-    return scores[static_cast<size_t>(x) * KV + head] > scores[static_cast<size_t>(y) * KV + head];
+    if (col[x] != col[y]) return col[x] > col[y];
+    return x < y;
   });
-  std::vector<int32_t> out(order.begin(), order.begin() + std::max(n, T > 0 && ratio > 0 ? 1 : 0));
+  std::vector<int32_t> out(order.begin(), order.begin() + keep);
   std::sort(out.begin(), out.end());
   return out;
 }

@@ -1,8 +1,15 @@
 #include "calibrate/calibrate.h"
 
 #include <algorithm>
+#include <Eigen/Core>
+
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <thread>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -75,17 +82,150 @@ double top_share(std::vector<float> x, int top) {
   return std::accumulate(x.begin(), x.begin() + top, 0.0) / total;
 }
 
-class CalibObserver : public ForwardObserver {
- public:
-  CalibObserver(const ModelConfig& cfg, const Recipe& r, CalibDumpWriter& w, const AnchorScoreFn& fn,
-                std::vector<LayerStats>& stats)
-      : cfg_(cfg), r_(r), writer_(w), fn_(fn), stats_(stats), kind_(parse_anchor_score_kind(r.anchor.score)) {}
+inline float half_bits_to_float(uint16_t h) {
+  return static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(h));
+}
 
-  void begin_window(const std::vector<int32_t>& window, int64_t index, const std::vector<int32_t>& rows) {
-    window_ = &window;
-    index_ = index;
-    rows_ = &rows;
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// One window: its tokens (BOS first), its index, and the rows (positions) stored.
+struct WindowJob {
+  int64_t index = 0;
+  std::vector<int32_t> tokens, rows;
+  int slot = 0;
+};
+
+// The host half of calibration, shared by both paths: per window its token rows, per layer the anchor
+// score combination, the summary statistics and the stored rows' K/V (fp16) and scores.
+class HostHalf {
+ public:
+  HostHalf(const ModelConfig& cfg, const Recipe& r, CalibDumpWriter& w, std::vector<LayerStats>& stats)
+      : cfg_(cfg), r_(r), writer_(w), stats_(stats), kind_(parse_anchor_score_kind(r.anchor.score)) {}
+
+  double write_seconds = 0;
+
+  void begin_window(const WindowJob& w) {
+    const size_t n = w.rows.size();
+    std::vector<int32_t> tok_ids(n), positions(n), win(n, static_cast<int32_t>(w.index));
+    for (size_t i = 0; i < n; ++i) {
+      tok_ids[i] = w.tokens[static_cast<size_t>(w.rows[i])];
+      positions[i] = w.rows[i];
+    }
+    const auto t0 = Clock::now();
+    writer_.append_tokens(static_cast<int>(n), tok_ids.data(), positions.data(), win.data());
+    write_seconds += since(t0);
   }
+
+  void layer(const WindowJob& w, int layer, const CalibLayerHost& h) {
+    check_interrupted();
+    const int T = static_cast<int>(w.tokens.size()), KV = cfg_.num_kv_heads, d = cfg_.head_dim;
+    const size_t ns = static_cast<size_t>(T) * KV;
+    // NaN/Inf in what would be stored stop calibration (both paths come through here)
+    check_finite_f16(w.index, layer, "keys", h.keys, T, KV * d);
+    check_finite_f16(w.index, layer, "values", h.values, T, KV * d);
+    check_finite_f32(w.index, layer, "S_K", h.s_k, T, KV);
+    check_finite_f32(w.index, layer, "S_V", h.s_v, T, KV);
+    ans_.resize(ns);
+    combine_anchor_scores(kind_, h.s_k, h.s_v, nullptr, nullptr, T, KV,
+                          static_cast<uint64_t>(r_.calibration.seed) * 1000003u + w.index * 131u + layer, ans_.data());
+
+    // summary statistics over the whole window
+    LayerStats& st = stats_[layer];
+    const int top = std::max(1, static_cast<int>(std::ceil(0.01 * T)));
+    std::vector<float> col(static_cast<size_t>(T));
+    for (int hd = 0; hd < KV; ++hd) {
+      for (int t = 0; t < T; ++t) col[t] = h.s_v[static_cast<size_t>(t) * KV + hd];
+      const double tot = std::accumulate(col.begin(), col.end(), 0.0);
+      // weighted by the window's length, so a short last window does not count as much as a full one
+      st.sink_att += T * (tot > 0 ? col[0] / tot : 0);
+      st.share_att += T * top_share(col, top);
+      for (int t = 0; t < T; ++t) col[t] = ans_[static_cast<size_t>(t) * KV + hd];
+      st.share_anchor += T * top_share(col, top);
+      st.n_heads_windows += T;
+      for (int32_t t : select_anchors(ans_.data(), T, KV, hd, r_.anchor.ratio)) {
+        st.anchor_pos[t] += 1;
+        st.anchor_tok[w.tokens[static_cast<size_t>(t)]] += 1;
+      }
+    }
+    const int64_t row = static_cast<int64_t>(KV) * d;
+    if (st.k_abs.empty()) st.k_abs.assign(static_cast<size_t>(row), 0.0), st.v_abs.assign(static_cast<size_t>(row), 0.0);
+    // mean |x| per channel: blocks of 64 channels in parallel, rows in order within a block
+#pragma omp parallel for schedule(static)
+    for (int64_t c0 = 0; c0 < row; c0 += 64) {
+      const int64_t c1 = std::min<int64_t>(row, c0 + 64);
+      double ka[64] = {0}, va[64] = {0};
+      for (int t = 0; t < T; ++t) {
+        const uint16_t* kr = h.keys + static_cast<int64_t>(t) * row;
+        const uint16_t* vr = h.values + static_cast<int64_t>(t) * row;
+        for (int64_t c = c0; c < c1; ++c) {
+          ka[c - c0] += std::fabs(half_bits_to_float(kr[c]));
+          va[c - c0] += std::fabs(half_bits_to_float(vr[c]));
+        }
+      }
+      for (int64_t c = c0; c < c1; ++c) st.k_abs[c] += ka[c - c0], st.v_abs[c] += va[c - c0];
+    }
+    st.n_tokens += T;
+
+    // the stored rows (all, or a sample)
+    const int n = static_cast<int>(w.rows.size());
+    const bool all = n == T;
+    const uint16_t* keys = h.keys;
+    const uint16_t* values = h.values;
+    const float *s_k = h.s_k, *s_v = h.s_v, *an = ans_.data();
+    if (!all) {
+      kbuf_.resize(static_cast<size_t>(n) * row);
+      vbuf_.resize(kbuf_.size());
+      sk_buf_.resize(static_cast<size_t>(n) * KV);
+      sv_buf_.resize(sk_buf_.size());
+      an_buf_.resize(sk_buf_.size());
+      for (int i = 0; i < n; ++i) {
+        const size_t t = static_cast<size_t>(w.rows[i]);
+        std::copy_n(h.keys + t * row, row, kbuf_.data() + i * row);
+        std::copy_n(h.values + t * row, row, vbuf_.data() + i * row);
+        std::copy_n(h.s_k + t * KV, KV, sk_buf_.data() + static_cast<size_t>(i) * KV);
+        std::copy_n(h.s_v + t * KV, KV, sv_buf_.data() + static_cast<size_t>(i) * KV);
+        std::copy_n(ans_.data() + t * KV, KV, an_buf_.data() + static_cast<size_t>(i) * KV);
+      }
+      keys = kbuf_.data(), values = vbuf_.data(), s_k = sk_buf_.data(), s_v = sv_buf_.data(), an = an_buf_.data();
+    }
+    const auto t0 = Clock::now();
+    writer_.append_layer_f16(layer, n, keys, values, s_k, s_v, an);
+    write_seconds += since(t0);
+  }
+
+ private:
+  // NaN/Inf (fp16: exponent all ones; an fp32 value past fp16's range became Inf) name the window, layer,
+  // tensor and token.
+  static void check_finite_f16(int64_t window, int layer, const char* name, const uint16_t* x, int T, int width) {
+    const size_t n = static_cast<size_t>(T) * width;
+    for (size_t i = 0; i < n; ++i)
+      if ((x[i] & 0x7C00u) == 0x7C00u)
+        throw NonFinite(fmt::format("calibration window {}: layer {} {} are not finite (token {}, value {})", window,
+                                    layer, name, i / width, half_bits_to_float(x[i])));
+  }
+  static void check_finite_f32(int64_t window, int layer, const char* name, const float* x, int T, int width) {
+    const int64_t i = first_non_finite(x, static_cast<size_t>(T) * width);
+    if (i >= 0)
+      throw NonFinite(fmt::format("calibration window {}: layer {} {} are not finite (token {}, value {})", window,
+                                  layer, name, i / width, x[i]));
+  }
+
+  const ModelConfig& cfg_;
+  const Recipe& r_;
+  CalibDumpWriter& writer_;
+  std::vector<LayerStats>& stats_;
+  AnchorScoreKind kind_;
+  std::vector<float> ans_, sk_buf_, sv_buf_, an_buf_;
+  std::vector<uint16_t> kbuf_, vbuf_;
+};
+
+// Host path: the runtime hands fp32 host copies of every layer; anchor scores by anchor_fn.
+class HostObserver : public ForwardObserver {
+ public:
+  HostObserver(const ModelConfig& cfg, const Recipe& r, const AnchorScoreFn& fn, HostHalf& half)
+      : cfg_(cfg), pre_(r.key_rope == "pre"), fn_(fn), half_(half) {}
+  void set_window(const WindowJob* w) { w_ = w; }
 
   void on_layer(const LayerActivations& a) override {
     check_interrupted();
@@ -101,81 +241,123 @@ class CalibObserver : public ForwardObserver {
     args.head_dim = d;
     s_k_.resize(static_cast<size_t>(T) * KV);
     s_v_.resize(s_k_.size());
-    ans_.resize(s_k_.size());
     fn_(args, s_k_.data(), s_v_.data());
-    combine_anchor_scores(kind_, s_k_.data(), s_v_.data(), nullptr, nullptr, T, KV,
-                          static_cast<uint64_t>(r_.calibration.seed) * 1000003u + index_ * 131u + a.layer, ans_.data());
-    check_finite(a.layer, "keys", r_.key_rope == "pre" ? a.k_pre_rope : a.k_post_rope, T, KV * d);
-    check_finite(a.layer, "values", a.v, T, KV * d);
-    check_finite(a.layer, "S_K", s_k_.data(), T, KV);
-    check_finite(a.layer, "S_V", s_v_.data(), T, KV);
-
-    // summary statistics over the whole window
-    LayerStats& st = stats_[a.layer];
-    const int top = std::max(1, static_cast<int>(std::ceil(0.01 * T)));
-    std::vector<float> col(static_cast<size_t>(T));
-    for (int h = 0; h < KV; ++h) {
-      for (int t = 0; t < T; ++t) col[t] = s_v_[static_cast<size_t>(t) * KV + h];
-      const double tot = std::accumulate(col.begin(), col.end(), 0.0);
-      // weighted by the window's length, so a short last window does not count as much as a full one
-      st.sink_att += T * (tot > 0 ? col[0] / tot : 0);
-      st.share_att += T * top_share(col, top);
-      for (int t = 0; t < T; ++t) col[t] = ans_[static_cast<size_t>(t) * KV + h];
-      st.share_anchor += T * top_share(col, top);
-      st.n_heads_windows += T;
-      for (int32_t t : select_anchors(ans_.data(), T, KV, h, r_.anchor.ratio)) {
-        st.anchor_pos[t] += 1;
-        st.anchor_tok[(*window_)[t]] += 1;
-      }
+    const size_t n = static_cast<size_t>(T) * KV * d;
+    kh_.resize(n);
+    vh_.resize(n);
+    const float* keys = pre_ ? a.k_pre_rope : a.k_post_rope;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < static_cast<int64_t>(n); ++i) {
+      kh_[i] = Eigen::numext::bit_cast<uint16_t>(Eigen::half(keys[i]));
+      vh_[i] = Eigen::numext::bit_cast<uint16_t>(Eigen::half(a.v[i]));
     }
-    const float* keys = r_.key_rope == "pre" ? a.k_pre_rope : a.k_post_rope;
-    const size_t row = static_cast<size_t>(KV) * d;
-    if (st.k_abs.empty()) st.k_abs.assign(row, 0.0), st.v_abs.assign(row, 0.0);
-    for (int t = 0; t < T; ++t)
-      for (size_t c = 0; c < row; ++c) {
-        st.k_abs[c] += std::fabs(keys[t * row + c]);
-        st.v_abs[c] += std::fabs(a.v[t * row + c]);
-      }
-    st.n_tokens += T;
-
-    // the stored rows (all, or a sample)
-    const auto& rows = *rows_;
-    const int n = static_cast<int>(rows.size());
-    kbuf_.resize(n * row);
-    vbuf_.resize(n * row);
-    sk_buf_.resize(static_cast<size_t>(n) * KV);
-    sv_buf_.resize(sk_buf_.size());
-    an_buf_.resize(sk_buf_.size());
-    for (int i = 0; i < n; ++i) {
-      const size_t t = static_cast<size_t>(rows[i]);
-      std::copy_n(keys + t * row, row, kbuf_.data() + i * row);
-      std::copy_n(a.v + t * row, row, vbuf_.data() + i * row);
-      std::copy_n(s_k_.data() + t * KV, KV, sk_buf_.data() + static_cast<size_t>(i) * KV);
-      std::copy_n(s_v_.data() + t * KV, KV, sv_buf_.data() + static_cast<size_t>(i) * KV);
-      std::copy_n(ans_.data() + t * KV, KV, an_buf_.data() + static_cast<size_t>(i) * KV);
-    }
-    writer_.append_layer(a.layer, n, kbuf_.data(), vbuf_.data(), sk_buf_.data(), sv_buf_.data(), an_buf_.data());
+    half_.layer(*w_, a.layer, CalibLayerHost{kh_.data(), vh_.data(), s_k_.data(), s_v_.data()});
   }
 
  private:
-  // NaN/Inf in what would be stored stop calibration, naming the layer, tensor, window and token.
-  void check_finite(int layer, const char* name, const float* x, int T, int width) const {
-    const int64_t i = first_non_finite(x, static_cast<size_t>(T) * width);
-    if (i >= 0)
-      throw NonFinite(fmt::format("calibration window {}: layer {} {} are not finite (token {}, value {})", index_,
-                                  layer, name, i / width, x[i]));
+  const ModelConfig& cfg_;
+  bool pre_;
+  const AnchorScoreFn& fn_;
+  HostHalf& half_;
+  const WindowJob* w_ = nullptr;
+  std::vector<float> s_k_, s_v_;
+  std::vector<uint16_t> kh_, vh_;
+};
+
+// Device path: every layer's work is enqueued on the runtime's stream into the window's slot.
+class DeviceObserver : public ForwardObserver {
+ public:
+  DeviceObserver(CalibDeviceStage& stage, bool pre) : stage_(stage), pre_(pre) {}
+  void set_slot(int slot) { slot_ = slot; }
+  void on_layer(const LayerActivations&) override {
+    fail("calibration: the device stage needs a GPU runtime (this runtime handed host activations)");
+  }
+  bool wants_device() const override { return true; }
+  void on_layer_device(const DeviceLayerActivations& a) override {
+    ANTKV_CHECK(a.position0 == 0, "calibration runs whole windows from position 0");
+    stage_.enqueue(a, pre_, slot_);
   }
 
-  const ModelConfig& cfg_;
-  const Recipe& r_;
-  CalibDumpWriter& writer_;
-  const AnchorScoreFn& fn_;
-  std::vector<LayerStats>& stats_;
-  AnchorScoreKind kind_;
-  const std::vector<int32_t>* window_ = nullptr;
-  const std::vector<int32_t>* rows_ = nullptr;
-  int64_t index_ = 0;
-  std::vector<float> s_k_, s_v_, ans_, kbuf_, vbuf_, sk_buf_, sv_buf_, an_buf_;
+ private:
+  CalibDeviceStage& stage_;
+  bool pre_;
+  int slot_ = 0;
+};
+
+// The worker thread of the device path: runs the host half of each finished window, in order.
+class HostWorker {
+ public:
+  HostWorker(HostHalf& half, CalibDeviceStage& stage, int num_layers)
+      : half_(half), stage_(stage), layers_(num_layers), thread_([this] { loop(); }) {}
+  ~HostWorker() { stop(); }
+
+  // Blocks until at most `pending` windows are queued or in work; rethrows the worker's error.
+  void wait_until_at_most(size_t pending) {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return err_ || queue_.size() + busy_ <= pending; });
+    if (err_) std::rethrow_exception(err_);
+  }
+  void push(WindowJob job) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      queue_.push_back(std::move(job));
+    }
+    cv_.notify_all();
+  }
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+  double busy_seconds() const { return busy_s_; }
+
+ private:
+  void loop() {
+    for (;;) {
+      WindowJob job;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty() || err_) return;  // stop_ with nothing left (or after an error)
+        job = std::move(queue_.front());
+        queue_.pop_front();
+        busy_ = 1;
+      }
+      const auto t0 = Clock::now();
+      try {
+        half_.begin_window(job);
+        for (int l = 0; l < layers_; ++l) half_.layer(job, l, stage_.host(l, job.slot));
+      } catch (const std::bad_alloc&) {
+        std::lock_guard<std::mutex> lk(mu_);
+        err_ = std::make_exception_ptr(Error(fmt::format(
+            "calibration: out of host memory storing window {} ({} tokens)", job.index, job.tokens.size())));
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(mu_);
+        err_ = std::current_exception();
+      }
+      busy_s_ += since(t0);
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        busy_ = 0;
+      }
+      cv_.notify_all();
+    }
+  }
+
+  HostHalf& half_;
+  CalibDeviceStage& stage_;
+  int layers_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<WindowJob> queue_;
+  size_t busy_ = 0;
+  bool stop_ = false;
+  std::exception_ptr err_;
+  double busy_s_ = 0;
+  std::thread thread_;  // last: started after the members it uses
 };
 
 std::vector<std::pair<int32_t, int64_t>> most_frequent(const std::map<int32_t, int64_t>& m, size_t k) {
@@ -192,50 +374,92 @@ CalibrationResult run_calibration(Runtime& rt, const Tokenizer& tok, const Calib
   ANTKV_CHECK(o.recipe, "run_calibration: no recipe");
   const Recipe& r = *o.recipe;
   const ModelConfig& cfg = rt.config();
+  check_window_length(cfg, plan.seq_len, "calibration.seq_len");
   AnchorScoreFn fn = o.anchor_fn ? o.anchor_fn : AnchorScoreFn(anchor_scores_cpu);
   CalibDumpWriter writer(o.out_path, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim);
   std::vector<LayerStats> stats(static_cast<size_t>(cfg.num_layers));
-  CalibObserver obs(cfg, r, writer, fn, stats);
+  HostHalf half(cfg, r, writer, stats);
 
   CalibrationResult res;
   std::mt19937_64 rng(r.calibration.seed);
   Progress progress("calibrate", plan.windows, "windows", o.progress);
-  const auto t0 = std::chrono::steady_clock::now();
-  ForwardResult fr;
-  for (int64_t c = 0; c < plan.windows; ++c) {
-    check_interrupted();
-    const auto w = plan.window(c, tok.bos_id());
-    const int T = static_cast<int>(w.size());
-    std::vector<int32_t> rows(static_cast<size_t>(T));
-    std::iota(rows.begin(), rows.end(), 0);
+  const auto t0 = Clock::now();
+  auto make_job = [&](int64_t c) {
+    WindowJob job;
+    job.index = c;
+    job.tokens = plan.window(c, tok.bos_id());
+    const int T = static_cast<int>(job.tokens.size());
+    job.rows.resize(static_cast<size_t>(T));
+    std::iota(job.rows.begin(), job.rows.end(), 0);
     if (r.calibration.sample_per_window > 0 && r.calibration.sample_per_window < T) {
-      std::shuffle(rows.begin(), rows.end(), rng);
-      rows.resize(static_cast<size_t>(r.calibration.sample_per_window));
-      std::sort(rows.begin(), rows.end());
+      std::shuffle(job.rows.begin(), job.rows.end(), rng);
+      job.rows.resize(static_cast<size_t>(r.calibration.sample_per_window));
+      std::sort(job.rows.begin(), job.rows.end());
     }
-    std::vector<int32_t> tok_ids(rows.size()), positions(rows.size()), win(rows.size(), static_cast<int32_t>(c));
-    for (size_t i = 0; i < rows.size(); ++i) {
-      tok_ids[i] = w[static_cast<size_t>(rows[i])];
-      positions[i] = rows[i];
-    }
-    writer.append_tokens(static_cast<int>(rows.size()), tok_ids.data(), positions.data(), win.data());
-    obs.begin_window(w, c, rows);
+    return job;
+  };
+  auto run_forward = [&](const WindowJob& job, ForwardObserver* obs) {
     rt.reset();
     ForwardRequest req;
-    req.tokens = w.data();
-    req.n_tokens = T;
+    req.tokens = job.tokens.data();
+    req.n_tokens = static_cast<int>(job.tokens.size());
     req.logits = LogitsMode::kNone;
-    req.observer = &obs;
+    req.observer = obs;
+    ForwardResult fr;
+    const auto tf = Clock::now();
     rt.forward(req, fr);
+    res.forward_seconds += since(tf);
     res.windows += 1;
-    res.tokens_run += T;
-    res.tokens_stored += static_cast<int64_t>(rows.size());
-    const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    progress.advance(1, fmt::format("{:.0f} tokens/s", res.tokens_run / std::max(el, 1e-9)));
+    res.tokens_run += req.n_tokens;
+    res.tokens_stored += static_cast<int64_t>(job.rows.size());
+    progress.advance(1, fmt::format("{:.0f} tokens/s", res.tokens_run / std::max(since(t0), 1e-9)));
+  };
+
+  if (o.device_stage) {
+    // GPU: window c runs on the device into slot c % 2 while the worker stores window c - 1
+    res.device_path = true;
+    std::unique_ptr<CalibDeviceStage> stage;
+    try {
+      stage = o.device_stage(cfg, plan.seq_len);
+    } catch (const std::bad_alloc&) {
+      fail("calibration: out of host memory for the device stage's buffers ({} layers, windows of {})", cfg.num_layers,
+           plan.seq_len);
+    }
+    DeviceObserver obs(*stage, r.key_rope == "pre");
+    HostWorker worker(half, *stage, cfg.num_layers);
+    for (int64_t c = 0; c < plan.windows; ++c) {
+      check_interrupted();
+      WindowJob job = make_job(c);
+      job.slot = static_cast<int>(c % CalibDeviceStage::kSlots);
+      const auto ts = Clock::now();
+      worker.wait_until_at_most(CalibDeviceStage::kSlots - 1);  // the slot's previous window is stored
+      res.stall_seconds += since(ts);
+      obs.set_slot(job.slot);
+      try {
+        run_forward(job, &obs);
+      } catch (const std::bad_alloc&) {
+        fail("calibration: out of host memory in the forward pass of window {} ({} tokens)", c, job.tokens.size());
+      }
+      worker.push(std::move(job));
+    }
+    const auto ts = Clock::now();
+    worker.wait_until_at_most(0);
+    res.stall_seconds += since(ts);
+    worker.stop();
+    res.host_seconds = worker.busy_seconds();
+  } else {
+    HostObserver obs(cfg, r, fn, half);
+    for (int64_t c = 0; c < plan.windows; ++c) {
+      check_interrupted();
+      const WindowJob job = make_job(c);
+      half.begin_window(job);
+      obs.set_window(&job);
+      run_forward(job, &obs);
+    }
   }
   progress.finish();
-  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  res.tokens_per_second = res.tokens_run / std::max(res.seconds, 1e-9);
+  res.write_seconds = half.write_seconds;
+  res.bytes_stored = writer.bytes_appended();
 
   for (auto& st : stats) {
     LayerSummary s;
@@ -268,7 +492,12 @@ CalibrationResult run_calibration(Runtime& rt, const Tokenizer& tok, const Calib
   m.num_layers = cfg.num_layers;
   m.num_kv_heads = cfg.num_kv_heads;
   m.head_dim = cfg.head_dim;
+  m.sample_per_window = r.calibration.sample_per_window;
+  const auto tf = Clock::now();
   writer.finish(m);
+  res.finish_seconds = since(tf);
+  res.seconds = since(t0);
+  res.tokens_per_second = res.tokens_run / std::max(res.seconds, 1e-9);
   return res;
 }
 
@@ -280,6 +509,10 @@ std::string calibration_summary_json(const CalibrationResult& r, const Tokenizer
   j["tokens_stored"] = r.tokens_stored;
   j["seconds"] = r.seconds;
   j["tokens_per_second"] = r.tokens_per_second;
+  j["path"] = r.device_path ? "device" : "host";
+  j["seconds_split"] = {{"forward", r.forward_seconds}, {"host_half", r.host_seconds}, {"hdf5_writes", r.write_seconds},
+                        {"stalled_on_host_half", r.stall_seconds}, {"close", r.finish_seconds}};
+  j["bytes_stored"] = r.bytes_stored;
   json layers = json::array();
   for (size_t l = 0; l < r.layers.size(); ++l) {
     const auto& s = r.layers[l];

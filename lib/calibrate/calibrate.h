@@ -47,14 +47,50 @@ struct LayerSummary {
 struct CalibrationResult {
   int64_t windows = 0, tokens_run = 0, tokens_stored = 0;
   double seconds = 0, tokens_per_second = 0;
+  // where the time went: forward passes (+ device stage) on the calling thread, the host half (statistics,
+  // HDF5 writes) on the worker, the calling thread waiting for the worker, the final close of the file
+  double forward_seconds = 0, host_seconds = 0, write_seconds = 0, stall_seconds = 0, finish_seconds = 0;
+  int64_t bytes_stored = 0;  // K/V and score bytes appended to the dump
+  bool device_path = false;
   std::vector<LayerSummary> layers;
 };
+
+// One layer of one window as the dump stores it, on the host (all T tokens of the window):
+struct CalibLayerHost {
+  const uint16_t* keys = nullptr;    // [T, kv_heads, d] fp16 bits, pre- or post-RoPE as the recipe's key_rope
+  const uint16_t* values = nullptr;  // [T, kv_heads, d] fp16 bits
+  const float* s_k = nullptr;        // [T, kv_heads]
+  const float* s_v = nullptr;        // [T, kv_heads]
+};
+
+// The device half of calibration on a GPU runtime (kernels/calibrate/calib_stage.h): for each layer of a
+// window, on the runtime's stream and without waiting, the anchor-score pass (S_K, S_V), K and V converted
+// to fp16, and asynchronous copies of all of it into pinned host memory of one of two window slots. When
+// the runtime's forward() returns (it synchronizes its stream), the slot's data are on the host, and the
+// host half (anchor combination, summary statistics, the HDF5 writes) runs on a worker thread while the GPU
+// runs the next window into the other slot.
+class CalibDeviceStage {
+ public:
+  virtual ~CalibDeviceStage() = default;
+  static constexpr int kSlots = 2;
+  // Enqueues layer a.layer of the window going to `slot` (0 or 1). pre_rope: store the pre-RoPE keys.
+  virtual void enqueue(const DeviceLayerActivations& a, bool pre_rope, int slot) = 0;
+  // The host copy of (layer, slot) once its copies completed (waits for them).
+  virtual CalibLayerHost host(int layer, int slot) = 0;
+  // Where time went so far (seconds of the host's wall clock spent waiting in host()).
+  virtual double wait_seconds() const { return 0; }
+};
+// cfg: the model; max_tokens: the longest window.
+using CalibDeviceStageFactory = std::function<std::unique_ptr<CalibDeviceStage>(const ModelConfig& cfg, int max_tokens)>;
 
 struct CalibrationOptions {
   const Recipe* recipe = nullptr;
   std::string out_path;          // the (temporary) HDF5 file to write
   std::string model_dir, text_path, version;
-  AnchorScoreFn anchor_fn;       // default: anchor_scores_cpu
+  AnchorScoreFn anchor_fn;       // default: anchor_scores_cpu (host path)
+  // With a GPU runtime: the device path (anchor_fn is not used then). Null: the host path, where the
+  // runtime hands host copies of every layer's activations and everything runs on the calling thread.
+  CalibDeviceStageFactory device_stage;
   std::string fingerprint;       // stored in /meta
   bool progress = true;
 };

@@ -1,6 +1,9 @@
 #include "codebook/train_codebooks.h"
 
+#include <Eigen/Core>
+
 #include <algorithm>
+#include <future>
 #include <chrono>
 #include <cmath>
 #include <nlohmann/json.hpp>
@@ -25,14 +28,56 @@ struct RowPlan {
   std::vector<uint8_t> anchor;  // [N, kv_heads]
 };
 
-RowPlan plan_rows(const CalibDumpReader& dump, const Recipe& r, int layer, const std::vector<int32_t>& windows,
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// One layer of the dump in memory: K/V as the stored fp16 bits, the scores as fp32.
+struct LayerData {
+  int layer = 0;
+  std::vector<uint16_t> keys, values;       // [N, kv_heads, d]
+  std::vector<float> s_k, s_v, score;       // [N, kv_heads]
+  double read_s = 0;
+};
+
+// Reads one layer (the prefetch thread: the only HDF5 user while it runs) and checks K/V for NaN/Inf
+// (fp16 exponent all ones) in parallel.
+LayerData load_layer(const CalibDumpReader& dump, int layer) {
+  const auto t0 = Clock::now();
+  const int64_t N = dump.n_tokens();
+  const size_t kv = static_cast<size_t>(dump.meta().num_kv_heads), d = static_cast<size_t>(dump.meta().head_dim);
+  LayerData L;
+  L.layer = layer;
+  L.keys.resize(N * kv * d);
+  L.values.resize(L.keys.size());
+  L.s_k.resize(N * kv);
+  L.s_v.resize(N * kv);
+  L.score.resize(N * kv);
+  dump.read_keys_half(layer, 0, N, L.keys.data());
+  dump.read_values_half(layer, 0, N, L.values.data());
+  dump.read_scores(layer, "S_K", 0, N, L.s_k.data());
+  dump.read_scores(layer, "S_V", 0, N, L.s_v.data());
+  dump.read_scores(layer, "anchor_score", 0, N, L.score.data());
+  for (auto [name, v] : {std::pair<const char*, const std::vector<uint16_t>*>{"keys", &L.keys}, {"values", &L.values}}) {
+    int64_t bad = 0;
+    const int64_t n = static_cast<int64_t>(v->size());
+    const uint16_t* p = v->data();
+#pragma omp parallel for schedule(static) reduction(+ : bad)
+    for (int64_t i = 0; i < n; ++i) bad += (p[i] & 0x7c00) == 0x7c00;
+    ANTKV_CHECK(bad == 0, "{}: layer {} {} contain NaN or Inf ({} values)", dump.path(), layer, name, bad);
+  }
+  L.read_s = since(t0);
+  return L;
+}
+
+inline float half_to_float(uint16_t h) { return static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(h)); }
+
+RowPlan plan_rows(const CalibDumpReader& dump, const Recipe& r, const LayerData& data, const std::vector<int32_t>& windows,
                   const std::vector<int32_t>& positions) {
   const int64_t N = dump.n_tokens();
   const int KV = static_cast<int>(dump.meta().num_kv_heads);
   RowPlan p;
   p.anchor.assign(static_cast<size_t>(N) * KV, 0);
-  std::vector<float> score(static_cast<size_t>(N) * KV);
-  dump.read_scores(layer, "anchor_score", 0, N, score.data());
+  const std::vector<float>& score = data.score;
   // anchors per window and head: the window's rows are contiguous in the dump
   for (int64_t a = 0; a < N;) {
     int64_t b = a;
@@ -60,38 +105,40 @@ RowPlan plan_rows(const CalibDumpReader& dump, const Recipe& r, int layer, const
 struct Side {
   const char* name;   // "keys" | "values"
   int c, b;
-  const char* weight_dataset;  // S_K | S_V
-  bool gain = false;           // gain-shape: train on unit vectors (kmeans.gain)
+  bool keys;
+  bool gain = false;  // gain-shape: train on unit vectors (kmeans.gain)
 };
 
+struct SideTimes {
+  double prepare = 0, kmeans = 0, heldout = 0;
+};
+
+// Buffers reused by every side of every layer: a LLaMA-3-8B side's batch is 1 GiB, and allocating it anew
+// each time cost more than filling it (zeroing plus a page fault per 4 KiB, serialized in the kernel).
+struct Workspace {
+  std::vector<float> tw, bx, bw, hx, hr;
+};
+template <typename T>
+T* sized(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
 // Trains one layer's codebooks for one side; fills cb and the held-out error report.
-void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodebooksOptions& o, int layer,
-                const RowPlan& plan, const Side& side, LayerCodebooks& cb, QuantErrorReport& rep) {
-  const int64_t N = dump.n_tokens();
+void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodebooksOptions& o, const LayerData& data,
+                const RowPlan& plan, const Side& side, LayerCodebooks& cb, QuantErrorReport& rep, SideTimes& times,
+                Workspace& ws) {
+  const int layer = data.layer;
   const int KV = static_cast<int>(dump.meta().num_kv_heads), d = static_cast<int>(dump.meta().head_dim);
   const int c = side.c, groups = d / c, k = 1 << side.b;
-  std::vector<float> x(static_cast<size_t>(N) * KV * d), w(static_cast<size_t>(N) * KV);
-  if (std::string(side.name) == "keys") dump.read_keys(layer, 0, N, x.data());
-  else dump.read_values(layer, 0, N, x.data());
-  dump.read_scores(layer, side.weight_dataset, 0, N, w.data());
-  for (float v : x)
-    ANTKV_CHECK(std::isfinite(v), "{}: layer {} {} contain NaN or Inf", dump.path(), layer, side.name);
-  // gain-shape: the codebooks learn directions; norms are what a cache stores in fp16 beside the codes
-  std::vector<float> norms, norms16;  // [N, kv_heads]: exact, fp16-rounded
-  if (side.gain) {
-    norms.resize(static_cast<size_t>(N) * KV), norms16.resize(norms.size());
-    for (size_t i = 0; i < norms.size(); ++i) {
-      double sq = 0;
-      for (int t = 0; t < d; ++t) sq += static_cast<double>(x[i * d + t]) * x[i * d + t];
-      norms[i] = static_cast<float>(std::sqrt(sq));
-    }
-    gain_normalize(x.data(), N * KV, d, d, norms16.data());
-  }
+  const uint16_t* x = side.keys ? data.keys.data() : data.values.data();  // [N, KV, d] fp16 bits
+  const std::vector<float>& w = side.keys ? data.s_k : data.s_v;
+  auto t0 = Clock::now();
 
   const bool weighted = r.kmeans.weighting == "anchor";
   // per-head token weights over the training rows, normalized to mean 1 over the rows that train
   const int64_t n = static_cast<int64_t>(plan.train.size());
-  std::vector<float> tw(static_cast<size_t>(KV) * n);
+  float* tw = sized(ws.tw, static_cast<size_t>(KV) * n);
   for (int h = 0; h < KV; ++h) {
     double sum = 0;
     int64_t cnt = 0;
@@ -105,64 +152,99 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
     const double mean = cnt ? sum / cnt : 1.0;
     for (int64_t i = 0; i < n; ++i) tw[h * n + i] = static_cast<float>(tw[h * n + i] / (mean > 0 ? mean : 1.0));
   }
-  // the batch: codebook (h, g) -> points x[train rows, h, g*c : (g+1)*c]
+  // the batch: codebook (h, g) -> points x[train rows, h, g*c : (g+1)*c], gathered and converted in one
+  // parallel pass over the rows (each row read once, contiguously)
   const int B = KV * groups;
-  std::vector<float> bx(static_cast<size_t>(B) * n * c), bw(static_cast<size_t>(B) * n);
-  for (int h = 0; h < KV; ++h)
-    for (int g = 0; g < groups; ++g) {
-      const int64_t cbi = static_cast<int64_t>(h) * groups + g;
-      for (int64_t i = 0; i < n; ++i) {
-        const float* src = x.data() + (plan.train[i] * KV + h) * d + static_cast<int64_t>(g) * c;
-        std::copy_n(src, c, bx.data() + (cbi * n + i) * c);
+  float* bx = sized(ws.bx, static_cast<size_t>(B) * n * c);
+  float* bw = sized(ws.bw, static_cast<size_t>(B) * n);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t* row = x + plan.train[i] * KV * d;
+    for (int h = 0; h < KV; ++h) {
+      // gain-shape: the codebooks learn directions (each token's head vector / its L2 norm; a zero vector stays 0)
+      float scale = 1.0f;
+      if (side.gain) {
+        double sq = 0;
+        for (int t = 0; t < d; ++t) {
+          const double v = half_to_float(row[static_cast<int64_t>(h) * d + t]);
+          sq += v * v;
+        }
+        scale = sq > 0 ? static_cast<float>(1.0 / std::sqrt(sq)) : 0.0f;
+      }
+      for (int g = 0; g < groups; ++g) {
+        const int64_t cbi = static_cast<int64_t>(h) * groups + g;
+        const uint16_t* src = row + static_cast<int64_t>(h) * d + static_cast<int64_t>(g) * c;
+        float* dst = bx + (cbi * n + i) * c;
+        for (int t = 0; t < c; ++t) dst[t] = half_to_float(src[t]) * scale;
         bw[cbi * n + i] = tw[h * n + i];
       }
     }
+  }
   KMeansParams kp;
   kp.k = k;
   kp.iters = r.kmeans.iters;
   kp.tol = r.kmeans.tol;
   // k-means++ on a sample: enough points per centroid to seed well, not all of them (init is sequential in k)
   kp.init_sample = std::min<int64_t>(n, std::max<int64_t>(16384, 8LL * k));
-  kp.seed = r.kmeans.seed + static_cast<uint64_t>(layer) * 1000 + (std::string(side.name) == "keys" ? 0 : 500);
+  kp.seed = r.kmeans.seed + static_cast<uint64_t>(layer) * 1000 + (side.keys ? 0 : 500);
   KMeansBatch batch;
   batch.n_codebooks = B;
   batch.n_points = n;
   batch.dim = c;
-  batch.x = bx.data();
-  batch.weights = bw.data();
+  batch.x = bx;
+  batch.weights = bw;
   const std::string what = fmt::format("{}: layer {} {} (c={}, 2^b={})", dump.path(), layer, side.name, c, k);
   validate_kmeans_batch(batch, k, what);
+  times.prepare += since(t0);
+  t0 = Clock::now();
   auto trainer = o.make_trainer ? o.make_trainer(kp) : make_kmeans_cpu(kp);
   KMeansResult res = trainer->train(batch);
   cb.centroids = std::move(res.centroids);
   cb.objective = res.objective;
   cb.iterations.assign(res.iterations.begin(), res.iterations.end());
   cb.reseeded = res.reseeded;
+  times.kmeans += since(t0);
+  t0 = Clock::now();
 
   // held-out error (all held-out rows, anchors included: they are what a cache would see); the rows are
   // gathered and quantized in one parallel pass per head
   cb.error_norm.assign(static_cast<size_t>(KV), 0.0f);
   const int64_t nh = static_cast<int64_t>(plan.holdout.size());
-  std::vector<float> hx(static_cast<size_t>(nh) * KV * d), hr(hx.size());
-  for (int64_t i = 0; i < nh; ++i)
-    std::copy_n(x.data() + plan.holdout[i] * KV * d, static_cast<size_t>(KV) * d, hx.data() + i * KV * d);
+  const int64_t row = static_cast<int64_t>(KV) * d;
+  float* hx = sized(ws.hx, static_cast<size_t>(nh) * row);
+  float* hr = sized(ws.hr, static_cast<size_t>(nh) * row);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < nh; ++i) {
+    const uint16_t* src = x + plan.holdout[i] * row;
+    for (int64_t t = 0; t < row; ++t) hx[i * row + t] = half_to_float(src[t]);
+  }
+  // gain-shape: quantize the unit directions, then compare fp16 norm * renormalized direction (what the cache
+  // reconstructs) with the input
+  std::vector<float> norms, norms16;  // [nh, KV]: exact, fp16-rounded
+  if (side.gain) {
+    norms.resize(static_cast<size_t>(nh) * KV), norms16.resize(norms.size());
+    for (size_t i = 0; i < norms.size(); ++i) {
+      double sq = 0;
+      for (int t = 0; t < d; ++t) sq += static_cast<double>(hx[i * d + t]) * hx[i * d + t];
+      norms[i] = static_cast<float>(std::sqrt(sq));
+    }
+    gain_normalize(hx, nh * KV, d, d, norms16.data());
+  }
   for (int h = 0; h < KV; ++h) {
     VqHeadCodebooks hc{cb.centroids.data() + static_cast<int64_t>(h) * groups * k * c, groups, k, c};
-    vq_quantize(hc, hx.data() + static_cast<int64_t>(h) * d, nh, static_cast<int64_t>(KV) * d, hr.data() + static_cast<int64_t>(h) * d);
+    vq_quantize(hc, hx + static_cast<int64_t>(h) * d, nh, row, hr + static_cast<int64_t>(h) * d);
   }
-  if (side.gain)  // errors in the space the cache reconstructs: fp16 norm * unit centroid direction vs the input
-    for (int64_t i = 0; i < nh; ++i)
-      for (int h = 0; h < KV; ++h) {
-        const size_t row = static_cast<size_t>(plan.holdout[i] * KV + h);
-        gain_restore(hr.data() + (i * KV + h) * d, 1, d, d, &norms16[row]);
-        for (int t = 0; t < d; ++t) hx[(i * KV + h) * d + t] *= norms[row];
-      }
+  if (side.gain) {
+    gain_restore(hr, nh * KV, d, d, norms16.data());
+    for (size_t i = 0; i < norms.size(); ++i)
+      for (int t = 0; t < d; ++t) hx[i * d + t] *= norms[i];
+  }
   double err = 0, norm = 0, werr = 0, wnorm = 0;
   std::vector<double> en(static_cast<size_t>(KV), 0.0);
   for (int64_t i = 0; i < nh; ++i)
     for (int h = 0; h < KV; ++h) {
-      const float* xj = hx.data() + (i * KV + h) * d;
-      const float* xr = hr.data() + (i * KV + h) * d;
+      const float* xj = hx + (i * KV + h) * d;
+      const float* xr = hr + (i * KV + h) * d;
       double e = 0, sq = 0;
       for (int t = 0; t < d; ++t) e += (xj[t] - xr[t]) * double(xj[t] - xr[t]), sq += xj[t] * double(xj[t]);
       const double wj = w[plan.holdout[i] * KV + h];  // the sensitivity weights, whatever the training weighting
@@ -176,6 +258,7 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
   rep.mse = cnt > 0 ? rep.mse / cnt : 0;
   rep.relative = norm > 0 ? err / norm : 0;
   rep.weighted_relative = wnorm > 0 ? werr / wnorm : 0;
+  times.heldout += since(t0);
 }
 
 }  // namespace
@@ -218,24 +301,40 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
   out.codebooks.keys.resize(cm.num_layers);
   out.codebooks.values.resize(cm.num_layers);
   out.layers.resize(cm.num_layers);
+  out.calibration_tokens = dump.n_tokens();
 
   const auto windows = dump.windows();
   const auto positions = dump.positions();
   Progress progress("train-codebook", cm.num_layers, "layers", o.progress);
-  const auto t0 = std::chrono::steady_clock::now();
+  const auto t0 = Clock::now();
+  // layer l + 1 is read (and checked) on a second thread while layer l trains
+  std::future<LayerData> next;
+  if (cm.num_layers > 0) next = std::async(std::launch::async, load_layer, std::cref(dump), 0);
+  SideTimes times;
+  Workspace ws;
   for (int l = 0; l < cm.num_layers; ++l) {
     check_interrupted();
-    const auto tl = std::chrono::steady_clock::now();
-    const RowPlan plan = plan_rows(dump, r, l, windows, positions);
-    train_side(dump, r, o, l, plan, {"keys", r.quant.keys.c, r.quant.keys.b, "S_K", r.kmeans.gain != "off"}, out.codebooks.keys[l], out.layers[l].keys);
-    train_side(dump, r, o, l, plan, {"values", r.quant.values.c, r.quant.values.b, "S_V", r.kmeans.gain == "kv"}, out.codebooks.values[l],
-               out.layers[l].values);
-    out.layers[l].seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - tl).count();
+    const auto tw = Clock::now();
+    const LayerData data = next.get();
+    out.wait_read_seconds += since(tw);
+    out.read_seconds += data.read_s;
+    if (l + 1 < cm.num_layers) next = std::async(std::launch::async, load_layer, std::cref(dump), l + 1);
+    const auto tl = Clock::now();
+    const RowPlan plan = plan_rows(dump, r, data, windows, positions);
+    times.prepare += since(tl);
+    train_side(dump, r, o, data, plan, {"keys", r.quant.keys.c, r.quant.keys.b, true, r.kmeans.gain != "off"}, out.codebooks.keys[l],
+               out.layers[l].keys, times, ws);
+    train_side(dump, r, o, data, plan, {"values", r.quant.values.c, r.quant.values.b, false, r.kmeans.gain == "kv"}, out.codebooks.values[l],
+               out.layers[l].values, times, ws);
+    out.layers[l].seconds = since(tl);
     progress.advance(1, fmt::format("layer {}: K rel err {:.4f}, V rel err {:.4f}", l, out.layers[l].keys.relative,
                                     out.layers[l].values.relative));
   }
   progress.finish();
-  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  out.prepare_seconds = times.prepare;
+  out.kmeans_seconds = times.kmeans;
+  out.heldout_seconds = times.heldout;
+  out.seconds = since(t0);
   return out;
 }
 
@@ -248,6 +347,9 @@ std::string train_report_json(const TrainCodebooksResult& r) {
                  {"weighting", m.weighting}, {"exclude_anchors", m.exclude_anchors}, {"gain", m.gain}, {"key_rope", m.key_rope},
                  {"trainer", m.trainer}};
   j["seconds"] = r.seconds;
+  j["seconds_split"] = {{"read", r.read_seconds}, {"waiting_for_reads", r.wait_read_seconds},
+                        {"prepare", r.prepare_seconds}, {"kmeans", r.kmeans_seconds}, {"heldout_error", r.heldout_seconds}};
+  j["calibration_tokens"] = r.calibration_tokens;
   json layers = json::array();
   for (size_t l = 0; l < r.layers.size(); ++l) {
     json L;

@@ -43,6 +43,11 @@ struct TrainCodebooksResult {
   CodebookSet codebooks;
   std::vector<LayerTrainReport> layers;
   double seconds = 0;
+  // where the time went: reading the dump (on a prefetch thread, overlapped with training; wait_read is
+  // what the training thread waited for it), gathering/converting the batches and choosing rows, the
+  // k-means (upload, train, download), the held-out error
+  double read_seconds = 0, wait_read_seconds = 0, prepare_seconds = 0, kmeans_seconds = 0, heldout_seconds = 0;
+  int64_t calibration_tokens = 0;
 };
 
 TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& opts);

@@ -78,6 +78,7 @@ std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOpt
       po.seq_len = r.eval.seq_len;
       po.protocol = parse_window_protocol(r.eval.protocol);
       po.max_windows = r.eval.max_windows;
+      po.seq_len_name = "eval.seq_len";
       po.progress = o.progress;
       po.progress_label = fmt::format("{} on {}", m.text, fs::path(text).filename().string());
       MethodResult res;
@@ -239,6 +240,7 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
       co.text_path = r.calibration.text;
       co.version = ANTKV_VERSION;
       co.anchor_fn = o.anchor_fn;
+      co.device_stage = o.calib_device_stage;
       co.fingerprint = fp;
       co.progress = o.progress;
       const auto res = run_calibration(*rt, *o.tok, plan, co);

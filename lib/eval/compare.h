@@ -64,6 +64,7 @@ struct PipelineOptions {
   // calibration runtime and anchor pass for the recipe's calibration.device
   std::function<std::unique_ptr<Runtime>()> make_calibration_runtime;
   AnchorScoreFn anchor_fn;
+  CalibDeviceStageFactory calib_device_stage;  // GPU calibration (see CalibrationOptions::device_stage)
   KMeansFactory make_trainer;
   std::string trainer_name = "faiss-cpu";
   MethodRuntimeFactory make_method_runtime;

@@ -65,6 +65,7 @@ std::vector<int32_t> make_window(const std::vector<int32_t>& ids, int32_t bos_id
 
 PerplexityResult evaluate_perplexity(Runtime& rt, const std::vector<int32_t>& ids, int32_t bos_id,
                                      const PerplexityOptions& o) {
+  check_window_length(rt.config(), o.seq_len, o.seq_len_name);
   PerplexityResult r;
   r.protocol = o.protocol;
   r.seq_len = o.seq_len;
@@ -89,19 +90,27 @@ PerplexityResult evaluate_perplexity(Runtime& rt, const std::vector<int32_t>& id
     for (int i = 0; i + 1 < o.seq_len; ++i) targets[i] = w[i + 1];
     targets[o.seq_len - 1] = -1;
     rt.reset();
-    ForwardRequest req;
-    req.tokens = w.data();
-    req.n_tokens = o.seq_len;
-    req.logits = LogitsMode::kNone;
-    req.targets = targets.data();
-    rt.forward(req, res);
     double nll = 0;
-    for (int i = 0; i + 1 < o.seq_len; ++i) nll += res.nll[i];
-    if (!std::isfinite(nll)) {
-      int first = 0;
-      while (first + 1 < o.seq_len && std::isfinite(res.nll[first])) ++first;
-      throw NonFinite(fmt::format("window {}: the NLL is not finite ({}; first at position {})", c, nll, first));
+    const int chunk = o.prefill_chunk > 0 ? o.prefill_chunk : o.seq_len;
+    int first_bad = -1;  // the first position whose NLL is not finite
+    for (int p0 = 0; p0 < o.seq_len; p0 += chunk) {
+      const int n = std::min(chunk, o.seq_len - p0);
+      ForwardRequest req;
+      req.tokens = w.data() + p0;
+      req.n_tokens = n;
+      req.logits = LogitsMode::kNone;
+      req.targets = targets.data() + p0;
+      rt.forward(req, res);
+      ANTKV_CHECK(static_cast<int>(res.nll.size()) == n, "window {}: the runtime returned {} NLL values for {} tokens",
+                  c, res.nll.size(), n);
+      for (int i = 0; i < n && p0 + i + 1 < o.seq_len; ++i) {
+        if (first_bad < 0 && !std::isfinite(res.nll[i])) first_bad = p0 + i;
+        nll += res.nll[i];
+      }
     }
+    if (!std::isfinite(nll))
+      throw NonFinite(fmt::format("window {}: the NLL is not finite ({}; first at position {})", c, nll,
+                                  first_bad < 0 ? 0 : first_bad));
     r.nll_per_window.push_back(nll);
     r.nll_total += nll;
     r.windows += 1;

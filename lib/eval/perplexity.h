@@ -35,7 +35,15 @@ struct PerplexityOptions {
   int64_t max_windows = -1;  // <0: all
   bool progress = true;
   std::string progress_label = "ppl";
+  // A window longer than this is prefilled in chunks of this many tokens (each chunk attends to the whole
+  // cached past; the NLL is computed chunk by chunk, so [seq_len, vocab] logits never exist). Quantized
+  // caches treat each chunk as a prefill of its own (anchors are selected per chunk, as a server prefilling
+  // a long prompt in chunks would). <= 0: the whole window in one forward().
+  int prefill_chunk = 8192;
+  // How the user sets seq_len (named in errors): "--seq-len" or "eval.seq_len".
+  std::string seq_len_name = "--seq-len";
 };
+
 
 struct PerplexityResult {
   WindowProtocol protocol = WindowProtocol::kBosWindow;

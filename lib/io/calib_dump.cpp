@@ -2,6 +2,8 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
+
 #include "core/error.h"
 #include "io/h5_util.h"
 
@@ -9,13 +11,35 @@ namespace antkv {
 
 namespace {
 std::string layer_group(int l) { return "layer_" + std::to_string(l); }
-constexpr hsize_t kChunkRows = 512;
+// Rows per chunk: ~256 KiB of K (or V) per chunk. An uncompressed dataset stores its last, partial chunk
+// whole, so small chunks keep a short dump small; 256 KiB chunks still read and write at memory speed.
+hsize_t chunk_rows_for(int num_kv_heads, int head_dim) {
+  const hsize_t row_bytes = static_cast<hsize_t>(std::max(1, num_kv_heads * head_dim)) * 2;
+  hsize_t rows = 16;
+  while (rows < 4096 && (rows * 2) * row_bytes <= (hsize_t{256} << 10)) rows *= 2;
+  return rows;
+}
 
 // HDF5 converts float <-> our half type itself, but slowly; convert with Eigen and write raw halves.
 std::vector<Eigen::half> to_half(const float* x, size_t n) {
   std::vector<Eigen::half> h(n);
   for (size_t i = 0; i < n; ++i) h[i] = Eigen::half(x[i]);
   return h;
+}
+
+// A dataset [0 (growing), inner...], chunked along the first axis; shuffle + deflate when level > 0.
+H5::DataSet create_growing(H5::Group& parent, const std::string& name, const H5::DataType& type,
+                           const std::vector<hsize_t>& inner, hsize_t chunk_rows, int deflate_level) {
+  std::vector<hsize_t> dims{0}, maxdims{H5S_UNLIMITED}, chunk{chunk_rows};
+  for (auto d : inner) dims.push_back(d), maxdims.push_back(d), chunk.push_back(d);
+  H5::DataSpace space(static_cast<int>(dims.size()), dims.data(), maxdims.data());
+  H5::DSetCreatPropList props;
+  props.setChunk(static_cast<int>(chunk.size()), chunk.data());
+  if (deflate_level > 0) {
+    props.setShuffle();
+    props.setDeflate(deflate_level);
+  }
+  return parent.createDataSet(name, type, space, props);
 }
 
 }  // namespace
@@ -26,36 +50,43 @@ struct CalibDumpWriter::Impl {
   H5::DataSet tokens, positions, windows;
   struct Layer { H5::Group group; H5::DataSet keys, values, s_k, s_v, score; };
   std::vector<Layer> layers;
-  int kv_heads = 0, head_dim = 0;
+  int kv_heads = 0, head_dim = 0, deflate_level = 0;
+  int64_t bytes = 0;
   H5::FloatType half = h5::half_type();
 };
 
-CalibDumpWriter::CalibDumpWriter(const std::string& path, int num_layers, int num_kv_heads, int head_dim)
+CalibDumpWriter::CalibDumpWriter(const std::string& path, int num_layers, int num_kv_heads, int head_dim,
+                                 int deflate_level)
     : impl_(new Impl) {
   h5::quiet_errors();
+  ANTKV_CHECK(deflate_level >= 0 && deflate_level <= 9, "{}: deflate level {} outside 0..9", path, deflate_level);
   impl_->path = path;
   impl_->kv_heads = num_kv_heads;
   impl_->head_dim = head_dim;
+  impl_->deflate_level = deflate_level;
   h5::guard(path, [&] {
     impl_->file = h5::create_file(path);
     H5::Group root = impl_->file.openGroup("/");
-    impl_->tokens = h5::create_growing(root, "tokens", H5::PredType::STD_I32LE, {}, 4096);
-    impl_->positions = h5::create_growing(root, "positions", H5::PredType::STD_I32LE, {}, 4096);
-    impl_->windows = h5::create_growing(root, "window", H5::PredType::STD_I32LE, {}, 4096);
+    impl_->tokens = create_growing(root, "tokens", H5::PredType::STD_I32LE, {}, 4096, 1);
+    impl_->positions = create_growing(root, "positions", H5::PredType::STD_I32LE, {}, 4096, 1);
+    impl_->windows = create_growing(root, "window", H5::PredType::STD_I32LE, {}, 4096, 1);
     const hsize_t kv = static_cast<hsize_t>(num_kv_heads), d = static_cast<hsize_t>(head_dim);
+    const hsize_t rows = chunk_rows_for(num_kv_heads, head_dim);
     for (int l = 0; l < num_layers; ++l) {
       Impl::Layer L;
       L.group = impl_->file.createGroup(layer_group(l));
-      L.keys = h5::create_growing(L.group, "keys", impl_->half, {kv, d}, kChunkRows);
-      L.values = h5::create_growing(L.group, "values", impl_->half, {kv, d}, kChunkRows);
-      L.s_k = h5::create_growing(L.group, "S_K", H5::PredType::IEEE_F32LE, {kv}, 4096);
-      L.s_v = h5::create_growing(L.group, "S_V", H5::PredType::IEEE_F32LE, {kv}, 4096);
-      L.score = h5::create_growing(L.group, "anchor_score", H5::PredType::IEEE_F32LE, {kv}, 4096);
+      L.keys = create_growing(L.group, "keys", impl_->half, {kv, d}, rows, deflate_level);
+      L.values = create_growing(L.group, "values", impl_->half, {kv, d}, rows, deflate_level);
+      L.s_k = create_growing(L.group, "S_K", H5::PredType::IEEE_F32LE, {kv}, rows, deflate_level);
+      L.s_v = create_growing(L.group, "S_V", H5::PredType::IEEE_F32LE, {kv}, rows, deflate_level);
+      L.score = create_growing(L.group, "anchor_score", H5::PredType::IEEE_F32LE, {kv}, rows, deflate_level);
       impl_->layers.push_back(std::move(L));
     }
     return 0;
   });
 }
+
+int64_t CalibDumpWriter::bytes_appended() const { return impl_->bytes; }
 
 CalibDumpWriter::~CalibDumpWriter() = default;
 
@@ -70,18 +101,26 @@ void CalibDumpWriter::append_tokens(int n, const int32_t* tokens, const int32_t*
 
 void CalibDumpWriter::append_layer(int layer, int n, const float* keys, const float* values, const float* s_k,
                                    const float* s_v, const float* anchor_score) {
+  const size_t row = static_cast<size_t>(impl_->kv_heads) * impl_->head_dim;
+  const auto kh = to_half(keys, n * row), vh = to_half(values, n * row);
+  append_layer_f16(layer, n, reinterpret_cast<const uint16_t*>(kh.data()), reinterpret_cast<const uint16_t*>(vh.data()),
+                   s_k, s_v, anchor_score);
+}
+
+void CalibDumpWriter::append_layer_f16(int layer, int n, const uint16_t* keys, const uint16_t* values,
+                                       const float* s_k, const float* s_v, const float* anchor_score) {
   ANTKV_CHECK(layer >= 0 && layer < static_cast<int>(impl_->layers.size()), "calibration dump: bad layer {}", layer);
   auto& L = impl_->layers[layer];
-  const size_t kv = static_cast<size_t>(impl_->kv_heads), row = kv * impl_->head_dim;
-  const auto kh = to_half(keys, n * row), vh = to_half(values, n * row);
+  const int64_t kv = impl_->kv_heads, row = kv * impl_->head_dim;
   h5::guard(impl_->path, [&] {
-    h5::append_rows(L.keys, impl_->half, n, kh.data());
-    h5::append_rows(L.values, impl_->half, n, vh.data());
+    h5::append_rows(L.keys, impl_->half, n, keys);
+    h5::append_rows(L.values, impl_->half, n, values);
     h5::append_rows(L.s_k, H5::PredType::NATIVE_FLOAT, n, s_k);
     h5::append_rows(L.s_v, H5::PredType::NATIVE_FLOAT, n, s_v);
     h5::append_rows(L.score, H5::PredType::NATIVE_FLOAT, n, anchor_score);
     return 0;
   });
+  impl_->bytes += n * (2 * row * 2 + 3 * kv * 4);
 }
 
 void CalibDumpWriter::finish(const CalibMeta& m) {
@@ -105,6 +144,10 @@ void CalibDumpWriter::finish(const CalibMeta& m) {
     h5::set_attr(g, "num_layers", m.num_layers);
     h5::set_attr(g, "num_kv_heads", m.num_kv_heads);
     h5::set_attr(g, "head_dim", m.head_dim);
+    h5::set_attr(g, "sample_per_window", m.sample_per_window);
+    h5::set_attr(g, "kv_compression", impl_->deflate_level > 0
+                                          ? "shuffle+deflate-" + std::to_string(impl_->deflate_level)
+                                          : std::string("none"));
     impl_->layers.clear();
     impl_->tokens.close();
     impl_->positions.close();
@@ -149,6 +192,9 @@ CalibDumpReader::CalibDumpReader(const std::string& path) : impl_(new Impl) {
     m.num_layers = h5::get_attr_int(g, "num_layers", path);
     m.num_kv_heads = h5::get_attr_int(g, "num_kv_heads", path);
     m.head_dim = h5::get_attr_int(g, "head_dim", path);
+    if (h5::has_attr(g, "sample_per_window")) m.sample_per_window = h5::get_attr_int(g, "sample_per_window", path);
+    m.kv_compression = h5::has_attr(g, "kv_compression") ? h5::get_attr_string(g, "kv_compression", path)
+                                                         : std::string("shuffle+deflate-1");  // files before it
     const auto td = h5::dims_of(h5::open_dataset(impl_->file, "tokens"));
     ANTKV_CHECK(td.size() == 1, "{}: /tokens must be one-dimensional", path);
     impl_->n = static_cast<int64_t>(td[0]);
@@ -217,6 +263,18 @@ void CalibDumpReader::read_keys(int layer, int64_t row0, int64_t rows, float* ou
 }
 void CalibDumpReader::read_values(int layer, int64_t row0, int64_t rows, float* out) const {
   read_halves(impl_->file, layer_group(layer) + "/values", row0, rows, out, impl_->path);
+}
+void CalibDumpReader::read_keys_half(int layer, int64_t row0, int64_t rows, uint16_t* out) const {
+  h5::guard(impl_->path, [&] {
+    h5::read_rows(impl_->file.openDataSet(layer_group(layer) + "/keys"), h5::half_type(), row0, rows, out);
+    return 0;
+  });
+}
+void CalibDumpReader::read_values_half(int layer, int64_t row0, int64_t rows, uint16_t* out) const {
+  h5::guard(impl_->path, [&] {
+    h5::read_rows(impl_->file.openDataSet(layer_group(layer) + "/values"), h5::half_type(), row0, rows, out);
+    return 0;
+  });
 }
 void CalibDumpReader::read_scores(int layer, const char* name, int64_t row0, int64_t rows, float* out) const {
   h5::guard(impl_->path, [&] {

@@ -8,7 +8,11 @@
 //   /layer_{l}/keys          [N, kv_heads, d] fp16   (post- or pre-RoPE as meta key_rope says)
 //   /layer_{l}/values        [N, kv_heads, d] fp16
 //   /layer_{l}/S_K, /S_V, /anchor_score  [N, kv_heads] fp32
-// Datasets grow window by window (chunked, shuffle + deflate), so memory stays bounded.
+// Datasets grow window by window (chunked), so memory stays bounded. Not compressed by default: on fp16
+// K/V, shuffle + deflate saves little (meta kv_compression says what was used) and costs one core's deflate
+// time, which bounded calibration at the 8B shape (see CalibDumpWriter).
+// Every per-token or per-codebook array is a dataset; /meta holds small scalar attributes only (HDF5
+// attributes stop at 64 KiB).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -22,18 +26,25 @@ struct CalibMeta {
   std::string fingerprint;  // what the dump depends on (antkv-eval run reuses a dump whose fingerprint matches)
   int64_t tokens = 0, seq_len = 0, windows = 0, seed = 0;
   int64_t num_layers = 0, num_kv_heads = 0, head_dim = 0;
+  int64_t sample_per_window = 0;  // tokens stored per window (0: all); the recipe's calibration.sample_per_window
+  std::string kv_compression;     // "none" | "shuffle+deflate-<level>" (read back; set by the writer)
 };
 
 class CalibDumpWriter {
  public:
-  // Creates `path` (the caller writes to a temporary path and renames it when complete).
-  CalibDumpWriter(const std::string& path, int num_layers, int num_kv_heads, int head_dim);
+  // Creates `path` (the caller writes to a temporary path and renames it when complete). deflate_level 0:
+  // K/V and scores uncompressed; 1-9: shuffle + deflate at that level.
+  CalibDumpWriter(const std::string& path, int num_layers, int num_kv_heads, int head_dim, int deflate_level = 0);
   ~CalibDumpWriter();
   // n tokens of one window: ids, positions, window index: [n] each.
   void append_tokens(int n, const int32_t* tokens, const int32_t* positions, const int32_t* windows);
   // The same n tokens for one layer: keys, values [n, kv_heads, d]; s_k, s_v, anchor_score [n, kv_heads].
   void append_layer(int layer, int n, const float* keys, const float* values, const float* s_k,
                     const float* s_v, const float* anchor_score);
+  // The same with K/V already fp16 (IEEE half bits).
+  void append_layer_f16(int layer, int n, const uint16_t* keys, const uint16_t* values, const float* s_k,
+                        const float* s_v, const float* anchor_score);
+  int64_t bytes_appended() const;  // K/V and score bytes so far (before any compression)
   void finish(const CalibMeta& meta);  // writes /meta and closes; the dump is complete
 
  private:
@@ -55,6 +66,9 @@ class CalibDumpReader {
   void read_keys(int layer, int64_t row0, int64_t rows, float* out) const;
   void read_values(int layer, int64_t row0, int64_t rows, float* out) const;
   void read_scores(int layer, const char* name, int64_t row0, int64_t rows, float* out) const;  // S_K|S_V|anchor_score
+  // The stored fp16 bits themselves (no conversion): [rows, kv_heads, d].
+  void read_keys_half(int layer, int64_t row0, int64_t rows, uint16_t* out) const;
+  void read_values_half(int layer, int64_t row0, int64_t rows, uint16_t* out) const;
 
  private:
   struct Impl;

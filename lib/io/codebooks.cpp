@@ -53,10 +53,6 @@ void write_codebooks(const std::string& path, const CodebookSet& s) {
     h5::set_attr(g, "num_layers", int64_t{m.num_layers});
     h5::set_attr(g, "num_kv_heads", int64_t{m.num_kv_heads});
     h5::set_attr(g, "head_dim", int64_t{m.head_dim});
-    std::vector<double> all_obj;
-    for (int l = 0; l < m.num_layers; ++l)
-      for (const auto* cb : {&s.keys[l], &s.values[l]}) all_obj.insert(all_obj.end(), cb->objective.begin(), cb->objective.end());
-    h5::set_attr(g, "objective_per_codebook", all_obj);  // layer-major, keys then values, [kv_heads, groups] each
     h5::close_file(f, path);
     return 0;
   });

@@ -118,6 +118,12 @@ ModelConfig parse_model_config(const std::string& text, const std::string& src) 
     c.rope_scaling = parse_rope_scaling(*rope_params, src);
 
   c.max_position_embeddings = static_cast<int64_t>(get_number(j, "max_position_embeddings", 0, src));
+  // sliding_window: Mistral uses it whenever set (null in v0.2+); Qwen2 only with use_sliding_window: true
+  if (j.contains("sliding_window") && j["sliding_window"].is_number()) {
+    const bool used = c.model_type == "qwen2" ? j.value("use_sliding_window", false) : true;
+    if (used) c.sliding_window = static_cast<int64_t>(get_number(j, "sliding_window", 0, src));
+    ANTKV_CHECK(c.sliding_window >= 0, "{}: sliding_window {} is negative", src, c.sliding_window);
+  }
   c.tie_word_embeddings = j.value("tie_word_embeddings", false);
   c.attention_bias = c.model_type == "qwen2" ? true : j.value("attention_bias", false);
   ANTKV_CHECK(!j.value("mlp_bias", false), "{}: mlp_bias = true is not supported", src);
@@ -141,5 +147,15 @@ ModelConfig parse_model_config(const std::string& text, const std::string& src) 
 }
 
 ModelConfig load_model_config(const std::string& path) { return parse_model_config(read_file(path), path); }
+
+void check_window_length(const ModelConfig& cfg, int64_t seq_len, const std::string& seq_len_name) {
+  ANTKV_CHECK(cfg.max_position_embeddings <= 0 || seq_len <= cfg.max_position_embeddings,
+              "{} {} exceeds the model's max_position_embeddings {} (config.json); use {} <= {}", seq_len_name, seq_len,
+              cfg.max_position_embeddings, seq_len_name, cfg.max_position_embeddings);
+  ANTKV_CHECK(cfg.sliding_window <= 0 || seq_len <= cfg.sliding_window,
+              "{} {} exceeds the model's sliding_window {} (config.json): attention limited to the last {} keys is not "
+              "implemented, so longer windows would be evaluated wrongly; use {} <= {}",
+              seq_len_name, seq_len, cfg.sliding_window, cfg.sliding_window, seq_len_name, cfg.sliding_window);
+}
 
 }  // namespace antkv

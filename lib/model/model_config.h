@@ -28,6 +28,10 @@ struct ModelConfig {
   double rope_theta = 10000.0;  // top-level rope_theta or rope_parameters.rope_theta
   RopeScaling rope_scaling;
   int64_t max_position_embeddings = 0;
+  // Sliding-window attention (Mistral-7B v0.1: 4096; Qwen2 when use_sliding_window): 0 = none. The runtimes
+  // attend to every cached key, so windows longer than this are refused (check_window_length). Not in
+  // config_hash: it does not change K/V within the window.
+  int64_t sliding_window = 0;
   bool tie_word_embeddings = false;
   bool attention_bias = false;  // q/k/v biases (qwen2 always; llama when attention_bias: true)
   int bos_token_id = -1;
@@ -43,5 +47,10 @@ struct ModelConfig {
 // Parses config.json text; `source` names the file in error messages.
 ModelConfig parse_model_config(const std::string& json_text, const std::string& source);
 ModelConfig load_model_config(const std::string& config_json_path);
+
+// The window length the model allows: seq_len must not exceed max_position_embeddings, nor a sliding window
+// (not implemented: attention over all cached keys would be wrong past it). A clear error naming the option
+// (seq_len_name: "--seq-len", "eval.seq_len", ...) and the limit otherwise.
+void check_window_length(const ModelConfig& cfg, int64_t seq_len, const std::string& seq_len_name);
 
 }  // namespace antkv

@@ -25,10 +25,29 @@ struct LayerActivations {
   const float* v = nullptr;           // [n_tokens, num_kv_heads, head_dim]
 };
 
+// The same activations left on the device (GpuRuntime), fp32 row-major with row strides in elements,
+// valid until the layer's attention runs; `stream` is the runtime's cudaStream_t (work enqueued on it is
+// ordered before the rest of the forward pass).
+struct DeviceLayerActivations {
+  int layer = 0;
+  int n_tokens = 0;
+  int position0 = 0;
+  const float* q = nullptr;       // [n_tokens, num_heads, head_dim], post-RoPE
+  const float* k_pre = nullptr;   // [n_tokens, num_kv_heads, head_dim]
+  const float* k_post = nullptr;  // [n_tokens, num_kv_heads, head_dim]
+  const float* v = nullptr;       // [n_tokens, num_kv_heads, head_dim]
+  int64_t q_stride = 0, k_pre_stride = 0, k_post_stride = 0, v_stride = 0;
+  void* stream = nullptr;
+};
+
 class ForwardObserver {
  public:
   virtual ~ForwardObserver() = default;
   virtual void on_layer(const LayerActivations& act) = 0;
+  // When true, a GPU runtime calls on_layer_device instead of on_layer: no copies to the host, no
+  // synchronization per layer (the observer enqueues its own work on the runtime's stream).
+  virtual bool wants_device() const { return false; }
+  virtual void on_layer_device(const DeviceLayerActivations& /*act*/) {}
 };
 
 enum class LogitsMode { kNone, kLast, kAll };
