@@ -7,7 +7,8 @@
 // ratio=0.01, score=error_bound|attention_mass|key_bound|random|recent, key_rope=post|pre, correct=on|off,
 // gain=off|k|kv.
 //   anchors=k|v (ours, not the paper's): anchor tokens keep FP16 only for that tensor; the other tensor of an
-//     anchor token is quantized like any token (the selection is the paper's, from both scores).
+//     anchor token is quantized like any token (the selection is the paper's, from both scores). exclude=on
+//     still leaves the calibration anchors out of both tensors' codebooks (exclude=off trains on every token).
 //   gain=k|kv (ours): gain-shape VQ of keys (and values): each token's per-head vector keeps its L2 norm in fp16
 //     and only its direction is vector-quantized, with codebooks trained on unit vectors (a codebook
 //     configuration of its own: file name suffix _gk / _gkv, /meta attribute gain). The dequantized vector is
