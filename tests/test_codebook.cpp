@@ -5,6 +5,7 @@
 
 #include "codebook/train_codebooks.h"
 #include "eval/compare.h"
+#include "eval/fingerprint.h"
 #include "quant/method.h"
 #include "core/atomic_file.h"
 #include "io/calib_dump.h"
@@ -169,6 +170,14 @@ TEST_CASE("train-codebook: gain-shape codebooks learn unit directions - file rec
   CHECK_THROWS_WITH(load_method_codebooks({parse_method("antkv", r)}, dir),
                     Contains("k-c4b4_v-c4b4_anchor_post.h5") && Contains("gain k") && Contains("gain off"));
   CHECK_THROWS_WITH(train(dump, with("v")), Contains("kmeans.gain"));
+  // antkv-eval run reuses codebooks by fingerprint: each gain is its own configuration
+  const std::string fp_off = codebook_fingerprint(r, parse_method("antkv", r), "h");
+  const std::string fp_k = codebook_fingerprint(r, parse_method("antkv:gain=k", r), "h");
+  const std::string fp_kv = codebook_fingerprint(r, parse_method("antkv:gain=kv", r), "h");
+  CHECK(fp_off != fp_k);
+  CHECK(fp_k != fp_kv);
+  CHECK(fp_off == codebook_fingerprint(r, parse_method("antkv:anchors=v", r), "h"));  // anchors: same codebooks
+  CHECK_THAT(fingerprint_difference(fp_off, fp_k), Contains("kmeans.gain"));
 }
 
 TEST_CASE("train-codebook: bad inputs are clear errors", "[codebook]") {
