@@ -147,9 +147,9 @@ GpuScores run_gpu(const Inputs& in, cuda::AnchorScoreWorkspace& ws) {
 }  // namespace
 #endif
 
+#ifdef ANTKV_HAVE_CUDA
 TEST_CASE("anchor_scores_gpu equals the reference: T 1/67/200, GQA 1/2/4, head_dim 64/128", "[gpu][anchor]") {
   SKIP_WITHOUT_GPU();
-#ifdef ANTKV_HAVE_CUDA
   cuda::AnchorScoreWorkspace ws;  // reused: grows across the cases
   double worst_k = 0, worst_v = 0;
   for (int d : {64, 128})
@@ -175,13 +175,13 @@ TEST_CASE("anchor_scores_gpu equals the reference: T 1/67/200, GQA 1/2/4, head_d
         worst_v = std::max(worst_v, ev);
       }
   fmt::print("anchor_scores_gpu vs reference: max rel err S_K {:.2e}, S_V {:.2e}\n", worst_k, worst_v);
-#endif
 }
+#endif
 
+#ifdef ANTKV_HAVE_CUDA
 TEST_CASE("anchor_scores_gpu equals anchor_scores_cpu at T=2048, d=128, 4/2 heads - deterministic",
           "[gpu][anchor]") {
   SKIP_WITHOUT_GPU();
-#ifdef ANTKV_HAVE_CUDA
   const int T = 2048, H = 4, KV = 2, d = 128;
   const Inputs in = random_inputs(T, H, KV, d, 2048);
   std::vector<float> ck(static_cast<size_t>(T) * KV), cv(ck.size());
@@ -199,12 +199,12 @@ TEST_CASE("anchor_scores_gpu equals anchor_scores_cpu at T=2048, d=128, 4/2 head
   const GpuScores g2 = run_gpu(in, ws);
   CHECK(std::equal(g.s_k.begin(), g.s_k.end(), g2.s_k.begin()));
   CHECK(std::equal(g.s_v.begin(), g.s_v.end(), g2.s_v.begin()));
-#endif
 }
+#endif
 
+#ifdef ANTKV_HAVE_CUDA
 TEST_CASE("anchor_scores_gpu: unsupported head_dim and bad shapes are antkv::Errors", "[gpu][anchor]") {
   SKIP_WITHOUT_GPU();
-#ifdef ANTKV_HAVE_CUDA
   cuda::DeviceBuffer<float> buf(4096);
   cuda::AnchorScoreGpuArgs p;
   p.q = p.k = p.v = buf.get();
@@ -217,12 +217,12 @@ TEST_CASE("anchor_scores_gpu: unsupported head_dim and bad shapes are antkv::Err
   p.head_dim = 64;
   p.n_kv_heads = 3;
   CHECK_THROWS_AS(cuda::anchor_scores_gpu(p, nullptr), Error);
-#endif
 }
+#endif
 
+#ifdef ANTKV_HAVE_CUDA
 TEST_CASE("anchor_scores_gpu benchmark: LLaMA-3-8B head shape 32/8/128, T 2048 and 8192", "[gpu][bench]") {
   SKIP_WITHOUT_GPU();
-#ifdef ANTKV_HAVE_CUDA
   const int H = 32, KV = 8, d = 128;
   cuda::AnchorScoreWorkspace ws;
   for (int T : {2048, 8192}) {
@@ -288,7 +288,7 @@ TEST_CASE("anchor_scores_gpu benchmark: LLaMA-3-8B head shape 32/8/128, T 2048 a
     cudaEventDestroy(e1);
     cudaEventDestroy(e2);
   }
-#endif
 }
+#endif
 
 }  // namespace antkv
