@@ -22,6 +22,8 @@
 #include "kmeans/kmeans.h"
 #include "test_support.h"
 
+using Catch::Matchers::Contains;
+
 #ifdef ANTKV_HAVE_CUDA
 #include "kernels/common/device_buffer.h"
 #include "kernels/kmeans/kmeans.h"
@@ -254,21 +256,21 @@ void check_errors(TrainerFactory make) {
   {
     Data d = mixture(2, 500, 4, 21, true);
     d.x[static_cast<size_t>(1) * d.n * d.dim + 37 * d.dim + 2] = std::numeric_limits<float>::quiet_NaN();
-    CHECK_THROWS_AS(make(p)->train(d.batch()), Error);
+    CHECK_THROWS_WITH(make(p)->train(d.batch()), Contains("non-finite value") && Contains("codebook 1, point 37"));
   }
   {
     Data d = mixture(1, 500, 4, 22, true);
     d.w[17] = -1.f;
-    CHECK_THROWS_AS(make(p)->train(d.batch()), Error);
+    CHECK_THROWS_WITH(make(p)->train(d.batch()), Contains("bad weight -1") && Contains("point 17"));
   }
   {
     Data d = mixture(1, 40, 4, 23, true);
     for (int64_t j = 0; j < 30; ++j) d.w[j] = 0.f;  // 10 points of weight > 0 for 16 centroids
-    CHECK_THROWS_AS(make(p)->train(d.batch()), Error);
+    CHECK_THROWS_WITH(make(p)->train(d.batch()), Contains("10 points with weight > 0"));
   }
   {
     Data d = mixture(1, 10, 4, 24, false);  // 10 points for 16 centroids
-    CHECK_THROWS_AS(make(p)->train(d.batch()), Error);
+    CHECK_THROWS_WITH(make(p)->train(d.batch()), Contains("10 points with weight > 0"));
   }
 }
 

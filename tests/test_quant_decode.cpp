@@ -81,9 +81,11 @@ TEST_CASE("quant: pack/unpack of b-bit codes round-trips with the swizzled group
       // codes outside [0, 2^b) are errors
       std::vector<int32_t> bad(ng, 0);
       bad[ng - 1] = k;
-      CHECK_THROWS_AS(antkv::cuda::pack_codes(bad.data(), 1, 0, d, cfg, packed.data()), antkv::Error);
+      CHECK_THROWS_WITH(antkv::cuda::pack_codes(bad.data(), 1, 0, d, cfg, packed.data()),
+                        Catch::Contains(fmt::format("code {} of token 0 is outside [0, {})", k, k)));
       bad[ng - 1] = -1;
-      CHECK_THROWS_AS(antkv::cuda::pack_codes(bad.data(), 1, 0, d, cfg, packed.data()), antkv::Error);
+      CHECK_THROWS_WITH(antkv::cuda::pack_codes(bad.data(), 1, 0, d, cfg, packed.data()),
+                        Catch::Contains(fmt::format("code -1 of token 0 is outside [0, {})", k)));
     }
   // bits of a 6-bit record by hand: slot 0, groups 0..7 = 1, 2, 3, ..., 8 (head_dim 128, c16b6)
   std::vector<int32_t> c6 = {1, 2, 3, 4, 5, 6, 7, 8};
@@ -95,8 +97,8 @@ TEST_CASE("quant: pack/unpack of b-bit codes round-trips with the swizzled group
   // slot 3: the record starts with group 3's code
   antkv::cuda::pack_codes(c6.data(), 1, 3, 128, VqConfig::kC16B6, r6.data());
   CHECK((r6[0] & 63) == 4);
-  CHECK_THROWS_AS(antkv::cuda::check_vq_shape(96, VqConfig::kC8B8), antkv::Error);
-  CHECK_THROWS_AS(antkv::cuda::parse_vq_config("c4b8"), antkv::Error);
+  CHECK_THROWS_WITH(antkv::cuda::check_vq_shape(96, VqConfig::kC8B8), Catch::Contains("head_dim 96 is not supported"));
+  CHECK_THROWS_WITH(antkv::cuda::parse_vq_config("c4b8"), Catch::Contains("unknown VQ configuration 'c4b8'"));
   CHECK(antkv::cuda::parse_vq_config("c16b12") == VqConfig::kC16B12);
 }
 
