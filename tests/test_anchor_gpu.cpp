@@ -111,6 +111,53 @@ TEST_CASE("anchor_scores_cpu equals anchor_scores_reference - S_V sums to n_head
              worst_k0, worst_v);
 }
 
+// Each score variant of design note §2 on hand-made S_K / S_V (T 4, 2 KV heads, per-head error norms).
+TEST_CASE("anchor score variants by hand: error_bound, attention_mass, key_bound, random, recent", "[anchor]") {
+  const int T = 4, KV = 2;
+  const std::vector<float> s_k = {1, 2, 3, 4, 5, 6, 7, 8}, s_v = {0.5f, 8, 0.25f, 4, 2, 1, 1, 0.5f};
+  const std::vector<float> e_k = {2, 3}, e_v = {10, 100};
+  std::vector<float> out(T * KV);
+  auto run = [&](const char* kind, const float* ek, const float* ev, uint64_t seed = 1) {
+    combine_anchor_scores(parse_anchor_score_kind(kind), s_k.data(), s_v.data(), ek, ev, T, KV, seed, out.data());
+    return out;
+  };
+  // error_bound: S_K e_K + S_V e_V with each KV head's own error norms; without norms, S_K + S_V
+  CHECK(run("error_bound", e_k.data(), e_v.data()) == std::vector<float>{7, 806, 8.5f, 412, 30, 118, 24, 74});
+  CHECK(run("error_bound", nullptr, nullptr) == std::vector<float>{1.5f, 10, 3.25f, 8, 7, 7, 8, 8.5f});
+  CHECK(run("attention_mass", e_k.data(), e_v.data()) == s_v);
+  CHECK(run("key_bound", e_k.data(), e_v.data()) == s_k);
+  CHECK(run("recent", e_k.data(), e_v.data()) == std::vector<float>{0, 0, 1, 1, 2, 2, 3, 3});
+  // random: uniform in [0, 1), the same for the same seed, another for another seed
+  const auto r1 = run("random", nullptr, nullptr, 7), r1b = run("random", nullptr, nullptr, 7);
+  const auto r2 = run("random", nullptr, nullptr, 8);
+  CHECK(r1 == r1b);
+  CHECK(r1 != r2);
+  for (float x : r1) CHECK((x >= 0 && x < 1));
+  CHECK(std::adjacent_find(r1.begin(), r1.end()) == r1.end());  // not constant
+  for (const char* k : {"error_bound", "attention_mass", "key_bound", "random", "recent"})
+    CHECK(std::string(anchor_score_kind_name(parse_anchor_score_kind(k))) == k);
+  CHECK_THROWS_WITH(parse_anchor_score_kind("loudest"), Catch::Contains("unknown anchor score \"loudest\""));
+}
+
+// select_anchors: the ceil(ratio * T) largest scores of one KV head, token 0 always among them (it counts
+// toward the number), ties to the earlier position, returned by position.
+TEST_CASE("select_anchors by hand: top ceil(ratio T) per head, token 0 always, ties by position", "[anchor]") {
+  const int T = 10, KV = 2;
+  // head 0: token 0 lowest, 7 > 3 > 5 = 6; head 1: decreasing with position
+  std::vector<float> sc(T * KV);
+  const float h0[T] = {-5, 1, 2, 8, 0, 4, 4, 9, 1, 3};
+  for (int t = 0; t < T; ++t) sc[t * KV] = h0[t], sc[t * KV + 1] = static_cast<float>(T - t);
+  using V = std::vector<int32_t>;
+  CHECK(select_anchors(sc.data(), T, KV, 0, 0.3) == V{0, 3, 7});      // ceil(3): token 0 + the two largest
+  CHECK(select_anchors(sc.data(), T, KV, 0, 0.41) == V{0, 3, 5, 6, 7});  // ceil(4.1) = 5: 5 and 6 tie (4), both in
+  CHECK(select_anchors(sc.data(), T, KV, 0, 0.4) == V{0, 3, 5, 7});   // ceil(4): of the tie, the earlier (5)
+  CHECK(select_anchors(sc.data(), T, KV, 0, 0.01) == V{0});           // ceil(0.1) = 1: only the sink
+  CHECK(select_anchors(sc.data(), T, KV, 1, 0.3) == V{0, 1, 2});      // head 1 by its own scores
+  CHECK(select_anchors(sc.data(), T, KV, 0, 0.0).empty());
+  CHECK(select_anchors(sc.data(), T, KV, 0, 1.0).size() == size_t(T));
+  CHECK_THROWS_WITH(select_anchors(sc.data(), T, KV, 0, 1.5), Catch::Contains("anchor ratio 1.5"));
+}
+
 #ifdef ANTKV_HAVE_CUDA
 namespace {
 

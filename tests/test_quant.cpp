@@ -1,11 +1,13 @@
 // KV-cache methods on the CPU: uniform (KIVI-style), VQ and AnTKV caches against hand-computed
 // references, effective-bits arithmetic, and perplexity properties on antkv-ref-18m.
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <random>
 
 #include <Eigen/Core>
 
+#include "anchor/anchor_scores.h"
 #include "calibrate/calibrate.h"
 #include "codebook/train_codebooks.h"
 #include "core/atomic_file.h"
@@ -266,6 +268,60 @@ TEST_CASE("VQ and AnTKV caches: pre-RoPE keys quantized before RoPE, rotated to 
   auto cb_post = std::make_shared<CodebookSet>(*cb);
   cb_post->meta.key_rope = "post";
   CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq:key_rope=pre", r), cb_post), Contains("post-RoPE"));
+}
+
+// The antkv cache picks its anchors with the method's score variant: recent keeps token 0 and the newest
+// tokens; attention_mass and key_bound keep the largest S_V / S_K of the chunk's own attention, here
+// recomputed with the double-precision reference (anchor_scores_reference) and selected by hand.
+TEST_CASE("AnTKV cache: anchors follow the score variant (recent, attention_mass, key_bound, error_bound)", "[quant][anchor]") {
+  const ModelConfig cfg = tiny_config(2, 8);
+  const int T = 40, KV = 2, row = 16;
+  auto cb = std::make_shared<CodebookSet>();
+  cb->meta = {"tiny", "", "", "post", "anchor", "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
+  std::mt19937 rng(14);
+  std::normal_distribution<float> nd;
+  for (auto* side : {&cb->keys, &cb->values}) {
+    side->resize(1);
+    (*side)[0].centroids.resize(2 * 2 * 4 * 4);
+    for (auto& x : (*side)[0].centroids) x = nd(rng);
+  }
+  cb->keys[0].error_norm = {0.5f, 2.0f};
+  cb->values[0].error_norm = {3.0f, 0.25f};
+  const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
+  std::vector<float> k(T * row), v(T * row), q(T * 2 * row);
+  for (auto* a : {&k, &v, &q})
+    for (auto& x : *a) x = 2 * nd(rng);
+  // the scores of the fp16 activations the cache holds
+  std::vector<float> k16(k.size()), v16(v.size());
+  for (size_t i = 0; i < k.size(); ++i) k16[i] = static_cast<float>(Eigen::half(k[i])), v16[i] = static_cast<float>(Eigen::half(v[i]));
+  std::vector<float> s_k(T * KV), s_v(T * KV);
+  anchor_scores_reference(AnchorScoreArgs{q.data(), k16.data(), v16.data(), T, 4, KV, 8}, s_k.data(), s_v.data());
+  auto flags_of = [&](const char* score) {
+    QuantizedKvCache c(cfg, parse_method(std::string("antkv:ratio=0.1,score=") + score, r), cb);
+    c.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+    return c.anchor_flags(0);
+  };
+  auto expected = [&](const std::vector<float>& score) {
+    std::vector<uint8_t> f(T * KV, 0);
+    for (int h = 0; h < KV; ++h) {
+      std::vector<int> order(T);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin() + 1, order.end(), [&](int x, int y) { return score[x * KV + h] > score[y * KV + h]; });
+      for (int i = 0; i < 4; ++i) f[order[i] * KV + h] = 1;  // token 0, then the 3 largest (ceil(0.1 x 40) = 4)
+    }
+    return f;
+  };
+  std::vector<float> recent(T * KV), bound(T * KV);
+  for (int t = 0; t < T; ++t)
+    for (int h = 0; h < KV; ++h) {
+      recent[t * KV + h] = static_cast<float>(t);
+      bound[t * KV + h] = s_k[t * KV + h] * cb->keys[0].error_norm[h] + s_v[t * KV + h] * cb->values[0].error_norm[h];
+    }
+  CHECK(flags_of("recent") == expected(recent));  // tokens 0, 37, 38, 39
+  CHECK(flags_of("attention_mass") == expected(s_v));
+  CHECK(flags_of("key_bound") == expected(s_k));
+  CHECK(flags_of("error_bound") == expected(bound));
+  CHECK(flags_of("attention_mass") != flags_of("key_bound"));  // the variants really choose differently here
 }
 
 // Effective bits counted from what the caches hold (QuantizedKvCache::effective_bits), against the formula
