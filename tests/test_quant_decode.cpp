@@ -381,24 +381,24 @@ TEST_CASE("GPU quant decode: closed set and bad counts", "[gpu][quant]") {
   }
   auto e = p;
   e.head_dim = 96;
-  CHECK_THROWS_AS(cuda::quant_decode(e, nullptr), antkv::Error);
+  CHECK_THROWS_WITH(cuda::quant_decode(e, nullptr), Catch::Contains("head_dim 96 is not supported"));
   e = p;
   e.config = VqConfig::kC16B8;
   e.lut_half = true;  // fp16 tables exist for c8b8 and c16b12 only
-  CHECK_THROWS_AS(cuda::quant_decode(e, nullptr), antkv::Error);
+  CHECK_THROWS_WITH(cuda::quant_decode(e, nullptr), Catch::Contains("fp16 lookup tables are built for c8b8 and c16b12 only"));
   e = p;
   e.split_len = 1000;  // not a multiple of the tile
-  CHECK_THROWS_AS(cuda::quant_decode(e, nullptr), antkv::Error);
+  CHECK_THROWS_WITH(cuda::quant_decode(e, nullptr), Catch::Contains("bad split plan") && Catch::Contains("of 1000 slots"));
   e = p;
   e.split_len = 65536;  // over the bins' overflow bound
-  CHECK_THROWS_AS(cuda::quant_decode(e, nullptr), antkv::Error);
+  CHECK_THROWS_WITH(cuda::quant_decode(e, nullptr), Catch::Contains("bad split plan") && Catch::Contains("of 65536 slots"));
   e = p;
   e.n_heads = 5;
-  CHECK_THROWS_AS(cuda::quant_decode(e, nullptr), antkv::Error);
+  CHECK_THROWS_WITH(cuda::quant_decode(e, nullptr), Catch::Contains("n_heads 5 must be a multiple of n_kv_heads"));
   e = p;
   e.workspace_floats = 10;
-  CHECK_THROWS_AS(cuda::quant_decode(e, nullptr), antkv::Error);
-  CHECK_THROWS_AS(cuda::plan_quant_decode(1, 4, 2, 80, VqConfig::kC8B8, 100), antkv::Error);
+  CHECK_THROWS_WITH(cuda::quant_decode(e, nullptr), Catch::Contains("workspace of 10 floats is too small"));
+  CHECK_THROWS_WITH(cuda::plan_quant_decode(1, 4, 2, 80, VqConfig::kC8B8, 100), Catch::Contains("head_dim 80 is not supported"));
   const auto plan = cuda::plan_quant_decode(1, 32, 8, 128, VqConfig::kC8B8, 4 << 20);
   CHECK(int64_t(plan.n_splits) * plan.split_len >= (4 << 20));
   CHECK(plan.split_len <= 32768);
