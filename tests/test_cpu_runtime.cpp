@@ -59,7 +59,7 @@ std::vector<int32_t> greedy(Runtime& rt, const std::vector<int32_t>& prompt, int
 
 }  // namespace
 
-TEST_CASE("CPU runtime: antkv-ref-18m logits and K/V match transformers", "[runtime][shared]") {
+TEST_CASE("CPU runtime: antkv-ref-18m logits and post-RoPE keys match transformers", "[runtime][shared]") {
   const std::string dir = test::model_dir("antkv-ref-18m");
   auto ref = SafetensorsFile::open(dir + "/reference/reference.safetensors");
   const auto prompt = ints(ref->get("prompt_ids"));
