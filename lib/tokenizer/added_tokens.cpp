@@ -3,6 +3,8 @@
 #include "tokenizer/tokenizer_impl.h"
 
 namespace antkv {
+
+using namespace tok;  // the stage types of tokenizer_impl.h
 namespace tok {
 namespace {
 

@@ -13,6 +13,8 @@
 
 namespace antkv {
 
+using namespace tok;  // the stage types of tokenizer_impl.h
+
 namespace tok {
 const ByteMap& byte_map() {
   static const ByteMap m;

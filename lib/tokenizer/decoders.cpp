@@ -6,6 +6,8 @@
 
 namespace antkv {
 
+using namespace tok;  // the stage types of tokenizer_impl.h
+
 void Tokenizer::Impl::load_decoder(const json& d) {
   const std::string type = jstr(d, "type");
   DecStep st;

@@ -7,6 +7,8 @@
 #include "tokenizer/tokenizer_impl.h"
 
 namespace antkv {
+
+using namespace tok;  // the stage types of tokenizer_impl.h
 namespace {
 
 // NFC when compose, else NFD. ASCII text is already normalized and is returned as is. The input is

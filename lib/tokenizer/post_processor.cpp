@@ -4,6 +4,8 @@
 
 namespace antkv {
 
+using namespace tok;  // the stage types of tokenizer_impl.h
+
 void Tokenizer::Impl::load_post(const json& p) {
   const std::string type = jstr(p, "type");
   if (type == "Sequence") {

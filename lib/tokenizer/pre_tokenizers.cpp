@@ -4,6 +4,8 @@
 #include "tokenizer/tokenizer_impl.h"
 
 namespace antkv {
+
+using namespace tok;  // the stage types of tokenizer_impl.h
 namespace {
 
 const char* kGpt2Pattern =

@@ -13,6 +13,8 @@
 
 namespace antkv {
 
+using namespace tok;  // the stage types of tokenizer_impl.h
+
 Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;

@@ -241,36 +241,34 @@ bool jbool(const json& j, const char* key, bool def);
 
 namespace antkv {
 
-using namespace tok;  // NOLINT: Impl is written in terms of the stage types above
-
 struct Tokenizer::Impl {
   std::string src;  // file name for messages
 
   // Model vocabulary.
   std::vector<std::string> id_to_tok;  // model tokens (index = id); "" for gaps
   std::vector<bool> has_tok;
-  std::unordered_map<std::string_view, int32_t, SvHash> tok_to_id;  // keys point into id_to_tok
+  std::unordered_map<std::string_view, int32_t, tok::SvHash> tok_to_id;  // keys point into id_to_tok
   // Lookup keys used by the BPE model: raw bytes for byte-level, token strings otherwise.
   std::deque<std::string> key_store;
-  std::unordered_map<std::string_view, int32_t, SvHash> key_to_id;
+  std::unordered_map<std::string_view, int32_t, tok::SvHash> key_to_id;
   std::array<int32_t, 256> byte_id{};      // byte-level: id of each single byte; else ASCII chars
   std::array<int32_t, 256> fallback_id{};  // id of "<0xNN>" or -1
-  PairMap merges;
+  tok::PairMap merges;
   int32_t unk_id = -1;
   bool fuse_unk = false, byte_fallback = false, ignore_merges = false;
   bool byte_level = false;
 
   // Added tokens.
-  std::vector<AddedToken> added;
+  std::vector<tok::AddedToken> added;
   std::unordered_map<int32_t, size_t> added_by_id;
   std::unordered_map<std::string, int32_t> added_by_content;
-  AddedMatcher match_raw, match_norm;
+  tok::AddedMatcher match_raw, match_norm;
 
-  std::vector<NormStep> normalizer;
-  std::vector<PreStep> pre;
-  std::vector<DecStep> decoder;
+  std::vector<tok::NormStep> normalizer;
+  std::vector<tok::PreStep> pre;
+  std::vector<tok::DecStep> decoder;
   bool has_decoder = false;
-  std::vector<PostStep> post;
+  std::vector<tok::PostStep> post;
 
   int32_t bos = -1, eos = -1, vocab_n = 0;
 
@@ -280,27 +278,27 @@ struct Tokenizer::Impl {
     uint32_t off, len;  // into cache_ids
   };
   mutable std::mutex cache_mu;
-  mutable std::unordered_map<std::string_view, CacheEntry, SvHash> cache;  // keys in cache_keys
+  mutable std::unordered_map<std::string_view, CacheEntry, tok::SvHash> cache;  // keys in cache_keys
   mutable std::deque<std::string> cache_keys;
   mutable std::vector<int32_t> cache_ids;
   // Characters before which BPE never merges (see find_cut_chars); long words are cut there.
   std::vector<std::string> cut_chars;
 
-  void load(const json& j);
-  void load_model(const json& m);
-  void load_added(const json& a);
-  void load_normalizer(const json& n);
-  void load_pre(const json& p, bool top);
-  void load_decoder(const json& d);
-  void load_post(const json& p);
+  void load(const tok::json& j);
+  void load_model(const tok::json& m);
+  void load_added(const tok::json& a);
+  void load_normalizer(const tok::json& n);
+  void load_pre(const tok::json& p, bool top);
+  void load_decoder(const tok::json& d);
+  void load_post(const tok::json& p);
 
   void build_model_keys();  // bpe_model.cpp
 
   std::string normalize(std::string_view s) const;
   // Pre-tokenizes one piece and runs the BPE model on each pre-token, appending the ids.
-  void pre_tokenize_and_encode(const Piece& p, std::vector<int32_t>& ids) const;
+  void pre_tokenize_and_encode(const tok::Piece& p, std::vector<int32_t>& ids) const;
   template <class Sink>
-  void run_pre(size_t k, const Piece& p, Sink& sink) const;  // pre_tokenizers.cpp only
+  void run_pre(size_t k, const tok::Piece& p, Sink& sink) const;  // pre_tokenizers.cpp only
   std::string run_decoders(std::vector<std::string> toks) const;
   void apply_post(std::vector<int32_t>& ids) const;
   void bpe_word(std::string_view w, std::vector<int32_t>& out) const;

@@ -8,6 +8,8 @@
 
 namespace antkv {
 
+using namespace tok;  // the stage types of tokenizer_impl.h
+
 namespace tok {
 std::string jstr(const json& j, const char* key, const std::string& def) {
   auto it = j.find(key);
