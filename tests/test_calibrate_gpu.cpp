@@ -131,13 +131,15 @@ TEST_CASE("anchor scores: GPU pass equals the CPU reference on real K/V of antkv
     AnchorScoreArgs a{cap.q[l].data(), cap.k[l].data(), cap.v[l].data(), T, 4, 2, 128};
     anchor_scores_reference(a, rk.data(), rv.data());
     gpu(a, gk.data(), gv.data());
-    // fp32 on both sides; the GPU sums in another order: the issue's bound, 1e-3 relative
+    // fp32 on the GPU against a double reference, summed in another order. Measured on the H200
+    // (2026-11-29): at most 9.5e-8 (S_K) and 8.6e-8 (S_V) over the 6 layers; bound 1e-6, ~10x that. A tiling,
+    // masking or GQA mistake moves some score by O(1) relative.
     const double ek = test::max_rel_error(gk.data(), rk.data(), rk.size());
     const double ev = test::max_rel_error(gv.data(), rv.data(), rv.size());
     fmt::print("anchor scores GPU vs reference on antkv-ref-18m layer {}: S_K {:.2e}, S_V {:.2e}\n", l, ek, ev);
     INFO("layer " << l);
-    CHECK(ek < 1e-3);
-    CHECK(ev < 1e-3);
+    CHECK(ek < 1e-6);
+    CHECK(ev < 1e-6);
   }
 }
 #endif
