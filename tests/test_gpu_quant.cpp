@@ -303,6 +303,8 @@ TEST_CASE("GPU KV quantizers equal QuantizedKvCache on the same inputs (prefill,
       {"vq:bits=0.75", 5e-3},
       {"antkv:bits=1,ratio=0.05", 1e-2},
       {"antkv:bits=1,ratio=0.05,key_rope=pre", 1e-2},
+      {"antkv:bits=1,ratio=0.05,anchors=v", 1e-2},  // anchor tokens: keys quantized, values exact
+      {"antkv:bits=1,ratio=0.05,anchors=k,key_rope=pre", 1e-2},
   };
   for (const auto& cs : cases) {
     SECTION(cs.text) {
@@ -607,6 +609,8 @@ TEST_CASE("GPU KV quantizer: codebooks that do not fit are errors naming the pro
   CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, m, bad), Catch::Contains("layer 0 key error_norm holds 3 values"));
   CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,correct=on"), good),
                     Catch::Contains("correct=on (the attention-score correction) is not implemented on the GPU"));
+  CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,gain=k"), good),
+                    Catch::Contains("gain=k (gain-shape VQ) is not implemented on the GPU"));
   CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("uniform:bits=2,group=96"), nullptr),
                     Catch::Contains("must divide head_dim"));
 }

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <tuple>
 
 #include <Eigen/Core>
 
@@ -60,6 +61,20 @@ TEST_CASE("effective bits by hand", "[quant]") {
   CHECK(effective_bits(parse_method("antkv:bits=1,correct=on", r), 2048, 128, false) ==
         Approx(effective_bits(parse_method("antkv:bits=1", r), 2048, 128, false) + (2048 - 21) * 16.0 / (2048 * 128) / 2));
   CHECK(effective_bits(parse_method("fp16", r), 2048, 128) == 16);
+  // anchors=v: the 21 anchor tokens keep only their values in FP16 (keys: 1 bit like every token); =k the keys
+  const double key_plain = 1.0, anchored = ((2048 - 21) * 1.0 * 128 + 21 * (16.0 * 128 + 32)) / (2048.0 * 128);
+  CHECK(effective_bits(parse_method("antkv:bits=1,anchors=v", r), 2048, 128, false) == Approx((key_plain + anchored) / 2));
+  CHECK(effective_bits(parse_method("antkv:bits=1,anchors=k", r), 2048, 128, false) == Approx((anchored + key_plain) / 2));
+  CHECK(effective_bits(parse_method("antkv:bits=1,anchors=on", r), 2048, 128, false) == Approx(anchored));
+  // gain=k: an fp16 norm per quantized key and head, 16 / 128 = 0.125 bit per key channel (no anchors: vq)
+  CHECK(effective_bits(parse_method("vq:bits=1,gain=k", r), 2048, 128, false) == Approx((1 + 0.125 + 1) / 2));
+  CHECK(effective_bits(parse_method("vq:bits=1,gain=kv", r), 2048, 128, false) == Approx(1.125));
+  // anchors=v with gain=k: every key is quantized and carries a norm; values as antkv's
+  CHECK(effective_bits(parse_method("antkv:bits=1,anchors=v,gain=k", r), 2048, 128, false) ==
+        Approx((1.125 + anchored) / 2));
+  // anchors=kv with gain=kv: norms only for the 2048 - 21 quantized tokens
+  CHECK(effective_bits(parse_method("antkv:bits=1,gain=kv", r), 2048, 128, false) ==
+        Approx(anchored + (2048 - 21) * 16.0 / (2048 * 128)));
 }
 
 TEST_CASE("method strings: kinds, options, errors", "[quant]") {
@@ -83,6 +98,34 @@ TEST_CASE("method strings: kinds, options, errors", "[quant]") {
   CHECK_THROWS_WITH(parse_method("uniform:bits=2,grp=3", r), Contains("grp"));
   CHECK_THROWS_WITH(parse_method("antkv:bits=3", r), Contains("3 bits"));
   CHECK_THROWS_WITH(parse_method("vq:anchors=on", r), Contains("vq has no anchors"));
+  // anchors per tensor (on = kv) and gain-shape
+  for (const auto& [opt, k, v] : std::vector<std::tuple<std::string, bool, bool>>{
+           {"on", true, true}, {"kv", true, true}, {"k", true, false}, {"v", false, true}, {"off", false, false}}) {
+    INFO(opt);
+    const auto m = parse_method("antkv:bits=1,anchors=" + opt, r);
+    CHECK(m.anchor_keys == k);
+    CHECK(m.anchor_values == v);
+    CHECK(m.anchors == (k || v));
+    CHECK(m.anchors_name() == (opt == "on" ? "kv" : opt));
+    CHECK(m.codebook_file() == "k-c8b8_v-c8b8_anchor_post.h5");  // anchors do not change the codebooks
+  }
+  CHECK(a.anchor_keys);
+  CHECK(a.anchor_values);
+  CHECK(a.gain == "off");
+  CHECK_FALSE(v.anchor_keys);
+  CHECK_FALSE(v.anchor_values);
+  CHECK_THROWS_WITH(parse_method("antkv:anchors=yes", r), Contains("anchors is kv, k, v or off") && Contains("yes"));
+  CHECK_THROWS_WITH(parse_method("vq:anchors=v", r), Contains("vq has no anchors"));
+  const auto g = parse_method("antkv:bits=1,gain=k,key_rope=pre", r);
+  CHECK(g.gain_keys());
+  CHECK_FALSE(g.gain_values());
+  CHECK(g.codebook_file() == "k-c8b8_v-c8b8_anchor_pre_gk.h5");
+  const auto gv = parse_method("vq:bits=1,gain=kv", r);
+  CHECK(gv.gain_keys());
+  CHECK(gv.gain_values());
+  CHECK(gv.codebook_file() == "k-c8b8_v-c8b8_none_all_post_gkv.h5");
+  CHECK_THROWS_WITH(parse_method("antkv:gain=v", r), Contains("gain is off, k or kv") && Contains("\"v\""));
+  CHECK_THROWS_WITH(parse_method("antkv:gains=k", r), Contains("unknown option \"gains\"") && Contains("gain)"));
 }
 
 namespace {
@@ -195,6 +238,110 @@ TEST_CASE("VQ and AnTKV caches: nearest centroids, FP16 anchors, decode window, 
     }
   // codebooks of another configuration
   CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq:bits=1", r), cb), Contains("c8b8"));
+
+  // anchors=v: the same anchor tokens as antkv; their values exact, their keys quantized like vq's
+  QuantizedKvCache av(cfg, parse_method("antkv:ratio=0.1,anchors=v", r), cb_w);
+  av.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+  CHECK(av.anchor_flags(0) == an.anchor_flags(0));
+  int anchors_seen = 0;
+  for (int t = 0; t < T; ++t)
+    for (int h = 0; h < 2; ++h)
+      for (int c = 0; c < 8; ++c) {
+        const int i = t * 16 + h * 8 + c;
+        CHECK(av.keys(0)[i] == vq.keys(0)[i]);  // every key quantized (the codebooks are the same)
+        if (flags[t * 2 + h]) {
+          anchors_seen += c == 0;
+          CHECK(av.values(0)[i] == static_cast<float>(Eigen::half(v[i])));
+          CHECK(av.values(0)[i] == an.values(0)[i]);
+        } else {
+          CHECK(av.values(0)[i] == vq.values(0)[i]);
+        }
+      }
+  CHECK(anchors_seen == 8);
+  // anchors=k: anchor keys exact, every value quantized
+  QuantizedKvCache ak(cfg, parse_method("antkv:ratio=0.1,anchors=k", r), cb_w);
+  ak.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+  CHECK(std::equal(ak.keys(0), ak.keys(0) + T * 16, an.keys(0)));
+  CHECK(std::equal(ak.values(0), ak.values(0) + T * 16, vq.values(0)));
+}
+
+TEST_CASE("gain-shape VQ cache: fp16 norms kept, directions from the unit-vector codebooks", "[quant]") {
+  const ModelConfig cfg = tiny_config(2, 8);
+  auto cb = std::make_shared<CodebookSet>();
+  cb->meta = {"tiny", "", "", "post", "none", "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
+  cb->meta.exclude_anchors = false;
+  cb->meta.gain = "k";
+  std::mt19937 rng(13);
+  std::normal_distribution<float> nd;
+  for (auto* side : {&cb->keys, &cb->values}) {
+    side->resize(1);
+    (*side)[0].centroids.resize(2 * 2 * 4 * 4);  // [kv 2, groups 2, k 4, c 4]
+    for (auto& x : (*side)[0].centroids) x = nd(rng) * 0.3f;  // direction-sized centroids
+    (*side)[0].error_norm = {1.0f, 1.0f};
+  }
+  const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
+  const int T = 30;
+  std::vector<float> k(T * 16), v(T * 16), q(T * 32);
+  for (auto* a : {&k, &v, &q})
+    for (auto& x : *a) x = nd(rng) * 3.0f;
+  for (int c = 0; c < 8; ++c) k[5 * 16 + c] = 0;  // token 5, head 0: a zero key reconstructs as 0
+  QuantizedKvCache g(cfg, parse_method("vq:gain=k", r), cb);
+  g.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+  auto plain_cb = std::make_shared<CodebookSet>(*cb);
+  plain_cb->meta.gain = "off";
+  QuantizedKvCache plain(cfg, parse_method("vq", r), plain_cb);
+  plain.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+  double worst_norm = 0;
+  for (int t = 0; t < T; ++t)
+    for (int h = 0; h < 2; ++h) {
+      const float* kin = k.data() + t * 16 + h * 8;
+      const float* kout = g.keys(0) + t * 16 + h * 8;
+      double n_in = 0, n_out = 0;
+      std::vector<float> unit(8);
+      for (int c = 0; c < 8; ++c) {
+        const float x = static_cast<float>(Eigen::half(kin[c]));  // the cache quantizes the fp16 activations
+        n_in += double(x) * x, n_out += double(kout[c]) * kout[c];
+      }
+      n_in = std::sqrt(n_in), n_out = std::sqrt(n_out);
+      if (n_in == 0) {
+        for (int c = 0; c < 8; ++c) CHECK(kout[c] == 0);
+        continue;
+      }
+      // the norm: the input's, rounded to fp16 (relative 2^-11)
+      CHECK(std::abs(n_out - n_in) <= n_in * 4.9e-4 + 1e-6);
+      worst_norm = std::max(worst_norm, std::abs(n_out - n_in) / n_in);
+      // the direction: the nearest centroids of the unit input, renormalized
+      for (int c = 0; c < 8; ++c) unit[c] = static_cast<float>(static_cast<float>(Eigen::half(kin[c])) / n_in);
+      VqHeadCodebooks kh{cb->keys[0].centroids.data() + h * 32, 2, 4, 4};
+      std::vector<float> u(8);
+      vq_quantize(kh, unit.data(), 1, 8, u.data());
+      double nu = 0;
+      for (float x : u) nu += double(x) * x;
+      nu = std::sqrt(nu);
+      for (int c = 0; c < 8; ++c) CHECK(kout[c] / n_out == Approx(u[c] / nu).margin(1e-5));
+    }
+  WARN("gain-shape keys: worst relative norm error " << worst_norm);  // fp16 rounding of the norm
+  // values: plain VQ (gain=k), identical to the plain cache's
+  CHECK(std::equal(g.values(0), g.values(0) + T * 16, plain.values(0)));
+  // gain=kv quantizes values the same way
+  auto kv_cb = std::make_shared<CodebookSet>(*cb);
+  kv_cb->meta.gain = "kv";
+  QuantizedKvCache gkv(cfg, parse_method("vq:gain=kv", r), kv_cb);
+  gkv.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+  CHECK(std::equal(gkv.keys(0), gkv.keys(0) + T * 16, g.keys(0)));
+  for (int t = 0; t < T; ++t)
+    for (int h = 0; h < 2; ++h) {
+      double n_in = 0, n_out = 0;
+      for (int c = 0; c < 8; ++c) {
+        const float x = static_cast<float>(Eigen::half(v[t * 16 + h * 8 + c]));
+        n_in += double(x) * x, n_out += double(gkv.values(0)[t * 16 + h * 8 + c]) * gkv.values(0)[t * 16 + h * 8 + c];
+      }
+      CHECK(std::abs(std::sqrt(n_out) - std::sqrt(n_in)) <= std::sqrt(n_in) * 4.9e-4);
+    }
+  // codebooks trained for another gain configuration are refused, naming both
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq", r), cb), Contains("codebooks are for gain=k") &&
+                                                                          Contains("needs gain=off"));
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq:gain=kv", r), cb), Contains("needs gain=kv"));
 }
 
 // Pre-RoPE keys (key_rope=pre, design note §3): the cache quantizes the pre-RoPE key with pre-RoPE codebooks

@@ -284,6 +284,10 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
                   "method {}: correct=on (the attention-score correction) is not implemented on the GPU runtime; "
                   "evaluate it with eval.device: cpu",
                   m.text);
+      ANTKV_CHECK(m.gain == "off",
+                  "method {}: gain={} (gain-shape VQ) is not implemented on the GPU runtime; evaluate it with "
+                  "eval.device: cpu",
+                  m.text, m.gain);
       validate_codebooks();
       use_anchors_ = m.anchors && m.ratio > 0;
       if (use_anchors_) score_kind_ = parse_anchor_score_kind(m.score);
@@ -513,11 +517,12 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     }
     StoreArgs s;
     s.n = n, s.kv_heads = KV_, s.d = d_, s.capacity = c.capacity, s.slot0 = first;
-    s.keep = keep;
+    s.keep = m_.anchor_keys ? keep : nullptr;  // anchors=v: anchor tokens' keys are quantized
     s.src = tk;
     s.keep_src = work(1, first);
     s.cache = c.k_cache;
     launch_store(s, stream);
+    s.keep = m_.anchor_values ? keep : nullptr;  // anchors=k: their values are quantized
     s.src = tv;
     s.keep_src = work(2, first);
     s.cache = c.v_cache;

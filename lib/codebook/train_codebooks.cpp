@@ -106,6 +106,7 @@ struct Side {
   const char* name;   // "keys" | "values"
   int c, b;
   bool keys;
+  bool gain = false;  // gain-shape: train on unit vectors (kmeans.gain)
 };
 
 struct SideTimes {
@@ -159,14 +160,25 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const uint16_t* row = x + plan.train[i] * KV * d;
-    for (int h = 0; h < KV; ++h)
+    for (int h = 0; h < KV; ++h) {
+      // gain-shape: the codebooks learn directions (each token's head vector / its L2 norm; a zero vector stays 0)
+      float scale = 1.0f;
+      if (side.gain) {
+        double sq = 0;
+        for (int t = 0; t < d; ++t) {
+          const double v = half_to_float(row[static_cast<int64_t>(h) * d + t]);
+          sq += v * v;
+        }
+        scale = sq > 0 ? static_cast<float>(1.0 / std::sqrt(sq)) : 0.0f;
+      }
       for (int g = 0; g < groups; ++g) {
         const int64_t cbi = static_cast<int64_t>(h) * groups + g;
         const uint16_t* src = row + static_cast<int64_t>(h) * d + static_cast<int64_t>(g) * c;
         float* dst = bx + (cbi * n + i) * c;
-        for (int t = 0; t < c; ++t) dst[t] = half_to_float(src[t]);
+        for (int t = 0; t < c; ++t) dst[t] = half_to_float(src[t]) * scale;
         bw[cbi * n + i] = tw[h * n + i];
       }
+    }
   }
   KMeansParams kp;
   kp.k = k;
@@ -206,9 +218,26 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
     const uint16_t* src = x + plan.holdout[i] * row;
     for (int64_t t = 0; t < row; ++t) hx[i * row + t] = half_to_float(src[t]);
   }
+  // gain-shape: quantize the unit directions, then compare fp16 norm * renormalized direction (what the cache
+  // reconstructs) with the input
+  std::vector<float> norms, norms16;  // [nh, KV]: exact, fp16-rounded
+  if (side.gain) {
+    norms.resize(static_cast<size_t>(nh) * KV), norms16.resize(norms.size());
+    for (size_t i = 0; i < norms.size(); ++i) {
+      double sq = 0;
+      for (int t = 0; t < d; ++t) sq += static_cast<double>(hx[i * d + t]) * hx[i * d + t];
+      norms[i] = static_cast<float>(std::sqrt(sq));
+    }
+    gain_normalize(hx, nh * KV, d, d, norms16.data());
+  }
   for (int h = 0; h < KV; ++h) {
     VqHeadCodebooks hc{cb.centroids.data() + static_cast<int64_t>(h) * groups * k * c, groups, k, c};
     vq_quantize(hc, hx + static_cast<int64_t>(h) * d, nh, row, hr + static_cast<int64_t>(h) * d);
+  }
+  if (side.gain) {
+    gain_restore(hr, nh * KV, d, d, norms16.data());
+    for (size_t i = 0; i < norms.size(); ++i)
+      for (int t = 0; t < d; ++t) hx[i * d + t] *= norms[i];
   }
   double err = 0, norm = 0, werr = 0, wnorm = 0;
   std::vector<double> en(static_cast<size_t>(KV), 0.0);
@@ -257,6 +286,7 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
   cm.key_rope = r.key_rope;
   cm.weighting = r.kmeans.weighting;
   cm.exclude_anchors = r.kmeans.exclude_anchors;
+  cm.gain = r.kmeans.gain;
   cm.trainer = o.trainer_name;
   cm.version = o.version;
   cm.created = utc_timestamp();
@@ -292,9 +322,9 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
     const auto tl = Clock::now();
     const RowPlan plan = plan_rows(dump, r, data, windows, positions);
     times.prepare += since(tl);
-    train_side(dump, r, o, data, plan, {"keys", r.quant.keys.c, r.quant.keys.b, true}, out.codebooks.keys[l],
+    train_side(dump, r, o, data, plan, {"keys", r.quant.keys.c, r.quant.keys.b, true, r.kmeans.gain != "off"}, out.codebooks.keys[l],
                out.layers[l].keys, times, ws);
-    train_side(dump, r, o, data, plan, {"values", r.quant.values.c, r.quant.values.b, false}, out.codebooks.values[l],
+    train_side(dump, r, o, data, plan, {"values", r.quant.values.c, r.quant.values.b, false, r.kmeans.gain == "kv"}, out.codebooks.values[l],
                out.layers[l].values, times, ws);
     out.layers[l].seconds = since(tl);
     progress.advance(1, fmt::format("layer {}: K rel err {:.4f}, V rel err {:.4f}", l, out.layers[l].keys.relative,
@@ -314,7 +344,7 @@ std::string train_report_json(const TrainCodebooksResult& r) {
   json j;
   j["config"] = {{"key_c", m.key_c}, {"key_b", m.key_b}, {"value_c", m.value_c}, {"value_b", m.value_b},
                  {"key_bits", double(m.key_b) / m.key_c}, {"value_bits", double(m.value_b) / m.value_c},
-                 {"weighting", m.weighting}, {"exclude_anchors", m.exclude_anchors}, {"key_rope", m.key_rope},
+                 {"weighting", m.weighting}, {"exclude_anchors", m.exclude_anchors}, {"gain", m.gain}, {"key_rope", m.key_rope},
                  {"trainer", m.trainer}};
   j["seconds"] = r.seconds;
   j["seconds_split"] = {{"read", r.read_seconds}, {"waiting_for_reads", r.wait_read_seconds},

@@ -42,11 +42,13 @@ std::map<std::string, std::shared_ptr<const CodebookSet>> load_method_codebooks(
     auto set = std::make_shared<const CodebookSet>(read_codebooks(p));
     const CodebookMeta& cm = set->meta;
     ANTKV_CHECK(cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b &&
-                    cm.weighting == m.weighting && cm.exclude_anchors == m.exclude_anchors && cm.key_rope == m.key_rope,
-                "{}: codebooks for keys c{}b{}, values c{}b{}, weighting {}, anchors {} in training, key_rope {}; method "
-                "{} needs c{}b{}, c{}b{}, {}, {}, {}", p, cm.key_c, cm.key_b, cm.value_c, cm.value_b, cm.weighting,
-                cm.exclude_anchors ? "excluded" : "included", cm.key_rope, m.text, m.keys.c, m.keys.b, m.values.c,
-                m.values.b, m.weighting, m.exclude_anchors ? "excluded" : "included", m.key_rope);
+                    cm.weighting == m.weighting && cm.exclude_anchors == m.exclude_anchors && cm.key_rope == m.key_rope &&
+                    cm.gain == m.gain,
+                "{}: codebooks for keys c{}b{}, values c{}b{}, weighting {}, anchors {} in training, key_rope {}, gain {}; "
+                "method {} needs c{}b{}, c{}b{}, {}, {}, {}, gain {}", p, cm.key_c, cm.key_b, cm.value_c, cm.value_b,
+                cm.weighting, cm.exclude_anchors ? "excluded" : "included", cm.key_rope, cm.gain, m.text, m.keys.c,
+                m.keys.b, m.values.c, m.values.b, m.weighting, m.exclude_anchors ? "excluded" : "included", m.key_rope,
+                m.gain);
     books[m.codebook_file()] = std::move(set);
   }
   return books;
@@ -189,7 +191,7 @@ std::string calibration_fingerprint(const Recipe& r, const std::string& model_ha
 
 std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std::string& calib_hash) {
   const auto& k = r.kmeans;
-  return make_fingerprint({{"stage", "codebooks"},
+  std::vector<std::pair<std::string, std::string>> fields = {{"stage", "codebooks"},
                            {"calibration dump (content)", calib_hash},
                            {"key_rope", m.key_rope},
                            {"quant.keys", fmt::format("c{}b{}", m.keys.c, m.keys.b)},
@@ -202,7 +204,10 @@ std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std
                            {"kmeans.max_points", std::to_string(k.max_points)},
                            {"kmeans.holdout", fmt::format("{}", k.holdout)},
                            {"kmeans.device", k.device},
-                           {"anchor.ratio", fmt::format("{}", m.ratio)}});
+                           {"anchor.ratio", fmt::format("{}", m.ratio)}};
+  // gain-shape codebooks only: the fingerprints of earlier codebook files stay valid
+  if (m.gain != "off") fields.emplace_back("kmeans.gain", m.gain);
+  return make_fingerprint(fields);
 }
 
 std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
@@ -272,6 +277,7 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
     rc.quant.values = m.values;
     rc.kmeans.weighting = m.weighting;
     rc.kmeans.exclude_anchors = m.exclude_anchors;
+    rc.kmeans.gain = m.gain;
     rc.key_rope = m.key_rope;
     rc.anchor.ratio = m.ratio;
     TrainCodebooksOptions to;

@@ -39,6 +39,7 @@ void write_codebooks(const std::string& path, const CodebookSet& s) {
     h5::set_attr(g, "key_rope", m.key_rope);
     h5::set_attr(g, "weighting", m.weighting);
     h5::set_attr(g, "exclude_anchors", int64_t{m.exclude_anchors ? 1 : 0});
+    h5::set_attr(g, "gain", m.gain);
     h5::set_attr(g, "trainer", m.trainer);
     h5::set_attr(g, "version", m.version);
     h5::set_attr(g, "created", m.created);
@@ -74,6 +75,9 @@ CodebookSet read_codebooks(const std::string& path) {
     m.key_rope = h5::get_attr_string(g, "key_rope", path);
     m.weighting = h5::get_attr_string(g, "weighting", path);
     if (h5::has_attr(g, "exclude_anchors")) m.exclude_anchors = h5::get_attr_int(g, "exclude_anchors", path) != 0;
+    if (h5::has_attr(g, "gain")) m.gain = h5::get_attr_string(g, "gain", path);
+    ANTKV_CHECK(m.gain == "off" || m.gain == "k" || m.gain == "kv", "{}: /meta attribute gain is \"{}\" (off, k or kv)",
+                path, m.gain);
     m.trainer = h5::get_attr_string(g, "trainer", path);
     m.version = h5::get_attr_string(g, "version", path);
     m.created = h5::get_attr_string(g, "created", path);

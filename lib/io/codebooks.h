@@ -1,5 +1,5 @@
 // Codebook files (design note §7), HDF5:
-//   /meta   attributes: config_hash, calib_hash, recipe (YAML), key_rope, weighting, exclude_anchors, key_c,
+//   /meta   attributes: config_hash, calib_hash, recipe (YAML), key_rope, weighting, exclude_anchors, gain, key_c,
 //           key_b, value_c, value_b, num_layers, num_kv_heads, head_dim, trainer, version, created
 //   /layer_{l}/key_centroids    [kv_heads, d/c, 2^b, c] fp32   (value_centroids likewise, with the value c, b)
 //   /layer_{l}/key_objective    [kv_heads, d/c] fp64   final weighted k-means objective per codebook
@@ -19,6 +19,9 @@ struct CodebookMeta {
   int key_c = 0, key_b = 0, value_c = 0, value_b = 0;
   int num_layers = 0, num_kv_heads = 0, head_dim = 0;
   bool exclude_anchors = true;  // the calibration anchors were left out of training (files before it: true)
+  // off | k | kv: the key (and value) codebooks were trained on unit vectors, for gain-shape VQ (files before
+  // it: off)
+  std::string gain = "off";
 };
 
 // One layer's codebooks for keys or values.

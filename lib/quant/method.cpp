@@ -8,8 +8,12 @@
 namespace antkv {
 
 std::string MethodSpec::codebook_file() const {
-  return fmt::format("k-c{}b{}_v-c{}b{}_{}{}_{}.h5", keys.c, keys.b, values.c, values.b, weighting,
-                     exclude_anchors ? "" : "_all", key_rope);
+  return fmt::format("k-c{}b{}_v-c{}b{}_{}{}_{}{}.h5", keys.c, keys.b, values.c, values.b, weighting,
+                     exclude_anchors ? "" : "_all", key_rope, gain == "off" ? "" : "_g" + gain);
+}
+
+std::string MethodSpec::anchors_name() const {
+  return anchor_keys && anchor_values ? "kv" : anchor_keys ? "k" : anchor_values ? "v" : "off";
 }
 
 double MethodSpec::nominal_bits() const {
@@ -32,7 +36,7 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
   m.key_rope = r.key_rope;
   m.weighting = r.kmeans.weighting;
   m.exclude_anchors = r.kmeans.exclude_anchors;
-  if (m.kind == "vq") m.anchors = false, m.weighting = "none", m.exclude_anchors = false;
+  if (m.kind == "vq") m.anchors = m.anchor_keys = m.anchor_values = false, m.weighting = "none", m.exclude_anchors = false;
   if (colon == std::string::npos) return m;
   ANTKV_CHECK(m.kind != "fp16", "method \"{}\": fp16 takes no options", text);
   std::stringstream ss(text.substr(colon + 1));
@@ -63,7 +67,16 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
       if (k == "bits") m.keys = m.values = vq_config_for_bits(number());
       else if (k == "kbits") m.keys = vq_config_for_bits(number());
       else if (k == "vbits") m.values = vq_config_for_bits(number());
-      else if (k == "anchors") m.anchors = on_off();
+      else if (k == "anchors") {
+        ANTKV_CHECK(v == "kv" || v == "on" || v == "k" || v == "v" || v == "off",
+                    "method \"{}\": anchors is kv, k, v or off (on = kv), got \"{}\"", text, v);
+        m.anchor_keys = v == "kv" || v == "on" || v == "k";
+        m.anchor_values = v == "kv" || v == "on" || v == "v";
+        m.anchors = m.anchor_keys || m.anchor_values;
+      } else if (k == "gain") {
+        ANTKV_CHECK(v == "off" || v == "k" || v == "kv", "method \"{}\": gain is off, k or kv, got \"{}\"", text, v);
+        m.gain = v;
+      }
       else if (k == "correct") m.correct = on_off();
       else if (k == "exclude") m.exclude_anchors = on_off();
       else if (k == "weighting") {
@@ -74,7 +87,7 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
       else if (k == "key_rope") {
         ANTKV_CHECK(v == "post" || v == "pre", "method \"{}\": key_rope is post or pre", text);
         m.key_rope = v;
-      } else fail("method \"{}\": unknown option \"{}\" (bits, kbits, vbits, anchors, weighting, ratio, score, key_rope, correct, exclude)", text, k);
+      } else fail("method \"{}\": unknown option \"{}\" (bits, kbits, vbits, anchors, weighting, ratio, score, key_rope, correct, exclude, gain)", text, k);
     }
   }
   if (m.kind == "uniform") {
@@ -102,13 +115,18 @@ double effective_bits(const MethodSpec& m, int L, int d, bool include_codebooks)
     const double value_bits = (quant * (m.bits + 32.0 * groups_per_head / d) + window * 16.0) / L;
     return (key_bits + value_bits) / 2;
   }
-  const int n_anchor = m.anchors ? std::min(L, static_cast<int>(std::ceil(m.ratio * L))) : 0;
+  const int n_anchor_tokens = m.anchors ? std::min(L, static_cast<int>(std::ceil(m.ratio * L))) : 0;
   double total = 0;
   for (const VqConfig* qp : {&m.keys, &m.values}) {
     const VqConfig& q = *qp;
+    const bool is_keys = qp == &m.keys;
+    // anchors=k|v: the other tensor of an anchor token is quantized
+    const int n_anchor = (is_keys ? m.anchor_keys : m.anchor_values) ? n_anchor_tokens : 0;
     double bits = ((L - n_anchor) * q.bits() * d + n_anchor * (16.0 * d + 32.0)) / (static_cast<double>(L) * d);
     if (include_codebooks) bits += static_cast<double>(1 << q.b) * 16.0 / L;  // 2^b x c fp16 per group of c channels
-    if (m.correct && qp == &m.keys) bits += (L - n_anchor) * 16.0 / (static_cast<double>(L) * d);  // fp16 error per key
+    if (m.correct && is_keys) bits += (L - n_anchor) * 16.0 / (static_cast<double>(L) * d);  // fp16 error per key
+    if (is_keys ? m.gain_keys() : m.gain_values())  // fp16 norm per quantized token and head
+      bits += (L - n_anchor) * 16.0 / (static_cast<double>(L) * d);
     total += bits;
   }
   return total / 2;

@@ -3,8 +3,16 @@
 //   uniform:bits=2,group=128,window=0          KIVI-style: keys per channel, values per token
 //   vq:bits=1                                  CQ-style: plain k-means codebooks, no anchors
 //   antkv:bits=1                               weighted codebooks + anchors (the paper's method)
-// Options of vq/antkv: bits (both K and V; or kbits=, vbits=), anchors=on|off, weighting=anchor|none,
-// ratio=0.01, score=error_bound|attention_mass|key_bound|random|recent, key_rope=post|pre, correct=on|off.
+// Options of vq/antkv: bits (both K and V; or kbits=, vbits=), anchors=kv|k|v|off (on = kv), weighting=anchor|none,
+// ratio=0.01, score=error_bound|attention_mass|key_bound|random|recent, key_rope=post|pre, correct=on|off,
+// gain=off|k|kv.
+//   anchors=k|v (ours, not the paper's): anchor tokens keep FP16 only for that tensor; the other tensor of an
+//     anchor token is quantized like any token (the selection is the paper's, from both scores). exclude=on
+//     still leaves the calibration anchors out of both tensors' codebooks (exclude=off trains on every token).
+//   gain=k|kv (ours): gain-shape VQ of keys (and values): each token's per-head vector keeps its L2 norm in fp16
+//     and only its direction is vector-quantized, with codebooks trained on unit vectors (a codebook
+//     configuration of its own: file name suffix _gk / _gkv, /meta attribute gain). The dequantized vector is
+//     norm * u / |u| for the concatenated centroid direction u, so every reconstructed norm is the original's.
 // `vq` is antkv with anchors=off, weighting=none and codebooks trained on every calibration token (CQ knows
 // no anchors); antkv's codebooks leave the calibration anchors out (recipe kmeans.exclude_anchors; option
 // exclude=on|off). Ablations are antkv with one component off.
@@ -22,7 +30,9 @@ struct MethodSpec {
   int bits = 2, group = 128, window = 0;
   // vq / antkv
   VqConfig keys, values;
-  bool anchors = true;
+  bool anchors = true;          // any anchors (anchor_keys || anchor_values)
+  bool anchor_keys = true, anchor_values = true;  // which tensors anchor tokens keep in FP16
+  std::string gain = "off";     // off | k | kv: gain-shape (norm in fp16, direction quantized) keys / values
   std::string weighting = "anchor";
   bool exclude_anchors = true;  // codebooks trained without the calibration anchors (vq: false)
   double ratio = 0.01;
@@ -33,9 +43,14 @@ struct MethodSpec {
   // against exact (anchor) keys. Option correct=on.
   bool correct = false;
 
+  bool gain_keys() const { return gain == "k" || gain == "kv"; }
+  bool gain_values() const { return gain == "kv"; }
+  // anchors as written in options: kv | k | v | off
+  std::string anchors_name() const;
   bool needs_codebooks() const { return kind == "vq" || kind == "antkv"; }
   // The codebook file name of the configuration this method needs: "k-c8b8_v-c8b8_anchor_post.h5"
-  // ("k-c8b8_v-c8b8_none_all_post.h5" when trained on every token, anchors included).
+  // ("k-c8b8_v-c8b8_none_all_post.h5" when trained on every token, anchors included; "..._post_gk.h5" for
+  // gain-shape keys, "_gkv" for keys and values).
   std::string codebook_file() const;
   // Nominal bits per channel (K and V averaged).
   double nominal_bits() const;
@@ -45,8 +60,8 @@ struct MethodSpec {
 MethodSpec parse_method(const std::string& text, const Recipe& r);
 
 // Effective bits per channel (K and V averaged) at context length `context`, counting everything stored:
-// codes, FP16 anchors with their 32-bit indices, the FP16 window, scales/zero points, and codebooks
-// (fp16 centroids) amortized over the context. include_codebooks = false leaves the codebooks out.
+// codes, FP16 anchors with their 32-bit indices (per anchored tensor), the FP16 window, scales/zero points,
+// gain-shape norms (fp16 per quantized token and head), and codebooks (fp16 centroids) amortized over the context. include_codebooks = false leaves the codebooks out.
 double effective_bits(const MethodSpec& m, int context, int head_dim, bool include_codebooks = true);
 
 }  // namespace antkv

@@ -44,6 +44,8 @@ QuantizedKvCache::QuantizedKvCache(const ModelConfig& cfg, const MethodSpec& m, 
                 "method {}: codebooks are keys c{}b{} / values c{}b{}, the method needs c{}b{} / c{}b{}", m.text, cm.key_c,
                 cm.key_b, cm.value_c, cm.value_b, m.keys.c, m.keys.b, m.values.c, m.values.b);
     ANTKV_CHECK(cm.key_rope == m.key_rope, "method {}: codebooks are for {}-RoPE keys", m.text, cm.key_rope);
+    ANTKV_CHECK(cm.gain == m.gain, "method {}: codebooks are for gain={} (unit-vector training), the method needs gain={}",
+                m.text, cm.gain, m.gain);
     ANTKV_CHECK(cm.num_layers == cfg.num_layers && cm.num_kv_heads == cfg.num_kv_heads && cm.head_dim == cfg.head_dim,
                 "method {}: codebook shapes do not match the model", m.text);
   }
@@ -71,12 +73,24 @@ void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const f
   const int kg = d / method_.keys.c, vg = d / method_.values.c;
   const int kk = 1 << method_.keys.b, vk = 1 << method_.values.b;
   const bool pre = method_.key_rope == "pre";
+  // one head's n rows of one tensor: src/dst [n, row_] at the head's offset
+  std::vector<float> unit, norms;
+  auto quantize_head = [&](const VqHeadCodebooks& hc, const float* src, float* dst, bool gain) {
+    if (!gain) return vq_quantize(hc, src, n, static_cast<int64_t>(row_), dst);
+    // gain-shape: fp16 norm + quantized unit direction, renormalized (see gain_restore)
+    unit.resize(static_cast<size_t>(n) * d), norms.resize(static_cast<size_t>(n));
+    for (int64_t r = 0; r < n; ++r) std::copy_n(src + r * row_, d, unit.data() + r * d);
+    gain_normalize(unit.data(), n, d, d, norms.data());
+    vq_quantize(hc, unit.data(), n, d, unit.data());
+    gain_restore(unit.data(), n, d, d, norms.data());
+    for (int64_t r = 0; r < n; ++r) std::copy_n(unit.data() + r * d, d, dst + r * row_);
+  };
   for (int h = 0; h < KV; ++h) {
     VqHeadCodebooks khc{kc.centroids.data() + static_cast<int64_t>(h) * kg * kk * method_.keys.c, kg, kk, method_.keys.c};
     VqHeadCodebooks vhc{vc.centroids.data() + static_cast<int64_t>(h) * vg * vk * method_.values.c, vg, vk, method_.values.c};
-    vq_quantize(khc, (pre ? k_pre : k_post) + static_cast<int64_t>(h) * d, n, static_cast<int64_t>(row_),
-                kd + static_cast<int64_t>(h) * d);
-    vq_quantize(vhc, v + static_cast<int64_t>(h) * d, n, static_cast<int64_t>(row_), vd + static_cast<int64_t>(h) * d);
+    quantize_head(khc, (pre ? k_pre : k_post) + static_cast<int64_t>(h) * d, kd + static_cast<int64_t>(h) * d,
+                  method_.gain_keys());
+    quantize_head(vhc, v + static_cast<int64_t>(h) * d, vd + static_cast<int64_t>(h) * d, method_.gain_values());
   }
   if (pre) {  // rotate the dequantized pre-RoPE keys to their positions
     std::vector<int32_t> pos(static_cast<size_t>(n));
@@ -85,9 +99,9 @@ void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const f
   }
   for (int64_t r = 0; r < n; ++r)
     for (int h = 0; h < KV; ++h)
-      if (keep && keep[r * KV + h]) {  // anchors stay exact (FP16)
-        std::copy_n(k_post + r * row_ + h * d, d, kd + r * row_ + h * d);
-        std::copy_n(v + r * row_ + h * d, d, vd + r * row_ + h * d);
+      if (keep && keep[r * KV + h]) {  // anchors stay exact (FP16), in the tensors anchors=kv|k|v names
+        if (method_.anchor_keys) std::copy_n(k_post + r * row_ + h * d, d, kd + r * row_ + h * d);
+        if (method_.anchor_values) std::copy_n(v + r * row_ + h * d, d, vd + r * row_ + h * d);
       }
   if (method_.correct) {
     float* e = key_err_[layer].data() + row0 * KV;

@@ -8,6 +8,8 @@
 //            the ceil(ratio * n) tokens of each appended chunk with the largest anchor score (and the
 //            chunk's position 0) in FP16, scored from the chunk's full-precision attention. Pre-RoPE
 //            keys are quantized before RoPE and rotated after dequantization.
+//            anchors=k|v keeps only that tensor of an anchor token in FP16; gain=k|kv stores keys (and values)
+//            as an fp16 norm and a quantized unit direction (quant/vq.h gain_restore).
 // Decode (one-token appends): a new token stays FP16 while it is among the newest `decode_window`; when
 // it leaves the window it is quantized (anchors are chosen per prefill chunk; no promotion at decode).
 #pragma once

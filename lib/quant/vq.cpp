@@ -1,5 +1,7 @@
 #include "quant/vq.h"
 
+#include <Eigen/Core>
+#include <cmath>
 #include <cstddef>
 #include <limits>
 #include <vector>
@@ -44,6 +46,28 @@ void vq_quantize(const VqHeadCodebooks& cb, const float* x, int64_t n, int64_t s
   std::vector<int32_t> codes(static_cast<size_t>(n) * cb.groups);
   vq_encode(cb, x, n, stride, codes.data());
   vq_decode(cb, codes.data(), n, stride, out);
+}
+
+void gain_normalize(float* x, int64_t n, int64_t stride, int d, float* norms) {
+  for (int64_t r = 0; r < n; ++r) {
+    float* row = x + r * stride;
+    double sq = 0;
+    for (int c = 0; c < d; ++c) sq += static_cast<double>(row[c]) * row[c];
+    const double norm = std::sqrt(sq);
+    norms[r] = static_cast<float>(Eigen::half(static_cast<float>(norm)));  // stored in fp16
+    const double inv = norm > 0 ? 1.0 / norm : 0.0;
+    for (int c = 0; c < d; ++c) row[c] = static_cast<float>(row[c] * inv);
+  }
+}
+
+void gain_restore(float* out, int64_t n, int64_t stride, int d, const float* norms) {
+  for (int64_t r = 0; r < n; ++r) {
+    float* row = out + r * stride;
+    double sq = 0;
+    for (int c = 0; c < d; ++c) sq += static_cast<double>(row[c]) * row[c];
+    const double scale = sq > 0 ? norms[r] / std::sqrt(sq) : 0.0;
+    for (int c = 0; c < d; ++c) row[c] = static_cast<float>(row[c] * scale);
+  }
 }
 
 }  // namespace antkv

@@ -55,6 +55,7 @@ void for_each_field(Recipe& r, F&& f) {
   f("kmeans.seed", Kind::kUInt64, &r.kmeans.seed);
   f("kmeans.weighting", Kind::kString, &r.kmeans.weighting);
   f("kmeans.exclude_anchors", Kind::kBool, &r.kmeans.exclude_anchors);
+  f("kmeans.gain", Kind::kString, &r.kmeans.gain);
   f("kmeans.device", Kind::kString, &r.kmeans.device);
   f("kmeans.max_points", Kind::kInt64, &r.kmeans.max_points);
   f("kmeans.holdout", Kind::kDouble, &r.kmeans.holdout);
@@ -196,6 +197,7 @@ void validate(const Recipe& r, const std::string& src) {
   check(r.kmeans.iters >= 1, "kmeans.iters", "must be >= 1");
   check(r.kmeans.tol >= 0, "kmeans.tol", "must be >= 0");
   one_of("kmeans.weighting", r.kmeans.weighting, {"anchor", "none"});
+  one_of("kmeans.gain", r.kmeans.gain, {"off", "k", "kv"});
   one_of("kmeans.device", r.kmeans.device, {"auto", "cpu", "cuda"});
   check(r.kmeans.max_points >= 0, "kmeans.max_points", "must be >= 0 (0 = all)");
   check(r.kmeans.holdout >= 0 && r.kmeans.holdout < 1, "kmeans.holdout", "must be in [0, 1)");

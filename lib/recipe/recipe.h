@@ -55,6 +55,7 @@ struct Recipe {
     uint64_t seed = 0;
     std::string weighting = "anchor";  // anchor | none
     bool exclude_anchors = true;
+    std::string gain = "off";          // off | k | kv: train key (and value) codebooks on unit vectors (gain-shape)
     std::string device = "auto";       // auto | cuda | cpu (FAISS)
     int64_t max_points = 0;            // per codebook; 0 = all calibration tokens
     double holdout = 0.05;             // share of tokens held out for the quantization-error report
