@@ -9,7 +9,7 @@ SUDO=""
 PACKAGES=(
   build-essential cmake ninja-build pkg-config git file xz-utils
   libeigen3-dev libopenblas-dev libfaiss-dev libhdf5-dev hdf5-tools
-  libcli11-dev libfmt-dev catch2 libyaml-cpp-dev nlohmann-json3-dev libpcre2-dev libxxhash-dev
+  libcli11-dev libfmt-dev catch2 libyaml-cpp-dev nlohmann-json3-dev libpcre2-dev libxxhash-dev libutf8proc-dev
   python3-matplotlib
 )
 $SUDO apt-get update -qq

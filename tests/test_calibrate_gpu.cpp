@@ -7,6 +7,8 @@
 #include <cmath>
 #include <set>
 
+#include <fmt/format.h>
+
 #include "calibrate/calibrate.h"
 #include "core/atomic_file.h"
 #include "io/calib_dump.h"
@@ -61,7 +63,7 @@ TEST_CASE("calibrate: GPU dump agrees with the CPU dump (antkv-ref-18m, 2 window
     const double ev = test::max_rel_error(y.data(), x.data(), x.size());
     // Scores are sums over 2048 rows of attention weights: relative error of the totals ~ the logits' error.
     double es = 0;
-    for (const char* name : {"S_K", "S_V"}) {
+    for (const char* name : {"S_K", "S_V", "anchor_score"}) {  // the combined score's values, not only its top 1%
       a.read_scores(layer, name, 0, N, s.data());
       b.read_scores(layer, name, 0, N, t.data());
       es = std::max(es, test::max_rel_error(t.data(), s.data(), s.size()));
@@ -82,6 +84,8 @@ TEST_CASE("calibrate: GPU dump agrees with the CPU dump (antkv-ref-18m, 2 window
     }
     INFO("layer " << layer << ": keys " << ek << ", values " << ev << ", scores " << es << ", anchors shared "
                   << same << "/" << total);
+    fmt::print("calibrate GPU vs CPU layer {}: keys {:.2e}, values {:.2e}, scores {:.2e}, anchors shared {}/{}\n", layer,
+               ek, ev, es, same, total);
     CHECK(ek < 0.03);
     CHECK(ev < 0.03);
     CHECK(es < 0.05);
@@ -127,10 +131,15 @@ TEST_CASE("anchor scores: GPU pass equals the CPU reference on real K/V of antkv
     AnchorScoreArgs a{cap.q[l].data(), cap.k[l].data(), cap.v[l].data(), T, 4, 2, 128};
     anchor_scores_reference(a, rk.data(), rv.data());
     gpu(a, gk.data(), gv.data());
-    // fp32 on both sides; the GPU sums in another order: the issue's bound, 1e-3 relative
+    // fp32 on the GPU against a double reference, summed in another order. Measured on the H200
+    // (2026-11-29): at most 9.5e-8 (S_K) and 8.6e-8 (S_V) over the 6 layers; bound 1e-6, ~10x that. A tiling,
+    // masking or GQA mistake moves some score by O(1) relative.
+    const double ek = test::max_rel_error(gk.data(), rk.data(), rk.size());
+    const double ev = test::max_rel_error(gv.data(), rv.data(), rv.size());
+    fmt::print("anchor scores GPU vs reference on antkv-ref-18m layer {}: S_K {:.2e}, S_V {:.2e}\n", l, ek, ev);
     INFO("layer " << l);
-    CHECK(test::max_rel_error(gk.data(), rk.data(), rk.size()) < 1e-3);
-    CHECK(test::max_rel_error(gv.data(), rv.data(), rv.size()) < 1e-3);
+    CHECK(ek < 1e-6);
+    CHECK(ev < 1e-6);
   }
 }
 #endif

@@ -1,4 +1,5 @@
 // antkv-train-codebook's pipeline on synthetic dumps (fast, every CI run) and on a real small dump.
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <random>
@@ -19,7 +20,10 @@ using Catch::Matchers::Contains;
 namespace {
 // A dump of one or two layers with random K/V (channels of different scales), scores from a
 // Pareto-like distribution, windows of 100 tokens.
-std::string synthetic_dump(int n, int layers, int kv, int d, float nan_at = -1, bool correlated = false) {
+// far_anchors: positions 0 and 50 of every window get the largest anchor scores and keys 1000 away from
+// the rest (so with anchor.ratio 0.02 they are the anchors, and any centroid trained on them shows).
+std::string synthetic_dump(int n, int layers, int kv, int d, float nan_at = -1, bool correlated = false,
+                           bool far_anchors = false) {
   const std::string path = test::temp_dir() + "/synthetic.h5";
   CalibDumpWriter w(path, layers, kv, d);
   std::mt19937 rng(5);
@@ -34,6 +38,13 @@ std::string synthetic_dump(int n, int layers, int kv, int d, float nan_at = -1, 
     for (size_t i = 0; i < sk.size(); ++i) sk[i] = 1 / ud(rng), sv[i] = 1 / ud(rng), an[i] = sk[i] + sv[i];
     if (correlated)  // sensitive tokens live in one region of key space: channel 0 > 1
       for (size_t i = 0; i < sk.size(); ++i) sk[i] = k[i * d] > 1 ? 50.0f : 1.0f;
+    if (far_anchors)
+      for (int i = 0; i < n; ++i)
+        if (pos[i] == 0 || pos[i] == 50)
+          for (int h = 0; h < kv; ++h) {
+            an[size_t(i) * kv + h] = 1e6f;
+            for (int c = 0; c < d; ++c) k[(size_t(i) * kv + h) * d + c] += 1000.0f;
+          }
     if (nan_at >= 0) k[static_cast<size_t>(nan_at)] = NAN;
     w.append_layer(l, n, k.data(), v.data(), sk.data(), sv.data(), an.data());
   }
@@ -112,6 +123,24 @@ TEST_CASE("train-codebook: weighting none vs anchor weights - anchors excluded g
   CHECK_FALSE(plain.codebooks.meta.exclude_anchors);
   CHECK(without.codebooks.meta.exclude_anchors);
   CHECK(without.codebooks.keys[0].centroids != plain.codebooks.keys[0].centroids);
+  // Weight 0 really: keys of the anchor tokens (positions 0 and 50 of each window, the top anchor scores) 1000
+  // away from the rest. Left out (exclude_anchors), no centroid lands there; used (CQ-style), some do.
+  const std::string far = synthetic_dump(3000, 1, 1, 8, -1, false, /*far_anchors=*/true);
+  auto max_abs_centroid = [](const TrainCodebooksResult& t) {
+    float m = 0;
+    for (float x : t.codebooks.keys[0].centroids) m = std::max(m, std::fabs(x));
+    return m;
+  };
+  const std::vector<std::string> far_cfg = {"quant.keys.c=8", "quant.keys.b=5", "anchor.ratio=0.02",
+                                            "kmeans.weighting=none"};
+  auto far_excl = far_cfg, far_incl = far_cfg;
+  far_excl.push_back("kmeans.exclude_anchors=true");
+  far_incl.push_back("kmeans.exclude_anchors=false");
+  const float excluded_max = max_abs_centroid(train(far, far_excl)), included_max = max_abs_centroid(train(far, far_incl));
+  INFO("largest |centroid|: anchors excluded " << excluded_max << ", included " << included_max);
+  CHECK(excluded_max < 50);    // the other keys are N(0, <= 2.4^2)
+  CHECK(included_max > 500);
+
   const std::string path = test::temp_dir() + "/cb-all.h5";
   write_codebooks(path, plain.codebooks);
   CHECK_FALSE(read_codebooks(path).meta.exclude_anchors);

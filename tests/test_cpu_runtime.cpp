@@ -59,7 +59,7 @@ std::vector<int32_t> greedy(Runtime& rt, const std::vector<int32_t>& prompt, int
 
 }  // namespace
 
-TEST_CASE("CPU runtime: antkv-ref-18m logits and K/V match transformers", "[runtime][shared]") {
+TEST_CASE("CPU runtime: antkv-ref-18m logits and post-RoPE keys match transformers", "[runtime][shared]") {
   const std::string dir = test::model_dir("antkv-ref-18m");
   auto ref = SafetensorsFile::open(dir + "/reference/reference.safetensors");
   const auto prompt = ints(ref->get("prompt_ids"));
@@ -83,7 +83,9 @@ TEST_CASE("CPU runtime: antkv-ref-18m logits and K/V match transformers", "[runt
   REQUIRE(res.logits.size() == ref_logits.size());
   const double err = test::max_rel_error(res.logits.data(), ref_logits.data(), ref_logits.size());
   INFO("max relative logits error " << err);
-  CHECK(err < 1e-3);
+  // Measured 8.7e-7 (fp32 GEMMs in another summation order); an fp16 cache gives ~1e-3, a wrong
+  // rms_norm_eps or rope_theta far more.
+  CHECK(err < 3e-6);
 
   const int T = req.n_tokens, kvh = cfg.num_kv_heads, d = cfg.head_dim;
   for (int layer : {0, 5}) {
@@ -95,7 +97,7 @@ TEST_CASE("CPU runtime: antkv-ref-18m logits and K/V match transformers", "[runt
         for (int c = 0; c < d; ++c) ours[(size_t(hh) * T + t) * d + c] = cap.k_post[layer][(size_t(t) * kvh + hh) * d + c];
     const double kerr = test::max_rel_error(ours.data(), kref.data(), kref.size());
     INFO("layer " << layer << " post-RoPE key error " << kerr);
-    CHECK(kerr < 1e-4);
+    CHECK(kerr < 2e-6);  // measured 5.5e-7 (layer 0), 4.3e-7 (layer 5)
   }
 }
 
@@ -126,8 +128,8 @@ TEST_CASE("CPU runtime: antkv-ref-18m pre-RoPE K/V of the reference's last forwa
     const double kerr = test::max_rel_error(all.k_pre[layer].data() + size_t(last) * kv, kref.data(), kv);
     const double verr = test::max_rel_error(all.v[layer].data() + size_t(last) * kv, vref.data(), kv);
     INFO("layer " << layer << " pre-RoPE k error " << kerr << ", v error " << verr);
-    CHECK(kerr < 1e-4);
-    CHECK(verr < 1e-4);
+    CHECK(kerr < 2e-6);  // measured 4.5e-7 / 3.0e-7 (layers 0 / 5)
+    CHECK(verr < 2e-6);  // measured 4.4e-7 / 6.2e-7
   }
 }
 
@@ -180,7 +182,7 @@ TEST_CASE("CPU runtime: prefill in chunks equals one prefill - fp16 cache stays 
   rt16.forward(req, part);
   const double e16 = test::max_rel_error(part.logits.data(), whole.logits.data(), whole.logits.size());
   INFO("fp16 cache logits error " << e16);
-  CHECK(e16 < 5e-3);  // fp16 K/V rounding (2^-11 relative) moves the logits by a few 1e-4 of their scale
+  CHECK(e16 < 6e-4);  // fp16 K/V rounding (2^-11 relative): measured 1.5e-4 of the logits' scale
   CHECK(e16 > 0);     // the cache really rounds
 }
 

@@ -615,8 +615,5 @@ TEST_CASE("GPU KV quantizer: codebooks that do not fit are errors naming the pro
                     Catch::Contains("must divide head_dim"));
 }
 
-#else
-
-TEST_CASE("GPU KV quantizers (this build has no CUDA)", "[gpu][quant]") { SKIP_WITHOUT_GPU(); }
 
 #endif

@@ -22,6 +22,8 @@
 #include "kmeans/kmeans.h"
 #include "test_support.h"
 
+using Catch::Matchers::Contains;
+
 #ifdef ANTKV_HAVE_CUDA
 #include "kernels/common/device_buffer.h"
 #include "kernels/kmeans/kmeans.h"
@@ -144,6 +146,25 @@ using TrainerFactory = std::unique_ptr<KMeansTrainer> (*)(const KMeansParams&);
 
 std::unique_ptr<KMeansTrainer> cpu_factory(const KMeansParams& p) { return make_kmeans_cpu(p); }
 
+// The weighted objective sum_j w_j min_q |x_j - c_q|^2 in double precision, written here independently of
+// kmeans_objective_cpu (which the FAISS trainer itself uses to report its objective).
+double objective_by_hand(const float* x, const float* w, int64_t n, const float* c, int k, int dim) {
+  double total = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    double best = std::numeric_limits<double>::infinity();
+    for (int q = 0; q < k; ++q) {
+      double s = 0;
+      for (int t = 0; t < dim; ++t) {
+        const double diff = static_cast<double>(x[j * dim + t]) - c[static_cast<int64_t>(q) * dim + t];
+        s += diff * diff;
+      }
+      best = std::min(best, s);
+    }
+    total += (w ? w[j] : 1.0) * best;
+  }
+  return total;
+}
+
 // ---- the three properties, for any trainer -----------------------------------------------------------
 void check_monotone(TrainerFactory make, const char* who) {
   const Data d = mixture(2, 3000, 4, 11, true, 0.1);
@@ -154,8 +175,8 @@ void check_monotone(TrainerFactory make, const char* who) {
   const auto init = kmeanspp_all(p, d.batch());
   std::vector<double> prev(d.B);
   for (int cb = 0; cb < d.B; ++cb)
-    prev[cb] = kmeans_objective_cpu(d.xb(cb), d.wb(cb), d.n, init.data() + static_cast<size_t>(cb) * p.k * d.dim,
-                                    p.k, d.dim);
+    prev[cb] = objective_by_hand(d.xb(cb), d.wb(cb), d.n, init.data() + static_cast<size_t>(cb) * p.k * d.dim,
+                                 p.k, d.dim);
   for (int it = 1; it <= 8; ++it) {
     p.iters = it;
     const KMeansResult r = make(p)->train(d.batch(), init.data());
@@ -163,8 +184,9 @@ void check_monotone(TrainerFactory make, const char* who) {
       INFO(who << ": codebook " << cb << ", iters " << it << ": objective " << r.objective[cb] << " after "
                << prev[cb]);
       CHECK(r.objective[cb] <= prev[cb] * (1 + 1e-6));
-      const double ref = kmeans_objective_cpu(d.xb(cb), d.wb(cb), d.n,
-                                              r.centroids.data() + static_cast<size_t>(cb) * p.k * d.dim, p.k, d.dim);
+      // the reported objective is that of the returned centroids
+      const double ref = objective_by_hand(d.xb(cb), d.wb(cb), d.n,
+                                           r.centroids.data() + static_cast<size_t>(cb) * p.k * d.dim, p.k, d.dim);
       CHECK(std::abs(r.objective[cb] - ref) <= 1e-5 * ref);
       prev[cb] = r.objective[cb];
     }
@@ -234,21 +256,21 @@ void check_errors(TrainerFactory make) {
   {
     Data d = mixture(2, 500, 4, 21, true);
     d.x[static_cast<size_t>(1) * d.n * d.dim + 37 * d.dim + 2] = std::numeric_limits<float>::quiet_NaN();
-    CHECK_THROWS_AS(make(p)->train(d.batch()), Error);
+    CHECK_THROWS_WITH(make(p)->train(d.batch()), Contains("non-finite value") && Contains("codebook 1, point 37"));
   }
   {
     Data d = mixture(1, 500, 4, 22, true);
     d.w[17] = -1.f;
-    CHECK_THROWS_AS(make(p)->train(d.batch()), Error);
+    CHECK_THROWS_WITH(make(p)->train(d.batch()), Contains("bad weight -1") && Contains("point 17"));
   }
   {
     Data d = mixture(1, 40, 4, 23, true);
     for (int64_t j = 0; j < 30; ++j) d.w[j] = 0.f;  // 10 points of weight > 0 for 16 centroids
-    CHECK_THROWS_AS(make(p)->train(d.batch()), Error);
+    CHECK_THROWS_WITH(make(p)->train(d.batch()), Contains("10 points with weight > 0"));
   }
   {
     Data d = mixture(1, 10, 4, 24, false);  // 10 points for 16 centroids
-    CHECK_THROWS_AS(make(p)->train(d.batch()), Error);
+    CHECK_THROWS_WITH(make(p)->train(d.batch()), Contains("10 points with weight > 0"));
   }
 }
 
@@ -279,7 +301,12 @@ TEST_CASE("FAISS k-means: objectives on random data are sane", "[kmeans]") {
     for (int cb = 0; cb < d.B; ++cb) {
       const double var = total_variance(d.xb(cb), d.wb(cb), d.n, dim);
       const double o_init =
-          kmeans_objective_cpu(d.xb(cb), d.wb(cb), d.n, init.data() + static_cast<size_t>(cb) * p.k * dim, p.k, dim);
+          objective_by_hand(d.xb(cb), d.wb(cb), d.n, init.data() + static_cast<size_t>(cb) * p.k * dim, p.k, dim);
+      // the reported objective is that of the returned centroids, and kmeans_objective_cpu agrees
+      const float* cents = r.centroids.data() + static_cast<size_t>(cb) * p.k * dim;
+      const double o_final = objective_by_hand(d.xb(cb), d.wb(cb), d.n, cents, p.k, dim);
+      CHECK(std::abs(r.objective[cb] - o_final) <= 1e-5 * o_final);
+      CHECK(std::abs(kmeans_objective_cpu(d.xb(cb), d.wb(cb), d.n, cents, p.k, dim) - o_final) <= 1e-5 * o_final);
       INFO("dim " << dim << " codebook " << cb << ": objective " << r.objective[cb] << ", init " << o_init
                   << ", k=1 objective " << var);
       CHECK(std::isfinite(r.objective[cb]));
@@ -342,7 +369,7 @@ TEST_CASE("GPU k-means: NaN, negative weights, too few points, unsupported dim a
   KMeansParams p;
   p.k = 8;
   const Data d = mixture(1, 200, 3, 25, false);
-  CHECK_THROWS_AS(gpu_factory(p)->train(d.batch()), Error);
+  CHECK_THROWS_WITH(gpu_factory(p)->train(d.batch()), Contains("dimension 3 is not supported"));
   // the device entry checks its inputs on the device
   Data e = mixture(2, 300, 8, 26, true);
   e.x[static_cast<size_t>(1) * e.n * e.dim + 5] = std::numeric_limits<float>::infinity();
@@ -351,7 +378,8 @@ TEST_CASE("GPU k-means: NaN, negative weights, too few points, unsupported dim a
   ANTKV_CUDA_CHECK(cudaMemcpy(dw.get(), e.w.data(), e.w.size() * 4, cudaMemcpyHostToDevice));
   cuda::KMeansGpu g(p);
   KMeansResult r;
-  CHECK_THROWS_AS(g.train_device({2, e.n, e.dim, dx.get(), dw.get()}, nullptr, dc.get(), r), Error);
+  CHECK_THROWS_WITH(g.train_device({2, e.n, e.dim, dx.get(), dw.get()}, nullptr, dc.get(), r),
+                    Contains("non-finite value") && Contains("codebook 1"));
 }
 
 TEST_CASE("GPU k-means++ equals kmeanspp_init", "[kmeans][gpu]") {

@@ -1,11 +1,14 @@
 // KV-cache methods on the CPU: uniform (KIVI-style), VQ and AnTKV caches against hand-computed
 // references, effective-bits arithmetic, and perplexity properties on antkv-ref-18m.
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <random>
 #include <tuple>
 
 #include <Eigen/Core>
 
+#include "anchor/anchor_scores.h"
 #include "calibrate/calibrate.h"
 #include "codebook/train_codebooks.h"
 #include "core/atomic_file.h"
@@ -14,6 +17,7 @@
 #include "quant/method.h"
 #include "quant/quantized_cache.h"
 #include "quant/vq.h"
+#include "runtime/rope.h"
 #include "runtime/cpu_runtime.h"
 #include "tokenizer/tokenizer.h"
 #include "test_support.h"
@@ -165,7 +169,7 @@ TEST_CASE("uniform cache: keys per channel over token groups, values per token, 
   }
 }
 
-TEST_CASE("VQ and AnTKV caches: nearest centroids, FP16 anchors, pre-RoPE rotation", "[quant]") {
+TEST_CASE("VQ and AnTKV caches: nearest centroids, FP16 anchors, decode window, key error", "[quant]") {
   const ModelConfig cfg = tiny_config(2, 8);
   auto cb = std::make_shared<CodebookSet>();
   cb->meta = {"tiny", "", "", "post", "none", "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
@@ -340,6 +344,201 @@ TEST_CASE("gain-shape VQ cache: fp16 norms kept, directions from the unit-vector
   CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq:gain=kv", r), cb), Contains("needs gain=kv"));
 }
 
+// Pre-RoPE keys (key_rope=pre, design note §3): the cache quantizes the pre-RoPE key with pre-RoPE codebooks
+// and rotates the dequantized key to its position; anchors keep the exact post-RoPE key. Pre- and post-RoPE
+// keys differ here (post = RoPE(pre)), so using the wrong one, skipping the rotation or rotating to the wrong
+// position (decode) each fail.
+TEST_CASE("VQ and AnTKV caches: pre-RoPE keys quantized before RoPE, rotated to their positions after", "[quant]") {
+  const ModelConfig cfg = tiny_config(2, 8);
+  const int T = 40, KV = 2, d = 8, row = KV * d;
+  auto cb = std::make_shared<CodebookSet>();
+  cb->meta = {"tiny", "", "", "pre", "none", "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
+  std::mt19937 rng(12);
+  std::normal_distribution<float> nd;
+  for (auto* side : {&cb->keys, &cb->values}) {
+    side->resize(1);
+    (*side)[0].centroids.resize(2 * 2 * 4 * 4);  // [kv 2, groups 2, k 4, c 4]
+    for (auto& x : (*side)[0].centroids) x = nd(rng);
+    (*side)[0].error_norm = {1.0f, 1.0f};
+  }
+  const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
+  std::vector<float> k_pre(T * row), v(T * row), q(T * 2 * row);
+  for (auto* a : {&k_pre, &v, &q})
+    for (auto& x : *a) x = nd(rng);
+  std::vector<int32_t> pos(T);
+  std::iota(pos.begin(), pos.end(), 0);
+  const std::vector<float> inv_freq = rope_inv_freq(cfg);
+  std::vector<float> k_post(k_pre);
+  rope_apply(k_post.data(), T, KV, d, pos.data(), inv_freq.data());
+  REQUIRE(k_post != k_pre);
+
+  // reference: RoPE(nearest centroid of the fp16 pre-RoPE key)
+  std::vector<float> want(T * row), pre16(T * row);
+  for (size_t i = 0; i < pre16.size(); ++i) pre16[i] = static_cast<float>(Eigen::half(k_pre[i]));
+  for (int h = 0; h < KV; ++h) {
+    VqHeadCodebooks kh{cb->keys[0].centroids.data() + h * 32, 2, 4, 4};
+    vq_quantize(kh, pre16.data() + h * d, T, row, want.data() + h * d);
+  }
+  rope_apply(want.data(), T, KV, d, pos.data(), inv_freq.data());
+
+  QuantizedKvCache vq(cfg, parse_method("vq:key_rope=pre", r), cb);
+  vq.append(KvAppend{0, T, 0, k_pre.data(), k_post.data(), v.data(), q.data()});
+  for (int i = 0; i < T * row; ++i) REQUIRE(vq.keys(0)[i] == want[i]);
+  // not what post-RoPE quantization with the same centroids would give
+  std::vector<float> post16(T * row), wrong(T * row);
+  for (size_t i = 0; i < post16.size(); ++i) post16[i] = static_cast<float>(Eigen::half(k_post[i]));
+  for (int h = 0; h < KV; ++h) {
+    VqHeadCodebooks kh{cb->keys[0].centroids.data() + h * 32, 2, 4, 4};
+    vq_quantize(kh, post16.data() + h * d, T, row, wrong.data() + h * d);
+  }
+  CHECK(test::max_rel_error(vq.keys(0), wrong.data(), wrong.size()) > 0.1);
+
+  // decode: tokens leaving the FP16 window are rotated to their own positions
+  QuantizedKvCache dec(cfg, parse_method("vq:key_rope=pre", r), cb, /*decode_window=*/3);
+  for (int t = 0; t < 6; ++t)
+    dec.append(KvAppend{0, 1, t, k_pre.data() + t * row, k_post.data() + t * row, v.data() + t * row, q.data()});
+  for (int i = 0; i < 3 * row; ++i) CHECK(dec.keys(0)[i] == want[i]);                   // tokens 0-2 quantized
+  for (int i = 3 * row; i < 6 * row; ++i) CHECK(dec.keys(0)[i] == post16[i]);           // 3-5: FP16 post-RoPE
+
+  // antkv: anchors keep the exact (fp16) post-RoPE key, the rest as vq
+  auto cb_w = std::make_shared<CodebookSet>(*cb);
+  cb_w->meta.weighting = "anchor";
+  QuantizedKvCache an(cfg, parse_method("antkv:ratio=0.1,key_rope=pre", r), cb_w);
+  an.append(KvAppend{0, T, 0, k_pre.data(), k_post.data(), v.data(), q.data()});
+  REQUIRE(an.stats().anchors == KV * 4);
+  for (int t = 0; t < T; ++t)
+    for (int h = 0; h < KV; ++h) {
+      const float* expect = (an.anchor_flags(0)[t * KV + h] ? post16 : want).data() + t * row + h * d;
+      for (int c = 0; c < d; ++c) CHECK(an.keys(0)[t * row + h * d + c] == expect[c]);
+    }
+  // post-RoPE codebooks are refused for a pre-RoPE method
+  auto cb_post = std::make_shared<CodebookSet>(*cb);
+  cb_post->meta.key_rope = "post";
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq:key_rope=pre", r), cb_post), Contains("post-RoPE"));
+}
+
+// The antkv cache picks its anchors with the method's score variant: recent keeps token 0 and the newest
+// tokens; attention_mass and key_bound keep the largest S_V / S_K of the chunk's own attention, here
+// recomputed with the double-precision reference (anchor_scores_reference) and selected by hand.
+TEST_CASE("AnTKV cache: anchors follow the score variant (recent, attention_mass, key_bound, error_bound)", "[quant][anchor]") {
+  const ModelConfig cfg = tiny_config(2, 8);
+  const int T = 40, KV = 2, row = 16;
+  auto cb = std::make_shared<CodebookSet>();
+  cb->meta = {"tiny", "", "", "post", "anchor", "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
+  std::mt19937 rng(14);
+  std::normal_distribution<float> nd;
+  for (auto* side : {&cb->keys, &cb->values}) {
+    side->resize(1);
+    (*side)[0].centroids.resize(2 * 2 * 4 * 4);
+    for (auto& x : (*side)[0].centroids) x = nd(rng);
+  }
+  cb->keys[0].error_norm = {0.5f, 2.0f};
+  cb->values[0].error_norm = {3.0f, 0.25f};
+  const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
+  std::vector<float> k(T * row), v(T * row), q(T * 2 * row);
+  for (auto* a : {&k, &v, &q})
+    for (auto& x : *a) x = 2 * nd(rng);
+  // the scores of the fp16 activations the cache holds
+  std::vector<float> k16(k.size()), v16(v.size());
+  for (size_t i = 0; i < k.size(); ++i) k16[i] = static_cast<float>(Eigen::half(k[i])), v16[i] = static_cast<float>(Eigen::half(v[i]));
+  std::vector<float> s_k(T * KV), s_v(T * KV);
+  anchor_scores_reference(AnchorScoreArgs{q.data(), k16.data(), v16.data(), T, 4, KV, 8}, s_k.data(), s_v.data());
+  auto flags_of = [&](const char* score) {
+    QuantizedKvCache c(cfg, parse_method(std::string("antkv:ratio=0.1,score=") + score, r), cb);
+    c.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+    return c.anchor_flags(0);
+  };
+  auto expected = [&](const std::vector<float>& score) {
+    std::vector<uint8_t> f(T * KV, 0);
+    for (int h = 0; h < KV; ++h) {
+      std::vector<int> order(T);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin() + 1, order.end(), [&](int x, int y) { return score[x * KV + h] > score[y * KV + h]; });
+      for (int i = 0; i < 4; ++i) f[order[i] * KV + h] = 1;  // token 0, then the 3 largest (ceil(0.1 x 40) = 4)
+    }
+    return f;
+  };
+  std::vector<float> recent(T * KV), bound(T * KV);
+  for (int t = 0; t < T; ++t)
+    for (int h = 0; h < KV; ++h) {
+      recent[t * KV + h] = static_cast<float>(t);
+      bound[t * KV + h] = s_k[t * KV + h] * cb->keys[0].error_norm[h] + s_v[t * KV + h] * cb->values[0].error_norm[h];
+    }
+  CHECK(flags_of("recent") == expected(recent));  // tokens 0, 37, 38, 39
+  CHECK(flags_of("attention_mass") == expected(s_v));
+  CHECK(flags_of("key_bound") == expected(s_k));
+  CHECK(flags_of("error_bound") == expected(bound));
+  CHECK(flags_of("attention_mass") != flags_of("key_bound"));  // the variants really choose differently here
+}
+
+// Effective bits counted from what the caches hold (QuantizedKvCache::effective_bits), against the formula
+// (effective_bits(method, context, d)) and against counts by hand. d 8, 2 KV heads, keys and values c4b2 (4 bits
+// of codes per token and head on each side), anchors 2 x (16 x 8 + 32) bits per token and head.
+TEST_CASE("effective bits from what the caches store: one prefill = the formula, chunked prefill and decode differ",
+          "[quant]") {
+  const ModelConfig cfg = tiny_config(2, 8);
+  auto cb = std::make_shared<CodebookSet>();
+  cb->meta = {"tiny", "", "", "post", "anchor", "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
+  std::mt19937 rng(13);
+  std::normal_distribution<float> nd;
+  for (auto* side : {&cb->keys, &cb->values}) {
+    side->resize(1);
+    (*side)[0].centroids.resize(2 * 2 * 4 * 4);
+    for (auto& x : (*side)[0].centroids) x = nd(rng);
+    (*side)[0].error_norm = {1.0f, 1.0f};
+  }
+  auto cb_plain = std::make_shared<CodebookSet>(*cb);
+  cb_plain->meta.weighting = "none";
+  const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
+  const int T = 40, row = 16;
+  std::vector<float> k(T * row), v(T * row), q(T * 2 * row);
+  for (auto* a : {&k, &v, &q})
+    for (auto& x : *a) x = nd(rng);
+  auto prefill = [&](QuantizedKvCache& c, int chunk) {
+    for (int t0 = 0; t0 < T; t0 += chunk) {
+      const int n = std::min(chunk, T - t0);
+      c.append(KvAppend{0, n, t0, k.data() + t0 * row, k.data() + t0 * row, v.data() + t0 * row, q.data() + t0 * 2 * row});
+    }
+  };
+  // one prefill: the formula, with and without codebooks, for every kind
+  for (const char* text : {"fp16", "uniform:bits=2,group=4,window=6", "vq", "antkv:ratio=0.1", "antkv:ratio=0.1,correct=on"}) {
+    INFO(text);
+    const MethodSpec m = parse_method(text, r);
+    QuantizedKvCache c(cfg, m, m.needs_codebooks() ? (m.weighting == "anchor" ? cb : cb_plain) : nullptr);
+    prefill(c, T);
+    CHECK(c.effective_bits(false) == Approx(effective_bits(m, T, 8, false)).epsilon(1e-12));
+    CHECK(c.effective_bits(true) == Approx(effective_bits(m, T, 8, true)).epsilon(1e-12));
+    CHECK(c.stored_bytes() == static_cast<size_t>(std::ceil(c.stored_bits(true) / 8)));
+  }
+  // by hand, one prefill of antkv ratio 0.1: ceil(4) anchors per head, 36 x 2 coded token-heads:
+  // (72 x 8 + 8 x 320) / (2 x 40 x 16) = 2.45 bits
+  QuantizedKvCache one(cfg, parse_method("antkv:ratio=0.1", r), cb);
+  prefill(one, T);
+  CHECK(one.stats().anchors == 8);
+  CHECK(one.effective_bits(false) == Approx(2.45).epsilon(1e-12));
+  // chunks of 7 (7, 7, 7, 7, 7, 5): ceil(0.7) = 1 anchor per chunk and head, 12 in all, so
+  // (68 x 8 + 12 x 320) / 1280 = 3.425 bits, which the formula (2.45) does not see
+  QuantizedKvCache chunked(cfg, parse_method("antkv:ratio=0.1", r), cb);
+  prefill(chunked, 7);
+  CHECK(chunked.stats().anchors == 12);
+  CHECK(chunked.effective_bits(false) == Approx(3.425).epsilon(1e-12));
+  // codebooks: 2 heads x 16 x 8 x (4 + 4) centroid bits = 2048 bits more
+  CHECK(chunked.stored_bits(true) - chunked.stored_bits(false) == 2048);
+  // decode, window 3: after 10 one-token appends, 7 tokens are codes and 3 wait in FP16:
+  // (7 x 2 x 8 + 3 x 2 x 2 x 16 x 8) / (2 x 10 x 16) = 5.15 bits
+  QuantizedKvCache dec(cfg, parse_method("vq", r), cb_plain, /*decode_window=*/3);
+  for (int t = 0; t < 10; ++t)
+    dec.append(KvAppend{0, 1, t, k.data() + t * row, k.data() + t * row, v.data() + t * row, q.data() + t * 2 * row});
+  CHECK(dec.effective_bits(false) == Approx(5.15).epsilon(1e-12));
+  // uniform, group 4, window 6, 40 tokens: keys 32 rows in 8 groups per channel + 8 FP16 rows, values 34 rows
+  // + 6 FP16, 2 heads x 2 groups of 4 channels per value row: (32 x 16 x 2 + 8 x 16 x 32 + 8 x 16 x 16 +
+  // 34 x (16 x 2 + 4 x 32) + 6 x 16 x 16) / 1280
+  QuantizedKvCache uni(cfg, parse_method("uniform:bits=2,group=4,window=6", r), nullptr);
+  prefill(uni, 9);
+  CHECK(uni.effective_bits() ==
+        Approx((32 * 16 * 2 + 8 * 16 * 32 + 8 * 16 * 16 + 34 * (16 * 2 + 4 * 32) + 6 * 16 * 16) / 1280.0).epsilon(1e-12));
+}
+
 namespace {
 // 18m: a small calibration dump and quickly trained codebooks (3 Lloyd iterations) for `method`.
 std::shared_ptr<const CodebookSet> quick_codebooks(const Checkpoint& ckpt, const Tokenizer& tok, const MethodSpec& m) {
@@ -375,12 +574,12 @@ double ppl_of(const Checkpoint& ckpt, const std::vector<int32_t>& ids, int32_t b
 }
 }  // namespace
 
-// One window of WikiText-2 on antkv-ref-18m, codebooks from 2 calibration windows. The margins, from what
-// was measured: uniform 4-bit moves the perplexity by +0.1% (each element off by ~1/30 of its channel's
-// range), so 2%; 4-bit VQ (c2b8, held-out relative error ~0.5%) by -1.2% (vq) and +2.0% (antkv) on this
-// window: this small model's perplexity is sensitive to how the attention sink (BOS) is treated, exact
-// (antkv keeps it as an anchor) or quantized with the rest (vq). On 16 windows with 64 calibration windows
-// the GPU table gives -0.9% and +2.7%. So 5%; a broken quantizer costs tens of percent (2-bit: +30%).
+// One window of WikiText-2 on antkv-ref-18m, codebooks from 2 calibration windows. Measured (this build,
+// 2026-11-29): FP16 110.176; uniform 4-bit 110.426 (+0.23%); vq 4-bit (c2b8) 113.528 (+3.0%); antkv 4-bit
+// 112.823 (+2.4%); uniform 2-bit 179.2 (+63%). Two-sided bounds: a quantizer must move the perplexity (a
+// quantizer that does nothing gives exactly FP16 and fails), but not by much at 4 bits: uniform within
+// (0.05%, 1%), the VQ methods within (0.3%, 6%) either way (this small model is sensitive to how the
+// attention sink is treated, so the sign is not fixed); 2 bits is visibly lossy but not broken (+20% .. +120%).
 TEST_CASE("perplexity: antkv ratio 1.0 equals FP16 exactly - 4-bit methods close to FP16", "[quant][shared][slow]") {
   const std::string dir = test::model_dir("antkv-ref-18m");
   Checkpoint ckpt = Checkpoint::open(dir);
@@ -400,12 +599,17 @@ TEST_CASE("perplexity: antkv ratio 1.0 equals FP16 exactly - 4-bit methods close
   const double v4 = ppl_of(ckpt, ids, tok.bos_id(), vq4, cb4_plain);
   const double a4 = ppl_of(ckpt, ids, tok.bos_id(), parse_method("antkv:bits=4", r), cb4);
   INFO("fp16 " << fp16 << ", uniform 4-bit " << u4 << ", vq 4-bit " << v4 << ", antkv 4-bit " << a4);
-  CHECK(std::fabs(u4 / fp16 - 1) < 0.02);
-  CHECK(std::fabs(v4 / fp16 - 1) < 0.05);
-  CHECK(std::fabs(a4 / fp16 - 1) < 0.05);
-  // and 2 bits are visibly lossy (the quantizer really quantizes)
+  CHECK(std::fabs(u4 / fp16 - 1) > 0.0005);
+  CHECK(std::fabs(u4 / fp16 - 1) < 0.01);
+  CHECK(std::fabs(v4 / fp16 - 1) > 0.003);
+  CHECK(std::fabs(v4 / fp16 - 1) < 0.06);
+  CHECK(std::fabs(a4 / fp16 - 1) > 0.003);
+  CHECK(std::fabs(a4 / fp16 - 1) < 0.06);
+  // and 2 bits are visibly lossy (the quantizer really quantizes) but not broken
   const double u2 = ppl_of(ckpt, ids, tok.bos_id(), parse_method("uniform:bits=2,group=128", r), nullptr);
-  CHECK(u2 > fp16 * 1.05);
+  INFO("uniform 2-bit " << u2);
+  CHECK(u2 > fp16 * 1.2);
+  CHECK(u2 < fp16 * 2.2);
 }
 
 // Per-layer diagnostics (teacher-forced on the FP16 cache), one window of WikiText-2, 1-bit codebooks from 2

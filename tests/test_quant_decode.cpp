@@ -83,9 +83,11 @@ TEST_CASE("quant: pack/unpack of b-bit codes round-trips with the swizzled group
       // codes outside [0, 2^b) are errors
       std::vector<int32_t> bad(ng, 0);
       bad[ng - 1] = k;
-      CHECK_THROWS_AS(antkv::cuda::pack_codes(bad.data(), 1, 0, d, cfg, packed.data()), antkv::Error);
+      CHECK_THROWS_WITH(antkv::cuda::pack_codes(bad.data(), 1, 0, d, cfg, packed.data()),
+                        Catch::Contains(fmt::format("code {} of token 0 is outside [0, {})", k, k)));
       bad[ng - 1] = -1;
-      CHECK_THROWS_AS(antkv::cuda::pack_codes(bad.data(), 1, 0, d, cfg, packed.data()), antkv::Error);
+      CHECK_THROWS_WITH(antkv::cuda::pack_codes(bad.data(), 1, 0, d, cfg, packed.data()),
+                        Catch::Contains(fmt::format("code -1 of token 0 is outside [0, {})", k)));
     }
   // bits of a 6-bit record by hand: slot 0, groups 0..7 = 1, 2, 3, ..., 8 (head_dim 128, c16b6)
   std::vector<int32_t> c6 = {1, 2, 3, 4, 5, 6, 7, 8};
@@ -97,8 +99,8 @@ TEST_CASE("quant: pack/unpack of b-bit codes round-trips with the swizzled group
   // slot 3: the record starts with group 3's code
   antkv::cuda::pack_codes(c6.data(), 1, 3, 128, VqConfig::kC16B6, r6.data());
   CHECK((r6[0] & 63) == 4);
-  CHECK_THROWS_AS(antkv::cuda::check_vq_shape(96, VqConfig::kC8B8), antkv::Error);
-  CHECK_THROWS_AS(antkv::cuda::parse_vq_config("c4b8"), antkv::Error);
+  CHECK_THROWS_WITH(antkv::cuda::check_vq_shape(96, VqConfig::kC8B8), Catch::Contains("head_dim 96 is not supported"));
+  CHECK_THROWS_WITH(antkv::cuda::parse_vq_config("c4b8"), Catch::Contains("unknown VQ configuration 'c4b8'"));
   CHECK(antkv::cuda::parse_vq_config("c16b12") == VqConfig::kC16B12);
 }
 
@@ -381,24 +383,24 @@ TEST_CASE("GPU quant decode: closed set and bad counts", "[gpu][quant]") {
   }
   auto e = p;
   e.head_dim = 96;
-  CHECK_THROWS_AS(cuda::quant_decode(e, nullptr), antkv::Error);
+  CHECK_THROWS_WITH(cuda::quant_decode(e, nullptr), Catch::Contains("head_dim 96 is not supported"));
   e = p;
   e.config = VqConfig::kC16B8;
   e.lut_half = true;  // fp16 tables exist for c8b8 and c16b12 only
-  CHECK_THROWS_AS(cuda::quant_decode(e, nullptr), antkv::Error);
+  CHECK_THROWS_WITH(cuda::quant_decode(e, nullptr), Catch::Contains("fp16 lookup tables are built for c8b8 and c16b12 only"));
   e = p;
   e.split_len = 1000;  // not a multiple of the tile
-  CHECK_THROWS_AS(cuda::quant_decode(e, nullptr), antkv::Error);
+  CHECK_THROWS_WITH(cuda::quant_decode(e, nullptr), Catch::Contains("bad split plan") && Catch::Contains("of 1000 slots"));
   e = p;
   e.split_len = 65536;  // over the bins' overflow bound
-  CHECK_THROWS_AS(cuda::quant_decode(e, nullptr), antkv::Error);
+  CHECK_THROWS_WITH(cuda::quant_decode(e, nullptr), Catch::Contains("bad split plan") && Catch::Contains("of 65536 slots"));
   e = p;
   e.n_heads = 5;
-  CHECK_THROWS_AS(cuda::quant_decode(e, nullptr), antkv::Error);
+  CHECK_THROWS_WITH(cuda::quant_decode(e, nullptr), Catch::Contains("n_heads 5 must be a multiple of n_kv_heads"));
   e = p;
   e.workspace_floats = 10;
-  CHECK_THROWS_AS(cuda::quant_decode(e, nullptr), antkv::Error);
-  CHECK_THROWS_AS(cuda::plan_quant_decode(1, 4, 2, 80, VqConfig::kC8B8, 100), antkv::Error);
+  CHECK_THROWS_WITH(cuda::quant_decode(e, nullptr), Catch::Contains("workspace of 10 floats is too small"));
+  CHECK_THROWS_WITH(cuda::plan_quant_decode(1, 4, 2, 80, VqConfig::kC8B8, 100), Catch::Contains("head_dim 80 is not supported"));
   const auto plan = cuda::plan_quant_decode(1, 32, 8, 128, VqConfig::kC8B8, 4 << 20);
   CHECK(int64_t(plan.n_splits) * plan.split_len >= (4 << 20));
   CHECK(plan.split_len <= 32768);

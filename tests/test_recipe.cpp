@@ -1,9 +1,11 @@
 // Recipes: the shipped files parse, overrides apply, unknown keys and bad values name the key.
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 
 #include "core/atomic_file.h"
 #include "core/error.h"
+#include "quant/method.h"
 #include "recipe/recipe.h"
 #include "test_support.h"
 
@@ -20,14 +22,30 @@ std::string write_recipe(const std::string& text) {
 }  // namespace
 
 TEST_CASE("recipes: every shipped recipe loads and names a VQ configuration of the design note", "[recipe]") {
+  // the design note's configurations (§3): 4 c2b8, 2 c4b8, 1 c8b8, 0.75 c16b12, 0.5 c16b8, 0.375 c16b6
+  const std::vector<std::pair<int, int>> named = {{2, 8}, {4, 8}, {8, 8}, {16, 12}, {16, 8}, {16, 6}};
+  auto is_named = [&](const VqConfig& q) {
+    return std::find(named.begin(), named.end(), std::make_pair(q.c, q.b)) != named.end();
+  };
   int n = 0;
-  for (const auto& e : fs::directory_iterator(test::source_path("recipes"))) {
+  for (const auto& e : fs::recursive_directory_iterator(test::source_path("recipes"))) {
     if (e.path().extension() != ".yaml") continue;
     INFO(e.path().string());
     const Recipe r = Recipe::load(e.path().string());
     CHECK(r.name == e.path().stem().string());
     CHECK(!r.model.empty());
     CHECK(fs::path(r.calibration.text).is_absolute());
+    CHECK(is_named(r.quant.keys));
+    CHECK(is_named(r.quant.values));
+    CHECK(!r.eval.methods.empty());
+    for (const auto& text : r.eval.methods) {  // every method parses, and its VQ configurations are named ones
+      INFO("method " << text);
+      const MethodSpec m = parse_method(text, r);
+      if (m.needs_codebooks()) {
+        CHECK(is_named(m.keys));
+        CHECK(is_named(m.values));
+      }
+    }
     ++n;
   }
   CHECK(n >= 8);  // 18m quick, full and table, stories260K, and one recipe per 7B/8B model
@@ -86,4 +104,63 @@ TEST_CASE("recipes: unknown keys and bad values are errors naming the key", "[re
   CHECK_THROWS_WITH(Recipe::defaults_with({"nosuch.key=1"}), Contains("--set") && Contains("nosuch.key"));
   CHECK_THROWS_WITH(Recipe::defaults_with({"novalue"}), Contains("key=value"));
   CHECK_THROWS_WITH(Recipe::load("/nonexistent/recipe.yaml"), Contains("/nonexistent/recipe.yaml"));
+}
+
+// Precedence, from lowest to highest: defaults < the file < --set. Within one source the shorthands come
+// first (quant.bits, then quant.keys.bits / quant.values.bits) and explicit c/b win over them; a later --set
+// of the same key wins over an earlier one.
+TEST_CASE("recipes: override precedence - file, shorthands, --set, the same key twice, ${VAR:-default}", "[recipe]") {
+  const std::string p = write_recipe(R"(
+name: prec
+model: /m
+quant:
+  bits: 2
+  keys:
+    bits: 0.5
+  values:
+    c: 16
+    b: 6
+anchor:
+  ratio: 0.03
+)");
+  const Recipe f = Recipe::load(p);
+  CHECK(f.quant.keys.c == 16);  // quant.keys.bits 0.5 (c16b8) beats quant.bits 2 (c4b8)
+  CHECK(f.quant.keys.b == 8);
+  CHECK(f.quant.values.c == 16);  // explicit c/b beat the shorthand of the same file
+  CHECK(f.quant.values.b == 6);
+  CHECK(f.anchor.ratio == 0.03);
+  CHECK(f.kmeans.iters == Recipe::defaults_with({}).kmeans.iters);  // not in the file: the default
+
+  // --set beats the file, shorthand or not: quant.bits=1 replaces the file's explicit values c16b6 too
+  const Recipe s = Recipe::load(p, {"quant.bits=1", "anchor.ratio=0.2"});
+  CHECK(s.quant.keys.c == 8);
+  CHECK(s.quant.keys.b == 8);
+  CHECK(s.quant.values.c == 8);
+  CHECK(s.quant.values.b == 8);
+  CHECK(s.anchor.ratio == 0.2);
+  // within --set, explicit c/b beat a shorthand whatever their order
+  const Recipe s2 = Recipe::load(p, {"quant.values.b=12", "quant.bits=1"});
+  CHECK(s2.quant.values.c == 8);
+  CHECK(s2.quant.values.b == 12);
+  CHECK(s2.quant.keys.b == 8);
+  // the same key twice on the command line: the last one wins
+  CHECK(Recipe::load(p, {"anchor.ratio=0.1", "anchor.ratio=0.05"}).anchor.ratio == 0.05);
+  CHECK(Recipe::load(p, {"quant.bits=4", "quant.bits=0.375"}).quant.keys.c == 16);
+  // the same key twice in the file is an error naming the file and the key, not a silent choice
+  const std::string dup = write_recipe("name: d\nanchor:\n  ratio: 0.1\n  ratio: 0.2\n");
+  CHECK_THROWS_WITH(Recipe::load(dup), Contains("r.yaml") && Contains("\"anchor.ratio\" is given twice"));
+
+  // ${VAR:-default}: the default when the variable is unset or empty, the variable otherwise
+  unsetenv("ANTKV_TEST_PREC_DIR");
+  const std::string e = write_recipe("name: e\nmodel: ${ANTKV_TEST_PREC_DIR:-/opt/fallback}/m\n");
+  CHECK(Recipe::load(e).model == "/opt/fallback/m");
+  setenv("ANTKV_TEST_PREC_DIR", "", 1);
+  CHECK(Recipe::load(e).model == "/opt/fallback/m");
+  setenv("ANTKV_TEST_PREC_DIR", "/data/models", 1);
+  CHECK(Recipe::load(e).model == "/data/models/m");
+  // --set paths resolve against the working directory, the file's against the file's directory
+  CHECK(Recipe::load(e, {"model=rel/m"}).model == (fs::current_path() / "rel/m").lexically_normal().string());
+  CHECK(Recipe::load(e, {"model=${ANTKV_TEST_PREC_DIR}/n"}).model == "/data/models/n");
+  unsetenv("ANTKV_TEST_PREC_DIR");
+  CHECK_THROWS_WITH(Recipe::load(e, {"model=${ANTKV_TEST_PREC_DIR}/n"}), Contains("ANTKV_TEST_PREC_DIR"));
 }

@@ -583,6 +583,30 @@ TEST_CASE("tokenizer: Metaspace prepend_scheme/split, unk fusing and byte fallba
   json fallback = base;
   fallback["model"]["byte_fallback"] = true;
   check_cases(from_json(fallback), kMetaByteFallback, false);
+
+  // The tables above cannot tell split on from off, nor byte fallback from <unk>, on the fixture's texts.
+  // Expected ids below are worked by hand through the tokenizers crate's BPE (merge_word, then merge_all:
+  // lowest rank first, leftmost first, stale candidates skipped).
+  // Byte fallback: "A" is not a token but "<0x41>" (id 10) is; without fallback it is <unk> (0).
+  CHECK(from_json(fallback).encode("Ab", false) == std::vector<int32_t>{3, 10, 5});
+  CHECK(from_json(base).encode("Ab", false) == std::vector<int32_t>{3, 0, 5});
+  CHECK(from_json(fallback).encode("a A", false) == std::vector<int32_t>{7, 3, 10});
+  CHECK(from_json(base).encode("a A", false) == std::vector<int32_t>{7, 3, 0});
+  // Split on/off: add "b▁" (id 13) as the first merge. Split, "▁ab▁ab" is cut into "▁ab" "▁ab" and b never
+  // meets ▁: ▁a b ▁a b. Not split, it is one word: b+▁ (rank 0), then ▁+a, then a+b: ▁a b▁ ab.
+  json cross = base;
+  cross["model"]["vocab"]["b\xE2\x96\x81"] = 13;
+  cross["model"]["merges"].insert(cross["model"]["merges"].begin(), json::array({"b", "\xE2\x96\x81"}));
+  for (bool split : {true, false}) {
+    json j = cross;
+    j["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "\xE2\x96\x81"}, {"prepend_scheme", "first"},
+                          {"split", split}};
+    INFO("split " << split);
+    const Tokenizer t = from_json(j);
+    const std::vector<int32_t> ids = t.encode("ab ab", false);
+    CHECK(ids == (split ? std::vector<int32_t>{7, 5, 7, 5} : std::vector<int32_t>{7, 13, 8}));
+    CHECK(t.decode(ids) == "ab ab");
+  }
 }
 
 TEST_CASE("tokenizer: invalid UTF-8 input is read as U+FFFD - decode output is valid UTF-8", "[tokenizer]") {

@@ -1,3 +1,4 @@
+// kernels/anchor/: the GPU counterpart of lib/anchor's score pass.
 // GPU anchor scores (design note §2), FlashAttention-compatible: the T x T attention matrix is never stored.
 // Same semantics as antkv::anchor_scores_reference (lib/anchor/anchor_scores.h): one window, causal, GQA (the
 // G = n_heads / n_kv_heads query heads of a KV head add into that KV head's scores), all in fp32:

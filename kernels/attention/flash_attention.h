@@ -1,3 +1,4 @@
+// kernels/attention/: attention on the GPU (flash prefill, flash decoding, decode over the quantized cache).
 // Flash attention on the GPU (kernels in flash_prefill.cu, flash_decode.cu): causal GQA prefill that also
 // returns each row's log-sum-exp (the anchor-score pass needs it), and flash-decoding over the bf16 KV cache
 // arena. The quantized-cache decode is in quant_decode.h. Launchers take one plain params struct by value,

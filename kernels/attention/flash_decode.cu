@@ -13,6 +13,7 @@
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/device_utils.cuh"
 #include "kernels/attention/flash_attention.h"
+#include "kernels/attention/split_combine.cuh"
 #include "kernels/runtime/ops.h"
 
 namespace antkv::cuda {
@@ -32,7 +33,7 @@ template <int D>
 constexpr int decode_smem_bytes() {
   const int pipe = (16 * D + decode_stages<D>() * 2 * kTile * D) * static_cast<int>(sizeof(bf16));
   const int merge = kWarps * 16 * (D + 2) * static_cast<int>(sizeof(float));
-  const int combine = (2 * 16 * kMaxDecodeSplits + 2 * 16) * static_cast<int>(sizeof(float));
+  const int combine = split_combine_smem_floats(16, kMaxDecodeSplits) * static_cast<int>(sizeof(float));
   return std::max(pipe, std::max(merge, combine));
 }
 
@@ -241,72 +242,9 @@ __global__ void __launch_bounds__(kThreadsFD) flash_decode_split_kernel(const Fl
   if (!s_last) return;
   __threadfence();
 
-  // combine: per query head, weights exp2(m_s - M) of its n_valid splits (sW, [G][n_valid]), then each
-  // output channel sums its splits with several loads in flight. Partials are read through L2 (__ldcg):
-  // other blocks wrote them.
-  float* sW = reinterpret_cast<float*>(smem_raw);  // [G][n_valid]: split maxima, then weights
-  float* sL = sW + 16 * kMaxDecodeSplits;           // [G][n_valid]: split sums
-  float* sMg = sL + 16 * kMaxDecodeSplits;          // [G]: head maximum
-  float* sLg = sMg + 16;                            // [G]: head sum
-  for (int idx = tid; idx < G * n_valid; idx += kThreadsFD) {
-    const int g = idx / n_valid, s = idx % n_valid;
-    const int64_t slot = (bh0 + g) * p.n_splits + s;
-    sW[idx] = __ldcg(wml + slot * 2);
-    sL[idx] = __ldcg(wml + slot * 2 + 1);
-  }
-  __syncthreads();
-  for (int g = warp; g < G; g += kWarps) {
-    float m = -INFINITY;
-    for (int s = lane; s < n_valid; s += 32) m = fmaxf(m, sW[g * n_valid + s]);
-    m = warp_max(m);  // finite: every counted split holds at least one key
-    float l = 0.f;
-    for (int s = lane; s < n_valid; s += 32) {
-      const float f = exp2f(sW[g * n_valid + s] - m);
-      sW[g * n_valid + s] = f;
-      l += f * sL[g * n_valid + s];
-    }
-    l = warp_sum(l);
-    if (lane == 0) {
-      sMg[g] = m;
-      sLg[g] = l;
-    }
-  }
-  __syncthreads();
-  // one float4 of channels per item: all 32-channel groups of the G heads (G*D/4 items, 128 for G=4,
-  // D=128: one per thread), 8 splits' loads in flight per thread
-  for (int idx = tid; idx < G * (D / 4); idx += kThreadsFD) {
-    const int g = idx / (D / 4), c = (idx % (D / 4)) * 4;
-    const float4* po = reinterpret_cast<const float4*>(wo + (bh0 + g) * p.n_splits * D + c);
-    const float* w = sW + g * n_valid;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    int s = 0;
-    for (; s + 8 <= n_valid; s += 8) {
-      float4 v[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) v[u] = __ldcg(po + static_cast<int64_t>(s + u) * (D / 4));
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        acc.x += w[s + u] * v[u].x;
-        acc.y += w[s + u] * v[u].y;
-        acc.z += w[s + u] * v[u].z;
-        acc.w += w[s + u] * v[u].w;
-      }
-    }
-    for (; s < n_valid; ++s) {
-      const float4 v = __ldcg(po + static_cast<int64_t>(s) * (D / 4));
-      acc.x += w[s] * v.x;
-      acc.y += w[s] * v.y;
-      acc.z += w[s] * v.z;
-      acc.w += w[s] * v.w;
-    }
-    const float inv_l = 1.f / sLg[g];
-    bf16* o = p.out + (bh0 + g) * D + c;
-    o[0] = __float2bfloat16_rn(acc.x * inv_l);
-    o[1] = __float2bfloat16_rn(acc.y * inv_l);
-    o[2] = __float2bfloat16_rn(acc.z * inv_l);
-    o[3] = __float2bfloat16_rn(acc.w * inv_l);
-    if (p.lse && c == 0) p.lse[bh0 + g] = (sMg[g] + log2f(sLg[g])) * 0.6931471805599453f;
-  }
+  // combine the pair's n_valid splits (the same step as the quantized decode's; split_combine.cuh)
+  combine_splits<D, kThreadsFD>(p.workspace, static_cast<int64_t>(p.batch) * p.n_heads, p.n_splits, bh0, G, n_valid,
+                                reinterpret_cast<float*>(smem_raw), p.out, p.lse);
 }
 
 template <int D>

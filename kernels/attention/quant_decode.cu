@@ -38,6 +38,7 @@
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/device_utils.cuh"
 #include "kernels/attention/quant_decode.h"
+#include "kernels/attention/split_combine.cuh"
 
 namespace antkv::cuda {
 namespace {
@@ -639,14 +640,13 @@ __global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const Qua
   }
 }
 
-// One block of D threads per (head, sequence): merges every split's record (empty splits have m = -inf).
+// One block of D threads per (head, sequence): merges every split's record (empty splits have m = -inf) with
+// the fp16 decode's combine step (split_combine.cuh).
 template <int D>
 __global__ void __launch_bounds__(D) quant_reduce_kernel(const QuantDecodeParams p) {
-  __shared__ float w[kMaxQuantSplits];
-  __shared__ float red[D / 32];
+  __shared__ float smem[split_combine_smem_floats(1, kMaxQuantSplits)];
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   const int h = blockIdx.x, b = blockIdx.y, c = threadIdx.x;
-  const int lane = c & 31, warp = c >> 5;
   const int nq = p.n_quant[b], na = p.n_anchor[b], nw = p.n_window[b];
   const int64_t bh = static_cast<int64_t>(b) * p.n_heads + h;
   const bool bad = nq < 0 || nq > p.quant_capacity || static_cast<int64_t>(p.n_splits) * p.split_len < nq || na < 0 ||
@@ -657,40 +657,8 @@ __global__ void __launch_bounds__(D) quant_reduce_kernel(const QuantDecodeParams
     if (p.lse && c == 0) p.lse[bh] = NAN;
     return;
   }
-  const int S = p.n_splits;
-  const float* wo = p.workspace + bh * S * D;
-  const float* wml = p.workspace + static_cast<int64_t>(p.batch) * p.n_heads * S * D + bh * S * 2;
-  float m = -INFINITY;
-  for (int s = c; s < S; s += D) m = fmaxf(m, wml[2 * s]);
-  m = warp_max(m);
-  if (lane == 0) red[warp] = m;
-  __syncthreads();
-  float M = red[0];
-#pragma unroll
-  for (int i = 1; i < D / 32; ++i) M = fmaxf(M, red[i]);
-  __syncthreads();
-  float l = 0.f;
-  for (int s = c; s < S; s += D) {
-    const float ms = wml[2 * s];
-    const float f = ms == -INFINITY ? 0.f : exp2f(ms - M);
-    w[s] = f;
-    l += f * wml[2 * s + 1];
-  }
-  l = warp_sum(l);
-  if (lane == 0) red[warp] = l;
-  __syncthreads();
-  float L = 0.f;
-#pragma unroll
-  for (int i = 0; i < D / 32; ++i) L += red[i];
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  int s = 0;
-  for (; s + 4 <= S; s += 4) {
-#pragma unroll
-    for (int u = 0; u < 4; ++u) acc[u] = fmaf(w[s + u], wo[static_cast<int64_t>(s + u) * D + c], acc[u]);
-  }
-  for (; s < S; ++s) acc[0] = fmaf(w[s], wo[static_cast<int64_t>(s) * D + c], acc[0]);
-  p.out[bh * D + c] = __float2bfloat16_rn((acc[0] + acc[1] + acc[2] + acc[3]) / L);
-  if (p.lse && c == 0) p.lse[bh] = (M + log2f(L)) * 0.6931471805599453f;
+  combine_splits<D, D>(p.workspace, static_cast<int64_t>(p.batch) * p.n_heads, p.n_splits, bh, 1, p.n_splits, smem,
+                       p.out, p.lse);
 }
 
 // ---- dispatch over the closed set ----

@@ -1,3 +1,4 @@
+// kernels/bench/: benchmarks (this file: attention and end-to-end decode; quant_bench.h: quantized decode).
 // Kernel and end-to-end decode benchmark on the current CUDA device. Roofline: the measured device copy
 // bandwidth (cudaMemcpy device-to-device of 2 GiB, bytes read + written, CUDA events after warm-up).
 #pragma once

@@ -1,3 +1,5 @@
+// kernels/common/: what every CUDA room uses: checked calls (this file), DeviceBuffer (device_buffer.h), the
+// bf16 alias and element tags (dtypes.h), CUDA-event timing (cuda_timing.h), warp/tensor-core helpers (device_utils.cuh).
 // Error checking for every CUDA runtime / cuBLAS call and every kernel launch. Failures throw antkv::Error
 // naming file:line and the call (or kernel). With ANTKV_CUDA_SYNC=1 in the environment every launch is
 // followed by cudaDeviceSynchronize(), so an asynchronous fault is reported against the kernel that caused it.

@@ -1,3 +1,4 @@
+// kernels/kmeans/: the GPU counterpart of lib/kmeans (the FAISS trainer).
 // GPU weighted k-means (design note §4): the same contract as the FAISS trainer (lib/kmeans/kmeans.h), for
 // thousands of independent codebooks per launch. One launch of each kernel covers every codebook of a
 // chunk (grid.y = codebook), so a LLaMA-3-8B layer's 256 codebooks train together.

@@ -1,3 +1,4 @@
+// kernels/quant/: the GPU counterparts of lib/quant's KV caches.
 // KV-cache quantizers on the GPU (design note §5): the compared methods of lib/quant/method.h applied to
 // GpuRuntime's bf16 KV arena as *fake quantization*: after a layer's new K/V are in the cache and before
 // attention reads them, the quantizer rewrites the new tokens' cache entries with their dequantized values.

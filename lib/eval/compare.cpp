@@ -85,8 +85,15 @@ std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOpt
       res.method = m;
       res.text = text;
       res.ppl = evaluate_perplexity(*rt, ids, tok.bos_id(), po);
+      // Effective bits: what the cache stored for the last window where the runtime's cache counts it (the CPU
+      // caches); otherwise the formula, which assumes each window is prefilled in one chunk.
       res.effective_bits = effective_bits(m, r.eval.seq_len, rt->config().head_dim, true);
       res.effective_bits_no_codebooks = effective_bits(m, r.eval.seq_len, rt->config().head_dim, false);
+      if (auto* cpu = dynamic_cast<CpuRuntime*>(rt.get()))
+        if (auto* stored = dynamic_cast<const QuantizedKvCache*>(&cpu->kv_cache()); stored && stored->length(0) > 0) {
+          res.effective_bits = stored->effective_bits(true);
+          res.effective_bits_no_codebooks = stored->effective_bits(false);
+        }
       if (m.kind == "fp16") fp16_ppl = res.ppl.ppl;
       out.push_back(res);
     }

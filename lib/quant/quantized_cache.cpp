@@ -211,12 +211,50 @@ void QuantizedKvCache::append(const KvAppend& a) {
   }
 }
 
-size_t QuantizedKvCache::stored_bytes() const {
-  if (k_.empty()) return 0;
-  const int len = length(0);
-  if (len == 0) return 0;
-  const double bits = effective_bits(method_, len, cfg_.head_dim, /*include_codebooks=*/true);
-  return static_cast<size_t>(bits * len * static_cast<double>(row_) * 2 * cfg_.num_layers / 8);
+double QuantizedKvCache::stored_bits(bool include_codebooks) const {
+  const int KV = cfg_.num_kv_heads, d = cfg_.head_dim;
+  const double row = static_cast<double>(row_);
+  double bits = 0;
+  for (int l = 0; l < cfg_.num_layers; ++l) {
+    const int64_t len = length(l);
+    if (method_.kind == "fp16") {
+      bits += 2 * 16.0 * len * row;
+      continue;
+    }
+    if (method_.kind == "uniform") {
+      const int64_t k_upto = quantized_upto_[static_cast<size_t>(l) * 2];
+      const int64_t v_upto = quantized_upto_[static_cast<size_t>(l) * 2 + 1];
+      // keys: k_upto / group groups per channel, each with an fp16 scale and zero point
+      bits += k_upto * row * method_.bits + static_cast<double>(k_upto / method_.group) * row * 32.0 +
+              (len - k_upto) * row * 16.0;
+      const int vgs = std::min(method_.group, d);
+      const int groups_per_head = (d + vgs - 1) / vgs;
+      bits += v_upto * (row * method_.bits + static_cast<double>(KV) * groups_per_head * 32.0) +
+              (len - v_upto) * row * 16.0;
+      continue;
+    }
+    // vq / antkv: rows [0, upto) are codes or anchors, the rest waits in the FP16 decode window
+    const int64_t upto = quantized_upto_[static_cast<size_t>(l) * 2];
+    int64_t anchors = 0;
+    for (int64_t i = 0; i < upto * KV; ++i) anchors += anchor_[l][static_cast<size_t>(i)];
+    const int64_t coded = upto * KV - anchors;  // token-heads stored as codes
+    const double key_code = static_cast<double>(d) / method_.keys.c * method_.keys.b;
+    const double value_code = static_cast<double>(d) / method_.values.c * method_.values.b;
+    bits += coded * (key_code + value_code + (method_.correct ? 16.0 : 0.0));
+    bits += anchors * 2 * (16.0 * d + 32.0);  // K and V in fp16, each with a 32-bit token index
+    bits += (len - upto) * 2 * 16.0 * row;
+    if (include_codebooks)  // 2^b centroids of c fp16 channels per group of c channels, per head
+      bits += KV * 16.0 * d * ((1 << method_.keys.b) + (1 << method_.values.b));
+  }
+  return bits;
 }
+
+double QuantizedKvCache::effective_bits(bool include_codebooks) const {
+  double elements = 0;
+  for (int l = 0; l < cfg_.num_layers; ++l) elements += 2.0 * length(l) * static_cast<double>(row_);
+  return elements > 0 ? stored_bits(include_codebooks) / elements : 0.0;
+}
+
+size_t QuantizedKvCache::stored_bytes() const { return static_cast<size_t>(std::ceil(stored_bits(true) / 8)); }
 
 }  // namespace antkv

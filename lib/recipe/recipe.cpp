@@ -103,14 +103,16 @@ std::string resolve_path(const std::string& p, const fs::path& base, const std::
   return x.lexically_normal().string();
 }
 
-void flatten(const YAML::Node& n, const std::string& prefix, std::map<std::string, YAML::Node>& out) {
+// yaml-cpp keeps both entries of a key written twice in one mapping; that is an error, not a silent choice.
+void flatten(const YAML::Node& n, const std::string& prefix, std::map<std::string, YAML::Node>& out,
+             const std::string& src) {
   if (n.IsMap()) {
     for (auto it = n.begin(); it != n.end(); ++it) {
       const std::string key = it->first.as<std::string>();
-      flatten(it->second, prefix.empty() ? key : prefix + "." + key, out);
+      flatten(it->second, prefix.empty() ? key : prefix + "." + key, out, src);
     }
   } else {
-    out[prefix] = n;
+    ANTKV_CHECK(out.emplace(prefix, n).second, "{}: key \"{}\" is given twice", src, prefix);
   }
 }
 
@@ -266,7 +268,7 @@ Recipe build(const YAML::Node& file_root, const std::string& src, const fs::path
   std::map<std::string, YAML::Node> file_keys, override_keys;
   if (file_root && !file_root.IsNull()) {
     ANTKV_CHECK(file_root.IsMap(), "{}: a recipe must be a YAML mapping", src);
-    flatten(file_root, "", file_keys);
+    flatten(file_root, "", file_keys, src);
   }
   for (const auto& o : overrides) {
     const size_t eq = o.find('=');
