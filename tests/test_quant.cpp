@@ -501,10 +501,17 @@ TEST_CASE("effective bits from what the caches store: one prefill = the formula,
     }
   };
   // one prefill: the formula, with and without codebooks, for every kind
-  for (const char* text : {"fp16", "uniform:bits=2,group=4,window=6", "vq", "antkv:ratio=0.1", "antkv:ratio=0.1,correct=on"}) {
+  for (const char* text : {"fp16", "uniform:bits=2,group=4,window=6", "vq", "antkv:ratio=0.1", "antkv:ratio=0.1,correct=on",
+                           "antkv:ratio=0.1,anchors=v", "antkv:ratio=0.1,anchors=k,correct=on", "vq:gain=k",
+                           "antkv:ratio=0.1,gain=kv", "antkv:ratio=0.1,anchors=v,gain=k"}) {
     INFO(text);
     const MethodSpec m = parse_method(text, r);
-    QuantizedKvCache c(cfg, m, m.needs_codebooks() ? (m.weighting == "anchor" ? cb : cb_plain) : nullptr);
+    std::shared_ptr<CodebookSet> books;
+    if (m.needs_codebooks()) {
+      books = std::make_shared<CodebookSet>(m.weighting == "anchor" ? *cb : *cb_plain);
+      books->meta.gain = m.gain;
+    }
+    QuantizedKvCache c(cfg, m, books);
     prefill(c, T);
     CHECK(c.effective_bits(false) == Approx(effective_bits(m, T, 8, false)).epsilon(1e-12));
     CHECK(c.effective_bits(true) == Approx(effective_bits(m, T, 8, true)).epsilon(1e-12));
@@ -516,6 +523,14 @@ TEST_CASE("effective bits from what the caches store: one prefill = the formula,
   prefill(one, T);
   CHECK(one.stats().anchors == 8);
   CHECK(one.effective_bits(false) == Approx(2.45).epsilon(1e-12));
+  // anchors=v with gain=k, the same 8 anchors: keys 80 coded token-heads x (4 code bits + a 16-bit norm),
+  // values 72 x 4 + 8 x (16 x 8 + 32): (1600 + 288 + 1280) / 1280 = 2.475 bits
+  auto cb_gain = std::make_shared<CodebookSet>(*cb);
+  cb_gain->meta.gain = "k";
+  QuantizedKvCache vg(cfg, parse_method("antkv:ratio=0.1,anchors=v,gain=k", r), cb_gain);
+  prefill(vg, T);
+  CHECK(vg.stats().anchors == 8);
+  CHECK(vg.effective_bits(false) == Approx(2.475).epsilon(1e-12));
   // chunks of 7 (7, 7, 7, 7, 7, 5): ceil(0.7) = 1 anchor per chunk and head, 12 in all, so
   // (68 x 8 + 12 x 320) / 1280 = 3.425 bits, which the formula (2.45) does not see
   QuantizedKvCache chunked(cfg, parse_method("antkv:ratio=0.1", r), cb);

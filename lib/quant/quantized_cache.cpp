@@ -237,11 +237,15 @@ double QuantizedKvCache::stored_bits(bool include_codebooks) const {
     const int64_t upto = quantized_upto_[static_cast<size_t>(l) * 2];
     int64_t anchors = 0;
     for (int64_t i = 0; i < upto * KV; ++i) anchors += anchor_[l][static_cast<size_t>(i)];
-    const int64_t coded = upto * KV - anchors;  // token-heads stored as codes
+    // per tensor: anchors=k|v keeps only that tensor of an anchor token in FP16, the other is coded
+    const int64_t key_anchors = method_.anchor_keys ? anchors : 0, value_anchors = method_.anchor_values ? anchors : 0;
+    const int64_t key_coded = upto * KV - key_anchors, value_coded = upto * KV - value_anchors;  // token-heads as codes
     const double key_code = static_cast<double>(d) / method_.keys.c * method_.keys.b;
     const double value_code = static_cast<double>(d) / method_.values.c * method_.values.b;
-    bits += coded * (key_code + value_code + (method_.correct ? 16.0 : 0.0));
-    bits += anchors * 2 * (16.0 * d + 32.0);  // K and V in fp16, each with a 32-bit token index
+    // coded keys carry an fp16 error (correct=on) and an fp16 norm (gain=k|kv); coded values a norm (gain=kv)
+    bits += key_coded * (key_code + (method_.correct ? 16.0 : 0.0) + (method_.gain_keys() ? 16.0 : 0.0));
+    bits += value_coded * (value_code + (method_.gain_values() ? 16.0 : 0.0));
+    bits += (key_anchors + value_anchors) * (16.0 * d + 32.0);  // fp16, each with a 32-bit token index
     bits += (len - upto) * 2 * 16.0 * row;
     if (include_codebooks)  // 2^b centroids of c fp16 channels per group of c channels, per head
       bits += KV * 16.0 * d * ((1 << method_.keys.b) + (1 << method_.values.b));

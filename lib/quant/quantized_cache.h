@@ -45,8 +45,8 @@ class QuantizedKvCache : public KvCache {
 
   const QuantizedCacheStats& stats() const { return stats_; }
   // Bits the cache holds now, counted from what it stores: quantized codes, FP16 tokens (anchors with their
-  // 32-bit index per side, decode-window tokens, uniform's incomplete key group and window), fp16 scales and
-  // zero points, the key errors of correct=on, and (include_codebooks) the fp16 centroids of every layer,
+  // 32-bit index per anchored tensor, decode-window tokens, uniform's incomplete key group and window), fp16 scales and
+  // zero points, the key errors of correct=on, gain-shape norms, and (include_codebooks) the fp16 centroids of every layer,
   // head and group. effective_bits divides by the 2 * length * kv_dim * layers stored K/V elements; it is
   // what lib/quant/method.h's effective_bits() predicts for one prefill of `length` tokens, and differs when
   // prefill was chunked (anchors are chosen per chunk) or tokens wait in the decode window.
