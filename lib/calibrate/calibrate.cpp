@@ -121,11 +121,14 @@ class HostHalf {
     check_interrupted();
     const int T = static_cast<int>(w.tokens.size()), KV = cfg_.num_kv_heads, d = cfg_.head_dim;
     const size_t ns = static_cast<size_t>(T) * KV;
-    // NaN/Inf in what would be stored stop calibration (both paths come through here)
-    check_finite_f16(w.index, layer, "keys", h.keys, T, KV * d);
-    check_finite_f16(w.index, layer, "values", h.values, T, KV * d);
-    check_finite_f32(w.index, layer, "S_K", h.s_k, T, KV);
-    check_finite_f32(w.index, layer, "S_V", h.s_v, T, KV);
+    // NaN/Inf in what would be stored stop calibration (both paths come through here). Scores first (the
+    // anchor selection below must not sort NaN), naming the K/V when they are the cause; K/V with finite
+    // scores are checked in the statistics pass that already reads every value.
+    if (first_non_finite(h.s_k, ns) >= 0 || first_non_finite(h.s_v, ns) >= 0) {
+      check_finite_kv(w.index, layer, h, T, KV * d);
+      check_finite_f32(w.index, layer, "S_K", h.s_k, T, KV);
+      check_finite_f32(w.index, layer, "S_V", h.s_v, T, KV);
+    }
     ans_.resize(ns);
     combine_anchor_scores(kind_, h.s_k, h.s_v, nullptr, nullptr, T, KV,
                           static_cast<uint64_t>(r_.calibration.seed) * 1000003u + w.index * 131u + layer, ans_.data());
@@ -150,8 +153,11 @@ class HostHalf {
     }
     const int64_t row = static_cast<int64_t>(KV) * d;
     if (st.k_abs.empty()) st.k_abs.assign(static_cast<size_t>(row), 0.0), st.v_abs.assign(static_cast<size_t>(row), 0.0);
-    // mean |x| per channel: blocks of 64 channels in parallel, rows in order within a block
-#pragma omp parallel for schedule(static)
+    // mean |x| per channel: blocks of 64 channels in parallel, rows in order within a block. A sum of |x| is
+    // non-finite exactly when some x is (fp16 magnitudes cannot overflow a double sum): the finiteness check
+    // of the K/V costs no extra pass over them.
+    int any_non_finite = 0;
+#pragma omp parallel for schedule(static) reduction(| : any_non_finite)
     for (int64_t c0 = 0; c0 < row; c0 += 64) {
       const int64_t c1 = std::min<int64_t>(row, c0 + 64);
       double ka[64] = {0}, va[64] = {0};
@@ -163,8 +169,12 @@ class HostHalf {
           va[c - c0] += std::fabs(half_bits_to_float(vr[c]));
         }
       }
-      for (int64_t c = c0; c < c1; ++c) st.k_abs[c] += ka[c - c0], st.v_abs[c] += va[c - c0];
+      for (int64_t c = c0; c < c1; ++c) {
+        any_non_finite |= !std::isfinite(ka[c - c0]) || !std::isfinite(va[c - c0]);
+        st.k_abs[c] += ka[c - c0], st.v_abs[c] += va[c - c0];
+      }
     }
+    if (any_non_finite) check_finite_kv(w.index, layer, h, T, KV * d);
     st.n_tokens += T;
 
     // the stored rows (all, or a sample)
@@ -195,6 +205,10 @@ class HostHalf {
   }
 
  private:
+  static void check_finite_kv(int64_t window, int layer, const CalibLayerHost& h, int T, int width) {
+    check_finite_f16(window, layer, "keys", h.keys, T, width);
+    check_finite_f16(window, layer, "values", h.values, T, width);
+  }
   // NaN/Inf (fp16: exponent all ones; an fp32 value past fp16's range became Inf) name the window, layer,
   // tensor and token.
   static void check_finite_f16(int64_t window, int layer, const char* name, const uint16_t* x, int T, int width) {
