@@ -253,31 +253,29 @@ void check_write_error(const std::string& path) {
   if (!why.empty()) fail("{}: {}", output_name(path), why);
 }
 
-H5::H5File create_file(const std::string& path) {
+namespace {
+// Opens or creates `path` through the checked driver; a failure is one error line, the driver's recorded OS
+// reason first. `shown` is the name the error gives (an output's final name for a temporary).
+H5::H5File open_checked(const std::string& path, unsigned flags, bool writable, const std::string& shown,
+                        const char* verb) {
   install_error_handler();
   forget_failure(path);
   reset_error_stack_summary();
   try {
-    return H5::H5File(path, H5F_ACC_TRUNC, H5::FileCreatPropList::DEFAULT, checked_fapl(true));
+    return H5::H5File(path, flags, H5::FileCreatPropList::DEFAULT, checked_fapl(writable));
   } catch (const H5::Exception& e) {
     const std::string why = recorded_failure(path);
     forget_failure(path);
-    fail("{}: {}", output_name(path), !why.empty() ? why : "cannot create: " + error_stack_summary());
+    fail("{}: {}", shown, !why.empty() ? why : fmt::format("cannot {}: {}", verb, error_stack_summary()));
   }
+}
+}  // namespace
+
+H5::H5File create_file(const std::string& path) {
+  return open_checked(path, H5F_ACC_TRUNC, true, output_name(path), "create");
 }
 
-H5::H5File open_file_read(const std::string& path) {
-  install_error_handler();
-  forget_failure(path);
-  reset_error_stack_summary();
-  try {
-    return H5::H5File(path, H5F_ACC_RDONLY, H5::FileCreatPropList::DEFAULT, checked_fapl(false));
-  } catch (const H5::Exception& e) {
-    const std::string why = recorded_failure(path);
-    forget_failure(path);
-    fail("{}: {}", path, !why.empty() ? why : "cannot open: " + error_stack_summary());
-  }
-}
+H5::H5File open_file_read(const std::string& path) { return open_checked(path, H5F_ACC_RDONLY, false, path, "open"); }
 
 void close_file(H5::H5File& file, const std::string& path) {
   reset_error_stack_summary();
