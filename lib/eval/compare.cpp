@@ -261,12 +261,14 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
 
   // 2. codebooks, one file per configuration the methods need
   std::set<std::string> done;
+  std::map<std::string, std::string> dump_hashes;  // key_rope -> content hash: each dump read once, not per codebook set
   for (const auto& m : methods) {
     if (!m.needs_codebooks() || done.count(m.codebook_file())) continue;
     done.insert(m.codebook_file());
     const std::string path = (fs::path(r.out_dir) / "codebooks" / m.codebook_file()).string();
-    const std::string calib_hash = hash_file(dumps[m.key_rope]);
-    const std::string fp = codebook_fingerprint(r, m, calib_hash);
+    auto h = dump_hashes.find(m.key_rope);
+    if (h == dump_hashes.end()) h = dump_hashes.emplace(m.key_rope, hash_file(dumps[m.key_rope])).first;
+    const std::string fp = codebook_fingerprint(r, m, h->second);
     const ReuseDecision d = decide_reuse(path, fp, o.force, [](const std::string& p) {
       return read_codebooks(p).meta.fingerprint;
     });
