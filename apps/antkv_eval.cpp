@@ -156,11 +156,15 @@ struct RecipeArgs {
 };
 
 MethodRuntimeFactory method_factory(const Checkpoint& ckpt, const Recipe& r, int threads) {
-  if (r.eval.device == "cpu") return cpu_method_runtime_factory(ckpt, threads);
+  if (r.eval.device == "cpu") {
+    ANTKV_CHECK(r.eval.kv_cache == "simulated", "{}: eval.kv_cache: real needs the GPU (eval.device: cpu)",
+                r.source.empty() ? "recipe" : r.source);
+    return cpu_method_runtime_factory(ckpt, threads);
+  }
 #ifdef ANTKV_HAVE_CUDA
   GpuRuntimeOptions go;
   go.max_context = r.eval.seq_len;  // the KV cache holds one window
-  return gpu_method_runtime_factory(ckpt, go);
+  return gpu_method_runtime_factory(ckpt, go, r.eval.kv_cache == "real");
 #else
   fail("eval.device = cuda: this antkv-eval was built without CUDA");
 #endif

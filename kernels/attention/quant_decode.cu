@@ -794,7 +794,8 @@ __global__ void __launch_bounds__(128) quantize_kernel(const QuantizeParams p) {
   }
   __syncthreads();
   if (tid == 0) {
-    const int seq = p.seq_index[i], t = p.slot[i];
+    const int seq = p.seq_index[i];
+    const int t = p.slot_per_head ? p.slot_per_head[static_cast<int64_t>(i) * p.n_kv_heads + h] : p.slot[i];
     const bool ok = seq >= 0 && seq < p.batch && t >= 0 && t < p.capacity;
     if (p.codes_out)
       for (int g = 0; g < NG; ++g) p.codes_out[(static_cast<int64_t>(i) * p.n_kv_heads + h) * NG + g] = ok ? sCode[g] : -1;
@@ -920,7 +921,7 @@ void quantize_kv(QuantizeParams p, cudaStream_t stream) {
   ANTKV_CHECK(p.n_tokens >= 0 && p.n_kv_heads > 0 && p.n_kv_heads <= 65535 && p.batch > 0 && p.capacity > 0,
               "quantize_kv: bad sizes");
   if (p.n_tokens == 0) return;
-  ANTKV_CHECK(p.x && p.centroids && p.seq_index && p.slot && p.codes, "quantize_kv: null pointer");
+  ANTKV_CHECK(p.x && p.centroids && p.seq_index && (p.slot || p.slot_per_head) && p.codes, "quantize_kv: null pointer");
   ANTKV_CHECK(p.x_type == ElemType::kF16 || p.x_type == ElemType::kBF16 || p.x_type == ElemType::kF32,
               "quantize_kv: input type {} is not supported", elem_type_name(p.x_type));
   ANTKV_CHECK(p.x_row_stride >= static_cast<int64_t>(p.n_kv_heads) * p.head_dim, "quantize_kv: row stride too small");

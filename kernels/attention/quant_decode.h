@@ -192,7 +192,8 @@ void quant_decode(QuantDecodeParams p, cudaStream_t stream);
 // Nearest centroid (squared L2 summed channel by channel in fp32 without FMA contraction, as vq_encode does, so
 // the codes equal the CPU's; ties to the lowest index) for each of n_tokens new K or V vectors of every KV
 // head, written as packed records into the code stream: token i of sequence seq_index[i] goes to slot
-// slot[i] of each head's stream. Rows whose seq_index or slot is out of range are skipped (codes_out -1).
+// slot[i] of each head's stream (or slot_per_head[i][h]). Rows whose seq_index or slot is out of range are
+// skipped (codes_out -1).
 struct QuantizeParams {
   VqConfig config = VqConfig::kC8B8;
   int n_tokens = 0, n_kv_heads = 0, head_dim = 0;
@@ -202,6 +203,8 @@ struct QuantizeParams {
   const __half* centroids = nullptr;   // [n_kv_heads, NG, 2^b, c]
   const int32_t* seq_index = nullptr;  // [n_tokens] (device)
   const int32_t* slot = nullptr;       // [n_tokens] (device)
+  const int32_t* slot_per_head = nullptr;  // [n_tokens, n_kv_heads] (device) or null: slots per KV head (a
+                                           // stream without that head's anchors), instead of slot
   uint8_t* codes = nullptr;            // [batch, n_kv_heads, capacity, R]
   int batch = 0, capacity = 0;
   int32_t* codes_out = nullptr;        // [n_tokens, n_kv_heads, NG] natural group order, or null

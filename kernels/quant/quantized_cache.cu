@@ -15,6 +15,7 @@
 #include "kernels/anchor/anchor_scores.h"
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/device_buffer.h"
+#include "kernels/quant/compressed_cache.h"
 #include "kernels/runtime/ops.h"
 #include "model/checkpoint.h"
 
@@ -26,6 +27,7 @@ using cuda::DeviceBuffer;
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kDecodeWindow = 128;  // design note §2: the newest 128 tokens stay FP16 during decode
 
 int blocks_for(int64_t n, int threads = kThreads) {
   return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, int64_t{1} << 20));
@@ -653,10 +655,17 @@ std::unique_ptr<GpuKvQuantizer> make_gpu_kv_quantizer(const ModelConfig& cfg, co
   return std::make_unique<GpuKvQuantizerImpl>(cfg, method, std::move(codebooks), decode_window);
 }
 
-MethodRuntimeFactory gpu_method_runtime_factory(const Checkpoint& ckpt, const GpuRuntimeOptions& opt) {
-  return [&ckpt, opt](const MethodSpec& m, std::shared_ptr<const CodebookSet> cb) -> std::unique_ptr<Runtime> {
-    auto rt = std::make_unique<GpuRuntime>(ckpt, opt);  // selects opt.device: the codebooks go there
-    rt->set_kv_quantizer(make_gpu_kv_quantizer(ckpt.config(), m, std::move(cb)));
+MethodRuntimeFactory gpu_method_runtime_factory(const Checkpoint& ckpt, const GpuRuntimeOptions& opt, bool real_cache) {
+  return [&ckpt, opt, real_cache](const MethodSpec& m, std::shared_ptr<const CodebookSet> cb) -> std::unique_ptr<Runtime> {
+    GpuRuntimeOptions o = opt;
+    o.compressed_kv = real_cache && m.needs_codebooks();
+    auto rt = std::make_unique<GpuRuntime>(ckpt, o);  // selects opt.device: the codebooks go there
+    if (o.compressed_kv) {
+      ANTKV_CHECK(cb, "method {}: needs codebooks", m.text);
+      rt->set_compressed_cache(std::make_unique<GpuCompressedKvCache>(ckpt.config(), m, *cb, o.max_batch,
+                                                                     rt->capacity(), kDecodeWindow));
+    }
+    rt->set_kv_quantizer(make_gpu_kv_quantizer(ckpt.config(), m, std::move(cb), kDecodeWindow));
     return rt;
   };
 }

@@ -92,7 +92,10 @@ std::unique_ptr<GpuKvQuantizer> make_gpu_kv_quantizer(const ModelConfig& cfg, co
                                                       int decode_window = 128);
 
 // GpuRuntimes (weights from ckpt, which must outlive the factory's runtimes) with the method's quantizer.
-MethodRuntimeFactory gpu_method_runtime_factory(const Checkpoint& ckpt, const GpuRuntimeOptions& opt = {});
+// real_cache: vq/antkv runtimes keep the compressed cache (kernels/quant/compressed_cache.h; their quantizer
+// still chooses the prefill's anchors and simulates the prefill's own attention); fp16/uniform stay simulated.
+MethodRuntimeFactory gpu_method_runtime_factory(const Checkpoint& ckpt, const GpuRuntimeOptions& opt = {},
+                                                bool real_cache = false);
 
 // anchor_scores_gpu behind the host fp32 AnchorScoreFn interface (antkv-calibrate on the GPU): uploads q/k/v,
 // runs both passes on a stream of its own with a reusable workspace, downloads S_K/S_V. Device buffers grow

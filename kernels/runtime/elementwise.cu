@@ -128,9 +128,11 @@ __global__ void qkv_rope_store_kernel(const QkvRopeStoreParams p) {
       qo[i + half] = __float2bfloat16_rn(rb);
     } else {
       const int kh = h - p.n_heads;
-      bf16* kc = p.k_cache + ((static_cast<int64_t>(seq) * p.n_kv_heads + kh) * p.capacity + pos) * d;
-      kc[i] = __float2bfloat16_rn(ra);
-      kc[i + half] = __float2bfloat16_rn(rb);
+      if (p.k_cache) {
+        bf16* kc = p.k_cache + ((static_cast<int64_t>(seq) * p.n_kv_heads + kh) * p.capacity + pos) * d;
+        kc[i] = __float2bfloat16_rn(ra);
+        kc[i + half] = __float2bfloat16_rn(rb);
+      }
       if (p.k_pre_rope) {
         float* kp = p.k_pre_rope + (static_cast<int64_t>(t) * p.n_kv_heads + kh) * d;
         kp[i] = a;
@@ -150,7 +152,8 @@ __global__ void qkv_rope_store_kernel(const QkvRopeStoreParams p) {
     const int col = qdim + kvdim + h * d + c;
     float v = row[col];
     if (p.bias) v += p.bias[col];
-    p.v_cache[((static_cast<int64_t>(seq) * p.n_kv_heads + h) * p.capacity + pos) * d + c] = __float2bfloat16_rn(v);
+    if (p.v_cache)
+      p.v_cache[((static_cast<int64_t>(seq) * p.n_kv_heads + h) * p.capacity + pos) * d + c] = __float2bfloat16_rn(v);
     if (p.write_back) row[col] = v;
   }
 }
@@ -334,9 +337,11 @@ void rope(RopeParams p, cudaStream_t stream) {
 }
 
 void qkv_rope_store(QkvRopeStoreParams p, cudaStream_t stream) {
-  ANTKV_CHECK(p.qkv && p.positions && p.inv_freq && p.q_out && p.k_cache && p.v_cache,
-              "qkv_rope_store: null pointer");
-  ANTKV_CHECK(p.head_dim > 0 && p.head_dim % 2 == 0 && p.n_heads > 0 && p.n_kv_heads > 0 && p.capacity > 0,
+  ANTKV_CHECK(p.qkv && p.positions && p.inv_freq && p.q_out, "qkv_rope_store: null pointer");
+  ANTKV_CHECK((p.k_cache != nullptr) == (p.v_cache != nullptr) && (p.k_cache || p.write_back),
+              "qkv_rope_store: K and V go to a cache (both pointers set) or back into qkv (write_back)");
+  ANTKV_CHECK(p.head_dim > 0 && p.head_dim % 2 == 0 && p.n_heads > 0 && p.n_kv_heads > 0 &&
+                  (p.capacity > 0 || !p.k_cache),
               "qkv_rope_store: bad sizes");
   if (p.n_tokens == 0) return;
   const int n_all = p.n_heads + 2 * p.n_kv_heads;

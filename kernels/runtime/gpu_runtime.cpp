@@ -13,6 +13,7 @@
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/device_buffer.h"
 #include "kernels/runtime/gemm.h"
+#include "kernels/quant/compressed_cache.h"
 #include "kernels/quant/quantized_cache.h"
 #include "kernels/attention/flash_attention.h"
 #include "kernels/runtime/ops.h"
@@ -79,6 +80,9 @@ struct GpuRuntime::Impl {
 
   std::vector<int> lens;          // tokens cached per sequence
   std::unique_ptr<GpuKvQuantizer> quantizer;  // or null
+  std::unique_ptr<GpuCompressedKvCache> compressed;  // compressed_kv: the cache (null until set)
+  DeviceBuffer<bf16> prefill_k, prefill_v;     // compressed_kv: a prefill's own K/V, [kv_heads, T, head_dim]
+  cuda::QuantDecodePlan qplan;                 // compressed_kv: this decode step's plan
 
   // scratch (grown to the largest chunk seen)
   int rows_cap = 0;
@@ -141,9 +145,11 @@ struct GpuRuntime::Impl {
     L.wdown.resize(static_cast<size_t>(H) * F);
     L.attn_norm.resize(H);
     L.ffn_norm.resize(H);
-    const size_t kv = static_cast<size_t>(opt.max_batch) * cfg.num_kv_heads * capacity * cfg.head_dim;
-    L.k_cache.resize(kv);
-    L.v_cache.resize(kv);
+    if (!opt.compressed_kv) {
+      const size_t kv = static_cast<size_t>(opt.max_batch) * cfg.num_kv_heads * capacity * cfg.head_dim;
+      L.k_cache.resize(kv);
+      L.v_cache.resize(kv);
+    }
     weight_bytes += L.wqkv.bytes() + L.bqkv.bytes() + L.wo.bytes() + L.wgu.bytes() + L.wdown.bytes() +
                     L.attn_norm.bytes() + L.ffn_norm.bytes();
   }
@@ -275,7 +281,9 @@ struct GpuRuntime::Impl {
     const int d = cfg.head_dim;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     std::vector<float> hq, hkpre, hkpost, hv;
-    const bool want_f32 = observer != nullptr || quant != nullptr;  // fp32 q, k_pre, k_post, v kept
+    GpuCompressedKvCache* comp = opt.compressed_kv ? compressed.get() : nullptr;
+    ANTKV_CHECK(!opt.compressed_kv || comp, "GpuRuntime: compressed_kv is set but no compressed cache is installed");
+    const bool want_f32 = observer != nullptr || quant != nullptr || comp;  // fp32 q, k_pre, k_post, v kept
     const bool observe_device = observer != nullptr && observer->wants_device();
     if (want_f32) k_pre.ensure(static_cast<size_t>(T) * kvd);
     for (int l = 0; l < cfg.num_layers; ++l) {
@@ -301,6 +309,11 @@ struct GpuRuntime::Impl {
       qp.k_cache = L.k_cache.get();
       qp.v_cache = L.v_cache.get();
       qp.capacity = capacity;
+      if (comp) {  // decode: K/V only written back (append() takes them); prefill: the chunk's own scratch
+        qp.k_cache = decode ? nullptr : prefill_k.get();
+        qp.v_cache = decode ? nullptr : prefill_v.get();
+        qp.capacity = decode ? 0 : T;
+      }
       qp.k_pre_rope = want_f32 ? k_pre.get() : nullptr;
       qp.write_back = want_f32;
       qp.n_tokens = T;
@@ -348,7 +361,7 @@ struct GpuRuntime::Impl {
         observer->on_layer(act_);
       }
 
-      if (quant) {  // fake quantization of this layer's new cache entries, before attention reads them
+      if (quant && !(comp && decode)) {  // fake quantization of this layer's new cache entries, before attention reads them
         GpuKvLayerChunk ch;
         ch.layer = l;
         ch.n_tokens = T;
@@ -361,13 +374,16 @@ struct GpuRuntime::Impl {
         ch.k_pre_stride = kvd;
         ch.positions = d_pos;
         ch.inv_freq = inv_freq.get();
-        ch.k_cache = L.k_cache.get();  // sequence 0
-        ch.v_cache = L.v_cache.get();
-        ch.capacity = capacity;
+        ch.k_cache = comp ? prefill_k.get() : L.k_cache.get();  // sequence 0
+        ch.v_cache = comp ? prefill_v.get() : L.v_cache.get();
+        ch.capacity = comp ? T : capacity;
         quant->on_layer(ch, stream);
       }
 
-      if (decode) {
+      if (comp && decode) {
+        comp->append(l, T, qkv.get() + qd, qkv.get() + qd + kvd, qkv_dim(), stream);
+        comp->attend(l, T, cfg.num_heads, qb.get(), attn.get(), qplan, scale, stream);
+      } else if (decode) {
         cuda::FlashDecodeParams fp;
         fp.q = qb.get();
         fp.k_cache = L.k_cache.get();
@@ -389,8 +405,8 @@ struct GpuRuntime::Impl {
       } else {
         cuda::FlashPrefillParams fp;
         fp.q = qb.get();
-        fp.k = L.k_cache.get();  // sequence 0: [kv_heads, capacity, d]
-        fp.v = L.v_cache.get();
+        fp.k = comp ? prefill_k.get() : L.k_cache.get();  // sequence 0: [kv_heads, capacity, d]
+        fp.v = comp ? prefill_v.get() : L.v_cache.get();
         fp.out = attn.get();
         fp.n_q = T;
         fp.n_kv = past + T;
@@ -401,8 +417,19 @@ struct GpuRuntime::Impl {
         fp.q_row_stride = qd;
         fp.o_row_stride = qd;
         fp.k_row_stride = fp.v_row_stride = d;
-        fp.k_head_stride = fp.v_head_stride = static_cast<int64_t>(capacity) * d;
+        fp.k_head_stride = fp.v_head_stride = static_cast<int64_t>(comp ? T : capacity) * d;
         cuda::flash_prefill(fp, stream);
+        if (comp) {
+          const uint8_t* flags = nullptr;
+          if (quant) {
+            const auto& f = quant->anchor_flags(l);
+            ANTKV_CHECK(f.size() == static_cast<size_t>(T) * cfg.num_kv_heads,
+                        "GpuRuntime: the quantizer's anchor flags of layer {} hold {} entries, expected {}", l, f.size(),
+                        static_cast<size_t>(T) * cfg.num_kv_heads);
+            flags = f.data();
+          }
+          comp->write_prefill(l, 0, T, qkv.get() + qd, qkv_dim(), qkv.get() + qd + kvd, qkv_dim(), flags, stream);
+        }
       }
       blas->linear(attn.get(), qd, L.wo.get(), x.get(), H, T, H, qd, 1.0f);  // x += attn . Wo^T
 
@@ -448,6 +475,14 @@ struct GpuRuntime::Impl {
     if (T == 0) return;
     check_tokens(req.tokens, T);
     const int past = lens[0];
+    GpuCompressedKvCache* comp = opt.compressed_kv ? compressed.get() : nullptr;
+    if (opt.compressed_kv) {
+      ANTKV_CHECK(comp, "GpuRuntime: compressed_kv is set but no compressed cache is installed");
+      if (T > 1 && past > 0)
+        fail("GPU runtime ({} compressed cache): a prefill chunk of {} tokens after {} cached tokens; prefill over the "
+             "compressed cache is one chunk into an empty sequence (--prefill-chunk 0), then one token per step",
+             comp->name(), T, past);
+    }
     if (past + T > capacity)
       fail("GPU runtime: its KV cache holds {} tokens per sequence, and {} cached + {} new exceed it (the "
            "capacity is the evaluation's window length: --seq-len, eval.seq_len or calibration.seq_len)",
@@ -477,9 +512,20 @@ struct GpuRuntime::Impl {
     ep.vocab = V;
     cuda::embedding(ep, stream);
     const bool decode = (T == 1);
-    const cuda::DecodePlan plan =
-        decode ? cuda::plan_flash_decode(1, cfg.num_kv_heads, past + T, cfg.head_dim) : cuda::DecodePlan{};
+    cuda::DecodePlan plan;
+    if (decode && comp) {
+      comp->plan_step(1, stream);
+      qplan = cuda::plan_quant_decode(1, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, comp->config(), comp->max_quant(1));
+    } else if (decode) {
+      plan = cuda::plan_flash_decode(1, cfg.num_kv_heads, past + T, cfg.head_dim);
+    }
+    if (comp && !decode) {
+      const size_t n = static_cast<size_t>(cfg.num_kv_heads) * T * cfg.head_dim;
+      prefill_k.ensure(n);
+      prefill_v.ensure(n);
+    }
     run_layers(T, decode, past, d_pos, nullptr, d_lens, plan, req.observer, quantizer.get());
+    if (comp && !decode) comp->commit_prefill(0, T);
     lens[0] = past + T;
 
     const bool all_rows = want_nll || req.logits == LogitsMode::kAll;
@@ -522,8 +568,11 @@ struct GpuRuntime::Impl {
   void decode_batch(const std::vector<int32_t>& tokens, std::vector<float>* out_logits, std::vector<int32_t>* next) {
     const int B = static_cast<int>(tokens.size());
     ANTKV_CHECK(B >= 1 && B <= opt.max_batch, "decode_batch: batch {} outside [1, max_batch {}]", B, opt.max_batch);
-    ANTKV_CHECK(!quantizer, "decode_batch: not supported with a KV-cache quantizer ({}); use forward()",
+    ANTKV_CHECK(!quantizer || opt.compressed_kv,
+                "decode_batch: not supported with a KV-cache quantizer ({}) on the simulated cache; use forward()",
                 quantizer ? quantizer->name() : std::string());
+    GpuCompressedKvCache* comp = opt.compressed_kv ? compressed.get() : nullptr;
+    ANTKV_CHECK(!opt.compressed_kv || comp, "GpuRuntime: compressed_kv is set but no compressed cache is installed");
     check_tokens(tokens.data(), B);
     int max_len = 0;
     for (int b = 0; b < B; ++b) {
@@ -541,7 +590,15 @@ struct GpuRuntime::Impl {
       hi[3 * B + b] = lens[b] + 1;
     }
     ANTKV_CUDA_CHECK(cudaMemcpyAsync(ints.get(), hi, 4 * B * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
-    const cuda::DecodePlan plan = cuda::plan_flash_decode(B, cfg.num_kv_heads, max_len, cfg.head_dim);
+    cuda::DecodePlan plan;
+    if (comp) {
+      comp->plan_step(B, stream);  // host counts one token on; slots and counts uploaded before the step
+      qplan = cuda::plan_quant_decode(B, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, comp->config(), comp->max_quant(B));
+      plan.n_splits = qplan.n_splits;
+      plan.split_len = qplan.split_len;
+    } else {
+      plan = cuda::plan_flash_decode(B, cfg.num_kv_heads, max_len, cfg.head_dim);
+    }
     auto body = [&] {
       cuda::EmbeddingParams ep;
       ep.table = embed.get();
@@ -635,12 +692,24 @@ std::string GpuRuntime::device_name() const { return impl_->name; }
 void GpuRuntime::reset() {
   std::fill(impl_->lens.begin(), impl_->lens.end(), 0);
   if (impl_->quantizer) impl_->quantizer->reset();
+  if (impl_->compressed) impl_->compressed->reset();
 }
 void GpuRuntime::set_kv_quantizer(std::unique_ptr<GpuKvQuantizer> q) {
   ANTKV_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));  // nothing in flight uses the old one
   impl_->quantizer = std::move(q);
 }
 GpuKvQuantizer* GpuRuntime::kv_quantizer() const { return impl_->quantizer.get(); }
+void GpuRuntime::set_compressed_cache(std::unique_ptr<GpuCompressedKvCache> c) {
+  ANTKV_CHECK(impl_->opt.compressed_kv, "GpuRuntime: set_compressed_cache needs GpuRuntimeOptions::compressed_kv");
+  ANTKV_CHECK(!c || (c->max_batch() == impl_->opt.max_batch && c->capacity() == impl_->capacity),
+              "GpuRuntime: the compressed cache holds {} sequences of {} tokens, the runtime {} of {}",
+              c ? c->max_batch() : 0, c ? c->capacity() : 0, impl_->opt.max_batch, impl_->capacity);
+  ANTKV_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
+  impl_->clear_graphs();  // they hold the old cache's pointers
+  impl_->compressed = std::move(c);
+  std::fill(impl_->lens.begin(), impl_->lens.end(), 0);
+}
+GpuCompressedKvCache* GpuRuntime::compressed_cache() const { return impl_->compressed.get(); }
 int GpuRuntime::cached_tokens() const { return impl_->lens[0]; }
 void GpuRuntime::forward(const ForwardRequest& req, ForwardResult& out) { impl_->forward(req, out); }
 int GpuRuntime::max_batch() const { return impl_->opt.max_batch; }
@@ -654,11 +723,17 @@ void GpuRuntime::set_batch_lengths(const std::vector<int>& lens) {
                 lens[b], impl_->capacity);
     impl_->lens[b] = lens[b];
   }
+  if (impl_->compressed) impl_->compressed->set_synthetic_lengths(lens);
 }
 
 std::vector<int> GpuRuntime::batch_lengths() const { return impl_->lens; }
 
 void GpuRuntime::fill_kv_random(uint64_t seed) {
+  if (impl_->opt.compressed_kv) {
+    ANTKV_CHECK(impl_->compressed, "fill_kv_random: no compressed cache installed");
+    impl_->compressed->fill_random(seed, impl_->stream);
+    return;
+  }
   uint64_t s = seed * 7919ull + 3;
   for (auto& L : impl_->layers) {
     cuda::fill_random_bf16(L.k_cache.get(), static_cast<int64_t>(L.k_cache.size()), s++, 1.0f, impl_->stream);
@@ -680,8 +755,16 @@ size_t GpuRuntime::step_weight_bytes() const {
   return impl_->weight_bytes - (impl_->lm_head == impl_->embed.get() ? 0 : impl_->embed.bytes());
 }
 size_t GpuRuntime::kv_bytes_per_token() const {
+  if (impl_->opt.compressed_kv && impl_->compressed) return impl_->compressed->code_bytes_per_token();
   const auto& c = impl_->cfg;
   return static_cast<size_t>(c.num_layers) * 2 * c.num_kv_heads * c.head_dim * sizeof(bf16);
+}
+
+size_t GpuRuntime::kv_device_bytes() const {
+  if (impl_->opt.compressed_kv) return impl_->compressed ? impl_->compressed->device_bytes() : 0;
+  size_t n = 0;
+  for (const auto& L : impl_->layers) n += L.k_cache.bytes() + L.v_cache.bytes();
+  return n;
 }
 
 std::unique_ptr<Runtime> make_gpu_runtime(const Checkpoint& ckpt, const GpuRuntimeOptions& opt) {

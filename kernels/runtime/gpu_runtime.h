@@ -6,6 +6,10 @@
 // device in a decode step (scratch grows only when a longer prefill chunk than before arrives).
 // A KV-cache quantizer (kernels/quant/quantized_cache.h) may be installed: forward() then hands it every layer's new
 // tokens after their K/V are in the cache and before attention reads it (fake quantization in place).
+// With compressed_kv the cache is real instead: no bf16 arena; a GpuCompressedKvCache
+// (kernels/quant/compressed_cache.h) holds codes, anchors and the FP16 window, prefill (one chunk into an
+// empty sequence, anchors chosen by the installed quantizer) writes it and every decode step reads it
+// through quant_decode.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -18,6 +22,7 @@ namespace antkv {
 
 class Checkpoint;
 class GpuKvQuantizer;
+class GpuCompressedKvCache;
 
 struct GpuRuntimeOptions {
   int max_context = 0;  // KV capacity per sequence; 0: min(max_position_embeddings, 8192), at least 2048
@@ -25,6 +30,7 @@ struct GpuRuntimeOptions {
   int device = 0;       // CUDA device ordinal
   bool use_graphs = true;  // decode_batch replays a captured CUDA graph per (batch, split plan); off with
                            // ANTKV_CUDA_SYNC=1
+  bool compressed_kv = false;  // the KV cache is a GpuCompressedKvCache (set_compressed_cache), no bf16 arena
 };
 
 class GpuRuntime : public Runtime {
@@ -50,6 +56,14 @@ class GpuRuntime : public Runtime {
   void set_kv_quantizer(std::unique_ptr<GpuKvQuantizer> q);
   GpuKvQuantizer* kv_quantizer() const;
 
+  // ---- the compressed cache (GpuRuntimeOptions::compressed_kv) ----
+  // Its max_batch and capacity must be the runtime's. A prefill (forward of n > 1 tokens) goes into an empty
+  // sequence 0 only; its anchors are the installed quantizer's (antkv; none without a quantizer or for vq),
+  // and the quantizer also gives the prefill's own attention its simulated K/V, so that a prefill's
+  // logits are the simulated path's. Decode (forward of one token, decode_batch) reads the compressed cache.
+  void set_compressed_cache(std::unique_ptr<GpuCompressedKvCache> c);
+  GpuCompressedKvCache* compressed_cache() const;
+
   // ---- batched decode (sequences 0..B-1 of the arena) ----
   int max_batch() const;
   int capacity() const;  // tokens per sequence
@@ -58,7 +72,8 @@ class GpuRuntime : public Runtime {
   void set_batch_lengths(const std::vector<int>& lens);
   std::vector<int> batch_lengths() const;
   // Fills every cache slot of every layer with random bf16 values (benchmarks: decode time does not
-  // depend on the values).
+  // depend on the values); with the compressed cache, random codes and FP16 tokens, and set_batch_lengths
+  // splits each length into anchors, window and codes as a prefill and decode would.
   void fill_kv_random(uint64_t seed);
   // One decode step: tokens[b] is the next token of sequence b (B = tokens.size() <= max_batch), at
   // position batch_lengths()[b]. When set, logits gets [B, vocab] and next_tokens the greedy argmax [B].
@@ -70,7 +85,8 @@ class GpuRuntime : public Runtime {
 
   size_t weight_bytes() const;          // device bytes of all weights
   size_t step_weight_bytes() const;     // weight bytes one decode step reads (all but an untied embedding)
-  size_t kv_bytes_per_token() const;    // K+V bytes of one token over all layers
+  size_t kv_bytes_per_token() const;    // K+V bytes of one token over all layers (compressed: its codes)
+  size_t kv_device_bytes() const;       // device bytes of the KV cache (arena, or the compressed cache)
 
  private:
   struct Impl;

@@ -59,8 +59,8 @@ struct QkvRopeStoreParams {
   const int32_t* seq_index = nullptr;// [n_tokens] (device) or null (all 0): which sequence's cache
   const float* inv_freq = nullptr;   // [head_dim / 2]
   bf16* q_out = nullptr;             // [n_tokens, n_heads, head_dim], post-RoPE
-  bf16* k_cache = nullptr;           // [n_seqs, n_kv_heads, capacity, head_dim], post-RoPE
-  bf16* v_cache = nullptr;           // [n_seqs, n_kv_heads, capacity, head_dim]
+  bf16* k_cache = nullptr;           // [n_seqs, n_kv_heads, capacity, head_dim], post-RoPE; null (with v_cache
+  bf16* v_cache = nullptr;           // [n_seqs, n_kv_heads, capacity, head_dim]    null): no cache store, write_back only
   int capacity = 0;                  // positions must be < capacity (checked by the caller)
   float* k_pre_rope = nullptr;       // [n_tokens, n_kv_heads, head_dim] or null: biased k before RoPE
   bool write_back = false;           // also write biased+rotated q, k and biased v back into qkv (fp32)

@@ -79,6 +79,8 @@ std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOpt
       po.protocol = parse_window_protocol(r.eval.protocol);
       po.max_windows = r.eval.max_windows;
       po.seq_len_name = "eval.seq_len";
+      po.decode_from = r.eval.decode_from;
+      if (r.eval.kv_cache == "real") po.prefill_chunk = 0;  // the compressed cache takes one prefill chunk
       po.progress = o.progress;
       po.progress_label = fmt::format("{} on {}", m.text, fs::path(text).filename().string());
       MethodResult res;

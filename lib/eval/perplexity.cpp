@@ -93,8 +93,9 @@ PerplexityResult evaluate_perplexity(Runtime& rt, const std::vector<int32_t>& id
     double nll = 0;
     const int chunk = o.prefill_chunk > 0 ? o.prefill_chunk : o.seq_len;
     int first_bad = -1;  // the first position whose NLL is not finite
-    for (int p0 = 0; p0 < o.seq_len; p0 += chunk) {
-      const int n = std::min(chunk, o.seq_len - p0);
+    const int prefill_end = o.decode_from > 0 ? std::min(o.decode_from, o.seq_len) : o.seq_len;
+    for (int p0 = 0; p0 < o.seq_len;) {
+      const int n = p0 < prefill_end ? std::min(chunk, prefill_end - p0) : 1;
       ForwardRequest req;
       req.tokens = w.data() + p0;
       req.n_tokens = n;
@@ -107,6 +108,7 @@ PerplexityResult evaluate_perplexity(Runtime& rt, const std::vector<int32_t>& id
         if (first_bad < 0 && !std::isfinite(res.nll[i])) first_bad = p0 + i;
         nll += res.nll[i];
       }
+      p0 += n;
     }
     if (!std::isfinite(nll))
       throw NonFinite(fmt::format("window {}: the NLL is not finite ({}; first at position {})", c, nll,

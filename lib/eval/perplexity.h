@@ -40,6 +40,9 @@ struct PerplexityOptions {
   // caches treat each chunk as a prefill of its own (anchors are selected per chunk, as a server prefilling
   // a long prompt in chunks would). <= 0: the whole window in one forward().
   int prefill_chunk = 8192;
+  // > 0: tokens [0, decode_from) of each window are prefilled (in prefill_chunk chunks), then every further
+  // token is one forward() of one token (teacher-forced decode: what a server's decode steps see).
+  int decode_from = 0;
   // How the user sets seq_len (named in errors): "--seq-len" or "eval.seq_len".
   std::string seq_len_name = "--seq-len";
 };

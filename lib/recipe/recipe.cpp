@@ -66,6 +66,8 @@ void for_each_field(Recipe& r, F&& f) {
   f("eval.methods", Kind::kStringList, &r.eval.methods);
   f("eval.widths", Kind::kStringList, &r.eval.widths);
   f("eval.device", Kind::kString, &r.eval.device);
+  f("eval.kv_cache", Kind::kString, &r.eval.kv_cache);
+  f("eval.decode_from", Kind::kInt, &r.eval.decode_from);
   f("out_dir", Kind::kPath, &r.out_dir);
 }
 
@@ -206,6 +208,9 @@ void validate(const Recipe& r, const std::string& src) {
         "must be at least 1, or -1 for every window (0 would evaluate nothing)");
   one_of("eval.protocol", r.eval.protocol, {"bos_window", "single_bos"});
   one_of("eval.device", r.eval.device, {"auto", "cpu", "cuda"});
+  one_of("eval.kv_cache", r.eval.kv_cache, {"simulated", "real"});
+  check(r.eval.decode_from >= 0 && r.eval.decode_from < r.eval.seq_len, "eval.decode_from",
+        "must be in [0, eval.seq_len)");
   check(!r.eval.methods.empty(), "eval.methods", "must list at least one method");
 }
 

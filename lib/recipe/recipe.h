@@ -72,6 +72,13 @@ struct Recipe {
     // calibration dump). Empty: they take quant.bits. Expanded by load(); methods then holds the result.
     std::vector<std::string> widths;
     std::string device = "auto";  // auto | cpu | cuda
+    // simulated: quantized methods rewrite an FP16/bf16 cache with their dequantized values (any method, CPU or
+    // GPU); real: vq/antkv keep the GPU's compressed cache (codes, anchors, window) and decode reads it
+    // (kernels/quant/compressed_cache.h; fp16/uniform stay simulated).
+    std::string kv_cache = "simulated";
+    // > 0: each window's first decode_from tokens are prefilled in one forward, the rest fed one token per
+    // forward (teacher-forced decode, so the newest tokens sit in the decode window); 0: prefill only.
+    int decode_from = 0;
   } eval;
 
   std::string out_dir;  // where `antkv-eval run` puts its outputs; default runs/<name>

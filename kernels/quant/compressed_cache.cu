@@ -1,0 +1,481 @@
+// The compressed KV cache (see compressed_cache.h): buffers, the prefill writer, the decode-step append and
+// attention, synthetic fills.
+#include "kernels/quant/compressed_cache.h"
+
+#include <cuda_fp16.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "kernels/common/cuda_check.h"
+
+namespace antkv {
+
+using cuda::bf16;
+using cuda::DeviceBuffer;
+
+struct GpuCompressedKvCache::Layer {
+  DeviceBuffer<uint8_t> k_codes, v_codes;    // [max_batch, KV, capacity, R]
+  DeviceBuffer<__half> k_cent, v_cent;       // [KV, NG, 2^b, c]
+  DeviceBuffer<__half> anchor_k, anchor_v;   // [max_batch, KV, anchor_capacity, d]
+  DeviceBuffer<int32_t> anchor_pos;          // [max_batch, KV, anchor_capacity]
+  DeviceBuffer<__half> window_k, window_v;   // [max_batch, KV, window, d]
+};
+
+namespace {
+
+constexpr int kThreads = 256;
+
+int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 20)); }
+
+// fp32 rows [T][KV*d] (row stride `stride`) -> fp16 [T][KV*d]
+__global__ void round_rows_kernel(const float* __restrict__ x, int64_t stride, __half* __restrict__ out, int T,
+                                  int kvd) {
+  const int64_t n = static_cast<int64_t>(T) * kvd;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / kvd, c = i % kvd;
+    out[i] = __float2half_rn(x[t * stride + c]);
+  }
+}
+
+// anchors of sequence seq: anchor_k[seq][h][a][:] = stage_k[idx[h][a]][h][:] (and v, positions)
+struct AnchorGatherArgs {
+  const __half* sk = nullptr;   // [T, KV, d]
+  const __half* sv = nullptr;
+  const int32_t* idx = nullptr; // [KV, A] token indices
+  __half* ak = nullptr;         // [max_batch, KV, cap, d]
+  __half* av = nullptr;
+  int32_t* pos = nullptr;       // [max_batch, KV, cap]
+  int seq = 0, A = 0, KV = 0, d = 0, cap = 0;
+};
+
+__global__ void anchor_gather_kernel(const AnchorGatherArgs p) {
+  const int64_t n = static_cast<int64_t>(p.KV) * p.A * p.d;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int c = static_cast<int>(i % p.d);
+    const int a = static_cast<int>((i / p.d) % p.A);
+    const int h = static_cast<int>(i / (static_cast<int64_t>(p.d) * p.A));
+    const int t = p.idx[h * p.A + a];
+    const int64_t src = (static_cast<int64_t>(t) * p.KV + h) * p.d + c;
+    const int64_t slot = (static_cast<int64_t>(p.seq) * p.KV + h) * p.cap + a;
+    p.ak[slot * p.d + c] = p.sk[src];
+    p.av[slot * p.d + c] = p.sv[src];
+    if (c == 0) p.pos[slot] = t;
+  }
+}
+
+// One decode step of one layer, block (b, h), threads over channels: the token leaving a full ring (slot
+// evict_slot[b] >= 0) is copied to the staging rows (quantized next by quantize_kv), then the new token
+// (fp16-rounded) takes ring slot new_slot[b]. Without a window (W = 0) the new token goes straight to staging.
+struct WindowAppendArgs {
+  const float* k = nullptr;         // [B, KV*d] fp32 post-RoPE, row stride `stride`
+  const float* v = nullptr;
+  int64_t stride = 0;
+  const int32_t* evict_slot = nullptr;  // [B]
+  const int32_t* new_slot = nullptr;    // [B]
+  __half* wk = nullptr;             // [max_batch, KV, W, d]
+  __half* wv = nullptr;
+  __half* sk = nullptr;             // [B, KV, d]
+  __half* sv = nullptr;
+  int KV = 0, d = 0, W = 0;
+};
+
+__global__ void window_append_kernel(const WindowAppendArgs p) {
+  const int b = blockIdx.x, h = blockIdx.y;
+  const int64_t src = static_cast<int64_t>(b) * p.stride + static_cast<int64_t>(h) * p.d;
+  const int64_t stage = (static_cast<int64_t>(b) * p.KV + h) * p.d;
+  for (int c = threadIdx.x; c < p.d; c += blockDim.x) {
+    const __half nk = __float2half_rn(p.k[src + c]), nv = __float2half_rn(p.v[src + c]);
+    if (p.W == 0) {
+      p.sk[stage + c] = nk;
+      p.sv[stage + c] = nv;
+      continue;
+    }
+    const int64_t ring = (static_cast<int64_t>(b) * p.KV + h) * p.W;
+    const int e = p.evict_slot[b];
+    if (e >= 0) {  // read before the write below (same thread, same address when e == new_slot)
+      p.sk[stage + c] = p.wk[(ring + e) * p.d + c];
+      p.sv[stage + c] = p.wv[(ring + e) * p.d + c];
+    }
+    const int s = p.new_slot[b];
+    p.wk[(ring + s) * p.d + c] = nk;
+    p.wv[(ring + s) * p.d + c] = nv;
+  }
+}
+
+cuda::VqConfig config_for(const MethodSpec& m) {
+  ANTKV_CHECK(m.kind == "vq" || m.kind == "antkv", "compressed KV cache: method {} is not vq or antkv", m.text);
+  ANTKV_CHECK(m.keys.c == m.values.c && m.keys.b == m.values.b,
+              "method {}: the compressed cache needs one configuration for keys and values (c{}b{} / c{}b{})", m.text,
+              m.keys.c, m.keys.b, m.values.c, m.values.b);
+  const std::string name = fmt::format("c{}b{}", m.keys.c, m.keys.b);
+  for (cuda::VqConfig c : {cuda::VqConfig::kC8B8, cuda::VqConfig::kC16B12, cuda::VqConfig::kC16B8, cuda::VqConfig::kC16B6})
+    if (name == cuda::vq_config_info(c).name) return c;
+  fail("method {}: {} is not one of the compressed cache's configurations (c8b8, c16b12, c16b8, c16b6; the "
+       "simulated cache, eval.kv_cache: simulated, evaluates any)",
+       m.text, name);
+}
+
+}  // namespace
+
+GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodSpec& m, const CodebookSet& cb,
+                                           int max_batch, int capacity, int window) {
+  name_ = m.text;
+  config_ = config_for(m);
+  ANTKV_CHECK(m.key_rope == "post",
+              "method {}: the compressed cache holds post-RoPE keys; key_rope=pre (dequantize, rotate, dot) is not "
+              "implemented in its decode kernel (evaluate it with eval.kv_cache: simulated)",
+              m.text);
+  ANTKV_CHECK(!m.anchors || (m.anchor_keys && m.anchor_values),
+              "method {}: anchors={} (one tensor only) is not supported by the compressed cache (one code stream "
+              "for keys and values): anchors=kv or off",
+              m.text, m.anchors_name());
+  ANTKV_CHECK(m.gain == "off" && !m.correct, "method {}: gain= and correct= are not supported by the compressed cache",
+              m.text);
+  cuda::check_vq_shape(cfg.head_dim, config_);
+  const CodebookMeta& cm = cb.meta;
+  ANTKV_CHECK(cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b &&
+                  cm.key_rope == "post" && cm.num_layers == cfg.num_layers && cm.num_kv_heads == cfg.num_kv_heads &&
+                  cm.head_dim == cfg.head_dim,
+              "method {}: the codebooks (c{}b{}/c{}b{}, {}-RoPE, {} layers x {} KV heads x {}) do not fit the method and "
+              "model",
+              m.text, cm.key_c, cm.key_b, cm.value_c, cm.value_b, cm.key_rope, cm.num_layers, cm.num_kv_heads,
+              cm.head_dim);
+  allocate(cfg, max_batch, capacity, window, m.anchors ? m.ratio : 0.0);
+  const size_t want = static_cast<size_t>(n_kv_) * ng_ * k_count_ * (d_ / ng_);
+  std::vector<__half> h(want);
+  for (int l = 0; l < n_layers_; ++l)
+    for (int kv = 0; kv < 2; ++kv) {
+      const auto& src = kv ? cb.values.at(l).centroids : cb.keys.at(l).centroids;
+      ANTKV_CHECK(src.size() == want, "method {}: layer {} {} centroids hold {} floats, expected {}", m.text, l,
+                  kv ? "value" : "key", src.size(), want);
+      for (size_t i = 0; i < want; ++i) h[i] = __float2half_rn(src[i]);
+      auto& dst = kv ? layers_[l]->v_cent : layers_[l]->k_cent;
+      ANTKV_CUDA_CHECK(cudaMemcpy(dst.get(), h.data(), want * sizeof(__half), cudaMemcpyHostToDevice));
+    }
+}
+
+GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqConfig config, double anchor_ratio,
+                                           int max_batch, int capacity, int window, uint64_t seed) {
+  config_ = config;
+  name_ = fmt::format("synthetic {}", cuda::vq_config_info(config).name);
+  cuda::check_vq_shape(cfg.head_dim, config_);
+  allocate(cfg, max_batch, capacity, window, anchor_ratio);
+  for (int l = 0; l < n_layers_; ++l) {
+    cuda::fill_random_f16(layers_[l]->k_cent.get(), layers_[l]->k_cent.size(), seed * 131 + 2 * l, 1.0f, nullptr);
+    cuda::fill_random_f16(layers_[l]->v_cent.get(), layers_[l]->v_cent.size(), seed * 131 + 2 * l + 1, 1.0f, nullptr);
+  }
+  ANTKV_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+GpuCompressedKvCache::~GpuCompressedKvCache() = default;
+
+void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio) {
+  ANTKV_CHECK(max_batch >= 1 && capacity >= 1 && window >= 0 && ratio >= 0 && ratio <= 1,
+              "compressed KV cache: bad sizes (batch {}, capacity {}, window {}, anchor ratio {})", max_batch, capacity,
+              window, ratio);
+  n_layers_ = cfg.num_layers;
+  n_kv_ = cfg.num_kv_heads;
+  d_ = cfg.head_dim;
+  ng_ = cuda::vq_groups(d_, config_);
+  k_count_ = cuda::vq_centroid_count(config_);
+  rec_ = cuda::vq_record_bytes(d_, config_);
+  max_batch_ = max_batch;
+  capacity_ = capacity;
+  window_ = window;
+  ratio_ = ratio;
+  // a prefill of up to `capacity` tokens keeps ceil(ratio * T) anchors (the first token among them)
+  anchor_cap_ = ratio > 0 ? static_cast<int>(std::min<double>(capacity, std::ceil(ratio * capacity) + 1)) : 0;
+  const size_t BK = static_cast<size_t>(max_batch) * n_kv_;
+  const size_t cent = static_cast<size_t>(n_kv_) * k_count_ * d_;  // [KV, NG, K, c]
+  layers_.clear();
+  device_bytes_ = 0;
+  for (int l = 0; l < n_layers_; ++l) {
+    auto L = std::make_unique<Layer>();
+    L->k_codes.resize(BK * capacity * rec_);
+    L->v_codes.resize(BK * capacity * rec_);
+    L->k_cent.resize(cent);
+    L->v_cent.resize(cent);
+    L->anchor_k.resize(BK * anchor_cap_ * d_);
+    L->anchor_v.resize(BK * anchor_cap_ * d_);
+    L->anchor_pos.resize(BK * anchor_cap_);
+    L->window_k.resize(BK * window * d_);
+    L->window_v.resize(BK * window * d_);
+    device_bytes_ += L->k_codes.bytes() + L->v_codes.bytes() + L->k_cent.bytes() + L->v_cent.bytes() +
+                     L->anchor_k.bytes() + L->anchor_v.bytes() + L->anchor_pos.bytes() + L->window_k.bytes() +
+                     L->window_v.bytes();
+    layers_.push_back(std::move(L));
+  }
+  seqs_.assign(max_batch, CompressedSeqState{});
+  step_d_.resize(static_cast<size_t>(7) * max_batch);
+  step_h_.ensure(static_cast<size_t>(7) * max_batch);
+  stage_k_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
+  stage_v_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
+  // the largest workspace any plan may need: for each batch, the plan at full capacity has the most splits
+  int64_t ws = 0;
+  for (int b = 1; b <= max_batch; ++b) {
+    const auto plan = cuda::plan_quant_decode(b, cfg.num_heads, n_kv_, d_, config_, capacity);
+    ws = std::max(ws, cuda::quant_decode_workspace_floats(b, cfg.num_heads, d_, plan.n_splits));
+  }
+  workspace_.resize(static_cast<size_t>(ws));
+  device_bytes_ += step_d_.bytes() + stage_k_.bytes() + stage_v_.bytes() + workspace_.bytes();
+}
+
+size_t GpuCompressedKvCache::bytes_per_sequence() const {
+  const size_t per_layer = static_cast<size_t>(n_kv_) *
+                           (2 * static_cast<size_t>(capacity_) * rec_ + 2 * static_cast<size_t>(anchor_cap_) * d_ * 2 +
+                            static_cast<size_t>(anchor_cap_) * 4 + 2 * static_cast<size_t>(window_) * d_ * 2);
+  return per_layer * n_layers_;
+}
+
+size_t GpuCompressedKvCache::code_bytes_per_token() const {
+  return static_cast<size_t>(n_layers_) * n_kv_ * 2 * rec_;
+}
+
+void GpuCompressedKvCache::reset() { std::fill(seqs_.begin(), seqs_.end(), CompressedSeqState{}); }
+
+void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float* k, int64_t k_stride, const float* v,
+                                         int64_t v_stride, const uint8_t* anchor_flags, cudaStream_t stream) {
+  ANTKV_CHECK(layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_, "compressed cache: layer {} / sequence {} out of range",
+              layer, seq);
+  ANTKV_CHECK(seqs_[seq].length() == 0,
+              "compressed cache {}: a prefill into sequence {} that already holds {} tokens (chunked prefill over the "
+              "compressed cache is not implemented: prefill in one chunk, then decode)",
+              name_, seq, seqs_[seq].length());
+  ANTKV_CHECK(T >= 1 && T <= capacity_, "compressed cache {}: prefill of {} tokens, capacity {}", name_, T, capacity_);
+  ANTKV_CHECK(k && v, "compressed cache: null K/V");
+  const int KV = n_kv_;
+  // host: per-head code slots (anchors -1) and anchor token lists
+  int A = -1;
+  std::vector<int32_t> anchors;  // [KV][A]
+  std::vector<int32_t> slots(static_cast<size_t>(T) * KV);
+  for (int h = 0; h < KV; ++h) {
+    int q = 0, a = 0;
+    for (int t = 0; t < T; ++t) {
+      const bool anchor = anchor_flags && anchor_flags[static_cast<size_t>(t) * KV + h];
+      slots[static_cast<size_t>(t) * KV + h] = anchor ? -1 : q++;
+      if (anchor) ++a;
+    }
+    ANTKV_CHECK(A < 0 || a == A, "compressed cache {}: layer {} KV head {} has {} anchors, head 0 has {} (every head must "
+                "keep the same number)", name_, layer, h, a, A);
+    A = a;
+  }
+  ANTKV_CHECK(A <= anchor_cap_, "compressed cache {}: {} anchors per head exceed the anchor capacity {}", name_, A,
+              anchor_cap_);
+  if (layer > 0)
+    ANTKV_CHECK(A == pending_anchors_, "compressed cache {}: layer {} keeps {} anchors per head, layer 0 kept {}", name_,
+                layer, A, pending_anchors_);
+  pending_anchors_ = A;
+  anchors.reserve(static_cast<size_t>(KV) * A);
+  for (int h = 0; h < KV; ++h)
+    for (int t = 0; t < T; ++t)
+      if (slots[static_cast<size_t>(t) * KV + h] < 0) anchors.push_back(t);
+  // device: ints = slot_per_head [T*KV] | seq_index [T] | anchor_idx [KV*A]
+  prefill_h_.resize(slots.size() + T + anchors.size());
+  std::copy(slots.begin(), slots.end(), prefill_h_.begin());
+  std::fill(prefill_h_.begin() + slots.size(), prefill_h_.begin() + slots.size() + T, seq);
+  std::copy(anchors.begin(), anchors.end(), prefill_h_.begin() + slots.size() + T);
+  prefill_ints_.ensure(prefill_h_.size());
+  ANTKV_CUDA_CHECK(cudaMemcpyAsync(prefill_ints_.get(), prefill_h_.data(), prefill_h_.size() * sizeof(int32_t),
+                                   cudaMemcpyHostToDevice, stream));
+  const size_t rows = static_cast<size_t>(T) * KV * d_;
+  prefill_k_.ensure(rows);  // not the decode staging: captured decode graphs hold those pointers
+  prefill_v_.ensure(rows);
+  round_rows_kernel<<<blocks_for(static_cast<int64_t>(rows)), kThreads, 0, stream>>>(k, k_stride, prefill_k_.get(), T, KV * d_);
+  ANTKV_LAUNCH_CHECK("round_rows_kernel");
+  round_rows_kernel<<<blocks_for(static_cast<int64_t>(rows)), kThreads, 0, stream>>>(v, v_stride, prefill_v_.get(), T, KV * d_);
+  ANTKV_LAUNCH_CHECK("round_rows_kernel");
+  Layer& L = *layers_[layer];
+  cuda::QuantizeParams qp;
+  qp.config = config_;
+  qp.n_tokens = T;
+  qp.n_kv_heads = KV;
+  qp.head_dim = d_;
+  qp.x_type = cuda::ElemType::kF16;
+  qp.x_row_stride = static_cast<int64_t>(KV) * d_;
+  qp.seq_index = prefill_ints_.get() + slots.size();
+  qp.slot_per_head = prefill_ints_.get();
+  qp.batch = max_batch_;
+  qp.capacity = capacity_;
+  qp.x = prefill_k_.get();
+  qp.centroids = L.k_cent.get();
+  qp.codes = L.k_codes.get();
+  cuda::quantize_kv(qp, stream);
+  qp.x = prefill_v_.get();
+  qp.centroids = L.v_cent.get();
+  qp.codes = L.v_codes.get();
+  cuda::quantize_kv(qp, stream);
+  if (A > 0) {
+    AnchorGatherArgs g;
+    g.sk = prefill_k_.get(), g.sv = prefill_v_.get();
+    g.idx = prefill_ints_.get() + slots.size() + T;
+    g.ak = L.anchor_k.get(), g.av = L.anchor_v.get(), g.pos = L.anchor_pos.get();
+    g.seq = seq, g.A = A, g.KV = KV, g.d = d_, g.cap = anchor_cap_;
+    anchor_gather_kernel<<<blocks_for(static_cast<int64_t>(KV) * A * d_), kThreads, 0, stream>>>(g);
+    ANTKV_LAUNCH_CHECK("anchor_gather_kernel");
+  }
+  // prefill_h_ and the device ints are reused by the next layer
+  ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+void GpuCompressedKvCache::commit_prefill(int seq, int T) {
+  ANTKV_CHECK(seq >= 0 && seq < max_batch_ && pending_anchors_ >= 0 && pending_anchors_ <= T,
+              "compressed cache: commit_prefill without write_prefill");
+  CompressedSeqState& s = seqs_[seq];
+  s = CompressedSeqState{};
+  s.n_anchor = pending_anchors_;
+  s.n_quant = T - pending_anchors_;
+  pending_anchors_ = -1;
+}
+
+void GpuCompressedKvCache::plan_step(int B, cudaStream_t stream) {
+  ANTKV_CHECK(B >= 1 && B <= max_batch_, "compressed cache: batch {} outside [1, {}]", B, max_batch_);
+  int32_t* h = step_h_.get();
+  for (int b = 0; b < B; ++b) {
+    CompressedSeqState& s = seqs_[b];
+    ANTKV_CHECK(s.length() + 1 <= capacity_, "compressed cache {}: sequence {} holds {} tokens, capacity {}", name_, b,
+                s.length(), capacity_);
+    int evict = -1, code = -1, slot = 0;
+    if (window_ == 0) {
+      code = s.n_quant++;
+    } else {
+      slot = static_cast<int>(s.n_entered % window_);
+      if (s.n_window == window_) {
+        evict = slot;  // the oldest window token sits where the new one goes
+        code = s.n_quant++;
+      } else {
+        ++s.n_window;
+      }
+      ++s.n_entered;
+    }
+    h[b] = evict;
+    h[max_batch_ + b] = slot;
+    h[2 * max_batch_ + b] = code;
+    h[3 * max_batch_ + b] = s.n_quant;
+    h[4 * max_batch_ + b] = s.n_anchor;
+    h[5 * max_batch_ + b] = s.n_window;
+    h[6 * max_batch_ + b] = b;
+  }
+  step_B_ = B;
+  ANTKV_CUDA_CHECK(cudaMemcpyAsync(step_d_.get(), h, static_cast<size_t>(7) * max_batch_ * sizeof(int32_t),
+                                   cudaMemcpyHostToDevice, stream));
+}
+
+int GpuCompressedKvCache::max_quant(int B) const {
+  int m = 0;
+  for (int b = 0; b < B && b < max_batch_; ++b) m = std::max(m, seqs_[b].n_quant);
+  return m;
+}
+
+void GpuCompressedKvCache::append(int layer, int B, const float* k, const float* v, int64_t stride,
+                                  cudaStream_t stream) {
+  ANTKV_CHECK(layer >= 0 && layer < n_layers_ && B >= 1 && B <= max_batch_ && k && v, "compressed cache: bad append");
+  Layer& L = *layers_[layer];
+  WindowAppendArgs a;
+  a.k = k, a.v = v, a.stride = stride;
+  a.evict_slot = step_d_.get();
+  a.new_slot = step_d_.get() + max_batch_;
+  a.wk = L.window_k.get(), a.wv = L.window_v.get();
+  a.sk = stage_k_.get(), a.sv = stage_v_.get();
+  a.KV = n_kv_, a.d = d_, a.W = window_;
+  window_append_kernel<<<dim3(B, n_kv_), 128, 0, stream>>>(a);
+  ANTKV_LAUNCH_CHECK("window_append_kernel");
+  cuda::QuantizeParams qp;
+  qp.config = config_;
+  qp.n_tokens = B;
+  qp.n_kv_heads = n_kv_;
+  qp.head_dim = d_;
+  qp.x_type = cuda::ElemType::kF16;
+  qp.x_row_stride = static_cast<int64_t>(n_kv_) * d_;
+  qp.seq_index = step_d_.get() + 6 * max_batch_;
+  qp.slot = step_d_.get() + 2 * max_batch_;  // -1: nothing leaves the window this step
+  qp.batch = max_batch_;
+  qp.capacity = capacity_;
+  qp.x = stage_k_.get();
+  qp.centroids = L.k_cent.get();
+  qp.codes = L.k_codes.get();
+  cuda::quantize_kv(qp, stream);
+  qp.x = stage_v_.get();
+  qp.centroids = L.v_cent.get();
+  qp.codes = L.v_codes.get();
+  cuda::quantize_kv(qp, stream);
+}
+
+void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, bf16* out,
+                                  const cuda::QuantDecodePlan& plan, float scale, cudaStream_t stream) {
+  ANTKV_CHECK(layer >= 0 && layer < n_layers_ && B >= 1 && B <= max_batch_, "compressed cache: bad attend");
+  Layer& L = *layers_[layer];
+  cuda::QuantDecodeParams p;
+  p.config = config_;
+  p.batch = B;
+  p.n_heads = n_heads;
+  p.n_kv_heads = n_kv_;
+  p.head_dim = d_;
+  p.q = q;
+  p.k_codes = L.k_codes.get(), p.v_codes = L.v_codes.get();
+  p.k_centroids = L.k_cent.get(), p.v_centroids = L.v_cent.get();
+  p.anchor_k = anchor_cap_ ? L.anchor_k.get() : nullptr;
+  p.anchor_v = anchor_cap_ ? L.anchor_v.get() : nullptr;
+  p.anchor_pos = anchor_cap_ ? L.anchor_pos.get() : nullptr;
+  p.window_k = window_ ? L.window_k.get() : nullptr;
+  p.window_v = window_ ? L.window_v.get() : nullptr;
+  p.n_quant = step_d_.get() + 3 * max_batch_;
+  p.n_anchor = step_d_.get() + 4 * max_batch_;
+  p.n_window = step_d_.get() + 5 * max_batch_;
+  p.quant_capacity = capacity_;
+  p.anchor_capacity = anchor_cap_;
+  p.window_capacity = window_;
+  p.out = out;
+  p.workspace = workspace_.get();
+  p.workspace_floats = static_cast<int64_t>(workspace_.size());
+  p.n_splits = plan.n_splits;
+  p.split_len = plan.split_len;
+  p.scale = scale;
+  cuda::quant_decode(p, stream);
+}
+
+void GpuCompressedKvCache::fill_random(uint64_t seed, cudaStream_t stream) {
+  uint64_t s = seed * 7919 + 5;
+  for (auto& L : layers_) {
+    cuda::fill_random_bytes(L->k_codes.get(), static_cast<int64_t>(L->k_codes.size()), s++, stream);
+    cuda::fill_random_bytes(L->v_codes.get(), static_cast<int64_t>(L->v_codes.size()), s++, stream);
+    cuda::fill_random_f16(L->anchor_k.get(), static_cast<int64_t>(L->anchor_k.size()), s++, 1.0f, stream);
+    cuda::fill_random_f16(L->anchor_v.get(), static_cast<int64_t>(L->anchor_v.size()), s++, 1.0f, stream);
+    cuda::fill_random_f16(L->window_k.get(), static_cast<int64_t>(L->window_k.size()), s++, 1.0f, stream);
+    cuda::fill_random_f16(L->window_v.get(), static_cast<int64_t>(L->window_v.size()), s++, 1.0f, stream);
+  }
+  ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+void GpuCompressedKvCache::poison() {
+  for (auto& L : layers_) {
+    for (auto* b : {&L->k_codes, &L->v_codes})
+      if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));
+    for (auto* b : {&L->anchor_k, &L->anchor_v, &L->window_k, &L->window_v})
+      if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // 0xFFFF: fp16 NaN
+  }
+  if (stage_k_.size()) ANTKV_CUDA_CHECK(cudaMemset(stage_k_.get(), 0xFF, stage_k_.bytes()));
+  if (stage_v_.size()) ANTKV_CUDA_CHECK(cudaMemset(stage_v_.get(), 0xFF, stage_v_.bytes()));
+  ANTKV_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+void GpuCompressedKvCache::set_synthetic_lengths(const std::vector<int>& lens) {
+  ANTKV_CHECK(static_cast<int>(lens.size()) <= max_batch_, "set_synthetic_lengths: {} sequences > max_batch {}",
+              lens.size(), max_batch_);
+  for (size_t b = 0; b < lens.size(); ++b) {
+    ANTKV_CHECK(lens[b] >= 0 && lens[b] <= capacity_, "set_synthetic_lengths: length {} outside [0, capacity {}]",
+                lens[b], capacity_);
+    CompressedSeqState st;
+    st.n_anchor = std::min(anchor_cap_, static_cast<int>(std::ceil(ratio_ * lens[b])));
+    st.n_window = std::min(window_, lens[b] - st.n_anchor);
+    st.n_quant = lens[b] - st.n_anchor - st.n_window;
+    st.n_entered = st.n_window;
+    seqs_[b] = st;
+  }
+}
+
+}  // namespace antkv

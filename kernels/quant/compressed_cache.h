@@ -1,0 +1,126 @@
+// The compressed KV cache of the vq and antkv methods (design note §2-3, §6): what GpuRuntime keeps instead of
+// its bf16 arena when the cache is real (GpuRuntimeOptions::compressed_kv). Per layer, in the layout of
+// kernels/attention/quant_decode.h: packed b-bit codes of the quantized tokens, FP16 anchors with their
+// positions, an FP16 ring of the newest `window` decoded tokens, and the layer's codebooks in fp16.
+//
+// Life of a sequence:
+//  - prefill (sequence empty, T tokens): the caller (GpuRuntime) has chosen the anchors (the method's score,
+//    GpuKvQuantizer); write_prefill() keeps each KV head's anchors in FP16 and quantizes its other tokens
+//    into that head's code stream, on the GPU (quantize_kv). The window is empty after a prefill.
+//  - decode (one token per sequence and step): plan_step() moves the host counts one token on and uploads
+//    the step's slots; per layer, append() puts the new token into the window ring and, when the ring is full,
+//    quantizes the token leaving it into the code stream (the oldest of the window, in the same ring slot);
+//    attend() runs quant_decode over codes + anchors + window.
+//  Decode-time anchors (design note §2's online rule) are not implemented: a token leaving the window is
+//  always quantized, as the simulated caches do (lib/quant/quantized_cache.h, kernels/quant/quantized_cache.h).
+//  Keys are post-RoPE; keys and values share one configuration of quant_decode's closed set; anchors keep
+//  both tensors (anchors=kv or off). Anything else is an antkv::Error naming the method.
+// Counts (per sequence, the same for every layer and KV head): n_anchor anchors, n_window window tokens,
+// n_quant quantized tokens; their sum is the sequence length.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/codebooks.h"
+#include "kernels/attention/quant_decode.h"
+#include "kernels/common/device_buffer.h"
+#include "model/model_config.h"
+#include "quant/method.h"
+
+namespace antkv {
+
+struct CompressedSeqState {
+  int n_quant = 0, n_anchor = 0, n_window = 0;
+  int64_t n_entered = 0;  // tokens that ever entered the window ring (the next goes to slot n_entered % window)
+  int length() const { return n_quant + n_anchor + n_window; }
+};
+
+class GpuCompressedKvCache {
+ public:
+  // The cache of method m (vq or antkv) with its codebooks (validated like the simulated quantizer's).
+  GpuCompressedKvCache(const ModelConfig& cfg, const MethodSpec& m, const CodebookSet& cb, int max_batch,
+                       int capacity, int window);
+  // Synthetic codebooks (uniform fp16 in [-1, 1)): benchmarks and max-context, where decode time does not
+  // depend on the values.
+  GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqConfig config, double anchor_ratio, int max_batch,
+                       int capacity, int window, uint64_t seed);
+  ~GpuCompressedKvCache();
+
+  const std::string& name() const { return name_; }
+  cuda::VqConfig config() const { return config_; }
+  int max_batch() const { return max_batch_; }
+  int capacity() const { return capacity_; }          // tokens per sequence
+  int anchor_capacity() const { return anchor_cap_; }
+  int window() const { return window_; }
+  // Device bytes held (all layers, all sequences; codebooks and workspace included).
+  size_t device_bytes() const { return device_bytes_; }
+  // Bytes of one sequence's cache at full capacity (codes, anchors with positions, window), all layers.
+  size_t bytes_per_sequence() const;
+  // Device bytes that grow with one more quantized token of one sequence (codes of K and V, all layers).
+  size_t code_bytes_per_token() const;
+
+  void reset();  // every sequence empty
+  const CompressedSeqState& state(int seq) const { return seqs_.at(seq); }
+  int length(int seq) const { return seqs_.at(seq).length(); }
+
+  // ---- prefill ----
+  // Layer `layer` of the T-token prefill of the empty sequence `seq`: k, v are the chunk's fp32 post-RoPE keys
+  // and values (device, [T, kv_heads, head_dim] with row strides in elements); anchor_flags (host, [T, kv_heads],
+  // 1 = FP16 anchor, null = none) must give every KV head the same number of anchors, at most anchor_capacity.
+  // K/V are rounded to fp16 before the nearest-centroid search (as the simulated caches do).
+  void write_prefill(int layer, int seq, int T, const float* k, int64_t k_stride, const float* v, int64_t v_stride,
+                     const uint8_t* anchor_flags, cudaStream_t stream);
+  // After every layer's write_prefill: the sequence holds T tokens.
+  void commit_prefill(int seq, int T);
+
+  // ---- decode ----
+  // Moves sequences 0..B-1 one token on (host counts) and uploads the step (slots and counts) on `stream`.
+  // The host buffer it copies from is reused by the next call: synchronize the stream in between.
+  void plan_step(int B, cudaStream_t stream);
+  // The largest n_quant among sequences 0..B-1 (after plan_step: the decode plan's length).
+  int max_quant(int B) const;
+  // Layer `layer`: token b's new K/V (fp32 post-RoPE, rows of `stride` elements, [B, kv_heads, head_dim])
+  // into the window; the token leaving a full window into the code stream.
+  void append(int layer, int B, const float* k, const float* v, int64_t stride, cudaStream_t stream);
+  // Decode attention of layer `layer` for sequences 0..B-1: q [B, n_heads, head_dim] bf16 post-RoPE -> out
+  // [B, n_heads, head_dim] bf16 (plan from plan_quant_decode(B, ..., max_quant(B))).
+  void attend(int layer, int B, int n_heads, const cuda::bf16* q, cuda::bf16* out,
+              const cuda::QuantDecodePlan& plan, float scale, cudaStream_t stream);
+
+  // ---- synthetic contents (benchmarks, max-context) ----
+  // Every code random bytes, every FP16 token uniform in [-1, 1) (codebooks untouched).
+  void fill_random(uint64_t seed, cudaStream_t stream);
+  // Sequence b holds lens[b] tokens: ceil(ratio * len) anchors (at most anchor_capacity), min(window, rest)
+  // window tokens, the rest quantized (the split a prefill and decode steps would leave).
+  void set_synthetic_lengths(const std::vector<int>& lens);
+  // Tests: every FP16 slot NaN and every code byte 0xFF, so that a read past the counts shows.
+  void poison();
+
+ private:
+  void allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio);
+  struct Layer;
+  std::string name_;
+  cuda::VqConfig config_ = cuda::VqConfig::kC8B8;
+  int n_layers_ = 0, n_kv_ = 0, d_ = 0, rec_ = 0, ng_ = 0, k_count_ = 0;
+  int max_batch_ = 0, capacity_ = 0, anchor_cap_ = 0, window_ = 0;
+  double ratio_ = 0;
+  size_t device_bytes_ = 0;
+  std::vector<std::unique_ptr<Layer>> layers_;
+  std::vector<CompressedSeqState> seqs_;
+  // step: evict_slot | new_slot | code_slot | n_quant | n_anchor | n_window | seq_index, [7][max_batch]
+  cuda::DeviceBuffer<int32_t> step_d_;
+  cuda::PinnedBuffer<int32_t> step_h_;
+  int step_B_ = 0;
+  cuda::DeviceBuffer<__half> stage_k_, stage_v_;  // [max_batch, kv_heads, head_dim]: tokens leaving the window
+  cuda::DeviceBuffer<__half> prefill_k_, prefill_v_;  // [T, kv_heads, head_dim]: a prefill's fp16 K/V
+  int pending_anchors_ = -1;                      // anchors per head of the prefill being written
+  cuda::DeviceBuffer<int32_t> prefill_ints_;      // slot_per_head [T, KV] | seq_index [T] | anchor_idx [KV, A]
+  std::vector<int32_t> prefill_h_;
+  cuda::DeviceBuffer<float> workspace_;
+};
+
+}  // namespace antkv
