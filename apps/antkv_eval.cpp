@@ -28,6 +28,7 @@
 #ifdef ANTKV_HAVE_CUDA
 #include "kernels/anchor/anchor_scores.h"
 #include "kernels/bench/bench.h"
+#include "kernels/bench/method_bench.h"
 #include "kernels/calibrate/calib_stage.h"
 #include "kernels/runtime/gpu_runtime.h"
 #include "kernels/quant/quantized_cache.h"
@@ -328,6 +329,9 @@ struct BenchArgs {
   std::vector<int> batches = {1, 16}, contexts = {32768, 131072};
   int iters = 20;
   bool no_e2e = false;
+  std::vector<std::string> methods;  // bench --method / max-context
+  bool equal_memory = true;
+  int max_batch = 512;
 };
 
 ModelConfig shape_config(const std::string& shape) {
@@ -352,7 +356,65 @@ ModelConfig shape_config(const std::string& shape) {
   return c;
 }
 
+#ifdef ANTKV_HAVE_CUDA
+nlohmann::json method_point_json(const cuda::MethodDecodePoint& p) {
+  return {{"method", p.method}, {"batch", p.batch}, {"context", p.context}, {"largest_batch", p.equal_memory},
+          {"ran", p.ran}, {"note", p.note}, {"cache_bytes_per_sequence", p.seq_cache_bytes},
+          {"ms_per_step", p.ms_per_step}, {"tokens_per_s", p.tokens_per_s}, {"attention_ms_per_step", p.attn_ms_per_step},
+          {"attention_bytes_per_step", p.attn_bytes_per_step}, {"attention_frac_of_copy_bw", p.attn_frac_of_copy},
+          {"bytes_per_step", p.bytes_per_step}, {"frac_of_copy_bw", p.frac_of_copy}};
+}
+#endif
+
+int run_method_bench_cmd(const BenchArgs& a, bool max_context) {
+#ifdef ANTKV_HAVE_CUDA
+  if (!a.json_out.empty()) {
+    OutputCheck outputs;
+    outputs.output(a.json_out, "--json", a.force);
+    outputs.check();
+  }
+  const ModelConfig cfg = a.model.empty() ? shape_config(a.shape) : load_model_config(a.model + "/config.json");
+  for (const auto& m : a.methods) (void)cuda::parse_bench_method(m);  // every error before any work
+  auto say = [](const std::string& s) { std::fprintf(stderr, "%s\n", s.c_str()); };
+  nlohmann::json j;
+  j["tool"] = max_context ? "antkv-eval max-context" : "antkv-eval bench";
+  j["version"] = ANTKV_VERSION;
+  j["shape"] = a.model.empty() ? a.shape : a.model;
+  std::printf("shape: %s (weights random; decode time does not depend on their values)\n",
+              a.model.empty() ? a.shape.c_str() : a.model.c_str());
+  if (max_context) {
+    const auto r = cuda::run_max_context(cfg, a.methods, say);
+    std::printf("%s", cuda::format_max_context(r).c_str());
+    for (const auto& p : r)
+      j["max_context"].push_back({{"method", p.method}, {"context", p.context}, {"ran", p.ran}, {"note", p.note},
+                                  {"cache_gib", p.cache_gib}, {"ms_per_step", p.ms_per_step},
+                                  {"tokens_per_s", p.tokens_per_s}});
+  } else {
+    cuda::MethodBenchOptions o;
+    o.cfg = cfg;
+    o.methods = a.methods;
+    o.batches = a.batches;
+    o.contexts = a.contexts;
+    o.equal_memory = a.equal_memory;
+    o.max_batch_cap = a.max_batch;
+    o.iters = a.iters;
+    const auto r = cuda::run_method_bench(o, say);
+    std::printf("%s", cuda::format_method_bench(r).c_str());
+    j["device"] = r.device;
+    j["copy_gbps"] = r.copy_gbps;
+    for (const auto& p : r.points) j["points"].push_back(method_point_json(p));
+  }
+  if (!a.json_out.empty()) write_file_atomic(a.json_out, j.dump(1) + "\n");
+  return 0;
+#else
+  (void)a;
+  (void)max_context;
+  fail("bench/max-context: this antkv-eval was built without CUDA");
+#endif
+}
+
 int run_bench(const BenchArgs& a) {
+  if (!a.methods.empty()) return run_method_bench_cmd(a, false);
 #ifdef ANTKV_HAVE_CUDA
   if (!a.json_out.empty()) {
     OutputCheck outputs;
@@ -471,6 +533,22 @@ int main(int argc, char** argv) {
   bench->add_flag("--no-e2e", ba.no_e2e, "attention kernels only");
   bench->add_option("--json", ba.json_out, "write the figures as JSON");
   bench->add_flag("--force", ba.force, "overwrite an existing --json file");
+  bench->add_option("--method", ba.methods,
+                    "per-method end-to-end decode (repeatable): fp16, vq:bits=B, antkv:bits=B[,ratio=R] (B = 1, 0.75, "
+                    "0.5, 0.375; the compressed cache); without it, the kernel benchmark");
+  bench->add_flag("--equal-memory,!--no-equal-memory", ba.equal_memory,
+                  "with --method: also each method at the largest batch that fits per context (default on)");
+  bench->add_option("--max-batch", ba.max_batch, "cap of the equal-memory batches")->capture_default_str();
+
+  BenchArgs ma;
+  ma.methods = {"fp16", "vq:bits=1"};
+  auto* maxctx = app.add_subcommand("max-context", "the longest context whose decode runs on this GPU, per method (batch "
+                                                   "1, caches filled with synthetic contents)");
+  maxctx->add_option("--shape", ma.shape, "named synthetic shape: llama3-8b, mistral-7b, llama2-7b")->capture_default_str();
+  maxctx->add_option("--model", ma.model, "a checkpoint directory whose shapes to use instead");
+  maxctx->add_option("--method", ma.methods, "methods (repeatable)")->capture_default_str();
+  maxctx->add_option("--json", ma.json_out, "write the figures as JSON");
+  maxctx->add_flag("--force", ma.force, "overwrite an existing --json file");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -488,6 +566,7 @@ int main(int argc, char** argv) {
     if (*run) return run_pipeline_cmd(ra);
     if (*diag) return run_diagnose(ra, diag_text, diag_json);
     if (*bench) return run_bench(ba);
+    if (*maxctx) return run_method_bench_cmd(ma, true);
   } catch (const Interrupted&) {
     std::fprintf(stderr, "antkv-eval: interrupted; no output written\n");
     return 128 + interrupt_signal();

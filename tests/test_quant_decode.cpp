@@ -343,6 +343,22 @@ TEST_CASE("GPU quant decode: every configuration, GQA 1/2/4, batch 3, equals the
   run_case({VqConfig::kC8B8, 128, 32, 8, {{9001, 90, 128}, {1025, 10, 128}, {5, 1, 1}}, 4.f, true, false}, rng);
 }
 
+// A workspace sized by quant_decode_max_splits holds every plan of up to that many sequences and tokens: a
+// shorter stream can get more splits than a longer one (the split length is rounded up to whole tiles).
+TEST_CASE("GPU quant decode: quant_decode_max_splits bounds every plan", "[gpu][quant]") {
+  SKIP_WITHOUT_GPU();
+  for (const auto cfg : {VqConfig::kC8B8, VqConfig::kC16B8})
+    for (int B : {1, 2, 3, 7, 16, 64}) {
+      for (int64_t cap : {int64_t{1000}, int64_t{131086}, int64_t{1} << 20, int64_t{15805237}}) {
+        const int bound = cuda::quant_decode_max_splits(B, 32, 8, 128, cfg, cap);
+        for (int64_t len = 0; len <= cap; len += std::max<int64_t>(1, cap / 997)) {
+          const auto plan = cuda::plan_quant_decode(B, 32, 8, 128, cfg, len);
+          REQUIRE(plan.n_splits <= bound);
+        }
+      }
+    }
+}
+
 TEST_CASE("GPU quant decode: closed set and bad counts", "[gpu][quant]") {
   SKIP_WITHOUT_GPU();
   DeviceBuffer<uint8_t> codes(1 << 16);

@@ -875,6 +875,23 @@ QuantDecodePlan plan_quant_decode(int batch, int n_heads, int n_kv_heads, int he
   return plan;
 }
 
+int quant_decode_max_splits(int batch, int n_heads, int n_kv_heads, int head_dim, VqConfig cfg, int64_t max_quant_len,
+                            bool lut_half, int waves) {
+  ANTKV_CHECK(batch > 0 && n_kv_heads > 0 && n_heads > 0 && n_heads % n_kv_heads == 0 && waves > 0,
+              "quant_decode_max_splits: bad sizes");
+  const int G = n_heads / n_kv_heads;
+  const int ht = heads_per_block(G, cfg);
+  int bpsm = 1;
+  dispatch(head_dim, cfg, ht, lut_half, [&](auto cf) { bpsm = blocks_per_sm<decltype(cf)>(); });
+  const int64_t units = static_cast<int64_t>(batch) * n_kv_heads * (G / ht);
+  const int64_t want = static_cast<int64_t>(waves) * bpsm * device_sm_count();
+  // plan_quant_decode's first estimate (rounding the split length up only lowers it), or what the longest
+  // split length needs
+  const int64_t first = std::clamp<int64_t>(want / units, 1, kMaxQuantSplits);
+  const int64_t longest = (std::max<int64_t>(max_quant_len, 1) + kMaxSplitLen - 1) / kMaxSplitLen;
+  return static_cast<int>(std::min<int64_t>(std::max(first, longest), kMaxQuantSplits));
+}
+
 int64_t quant_decode_workspace_floats(int batch, int n_heads, int head_dim, int n_splits) {
   return static_cast<int64_t>(batch) * n_heads * n_splits * (head_dim + 2);
 }

@@ -186,6 +186,10 @@ int quant_decode_tile();
 QuantDecodePlan plan_quant_decode(int batch, int n_heads, int n_kv_heads, int head_dim, VqConfig cfg,
                                   int64_t max_quant_len, bool lut_half = false, int waves = 1);
 int64_t quant_decode_workspace_floats(int batch, int n_heads, int head_dim, int n_splits);
+// The most splits plan_quant_decode gives `batch` sequences at any length up to max_quant_len (workspaces
+// sized once; a shorter stream may get more splits than a longer one after rounding the split length).
+int quant_decode_max_splits(int batch, int n_heads, int n_kv_heads, int head_dim, VqConfig cfg, int64_t max_quant_len,
+                            bool lut_half = false, int waves = 1);
 void quant_decode(QuantDecodeParams p, cudaStream_t stream);
 
 // ---- quantize ---------------------------------------------------------------------------------------------

@@ -215,12 +215,11 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   step_h_.ensure(static_cast<size_t>(7) * max_batch);
   stage_k_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
   stage_v_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
-  // the largest workspace any plan may need: for each batch, the plan at full capacity has the most splits
+  // the largest workspace any decode plan of up to max_batch sequences may need
   int64_t ws = 0;
-  for (int b = 1; b <= max_batch; ++b) {
-    const auto plan = cuda::plan_quant_decode(b, cfg.num_heads, n_kv_, d_, config_, capacity);
-    ws = std::max(ws, cuda::quant_decode_workspace_floats(b, cfg.num_heads, d_, plan.n_splits));
-  }
+  for (int b = 1; b <= max_batch; ++b)
+    ws = std::max(ws, cuda::quant_decode_workspace_floats(
+                          b, cfg.num_heads, d_, cuda::quant_decode_max_splits(b, cfg.num_heads, n_kv_, d_, config_, capacity)));
   workspace_.resize(static_cast<size_t>(ws));
   device_bytes_ += step_d_.bytes() + stage_k_.bytes() + stage_v_.bytes() + workspace_.bytes();
 }
@@ -363,6 +362,24 @@ void GpuCompressedKvCache::plan_step(int B, cudaStream_t stream) {
   step_B_ = B;
   ANTKV_CUDA_CHECK(cudaMemcpyAsync(step_d_.get(), h, static_cast<size_t>(7) * max_batch_ * sizeof(int32_t),
                                    cudaMemcpyHostToDevice, stream));
+}
+
+void GpuCompressedKvCache::upload_counts(int B, cudaStream_t stream) {
+  ANTKV_CHECK(B >= 1 && B <= max_batch_, "compressed cache: batch {} outside [1, {}]", B, max_batch_);
+  int32_t* h = step_h_.get();
+  for (int b = 0; b < B; ++b) {
+    const CompressedSeqState& s = seqs_[b];
+    h[b] = -1;
+    h[max_batch_ + b] = 0;
+    h[2 * max_batch_ + b] = -1;
+    h[3 * max_batch_ + b] = s.n_quant;
+    h[4 * max_batch_ + b] = s.n_anchor;
+    h[5 * max_batch_ + b] = s.n_window;
+    h[6 * max_batch_ + b] = b;
+  }
+  ANTKV_CUDA_CHECK(cudaMemcpyAsync(step_d_.get(), h, static_cast<size_t>(7) * max_batch_ * sizeof(int32_t),
+                                   cudaMemcpyHostToDevice, stream));
+  ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 
 int GpuCompressedKvCache::max_quant(int B) const {

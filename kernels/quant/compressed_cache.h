@@ -81,6 +81,8 @@ class GpuCompressedKvCache {
   // Moves sequences 0..B-1 one token on (host counts) and uploads the step (slots and counts) on `stream`.
   // The host buffer it copies from is reused by the next call: synchronize the stream in between.
   void plan_step(int B, cudaStream_t stream);
+  // Uploads the counts of sequences 0..B-1 as they are, nothing appended (attention benchmarks).
+  void upload_counts(int B, cudaStream_t stream);
   // The largest n_quant among sequences 0..B-1 (after plan_step: the decode plan's length).
   int max_quant(int B) const;
   // Layer `layer`: token b's new K/V (fp32 post-RoPE, rows of `stride` elements, [B, kv_heads, head_dim])

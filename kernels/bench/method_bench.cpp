@@ -1,0 +1,271 @@
+#include "kernels/bench/method_bench.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "core/error.h"
+#include "kernels/bench/bench.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/cuda_timing.h"
+#include "kernels/common/device_buffer.h"
+#include "kernels/quant/compressed_cache.h"
+#include "kernels/runtime/gpu_runtime.h"
+#include "kernels/runtime/ops.h"
+#include "quant/method.h"
+#include "recipe/recipe.h"
+
+namespace antkv::cuda {
+
+BenchMethod parse_bench_method(const std::string& text) {
+  BenchMethod b;
+  b.text = text;
+  if (text == "fp16") return b;
+  const MethodSpec m = parse_method(text, Recipe::defaults_with({}));
+  ANTKV_CHECK(m.kind == "vq" || m.kind == "antkv",
+              "--method {}: {} has no compressed GPU cache (its cache is simulated on a bf16 arena); bench compares "
+              "fp16, vq and antkv",
+              text, m.kind);
+  ANTKV_CHECK(m.keys.c == m.values.c && m.keys.b == m.values.b, "--method {}: keys and values need one configuration",
+              text);
+  const std::string name = fmt::format("c{}b{}", m.keys.c, m.keys.b);
+  bool found = false;
+  for (VqConfig c : {VqConfig::kC8B8, VqConfig::kC16B12, VqConfig::kC16B8, VqConfig::kC16B6})
+    if (name == vq_config_info(c).name) b.config = c, found = true;
+  ANTKV_CHECK(found, "--method {}: {} is not a compressed-cache configuration (bits 1, 0.75, 0.5 or 0.375)", text, name);
+  b.compressed = true;
+  b.anchor_ratio = m.kind == "antkv" && m.anchors ? m.ratio : 0.0;
+  return b;
+}
+
+double sequence_cache_bytes(const ModelConfig& cfg, const BenchMethod& m, int capacity) {
+  if (!m.compressed) return static_cast<double>(capacity) * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2;
+  const double rec = vq_record_bytes(cfg.head_dim, m.config);
+  const double acap = m.anchor_ratio > 0 ? std::min<double>(capacity, std::ceil(m.anchor_ratio * capacity) + 1) : 0;
+  const double per_layer = cfg.num_kv_heads * (2.0 * capacity * rec + 2.0 * acap * cfg.head_dim * 2 + acap * 4 +
+                                               2.0 * m.window * cfg.head_dim * 2);
+  return per_layer * cfg.num_layers;
+}
+
+namespace {
+
+double weight_bytes_estimate(const ModelConfig& cfg) {
+  return 2.0 * (static_cast<double>(cfg.num_layers) *
+                    (static_cast<double>(cfg.hidden_size) * (cfg.q_dim() + 2 * cfg.kv_dim()) +
+                     static_cast<double>(cfg.hidden_size) * cfg.q_dim() + 3.0 * cfg.hidden_size * cfg.intermediate_size) +
+                (cfg.tie_word_embeddings ? 1.0 : 2.0) * cfg.vocab_size * cfg.hidden_size);
+}
+constexpr double kReserve = 4e9;  // activations, logits, cuBLAS and decode workspaces, CUDA context
+
+double free_bytes() {
+  size_t f = 0, t = 0;
+  ANTKV_CUDA_CHECK(cudaMemGetInfo(&f, &t));
+  return static_cast<double>(f);
+}
+
+std::unique_ptr<GpuRuntime> make_runtime(const ModelConfig& cfg, const BenchMethod& m, int B, int capacity,
+                                         uint64_t seed) {
+  GpuRuntimeOptions ro;
+  ro.max_batch = B;
+  ro.max_context = capacity;
+  ro.compressed_kv = m.compressed;
+  auto rt = std::make_unique<GpuRuntime>(cfg, seed, ro);
+  if (m.compressed)
+    rt->set_compressed_cache(
+        std::make_unique<GpuCompressedKvCache>(cfg, m.config, m.anchor_ratio, B, capacity, m.window, seed + 7));
+  rt->fill_kv_random(seed + 1);
+  return rt;
+}
+
+// Mean ms of one decode step over `steps` (after `warm`), graphs on.
+double time_decode(GpuRuntime& rt, int B, int ctx, int warm, int steps, int vocab) {
+  std::vector<int32_t> tok(B), next;
+  for (int b = 0; b < B; ++b) tok[b] = (1 + 7919 * b) % vocab;
+  rt.set_use_graphs(true);
+  rt.set_batch_lengths(std::vector<int>(B, ctx));
+  for (int i = 0; i < warm; ++i) {
+    rt.decode_batch(tok, nullptr, &next);
+    tok = next;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < steps; ++i) {
+    rt.decode_batch(tok, nullptr, &next);
+    tok = next;
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e3 / steps;
+}
+
+// The compressed cache's attention over every layer (layer after layer, so no step finds its codes in L2).
+double time_compressed_attention(const ModelConfig& cfg, GpuCompressedKvCache& cache, int B, int ctx, int iters,
+                                 double* bytes) {
+  Stream st;
+  cache.set_synthetic_lengths(std::vector<int>(B, ctx));
+  cache.upload_counts(B, st.get());
+  DeviceBuffer<bf16> q(static_cast<size_t>(B) * cfg.num_heads * cfg.head_dim), out(q.size());
+  fill_random_bf16(q.get(), static_cast<int64_t>(q.size()), 3, 1.0f, st.get());
+  const auto plan = plan_quant_decode(B, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache.config(), cache.max_quant(B));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
+  auto step = [&] {
+    for (int l = 0; l < cfg.num_layers; ++l) cache.attend(l, B, cfg.num_heads, q.get(), out.get(), plan, scale, st.get());
+  };
+  step();
+  ANTKV_CUDA_CHECK(cudaStreamSynchronize(st.get()));
+  Events ev;
+  ev.start(st.get());
+  for (int i = 0; i < iters; ++i) step();
+  const double ms = ev.stop_ms(st.get()) / iters;
+  const auto& s = cache.state(0);
+  const double rec = vq_record_bytes(cfg.head_dim, cache.config());
+  *bytes = static_cast<double>(B) * cfg.num_layers * cfg.num_kv_heads *
+           (2.0 * s.n_quant * rec + 2.0 * (s.n_anchor + s.n_window) * cfg.head_dim * 2);
+  return ms;
+}
+
+MethodDecodePoint bench_point(const ModelConfig& cfg, const BenchMethod& m, int B, int ctx, bool equal_memory,
+                              const MethodBenchOptions& o, double copy_gbps) {
+  MethodDecodePoint r;
+  r.method = m.text;
+  r.batch = B;
+  r.context = ctx;
+  r.equal_memory = equal_memory;
+  const int warm = 3, steps = std::max(5, o.iters);
+  const int capacity = ctx + warm + steps + 1;
+  r.seq_cache_bytes = sequence_cache_bytes(cfg, m, capacity);
+  const double need = weight_bytes_estimate(cfg) + B * r.seq_cache_bytes + kReserve;
+  const double have = free_bytes();
+  if (need > have) {
+    r.note = fmt::format("needs {:.1f} GB, {:.1f} GB free", need / 1e9, have / 1e9);
+    return r;
+  }
+  auto rt = make_runtime(cfg, m, B, capacity, o.seed);
+  r.ms_per_step = time_decode(*rt, B, ctx, warm, steps, cfg.vocab_size);
+  const double weights = static_cast<double>(rt->step_weight_bytes());
+  r.tokens_per_s = B / (r.ms_per_step * 1e-3);
+  if (m.compressed) {
+    r.attn_ms_per_step = time_compressed_attention(cfg, *rt->compressed_cache(), B, ctx, std::max(3, o.iters / 4),
+                                                   &r.attn_bytes_per_step);
+  } else {
+    Stream st;
+    rt.reset();  // the runtime goes: its arena's memory is needed for the kernel benchmark's own caches
+    const auto p = bench_flash_decode(B, ctx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 1, std::max(3, o.iters / 4),
+                                      copy_gbps, st.get());
+    r.attn_ms_per_step = p.ms_per_step * cfg.num_layers;
+    r.attn_bytes_per_step = static_cast<double>(B) * ctx * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2;
+  }
+  r.attn_frac_of_copy = r.attn_bytes_per_step / (r.attn_ms_per_step * 1e-3) / (copy_gbps * 1e9);
+  r.bytes_per_step = weights + r.attn_bytes_per_step;
+  r.frac_of_copy = r.bytes_per_step / (r.ms_per_step * 1e-3) / (copy_gbps * 1e9);
+  r.ran = true;
+  return r;
+}
+
+}  // namespace
+
+MethodBenchResult run_method_bench(const MethodBenchOptions& o, const std::function<void(const std::string&)>& log) {
+  auto say = [&](const std::string& s) {
+    if (log) log(s);
+  };
+  MethodBenchResult r;
+  int dev = 0;
+  ANTKV_CUDA_CHECK(cudaGetDevice(&dev));
+  cudaDeviceProp prop{};
+  ANTKV_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  r.device = fmt::format("{} ({} SMs, {:.0f} GiB)", prop.name, prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0);
+  r.copy_gbps = measure_copy_bandwidth_gbps();
+  say(fmt::format("device {}: copy bandwidth {:.0f} GB/s", r.device, r.copy_gbps));
+  std::vector<BenchMethod> methods;
+  for (const auto& t : o.methods) methods.push_back(parse_bench_method(t));
+  auto record = [&](MethodDecodePoint p) {
+    if (p.ran)
+      say(fmt::format("{} B={} ctx={}{}: {:.2f} ms/step, {:.1f} tok/s; attention {:.2f} ms/step ({:.0f}% of copy bw), "
+                      "cache {:.2f} GB/seq",
+                      p.method, p.batch, p.context, p.equal_memory ? " (largest batch)" : "", p.ms_per_step,
+                      p.tokens_per_s, p.attn_ms_per_step, 100 * p.attn_frac_of_copy, p.seq_cache_bytes / 1e9));
+    else
+      say(fmt::format("{} B={} ctx={}: skipped: {}", p.method, p.batch, p.context, p.note));
+    r.points.push_back(std::move(p));
+  };
+  for (const auto& m : methods)
+    for (int ctx : o.contexts) {
+      for (int B : o.batches) record(bench_point(o.cfg, m, B, ctx, false, o, r.copy_gbps));
+      if (o.equal_memory) {
+        const double per_seq = sequence_cache_bytes(o.cfg, m, ctx + 3 + std::max(5, o.iters) + 1);
+        const double budget = free_bytes() - weight_bytes_estimate(o.cfg) - kReserve;
+        const int B = static_cast<int>(std::clamp<double>(std::floor(budget / per_seq), 0, o.max_batch_cap));
+        if (B >= 1) record(bench_point(o.cfg, m, B, ctx, true, o, r.copy_gbps));
+      }
+    }
+  return r;
+}
+
+std::string format_method_bench(const MethodBenchResult& r) {
+  std::string s = fmt::format("device {}; copy bandwidth {:.0f} GB/s\n", r.device, r.copy_gbps);
+  s += fmt::format("{:<24} {:>6} {:>8} {:>10} {:>10} {:>9} {:>10} {:>8} {:>9} {:>10}\n", "method", "batch", "context",
+                   "ms/step", "tok/s", "%copy", "attn ms", "attn %", "GB/seq", "note");
+  for (const auto& p : r.points) {
+    if (!p.ran) {
+      s += fmt::format("{:<24} {:>6} {:>8} {:>10} {:>10} {:>9} {:>10} {:>8} {:>9.2f} {}\n", p.method, p.batch, p.context,
+                       "-", "-", "-", "-", "-", p.seq_cache_bytes / 1e9, p.note);
+      continue;
+    }
+    s += fmt::format("{:<24} {:>6} {:>8} {:>10.2f} {:>10.1f} {:>8.1f}% {:>10.2f} {:>7.1f}% {:>9.2f} {}\n", p.method, p.batch,
+                     p.context, p.ms_per_step, p.tokens_per_s, 100 * p.frac_of_copy, p.attn_ms_per_step,
+                     100 * p.attn_frac_of_copy, p.seq_cache_bytes / 1e9, p.equal_memory ? "largest batch" : "");
+  }
+  return s;
+}
+
+std::vector<MaxContextPoint> run_max_context(const ModelConfig& cfg, const std::vector<std::string>& methods,
+                                             const std::function<void(const std::string&)>& log) {
+  std::vector<MaxContextPoint> out;
+  for (const auto& text : methods) {
+    const BenchMethod m = parse_bench_method(text);
+    MaxContextPoint p;
+    p.method = text;
+    const double budget = free_bytes() - weight_bytes_estimate(cfg) - kReserve;
+    // the largest capacity whose cache fits the budget (the cache grows monotonically with capacity)
+    int64_t lo = 0, hi = int64_t{1} << 30;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (sequence_cache_bytes(cfg, m, static_cast<int>(std::min<int64_t>(mid, INT32_MAX))) <= budget) lo = mid;
+      else hi = mid - 1;
+    }
+    int cap = static_cast<int>(std::min<int64_t>(lo, INT32_MAX - 1));
+    for (int attempt = 0; attempt < 8 && cap > 64; ++attempt) {
+      try {
+        auto rt = make_runtime(cfg, m, 1, cap, 1);
+        const int steps = 4;
+        p.ms_per_step = time_decode(*rt, 1, cap - steps - 3, 2, steps, cfg.vocab_size);
+        p.tokens_per_s = 1e3 / p.ms_per_step;
+        p.context = cap - 1;
+        p.cache_gib = sequence_cache_bytes(cfg, m, cap) / 1073741824.0;
+        p.ran = true;
+        break;
+      } catch (const Error& e) {
+        p.note = e.what();
+        (void)cudaGetLastError();
+        cap = static_cast<int>(cap * 0.96);
+      }
+    }
+    if (log)
+      log(p.ran ? fmt::format("{}: {} tokens of context decode on this GPU ({:.1f} GiB cache, {:.1f} ms/step)", text,
+                              p.context, p.cache_gib, p.ms_per_step)
+                : fmt::format("{}: no context fits: {}", text, p.note));
+    out.push_back(p);
+  }
+  return out;
+}
+
+std::string format_max_context(const std::vector<MaxContextPoint>& r) {
+  std::string s = fmt::format("{:<24} {:>12} {:>10} {:>10} {:>10}\n", "method", "max context", "cache GiB", "ms/step",
+                              "tok/s");
+  for (const auto& p : r)
+    s += p.ran ? fmt::format("{:<24} {:>12} {:>10.1f} {:>10.1f} {:>10.2f}\n", p.method, p.context, p.cache_gib,
+                             p.ms_per_step, p.tokens_per_s)
+               : fmt::format("{:<24} {:>12} {}\n", p.method, "-", p.note);
+  return s;
+}
+
+}  // namespace antkv::cuda

@@ -1,0 +1,79 @@
+// Decode benchmark per KV-cache method (antkv-eval bench --method, antkv-eval max-context): the whole model
+// (random weights of a real shape) decoding from a cache filled with synthetic contents (decode time does not
+// depend on the values): fp16 = the bf16 arena read by flash-decoding; vq/antkv = the compressed cache
+// (kernels/quant/compressed_cache.h) read by quant_decode. Roofline: the device copy bandwidth.
+#pragma once
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels/attention/quant_decode.h"
+#include "model/model_config.h"
+
+namespace antkv::cuda {
+
+struct BenchMethod {
+  std::string text;          // as given: fp16 | vq:bits=B | antkv:bits=B[,ratio=R]
+  bool compressed = false;   // vq / antkv
+  VqConfig config = VqConfig::kC8B8;
+  double anchor_ratio = 0;   // antkv: ratio (default 0.01); vq: 0
+  int window = 128;          // FP16 decode window (compressed)
+};
+// fp16, or vq/antkv at a width of quant_decode's closed set (bits 1, 0.75, 0.5, 0.375); anything else (uniform:
+// its cache is simulated; other widths) is an antkv::Error naming the method.
+BenchMethod parse_bench_method(const std::string& text);
+
+// Device bytes of one sequence's KV cache of `capacity` tokens.
+double sequence_cache_bytes(const ModelConfig& cfg, const BenchMethod& m, int capacity);
+
+struct MethodDecodePoint {
+  std::string method;
+  int batch = 0, context = 0;
+  bool equal_memory = false;   // batch = the largest that fits in the GPU's memory at this context
+  bool ran = false;
+  std::string note;            // why it did not run
+  double seq_cache_bytes = 0;  // one sequence's cache (at the runtime's capacity)
+  double ms_per_step = 0;      // one decode step of the whole model (CUDA graph replay), host-timed
+  double tokens_per_s = 0;
+  double attn_ms_per_step = 0; // the attention kernels of every layer alone (CUDA events)
+  double attn_bytes_per_step = 0;  // cache bytes attention reads per step (all layers, all sequences)
+  double attn_frac_of_copy = 0;    // attn bytes / attn time / copy bandwidth
+  double bytes_per_step = 0;   // weights + attention bytes
+  double frac_of_copy = 0;     // bytes_per_step / step time / copy bandwidth
+};
+
+struct MethodBenchOptions {
+  ModelConfig cfg;
+  std::vector<std::string> methods = {"fp16", "vq:bits=1"};
+  std::vector<int> batches = {1, 16};
+  std::vector<int> contexts = {32768, 131072};
+  bool equal_memory = true;    // also each method at its largest batch per context
+  int max_batch_cap = 512;     // equal-memory batches are capped here
+  int iters = 20;
+  uint64_t seed = 1;
+};
+
+struct MethodBenchResult {
+  std::string device;
+  double copy_gbps = 0;
+  std::vector<MethodDecodePoint> points;
+};
+
+MethodBenchResult run_method_bench(const MethodBenchOptions& o, const std::function<void(const std::string&)>& log = {});
+std::string format_method_bench(const MethodBenchResult& r);
+
+struct MaxContextPoint {
+  std::string method;
+  int context = 0;             // the longest context that decoded (batch 1)
+  bool ran = false;
+  std::string note;
+  double cache_gib = 0;        // the sequence's cache
+  double ms_per_step = 0, tokens_per_s = 0;
+};
+// The longest context per method whose cache fits beside the weights (from free memory, then backed off 4%
+// per failed allocation) and decodes a few steps at batch 1.
+std::vector<MaxContextPoint> run_max_context(const ModelConfig& cfg, const std::vector<std::string>& methods,
+                                             const std::function<void(const std::string&)>& log = {});
+std::string format_max_context(const std::vector<MaxContextPoint>& r);
+
+}  // namespace antkv::cuda
