@@ -631,14 +631,15 @@ TEST_CASE("GPU KV quantizer: codebooks that do not fit are errors naming the pro
 // bf16-sized change moves single NLLs by ~0.1). Measured on an H200: logits 9.6e-3 / 2.0e-2 / 1.2e-2, |dNLL|
 // mean 0.013 / 0.016 / 0.015, max 0.049 / 0.096 / 0.076 (vq 1 bit / antkv 1 bit / vq 0.5 bit). Every cache slot is poisoned first
 // (fp16 NaN, codes 0xFF) so that a read past the counts shows as NaN. decode_batch (a captured CUDA graph
-// after the first steps) must give bit-identical logits to forward() of one token, step by step.
+// after the first steps) must give bit-identical logits to forward() of one token, step by step. Pre-RoPE
+// keys (antkv key_rope=pre) go through the dequantize-rotate-dot kernel: the same bounds hold.
 TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantizer; decode_batch equals forward", "[gpu][quant][shared]") {
   SKIP_WITHOUT_GPU();
   Models& mod = ref_model();
   const ModelConfig& cfg = mod.ckpt.config();
   const auto seq = random_prompt(250, cfg.vocab_size, 777);
   const int P = 100;
-  for (const std::string text : {"vq:bits=1", "antkv:bits=1,ratio=0.05", "vq:bits=0.5"}) {
+  for (const std::string text : {"vq:bits=1", "antkv:bits=1,ratio=0.05", "vq:bits=0.5", "antkv:bits=1,ratio=0.05,key_rope=pre"}) {
     SECTION(text) {
       const MethodSpec m = method(text);
       auto cb = make_codebooks(cfg, m, mod.calib, 7);
@@ -726,12 +727,33 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
   auto cb = make_codebooks(cfg, m, acts, 1);
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,anchors=v"), *cb, 1, 64, 8),
                     Catch::Contains("anchors=v (one tensor only) is not supported by the compressed cache"));
-  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,key_rope=pre"), *make_codebooks(cfg, method("antkv:bits=1,key_rope=pre"), acts, 1), 1, 64, 8),
-                    Catch::Contains("key_rope=pre (dequantize, rotate, dot) is not implemented"));
+  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,key_rope=pre"), *cb, 1, 64, 8),
+                    Catch::Contains("do not fit the method and model"));  // post-RoPE codebooks for a pre-RoPE method
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=2"), *make_codebooks(cfg, method("antkv:bits=2"), acts, 1), 1, 64, 8),
                     Catch::Contains("c4b8 is not one of the compressed cache's configurations"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=0.5"), *cb, 1, 64, 8),
                     Catch::Contains("do not fit the method and model"));
+  // a second prefill chunk into a sequence that holds tokens
+  GpuRuntimeOptions ro;
+  ro.max_context = 64;
+  ro.compressed_kv = true;
+  GpuRuntime rt(cfg, 5, ro);
+  rt.set_compressed_cache(std::make_unique<GpuCompressedKvCache>(cfg, m, *cb, 1, 64, 8));
+  rt.set_kv_quantizer(make_gpu_kv_quantizer(cfg, m, cb));
+  std::vector<int32_t> ids = {1, 5, 7, 9, 11, 13};
+  ForwardRequest req;
+  ForwardResult res;
+  req.tokens = ids.data();
+  req.n_tokens = 4;
+  req.logits = LogitsMode::kLast;
+  rt.forward(req, res);
+  req.tokens = ids.data() + 4;
+  req.n_tokens = 2;
+  CHECK_THROWS_WITH(rt.forward(req, res), Catch::Contains("prefill over the compressed cache is one chunk into an empty sequence"));
+  req.n_tokens = 1;  // a decode step works
+  rt.forward(req, res);
+  CHECK(rt.compressed_cache()->state(0).length() == 5);
+  CHECK(std::isfinite(res.logits.at(0)));
 }
 
 #endif

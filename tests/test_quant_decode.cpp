@@ -113,6 +113,7 @@ TEST_CASE("quant: pack/unpack of b-bit codes round-trips with the swizzled group
 #include "kernels/attention/flash_attention.h"
 #include "kernels/runtime/ops.h"
 #include "quant/vq.h"
+#include "runtime/rope.h"
 #include "runtime/cpu_ops.h"
 
 using namespace antkv;
@@ -156,6 +157,7 @@ struct QCase {
   float q_scale;     // spread of the scores (1: about uniform attention; 4: peaked)
   bool sorted;       // quantized stream sorted by increasing score (forces a rescale at every tile)
   bool lut_half;
+  bool pre_rope = false;  // pre-RoPE code stream: keys rotated to code_pos (random positions up to ~2^20)
 };
 
 // Runs one case through every split plan and compares with the CPU reference.
@@ -172,8 +174,8 @@ void run_case(const QCase& c, std::mt19937& rng) {
     max_w = std::max(max_w, s.n_window);
   }
   const int qcap = max_q + 41, acap = max_a + 3, wcap = max_w + 2;
-  INFO(fmt::format("{} d {} heads {}/{} q_scale {} sorted {} lut_half {} counts {}/{}/{} {}/{}/{} {}/{}/{}",
-                   info.name, d, H, Hkv, c.q_scale, c.sorted, c.lut_half, c.seqs[0].n_quant, c.seqs[0].n_anchor,
+  INFO(fmt::format("{} d {} heads {}/{} q_scale {} sorted {} lut_half {} pre_rope {} counts {}/{}/{} {}/{}/{} {}/{}/{}",
+                   info.name, d, H, Hkv, c.q_scale, c.sorted, c.lut_half, c.pre_rope, c.seqs[0].n_quant, c.seqs[0].n_anchor,
                    c.seqs[0].n_window, c.seqs[1].n_quant, c.seqs[1].n_anchor, c.seqs[1].n_window, c.seqs[2].n_quant,
                    c.seqs[2].n_anchor, c.seqs[2].n_window));
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -193,6 +195,9 @@ void run_case(const QCase& c, std::mt19937& rng) {
   std::vector<float> ak(size_t(B) * Hkv * acap * d, NAN), av(ak.size(), NAN), wk(size_t(B) * Hkv * wcap * d, NAN),
       wv(wk.size(), NAN);
   std::vector<int32_t> apos(size_t(B) * Hkv * acap, -1);
+  std::vector<int32_t> cpos(size_t(B) * Hkv * qcap, -1);  // pre_rope: positions of the code slots
+  const auto inv_freq = rope_inv_freq(d, 500000.0, RopeScaling{});
+  std::uniform_int_distribution<int> upos(0, (1 << 20) - 1);
   std::vector<float> want(size_t(B) * H * d), want_lse(size_t(B) * H);
   for (int b = 0; b < B; ++b) {
     const auto& s = c.seqs[b];
@@ -226,6 +231,18 @@ void run_case(const QCase& c, std::mt19937& rng) {
       cuda::pack_codes(vc.data(), s.n_quant, 0, d, c.cfg, vcodes.data() + base);
       // reference rows: quantized tokens, then anchors, then window (order does not matter to attention)
       vq_decode(kcb, kc.data(), s.n_quant, int64_t(Hkv) * d, kref.data() + size_t(h) * d);
+      if (c.pre_rope && s.n_quant > 0) {  // the stream's keys are pre-RoPE: the reference rotates them
+        std::vector<float> kh(size_t(s.n_quant) * d);
+        std::vector<int32_t> pos(s.n_quant);
+        for (int t = 0; t < s.n_quant; ++t) {
+          pos[t] = upos(rng);
+          cpos[(size_t(b) * Hkv + h) * qcap + t] = pos[t];
+          std::copy_n(kref.begin() + (size_t(t) * Hkv + h) * d, d, kh.begin() + size_t(t) * d);
+        }
+        rope_apply(kh.data(), s.n_quant, 1, d, pos.data(), inv_freq.data());
+        for (int t = 0; t < s.n_quant; ++t)
+          std::copy_n(kh.begin() + size_t(t) * d, d, kref.begin() + (size_t(t) * Hkv + h) * d);
+      }
       vq_decode(vcb, vc.data(), s.n_quant, int64_t(Hkv) * d, vref.data() + size_t(h) * d);
       for (int j = 0; j < s.n_anchor + s.n_window; ++j) {
         const bool anchor = j < s.n_anchor;
@@ -255,6 +272,8 @@ void run_case(const QCase& c, std::mt19937& rng) {
   auto dkcent = upload_f16(kcent), dvcent = upload_f16(vcent);
   auto dak = upload_f16(ak), dav = upload_f16(av), dwk = upload_f16(wk), dwv = upload_f16(wv);
   auto dapos = upload(apos);
+  auto dcpos = upload(cpos);
+  auto dfreq = upload(inv_freq);
   std::vector<int32_t> nq(B), na(B), nw(B);
   for (int b = 0; b < B; ++b) nq[b] = c.seqs[b].n_quant, na[b] = c.seqs[b].n_anchor, nw[b] = c.seqs[b].n_window;
   auto dnq = upload(nq), dna = upload(na), dnw = upload(nw);
@@ -287,7 +306,10 @@ void run_case(const QCase& c, std::mt19937& rng) {
   p.lse = lse.get();
   p.scale = scale;
   p.lut_half = c.lut_half;
-  const bool half_lut = c.lut_half || c.cfg == VqConfig::kC16B12;
+  p.pre_rope = c.pre_rope;
+  p.code_pos = c.pre_rope ? dcpos.get() : nullptr;
+  p.inv_freq = c.pre_rope ? dfreq.get() : nullptr;
+  const bool half_lut = !c.pre_rope && (c.lut_half || c.cfg == VqConfig::kC16B12);
   const int tile = cuda::quant_decode_tile();
   // the planner's split, one split for everything, and one split per tile
   const auto auto_plan = cuda::plan_quant_decode(B, H, Hkv, d, c.cfg, max_q, c.lut_half);
@@ -307,6 +329,9 @@ void run_case(const QCase& c, std::mt19937& rng) {
     const double eo = rel_err(download_bf(out.get(), out.size()), want);
     const double el = rel_err(download(lse.get(), lse.size()), want_lse);
     INFO(fmt::format("{} splits of {}: output error {:.3g}, LSE error {:.3g}", ns, sl, eo, el));
+    // outputs are bf16 (2^-9 relative) of an fp32 softmax: 1e-2 of max |out|; the LSE carries the score
+    // error: fp32 lookup tables / dequantize-rotate-dot in fp32 (sincosf within 2 ulp of the reference's
+    // double sincos) 3e-4, fp16 lookup tables (2^-11 per entry, NG entries summed) 3e-3
     CHECK(eo < 1e-2);
     CHECK(el < (half_lut ? 3e-3 : 3e-4));
   }
@@ -341,6 +366,30 @@ TEST_CASE("GPU quant decode: every configuration, GQA 1/2/4, batch 3, equals the
   run_case({VqConfig::kC8B8, 128, 8, 2, {{4097, 41, 128}, {333, 3, 17}, {0, 0, 1}}, 1.f, false, true}, rng);
   run_case({VqConfig::kC8B8, 128, 2, 2, {{2049, 21, 128}, {1, 0, 0}, {77, 1, 2}}, 4.f, true, true}, rng);
   run_case({VqConfig::kC8B8, 128, 32, 8, {{9001, 90, 128}, {1025, 10, 128}, {5, 1, 1}}, 4.f, true, false}, rng);
+}
+
+TEST_CASE("GPU quant decode: pre-RoPE keys (dequantize, rotate at code_pos, dot) equal the rotated CPU reference", "[gpu][quant]") {
+  SKIP_WITHOUT_GPU();
+  const uint32_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937 rng(seed);
+  int n = 0;
+  for (VqConfig cfg : kAllConfigs)
+    for (int d : {128, 64})
+      for (int G : {1, 4}) {
+        QCase c;
+        c.cfg = cfg;
+        c.d = d;
+        c.kv_heads = 2;
+        c.heads = 2 * G;
+        c.seqs = {{1 + 2 * (n % 7) + 1023, 11, 128}, {2001 + n, 31, 77}, {0, 1, 5}};
+        c.q_scale = (n % 2) ? 4.f : 1.f;
+        c.sorted = false;
+        c.lut_half = false;
+        c.pre_rope = true;
+        run_case(c, rng);
+        ++n;
+      }
 }
 
 // A workspace sized by quant_decode_max_splits holds every plan of up to that many sequences and tokens: a

@@ -661,6 +661,173 @@ __global__ void __launch_bounds__(D) quant_reduce_kernel(const QuantDecodeParams
                        p.out, p.lse);
 }
 
+
+// ---- pre-RoPE keys: dequantize, rotate at the token's position, dot ----------------------------------------
+// The code stream holds pre-RoPE keys (key_rope: pre), so scores cannot come from position-free lookup
+// tables. One block (256 threads) per (split, KV head x head tile, sequence) as the LUT kernel; warp per
+// token, lane over RoPE pairs: lane l owns the pairs i = l*PR .. l*PR+PR-1 (PR = D/64) and the channels i and
+// i + D/2 they rotate together. Per token the lane reads both records (the same 16 bytes for the whole warp),
+// dequantizes its channels from the fp16 codebooks (through L1/L2), rotates the key at code_pos[slot] with
+// the fp32 angle pos * inv_freq[i] (as the runtime's RoPE; sincosf here, double there: within an fp32 ulp),
+// dots with q and accumulates its value channels in an online softmax (log2 domain, as the LUT kernel's
+// records). FP16 tokens (anchors, window: post-RoPE) follow in the same loop without rotation. Warps merge
+// in shared memory into the split's record (o, m, l) for quant_reduce_kernel.
+template <int D, int C, int NB, int HT>
+__global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeParams p) {
+  constexpr int NT = 256, NW = NT / 32, HALF = D / 2, PR = D / 64, NG = D / C, REC = NG * NB / 8;
+  constexpr int NWD = (REC + 3) / 4;
+  __shared__ float sQ[HT][D];
+  __shared__ float sFreq[HALF];
+  __shared__ float sO[NW][HT][D];
+  __shared__ float sML[NW][HT][2];
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int G = p.n_heads / p.n_kv_heads;
+  const int tiles_per_kv = G / HT;
+  const int kvh = blockIdx.y / tiles_per_kv;
+  const int h0 = kvh * G + (blockIdx.y % tiles_per_kv) * HT;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const float sl = p.scale * 1.4426950408889634f;
+  for (int i = tid; i < HT * D; i += NT)
+    sQ[i / D][i % D] = __bfloat162float(p.q[(static_cast<int64_t>(b) * p.n_heads + h0) * D + i]) * sl;
+  for (int i = tid; i < HALF; i += NT) sFreq[i] = p.inv_freq[i];
+  __syncthreads();
+
+  const int64_t q_limit = std::min<int64_t>(static_cast<int64_t>(p.n_splits) * p.split_len, p.quant_capacity);
+  const int nq = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(p.n_quant[b], q_limit)));
+  const int q0 = split * p.split_len, q1 = min(q0 + p.split_len, nq);
+  const int64_t bh = static_cast<int64_t>(b) * p.n_kv_heads + kvh;
+  const uint8_t* kbase = p.k_codes + bh * p.quant_capacity * REC;
+  const uint8_t* vbase = p.v_codes + bh * p.quant_capacity * REC;
+  const int32_t* cpos = p.code_pos + bh * p.quant_capacity;
+  const __half* kcb = p.k_centroids + static_cast<int64_t>(kvh) * NG * (1 << NB) * C;
+  const __half* vcb = p.v_centroids + static_cast<int64_t>(kvh) * NG * (1 << NB) * C;
+  const int na = max(0, min(p.n_anchor[b], p.anchor_capacity));
+  const int nw = max(0, min(p.n_window[b], p.window_capacity));
+  const int nf = na + nw;
+  const int fs = (nf + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
+  const int f0 = split * fs, f1 = min(nf, f0 + fs);
+
+  float qa[HT][PR], qb[HT][PR];  // q at the lane's channels i and i + HALF
+#pragma unroll
+  for (int h = 0; h < HT; ++h)
+#pragma unroll
+    for (int j = 0; j < PR; ++j) qa[h][j] = sQ[h][lane * PR + j], qb[h][j] = sQ[h][lane * PR + j + HALF];
+  float m[HT], l[HT], oa[HT][PR], ob[HT][PR];
+#pragma unroll
+  for (int h = 0; h < HT; ++h) {
+    m[h] = -INFINITY, l[h] = 0.f;
+#pragma unroll
+    for (int j = 0; j < PR; ++j) oa[h][j] = ob[h][j] = 0.f;
+  }
+  // one token: keys ka/kb (already rotated), values va/vb at the lane's channels
+  auto accumulate = [&](const float (&ka)[PR], const float (&kb)[PR], const float (&va)[PR], const float (&vb)[PR]) {
+#pragma unroll
+    for (int h = 0; h < HT; ++h) {
+      float part = 0.f;
+#pragma unroll
+      for (int j = 0; j < PR; ++j) part = fmaf(qa[h][j], ka[j], fmaf(qb[h][j], kb[j], part));
+      const float sc = warp_sum(part);
+      const float mn = fmaxf(m[h], sc);
+      const float al = exp2f(m[h] - mn), pw = exp2f(sc - mn);
+      m[h] = mn;
+      l[h] = l[h] * al + pw;
+#pragma unroll
+      for (int j = 0; j < PR; ++j) {
+        oa[h][j] = fmaf(oa[h][j], al, pw * va[j]);
+        ob[h][j] = fmaf(ob[h][j], al, pw * vb[j]);
+      }
+    }
+  };
+  for (int t = q0 + warp; t < q1; t += NW) {
+    uint32_t wk[NWD], wv[NWD];
+    load_record<REC>(kbase, t, wk);
+    load_record<REC>(vbase, t, wv);
+    const float pos = static_cast<float>(__ldg(cpos + t));
+    const int sw = t & (NG - 1);
+    float ka[PR], kb[PR], va[PR], vb[PR];
+#pragma unroll
+    for (int j = 0; j < PR; ++j) {
+      const int i = lane * PR + j, ga = i / C, gb = (i + HALF) / C;
+      const uint32_t kca = code_at<NB>(wk, ga ^ sw), kcbb = code_at<NB>(wk, gb ^ sw);
+      const uint32_t vca = code_at<NB>(wv, ga ^ sw), vcbb = code_at<NB>(wv, gb ^ sw);
+      const float xa = __half2float(kcb[(static_cast<int64_t>(ga) * (1 << NB) + kca) * C + i % C]);
+      const float xb = __half2float(kcb[(static_cast<int64_t>(gb) * (1 << NB) + kcbb) * C + (i + HALF) % C]);
+      va[j] = __half2float(vcb[(static_cast<int64_t>(ga) * (1 << NB) + vca) * C + i % C]);
+      vb[j] = __half2float(vcb[(static_cast<int64_t>(gb) * (1 << NB) + vcbb) * C + (i + HALF) % C]);
+      float sn, cs;
+      sincosf(__fmul_rn(pos, sFreq[i]), &sn, &cs);
+      ka[j] = xa * cs - xb * sn;
+      kb[j] = xb * cs + xa * sn;
+    }
+    accumulate(ka, kb, va, vb);
+  }
+  for (int f = f0 + warp; f < f1; f += NW) {
+    const __half* kr = f < na ? p.anchor_k + (bh * p.anchor_capacity + f) * D : p.window_k + (bh * p.window_capacity + (f - na)) * D;
+    const __half* vr = f < na ? p.anchor_v + (bh * p.anchor_capacity + f) * D : p.window_v + (bh * p.window_capacity + (f - na)) * D;
+    float ka[PR], kb[PR], va[PR], vb[PR];
+#pragma unroll
+    for (int j = 0; j < PR; ++j) {
+      const int i = lane * PR + j;
+      ka[j] = __half2float(kr[i]), kb[j] = __half2float(kr[i + HALF]);
+      va[j] = __half2float(vr[i]), vb[j] = __half2float(vr[i + HALF]);
+    }
+    accumulate(ka, kb, va, vb);
+  }
+#pragma unroll
+  for (int h = 0; h < HT; ++h) {
+#pragma unroll
+    for (int j = 0; j < PR; ++j) sO[warp][h][lane * PR + j] = oa[h][j], sO[warp][h][lane * PR + j + HALF] = ob[h][j];
+    if (lane == 0) sML[warp][h][0] = m[h], sML[warp][h][1] = l[h];
+  }
+  __syncthreads();
+  float* wo = p.workspace;
+  float* wml = p.workspace + static_cast<int64_t>(p.batch) * p.n_heads * p.n_splits * D;
+  for (int i = tid; i < HT * D; i += NT) {
+    const int h = i / D, c = i % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) M = fmaxf(M, sML[w][h][0]);
+    float O = 0.f, L = 0.f;
+    if (M != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < NW; ++w)
+        if (sML[w][h][0] != -INFINITY) {
+          const float f = exp2f(sML[w][h][0] - M);
+          O = fmaf(f, sO[w][h][c], O);
+          L = fmaf(f, sML[w][h][1], L);
+        }
+    }
+    const int64_t slot = (static_cast<int64_t>(b) * p.n_heads + h0 + h) * p.n_splits + split;
+    wo[slot * D + c] = O;
+    if (c == 0) {
+      wml[slot * 2] = M;
+      wml[slot * 2 + 1] = L;
+    }
+  }
+}
+
+template <int D, int C, int NB>
+void launch_pre(const QuantDecodeParams& p, int ht, cudaStream_t stream) {
+  const int G = p.n_heads / p.n_kv_heads;
+  const dim3 grid(p.n_splits, p.n_kv_heads * (G / ht), p.batch);
+  switch (ht) {
+    case 4: quant_pre_split_kernel<D, C, NB, 4><<<grid, 256, 0, stream>>>(p); break;
+    case 2: quant_pre_split_kernel<D, C, NB, 2><<<grid, 256, 0, stream>>>(p); break;
+    default: quant_pre_split_kernel<D, C, NB, 1><<<grid, 256, 0, stream>>>(p); break;
+  }
+  ANTKV_LAUNCH_CHECK("quant_pre_split_kernel");
+}
+
+template <int D>
+void launch_pre_config(const QuantDecodeParams& p, int ht, cudaStream_t stream) {
+  switch (p.config) {
+    case VqConfig::kC8B8: launch_pre<D, 8, 8>(p, ht, stream); break;
+    case VqConfig::kC16B12: launch_pre<D, 16, 12>(p, ht, stream); break;
+    case VqConfig::kC16B8: launch_pre<D, 16, 8>(p, ht, stream); break;
+    case VqConfig::kC16B6: launch_pre<D, 16, 6>(p, ht, stream); break;
+  }
+}
+
 // ---- dispatch over the closed set ----
 int heads_per_block(int G, VqConfig cfg) {
   if (cfg == VqConfig::kC16B12) return 1;
@@ -922,13 +1089,20 @@ void quant_decode(QuantDecodeParams p, cudaStream_t stream) {
               "quant_decode: bad split plan ({} splits of {} slots)", p.n_splits, p.split_len);
   ANTKV_CHECK(p.workspace_floats >= quant_decode_workspace_floats(p.batch, p.n_heads, p.head_dim, p.n_splits),
               "quant_decode: workspace of {} floats is too small", p.workspace_floats);
-  dispatch(p.head_dim, p.config, ht, p.lut_half, [&](auto cf) {
-    using CF = decltype(cf);
-    set_smem_attr<CF>();
-    const dim3 grid(p.n_splits, p.n_kv_heads * (G / ht), p.batch);
-    quant_split_kernel<CF><<<grid, CF::NT, CF::SMEM, stream>>>(p);
-    ANTKV_LAUNCH_CHECK("quant_split_kernel");
-  });
+  if (p.pre_rope) {
+    ANTKV_CHECK(p.quant_capacity == 0 || (p.code_pos && p.inv_freq),
+                "quant_decode: pre-RoPE keys need code positions and inv_freq");
+    if (p.head_dim == 128) launch_pre_config<128>(p, ht, stream);
+    else launch_pre_config<64>(p, ht, stream);
+  } else {
+    dispatch(p.head_dim, p.config, ht, p.lut_half, [&](auto cf) {
+      using CF = decltype(cf);
+      set_smem_attr<CF>();
+      const dim3 grid(p.n_splits, p.n_kv_heads * (G / ht), p.batch);
+      quant_split_kernel<CF><<<grid, CF::NT, CF::SMEM, stream>>>(p);
+      ANTKV_LAUNCH_CHECK("quant_split_kernel");
+    });
+  }
   if (p.head_dim == 128) launch_reduce<128>(p, stream);
   else launch_reduce<64>(p, stream);
 }

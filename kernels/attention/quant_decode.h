@@ -1,8 +1,8 @@
 // Decode attention over a vector-quantized KV cache, and the quantize kernel that fills it (design note §3,
 // §6). One new query token per sequence attends to its whole context: the quantized tokens (b-bit codes
 // per group of c channels, ~1 bit per channel) and the FP16 tokens (anchors and the newest window), all in
-// one softmax. Keys are post-RoPE (the design's default; pre-RoPE keys need the dequantize-and-rotate path,
-// which is not implemented here).
+// one softmax. Keys are post-RoPE (the design's default: lookup tables), or pre-RoPE (pre_rope: dequantize,
+// rotate at the token's position, dot; a kernel of its own, warp per token).
 //
 // ---- configurations (closed set) -------------------------------------------------------------------------
 //   c8b8 = 1 bit/channel, c16b12 = 0.75, c16b8 = 0.5, c16b6 = 0.375; head_dim 128 or 64. Keys and values use
@@ -170,6 +170,11 @@ struct QuantDecodeParams {
   int n_splits = 0, split_len = 0;     // from plan_quant_decode(): code-stream slots per split
   float scale = 0.f;                   // usually 1/sqrt(head_dim)
   bool lut_half = false;               // fp16 lookup tables (always on for c16b12)
+  // Pre-RoPE keys (key_rope: pre): the code stream's keys are dequantized, rotated to code_pos[slot] and dotted
+  // with q (no lookup tables; lut_half ignored). Anchors and window hold post-RoPE keys as always.
+  bool pre_rope = false;
+  const int32_t* code_pos = nullptr;   // [batch, n_kv_heads, quant_capacity] token position of each code slot
+  const float* inv_freq = nullptr;     // [head_dim / 2] RoPE inverse frequencies (the runtime's rope_inv_freq)
 };
 
 struct QuantDecodePlan {

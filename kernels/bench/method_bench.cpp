@@ -37,6 +37,7 @@ BenchMethod parse_bench_method(const std::string& text) {
   ANTKV_CHECK(found, "--method {}: {} is not a compressed-cache configuration (bits 1, 0.75, 0.5 or 0.375)", text, name);
   b.compressed = true;
   b.anchor_ratio = m.kind == "antkv" && m.anchors ? m.ratio : 0.0;
+  b.pre_rope = m.key_rope == "pre";
   return b;
 }
 
@@ -45,7 +46,8 @@ double sequence_cache_bytes(const ModelConfig& cfg, const BenchMethod& m, int ca
   const double rec = vq_record_bytes(cfg.head_dim, m.config);
   const double acap = m.anchor_ratio > 0 ? std::min<double>(capacity, std::ceil(m.anchor_ratio * capacity) + 1) : 0;
   const double per_layer = cfg.num_kv_heads * (2.0 * capacity * rec + 2.0 * acap * cfg.head_dim * 2 + acap * 4 +
-                                               2.0 * m.window * cfg.head_dim * 2);
+                                               2.0 * m.window * cfg.head_dim * 2 +
+                                               (m.pre_rope ? 4.0 * capacity + m.window * cfg.head_dim * 2.0 : 0.0));
   return per_layer * cfg.num_layers;
 }
 
@@ -74,7 +76,7 @@ std::unique_ptr<GpuRuntime> make_runtime(const ModelConfig& cfg, const BenchMeth
   auto rt = std::make_unique<GpuRuntime>(cfg, seed, ro);
   if (m.compressed)
     rt->set_compressed_cache(
-        std::make_unique<GpuCompressedKvCache>(cfg, m.config, m.anchor_ratio, B, capacity, m.window, seed + 7));
+        std::make_unique<GpuCompressedKvCache>(cfg, m.config, m.anchor_ratio, B, capacity, m.window, seed + 7, m.pre_rope));
   rt->fill_kv_random(seed + 1);
   return rt;
 }
@@ -105,7 +107,8 @@ double time_compressed_attention(const ModelConfig& cfg, GpuCompressedKvCache& c
   cache.upload_counts(B, st.get());
   DeviceBuffer<bf16> q(static_cast<size_t>(B) * cfg.num_heads * cfg.head_dim), out(q.size());
   fill_random_bf16(q.get(), static_cast<int64_t>(q.size()), 3, 1.0f, st.get());
-  const auto plan = plan_quant_decode(B, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache.config(), cache.max_quant(B));
+  const auto plan = plan_quant_decode(B, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache.config(), cache.max_quant(B),
+                                      cache.lut_half());
   const float scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
   auto step = [&] {
     for (int l = 0; l < cfg.num_layers; ++l) cache.attend(l, B, cfg.num_heads, q.get(), out.get(), plan, scale, st.get());
@@ -119,7 +122,8 @@ double time_compressed_attention(const ModelConfig& cfg, GpuCompressedKvCache& c
   const auto& s = cache.state(0);
   const double rec = vq_record_bytes(cfg.head_dim, cache.config());
   *bytes = static_cast<double>(B) * cfg.num_layers * cfg.num_kv_heads *
-           (2.0 * s.n_quant * rec + 2.0 * (s.n_anchor + s.n_window) * cfg.head_dim * 2);
+           (2.0 * s.n_quant * rec + (cache.pre_rope() ? 4.0 * s.n_quant : 0.0) +
+            2.0 * (s.n_anchor + s.n_window) * cfg.head_dim * 2);
   return ms;
 }
 

@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "kernels/common/cuda_check.h"
+#include "runtime/rope.h"
 
 namespace antkv {
 
@@ -22,6 +23,8 @@ struct GpuCompressedKvCache::Layer {
   DeviceBuffer<__half> anchor_k, anchor_v;   // [max_batch, KV, anchor_capacity, d]
   DeviceBuffer<int32_t> anchor_pos;          // [max_batch, KV, anchor_capacity]
   DeviceBuffer<__half> window_k, window_v;   // [max_batch, KV, window, d]
+  DeviceBuffer<int32_t> code_pos;            // pre_rope: [max_batch, KV, capacity] position of each code slot
+  DeviceBuffer<__half> window_kpre;          // pre_rope: [max_batch, KV, window, d] pre-RoPE window keys
 };
 
 namespace {
@@ -75,6 +78,12 @@ struct WindowAppendArgs {
   const float* k = nullptr;         // [B, KV*d] fp32 post-RoPE, row stride `stride`
   const float* v = nullptr;
   int64_t stride = 0;
+  const float* k_pre = nullptr;     // pre_rope: [B, KV*d] fp32 pre-RoPE keys (dense)
+  __half* wkpre = nullptr;          // pre_rope: [max_batch, KV, W, d]
+  int32_t* code_pos = nullptr;      // pre_rope: [max_batch, KV, cap]
+  const int32_t* code_slot = nullptr;   // [B]
+  const int32_t* evict_pos = nullptr;   // [B] position of the token that is quantized this step
+  int cap = 0;
   const int32_t* evict_slot = nullptr;  // [B]
   const int32_t* new_slot = nullptr;    // [B]
   __half* wk = nullptr;             // [max_batch, KV, W, d]
@@ -88,23 +97,47 @@ __global__ void window_append_kernel(const WindowAppendArgs p) {
   const int b = blockIdx.x, h = blockIdx.y;
   const int64_t src = static_cast<int64_t>(b) * p.stride + static_cast<int64_t>(h) * p.d;
   const int64_t stage = (static_cast<int64_t>(b) * p.KV + h) * p.d;
+  const bool pre = p.k_pre != nullptr;
+  if (pre && threadIdx.x == 0 && p.code_slot[b] >= 0)
+    p.code_pos[(static_cast<int64_t>(b) * p.KV + h) * p.cap + p.code_slot[b]] = p.evict_pos[b];
+  const int64_t src_pre = (static_cast<int64_t>(b) * p.KV + h) * p.d;
   for (int c = threadIdx.x; c < p.d; c += blockDim.x) {
     const __half nk = __float2half_rn(p.k[src + c]), nv = __float2half_rn(p.v[src + c]);
+    const __half nkp = pre ? __float2half_rn(p.k_pre[src_pre + c]) : nk;
     if (p.W == 0) {
-      p.sk[stage + c] = nk;
+      p.sk[stage + c] = pre ? nkp : nk;  // the code stream holds pre-RoPE keys when pre
       p.sv[stage + c] = nv;
       continue;
     }
     const int64_t ring = (static_cast<int64_t>(b) * p.KV + h) * p.W;
     const int e = p.evict_slot[b];
     if (e >= 0) {  // read before the write below (same thread, same address when e == new_slot)
-      p.sk[stage + c] = p.wk[(ring + e) * p.d + c];
+      p.sk[stage + c] = pre ? p.wkpre[(ring + e) * p.d + c] : p.wk[(ring + e) * p.d + c];
       p.sv[stage + c] = p.wv[(ring + e) * p.d + c];
     }
     const int s = p.new_slot[b];
     p.wk[(ring + s) * p.d + c] = nk;
     p.wv[(ring + s) * p.d + c] = nv;
+    if (pre) p.wkpre[(ring + s) * p.d + c] = nkp;
   }
+}
+
+// pre_rope prefill: code_pos[seq][h][slot] = t for every non-anchor token t of head h (slots [T, KV], -1 = anchor)
+__global__ void prefill_code_pos_kernel(const int32_t* __restrict__ slots, int T, int KV, int seq, int cap,
+                                        int32_t* __restrict__ code_pos) {
+  const int64_t n = static_cast<int64_t>(T) * KV;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int t = static_cast<int>(i / KV), h = static_cast<int>(i % KV), s = slots[i];
+    if (s >= 0) code_pos[(static_cast<int64_t>(seq) * KV + h) * cap + s] = t;
+  }
+}
+
+// synthetic contents: code_pos[.][.][slot] = slot
+__global__ void iota_code_pos_kernel(int32_t* __restrict__ code_pos, int64_t n, int cap) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    code_pos[i] = static_cast<int32_t>(i % cap);
 }
 
 cuda::VqConfig config_for(const MethodSpec& m) {
@@ -126,10 +159,6 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
                                            int max_batch, int capacity, int window) {
   name_ = m.text;
   config_ = config_for(m);
-  ANTKV_CHECK(m.key_rope == "post",
-              "method {}: the compressed cache holds post-RoPE keys; key_rope=pre (dequantize, rotate, dot) is not "
-              "implemented in its decode kernel (evaluate it with eval.kv_cache: simulated)",
-              m.text);
   ANTKV_CHECK(!m.anchors || (m.anchor_keys && m.anchor_values),
               "method {}: anchors={} (one tensor only) is not supported by the compressed cache (one code stream "
               "for keys and values): anchors=kv or off",
@@ -139,13 +168,14 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
   cuda::check_vq_shape(cfg.head_dim, config_);
   const CodebookMeta& cm = cb.meta;
   ANTKV_CHECK(cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b &&
-                  cm.key_rope == "post" && cm.num_layers == cfg.num_layers && cm.num_kv_heads == cfg.num_kv_heads &&
+                  cm.key_rope == m.key_rope && cm.num_layers == cfg.num_layers && cm.num_kv_heads == cfg.num_kv_heads &&
                   cm.head_dim == cfg.head_dim,
               "method {}: the codebooks (c{}b{}/c{}b{}, {}-RoPE, {} layers x {} KV heads x {}) do not fit the method and "
               "model",
               m.text, cm.key_c, cm.key_b, cm.value_c, cm.value_b, cm.key_rope, cm.num_layers, cm.num_kv_heads,
               cm.head_dim);
-  allocate(cfg, max_batch, capacity, window, m.anchors ? m.ratio : 0.0);
+  ANTKV_CHECK(m.key_rope == "post" || m.key_rope == "pre", "method {}: key_rope is post or pre", m.text);
+  allocate(cfg, max_batch, capacity, window, m.anchors ? m.ratio : 0.0, m.key_rope == "pre");
   const size_t want = static_cast<size_t>(n_kv_) * ng_ * k_count_ * (d_ / ng_);
   std::vector<__half> h(want);
   for (int l = 0; l < n_layers_; ++l)
@@ -160,11 +190,11 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
 }
 
 GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqConfig config, double anchor_ratio,
-                                           int max_batch, int capacity, int window, uint64_t seed) {
+                                           int max_batch, int capacity, int window, uint64_t seed, bool pre_rope) {
   config_ = config;
-  name_ = fmt::format("synthetic {}", cuda::vq_config_info(config).name);
+  name_ = fmt::format("synthetic {}{}", cuda::vq_config_info(config).name, pre_rope ? " pre-RoPE" : "");
   cuda::check_vq_shape(cfg.head_dim, config_);
-  allocate(cfg, max_batch, capacity, window, anchor_ratio);
+  allocate(cfg, max_batch, capacity, window, anchor_ratio, pre_rope);
   for (int l = 0; l < n_layers_; ++l) {
     cuda::fill_random_f16(layers_[l]->k_cent.get(), layers_[l]->k_cent.size(), seed * 131 + 2 * l, 1.0f, nullptr);
     cuda::fill_random_f16(layers_[l]->v_cent.get(), layers_[l]->v_cent.size(), seed * 131 + 2 * l + 1, 1.0f, nullptr);
@@ -174,7 +204,8 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqConfi
 
 GpuCompressedKvCache::~GpuCompressedKvCache() = default;
 
-void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio) {
+void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio,
+                                    bool pre_rope) {
   ANTKV_CHECK(max_batch >= 1 && capacity >= 1 && window >= 0 && ratio >= 0 && ratio <= 1,
               "compressed KV cache: bad sizes (batch {}, capacity {}, window {}, anchor ratio {})", max_batch, capacity,
               window, ratio);
@@ -184,6 +215,13 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   ng_ = cuda::vq_groups(d_, config_);
   k_count_ = cuda::vq_centroid_count(config_);
   rec_ = cuda::vq_record_bytes(d_, config_);
+  lut_half_ = config_ == cuda::VqConfig::kC8B8 || config_ == cuda::VqConfig::kC16B12;
+  pre_ = pre_rope;
+  if (pre_) {
+    const auto inv = rope_inv_freq(cfg);
+    inv_freq_.resize(inv.size());
+    ANTKV_CUDA_CHECK(cudaMemcpy(inv_freq_.get(), inv.data(), inv.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
   max_batch_ = max_batch;
   capacity_ = capacity;
   window_ = window;
@@ -205,21 +243,25 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
     L->anchor_pos.resize(BK * anchor_cap_);
     L->window_k.resize(BK * window * d_);
     L->window_v.resize(BK * window * d_);
+    if (pre_) {
+      L->code_pos.resize(BK * capacity);
+      L->window_kpre.resize(BK * window * d_);
+    }
     device_bytes_ += L->k_codes.bytes() + L->v_codes.bytes() + L->k_cent.bytes() + L->v_cent.bytes() +
                      L->anchor_k.bytes() + L->anchor_v.bytes() + L->anchor_pos.bytes() + L->window_k.bytes() +
-                     L->window_v.bytes();
+                     L->window_v.bytes() + L->code_pos.bytes() + L->window_kpre.bytes();
     layers_.push_back(std::move(L));
   }
   seqs_.assign(max_batch, CompressedSeqState{});
-  step_d_.resize(static_cast<size_t>(7) * max_batch);
-  step_h_.ensure(static_cast<size_t>(7) * max_batch);
+  step_d_.resize(static_cast<size_t>(8) * max_batch);
+  step_h_.ensure(static_cast<size_t>(8) * max_batch);
   stage_k_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
   stage_v_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
   // the largest workspace any decode plan of up to max_batch sequences may need
   int64_t ws = 0;
   for (int b = 1; b <= max_batch; ++b)
     ws = std::max(ws, cuda::quant_decode_workspace_floats(
-                          b, cfg.num_heads, d_, cuda::quant_decode_max_splits(b, cfg.num_heads, n_kv_, d_, config_, capacity)));
+                          b, cfg.num_heads, d_, cuda::quant_decode_max_splits(b, cfg.num_heads, n_kv_, d_, config_, capacity, lut_half_)));
   workspace_.resize(static_cast<size_t>(ws));
   device_bytes_ += step_d_.bytes() + stage_k_.bytes() + stage_v_.bytes() + workspace_.bytes();
 }
@@ -227,7 +269,8 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
 size_t GpuCompressedKvCache::bytes_per_sequence() const {
   const size_t per_layer = static_cast<size_t>(n_kv_) *
                            (2 * static_cast<size_t>(capacity_) * rec_ + 2 * static_cast<size_t>(anchor_cap_) * d_ * 2 +
-                            static_cast<size_t>(anchor_cap_) * 4 + 2 * static_cast<size_t>(window_) * d_ * 2);
+                            static_cast<size_t>(anchor_cap_) * 4 + 2 * static_cast<size_t>(window_) * d_ * 2 +
+                            (pre_ ? static_cast<size_t>(capacity_) * 4 + static_cast<size_t>(window_) * d_ * 2 : 0));
   return per_layer * n_layers_;
 }
 
@@ -238,7 +281,8 @@ size_t GpuCompressedKvCache::code_bytes_per_token() const {
 void GpuCompressedKvCache::reset() { std::fill(seqs_.begin(), seqs_.end(), CompressedSeqState{}); }
 
 void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float* k, int64_t k_stride, const float* v,
-                                         int64_t v_stride, const uint8_t* anchor_flags, cudaStream_t stream) {
+                                         int64_t v_stride, const float* k_pre, int64_t k_pre_stride,
+                                         const uint8_t* anchor_flags, cudaStream_t stream) {
   ANTKV_CHECK(layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_, "compressed cache: layer {} / sequence {} out of range",
               layer, seq);
   ANTKV_CHECK(seqs_[seq].length() == 0,
@@ -246,7 +290,7 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
               "compressed cache is not implemented: prefill in one chunk, then decode)",
               name_, seq, seqs_[seq].length());
   ANTKV_CHECK(T >= 1 && T <= capacity_, "compressed cache {}: prefill of {} tokens, capacity {}", name_, T, capacity_);
-  ANTKV_CHECK(k && v, "compressed cache: null K/V");
+  ANTKV_CHECK(k && v && (k_pre || !pre_), "compressed cache: null K/V");
   const int KV = n_kv_;
   // host: per-head code slots (anchors -1) and anchor token lists
   int A = -1;
@@ -284,11 +328,22 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
   const size_t rows = static_cast<size_t>(T) * KV * d_;
   prefill_k_.ensure(rows);  // not the decode staging: captured decode graphs hold those pointers
   prefill_v_.ensure(rows);
+  if (pre_) prefill_kpre_.ensure(rows);
   round_rows_kernel<<<blocks_for(static_cast<int64_t>(rows)), kThreads, 0, stream>>>(k, k_stride, prefill_k_.get(), T, KV * d_);
   ANTKV_LAUNCH_CHECK("round_rows_kernel");
   round_rows_kernel<<<blocks_for(static_cast<int64_t>(rows)), kThreads, 0, stream>>>(v, v_stride, prefill_v_.get(), T, KV * d_);
   ANTKV_LAUNCH_CHECK("round_rows_kernel");
+  if (pre_) {
+    round_rows_kernel<<<blocks_for(static_cast<int64_t>(rows)), kThreads, 0, stream>>>(k_pre, k_pre_stride,
+                                                                                     prefill_kpre_.get(), T, KV * d_);
+    ANTKV_LAUNCH_CHECK("round_rows_kernel");
+  }
   Layer& L = *layers_[layer];
+  if (pre_) {
+    prefill_code_pos_kernel<<<blocks_for(static_cast<int64_t>(T) * KV), kThreads, 0, stream>>>(
+        prefill_ints_.get(), T, KV, seq, capacity_, L.code_pos.get());
+    ANTKV_LAUNCH_CHECK("prefill_code_pos_kernel");
+  }
   cuda::QuantizeParams qp;
   qp.config = config_;
   qp.n_tokens = T;
@@ -300,7 +355,7 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
   qp.slot_per_head = prefill_ints_.get();
   qp.batch = max_batch_;
   qp.capacity = capacity_;
-  qp.x = prefill_k_.get();
+  qp.x = pre_ ? prefill_kpre_.get() : prefill_k_.get();  // the code stream holds pre-RoPE keys when pre
   qp.centroids = L.k_cent.get();
   qp.codes = L.k_codes.get();
   cuda::quantize_kv(qp, stream);
@@ -339,13 +394,17 @@ void GpuCompressedKvCache::plan_step(int B, cudaStream_t stream) {
     ANTKV_CHECK(s.length() + 1 <= capacity_, "compressed cache {}: sequence {} holds {} tokens, capacity {}", name_, b,
                 s.length(), capacity_);
     int evict = -1, code = -1, slot = 0;
+    const int len = s.length();  // the new token's position
+    int evict_pos = -1;
     if (window_ == 0) {
       code = s.n_quant++;
+      evict_pos = len;
     } else {
       slot = static_cast<int>(s.n_entered % window_);
       if (s.n_window == window_) {
         evict = slot;  // the oldest window token sits where the new one goes
         code = s.n_quant++;
+        evict_pos = len - window_;
       } else {
         ++s.n_window;
       }
@@ -358,9 +417,10 @@ void GpuCompressedKvCache::plan_step(int B, cudaStream_t stream) {
     h[4 * max_batch_ + b] = s.n_anchor;
     h[5 * max_batch_ + b] = s.n_window;
     h[6 * max_batch_ + b] = b;
+    h[7 * max_batch_ + b] = evict_pos;
   }
   step_B_ = B;
-  ANTKV_CUDA_CHECK(cudaMemcpyAsync(step_d_.get(), h, static_cast<size_t>(7) * max_batch_ * sizeof(int32_t),
+  ANTKV_CUDA_CHECK(cudaMemcpyAsync(step_d_.get(), h, static_cast<size_t>(8) * max_batch_ * sizeof(int32_t),
                                    cudaMemcpyHostToDevice, stream));
 }
 
@@ -376,8 +436,9 @@ void GpuCompressedKvCache::upload_counts(int B, cudaStream_t stream) {
     h[4 * max_batch_ + b] = s.n_anchor;
     h[5 * max_batch_ + b] = s.n_window;
     h[6 * max_batch_ + b] = b;
+    h[7 * max_batch_ + b] = -1;
   }
-  ANTKV_CUDA_CHECK(cudaMemcpyAsync(step_d_.get(), h, static_cast<size_t>(7) * max_batch_ * sizeof(int32_t),
+  ANTKV_CUDA_CHECK(cudaMemcpyAsync(step_d_.get(), h, static_cast<size_t>(8) * max_batch_ * sizeof(int32_t),
                                    cudaMemcpyHostToDevice, stream));
   ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
@@ -388,9 +449,10 @@ int GpuCompressedKvCache::max_quant(int B) const {
   return m;
 }
 
-void GpuCompressedKvCache::append(int layer, int B, const float* k, const float* v, int64_t stride,
+void GpuCompressedKvCache::append(int layer, int B, const float* k, const float* v, int64_t stride, const float* k_pre,
                                   cudaStream_t stream) {
-  ANTKV_CHECK(layer >= 0 && layer < n_layers_ && B >= 1 && B <= max_batch_ && k && v, "compressed cache: bad append");
+  ANTKV_CHECK(layer >= 0 && layer < n_layers_ && B >= 1 && B <= max_batch_ && k && v && (k_pre || !pre_),
+              "compressed cache: bad append");
   Layer& L = *layers_[layer];
   WindowAppendArgs a;
   a.k = k, a.v = v, a.stride = stride;
@@ -399,6 +461,14 @@ void GpuCompressedKvCache::append(int layer, int B, const float* k, const float*
   a.wk = L.window_k.get(), a.wv = L.window_v.get();
   a.sk = stage_k_.get(), a.sv = stage_v_.get();
   a.KV = n_kv_, a.d = d_, a.W = window_;
+  if (pre_) {
+    a.k_pre = k_pre;
+    a.wkpre = L.window_kpre.get();
+    a.code_pos = L.code_pos.get();
+    a.code_slot = step_d_.get() + 2 * max_batch_;
+    a.evict_pos = step_d_.get() + 7 * max_batch_;
+    a.cap = capacity_;
+  }
   window_append_kernel<<<dim3(B, n_kv_), 128, 0, stream>>>(a);
   ANTKV_LAUNCH_CHECK("window_append_kernel");
   cuda::QuantizeParams qp;
@@ -452,6 +522,12 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   p.n_splits = plan.n_splits;
   p.split_len = plan.split_len;
   p.scale = scale;
+  p.lut_half = lut_half_;
+  if (pre_) {
+    p.pre_rope = true;
+    p.code_pos = L.code_pos.get();
+    p.inv_freq = inv_freq_.get();
+  }
   cuda::quant_decode(p, stream);
 }
 
@@ -464,6 +540,12 @@ void GpuCompressedKvCache::fill_random(uint64_t seed, cudaStream_t stream) {
     cuda::fill_random_f16(L->anchor_v.get(), static_cast<int64_t>(L->anchor_v.size()), s++, 1.0f, stream);
     cuda::fill_random_f16(L->window_k.get(), static_cast<int64_t>(L->window_k.size()), s++, 1.0f, stream);
     cuda::fill_random_f16(L->window_v.get(), static_cast<int64_t>(L->window_v.size()), s++, 1.0f, stream);
+    if (pre_) {
+      cuda::fill_random_f16(L->window_kpre.get(), static_cast<int64_t>(L->window_kpre.size()), s++, 1.0f, stream);
+      iota_code_pos_kernel<<<blocks_for(static_cast<int64_t>(L->code_pos.size())), kThreads, 0, stream>>>(
+          L->code_pos.get(), static_cast<int64_t>(L->code_pos.size()), capacity_);
+      ANTKV_LAUNCH_CHECK("iota_code_pos_kernel");
+    }
   }
   ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
@@ -472,7 +554,8 @@ void GpuCompressedKvCache::poison() {
   for (auto& L : layers_) {
     for (auto* b : {&L->k_codes, &L->v_codes})
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));
-    for (auto* b : {&L->anchor_k, &L->anchor_v, &L->window_k, &L->window_v})
+    if (L->code_pos.size()) ANTKV_CUDA_CHECK(cudaMemset(L->code_pos.get(), 0xFF, L->code_pos.bytes()));  // -1
+    for (auto* b : {&L->anchor_k, &L->anchor_v, &L->window_k, &L->window_v, &L->window_kpre})
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // 0xFFFF: fp16 NaN
   }
   if (stage_k_.size()) ANTKV_CUDA_CHECK(cudaMemset(stage_k_.get(), 0xFF, stage_k_.bytes()));

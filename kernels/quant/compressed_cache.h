@@ -13,8 +13,12 @@
 //    attend() runs quant_decode over codes + anchors + window.
 //  Decode-time anchors (design note §2's online rule) are not implemented: a token leaving the window is
 //  always quantized, as the simulated caches do (lib/quant/quantized_cache.h, kernels/quant/quantized_cache.h).
-//  Keys are post-RoPE; keys and values share one configuration of quant_decode's closed set; anchors keep
-//  both tensors (anchors=kv or off). Anything else is an antkv::Error naming the method.
+//  Keys are post-RoPE, or pre-RoPE (key_rope: pre): then the code stream holds pre-RoPE keys with each slot's
+//  token position (code_pos, int32: +4 bytes per token and KV head), the window keeps a pre-RoPE copy of its
+//  keys for the quantization at eviction, and decode dequantizes, rotates and dots (quant_decode pre_rope).
+//  Anchors and window keys are post-RoPE either way. Keys and values share one configuration of
+//  quant_decode's closed set; anchors keep both tensors (anchors=kv or off). Anything else is an antkv::Error
+//  naming the method.
 // Counts (per sequence, the same for every layer and KV head): n_anchor anchors, n_window window tokens,
 // n_quant quantized tokens; their sum is the sequence length.
 #pragma once
@@ -47,11 +51,15 @@ class GpuCompressedKvCache {
   // Synthetic codebooks (uniform fp16 in [-1, 1)): benchmarks and max-context, where decode time does not
   // depend on the values.
   GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqConfig config, double anchor_ratio, int max_batch,
-                       int capacity, int window, uint64_t seed);
+                       int capacity, int window, uint64_t seed, bool pre_rope = false);
   ~GpuCompressedKvCache();
 
   const std::string& name() const { return name_; }
   cuda::VqConfig config() const { return config_; }
+  // fp16 lookup tables in quant_decode (c8b8: measured faster on the H200 at every batch and context, e.g.
+  // 4.08x against 2.98x of fp16 flash-decoding at batch 16 / 128K; c16b12 always; others fp32)
+  bool lut_half() const { return lut_half_; }
+  bool pre_rope() const { return pre_; }
   int max_batch() const { return max_batch_; }
   int capacity() const { return capacity_; }          // tokens per sequence
   int anchor_capacity() const { return anchor_cap_; }
@@ -69,11 +77,12 @@ class GpuCompressedKvCache {
 
   // ---- prefill ----
   // Layer `layer` of the T-token prefill of the empty sequence `seq`: k, v are the chunk's fp32 post-RoPE keys
-  // and values (device, [T, kv_heads, head_dim] with row strides in elements); anchor_flags (host, [T, kv_heads],
+  // and values, k_pre its pre-RoPE keys (read only when pre_rope; device, [T, kv_heads, head_dim] with row
+  // strides in elements); anchor_flags (host, [T, kv_heads],
   // 1 = FP16 anchor, null = none) must give every KV head the same number of anchors, at most anchor_capacity.
   // K/V are rounded to fp16 before the nearest-centroid search (as the simulated caches do).
   void write_prefill(int layer, int seq, int T, const float* k, int64_t k_stride, const float* v, int64_t v_stride,
-                     const uint8_t* anchor_flags, cudaStream_t stream);
+                     const float* k_pre, int64_t k_pre_stride, const uint8_t* anchor_flags, cudaStream_t stream);
   // After every layer's write_prefill: the sequence holds T tokens.
   void commit_prefill(int seq, int T);
 
@@ -85,9 +94,11 @@ class GpuCompressedKvCache {
   void upload_counts(int B, cudaStream_t stream);
   // The largest n_quant among sequences 0..B-1 (after plan_step: the decode plan's length).
   int max_quant(int B) const;
-  // Layer `layer`: token b's new K/V (fp32 post-RoPE, rows of `stride` elements, [B, kv_heads, head_dim])
-  // into the window; the token leaving a full window into the code stream.
-  void append(int layer, int B, const float* k, const float* v, int64_t stride, cudaStream_t stream);
+  // Layer `layer`: token b's new K/V (fp32 post-RoPE, rows of `stride` elements, [B, kv_heads, head_dim];
+  // k_pre [B, kv_heads, head_dim] dense, read when pre_rope) into the window; the token leaving a full window
+  // into the code stream.
+  void append(int layer, int B, const float* k, const float* v, int64_t stride, const float* k_pre,
+              cudaStream_t stream);
   // Decode attention of layer `layer` for sequences 0..B-1: q [B, n_heads, head_dim] bf16 post-RoPE -> out
   // [B, n_heads, head_dim] bf16 (plan from plan_quant_decode(B, ..., max_quant(B))).
   void attend(int layer, int B, int n_heads, const cuda::bf16* q, cuda::bf16* out,
@@ -103,22 +114,24 @@ class GpuCompressedKvCache {
   void poison();
 
  private:
-  void allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio);
+  void allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio, bool pre_rope);
   struct Layer;
   std::string name_;
   cuda::VqConfig config_ = cuda::VqConfig::kC8B8;
   int n_layers_ = 0, n_kv_ = 0, d_ = 0, rec_ = 0, ng_ = 0, k_count_ = 0;
   int max_batch_ = 0, capacity_ = 0, anchor_cap_ = 0, window_ = 0;
   double ratio_ = 0;
+  bool lut_half_ = false, pre_ = false;
+  cuda::DeviceBuffer<float> inv_freq_;  // [head_dim / 2] (pre_rope)
   size_t device_bytes_ = 0;
   std::vector<std::unique_ptr<Layer>> layers_;
   std::vector<CompressedSeqState> seqs_;
-  // step: evict_slot | new_slot | code_slot | n_quant | n_anchor | n_window | seq_index, [7][max_batch]
+  // step: evict_slot | new_slot | code_slot | n_quant | n_anchor | n_window | seq_index | evict_pos, [8][max_batch]
   cuda::DeviceBuffer<int32_t> step_d_;
   cuda::PinnedBuffer<int32_t> step_h_;
   int step_B_ = 0;
   cuda::DeviceBuffer<__half> stage_k_, stage_v_;  // [max_batch, kv_heads, head_dim]: tokens leaving the window
-  cuda::DeviceBuffer<__half> prefill_k_, prefill_v_;  // [T, kv_heads, head_dim]: a prefill's fp16 K/V
+  cuda::DeviceBuffer<__half> prefill_k_, prefill_v_, prefill_kpre_;  // [T, kv_heads, head_dim]: a prefill's fp16 K/V
   int pending_anchors_ = -1;                      // anchors per head of the prefill being written
   cuda::DeviceBuffer<int32_t> prefill_ints_;      // slot_per_head [T, KV] | seq_index [T] | anchor_idx [KV, A]
   std::vector<int32_t> prefill_h_;

@@ -160,6 +160,7 @@ struct GpuRuntime::Impl {
     const size_t r = rows;
     x.resize(r * cfg.hidden_size);
     qkv.resize(r * qkv_dim());
+    k_pre.resize(r * cfg.kv_dim());  // sized with the rows: captured decode graphs hold its pointer
     gu.resize(r * 2 * cfg.intermediate_size);
     hn.resize(r * std::max(cfg.hidden_size, cfg.q_dim()));
     qb.resize(r * cfg.q_dim());
@@ -285,7 +286,6 @@ struct GpuRuntime::Impl {
     ANTKV_CHECK(!opt.compressed_kv || comp, "GpuRuntime: compressed_kv is set but no compressed cache is installed");
     const bool want_f32 = observer != nullptr || quant != nullptr || comp;  // fp32 q, k_pre, k_post, v kept
     const bool observe_device = observer != nullptr && observer->wants_device();
-    if (want_f32) k_pre.ensure(static_cast<size_t>(T) * kvd);
     for (int l = 0; l < cfg.num_layers; ++l) {
       LayerWeights& L = layers[l];
       cuda::RmsNormParams rn;
@@ -381,7 +381,7 @@ struct GpuRuntime::Impl {
       }
 
       if (comp && decode) {
-        comp->append(l, T, qkv.get() + qd, qkv.get() + qd + kvd, qkv_dim(), stream);
+        comp->append(l, T, qkv.get() + qd, qkv.get() + qd + kvd, qkv_dim(), k_pre.get(), stream);
         comp->attend(l, T, cfg.num_heads, qb.get(), attn.get(), qplan, scale, stream);
       } else if (decode) {
         cuda::FlashDecodeParams fp;
@@ -428,7 +428,8 @@ struct GpuRuntime::Impl {
                         static_cast<size_t>(T) * cfg.num_kv_heads);
             flags = f.data();
           }
-          comp->write_prefill(l, 0, T, qkv.get() + qd, qkv_dim(), qkv.get() + qd + kvd, qkv_dim(), flags, stream);
+          comp->write_prefill(l, 0, T, qkv.get() + qd, qkv_dim(), qkv.get() + qd + kvd, qkv_dim(), k_pre.get(), kvd, flags,
+                              stream);
         }
       }
       blas->linear(attn.get(), qd, L.wo.get(), x.get(), H, T, H, qd, 1.0f);  // x += attn . Wo^T
@@ -515,7 +516,8 @@ struct GpuRuntime::Impl {
     cuda::DecodePlan plan;
     if (decode && comp) {
       comp->plan_step(1, stream);
-      qplan = cuda::plan_quant_decode(1, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, comp->config(), comp->max_quant(1));
+      qplan = cuda::plan_quant_decode(1, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, comp->config(), comp->max_quant(1),
+                                      comp->lut_half());
     } else if (decode) {
       plan = cuda::plan_flash_decode(1, cfg.num_kv_heads, past + T, cfg.head_dim);
     }
@@ -593,7 +595,8 @@ struct GpuRuntime::Impl {
     cuda::DecodePlan plan;
     if (comp) {
       comp->plan_step(B, stream);  // host counts one token on; slots and counts uploaded before the step
-      qplan = cuda::plan_quant_decode(B, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, comp->config(), comp->max_quant(B));
+      qplan = cuda::plan_quant_decode(B, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, comp->config(), comp->max_quant(B),
+                                      comp->lut_half());
       plan.n_splits = qplan.n_splits;
       plan.split_len = qplan.split_len;
     } else {
