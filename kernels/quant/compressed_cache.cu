@@ -443,6 +443,10 @@ void GpuCompressedKvCache::upload_counts(int B, cudaStream_t stream) {
   ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 
+cuda::QuantDecodePlan GpuCompressedKvCache::plan(int B, int n_heads) const {
+  return cuda::plan_quant_decode(B, n_heads, n_kv_, d_, config_, max_quant(B), lut_half_);
+}
+
 int GpuCompressedKvCache::max_quant(int B) const {
   int m = 0;
   for (int b = 0; b < B && b < max_batch_; ++b) m = std::max(m, seqs_[b].n_quant);

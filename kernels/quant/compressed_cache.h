@@ -94,6 +94,8 @@ class GpuCompressedKvCache {
   void upload_counts(int B, cudaStream_t stream);
   // The largest n_quant among sequences 0..B-1 (after plan_step: the decode plan's length).
   int max_quant(int B) const;
+  // The decode plan of sequences 0..B-1 as they are now.
+  cuda::QuantDecodePlan plan(int B, int n_heads) const;
   // Layer `layer`: token b's new K/V (fp32 post-RoPE, rows of `stride` elements, [B, kv_heads, head_dim];
   // k_pre [B, kv_heads, head_dim] dense, read when pre_rope) into the window; the token leaving a full window
   // into the code stream.

@@ -516,8 +516,7 @@ struct GpuRuntime::Impl {
     cuda::DecodePlan plan;
     if (decode && comp) {
       comp->plan_step(1, stream);
-      qplan = cuda::plan_quant_decode(1, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, comp->config(), comp->max_quant(1),
-                                      comp->lut_half());
+      qplan = comp->plan(1, cfg.num_heads);
     } else if (decode) {
       plan = cuda::plan_flash_decode(1, cfg.num_kv_heads, past + T, cfg.head_dim);
     }
@@ -595,8 +594,7 @@ struct GpuRuntime::Impl {
     cuda::DecodePlan plan;
     if (comp) {
       comp->plan_step(B, stream);  // host counts one token on; slots and counts uploaded before the step
-      qplan = cuda::plan_quant_decode(B, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, comp->config(), comp->max_quant(B),
-                                      comp->lut_half());
+      qplan = comp->plan(B, cfg.num_heads);
       plan.n_splits = qplan.n_splits;
       plan.split_len = qplan.split_len;
     } else {
