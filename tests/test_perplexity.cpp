@@ -131,6 +131,16 @@ TEST_CASE("perplexity: chunked prefill equals one prefill, and windows past max_
   REQUIRE(whole.windows == 3);
   REQUIRE(chunked.windows == 3);
   for (int c = 0; c < 3; ++c) CHECK(chunked.nll_per_window[c] == Approx(whole.nll_per_window[c]).epsilon(1e-5));
+  // teacher-forced decode (decode_from): 100 tokens prefilled in chunks of 64, then one forward per token;
+  // with an fp32 cache the same computation again, and the same token count
+  o.prefill_chunk = 64;
+  o.decode_from = 100;
+  const auto decoded = evaluate_perplexity(rt, ids, 1, o);
+  REQUIRE(decoded.windows == 3);
+  CHECK(decoded.predicted_tokens == whole.predicted_tokens);
+  for (int c = 0; c < 3; ++c) CHECK(decoded.nll_per_window[c] == Approx(whole.nll_per_window[c]).epsilon(1e-5));
+  o.decode_from = 0;
+  o.prefill_chunk = 0;
 
   o.seq_len = 257;
   CHECK_THROWS_WITH(evaluate_perplexity(rt, ids, 1, o),

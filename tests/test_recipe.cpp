@@ -101,6 +101,9 @@ TEST_CASE("recipes: unknown keys and bad values are errors naming the key", "[re
   CHECK_THROWS_WITH(Recipe::load(write_recipe("model: ${ANTKV_SURELY_UNSET_VAR}/x\n")),
                     Contains("ANTKV_SURELY_UNSET_VAR"));
   CHECK_THROWS_WITH(Recipe::defaults_with({"kmeans.weighting=heavy"}), Contains("kmeans.weighting"));
+  CHECK_THROWS_WITH(Recipe::defaults_with({"eval.kv_cache=compressed"}), Contains("eval.kv_cache") && Contains("compressed"));
+  CHECK_THROWS_WITH(Recipe::defaults_with({"eval.decode_from=2048"}), Contains("eval.decode_from"));
+  CHECK(Recipe::defaults_with({"eval.kv_cache=real", "eval.decode_from=1024"}).eval.decode_from == 1024);
   CHECK_THROWS_WITH(Recipe::defaults_with({"nosuch.key=1"}), Contains("--set") && Contains("nosuch.key"));
   CHECK_THROWS_WITH(Recipe::defaults_with({"novalue"}), Contains("key=value"));
   CHECK_THROWS_WITH(Recipe::load("/nonexistent/recipe.yaml"), Contains("/nonexistent/recipe.yaml"));
