@@ -633,7 +633,7 @@ TEST_CASE("GPU KV quantizer: codebooks that do not fit are errors naming the pro
 // (fp16 NaN, codes 0xFF) so that a read past the counts shows as NaN. decode_batch (a captured CUDA graph
 // after the first steps) must give bit-identical logits to forward() of one token, step by step. Pre-RoPE
 // keys (antkv key_rope=pre) go through the dequantize-rotate-dot kernel: the same bounds hold.
-TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantizer; decode_batch equals forward", "[gpu][quant][shared]") {
+TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantizer, decode_batch equals forward", "[gpu][quant][shared]") {
   SKIP_WITHOUT_GPU();
   Models& mod = ref_model();
   const ModelConfig& cfg = mod.ckpt.config();

@@ -87,6 +87,7 @@ std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOpt
       res.method = m;
       res.text = text;
       res.ppl = evaluate_perplexity(*rt, ids, tok.bos_id(), po);
+      res.kv_cache = m.needs_codebooks() ? r.eval.kv_cache : "simulated";
       // Effective bits: what the cache stored for the last window where the runtime's cache counts it (the CPU
       // caches); otherwise the formula, which assumes each window is prefilled in one chunk.
       res.effective_bits = effective_bits(m, r.eval.seq_len, rt->config().head_dim, true);
@@ -135,9 +136,16 @@ std::string results_table(const std::vector<MethodResult>& rs) {
   bool has_fp16 = false;
   for (const auto& r : rs) has_fp16 |= r.method.kind == "fp16";
   if (!rs.empty() && !has_fp16) s += "(dPPL n/a: fp16 is not among the methods)\n";
-  if (!rs.empty())
-    s += fmt::format("(protocol {}, seq_len {}, {} windows per text; eff.bits at context {} with codebooks amortized)\n",
-                     window_protocol_name(rs[0].ppl.protocol), rs[0].ppl.seq_len, rs[0].ppl.windows, rs[0].ppl.seq_len);
+  if (!rs.empty()) {
+    bool real = false;
+    for (const auto& r : rs) real |= r.kv_cache == "real";
+    const std::string decode =
+        rs[0].ppl.decode_from > 0 ? fmt::format(", tokens from {} on decoded one per step", rs[0].ppl.decode_from) : "";
+    s += fmt::format("(protocol {}, seq_len {}, {} windows per text{}{}; eff.bits at context {} with codebooks "
+                     "amortized)\n",
+                     window_protocol_name(rs[0].ppl.protocol), rs[0].ppl.seq_len, rs[0].ppl.windows, decode,
+                     real ? ", vq/antkv through the real compressed cache" : "", rs[0].ppl.seq_len);
+  }
   return s;
 }
 
@@ -156,7 +164,8 @@ std::string results_json(const std::vector<MethodResult>& rs, const Recipe& reci
                    {"nominal_bits", r.method.nominal_bits()}, {"effective_bits", r.effective_bits},
                    {"effective_bits_without_codebooks", r.effective_bits_no_codebooks},
                    {"protocol", window_protocol_name(r.ppl.protocol)}, {"seq_len", r.ppl.seq_len},
-                   {"windows", r.ppl.windows}, {"ppl", r.ppl.ppl},
+                   {"windows", r.ppl.windows}, {"decode_from", r.ppl.decode_from}, {"kv_cache", r.kv_cache},
+                   {"ppl", r.ppl.ppl},
                    {"delta_ppl", std::isfinite(r.delta_ppl) ? json(r.delta_ppl) : json(nullptr)},
                    {"nll_per_window", r.ppl.nll_per_window}, {"seconds", r.ppl.seconds},
                    {"tokens_per_second", r.ppl.tokens_per_second}});

@@ -69,6 +69,7 @@ PerplexityResult evaluate_perplexity(Runtime& rt, const std::vector<int32_t>& id
   PerplexityResult r;
   r.protocol = o.protocol;
   r.seq_len = o.seq_len;
+  r.decode_from = o.decode_from;
   r.first_window = o.first_window;
   r.windows_available = count_windows(static_cast<int64_t>(ids.size()), o.seq_len, o.protocol);
   ANTKV_CHECK(r.windows_available > 0, "the text has {} tokens: not enough for one window of {}", ids.size(),

@@ -51,6 +51,7 @@ struct PerplexityOptions {
 struct PerplexityResult {
   WindowProtocol protocol = WindowProtocol::kBosWindow;
   int seq_len = 0;
+  int decode_from = 0;               // the options' decode_from (0: windows prefilled)
   int64_t first_window = 0;
   int64_t windows = 0;               // evaluated
   int64_t windows_available = 0;     // in the whole text
