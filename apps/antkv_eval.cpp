@@ -356,6 +356,17 @@ ModelConfig shape_config(const std::string& shape) {
   return c;
 }
 
+// --json proved writable (and not clobbered without --force) before any work
+void check_json_output(const BenchArgs& a) {
+  if (a.json_out.empty()) return;
+  OutputCheck outputs;
+  outputs.output(a.json_out, "--json", a.force);
+  outputs.check();
+}
+ModelConfig bench_config(const BenchArgs& a) {
+  return a.model.empty() ? shape_config(a.shape) : load_model_config(a.model + "/config.json");
+}
+
 #ifdef ANTKV_HAVE_CUDA
 nlohmann::json method_point_json(const cuda::MethodDecodePoint& p) {
   return {{"method", p.method}, {"batch", p.batch}, {"context", p.context}, {"largest_batch", p.equal_memory},
@@ -368,12 +379,8 @@ nlohmann::json method_point_json(const cuda::MethodDecodePoint& p) {
 
 int run_method_bench_cmd(const BenchArgs& a, bool max_context) {
 #ifdef ANTKV_HAVE_CUDA
-  if (!a.json_out.empty()) {
-    OutputCheck outputs;
-    outputs.output(a.json_out, "--json", a.force);
-    outputs.check();
-  }
-  const ModelConfig cfg = a.model.empty() ? shape_config(a.shape) : load_model_config(a.model + "/config.json");
+  check_json_output(a);
+  const ModelConfig cfg = bench_config(a);
   for (const auto& m : a.methods) (void)cuda::parse_bench_method(m);  // every error before any work
   auto say = [](const std::string& s) { std::fprintf(stderr, "%s\n", s.c_str()); };
   nlohmann::json j;
@@ -416,12 +423,8 @@ int run_method_bench_cmd(const BenchArgs& a, bool max_context) {
 int run_bench(const BenchArgs& a) {
   if (!a.methods.empty()) return run_method_bench_cmd(a, false);
 #ifdef ANTKV_HAVE_CUDA
-  if (!a.json_out.empty()) {
-    OutputCheck outputs;
-    outputs.output(a.json_out, "--json", a.force);
-    outputs.check();
-  }
-  const ModelConfig cfg = a.model.empty() ? shape_config(a.shape) : load_model_config(a.model + "/config.json");
+  check_json_output(a);
+  const ModelConfig cfg = bench_config(a);
   cuda::KernelBenchOptions o;
   o.decode_batches = a.batches;
   o.decode_contexts = a.contexts;

@@ -84,25 +84,8 @@ E2EPoint bench_e2e(int B, int ctx, const KernelBenchOptions& o, const ModelConfi
   }
   GpuRuntime rt(cfg, o.seed, ro);
   rt.fill_kv_random(o.seed + 1);
-  rt.set_batch_lengths(std::vector<int>(B, ctx));
-  std::vector<int32_t> tok(B), next;
-  for (int b = 0; b < B; ++b) tok[b] = (1 + 7919 * b) % cfg.vocab_size;
-  auto run = [&](bool graphs) {
-    rt.set_use_graphs(graphs);
-    rt.set_batch_lengths(std::vector<int>(B, ctx));
-    for (int i = 0; i < warm; ++i) {
-      rt.decode_batch(tok, nullptr, &next);
-      tok = next;
-    }
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < steps; ++i) {
-      rt.decode_batch(tok, nullptr, &next);
-      tok = next;
-    }
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e3 / steps;
-  };
-  r.ms_per_step_eager = run(false);
-  r.ms_per_step = run(true);
+  r.ms_per_step_eager = time_decode_steps(rt, B, ctx, warm, steps, cfg.vocab_size, false);
+  r.ms_per_step = time_decode_steps(rt, B, ctx, warm, steps, cfg.vocab_size, true);
   r.ran = true;
   r.tokens_per_s = B / (r.ms_per_step * 1e-3);
   const double mean_ctx = ctx + warm + steps / 2.0;
@@ -178,6 +161,23 @@ DecodeAttnPoint bench_flash_decode(int B, int ctx, int H, int Hkv, int d, int wa
   return r;
 }
 
+
+double time_decode_steps(GpuRuntime& rt, int B, int ctx, int warm, int steps, int vocab, bool graphs) {
+  std::vector<int32_t> tok(B), next;
+  for (int b = 0; b < B; ++b) tok[b] = (1 + 7919 * b) % vocab;
+  rt.set_use_graphs(graphs);
+  rt.set_batch_lengths(std::vector<int>(B, ctx));
+  for (int i = 0; i < warm; ++i) {
+    rt.decode_batch(tok, nullptr, &next);
+    tok = next;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < steps; ++i) {
+    rt.decode_batch(tok, nullptr, &next);
+    tok = next;
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e3 / steps;
+}
 
 ModelConfig llama3_8b_shape_config() {
   ModelConfig c;

@@ -11,6 +11,10 @@
 
 #include "model/model_config.h"
 
+namespace antkv {
+class GpuRuntime;
+}
+
 namespace antkv::cuda {
 
 struct DecodeAttnPoint {
@@ -65,6 +69,9 @@ struct KernelBenchResult {
 
 // LLaMA-3-8B's shapes: 32 layers, hidden 4096, 32/8 heads, head_dim 128, FFN 14336, vocab 128256.
 ModelConfig llama3_8b_shape_config();
+// Mean ms of one decode step of sequences 0..B-1 (each set to ctx tokens first) over `steps` after `warm`
+// steps, host-timed (greedy ids fed back), CUDA graphs on or off.
+double time_decode_steps(GpuRuntime& rt, int B, int ctx, int warm, int steps, int vocab, bool graphs);
 double measure_copy_bandwidth_gbps(size_t bytes = size_t{2} << 30, int iters = 10);
 KernelBenchResult run_kernel_bench(const KernelBenchOptions& opt,
                                    const std::function<void(const std::string&)>& log = {});

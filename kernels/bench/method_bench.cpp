@@ -81,24 +81,6 @@ std::unique_ptr<GpuRuntime> make_runtime(const ModelConfig& cfg, const BenchMeth
   return rt;
 }
 
-// Mean ms of one decode step over `steps` (after `warm`), graphs on.
-double time_decode(GpuRuntime& rt, int B, int ctx, int warm, int steps, int vocab) {
-  std::vector<int32_t> tok(B), next;
-  for (int b = 0; b < B; ++b) tok[b] = (1 + 7919 * b) % vocab;
-  rt.set_use_graphs(true);
-  rt.set_batch_lengths(std::vector<int>(B, ctx));
-  for (int i = 0; i < warm; ++i) {
-    rt.decode_batch(tok, nullptr, &next);
-    tok = next;
-  }
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < steps; ++i) {
-    rt.decode_batch(tok, nullptr, &next);
-    tok = next;
-  }
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e3 / steps;
-}
-
 // The compressed cache's attention over every layer (layer after layer, so no step finds its codes in L2).
 double time_compressed_attention(const ModelConfig& cfg, GpuCompressedKvCache& cache, int B, int ctx, int iters,
                                  double* bytes) {
@@ -152,7 +134,7 @@ MethodDecodePoint bench_point(const ModelConfig& cfg, const BenchMethod& m, int 
     return r;
   }
   auto rt = make_runtime(cfg, m, B, capacity, o.seed);
-  r.ms_per_step = time_decode(*rt, B, ctx, warm, steps, cfg.vocab_size);
+  r.ms_per_step = time_decode_steps(*rt, B, ctx, warm, steps, cfg.vocab_size, true);
   const double weights = static_cast<double>(rt->step_weight_bytes());
   r.tokens_per_s = B / (r.ms_per_step * 1e-3);
   if (m.compressed) {
@@ -252,7 +234,7 @@ std::vector<MaxContextPoint> run_max_context(const ModelConfig& cfg, const std::
       try {
         auto rt = make_runtime(cfg, m, 1, cap, 1);
         const int steps = 4;
-        p.ms_per_step = time_decode(*rt, 1, cap - steps - 3, 2, steps, cfg.vocab_size);
+        p.ms_per_step = time_decode_steps(*rt, 1, cap - steps - 3, 2, steps, cfg.vocab_size, true);
         p.tokens_per_s = 1e3 / p.ms_per_step;
         p.context = cap - 1;
         p.cache_gib = sequence_cache_bytes(cfg, m, cap) / 1073741824.0;

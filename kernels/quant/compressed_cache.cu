@@ -344,25 +344,8 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
         prefill_ints_.get(), T, KV, seq, capacity_, L.code_pos.get());
     ANTKV_LAUNCH_CHECK("prefill_code_pos_kernel");
   }
-  cuda::QuantizeParams qp;
-  qp.config = config_;
-  qp.n_tokens = T;
-  qp.n_kv_heads = KV;
-  qp.head_dim = d_;
-  qp.x_type = cuda::ElemType::kF16;
-  qp.x_row_stride = static_cast<int64_t>(KV) * d_;
-  qp.seq_index = prefill_ints_.get() + slots.size();
-  qp.slot_per_head = prefill_ints_.get();
-  qp.batch = max_batch_;
-  qp.capacity = capacity_;
-  qp.x = pre_ ? prefill_kpre_.get() : prefill_k_.get();  // the code stream holds pre-RoPE keys when pre
-  qp.centroids = L.k_cent.get();
-  qp.codes = L.k_codes.get();
-  cuda::quantize_kv(qp, stream);
-  qp.x = prefill_v_.get();
-  qp.centroids = L.v_cent.get();
-  qp.codes = L.v_codes.get();
-  cuda::quantize_kv(qp, stream);
+  quantize_pair(L, T, pre_ ? prefill_kpre_.get() : prefill_k_.get(),  // the code stream holds pre-RoPE keys when pre
+                prefill_v_.get(), prefill_ints_.get() + slots.size(), nullptr, prefill_ints_.get(), stream);
   if (A > 0) {
     AnchorGatherArgs g;
     g.sk = prefill_k_.get(), g.sv = prefill_v_.get();
@@ -374,6 +357,31 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
   }
   // prefill_h_ and the device ints are reused by the next layer
   ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+void GpuCompressedKvCache::quantize_pair(Layer& L, int n_tokens, const __half* k, const __half* v,
+                                         const int32_t* seq_index, const int32_t* slot, const int32_t* slot_per_head,
+                                         cudaStream_t stream) {
+  cuda::QuantizeParams qp;
+  qp.config = config_;
+  qp.n_tokens = n_tokens;
+  qp.n_kv_heads = n_kv_;
+  qp.head_dim = d_;
+  qp.x_type = cuda::ElemType::kF16;
+  qp.x_row_stride = static_cast<int64_t>(n_kv_) * d_;
+  qp.seq_index = seq_index;
+  qp.slot = slot;
+  qp.slot_per_head = slot_per_head;
+  qp.batch = max_batch_;
+  qp.capacity = capacity_;
+  qp.x = k;
+  qp.centroids = L.k_cent.get();
+  qp.codes = L.k_codes.get();
+  cuda::quantize_kv(qp, stream);
+  qp.x = v;
+  qp.centroids = L.v_cent.get();
+  qp.codes = L.v_codes.get();
+  cuda::quantize_kv(qp, stream);
 }
 
 void GpuCompressedKvCache::commit_prefill(int seq, int T) {
@@ -475,25 +483,9 @@ void GpuCompressedKvCache::append(int layer, int B, const float* k, const float*
   }
   window_append_kernel<<<dim3(B, n_kv_), 128, 0, stream>>>(a);
   ANTKV_LAUNCH_CHECK("window_append_kernel");
-  cuda::QuantizeParams qp;
-  qp.config = config_;
-  qp.n_tokens = B;
-  qp.n_kv_heads = n_kv_;
-  qp.head_dim = d_;
-  qp.x_type = cuda::ElemType::kF16;
-  qp.x_row_stride = static_cast<int64_t>(n_kv_) * d_;
-  qp.seq_index = step_d_.get() + 6 * max_batch_;
-  qp.slot = step_d_.get() + 2 * max_batch_;  // -1: nothing leaves the window this step
-  qp.batch = max_batch_;
-  qp.capacity = capacity_;
-  qp.x = stage_k_.get();
-  qp.centroids = L.k_cent.get();
-  qp.codes = L.k_codes.get();
-  cuda::quantize_kv(qp, stream);
-  qp.x = stage_v_.get();
-  qp.centroids = L.v_cent.get();
-  qp.codes = L.v_codes.get();
-  cuda::quantize_kv(qp, stream);
+  quantize_pair(L, B, stage_k_.get(), stage_v_.get(), step_d_.get() + 6 * max_batch_,
+                step_d_.get() + 2 * max_batch_,  // code slots: -1 where nothing leaves the window this step
+                nullptr, stream);
 }
 
 void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, bf16* out,

@@ -116,8 +116,12 @@ class GpuCompressedKvCache {
   void poison();
 
  private:
-  void allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio, bool pre_rope);
   struct Layer;
+  void allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio, bool pre_rope);
+  // K then V of n_tokens fp16 rows [n_tokens, kv_heads, head_dim] into layer L's code streams (quantize_kv:
+  // slot per token, or slot_per_head)
+  void quantize_pair(Layer& L, int n_tokens, const __half* k, const __half* v, const int32_t* seq_index,
+                     const int32_t* slot, const int32_t* slot_per_head, cudaStream_t stream);
   std::string name_;
   cuda::VqConfig config_ = cuda::VqConfig::kC8B8;
   int n_layers_ = 0, n_kv_ = 0, d_ = 0, rec_ = 0, ng_ = 0, k_count_ = 0;
