@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include <Eigen/Core>
+#include <Eigen/Dense>
 
 #include "anchor/anchor_scores.h"
 #include "calibrate/calibrate.h"
@@ -69,6 +70,15 @@ TEST_CASE("effective bits by hand", "[quant]") {
   // gain=k: an fp16 norm per quantized key and head, 16 / 128 = 0.125 bit per key channel (no anchors: vq)
   CHECK(effective_bits(parse_method("vq:bits=1,gain=k", r), 2048, 128, false) == Approx((1 + 0.125 + 1) / 2));
   CHECK(effective_bits(parse_method("vq:bits=1,gain=kv", r), 2048, 128, false) == Approx(1.125));
+  // rotate=pca: per head and tensor an fp16 128 x 128 basis and 128-mean, with the codebooks: (128 + 1) x 16 / 2048
+  CHECK(effective_bits(parse_method("vq:bits=1,rotate=pca", r), 2048, 128) == Approx(1 + (256 + 129) * 16.0 / 2048));
+  CHECK(effective_bits(parse_method("vq:bits=1,rotate=pca", r), 2048, 128, false) == Approx(1.0));
+  // unequal K/V widths at 1 bit on average: keys c8b10 (1.25), values c16b12 (0.75); 1.5 = c8b12, 0.25 = c32b8
+  CHECK(effective_bits(parse_method("vq:kbits=1.25,vbits=0.75", r), 2048, 128, false) == Approx(1.0));
+  CHECK(effective_bits(parse_method("vq:kbits=1.25,vbits=0.75", r), 2048, 128) ==
+        Approx(1.0 + (1024 + 4096) * 16.0 / 2048 / 2));
+  CHECK(parse_method("vq:kbits=1.5,vbits=0.25", r).keys.b == 12);
+  CHECK(parse_method("vq:kbits=1.5,vbits=0.25", r).values.c == 32);
   // anchors=v with gain=k: every key is quantized and carries a norm; values as antkv's
   CHECK(effective_bits(parse_method("antkv:bits=1,anchors=v,gain=k", r), 2048, 128, false) ==
         Approx((1.125 + anchored) / 2));
@@ -125,7 +135,7 @@ TEST_CASE("method strings: kinds, options, errors", "[quant]") {
   CHECK(gv.gain_values());
   CHECK(gv.codebook_file() == "k-c8b8_v-c8b8_none_all_post_gkv.h5");
   CHECK_THROWS_WITH(parse_method("antkv:gain=v", r), Contains("gain is off, k or kv") && Contains("\"v\""));
-  CHECK_THROWS_WITH(parse_method("antkv:gains=k", r), Contains("unknown option \"gains\"") && Contains("gain)"));
+  CHECK_THROWS_WITH(parse_method("antkv:gains=k", r), Contains("unknown option \"gains\"") && Contains("gain, rotate)"));
 }
 
 namespace {
@@ -503,13 +513,22 @@ TEST_CASE("effective bits from what the caches store: one prefill = the formula,
   // one prefill: the formula, with and without codebooks, for every kind
   for (const char* text : {"fp16", "uniform:bits=2,group=4,window=6", "vq", "antkv:ratio=0.1", "antkv:ratio=0.1,correct=on",
                            "antkv:ratio=0.1,anchors=v", "antkv:ratio=0.1,anchors=k,correct=on", "vq:gain=k",
-                           "antkv:ratio=0.1,gain=kv", "antkv:ratio=0.1,anchors=v,gain=k"}) {
+                           "antkv:ratio=0.1,gain=kv", "antkv:ratio=0.1,anchors=v,gain=k", "vq:rotate=pca",
+                           "antkv:ratio=0.1,anchors=v,gain=kv,rotate=pca"}) {
     INFO(text);
     const MethodSpec m = parse_method(text, r);
     std::shared_ptr<CodebookSet> books;
     if (m.needs_codebooks()) {
       books = std::make_shared<CodebookSet>(m.weighting == "anchor" ? *cb : *cb_plain);
       books->meta.gain = m.gain;
+      books->meta.rotate = m.rotate;
+      if (m.rotate != "off")
+        for (auto* side : {&books->keys, &books->values}) {
+          (*side)[0].rotation.assign(2 * 8 * 8, 0.0f);
+          for (int h = 0; h < 2; ++h)
+            for (int i = 0; i < 8; ++i) (*side)[0].rotation[h * 64 + i * 8 + (7 - i)] = 1.0f;  // a permutation
+          (*side)[0].mean.assign(2 * 8, 0.5f);
+        }
     }
     QuantizedKvCache c(cfg, m, books);
     prefill(c, T);
@@ -674,4 +693,78 @@ TEST_CASE("diagnostics: per-layer attention error with and without anchors, exac
   CHECK(off0.sink_mass < 0.5 * off0.sink_mass_ref);
   CHECK(std::fabs(on0.sink_mass / on0.sink_mass_ref - 1) < 0.1);
   CHECK(mean_on < mean_off);
+}
+
+// rotate=pca: the cache codes R (x - mean) with the codebooks and stores mean + R^T x_hat (gain: the norm of
+// R (x - mean) kept). Checked against the composition of the vq.h primitives, with a dense orthogonal R.
+TEST_CASE("rotated VQ cache: mean + R^T VQ(R (x - mean)), with gain-shape, refused for other codebooks", "[quant]") {
+  const ModelConfig cfg = tiny_config(2, 8);
+  auto cb = std::make_shared<CodebookSet>();
+  cb->meta = {"tiny", "", "", "post", "none", "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
+  cb->meta.exclude_anchors = false;
+  cb->meta.rotate = "pca";
+  std::mt19937 rng(29);
+  std::normal_distribution<float> nd;
+  Eigen::MatrixXd M = Eigen::MatrixXd::NullaryExpr(8, 8, [&]() { return double(nd(rng)); });
+  const Eigen::MatrixXd Q = Eigen::HouseholderQR<Eigen::MatrixXd>(M).householderQ();
+  for (auto* side : {&cb->keys, &cb->values}) {
+    side->resize(1);
+    LayerCodebooks& L = (*side)[0];
+    L.centroids.resize(2 * 2 * 4 * 4);
+    for (auto& x : L.centroids) x = nd(rng);
+    L.error_norm = {1.0f, 1.0f};
+    L.rotation.resize(2 * 64);
+    for (int h = 0; h < 2; ++h)
+      for (int i = 0; i < 8; ++i)
+        for (int c = 0; c < 8; ++c) L.rotation[h * 64 + i * 8 + c] = float(h == 0 ? Q(i, c) : Q(c, i));
+    L.mean.resize(16);
+    for (auto& x : L.mean) x = nd(rng);
+  }
+  const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
+  const int T = 25;
+  std::vector<float> k(T * 16), v(T * 16), q(T * 32);
+  for (auto* a : {&k, &v, &q})
+    for (auto& x : *a) x = nd(rng) * 2.0f;
+  for (const char* text : {"vq:rotate=pca", "vq:rotate=pca,gain=kv"}) {
+    INFO(text);
+    const MethodSpec m = parse_method(text, r);
+    auto books = std::make_shared<CodebookSet>(*cb);
+    books->meta.gain = m.gain;
+    QuantizedKvCache c(cfg, m, books);
+    c.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+    double worst = 0;
+    for (int side = 0; side < 2; ++side) {
+      const LayerCodebooks& L = side == 0 ? books->keys[0] : books->values[0];
+      const std::vector<float>& in = side == 0 ? k : v;
+      const float* out = side == 0 ? c.keys(0) : c.values(0);
+      for (int t = 0; t < T; ++t)
+        for (int h = 0; h < 2; ++h) {
+          std::vector<float> x(8), norm(1);
+          for (int ch = 0; ch < 8; ++ch) x[ch] = static_cast<float>(Eigen::half(in[t * 16 + h * 8 + ch]));
+          rotate_forward(L.rotation.data() + h * 64, L.mean.data() + h * 8, 8, x.data(), 1, 8);
+          if (m.gain != "off") gain_normalize(x.data(), 1, 8, 8, norm.data());
+          VqHeadCodebooks hc{L.centroids.data() + h * 32, 2, 4, 4};
+          vq_quantize(hc, x.data(), 1, 8, x.data());
+          if (m.gain != "off") gain_restore(x.data(), 1, 8, 8, norm.data());
+          rotate_inverse(L.rotation.data() + h * 64, L.mean.data() + h * 8, 8, x.data(), 1, 8);
+          for (int ch = 0; ch < 8; ++ch) {
+            CHECK(out[t * 16 + h * 8 + ch] == Approx(x[ch]).margin(1e-5));
+            worst = std::max(worst, double(std::abs(out[t * 16 + h * 8 + ch] - x[ch])));
+          }
+        }
+    }
+    WARN(text << ": worst difference from the reference composition " << worst);
+  }
+  // the rotation matters: without it (same codebooks, rotate=off) the cache differs
+  auto plain = std::make_shared<CodebookSet>(*cb);
+  plain->meta.rotate = "off";
+  QuantizedKvCache p(cfg, parse_method("vq", r), plain);
+  p.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+  QuantizedKvCache rc(cfg, parse_method("vq:rotate=pca", r), cb);
+  rc.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+  CHECK_FALSE(std::equal(p.keys(0), p.keys(0) + T * 16, rc.keys(0)));
+  // codebooks of the other configuration are refused, naming both
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq", r), cb), Contains("rotate=pca") && Contains("needs rotate=off"));
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq:rotate=pca", r), plain), Contains("needs rotate=pca"));
+  CHECK_THROWS_WITH(parse_method("vq:rotate=random", r), Contains("rotate is off or pca"));
 }

@@ -288,6 +288,10 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
                   "method {}: gain={} (gain-shape VQ) is not implemented on the GPU runtime; evaluate it with "
                   "eval.device: cpu",
                   m.text, m.gain);
+      ANTKV_CHECK(m.rotate == "off",
+                  "method {}: rotate={} (rotated VQ) is not implemented on the GPU runtime; evaluate it with "
+                  "eval.device: cpu",
+                  m.text, m.rotate);
       validate_codebooks();
       use_anchors_ = m.anchors && m.ratio > 0;
       if (use_anchors_) score_kind_ = parse_anchor_score_kind(m.score);

@@ -43,12 +43,12 @@ std::map<std::string, std::shared_ptr<const CodebookSet>> load_method_codebooks(
     const CodebookMeta& cm = set->meta;
     ANTKV_CHECK(cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b &&
                     cm.weighting == m.weighting && cm.exclude_anchors == m.exclude_anchors && cm.key_rope == m.key_rope &&
-                    cm.gain == m.gain,
-                "{}: codebooks for keys c{}b{}, values c{}b{}, weighting {}, anchors {} in training, key_rope {}, gain {}; "
-                "method {} needs c{}b{}, c{}b{}, {}, {}, {}, gain {}", p, cm.key_c, cm.key_b, cm.value_c, cm.value_b,
-                cm.weighting, cm.exclude_anchors ? "excluded" : "included", cm.key_rope, cm.gain, m.text, m.keys.c,
-                m.keys.b, m.values.c, m.values.b, m.weighting, m.exclude_anchors ? "excluded" : "included", m.key_rope,
-                m.gain);
+                    cm.gain == m.gain && cm.rotate == m.rotate,
+                "{}: codebooks for keys c{}b{}, values c{}b{}, weighting {}, anchors {} in training, key_rope {}, gain {}, "
+                "rotate {}; method {} needs c{}b{}, c{}b{}, {}, {}, {}, gain {}, rotate {}", p, cm.key_c, cm.key_b, cm.value_c,
+                cm.value_b, cm.weighting, cm.exclude_anchors ? "excluded" : "included", cm.key_rope, cm.gain, cm.rotate,
+                m.text, m.keys.c, m.keys.b, m.values.c, m.values.b, m.weighting,
+                m.exclude_anchors ? "excluded" : "included", m.key_rope, m.gain, m.rotate);
     books[m.codebook_file()] = std::move(set);
   }
   return books;
@@ -207,6 +207,7 @@ std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std
                            {"anchor.ratio", fmt::format("{}", m.ratio)}};
   // gain-shape codebooks only: the fingerprints of earlier codebook files stay valid
   if (m.gain != "off") fields.emplace_back("kmeans.gain", m.gain);
+  if (m.rotate != "off") fields.emplace_back("kmeans.rotate", m.rotate);
   return make_fingerprint(fields);
 }
 
@@ -280,6 +281,7 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
     rc.kmeans.weighting = m.weighting;
     rc.kmeans.exclude_anchors = m.exclude_anchors;
     rc.kmeans.gain = m.gain;
+    rc.kmeans.rotate = m.rotate;
     rc.key_rope = m.key_rope;
     rc.anchor.ratio = m.ratio;
     TrainCodebooksOptions to;

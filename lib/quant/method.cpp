@@ -8,8 +8,9 @@
 namespace antkv {
 
 std::string MethodSpec::codebook_file() const {
-  return fmt::format("k-c{}b{}_v-c{}b{}_{}{}_{}{}.h5", keys.c, keys.b, values.c, values.b, weighting,
-                     exclude_anchors ? "" : "_all", key_rope, gain == "off" ? "" : "_g" + gain);
+  return fmt::format("k-c{}b{}_v-c{}b{}_{}{}_{}{}{}.h5", keys.c, keys.b, values.c, values.b, weighting,
+                     exclude_anchors ? "" : "_all", key_rope, gain == "off" ? "" : "_g" + gain,
+                     rotate == "off" ? "" : "_r" + rotate);
 }
 
 std::string MethodSpec::anchors_name() const {
@@ -76,6 +77,9 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
       } else if (k == "gain") {
         ANTKV_CHECK(v == "off" || v == "k" || v == "kv", "method \"{}\": gain is off, k or kv, got \"{}\"", text, v);
         m.gain = v;
+      } else if (k == "rotate") {
+        ANTKV_CHECK(v == "off" || v == "pca", "method \"{}\": rotate is off or pca, got \"{}\"", text, v);
+        m.rotate = v;
       }
       else if (k == "correct") m.correct = on_off();
       else if (k == "exclude") m.exclude_anchors = on_off();
@@ -87,7 +91,7 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
       else if (k == "key_rope") {
         ANTKV_CHECK(v == "post" || v == "pre", "method \"{}\": key_rope is post or pre", text);
         m.key_rope = v;
-      } else fail("method \"{}\": unknown option \"{}\" (bits, kbits, vbits, anchors, weighting, ratio, score, key_rope, correct, exclude, gain)", text, k);
+      } else fail("method \"{}\": unknown option \"{}\" (bits, kbits, vbits, anchors, weighting, ratio, score, key_rope, correct, exclude, gain, rotate)", text, k);
     }
   }
   if (m.kind == "uniform") {
@@ -124,6 +128,7 @@ double effective_bits(const MethodSpec& m, int L, int d, bool include_codebooks)
     const int n_anchor = (is_keys ? m.anchor_keys : m.anchor_values) ? n_anchor_tokens : 0;
     double bits = ((L - n_anchor) * q.bits() * d + n_anchor * (16.0 * d + 32.0)) / (static_cast<double>(L) * d);
     if (include_codebooks) bits += static_cast<double>(1 << q.b) * 16.0 / L;  // 2^b x c fp16 per group of c channels
+    if (include_codebooks && m.rotate != "off") bits += (d + 1) * 16.0 / L;  // fp16 d x d basis and d-mean per head
     if (m.correct && is_keys) bits += (L - n_anchor) * 16.0 / (static_cast<double>(L) * d);  // fp16 error per key
     if (is_keys ? m.gain_keys() : m.gain_values())  // fp16 norm per quantized token and head
       bits += (L - n_anchor) * 16.0 / (static_cast<double>(L) * d);

@@ -13,6 +13,10 @@
 //     and only its direction is vector-quantized, with codebooks trained on unit vectors (a codebook
 //     configuration of its own: file name suffix _gk / _gkv, /meta attribute gain). The dequantized vector is
 //     norm * u / |u| for the concatenated centroid direction u, so every reconstructed norm is the original's.
+//   rotate=pca (ours): K and V coded in a learned centered basis per layer, head and tensor (quant/vq.h
+//     rotate_forward: mean and PCA basis with OPQ eigenvalue allocation over the groups), codebooks trained in that
+//     basis (a configuration of its own: file name suffix _rpca, /meta attribute rotate); mean and basis are fp16
+//     side information counted with the codebooks in effective bits. Combines with gain (norm of x - mean).
 // `vq` is antkv with anchors=off, weighting=none and codebooks trained on every calibration token (CQ knows
 // no anchors); antkv's codebooks leave the calibration anchors out (recipe kmeans.exclude_anchors; option
 // exclude=on|off). Ablations are antkv with one component off.
@@ -33,6 +37,7 @@ struct MethodSpec {
   bool anchors = true;          // any anchors (anchor_keys || anchor_values)
   bool anchor_keys = true, anchor_values = true;  // which tensors anchor tokens keep in FP16
   std::string gain = "off";     // off | k | kv: gain-shape (norm in fp16, direction quantized) keys / values
+  std::string rotate = "off";   // off | pca: coded in a learned centered, rotated basis (codebook configuration)
   std::string weighting = "anchor";
   bool exclude_anchors = true;  // codebooks trained without the calibration anchors (vq: false)
   double ratio = 0.01;
@@ -61,7 +66,8 @@ MethodSpec parse_method(const std::string& text, const Recipe& r);
 
 // Effective bits per channel (K and V averaged) at context length `context`, counting everything stored:
 // codes, FP16 anchors with their 32-bit indices (per anchored tensor), the FP16 window, scales/zero points,
-// gain-shape norms (fp16 per quantized token and head), and codebooks (fp16 centroids) amortized over the context. include_codebooks = false leaves the codebooks out.
+// gain-shape norms (fp16 per quantized token and head), and codebooks (with rotate=pca's fp16 mean and d x d basis per
+// layer, head and tensor) (fp16 centroids) amortized over the context. include_codebooks = false leaves the codebooks out.
 double effective_bits(const MethodSpec& m, int context, int head_dim, bool include_codebooks = true);
 
 }  // namespace antkv

@@ -46,6 +46,8 @@ QuantizedKvCache::QuantizedKvCache(const ModelConfig& cfg, const MethodSpec& m, 
     ANTKV_CHECK(cm.key_rope == m.key_rope, "method {}: codebooks are for {}-RoPE keys", m.text, cm.key_rope);
     ANTKV_CHECK(cm.gain == m.gain, "method {}: codebooks are for gain={} (unit-vector training), the method needs gain={}",
                 m.text, cm.gain, m.gain);
+    ANTKV_CHECK(cm.rotate == m.rotate, "method {}: codebooks are for rotate={}, the method needs rotate={}", m.text,
+                cm.rotate, m.rotate);
     ANTKV_CHECK(cm.num_layers == cfg.num_layers && cm.num_kv_heads == cfg.num_kv_heads && cm.head_dim == cfg.head_dim,
                 "method {}: codebook shapes do not match the model", m.text);
   }
@@ -75,22 +77,33 @@ void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const f
   const bool pre = method_.key_rope == "pre";
   // one head's n rows of one tensor: src/dst [n, row_] at the head's offset
   std::vector<float> unit, norms;
-  auto quantize_head = [&](const VqHeadCodebooks& hc, const float* src, float* dst, bool gain) {
-    if (!gain) return vq_quantize(hc, src, n, static_cast<int64_t>(row_), dst);
-    // gain-shape: fp16 norm + quantized unit direction, renormalized (see gain_restore)
+  const bool rotate = method_.rotate != "off";
+  auto quantize_head = [&](const VqHeadCodebooks& hc, const float* src, float* dst, bool gain, const float* rot,
+                           const float* mean) {
+    if (!gain && !rotate) return vq_quantize(hc, src, n, static_cast<int64_t>(row_), dst);
     unit.resize(static_cast<size_t>(n) * d), norms.resize(static_cast<size_t>(n));
     for (int64_t r = 0; r < n; ++r) std::copy_n(src + r * row_, d, unit.data() + r * d);
-    gain_normalize(unit.data(), n, d, d, norms.data());
+    if (rotate) rotate_forward(rot, mean, d, unit.data(), n, d);  // x' = R (x - mean)
+    // gain-shape: fp16 norm + quantized unit direction, renormalized (see gain_restore)
+    if (gain) gain_normalize(unit.data(), n, d, d, norms.data());
     vq_quantize(hc, unit.data(), n, d, unit.data());
-    gain_restore(unit.data(), n, d, d, norms.data());
+    if (gain) gain_restore(unit.data(), n, d, d, norms.data());
+    if (rotate) rotate_inverse(rot, mean, d, unit.data(), n, d);
     for (int64_t r = 0; r < n; ++r) std::copy_n(unit.data() + r * d, d, dst + r * row_);
+  };
+  auto rot_of = [&](const LayerCodebooks& c, int h) {
+    return rotate ? c.rotation.data() + static_cast<int64_t>(h) * d * d : nullptr;
+  };
+  auto mean_of = [&](const LayerCodebooks& c, int h) {
+    return rotate ? c.mean.data() + static_cast<int64_t>(h) * d : nullptr;
   };
   for (int h = 0; h < KV; ++h) {
     VqHeadCodebooks khc{kc.centroids.data() + static_cast<int64_t>(h) * kg * kk * method_.keys.c, kg, kk, method_.keys.c};
     VqHeadCodebooks vhc{vc.centroids.data() + static_cast<int64_t>(h) * vg * vk * method_.values.c, vg, vk, method_.values.c};
     quantize_head(khc, (pre ? k_pre : k_post) + static_cast<int64_t>(h) * d, kd + static_cast<int64_t>(h) * d,
-                  method_.gain_keys());
-    quantize_head(vhc, v + static_cast<int64_t>(h) * d, vd + static_cast<int64_t>(h) * d, method_.gain_values());
+                  method_.gain_keys(), rot_of(kc, h), mean_of(kc, h));
+    quantize_head(vhc, v + static_cast<int64_t>(h) * d, vd + static_cast<int64_t>(h) * d, method_.gain_values(),
+                  rot_of(vc, h), mean_of(vc, h));
   }
   if (pre) {  // rotate the dequantized pre-RoPE keys to their positions
     std::vector<int32_t> pos(static_cast<size_t>(n));
@@ -249,6 +262,8 @@ double QuantizedKvCache::stored_bits(bool include_codebooks) const {
     bits += (len - upto) * 2 * 16.0 * row;
     if (include_codebooks)  // 2^b centroids of c fp16 channels per group of c channels, per head
       bits += KV * 16.0 * d * ((1 << method_.keys.b) + (1 << method_.values.b));
+    if (include_codebooks && method_.rotate != "off")  // rotate=pca: fp16 d x d basis and d-mean per head and tensor
+      bits += 2.0 * KV * 16.0 * (static_cast<double>(d) * d + d);
   }
   return bits;
 }

@@ -71,3 +71,71 @@ void gain_restore(float* out, int64_t n, int64_t stride, int d, const float* nor
 }
 
 }  // namespace antkv
+
+#include <Eigen/Eigenvalues>
+#include <algorithm>
+#include <numeric>
+
+namespace antkv {
+
+void rotate_forward(const float* R, const float* mean, int d, float* x, int64_t n, int64_t stride) {
+#pragma omp parallel if (n * d * d > (1 << 20))
+  {
+    std::vector<float> tmp(static_cast<size_t>(d));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      float* row = x + r * stride;
+      for (int c = 0; c < d; ++c) tmp[c] = row[c] - mean[c];
+      for (int i = 0; i < d; ++i) {
+        const float* ri = R + static_cast<int64_t>(i) * d;
+        double s = 0;
+        for (int c = 0; c < d; ++c) s += static_cast<double>(ri[c]) * tmp[c];
+        row[i] = static_cast<float>(s);
+      }
+    }
+  }
+}
+
+void rotate_inverse(const float* R, const float* mean, int d, float* x, int64_t n, int64_t stride) {
+#pragma omp parallel if (n * d * d > (1 << 20))
+  {
+    std::vector<double> acc(static_cast<size_t>(d));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      float* row = x + r * stride;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int i = 0; i < d; ++i) {
+        const float* ri = R + static_cast<int64_t>(i) * d;
+        const double xi = row[i];
+        for (int c = 0; c < d; ++c) acc[c] += xi * ri[c];
+      }
+      for (int c = 0; c < d; ++c) row[c] = static_cast<float>(acc[c] + mean[c]);
+    }
+  }
+}
+
+void pca_rotation(const double* cov, int d, int c, float* R) {
+  Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> C(cov, d, d);
+  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(C);
+  const Eigen::VectorXd& lam = es.eigenvalues();  // increasing
+  const Eigen::MatrixXd& V = es.eigenvectors();   // columns
+  const int groups = d / c;
+  const double floor = std::max(lam.maxCoeff(), 1e-30) * 1e-12;
+  std::vector<double> logsum(static_cast<size_t>(groups), 0.0);
+  std::vector<int> fill(static_cast<size_t>(groups), 0);
+  for (int e = d - 1; e >= 0; --e) {  // decreasing eigenvalues
+    int best = -1;
+    for (int g = 0; g < groups; ++g) {
+      if (fill[g] == c) continue;
+      // an empty group first (its product is undefined), else the smallest product so far
+      if (best < 0 || (fill[g] == 0 && fill[best] > 0) ||
+          (fill[g] > 0 && fill[best] > 0 && logsum[g] < logsum[best]))
+        best = g;
+    }
+    logsum[best] += std::log(std::max(lam[e], floor));
+    const int row = best * c + fill[best]++;
+    for (int t = 0; t < d; ++t) R[static_cast<int64_t>(row) * d + t] = static_cast<float>(Eigen::half(static_cast<float>(V(t, e))));
+  }
+}
+
+}  // namespace antkv

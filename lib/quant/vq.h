@@ -31,3 +31,21 @@ void gain_normalize(float* x, int64_t n, int64_t stride, int d, float* norms);
 void gain_restore(float* out, int64_t n, int64_t stride, int d, const float* norms);
 
 }  // namespace antkv
+
+namespace antkv {
+
+// Rotated VQ (our option rotate=pca, not the paper's): each (layer, KV head, tensor) has a mean and an orthogonal
+// d x d basis learned from the calibration K/V; a head vector is coded as x' = R (x - mean) (R row-major: row i is
+// the i-th basis vector), and reconstructed as mean + R^T x'_hat. The basis is the covariance's eigenvectors,
+// grouped for product quantization by OPQ's eigenvalue allocation (Ge et al., CVPR 2013): eigenvalues in
+// decreasing order each go to the group of c channels (not yet full) whose product of eigenvalues is smallest,
+// so that the d/c codebooks see balanced variance, and the mean (centering) costs no centroids. Mean and basis
+// are stored in fp16 (rounded here) and counted with the codebooks in effective bits.
+// x: [n, stride] (the head's d channels at x + row * stride), transformed in place.
+void rotate_forward(const float* rotation, const float* mean, int d, float* x, int64_t n, int64_t stride);
+void rotate_inverse(const float* rotation, const float* mean, int d, float* x, int64_t n, int64_t stride);
+// cov: [d, d] symmetric (row-major, double), the weighted covariance of a head's vectors; c divides d.
+// Writes rotation [d, d] (fp16-rounded rows; group g is rows [g c, (g+1) c)).
+void pca_rotation(const double* cov, int d, int c, float* rotation);
+
+}  // namespace antkv
