@@ -34,8 +34,12 @@ MethodRuntimeFactory cpu_method_runtime_factory(const Checkpoint& ckpt, int thre
 std::map<std::string, std::shared_ptr<const CodebookSet>> load_method_codebooks(const std::vector<MethodSpec>& methods,
                                                                                const std::string& dir) {
   std::map<std::string, std::shared_ptr<const CodebookSet>> books;
-  for (const auto& m : methods) {
-    if (!m.needs_codebooks() || books.count(m.codebook_file())) continue;
+  std::vector<MethodSpec> files;  // one spec per codebook file (per-layer widths: one per width pair)
+  for (const auto& m : methods)
+    if (m.needs_codebooks())
+      for (const auto& s : m.codebook_specs()) files.push_back(s);
+  for (const auto& m : files) {
+    if (books.count(m.codebook_file())) continue;
     const std::string p = (fs::path(dir) / m.codebook_file()).string();
     ANTKV_CHECK(fs::exists(p), "method {}: codebook file {} not found (train it with antkv-train-codebook, or run "
                 "the whole pipeline with `antkv-eval run`)", m.text, p);
@@ -50,6 +54,22 @@ std::map<std::string, std::shared_ptr<const CodebookSet>> load_method_codebooks(
                 m.text, m.keys.c, m.keys.b, m.values.c, m.values.b, m.weighting,
                 m.exclude_anchors ? "excluded" : "included", m.key_rope, m.gain, m.rotate);
     books[m.codebook_file()] = std::move(set);
+  }
+  // per-layer widths: one set whose layer l holds the codebooks of layer l's configuration (meta of layer 0's file)
+  for (const auto& m : methods) {
+    if (!m.needs_codebooks() || !m.layered() || books.count(m.codebook_key())) continue;
+    auto merged = std::make_shared<CodebookSet>();
+    for (int l = 0; l < m.listed_layers(); ++l) {
+      MethodSpec s = m.codebook_specs().front();
+      s.keys = m.key_config(l), s.values = m.value_config(l);
+      const auto& src = books.at(s.codebook_file());
+      ANTKV_CHECK(l < static_cast<int>(src->keys.size()), "method {}: lists {} layers, the codebooks have {}", m.text,
+                  m.listed_layers(), src->keys.size());
+      if (l == 0) merged->meta = src->meta;
+      merged->keys.push_back(src->keys[l]);
+      merged->values.push_back(src->values[l]);
+    }
+    books[m.codebook_key()] = std::move(merged);
   }
   return books;
 }
@@ -72,7 +92,7 @@ std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOpt
     double fp16_ppl = NAN;
     const size_t text_begin = out.size();
     for (const auto& m : methods) {
-      std::shared_ptr<const CodebookSet> cb = m.needs_codebooks() ? books[m.codebook_file()] : nullptr;
+      std::shared_ptr<const CodebookSet> cb = m.needs_codebooks() ? books[m.codebook_key()] : nullptr;
       auto rt = o.make_runtime(m, cb);
       PerplexityOptions po;
       po.seq_len = r.eval.seq_len;
@@ -263,8 +283,12 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
   // 2. codebooks, one file per configuration the methods need
   std::set<std::string> done;
   std::map<std::string, std::string> dump_hashes;  // key_rope -> content hash: each dump read once, not per codebook set
-  for (const auto& m : methods) {
-    if (!m.needs_codebooks() || done.count(m.codebook_file())) continue;
+  std::vector<MethodSpec> files;  // one spec per codebook file (per-layer widths: one per width pair)
+  for (const auto& m : methods)
+    if (m.needs_codebooks())
+      for (const auto& s : m.codebook_specs()) files.push_back(s);
+  for (const auto& m : files) {
+    if (done.count(m.codebook_file())) continue;
     done.insert(m.codebook_file());
     const std::string path = (fs::path(r.out_dir) / "codebooks" / m.codebook_file()).string();
     auto h = dump_hashes.find(m.key_rope);

@@ -3,6 +3,8 @@
 //   uniform:bits=2,group=128,window=0          KIVI-style: keys per channel, values per token
 //   vq:bits=1                                  CQ-style: plain k-means codebooks, no anchors
 //   antkv:bits=1                               weighted codebooks + anchors (the paper's method)
+//   rsq:bits=1,key_rope=post                   ours, a training-free baseline: random Hadamard rotation, fp16 norm and
+//                                              per-coordinate Lloyd-Max levels (quant/vq.h rsq_quantize), bits 1-4
 // Options of vq/antkv: bits (both K and V; or kbits=, vbits=), anchors=kv|k|v|off (on = kv), weighting=anchor|none,
 // ratio=0.01, score=error_bound|attention_mass|key_bound|random|recent, key_rope=post|pre, correct=on|off,
 // gain=off|k|kv.
@@ -22,6 +24,7 @@
 // exclude=on|off). Ablations are antkv with one component off.
 #pragma once
 #include <string>
+#include <vector>
 
 #include "recipe/recipe.h"
 
@@ -29,7 +32,7 @@ namespace antkv {
 
 struct MethodSpec {
   std::string text;            // as written
-  std::string kind;            // fp16 | uniform | vq | antkv
+  std::string kind;            // fp16 | uniform | vq | antkv | rsq
   // uniform
   int bits = 2, group = 128, window = 0;
   // vq / antkv
@@ -48,6 +51,22 @@ struct MethodSpec {
   // against exact (anchor) keys. Option correct=on.
   bool correct = false;
 
+  // Per-layer budgets (ours): lkbits= / lvbits= give every layer its key / value width ('/'-separated named
+  // widths, one per layer: lkbits=1/1/1/1/1.25/1.5), lratio= every layer's anchor ratio (lratio=0.02/0.01/...).
+  // Empty: every layer takes keys / values / ratio. A width list needs one codebook file per distinct (key, value)
+  // width pair of its layers (codebook_specs()).
+  std::vector<VqConfig> layer_keys, layer_values;
+  std::vector<double> layer_ratio;
+  bool layered() const { return !layer_keys.empty(); }
+  VqConfig key_config(int l) const { return layer_keys.empty() ? keys : layer_keys.at(static_cast<size_t>(l)); }
+  VqConfig value_config(int l) const { return layer_values.empty() ? values : layer_values.at(static_cast<size_t>(l)); }
+  double ratio_of(int l) const { return layer_ratio.empty() ? ratio : layer_ratio.at(static_cast<size_t>(l)); }
+  int listed_layers() const;  // the length of the per-layer lists (0: none)
+  // The specs (one per codebook file; lists cleared, keys / values set) whose codebooks this method reads.
+  std::vector<MethodSpec> codebook_specs() const;
+  // The name of this method's codebook set in load_method_codebooks' map: codebook_file(), or for per-layer widths
+  // "layers:" + the files of its layers.
+  std::string codebook_key() const;
   bool gain_keys() const { return gain == "k" || gain == "kv"; }
   bool gain_values() const { return gain == "kv"; }
   // anchors as written in options: kv | k | v | off

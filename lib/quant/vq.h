@@ -3,6 +3,7 @@
 // its nearest centroid among the 2^b of codebook g.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace antkv {
 
@@ -47,5 +48,22 @@ void rotate_inverse(const float* rotation, const float* mean, int d, float* x, i
 // cov: [d, d] symmetric (row-major, double), the weighted covariance of a head's vectors; c divides d.
 // Writes rotation [d, d] (fp16-rounded rows; group g is rows [g c, (g+1) c)).
 void pca_rotation(const double* cov, int d, int c, float* rotation);
+
+}  // namespace antkv
+
+namespace antkv {
+
+// Rotated scalar quantization (method kind rsq: a training-free baseline in the manner of TurboQuant, Zandieh et
+// al. 2025, and QuaRot): a head vector x is rotated by y = H S x / sqrt(d) (S random signs from a fixed seed per
+// layer, tensor and head, H the Walsh-Hadamard matrix; d a power of 2), its norm |y| = |x| is stored in fp16,
+// each coordinate of sqrt(d) y / |y| (close to N(0, 1) after the rotation) is rounded to the nearest of the 2^bits
+// Lloyd-Max levels of the standard normal, and the reconstruction is renormalized to the stored norm (as gain-shape)
+// and rotated back. bits in [1, 4]; bits + 16 / d stored bits per channel.
+// The Lloyd-Max levels of N(0, 1) for `bits` (increasing; symmetric), computed once.
+const std::vector<float>& lloyd_max_gaussian(int bits);
+// x: [n, stride] (the head's d channels at x + row * stride), quantized in place; signs: [d] of +-1.
+void rsq_quantize(float* x, int64_t n, int64_t stride, int d, int bits, const float* signs);
+// The fixed signs of (layer, tensor 0 keys / 1 values, head).
+std::vector<float> rsq_signs(int d, int layer, int tensor, int head);
 
 }  // namespace antkv
