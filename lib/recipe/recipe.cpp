@@ -226,7 +226,7 @@ std::vector<std::string> expand_widths(const std::vector<std::string>& methods, 
       ANTKV_CHECK(used == w.size(), "");
       vq_config_for_bits(bits);
     } catch (const std::exception&) {
-      fail("{}: key \"eval.widths\": \"{}\" is not one of the widths 4, 2, 1, 0.75, 0.5, 0.375", src, w);
+      fail("{}: key \"eval.widths\": \"{}\" is not one of the widths 4, 2, 1, 0.75, 0.5, 0.375, 1.5, 1.25, 0.25", src, w);
     }
     canonical.push_back(fmt::format("{}", bits));
   }
