@@ -248,3 +248,113 @@ TEST_CASE("VQ encode/decode: nearest centroid per group, exact round trip of cen
   vq_quantize(cb, out.data(), 2, 4, out.data());  // centroids quantize to themselves
   CHECK(out == std::vector<float>{1, 1, 3, -3, -1, 2, 0, 0});
 }
+
+TEST_CASE("train-codebook: rotate=pca - orthogonal fp16 basis, OPQ allocation, file round trip, less error on correlated K/V",
+          "[codebook]") {
+  // keys and values x = mean + A z with a dense mixing A of decaying scales: channels are correlated, so a
+  // learned basis spends the codebooks where the variance is and plain per-group VQ cannot
+  const int n = 3000, kv = 2, d = 16;
+  const std::string path = test::temp_dir() + "/correlated.h5";
+  {
+    CalibDumpWriter w(path, 1, kv, d);
+    std::mt19937 rng(7);
+    std::normal_distribution<float> nd(0, 1);
+    std::vector<int32_t> toks(n), pos(n), win(n);
+    for (int i = 0; i < n; ++i) toks[i] = i % 50, pos[i] = i % 100, win[i] = i / 100;
+    w.append_tokens(n, toks.data(), pos.data(), win.data());
+    std::vector<float> A(size_t(d) * d);
+    for (auto& a : A) a = nd(rng);
+    std::vector<float> k(size_t(n) * kv * d), v(k.size()), s(size_t(n) * kv, 1.0f);
+    for (auto* x : {&k, &v})
+      for (int i = 0; i < n * kv; ++i) {
+        std::vector<float> z(d);
+        for (int t = 0; t < d; ++t) z[t] = nd(rng) * std::pow(0.6f, float(t));
+        for (int c = 0; c < d; ++c) {
+          float acc = 3.0f + c;  // mean
+          for (int t = 0; t < d; ++t) acc += A[size_t(c) * d + t] * z[t];
+          (*x)[size_t(i) * d + c] = acc;
+        }
+      }
+    w.append_layer(0, n, k.data(), v.data(), s.data(), s.data(), s.data());
+    CalibMeta m;
+    m.config_hash = "synthetic";
+    m.key_rope = "post";
+    m.tokens = n;
+    m.num_layers = 1;
+    m.num_kv_heads = kv;
+    m.head_dim = d;
+    w.finish(m);
+  }
+  const std::vector<std::string> cfg = {"quant.keys.c=4", "quant.keys.b=3", "quant.values.c=4", "quant.values.b=3",
+                                        "kmeans.weighting=none", "kmeans.exclude_anchors=false"};
+  auto with = [&](const char* rot) { auto v = cfg; v.push_back(std::string("kmeans.rotate=") + rot); return v; };
+  const auto plain = train(path, with("off"));
+  const auto rot = train(path, with("pca"));
+  CHECK(plain.codebooks.keys[0].rotation.empty());
+  const auto& R = rot.codebooks.keys[0].rotation;
+  REQUIRE(R.size() == size_t(kv) * d * d);
+  REQUIRE(rot.codebooks.keys[0].mean.size() == size_t(kv) * d);
+  for (int h = 0; h < kv; ++h) {
+    const float* Rh = R.data() + size_t(h) * d * d;
+    // orthonormal rows up to the fp16 rounding of the entries
+    for (int i = 0; i < d; ++i)
+      for (int j = 0; j < d; ++j) {
+        double dot = 0;
+        for (int c = 0; c < d; ++c) dot += double(Rh[i * d + c]) * Rh[j * d + c];
+        CHECK(dot == Approx(i == j ? 1.0 : 0.0).margin(3e-3));
+      }
+    // the mean is the data's (3 + c)
+    for (int c = 0; c < d; ++c) CHECK(rot.codebooks.keys[0].mean[size_t(h) * d + c] == Approx(3.0f + c).margin(0.3));
+  }
+  // OPQ allocation: the d/c largest-variance directions lead the d/c groups (row g*c of each group), one each
+  {
+    CalibDumpReader dump(path);
+    std::vector<float> kk(size_t(n) * kv * d);
+    dump.read_keys(0, 0, n, kk.data());
+    std::vector<double> var(d, 0.0);
+    std::vector<float> row(d);
+    for (int i = 0; i < n; ++i) {
+      std::copy_n(kk.data() + size_t(i) * kv * d, d, row.data());  // head 0
+      rotate_forward(R.data(), rot.codebooks.keys[0].mean.data(), d, row.data(), 1, d);
+      for (int t = 0; t < d; ++t) var[t] += double(row[t]) * row[t] / n;
+    }
+    std::vector<double> sorted = var;
+    std::sort(sorted.rbegin(), sorted.rend());
+    for (int g = 0; g < d / 4; ++g) CHECK(var[g * 4] >= sorted[d / 4 - 1] * 0.999);
+    // within a group, decreasing variance
+    for (int g = 0; g < d / 4; ++g)
+      for (int t = 1; t < 4; ++t) CHECK(var[g * 4 + t] <= var[g * 4 + t - 1] * 1.001);
+  }
+  // the inverse undoes the forward transform up to the fp16 basis
+  {
+    std::vector<float> x(d), y(d);
+    for (int c = 0; c < d; ++c) x[c] = y[c] = 0.5f * c - 2.0f;
+    rotate_forward(R.data(), rot.codebooks.keys[0].mean.data(), d, y.data(), 1, d);
+    rotate_inverse(R.data(), rot.codebooks.keys[0].mean.data(), d, y.data(), 1, d);
+    for (int c = 0; c < d; ++c) CHECK(y[c] == Approx(x[c]).margin(2e-2));
+  }
+  INFO("held-out relative error keys: plain " << plain.layers[0].keys.relative << ", rotate " << rot.layers[0].keys.relative
+                                              << "; values: plain " << plain.layers[0].values.relative << ", rotate "
+                                              << rot.layers[0].values.relative);
+  CHECK(rot.layers[0].keys.relative < 0.8 * plain.layers[0].keys.relative);
+  CHECK(rot.layers[0].values.relative < 0.8 * plain.layers[0].values.relative);
+  // the file keeps the basis, the mean and the configuration; evaluation refuses the other configuration
+  CHECK(rot.codebooks.meta.rotate == "pca");
+  const std::string dir = test::temp_dir();
+  write_codebooks(dir + "/k-c4b3_v-c4b3_none_all_post_rpca.h5", rot.codebooks);
+  write_codebooks(dir + "/k-c4b3_v-c4b3_none_all_post.h5", rot.codebooks);  // rotated file under the plain name
+  const CodebookSet back = read_codebooks(dir + "/k-c4b3_v-c4b3_none_all_post_rpca.h5");
+  CHECK(back.meta.rotate == "pca");
+  CHECK(back.keys[0].rotation == rot.codebooks.keys[0].rotation);
+  CHECK(back.values[0].mean == rot.codebooks.values[0].mean);
+  const Recipe r = Recipe::defaults_with(cfg);
+  CHECK(load_method_codebooks({parse_method("vq:rotate=pca", r)}, dir).size() == 1);
+  CHECK_THROWS_WITH(load_method_codebooks({parse_method("vq", r)}, dir), Contains("rotate pca") && Contains("rotate off"));
+  CHECK_THROWS_WITH(train(path, with("svd")), Contains("kmeans.rotate"));
+  const std::string fp_off = codebook_fingerprint(r, parse_method("vq", r), "h");
+  const std::string fp_rot = codebook_fingerprint(r, parse_method("vq:rotate=pca", r), "h");
+  CHECK(fp_off != fp_rot);
+  CHECK_THAT(fingerprint_difference(fp_off, fp_rot), Contains("kmeans.rotate"));
+  CHECK(parse_method("vq:rotate=pca", r).codebook_file() == "k-c4b3_v-c4b3_none_all_post_rpca.h5");
+  CHECK(parse_method("vq:rotate=pca,gain=kv", r).codebook_file() == "k-c4b3_v-c4b3_none_all_post_gkv_rpca.h5");
+}

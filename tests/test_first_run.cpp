@@ -217,7 +217,7 @@ TEST_CASE("recipes: every shipped recipe compares methods beyond fp16, and needs
     const Recipe r = Recipe::load(e.path().string());
     std::set<std::string> kinds;
     for (const auto& m : r.eval.methods) kinds.insert(parse_method(m, r).kind);
-    CHECK(kinds == std::set<std::string>{"fp16", "uniform", "vq", "antkv"});
+    for (const char* k : {"fp16", "uniform", "vq", "antkv"}) CHECK(kinds.count(k) == 1);  // and rsq where listed
     CHECK(r.eval.methods.size() >= 5);
     // auto (or cpu): a shipped recipe runs on a machine without a GPU
     for (const auto* d : {&r.calibration.device, &r.kmeans.device, &r.eval.device}) CHECK(*d != "cuda");

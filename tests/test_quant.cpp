@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include <Eigen/Core>
+#include <Eigen/Dense>
 
 #include "anchor/anchor_scores.h"
 #include "calibrate/calibrate.h"
@@ -69,6 +70,15 @@ TEST_CASE("effective bits by hand", "[quant]") {
   // gain=k: an fp16 norm per quantized key and head, 16 / 128 = 0.125 bit per key channel (no anchors: vq)
   CHECK(effective_bits(parse_method("vq:bits=1,gain=k", r), 2048, 128, false) == Approx((1 + 0.125 + 1) / 2));
   CHECK(effective_bits(parse_method("vq:bits=1,gain=kv", r), 2048, 128, false) == Approx(1.125));
+  // rotate=pca: per head and tensor an fp16 128 x 128 basis and 128-mean, with the codebooks: (128 + 1) x 16 / 2048
+  CHECK(effective_bits(parse_method("vq:bits=1,rotate=pca", r), 2048, 128) == Approx(1 + (256 + 129) * 16.0 / 2048));
+  CHECK(effective_bits(parse_method("vq:bits=1,rotate=pca", r), 2048, 128, false) == Approx(1.0));
+  // unequal K/V widths at 1 bit on average: keys c8b10 (1.25), values c16b12 (0.75); 1.5 = c8b12, 0.25 = c32b8
+  CHECK(effective_bits(parse_method("vq:kbits=1.25,vbits=0.75", r), 2048, 128, false) == Approx(1.0));
+  CHECK(effective_bits(parse_method("vq:kbits=1.25,vbits=0.75", r), 2048, 128) ==
+        Approx(1.0 + (1024 + 4096) * 16.0 / 2048 / 2));
+  CHECK(parse_method("vq:kbits=1.5,vbits=0.25", r).keys.b == 12);
+  CHECK(parse_method("vq:kbits=1.5,vbits=0.25", r).values.c == 32);
   // anchors=v with gain=k: every key is quantized and carries a norm; values as antkv's
   CHECK(effective_bits(parse_method("antkv:bits=1,anchors=v,gain=k", r), 2048, 128, false) ==
         Approx((1.125 + anchored) / 2));
@@ -125,7 +135,7 @@ TEST_CASE("method strings: kinds, options, errors", "[quant]") {
   CHECK(gv.gain_values());
   CHECK(gv.codebook_file() == "k-c8b8_v-c8b8_none_all_post_gkv.h5");
   CHECK_THROWS_WITH(parse_method("antkv:gain=v", r), Contains("gain is off, k or kv") && Contains("\"v\""));
-  CHECK_THROWS_WITH(parse_method("antkv:gains=k", r), Contains("unknown option \"gains\"") && Contains("gain)"));
+  CHECK_THROWS_WITH(parse_method("antkv:gains=k", r), Contains("unknown option \"gains\"") && Contains("gain, rotate, lkbits, lvbits, lratio)"));
 }
 
 namespace {
@@ -503,13 +513,22 @@ TEST_CASE("effective bits from what the caches store: one prefill = the formula,
   // one prefill: the formula, with and without codebooks, for every kind
   for (const char* text : {"fp16", "uniform:bits=2,group=4,window=6", "vq", "antkv:ratio=0.1", "antkv:ratio=0.1,correct=on",
                            "antkv:ratio=0.1,anchors=v", "antkv:ratio=0.1,anchors=k,correct=on", "vq:gain=k",
-                           "antkv:ratio=0.1,gain=kv", "antkv:ratio=0.1,anchors=v,gain=k"}) {
+                           "antkv:ratio=0.1,gain=kv", "antkv:ratio=0.1,anchors=v,gain=k", "vq:rotate=pca",
+                           "antkv:ratio=0.1,anchors=v,gain=kv,rotate=pca", "rsq", "rsq:bits=3"}) {
     INFO(text);
     const MethodSpec m = parse_method(text, r);
     std::shared_ptr<CodebookSet> books;
     if (m.needs_codebooks()) {
       books = std::make_shared<CodebookSet>(m.weighting == "anchor" ? *cb : *cb_plain);
       books->meta.gain = m.gain;
+      books->meta.rotate = m.rotate;
+      if (m.rotate != "off")
+        for (auto* side : {&books->keys, &books->values}) {
+          (*side)[0].rotation.assign(2 * 8 * 8, 0.0f);
+          for (int h = 0; h < 2; ++h)
+            for (int i = 0; i < 8; ++i) (*side)[0].rotation[h * 64 + i * 8 + (7 - i)] = 1.0f;  // a permutation
+          (*side)[0].mean.assign(2 * 8, 0.5f);
+        }
     }
     QuantizedKvCache c(cfg, m, books);
     prefill(c, T);
@@ -674,4 +693,247 @@ TEST_CASE("diagnostics: per-layer attention error with and without anchors, exac
   CHECK(off0.sink_mass < 0.5 * off0.sink_mass_ref);
   CHECK(std::fabs(on0.sink_mass / on0.sink_mass_ref - 1) < 0.1);
   CHECK(mean_on < mean_off);
+}
+
+// rotate=pca: the cache codes R (x - mean) with the codebooks and stores mean + R^T x_hat (gain: the norm of
+// R (x - mean) kept). Checked against the composition of the vq.h primitives, with a dense orthogonal R.
+TEST_CASE("rotated VQ cache: mean + R^T VQ(R (x - mean)), with gain-shape, refused for other codebooks", "[quant]") {
+  const ModelConfig cfg = tiny_config(2, 8);
+  auto cb = std::make_shared<CodebookSet>();
+  cb->meta = {"tiny", "", "", "post", "none", "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
+  cb->meta.exclude_anchors = false;
+  cb->meta.rotate = "pca";
+  std::mt19937 rng(29);
+  std::normal_distribution<float> nd;
+  Eigen::MatrixXd M = Eigen::MatrixXd::NullaryExpr(8, 8, [&]() { return double(nd(rng)); });
+  const Eigen::MatrixXd Q = Eigen::HouseholderQR<Eigen::MatrixXd>(M).householderQ();
+  for (auto* side : {&cb->keys, &cb->values}) {
+    side->resize(1);
+    LayerCodebooks& L = (*side)[0];
+    L.centroids.resize(2 * 2 * 4 * 4);
+    for (auto& x : L.centroids) x = nd(rng);
+    L.error_norm = {1.0f, 1.0f};
+    L.rotation.resize(2 * 64);
+    for (int h = 0; h < 2; ++h)
+      for (int i = 0; i < 8; ++i)
+        for (int c = 0; c < 8; ++c) L.rotation[h * 64 + i * 8 + c] = float(h == 0 ? Q(i, c) : Q(c, i));
+    L.mean.resize(16);
+    for (auto& x : L.mean) x = nd(rng);
+  }
+  const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
+  const int T = 25;
+  std::vector<float> k(T * 16), v(T * 16), q(T * 32);
+  for (auto* a : {&k, &v, &q})
+    for (auto& x : *a) x = nd(rng) * 2.0f;
+  for (const char* text : {"vq:rotate=pca", "vq:rotate=pca,gain=kv"}) {
+    INFO(text);
+    const MethodSpec m = parse_method(text, r);
+    auto books = std::make_shared<CodebookSet>(*cb);
+    books->meta.gain = m.gain;
+    QuantizedKvCache c(cfg, m, books);
+    c.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+    double worst = 0;
+    for (int side = 0; side < 2; ++side) {
+      const LayerCodebooks& L = side == 0 ? books->keys[0] : books->values[0];
+      const std::vector<float>& in = side == 0 ? k : v;
+      const float* out = side == 0 ? c.keys(0) : c.values(0);
+      for (int t = 0; t < T; ++t)
+        for (int h = 0; h < 2; ++h) {
+          std::vector<float> x(8), norm(1);
+          for (int ch = 0; ch < 8; ++ch) x[ch] = static_cast<float>(Eigen::half(in[t * 16 + h * 8 + ch]));
+          rotate_forward(L.rotation.data() + h * 64, L.mean.data() + h * 8, 8, x.data(), 1, 8);
+          if (m.gain != "off") gain_normalize(x.data(), 1, 8, 8, norm.data());
+          VqHeadCodebooks hc{L.centroids.data() + h * 32, 2, 4, 4};
+          vq_quantize(hc, x.data(), 1, 8, x.data());
+          if (m.gain != "off") gain_restore(x.data(), 1, 8, 8, norm.data());
+          rotate_inverse(L.rotation.data() + h * 64, L.mean.data() + h * 8, 8, x.data(), 1, 8);
+          for (int ch = 0; ch < 8; ++ch) {
+            CHECK(out[t * 16 + h * 8 + ch] == Approx(x[ch]).margin(1e-5));
+            worst = std::max(worst, double(std::abs(out[t * 16 + h * 8 + ch] - x[ch])));
+          }
+        }
+    }
+    WARN(text << ": worst difference from the reference composition " << worst);
+  }
+  // the rotation matters: without it (same codebooks, rotate=off) the cache differs
+  auto plain = std::make_shared<CodebookSet>(*cb);
+  plain->meta.rotate = "off";
+  QuantizedKvCache p(cfg, parse_method("vq", r), plain);
+  p.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+  QuantizedKvCache rc(cfg, parse_method("vq:rotate=pca", r), cb);
+  rc.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+  CHECK_FALSE(std::equal(p.keys(0), p.keys(0) + T * 16, rc.keys(0)));
+  // codebooks of the other configuration are refused, naming both
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq", r), cb), Contains("rotate=pca") && Contains("needs rotate=off"));
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq:rotate=pca", r), plain), Contains("needs rotate=pca"));
+  CHECK_THROWS_WITH(parse_method("vq:rotate=random", r), Contains("rotate is off or pca"));
+}
+
+// rsq (training-free rotated scalar baseline): Lloyd-Max levels of N(0, 1), norms kept, error falling with bits,
+// the cache = rsq_quantize per head with the fixed signs, effective bits bits + 16 / d.
+TEST_CASE("rotated scalar quantization (rsq): Lloyd-Max levels, norms kept, cache and bits", "[quant]") {
+  const auto& l1 = lloyd_max_gaussian(1);
+  REQUIRE(l1.size() == 2);
+  CHECK(l1[1] == Approx(std::sqrt(2.0 / M_PI)).epsilon(1e-3));  // E|z| for z ~ N(0, 1)
+  CHECK(l1[0] == Approx(-l1[1]).epsilon(1e-4));
+  const auto& l2 = lloyd_max_gaussian(2);
+  CHECK(l2[2] == Approx(0.4528).epsilon(2e-3));
+  CHECK(l2[3] == Approx(1.5104).epsilon(2e-3));
+  CHECK(lloyd_max_gaussian(4).size() == 16);
+  // random vectors with unequal channel scales (d 64): norms within fp16, relative error falls with bits
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd;
+  const int d = 64, n = 400;
+  std::vector<float> x(size_t(n) * d);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = nd(rng) * (1.0f + (i % d) * 0.1f);
+  const std::vector<float> signs = rsq_signs(d, 0, 0, 0);
+  double prev = 1e9;
+  for (int bits = 1; bits <= 4; ++bits) {
+    std::vector<float> y = x;
+    rsq_quantize(y.data(), n, d, d, bits, signs.data());
+    double err = 0, norm = 0;
+    for (int r = 0; r < n; ++r) {
+      double a = 0, b = 0;
+      for (int c = 0; c < d; ++c) {
+        const double u = x[r * d + c], w = y[r * d + c];
+        a += u * u, b += w * w, err += (u - w) * (u - w);
+      }
+      CHECK(std::sqrt(b) == Approx(std::sqrt(a)).epsilon(1e-3));
+      norm += a;
+    }
+    const double rel = err / norm;
+    INFO("bits " << bits << ": relative error " << rel);
+    CHECK(rel < prev);
+    if (bits == 1) CHECK((rel > 0.25 && rel < 0.5));  // sign quantization: ~2 (1 - sqrt(2/pi)) = 0.40
+    if (bits == 4) CHECK(rel < 0.03);
+    prev = rel;
+  }
+  // the cache: each head and tensor through rsq_quantize with its fixed signs; pre-RoPE keys rotated after
+  const ModelConfig cfg = tiny_config(2, 8);
+  const Recipe r = Recipe::defaults_with({});
+  const int T = 20;
+  std::vector<float> kpre(T * 16), kpost(T * 16), v(T * 16), q(T * 32);
+  for (auto* a : {&kpre, &v, &q})
+    for (auto& z : *a) z = nd(rng);
+  const auto inv_freq = rope_inv_freq(cfg);
+  kpost = kpre;
+  std::vector<int32_t> pos(T);
+  std::iota(pos.begin(), pos.end(), 0);
+  rope_apply(kpost.data(), T, 2, 8, pos.data(), inv_freq.data());
+  for (const char* text : {"rsq:bits=2", "rsq:bits=2,key_rope=pre"}) {
+    INFO(text);
+    const MethodSpec m = parse_method(text, r);
+    CHECK_FALSE(m.needs_codebooks());
+    QuantizedKvCache c(cfg, m, nullptr);
+    c.append(KvAppend{0, T, 0, kpre.data(), kpost.data(), v.data(), q.data()});
+    std::vector<float> kr(T * 16), vr(T * 16);
+    for (int i = 0; i < T * 16; ++i)
+      kr[i] = static_cast<float>(Eigen::half(m.key_rope == "pre" ? kpre[i] : kpost[i])), vr[i] = static_cast<float>(Eigen::half(v[i]));
+    for (int h = 0; h < 2; ++h) {
+      rsq_quantize(kr.data() + h * 8, T, 16, 8, 2, rsq_signs(8, 0, 0, h).data());
+      rsq_quantize(vr.data() + h * 8, T, 16, 8, 2, rsq_signs(8, 0, 1, h).data());
+    }
+    if (m.key_rope == "pre") rope_apply(kr.data(), T, 2, 8, pos.data(), inv_freq.data());
+    for (int i = 0; i < T * 16; ++i) {
+      CHECK(c.keys(0)[i] == Approx(kr[i]).margin(1e-5));
+      CHECK(c.values(0)[i] == Approx(vr[i]).margin(1e-5));
+    }
+    CHECK(c.effective_bits(true) == Approx(2 + 16.0 / 8));
+  }
+  CHECK(effective_bits(parse_method("rsq", r), 2048, 128) == Approx(1.125));
+  CHECK_THROWS_WITH(parse_method("rsq:bits=5", r), Contains("rsq bits must be in [1, 4]"));
+  CHECK_THROWS_WITH(parse_method("rsq:anchors=v", r), Contains("unknown option \"anchors\" for rsq"));
+}
+
+// Per-layer budgets (lkbits / lvbits / lratio): each layer quantized exactly as a one-width cache of its own
+// configuration would; effective bits the mean over layers; stored bits = the formula; errors for bad lists.
+TEST_CASE("per-layer widths and anchor ratios: each layer as its own configuration, bits averaged over layers", "[quant]") {
+  const Recipe r = Recipe::defaults_with({});
+  // parsing
+  const MethodSpec m = parse_method("vq:bits=1,lkbits=1/2/0.5", r);
+  REQUIRE(m.listed_layers() == 3);
+  CHECK(m.key_config(1).c == 4);
+  CHECK(m.key_config(2).c == 16);
+  CHECK(m.value_config(2).c == 8);  // values: the base width on every layer
+  CHECK(m.codebook_specs().size() == 3);
+  CHECK(m.codebook_key() == "layers:k-c8b8_v-c8b8_none_all_post.h5/k-c4b8_v-c8b8_none_all_post.h5/k-c16b8_v-c8b8_none_all_post.h5");
+  CHECK(parse_method("antkv:lratio=0.02/0.0", r).codebook_specs().size() == 1);  // ratios: the same codebooks
+  CHECK_FALSE(parse_method("antkv:lratio=0.02/0.0", r).layered());
+  CHECK_THROWS_WITH(parse_method("vq:lkbits=1/2,lvbits=1/1/1", r), Contains("same number of layers"));
+  CHECK_THROWS_WITH(parse_method("vq:lkbits=1/3", r), Contains("no VQ configuration for 3 bits"));
+  CHECK_THROWS_WITH(parse_method("vq:lratio=0.01/0.02", r), Contains("vq has no anchors"));
+  CHECK_THROWS_WITH(parse_method("antkv:lratio=0.01/x", r), Contains("numbers separated by /"));
+  // effective bits by hand (d 128, context 2048, codebooks aside): layers at 1, 2 and 0.5 key bits, 1 value bit
+  CHECK(effective_bits(m, 2048, 128, false) == Approx(((1 + 1) / 2.0 + (2 + 1) / 2.0 + (0.5 + 1) / 2.0) / 3));
+  CHECK(m.nominal_bits() == Approx(1.0833333));
+  // with codebooks: 256 centroids per group on every layer and tensor: + 256 x 16 / 2048 per channel
+  CHECK(effective_bits(m, 2048, 128, true) == Approx(effective_bits(m, 2048, 128, false) + 2.0));
+  // anchor ratios per layer: 41 anchors (0.02) on layer 0, none on layer 1; both tensors anchored
+  const double a41 = ((2048 - 41) * 1.0 * 128 + 41 * (16.0 * 128 + 32)) / (2048.0 * 128);
+  CHECK(effective_bits(parse_method("antkv:bits=1,lratio=0.02/0", r), 2048, 128, false) == Approx((a41 + 1.0) / 2));
+
+  // the cache on a 2-layer model: layer 0 at c4b2 keys / c4b2 values, layer 1 at c8b3 keys / c4b2 values
+  ModelConfig cfg = tiny_config(2, 8);
+  cfg.num_layers = 2;
+  const Recipe rr = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
+  std::mt19937 rng(41);
+  std::normal_distribution<float> nd;
+  auto make = [&](int kc, int kb, int vc, int vb) {
+    auto cb = std::make_shared<CodebookSet>();
+    cb->meta = {"tiny", "", "", "post", "none", "test", "", "", "", kc, kb, vc, vb, 2, 2, 8};
+    cb->meta.exclude_anchors = false;
+    for (auto* side : {&cb->keys, &cb->values}) {
+      const int c = side == &cb->keys ? kc : vc, b = side == &cb->keys ? kb : vb;
+      side->resize(2);
+      for (auto& L : *side) {
+        L.centroids.resize(size_t(2) * (8 / c) * (1 << b) * c);
+        for (auto& x : L.centroids) x = nd(rng);
+        L.error_norm = {1.0f, 1.0f};
+      }
+    }
+    return cb;
+  };
+  auto small = make(4, 2, 4, 2), wide = make(8, 3, 4, 2);
+  // lkbits names widths; c8b3 is no named width, so the per-layer configurations are set on the spec directly
+  MethodSpec lm = parse_method("vq", rr);
+  lm.layer_keys = {VqConfig{4, 2}, VqConfig{8, 3}};
+  lm.layer_values = {VqConfig{4, 2}, VqConfig{4, 2}};
+  auto merged = std::make_shared<CodebookSet>(*small);
+  merged->keys[1] = wide->keys[1];
+  merged->values[1] = wide->values[1];
+  const int T = 24;
+  std::vector<float> k(T * 16), v(T * 16), q(T * 32);
+  for (auto* a : {&k, &v, &q})
+    for (auto& x : *a) x = nd(rng);
+  QuantizedKvCache c(cfg, lm, merged), c_small(cfg, parse_method("vq", rr), small);
+  MethodSpec wm = parse_method("vq", rr);
+  wm.keys = VqConfig{8, 3};
+  QuantizedKvCache c_wide(cfg, wm, wide);
+  for (int l = 0; l < 2; ++l)
+    for (QuantizedKvCache* x : {&c, &c_small, &c_wide}) x->append(KvAppend{l, T, 0, k.data(), k.data(), v.data(), q.data()});
+  CHECK(std::equal(c.keys(0), c.keys(0) + T * 16, c_small.keys(0)));
+  CHECK(std::equal(c.keys(1), c.keys(1) + T * 16, c_wide.keys(1)));
+  CHECK_FALSE(std::equal(c.keys(1), c.keys(1) + T * 16, c_small.keys(1)));
+  CHECK(std::equal(c.values(1), c.values(1) + T * 16, c_wide.values(1)));  // layer 1 values: the wide file's c4b2
+  CHECK(c.effective_bits(false) == Approx(effective_bits(lm, T, 8, false)).epsilon(1e-12));
+  CHECK(c.effective_bits(true) == Approx(effective_bits(lm, T, 8, true)).epsilon(1e-12));
+  // by hand: layer 0 keys 2 x 2 bits, layer 1 keys 1 x 3 bits per 8 channels; values 2 x 2 bits: (4 + 3 + 4 + 4) / 32
+  CHECK(c.effective_bits(false) == Approx(15.0 / 32));
+  // codebooks of the wrong shape for a layer are refused; a list of the wrong length too
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, lm, small), Contains("layer 1 key codebooks do not have the c8b3 shape"));
+  MethodSpec three = lm;
+  three.layer_keys.push_back(VqConfig{4, 2}), three.layer_values.push_back(VqConfig{4, 2});
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, three, merged), Contains("list 3 layers, the model has 2"));
+  // lratio: layer 1 without anchors equals vq-style coding there; layer 0 keeps its anchors
+  auto anc = make(4, 2, 4, 2);
+  anc->meta.weighting = "anchor";
+  anc->meta.exclude_anchors = true;
+  QuantizedKvCache ca(cfg, parse_method("antkv:ratio=0.1,lratio=0.1/0", rr), anc);
+  for (int l = 0; l < 2; ++l) ca.append(KvAppend{l, T, 0, k.data(), k.data(), v.data(), q.data()});
+  int a0 = 0, a1 = 0;
+  for (auto f : ca.anchor_flags(0)) a0 += f;
+  for (auto f : ca.anchor_flags(1)) a1 += f;
+  CHECK(a0 == 2 * 3);  // ceil(0.1 x 24) = 3 per head (position 0 among them)
+  CHECK(a1 == 0);
+  CHECK(ca.effective_bits(false) == Approx(effective_bits(parse_method("antkv:ratio=0.1,lratio=0.1/0", rr), T, 8, false)).epsilon(1e-12));
 }

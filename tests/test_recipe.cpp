@@ -23,7 +23,9 @@ std::string write_recipe(const std::string& text) {
 
 TEST_CASE("recipes: every shipped recipe loads and names a VQ configuration of the design note", "[recipe]") {
   // the design note's configurations (§3): 4 c2b8, 2 c4b8, 1 c8b8, 0.75 c16b12, 0.5 c16b8, 0.375 c16b6
-  const std::vector<std::pair<int, int>> named = {{2, 8}, {4, 8}, {8, 8}, {16, 12}, {16, 8}, {16, 6}};
+  // and ours for unequal K/V widths: 1.5 c8b12, 1.25 c8b10, 0.25 c32b8
+  const std::vector<std::pair<int, int>> named = {{2, 8}, {4, 8}, {8, 8}, {16, 12}, {16, 8}, {16, 6},
+                                                  {8, 12}, {8, 10}, {32, 8}};
   auto is_named = [&](const VqConfig& q) {
     return std::find(named.begin(), named.end(), std::make_pair(q.c, q.b)) != named.end();
   };

@@ -290,6 +290,14 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
                   "method {}: gain={} (gain-shape VQ) is not implemented on the GPU runtime; evaluate it with "
                   "eval.device: cpu",
                   m.text, m.gain);
+      ANTKV_CHECK(m.listed_layers() == 0,
+                  "method {}: per-layer widths or anchor ratios (lkbits, lvbits, lratio) are not implemented on the GPU "
+                  "runtime; evaluate it with eval.device: cpu",
+                  m.text);
+      ANTKV_CHECK(m.rotate == "off",
+                  "method {}: rotate={} (rotated VQ) is not implemented on the GPU runtime; evaluate it with "
+                  "eval.device: cpu",
+                  m.text, m.rotate);
       validate_codebooks();
       use_anchors_ = m.anchors && m.ratio > 0;
       if (use_anchors_) score_kind_ = parse_anchor_score_kind(m.score);
@@ -301,6 +309,9 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
         upload(kcent_[l], cb_->keys[l].centroids);
         upload(vcent_[l], cb_->values[l].centroids);
       }
+    } else if (m.kind == "rsq") {
+      fail("method {}: rsq (rotated scalar quantization) is not implemented on the GPU runtime; evaluate it with "
+           "eval.device: cpu", m.text);
     } else {
       fail("method {}: unknown kind \"{}\" (fp16, uniform, vq or antkv)", m.text, m.kind);
     }

@@ -1,6 +1,7 @@
 #include "codebook/train_codebooks.h"
 
 #include <Eigen/Core>
+#include <Eigen/Dense>
 
 #include <algorithm>
 #include <future>
@@ -107,6 +108,7 @@ struct Side {
   int c, b;
   bool keys;
   bool gain = false;  // gain-shape: train on unit vectors (kmeans.gain)
+  bool rotate = false;  // rotate=pca: train in the centered PCA basis with OPQ allocation (kmeans.rotate)
 };
 
 struct SideTimes {
@@ -152,6 +154,34 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
     const double mean = cnt ? sum / cnt : 1.0;
     for (int64_t i = 0; i < n; ++i) tw[h * n + i] = static_cast<float>(tw[h * n + i] / (mean > 0 ? mean : 1.0));
   }
+  // rotate=pca: per head, the weighted mean and covariance of the training rows (the k-means weights, anchors
+  // left out as they are) -> fp16 mean and basis (quant/vq.h pca_rotation)
+  if (side.rotate) {
+    cb.rotation.assign(static_cast<size_t>(KV) * d * d, 0.0f);
+    cb.mean.assign(static_cast<size_t>(KV) * d, 0.0f);
+    Eigen::MatrixXd X(n, d);
+    for (int h = 0; h < KV; ++h) {
+      double wsum = 0;
+      for (int64_t i = 0; i < n; ++i) wsum += tw[h * n + i];
+      const bool uniform = !(wsum > 0);
+      if (uniform) wsum = static_cast<double>(n);
+      Eigen::VectorXd mu = Eigen::VectorXd::Zero(d);
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t* src = x + plan.train[i] * KV * d + static_cast<int64_t>(h) * d;
+        const double wi = uniform ? 1.0 : tw[h * n + i];
+        for (int t = 0; t < d; ++t) X(i, t) = half_to_float(src[t]), mu[t] += wi * X(i, t);
+      }
+      mu /= wsum;
+      float* mean = cb.mean.data() + static_cast<int64_t>(h) * d;
+      for (int t = 0; t < d; ++t) mean[t] = static_cast<float>(Eigen::half(static_cast<float>(mu[t])));
+      for (int64_t i = 0; i < n; ++i) {
+        const double sw = std::sqrt(uniform ? 1.0 : static_cast<double>(tw[h * n + i]));
+        for (int t = 0; t < d; ++t) X(i, t) = (X(i, t) - mean[t]) * sw;
+      }
+      Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> C = X.transpose() * X / wsum;
+      pca_rotation(C.data(), d, c, cb.rotation.data() + static_cast<int64_t>(h) * d * d);
+    }
+  }
   // the batch: codebook (h, g) -> points x[train rows, h, g*c : (g+1)*c], gathered and converted in one
   // parallel pass over the rows (each row read once, contiguously)
   const int B = KV * groups;
@@ -160,22 +190,25 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const uint16_t* row = x + plan.train[i] * KV * d;
+    std::vector<float> hv(static_cast<size_t>(d));
     for (int h = 0; h < KV; ++h) {
+      for (int t = 0; t < d; ++t) hv[t] = half_to_float(row[static_cast<int64_t>(h) * d + t]);
+      // rotate=pca: the codebooks learn R (x - mean)
+      if (side.rotate)
+        rotate_forward(cb.rotation.data() + static_cast<int64_t>(h) * d * d, cb.mean.data() + static_cast<int64_t>(h) * d,
+                       d, hv.data(), 1, d);
       // gain-shape: the codebooks learn directions (each token's head vector / its L2 norm; a zero vector stays 0)
       float scale = 1.0f;
       if (side.gain) {
         double sq = 0;
-        for (int t = 0; t < d; ++t) {
-          const double v = half_to_float(row[static_cast<int64_t>(h) * d + t]);
-          sq += v * v;
-        }
+        for (int t = 0; t < d; ++t) sq += static_cast<double>(hv[t]) * hv[t];
         scale = sq > 0 ? static_cast<float>(1.0 / std::sqrt(sq)) : 0.0f;
       }
       for (int g = 0; g < groups; ++g) {
         const int64_t cbi = static_cast<int64_t>(h) * groups + g;
-        const uint16_t* src = row + static_cast<int64_t>(h) * d + static_cast<int64_t>(g) * c;
+        const float* src = hv.data() + static_cast<int64_t>(g) * c;
         float* dst = bx + (cbi * n + i) * c;
-        for (int t = 0; t < c; ++t) dst[t] = half_to_float(src[t]) * scale;
+        for (int t = 0; t < c; ++t) dst[t] = src[t] * scale;
         bw[cbi * n + i] = tw[h * n + i];
       }
     }
@@ -218,6 +251,11 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
     const uint16_t* src = x + plan.holdout[i] * row;
     for (int64_t t = 0; t < row; ++t) hx[i * row + t] = half_to_float(src[t]);
   }
+  // rotate=pca: quantize R (x - mean) (and compare in the original basis below)
+  if (side.rotate)
+    for (int h = 0; h < KV; ++h)
+      rotate_forward(cb.rotation.data() + static_cast<int64_t>(h) * d * d, cb.mean.data() + static_cast<int64_t>(h) * d, d,
+                     hx + static_cast<int64_t>(h) * d, nh, row);
   // gain-shape: quantize the unit directions, then compare fp16 norm * renormalized direction (what the cache
   // reconstructs) with the input
   std::vector<float> norms, norms16;  // [nh, KV]: exact, fp16-rounded
@@ -238,6 +276,16 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
     gain_restore(hr, nh * KV, d, d, norms16.data());
     for (size_t i = 0; i < norms.size(); ++i)
       for (int t = 0; t < d; ++t) hx[i * d + t] *= norms[i];
+  }
+  if (side.rotate) {  // reconstructions back to the original basis; the inputs gathered again as they were
+    for (int h = 0; h < KV; ++h)
+      rotate_inverse(cb.rotation.data() + static_cast<int64_t>(h) * d * d, cb.mean.data() + static_cast<int64_t>(h) * d, d,
+                     hr + static_cast<int64_t>(h) * d, nh, row);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < nh; ++i) {
+      const uint16_t* src = x + plan.holdout[i] * row;
+      for (int64_t t = 0; t < row; ++t) hx[i * row + t] = half_to_float(src[t]);
+    }
   }
   double err = 0, norm = 0, werr = 0, wnorm = 0;
   std::vector<double> en(static_cast<size_t>(KV), 0.0);
@@ -287,6 +335,7 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
   cm.weighting = r.kmeans.weighting;
   cm.exclude_anchors = r.kmeans.exclude_anchors;
   cm.gain = r.kmeans.gain;
+  cm.rotate = r.kmeans.rotate;
   cm.trainer = o.trainer_name;
   cm.version = o.version;
   cm.created = utc_timestamp();
@@ -322,9 +371,9 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
     const auto tl = Clock::now();
     const RowPlan plan = plan_rows(dump, r, data, windows, positions);
     times.prepare += since(tl);
-    train_side(dump, r, o, data, plan, {"keys", r.quant.keys.c, r.quant.keys.b, true, r.kmeans.gain != "off"}, out.codebooks.keys[l],
+    train_side(dump, r, o, data, plan, {"keys", r.quant.keys.c, r.quant.keys.b, true, r.kmeans.gain != "off", r.kmeans.rotate != "off"}, out.codebooks.keys[l],
                out.layers[l].keys, times, ws);
-    train_side(dump, r, o, data, plan, {"values", r.quant.values.c, r.quant.values.b, false, r.kmeans.gain == "kv"}, out.codebooks.values[l],
+    train_side(dump, r, o, data, plan, {"values", r.quant.values.c, r.quant.values.b, false, r.kmeans.gain == "kv", r.kmeans.rotate != "off"}, out.codebooks.values[l],
                out.layers[l].values, times, ws);
     out.layers[l].seconds = since(tl);
     progress.advance(1, fmt::format("layer {}: K rel err {:.4f}, V rel err {:.4f}", l, out.layers[l].keys.relative,
@@ -344,7 +393,7 @@ std::string train_report_json(const TrainCodebooksResult& r) {
   json j;
   j["config"] = {{"key_c", m.key_c}, {"key_b", m.key_b}, {"value_c", m.value_c}, {"value_b", m.value_b},
                  {"key_bits", double(m.key_b) / m.key_c}, {"value_bits", double(m.value_b) / m.value_c},
-                 {"weighting", m.weighting}, {"exclude_anchors", m.exclude_anchors}, {"gain", m.gain}, {"key_rope", m.key_rope},
+                 {"weighting", m.weighting}, {"exclude_anchors", m.exclude_anchors}, {"gain", m.gain}, {"rotate", m.rotate}, {"key_rope", m.key_rope},
                  {"trainer", m.trainer}};
   j["seconds"] = r.seconds;
   j["seconds_split"] = {{"read", r.read_seconds}, {"waiting_for_reads", r.wait_read_seconds},

@@ -34,8 +34,12 @@ MethodRuntimeFactory cpu_method_runtime_factory(const Checkpoint& ckpt, int thre
 std::map<std::string, std::shared_ptr<const CodebookSet>> load_method_codebooks(const std::vector<MethodSpec>& methods,
                                                                                const std::string& dir) {
   std::map<std::string, std::shared_ptr<const CodebookSet>> books;
-  for (const auto& m : methods) {
-    if (!m.needs_codebooks() || books.count(m.codebook_file())) continue;
+  std::vector<MethodSpec> files;  // one spec per codebook file (per-layer widths: one per width pair)
+  for (const auto& m : methods)
+    if (m.needs_codebooks())
+      for (const auto& s : m.codebook_specs()) files.push_back(s);
+  for (const auto& m : files) {
+    if (books.count(m.codebook_file())) continue;
     const std::string p = (fs::path(dir) / m.codebook_file()).string();
     ANTKV_CHECK(fs::exists(p), "method {}: codebook file {} not found (train it with antkv-train-codebook, or run "
                 "the whole pipeline with `antkv-eval run`)", m.text, p);
@@ -43,13 +47,29 @@ std::map<std::string, std::shared_ptr<const CodebookSet>> load_method_codebooks(
     const CodebookMeta& cm = set->meta;
     ANTKV_CHECK(cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b &&
                     cm.weighting == m.weighting && cm.exclude_anchors == m.exclude_anchors && cm.key_rope == m.key_rope &&
-                    cm.gain == m.gain,
-                "{}: codebooks for keys c{}b{}, values c{}b{}, weighting {}, anchors {} in training, key_rope {}, gain {}; "
-                "method {} needs c{}b{}, c{}b{}, {}, {}, {}, gain {}", p, cm.key_c, cm.key_b, cm.value_c, cm.value_b,
-                cm.weighting, cm.exclude_anchors ? "excluded" : "included", cm.key_rope, cm.gain, m.text, m.keys.c,
-                m.keys.b, m.values.c, m.values.b, m.weighting, m.exclude_anchors ? "excluded" : "included", m.key_rope,
-                m.gain);
+                    cm.gain == m.gain && cm.rotate == m.rotate,
+                "{}: codebooks for keys c{}b{}, values c{}b{}, weighting {}, anchors {} in training, key_rope {}, gain {}, "
+                "rotate {}; method {} needs c{}b{}, c{}b{}, {}, {}, {}, gain {}, rotate {}", p, cm.key_c, cm.key_b, cm.value_c,
+                cm.value_b, cm.weighting, cm.exclude_anchors ? "excluded" : "included", cm.key_rope, cm.gain, cm.rotate,
+                m.text, m.keys.c, m.keys.b, m.values.c, m.values.b, m.weighting,
+                m.exclude_anchors ? "excluded" : "included", m.key_rope, m.gain, m.rotate);
     books[m.codebook_file()] = std::move(set);
+  }
+  // per-layer widths: one set whose layer l holds the codebooks of layer l's configuration (meta of layer 0's file)
+  for (const auto& m : methods) {
+    if (!m.needs_codebooks() || !m.layered() || books.count(m.codebook_key())) continue;
+    auto merged = std::make_shared<CodebookSet>();
+    for (int l = 0; l < m.listed_layers(); ++l) {
+      MethodSpec s = m.codebook_specs().front();
+      s.keys = m.key_config(l), s.values = m.value_config(l);
+      const auto& src = books.at(s.codebook_file());
+      ANTKV_CHECK(l < static_cast<int>(src->keys.size()), "method {}: lists {} layers, the codebooks have {}", m.text,
+                  m.listed_layers(), src->keys.size());
+      if (l == 0) merged->meta = src->meta;
+      merged->keys.push_back(src->keys[l]);
+      merged->values.push_back(src->values[l]);
+    }
+    books[m.codebook_key()] = std::move(merged);
   }
   return books;
 }
@@ -72,7 +92,7 @@ std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOpt
     double fp16_ppl = NAN;
     const size_t text_begin = out.size();
     for (const auto& m : methods) {
-      std::shared_ptr<const CodebookSet> cb = m.needs_codebooks() ? books[m.codebook_file()] : nullptr;
+      std::shared_ptr<const CodebookSet> cb = m.needs_codebooks() ? books[m.codebook_key()] : nullptr;
       auto rt = o.make_runtime(m, cb);
       PerplexityOptions po;
       po.seq_len = r.eval.seq_len;
@@ -218,6 +238,7 @@ std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std
                            {"anchor.ratio", fmt::format("{}", m.ratio)}};
   // gain-shape codebooks only: the fingerprints of earlier codebook files stay valid
   if (m.gain != "off") fields.emplace_back("kmeans.gain", m.gain);
+  if (m.rotate != "off") fields.emplace_back("kmeans.rotate", m.rotate);
   return make_fingerprint(fields);
 }
 
@@ -273,8 +294,12 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
   // 2. codebooks, one file per configuration the methods need
   std::set<std::string> done;
   std::map<std::string, std::string> dump_hashes;  // key_rope -> content hash: each dump read once, not per codebook set
-  for (const auto& m : methods) {
-    if (!m.needs_codebooks() || done.count(m.codebook_file())) continue;
+  std::vector<MethodSpec> files;  // one spec per codebook file (per-layer widths: one per width pair)
+  for (const auto& m : methods)
+    if (m.needs_codebooks())
+      for (const auto& s : m.codebook_specs()) files.push_back(s);
+  for (const auto& m : files) {
+    if (done.count(m.codebook_file())) continue;
     done.insert(m.codebook_file());
     const std::string path = (fs::path(r.out_dir) / "codebooks" / m.codebook_file()).string();
     auto h = dump_hashes.find(m.key_rope);
@@ -291,6 +316,7 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
     rc.kmeans.weighting = m.weighting;
     rc.kmeans.exclude_anchors = m.exclude_anchors;
     rc.kmeans.gain = m.gain;
+    rc.kmeans.rotate = m.rotate;
     rc.key_rope = m.key_rope;
     rc.anchor.ratio = m.ratio;
     TrainCodebooksOptions to;

@@ -138,7 +138,7 @@ std::vector<MethodDiagnostics> diagnose_methods(const DiagnoseOptions& o) {
   for (const auto& s : r.eval.methods) methods.push_back(parse_method(s, r));
   auto books = load_method_codebooks(methods, o.codebook_dir);
   std::vector<DiagnosticKvCache::Compared> compared;
-  for (const auto& m : methods) compared.push_back({m, m.needs_codebooks() ? books[m.codebook_file()] : nullptr});
+  for (const auto& m : methods) compared.push_back({m, m.needs_codebooks() ? books[m.codebook_key()] : nullptr});
   CpuRuntimeOptions ro;
   ro.threads = o.threads;
   CpuRuntime rt(*o.ckpt, ro);

@@ -29,6 +29,14 @@ void write_codebooks(const std::string& path, const CodebookSet& s) {
                           cb.reseeded.data());
         h5::write_dataset(g, p + "error_norm", H5::PredType::IEEE_F32LE, H5::PredType::NATIVE_FLOAT, {kv},
                           cb.error_norm.data());
+        if (m.rotate != "off") {
+          const hsize_t d = m.head_dim;
+          ANTKV_CHECK(cb.rotation.size() == kv * d * d && cb.mean.size() == kv * d,
+                      "{}: layer {} {}rotation/mean have the wrong size", path, l, p);
+          h5::write_dataset(g, p + "rotation", H5::PredType::IEEE_F32LE, H5::PredType::NATIVE_FLOAT, {kv, d, d},
+                            cb.rotation.data());
+          h5::write_dataset(g, p + "mean", H5::PredType::IEEE_F32LE, H5::PredType::NATIVE_FLOAT, {kv, d}, cb.mean.data());
+        }
       }
     }
     H5::Group g = f.createGroup("meta");
@@ -40,6 +48,7 @@ void write_codebooks(const std::string& path, const CodebookSet& s) {
     h5::set_attr(g, "weighting", m.weighting);
     h5::set_attr(g, "exclude_anchors", int64_t{m.exclude_anchors ? 1 : 0});
     h5::set_attr(g, "gain", m.gain);
+    h5::set_attr(g, "rotate", m.rotate);
     h5::set_attr(g, "trainer", m.trainer);
     h5::set_attr(g, "version", m.version);
     h5::set_attr(g, "created", m.created);
@@ -78,6 +87,8 @@ CodebookSet read_codebooks(const std::string& path) {
     if (h5::has_attr(g, "gain")) m.gain = h5::get_attr_string(g, "gain", path);
     ANTKV_CHECK(m.gain == "off" || m.gain == "k" || m.gain == "kv", "{}: /meta attribute gain is \"{}\" (off, k or kv)",
                 path, m.gain);
+    if (h5::has_attr(g, "rotate")) m.rotate = h5::get_attr_string(g, "rotate", path);
+    ANTKV_CHECK(m.rotate == "off" || m.rotate == "pca", "{}: /meta attribute rotate is \"{}\" (off or pca)", path, m.rotate);
     m.trainer = h5::get_attr_string(g, "trainer", path);
     m.version = h5::get_attr_string(g, "version", path);
     m.created = h5::get_attr_string(g, "created", path);
@@ -115,6 +126,17 @@ CodebookSet read_codebooks(const std::string& path) {
         h5::open_dataset(f, p + "reseeded").read(cb.reseeded.data(), H5::PredType::NATIVE_INT64);
         cb.error_norm.resize(want[0]);
         h5::open_dataset(f, p + "error_norm").read(cb.error_norm.data(), H5::PredType::NATIVE_FLOAT);
+        if (m.rotate != "off") {
+          const hsize_t d = m.head_dim;
+          H5::DataSet rs = h5::open_dataset(f, p + "rotation");
+          ANTKV_CHECK(h5::dims_of(rs) == (std::vector<hsize_t>{want[0], d, d}), "{}: /{}rotation has the wrong shape", path, p);
+          cb.rotation.resize(want[0] * d * d);
+          rs.read(cb.rotation.data(), H5::PredType::NATIVE_FLOAT);
+          H5::DataSet ms = h5::open_dataset(f, p + "mean");
+          ANTKV_CHECK(h5::dims_of(ms) == (std::vector<hsize_t>{want[0], d}), "{}: /{}mean has the wrong shape", path, p);
+          cb.mean.resize(want[0] * d);
+          ms.read(cb.mean.data(), H5::PredType::NATIVE_FLOAT);
+        }
       }
     }
     return 0;

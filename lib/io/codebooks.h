@@ -1,10 +1,12 @@
 // Codebook files (design note §7), HDF5:
-//   /meta   attributes: config_hash, calib_hash, recipe (YAML), key_rope, weighting, exclude_anchors, gain, key_c,
+//   /meta   attributes: config_hash, calib_hash, recipe (YAML), key_rope, weighting, exclude_anchors, gain, rotate, key_c,
 //           key_b, value_c, value_b, num_layers, num_kv_heads, head_dim, trainer, version, created
 //   /layer_{l}/key_centroids    [kv_heads, d/c, 2^b, c] fp32   (value_centroids likewise, with the value c, b)
 //   /layer_{l}/key_objective    [kv_heads, d/c] fp64   final weighted k-means objective per codebook
 //   /layer_{l}/key_iterations   [kv_heads, d/c] int32, /key_reseeded [kv_heads, d/c] int64
 //   /layer_{l}/key_error_norm   [kv_heads] fp32   mean |k - k_hat| on held-out tokens (e_K of §2)
+//   /layer_{l}/key_rotation     [kv_heads, d, d] fp32, /key_mean [kv_heads, d] fp32   (rotate=pca only;
+//                               fp16-rounded values)
 //   (value_* likewise)
 #pragma once
 #include <cstdint>
@@ -22,6 +24,8 @@ struct CodebookMeta {
   // off | k | kv: the key (and value) codebooks were trained on unit vectors, for gain-shape VQ (files before
   // it: off)
   std::string gain = "off";
+  // off | pca: K/V coded in a learned rotated, centered basis (quant/vq.h rotate_forward; files before it: off)
+  std::string rotate = "off";
 };
 
 // One layer's codebooks for keys or values.
@@ -31,6 +35,8 @@ struct LayerCodebooks {
   std::vector<int32_t> iterations;
   std::vector<int64_t> reseeded;
   std::vector<float> error_norm;  // [kv_heads]
+  std::vector<float> rotation;    // rotate=pca: [kv_heads, d, d] fp16-rounded orthogonal basis (rows)
+  std::vector<float> mean;        // rotate=pca: [kv_heads, d] fp16-rounded mean subtracted before the rotation
 };
 
 struct CodebookSet {

@@ -3,6 +3,8 @@
 //   uniform:bits=2,group=128,window=0          KIVI-style: keys per channel, values per token
 //   vq:bits=1                                  CQ-style: plain k-means codebooks, no anchors
 //   antkv:bits=1                               weighted codebooks + anchors (the paper's method)
+//   rsq:bits=1,key_rope=post                   ours, a training-free baseline: random Hadamard rotation, fp16 norm and
+//                                              per-coordinate Lloyd-Max levels (quant/vq.h rsq_quantize), bits 1-4
 // Options of vq/antkv: bits (both K and V; or kbits=, vbits=), anchors=kv|k|v|off (on = kv), weighting=anchor|none,
 // ratio=0.01, score=error_bound|attention_mass|key_bound|random|recent, key_rope=post|pre, correct=on|off,
 // gain=off|k|kv.
@@ -13,11 +15,16 @@
 //     and only its direction is vector-quantized, with codebooks trained on unit vectors (a codebook
 //     configuration of its own: file name suffix _gk / _gkv, /meta attribute gain). The dequantized vector is
 //     norm * u / |u| for the concatenated centroid direction u, so every reconstructed norm is the original's.
+//   rotate=pca (ours): K and V coded in a learned centered basis per layer, head and tensor (quant/vq.h
+//     rotate_forward: mean and PCA basis with OPQ eigenvalue allocation over the groups), codebooks trained in that
+//     basis (a configuration of its own: file name suffix _rpca, /meta attribute rotate); mean and basis are fp16
+//     side information counted with the codebooks in effective bits. Combines with gain (norm of x - mean).
 // `vq` is antkv with anchors=off, weighting=none and codebooks trained on every calibration token (CQ knows
 // no anchors); antkv's codebooks leave the calibration anchors out (recipe kmeans.exclude_anchors; option
 // exclude=on|off). Ablations are antkv with one component off.
 #pragma once
 #include <string>
+#include <vector>
 
 #include "recipe/recipe.h"
 
@@ -25,7 +32,7 @@ namespace antkv {
 
 struct MethodSpec {
   std::string text;            // as written
-  std::string kind;            // fp16 | uniform | vq | antkv
+  std::string kind;            // fp16 | uniform | vq | antkv | rsq
   // uniform
   int bits = 2, group = 128, window = 0;
   // vq / antkv
@@ -33,6 +40,7 @@ struct MethodSpec {
   bool anchors = true;          // any anchors (anchor_keys || anchor_values)
   bool anchor_keys = true, anchor_values = true;  // which tensors anchor tokens keep in FP16
   std::string gain = "off";     // off | k | kv: gain-shape (norm in fp16, direction quantized) keys / values
+  std::string rotate = "off";   // off | pca: coded in a learned centered, rotated basis (codebook configuration)
   std::string weighting = "anchor";
   bool exclude_anchors = true;  // codebooks trained without the calibration anchors (vq: false)
   double ratio = 0.01;
@@ -43,6 +51,22 @@ struct MethodSpec {
   // against exact (anchor) keys. Option correct=on.
   bool correct = false;
 
+  // Per-layer budgets (ours): lkbits= / lvbits= give every layer its key / value width ('/'-separated named
+  // widths, one per layer: lkbits=1/1/1/1/1.25/1.5), lratio= every layer's anchor ratio (lratio=0.02/0.01/...).
+  // Empty: every layer takes keys / values / ratio. A width list needs one codebook file per distinct (key, value)
+  // width pair of its layers (codebook_specs()).
+  std::vector<VqConfig> layer_keys, layer_values;
+  std::vector<double> layer_ratio;
+  bool layered() const { return !layer_keys.empty(); }
+  VqConfig key_config(int l) const { return layer_keys.empty() ? keys : layer_keys.at(static_cast<size_t>(l)); }
+  VqConfig value_config(int l) const { return layer_values.empty() ? values : layer_values.at(static_cast<size_t>(l)); }
+  double ratio_of(int l) const { return layer_ratio.empty() ? ratio : layer_ratio.at(static_cast<size_t>(l)); }
+  int listed_layers() const;  // the length of the per-layer lists (0: none)
+  // The specs (one per codebook file; lists cleared, keys / values set) whose codebooks this method reads.
+  std::vector<MethodSpec> codebook_specs() const;
+  // The name of this method's codebook set in load_method_codebooks' map: codebook_file(), or for per-layer widths
+  // "layers:" + the files of its layers.
+  std::string codebook_key() const;
   bool gain_keys() const { return gain == "k" || gain == "kv"; }
   bool gain_values() const { return gain == "kv"; }
   // anchors as written in options: kv | k | v | off
@@ -61,7 +85,8 @@ MethodSpec parse_method(const std::string& text, const Recipe& r);
 
 // Effective bits per channel (K and V averaged) at context length `context`, counting everything stored:
 // codes, FP16 anchors with their 32-bit indices (per anchored tensor), the FP16 window, scales/zero points,
-// gain-shape norms (fp16 per quantized token and head), and codebooks (fp16 centroids) amortized over the context. include_codebooks = false leaves the codebooks out.
+// gain-shape norms (fp16 per quantized token and head), and codebooks (with rotate=pca's fp16 mean and d x d basis per
+// layer, head and tensor) (fp16 centroids) amortized over the context. include_codebooks = false leaves the codebooks out.
 double effective_bits(const MethodSpec& m, int context, int head_dim, bool include_codebooks = true);
 
 }  // namespace antkv

@@ -40,12 +40,25 @@ QuantizedKvCache::QuantizedKvCache(const ModelConfig& cfg, const MethodSpec& m, 
     ANTKV_CHECK(cb_, "method {}: needs codebooks", m.text);
     const CodebookMeta& cm = cb_->meta;
     ANTKV_CHECK(cm.config_hash == cfg.config_hash, "method {}: the codebooks were trained for another model", m.text);
-    ANTKV_CHECK(cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b,
+    ANTKV_CHECK(m.listed_layers() == 0 || m.listed_layers() == cfg.num_layers,
+                "method {}: lkbits/lvbits/lratio list {} layers, the model has {}", m.text, m.listed_layers(), cfg.num_layers);
+    if (m.layered())  // per-layer widths: each layer's codebooks must have its configuration's shape
+      for (int l = 0; l < cfg.num_layers && l < static_cast<int>(cb_->keys.size()); ++l)
+        for (int side = 0; side < 2; ++side) {
+          const VqConfig q = side == 0 ? m.key_config(l) : m.value_config(l);
+          const size_t want = static_cast<size_t>(cfg.num_kv_heads) * cfg.head_dim * (size_t{1} << q.b);
+          ANTKV_CHECK((side == 0 ? cb_->keys : cb_->values)[l].centroids.size() == want,
+                      "method {}: layer {} {} codebooks do not have the c{}b{} shape", m.text, l,
+                      side == 0 ? "key" : "value", q.c, q.b);
+        }
+    ANTKV_CHECK(m.layered() || (cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b),
                 "method {}: codebooks are keys c{}b{} / values c{}b{}, the method needs c{}b{} / c{}b{}", m.text, cm.key_c,
                 cm.key_b, cm.value_c, cm.value_b, m.keys.c, m.keys.b, m.values.c, m.values.b);
     ANTKV_CHECK(cm.key_rope == m.key_rope, "method {}: codebooks are for {}-RoPE keys", m.text, cm.key_rope);
     ANTKV_CHECK(cm.gain == m.gain, "method {}: codebooks are for gain={} (unit-vector training), the method needs gain={}",
                 m.text, cm.gain, m.gain);
+    ANTKV_CHECK(cm.rotate == m.rotate, "method {}: codebooks are for rotate={}, the method needs rotate={}", m.text,
+                cm.rotate, m.rotate);
     ANTKV_CHECK(cm.num_layers == cfg.num_layers && cm.num_kv_heads == cfg.num_kv_heads && cm.head_dim == cfg.head_dim,
                 "method {}: codebook shapes do not match the model", m.text);
   }
@@ -68,29 +81,57 @@ void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const f
   const int KV = cfg_.num_kv_heads, d = cfg_.head_dim;
   float* kd = k_[layer].data() + row0 * row_;
   float* vd = v_[layer].data() + row0 * row_;
+  const bool pre = method_.key_rope == "pre";
+  if (method_.kind == "rsq") {  // training-free: rotate, fp16 norm, Lloyd-Max levels per coordinate
+    for (int h = 0; h < KV; ++h)
+      for (int side = 0; side < 2; ++side) {
+        float* dst = (side == 0 ? kd : vd) + static_cast<int64_t>(h) * d;
+        const float* src = (side == 0 ? (pre ? k_pre : k_post) : v) + static_cast<int64_t>(h) * d;
+        for (int64_t r = 0; r < n; ++r) std::copy_n(src + r * row_, d, dst + r * row_);
+        const std::vector<float> signs = rsq_signs(d, layer, side, h);
+        rsq_quantize(dst, n, static_cast<int64_t>(row_), d, method_.bits, signs.data());
+      }
+    if (pre) {
+      std::vector<int32_t> pos(static_cast<size_t>(n));
+      std::iota(pos.begin(), pos.end(), position0);
+      rope_apply(kd, static_cast<int>(n), KV, d, pos.data(), inv_freq_.data());
+    }
+    return;
+  }
   const LayerCodebooks& kc = cb_->keys[layer];
   const LayerCodebooks& vc = cb_->values[layer];
-  const int kg = d / method_.keys.c, vg = d / method_.values.c;
-  const int kk = 1 << method_.keys.b, vk = 1 << method_.values.b;
-  const bool pre = method_.key_rope == "pre";
+  const VqConfig kq = method_.key_config(layer), vq = method_.value_config(layer);
+  const int kg = d / kq.c, vg = d / vq.c;
+  const int kk = 1 << kq.b, vk = 1 << vq.b;
   // one head's n rows of one tensor: src/dst [n, row_] at the head's offset
   std::vector<float> unit, norms;
-  auto quantize_head = [&](const VqHeadCodebooks& hc, const float* src, float* dst, bool gain) {
-    if (!gain) return vq_quantize(hc, src, n, static_cast<int64_t>(row_), dst);
-    // gain-shape: fp16 norm + quantized unit direction, renormalized (see gain_restore)
+  const bool rotate = method_.rotate != "off";
+  auto quantize_head = [&](const VqHeadCodebooks& hc, const float* src, float* dst, bool gain, const float* rot,
+                           const float* mean) {
+    if (!gain && !rotate) return vq_quantize(hc, src, n, static_cast<int64_t>(row_), dst);
     unit.resize(static_cast<size_t>(n) * d), norms.resize(static_cast<size_t>(n));
     for (int64_t r = 0; r < n; ++r) std::copy_n(src + r * row_, d, unit.data() + r * d);
-    gain_normalize(unit.data(), n, d, d, norms.data());
+    if (rotate) rotate_forward(rot, mean, d, unit.data(), n, d);  // x' = R (x - mean)
+    // gain-shape: fp16 norm + quantized unit direction, renormalized (see gain_restore)
+    if (gain) gain_normalize(unit.data(), n, d, d, norms.data());
     vq_quantize(hc, unit.data(), n, d, unit.data());
-    gain_restore(unit.data(), n, d, d, norms.data());
+    if (gain) gain_restore(unit.data(), n, d, d, norms.data());
+    if (rotate) rotate_inverse(rot, mean, d, unit.data(), n, d);
     for (int64_t r = 0; r < n; ++r) std::copy_n(unit.data() + r * d, d, dst + r * row_);
   };
+  auto rot_of = [&](const LayerCodebooks& c, int h) {
+    return rotate ? c.rotation.data() + static_cast<int64_t>(h) * d * d : nullptr;
+  };
+  auto mean_of = [&](const LayerCodebooks& c, int h) {
+    return rotate ? c.mean.data() + static_cast<int64_t>(h) * d : nullptr;
+  };
   for (int h = 0; h < KV; ++h) {
-    VqHeadCodebooks khc{kc.centroids.data() + static_cast<int64_t>(h) * kg * kk * method_.keys.c, kg, kk, method_.keys.c};
-    VqHeadCodebooks vhc{vc.centroids.data() + static_cast<int64_t>(h) * vg * vk * method_.values.c, vg, vk, method_.values.c};
+    VqHeadCodebooks khc{kc.centroids.data() + static_cast<int64_t>(h) * kg * kk * kq.c, kg, kk, kq.c};
+    VqHeadCodebooks vhc{vc.centroids.data() + static_cast<int64_t>(h) * vg * vk * vq.c, vg, vk, vq.c};
     quantize_head(khc, (pre ? k_pre : k_post) + static_cast<int64_t>(h) * d, kd + static_cast<int64_t>(h) * d,
-                  method_.gain_keys());
-    quantize_head(vhc, v + static_cast<int64_t>(h) * d, vd + static_cast<int64_t>(h) * d, method_.gain_values());
+                  method_.gain_keys(), rot_of(kc, h), mean_of(kc, h));
+    quantize_head(vhc, v + static_cast<int64_t>(h) * d, vd + static_cast<int64_t>(h) * d, method_.gain_values(),
+                  rot_of(vc, h), mean_of(vc, h));
   }
   if (pre) {  // rotate the dequantized pre-RoPE keys to their positions
     std::vector<int32_t> pos(static_cast<size_t>(n));
@@ -165,12 +206,13 @@ void QuantizedKvCache::append(const KvAppend& a) {
     return;
   }
 
-  // vq / antkv
+  // vq / antkv / rsq
   int& upto = quantized_upto_[static_cast<size_t>(l) * 2];
   if (n > 1) {
     // a prefill chunk: anchors from the chunk's own full-precision attention, everything else quantized now
     std::vector<uint8_t> keep(static_cast<size_t>(n) * KV, 0);
-    if (method_.anchors && method_.ratio > 0) {
+    const double ratio = method_.ratio_of(l);
+    if (method_.anchors && ratio > 0) {
       ANTKV_CHECK(a.q, "antkv cache: the runtime passed no queries (anchor scores need them)");
       std::vector<float> s_k(static_cast<size_t>(n) * KV), s_v(s_k.size()), score(s_k.size());
       AnchorScoreArgs args{a.q, a.k_post_rope, a.v, n, cfg_.num_heads, KV, d};
@@ -181,11 +223,11 @@ void QuantizedKvCache::append(const KvAppend& a) {
       for (int h = 0; h < KV; ++h) {
         std::vector<int32_t> picked;
         if (a.position0 == 0) {
-          picked = select_anchors(score.data(), n, KV, h, method_.ratio);
+          picked = select_anchors(score.data(), n, KV, h, ratio);
         } else {  // no sink in this chunk: plain top ceil(ratio * n)
           std::vector<int32_t> idx(static_cast<size_t>(n));
           std::iota(idx.begin(), idx.end(), 0);
-          const int m = std::min(n, static_cast<int>(std::ceil(method_.ratio * n)));
+          const int m = std::min(n, static_cast<int>(std::ceil(ratio * n)));
           std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), [&](int32_t x, int32_t y) {
             return score[static_cast<size_t>(x) * KV + h] > score[static_cast<size_t>(y) * KV + h];
           });
@@ -233,22 +275,29 @@ double QuantizedKvCache::stored_bits(bool include_codebooks) const {
               (len - v_upto) * row * 16.0;
       continue;
     }
-    // vq / antkv: rows [0, upto) are codes or anchors, the rest waits in the FP16 decode window
+    // vq / antkv / rsq: rows [0, upto) are codes or anchors, the rest waits in the FP16 decode window
     const int64_t upto = quantized_upto_[static_cast<size_t>(l) * 2];
+    if (method_.kind == "rsq") {  // per token, head and tensor: d x bits of codes and an fp16 norm
+      bits += 2.0 * upto * KV * (static_cast<double>(d) * method_.bits + 16.0) + (len - upto) * 2 * 16.0 * row;
+      continue;
+    }
     int64_t anchors = 0;
     for (int64_t i = 0; i < upto * KV; ++i) anchors += anchor_[l][static_cast<size_t>(i)];
     // per tensor: anchors=k|v keeps only that tensor of an anchor token in FP16, the other is coded
     const int64_t key_anchors = method_.anchor_keys ? anchors : 0, value_anchors = method_.anchor_values ? anchors : 0;
     const int64_t key_coded = upto * KV - key_anchors, value_coded = upto * KV - value_anchors;  // token-heads as codes
-    const double key_code = static_cast<double>(d) / method_.keys.c * method_.keys.b;
-    const double value_code = static_cast<double>(d) / method_.values.c * method_.values.b;
+    const VqConfig kq = method_.key_config(l), vq = method_.value_config(l);
+    const double key_code = static_cast<double>(d) / kq.c * kq.b;
+    const double value_code = static_cast<double>(d) / vq.c * vq.b;
     // coded keys carry an fp16 error (correct=on) and an fp16 norm (gain=k|kv); coded values a norm (gain=kv)
     bits += key_coded * (key_code + (method_.correct ? 16.0 : 0.0) + (method_.gain_keys() ? 16.0 : 0.0));
     bits += value_coded * (value_code + (method_.gain_values() ? 16.0 : 0.0));
     bits += (key_anchors + value_anchors) * (16.0 * d + 32.0);  // fp16, each with a 32-bit token index
     bits += (len - upto) * 2 * 16.0 * row;
     if (include_codebooks)  // 2^b centroids of c fp16 channels per group of c channels, per head
-      bits += KV * 16.0 * d * ((1 << method_.keys.b) + (1 << method_.values.b));
+      bits += KV * 16.0 * d * ((1 << kq.b) + (1 << vq.b));
+    if (include_codebooks && method_.rotate != "off")  // rotate=pca: fp16 d x d basis and d-mean per head and tensor
+      bits += 2.0 * KV * 16.0 * (static_cast<double>(d) * d + d);
   }
   return bits;
 }

@@ -71,3 +71,160 @@ void gain_restore(float* out, int64_t n, int64_t stride, int d, const float* nor
 }
 
 }  // namespace antkv
+
+#include <Eigen/Eigenvalues>
+#include <algorithm>
+#include <numeric>
+
+namespace antkv {
+
+void rotate_forward(const float* R, const float* mean, int d, float* x, int64_t n, int64_t stride) {
+#pragma omp parallel if (n * d * d > (1 << 20))
+  {
+    std::vector<float> tmp(static_cast<size_t>(d));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      float* row = x + r * stride;
+      for (int c = 0; c < d; ++c) tmp[c] = row[c] - mean[c];
+      for (int i = 0; i < d; ++i) {
+        const float* ri = R + static_cast<int64_t>(i) * d;
+        double s = 0;
+        for (int c = 0; c < d; ++c) s += static_cast<double>(ri[c]) * tmp[c];
+        row[i] = static_cast<float>(s);
+      }
+    }
+  }
+}
+
+void rotate_inverse(const float* R, const float* mean, int d, float* x, int64_t n, int64_t stride) {
+#pragma omp parallel if (n * d * d > (1 << 20))
+  {
+    std::vector<double> acc(static_cast<size_t>(d));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      float* row = x + r * stride;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int i = 0; i < d; ++i) {
+        const float* ri = R + static_cast<int64_t>(i) * d;
+        const double xi = row[i];
+        for (int c = 0; c < d; ++c) acc[c] += xi * ri[c];
+      }
+      for (int c = 0; c < d; ++c) row[c] = static_cast<float>(acc[c] + mean[c]);
+    }
+  }
+}
+
+void pca_rotation(const double* cov, int d, int c, float* R) {
+  Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> C(cov, d, d);
+  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(C);
+  const Eigen::VectorXd& lam = es.eigenvalues();  // increasing
+  const Eigen::MatrixXd& V = es.eigenvectors();   // columns
+  const int groups = d / c;
+  const double floor = std::max(lam.maxCoeff(), 1e-30) * 1e-12;
+  std::vector<double> logsum(static_cast<size_t>(groups), 0.0);
+  std::vector<int> fill(static_cast<size_t>(groups), 0);
+  for (int e = d - 1; e >= 0; --e) {  // decreasing eigenvalues
+    int best = -1;
+    for (int g = 0; g < groups; ++g) {
+      if (fill[g] == c) continue;
+      // an empty group first (its product is undefined), else the smallest product so far
+      if (best < 0 || (fill[g] == 0 && fill[best] > 0) ||
+          (fill[g] > 0 && fill[best] > 0 && logsum[g] < logsum[best]))
+        best = g;
+    }
+    logsum[best] += std::log(std::max(lam[e], floor));
+    const int row = best * c + fill[best]++;
+    for (int t = 0; t < d; ++t) R[static_cast<int64_t>(row) * d + t] = static_cast<float>(Eigen::half(static_cast<float>(V(t, e))));
+  }
+}
+
+}  // namespace antkv
+
+#include <array>
+#include <mutex>
+#include <random>
+
+namespace antkv {
+
+const std::vector<float>& lloyd_max_gaussian(int bits) {
+  static std::array<std::vector<float>, 5> cache;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  std::vector<float>& out = cache.at(static_cast<size_t>(bits));
+  if (!out.empty()) return out;
+  // Lloyd's algorithm on a fine grid of N(0, 1) over [-8, 8]
+  const int G = 32001;
+  std::vector<double> xs(G), ps(G);
+  for (int i = 0; i < G; ++i) xs[i] = -8.0 + 16.0 * i / (G - 1), ps[i] = std::exp(-0.5 * xs[i] * xs[i]);
+  const int L = 1 << bits;
+  std::vector<double> lv(static_cast<size_t>(L));
+  for (int j = 0; j < L; ++j) lv[j] = -2.5 + 5.0 * (j + 0.5) / L;
+  for (int it = 0; it < 2000; ++it) {
+    std::vector<double> num(static_cast<size_t>(L), 0.0), den(static_cast<size_t>(L), 0.0);
+    int j = 0;
+    for (int i = 0; i < G; ++i) {
+      while (j + 1 < L && xs[i] > 0.5 * (lv[j] + lv[j + 1])) ++j;
+      num[j] += xs[i] * ps[i], den[j] += ps[i];
+    }
+    for (int q = 0; q < L; ++q)
+      if (den[q] > 0) lv[q] = num[q] / den[q];
+  }
+  for (int q = 0; q < L / 2; ++q) {  // exactly symmetric (the grid's midpoint ties go to the lower level)
+    const double a = 0.5 * (lv[L - 1 - q] - lv[q]);
+    lv[q] = -a, lv[L - 1 - q] = a;
+  }
+  for (double v : lv) out.push_back(static_cast<float>(v));
+  return out;
+}
+
+namespace {
+void fwht(float* x, int d) {  // unnormalized Walsh-Hadamard transform, d a power of 2
+  for (int h = 1; h < d; h <<= 1)
+    for (int i = 0; i < d; i += h << 1)
+      for (int j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b, x[j + h] = a - b;
+      }
+}
+}  // namespace
+
+std::vector<float> rsq_signs(int d, int layer, int tensor, int head) {
+  std::mt19937_64 rng(0x5eedULL + static_cast<uint64_t>(layer) * 1000003ULL + static_cast<uint64_t>(tensor) * 7919ULL +
+                      static_cast<uint64_t>(head) * 131ULL);
+  std::vector<float> s(static_cast<size_t>(d));
+  for (auto& v : s) v = (rng() >> 63) ? -1.0f : 1.0f;
+  return s;
+}
+
+void rsq_quantize(float* x, int64_t n, int64_t stride, int d, int bits, const float* signs) {
+  const std::vector<float>& lv = lloyd_max_gaussian(bits);
+  const int L = static_cast<int>(lv.size());
+  const float inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(d));
+  std::vector<float> y(static_cast<size_t>(d));
+  for (int64_t r = 0; r < n; ++r) {
+    float* row = x + r * stride;
+    for (int c = 0; c < d; ++c) y[c] = row[c] * signs[c];
+    fwht(y.data(), d);
+    double sq = 0;
+    for (int c = 0; c < d; ++c) y[c] *= inv_sqrt_d, sq += static_cast<double>(y[c]) * y[c];
+    const float norm = static_cast<float>(Eigen::half(static_cast<float>(std::sqrt(sq))));  // stored in fp16
+    if (!(sq > 0) || norm == 0) {
+      for (int c = 0; c < d; ++c) row[c] = 0;
+      continue;
+    }
+    const double scale = std::sqrt(static_cast<double>(d) / sq);
+    double rq = 0;
+    for (int c = 0; c < d; ++c) {
+      const float u = static_cast<float>(y[c] * scale);
+      int q = 0;
+      while (q + 1 < L && u > 0.5f * (lv[q] + lv[q + 1])) ++q;  // nearest level (ties: the lower)
+      y[c] = lv[q], rq += static_cast<double>(lv[q]) * lv[q];
+    }
+    const float back = static_cast<float>(norm / std::sqrt(rq));  // renormalized to the stored norm
+    for (int c = 0; c < d; ++c) y[c] *= back;
+    fwht(y.data(), d);  // H is its own inverse up to 1/d: x = S H y / sqrt(d)
+    for (int c = 0; c < d; ++c) row[c] = y[c] * inv_sqrt_d * signs[c];
+  }
+}
+
+}  // namespace antkv

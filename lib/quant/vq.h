@@ -3,6 +3,7 @@
 // its nearest centroid among the 2^b of codebook g.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace antkv {
 
@@ -29,5 +30,40 @@ void vq_quantize(const VqHeadCodebooks& cb, const float* x, int64_t n, int64_t s
 void gain_normalize(float* x, int64_t n, int64_t stride, int d, float* norms);
 // out: [n, stride] direction reconstructions (the head's d channels), rescaled in place to norms[r] * out / |out|.
 void gain_restore(float* out, int64_t n, int64_t stride, int d, const float* norms);
+
+}  // namespace antkv
+
+namespace antkv {
+
+// Rotated VQ (our option rotate=pca, not the paper's): each (layer, KV head, tensor) has a mean and an orthogonal
+// d x d basis learned from the calibration K/V; a head vector is coded as x' = R (x - mean) (R row-major: row i is
+// the i-th basis vector), and reconstructed as mean + R^T x'_hat. The basis is the covariance's eigenvectors,
+// grouped for product quantization by OPQ's eigenvalue allocation (Ge et al., CVPR 2013): eigenvalues in
+// decreasing order each go to the group of c channels (not yet full) whose product of eigenvalues is smallest,
+// so that the d/c codebooks see balanced variance, and the mean (centering) costs no centroids. Mean and basis
+// are stored in fp16 (rounded here) and counted with the codebooks in effective bits.
+// x: [n, stride] (the head's d channels at x + row * stride), transformed in place.
+void rotate_forward(const float* rotation, const float* mean, int d, float* x, int64_t n, int64_t stride);
+void rotate_inverse(const float* rotation, const float* mean, int d, float* x, int64_t n, int64_t stride);
+// cov: [d, d] symmetric (row-major, double), the weighted covariance of a head's vectors; c divides d.
+// Writes rotation [d, d] (fp16-rounded rows; group g is rows [g c, (g+1) c)).
+void pca_rotation(const double* cov, int d, int c, float* rotation);
+
+}  // namespace antkv
+
+namespace antkv {
+
+// Rotated scalar quantization (method kind rsq: a training-free baseline in the manner of TurboQuant, Zandieh et
+// al. 2025, and QuaRot): a head vector x is rotated by y = H S x / sqrt(d) (S random signs from a fixed seed per
+// layer, tensor and head, H the Walsh-Hadamard matrix; d a power of 2), its norm |y| = |x| is stored in fp16,
+// each coordinate of sqrt(d) y / |y| (close to N(0, 1) after the rotation) is rounded to the nearest of the 2^bits
+// Lloyd-Max levels of the standard normal, and the reconstruction is renormalized to the stored norm (as gain-shape)
+// and rotated back. bits in [1, 4]; bits + 16 / d stored bits per channel.
+// The Lloyd-Max levels of N(0, 1) for `bits` (increasing; symmetric), computed once.
+const std::vector<float>& lloyd_max_gaussian(int bits);
+// x: [n, stride] (the head's d channels at x + row * stride), quantized in place; signs: [d] of +-1.
+void rsq_quantize(float* x, int64_t n, int64_t stride, int d, int bits, const float* signs);
+// The fixed signs of (layer, tensor 0 keys / 1 values, head).
+std::vector<float> rsq_signs(int d, int layer, int tensor, int head);
 
 }  // namespace antkv

@@ -20,10 +20,11 @@ namespace antkv {
 
 VqConfig vq_config_for_bits(double bits) {
   static const std::pair<double, VqConfig> table[] = {{4.0, {2, 8}},    {2.0, {4, 8}},  {1.0, {8, 8}},
-                                                      {0.75, {16, 12}}, {0.5, {16, 8}}, {0.375, {16, 6}}};
+                                                      {0.75, {16, 12}}, {0.5, {16, 8}}, {0.375, {16, 6}},
+                                                      {1.5, {8, 12}},   {1.25, {8, 10}}, {0.25, {32, 8}}};
   for (auto& [b, cfg] : table)
     if (std::fabs(bits - b) < 1e-9) return cfg;
-  fail("no VQ configuration for {} bits (named ones: 4, 2, 1, 0.75, 0.5, 0.375; or give c and b)", bits);
+  fail("no VQ configuration for {} bits (named ones: 4, 2, 1, 0.75, 0.5, 0.375, and 1.5, 1.25, 0.25; or give c and b)", bits);
 }
 
 namespace {
@@ -56,6 +57,7 @@ void for_each_field(Recipe& r, F&& f) {
   f("kmeans.weighting", Kind::kString, &r.kmeans.weighting);
   f("kmeans.exclude_anchors", Kind::kBool, &r.kmeans.exclude_anchors);
   f("kmeans.gain", Kind::kString, &r.kmeans.gain);
+  f("kmeans.rotate", Kind::kString, &r.kmeans.rotate);
   f("kmeans.device", Kind::kString, &r.kmeans.device);
   f("kmeans.max_points", Kind::kInt64, &r.kmeans.max_points);
   f("kmeans.holdout", Kind::kDouble, &r.kmeans.holdout);
@@ -200,6 +202,7 @@ void validate(const Recipe& r, const std::string& src) {
   check(r.kmeans.tol >= 0, "kmeans.tol", "must be >= 0");
   one_of("kmeans.weighting", r.kmeans.weighting, {"anchor", "none"});
   one_of("kmeans.gain", r.kmeans.gain, {"off", "k", "kv"});
+  one_of("kmeans.rotate", r.kmeans.rotate, {"off", "pca"});
   one_of("kmeans.device", r.kmeans.device, {"auto", "cpu", "cuda"});
   check(r.kmeans.max_points >= 0, "kmeans.max_points", "must be >= 0 (0 = all)");
   check(r.kmeans.holdout >= 0 && r.kmeans.holdout < 1, "kmeans.holdout", "must be in [0, 1)");
@@ -228,7 +231,7 @@ std::vector<std::string> expand_widths(const std::vector<std::string>& methods, 
       ANTKV_CHECK(used == w.size(), "");
       vq_config_for_bits(bits);
     } catch (const std::exception&) {
-      fail("{}: key \"eval.widths\": \"{}\" is not one of the widths 4, 2, 1, 0.75, 0.5, 0.375", src, w);
+      fail("{}: key \"eval.widths\": \"{}\" is not one of the widths 4, 2, 1, 0.75, 0.5, 0.375, 1.5, 1.25, 0.25", src, w);
     }
     canonical.push_back(fmt::format("{}", bits));
   }

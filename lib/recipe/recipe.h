@@ -20,7 +20,8 @@ struct VqConfig {
   double bits() const { return static_cast<double>(b) / c; }
 };
 // The design note's named configurations: 4 -> c2b8, 2 -> c4b8, 1 -> c8b8, 0.75 -> c16b12,
-// 0.5 -> c16b8, 0.375 -> c16b6. Throws for anything else.
+// 0.5 -> c16b8, 0.375 -> c16b6; and ours for unequal K/V widths: 1.5 -> c8b12, 1.25 -> c8b10, 0.25 -> c32b8.
+// Throws for anything else.
 VqConfig vq_config_for_bits(double bits);
 
 struct Recipe {
@@ -56,6 +57,7 @@ struct Recipe {
     std::string weighting = "anchor";  // anchor | none
     bool exclude_anchors = true;
     std::string gain = "off";          // off | k | kv: train key (and value) codebooks on unit vectors (gain-shape)
+    std::string rotate = "off";        // off | pca: codebooks in a learned centered PCA basis (OPQ allocation)
     std::string device = "auto";       // auto | cuda | cpu (FAISS)
     int64_t max_points = 0;            // per codebook; 0 = all calibration tokens
     double holdout = 0.05;             // share of tokens held out for the quantization-error report
