@@ -729,6 +729,8 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
                     Catch::Contains("anchors=v (one tensor only) is not supported by the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,key_rope=pre"), *cb, 1, 64, 8),
                     Catch::Contains("do not fit the method and model"));  // post-RoPE codebooks for a pre-RoPE method
+  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,rotate=pca"), *cb, 1, 64, 8),
+                    Catch::Contains("are not supported by the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=2"), *make_codebooks(cfg, method("antkv:bits=2"), acts, 1), 1, 64, 8),
                     Catch::Contains("c4b8 is not one of the compressed cache's configurations"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=0.5"), *cb, 1, 64, 8),
