@@ -11,7 +11,7 @@
 //    differ by ~2^-9 relative before quantization; that flips nearest-centroid codes, uniform levels and a few
 //    anchors. fp16 is held to the bf16 floor; the quantized methods to the CPU method's own response to its
 //    inputs rounded to bf16 (see the test; the measured figures are there and in the WARN lines). Also decode
-//    steps past the 128-token FP16 window.
+//    steps past the 128-token FP16 window, through the simulated quantizer and through the compressed cache.
 // 3. antkv with ratio 1.0 (every token an anchor) gives exactly the GPU fp16 method's logits.
 // 4. Codebooks that do not fit the method or the model: antkv::Error naming the problem.
 #include "test_support.h"
@@ -550,6 +550,28 @@ TEST_CASE("GPU runtime + quantizer vs CPU runtime + QuantizedKvCache on antkv-re
     }
     WARN(fmt::format("decode with antkv: worst last-token logits rel err over 141 forwards {:.2e}", worst));
     CHECK(worst <= 0.15);
+    // the compressed cache (real) against the same CPU reference, token by token, held to the same bound
+    GpuRuntimeOptions ro;
+    ro.compressed_kv = true;
+    GpuRuntime real(mod.ckpt, ro);
+    real.set_compressed_cache(std::make_unique<GpuCompressedKvCache>(cfg, m, *cb, 1, real.capacity(), 128));
+    real.set_kv_quantizer(make_gpu_kv_quantizer(cfg, m, cb));
+    crt->reset();
+    double worst_real = 0;
+    ForwardResult rr;
+    for (int p = 0; p < 240;) {
+      const int n = p == 0 ? 100 : 1;
+      req.tokens = seq.data() + p;
+      req.n_tokens = n;
+      crt->forward(req, rc);
+      real.forward(req, rr);
+      worst_real = std::max(worst_real, test::max_rel_error(rr.logits.data(), rc.logits.data(), rc.logits.size()));
+      p += n;
+    }
+    WARN(fmt::format("decode with antkv through the compressed cache: worst last-token logits rel err vs the CPU "
+                     "reference over 141 forwards {:.2e}",
+                     worst_real));
+    CHECK(worst_real <= 0.15);
   }
 }
 
