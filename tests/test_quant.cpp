@@ -179,18 +179,27 @@ TEST_CASE("uniform cache: keys per channel over token groups, values per token, 
   }
 }
 
-TEST_CASE("VQ and AnTKV caches: nearest centroids, FP16 anchors, decode window, key error", "[quant]") {
-  const ModelConfig cfg = tiny_config(2, 8);
+// One layer of codebooks for tiny_config(2, 8) at c4b2 (keys and values): centroids [kv 2, groups 2, k 4, c 4]
+// drawn from nd(rng) * scale (keys, then values), error_norm 1 per head. The caller's rng and nd are used so that
+// its later draws follow on.
+static std::shared_ptr<CodebookSet> tiny_codebooks(const std::string& key_rope, const std::string& weighting, std::mt19937& rng,
+                                            std::normal_distribution<float>& nd, float scale = 1.0f) {
   auto cb = std::make_shared<CodebookSet>();
-  cb->meta = {"tiny", "", "", "post", "none", "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
-  std::mt19937 rng(11);
-  std::normal_distribution<float> nd;
+  cb->meta = {"tiny", "", "", key_rope, weighting, "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
   for (auto* side : {&cb->keys, &cb->values}) {
     side->resize(1);
-    (*side)[0].centroids.resize(2 * 2 * 4 * 4);  // [kv 2, groups 2, k 4, c 4]
-    for (auto& x : (*side)[0].centroids) x = nd(rng);
+    (*side)[0].centroids.resize(2 * 2 * 4 * 4);
+    for (auto& x : (*side)[0].centroids) x = nd(rng) * scale;
     (*side)[0].error_norm = {1.0f, 1.0f};
   }
+  return cb;
+}
+
+TEST_CASE("VQ and AnTKV caches: nearest centroids, FP16 anchors, decode window, key error", "[quant]") {
+  const ModelConfig cfg = tiny_config(2, 8);
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd;
+  auto cb = tiny_codebooks("post", "none", rng, nd);
   const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
   const int T = 40;
   std::vector<float> k(T * 16), v(T * 16), q(T * 32);
@@ -277,18 +286,11 @@ TEST_CASE("VQ and AnTKV caches: nearest centroids, FP16 anchors, decode window, 
 
 TEST_CASE("gain-shape VQ cache: fp16 norms kept, directions from the unit-vector codebooks", "[quant]") {
   const ModelConfig cfg = tiny_config(2, 8);
-  auto cb = std::make_shared<CodebookSet>();
-  cb->meta = {"tiny", "", "", "post", "none", "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
-  cb->meta.exclude_anchors = false;
-  cb->meta.gain = "k";
   std::mt19937 rng(13);
   std::normal_distribution<float> nd;
-  for (auto* side : {&cb->keys, &cb->values}) {
-    side->resize(1);
-    (*side)[0].centroids.resize(2 * 2 * 4 * 4);  // [kv 2, groups 2, k 4, c 4]
-    for (auto& x : (*side)[0].centroids) x = nd(rng) * 0.3f;  // direction-sized centroids
-    (*side)[0].error_norm = {1.0f, 1.0f};
-  }
+  auto cb = tiny_codebooks("post", "none", rng, nd, 0.3f);  // direction-sized centroids
+  cb->meta.exclude_anchors = false;
+  cb->meta.gain = "k";
   const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
   const int T = 30;
   std::vector<float> k(T * 16), v(T * 16), q(T * 32);
@@ -361,16 +363,9 @@ TEST_CASE("gain-shape VQ cache: fp16 norms kept, directions from the unit-vector
 TEST_CASE("VQ and AnTKV caches: pre-RoPE keys quantized before RoPE, rotated to their positions after", "[quant]") {
   const ModelConfig cfg = tiny_config(2, 8);
   const int T = 40, KV = 2, d = 8, row = KV * d;
-  auto cb = std::make_shared<CodebookSet>();
-  cb->meta = {"tiny", "", "", "pre", "none", "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
   std::mt19937 rng(12);
   std::normal_distribution<float> nd;
-  for (auto* side : {&cb->keys, &cb->values}) {
-    side->resize(1);
-    (*side)[0].centroids.resize(2 * 2 * 4 * 4);  // [kv 2, groups 2, k 4, c 4]
-    for (auto& x : (*side)[0].centroids) x = nd(rng);
-    (*side)[0].error_norm = {1.0f, 1.0f};
-  }
+  auto cb = tiny_codebooks("pre", "none", rng, nd);
   const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
   std::vector<float> k_pre(T * row), v(T * row), q(T * 2 * row);
   for (auto* a : {&k_pre, &v, &q})
@@ -433,15 +428,9 @@ TEST_CASE("VQ and AnTKV caches: pre-RoPE keys quantized before RoPE, rotated to 
 TEST_CASE("AnTKV cache: anchors follow the score variant (recent, attention_mass, key_bound, error_bound)", "[quant][anchor]") {
   const ModelConfig cfg = tiny_config(2, 8);
   const int T = 40, KV = 2, row = 16;
-  auto cb = std::make_shared<CodebookSet>();
-  cb->meta = {"tiny", "", "", "post", "anchor", "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
   std::mt19937 rng(14);
   std::normal_distribution<float> nd;
-  for (auto* side : {&cb->keys, &cb->values}) {
-    side->resize(1);
-    (*side)[0].centroids.resize(2 * 2 * 4 * 4);
-    for (auto& x : (*side)[0].centroids) x = nd(rng);
-  }
+  auto cb = tiny_codebooks("post", "anchor", rng, nd);
   cb->keys[0].error_norm = {0.5f, 2.0f};
   cb->values[0].error_norm = {3.0f, 0.25f};
   const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
@@ -487,16 +476,9 @@ TEST_CASE("AnTKV cache: anchors follow the score variant (recent, attention_mass
 TEST_CASE("effective bits from what the caches store: one prefill = the formula, chunked prefill and decode differ",
           "[quant]") {
   const ModelConfig cfg = tiny_config(2, 8);
-  auto cb = std::make_shared<CodebookSet>();
-  cb->meta = {"tiny", "", "", "post", "anchor", "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
   std::mt19937 rng(13);
   std::normal_distribution<float> nd;
-  for (auto* side : {&cb->keys, &cb->values}) {
-    side->resize(1);
-    (*side)[0].centroids.resize(2 * 2 * 4 * 4);
-    for (auto& x : (*side)[0].centroids) x = nd(rng);
-    (*side)[0].error_norm = {1.0f, 1.0f};
-  }
+  auto cb = tiny_codebooks("post", "anchor", rng, nd);
   auto cb_plain = std::make_shared<CodebookSet>(*cb);
   cb_plain->meta.weighting = "none";
   const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
