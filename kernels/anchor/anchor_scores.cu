@@ -389,6 +389,27 @@ void AnchorScoreWorkspace::bind(AnchorScoreGpuArgs& p) {
   p.row_stats = stats_.get();
 }
 
+void AnchorScoreWorkspace::pack(const DeviceLayerActivations& a, int n_heads, int n_kv_heads, int head_dim,
+                                AnchorScoreGpuArgs& p, cudaStream_t stream) {
+  ANTKV_CHECK(a.n_tokens >= 0 && n_heads > 0 && n_kv_heads > 0 && head_dim > 0 && a.q && a.k_post && a.v,
+              "AnchorScoreWorkspace::pack: bad activations");
+  const int T = a.n_tokens;
+  const size_t qd = static_cast<size_t>(n_heads) * head_dim, kvd = static_cast<size_t>(n_kv_heads) * head_dim;
+  q_.ensure(T * qd);
+  k_.ensure(T * kvd);
+  v_.ensure(T * kvd);
+  auto copy2d = [&](float* dst, size_t width, const float* src, int64_t stride) {
+    if (T == 0) return;
+    ANTKV_CUDA_CHECK(cudaMemcpy2DAsync(dst, width * sizeof(float), src, stride * sizeof(float), width * sizeof(float),
+                                       T, cudaMemcpyDeviceToDevice, stream));
+  };
+  copy2d(q_.get(), qd, a.q, a.q_stride);
+  copy2d(k_.get(), kvd, a.k_post, a.k_post_stride);
+  copy2d(v_.get(), kvd, a.v, a.v_stride);
+  p.q = q_.get(), p.k = k_.get(), p.v = v_.get();
+  p.n_tokens = T, p.n_heads = n_heads, p.n_kv_heads = n_kv_heads, p.head_dim = head_dim;
+}
+
 void anchor_scores_pass1(const AnchorScoreGpuArgs& p, cudaStream_t stream) {
   check_shape(p, "anchor_scores_pass1");
   check_ptrs(p, false, "anchor_scores_pass1");

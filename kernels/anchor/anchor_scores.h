@@ -16,6 +16,7 @@
 #include <cstddef>
 
 #include "kernels/common/device_buffer.h"
+#include "runtime/runtime.h"
 
 namespace antkv::cuda {
 
@@ -42,10 +43,16 @@ class AnchorScoreWorkspace {
  public:
   // Ensures capacity for (n_tokens, n_heads, head_dim) and points p.o, p.lse, p.row_stats at it.
   void bind(AnchorScoreGpuArgs& p);
-  size_t bytes() const { return o_.bytes() + lse_.bytes() + stats_.bytes(); }
+  // A runtime layer's strided fp32 q, k_post, v (DeviceLayerActivations: rows of the runtime's qkv buffer)
+  // copied dense into the workspace on `stream`; p.q, p.k, p.v point at the copies and the shapes are set
+  // (p.s_k, p.s_v stay the caller's). The calibration stage and the GPU quantizer score anchors this way.
+  void pack(const DeviceLayerActivations& a, int n_heads, int n_kv_heads, int head_dim, AnchorScoreGpuArgs& p,
+            cudaStream_t stream);
+  size_t bytes() const { return o_.bytes() + lse_.bytes() + stats_.bytes() + q_.bytes() + k_.bytes() + v_.bytes(); }
 
  private:
   DeviceBuffer<float> o_, lse_, stats_;
+  DeviceBuffer<float> q_, k_, v_;  // pack(): dense [n_tokens, heads, head_dim]
 };
 
 // Both passes on `stream` (asynchronous; the caller synchronizes). p.o, p.lse and p.row_stats must be set.

@@ -53,9 +53,6 @@ class GpuCalibStage : public CalibDeviceStage {
       tokens_[s].assign(L, 0);
       for (auto& e : events_[s]) ANTKV_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     }
-    aq_.resize(T * cfg.q_dim());
-    ak_.resize(T * kvd_);
-    av_.resize(T * kvd_);
     kh_.resize(2 * T * kvd_);  // keys | values, fp16
     sk_.resize(2 * T * KV);    // S_K | S_V
   }
@@ -71,24 +68,16 @@ class GpuCalibStage : public CalibDeviceStage {
     ANTKV_CHECK(a.n_tokens > 0 && a.n_tokens <= max_T_, "calibration device stage: {} tokens in a window of at most {}",
                 a.n_tokens, max_T_);
     auto stream = static_cast<cudaStream_t>(a.stream);
-    const int T = a.n_tokens, KV = cfg_.num_kv_heads, qd = cfg_.q_dim();
+    const int T = a.n_tokens, KV = cfg_.num_kv_heads;
     const size_t kvd = kvd_;
-    auto copy2d = [&](float* dst, size_t width, const float* src, int64_t stride) {
-      ANTKV_CUDA_CHECK(cudaMemcpy2DAsync(dst, width * sizeof(float), src, stride * sizeof(float), width * sizeof(float),
-                                         T, cudaMemcpyDeviceToDevice, stream));
-    };
-    copy2d(aq_.get(), qd, a.q, a.q_stride);
-    copy2d(ak_.get(), kvd, a.k_post, a.k_post_stride);
-    copy2d(av_.get(), kvd, a.v, a.v_stride);
     cuda::AnchorScoreGpuArgs p;
-    p.q = aq_.get(), p.k = ak_.get(), p.v = av_.get();
+    ws_.pack(a, cfg_.num_heads, KV, cfg_.head_dim, p, stream);  // dense q, k_post, v in the workspace
     p.s_k = sk_.get(), p.s_v = sk_.get() + static_cast<size_t>(T) * KV;
-    p.n_tokens = T, p.n_heads = cfg_.num_heads, p.n_kv_heads = KV, p.head_dim = cfg_.head_dim;
     cuda::anchor_scores_gpu(p, ws_, stream);
     __half* kh = reinterpret_cast<__half*>(kh_.get());
     if (pre_rope) launch_to_half(a.k_pre, a.k_pre_stride, static_cast<int>(kvd), T, kh, stream);
-    else launch_to_half(ak_.get(), static_cast<int64_t>(kvd), static_cast<int>(kvd), T, kh, stream);
-    launch_to_half(av_.get(), static_cast<int64_t>(kvd), static_cast<int>(kvd), T, kh + static_cast<size_t>(T) * kvd, stream);
+    else launch_to_half(p.k, static_cast<int64_t>(kvd), static_cast<int>(kvd), T, kh, stream);
+    launch_to_half(p.v, static_cast<int64_t>(kvd), static_cast<int>(kvd), T, kh + static_cast<size_t>(T) * kvd, stream);
     uint16_t* hh = halves_[slot].get() + per_layer_halves_ * a.layer;
     float* hf = floats_[slot].get() + per_layer_floats_ * a.layer;
     ANTKV_CUDA_CHECK(cudaMemcpyAsync(hh, kh_.get(), 2 * static_cast<size_t>(T) * kvd * sizeof(uint16_t),
@@ -121,7 +110,7 @@ class GpuCalibStage : public CalibDeviceStage {
   PinnedBuffer<float> floats_[kSlots];
   std::vector<cudaEvent_t> events_[kSlots];
   std::vector<int> tokens_[kSlots];
-  DeviceBuffer<float> aq_, ak_, av_, sk_;
+  DeviceBuffer<float> sk_;
   DeviceBuffer<uint16_t> kh_;
   cuda::AnchorScoreWorkspace ws_;
   double wait_s_ = 0;

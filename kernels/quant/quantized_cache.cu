@@ -582,23 +582,12 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
   // S_K, S_V of the chunk on the GPU, combined and selected on the host; fills anchor_[l] and keep_d_.
   void select_anchors_gpu(const GpuKvLayerChunk& c, cudaStream_t stream) {
     ANTKV_CHECK(c.q, "GPU KV quantizer {}: the runtime passed no queries (anchor scores need them)", m_.text);
-    const int l = c.layer, n = c.n_tokens, H = cfg_.num_heads, qd = cfg_.q_dim();
-    aq_.ensure(static_cast<size_t>(n) * qd);
-    ak_.ensure(static_cast<size_t>(n) * kvd_);
-    av_.ensure(static_cast<size_t>(n) * kvd_);
+    const int l = c.layer, n = c.n_tokens;
     sk_.ensure(static_cast<size_t>(n) * KV_);
     sv_.ensure(static_cast<size_t>(n) * KV_);
-    auto copy2d = [&](float* dst, int width, const float* src, int64_t stride) {
-      ANTKV_CUDA_CHECK(cudaMemcpy2DAsync(dst, width * sizeof(float), src, stride * sizeof(float), width * sizeof(float),
-                                         n, cudaMemcpyDeviceToDevice, stream));
-    };
-    copy2d(aq_.get(), qd, c.q, c.q_stride);
-    copy2d(ak_.get(), kvd_, c.k_post, c.k_post_stride);
-    copy2d(av_.get(), kvd_, c.v, c.v_stride);
     cuda::AnchorScoreGpuArgs a;
-    a.q = aq_.get(), a.k = ak_.get(), a.v = av_.get();
+    ws_.pack(c, cfg_.num_heads, KV_, d_, a, stream);
     a.s_k = sk_.get(), a.s_v = sv_.get();
-    a.n_tokens = n, a.n_heads = H, a.n_kv_heads = KV_, a.head_dim = d_;
     cuda::anchor_scores_gpu(a, ws_, stream);
     const size_t ns = static_cast<size_t>(n) * KV_;
     h_sk_.resize(ns), h_sv_.resize(ns), h_score_.resize(ns);
@@ -651,7 +640,7 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
 
   DeviceBuffer<float> work_, tmp_;
   int work_rows_ = 0, work_lo_ = 0;
-  DeviceBuffer<float> aq_, ak_, av_, sk_, sv_;
+  DeviceBuffer<float> sk_, sv_;
   DeviceBuffer<uint8_t> keep_d_;
   DeviceBuffer<int32_t> pos_;
   cuda::AnchorScoreWorkspace ws_;

@@ -50,17 +50,11 @@ namespace antkv {
 
 class Checkpoint;
 
-// One layer's new tokens of one forward() (sequence 0), handed to the quantizer. Device pointers; the
-// activations are fp32 row-major with the given row strides (in elements):
-struct GpuKvLayerChunk {
-  int layer = 0;
-  int n_tokens = 0;                 // n: tokens of this forward() call
-  int position0 = 0;                // position (= cache slot) of the first of them
-  const float* q = nullptr;         // [n, num_heads, head_dim] post-RoPE queries (biased), row stride q_stride
-  const float* k_pre = nullptr;     // [n, num_kv_heads, head_dim] biased keys before RoPE, row stride k_pre_stride
-  const float* k_post = nullptr;    // [n, num_kv_heads, head_dim] post-RoPE keys, row stride k_post_stride
-  const float* v = nullptr;         // [n, num_kv_heads, head_dim] biased values, row stride v_stride
-  int64_t q_stride = 0, k_pre_stride = 0, k_post_stride = 0, v_stride = 0;
+// One layer's new tokens of one forward() (sequence 0), handed to the quantizer: the layer's device
+// activations as a device observer sees them (runtime/runtime.h: fp32 q [n, num_heads, head_dim] post-RoPE,
+// k_pre / k_post / v [n, num_kv_heads, head_dim], row strides in elements; n = n_tokens at position0 =
+// cache slot of the first), plus what the quantizer needs of the cache:
+struct GpuKvLayerChunk : DeviceLayerActivations {
   const int32_t* positions = nullptr;  // [n] the tokens' positions (position0 + t)
   const float* inv_freq = nullptr;     // [head_dim / 2] RoPE inverse frequencies (rope_inv_freq)
   // This layer's cache of sequence 0, [num_kv_heads, capacity, head_dim] bf16: token t of the chunk is in

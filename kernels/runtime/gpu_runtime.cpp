@@ -322,18 +322,18 @@ struct GpuRuntime::Impl {
       qp.head_dim = d;
       cuda::qkv_rope_store(qp, stream);
 
+      DeviceLayerActivations da;  // this layer's fp32 activations on the device (observer and quantizer)
+      da.layer = l;
+      da.n_tokens = T;
+      da.position0 = past;
+      da.q = qkv.get();
+      da.k_post = qkv.get() + qd;
+      da.v = qkv.get() + qd + kvd;
+      da.q_stride = da.k_post_stride = da.v_stride = qkv_dim();
+      da.k_pre = k_pre.get();
+      da.k_pre_stride = kvd;
+      da.stream = stream;
       if (observe_device) {
-        DeviceLayerActivations da;
-        da.layer = l;
-        da.n_tokens = T;
-        da.position0 = past;
-        da.q = qkv.get();
-        da.k_post = qkv.get() + qd;
-        da.v = qkv.get() + qd + kvd;
-        da.q_stride = da.k_post_stride = da.v_stride = qkv_dim();
-        da.k_pre = k_pre.get();
-        da.k_pre_stride = kvd;
-        da.stream = stream;
         observer->on_layer_device(da);
       } else if (observer) {
         hq.resize(static_cast<size_t>(T) * qd);
@@ -363,15 +363,7 @@ struct GpuRuntime::Impl {
 
       if (quant && !(comp && decode)) {  // fake quantization of this layer's new cache entries, before attention reads them
         GpuKvLayerChunk ch;
-        ch.layer = l;
-        ch.n_tokens = T;
-        ch.position0 = past;
-        ch.q = qkv.get();
-        ch.k_post = qkv.get() + qd;
-        ch.v = qkv.get() + qd + kvd;
-        ch.q_stride = ch.k_post_stride = ch.v_stride = qkv_dim();
-        ch.k_pre = k_pre.get();
-        ch.k_pre_stride = kvd;
+        static_cast<DeviceLayerActivations&>(ch) = da;
         ch.positions = d_pos;
         ch.inv_freq = inv_freq.get();
         ch.k_cache = comp ? prefill_k.get() : L.k_cache.get();  // sequence 0
