@@ -302,10 +302,11 @@ TEST_CASE("GPU KV quantizers equal QuantizedKvCache on the same inputs (prefill,
       {"uniform:bits=4,group=32,window=20", 1e-3},
       {"vq:bits=1", 5e-3},
       {"vq:bits=0.75", 5e-3},
-      {"antkv:bits=1,ratio=0.05", 1e-2},
-      {"antkv:bits=1,ratio=0.05,key_rope=pre", 1e-2},
-      {"antkv:bits=1,ratio=0.05,anchors=v", 1e-2},  // anchor tokens: keys quantized, values exact
-      {"antkv:bits=1,ratio=0.05,anchors=k,key_rope=pre", 1e-2},
+      // promote=off: the simulated GPU cache does not run decode-time anchors (the compressed cache does)
+      {"antkv:bits=1,ratio=0.05,promote=off", 1e-2},
+      {"antkv:bits=1,ratio=0.05,key_rope=pre,promote=off", 1e-2},
+      {"antkv:bits=1,ratio=0.05,anchors=v,promote=off", 1e-2},  // anchor tokens: keys quantized, values exact
+      {"antkv:bits=1,ratio=0.05,anchors=k,key_rope=pre,promote=off", 1e-2},
   };
   for (const auto& cs : cases) {
     SECTION(cs.text) {
@@ -529,10 +530,13 @@ TEST_CASE("GPU runtime + quantizer vs CPU runtime + QuantizedKvCache on antkv-re
   }
 
   SECTION("decode: 100-token prefill + 140 one-token steps (tokens 100..111 leave the window)") {
+    // the simulated GPU cache without decode-time anchors (it does not run them), against the CPU cache likewise;
+    // then the compressed cache with them (promote=on, the default) against the CPU cache with them
+    const MethodSpec m_off = method("antkv:bits=1,ratio=0.05,promote=off");
     const MethodSpec m = method("antkv:bits=1,ratio=0.05");
     auto cb = make_codebooks(cfg, m, mod.calib, 5);
-    auto crt = cpu_factory(m, cb);
-    auto grt = gpu_factory(m, cb);
+    auto crt = cpu_factory(m_off, cb);
+    auto grt = gpu_factory(m_off, cb);
     const auto seq = random_prompt(240, cfg.vocab_size, 99);
     double worst = 0;
     for (Runtime* rt : {crt.get(), grt.get()}) rt->reset();
@@ -556,6 +560,7 @@ TEST_CASE("GPU runtime + quantizer vs CPU runtime + QuantizedKvCache on antkv-re
     GpuRuntime real(mod.ckpt, ro);
     real.set_compressed_cache(std::make_unique<GpuCompressedKvCache>(cfg, m, *cb, 1, real.capacity(), 128));
     real.set_kv_quantizer(make_gpu_kv_quantizer(cfg, m, cb));
+    crt = cpu_factory(m, cb);
     crt->reset();
     double worst_real = 0;
     ForwardResult rr;
@@ -572,6 +577,29 @@ TEST_CASE("GPU runtime + quantizer vs CPU runtime + QuantizedKvCache on antkv-re
                      "reference over 141 forwards {:.2e}",
                      worst_real));
     CHECK(worst_real <= 0.15);
+    // the anchors: ceil(0.05 * 240) = 12 per head after the last step (5 from the prefill, 7 promoted as the
+    // budget grew, others by displacement), the same tokens as the CPU cache's up to near-ties of the running
+    // scores (fp32 on the GPU from bf16 q and output, double on the CPU)
+    auto* cpu_cache = dynamic_cast<QuantizedKvCache*>(&dynamic_cast<CpuRuntime&>(*crt).kv_cache());
+    REQUIRE(cpu_cache);
+    int same = 0, total = 0, decoded = 0;
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      const auto pos = real.compressed_cache()->anchor_positions(l, 0);
+      REQUIRE(pos.size() == static_cast<size_t>(cfg.num_kv_heads) * 12);
+      for (int h = 0; h < cfg.num_kv_heads; ++h)
+        for (int a = 0; a < 12; ++a) {
+          const int t = pos[static_cast<size_t>(h) * 12 + a];
+          REQUIRE(t >= 0);
+          REQUIRE(t < 240 - 128);
+          same += cpu_cache->anchor_flags(l)[static_cast<size_t>(t) * cfg.num_kv_heads + h];
+          decoded += t >= 100;
+          ++total;
+        }
+    }
+    WARN(fmt::format("decode-time anchors: {} of {} GPU anchors are CPU anchors, {} are decoded tokens", same, total,
+                     decoded));
+    CHECK(same >= 0.9 * total);
+    CHECK(decoded >= cfg.num_layers * cfg.num_kv_heads * 7);
   }
 }
 
@@ -661,14 +689,20 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
   const ModelConfig& cfg = mod.ckpt.config();
   const auto seq = random_prompt(250, cfg.vocab_size, 777);
   const int P = 100;
-  for (const std::string text : {"vq:bits=1", "antkv:bits=1,ratio=0.05", "vq:bits=0.5", "antkv:bits=1,ratio=0.05,key_rope=pre"}) {
+  // promote=off: the simulated cache has no decode-time anchors; with them (the last two) only the prefill is
+  // compared with it, and decode_batch with forward (the anchors against the CPU cache: the test above)
+  for (const std::string text : {"vq:bits=1", "antkv:bits=1,ratio=0.05,promote=off", "vq:bits=0.5",
+                                 "antkv:bits=1,ratio=0.05,key_rope=pre,promote=off", "antkv:bits=1,ratio=0.05",
+                                 "antkv:bits=1,ratio=0.05,key_rope=pre"}) {
     SECTION(text) {
       const MethodSpec m = method(text);
       auto cb = make_codebooks(cfg, m, mod.calib, 7);
       GpuRuntimeOptions so;
       so.max_context = 512;
       GpuRuntime sim(mod.ckpt, so);
-      sim.set_kv_quantizer(make_gpu_kv_quantizer(cfg, m, cb));
+      MethodSpec m_sim = m;
+      m_sim.promote = false;
+      sim.set_kv_quantizer(make_gpu_kv_quantizer(cfg, m_sim, cb));
       auto make_real = [&] {
         GpuRuntimeOptions ro = so;
         ro.compressed_kv = true;
@@ -693,7 +727,7 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
         req.tokens = seq.data() + p;
         req.targets = targets.data() + p;
         req.n_tokens = n;
-        sim.forward(req, rs);
+        if (p == 0 || !m.promotes()) sim.forward(req, rs);
         real->forward(req, rr);
         if (p == 0) {
           batched->forward(req, rb);
@@ -708,6 +742,11 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
           batched->decode_batch({seq[p]}, &lb, nullptr);
           REQUIRE(lb.size() == rr.logits.size());
           CHECK(std::memcmp(lb.data(), rr.logits.data(), lb.size() * sizeof(float)) == 0);
+          REQUIRE(std::isfinite(rr.nll[0]));
+          if (m.promotes()) {
+            p += n;
+            continue;
+          }
           const double e = test::max_rel_error(rr.logits.data(), rs.logits.data(), rs.logits.size());
           REQUIRE(std::isfinite(rr.nll[0]));
           worst_logit = std::max(worst_logit, e);
@@ -721,9 +760,12 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
         p += n;
       }
       const auto& st = real->compressed_cache()->state(0);
+      const int len = static_cast<int>(seq.size());
       CHECK(st.n_window == 128);
-      CHECK(st.n_quant == P - st.n_anchor + (static_cast<int>(seq.size()) - P - 128));
-      CHECK(st.length() == static_cast<int>(seq.size()));
+      CHECK(st.n_anchor == (m.kind != "antkv" ? 0 : m.promotes() ? static_cast<int>(std::ceil(0.05 * len)) : 5));
+      CHECK(st.n_quant == len - 128 - st.n_anchor);
+      CHECK(st.length() == len);
+      if (m.promotes()) continue;
       WARN(fmt::format("{}: compressed vs simulated over {} decode steps: logits rel err max {:.2e}, |dNLL| mean {:.2e} "
                        "max {:.2e}",
                        text, steps, worst_logit, sum_nll / steps, worst_nll));
@@ -778,6 +820,22 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
   rt.forward(req, res);
   CHECK(rt.compressed_cache()->state(0).length() == 5);
   CHECK(std::isfinite(res.logits.at(0)));
+  // the simulated cache: decode-time anchors are an error when a token leaves its window (window 2 here)
+  GpuRuntimeOptions so;
+  so.max_context = 64;
+  GpuRuntime sim(cfg, 5, so);
+  sim.set_kv_quantizer(make_gpu_kv_quantizer(cfg, m, cb, /*decode_window=*/2));
+  const std::vector<int32_t> more = {1, 5, 7, 9, 11, 13, 15};
+  req.tokens = more.data();
+  req.n_tokens = 4;
+  sim.forward(req, res);
+  req.n_tokens = 1;
+  for (int p = 4; p < 6; ++p) {  // tokens 4 and 5 wait in the window
+    req.tokens = more.data() + p;
+    sim.forward(req, res);
+  }
+  req.tokens = more.data() + 6;  // token 4 leaves
+  CHECK_THROWS_WITH(sim.forward(req, res), Catch::Contains("decode-time anchors (design note §2, promote=on) run in the compressed cache"));
 }
 
 #endif

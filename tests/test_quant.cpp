@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <functional>
 #include <random>
 #include <tuple>
 
@@ -282,6 +283,92 @@ TEST_CASE("VQ and AnTKV caches: nearest centroids, FP16 anchors, decode window, 
   ak.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
   CHECK(std::equal(ak.keys(0), ak.keys(0) + T * 16, an.keys(0)));
   CHECK(std::equal(ak.values(0), ak.values(0) + T * 16, vq.values(0)));
+}
+
+TEST_CASE("AnTKV cache: decode-time anchors (budget growth, the weakest anchor displaced, promote=off)", "[quant][anchor]") {
+  const ModelConfig cfg = tiny_config(2, 8);  // 2 KV heads of 8 channels, 4 query heads (G = 2)
+  std::mt19937 rng(17);
+  std::normal_distribution<float> nd;
+  auto cb = tiny_codebooks("post", "anchor", rng, nd);
+  const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
+  const int P = 20, T = 90, W = 4, row = 16, X = 50;
+  std::vector<float> k(T * row), v(T * row), q(T * 2 * row);
+  for (auto* a : {&k, &v, &q})
+    for (auto& x : *a) x = nd(rng);
+  // token X's key lies along every later query of its heads: it draws most of their attention
+  for (int t = X + 1; t < T; ++t)
+    for (int h = 0; h < 4; ++h)
+      for (int c = 0; c < 8; ++c) q[t * 32 + h * 8 + c] = 2.0f * (c % 2 ? 1.0f : -1.0f);
+  for (int h = 0; h < 2; ++h)
+    for (int c = 0; c < 8; ++c) k[X * row + h * 8 + c] = 2.0f * (c % 2 ? 1.0f : -1.0f);
+  auto run = [&](QuantizedKvCache& c, int upto, const std::function<void(int)>& after = {}) {
+    c.append(KvAppend{0, P, 0, k.data(), k.data(), v.data(), q.data()});
+    for (int t = P; t < upto; ++t) {
+      c.append(KvAppend{0, 1, t, k.data() + t * row, k.data() + t * row, v.data() + t * row, q.data() + t * 2 * row});
+      if (after) after(t + 1);
+    }
+  };
+  auto count = [](const QuantizedKvCache& c, int h) {
+    int n = 0;
+    for (size_t i = h; i < c.anchor_flags(0).size(); i += 2) n += c.anchor_flags(0)[i];
+    return n;
+  };
+
+  SECTION("attention_mass at ratio 1: every token tracked, each row adds G to the sum of running scores") {
+    QuantizedKvCache c(cfg, parse_method("antkv:ratio=1,score=attention_mass", r), cb, W);
+    run(c, T, [&](int len) {
+      for (int h = 0; h < 2; ++h) {
+        double sum = 0;
+        for (int t = 0; t < len; ++t) sum += c.running_scores(0)[static_cast<size_t>(t) * 2 + h];
+        INFO("length " << len << " head " << h);
+        CHECK(sum == Approx(2.0 * len).epsilon(1e-5));  // prefill S_V sums to G per row too
+      }
+    });
+  }
+  SECTION("ratio 0.05: counts follow ceil(ratio * length), the strongly attended token displaces the weakest") {
+    QuantizedKvCache c(cfg, parse_method("antkv:ratio=0.05", r), cb, W);
+    std::vector<uint8_t> flags_before;
+    std::vector<double> scores_before;
+    run(c, T, [&](int len) {
+      if (len == X + W) flags_before = c.anchor_flags(0), scores_before = c.running_scores(0);  // X leaves next
+      if (len > P + W)  // a token has left: the budget is full
+        for (int h = 0; h < 2; ++h) CHECK(count(c, h) == static_cast<int>(std::ceil(0.05 * len)));
+    });
+    const auto& f = c.anchor_flags(0);
+    for (int h = 0; h < 2; ++h) {
+      INFO("head " << h);
+      CHECK(f[h] == 1);            // the sink stays
+      CHECK(f[X * 2 + h] == 1);    // promoted when it left the window
+      // X's step (length X + W + 1 = 55) did not grow the budget (ceil(2.75) = 3 before and after): X displaced
+      // the anchor with the smallest running score, which is now quantized
+      int weakest = -1;
+      for (int t = 1; t < X; ++t)
+        if (flags_before[t * 2 + h] && (weakest < 0 || scores_before[t * 2 + h] < scores_before[weakest * 2 + h])) weakest = t;
+      REQUIRE(weakest > 0);
+      CHECK(f[weakest * 2 + h] == 0);
+    }
+    // every row that left the window is exact (fp16) where flagged, its nearest-centroid reconstruction elsewhere
+    const int upto = T - W;
+    for (int h = 0; h < 2; ++h) {
+      VqHeadCodebooks kh{cb->keys[0].centroids.data() + h * 32, 2, 4, 4};
+      std::vector<float> exact(static_cast<size_t>(upto) * row), want(exact.size());
+      for (size_t i = 0; i < exact.size(); ++i) exact[i] = static_cast<float>(Eigen::half(k[i]));
+      vq_quantize(kh, exact.data() + h * 8, upto, row, want.data() + h * 8);
+      for (int t = 0; t < upto; ++t)
+        for (int ch = 0; ch < 8; ++ch) {
+          INFO("token " << t << " head " << h);
+          CHECK(c.keys(0)[t * row + h * 8 + ch] == (f[t * 2 + h] ? exact : want)[t * row + h * 8 + ch]);
+        }
+    }
+  }
+  SECTION("promote=off: decode keeps the prefill's anchors only") {
+    QuantizedKvCache c(cfg, parse_method("antkv:ratio=0.05,promote=off", r), cb, W);
+    run(c, T);
+    for (int h = 0; h < 2; ++h) {
+      CHECK(count(c, h) == 1);
+      CHECK(c.anchor_flags(0)[X * 2 + h] == 0);
+    }
+  }
 }
 
 TEST_CASE("gain-shape VQ cache: fp16 norms kept, directions from the unit-vector codebooks", "[quant]") {

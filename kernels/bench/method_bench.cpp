@@ -38,6 +38,7 @@ BenchMethod parse_bench_method(const std::string& text) {
   b.compressed = true;
   b.anchor_ratio = m.kind == "antkv" && m.anchors ? m.ratio : 0.0;
   b.pre_rope = m.key_rope == "pre";
+  b.promote = b.anchor_ratio > 0 && m.promotes();
   return b;
 }
 
@@ -47,7 +48,9 @@ double sequence_cache_bytes(const ModelConfig& cfg, const BenchMethod& m, int ca
   const double acap = m.anchor_ratio > 0 ? std::min<double>(capacity, std::ceil(m.anchor_ratio * capacity) + 1) : 0;
   const double per_layer = cfg.num_kv_heads * (2.0 * capacity * rec + 2.0 * acap * cfg.head_dim * 2 + acap * 4 +
                                                2.0 * m.window * cfg.head_dim * 2 +
-                                               (m.pre_rope ? 4.0 * capacity + m.window * cfg.head_dim * 2.0 : 0.0));
+                                               (m.pre_rope ? 4.0 * capacity + m.window * cfg.head_dim * 2.0 : 0.0) +
+                                               (m.promote ? 4.0 * (acap + m.window) + (m.pre_rope ? acap * cfg.head_dim * 2.0 : 0.0)
+                                                          : 0.0));
   return per_layer * cfg.num_layers;
 }
 
@@ -76,7 +79,8 @@ std::unique_ptr<GpuRuntime> make_runtime(const ModelConfig& cfg, const BenchMeth
   auto rt = std::make_unique<GpuRuntime>(cfg, seed, ro);
   if (m.compressed)
     rt->set_compressed_cache(
-        std::make_unique<GpuCompressedKvCache>(cfg, m.config, m.anchor_ratio, B, capacity, m.window, seed + 7, m.pre_rope));
+        std::make_unique<GpuCompressedKvCache>(cfg, m.config, m.anchor_ratio, B, capacity, m.window, seed + 7, m.pre_rope,
+                                               m.promote));
   rt->fill_kv_random(seed + 1);
   return rt;
 }

@@ -19,6 +19,7 @@ struct BenchMethod {
   double anchor_ratio = 0;   // antkv: ratio (default 0.01); vq: 0
   int window = 128;          // FP16 decode window (compressed)
   bool pre_rope = false;     // key_rope=pre: pre-RoPE code stream (dequantize-rotate-dot decode)
+  bool promote = false;      // antkv with promote=on (the default): decode-time anchors, running scores updated
 };
 // fp16, or vq/antkv at a width of quant_decode's closed set (bits 1, 0.75, 0.5, 0.375); anything else (uniform:
 // its cache is simulated; other widths) is an antkv::Error naming the method.

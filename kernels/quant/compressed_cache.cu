@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "kernels/common/cuda_check.h"
+#include "anchor/anchor_scores.h"
 #include "runtime/rope.h"
 
 namespace antkv {
@@ -25,6 +26,12 @@ struct GpuCompressedKvCache::Layer {
   DeviceBuffer<__half> window_k, window_v;   // [max_batch, KV, window, d]
   DeviceBuffer<int32_t> code_pos;            // pre_rope: [max_batch, KV, capacity] position of each code slot
   DeviceBuffer<__half> window_kpre;          // pre_rope: [max_batch, KV, window, d] pre-RoPE window keys
+  // decode-time anchors (promote): running anchor scores, the anchors' pre-RoPE keys (pre_rope: a displaced
+  // anchor is quantized from them) and the score's weights of S_K and S_V per KV head
+  DeviceBuffer<float> anchor_score;          // [max_batch, KV, anchor_capacity]
+  DeviceBuffer<float> window_score;          // [max_batch, KV, window]
+  DeviceBuffer<__half> anchor_kpre;          // pre_rope: [max_batch, KV, anchor_capacity, d]
+  DeviceBuffer<float> score_coef;            // [KV, 2]: (e_K, e_V) for error_bound, (0, 1) / (1, 0) otherwise
 };
 
 namespace {
@@ -48,9 +55,13 @@ __global__ void round_rows_kernel(const float* __restrict__ x, int64_t stride, _
 struct AnchorGatherArgs {
   const __half* sk = nullptr;   // [T, KV, d]
   const __half* sv = nullptr;
+  const __half* skpre = nullptr;  // [T, KV, d] pre-RoPE keys, or null
+  const float* score = nullptr;   // [T, KV] the prefill's anchor scores, or null
   const int32_t* idx = nullptr; // [KV, A] token indices
   __half* ak = nullptr;         // [max_batch, KV, cap, d]
   __half* av = nullptr;
+  __half* akpre = nullptr;      // [max_batch, KV, cap, d] (with skpre)
+  float* ascore = nullptr;      // [max_batch, KV, cap] (with score)
   int32_t* pos = nullptr;       // [max_batch, KV, cap]
   int seq = 0, A = 0, KV = 0, d = 0, cap = 0;
 };
@@ -67,7 +78,9 @@ __global__ void anchor_gather_kernel(const AnchorGatherArgs p) {
     const int64_t slot = (static_cast<int64_t>(p.seq) * p.KV + h) * p.cap + a;
     p.ak[slot * p.d + c] = p.sk[src];
     p.av[slot * p.d + c] = p.sv[src];
+    if (p.skpre) p.akpre[slot * p.d + c] = p.skpre[src];
     if (c == 0) p.pos[slot] = t;
+    if (c == 0 && p.score) p.ascore[slot] = p.score[static_cast<int64_t>(t) * p.KV + h];
   }
 }
 
@@ -91,27 +104,106 @@ struct WindowAppendArgs {
   __half* sk = nullptr;             // [B, KV, d]
   __half* sv = nullptr;
   int KV = 0, d = 0, W = 0;
+  // promotion (design note §2's online rule; null: every leaving token is quantized). The host has decided
+  // whether the anchor budget grew (then code_slot is -1 and n_anchor already counts the new anchor).
+  float* ascore = nullptr;          // [max_batch, KV, acap] running scores of the anchors
+  float* wscore = nullptr;          // [max_batch, KV, W] running scores of the window tokens
+  __half* ak = nullptr;             // [max_batch, KV, acap, d] anchors (post-RoPE keys, values)
+  __half* av = nullptr;
+  __half* akpre = nullptr;          // pre_rope: [max_batch, KV, acap, d]
+  int32_t* apos = nullptr;          // [max_batch, KV, acap]
+  const int32_t* n_anchor = nullptr;  // [B] after this step
+  int acap = 0;
 };
 
-__global__ void window_append_kernel(const WindowAppendArgs p) {
+// Where the token leaving the window goes, decided by the whole block (b, h): -1 = quantized; else the anchor
+// slot it takes; *displaced = 1 when that slot's anchor (the weakest, token 0 never) is quantized instead.
+__device__ int promotion_slot(const WindowAppendArgs& p, int b, int h, float x_score, bool grow, int* displaced) {
+  __shared__ float s_score[128];
+  __shared__ int s_pos[128], s_slot[128];
+  const int64_t base = (static_cast<int64_t>(b) * p.KV + h) * p.acap;
+  const int na = p.n_anchor[b];
+  *displaced = 0;
+  if (grow) return na - 1;
+  float best = INFINITY;
+  int best_pos = INT_MAX, best_slot = -1;
+  for (int a = threadIdx.x; a < na; a += blockDim.x) {
+    const int pos = p.apos[base + a];
+    const float sc = p.ascore[base + a];
+    if (pos != 0 && (sc < best || (sc == best && pos < best_pos))) best = sc, best_pos = pos, best_slot = a;
+  }
+  s_score[threadIdx.x] = best, s_pos[threadIdx.x] = best_pos, s_slot[threadIdx.x] = best_slot;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w /= 2) {
+    if (threadIdx.x < w) {
+      const int o = threadIdx.x + w;
+      if (s_score[o] < s_score[threadIdx.x] || (s_score[o] == s_score[threadIdx.x] && s_pos[o] < s_pos[threadIdx.x]))
+        s_score[threadIdx.x] = s_score[o], s_pos[threadIdx.x] = s_pos[o], s_slot[threadIdx.x] = s_slot[o];
+    }
+    __syncthreads();
+  }
+  const int slot = s_slot[0];
+  const bool swap = slot >= 0 && x_score > s_score[0];
+  __syncthreads();  // s_* are read by every thread before any later call could reuse them
+  if (!swap) return -1;
+  *displaced = 1;
+  return slot;
+}
+
+__global__ void __launch_bounds__(128) window_append_kernel(const WindowAppendArgs p) {
   const int b = blockIdx.x, h = blockIdx.y;
   const int64_t src = static_cast<int64_t>(b) * p.stride + static_cast<int64_t>(h) * p.d;
   const int64_t stage = (static_cast<int64_t>(b) * p.KV + h) * p.d;
   const bool pre = p.k_pre != nullptr;
-  if (pre && threadIdx.x == 0 && p.code_slot[b] >= 0)
-    p.code_pos[(static_cast<int64_t>(b) * p.KV + h) * p.cap + p.code_slot[b]] = p.evict_pos[b];
   const int64_t src_pre = (static_cast<int64_t>(b) * p.KV + h) * p.d;
+  const int64_t ring = (static_cast<int64_t>(b) * p.KV + h) * p.W;
+  const int e = p.W > 0 ? p.evict_slot[b] : -1;
+  const bool leaving = p.W == 0 || e >= 0;
+  int target = -1, displaced = 0;
+  if (p.ascore && leaving) {
+    const float x_score = p.W > 0 ? p.wscore[ring + e] : 0.0f;  // W = 0: the new token, before its own row
+    target = promotion_slot(p, b, h, x_score, p.code_slot[b] < 0, &displaced);
+    const int64_t aslot = (static_cast<int64_t>(b) * p.KV + h) * p.acap + (target >= 0 ? target : 0);
+    if (target >= 0) {
+      if (threadIdx.x == 0) {
+        if (displaced && pre) p.code_pos[(static_cast<int64_t>(b) * p.KV + h) * p.cap + p.code_slot[b]] = p.apos[aslot];
+        p.apos[aslot] = p.evict_pos[b];
+        p.ascore[aslot] = x_score;
+      }
+      for (int c = threadIdx.x; c < p.d; c += blockDim.x) {
+        if (displaced) {  // the weakest anchor goes to the code stream (pre-RoPE keys when pre)
+          p.sk[stage + c] = pre ? p.akpre[aslot * p.d + c] : p.ak[aslot * p.d + c];
+          p.sv[stage + c] = p.av[aslot * p.d + c];
+        }
+        __half xk, xv, xkp;
+        if (p.W > 0) {
+          xk = p.wk[(ring + e) * p.d + c], xv = p.wv[(ring + e) * p.d + c];
+          xkp = pre ? p.wkpre[(ring + e) * p.d + c] : xk;
+        } else {
+          xk = __float2half_rn(p.k[src + c]), xv = __float2half_rn(p.v[src + c]);
+          xkp = pre ? __float2half_rn(p.k_pre[src_pre + c]) : xk;
+        }
+        p.ak[aslot * p.d + c] = xk;
+        p.av[aslot * p.d + c] = xv;
+        if (pre) p.akpre[aslot * p.d + c] = xkp;
+      }
+    }
+  }
+  if (pre && threadIdx.x == 0 && p.code_slot[b] >= 0 && !displaced)
+    p.code_pos[(static_cast<int64_t>(b) * p.KV + h) * p.cap + p.code_slot[b]] = p.evict_pos[b];
+  if (p.wscore && p.W > 0 && threadIdx.x == 0) p.wscore[ring + p.new_slot[b]] = 0.0f;  // after the read above
+  const bool staged = target >= 0;  // the stage holds the displaced anchor, or nothing (the budget grew)
   for (int c = threadIdx.x; c < p.d; c += blockDim.x) {
     const __half nk = __float2half_rn(p.k[src + c]), nv = __float2half_rn(p.v[src + c]);
     const __half nkp = pre ? __float2half_rn(p.k_pre[src_pre + c]) : nk;
     if (p.W == 0) {
-      p.sk[stage + c] = pre ? nkp : nk;  // the code stream holds pre-RoPE keys when pre
-      p.sv[stage + c] = nv;
+      if (!staged) {
+        p.sk[stage + c] = pre ? nkp : nk;  // the code stream holds pre-RoPE keys when pre
+        p.sv[stage + c] = nv;
+      }
       continue;
     }
-    const int64_t ring = (static_cast<int64_t>(b) * p.KV + h) * p.W;
-    const int e = p.evict_slot[b];
-    if (e >= 0) {  // read before the write below (same thread, same address when e == new_slot)
+    if (e >= 0 && !staged) {  // read before the write below (same thread, same address when e == new_slot)
       p.sk[stage + c] = pre ? p.wkpre[(ring + e) * p.d + c] : p.wk[(ring + e) * p.d + c];
       p.sv[stage + c] = p.wv[(ring + e) * p.d + c];
     }
@@ -119,6 +211,93 @@ __global__ void window_append_kernel(const WindowAppendArgs p) {
     p.wk[(ring + s) * p.d + c] = nk;
     p.wv[(ring + s) * p.d + c] = nv;
     if (pre) p.wkpre[(ring + s) * p.d + c] = nkp;
+  }
+}
+
+// The running anchor scores after one decode step's attention (design note §2): block (b, h, chunk) covers 64
+// tracked tokens j (the anchors, then the window ring's valid slots), a warp 8 of them, lanes over channels
+// (the token's K/V read once into registers, then every query head). For each of the G query heads g of KV
+// head h: A = exp(q.k_j * scale - lse_g), S_V += A, S_K += A |q_g| |v_j - o_g| * scale; the score grows by
+// e_K S_K + e_V S_V (coef). As QuantizedKvCache::add_attention_row, from the attention actually run. The
+// chunks spread the ~1% anchors over many blocks: one block per (b, h) was latency-bound (8x the attention).
+constexpr int kScoreTokensPerBlock = 64;
+constexpr int kScoreMaxDim = 256;  // head_dim <= 256: a lane holds head_dim / 32 channels
+struct RunningScoreArgs {
+  const bf16* q = nullptr;        // [B, H, d] post-RoPE queries of this step
+  const bf16* o = nullptr;        // [B, H, d] this step's attention output
+  const float* lse = nullptr;     // [B, H] natural log-sum-exp of the scaled scores
+  const __half* ak = nullptr;     // [max_batch, KV, acap, d]
+  const __half* av = nullptr;
+  const __half* wk = nullptr;     // [max_batch, KV, W, d]
+  const __half* wv = nullptr;
+  float* ascore = nullptr;        // [max_batch, KV, acap]
+  float* wscore = nullptr;        // [max_batch, KV, W]
+  const int32_t* n_anchor = nullptr;  // [B]
+  const int32_t* n_window = nullptr;  // [B]
+  const float* coef = nullptr;    // [KV, 2]
+  int KV = 0, H = 0, d = 0, acap = 0, W = 0;
+  float scale = 0.f;
+};
+
+__global__ void __launch_bounds__(256) running_score_kernel(const RunningScoreArgs p) {
+  extern __shared__ float smem[];  // q [G][d] | o [G][d] | |q| [G] | lse [G]
+  const int b = blockIdx.x, h = blockIdx.y, G = p.H / p.KV, d = p.d;
+  const int na = p.n_anchor[b], nw = p.n_window[b];
+  const int j0 = blockIdx.z * kScoreTokensPerBlock;
+  if (j0 >= na + nw) return;  // the whole block: no token of this sequence in its chunk
+  float* sq = smem;
+  float* so = smem + G * d;
+  float* sqn = so + G * d;
+  float* slse = sqn + G;
+  const int64_t head0 = static_cast<int64_t>(b) * p.H + static_cast<int64_t>(h) * G;
+  for (int i = threadIdx.x; i < G * d; i += blockDim.x) {
+    sq[i] = __bfloat162float(p.q[head0 * d + i]);
+    so[i] = __bfloat162float(p.o[head0 * d + i]);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
+  for (int g = warp; g < G; g += n_warps) {
+    float s = 0;
+    for (int c = lane; c < d; c += 32) s += sq[g * d + c] * sq[g * d + c];
+    for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) sqn[g] = sqrtf(s), slse[g] = p.lse[head0 + g];
+  }
+  __syncthreads();
+  const float ck = p.coef[2 * h], cv = p.coef[2 * h + 1];
+  const int64_t abase = (static_cast<int64_t>(b) * p.KV + h) * p.acap, wbase = (static_cast<int64_t>(b) * p.KV + h) * p.W;
+  const int j_end = min(na + nw, j0 + kScoreTokensPerBlock);
+  for (int j = j0 + warp; j < j_end; j += n_warps) {
+    const bool anchor = j < na;
+    const int64_t row = anchor ? abase + j : wbase + (j - na);
+    const __half* k = (anchor ? p.ak : p.wk) + row * d;
+    const __half* v = (anchor ? p.av : p.wv) + row * d;
+    float kr[kScoreMaxDim / 32], vr[kScoreMaxDim / 32];
+#pragma unroll
+    for (int i = 0; i < kScoreMaxDim / 32; ++i) {
+      const int c = lane + 32 * i;
+      kr[i] = c < d ? __half2float(k[c]) : 0.f;
+      vr[i] = c < d ? __half2float(v[c]) : 0.f;
+    }
+    float add = 0;
+    for (int g = 0; g < G; ++g) {
+      float dot = 0, dist = 0;
+#pragma unroll
+      for (int i = 0; i < kScoreMaxDim / 32; ++i) {
+        const int c = lane + 32 * i;
+        if (c < d) {
+          const float vc = vr[i] - so[g * d + c];
+          dot += sq[g * d + c] * kr[i];
+          dist += vc * vc;
+        }
+      }
+      for (int off = 16; off > 0; off /= 2) {
+        dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        dist += __shfl_xor_sync(0xffffffffu, dist, off);
+      }
+      const float a = __expf(dot * p.scale - slse[g]);
+      add += ck * a * sqn[g] * sqrtf(dist) * p.scale + cv * a;
+    }
+    if (lane == 0) (anchor ? p.ascore : p.wscore)[row] += add;
   }
 }
 
@@ -177,7 +356,20 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
               m.text, cm.key_c, cm.key_b, cm.value_c, cm.value_b, cm.key_rope, cm.num_layers, cm.num_kv_heads,
               cm.head_dim);
   ANTKV_CHECK(m.key_rope == "post" || m.key_rope == "pre", "method {}: key_rope is post or pre", m.text);
-  allocate(cfg, max_batch, capacity, window, m.anchors ? m.ratio : 0.0, m.key_rope == "pre");
+  allocate(cfg, max_batch, capacity, window, m.anchors ? m.ratio : 0.0, m.key_rope == "pre", m.promotes());
+  if (promote_) {  // the running score's weights: the method's score over the codebooks' error norms
+    const AnchorScoreKind kind = parse_anchor_score_kind(m.score);
+    for (int l = 0; l < n_layers_; ++l) {
+      std::vector<float> coef(static_cast<size_t>(2) * n_kv_);
+      for (int h = 0; h < n_kv_; ++h) {
+        const auto& ek = cb.keys.at(l).error_norm;
+        const auto& ev = cb.values.at(l).error_norm;
+        coef[2 * h] = kind == AnchorScoreKind::kAttentionMass ? 0.0f : (kind == AnchorScoreKind::kKeyBound || ek.empty() ? 1.0f : ek.at(h));
+        coef[2 * h + 1] = kind == AnchorScoreKind::kKeyBound ? 0.0f : (kind == AnchorScoreKind::kAttentionMass || ev.empty() ? 1.0f : ev.at(h));
+      }
+      ANTKV_CUDA_CHECK(cudaMemcpy(layers_[l]->score_coef.get(), coef.data(), coef.size() * sizeof(float), cudaMemcpyHostToDevice));
+    }
+  }
   const size_t want = static_cast<size_t>(n_kv_) * ng_ * k_count_ * (d_ / ng_);
   std::vector<__half> h(want);
   for (int l = 0; l < n_layers_; ++l)
@@ -192,12 +384,18 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
 }
 
 GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqConfig config, double anchor_ratio,
-                                           int max_batch, int capacity, int window, uint64_t seed, bool pre_rope) {
+                                           int max_batch, int capacity, int window, uint64_t seed, bool pre_rope,
+                                           bool promote) {
   config_ = config;
-  name_ = fmt::format("synthetic {}{}", cuda::vq_config_info(config).name, pre_rope ? " pre-RoPE" : "");
+  name_ = fmt::format("synthetic {}{}{}", cuda::vq_config_info(config).name, pre_rope ? " pre-RoPE" : "",
+                      promote && anchor_ratio > 0 ? " promote" : "");
   cuda::check_vq_shape(cfg.head_dim, config_);
-  allocate(cfg, max_batch, capacity, window, anchor_ratio, pre_rope);
+  allocate(cfg, max_batch, capacity, window, anchor_ratio, pre_rope, promote);
   for (int l = 0; l < n_layers_; ++l) {
+    if (promote_) {
+      const std::vector<float> coef(static_cast<size_t>(2) * n_kv_, 1.0f);
+      ANTKV_CUDA_CHECK(cudaMemcpy(layers_[l]->score_coef.get(), coef.data(), coef.size() * sizeof(float), cudaMemcpyHostToDevice));
+    }
     cuda::fill_random_f16(layers_[l]->k_cent.get(), layers_[l]->k_cent.size(), seed * 131 + 2 * l, 1.0f, nullptr);
     cuda::fill_random_f16(layers_[l]->v_cent.get(), layers_[l]->v_cent.size(), seed * 131 + 2 * l + 1, 1.0f, nullptr);
   }
@@ -207,12 +405,13 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqConfi
 GpuCompressedKvCache::~GpuCompressedKvCache() = default;
 
 void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio,
-                                    bool pre_rope) {
+                                    bool pre_rope, bool promote) {
   ANTKV_CHECK(max_batch >= 1 && capacity >= 1 && window >= 0 && ratio >= 0 && ratio <= 1,
               "compressed KV cache: bad sizes (batch {}, capacity {}, window {}, anchor ratio {})", max_batch, capacity,
               window, ratio);
   n_layers_ = cfg.num_layers;
   n_kv_ = cfg.num_kv_heads;
+  n_heads_ = cfg.num_heads;
   d_ = cfg.head_dim;
   ng_ = cuda::vq_groups(d_, config_);
   k_count_ = cuda::vq_centroid_count(config_);
@@ -228,6 +427,9 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   capacity_ = capacity;
   window_ = window;
   ratio_ = ratio;
+  promote_ = promote && ratio > 0;
+  ANTKV_CHECK(!promote_ || cfg.head_dim <= kScoreMaxDim, "compressed cache: decode-time anchors support head_dim <= {}, "
+              "the model has {} (promote=off runs without them)", kScoreMaxDim, cfg.head_dim);
   // a prefill of up to `capacity` tokens keeps ceil(ratio * T) anchors (the first token among them)
   anchor_cap_ = ratio > 0 ? static_cast<int>(std::min<double>(capacity, std::ceil(ratio * capacity) + 1)) : 0;
   const size_t BK = static_cast<size_t>(max_batch) * n_kv_;
@@ -249,9 +451,16 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
       L->code_pos.resize(BK * capacity);
       L->window_kpre.resize(BK * window * d_);
     }
+    if (promote_) {
+      L->anchor_score.resize(BK * anchor_cap_);
+      L->window_score.resize(BK * window);
+      L->score_coef.resize(static_cast<size_t>(2) * n_kv_);
+      if (pre_) L->anchor_kpre.resize(BK * anchor_cap_ * d_);
+    }
     device_bytes_ += L->k_codes.bytes() + L->v_codes.bytes() + L->k_cent.bytes() + L->v_cent.bytes() +
                      L->anchor_k.bytes() + L->anchor_v.bytes() + L->anchor_pos.bytes() + L->window_k.bytes() +
-                     L->window_v.bytes() + L->code_pos.bytes() + L->window_kpre.bytes();
+                     L->window_v.bytes() + L->code_pos.bytes() + L->window_kpre.bytes() + L->anchor_score.bytes() +
+                     L->window_score.bytes() + L->anchor_kpre.bytes() + L->score_coef.bytes();
     layers_.push_back(std::move(L));
   }
   seqs_.assign(max_batch, CompressedSeqState{});
@@ -265,14 +474,18 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
     ws = std::max(ws, cuda::quant_decode_workspace_floats(
                           b, cfg.num_heads, d_, cuda::quant_decode_max_splits(b, cfg.num_heads, n_kv_, d_, config_, capacity, lut_half_)));
   workspace_.resize(static_cast<size_t>(ws));
-  device_bytes_ += step_d_.bytes() + stage_k_.bytes() + stage_v_.bytes() + workspace_.bytes();
+  if (promote_) lse_.resize(static_cast<size_t>(max_batch) * n_heads_);
+  device_bytes_ += step_d_.bytes() + stage_k_.bytes() + stage_v_.bytes() + workspace_.bytes() + lse_.bytes();
 }
 
 size_t GpuCompressedKvCache::bytes_per_sequence() const {
   const size_t per_layer = static_cast<size_t>(n_kv_) *
                            (2 * static_cast<size_t>(capacity_) * rec_ + 2 * static_cast<size_t>(anchor_cap_) * d_ * 2 +
                             static_cast<size_t>(anchor_cap_) * 4 + 2 * static_cast<size_t>(window_) * d_ * 2 +
-                            (pre_ ? static_cast<size_t>(capacity_) * 4 + static_cast<size_t>(window_) * d_ * 2 : 0));
+                            (pre_ ? static_cast<size_t>(capacity_) * 4 + static_cast<size_t>(window_) * d_ * 2 : 0) +
+                            (promote_ ? static_cast<size_t>(anchor_cap_ + window_) * 4 +
+                                            (pre_ ? static_cast<size_t>(anchor_cap_) * d_ * 2 : 0)
+                                      : 0));
   return per_layer * n_layers_;
 }
 
@@ -284,7 +497,7 @@ void GpuCompressedKvCache::reset() { std::fill(seqs_.begin(), seqs_.end(), Compr
 
 void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float* k, int64_t k_stride, const float* v,
                                          int64_t v_stride, const float* k_pre, int64_t k_pre_stride,
-                                         const uint8_t* anchor_flags, cudaStream_t stream) {
+                                         const uint8_t* anchor_flags, const float* anchor_scores, cudaStream_t stream) {
   ANTKV_CHECK(layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_, "compressed cache: layer {} / sequence {} out of range",
               layer, seq);
   ANTKV_CHECK(seqs_[seq].length() == 0,
@@ -350,6 +563,14 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
                 prefill_v_.get(), prefill_ints_.get() + slots.size(), nullptr, prefill_ints_.get(), stream);
   if (A > 0) {
     AnchorGatherArgs g;
+    if (promote_) {  // running scores start from the prefill's (0 when the caller has none)
+      ANTKV_CHECK(anchor_scores, "compressed cache {}: decode-time anchors need the prefill's anchor scores", name_);
+      prefill_score_.ensure(static_cast<size_t>(T) * KV);
+      ANTKV_CUDA_CHECK(cudaMemcpyAsync(prefill_score_.get(), anchor_scores, static_cast<size_t>(T) * KV * sizeof(float),
+                                       cudaMemcpyHostToDevice, stream));
+      g.score = prefill_score_.get(), g.ascore = L.anchor_score.get();
+      if (pre_) g.skpre = prefill_kpre_.get(), g.akpre = L.anchor_kpre.get();
+    }
     g.sk = prefill_k_.get(), g.sv = prefill_v_.get();
     g.idx = prefill_ints_.get() + slots.size() + T;
     g.ak = L.anchor_k.get(), g.av = L.anchor_v.get(), g.pos = L.anchor_pos.get();
@@ -406,14 +627,19 @@ void GpuCompressedKvCache::plan_step(int B, cudaStream_t stream) {
     int evict = -1, code = -1, slot = 0;
     const int len = s.length();  // the new token's position
     int evict_pos = -1;
+    // a token leaving the window becomes an anchor while the budget ceil(ratio * length) has room (promote;
+    // the kernel decides the swaps, which keep the counts), else it takes a code slot
+    const bool grow = promote_ && s.n_anchor < std::min<int64_t>(anchor_cap_, static_cast<int64_t>(std::ceil(ratio_ * (len + 1))));
     if (window_ == 0) {
-      code = s.n_quant++;
+      code = grow ? -1 : s.n_quant++;
+      if (grow) ++s.n_anchor;
       evict_pos = len;
     } else {
       slot = static_cast<int>(s.n_entered % window_);
       if (s.n_window == window_) {
         evict = slot;  // the oldest window token sits where the new one goes
-        code = s.n_quant++;
+        code = grow ? -1 : s.n_quant++;
+        if (grow) ++s.n_anchor;
         evict_pos = len - window_;
       } else {
         ++s.n_window;
@@ -483,6 +709,18 @@ void GpuCompressedKvCache::append(int layer, int B, const float* k, const float*
     a.evict_pos = step_d_.get() + 7 * max_batch_;
     a.cap = capacity_;
   }
+  if (pre_ || promote_) {
+    a.code_pos = L.code_pos.get();
+    a.code_slot = step_d_.get() + 2 * max_batch_;
+    a.evict_pos = step_d_.get() + 7 * max_batch_;
+    a.cap = capacity_;
+  }
+  if (promote_) {
+    a.ascore = L.anchor_score.get(), a.wscore = L.window_score.get();
+    a.ak = L.anchor_k.get(), a.av = L.anchor_v.get(), a.akpre = L.anchor_kpre.get(), a.apos = L.anchor_pos.get();
+    a.n_anchor = step_d_.get() + 4 * max_batch_;
+    a.acap = anchor_cap_;
+  }
   window_append_kernel<<<dim3(B, n_kv_), 128, 0, stream>>>(a);
   ANTKV_LAUNCH_CHECK("window_append_kernel");
   quantize_pair(L, B, stage_k_.get(), stage_v_.get(), step_d_.get() + 6 * max_batch_,
@@ -526,7 +764,23 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
     p.code_pos = L.code_pos.get();
     p.inv_freq = inv_freq_.get();
   }
+  p.lse = promote_ ? lse_.get() : nullptr;
   cuda::quant_decode(p, stream);
+  if (!promote_) return;
+  RunningScoreArgs r;
+  r.q = q, r.o = out, r.lse = lse_.get();
+  r.ak = L.anchor_k.get(), r.av = L.anchor_v.get();
+  r.wk = window_ ? L.window_k.get() : nullptr, r.wv = window_ ? L.window_v.get() : nullptr;
+  r.ascore = L.anchor_score.get(), r.wscore = L.window_score.get();
+  r.n_anchor = p.n_anchor, r.n_window = p.n_window;
+  r.coef = L.score_coef.get();
+  r.KV = n_kv_, r.H = n_heads, r.d = d_, r.acap = anchor_cap_, r.W = window_;
+  r.scale = 1.0f / std::sqrt(static_cast<float>(d_));  // the anchor score's 1/sqrt(d), whatever attention's scale
+  const int G = n_heads / n_kv_;
+  const size_t smem = (static_cast<size_t>(2) * G * d_ + 2 * G) * sizeof(float);
+  const int chunks = (anchor_cap_ + window_ + kScoreTokensPerBlock - 1) / kScoreTokensPerBlock;
+  running_score_kernel<<<dim3(B, n_kv_, chunks), 256, smem, stream>>>(r);
+  ANTKV_LAUNCH_CHECK("running_score_kernel");
 }
 
 void GpuCompressedKvCache::fill_random(uint64_t seed, cudaStream_t stream) {
@@ -538,6 +792,10 @@ void GpuCompressedKvCache::fill_random(uint64_t seed, cudaStream_t stream) {
     cuda::fill_random_f16(L->anchor_v.get(), static_cast<int64_t>(L->anchor_v.size()), s++, 1.0f, stream);
     cuda::fill_random_f16(L->window_k.get(), static_cast<int64_t>(L->window_k.size()), s++, 1.0f, stream);
     cuda::fill_random_f16(L->window_v.get(), static_cast<int64_t>(L->window_v.size()), s++, 1.0f, stream);
+    if (L->anchor_kpre.size())
+      cuda::fill_random_f16(L->anchor_kpre.get(), static_cast<int64_t>(L->anchor_kpre.size()), s++, 1.0f, stream);
+    for (auto* b : {&L->anchor_score, &L->window_score})  // running scores: any value times the same
+      if (b->size()) ANTKV_CUDA_CHECK(cudaMemsetAsync(b->get(), 0, b->bytes(), stream));
     if (pre_) {
       cuda::fill_random_f16(L->window_kpre.get(), static_cast<int64_t>(L->window_kpre.size()), s++, 1.0f, stream);
       iota_code_pos_kernel<<<blocks_for(static_cast<int64_t>(L->code_pos.size())), kThreads, 0, stream>>>(
@@ -548,13 +806,28 @@ void GpuCompressedKvCache::fill_random(uint64_t seed, cudaStream_t stream) {
   ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 
+std::vector<int32_t> GpuCompressedKvCache::anchor_positions(int layer, int seq) const {
+  ANTKV_CHECK(layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_, "anchor_positions: layer {} / sequence {} out "
+              "of range", layer, seq);
+  const int A = seqs_[seq].n_anchor;
+  std::vector<int32_t> out(static_cast<size_t>(n_kv_) * A);
+  for (int h = 0; h < n_kv_ && A > 0; ++h)
+    ANTKV_CUDA_CHECK(cudaMemcpy(out.data() + static_cast<size_t>(h) * A,
+                                layers_[layer]->anchor_pos.get() + (static_cast<size_t>(seq) * n_kv_ + h) * anchor_cap_,
+                                A * sizeof(int32_t), cudaMemcpyDeviceToHost));
+  return out;
+}
+
 void GpuCompressedKvCache::poison() {
   for (auto& L : layers_) {
     for (auto* b : {&L->k_codes, &L->v_codes})
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));
-    if (L->code_pos.size()) ANTKV_CUDA_CHECK(cudaMemset(L->code_pos.get(), 0xFF, L->code_pos.bytes()));  // -1
-    for (auto* b : {&L->anchor_k, &L->anchor_v, &L->window_k, &L->window_v, &L->window_kpre})
+    for (auto* b : {&L->code_pos, &L->anchor_pos})
+      if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // -1
+    for (auto* b : {&L->anchor_k, &L->anchor_v, &L->window_k, &L->window_v, &L->window_kpre, &L->anchor_kpre})
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // 0xFFFF: fp16 NaN
+    for (auto* b : {&L->anchor_score, &L->window_score})
+      if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // fp32 NaN
   }
   if (stage_k_.size()) ANTKV_CUDA_CHECK(cudaMemset(stage_k_.get(), 0xFF, stage_k_.bytes()));
   if (stage_v_.size()) ANTKV_CUDA_CHECK(cudaMemset(stage_v_.get(), 0xFF, stage_v_.bytes()));

@@ -11,8 +11,14 @@
 //    the step's slots; per layer, append() puts the new token into the window ring and, when the ring is full,
 //    quantizes the token leaving it into the code stream (the oldest of the window, in the same ring slot);
 //    attend() runs quant_decode over codes + anchors + window.
-//  Decode-time anchors (design note §2's online rule) are not implemented: a token leaving the window is
-//  always quantized, as the simulated caches do (lib/quant/quantized_cache.h, kernels/quant/quantized_cache.h).
+//  Decode-time anchors (design note §2's online rule, MethodSpec::promote; the CPU reference is
+//  QuantizedKvCache): each anchor and window token has a running anchor score (fp32), which starts from the
+//  prefill's score (anchors) or 0 (a decoded token) and grows after every step's attention by that row's
+//  contribution (running_score_kernel, from the attention's log-sum-exp and output). The token leaving the
+//  window becomes an anchor while the sequence holds fewer than ceil(ratio * length) anchors per head (decided
+//  on the host, so the counts stay the same for every head), else it replaces the head's anchor with the
+//  smallest running score (token 0 never; ties to the earliest position) when its own is larger, and that
+//  anchor is quantized in its place (window_append_kernel).
 //  Keys are post-RoPE, or pre-RoPE (key_rope: pre): then the code stream holds pre-RoPE keys with each slot's
 //  token position (code_pos, int32: +4 bytes per token and KV head), the window keeps a pre-RoPE copy of its
 //  keys for the quantization at eviction, and decode dequantizes, rotates and dots (quant_decode pre_rope).
@@ -50,8 +56,9 @@ class GpuCompressedKvCache {
                        int capacity, int window);
   // Synthetic codebooks (uniform fp16 in [-1, 1)): benchmarks and max-context, where decode time does not
   // depend on the values.
+  // promote: decode steps run the online anchor rule (its cost in the benchmarks; scores start at 0).
   GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqConfig config, double anchor_ratio, int max_batch,
-                       int capacity, int window, uint64_t seed, bool pre_rope = false);
+                       int capacity, int window, uint64_t seed, bool pre_rope = false, bool promote = false);
   ~GpuCompressedKvCache();
 
   const std::string& name() const { return name_; }
@@ -60,6 +67,7 @@ class GpuCompressedKvCache {
   // 4.08x against 2.98x of fp16 flash-decoding at batch 16 / 128K; c16b12 always; others fp32)
   bool lut_half() const { return lut_half_; }
   bool pre_rope() const { return pre_; }
+  bool promotes() const { return promote_; }
   int max_batch() const { return max_batch_; }
   int capacity() const { return capacity_; }          // tokens per sequence
   int anchor_capacity() const { return anchor_cap_; }
@@ -79,10 +87,12 @@ class GpuCompressedKvCache {
   // Layer `layer` of the T-token prefill of the empty sequence `seq`: k, v are the chunk's fp32 post-RoPE keys
   // and values, k_pre its pre-RoPE keys (read only when pre_rope; device, [T, kv_heads, head_dim] with row
   // strides in elements); anchor_flags (host, [T, kv_heads],
-  // 1 = FP16 anchor, null = none) must give every KV head the same number of anchors, at most anchor_capacity.
+  // 1 = FP16 anchor, null = none) must give every KV head the same number of anchors, at most anchor_capacity;
+  // anchor_scores (host, [T, kv_heads]: the method's combined scores) start the running scores (promotes()).
   // K/V are rounded to fp16 before the nearest-centroid search (as the simulated caches do).
   void write_prefill(int layer, int seq, int T, const float* k, int64_t k_stride, const float* v, int64_t v_stride,
-                     const float* k_pre, int64_t k_pre_stride, const uint8_t* anchor_flags, cudaStream_t stream);
+                     const float* k_pre, int64_t k_pre_stride, const uint8_t* anchor_flags,
+                     const float* anchor_scores, cudaStream_t stream);
   // After every layer's write_prefill: the sequence holds T tokens.
   void commit_prefill(int seq, int T);
 
@@ -112,22 +122,25 @@ class GpuCompressedKvCache {
   // Sequence b holds lens[b] tokens: ceil(ratio * len) anchors (at most anchor_capacity), min(window, rest)
   // window tokens, the rest quantized (the split a prefill and decode steps would leave).
   void set_synthetic_lengths(const std::vector<int>& lens);
+  // Tests: the positions of sequence seq's anchors in layer `layer`, [kv_heads][n_anchor] (slot order; synchronous).
+  std::vector<int32_t> anchor_positions(int layer, int seq) const;
   // Tests: every FP16 slot NaN and every code byte 0xFF, so that a read past the counts shows.
   void poison();
 
  private:
   struct Layer;
-  void allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio, bool pre_rope);
+  void allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio, bool pre_rope,
+                bool promote);
   // K then V of n_tokens fp16 rows [n_tokens, kv_heads, head_dim] into layer L's code streams (quantize_kv:
   // slot per token, or slot_per_head)
   void quantize_pair(Layer& L, int n_tokens, const __half* k, const __half* v, const int32_t* seq_index,
                      const int32_t* slot, const int32_t* slot_per_head, cudaStream_t stream);
   std::string name_;
   cuda::VqConfig config_ = cuda::VqConfig::kC8B8;
-  int n_layers_ = 0, n_kv_ = 0, d_ = 0, rec_ = 0, ng_ = 0, k_count_ = 0;
+  int n_layers_ = 0, n_kv_ = 0, n_heads_ = 0, d_ = 0, rec_ = 0, ng_ = 0, k_count_ = 0;
   int max_batch_ = 0, capacity_ = 0, anchor_cap_ = 0, window_ = 0;
   double ratio_ = 0;
-  bool lut_half_ = false, pre_ = false;
+  bool lut_half_ = false, pre_ = false, promote_ = false;
   cuda::DeviceBuffer<float> inv_freq_;  // [head_dim / 2] (pre_rope)
   size_t device_bytes_ = 0;
   std::vector<std::unique_ptr<Layer>> layers_;
@@ -142,6 +155,8 @@ class GpuCompressedKvCache {
   cuda::DeviceBuffer<int32_t> prefill_ints_;      // slot_per_head [T, KV] | seq_index [T] | anchor_idx [KV, A]
   std::vector<int32_t> prefill_h_;
   cuda::DeviceBuffer<float> workspace_;
+  cuda::DeviceBuffer<float> lse_;                 // promote: [max_batch, n_heads] this step's log-sum-exp
+  cuda::DeviceBuffer<float> prefill_score_;       // promote: [T, kv_heads] a prefill's anchor scores
 };
 
 }  // namespace antkv

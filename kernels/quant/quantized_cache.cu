@@ -320,6 +320,7 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
       for (auto& r : ring_) r.resize(static_cast<size_t>(3) * R_ * kvd_);
     }
     anchor_.resize(L);
+    score_.resize(L);
     len_.assign(L, 0);
     k_upto_.assign(L, 0);
     v_upto_.assign(L, 0);
@@ -332,11 +333,17 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     std::fill(k_upto_.begin(), k_upto_.end(), 0);
     std::fill(v_upto_.begin(), v_upto_.end(), 0);
     for (auto& a : anchor_) a.clear();
+    for (auto& a : score_) a.clear();
   }
 
   const std::vector<uint8_t>& anchor_flags(int layer) const override {
     ANTKV_CHECK(layer >= 0 && layer < cfg_.num_layers, "anchor_flags: layer {} out of range", layer);
     return anchor_[layer];
+  }
+
+  const std::vector<float>& anchor_scores(int layer) const override {
+    ANTKV_CHECK(layer >= 0 && layer < cfg_.num_layers, "anchor_scores: layer {} out of range", layer);
+    return score_[layer];
   }
 
   void on_layer(const GpuKvLayerChunk& c, cudaStream_t stream) override {
@@ -560,6 +567,11 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     } else {
       // decode: the new token stays FP16; quantize what left the window (never anchors)
       const int end = std::max(upto, len - W_);
+      if (end > upto && m_.promotes())
+        fail("GPU KV quantizer {}: decode-time anchors (design note §2, promote=on) run in the compressed cache "
+             "(eval.kv_cache: real) and in the CPU cache (eval.device: cpu), not in the simulated GPU cache; or "
+             "add promote=off to the method",
+             m_.text);
       stage(c, upto, ring_[l].get(), stream);
       store_rows(c, row0, n, true, true, stream);
       save_ring(c, stream);
@@ -617,6 +629,8 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
       for (int32_t t : picked) keep_h_[static_cast<size_t>(t) * KV_ + h] = 1;
     }
     std::copy(keep_h_.begin(), keep_h_.end(), anchor_[l].begin() + static_cast<size_t>(c.position0) * KV_);
+    score_[l].resize(anchor_[l].size());
+    std::copy(h_score_.begin(), h_score_.end(), score_[l].begin() + static_cast<size_t>(c.position0) * KV_);
     keep_d_.ensure(ns);
     ANTKV_CUDA_CHECK(cudaMemcpyAsync(keep_d_.get(), keep_h_.data(), ns, cudaMemcpyHostToDevice, stream));
     ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));  // keep_h_ is reused by the next layer
@@ -635,6 +649,7 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
 
   std::vector<int> len_, k_upto_, v_upto_;  // vq uses k_upto_ as its `upto`
   std::vector<std::vector<uint8_t>> anchor_;
+  std::vector<std::vector<float>> score_;   // per layer [tokens seen, KV]: the prefill chunks' combined scores
   std::vector<DeviceBuffer<float>> ring_;   // per layer [3][R][kvd]: fp16 copies of waiting tokens
   std::vector<DeviceBuffer<float>> kcent_, vcent_;
 

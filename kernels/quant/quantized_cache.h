@@ -24,7 +24,9 @@
 // Inputs of quantization are the fp16-rounded K/V (the CPU cache quantizes its fp16 copies too); anchor scores
 // use the unrounded fp32 q/k/v, as on the CPU.
 // Decode (one-token forwards), as QuantizedKvCache: vq/antkv tokens stay FP16 while among the newest
-// `decode_window` (128) tokens and are quantized (never made anchors) when they leave it; uniform follows its
+// `decode_window` (128) tokens and are quantized when they leave it; decode-time anchors (promote=on, the
+// default for antkv) are not simulated here: a token leaving the window of such a method is an error that
+// names the compressed cache and the CPU cache, which run the rule; uniform follows its
 // own `window` and key groups. Exact fp16 copies of the tokens still waiting are kept on the device in a small
 // per-layer ring (window + group or decode_window + 1 tokens), so nothing is re-read from the bf16 arena.
 // A prefill chunk (n > 1) after decode steps quantizes only its own tokens (the waiting ones stay FP16), as on
@@ -76,6 +78,9 @@ class GpuKvQuantizer {
   virtual void on_layer(const GpuKvLayerChunk& c, cudaStream_t stream) = 0;
   // Anchor flags of layer l: [tokens seen, num_kv_heads], 1 = kept in FP16 as an anchor (all 0 without anchors).
   virtual const std::vector<uint8_t>& anchor_flags(int layer) const = 0;
+  // Anchor scores of layer l as the method combined them, [tokens seen, num_kv_heads] (empty without anchors;
+  // entries of prefill chunks): where the compressed cache's running scores start.
+  virtual const std::vector<float>& anchor_scores(int layer) const = 0;
 };
 
 // The quantizer of `method`; codebooks are required for vq/antkv and validated like QuantizedKvCache's (model

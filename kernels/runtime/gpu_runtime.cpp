@@ -413,15 +413,18 @@ struct GpuRuntime::Impl {
         cuda::flash_prefill(fp, stream);
         if (comp) {
           const uint8_t* flags = nullptr;
+          const float* scores = nullptr;  // where decode-time anchors' running scores start
           if (quant) {
             const auto& f = quant->anchor_flags(l);
             ANTKV_CHECK(f.size() == static_cast<size_t>(T) * cfg.num_kv_heads,
                         "GpuRuntime: the quantizer's anchor flags of layer {} hold {} entries, expected {}", l, f.size(),
                         static_cast<size_t>(T) * cfg.num_kv_heads);
             flags = f.data();
+            const auto& sc = quant->anchor_scores(l);
+            if (sc.size() == f.size()) scores = sc.data();
           }
           comp->write_prefill(l, 0, T, qkv.get() + qd, qkv_dim(), qkv.get() + qd + kvd, qkv_dim(), k_pre.get(), kvd, flags,
-                              stream);
+                              scores, stream);
         }
       }
       blas->linear(attn.get(), qd, L.wo.get(), x.get(), H, T, H, qd, 1.0f);  // x += attn . Wo^T

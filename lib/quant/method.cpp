@@ -149,6 +149,7 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
         m.rotate = v;
       }
       else if (k == "correct") m.correct = on_off();
+      else if (k == "promote") m.promote = on_off();
       else if (k == "exclude") m.exclude_anchors = on_off();
       else if (k == "weighting") {
         ANTKV_CHECK(v == "anchor" || v == "none", "method \"{}\": weighting is anchor or none", text);
@@ -158,7 +159,7 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
       else if (k == "key_rope") {
         ANTKV_CHECK(v == "post" || v == "pre", "method \"{}\": key_rope is post or pre", text);
         m.key_rope = v;
-      } else fail("method \"{}\": unknown option \"{}\" (bits, kbits, vbits, anchors, weighting, ratio, score, key_rope, correct, exclude, gain, rotate, lkbits, lvbits, lratio)", text, k);
+      } else fail("method \"{}\": unknown option \"{}\" (bits, kbits, vbits, anchors, weighting, ratio, score, key_rope, correct, promote, exclude, gain, rotate, lkbits, lvbits, lratio)", text, k);
     }
   }
   if (m.kind == "rsq") {

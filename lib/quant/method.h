@@ -7,7 +7,7 @@
 //                                              per-coordinate Lloyd-Max levels (quant/vq.h rsq_quantize), bits 1-4
 // Options of vq/antkv: bits (both K and V; or kbits=, vbits=), anchors=kv|k|v|off (on = kv), weighting=anchor|none,
 // ratio=0.01, score=error_bound|attention_mass|key_bound|random|recent, key_rope=post|pre, correct=on|off,
-// gain=off|k|kv.
+// gain=off|k|kv, promote=on|off (decode-time anchors, see MethodSpec::promote).
 //   anchors=k|v (ours, not the paper's): anchor tokens keep FP16 only for that tensor; the other tensor of an
 //     anchor token is quantized like any token (the selection is the paper's, from both scores). exclude=on
 //     still leaves the calibration anchors out of both tensors' codebooks (exclude=off trains on every token).
@@ -50,6 +50,17 @@ struct MethodSpec {
   // head) and add scale^2 |q|^2 e / 2 to its attention score, undoing the exp-mass that centroid keys lose
   // against exact (anchor) keys. Option correct=on.
   bool correct = false;
+  // Decode-time anchors (design note §2's online rule; option promote=on|off, on by default): a token leaving
+  // the FP16 decode window becomes an anchor while the head holds fewer than ceil(ratio * length) anchors, or
+  // in place of the anchor with the smallest running score (the sink excepted) when its own running score is
+  // larger; the displaced anchor is then quantized. Running scores are the anchor score (the method's `score`)
+  // summed over every attention row the token has been in: the prefill's rows, then each decode step's.
+  // Tracked for anchors and window tokens only (a quantized token cannot come back).
+  bool promote = true;
+  // Whether decode steps run that rule: anchors on, a score that attention defines (not random or recent).
+  bool promotes() const {
+    return anchors && promote && (score == "error_bound" || score == "attention_mass" || score == "key_bound");
+  }
 
   // Per-layer budgets (ours): lkbits= / lvbits= give every layer its key / value width ('/'-separated named
   // widths, one per layer: lkbits=1/1/1/1/1.25/1.5), lratio= every layer's anchor ratio (lratio=0.02/0.01/...).

@@ -65,12 +65,16 @@ QuantizedKvCache::QuantizedKvCache(const ModelConfig& cfg, const MethodSpec& m, 
   inv_freq_ = rope_inv_freq(cfg);
   const size_t L = static_cast<size_t>(cfg.num_layers);
   k_.resize(L), v_.resize(L), k_exact_.resize(L), v_exact_.resize(L), k_pre_exact_.resize(L), anchor_.resize(L), key_err_.resize(L);
+  running_.resize(L);
+  anchor_count_.assign(L, std::vector<int>(static_cast<size_t>(cfg.num_kv_heads), 0));
   quantized_upto_.assign(L * 2, 0);  // [layer][0 = keys, 1 = values]
 }
 
 void QuantizedKvCache::reset() {
   for (size_t l = 0; l < k_.size(); ++l) {
     k_[l].clear(), v_[l].clear(), k_exact_[l].clear(), v_exact_[l].clear(), k_pre_exact_[l].clear(), anchor_[l].clear(), key_err_[l].clear();
+    running_[l].clear();
+    std::fill(anchor_count_[l].begin(), anchor_count_[l].end(), 0);
   }
   std::fill(quantized_upto_.begin(), quantized_upto_.end(), 0);
   stats_ = {};
@@ -178,6 +182,7 @@ void QuantizedKvCache::append(const KvAppend& a) {
   v_[l].insert(v_[l].end(), v_exact_[l].end() - add, v_exact_[l].end());
   anchor_[l].resize(anchor_[l].size() + static_cast<size_t>(n) * KV, 0);
   key_err_[l].resize(anchor_[l].size(), 0.0f);
+  running_[l].resize(anchor_[l].size(), 0.0);
   const int64_t len = row0 + n;
   stats_.tokens += static_cast<int64_t>(n) * KV;
 
@@ -211,6 +216,7 @@ void QuantizedKvCache::append(const KvAppend& a) {
   if (n > 1) {
     // a prefill chunk: anchors from the chunk's own full-precision attention, everything else quantized now
     std::vector<uint8_t> keep(static_cast<size_t>(n) * KV, 0);
+    std::vector<float> chunk_score;  // the chosen anchors' running scores start here
     const double ratio = method_.ratio_of(l);
     if (method_.anchors && ratio > 0) {
       ANTKV_CHECK(a.q, "antkv cache: the runtime passed no queries (anchor scores need them)");
@@ -235,21 +241,101 @@ void QuantizedKvCache::append(const KvAppend& a) {
         }
         for (int32_t t : picked) keep[static_cast<size_t>(t) * KV + h] = 1;
       }
+      chunk_score = std::move(score);
     }
     quantize_rows(l, row0, n, k_pre_exact_[l].data() + row0 * row_, k_exact_[l].data() + row0 * row_,
                   v_exact_[l].data() + row0 * row_, keep.data(), a.position0);
     for (size_t i = 0; i < keep.size(); ++i) {
       anchor_[l][static_cast<size_t>(row0) * KV + i] = keep[i];
       stats_.anchors += keep[i];
+      anchor_count_[l][i % KV] += keep[i];
+      if (keep[i] && !chunk_score.empty()) running_[l][static_cast<size_t>(row0) * KV + i] = chunk_score[i];
     }
     upto = static_cast<int>(len);
   } else {
-    // decode: quantize what left the FP16 window
+    // decode: what left the FP16 window is quantized or kept as an anchor, then the new row's attention
+    // updates the running scores
     const int64_t end = std::max<int64_t>(upto, len - decode_window_);
-    if (end > upto)
-      quantize_rows(l, upto, end - upto, k_pre_exact_[l].data() + upto * row_, k_exact_[l].data() + upto * row_,
-                    v_exact_[l].data() + upto * row_, anchor_[l].data() + static_cast<size_t>(upto) * KV, static_cast<int>(upto));
+    for (int64_t r = upto; r < end; ++r) {
+      if (method_.promotes()) decide_leaving(l, r, len);
+      quantize_rows(l, r, 1, k_pre_exact_[l].data() + r * row_, k_exact_[l].data() + r * row_,
+                    v_exact_[l].data() + r * row_, anchor_[l].data() + static_cast<size_t>(r) * KV, static_cast<int>(r));
+    }
     upto = static_cast<int>(end);
+    if (method_.promotes()) {
+      ANTKV_CHECK(a.q, "antkv cache: the runtime passed no query at decode (the running anchor scores need it)");
+      add_attention_row(l, a.q);
+    }
+  }
+}
+
+void QuantizedKvCache::decide_leaving(int l, int64_t r, int64_t len) {
+  const int KV = cfg_.num_kv_heads;
+  const int budget = static_cast<int>(std::ceil(method_.ratio_of(l) * static_cast<double>(len)));
+  std::vector<uint8_t>& flag = anchor_[l];
+  const std::vector<double>& run = running_[l];
+  for (int h = 0; h < KV; ++h) {
+    const size_t x = static_cast<size_t>(r) * KV + h;
+    if (anchor_count_[l][h] < budget) {  // the budget grew: the leaving token fills the new place
+      flag[x] = 1, ++anchor_count_[l][h], ++stats_.anchors;
+      continue;
+    }
+    int64_t weakest = -1;  // the anchor with the smallest running score, earliest on ties; never token 0
+    for (int64_t t = 1; t < r; ++t) {
+      const size_t y = static_cast<size_t>(t) * KV + h;
+      if (flag[y] && (weakest < 0 || run[y] < run[static_cast<size_t>(weakest) * KV + h])) weakest = t;
+    }
+    if (weakest < 0 || !(run[x] > run[static_cast<size_t>(weakest) * KV + h])) continue;
+    flag[x] = 1;
+    flag[static_cast<size_t>(weakest) * KV + h] = 0;  // displaced: quantized from its exact copy
+    quantize_rows(l, weakest, 1, k_pre_exact_[l].data() + weakest * row_, k_exact_[l].data() + weakest * row_,
+                  v_exact_[l].data() + weakest * row_, flag.data() + static_cast<size_t>(weakest) * KV,
+                  static_cast<int>(weakest));
+  }
+}
+
+void QuantizedKvCache::add_attention_row(int l, const float* q) {
+  const int KV = cfg_.num_kv_heads, H = cfg_.num_heads, G = H / KV, d = cfg_.head_dim;
+  const int64_t len = length(l), upto = quantized_upto_[static_cast<size_t>(l) * 2];
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const AnchorScoreKind kind = parse_anchor_score_kind(method_.score);
+  const std::vector<float>& ek = cb_->keys[l].error_norm;
+  const std::vector<float>& ev = cb_->values[l].error_norm;
+  const float* K = k_[l].data();
+  const float* V = v_[l].data();
+  std::vector<double> s(static_cast<size_t>(len)), o(static_cast<size_t>(d));
+  for (int h = 0; h < KV; ++h) {
+    const double ck = kind == AnchorScoreKind::kAttentionMass ? 0.0 : (kind == AnchorScoreKind::kKeyBound || ek.empty() ? 1.0 : ek[h]);
+    const double cv = kind == AnchorScoreKind::kKeyBound ? 0.0 : (kind == AnchorScoreKind::kAttentionMass || ev.empty() ? 1.0 : ev[h]);
+    for (int g = 0; g < G; ++g) {
+      const float* qg = q + static_cast<int64_t>(h * G + g) * d;
+      double qn = 0, m = -INFINITY;
+      for (int c = 0; c < d; ++c) qn += static_cast<double>(qg[c]) * qg[c];
+      qn = std::sqrt(qn);
+      for (int64_t j = 0; j < len; ++j) {
+        const float* kj = K + j * row_ + static_cast<int64_t>(h) * d;
+        double dot = 0;
+        for (int c = 0; c < d; ++c) dot += static_cast<double>(qg[c]) * kj[c];
+        s[j] = dot * scale;
+        m = std::max(m, s[j]);
+      }
+      double sum = 0;
+      for (int64_t j = 0; j < len; ++j) sum += (s[j] = std::exp(s[j] - m));
+      std::fill(o.begin(), o.end(), 0.0);
+      for (int64_t j = 0; j < len; ++j) {
+        s[j] /= sum;
+        const float* vj = V + j * row_ + static_cast<int64_t>(h) * d;
+        for (int c = 0; c < d; ++c) o[c] += s[j] * vj[c];
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        const size_t y = static_cast<size_t>(j) * KV + h;
+        if (j < upto && !anchor_[l][y]) continue;  // quantized: not tracked
+        const float* vj = V + j * row_ + static_cast<int64_t>(h) * d;
+        double dist = 0;
+        for (int c = 0; c < d; ++c) dist += (vj[c] - o[c]) * (vj[c] - o[c]);
+        running_[l][y] += ck * s[j] * qn * std::sqrt(dist) * scale + cv * s[j];
+      }
+    }
   }
 }
 

@@ -11,7 +11,15 @@
 //            anchors=k|v keeps only that tensor of an anchor token in FP16; gain=k|kv stores keys (and values)
 //            as an fp16 norm and a quantized unit direction (quant/vq.h gain_restore).
 // Decode (one-token appends): a new token stays FP16 while it is among the newest `decode_window`; when
-// it leaves the window it is quantized (anchors are chosen per prefill chunk; no promotion at decode).
+// it leaves the window it is quantized, or kept as an anchor by the online rule of design note §2
+// (MethodSpec::promote): per layer and KV head, while the head holds fewer than ceil(ratio * length) anchors
+// it is kept; else it takes the place of the anchor with the smallest running score (token 0 excepted; ties to
+// the earliest position) when its running score is larger, and that anchor is quantized. Order within a step:
+// the new token enters, the leaving token is decided on the running scores of the earlier rows, then the new
+// token's attention row (q over the cache as attention will read it: softmax of q.k / sqrt(d), output o) adds
+//   A_gj |q_g| |v_j - o_g| / sqrt(d) * e_K + A_gj * e_V   (error_bound; attention_mass / key_bound: one term)
+// summed over the head's G query heads, to the running score of every anchor and window token. A prefill
+// chunk's anchors start from their chunk scores. Scores are accumulated in double.
 #pragma once
 #include <memory>
 #include <string>
@@ -54,6 +62,8 @@ class QuantizedKvCache : public KvCache {
   double effective_bits(bool include_codebooks = true) const;
   // Anchor flags of layer l: [length, kv_heads] (1 = kept in FP16).
   const std::vector<uint8_t>& anchor_flags(int layer) const { return anchor_[layer]; }
+  // Running anchor scores of layer l (promotes()): [length, kv_heads]; meaningful for anchors and window tokens.
+  const std::vector<double>& running_scores(int layer) const { return running_[layer]; }
 
  private:
   void quantize_rows(int layer, int64_t row0, int64_t n, const float* k_pre, const float* k_post, const float* v,
@@ -69,6 +79,11 @@ class QuantizedKvCache : public KvCache {
   std::vector<std::vector<uint8_t>> anchor_;       // [len, kv]
   std::vector<std::vector<float>> key_err_;        // [len, kv] |k - k_hat|^2 / d (correct=on), fp16-rounded
   std::vector<int> quantized_upto_;                // uniform/decode: rows [0, quantized_upto) are final
+  // promotes(): running anchor scores [len, kv] (meaningful for anchors and window tokens), anchors per head [kv]
+  std::vector<std::vector<double>> running_;
+  std::vector<std::vector<int>> anchor_count_;
+  void decide_leaving(int layer, int64_t row, int64_t len);   // the online rule for `row` leaving the window
+  void add_attention_row(int layer, const float* q);        // the newest row's attention into running_
   QuantizedCacheStats stats_;
 };
 
