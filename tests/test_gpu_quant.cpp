@@ -68,6 +68,9 @@ struct LayerActs {
 
 // Codebooks for m with centroids drawn from sample vectors (a random token's group plus 10% of the channel's
 // spread as noise); error_norm = the mean |x - vq(x)| over the samples per head (as the trainer reports it).
+// rotate=pca: per head the samples' mean and the PCA basis of their covariance (quant/vq.h pca_rotation, as
+// the trainer), and the samples are coded in it; gain: the samples are unit directions (gain_normalize), so
+// that the centroids are too.
 std::shared_ptr<CodebookSet> make_codebooks(const ModelConfig& cfg, const MethodSpec& m,
                                             const std::vector<LayerActs>& acts, uint64_t seed) {
   auto set = std::make_shared<CodebookSet>();
@@ -77,16 +80,42 @@ std::shared_ptr<CodebookSet> make_codebooks(const ModelConfig& cfg, const Method
   meta.weighting = m.weighting;
   meta.key_c = m.keys.c, meta.key_b = m.keys.b, meta.value_c = m.values.c, meta.value_b = m.values.b;
   meta.num_layers = cfg.num_layers, meta.num_kv_heads = cfg.num_kv_heads, meta.head_dim = cfg.head_dim;
+  meta.gain = m.gain;
+  meta.rotate = m.rotate;
   const int KV = cfg.num_kv_heads, d = cfg.head_dim;
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> n01(0.f, 1.f);
   set->keys.resize(cfg.num_layers), set->values.resize(cfg.num_layers);
   for (int l = 0; l < cfg.num_layers; ++l)
     for (int kv = 0; kv < 2; ++kv) {
-      const std::vector<float>& src = kv ? acts[l].v : (m.key_rope == "pre" ? acts[l].k_pre : acts[l].k_post);
+      std::vector<float> src = kv ? acts[l].v : (m.key_rope == "pre" ? acts[l].k_pre : acts[l].k_post);
       const VqConfig q = kv ? m.values : m.keys;
       LayerCodebooks& lc = kv ? set->values[l] : set->keys[l];
       const int N = static_cast<int>(src.size() / (static_cast<size_t>(KV) * d));
+      const int64_t row = static_cast<int64_t>(KV) * d;
+      if (m.rotate == "pca") {
+        lc.rotation.resize(static_cast<size_t>(KV) * d * d);
+        lc.mean.assign(static_cast<size_t>(KV) * d, 0.f);
+        for (int h = 0; h < KV; ++h) {
+          std::vector<double> mu(d, 0.0), cov(static_cast<size_t>(d) * d, 0.0);
+          for (int t = 0; t < N; ++t)
+            for (int c = 0; c < d; ++c) mu[c] += src[t * row + h * d + c] / N;
+          for (int t = 0; t < N; ++t)
+            for (int i = 0; i < d; ++i)
+              for (int j = 0; j < d; ++j)
+                cov[static_cast<size_t>(i) * d + j] +=
+                    (src[t * row + h * d + i] - mu[i]) * (src[t * row + h * d + j] - mu[j]) / N;
+          float* rot = lc.rotation.data() + static_cast<size_t>(h) * d * d;
+          float* mean = lc.mean.data() + static_cast<size_t>(h) * d;
+          pca_rotation(cov.data(), d, q.c, rot);
+          for (int c = 0; c < d; ++c) mean[c] = static_cast<float>(mu[c]);
+          rotate_forward(rot, mean, d, src.data() + static_cast<size_t>(h) * d, N, row);
+        }
+      }
+      if (kv ? m.gain_values() : m.gain_keys()) {
+        std::vector<float> norms(N);
+        for (int h = 0; h < KV; ++h) gain_normalize(src.data() + static_cast<size_t>(h) * d, N, row, d, norms.data());
+      }
       const int groups = d / q.c, k = 1 << q.b;
       std::vector<double> sd(static_cast<size_t>(KV) * d, 0.0), mean(sd.size(), 0.0);
       for (int t = 0; t < N; ++t)
@@ -294,6 +323,7 @@ TEST_CASE("GPU KV quantizers equal QuantizedKvCache on the same inputs (prefill,
   struct Case {
     std::string text;
     double max_row_mismatch;  // share of (token, head) rows
+    double min_exact = 0;     // share of K and of V elements equal to the bf16-rounded CPU value
   };
   const std::vector<Case> cases = {
       {"fp16", 0.0},
@@ -307,6 +337,23 @@ TEST_CASE("GPU KV quantizers equal QuantizedKvCache on the same inputs (prefill,
       {"antkv:bits=1,ratio=0.05,key_rope=pre,promote=off", 1e-2},
       {"antkv:bits=1,ratio=0.05,anchors=v,promote=off", 1e-2},  // anchor tokens: keys quantized, values exact
       {"antkv:bits=1,ratio=0.05,anchors=k,key_rope=pre,promote=off", 1e-2},
+      // gain-shape VQ, rotated VQ, rsq: the GPU sums the fp64 norms and d x d products in the CPU's order (a
+      // float product is exact in fp64, so every step rounds once, as on the CPU) and its Hadamard butterflies are
+      // the CPU's, so the dequantized floats are the CPU's bit for bit and only the bf16 store differs: held to the
+      // vq / antkv row bounds above, and at least 99.99% of the K and of the V elements equal to the bf16-rounded
+      // CPU value (the pre-RoPE keys' RoPE may differ by an fp32 ulp). Measured on an H200: rows off 0 in every
+      // case, exact shares 1.00000 (pre-RoPE K 0.99999).
+      {"vq:bits=1,gain=k", 5e-3, 0.9999},
+      {"vq:bits=1,gain=kv", 5e-3, 0.9999},
+      {"vq:bits=1,rotate=pca", 5e-3, 0.9999},
+      {"vq:bits=0.75,gain=kv,rotate=pca", 5e-3, 0.9999},
+      {"vq:bits=1,gain=kv,rotate=pca,key_rope=pre", 5e-3, 0.9999},
+      {"antkv:bits=1,ratio=0.05,gain=kv,rotate=pca,promote=off", 1e-2, 0.9999},
+      {"antkv:bits=1,ratio=0.05,anchors=v,gain=k,rotate=pca,key_rope=pre,promote=off", 1e-2, 0.9999},
+      {"rsq:bits=1", 5e-3, 0.9999},
+      {"rsq:bits=2,key_rope=pre", 5e-3, 0.9999},
+      {"rsq:bits=3", 5e-3, 0.9999},
+      {"rsq:bits=4", 5e-3, 0.9999},
   };
   for (const auto& cs : cases) {
     SECTION(cs.text) {
@@ -317,6 +364,8 @@ TEST_CASE("GPU KV quantizers equal QuantizedKvCache on the same inputs (prefill,
                        "cpu {} gpu {} overlap {:.4f}",
                        cs.text, r.exact_k, r.exact_v, r.row_mismatch, r.cpu_anchors, r.gpu_anchors, r.anchor_overlap));
       CHECK(r.row_mismatch <= cs.max_row_mismatch);
+      CHECK(r.exact_k >= cs.min_exact);
+      CHECK(r.exact_v >= cs.min_exact);
       CHECK(r.gpu_anchors == r.cpu_anchors);
       CHECK(r.anchor_overlap >= 0.97);
       if (cs.text == "fp16") {
@@ -478,10 +527,13 @@ TEST_CASE("GPU runtime + quantizer vs CPU runtime + QuantizedKvCache on antkv-re
   // Measured on an H200 (this prompt; GPU / pert mean |dNLL|, ppl rel, logits rel err):
   //   fp16 0.012 / 0.005, 1.5e-3, 5.9e-3;  uniform g32 0.44 / 0.40, 4.4e-2, 0.23;  uniform g128 0.53 / 0.56,
   //   8.7e-2, 0.25;  vq c8b8 0.28 / 0.27, 1.6e-2, 0.14;  vq c16b12 0.21 / 0.21, 1.5e-2, 0.18;
-  //   antkv post 0.20 / 0.20, 4.3e-2, 0.13;  antkv pre 0.19 / 0.19, 7.8e-3, 0.10;  anchors overlap 0.989 / 0.978.
+  //   antkv post 0.20 / 0.20, 4.3e-2, 0.13;  antkv pre 0.19 / 0.19, 7.8e-3, 0.10;  anchors overlap 0.989 / 0.978;
+  //   vq gain=kv,rotate=pca,pre 0.31 / 0.34, 3.2e-2, 0.18;  antkv gain=kv,rotate=pca 0.29 / 0.28, 2.2e-2, 0.24
+  //   (anchors overlap 0.967);  rsq 2 bits 0.36 / 0.34, 4.8e-2, 0.15.
   const std::vector<std::string> cases = {
       "fp16",      "uniform:bits=2,group=32",  "uniform:bits=2,group=128", "vq:bits=1", "vq:bits=0.75",
       "antkv:bits=1,ratio=0.05", "antkv:bits=1,ratio=0.05,key_rope=pre",
+      "vq:bits=1,gain=kv,rotate=pca,key_rope=pre", "antkv:bits=1,ratio=0.05,gain=kv,rotate=pca", "rsq:bits=2",
   };
   for (const auto& text : cases) {
     SECTION(text) {
@@ -612,7 +664,8 @@ TEST_CASE("GPU antkv with ratio 1.0 reproduces the GPU fp16 method exactly", "[g
   rt.set_kv_quantizer(make_gpu_kv_quantizer(cfg, method("fp16"), nullptr));
   const auto ref = run_prompt(rt, ids);
   CHECK_THROWS_WITH(rt.decode_batch({5}, nullptr, nullptr), Catch::Contains("not supported with a KV-cache quantizer"));
-  for (const std::string text : {"antkv:bits=1,ratio=1.0", "antkv:bits=1,ratio=1.0,key_rope=pre"}) {
+  for (const std::string text : {"antkv:bits=1,ratio=1.0", "antkv:bits=1,ratio=1.0,key_rope=pre",
+                                 "antkv:bits=1,ratio=1.0,gain=kv,rotate=pca,key_rope=pre"}) {
     INFO(text);
     const MethodSpec m = method(text);
     rt.set_kv_quantizer(make_gpu_kv_quantizer(cfg, m, make_codebooks(cfg, m, mod.calib, 6)));
@@ -660,8 +713,24 @@ TEST_CASE("GPU KV quantizer: codebooks that do not fit are errors naming the pro
   CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, m, bad), Catch::Contains("layer 0 key error_norm holds 3 values"));
   CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,correct=on"), good),
                     Catch::Contains("correct=on (the attention-score correction) is not implemented on the GPU"));
+  CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,lkbits=1/1"), good),
+                    Catch::Contains("per-layer widths or anchor ratios (lkbits, lvbits, lratio) are not implemented on "
+                                    "the GPU runtime"));
+  // gain= and rotate= need codebooks trained for them, with a rotation and mean per layer, head and tensor
   CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,gain=k"), good),
-                    Catch::Contains("gain=k (gain-shape VQ) is not implemented on the GPU"));
+                    Catch::Contains("codebooks are for gain=off (unit-vector training), the method needs gain=k"));
+  CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,rotate=pca"), good),
+                    Catch::Contains("codebooks are for rotate=off, the method needs rotate=pca"));
+  const MethodSpec mr = method("antkv:bits=1,gain=kv,rotate=pca");
+  auto rotated = make_codebooks(cfg, mr, calib, 1);
+  CHECK_NOTHROW(make_gpu_kv_quantizer(cfg, mr, rotated));
+  bad = std::make_shared<CodebookSet>(*rotated);
+  bad->values[1].rotation.resize(bad->values[1].rotation.size() - 1);
+  CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, mr, bad), Catch::Contains("layer 1 value rotation / mean hold"));
+  bad = std::make_shared<CodebookSet>(*rotated);
+  bad->keys[0].mean.clear();
+  CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, mr, bad), Catch::Contains("layer 0 key rotation / mean hold"));
+  CHECK_NOTHROW(make_gpu_kv_quantizer(cfg, method("rsq:bits=3"), nullptr));  // training-free: no codebooks
   CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("uniform:bits=2,group=96"), nullptr),
                     Catch::Contains("must divide head_dim"));
 }
@@ -794,6 +863,8 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,key_rope=pre"), *cb, 1, 64, 8),
                     Catch::Contains("do not fit the method and model"));  // post-RoPE codebooks for a pre-RoPE method
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,rotate=pca"), *cb, 1, 64, 8),
+                    Catch::Contains("are not supported by the compressed cache"));
+  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("vq:bits=1,gain=kv"), *cb, 1, 64, 8),
                     Catch::Contains("are not supported by the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=2"), *make_codebooks(cfg, method("antkv:bits=2"), acts, 1), 1, 64, 8),
                     Catch::Contains("c4b8 is not one of the compressed cache's configurations"));

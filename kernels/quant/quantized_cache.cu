@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <mutex>
 #include <numeric>
@@ -18,6 +19,7 @@
 #include "kernels/quant/compressed_cache.h"
 #include "kernels/runtime/ops.h"
 #include "model/checkpoint.h"
+#include "quant/vq.h"
 
 namespace antkv {
 
@@ -253,6 +255,187 @@ void launch_store(const StoreArgs& p, cudaStream_t stream) {
   ANTKV_LAUNCH_CHECK("store_kernel");
 }
 
+// ---- rotate=pca: x' = R (x - mean) before VQ, x = R^T x'_hat + mean after (quant/vq.h rotate_forward/inverse) --
+// A batched d x d product per (row, KV head): out[r][j] = sum_k in[r][k] * mat[k][j], k = 0..d-1 in order, in
+// fp64. A float times a float is exact in fp64, so every fma is one rounding, as each step of the CPU's fp64
+// loops, and the float results equal the CPU's bit for bit (cuBLAS would reorder the sum). Forward: in = x -
+// mean (an fp32 subtraction, as the CPU's tmp), mat = R^T. Inverse: mat = R, mean added in fp64 before rounding.
+// One block of d threads (thread j = output channel j) per (tile of kRotRows rows, KV head); the tile's inputs
+// go to shared memory before any output is written, so out may alias in.
+struct RotateArgs {
+  const float* in = nullptr;    // [n][kvd]
+  float* out = nullptr;         // [n][kvd]
+  const float* mat = nullptr;   // [kv_heads][d][d], [k][j] row-major: forward R^T, inverse R
+  const float* mean = nullptr;  // [kv_heads][d]
+  int n = 0, d = 0, kvd = 0;
+  bool inverse = false;
+};
+
+constexpr int kRotRows = 16;
+
+__global__ void rotate_kernel(const RotateArgs p) {
+  extern __shared__ float rot_rows[];  // [kRotRows][d]
+  const int h = blockIdx.y, j = threadIdx.x;
+  const int r0 = blockIdx.x * kRotRows;
+  const int rows = min(kRotRows, p.n - r0);
+  const int64_t col = static_cast<int64_t>(h) * p.d + j;
+  const float mean_j = p.mean[col];
+  for (int r = 0; r < kRotRows; ++r) {
+    float x = 0.f;
+    if (r < rows) {
+      x = p.in[static_cast<int64_t>(r0 + r) * p.kvd + col];
+      if (!p.inverse) x = __fsub_rn(x, mean_j);
+    }
+    rot_rows[r * p.d + j] = x;
+  }
+  __syncthreads();
+  double acc[kRotRows];
+#pragma unroll
+  for (int r = 0; r < kRotRows; ++r) acc[r] = 0.0;
+  const float* m = p.mat + static_cast<int64_t>(h) * p.d * p.d + j;  // column j: coalesced over the block
+  for (int k = 0; k < p.d; ++k) {
+    const double mk = m[static_cast<int64_t>(k) * p.d];
+#pragma unroll
+    for (int r = 0; r < kRotRows; ++r) acc[r] = fma(static_cast<double>(rot_rows[r * p.d + k]), mk, acc[r]);
+  }
+  for (int r = 0; r < rows; ++r)
+    p.out[static_cast<int64_t>(r0 + r) * p.kvd + col] =
+        __double2float_rn(p.inverse ? __dadd_rn(acc[r], static_cast<double>(mean_j)) : acc[r]);
+}
+
+// ---- gain=k|kv: fp16 norm and unit direction (gain_normalize), renormalization after VQ (gain_restore) ----------
+// One warp per (row, KV head). The squared norm is summed in fp64 by lane 0 in channel order (the CPU's loop;
+// products of floats are exact in fp64, so the sum is the CPU's bit for bit), the scaling is one fp64 product
+// rounded to float per channel. out may alias in (lane 0 reads the row before the warp writes it).
+struct GainArgs {
+  const float* in = nullptr;  // [n][kvd]
+  float* out = nullptr;       // [n][kvd]
+  float* norms = nullptr;     // [n][kv_heads]: written (fp16-rounded) by normalize, read by restore
+  int n = 0, kv_heads = 0, d = 0, kvd = 0;
+  bool restore = false;
+};
+
+constexpr int kGainThreads = 128;  // 4 warps, 4 (row, head) pairs per block
+
+__device__ __forceinline__ double warp_sequential_sum_sq(const float* x, int d, int lane) {
+  double sq = 0.0;
+  if (lane == 0)
+    for (int c = 0; c < d; ++c) sq = fma(static_cast<double>(x[c]), static_cast<double>(x[c]), sq);
+  return __shfl_sync(0xffffffffu, sq, 0);
+}
+
+__global__ void __launch_bounds__(kGainThreads) gain_kernel(const GainArgs p) {
+  const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= static_cast<int64_t>(p.n) * p.kv_heads) return;  // warp-uniform
+  const int r = static_cast<int>(warp / p.kv_heads), h = static_cast<int>(warp % p.kv_heads);
+  const int64_t off = static_cast<int64_t>(r) * p.kvd + static_cast<int64_t>(h) * p.d;
+  const float* x = p.in + off;
+  const double sq = warp_sequential_sum_sq(x, p.d, lane);
+  double scale;
+  if (!p.restore) {
+    const double norm = sqrt(sq);
+    if (lane == 0) p.norms[warp] = round_fp16(__double2float_rn(norm));  // stored in fp16
+    scale = norm > 0 ? 1.0 / norm : 0.0;
+  } else {
+    scale = sq > 0 ? static_cast<double>(p.norms[warp]) / sqrt(sq) : 0.0;
+  }
+  __syncwarp();
+  for (int c = lane; c < p.d; c += 32) p.out[off + c] = __double2float_rn(__dmul_rn(static_cast<double>(x[c]), scale));
+}
+
+// ---- rsq: random-sign Hadamard rotation, fp16 norm, Lloyd-Max levels per coordinate (quant/vq.h rsq_quantize) ---
+// One warp per (row, KV head), the row in shared memory. The butterflies of the Walsh-Hadamard transform are
+// the CPU's (each stage's pairs are independent, so the float results do not depend on who computes them); the
+// two fp64 sums run on lane 0 in channel order; every other step is the CPU's float or fp64 expression.
+struct RsqArgs {
+  const float* in = nullptr;     // [n][kvd]
+  float* out = nullptr;          // [n][kvd]
+  const float* signs = nullptr;  // [kv_heads][d] of +-1 (rsq_signs of this layer and tensor)
+  float levels[16] = {};         // the 2^bits Lloyd-Max levels of N(0, 1), increasing
+  int n_levels = 0;
+  float inv_sqrt_d = 0.f;        // 1.0f / sqrtf(d), computed on the host as the CPU does
+  int n = 0, kv_heads = 0, d = 0, kvd = 0;
+};
+
+constexpr int kRsqThreads = 128;  // 4 warps
+
+__device__ __forceinline__ void warp_fwht(float* y, int d, int lane) {  // unnormalized, as vq.cpp fwht()
+  for (int h = 1; h < d; h <<= 1) {
+    for (int t = lane; t < d / 2; t += 32) {
+      const int i = (t / h) * 2 * h + t % h;
+      const float a = y[i], b = y[i + h];
+      y[i] = __fadd_rn(a, b);
+      y[i + h] = __fsub_rn(a, b);
+    }
+    __syncwarp();
+  }
+}
+
+__global__ void __launch_bounds__(kRsqThreads) rsq_kernel(const RsqArgs p) {
+  extern __shared__ float rsq_rows[];  // [kRsqThreads / 32][d]
+  const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= static_cast<int64_t>(p.n) * p.kv_heads) return;  // warp-uniform
+  const int r = static_cast<int>(warp / p.kv_heads), h = static_cast<int>(warp % p.kv_heads);
+  const int64_t off = static_cast<int64_t>(r) * p.kvd + static_cast<int64_t>(h) * p.d;
+  const float* s = p.signs + static_cast<int64_t>(h) * p.d;
+  float* y = rsq_rows + (threadIdx.x >> 5) * p.d;
+  for (int c = lane; c < p.d; c += 32) y[c] = __fmul_rn(p.in[off + c], s[c]);
+  __syncwarp();
+  warp_fwht(y, p.d, lane);
+  for (int c = lane; c < p.d; c += 32) y[c] = __fmul_rn(y[c], p.inv_sqrt_d);
+  __syncwarp();
+  const double sq = warp_sequential_sum_sq(y, p.d, lane);
+  const float norm = round_fp16(__double2float_rn(sqrt(sq)));  // stored in fp16
+  if (!(sq > 0) || norm == 0.f) {  // warp-uniform (sq is lane 0's)
+    for (int c = lane; c < p.d; c += 32) p.out[off + c] = 0.f;
+    return;
+  }
+  const double scale = sqrt(static_cast<double>(p.d) / sq);
+  for (int c = lane; c < p.d; c += 32) {
+    const float u = __double2float_rn(__dmul_rn(static_cast<double>(y[c]), scale));
+    int q = 0;
+    while (q + 1 < p.n_levels && u > __fmul_rn(0.5f, __fadd_rn(p.levels[q], p.levels[q + 1]))) ++q;  // ties: lower
+    y[c] = p.levels[q];
+  }
+  __syncwarp();
+  const double rq = warp_sequential_sum_sq(y, p.d, lane);
+  const float back = __double2float_rn(static_cast<double>(norm) / sqrt(rq));  // renormalized to the stored norm
+  __syncwarp();  // lane 0 has read y before it changes
+  for (int c = lane; c < p.d; c += 32) y[c] = __fmul_rn(y[c], back);
+  __syncwarp();
+  warp_fwht(y, p.d, lane);
+  for (int c = lane; c < p.d; c += 32) p.out[off + c] = __fmul_rn(__fmul_rn(y[c], p.inv_sqrt_d), s[c]);
+}
+
+// Blocks of `threads` for one warp per item (these kernels do not loop over the grid).
+unsigned warp_blocks(int64_t items, int threads) {
+  const int64_t blocks = (items * 32 + threads - 1) / threads;
+  ANTKV_CHECK(blocks < (int64_t{1} << 31), "GPU KV quantizer: {} rows x heads are too many for one launch", items);
+  return static_cast<unsigned>(blocks);
+}
+
+void launch_rotate(const RotateArgs& p, int kv_heads, cudaStream_t stream) {
+  if (p.n <= 0) return;
+  const dim3 grid((p.n + kRotRows - 1) / kRotRows, kv_heads);
+  rotate_kernel<<<grid, p.d, static_cast<size_t>(kRotRows) * p.d * sizeof(float), stream>>>(p);
+  ANTKV_LAUNCH_CHECK("rotate_kernel");
+}
+
+void launch_gain(const GainArgs& p, cudaStream_t stream) {
+  if (p.n <= 0) return;
+  gain_kernel<<<warp_blocks(static_cast<int64_t>(p.n) * p.kv_heads, kGainThreads), kGainThreads, 0, stream>>>(p);
+  ANTKV_LAUNCH_CHECK("gain_kernel");
+}
+
+void launch_rsq(const RsqArgs& p, cudaStream_t stream) {
+  if (p.n <= 0) return;
+  rsq_kernel<<<warp_blocks(static_cast<int64_t>(p.n) * p.kv_heads, kRsqThreads), kRsqThreads,
+               static_cast<size_t>(kRsqThreads / 32) * p.d * sizeof(float), stream>>>(p);
+  ANTKV_LAUNCH_CHECK("rsq_kernel");
+}
+
 // ---- the quantizer -----------------------------------------------------------------------------------------------
 
 enum class Kind { kFp16, kUniform, kVq };
@@ -280,40 +463,69 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
                   "would let a group run into the next head)",
                   m.text, vgs_, d_);
       R_ = m.window + m.group;  // waiting tokens: an incomplete key group plus the window
-    } else if (m.kind == "vq" || m.kind == "antkv") {
-      kind_ = Kind::kVq;
+    } else if (m.kind == "vq" || m.kind == "antkv" || m.kind == "rsq") {
+      kind_ = Kind::kVq;  // rsq: the same prefill / decode-window flow, another per-row quantizer, no anchors
+      rsq_ = m.kind == "rsq";
       ANTKV_CHECK(!m.correct,
                   "method {}: correct=on (the attention-score correction) is not implemented on the GPU runtime; "
                   "evaluate it with eval.device: cpu",
                   m.text);
-      ANTKV_CHECK(m.gain == "off",
-                  "method {}: gain={} (gain-shape VQ) is not implemented on the GPU runtime; evaluate it with "
-                  "eval.device: cpu",
-                  m.text, m.gain);
       ANTKV_CHECK(m.listed_layers() == 0,
                   "method {}: per-layer widths or anchor ratios (lkbits, lvbits, lratio) are not implemented on the GPU "
                   "runtime; evaluate it with eval.device: cpu",
                   m.text);
-      ANTKV_CHECK(m.rotate == "off",
-                  "method {}: rotate={} (rotated VQ) is not implemented on the GPU runtime; evaluate it with "
-                  "eval.device: cpu",
-                  m.text, m.rotate);
-      validate_codebooks();
-      use_anchors_ = m.anchors && m.ratio > 0;
-      if (use_anchors_) score_kind_ = parse_anchor_score_kind(m.score);
       ANTKV_CHECK(m.key_rope == "post" || m.key_rope == "pre", "method {}: key_rope is post or pre", m.text);
       pre_ = m.key_rope == "pre";
       R_ = W_ + 1;
-      kcent_.resize(L), vcent_.resize(L);
-      for (int l = 0; l < L; ++l) {
-        upload(kcent_[l], cb_->keys[l].centroids);
-        upload(vcent_[l], cb_->values[l].centroids);
+      if (rsq_) {
+        // fwht needs a power of 2; one warp's row lives in shared memory
+        ANTKV_CHECK(m.bits >= 1 && m.bits <= 4, "method {}: rsq bits must be in [1, 4]", m.text);
+        ANTKV_CHECK(d_ >= 2 && d_ <= 1024 && (d_ & (d_ - 1)) == 0,
+                    "method {}: rsq needs a power-of-2 head_dim in [2, 1024], the model has {}", m.text, d_);
+        const std::vector<float>& lv = lloyd_max_gaussian(m.bits);
+        std::copy(lv.begin(), lv.end(), rsq_levels_.begin());
+        rsq_signs_.resize(L);
+        for (int l = 0; l < L; ++l) {  // [2 (keys, values)][KV][d], the CPU's fixed signs
+          std::vector<float> s;
+          for (int side = 0; side < 2; ++side)
+            for (int h = 0; h < KV_; ++h) {
+              const std::vector<float> sh = rsq_signs(d_, l, side, h);
+              s.insert(s.end(), sh.begin(), sh.end());
+            }
+          upload(rsq_signs_[l], s);
+        }
+      } else {
+        rotate_ = m.rotate == "pca";
+        ANTKV_CHECK(m.rotate == "off" || rotate_, "method {}: rotate is off or pca", m.text);
+        // rotate_kernel: one thread per output channel, kRotRows rows of the head in shared memory
+        ANTKV_CHECK(!rotate_ || d_ <= 512,
+                    "method {}: rotate=pca supports head_dim up to 512 on the GPU, the model has {}", m.text, d_);
+        validate_codebooks();
+        use_anchors_ = m.anchors && m.ratio > 0;
+        if (use_anchors_) score_kind_ = parse_anchor_score_kind(m.score);
+        kcent_.resize(L), vcent_.resize(L);
+        for (int l = 0; l < L; ++l) {
+          upload(kcent_[l], cb_->keys[l].centroids);
+          upload(vcent_[l], cb_->values[l].centroids);
+        }
+        if (rotate_)
+          for (int side = 0; side < 2; ++side) {
+            rot_[side].resize(L), rot_t_[side].resize(L), mean_[side].resize(L);
+            for (int l = 0; l < L; ++l) {
+              const LayerCodebooks& lc = side ? cb_->values[l] : cb_->keys[l];
+              upload(rot_[side][l], lc.rotation);
+              upload(mean_[side][l], lc.mean);
+              std::vector<float> t(lc.rotation.size());  // R^T per head: the forward pass reads columns of it
+              for (int h = 0; h < KV_; ++h)
+                for (int i = 0; i < d_; ++i)
+                  for (int j = 0; j < d_; ++j)
+                    t[(static_cast<size_t>(h) * d_ + j) * d_ + i] = lc.rotation[(static_cast<size_t>(h) * d_ + i) * d_ + j];
+              upload(rot_t_[side][l], t);
+            }
+          }
       }
-    } else if (m.kind == "rsq") {
-      fail("method {}: rsq (rotated scalar quantization) is not implemented on the GPU runtime; evaluate it with "
-           "eval.device: cpu", m.text);
     } else {
-      fail("method {}: unknown kind \"{}\" (fp16, uniform, vq or antkv)", m.text, m.kind);
+      fail("method {}: unknown kind \"{}\" (fp16, uniform, vq, antkv or rsq)", m.text, m.kind);
     }
     if (R_ > 0) {
       ring_.resize(L);
@@ -385,6 +597,10 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
                 "method {}: codebooks are keys c{}b{} / values c{}b{}, the method needs c{}b{} / c{}b{}", m.text, cm.key_c,
                 cm.key_b, cm.value_c, cm.value_b, m.keys.c, m.keys.b, m.values.c, m.values.b);
     ANTKV_CHECK(cm.key_rope == m.key_rope, "method {}: codebooks are for {}-RoPE keys", m.text, cm.key_rope);
+    ANTKV_CHECK(cm.gain == m.gain, "method {}: codebooks are for gain={} (unit-vector training), the method needs gain={}",
+                m.text, cm.gain, m.gain);
+    ANTKV_CHECK(cm.rotate == m.rotate, "method {}: codebooks are for rotate={}, the method needs rotate={}", m.text,
+                cm.rotate, m.rotate);
     ANTKV_CHECK(cm.num_layers == cfg_.num_layers && cm.num_kv_heads == cfg_.num_kv_heads && cm.head_dim == cfg_.head_dim,
                 "method {}: codebook shapes do not match the model (codebooks: {} layers, {} KV heads, head_dim {}; "
                 "model: {}, {}, {})",
@@ -410,6 +626,14 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
         ANTKV_CHECK(lc.error_norm.empty() || static_cast<int>(lc.error_norm.size()) == KV_,
                     "method {}: layer {} {} error_norm holds {} values, expected {} (one per KV head)", m.text, l,
                     kv ? "value" : "key", lc.error_norm.size(), KV_);
+        if (m.rotate == "pca") {
+          const size_t dd = static_cast<size_t>(d_);
+          ANTKV_CHECK(lc.rotation.size() == KV_ * dd * dd && lc.mean.size() == KV_ * dd,
+                      "method {}: layer {} {} rotation / mean hold {} / {} floats, expected {} / {} ([kv_heads {}, d {}, "
+                      "d] / [kv_heads, d])",
+                      m.text, l, kv ? "value" : "key", lc.rotation.size(), lc.mean.size(), KV_ * dd * dd, KV_ * dd, KV_,
+                      d_);
+        }
       }
   }
 
@@ -501,6 +725,61 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     v_upto = std::max(v_upto, quantizable);
   }
 
+  // One tensor (side 0 keys, 1 values) of n rows, as QuantizedKvCache::quantize_rows' quantize_head for every
+  // KV head: x' = R (x - mean) (rotate=pca), fp16 norm and unit direction (gain), nearest centroids, renormalized,
+  // rotated back. src, out: [n][kvd] (src is left as it is: it also holds the anchors' exact values).
+  void quantize_tensor(int l, int side, const float* src, float* out, int n, cudaStream_t stream) {
+    const VqConfig& q = side ? m_.values : m_.keys;
+    const bool gain = side ? m_.gain_values() : m_.gain_keys();
+    VqArgs a;
+    a.n = n, a.d = d_, a.kvd = kvd_;
+    a.x = src;
+    a.cents = (side ? vcent_ : kcent_)[l].get();
+    a.out = out;
+    a.groups = d_ / q.c;
+    a.k = 1 << q.b;
+    if (gain || rotate_) {
+      unit_.ensure(static_cast<size_t>(n) * kvd_);
+      a.x = unit_.get();
+    }
+    RotateArgs ra;
+    ra.n = n, ra.d = d_, ra.kvd = kvd_;
+    if (rotate_) {
+      ra.mean = mean_[side][l].get();
+      ra.in = src, ra.out = unit_.get(), ra.mat = rot_t_[side][l].get(), ra.inverse = false;
+      launch_rotate(ra, KV_, stream);
+    }
+    GainArgs ga;
+    ga.n = n, ga.kv_heads = KV_, ga.d = d_, ga.kvd = kvd_;
+    if (gain) {
+      norms_.ensure(static_cast<size_t>(n) * KV_);
+      ga.norms = norms_.get();
+      ga.in = rotate_ ? unit_.get() : src, ga.out = unit_.get(), ga.restore = false;
+      launch_gain(ga, stream);
+    }
+    launch_vq(a, KV_, q.c, stream);
+    if (gain) {
+      ga.in = out, ga.out = out, ga.restore = true;
+      launch_gain(ga, stream);
+    }
+    if (rotate_) {
+      ra.in = out, ra.out = out, ra.mat = rot_[side][l].get(), ra.inverse = true;
+      launch_rotate(ra, KV_, stream);
+    }
+  }
+
+  // rsq of one tensor's n rows: src, out [n][kvd].
+  void rsq_tensor(int l, int side, const float* src, float* out, int n, cudaStream_t stream) {
+    RsqArgs a;
+    a.in = src, a.out = out;
+    a.signs = rsq_signs_[l].get() + static_cast<size_t>(side) * kvd_;
+    std::copy(rsq_levels_.begin(), rsq_levels_.end(), a.levels);
+    a.n_levels = 1 << m_.bits;
+    a.inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(d_));  // as rsq_quantize
+    a.n = n, a.kv_heads = KV_, a.d = d_, a.kvd = kvd_;
+    launch_rsq(a, stream);
+  }
+
   // Quantizes work rows [first, first + n) (positions first..) into the arena; keep: device [n][KV] or null.
   void quantize_rows(const GpuKvLayerChunk& c, int first, int n, const uint8_t* keep, cudaStream_t stream) {
     if (n <= 0) return;
@@ -508,20 +787,13 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     tmp_.ensure(static_cast<size_t>(2) * n * kvd_);
     float* tk = tmp_.get();
     float* tv = tmp_.get() + static_cast<size_t>(n) * kvd_;
-    VqArgs a;
-    a.n = n, a.d = d_, a.kvd = kvd_;
-    a.x = work(pre_ ? 0 : 1, first);
-    a.cents = kcent_[l].get();
-    a.out = tk;
-    a.groups = d_ / m_.keys.c;
-    a.k = 1 << m_.keys.b;
-    launch_vq(a, KV_, m_.keys.c, stream);
-    a.x = work(2, first);
-    a.cents = vcent_[l].get();
-    a.out = tv;
-    a.groups = d_ / m_.values.c;
-    a.k = 1 << m_.values.b;
-    launch_vq(a, KV_, m_.values.c, stream);
+    if (rsq_) {
+      rsq_tensor(l, 0, work(pre_ ? 0 : 1, first), tk, n, stream);
+      rsq_tensor(l, 1, work(2, first), tv, n, stream);
+    } else {
+      quantize_tensor(l, 0, work(pre_ ? 0 : 1, first), tk, n, stream);
+      quantize_tensor(l, 1, work(2, first), tv, n, stream);
+    }
     if (pre_) {  // rotate the dequantized pre-RoPE keys to their positions
       pos_.ensure(n);
       iota_kernel<<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(pos_.get(), n, first);
@@ -645,6 +917,7 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
   int vgs_ = 0;                 // uniform: value group size
   int R_ = 0;                   // ring rows per layer (0: no ring)
   bool use_anchors_ = false, pre_ = false;
+  bool rsq_ = false, rotate_ = false;
   AnchorScoreKind score_kind_ = AnchorScoreKind::kErrorBound;
 
   std::vector<int> len_, k_upto_, v_upto_;  // vq uses k_upto_ as its `upto`
@@ -652,8 +925,13 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
   std::vector<std::vector<float>> score_;   // per layer [tokens seen, KV]: the prefill chunks' combined scores
   std::vector<DeviceBuffer<float>> ring_;   // per layer [3][R][kvd]: fp16 copies of waiting tokens
   std::vector<DeviceBuffer<float>> kcent_, vcent_;
+  // rotate=pca, [side 0 keys / 1 values][layer]: R and R^T [KV][d][d], mean [KV][d] (the codebooks' fp16-rounded ones)
+  std::vector<DeviceBuffer<float>> rot_[2], rot_t_[2], mean_[2];
+  std::vector<DeviceBuffer<float>> rsq_signs_;  // rsq, per layer [2][KV][d]
+  std::array<float, 16> rsq_levels_{};          // rsq: lloyd_max_gaussian(bits), padded
 
   DeviceBuffer<float> work_, tmp_;
+  DeviceBuffer<float> unit_, norms_;  // gain/rotate: [n][kvd] transformed rows, [n][KV] fp16 norms
   int work_rows_ = 0, work_lo_ = 0;
   DeviceBuffer<float> sk_, sv_;
   DeviceBuffer<uint8_t> keep_d_;

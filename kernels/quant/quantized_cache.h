@@ -21,6 +21,17 @@
 //            an anchor; else the plain top ceil(ratio * n), as QuantizedKvCache does).
 //   key_rope: pre   the fp16 pre-RoPE keys are quantized with the pre-RoPE codebooks, dequantized and rotated to
 //            their positions (the runtime's RoPE kernel and inv_freq); anchors keep their post-RoPE keys.
+//   gain=k|kv  (vq/antkv) gain-shape VQ of keys (and values): per token and KV head the fp16 L2 norm and the
+//            nearest centroids of the unit direction, renormalized to the stored norm (quant/vq.h gain_normalize /
+//            gain_restore; gain_kernel).
+//   rotate=pca (vq/antkv) coded in the codebooks' centered basis: x' = R (x - mean) before the above, mean + R^T x'
+//            after (rotate_forward / rotate_inverse; rotate_kernel, a batched d x d product per row and head).
+//            Combines with gain (the norm of R (x - mean)), key_rope=pre and anchors (which keep exact values).
+//            Norms and d x d products are summed in fp64 in the CPU's order (a float product is exact in fp64),
+//            so the results are the CPU's floats bit for bit before the bf16 store.
+//   rsq      training-free: random-sign Hadamard rotation, fp16 norm, Lloyd-Max levels of N(0, 1) per coordinate,
+//            renormalized and rotated back (quant/vq.h rsq_quantize; rsq_kernel), bits 1-4, no anchors; same
+//            prefill / decode-window flow as vq; key_rope=pre quantizes the pre-RoPE keys.
 // Inputs of quantization are the fp16-rounded K/V (the CPU cache quantizes its fp16 copies too); anchor scores
 // use the unrounded fp32 q/k/v, as on the CPU.
 // Decode (one-token forwards), as QuantizedKvCache: vq/antkv tokens stay FP16 while among the newest
@@ -31,7 +42,9 @@
 // per-layer ring (window + group or decode_window + 1 tokens), so nothing is re-read from the bf16 arena.
 // A prefill chunk (n > 1) after decode steps quantizes only its own tokens (the waiting ones stay FP16), as on
 // the CPU. GpuRuntime::decode_batch() does not support a quantizer (it throws when one is set), and neither
-// does the option correct=on (the CPU attention's score correction; an error naming the method).
+// do the option correct=on (the CPU attention's score correction) and per-layer widths or ratios (lkbits, lvbits,
+// lratio): errors naming the method. The compressed (real) cache refuses gain=, rotate= and rsq (real_cache in
+// gpu_method_runtime_factory keeps rsq simulated, as fp16 and uniform).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -84,15 +97,15 @@ class GpuKvQuantizer {
 };
 
 // The quantizer of `method`; codebooks are required for vq/antkv and validated like QuantizedKvCache's (model
-// hash, c/b, key_rope, layer/head counts) plus every layer's centroid and error_norm array sizes; errors
-// name the method. Codebooks are uploaded to the current CUDA device here.
+// hash, c/b, key_rope, gain, rotate, layer/head counts) plus every layer's centroid, error_norm and (rotate=pca)
+// rotation and mean array sizes; errors name the method. rsq needs none. Codebooks are uploaded to the current CUDA device here.
 std::unique_ptr<GpuKvQuantizer> make_gpu_kv_quantizer(const ModelConfig& cfg, const MethodSpec& method,
                                                       std::shared_ptr<const CodebookSet> codebooks,
                                                       int decode_window = 128);
 
 // GpuRuntimes (weights from ckpt, which must outlive the factory's runtimes) with the method's quantizer.
 // real_cache: vq/antkv runtimes keep the compressed cache (kernels/quant/compressed_cache.h; their quantizer
-// still chooses the prefill's anchors and simulates the prefill's own attention); fp16/uniform stay simulated.
+// still chooses the prefill's anchors and simulates the prefill's own attention); fp16/uniform/rsq stay simulated.
 MethodRuntimeFactory gpu_method_runtime_factory(const Checkpoint& ckpt, const GpuRuntimeOptions& opt = {},
                                                 bool real_cache = false);
 
