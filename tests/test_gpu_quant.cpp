@@ -845,6 +845,103 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
   }
 }
 
+// Decode-time anchors (design note §2) on random inputs, against the CPU reference cache step by step: head_dim
+// 64 and 128 (the running-score kernel's closed set, quant_decode's), 3 query heads per KV head, window 16, ratio 0.05, a
+// 37-token prefill and 110 decode steps (the budget grows from 2 to 8 per head; the rest are swaps). Both caches
+// see the same fp32 K/V and the same bf16-representable queries; the GPU's running scores come from its own
+// attention (lookup-table scores, bf16 output, fp32 sums) and the CPU's from double sums over its dequantized
+// cache, so near-ties may decide differently: anchors must agree on >= 90% of (layer, head, token) entries and
+// the scores of common anchors within 2% (measured: see the WARN line).
+TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follow QuantizedKvCache (head_dim 64 and 128)", "[gpu][quant]") {
+  SKIP_WITHOUT_GPU();
+  for (const int d : {64, 128}) {
+    INFO("head_dim " << d);
+    ModelConfig cfg = synthetic_config();
+    cfg.head_dim = d, cfg.num_heads = 6, cfg.num_kv_heads = 2;
+    const int H = cfg.num_heads, KV = cfg.num_kv_heads, kvd = cfg.kv_dim(), P = 37, steps = 110, W = 16;
+    const int T = P + steps;
+    const MethodSpec m = method("antkv:bits=1,ratio=0.05");
+    auto cb = make_codebooks(cfg, m, synthetic_acts(cfg, 400, 21), 5);
+    auto acts = synthetic_acts(cfg, T, 22);
+    for (auto& a : acts)
+      for (auto& x : a.q) x = __bfloat162float(__float2bfloat16_rn(x));  // the GPU reads bf16 queries
+    QuantizedKvCache cpu(cfg, m, cb, W);
+    GpuCompressedKvCache gpu(cfg, m, *cb, 1, T, W);
+    gpu.poison();
+    cudaStream_t stream;
+    ANTKV_CUDA_CHECK(cudaStreamCreate(&stream));
+    struct Dev {
+      DeviceBuffer<float> k, v, kpre;
+      DeviceBuffer<bf16> q;
+    };
+    std::vector<Dev> dev(cfg.num_layers);
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      dev[l].k.resize(acts[l].k_post.size()), dev[l].v.resize(acts[l].v.size()), dev[l].kpre.resize(acts[l].k_pre.size());
+      ANTKV_CUDA_CHECK(cudaMemcpy(dev[l].k.get(), acts[l].k_post.data(), acts[l].k_post.size() * 4, cudaMemcpyHostToDevice));
+      ANTKV_CUDA_CHECK(cudaMemcpy(dev[l].v.get(), acts[l].v.data(), acts[l].v.size() * 4, cudaMemcpyHostToDevice));
+      ANTKV_CUDA_CHECK(cudaMemcpy(dev[l].kpre.get(), acts[l].k_pre.data(), acts[l].k_pre.size() * 4, cudaMemcpyHostToDevice));
+      std::vector<bf16> qb(acts[l].q.size());
+      for (size_t i = 0; i < qb.size(); ++i) qb[i] = __float2bfloat16_rn(acts[l].q[i]);
+      dev[l].q.resize(qb.size());
+      ANTKV_CUDA_CHECK(cudaMemcpy(dev[l].q.get(), qb.data(), qb.size() * sizeof(bf16), cudaMemcpyHostToDevice));
+    }
+    DeviceBuffer<bf16> out(static_cast<size_t>(H) * d);
+    // prefill: the CPU cache picks the anchors; the GPU takes its flags and scores
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      cpu.append(KvAppend{l, P, 0, acts[l].k_pre.data(), acts[l].k_post.data(), acts[l].v.data(), acts[l].q.data()});
+      const std::vector<float> score(cpu.running_scores(l).begin(), cpu.running_scores(l).end());
+      gpu.write_prefill(l, 0, P, dev[l].k.get(), kvd, dev[l].v.get(), kvd, dev[l].kpre.get(), kvd, cpu.anchor_flags(l).data(),
+                        score.data(), stream);
+    }
+    gpu.commit_prefill(0, P);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    for (int t = P; t < T; ++t) {
+      gpu.plan_step(1, stream);
+      const cuda::QuantDecodePlan plan = gpu.plan(1, H);
+      for (int l = 0; l < cfg.num_layers; ++l) {
+        const size_t r = static_cast<size_t>(t) * kvd;
+        cpu.append(KvAppend{l, 1, t, acts[l].k_pre.data() + r, acts[l].k_post.data() + r, acts[l].v.data() + r,
+                            acts[l].q.data() + static_cast<size_t>(t) * H * d});
+        gpu.append(l, 1, dev[l].k.get() + r, dev[l].v.get() + r, kvd, dev[l].kpre.get() + r, stream);
+        gpu.attend(l, 1, H, dev[l].q.get() + static_cast<size_t>(t) * H * d, out.get(), plan, scale, stream);
+      }
+      ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+    }
+    int same = 0, total = 0, scored = 0;
+    double worst_score = 0;
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      const auto pos = gpu.anchor_positions(l, 0);
+      const auto sc = gpu.anchor_running_scores(l, 0);
+      const int A = gpu.state(0).n_anchor;
+      REQUIRE(A == static_cast<int>(std::ceil(0.05 * T)));
+      REQUIRE(pos.size() == static_cast<size_t>(KV) * A);
+      for (int h = 0; h < KV; ++h) {
+        int cpu_count = 0;
+        for (int x = 0; x < T; ++x) cpu_count += cpu.anchor_flags(l)[static_cast<size_t>(x) * KV + h];
+        CHECK(cpu_count == A);
+        for (int a = 0; a < A; ++a) {
+          const int x = pos[static_cast<size_t>(h) * A + a];
+          REQUIRE(x >= 0);
+          REQUIRE(x < T - W);
+          ++total;
+          if (!cpu.anchor_flags(l)[static_cast<size_t>(x) * KV + h]) continue;
+          ++same;
+          const double want = cpu.running_scores(l)[static_cast<size_t>(x) * KV + h];
+          const double got = sc[static_cast<size_t>(h) * A + a];
+          REQUIRE(std::isfinite(got));
+          worst_score = std::max(worst_score, std::fabs(got - want) / std::max(1e-6, std::fabs(want)));
+          ++scored;
+        }
+      }
+    }
+    ANTKV_CUDA_CHECK(cudaStreamDestroy(stream));
+    WARN(fmt::format("head_dim {}: {} of {} GPU anchors are CPU anchors; running scores of those within {:.2e} relative",
+                     d, same, total, worst_score));
+    CHECK(same >= 0.9 * total);
+    CHECK(worst_score <= 2e-2);
+  }
+}
+
 TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are errors naming the problem", "[gpu][quant]") {
   SKIP_WITHOUT_GPU();
   const ModelConfig cfg = synthetic_config();

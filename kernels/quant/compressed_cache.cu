@@ -215,13 +215,11 @@ __global__ void __launch_bounds__(128) window_append_kernel(const WindowAppendAr
 }
 
 // The running anchor scores after one decode step's attention (design note §2): block (b, h, chunk) covers 64
-// tracked tokens j (the anchors, then the window ring's valid slots), a warp 8 of them, lanes over channels
-// (the token's K/V read once into registers, then every query head). For each of the G query heads g of KV
+// tracked tokens j (the anchors, then the window ring's valid slots). For each of the G query heads g of KV
 // head h: A = exp(q.k_j * scale - lse_g), S_V += A, S_K += A |q_g| |v_j - o_g| * scale; the score grows by
 // e_K S_K + e_V S_V (coef). As QuantizedKvCache::add_attention_row, from the attention actually run. The
 // chunks spread the ~1% anchors over many blocks: one block per (b, h) was latency-bound (8x the attention).
 constexpr int kScoreTokensPerBlock = 64;
-constexpr int kScoreMaxDim = 256;  // head_dim <= 256: a lane holds head_dim / 32 channels
 struct RunningScoreArgs {
   const bf16* q = nullptr;        // [B, H, d] post-RoPE queries of this step
   const bf16* o = nullptr;        // [B, H, d] this step's attention output
@@ -239,65 +237,88 @@ struct RunningScoreArgs {
   float scale = 0.f;
 };
 
+// head_dim D in {64, 128} (closed set: quant_decode's): D / 8 lanes per token, each holding 8 channels of K and of V (one
+// 16-byte load each), 32 / (D / 8) tokens per warp at a time, every token of the warp's share loaded before the
+// sums (bytes in flight: a warp per token with 2-byte loads reached ~20% of the copy bandwidth).
+template <int D>
 __global__ void __launch_bounds__(256) running_score_kernel(const RunningScoreArgs p) {
-  extern __shared__ float smem[];  // q [G][d] | o [G][d] | |q| [G] | lse [G]
-  const int b = blockIdx.x, h = blockIdx.y, G = p.H / p.KV, d = p.d;
+  constexpr int LPT = D / 8, TPW = 32 / LPT, ITERS = kScoreTokensPerBlock / (8 * TPW);
+  extern __shared__ float smem[];  // q [G][D] | o [G][D] | |q| [G] | lse [G]
+  const int b = blockIdx.x, h = blockIdx.y, G = p.H / p.KV;
   const int na = p.n_anchor[b], nw = p.n_window[b];
   const int j0 = blockIdx.z * kScoreTokensPerBlock;
-  if (j0 >= na + nw) return;  // the whole block: no token of this sequence in its chunk
+  if (j0 >= na + nw) return;
   float* sq = smem;
-  float* so = smem + G * d;
-  float* sqn = so + G * d;
+  float* so = smem + G * D;
+  float* sqn = so + G * D;
   float* slse = sqn + G;
   const int64_t head0 = static_cast<int64_t>(b) * p.H + static_cast<int64_t>(h) * G;
-  for (int i = threadIdx.x; i < G * d; i += blockDim.x) {
-    sq[i] = __bfloat162float(p.q[head0 * d + i]);
-    so[i] = __bfloat162float(p.o[head0 * d + i]);
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    sq[i] = __bfloat162float(p.q[head0 * D + i]);
+    so[i] = __bfloat162float(p.o[head0 * D + i]);
   }
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
-  for (int g = warp; g < G; g += n_warps) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int g = warp; g < G; g += 8) {
     float s = 0;
-    for (int c = lane; c < d; c += 32) s += sq[g * d + c] * sq[g * d + c];
+    for (int c = lane; c < D; c += 32) s += sq[g * D + c] * sq[g * D + c];
     for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
     if (lane == 0) sqn[g] = sqrtf(s), slse[g] = p.lse[head0 + g];
   }
   __syncthreads();
   const float ck = p.coef[2 * h], cv = p.coef[2 * h + 1];
   const int64_t abase = (static_cast<int64_t>(b) * p.KV + h) * p.acap, wbase = (static_cast<int64_t>(b) * p.KV + h) * p.W;
-  const int j_end = min(na + nw, j0 + kScoreTokensPerBlock);
-  for (int j = j0 + warp; j < j_end; j += n_warps) {
-    const bool anchor = j < na;
-    const int64_t row = anchor ? abase + j : wbase + (j - na);
-    const __half* k = (anchor ? p.ak : p.wk) + row * d;
-    const __half* v = (anchor ? p.av : p.wv) + row * d;
-    float kr[kScoreMaxDim / 32], vr[kScoreMaxDim / 32];
+  const int n = na + nw, sub = lane / LPT, c0 = (lane % LPT) * 8;
+  uint4 kr[ITERS], vr[ITERS];
+  int64_t rows[ITERS];
 #pragma unroll
-    for (int i = 0; i < kScoreMaxDim / 32; ++i) {
-      const int c = lane + 32 * i;
-      kr[i] = c < d ? __half2float(k[c]) : 0.f;
-      vr[i] = c < d ? __half2float(v[c]) : 0.f;
+  for (int it = 0; it < ITERS; ++it) {  // token j0 + (it * 8 + warp) * TPW + sub
+    const int j = j0 + (it * 8 + warp) * TPW + sub;
+    rows[it] = -1;
+    kr[it] = vr[it] = make_uint4(0, 0, 0, 0);
+    if (j < n) {
+      const bool anchor = j < na;
+      rows[it] = anchor ? abase + j : wbase + (j - na);
+      kr[it] = *reinterpret_cast<const uint4*>((anchor ? p.ak : p.wk) + rows[it] * D + c0);
+      vr[it] = *reinterpret_cast<const uint4*>((anchor ? p.av : p.wv) + rows[it] * D + c0);
     }
-    float add = 0;
-    for (int g = 0; g < G; ++g) {
+  }
+  // per query head: its 8 channels of q and o from shared memory once (16-byte loads), then every token held
+  float add[ITERS];
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) add[it] = 0.f;
+  for (int g = 0; g < G; ++g) {
+    float qf[8], of[8];
+    *reinterpret_cast<float4*>(qf) = *reinterpret_cast<const float4*>(sq + g * D + c0);
+    *reinterpret_cast<float4*>(qf + 4) = *reinterpret_cast<const float4*>(sq + g * D + c0 + 4);
+    *reinterpret_cast<float4*>(of) = *reinterpret_cast<const float4*>(so + g * D + c0);
+    *reinterpret_cast<float4*>(of + 4) = *reinterpret_cast<const float4*>(so + g * D + c0 + 4);
+    const float qn = sqn[g], lse = slse[g];
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const __half2* kh = reinterpret_cast<const __half2*>(&kr[it]);
+      const __half2* vh = reinterpret_cast<const __half2*>(&vr[it]);
       float dot = 0, dist = 0;
 #pragma unroll
-      for (int i = 0; i < kScoreMaxDim / 32; ++i) {
-        const int c = lane + 32 * i;
-        if (c < d) {
-          const float vc = vr[i] - so[g * d + c];
-          dot += sq[g * d + c] * kr[i];
-          dist += vc * vc;
-        }
+      for (int i = 0; i < 4; ++i) {
+        const float2 kk = __half22float2(kh[i]), vv = __half22float2(vh[i]);
+        const float v0 = vv.x - of[2 * i], v1 = vv.y - of[2 * i + 1];
+        dot += qf[2 * i] * kk.x + qf[2 * i + 1] * kk.y;
+        dist += v0 * v0 + v1 * v1;
       }
-      for (int off = 16; off > 0; off /= 2) {
+#pragma unroll
+      for (int off = LPT / 2; off > 0; off /= 2) {  // within the token's LPT lanes
         dot += __shfl_xor_sync(0xffffffffu, dot, off);
         dist += __shfl_xor_sync(0xffffffffu, dist, off);
       }
-      const float a = __expf(dot * p.scale - slse[g]);
-      add += ck * a * sqn[g] * sqrtf(dist) * p.scale + cv * a;
+      const float a = __expf(dot * p.scale - lse);
+      add[it] += ck * a * qn * sqrtf(dist) * p.scale + cv * a;
     }
-    if (lane == 0) (anchor ? p.ascore : p.wscore)[row] += add;
+  }
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int j = j0 + (it * 8 + warp) * TPW + sub;
+    if (j < n && lane % LPT == 0) (j < na ? p.ascore : p.wscore)[rows[it]] += add[it];
   }
 }
 
@@ -428,8 +449,9 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   window_ = window;
   ratio_ = ratio;
   promote_ = promote && ratio > 0;
-  ANTKV_CHECK(!promote_ || cfg.head_dim <= kScoreMaxDim, "compressed cache: decode-time anchors support head_dim <= {}, "
-              "the model has {} (promote=off runs without them)", kScoreMaxDim, cfg.head_dim);
+  ANTKV_CHECK(!promote_ || cfg.head_dim == 64 || cfg.head_dim == 128,
+              "compressed cache: decode-time anchors support head_dim 64 or 128, the model has {} (the method "
+              "option promote=off runs without them)", cfg.head_dim);
   // a prefill of up to `capacity` tokens keeps ceil(ratio * T) anchors (the first token among them)
   anchor_cap_ = ratio > 0 ? static_cast<int>(std::min<double>(capacity, std::ceil(ratio * capacity) + 1)) : 0;
   const size_t BK = static_cast<size_t>(max_batch) * n_kv_;
@@ -779,7 +801,11 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   const int G = n_heads / n_kv_;
   const size_t smem = (static_cast<size_t>(2) * G * d_ + 2 * G) * sizeof(float);
   const int chunks = (anchor_cap_ + window_ + kScoreTokensPerBlock - 1) / kScoreTokensPerBlock;
-  running_score_kernel<<<dim3(B, n_kv_, chunks), 256, smem, stream>>>(r);
+  const dim3 grid(B, n_kv_, chunks);
+  switch (d_) {  // kScoreDims (checked in allocate)
+    case 64: running_score_kernel<64><<<grid, 256, smem, stream>>>(r); break;
+    default: running_score_kernel<128><<<grid, 256, smem, stream>>>(r); break;
+  }
   ANTKV_LAUNCH_CHECK("running_score_kernel");
 }
 
@@ -815,6 +841,18 @@ std::vector<int32_t> GpuCompressedKvCache::anchor_positions(int layer, int seq) 
     ANTKV_CUDA_CHECK(cudaMemcpy(out.data() + static_cast<size_t>(h) * A,
                                 layers_[layer]->anchor_pos.get() + (static_cast<size_t>(seq) * n_kv_ + h) * anchor_cap_,
                                 A * sizeof(int32_t), cudaMemcpyDeviceToHost));
+  return out;
+}
+
+std::vector<float> GpuCompressedKvCache::anchor_running_scores(int layer, int seq) const {
+  ANTKV_CHECK(promote_ && layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_,
+              "anchor_running_scores: no decode-time anchors, or layer {} / sequence {} out of range", layer, seq);
+  const int A = seqs_[seq].n_anchor;
+  std::vector<float> out(static_cast<size_t>(n_kv_) * A);
+  for (int h = 0; h < n_kv_ && A > 0; ++h)
+    ANTKV_CUDA_CHECK(cudaMemcpy(out.data() + static_cast<size_t>(h) * A,
+                                layers_[layer]->anchor_score.get() + (static_cast<size_t>(seq) * n_kv_ + h) * anchor_cap_,
+                                A * sizeof(float), cudaMemcpyDeviceToHost));
   return out;
 }
 

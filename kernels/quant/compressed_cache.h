@@ -124,6 +124,8 @@ class GpuCompressedKvCache {
   void set_synthetic_lengths(const std::vector<int>& lens);
   // Tests: the positions of sequence seq's anchors in layer `layer`, [kv_heads][n_anchor] (slot order; synchronous).
   std::vector<int32_t> anchor_positions(int layer, int seq) const;
+  // Tests: their running scores (promotes()), the same layout.
+  std::vector<float> anchor_running_scores(int layer, int seq) const;
   // Tests: every FP16 slot NaN and every code byte 0xFF, so that a read past the counts shows.
   void poison();
 
