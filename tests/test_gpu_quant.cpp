@@ -760,9 +760,11 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
   const int P = 100;
   // promote=off: the simulated cache has no decode-time anchors; with them (the last two) only the prefill is
   // compared with it, and decode_batch with forward (the anchors against the CPU cache: the test above)
+  // 2 and 4 bits (c4b8, c2b8) decode through the dequantize-dot kernel
   for (const std::string text : {"vq:bits=1", "antkv:bits=1,ratio=0.05,promote=off", "vq:bits=0.5",
                                  "antkv:bits=1,ratio=0.05,key_rope=pre,promote=off", "antkv:bits=1,ratio=0.05",
-                                 "antkv:bits=1,ratio=0.05,key_rope=pre"}) {
+                                 "antkv:bits=1,ratio=0.05,key_rope=pre", "vq:bits=2",
+                                 "antkv:bits=4,ratio=0.05,key_rope=pre,promote=off"}) {
     SECTION(text) {
       const MethodSpec m = method(text);
       auto cb = make_codebooks(cfg, m, mod.calib, 7);
@@ -963,8 +965,8 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
                     Catch::Contains("are not supported by the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("vq:bits=1,gain=kv"), *cb, 1, 64, 8),
                     Catch::Contains("are not supported by the compressed cache"));
-  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=2"), *make_codebooks(cfg, method("antkv:bits=2"), acts, 1), 1, 64, 8),
-                    Catch::Contains("c4b8 is not one of the compressed cache's configurations"));
+  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1.5"), *make_codebooks(cfg, method("antkv:bits=1.5"), acts, 1), 1, 64, 8),
+                    Catch::Contains("c8b12 is not one of the compressed cache's configurations"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=0.5"), *cb, 1, 64, 8),
                     Catch::Contains("do not fit the method and model"));
   // a second prefill chunk into a sequence that holds tokens

@@ -40,7 +40,7 @@ using antkv::cuda::VqConfig;
 
 namespace {
 
-const VqConfig kAllConfigs[] = {VqConfig::kC8B8, VqConfig::kC16B12, VqConfig::kC16B8, VqConfig::kC16B6};
+const auto& kAllConfigs = antkv::cuda::kVqConfigs;
 
 }  // namespace
 
@@ -100,7 +100,7 @@ TEST_CASE("quant: pack/unpack of b-bit codes round-trips with the swizzled group
   antkv::cuda::pack_codes(c6.data(), 1, 3, 128, VqConfig::kC16B6, r6.data());
   CHECK((r6[0] & 63) == 4);
   CHECK_THROWS_WITH(antkv::cuda::check_vq_shape(96, VqConfig::kC8B8), Catch::Contains("head_dim 96 is not supported"));
-  CHECK_THROWS_WITH(antkv::cuda::parse_vq_config("c4b8"), Catch::Contains("unknown VQ configuration 'c4b8'"));
+  CHECK_THROWS_WITH(antkv::cuda::parse_vq_config("c8b12"), Catch::Contains("unknown VQ configuration 'c8b12'"));
   CHECK(antkv::cuda::parse_vq_config("c16b12") == VqConfig::kC16B12);
 }
 
@@ -396,7 +396,7 @@ TEST_CASE("GPU quant decode: pre-RoPE keys (dequantize, rotate at code_pos, dot)
 // shorter stream can get more splits than a longer one (the split length is rounded up to whole tiles).
 TEST_CASE("GPU quant decode: quant_decode_max_splits bounds every plan", "[gpu][quant]") {
   SKIP_WITHOUT_GPU();
-  for (const auto cfg : {VqConfig::kC8B8, VqConfig::kC16B8})
+  for (const auto cfg : {VqConfig::kC8B8, VqConfig::kC16B8, VqConfig::kC2B8})
     for (int B : {1, 2, 3, 7, 16, 64}) {
       for (int64_t cap : {int64_t{1000}, int64_t{131086}, int64_t{1} << 20, int64_t{15805237}}) {
         const int bound = cuda::quant_decode_max_splits(B, 32, 8, 128, cfg, cap);

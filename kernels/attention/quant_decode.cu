@@ -146,6 +146,15 @@ __device__ __forceinline__ uint32_t hash32(uint32_t x) {
 // C fp16 values (C = 8 or 16, 16-byte aligned) -> floats
 template <int C>
 __device__ __forceinline__ void load_half_vec(const __half* ptr, float (&v)[C]) {
+  if constexpr (C < 8) {  // c4b8, c2b8: 8- or 4-byte loads
+#pragma unroll
+    for (int j = 0; j < C / 2; ++j) {
+      const float2 f = __half22float2(__ldg(reinterpret_cast<const __half2*>(ptr) + j));
+      v[2 * j] = f.x;
+      v[2 * j + 1] = f.y;
+    }
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < C / 8; ++i) {
     const uint4 r = __ldg(reinterpret_cast<const uint4*>(ptr) + i);
@@ -673,7 +682,8 @@ __global__ void __launch_bounds__(D) quant_reduce_kernel(const QuantDecodeParams
 // dots with q and accumulates its value channels in an online softmax (log2 domain, as the LUT kernel's
 // records). FP16 tokens (anchors, window: post-RoPE) follow in the same loop without rotation. Warps merge
 // in shared memory into the split's record (o, m, l) for quant_reduce_kernel.
-template <int D, int C, int NB, int HT>
+// ROT = false (c2b8, c4b8 with post-RoPE keys): the same kernel without the rotation.
+template <int D, int C, int NB, int HT, bool ROT>
 __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeParams p) {
   constexpr int NT = 256, NW = NT / 32, HALF = D / 2, PR = D / 64, NG = D / C, REC = NG * NB / 8;
   constexpr int NWD = (REC + 3) / 4;
@@ -690,7 +700,8 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
   const float sl = p.scale * 1.4426950408889634f;
   for (int i = tid; i < HT * D; i += NT)
     sQ[i / D][i % D] = __bfloat162float(p.q[(static_cast<int64_t>(b) * p.n_heads + h0) * D + i]) * sl;
-  for (int i = tid; i < HALF; i += NT) sFreq[i] = p.inv_freq[i];
+  if constexpr (ROT)
+    for (int i = tid; i < HALF; i += NT) sFreq[i] = p.inv_freq[i];
   __syncthreads();
 
   const int64_t q_limit = std::min<int64_t>(static_cast<int64_t>(p.n_splits) * p.split_len, p.quant_capacity);
@@ -748,7 +759,7 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
     uint32_t wk[NWD], wv[NWD];
     load_record<REC>(kbase, t, wk);
     load_record<REC>(vbase, t, wv);
-    const float pos = static_cast<float>(__ldg(cpos + t));
+    const float pos = ROT ? static_cast<float>(__ldg(cpos + t)) : 0.f;
     const int sw = t & (NG - 1);
     const uint32_t kca = code_at<NB>(wk, ga ^ sw), kcbb = code_at<NB>(wk, gb ^ sw);
     const uint32_t vca = code_at<NB>(wv, ga ^ sw), vcbb = code_at<NB>(wv, gb ^ sw);
@@ -770,6 +781,10 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
     }
 #pragma unroll
     for (int j = 0; j < PR; ++j) {
+      if constexpr (!ROT) {
+        ka[j] = xa[j], kb[j] = xb[j];
+        continue;
+      }
       // the runtime's fp32 angle, reduced to [-pi, pi] by two-constant Cody-Waite (exact enough for the
       // angles of positions < 2^24), then the fast sine/cosine (abs error ~2^-21 there)
       const float angle = __fmul_rn(pos, sFreq[i0 + j]);
@@ -827,26 +842,54 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
   }
 }
 
-template <int D, int C, int NB>
+template <int D, int C, int NB, bool ROT>
 void launch_pre(const QuantDecodeParams& p, int ht, cudaStream_t stream) {
   const int G = p.n_heads / p.n_kv_heads;
   const dim3 grid(p.n_splits, p.n_kv_heads * (G / ht), p.batch);
   switch (ht) {
-    case 4: quant_pre_split_kernel<D, C, NB, 4><<<grid, 256, 0, stream>>>(p); break;
-    case 2: quant_pre_split_kernel<D, C, NB, 2><<<grid, 256, 0, stream>>>(p); break;
-    default: quant_pre_split_kernel<D, C, NB, 1><<<grid, 256, 0, stream>>>(p); break;
+    case 4: quant_pre_split_kernel<D, C, NB, 4, ROT><<<grid, 256, 0, stream>>>(p); break;
+    case 2: quant_pre_split_kernel<D, C, NB, 2, ROT><<<grid, 256, 0, stream>>>(p); break;
+    default: quant_pre_split_kernel<D, C, NB, 1, ROT><<<grid, 256, 0, stream>>>(p); break;
   }
   ANTKV_LAUNCH_CHECK("quant_pre_split_kernel");
 }
 
+// The dequantize-dot kernel: pre-RoPE keys of every configuration, and c2b8 / c4b8 post-RoPE (no rotation).
 template <int D>
 void launch_pre_config(const QuantDecodeParams& p, int ht, cudaStream_t stream) {
   switch (p.config) {
-    case VqConfig::kC8B8: launch_pre<D, 8, 8>(p, ht, stream); break;
-    case VqConfig::kC16B12: launch_pre<D, 16, 12>(p, ht, stream); break;
-    case VqConfig::kC16B8: launch_pre<D, 16, 8>(p, ht, stream); break;
-    case VqConfig::kC16B6: launch_pre<D, 16, 6>(p, ht, stream); break;
+    case VqConfig::kC8B8: launch_pre<D, 8, 8, true>(p, ht, stream); break;
+    case VqConfig::kC16B12: launch_pre<D, 16, 12, true>(p, ht, stream); break;
+    case VqConfig::kC16B8: launch_pre<D, 16, 8, true>(p, ht, stream); break;
+    case VqConfig::kC16B6: launch_pre<D, 16, 6, true>(p, ht, stream); break;
+    case VqConfig::kC4B8:
+      p.pre_rope ? launch_pre<D, 4, 8, true>(p, ht, stream) : launch_pre<D, 4, 8, false>(p, ht, stream);
+      break;
+    case VqConfig::kC2B8:
+      p.pre_rope ? launch_pre<D, 2, 8, true>(p, ht, stream) : launch_pre<D, 2, 8, false>(p, ht, stream);
+      break;
   }
+}
+
+// Resident blocks per multiprocessor of the dequantize-dot kernel (split plans of c2b8 / c4b8).
+template <int D, int C>
+int pre_blocks_per_sm(int ht) {
+  auto query = [](auto kernel) {
+    int per_sm = 0;
+    ANTKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, 0));
+    ANTKV_CHECK(per_sm >= 1, "quant_decode: the dequantize-dot kernel does not fit on a multiprocessor");
+    return per_sm;
+  };
+  static const int n4 = query(quant_pre_split_kernel<D, C, 8, 4, false>);
+  static const int n2 = query(quant_pre_split_kernel<D, C, 8, 2, false>);
+  static const int n1 = query(quant_pre_split_kernel<D, C, 8, 1, false>);
+  return ht == 4 ? n4 : ht == 2 ? n2 : n1;
+}
+
+int dequant_blocks_per_sm(int head_dim, VqConfig cfg, int ht) {
+  const bool c4 = cfg == VqConfig::kC4B8;
+  if (head_dim == 128) return c4 ? pre_blocks_per_sm<128, 4>(ht) : pre_blocks_per_sm<128, 2>(ht);
+  return c4 ? pre_blocks_per_sm<64, 4>(ht) : pre_blocks_per_sm<64, 2>(ht);
 }
 
 // ---- dispatch over the closed set ----
@@ -886,6 +929,8 @@ void with_config(VqConfig cfg, int ht, bool lh, F&& f) {
     case VqConfig::kC16B8: with_ht<D, 16, 8, false>(ht, false, f); break;
     case VqConfig::kC16B6: with_ht<D, 16, 6, false>(ht, false, f); break;
     case VqConfig::kC16B12: f(QCfg<D, 16, 12, 1, true>{}); break;
+    case VqConfig::kC4B8:
+    case VqConfig::kC2B8: fail("quant_decode: {} has no lookup-table kernel (dequantize-dot)", vq_config_info(cfg).name);
   }
 }
 
@@ -1048,8 +1093,11 @@ QuantDecodePlan plan_quant_decode(int batch, int n_heads, int n_kv_heads, int he
   const int G = n_heads / n_kv_heads;
   QuantDecodePlan plan;
   plan.heads_per_block = heads_per_block(G, cfg);
-  dispatch(head_dim, cfg, plan.heads_per_block, lut_half,
-           [&](auto cf) { plan.blocks_per_sm = blocks_per_sm<decltype(cf)>(); });
+  if (vq_uses_lut(cfg))
+    dispatch(head_dim, cfg, plan.heads_per_block, lut_half,
+             [&](auto cf) { plan.blocks_per_sm = blocks_per_sm<decltype(cf)>(); });
+  else
+    plan.blocks_per_sm = (check_vq_shape(head_dim, cfg), dequant_blocks_per_sm(head_dim, cfg, plan.heads_per_block));
   const int64_t units = static_cast<int64_t>(batch) * n_kv_heads * (G / plan.heads_per_block);
   const int64_t want = static_cast<int64_t>(waves) * plan.blocks_per_sm * device_sm_count();
   int64_t n_splits = std::clamp<int64_t>(want / units, 1, kMaxQuantSplits);
@@ -1070,7 +1118,10 @@ int quant_decode_max_splits(int batch, int n_heads, int n_kv_heads, int head_dim
   const int G = n_heads / n_kv_heads;
   const int ht = heads_per_block(G, cfg);
   int bpsm = 1;
-  dispatch(head_dim, cfg, ht, lut_half, [&](auto cf) { bpsm = blocks_per_sm<decltype(cf)>(); });
+  if (vq_uses_lut(cfg))
+    dispatch(head_dim, cfg, ht, lut_half, [&](auto cf) { bpsm = blocks_per_sm<decltype(cf)>(); });
+  else
+    bpsm = (check_vq_shape(head_dim, cfg), dequant_blocks_per_sm(head_dim, cfg, ht));
   const int64_t units = static_cast<int64_t>(batch) * n_kv_heads * (G / ht);
   const int64_t want = static_cast<int64_t>(waves) * bpsm * device_sm_count();
   // plan_quant_decode's first estimate (rounding the split length up only lowers it), or what the longest
@@ -1110,8 +1161,8 @@ void quant_decode(QuantDecodeParams p, cudaStream_t stream) {
               "quant_decode: bad split plan ({} splits of {} slots)", p.n_splits, p.split_len);
   ANTKV_CHECK(p.workspace_floats >= quant_decode_workspace_floats(p.batch, p.n_heads, p.head_dim, p.n_splits),
               "quant_decode: workspace of {} floats is too small", p.workspace_floats);
-  if (p.pre_rope) {
-    ANTKV_CHECK(p.quant_capacity == 0 || (p.code_pos && p.inv_freq),
+  if (p.pre_rope || !vq_uses_lut(p.config)) {
+    ANTKV_CHECK(!p.pre_rope || p.quant_capacity == 0 || (p.code_pos && p.inv_freq),
                 "quant_decode: pre-RoPE keys need code positions and inv_freq");
     if (p.head_dim == 128) launch_pre_config<128>(p, ht, stream);
     else launch_pre_config<64>(p, ht, stream);
@@ -1149,6 +1200,8 @@ void quantize_kv(QuantizeParams p, cudaStream_t stream) {
     case VqConfig::kC16B12: d128 ? go(quantize_kernel<128, 16, 12>) : go(quantize_kernel<64, 16, 12>); break;
     case VqConfig::kC16B8: d128 ? go(quantize_kernel<128, 16, 8>) : go(quantize_kernel<64, 16, 8>); break;
     case VqConfig::kC16B6: d128 ? go(quantize_kernel<128, 16, 6>) : go(quantize_kernel<64, 16, 6>); break;
+    case VqConfig::kC4B8: d128 ? go(quantize_kernel<128, 4, 8>) : go(quantize_kernel<64, 4, 8>); break;
+    case VqConfig::kC2B8: d128 ? go(quantize_kernel<128, 2, 8>) : go(quantize_kernel<64, 2, 8>); break;
   }
 }
 

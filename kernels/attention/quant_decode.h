@@ -5,12 +5,15 @@
 // rotate at the token's position, dot; a kernel of its own, warp per token).
 //
 // ---- configurations (closed set) -------------------------------------------------------------------------
-//   c8b8 = 1 bit/channel, c16b12 = 0.75, c16b8 = 0.5, c16b6 = 0.375; head_dim 128 or 64. Keys and values use
-//   the same configuration and each have their own codebooks. Anything else is an antkv::Error.
+//   c2b8 = 4 bits/channel, c4b8 = 2, c8b8 = 1, c16b12 = 0.75, c16b8 = 0.5, c16b6 = 0.375 (design note §3's
+//   configurations); head_dim 128 or 64. Keys and values use the same configuration and each have their own
+//   codebooks. Anything else is an antkv::Error. c2b8 and c4b8 (64 / 32 groups: lookup tables of 16K / 8K
+//   entries per head would not fit in shared memory) always take the dequantize-dot kernel of pre-RoPE keys,
+//   without the rotation for post-RoPE keys.
 //
 // ---- cache layout, per layer ------------------------------------------------------------------------------
 // G = n_heads / n_kv_heads, NG = head_dim / c groups, K = 2^b centroids, R = NG * b / 8 bytes per token
-// (an integer for every configuration: 16, 12, 8, 6 bytes at head_dim 128; 8, 6, 4, 3 at 64).
+// (an integer for every configuration: 64, 32, 16, 12, 8, 6 bytes at head_dim 128; 32, 16, 8, 6, 4, 3 at 64).
 //  codes     k_codes, v_codes: uint8 [batch, n_kv_heads, quant_capacity, R]. Per (sequence, KV head), a
 //            compacted stream of the quantized tokens in slots 0 .. n_quant[b]-1 (the order of tokens does
 //            not matter to attention; anchors and window tokens are not in it). Slot t holds one record of
@@ -55,7 +58,7 @@
 
 namespace antkv::cuda {
 
-enum class VqConfig { kC8B8, kC16B12, kC16B8, kC16B6 };
+enum class VqConfig { kC8B8, kC16B12, kC16B8, kC16B6, kC4B8, kC2B8 };
 
 struct VqConfigInfo {
   int c = 0;          // channels per group
@@ -69,13 +72,20 @@ inline VqConfigInfo vq_config_info(VqConfig cfg) {
     case VqConfig::kC16B12: return {16, 12, "c16b12"};
     case VqConfig::kC16B8: return {16, 8, "c16b8"};
     case VqConfig::kC16B6: return {16, 6, "c16b6"};
+    case VqConfig::kC4B8: return {4, 8, "c4b8"};
+    case VqConfig::kC2B8: return {2, 8, "c2b8"};
   }
   fail("unknown VQ configuration {}", static_cast<int>(cfg));
 }
+// The closed set, widest first.
+inline constexpr VqConfig kVqConfigs[] = {VqConfig::kC2B8, VqConfig::kC4B8, VqConfig::kC8B8,
+                                          VqConfig::kC16B12, VqConfig::kC16B8, VqConfig::kC16B6};
+// Whether decode scores post-RoPE keys from lookup tables (else: dequantize, dot).
+inline bool vq_uses_lut(VqConfig cfg) { return vq_config_info(cfg).c >= 8; }
 inline VqConfig parse_vq_config(const std::string& name) {
-  for (VqConfig c : {VqConfig::kC8B8, VqConfig::kC16B12, VqConfig::kC16B8, VqConfig::kC16B6})
+  for (VqConfig c : kVqConfigs)
     if (name == vq_config_info(c).name) return c;
-  fail("unknown VQ configuration '{}' (c8b8, c16b12, c16b8 or c16b6)", name);
+  fail("unknown VQ configuration '{}' (c2b8, c4b8, c8b8, c16b12, c16b8 or c16b6)", name);
 }
 inline void check_vq_shape(int head_dim, VqConfig cfg) {
   (void)vq_config_info(cfg);

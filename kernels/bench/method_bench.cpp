@@ -32,9 +32,9 @@ BenchMethod parse_bench_method(const std::string& text) {
               text);
   const std::string name = fmt::format("c{}b{}", m.keys.c, m.keys.b);
   bool found = false;
-  for (VqConfig c : {VqConfig::kC8B8, VqConfig::kC16B12, VqConfig::kC16B8, VqConfig::kC16B6})
+  for (VqConfig c : kVqConfigs)
     if (name == vq_config_info(c).name) b.config = c, found = true;
-  ANTKV_CHECK(found, "--method {}: {} is not a compressed-cache configuration (bits 1, 0.75, 0.5 or 0.375)", text, name);
+  ANTKV_CHECK(found, "--method {}: {} is not a compressed-cache configuration (bits 4, 2, 1, 0.75, 0.5 or 0.375)", text, name);
   b.compressed = true;
   b.anchor_ratio = m.kind == "antkv" && m.anchors ? m.ratio : 0.0;
   b.pre_rope = m.key_rope == "pre";

@@ -21,7 +21,7 @@ struct BenchMethod {
   bool pre_rope = false;     // key_rope=pre: pre-RoPE code stream (dequantize-rotate-dot decode)
   bool promote = false;      // antkv with promote=on (the default): decode-time anchors, running scores updated
 };
-// fp16, or vq/antkv at a width of quant_decode's closed set (bits 1, 0.75, 0.5, 0.375); anything else (uniform:
+// fp16, or vq/antkv at a width of quant_decode's closed set (bits 4, 2, 1, 0.75, 0.5, 0.375); anything else (uniform:
 // its cache is simulated; other widths) is an antkv::Error naming the method.
 BenchMethod parse_bench_method(const std::string& text);
 

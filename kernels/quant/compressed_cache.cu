@@ -346,10 +346,10 @@ cuda::VqConfig config_for(const MethodSpec& m) {
               "method {}: the compressed cache needs one configuration for keys and values (c{}b{} / c{}b{})", m.text,
               m.keys.c, m.keys.b, m.values.c, m.values.b);
   const std::string name = fmt::format("c{}b{}", m.keys.c, m.keys.b);
-  for (cuda::VqConfig c : {cuda::VqConfig::kC8B8, cuda::VqConfig::kC16B12, cuda::VqConfig::kC16B8, cuda::VqConfig::kC16B6})
+  for (cuda::VqConfig c : cuda::kVqConfigs)
     if (name == cuda::vq_config_info(c).name) return c;
-  fail("method {}: {} is not one of the compressed cache's configurations (c8b8, c16b12, c16b8, c16b6; the "
-       "simulated cache, eval.kv_cache: simulated, evaluates any)",
+  fail("method {}: {} is not one of the compressed cache's configurations (c2b8, c4b8, c8b8, c16b12, c16b8, c16b6; "
+       "the simulated cache, eval.kv_cache: simulated, evaluates any)",
        m.text, name);
 }
 
