@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 
 #include "core/error.h"
 #include "kernels/common/cuda_check.h"
@@ -382,12 +383,13 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
     const AnchorScoreKind kind = parse_anchor_score_kind(m.score);
     for (int l = 0; l < n_layers_; ++l) {
       std::vector<float> coef(static_cast<size_t>(2) * n_kv_);
-      for (int h = 0; h < n_kv_; ++h) {
-        const auto& ek = cb.keys.at(l).error_norm;
-        const auto& ev = cb.values.at(l).error_norm;
-        coef[2 * h] = kind == AnchorScoreKind::kAttentionMass ? 0.0f : (kind == AnchorScoreKind::kKeyBound || ek.empty() ? 1.0f : ek.at(h));
-        coef[2 * h + 1] = kind == AnchorScoreKind::kKeyBound ? 0.0f : (kind == AnchorScoreKind::kAttentionMass || ev.empty() ? 1.0f : ev.at(h));
-      }
+      const auto& ek = cb.keys.at(l).error_norm;
+      const auto& ev = cb.values.at(l).error_norm;
+      ANTKV_CHECK((ek.empty() || static_cast<int>(ek.size()) == n_kv_) && (ev.empty() || static_cast<int>(ev.size()) == n_kv_),
+                  "method {}: layer {} error norms do not have one entry per KV head", m.text, l);
+      for (int h = 0; h < n_kv_; ++h)
+        std::tie(coef[2 * h], coef[2 * h + 1]) =
+            anchor_score_weights(kind, ek.empty() ? nullptr : ek.data(), ev.empty() ? nullptr : ev.data(), h);
       ANTKV_CUDA_CHECK(cudaMemcpy(layers_[l]->score_coef.get(), coef.data(), coef.size() * sizeof(float), cudaMemcpyHostToDevice));
     }
   }

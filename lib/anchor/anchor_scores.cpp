@@ -163,20 +163,28 @@ const char* anchor_score_kind_name(AnchorScoreKind k) {
   return "?";
 }
 
+std::pair<float, float> anchor_score_weights(AnchorScoreKind kind, const float* e_k, const float* e_v, int h) {
+  switch (kind) {
+    case AnchorScoreKind::kErrorBound: return {e_k ? e_k[h] : 1.0f, e_v ? e_v[h] : 1.0f};
+    case AnchorScoreKind::kAttentionMass: return {0.0f, 1.0f};
+    case AnchorScoreKind::kKeyBound: return {1.0f, 0.0f};
+    default: fail("anchor score {} is not a sum over attention rows", anchor_score_kind_name(kind));
+  }
+}
+
 void combine_anchor_scores(AnchorScoreKind kind, const float* s_k, const float* s_v, const float* e_k,
                            const float* e_v, int T, int KV, uint64_t seed, float* out) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> uni(0.0f, 1.0f);
+  const bool sum = kind != AnchorScoreKind::kRandom && kind != AnchorScoreKind::kRecent;
   for (int t = 0; t < T; ++t)
     for (int h = 0; h < KV; ++h) {
       const size_t x = static_cast<size_t>(t) * KV + h;
-      const float ek = e_k ? e_k[h] : 1.0f, ev = e_v ? e_v[h] : 1.0f;
-      switch (kind) {
-        case AnchorScoreKind::kErrorBound: out[x] = s_k[x] * ek + s_v[x] * ev; break;
-        case AnchorScoreKind::kAttentionMass: out[x] = s_v[x]; break;
-        case AnchorScoreKind::kKeyBound: out[x] = s_k[x]; break;
-        case AnchorScoreKind::kRandom: out[x] = uni(rng); break;
-        case AnchorScoreKind::kRecent: out[x] = static_cast<float>(t); break;
+      if (sum) {  // w_K S_K + w_V S_V (a zero weight drops its term exactly)
+        const auto [wk, wv] = anchor_score_weights(kind, e_k, e_v, h);
+        out[x] = wk == 0.0f ? s_v[x] * wv : wv == 0.0f ? s_k[x] * wk : s_k[x] * wk + s_v[x] * wv;
+      } else {
+        out[x] = kind == AnchorScoreKind::kRandom ? uni(rng) : static_cast<float>(t);
       }
     }
 }

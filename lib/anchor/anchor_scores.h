@@ -6,6 +6,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace antkv {
@@ -31,6 +32,11 @@ void anchor_scores_cpu(const AnchorScoreArgs& a, float* s_k, float* s_v);
 enum class AnchorScoreKind { kErrorBound, kAttentionMass, kKeyBound, kRandom, kRecent };
 AnchorScoreKind parse_anchor_score_kind(const std::string& s);
 const char* anchor_score_kind_name(AnchorScoreKind k);
+
+// The weights (w_K, w_V) of S_K and S_V in the score of KV head `head` for the kinds that attention defines:
+// error_bound (e_K[head], e_V[head], or 1 where e_k / e_v is null), attention_mass (0, 1), key_bound (1, 0).
+// random and recent are not sums over attention rows: an antkv::Error.
+std::pair<float, float> anchor_score_weights(AnchorScoreKind kind, const float* e_k, const float* e_v, int head);
 
 // anchor_score: [T, n_kv_heads] from s_k, s_v ([T, n_kv_heads]); e_k/e_v per KV head ([n_kv_heads]) or
 // null for 1. kRandom draws from `seed`; kRecent scores by position (later = higher).

@@ -305,8 +305,7 @@ void QuantizedKvCache::add_attention_row(int l, const float* q) {
   const float* V = v_[l].data();
   std::vector<double> s(static_cast<size_t>(len)), o(static_cast<size_t>(d));
   for (int h = 0; h < KV; ++h) {
-    const double ck = kind == AnchorScoreKind::kAttentionMass ? 0.0 : (kind == AnchorScoreKind::kKeyBound || ek.empty() ? 1.0 : ek[h]);
-    const double cv = kind == AnchorScoreKind::kKeyBound ? 0.0 : (kind == AnchorScoreKind::kAttentionMass || ev.empty() ? 1.0 : ev[h]);
+    const auto [ck, cv] = anchor_score_weights(kind, ek.empty() ? nullptr : ek.data(), ev.empty() ? nullptr : ev.data(), h);
     for (int g = 0; g < G; ++g) {
       const float* qg = q + static_cast<int64_t>(h * G + g) * d;
       double qn = 0, m = -INFINITY;
