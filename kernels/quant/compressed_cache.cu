@@ -834,28 +834,28 @@ void GpuCompressedKvCache::fill_random(uint64_t seed, cudaStream_t stream) {
   ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 
+namespace {
+// Slots 0 .. A-1 of every KV head of one sequence from an anchor array [max_batch, KV, cap] -> [KV][A] (host).
+template <class T>
+std::vector<T> download_anchor_slots(const T* src, int seq, int KV, int cap, int A) {
+  std::vector<T> out(static_cast<size_t>(KV) * A);
+  for (int h = 0; h < KV && A > 0; ++h)
+    ANTKV_CUDA_CHECK(cudaMemcpy(out.data() + static_cast<size_t>(h) * A, src + (static_cast<size_t>(seq) * KV + h) * cap,
+                                A * sizeof(T), cudaMemcpyDeviceToHost));
+  return out;
+}
+}  // namespace
+
 std::vector<int32_t> GpuCompressedKvCache::anchor_positions(int layer, int seq) const {
   ANTKV_CHECK(layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_, "anchor_positions: layer {} / sequence {} out "
               "of range", layer, seq);
-  const int A = seqs_[seq].n_anchor;
-  std::vector<int32_t> out(static_cast<size_t>(n_kv_) * A);
-  for (int h = 0; h < n_kv_ && A > 0; ++h)
-    ANTKV_CUDA_CHECK(cudaMemcpy(out.data() + static_cast<size_t>(h) * A,
-                                layers_[layer]->anchor_pos.get() + (static_cast<size_t>(seq) * n_kv_ + h) * anchor_cap_,
-                                A * sizeof(int32_t), cudaMemcpyDeviceToHost));
-  return out;
+  return download_anchor_slots(layers_[layer]->anchor_pos.get(), seq, n_kv_, anchor_cap_, seqs_[seq].n_anchor);
 }
 
 std::vector<float> GpuCompressedKvCache::anchor_running_scores(int layer, int seq) const {
   ANTKV_CHECK(promote_ && layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_,
               "anchor_running_scores: no decode-time anchors, or layer {} / sequence {} out of range", layer, seq);
-  const int A = seqs_[seq].n_anchor;
-  std::vector<float> out(static_cast<size_t>(n_kv_) * A);
-  for (int h = 0; h < n_kv_ && A > 0; ++h)
-    ANTKV_CUDA_CHECK(cudaMemcpy(out.data() + static_cast<size_t>(h) * A,
-                                layers_[layer]->anchor_score.get() + (static_cast<size_t>(seq) * n_kv_ + h) * anchor_cap_,
-                                A * sizeof(float), cudaMemcpyDeviceToHost));
-  return out;
+  return download_anchor_slots(layers_[layer]->anchor_score.get(), seq, n_kv_, anchor_cap_, seqs_[seq].n_anchor);
 }
 
 void GpuCompressedKvCache::poison() {
