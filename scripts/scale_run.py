@@ -311,6 +311,20 @@ def parse_results(res_dir):
     return out
 
 
+def split_methods(text):
+    """Methods separated by ';', or by ',' when no ';' is given and no method has options after a comma
+    ("fp16,vq:bits=1"; "antkv:bits=1,promote=off;vq:bits=1" keeps each method's options)."""
+    if ";" in text:
+        return [m.strip() for m in text.split(";") if m.strip()]
+    out = []
+    for part in text.split(","):
+        if out and ":" not in part and "=" in part:  # an option of the previous method
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return out
+
+
 def cmd_run(a):
     work = os.path.abspath(a.work)
     ck = os.path.join(work, "checkpoint")
@@ -394,7 +408,7 @@ def cmd_run(a):
                 rec["h5py"] = (chk.stdout + chk.stderr).strip()[-500:]
                 print("   h5py:", rec["h5py"])
     if "ppl" in stages:
-        methods = a.methods.split(",")
+        methods = split_methods(a.methods)
         res_dir = os.path.join(work, "results")
         rec = run_stage("ppl", [b("antkv-eval"), "ppl"] + base + [
             "--set", "eval.texts=[" + json.dumps(os.path.abspath(a.eval_text)) + "]",
@@ -403,7 +417,7 @@ def cmd_run(a):
             "--set", "eval.device=" + dev, "--codebooks", cbdir, "--out", res_dir, "--quiet"], logs, results)
         rec.update(parse_results(res_dir))
     for L in a.long or []:
-        for m in a.long_methods.split(","):
+        for m in split_methods(a.long_methods):
             name = f"ppl-{m.split(':')[0]}-{L}"
             if m == "fp16":
                 js = os.path.join(logs, name + ".json")
@@ -507,7 +521,9 @@ def main():
     r.add_argument("--calib-tokens", type=int, default=262144)
     r.add_argument("--eval-windows", type=int, default=16)
     r.add_argument("--eval-seq-len", type=int, default=2048)
-    r.add_argument("--methods", default="fp16,uniform:bits=2,vq:bits=1,antkv:bits=1")
+    r.add_argument("--methods", default="fp16,uniform:bits=2,vq:bits=1,antkv:bits=1",
+                   help="eval.methods, separated by ';' (or by ',' where that is unambiguous: a part with '=' and "
+                   "no ':' is an option of the method before it)")
     r.add_argument("--protocol", default="single_bos", help="window protocol of the long-window fp16 run "
                    "(the recipe's eval.protocol for the others)")
     r.add_argument("--long", type=int, nargs="*", help="long-window ppl at these --seq-len (one window each)")
