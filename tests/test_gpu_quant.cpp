@@ -848,21 +848,22 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
 }
 
 // Decode-time anchors (design note §2) on random inputs, against the CPU reference cache step by step: head_dim
-// 64 and 128 (the running-score kernel's closed set, quant_decode's), 3 query heads per KV head, window 16, ratio 0.05, a
+// 64 and 128 (the running-score kernel's closed set, quant_decode's), post- and pre-RoPE keys, 3 query heads per KV head, window 16, ratio 0.05, a
 // 37-token prefill and 110 decode steps (the budget grows from 2 to 8 per head; the rest are swaps). Both caches
 // see the same fp32 K/V and the same bf16-representable queries; the GPU's running scores come from its own
 // attention (lookup-table scores, bf16 output, fp32 sums) and the CPU's from double sums over its dequantized
 // cache, so near-ties may decide differently: anchors must agree on >= 90% of (layer, head, token) entries and
 // the scores of common anchors within 2% (measured: see the WARN line).
-TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follow QuantizedKvCache (head_dim 64 and 128)", "[gpu][quant]") {
+TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follow QuantizedKvCache (head_dim 64 and 128, post- and pre-RoPE)", "[gpu][quant]") {
   SKIP_WITHOUT_GPU();
+  for (const std::string rope : {"post", "pre"})  // pre: displaced anchors are quantized from their pre-RoPE copy
   for (const int d : {64, 128}) {
-    INFO("head_dim " << d);
+    INFO("head_dim " << d << ", " << rope << "-RoPE keys");
     ModelConfig cfg = synthetic_config();
     cfg.head_dim = d, cfg.num_heads = 6, cfg.num_kv_heads = 2;
     const int H = cfg.num_heads, KV = cfg.num_kv_heads, kvd = cfg.kv_dim(), P = 37, steps = 110, W = 16;
     const int T = P + steps;
-    const MethodSpec m = method("antkv:bits=1,ratio=0.05");
+    const MethodSpec m = method("antkv:bits=1,ratio=0.05,key_rope=" + rope);
     auto cb = make_codebooks(cfg, m, synthetic_acts(cfg, 400, 21), 5);
     auto acts = synthetic_acts(cfg, T, 22);
     for (auto& a : acts)
@@ -937,8 +938,8 @@ TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follo
       }
     }
     ANTKV_CUDA_CHECK(cudaStreamDestroy(stream));
-    WARN(fmt::format("head_dim {}: {} of {} GPU anchors are CPU anchors; running scores of those within {:.2e} relative",
-                     d, same, total, worst_score));
+    WARN(fmt::format("head_dim {}, {}-RoPE: {} of {} GPU anchors are CPU anchors; running scores of those within {:.2e} "
+                     "relative", d, rope, same, total, worst_score));
     CHECK(same >= 0.9 * total);
     CHECK(worst_score <= 2e-2);
   }
