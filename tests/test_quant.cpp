@@ -136,7 +136,7 @@ TEST_CASE("method strings: kinds, options, errors", "[quant]") {
   CHECK(gv.gain_values());
   CHECK(gv.codebook_file() == "k-c8b8_v-c8b8_none_all_post_gkv.h5");
   CHECK_THROWS_WITH(parse_method("antkv:gain=v", r), Contains("gain is off, k or kv") && Contains("\"v\""));
-  CHECK_THROWS_WITH(parse_method("antkv:gains=k", r), Contains("unknown option \"gains\"") && Contains("gain, rotate, lkbits, lvbits, lratio)"));
+  CHECK_THROWS_WITH(parse_method("antkv:gains=k", r), Contains("unknown option \"gains\"") && Contains("gain, rotate, metric, lkbits, lvbits, lratio)"));
 }
 
 namespace {
