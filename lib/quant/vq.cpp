@@ -254,7 +254,10 @@ void metric_factor(const double* M, int c, float* L, const char* what) {
 }
 
 void metric_forward(const float* metric, int groups, int c, float* x, int64_t n, int64_t stride) {
-  std::vector<double> y(static_cast<size_t>(c));
+  // called per row and group in the trainer's gather loop: no allocation for c <= 64
+  double buf[64];
+  std::vector<double> heap(c > 64 ? static_cast<size_t>(c) : 0);
+  double* y = c > 64 ? heap.data() : buf;
   for (int64_t r = 0; r < n; ++r)
     for (int g = 0; g < groups; ++g) {
       const float* L = metric + static_cast<int64_t>(g) * c * c;
@@ -269,7 +272,9 @@ void metric_forward(const float* metric, int groups, int c, float* x, int64_t n,
 }
 
 void metric_inverse(const float* metric, int groups, int c, float* x, int64_t n, int64_t stride) {
-  std::vector<double> y(static_cast<size_t>(c));
+  double buf[64];
+  std::vector<double> heap(c > 64 ? static_cast<size_t>(c) : 0);
+  double* y = c > 64 ? heap.data() : buf;
   for (int64_t r = 0; r < n; ++r)
     for (int g = 0; g < groups; ++g) {
       const float* L = metric + static_cast<int64_t>(g) * c * c;
