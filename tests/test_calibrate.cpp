@@ -115,6 +115,36 @@ TEST_CASE("calibrate: antkv-ref-18m reference prompt dump equals the runtime, th
       anchor_scores_reference(a, ref_k.data(), ref_v.data());
       CHECK(test::max_rel_error(s_k.data(), ref_k.data(), s_k.size()) < 1e-4);
       CHECK(test::max_rel_error(s_v.data(), ref_v.data(), s_v.size()) < 1e-4);
+
+      // metric=task statistics, against a direct computation in double: the query second moment (post-RoPE
+      // queries, summed over the KV head's G query heads, mean over the T tokens) and the o_proj Gram
+      // sum_g W_o,g^T W_o,g from the checkpoint's weights
+      REQUIRE(dump.has_query_moment());
+      REQUIRE(dump.has_oproj_gram());
+      const std::vector<float> qm = dump.read_query_moment(layer), gram = dump.read_oproj_gram(layer);
+      const int H = cfg.num_heads, G = H / KV;
+      const std::vector<float> wo = ckpt.tensor(Checkpoint::layer_name(layer, "self_attn.o_proj.weight")).to_float();
+      double qm_err = 0, qm_max = 0, gram_err = 0, gram_max = 0;
+      for (int h = 0; h < KV; ++h)
+        for (int i = 0; i < d; ++i)
+          for (int j = 0; j < d; ++j) {
+            double want = 0, wg = 0;
+            for (int g = 0; g < G; ++g) {
+              const int qh = h * G + g;
+              for (int t = 0; t < T; ++t)
+                want += double(cap.q[layer][(size_t(t) * H + qh) * d + i]) * cap.q[layer][(size_t(t) * H + qh) * d + j];
+              for (int o = 0; o < cfg.hidden_size; ++o)
+                wg += double(wo[size_t(o) * H * d + qh * d + i]) * wo[size_t(o) * H * d + qh * d + j];
+            }
+            want /= T;
+            const size_t at = (size_t(h) * d + i) * d + j;
+            qm_err = std::max(qm_err, std::abs(qm[at] - want)), qm_max = std::max(qm_max, std::abs(want));
+            gram_err = std::max(gram_err, std::abs(gram[at] - wg)), gram_max = std::max(gram_max, std::abs(wg));
+          }
+      INFO("layer " << layer << ": query moment max error " << qm_err << " of " << qm_max << ", o_proj Gram " << gram_err
+                    << " of " << gram_max);
+      CHECK(qm_err < 1e-4 * qm_max);
+      CHECK(gram_err < 1e-4 * gram_max);
     }
     if (std::string(key_rope) == "post") {
       // the reference tensors: k_post_rope [kv_heads, T, d] of layers 0 and 5
@@ -255,6 +285,7 @@ class HostStage : public CalibDeviceStage {
     s.keys.resize(n), s.values.resize(n), s.s_k.resize(T * cfg_.num_kv_heads), s.s_v.resize(T * cfg_.num_kv_heads);
     AnchorScoreArgs args{a.q, a.k_post, a.v, a.n_tokens, cfg_.num_heads, cfg_.num_kv_heads, cfg_.head_dim};
     anchor_scores_cpu(args, s.s_k.data(), s.s_v.data());
+    query_moment(a.q, a.n_tokens, cfg_.num_heads, cfg_.num_kv_heads, cfg_.head_dim, a.q_stride, s.qm);
     const float* k = pre_rope ? a.k_pre : a.k_post;
     for (size_t i = 0; i < n; ++i) {
       s.keys[i] = Eigen::numext::bit_cast<uint16_t>(Eigen::half(k[i]));
@@ -264,14 +295,14 @@ class HostStage : public CalibDeviceStage {
   }
   CalibLayerHost host(int layer, int slot) override {
     auto& s = slots_[slot][layer];
-    return {s.keys.data(), s.values.data(), s.s_k.data(), s.s_v.data()};
+    return {s.keys.data(), s.values.data(), s.s_k.data(), s.s_v.data(), s.qm.data()};
   }
   int enqueued = 0;
 
  private:
   struct Slot {
     std::vector<uint16_t> keys, values;
-    std::vector<float> s_k, s_v;
+    std::vector<float> s_k, s_v, qm;
   };
   ModelConfig cfg_;
   std::map<int, std::map<int, Slot>> slots_;
@@ -329,5 +360,11 @@ TEST_CASE("calibrate: the device path (worker thread, two slots) writes the same
       }
     }
     CHECK(a.layers[1].key_channel_mean_abs == b.layers[1].key_channel_mean_abs);
+    // the query moments (every token run, sampled or not) come through the device stage alike; no model_dir here,
+    // so no o_proj Gram
+    REQUIRE(x.has_query_moment());
+    REQUIRE(y.has_query_moment());
+    CHECK_FALSE(x.has_oproj_gram());
+    for (int l = 0; l < ckpt.config().num_layers; ++l) CHECK(x.read_query_moment(l) == y.read_query_moment(l));
   }
 }

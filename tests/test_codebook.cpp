@@ -13,6 +13,9 @@
 #include "io/codebooks.h"
 #include "quant/vq.h"
 #include "test_support.h"
+#ifdef ANTKV_HAVE_CUDA
+#include "kernels/kmeans/kmeans.h"
+#endif
 
 using namespace antkv;
 using Catch::Matchers::Contains;
@@ -358,3 +361,269 @@ TEST_CASE("train-codebook: rotate=pca - orthogonal fp16 basis, OPQ allocation, f
   CHECK(parse_method("vq:rotate=pca", r).codebook_file() == "k-c4b3_v-c4b3_none_all_post_rpca.h5");
   CHECK(parse_method("vq:rotate=pca,gain=kv", r).codebook_file() == "k-c4b3_v-c4b3_none_all_post_gkv_rpca.h5");
 }
+
+namespace {
+// metric=task data: K/V of 1 layer, 2 heads, d = 16 with correlated channels; the metrics (query second moment
+// for keys, o_proj Gram for values) A A^T with dense A of decaying column scales, so that they are far from the
+// identity. write: the dump (with or without the statistics).
+struct MetricData {
+  int kv = 2, d = 16;
+  std::vector<float> qm, gram;  // [kv, d, d]
+  MetricData() {
+    std::mt19937 rng(11);
+    std::normal_distribution<float> nd(0, 1);
+    for (auto* m : {&qm, &gram}) {
+      m->assign(size_t(kv) * d * d, 0.0f);
+      for (int h = 0; h < kv; ++h) {
+        std::vector<float> A(size_t(d) * d);
+        for (int i = 0; i < d; ++i)
+          for (int j = 0; j < d; ++j) A[i * d + j] = nd(rng) * std::pow(0.55f, float(j));
+        for (int i = 0; i < d; ++i)
+          for (int j = 0; j < d; ++j) {
+            double acc = 0;
+            for (int t = 0; t < d; ++t) acc += double(A[i * d + t]) * A[j * d + t];
+            (*m)[(size_t(h) * d + i) * d + j] = float(acc);
+          }
+      }
+    }
+  }
+  // n rows [n, kv, d] of keys and values from seed
+  void rows(int n, unsigned seed, std::vector<float>& k, std::vector<float>& v) const {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> nd(0, 1);
+    k.resize(size_t(n) * kv * d), v.resize(k.size());
+    for (auto* x : {&k, &v})
+      for (int i = 0; i < n * kv; ++i) {
+        float prev = 0;
+        for (int c = 0; c < d; ++c) prev = 0.6f * prev + nd(rng), (*x)[size_t(i) * d + c] = prev * (1 + 0.1f * c);
+      }
+  }
+  std::string write(const std::string& name, bool stats, const char* key_rope = "post") const {
+    const int n = 3000;
+    const std::string path = test::temp_dir() + "/" + name;
+    CalibDumpWriter w(path, 1, kv, d);
+    std::vector<int32_t> toks(n), pos(n), win(n);
+    for (int i = 0; i < n; ++i) toks[i] = i % 50, pos[i] = i % 100, win[i] = i / 100;
+    w.append_tokens(n, toks.data(), pos.data(), win.data());
+    std::vector<float> k, v, s(size_t(n) * kv, 1.0f);
+    rows(n, 1, k, v);
+    w.append_layer(0, n, k.data(), v.data(), s.data(), s.data(), s.data());
+    if (stats) w.set_query_moment(0, qm), w.set_oproj_gram(0, gram);
+    CalibMeta m;
+    m.config_hash = "synthetic";
+    m.key_rope = key_rope;
+    m.tokens = n;
+    m.num_layers = 1;
+    m.num_kv_heads = kv;
+    m.head_dim = d;
+    w.finish(m);
+    return path;
+  }
+};
+
+// sum over rows, heads and groups of min over centroids of (x - c)^T M_g (x - c) (M_g the exact c x c block of the
+// head's metric, no ridge) and of |x - c|^2 (Euclidean: the plain assignment)
+std::pair<double, double> objectives(const LayerCodebooks& cb, const std::vector<float>& x, const std::vector<float>& M,
+                                     int n, int kv, int d, int c, int k) {
+  const int groups = d / c;
+  double metric = 0, plain = 0;
+  for (int i = 0; i < n; ++i)
+    for (int h = 0; h < kv; ++h)
+      for (int g = 0; g < groups; ++g) {
+        const float* xg = x.data() + (size_t(i) * kv + h) * d + g * c;
+        double bm = 1e300, bp = 1e300;
+        for (int j = 0; j < k; ++j) {
+          const float* cj = cb.centroids.data() + ((size_t(h) * groups + g) * k + j) * c;
+          double dm = 0, dp = 0;
+          for (int a = 0; a < c; ++a) {
+            dp += double(xg[a] - cj[a]) * (xg[a] - cj[a]);
+            for (int b = 0; b < c; ++b)
+              dm += double(xg[a] - cj[a]) * M[(size_t(h) * d + g * c + a) * d + g * c + b] * (xg[b] - cj[b]);
+          }
+          bm = std::min(bm, dm), bp = std::min(bp, dp);
+        }
+        metric += bm, plain += bp;
+      }
+  return {metric, plain};
+}
+}  // namespace
+
+TEST_CASE("train-codebook: metric=task - factors of the dump's metric blocks, lower held-out objective in the metric, "
+          "file round trip, configuration errors",
+          "[codebook]") {
+  const MetricData md;
+  const int kv = md.kv, d = md.d, c = 4, k = 8;
+  const std::string path = md.write("metric.h5", true);
+  const std::vector<std::string> cfg = {"quant.keys.c=4", "quant.keys.b=3", "quant.values.c=4", "quant.values.b=3",
+                                        "kmeans.weighting=none", "kmeans.exclude_anchors=false", "kmeans.iters=30"};
+  auto with = [&](const char* metric, std::vector<std::string> more = {}) {
+    auto v = cfg;
+    v.push_back(std::string("kmeans.metric=") + metric);
+    v.insert(v.end(), more.begin(), more.end());
+    return v;
+  };
+  const auto plain = train(path, with("plain"));
+  const auto task = train(path, with("task"));
+  CHECK(plain.codebooks.keys[0].metric.empty());
+  CHECK(task.codebooks.meta.metric == "task");
+  // the stored factors: L L^T = the metric's c x c diagonal block scaled to trace c, + ridge 1e-3, up to the fp16
+  // entries
+  {
+    CalibDumpReader dump(path);
+    CHECK(dump.has_query_moment());
+    CHECK(dump.has_oproj_gram());
+    CHECK(dump.read_query_moment(0) == md.qm);
+    for (int side = 0; side < 2; ++side) {
+      const std::vector<float>& M = side == 0 ? md.qm : md.gram;
+      const std::vector<float>& L = side == 0 ? task.codebooks.keys[0].metric : task.codebooks.values[0].metric;
+      REQUIRE(L.size() == size_t(kv) * d * c);
+      for (int h = 0; h < kv; ++h)
+        for (int g = 0; g < d / c; ++g) {
+          const float* Lg = L.data() + (size_t(h) * (d / c) + g) * c * c;
+          double trace = 0;
+          for (int a = 0; a < c; ++a) trace += M[(size_t(h) * d + g * c + a) * d + g * c + a];
+          for (int a = 0; a < c; ++a)
+            for (int b = 0; b < c; ++b) {
+              if (b > a) CHECK(Lg[a * c + b] == 0.0f);  // lower triangular
+              double llt = 0;
+              for (int t = 0; t < c; ++t) llt += double(Lg[a * c + t]) * Lg[b * c + t];
+              const double want = M[(size_t(h) * d + g * c + a) * d + g * c + b] * c / trace + (a == b ? 1e-3 : 0.0);
+              CHECK(llt == Approx(want).margin(3e-3));
+            }
+        }
+    }
+  }
+  // held-out rows (another seed): in the metric, the task codebooks' objective is below the plain ones' (assigned
+  // in the metric too, their best); in the Euclidean distance the plain codebooks are the better ones
+  std::vector<float> hk, hv;
+  md.rows(2000, 2, hk, hv);
+  for (int side = 0; side < 2; ++side) {
+    const auto& x = side == 0 ? hk : hv;
+    const auto& M = side == 0 ? md.qm : md.gram;
+    const auto p = objectives(side == 0 ? plain.codebooks.keys[0] : plain.codebooks.values[0], x, M, 2000, kv, d, c, k);
+    const auto t = objectives(side == 0 ? task.codebooks.keys[0] : task.codebooks.values[0], x, M, 2000, kv, d, c, k);
+    INFO((side == 0 ? "keys" : "values") << ": metric objective plain " << p.first << ", task " << t.first
+                                         << "; Euclidean plain " << p.second << ", task " << t.second);
+    CHECK(t.first < 0.95 * p.first);
+    CHECK(p.second < t.second);
+    WARN((side == 0 ? "keys" : "values") << ": held-out metric objective task / plain = " << t.first / p.first);
+  }
+  // the held-out assignment of the trainer's report is the cache's: vq_quantize_metric equals the brute force
+  {
+    const LayerCodebooks& cb = task.codebooks.keys[0];
+    std::vector<float> out(hk.size());
+    for (int h = 0; h < kv; ++h) {
+      VqHeadCodebooks hc{cb.centroids.data() + size_t(h) * (d / c) * k * c, d / c, k, c};
+      vq_quantize_metric(hc, cb.metric.data() + size_t(h) * d * c, hk.data() + h * d, 200, kv * d, out.data() + h * d);
+    }
+    int mismatches = 0;
+    for (int i = 0; i < 200; ++i)
+      for (int h = 0; h < kv; ++h)
+        for (int g = 0; g < d / c; ++g) {
+          const float* Lg = cb.metric.data() + (size_t(h) * (d / c) + g) * c * c;
+          const float* xg = hk.data() + (size_t(i) * kv + h) * d + g * c;
+          int best = 0;
+          double bd = 1e300;
+          for (int j = 0; j < k; ++j) {
+            const float* cj = cb.centroids.data() + ((size_t(h) * (d / c) + g) * k + j) * c;
+            double dm = 0;
+            for (int a = 0; a < c; ++a) {  // |L^T e|^2
+              double y = 0;
+              for (int t = a; t < c; ++t) y += double(Lg[t * c + a]) * (xg[t] - cj[t]);
+              dm += y * y;
+            }
+            if (dm < bd) bd = dm, best = j;
+          }
+          const float* want = cb.centroids.data() + ((size_t(h) * (d / c) + g) * k + best) * c;
+          mismatches += !std::equal(want, want + c, out.data() + (size_t(i) * kv + h) * d + g * c);
+        }
+    CHECK(mismatches == 0);
+  }
+  // the file keeps the factors and the configuration; evaluation refuses the other configuration
+  const std::string dir = test::temp_dir();
+  write_codebooks(dir + "/k-c4b3_v-c4b3_none_all_post_mtask.h5", task.codebooks);
+  write_codebooks(dir + "/k-c4b3_v-c4b3_none_all_post.h5", task.codebooks);  // task file under the plain name
+  const CodebookSet back = read_codebooks(dir + "/k-c4b3_v-c4b3_none_all_post_mtask.h5");
+  CHECK(back.meta.metric == "task");
+  CHECK(back.keys[0].metric == task.codebooks.keys[0].metric);
+  CHECK(back.values[0].metric == task.codebooks.values[0].metric);
+  write_codebooks(dir + "/plain.h5", plain.codebooks);
+  CHECK(read_codebooks(dir + "/plain.h5").meta.metric == "plain");
+  const Recipe r = Recipe::defaults_with(cfg);
+  CHECK(load_method_codebooks({parse_method("vq:metric=task", r)}, dir).size() == 1);
+  CHECK_THROWS_WITH(load_method_codebooks({parse_method("vq", r)}, dir), Contains("metric task") && Contains("metric plain"));
+  CHECK_THROWS_WITH(train(path, with("cosine")), Contains("kmeans.metric"));
+  const std::string fp_off = codebook_fingerprint(r, parse_method("vq", r), "h");
+  const std::string fp_task = codebook_fingerprint(r, parse_method("vq:metric=task", r), "h");
+  CHECK(fp_off != fp_task);
+  CHECK_THAT(fingerprint_difference(fp_off, fp_task), Contains("kmeans.metric"));
+  CHECK(parse_method("vq:metric=task", r).codebook_file() == "k-c4b3_v-c4b3_none_all_post_mtask.h5");
+  CHECK(parse_method("vq:metric=task,gain=kv,rotate=pca", r).codebook_file() == "k-c4b3_v-c4b3_none_all_post_gkv_rpca_mtask.h5");
+  // composes with gain= and rotate= (blocks of R M R^T in the rotated basis)
+  const auto both = train(path, with("task", {"kmeans.gain=kv", "kmeans.rotate=pca"}));
+  CHECK(both.codebooks.keys[0].metric.size() == size_t(kv) * d * c);
+  CHECK(both.codebooks.values[0].rotation.size() == size_t(kv) * d * d);
+  // a dump without the statistics (older dumps, or the GPU stage without them): a clear error for metric=task only
+  const std::string old = md.write("old.h5", false);
+  CHECK_FALSE(CalibDumpReader(old).has_query_moment());
+  CHECK_NOTHROW(train(old, with("plain")));
+  CHECK_THROWS_WITH(train(old, with("task")), Contains("query_moment") && Contains("recalibrate"));
+}
+
+TEST_CASE("train-codebook: metric=task with pre-RoPE keys - the rotation-invariant pair-averaged diagonal", "[codebook]") {
+  const MetricData md;
+  const int d = md.d;
+  const std::string path = md.write("metric_pre.h5", true, "pre");
+  CalibDumpReader dump(path);
+  const std::vector<double> km = task_metric(dump, 0, true), vm = task_metric(dump, 0, false);
+  for (int h = 0; h < md.kv; ++h)
+    for (int i = 0; i < d; ++i)
+      for (int j = 0; j < d; ++j) {
+        const size_t at = (size_t(h) * d + i) * d + j;
+        const int p = i < d / 2 ? i + d / 2 : i - d / 2;  // RoPE partner (half-split layout)
+        const double want = i != j ? 0.0
+                                   : (double(md.qm[(size_t(h) * d + i) * d + i]) + md.qm[(size_t(h) * d + p) * d + p]) / 2;
+        CHECK(km[at] == Approx(want));
+        CHECK(vm[at] == double(md.gram[at]));  // values: the Gram as it is
+      }
+  const auto task = train(path, {"quant.keys.c=4", "quant.keys.b=3", "quant.values.c=4", "quant.values.b=3",
+                                 "kmeans.weighting=none", "kmeans.metric=task", "key_rope=pre"});
+  // keys: diagonal factors (sqrt of the diagonal + ridge)
+  const auto& L = task.codebooks.keys[0].metric;
+  for (int b = 0; b < md.kv * d / 4; ++b)
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j)
+        if (i != j) CHECK(L[b * 16 + i * 4 + j] == 0.0f);
+}
+
+#ifdef ANTKV_HAVE_CUDA
+TEST_CASE("train-codebook: metric=task on the GPU trainer agrees with the CPU trainer by objective", "[codebook][gpu]") {
+  SKIP_WITHOUT_GPU();
+  const MetricData md;
+  const std::string path = md.write("metric_gpu.h5", true);
+  const std::vector<std::string> sets = {"quant.keys.c=4", "quant.keys.b=3", "quant.values.c=4", "quant.values.b=3",
+                                         "kmeans.weighting=none", "kmeans.exclude_anchors=false", "kmeans.metric=task",
+                                         "kmeans.iters=30"};
+  const auto cpu = train(path, sets);
+  std::vector<std::string> all = {"kmeans.iters=8"};
+  all.insert(all.end(), sets.begin(), sets.end());
+  const Recipe r = Recipe::defaults_with(all);
+  TrainCodebooksOptions o;
+  o.recipe = &r;
+  o.calib_path = path;
+  o.progress = false;
+  o.make_trainer = [](const KMeansParams& p) { return make_kmeans_gpu(p); };
+  o.trainer_name = "cuda";
+  const auto gpu = train_codebooks(o);
+  CHECK(gpu.codebooks.keys[0].metric == cpu.codebooks.keys[0].metric);  // the same factors (host side)
+  for (int side = 0; side < 2; ++side) {
+    const auto& a = side == 0 ? cpu.codebooks.keys[0].objective : cpu.codebooks.values[0].objective;
+    const auto& b = side == 0 ? gpu.codebooks.keys[0].objective : gpu.codebooks.values[0].objective;
+    double sa = 0, sb = 0;
+    for (double x : a) sa += x;
+    for (double x : b) sb += x;
+    INFO("objective cpu " << sa << ", gpu " << sb);
+    CHECK(sb == Approx(sa).epsilon(0.05));
+  }
+}
+#endif

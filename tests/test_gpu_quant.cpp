@@ -716,6 +716,8 @@ TEST_CASE("GPU KV quantizer: codebooks that do not fit are errors naming the pro
   CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,lkbits=1/1"), good),
                     Catch::Contains("per-layer widths or anchor ratios (lkbits, lvbits, lratio) are not implemented on "
                                     "the GPU runtime"));
+  CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,metric=task"), good),
+                    Catch::Contains("metric=task (assignment in the task metric) is not implemented on the GPU runtime"));
   // gain= and rotate= need codebooks trained for them, with a rotation and mean per layer, head and tensor
   CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,gain=k"), good),
                     Catch::Contains("codebooks are for gain=off (unit-vector training), the method needs gain=k"));
@@ -965,6 +967,8 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,rotate=pca"), *cb, 1, 64, 8),
                     Catch::Contains("are not supported by the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("vq:bits=1,gain=kv"), *cb, 1, 64, 8),
+                    Catch::Contains("are not supported by the compressed cache"));
+  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("vq:bits=1,metric=task"), *cb, 1, 64, 8),
                     Catch::Contains("are not supported by the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1.5"), *make_codebooks(cfg, method("antkv:bits=1.5"), acts, 1), 1, 64, 8),
                     Catch::Contains("c8b12 is not one of the compressed cache's configurations"));

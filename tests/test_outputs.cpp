@@ -390,6 +390,54 @@ TEST_CASE("CLI run: reuse only on a full match - other weights, text or recipe f
   CHECK_THAT(r.err, Contains("reusing " + dir + "/run/calib-post.h5") && Contains("kmeans.seed differs (0 in the file, 5 now)"));
 }
 
+// metric=task needs the dump's query moments and o_proj Grams: a dump made before them (the same fingerprint) is
+// recalibrated by `run`, and refused with a clear error by antkv-train-codebook.
+TEST_CASE("CLI run: metric=task recalibrates a dump without the metric statistics", "[outputs][cli][shared]") {
+  const std::string dir = test::temp_dir();
+  const std::string recipe = small_recipe(dir, test::model_dir("stories260K"));
+  const std::string run = eval_bin() + " run --recipe " + recipe + " -q";
+  CliResult r = run_sh(run);
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  const std::string calib = dir + "/run/calib-post.h5";
+  {  // the dump rewritten as an older version wrote it: everything but /query_moment and /oproj_gram
+    CalibDumpReader in(calib);
+    REQUIRE(in.has_query_moment());
+    REQUIRE(in.has_oproj_gram());
+    const CalibMeta m = in.meta();
+    const int64_t N = in.n_tokens(), row = m.num_kv_heads * m.head_dim;
+    const std::string old = dir + "/old.h5";
+    CalibDumpWriter w(old, static_cast<int>(m.num_layers), static_cast<int>(m.num_kv_heads), static_cast<int>(m.head_dim));
+    const auto toks = in.tokens(), pos = in.positions(), win = in.windows();
+    w.append_tokens(static_cast<int>(N), toks.data(), pos.data(), win.data());
+    for (int l = 0; l < m.num_layers; ++l) {
+      std::vector<uint16_t> k(N * row), v(N * row);
+      std::vector<float> sk(N * m.num_kv_heads), sv(sk.size()), an(sk.size());
+      in.read_keys_half(l, 0, N, k.data());
+      in.read_values_half(l, 0, N, v.data());
+      in.read_scores(l, "S_K", 0, N, sk.data());
+      in.read_scores(l, "S_V", 0, N, sv.data());
+      in.read_scores(l, "anchor_score", 0, N, an.data());
+      w.append_layer_f16(l, static_cast<int>(N), k.data(), v.data(), sk.data(), sv.data(), an.data());
+    }
+    w.finish(m);
+    fs::rename(old, calib);
+  }
+  CHECK_FALSE(CalibDumpReader(calib).has_query_moment());
+  r = run_sh(train_bin() + " --recipe " + recipe + " --calib " + calib + " --out " + dir + "/cb.h5 --set kmeans.metric=task -q");
+  CHECK(r.code == 1);
+  CHECK_THAT(r.err, Contains("no /layer_{l}/query_moment") && Contains("recalibrate"));
+  CHECK_FALSE(fs::exists(dir + "/cb.h5"));
+  r = run_sh(run);  // plain methods: the old dump is still good
+  CHECK(r.code == 0);
+  CHECK_THAT(r.err, Contains("reusing " + calib));
+  r = run_sh(run + " --set 'eval.methods=[fp16,\"vq:bits=1,metric=task\"]'");
+  CHECK(r.code == 0);
+  CHECK_THAT(r.err, Contains("computing " + calib) && Contains("no metric=task statistics"));
+  CHECK(CalibDumpReader(calib).has_query_moment());
+  CHECK(fs::exists(dir + "/run/codebooks/k-c8b8_v-c8b8_none_all_post_mtask.h5"));
+}
+
 TEST_CASE("CLI: NaN weights stop calibration and ppl naming layer, tensor and window", "[outputs][cli][shared]") {
   const std::string dir = test::temp_dir();
   const std::string model = patched_model(dir, "nan", "model.layers.2.self_attn.k_proj.weight", 5, NAN);

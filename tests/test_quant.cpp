@@ -136,7 +136,7 @@ TEST_CASE("method strings: kinds, options, errors", "[quant]") {
   CHECK(gv.gain_values());
   CHECK(gv.codebook_file() == "k-c8b8_v-c8b8_none_all_post_gkv.h5");
   CHECK_THROWS_WITH(parse_method("antkv:gain=v", r), Contains("gain is off, k or kv") && Contains("\"v\""));
-  CHECK_THROWS_WITH(parse_method("antkv:gains=k", r), Contains("unknown option \"gains\"") && Contains("gain, rotate, lkbits, lvbits, lratio)"));
+  CHECK_THROWS_WITH(parse_method("antkv:gains=k", r), Contains("unknown option \"gains\"") && Contains("gain, rotate, metric, lkbits, lvbits, lratio)"));
 }
 
 namespace {
@@ -583,7 +583,8 @@ TEST_CASE("effective bits from what the caches store: one prefill = the formula,
   for (const char* text : {"fp16", "uniform:bits=2,group=4,window=6", "vq", "antkv:ratio=0.1", "antkv:ratio=0.1,correct=on",
                            "antkv:ratio=0.1,anchors=v", "antkv:ratio=0.1,anchors=k,correct=on", "vq:gain=k",
                            "antkv:ratio=0.1,gain=kv", "antkv:ratio=0.1,anchors=v,gain=k", "vq:rotate=pca",
-                           "antkv:ratio=0.1,anchors=v,gain=kv,rotate=pca", "rsq", "rsq:bits=3"}) {
+                           "antkv:ratio=0.1,anchors=v,gain=kv,rotate=pca", "rsq", "rsq:bits=3", "vq:metric=task",
+                           "antkv:ratio=0.1,gain=kv,rotate=pca,metric=task"}) {
     INFO(text);
     const MethodSpec m = parse_method(text, r);
     std::shared_ptr<CodebookSet> books;
@@ -597,6 +598,13 @@ TEST_CASE("effective bits from what the caches store: one prefill = the formula,
           for (int h = 0; h < 2; ++h)
             for (int i = 0; i < 8; ++i) (*side)[0].rotation[h * 64 + i * 8 + (7 - i)] = 1.0f;  // a permutation
           (*side)[0].mean.assign(2 * 8, 0.5f);
+        }
+      books->meta.metric = m.metric;
+      if (m.metric != "plain")  // identity factors: [kv 2, groups 2, 4, 4]
+        for (auto* side : {&books->keys, &books->values}) {
+          (*side)[0].metric.assign(2 * 2 * 16, 0.0f);
+          for (int b = 0; b < 4; ++b)
+            for (int i = 0; i < 4; ++i) (*side)[0].metric[b * 16 + i * 5] = 1.0f;
         }
     }
     QuantizedKvCache c(cfg, m, books);
@@ -836,6 +844,85 @@ TEST_CASE("rotated VQ cache: mean + R^T VQ(R (x - mean)), with gain-shape, refus
   CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq", r), cb), Contains("rotate=pca") && Contains("needs rotate=off"));
   CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq:rotate=pca", r), plain), Contains("needs rotate=pca"));
   CHECK_THROWS_WITH(parse_method("vq:rotate=random", r), Contains("rotate is off or pca"));
+}
+
+// metric=task: the cache assigns each group to argmin_c (x - c)^T M (x - c), M = L L^T from the stored factors,
+// and stores the original-space centroid; brute force in double over every centroid as the reference.
+TEST_CASE("task-metric VQ cache: nearest centroid in (x - c)^T L L^T (x - c), bits, refused for other codebooks", "[quant]") {
+  const ModelConfig cfg = tiny_config(2, 8);
+  auto cb = std::make_shared<CodebookSet>();
+  cb->meta = {"tiny", "", "", "post", "none", "test", "", "", "", 4, 3, 4, 3, 1, 2, 8};
+  cb->meta.exclude_anchors = false;
+  cb->meta.metric = "task";
+  std::mt19937 rng(31);
+  std::normal_distribution<float> nd;
+  for (auto* side : {&cb->keys, &cb->values}) {
+    side->resize(1);
+    LayerCodebooks& L = (*side)[0];
+    L.centroids.resize(2 * 2 * 8 * 4);  // [kv 2, groups 2, 2^3, c 4]
+    for (auto& x : L.centroids) x = nd(rng);
+    L.error_norm = {1.0f, 1.0f};
+    L.metric.assign(2 * 2 * 16, 0.0f);  // strongly anisotropic lower-triangular factors
+    for (int b = 0; b < 4; ++b)
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j <= i; ++j)
+          L.metric[b * 16 + i * 4 + j] = static_cast<float>(Eigen::half(i == j ? std::pow(4.0f, float(i % 3)) : nd(rng)));
+  }
+  const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=3", "quant.values.c=4", "quant.values.b=3"});
+  const int T = 60;
+  std::vector<float> k(T * 16), v(T * 16), q(T * 32);
+  for (auto* a : {&k, &v, &q})
+    for (auto& x : *a) x = static_cast<float>(Eigen::half(nd(rng) * 1.5f));
+  const MethodSpec m = parse_method("vq:metric=task", r);
+  QuantizedKvCache c(cfg, m, cb);
+  c.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+  int differs_from_plain = 0, checked = 0;
+  for (int side = 0; side < 2; ++side) {
+    const LayerCodebooks& L = side == 0 ? cb->keys[0] : cb->values[0];
+    const std::vector<float>& in = side == 0 ? k : v;
+    const float* out = side == 0 ? c.keys(0) : c.values(0);
+    for (int t = 0; t < T; ++t)
+      for (int h = 0; h < 2; ++h)
+        for (int g = 0; g < 2; ++g) {
+          const float* Lf = L.metric.data() + (h * 2 + g) * 16;
+          const float* x = in.data() + t * 16 + h * 8 + g * 4;
+          int best = -1, best_plain = -1;
+          double bd = 1e300, bp = 1e300;
+          for (int j = 0; j < 8; ++j) {
+            const float* cj = L.centroids.data() + ((h * 2 + g) * 8 + j) * 4;
+            double e[4], dm = 0, dp = 0;
+            for (int i = 0; i < 4; ++i) e[i] = double(x[i]) - cj[i], dp += e[i] * e[i];
+            for (int a = 0; a < 4; ++a)
+              for (int b = 0; b < 4; ++b) {
+                double M = 0;  // (L L^T)_ab
+                for (int i = 0; i < 4; ++i) M += double(Lf[a * 4 + i]) * Lf[b * 4 + i];
+                dm += e[a] * M * e[b];
+              }
+            if (dm < bd) bd = dm, best = j;
+            if (dp < bp) bp = dp, best_plain = j;
+          }
+          const float* want = L.centroids.data() + ((h * 2 + g) * 8 + best) * 4;
+          for (int i = 0; i < 4; ++i) CHECK(out[t * 16 + h * 8 + g * 4 + i] == want[i]);
+          differs_from_plain += best != best_plain;
+          ++checked;
+        }
+  }
+  INFO(differs_from_plain << " of " << checked << " groups assigned differently from the Euclidean nearest centroid");
+  CHECK(differs_from_plain > checked / 10);  // the metric matters
+  // stored bits: c x c fp16 factors per head and group of both tensors with the codebooks: 2 x 16 x 8 x (4 + 4)
+  CHECK(c.stored_bits(true) - c.stored_bits(false) == 2 * 16.0 * 8 * (8 + 8) + 2 * 16.0 * 8 * (4 + 4));
+  CHECK(effective_bits(m, 2048, 128) - effective_bits(parse_method("vq", r), 2048, 128) == Approx(4 * 16.0 / 2048));
+  // codebooks of the other configuration are refused, naming both; factors missing or of the wrong shape
+  auto plain = std::make_shared<CodebookSet>(*cb);
+  plain->meta.metric = "plain";
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq", r), cb), Contains("metric=task") && Contains("needs metric=plain"));
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, m, plain), Contains("needs metric=task"));
+  auto bad = std::make_shared<CodebookSet>(*cb);
+  bad->values[0].metric.clear();
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, m, bad), Contains("no metric=task factors"));
+  CHECK_THROWS_WITH(parse_method("vq:metric=euclid", r), Contains("metric is plain or task"));
+  CHECK(parse_method("vq:metric=plain", r).codebook_file() == parse_method("vq", r).codebook_file());
+  CHECK(parse_method("antkv:metric=task,gain=k,rotate=pca", r).codebook_file() == "k-c4b3_v-c4b3_anchor_post_gk_rpca_mtask.h5");
 }
 
 // rsq (training-free rotated scalar baseline): Lloyd-Max levels of N(0, 1), norms kept, error falling with bits,

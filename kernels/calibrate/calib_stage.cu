@@ -37,6 +37,36 @@ void launch_to_half(const float* src, int64_t stride, int width, int64_t rows, _
   ANTKV_CUDA_CHECK(cudaGetLastError());
 }
 
+// metric=task: the window's query second moment per KV head, m[kv][i][j] = sum over tokens t and the KV head's
+// G query heads of q[t][kv G + g][i] q[t][kv G + g][j] (the CPU's query_moment, calibrate.h). Block (kv, tile of
+// kQmRows rows i), one thread per column j; kQmChunk query rows staged in shared memory at a time. fp32 sums.
+constexpr int kQmRows = 16, kQmChunk = 32;
+__global__ void query_moment_kernel(const float* __restrict__ q, int64_t stride, int T, int G, int d,
+                                    float* __restrict__ m) {
+  extern __shared__ float rows[];  // [kQmChunk][d]
+  const int kv = blockIdx.x, i0 = blockIdx.y * kQmRows, j = threadIdx.x;
+  float acc[kQmRows];
+#pragma unroll
+  for (int ii = 0; ii < kQmRows; ++ii) acc[ii] = 0.0f;
+  const int64_t n = static_cast<int64_t>(T) * G;
+  for (int64_t r0 = 0; r0 < n; r0 += kQmChunk) {
+    const int rn = n - r0 < kQmChunk ? static_cast<int>(n - r0) : kQmChunk;
+    for (int rr = 0; rr < rn; ++rr) {
+      const int64_t r = r0 + rr, t = r / G, g = r - t * G;
+      rows[rr * d + j] = q[t * stride + (static_cast<int64_t>(kv) * G + g) * d + j];
+    }
+    __syncthreads();
+    for (int rr = 0; rr < rn; ++rr) {
+      const float qj = rows[rr * d + j];
+#pragma unroll
+      for (int ii = 0; ii < kQmRows; ++ii) acc[ii] += rows[rr * d + i0 + ii] * qj;
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int ii = 0; ii < kQmRows; ++ii) m[(static_cast<int64_t>(kv) * d + i0 + ii) * d + j] = acc[ii];
+}
+
 class GpuCalibStage : public CalibDeviceStage {
  public:
   GpuCalibStage(const ModelConfig& cfg, int max_tokens) : cfg_(cfg), max_T_(max_tokens) {
@@ -52,6 +82,13 @@ class GpuCalibStage : public CalibDeviceStage {
       events_[s].assign(L, nullptr);
       tokens_[s].assign(L, 0);
       for (auto& e : events_[s]) ANTKV_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    }
+    // metric=task query moments: head_dim a multiple of kQmRows, one thread per channel
+    qm_on_ = cfg.head_dim % kQmRows == 0 && cfg.head_dim <= 256;
+    qm_size_ = KV * cfg.head_dim * cfg.head_dim;
+    if (qm_on_) {
+      for (int s = 0; s < kSlots; ++s) qm_host_[s].ensure(qm_size_ * L);
+      qm_.resize(qm_size_);
     }
     kh_.resize(2 * T * kvd_);  // keys | values, fp16
     sk_.resize(2 * T * KV);    // S_K | S_V
@@ -78,6 +115,14 @@ class GpuCalibStage : public CalibDeviceStage {
     if (pre_rope) launch_to_half(a.k_pre, a.k_pre_stride, static_cast<int>(kvd), T, kh, stream);
     else launch_to_half(p.k, static_cast<int64_t>(kvd), static_cast<int>(kvd), T, kh, stream);
     launch_to_half(p.v, static_cast<int64_t>(kvd), static_cast<int>(kvd), T, kh + static_cast<size_t>(T) * kvd, stream);
+    if (qm_on_) {
+      const int d = cfg_.head_dim;
+      query_moment_kernel<<<dim3(KV, d / kQmRows), d, static_cast<size_t>(kQmChunk) * d * sizeof(float), stream>>>(
+          a.q, a.q_stride, T, cfg_.num_heads / KV, d, qm_.get());
+      ANTKV_CUDA_CHECK(cudaGetLastError());
+      ANTKV_CUDA_CHECK(cudaMemcpyAsync(qm_host_[slot].get() + qm_size_ * a.layer, qm_.get(), qm_size_ * sizeof(float),
+                                       cudaMemcpyDeviceToHost, stream));
+    }
     uint16_t* hh = halves_[slot].get() + per_layer_halves_ * a.layer;
     float* hf = floats_[slot].get() + per_layer_floats_ * a.layer;
     ANTKV_CUDA_CHECK(cudaMemcpyAsync(hh, kh_.get(), 2 * static_cast<size_t>(T) * kvd * sizeof(uint16_t),
@@ -97,7 +142,8 @@ class GpuCalibStage : public CalibDeviceStage {
     const size_t T = static_cast<size_t>(tokens_[slot][layer]), KV = static_cast<size_t>(cfg_.num_kv_heads);
     const uint16_t* hh = halves_[slot].get() + per_layer_halves_ * layer;
     const float* hf = floats_[slot].get() + per_layer_floats_ * layer;
-    return CalibLayerHost{hh, hh + T * kvd_, hf, hf + T * KV};
+    return CalibLayerHost{hh, hh + T * kvd_, hf, hf + T * KV,
+                          qm_on_ ? qm_host_[slot].get() + qm_size_ * layer : nullptr};
   }
 
   double wait_seconds() const override { return wait_s_; }
@@ -108,6 +154,10 @@ class GpuCalibStage : public CalibDeviceStage {
   size_t kvd_ = 0, per_layer_halves_ = 0, per_layer_floats_ = 0;
   PinnedBuffer<uint16_t> halves_[kSlots];
   PinnedBuffer<float> floats_[kSlots];
+  bool qm_on_ = false;
+  size_t qm_size_ = 0;                 // KV * d * d
+  PinnedBuffer<float> qm_host_[kSlots];  // [layer][KV, d, d] per slot
+  DeviceBuffer<float> qm_;
   std::vector<cudaEvent_t> events_[kSlots];
   std::vector<int> tokens_[kSlots];
   DeviceBuffer<float> sk_;

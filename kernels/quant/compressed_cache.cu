@@ -364,8 +364,9 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
               "method {}: anchors={} (one tensor only) is not supported by the compressed cache (one code stream "
               "for keys and values): anchors=kv or off",
               m.text, m.anchors_name());
-  ANTKV_CHECK(m.gain == "off" && !m.correct && m.rotate == "off" && !m.layered() && m.layer_ratio.empty(),
-              "method {}: gain=, correct=, rotate= and per-layer widths or ratios (lkbits, lvbits, lratio) are not "
+  ANTKV_CHECK(m.gain == "off" && !m.correct && m.rotate == "off" && m.metric == "plain" && !m.layered() &&
+                  m.layer_ratio.empty(),
+              "method {}: gain=, correct=, rotate=, metric=task and per-layer widths or ratios (lkbits, lvbits, lratio) are not "
               "supported by the compressed cache (evaluate them with eval.kv_cache: simulated)",
               m.text);
   cuda::check_vq_shape(cfg.head_dim, config_);

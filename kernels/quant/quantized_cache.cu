@@ -474,6 +474,10 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
                   "method {}: per-layer widths or anchor ratios (lkbits, lvbits, lratio) are not implemented on the GPU "
                   "runtime; evaluate it with eval.device: cpu",
                   m.text);
+      ANTKV_CHECK(m.metric == "plain",
+                  "method {}: metric=task (assignment in the task metric) is not implemented on the GPU runtime; "
+                  "evaluate it with eval.device: cpu",
+                  m.text);
       ANTKV_CHECK(m.key_rope == "post" || m.key_rope == "pre", "method {}: key_rope is post or pre", m.text);
       pre_ = m.key_rope == "pre";
       R_ = W_ + 1;

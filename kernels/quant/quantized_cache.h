@@ -42,8 +42,9 @@
 // per-layer ring (window + group or decode_window + 1 tokens), so nothing is re-read from the bf16 arena.
 // A prefill chunk (n > 1) after decode steps quantizes only its own tokens (the waiting ones stay FP16), as on
 // the CPU. GpuRuntime::decode_batch() does not support a quantizer (it throws when one is set), and neither
-// do the option correct=on (the CPU attention's score correction) and per-layer widths or ratios (lkbits, lvbits,
-// lratio): errors naming the method. The compressed (real) cache refuses gain=, rotate= and rsq (real_cache in
+// do the option correct=on (the CPU attention's score correction), metric=task and per-layer widths or ratios
+// (lkbits, lvbits, lratio): errors naming the method. The compressed (real) cache refuses gain=, rotate=, metric=task
+// and rsq (real_cache in
 // gpu_method_runtime_factory keeps rsq simulated, as fp16 and uniform).
 #pragma once
 #include <cuda_bf16.h>

@@ -22,6 +22,7 @@
 #include "core/progress.h"
 #include "core/system_info.h"
 #include "io/calib_dump.h"
+#include "model/checkpoint.h"
 #include "tokenizer/tokenizer.h"
 
 namespace antkv {
@@ -88,6 +89,24 @@ inline float half_bits_to_float(uint16_t h) {
 
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+}  // namespace
+
+void query_moment(const float* q, int T, int n_heads, int n_kv_heads, int d, int64_t stride, std::vector<float>& out) {
+  const int G = n_heads / n_kv_heads;
+  out.assign(static_cast<size_t>(n_kv_heads) * d * d, 0.0f);
+  using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  for (int kv = 0; kv < n_kv_heads; ++kv) {
+    Eigen::Map<RowMat> m(out.data() + static_cast<size_t>(kv) * d * d, d, d);
+    for (int g = 0; g < G; ++g) {  // rows t of query head kv*G + g: [T, d] with row stride `stride`
+      Eigen::Map<const RowMat, 0, Eigen::OuterStride<>> x(q + static_cast<int64_t>(kv * G + g) * d, T, d,
+                                                           Eigen::OuterStride<>(stride));
+      m.noalias() += x.transpose() * x;
+    }
+  }
+}
+
+namespace {
 
 // One window: its tokens (BOS first), its index, and the rows (positions) stored.
 struct WindowJob {
@@ -202,6 +221,28 @@ class HostHalf {
     const auto t0 = Clock::now();
     writer_.append_layer_f16(layer, n, keys, values, s_k, s_v, an);
     write_seconds += since(t0);
+
+    // metric=task: the query second moment, summed over every window (all T tokens run, sampled rows or not)
+    if (qm_.empty()) qm_.resize(static_cast<size_t>(cfg_.num_layers)), qm_tokens_.assign(qm_.size(), 0), qm_missing_.assign(qm_.size(), 0);
+    auto& acc = qm_[static_cast<size_t>(layer)];
+    if (!h.q_moment) {
+      qm_missing_[static_cast<size_t>(layer)] = 1;
+    } else {
+      if (acc.empty()) acc.assign(static_cast<size_t>(KV) * d * d, 0.0);
+      for (size_t i = 0; i < acc.size(); ++i) acc[i] += h.q_moment[i];
+      qm_tokens_[static_cast<size_t>(layer)] += T;
+    }
+  }
+
+  // Hands the query moments (mean over the tokens run) to the writer when every window of every layer had them.
+  void finish_query_moment() {
+    for (size_t l = 0; l < qm_.size(); ++l)
+      if (qm_missing_[l] || qm_[l].empty() || qm_tokens_[l] == 0) return;
+    for (size_t l = 0; l < qm_.size(); ++l) {
+      std::vector<float> m(qm_[l].size());
+      for (size_t i = 0; i < m.size(); ++i) m[i] = static_cast<float>(qm_[l][i] / static_cast<double>(qm_tokens_[l]));
+      writer_.set_query_moment(static_cast<int>(l), m);
+    }
   }
 
  private:
@@ -236,6 +277,9 @@ class HostHalf {
   AnchorScoreKind kind_;
   std::vector<float> ans_, sk_buf_, sv_buf_, an_buf_;
   std::vector<uint16_t> kbuf_, vbuf_;
+  std::vector<std::vector<double>> qm_;  // [layer] -> [KV, d, d] sum of the windows' q_moment
+  std::vector<int64_t> qm_tokens_;
+  std::vector<uint8_t> qm_missing_;
 };
 
 // Host path: the runtime hands fp32 host copies of every layer; anchor scores by anchor_fn.
@@ -269,7 +313,8 @@ class HostObserver : public ForwardObserver {
       kh_[i] = Eigen::numext::bit_cast<uint16_t>(Eigen::half(keys[i]));
       vh_[i] = Eigen::numext::bit_cast<uint16_t>(Eigen::half(a.v[i]));
     }
-    half_.layer(*w_, a.layer, CalibLayerHost{kh_.data(), vh_.data(), s_k_.data(), s_v_.data()});
+    query_moment(a.q, T, cfg_.num_heads, KV, d, static_cast<int64_t>(cfg_.num_heads) * d, qm_);
+    half_.layer(*w_, a.layer, CalibLayerHost{kh_.data(), vh_.data(), s_k_.data(), s_v_.data(), qm_.data()});
   }
 
  private:
@@ -278,7 +323,7 @@ class HostObserver : public ForwardObserver {
   const AnchorScoreFn& fn_;
   HostHalf& half_;
   const WindowJob* w_ = nullptr;
-  std::vector<float> s_k_, s_v_;
+  std::vector<float> s_k_, s_v_, qm_;
   std::vector<uint16_t> kh_, vh_;
 };
 
@@ -386,6 +431,26 @@ std::vector<std::pair<int32_t, int64_t>> most_frequent(const std::map<int32_t, i
 }
 
 }  // namespace
+
+std::vector<float> oproj_gram(const Checkpoint& ckpt, int layer) {
+  const ModelConfig& cfg = ckpt.config();
+  const int H = cfg.num_heads, KV = cfg.num_kv_heads, d = cfg.head_dim, G = H / KV;
+  const int64_t hidden = cfg.hidden_size;
+  // o_proj.weight [hidden, H * d] (out x in): head g's columns g*d .. g*d + d - 1
+  const std::vector<float> w = ckpt.tensor(Checkpoint::layer_name(layer, "self_attn.o_proj.weight"),
+                                           {hidden, static_cast<int64_t>(H) * d}).to_float();
+  using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Eigen::Map<const RowMat> W(w.data(), hidden, static_cast<int64_t>(H) * d);
+  std::vector<float> out(static_cast<size_t>(KV) * d * d, 0.0f);
+  for (int kv = 0; kv < KV; ++kv) {
+    Eigen::Map<RowMat> m(out.data() + static_cast<size_t>(kv) * d * d, d, d);
+    for (int g = 0; g < G; ++g) {
+      const auto Wg = W.middleCols(static_cast<int64_t>(kv * G + g) * d, d);
+      m.noalias() += Wg.transpose() * Wg;
+    }
+  }
+  return out;
+}
 
 CalibrationResult run_calibration(Runtime& rt, const Tokenizer& tok, const CalibrationPlan& plan,
                                   const CalibrationOptions& o) {
@@ -511,6 +576,14 @@ CalibrationResult run_calibration(Runtime& rt, const Tokenizer& tok, const Calib
   m.num_kv_heads = cfg.num_kv_heads;
   m.head_dim = cfg.head_dim;
   m.sample_per_window = r.calibration.sample_per_window;
+  half.finish_query_moment();
+  if (!o.model_dir.empty()) {  // metric=task values: the o_proj Gram of each KV head, from the checkpoint
+    const Checkpoint ckpt = Checkpoint::open(o.model_dir);
+    ANTKV_CHECK(ckpt.config().config_hash == cfg.config_hash, "calibration: {} is not the model the runtime runs",
+                o.model_dir);
+    for (int l = 0; l < cfg.num_layers; ++l)
+      writer.set_oproj_gram(l, oproj_gram(ckpt, l));
+  }
   const auto tf = Clock::now();
   writer.finish(m);
   res.finish_seconds = since(tf);

@@ -61,6 +61,9 @@ struct CalibLayerHost {
   const uint16_t* values = nullptr;  // [T, kv_heads, d] fp16 bits
   const float* s_k = nullptr;        // [T, kv_heads]
   const float* s_v = nullptr;        // [T, kv_heads]
+  // The window's query second moment for metric=task: [kv_heads, d, d], sum over the window's T tokens and the KV
+  // head's G query heads of q q^T (post-RoPE q). Null: not computed (the dump then has no /query_moment).
+  const float* q_moment = nullptr;
 };
 
 // The device half of calibration on a GPU runtime (kernels/calibrate/calib_stage.h): for each layer of a
@@ -94,6 +97,14 @@ struct CalibrationOptions {
   std::string fingerprint;       // stored in /meta
   bool progress = true;
 };
+
+class Checkpoint;
+// metric=task statistics (dump /layer_{l}/query_moment and /oproj_gram; quant/method.h):
+// out [n_kv_heads, d, d] = sum over tokens t and the KV head's G query heads of q q^T; q: [T, n_heads * d] rows
+// with row stride `stride` (elements).
+void query_moment(const float* q, int T, int n_heads, int n_kv_heads, int d, int64_t stride, std::vector<float>& out);
+// [n_kv_heads, d, d]: sum over the KV head's G query heads g of W_o,g^T W_o,g (W_o,g: o_proj's d columns of head g).
+std::vector<float> oproj_gram(const Checkpoint& ckpt, int layer);
 
 CalibrationResult run_calibration(Runtime& rt, const Tokenizer& tok, const CalibrationPlan& plan,
                                   const CalibrationOptions& opts);

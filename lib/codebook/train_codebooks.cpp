@@ -109,6 +109,9 @@ struct Side {
   bool keys;
   bool gain = false;  // gain-shape: train on unit vectors (kmeans.gain)
   bool rotate = false;  // rotate=pca: train in the centered PCA basis with OPQ allocation (kmeans.rotate)
+  // metric=task (kmeans.metric): [KV, d, d] per head, the task metric of this side in the original basis (keys:
+  // query second moment, values: o_proj Gram; metric_of_side); empty: plain
+  const std::vector<double>* metric = nullptr;
 };
 
 struct SideTimes {
@@ -182,6 +185,27 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
       pca_rotation(C.data(), d, c, cb.rotation.data() + static_cast<int64_t>(h) * d * d);
     }
   }
+  // metric=task: per head and group the fp16 Cholesky factor L of the c x c diagonal block of the metric in the
+  // coded basis (R M R^T after rotate=pca's rotation: the error there is R (x - x_hat)); the codebooks learn L^T x
+  const bool task = side.metric != nullptr;
+  if (task) {
+    cb.metric.assign(static_cast<size_t>(KV) * groups * c * c, 0.0f);
+    for (int h = 0; h < KV; ++h) {
+      using RowMat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+      RowMat M = Eigen::Map<const RowMat>(side.metric->data() + static_cast<size_t>(h) * d * d, d, d);
+      if (side.rotate) {
+        RowMat R(d, d);
+        const float* Rh = cb.rotation.data() + static_cast<int64_t>(h) * d * d;
+        for (int i = 0; i < d * d; ++i) R.data()[i] = Rh[i];
+        M = R * M * R.transpose();
+      }
+      for (int g = 0; g < groups; ++g) {
+        const RowMat block = M.block(static_cast<int64_t>(g) * c, static_cast<int64_t>(g) * c, c, c);
+        const std::string what = fmt::format("{}: layer {} {} head {} group {}", dump.path(), layer, side.name, h, g);
+        metric_factor(block.data(), c, cb.metric.data() + (static_cast<size_t>(h) * groups + g) * c * c, what.c_str());
+      }
+    }
+  }
   // the batch: codebook (h, g) -> points x[train rows, h, g*c : (g+1)*c], gathered and converted in one
   // parallel pass over the rows (each row read once, contiguously)
   const int B = KV * groups;
@@ -209,6 +233,7 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
         const float* src = hv.data() + static_cast<int64_t>(g) * c;
         float* dst = bx + (cbi * n + i) * c;
         for (int t = 0; t < c; ++t) dst[t] = src[t] * scale;
+        if (task) metric_forward(cb.metric.data() + cbi * c * c, 1, c, dst, 1, c);  // x' = L^T x
         bw[cbi * n + i] = tw[h * n + i];
       }
     }
@@ -233,6 +258,9 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
   auto trainer = o.make_trainer ? o.make_trainer(kp) : make_kmeans_cpu(kp);
   KMeansResult res = trainer->train(batch);
   cb.centroids = std::move(res.centroids);
+  if (task)  // centroids back to the coded basis: c = L^-T c' (the objective stays the metric's)
+    for (int64_t cbi = 0; cbi < B; ++cbi)
+      metric_inverse(cb.metric.data() + cbi * c * c, 1, c, cb.centroids.data() + cbi * k * c, k, c);
   cb.objective = res.objective;
   cb.iterations.assign(res.iterations.begin(), res.iterations.end());
   cb.reseeded = res.reseeded;
@@ -270,7 +298,11 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
   }
   for (int h = 0; h < KV; ++h) {
     VqHeadCodebooks hc{cb.centroids.data() + static_cast<int64_t>(h) * groups * k * c, groups, k, c};
-    vq_quantize(hc, hx + static_cast<int64_t>(h) * d, nh, row, hr + static_cast<int64_t>(h) * d);
+    if (task)  // the nearest centroid in the metric, as the cache assigns
+      vq_quantize_metric(hc, cb.metric.data() + static_cast<size_t>(h) * groups * c * c, hx + static_cast<int64_t>(h) * d,
+                         nh, row, hr + static_cast<int64_t>(h) * d);
+    else
+      vq_quantize(hc, hx + static_cast<int64_t>(h) * d, nh, row, hr + static_cast<int64_t>(h) * d);
   }
   if (side.gain) {
     gain_restore(hr, nh * KV, d, d, norms16.data());
@@ -311,6 +343,27 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
 
 }  // namespace
 
+std::vector<double> task_metric(const CalibDumpReader& dump, int layer, bool keys) {
+  const int KV = static_cast<int>(dump.meta().num_kv_heads), d = static_cast<int>(dump.meta().head_dim);
+  const std::vector<float> m = keys ? dump.read_query_moment(layer) : dump.read_oproj_gram(layer);
+  std::vector<double> out(m.begin(), m.end());
+  if (keys && dump.meta().key_rope == "pre") {
+    // Pre-RoPE keys: the query that reads key j sees it rotated by R(theta (i - j)) in each RoPE pair (i, i + d/2)
+    // (half-split layout, runtime/rope.h), so the score metric depends on the positions. A rotation-invariant
+    // stand-in: the diagonal with both channels of a pair at the mean of their second moments,
+    // (E[q_i^2] + E[q_{i+d/2}^2]) / 2 (the pair's total, which every rotation keeps, spread evenly).
+    const int half = d / 2;
+    for (int h = 0; h < KV; ++h) {
+      double* M = out.data() + static_cast<size_t>(h) * d * d;
+      std::vector<double> diag(static_cast<size_t>(d));
+      for (int i = 0; i < half; ++i) diag[i] = diag[i + half] = (M[i * d + i] + M[(i + half) * d + i + half]) / 2;
+      std::fill(M, M + static_cast<size_t>(d) * d, 0.0);
+      for (int i = 0; i < d; ++i) M[i * d + i] = diag[i];
+    }
+  }
+  return out;
+}
+
 TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
   ANTKV_CHECK(o.recipe, "train_codebooks: no recipe");
   const Recipe& r = *o.recipe;
@@ -336,6 +389,14 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
   cm.exclude_anchors = r.kmeans.exclude_anchors;
   cm.gain = r.kmeans.gain;
   cm.rotate = r.kmeans.rotate;
+  cm.metric = r.kmeans.metric;
+  const bool task = r.kmeans.metric == "task";
+  // metric=task: every layer's metrics read here, before the prefetch thread (the only HDF5 user while it runs)
+  // starts; read_* say clearly what an older dump lacks
+  std::vector<std::vector<double>> key_metrics, value_metrics;
+  if (task)
+    for (int l = 0; l < static_cast<int>(m.num_layers); ++l)
+      key_metrics.push_back(task_metric(dump, l, true)), value_metrics.push_back(task_metric(dump, l, false));
   cm.trainer = o.trainer_name;
   cm.version = o.version;
   cm.created = utc_timestamp();
@@ -371,10 +432,14 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
     const auto tl = Clock::now();
     const RowPlan plan = plan_rows(dump, r, data, windows, positions);
     times.prepare += since(tl);
-    train_side(dump, r, o, data, plan, {"keys", r.quant.keys.c, r.quant.keys.b, true, r.kmeans.gain != "off", r.kmeans.rotate != "off"}, out.codebooks.keys[l],
-               out.layers[l].keys, times, ws);
-    train_side(dump, r, o, data, plan, {"values", r.quant.values.c, r.quant.values.b, false, r.kmeans.gain == "kv", r.kmeans.rotate != "off"}, out.codebooks.values[l],
-               out.layers[l].values, times, ws);
+    train_side(dump, r, o, data, plan,
+               {"keys", r.quant.keys.c, r.quant.keys.b, true, r.kmeans.gain != "off", r.kmeans.rotate != "off",
+                task ? &key_metrics[l] : nullptr},
+               out.codebooks.keys[l], out.layers[l].keys, times, ws);
+    train_side(dump, r, o, data, plan,
+               {"values", r.quant.values.c, r.quant.values.b, false, r.kmeans.gain == "kv", r.kmeans.rotate != "off",
+                task ? &value_metrics[l] : nullptr},
+               out.codebooks.values[l], out.layers[l].values, times, ws);
     out.layers[l].seconds = since(tl);
     progress.advance(1, fmt::format("layer {}: K rel err {:.4f}, V rel err {:.4f}", l, out.layers[l].keys.relative,
                                     out.layers[l].values.relative));
@@ -393,7 +458,7 @@ std::string train_report_json(const TrainCodebooksResult& r) {
   json j;
   j["config"] = {{"key_c", m.key_c}, {"key_b", m.key_b}, {"value_c", m.value_c}, {"value_b", m.value_b},
                  {"key_bits", double(m.key_b) / m.key_c}, {"value_bits", double(m.value_b) / m.value_c},
-                 {"weighting", m.weighting}, {"exclude_anchors", m.exclude_anchors}, {"gain", m.gain}, {"rotate", m.rotate}, {"key_rope", m.key_rope},
+                 {"weighting", m.weighting}, {"exclude_anchors", m.exclude_anchors}, {"gain", m.gain}, {"rotate", m.rotate}, {"metric", m.metric}, {"key_rope", m.key_rope},
                  {"trainer", m.trainer}};
   j["seconds"] = r.seconds;
   j["seconds_split"] = {{"read", r.read_seconds}, {"waiting_for_reads", r.wait_read_seconds},

@@ -51,6 +51,12 @@ struct TrainCodebooksResult {
 };
 
 TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& opts);
+
+class CalibDumpReader;
+// metric=task (quant/method.h): the full d x d metric of each KV head of one layer, [kv_heads, d, d] (double) in the
+// original basis: keys the dump's query_moment (pre-RoPE dumps: the rotation-invariant pair-averaged diagonal),
+// values its oproj_gram. Errors clearly when the dump lacks them.
+std::vector<double> task_metric(const CalibDumpReader& dump, int layer, bool keys);
 std::string train_report_json(const TrainCodebooksResult& r);
 
 }  // namespace antkv

@@ -47,12 +47,12 @@ std::map<std::string, std::shared_ptr<const CodebookSet>> load_method_codebooks(
     const CodebookMeta& cm = set->meta;
     ANTKV_CHECK(cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b &&
                     cm.weighting == m.weighting && cm.exclude_anchors == m.exclude_anchors && cm.key_rope == m.key_rope &&
-                    cm.gain == m.gain && cm.rotate == m.rotate,
+                    cm.gain == m.gain && cm.rotate == m.rotate && cm.metric == m.metric,
                 "{}: codebooks for keys c{}b{}, values c{}b{}, weighting {}, anchors {} in training, key_rope {}, gain {}, "
-                "rotate {}; method {} needs c{}b{}, c{}b{}, {}, {}, {}, gain {}, rotate {}", p, cm.key_c, cm.key_b, cm.value_c,
-                cm.value_b, cm.weighting, cm.exclude_anchors ? "excluded" : "included", cm.key_rope, cm.gain, cm.rotate,
-                m.text, m.keys.c, m.keys.b, m.values.c, m.values.b, m.weighting,
-                m.exclude_anchors ? "excluded" : "included", m.key_rope, m.gain, m.rotate);
+                "rotate {}, metric {}; method {} needs c{}b{}, c{}b{}, {}, {}, {}, gain {}, rotate {}, metric {}", p, cm.key_c,
+                cm.key_b, cm.value_c, cm.value_b, cm.weighting, cm.exclude_anchors ? "excluded" : "included", cm.key_rope,
+                cm.gain, cm.rotate, cm.metric, m.text, m.keys.c, m.keys.b, m.values.c, m.values.b, m.weighting,
+                m.exclude_anchors ? "excluded" : "included", m.key_rope, m.gain, m.rotate, m.metric);
     books[m.codebook_file()] = std::move(set);
   }
   // per-layer widths: one set whose layer l holds the codebooks of layer l's configuration (meta of layer 0's file)
@@ -239,6 +239,7 @@ std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std
   // gain-shape codebooks only: the fingerprints of earlier codebook files stay valid
   if (m.gain != "off") fields.emplace_back("kmeans.gain", m.gain);
   if (m.rotate != "off") fields.emplace_back("kmeans.rotate", m.rotate);
+  if (m.metric != "plain") fields.emplace_back("kmeans.metric", m.metric);
   return make_fingerprint(fields);
 }
 
@@ -259,8 +260,13 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
     if (!m.needs_codebooks() || dumps.count(m.key_rope)) continue;
     const std::string path = (fs::path(r.out_dir) / ("calib-" + m.key_rope + ".h5")).string();
     const std::string fp = calibration_fingerprint(r, o.ckpt->content_hash(), m.key_rope);
-    const ReuseDecision d = decide_reuse(path, fp, o.force, [](const std::string& p) {
-      return CalibDumpReader(p).meta().fingerprint;
+    bool task = false;  // metric=task codebooks need the dump's query moments and o_proj Grams (dumps before them lack them)
+    for (const auto& x : methods) task |= x.needs_codebooks() && x.key_rope == m.key_rope && x.metric != "plain";
+    const ReuseDecision d = decide_reuse(path, fp, o.force, [task](const std::string& p) {
+      CalibDumpReader dump(p);
+      if (task && !(dump.has_query_moment() && dump.has_oproj_gram()))
+        throw Error("it has no metric=task statistics (query_moment, oproj_gram)");
+      return dump.meta().fingerprint;
     });
     std::fprintf(stderr, "%s\n", d.message.c_str());
     if (!d.reuse) {
@@ -317,6 +323,7 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
     rc.kmeans.exclude_anchors = m.exclude_anchors;
     rc.kmeans.gain = m.gain;
     rc.kmeans.rotate = m.rotate;
+    rc.kmeans.metric = m.metric;
     rc.key_rope = m.key_rope;
     rc.anchor.ratio = m.ratio;
     TrainCodebooksOptions to;

@@ -52,6 +52,7 @@ struct CalibDumpWriter::Impl {
   std::vector<Layer> layers;
   int kv_heads = 0, head_dim = 0, deflate_level = 0;
   int64_t bytes = 0;
+  std::vector<std::vector<float>> query_moment, oproj_gram;  // [layer] -> [kv_heads, d, d] or empty
   H5::FloatType half = h5::half_type();
 };
 
@@ -87,6 +88,24 @@ CalibDumpWriter::CalibDumpWriter(const std::string& path, int num_layers, int nu
 }
 
 int64_t CalibDumpWriter::bytes_appended() const { return impl_->bytes; }
+
+namespace {
+void set_square(std::vector<std::vector<float>>& dst, size_t layers, int layer, const std::vector<float>& m, int kv, int d,
+                const char* what) {
+  ANTKV_CHECK(layer >= 0 && static_cast<size_t>(layer) < layers, "calibration dump: bad layer {}", layer);
+  ANTKV_CHECK(m.size() == static_cast<size_t>(kv) * d * d, "calibration dump: layer {} {} has {} values, expected {}", layer,
+              what, m.size(), static_cast<size_t>(kv) * d * d);
+  dst.resize(layers);
+  dst[static_cast<size_t>(layer)] = m;
+}
+}  // namespace
+
+void CalibDumpWriter::set_query_moment(int layer, const std::vector<float>& m) {
+  set_square(impl_->query_moment, impl_->layers.size(), layer, m, impl_->kv_heads, impl_->head_dim, "query_moment");
+}
+void CalibDumpWriter::set_oproj_gram(int layer, const std::vector<float>& m) {
+  set_square(impl_->oproj_gram, impl_->layers.size(), layer, m, impl_->kv_heads, impl_->head_dim, "oproj_gram");
+}
 
 CalibDumpWriter::~CalibDumpWriter() = default;
 
@@ -125,6 +144,13 @@ void CalibDumpWriter::append_layer_f16(int layer, int n, const uint16_t* keys, c
 
 void CalibDumpWriter::finish(const CalibMeta& m) {
   h5::guard(impl_->path, [&] {
+    const hsize_t kv = static_cast<hsize_t>(impl_->kv_heads), d = static_cast<hsize_t>(impl_->head_dim);
+    for (size_t l = 0; l < impl_->layers.size(); ++l)
+      for (auto [name, src] : {std::pair<const char*, const std::vector<std::vector<float>>*>{"query_moment", &impl_->query_moment},
+                               {"oproj_gram", &impl_->oproj_gram}})
+        if (l < src->size() && !(*src)[l].empty())
+          h5::write_dataset(impl_->layers[l].group, name, H5::PredType::IEEE_F32LE, H5::PredType::NATIVE_FLOAT, {kv, d, d},
+                            (*src)[l].data());
     H5::Group g = impl_->file.createGroup("meta");
     h5::set_attr(g, "kind", std::string("antkv-calibration"));
     h5::set_attr(g, "model", m.model);
@@ -162,6 +188,7 @@ struct CalibDumpReader::Impl {
   H5::H5File file;
   CalibMeta meta;
   int64_t n = 0;
+  bool query_moment = false, oproj_gram = false;  // every layer holds it
 };
 
 CalibDumpReader::CalibDumpReader(const std::string& path) : impl_(new Impl) {
@@ -213,6 +240,20 @@ CalibDumpReader::CalibDumpReader(const std::string& path) : impl_(new Impl) {
         ANTKV_CHECK(d.size() == 2 && static_cast<int64_t>(d[0]) == impl_->n &&
                         static_cast<int64_t>(d[1]) == m.num_kv_heads,
                     "{}: /{}/{} has the wrong shape", path, gname, ds);
+      }
+    }
+    for (auto [ds, flag] : {std::pair<const char*, bool*>{"query_moment", &impl_->query_moment}, {"oproj_gram", &impl_->oproj_gram}}) {
+      *flag = m.num_layers > 0;
+      for (int64_t l = 0; l < m.num_layers; ++l) {
+        const std::string name = layer_group(static_cast<int>(l)) + "/" + ds;
+        if (!impl_->file.nameExists(name)) {
+          *flag = false;
+          continue;
+        }
+        const auto d = h5::dims_of(h5::open_dataset(impl_->file, name));
+        ANTKV_CHECK(d == (std::vector<hsize_t>{static_cast<hsize_t>(m.num_kv_heads), static_cast<hsize_t>(m.head_dim),
+                                               static_cast<hsize_t>(m.head_dim)}),
+                    "{}: /{} has the wrong shape", path, name);
       }
     }
     return 0;
@@ -276,6 +317,34 @@ void CalibDumpReader::read_values_half(int layer, int64_t row0, int64_t rows, ui
     return 0;
   });
 }
+bool CalibDumpReader::has_query_moment() const { return impl_->query_moment; }
+bool CalibDumpReader::has_oproj_gram() const { return impl_->oproj_gram; }
+
+namespace {
+std::vector<float> read_square(const H5::H5File& f, const CalibMeta& m, int layer, const char* name, bool present,
+                               const std::string& path, const char* why) {
+  ANTKV_CHECK(present, "{}: the calibration dump has no /layer_{{l}}/{} ({}); recalibrate with this version{}", path, name,
+              why, std::string(name) == "query_moment" ? " and calibration.device: cpu (the GPU calibration stage does "
+                                                         "not compute it)"
+                                                       : " (antkv-calibrate, which knows the model directory)");
+  std::vector<float> v(static_cast<size_t>(m.num_kv_heads * m.head_dim * m.head_dim));
+  h5::guard(path, [&] {
+    h5::open_dataset(f, layer_group(layer) + "/" + name).read(v.data(), H5::PredType::NATIVE_FLOAT);
+    return 0;
+  });
+  return v;
+}
+}  // namespace
+
+std::vector<float> CalibDumpReader::read_query_moment(int layer) const {
+  return read_square(impl_->file, impl_->meta, layer, "query_moment", impl_->query_moment, impl_->path,
+                     "metric=task keys need the queries' second moment");
+}
+std::vector<float> CalibDumpReader::read_oproj_gram(int layer) const {
+  return read_square(impl_->file, impl_->meta, layer, "oproj_gram", impl_->oproj_gram, impl_->path,
+                     "metric=task values need the o_proj Gram matrices");
+}
+
 void CalibDumpReader::read_scores(int layer, const char* name, int64_t row0, int64_t rows, float* out) const {
   h5::guard(impl_->path, [&] {
     h5::read_rows(h5::open_dataset(impl_->file, layer_group(layer) + "/" + name), H5::PredType::NATIVE_FLOAT, row0, rows, out);

@@ -8,6 +8,12 @@
 //   /layer_{l}/keys          [N, kv_heads, d] fp16   (post- or pre-RoPE as meta key_rope says)
 //   /layer_{l}/values        [N, kv_heads, d] fp16
 //   /layer_{l}/S_K, /S_V, /anchor_score  [N, kv_heads] fp32
+//   /layer_{l}/query_moment  [kv_heads, d, d] fp32   sum over the KV head's G query heads of the mean over the
+//                            calibration tokens run (every token of every window, sampled or not) of q q^T, q the
+//                            post-RoPE query (metric=task keys; dumps before it, or from a device stage that does not
+//                            compute it, lack it)
+//   /layer_{l}/oproj_gram    [kv_heads, d, d] fp32   sum over the G query heads g of W_o,g^T W_o,g, W_o,g the head's
+//                            d columns of o_proj (metric=task values; written when the model directory is known)
 // Datasets grow window by window (chunked), so memory stays bounded. Not compressed by default: on fp16
 // K/V, shuffle + deflate saves little (meta kv_compression says what was used) and costs one core's deflate
 // time, which bounded calibration at the 8B shape (see CalibDumpWriter).
@@ -45,6 +51,9 @@ class CalibDumpWriter {
   void append_layer_f16(int layer, int n, const uint16_t* keys, const uint16_t* values, const float* s_k,
                         const float* s_v, const float* anchor_score);
   int64_t bytes_appended() const;  // K/V and score bytes so far (before any compression)
+  // The metric=task statistics of one layer, [kv_heads, d, d] each (null: not stored), written by finish().
+  void set_query_moment(int layer, const std::vector<float>& m);
+  void set_oproj_gram(int layer, const std::vector<float>& m);
   void finish(const CalibMeta& meta);  // writes /meta and closes; the dump is complete
 
  private:
@@ -69,6 +78,11 @@ class CalibDumpReader {
   // The stored fp16 bits themselves (no conversion): [rows, kv_heads, d].
   void read_keys_half(int layer, int64_t row0, int64_t rows, uint16_t* out) const;
   void read_values_half(int layer, int64_t row0, int64_t rows, uint16_t* out) const;
+  // metric=task statistics ([kv_heads, d, d]); has_*: whether every layer holds them.
+  bool has_query_moment() const;
+  bool has_oproj_gram() const;
+  std::vector<float> read_query_moment(int layer) const;  // errors clearly when the dump lacks it
+  std::vector<float> read_oproj_gram(int layer) const;
 
  private:
   struct Impl;

@@ -37,6 +37,12 @@ void write_codebooks(const std::string& path, const CodebookSet& s) {
                             cb.rotation.data());
           h5::write_dataset(g, p + "mean", H5::PredType::IEEE_F32LE, H5::PredType::NATIVE_FLOAT, {kv, d}, cb.mean.data());
         }
+        if (m.metric != "plain") {
+          ANTKV_CHECK(cb.metric.size() == kv * groups * c * c, "{}: layer {} {}metric has {} values, expected {}", path, l, p,
+                      cb.metric.size(), kv * groups * c * c);
+          h5::write_dataset(g, p + "metric", H5::PredType::IEEE_F32LE, H5::PredType::NATIVE_FLOAT, {kv, groups, c, c},
+                            cb.metric.data());
+        }
       }
     }
     H5::Group g = f.createGroup("meta");
@@ -49,6 +55,7 @@ void write_codebooks(const std::string& path, const CodebookSet& s) {
     h5::set_attr(g, "exclude_anchors", int64_t{m.exclude_anchors ? 1 : 0});
     h5::set_attr(g, "gain", m.gain);
     h5::set_attr(g, "rotate", m.rotate);
+    if (m.metric != "plain") h5::set_attr(g, "metric", m.metric);
     h5::set_attr(g, "trainer", m.trainer);
     h5::set_attr(g, "version", m.version);
     h5::set_attr(g, "created", m.created);
@@ -89,6 +96,9 @@ CodebookSet read_codebooks(const std::string& path) {
                 path, m.gain);
     if (h5::has_attr(g, "rotate")) m.rotate = h5::get_attr_string(g, "rotate", path);
     ANTKV_CHECK(m.rotate == "off" || m.rotate == "pca", "{}: /meta attribute rotate is \"{}\" (off or pca)", path, m.rotate);
+    if (h5::has_attr(g, "metric")) m.metric = h5::get_attr_string(g, "metric", path);
+    ANTKV_CHECK(m.metric == "plain" || m.metric == "task", "{}: /meta attribute metric is \"{}\" (plain or task)", path,
+                m.metric);
     m.trainer = h5::get_attr_string(g, "trainer", path);
     m.version = h5::get_attr_string(g, "version", path);
     m.created = h5::get_attr_string(g, "created", path);
@@ -136,6 +146,14 @@ CodebookSet read_codebooks(const std::string& path) {
           ANTKV_CHECK(h5::dims_of(ms) == (std::vector<hsize_t>{want[0], d}), "{}: /{}mean has the wrong shape", path, p);
           cb.mean.resize(want[0] * d);
           ms.read(cb.mean.data(), H5::PredType::NATIVE_FLOAT);
+        }
+        if (m.metric != "plain") {
+          ANTKV_CHECK(f.nameExists(p + "metric"), "{}: /meta says metric={} but /{}metric is missing", path, m.metric, p);
+          H5::DataSet ms = h5::open_dataset(f, p + "metric");
+          ANTKV_CHECK(h5::dims_of(ms) == (std::vector<hsize_t>{want[0], want[1], c, c}), "{}: /{}metric has the wrong shape",
+                      path, p);
+          cb.metric.resize(want[0] * want[1] * c * c);
+          ms.read(cb.metric.data(), H5::PredType::NATIVE_FLOAT);
         }
       }
     }

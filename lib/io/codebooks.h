@@ -1,5 +1,5 @@
 // Codebook files (design note §7), HDF5:
-//   /meta   attributes: config_hash, calib_hash, recipe (YAML), key_rope, weighting, exclude_anchors, gain, rotate, key_c,
+//   /meta   attributes: config_hash, calib_hash, recipe (YAML), key_rope, weighting, exclude_anchors, gain, rotate, metric, key_c,
 //           key_b, value_c, value_b, num_layers, num_kv_heads, head_dim, trainer, version, created
 //   /layer_{l}/key_centroids    [kv_heads, d/c, 2^b, c] fp32   (value_centroids likewise, with the value c, b)
 //   /layer_{l}/key_objective    [kv_heads, d/c] fp64   final weighted k-means objective per codebook
@@ -7,6 +7,8 @@
 //   /layer_{l}/key_error_norm   [kv_heads] fp32   mean |k - k_hat| on held-out tokens (e_K of §2)
 //   /layer_{l}/key_rotation     [kv_heads, d, d] fp32, /key_mean [kv_heads, d] fp32   (rotate=pca only;
 //                               fp16-rounded values)
+//   /layer_{l}/key_metric       [kv_heads, d/c, c, c] fp32   (metric=task only; fp16-rounded lower-triangular
+//                               Cholesky factor L of each group's metric block, M ~ L L^T; quant/method.h)
 //   (value_* likewise)
 #pragma once
 #include <cstdint>
@@ -26,6 +28,9 @@ struct CodebookMeta {
   std::string gain = "off";
   // off | pca: K/V coded in a learned rotated, centered basis (quant/vq.h rotate_forward; files before it: off)
   std::string rotate = "off";
+  // plain | task: codebooks trained (and codes assigned) in the task metric, factors in /layer_{l}/*_metric (files
+  // before it: plain)
+  std::string metric = "plain";
 };
 
 // One layer's codebooks for keys or values.
@@ -37,6 +42,9 @@ struct LayerCodebooks {
   std::vector<float> error_norm;  // [kv_heads]
   std::vector<float> rotation;    // rotate=pca: [kv_heads, d, d] fp16-rounded orthogonal basis (rows)
   std::vector<float> mean;        // rotate=pca: [kv_heads, d] fp16-rounded mean subtracted before the rotation
+  // metric=task: [kv_heads, d/c, c, c] fp16-rounded lower-triangular factors L (row-major); the distance of group g
+  // is |L^T (x - c)|^2 (in the coded basis: after rotate=pca's rotation)
+  std::vector<float> metric;
 };
 
 struct CodebookSet {

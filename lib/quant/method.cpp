@@ -9,9 +9,9 @@
 namespace antkv {
 
 std::string MethodSpec::codebook_file() const {
-  return fmt::format("k-c{}b{}_v-c{}b{}_{}{}_{}{}{}.h5", keys.c, keys.b, values.c, values.b, weighting,
+  return fmt::format("k-c{}b{}_v-c{}b{}_{}{}_{}{}{}{}.h5", keys.c, keys.b, values.c, values.b, weighting,
                      exclude_anchors ? "" : "_all", key_rope, gain == "off" ? "" : "_g" + gain,
-                     rotate == "off" ? "" : "_r" + rotate);
+                     rotate == "off" ? "" : "_r" + rotate, metric == "plain" ? "" : "_m" + metric);
 }
 
 std::string MethodSpec::anchors_name() const {
@@ -147,6 +147,9 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
       } else if (k == "rotate") {
         ANTKV_CHECK(v == "off" || v == "pca", "method \"{}\": rotate is off or pca, got \"{}\"", text, v);
         m.rotate = v;
+      } else if (k == "metric") {
+        ANTKV_CHECK(v == "plain" || v == "task", "method \"{}\": metric is plain or task, got \"{}\"", text, v);
+        m.metric = v;
       }
       else if (k == "correct") m.correct = on_off();
       else if (k == "promote") m.promote = on_off();
@@ -159,7 +162,7 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
       else if (k == "key_rope") {
         ANTKV_CHECK(v == "post" || v == "pre", "method \"{}\": key_rope is post or pre", text);
         m.key_rope = v;
-      } else fail("method \"{}\": unknown option \"{}\" (bits, kbits, vbits, anchors, weighting, ratio, score, key_rope, correct, promote, exclude, gain, rotate, lkbits, lvbits, lratio)", text, k);
+      } else fail("method \"{}\": unknown option \"{}\" (bits, kbits, vbits, anchors, weighting, ratio, score, key_rope, correct, promote, exclude, gain, rotate, metric, lkbits, lvbits, lratio)", text, k);
     }
   }
   if (m.kind == "rsq") {
@@ -219,6 +222,7 @@ double effective_bits(const MethodSpec& m, int L, int d, bool include_codebooks)
     double bits = ((L - n_anchor) * q.bits() * d + n_anchor * (16.0 * d + 32.0)) / (static_cast<double>(L) * d);
     if (include_codebooks) bits += static_cast<double>(1 << q.b) * 16.0 / L;  // 2^b x c fp16 per group of c channels
     if (include_codebooks && m.rotate != "off") bits += (d + 1) * 16.0 / L;  // fp16 d x d basis and d-mean per head
+    if (include_codebooks && m.metric != "plain") bits += q.c * 16.0 / L;  // fp16 c x c metric factor per group
     if (m.correct && is_keys) bits += (L - n_anchor) * 16.0 / (static_cast<double>(L) * d);  // fp16 error per key
     if (is_keys ? m.gain_keys() : m.gain_values())  // fp16 norm per quantized token and head
       bits += (L - n_anchor) * 16.0 / (static_cast<double>(L) * d);

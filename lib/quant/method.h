@@ -19,6 +19,20 @@
 //     rotate_forward: mean and PCA basis with OPQ eigenvalue allocation over the groups), codebooks trained in that
 //     basis (a configuration of its own: file name suffix _rpca, /meta attribute rotate); mean and basis are fp16
 //     side information counted with the codebooks in effective bits. Combines with gain (norm of x - mean).
+//   metric=task (ours; default metric=plain): codebooks trained and codes assigned in the task metric instead of
+//     the Euclidean one: a group's distance is (x - c)^T M (x - c) with M the group's c x c diagonal block of
+//     keys: the second moment E[q q^T] of the post-RoPE queries reading the KV head (summed over its G query heads;
+//           calibration dump /layer_{l}/query_moment), so that the error is that of the scores q.(k - k_hat);
+//           pre-RoPE keys (key_rope=pre): a rotation-invariant diagonal, both channels of RoPE pair (i, i + d/2)
+//           get (E[q_i^2] + E[q_{i+d/2}^2]) / 2;
+//     values: sum over the G query heads g of W_o,g^T W_o,g (W_o,g the d columns of o_proj for head g; dump
+//           /layer_{l}/oproj_gram), the output error W_o (v - v_hat).
+//     With rotate=pca the blocks are those of R M R^T (the metric in the coded basis). Per (layer, head, group)
+//     the fp16 Cholesky factor L of the block (scaled to trace c, + ridge 1e-3 I) is stored (file suffix _mtask, /meta
+//     attribute metric, /layer_{l}/key_metric [kv_heads, d/c, c, c]); training runs plain/weighted k-means on
+//     L^T x (both trainers) and maps the centroids back (c = L^-T c'); the quantizer assigns by nearest L^T c to
+//     L^T x and decodes with the original-space centroids. The factors count with the codebooks in effective bits
+//     (c x c fp16 per group). The simulated GPU quantizer and the compressed cache refuse it.
 // `vq` is antkv with anchors=off, weighting=none and codebooks trained on every calibration token (CQ knows
 // no anchors); antkv's codebooks leave the calibration anchors out (recipe kmeans.exclude_anchors; option
 // exclude=on|off). Ablations are antkv with one component off.
@@ -41,6 +55,7 @@ struct MethodSpec {
   bool anchor_keys = true, anchor_values = true;  // which tensors anchor tokens keep in FP16
   std::string gain = "off";     // off | k | kv: gain-shape (norm in fp16, direction quantized) keys / values
   std::string rotate = "off";   // off | pca: coded in a learned centered, rotated basis (codebook configuration)
+  std::string metric = "plain"; // plain | task: codebooks and assignment in the task metric (codebook configuration)
   std::string weighting = "anchor";
   bool exclude_anchors = true;  // codebooks trained without the calibration anchors (vq: false)
   double ratio = 0.01;
@@ -85,7 +100,7 @@ struct MethodSpec {
   bool needs_codebooks() const { return kind == "vq" || kind == "antkv"; }
   // The codebook file name of the configuration this method needs: "k-c8b8_v-c8b8_anchor_post.h5"
   // ("k-c8b8_v-c8b8_none_all_post.h5" when trained on every token, anchors included; "..._post_gk.h5" for
-  // gain-shape keys, "_gkv" for keys and values).
+  // gain-shape keys, "_gkv" for keys and values, "_rpca" for rotate=pca, "_mtask" for metric=task).
   std::string codebook_file() const;
   // Nominal bits per channel (K and V averaged).
   double nominal_bits() const;

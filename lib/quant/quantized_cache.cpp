@@ -59,6 +59,17 @@ QuantizedKvCache::QuantizedKvCache(const ModelConfig& cfg, const MethodSpec& m, 
                 m.text, cm.gain, m.gain);
     ANTKV_CHECK(cm.rotate == m.rotate, "method {}: codebooks are for rotate={}, the method needs rotate={}", m.text,
                 cm.rotate, m.rotate);
+    ANTKV_CHECK(cm.metric == m.metric, "method {}: codebooks are for metric={}, the method needs metric={}", m.text,
+                cm.metric, m.metric);
+    if (m.metric != "plain")  // per layer: the key and value factors, c x c per head and group
+      for (int l = 0; l < cfg.num_layers && l < static_cast<int>(cb_->keys.size()); ++l)
+        for (int side = 0; side < 2; ++side) {
+          const VqConfig q = side == 0 ? m.key_config(l) : m.value_config(l);
+          ANTKV_CHECK((side == 0 ? cb_->keys : cb_->values)[l].metric.size() ==
+                          static_cast<size_t>(cfg.num_kv_heads) * cfg.head_dim * q.c,
+                      "method {}: layer {} {} codebooks have no metric=task factors of the c{}b{} shape", m.text, l,
+                      side == 0 ? "key" : "value", q.c, q.b);
+        }
     ANTKV_CHECK(cm.num_layers == cfg.num_layers && cm.num_kv_heads == cfg.num_kv_heads && cm.head_dim == cfg.head_dim,
                 "method {}: codebook shapes do not match the model", m.text);
   }
@@ -110,15 +121,21 @@ void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const f
   // one head's n rows of one tensor: src/dst [n, row_] at the head's offset
   std::vector<float> unit, norms;
   const bool rotate = method_.rotate != "off";
+  const bool task = method_.metric != "plain";
   auto quantize_head = [&](const VqHeadCodebooks& hc, const float* src, float* dst, bool gain, const float* rot,
-                           const float* mean) {
-    if (!gain && !rotate) return vq_quantize(hc, src, n, static_cast<int64_t>(row_), dst);
+                           const float* mean, const float* metric) {
+    // metric=task: the nearest centroid in the metric |L^T (x - c)|^2, decoded as the centroid itself
+    auto code = [&](const float* x, int64_t stride, float* out) {
+      if (task) vq_quantize_metric(hc, metric, x, n, stride, out);
+      else vq_quantize(hc, x, n, stride, out);
+    };
+    if (!gain && !rotate) return code(src, static_cast<int64_t>(row_), dst);
     unit.resize(static_cast<size_t>(n) * d), norms.resize(static_cast<size_t>(n));
     for (int64_t r = 0; r < n; ++r) std::copy_n(src + r * row_, d, unit.data() + r * d);
     if (rotate) rotate_forward(rot, mean, d, unit.data(), n, d);  // x' = R (x - mean)
     // gain-shape: fp16 norm + quantized unit direction, renormalized (see gain_restore)
     if (gain) gain_normalize(unit.data(), n, d, d, norms.data());
-    vq_quantize(hc, unit.data(), n, d, unit.data());
+    code(unit.data(), d, unit.data());
     if (gain) gain_restore(unit.data(), n, d, d, norms.data());
     if (rotate) rotate_inverse(rot, mean, d, unit.data(), n, d);
     for (int64_t r = 0; r < n; ++r) std::copy_n(unit.data() + r * d, d, dst + r * row_);
@@ -129,13 +146,16 @@ void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const f
   auto mean_of = [&](const LayerCodebooks& c, int h) {
     return rotate ? c.mean.data() + static_cast<int64_t>(h) * d : nullptr;
   };
+  auto metric_of = [&](const LayerCodebooks& c, int h) {  // [groups, c, c] of head h (d x c values per head)
+    return task ? c.metric.data() + static_cast<int64_t>(h) * d * (&c == &kc ? kq.c : vq.c) : nullptr;
+  };
   for (int h = 0; h < KV; ++h) {
     VqHeadCodebooks khc{kc.centroids.data() + static_cast<int64_t>(h) * kg * kk * kq.c, kg, kk, kq.c};
     VqHeadCodebooks vhc{vc.centroids.data() + static_cast<int64_t>(h) * vg * vk * vq.c, vg, vk, vq.c};
     quantize_head(khc, (pre ? k_pre : k_post) + static_cast<int64_t>(h) * d, kd + static_cast<int64_t>(h) * d,
-                  method_.gain_keys(), rot_of(kc, h), mean_of(kc, h));
+                  method_.gain_keys(), rot_of(kc, h), mean_of(kc, h), metric_of(kc, h));
     quantize_head(vhc, v + static_cast<int64_t>(h) * d, vd + static_cast<int64_t>(h) * d, method_.gain_values(),
-                  rot_of(vc, h), mean_of(vc, h));
+                  rot_of(vc, h), mean_of(vc, h), metric_of(vc, h));
   }
   if (pre) {  // rotate the dequantized pre-RoPE keys to their positions
     std::vector<int32_t> pos(static_cast<size_t>(n));
@@ -383,6 +403,8 @@ double QuantizedKvCache::stored_bits(bool include_codebooks) const {
       bits += KV * 16.0 * d * ((1 << kq.b) + (1 << vq.b));
     if (include_codebooks && method_.rotate != "off")  // rotate=pca: fp16 d x d basis and d-mean per head and tensor
       bits += 2.0 * KV * 16.0 * (static_cast<double>(d) * d + d);
+    if (include_codebooks && method_.metric != "plain")  // metric=task: fp16 c x c factor per head and group
+      bits += KV * 16.0 * d * (kq.c + vq.c);
   }
   return bits;
 }

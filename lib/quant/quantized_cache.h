@@ -9,7 +9,9 @@
 //            chunk's position 0) in FP16, scored from the chunk's full-precision attention. Pre-RoPE
 //            keys are quantized before RoPE and rotated after dequantization.
 //            anchors=k|v keeps only that tensor of an anchor token in FP16; gain=k|kv stores keys (and values)
-//            as an fp16 norm and a quantized unit direction (quant/vq.h gain_restore).
+//            as an fp16 norm and a quantized unit direction (quant/vq.h gain_restore); metric=task assigns each
+//            group to the nearest centroid in |L^T (x - c)|^2 (the codebooks' factors; quant/vq.h
+//            vq_quantize_metric) and stores the centroid itself.
 // Decode (one-token appends): a new token stays FP16 while it is among the newest `decode_window`; when
 // it leaves the window it is quantized, or kept as an anchor by the online rule of design note §2
 // (MethodSpec::promote): per layer and KV head, while the head holds fewer than ceil(ratio * length) anchors

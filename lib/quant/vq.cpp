@@ -228,3 +228,80 @@ void rsq_quantize(float* x, int64_t n, int64_t stride, int d, int bits, const fl
 }
 
 }  // namespace antkv
+
+#include <Eigen/Cholesky>
+#include <stdexcept>
+
+#include "core/error.h"
+
+namespace antkv {
+
+void metric_factor(const double* M, int c, float* L, const char* what) {
+  Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> m(M, c, c);
+  Eigen::MatrixXd a = (m + m.transpose()) / 2;
+  const double tr = a.trace();
+  ANTKV_CHECK(a.allFinite(), "{}: metric block is not finite", what);
+  // the scale of the metric changes no assignment: normalized to trace c (factors of order 1 in fp16); a block
+  // without a positive trace (nothing reads those channels) falls back to the Euclidean distance
+  if (tr > 0) a *= c / tr;
+  else a.setIdentity();
+  a.diagonal().array() += 1e-3;
+  Eigen::LLT<Eigen::MatrixXd> llt(a);
+  ANTKV_CHECK(llt.info() == Eigen::Success, "{}: metric block is not positive definite", what);
+  const Eigen::MatrixXd f = llt.matrixL();
+  for (int i = 0; i < c; ++i)
+    for (int j = 0; j < c; ++j) L[i * c + j] = j <= i ? static_cast<float>(Eigen::half(static_cast<float>(f(i, j)))) : 0.0f;
+}
+
+void metric_forward(const float* metric, int groups, int c, float* x, int64_t n, int64_t stride) {
+  // called per row and group in the trainer's gather loop: no allocation for c <= 64
+  double buf[64];
+  std::vector<double> heap(c > 64 ? static_cast<size_t>(c) : 0);
+  double* y = c > 64 ? heap.data() : buf;
+  for (int64_t r = 0; r < n; ++r)
+    for (int g = 0; g < groups; ++g) {
+      const float* L = metric + static_cast<int64_t>(g) * c * c;
+      float* xg = x + r * stride + static_cast<int64_t>(g) * c;
+      for (int j = 0; j < c; ++j) {  // (L^T x)_j = sum_{i >= j} L_ij x_i
+        double s = 0;
+        for (int i = j; i < c; ++i) s += static_cast<double>(L[i * c + j]) * xg[i];
+        y[j] = s;
+      }
+      for (int j = 0; j < c; ++j) xg[j] = static_cast<float>(y[j]);
+    }
+}
+
+void metric_inverse(const float* metric, int groups, int c, float* x, int64_t n, int64_t stride) {
+  double buf[64];
+  std::vector<double> heap(c > 64 ? static_cast<size_t>(c) : 0);
+  double* y = c > 64 ? heap.data() : buf;
+  for (int64_t r = 0; r < n; ++r)
+    for (int g = 0; g < groups; ++g) {
+      const float* L = metric + static_cast<int64_t>(g) * c * c;
+      float* xg = x + r * stride + static_cast<int64_t>(g) * c;
+      // solve L^T y = x (upper triangular): from the last row up
+      for (int j = c - 1; j >= 0; --j) {
+        double s = xg[j];
+        for (int i = j + 1; i < c; ++i) s -= static_cast<double>(L[i * c + j]) * y[i];
+        y[j] = s / L[j * c + j];
+      }
+      for (int j = 0; j < c; ++j) xg[j] = static_cast<float>(y[j]);
+    }
+}
+
+void vq_quantize_metric(const VqHeadCodebooks& cb, const float* metric, const float* x, int64_t n, int64_t stride,
+                        float* out) {
+  const int64_t gc = static_cast<int64_t>(cb.groups) * cb.c;
+  std::vector<float> tc(cb.centroids, cb.centroids + static_cast<int64_t>(cb.groups) * cb.k * cb.c);  // L^T c
+  for (int g = 0; g < cb.groups; ++g)
+    metric_forward(metric + static_cast<int64_t>(g) * cb.c * cb.c, 1, cb.c, tc.data() + static_cast<int64_t>(g) * cb.k * cb.c,
+                   cb.k, cb.c);
+  std::vector<float> tx(static_cast<size_t>(n) * gc);
+  for (int64_t r = 0; r < n; ++r) std::copy_n(x + r * stride, gc, tx.data() + r * gc);
+  metric_forward(metric, cb.groups, cb.c, tx.data(), n, gc);
+  std::vector<int32_t> codes(static_cast<size_t>(n) * cb.groups);
+  vq_encode(VqHeadCodebooks{tc.data(), cb.groups, cb.k, cb.c}, tx.data(), n, gc, codes.data());
+  vq_decode(cb, codes.data(), n, stride, out);
+}
+
+}  // namespace antkv

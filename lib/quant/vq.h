@@ -67,3 +67,26 @@ void rsq_quantize(float* x, int64_t n, int64_t stride, int d, int bits, const fl
 std::vector<float> rsq_signs(int d, int layer, int tensor, int head);
 
 }  // namespace antkv
+
+namespace antkv {
+
+// Task-metric VQ (our option metric=task, quant/method.h): group g of a head's coded vector has a c x c metric
+// block M_g (symmetric positive semi-definite) and a stored lower-triangular factor L_g with M_g + ridge = L_g L_g^T;
+// the distance of x to centroid c is |L_g^T (x - c)|^2 = (x - c)^T L L^T (x - c). k-means in the metric is plain
+// k-means on x' = L^T x with the centroids mapped back c = L^-T c'.
+// M: [c, c] row-major (double). Writes L [c, c] row-major (fp16-rounded, zero above the diagonal): the Cholesky
+// factor of M' + 1e-3 I, M' = M scaled to trace c (the scale changes no nearest centroid; entries of order 1 keep
+// fp16 precise), so that the block is positive definite (the ridge is 1e-3 of the mean eigenvalue). A block without
+// a positive trace gets the identity (Euclidean).
+// A block whose factorization fails (not PSD, NaN) is an error naming `what`.
+void metric_factor(const double* M, int c, float* L, const char* what);
+// x: [n, stride] (the head's d channels at x + row * stride); metric: [groups, c, c] factors. x <- L_g^T x per group.
+void metric_forward(const float* metric, int groups, int c, float* x, int64_t n, int64_t stride);
+// The inverse: x <- L_g^-T x per group (a triangular solve).
+void metric_inverse(const float* metric, int groups, int c, float* x, int64_t n, int64_t stride);
+// vq_quantize in the metric: codes = argmin over centroids of |L^T (x - c)|^2 (nearest L^T c to L^T x; ties: lowest
+// index), out = the original-space centroids of the codes (out may alias x).
+void vq_quantize_metric(const VqHeadCodebooks& cb, const float* metric, const float* x, int64_t n, int64_t stride,
+                        float* out);
+
+}  // namespace antkv

@@ -58,6 +58,7 @@ void for_each_field(Recipe& r, F&& f) {
   f("kmeans.exclude_anchors", Kind::kBool, &r.kmeans.exclude_anchors);
   f("kmeans.gain", Kind::kString, &r.kmeans.gain);
   f("kmeans.rotate", Kind::kString, &r.kmeans.rotate);
+  f("kmeans.metric", Kind::kString, &r.kmeans.metric);
   f("kmeans.device", Kind::kString, &r.kmeans.device);
   f("kmeans.max_points", Kind::kInt64, &r.kmeans.max_points);
   f("kmeans.holdout", Kind::kDouble, &r.kmeans.holdout);
@@ -203,6 +204,7 @@ void validate(const Recipe& r, const std::string& src) {
   one_of("kmeans.weighting", r.kmeans.weighting, {"anchor", "none"});
   one_of("kmeans.gain", r.kmeans.gain, {"off", "k", "kv"});
   one_of("kmeans.rotate", r.kmeans.rotate, {"off", "pca"});
+  one_of("kmeans.metric", r.kmeans.metric, {"plain", "task"});
   one_of("kmeans.device", r.kmeans.device, {"auto", "cpu", "cuda"});
   check(r.kmeans.max_points >= 0, "kmeans.max_points", "must be >= 0 (0 = all)");
   check(r.kmeans.holdout >= 0 && r.kmeans.holdout < 1, "kmeans.holdout", "must be in [0, 1)");

@@ -58,6 +58,7 @@ struct Recipe {
     bool exclude_anchors = true;
     std::string gain = "off";          // off | k | kv: train key (and value) codebooks on unit vectors (gain-shape)
     std::string rotate = "off";        // off | pca: codebooks in a learned centered PCA basis (OPQ allocation)
+    std::string metric = "plain";      // plain | task: k-means in the task metric (query moment / o_proj Gram)
     std::string device = "auto";       // auto | cuda | cpu (FAISS)
     int64_t max_points = 0;            // per codebook; 0 = all calibration tokens
     double holdout = 0.05;             // share of tokens held out for the quantization-error report
