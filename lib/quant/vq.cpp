@@ -253,8 +253,12 @@ void metric_factor(const double* M, int c, float* L, const char* what) {
     for (int j = 0; j < c; ++j) L[i * c + j] = j <= i ? static_cast<float>(Eigen::half(static_cast<float>(f(i, j)))) : 0.0f;
 }
 
-void metric_forward(const float* metric, int groups, int c, float* x, int64_t n, int64_t stride) {
-  // called per row and group in the trainer's gather loop: no allocation for c <= 64
+namespace {
+// Applies solve(L, xg, y) to every c-channel group g of the n rows of x (row stride `stride`), L = the group's
+// c x c factor, y a double scratch of c that solve fills and that then replaces xg. The trainer's gather loop
+// calls this per row and group: no allocation for c <= 64.
+template <class Solve>
+void for_each_metric_group(const float* metric, int groups, int c, float* x, int64_t n, int64_t stride, Solve solve) {
   double buf[64];
   std::vector<double> heap(c > 64 ? static_cast<size_t>(c) : 0);
   double* y = c > 64 ? heap.data() : buf;
@@ -262,31 +266,30 @@ void metric_forward(const float* metric, int groups, int c, float* x, int64_t n,
     for (int g = 0; g < groups; ++g) {
       const float* L = metric + static_cast<int64_t>(g) * c * c;
       float* xg = x + r * stride + static_cast<int64_t>(g) * c;
-      for (int j = 0; j < c; ++j) {  // (L^T x)_j = sum_{i >= j} L_ij x_i
-        double s = 0;
-        for (int i = j; i < c; ++i) s += static_cast<double>(L[i * c + j]) * xg[i];
-        y[j] = s;
-      }
+      solve(L, xg, y);
       for (int j = 0; j < c; ++j) xg[j] = static_cast<float>(y[j]);
     }
 }
+}  // namespace
+
+void metric_forward(const float* metric, int groups, int c, float* x, int64_t n, int64_t stride) {
+  for_each_metric_group(metric, groups, c, x, n, stride, [c](const float* L, const float* xg, double* y) {
+    for (int j = 0; j < c; ++j) {  // (L^T x)_j = sum_{i >= j} L_ij x_i
+      double s = 0;
+      for (int i = j; i < c; ++i) s += static_cast<double>(L[i * c + j]) * xg[i];
+      y[j] = s;
+    }
+  });
+}
 
 void metric_inverse(const float* metric, int groups, int c, float* x, int64_t n, int64_t stride) {
-  double buf[64];
-  std::vector<double> heap(c > 64 ? static_cast<size_t>(c) : 0);
-  double* y = c > 64 ? heap.data() : buf;
-  for (int64_t r = 0; r < n; ++r)
-    for (int g = 0; g < groups; ++g) {
-      const float* L = metric + static_cast<int64_t>(g) * c * c;
-      float* xg = x + r * stride + static_cast<int64_t>(g) * c;
-      // solve L^T y = x (upper triangular): from the last row up
-      for (int j = c - 1; j >= 0; --j) {
-        double s = xg[j];
-        for (int i = j + 1; i < c; ++i) s -= static_cast<double>(L[i * c + j]) * y[i];
-        y[j] = s / L[j * c + j];
-      }
-      for (int j = 0; j < c; ++j) xg[j] = static_cast<float>(y[j]);
+  for_each_metric_group(metric, groups, c, x, n, stride, [c](const float* L, const float* xg, double* y) {
+    for (int j = c - 1; j >= 0; --j) {  // solve L^T y = x (upper triangular): from the last row up
+      double s = xg[j];
+      for (int i = j + 1; i < c; ++i) s -= static_cast<double>(L[i * c + j]) * y[i];
+      y[j] = s / L[j * c + j];
     }
+  });
 }
 
 void vq_quantize_metric(const VqHeadCodebooks& cb, const float* metric, const float* x, int64_t n, int64_t stride,
