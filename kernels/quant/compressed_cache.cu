@@ -452,9 +452,6 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   window_ = window;
   ratio_ = ratio;
   promote_ = promote && ratio > 0;
-  ANTKV_CHECK(!promote_ || cfg.head_dim == 64 || cfg.head_dim == 128,
-              "compressed cache: decode-time anchors support head_dim 64 or 128, the model has {} (the method "
-              "option promote=off runs without them)", cfg.head_dim);
   // a prefill of up to `capacity` tokens keeps ceil(ratio * T) anchors (the first token among them)
   anchor_cap_ = ratio > 0 ? static_cast<int>(std::min<double>(capacity, std::ceil(ratio * capacity) + 1)) : 0;
   const size_t BK = static_cast<size_t>(max_batch) * n_kv_;
@@ -729,12 +726,8 @@ void GpuCompressedKvCache::append(int layer, int B, const float* k, const float*
   if (pre_) {
     a.k_pre = k_pre;
     a.wkpre = L.window_kpre.get();
-    a.code_pos = L.code_pos.get();
-    a.code_slot = step_d_.get() + 2 * max_batch_;
-    a.evict_pos = step_d_.get() + 7 * max_batch_;
-    a.cap = capacity_;
   }
-  if (pre_ || promote_) {
+  if (pre_ || promote_) {  // code positions (pre), the code slot that says whether the budget grew (promote)
     a.code_pos = L.code_pos.get();
     a.code_slot = step_d_.get() + 2 * max_batch_;
     a.evict_pos = step_d_.get() + 7 * max_batch_;
@@ -805,7 +798,7 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   const size_t smem = (static_cast<size_t>(2) * G * d_ + 2 * G) * sizeof(float);
   const int chunks = (anchor_cap_ + window_ + kScoreTokensPerBlock - 1) / kScoreTokensPerBlock;
   const dim3 grid(B, n_kv_, chunks);
-  switch (d_) {  // kScoreDims (checked in allocate)
+  switch (d_) {  // head_dim 64 or 128: quant_decode's closed set (check_vq_shape in the constructors)
     case 64: running_score_kernel<64><<<grid, 256, smem, stream>>>(r); break;
     default: running_score_kernel<128><<<grid, 256, smem, stream>>>(r); break;
   }
