@@ -50,6 +50,7 @@ constexpr int kFW = 8;               // warps that take the FP16 tokens
 constexpr int kFMaxBits = 16;        // weights F <= 2^16
 constexpr int kSlack = 2;            // after a rescale the tile maximum weighs 2^(16-2)
 constexpr int kMaxSplitLen = 32768;  // 32768 * 2^16 = 2^31: a u32 bin cannot overflow
+constexpr float kLn2 = 0.6931471805599453f;  // scores are kept in log2 units (q * scale * log2(e))
 
 constexpr int cmax(int a, int b) { return a > b ? a : b; }
 constexpr int cmin(int a, int b) { return a < b ? a : b; }
@@ -525,6 +526,10 @@ __global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const Qua
 #pragma unroll
             for (int e = 0; e < E; ++e) part = fmaf(qr[h][e], kx[r][e], part);
             const float sc = warp_sum(part);
+            if (p.fp16_logits && lane == 0)  // (addressed from the parameters: no registers held by the loop)
+              p.fp16_logits[(static_cast<int64_t>(b) * p.n_heads + h0 + h) *
+                                (static_cast<int64_t>(p.anchor_capacity) + p.window_capacity) +
+                            f + r * kFW] = sc * kLn2;
             const float mn = fmaxf(fm[h], sc);
             const float al = exp2f(fm[h] - mn);
             const float pw = exp2f(sc - mn);
@@ -732,13 +737,17 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
     for (int j = 0; j < PR; ++j) oa[h][j] = ob[h][j] = 0.f;
   }
   // one token: keys ka/kb (already rotated), values va/vb at the lane's channels
-  auto accumulate = [&](const float (&ka)[PR], const float (&kb)[PR], const float (&va)[PR], const float (&vb)[PR]) {
+  // (logit: null, or where head 0's scaled score goes, head h's n_logit floats further: FP16 tokens)
+  const int64_t n_logit = static_cast<int64_t>(p.anchor_capacity) + p.window_capacity;
+  auto accumulate = [&](const float (&ka)[PR], const float (&kb)[PR], const float (&va)[PR], const float (&vb)[PR],
+                        float* logit) {
 #pragma unroll
     for (int h = 0; h < HT; ++h) {
       float part = 0.f;
 #pragma unroll
       for (int j = 0; j < PR; ++j) part = fmaf(qa[h][j], ka[j], fmaf(qb[h][j], kb[j], part));
       const float sc = warp_sum(part);
+      if (logit && lane == 0) logit[h * n_logit] = sc * kLn2;
       const float mn = fmaxf(m[h], sc);
       const float al = exp2f(m[h] - mn), pw = exp2f(sc - mn);
       m[h] = mn;
@@ -795,8 +804,9 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
       ka[j] = xa[j] * cs - xb[j] * sn;
       kb[j] = xb[j] * cs + xa[j] * sn;
     }
-    accumulate(ka, kb, va, vb);
+    accumulate(ka, kb, va, vb, nullptr);
   }
+  float* logits = p.fp16_logits ? p.fp16_logits + (static_cast<int64_t>(b) * p.n_heads + h0) * n_logit : nullptr;
   for (int f = f0 + warp; f < f1; f += NW) {
     const __half* kr = f < na ? p.anchor_k + (bh * p.anchor_capacity + f) * D : p.window_k + (bh * p.window_capacity + (f - na)) * D;
     const __half* vr = f < na ? p.anchor_v + (bh * p.anchor_capacity + f) * D : p.window_v + (bh * p.window_capacity + (f - na)) * D;
@@ -807,7 +817,7 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
       ka[j] = __half2float(kr[i]), kb[j] = __half2float(kr[i + HALF]);
       va[j] = __half2float(vr[i]), vb[j] = __half2float(vr[i + HALF]);
     }
-    accumulate(ka, kb, va, vb);
+    accumulate(ka, kb, va, vb, logits ? logits + f : nullptr);
   }
 #pragma unroll
   for (int h = 0; h < HT; ++h) {

@@ -175,6 +175,10 @@ struct QuantDecodeParams {
   int quant_capacity = 0, anchor_capacity = 0, window_capacity = 0;
   bf16* out = nullptr;                 // [batch, n_heads, head_dim]
   float* lse = nullptr;                // [batch, n_heads] natural log-sum-exp of the scaled scores, or null
+  // [batch, n_heads, anchor_capacity + window_capacity] or null: the scaled score q.k * scale of each FP16 token
+  // f (anchors f < n_anchor, then window slot f - n_anchor), which the decode-time anchor rule needs (it then
+  // reads only the values again, not the keys). Entries f >= n_anchor + n_window are not written.
+  float* fp16_logits = nullptr;
   float* workspace = nullptr;          // quant_decode_workspace_floats(batch, n_heads, head_dim, n_splits)
   int64_t workspace_floats = 0;
   int n_splits = 0, split_len = 0;     // from plan_quant_decode(): code-stream slots per split

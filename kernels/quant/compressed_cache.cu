@@ -217,109 +217,120 @@ __global__ void __launch_bounds__(128) window_append_kernel(const WindowAppendAr
 
 // The running anchor scores after one decode step's attention (design note §2): block (b, h, chunk) covers 64
 // tracked tokens j (the anchors, then the window ring's valid slots). For each of the G query heads g of KV
-// head h: A = exp(q.k_j * scale - lse_g), S_V += A, S_K += A |q_g| |v_j - o_g| * scale; the score grows by
-// e_K S_K + e_V S_V (coef). As QuantizedKvCache::add_attention_row, from the attention actually run. The
-// chunks spread the ~1% anchors over many blocks: one block per (b, h) was latency-bound (8x the attention).
+// head h: A = exp(s_gj - lse_g), with s the scaled score quant_decode wrote for the token (fp16_logits), S_V +=
+// A, S_K += A |q_g| |v_j - o_g| / sqrt(d); the score grows by e_K S_K + e_V S_V (coef). As
+// QuantizedKvCache::add_attention_row, from the attention actually run. Only the values are read again (the
+// keys' part came with the attention's own pass: half the bytes of a pass that re-reads K too). The chunks
+// spread the ~1% anchors over many blocks: one block per (b, h) was latency-bound (8x the attention).
 constexpr int kScoreTokensPerBlock = 64;
 struct RunningScoreArgs {
   const bf16* q = nullptr;        // [B, H, d] post-RoPE queries of this step
   const bf16* o = nullptr;        // [B, H, d] this step's attention output
   const float* lse = nullptr;     // [B, H] natural log-sum-exp of the scaled scores
-  const __half* ak = nullptr;     // [max_batch, KV, acap, d]
-  const __half* av = nullptr;
-  const __half* wk = nullptr;     // [max_batch, KV, W, d]
-  const __half* wv = nullptr;
+  const float* logits = nullptr;  // [B, H, acap + W] scaled scores of the tracked tokens (quant_decode's fp16_logits)
+  const __half* av = nullptr;     // [max_batch, KV, acap, d]
+  const __half* wv = nullptr;     // [max_batch, KV, W, d]
   float* ascore = nullptr;        // [max_batch, KV, acap]
   float* wscore = nullptr;        // [max_batch, KV, W]
   const int32_t* n_anchor = nullptr;  // [B]
   const int32_t* n_window = nullptr;  // [B]
   const float* coef = nullptr;    // [KV, 2]
   int KV = 0, H = 0, d = 0, acap = 0, W = 0;
-  float scale = 0.f;
+  float scale = 0.f;              // the anchor score's 1/sqrt(d)
 };
 
-// head_dim D in {64, 128} (closed set: quant_decode's): D / 8 lanes per token, each holding 8 channels of K and of V (one
-// 16-byte load each), 32 / (D / 8) tokens per warp at a time, every token of the warp's share loaded before the
-// sums (bytes in flight: a warp per token with 2-byte loads reached ~20% of the copy bandwidth).
+// head_dim D in {64, 128} (closed set: quant_decode's): D / 16 lanes per token, each holding 16 channels of V
+// (two 16-byte loads), every token of the warp's share loaded before the sums. At most 64 registers (4 blocks per
+// multiprocessor): with 118 (K and V in registers) the kernel ran at 25% occupancy, issue-latency bound (ncu).
 template <int D>
-__global__ void __launch_bounds__(256) running_score_kernel(const RunningScoreArgs p) {
-  constexpr int LPT = D / 8, TPW = 32 / LPT, ITERS = kScoreTokensPerBlock / (8 * TPW);
-  extern __shared__ float smem[];  // q [G][D] | o [G][D] | |q| [G] | lse [G]
+__global__ void __launch_bounds__(256, 4) running_score_kernel(const RunningScoreArgs p) {
+  constexpr int CPL = 16, LPT = D / CPL, TPW = 32 / LPT, ITERS = kScoreTokensPerBlock / (8 * TPW);
+  static_assert(ITERS >= 1 && kScoreTokensPerBlock % (8 * TPW) == 0, "tokens per block");
+  // o in shared memory: a lane's 16 channels padded to 20 floats, so that the 8 lanes of a quarter warp read
+  // 8 distinct bank quads with each float4 (unpadded: 4-way conflicts, L1 at 79% in ncu)
+  constexpr int OS = LPT * (CPL + 4);
+  extern __shared__ float smem[];  // o [G][OS] | |q| [G] | lse [G] | logits [G][64]
   const int b = blockIdx.x, h = blockIdx.y, G = p.H / p.KV;
-  const int na = p.n_anchor[b], nw = p.n_window[b];
+  const int na = p.n_anchor[b], nw = p.n_window[b], n = na + nw;
   const int j0 = blockIdx.z * kScoreTokensPerBlock;
-  if (j0 >= na + nw) return;
-  float* sq = smem;
-  float* so = smem + G * D;
-  float* sqn = so + G * D;
-  float* slse = sqn + G;
-  const int64_t head0 = static_cast<int64_t>(b) * p.H + static_cast<int64_t>(h) * G;
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    sq[i] = __bfloat162float(p.q[head0 * D + i]);
-    so[i] = __bfloat162float(p.o[head0 * D + i]);
-  }
-  __syncthreads();
+  if (j0 >= n) return;
+  // the values first: their loads are in flight while o, |q|, lse and the scores are staged
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int g = warp; g < G; g += 8) {
-    float s = 0;
-    for (int c = lane; c < D; c += 32) s += sq[g * D + c] * sq[g * D + c];
-    for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (lane == 0) sqn[g] = sqrtf(s), slse[g] = p.lse[head0 + g];
-  }
-  __syncthreads();
-  const float ck = p.coef[2 * h], cv = p.coef[2 * h + 1];
   const int64_t abase = (static_cast<int64_t>(b) * p.KV + h) * p.acap, wbase = (static_cast<int64_t>(b) * p.KV + h) * p.W;
-  const int n = na + nw, sub = lane / LPT, c0 = (lane % LPT) * 8;
-  uint4 kr[ITERS], vr[ITERS];
-  int64_t rows[ITERS];
+  const int sub = lane / LPT, c0 = (lane % LPT) * CPL;
+  uint4 vr[ITERS][2];
 #pragma unroll
   for (int it = 0; it < ITERS; ++it) {  // token j0 + (it * 8 + warp) * TPW + sub
     const int j = j0 + (it * 8 + warp) * TPW + sub;
-    rows[it] = -1;
-    kr[it] = vr[it] = make_uint4(0, 0, 0, 0);
+    vr[it][0] = vr[it][1] = make_uint4(0, 0, 0, 0);
     if (j < n) {
       const bool anchor = j < na;
-      rows[it] = anchor ? abase + j : wbase + (j - na);
-      kr[it] = *reinterpret_cast<const uint4*>((anchor ? p.ak : p.wk) + rows[it] * D + c0);
-      vr[it] = *reinterpret_cast<const uint4*>((anchor ? p.av : p.wv) + rows[it] * D + c0);
+      const int64_t row = anchor ? abase + j : wbase + (j - na);
+      const uint4* src = reinterpret_cast<const uint4*>((anchor ? p.av : p.wv) + row * D + c0);
+      vr[it][0] = __ldg(src);
+      vr[it][1] = __ldg(src + 1);
     }
   }
-  // per query head: its 8 channels of q and o from shared memory once (16-byte loads), then every token held
+  float* so = smem;
+  float* sqn = so + G * OS;
+  float* slse = sqn + G;
+  float* slog = slse + G;
+  const int64_t head0 = static_cast<int64_t>(b) * p.H + static_cast<int64_t>(h) * G;
+  const int64_t n_logit = static_cast<int64_t>(p.acap) + p.W;
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int g = i / D, c = i % D;
+    so[g * OS + (c / CPL) * (CPL + 4) + c % CPL] = __bfloat162float(p.o[head0 * D + i]);
+  }
+  for (int i = threadIdx.x; i < G * kScoreTokensPerBlock; i += blockDim.x) {
+    const int g = i / kScoreTokensPerBlock, j = j0 + i % kScoreTokensPerBlock;
+    slog[i] = j < n ? p.logits[(head0 + g) * n_logit + j] : 0.f;
+  }
+  for (int g = warp; g < G; g += 8) {
+    float s = 0;
+    for (int c = lane; c < D; c += 32) {
+      const float x = __bfloat162float(p.q[(head0 + g) * D + c]);
+      s += x * x;
+    }
+    for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) sqn[g] = sqrtf(s), slse[g] = p.lse[head0 + g];
+  }
+  const float ck = p.coef[2 * h], cv = p.coef[2 * h + 1];
+  __syncthreads();  // o, |q|, lse, logits staged (the loads above are in flight meanwhile)
   float add[ITERS];
 #pragma unroll
   for (int it = 0; it < ITERS; ++it) add[it] = 0.f;
   for (int g = 0; g < G; ++g) {
-    float qf[8], of[8];
-    *reinterpret_cast<float4*>(qf) = *reinterpret_cast<const float4*>(sq + g * D + c0);
-    *reinterpret_cast<float4*>(qf + 4) = *reinterpret_cast<const float4*>(sq + g * D + c0 + 4);
-    *reinterpret_cast<float4*>(of) = *reinterpret_cast<const float4*>(so + g * D + c0);
-    *reinterpret_cast<float4*>(of + 4) = *reinterpret_cast<const float4*>(so + g * D + c0 + 4);
+    float dist[ITERS];
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) dist[it] = 0.f;
+#pragma unroll
+    for (int i = 0; i < CPL; i += 4) {  // 4 channels of o_g at a time (registers: 64 at most)
+      const float4 o4 = *reinterpret_cast<const float4*>(so + g * OS + (lane % LPT) * (CPL + 4) + i);
+#pragma unroll
+      for (int it = 0; it < ITERS; ++it) {
+        const __half2* vh = reinterpret_cast<const __half2*>(vr[it]) + i / 2;
+        const float2 va = __half22float2(vh[0]), vb = __half22float2(vh[1]);
+        const float d0 = va.x - o4.x, d1 = va.y - o4.y, d2 = vb.x - o4.z, d3 = vb.y - o4.w;
+        dist[it] = fmaf(d0, d0, fmaf(d1, d1, fmaf(d2, d2, fmaf(d3, d3, dist[it]))));
+      }
+    }
     const float qn = sqn[g], lse = slse[g];
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
-      const __half2* kh = reinterpret_cast<const __half2*>(&kr[it]);
-      const __half2* vh = reinterpret_cast<const __half2*>(&vr[it]);
-      float dot = 0, dist = 0;
+      float dd = dist[it];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 kk = __half22float2(kh[i]), vv = __half22float2(vh[i]);
-        const float v0 = vv.x - of[2 * i], v1 = vv.y - of[2 * i + 1];
-        dot += qf[2 * i] * kk.x + qf[2 * i + 1] * kk.y;
-        dist += v0 * v0 + v1 * v1;
-      }
-#pragma unroll
-      for (int off = LPT / 2; off > 0; off /= 2) {  // within the token's LPT lanes
-        dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        dist += __shfl_xor_sync(0xffffffffu, dist, off);
-      }
-      const float a = __expf(dot * p.scale - lse);
-      add[it] += ck * a * qn * sqrtf(dist) * p.scale + cv * a;
+      for (int off = LPT / 2; off > 0; off /= 2) dd += __shfl_xor_sync(0xffffffffu, dd, off);  // the token's lanes
+      const float a = __expf(slog[g * kScoreTokensPerBlock + (it * 8 + warp) * TPW + sub] - lse);
+      add[it] += ck * a * qn * sqrtf(dd) * p.scale + cv * a;
     }
   }
 #pragma unroll
   for (int it = 0; it < ITERS; ++it) {
     const int j = j0 + (it * 8 + warp) * TPW + sub;
-    if (j < n && lane % LPT == 0) (j < na ? p.ascore : p.wscore)[rows[it]] += add[it];
+    if (j < n && lane % LPT == 0) {
+      if (j < na) p.ascore[abase + j] += add[it];
+      else p.wscore[wbase + (j - na)] += add[it];
+    }
   }
 }
 
@@ -496,8 +507,12 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
     ws = std::max(ws, cuda::quant_decode_workspace_floats(
                           b, cfg.num_heads, d_, cuda::quant_decode_max_splits(b, cfg.num_heads, n_kv_, d_, config_, capacity, lut_half_)));
   workspace_.resize(static_cast<size_t>(ws));
-  if (promote_) lse_.resize(static_cast<size_t>(max_batch) * n_heads_);
-  device_bytes_ += step_d_.bytes() + stage_k_.bytes() + stage_v_.bytes() + workspace_.bytes() + lse_.bytes();
+  if (promote_) {
+    lse_.resize(static_cast<size_t>(max_batch) * n_heads_);
+    logits_.resize(static_cast<size_t>(max_batch) * n_heads_ * (anchor_cap_ + window_));
+  }
+  device_bytes_ += step_d_.bytes() + stage_k_.bytes() + stage_v_.bytes() + workspace_.bytes() + lse_.bytes() +
+                   logits_.bytes();
 }
 
 size_t GpuCompressedKvCache::bytes_per_sequence() const {
@@ -508,7 +523,9 @@ size_t GpuCompressedKvCache::bytes_per_sequence() const {
                             (promote_ ? static_cast<size_t>(anchor_cap_ + window_) * 4 +
                                             (pre_ ? static_cast<size_t>(anchor_cap_) * d_ * 2 : 0)
                                       : 0));
-  return per_layer * n_layers_;
+  // promote: this step's log-sum-exp and FP16 scores (one buffer for all layers)
+  const size_t scratch = promote_ ? static_cast<size_t>(n_heads_) * (anchor_cap_ + window_ + 1) * 4 : 0;
+  return per_layer * n_layers_ + scratch;
 }
 
 size_t GpuCompressedKvCache::code_bytes_per_token() const {
@@ -783,19 +800,21 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
     p.inv_freq = inv_freq_.get();
   }
   p.lse = promote_ ? lse_.get() : nullptr;
+  p.fp16_logits = promote_ ? logits_.get() : nullptr;
   cuda::quant_decode(p, stream);
   if (!promote_) return;
   RunningScoreArgs r;
-  r.q = q, r.o = out, r.lse = lse_.get();
-  r.ak = L.anchor_k.get(), r.av = L.anchor_v.get();
-  r.wk = window_ ? L.window_k.get() : nullptr, r.wv = window_ ? L.window_v.get() : nullptr;
+  r.q = q, r.o = out, r.lse = lse_.get(), r.logits = logits_.get();
+  r.av = L.anchor_v.get();
+  r.wv = window_ ? L.window_v.get() : nullptr;
   r.ascore = L.anchor_score.get(), r.wscore = L.window_score.get();
   r.n_anchor = p.n_anchor, r.n_window = p.n_window;
   r.coef = L.score_coef.get();
   r.KV = n_kv_, r.H = n_heads, r.d = d_, r.acap = anchor_cap_, r.W = window_;
   r.scale = 1.0f / std::sqrt(static_cast<float>(d_));  // the anchor score's 1/sqrt(d), whatever attention's scale
   const int G = n_heads / n_kv_;
-  const size_t smem = (static_cast<size_t>(2) * G * d_ + 2 * G) * sizeof(float);
+  const size_t smem = (static_cast<size_t>(G) * (d_ / 16) * 20 + 2 * G + static_cast<size_t>(G) * kScoreTokensPerBlock) *
+                      sizeof(float);  // running_score_kernel's o [G][OS] | |q| | lse | logits
   const int chunks = (anchor_cap_ + window_ + kScoreTokensPerBlock - 1) / kScoreTokensPerBlock;
   const dim3 grid(B, n_kv_, chunks);
   switch (d_) {  // head_dim 64 or 128: quant_decode's closed set (check_vq_shape in the constructors)

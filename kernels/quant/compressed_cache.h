@@ -158,6 +158,7 @@ class GpuCompressedKvCache {
   std::vector<int32_t> prefill_h_;
   cuda::DeviceBuffer<float> workspace_;
   cuda::DeviceBuffer<float> lse_;                 // promote: [max_batch, n_heads] this step's log-sum-exp
+  cuda::DeviceBuffer<float> logits_;              // promote: [max_batch, n_heads, anchor_cap + window] its FP16 scores
   cuda::DeviceBuffer<float> prefill_score_;       // promote: [T, kv_heads] a prefill's anchor scores
 };
 
