@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 
 #include "core/error.h"
 #include "kernels/common/cuda_check.h"
@@ -239,25 +240,28 @@ struct RunningScoreArgs {
   float scale = 0.f;              // the anchor score's 1/sqrt(d)
 };
 
-// head_dim D in {64, 128} (closed set: quant_decode's): D / 16 lanes per token, each holding 16 channels of V
-// (two 16-byte loads), every token of the warp's share loaded before the sums. At most 64 registers (4 blocks per
-// multiprocessor): with 118 (K and V in registers) the kernel ran at 25% occupancy, issue-latency bound (ncu).
-template <int D>
+// head_dim D in {64, 128} (closed set: quant_decode's): D / 16 lanes per token, each holding 16 channels of V:
+// channels 8l..8l+7 and D/2+8l..D/2+8l+7 of lane l (two 16-byte loads, each a whole 128-byte row segment per
+// token across the lanes), every token of the warp's share loaded before the sums. At most 64 registers (4
+// blocks per multiprocessor): with 118 (K and V in registers) the kernel ran at 25% occupancy, issue-latency
+// bound (ncu). GT = G (query heads per KV head) when it is 1, 2, 4 or 8 (the head loop unrolled: independent
+// shuffle chains in flight), 0 for any other G (a loop).
+template <int D, int GT>
 __global__ void __launch_bounds__(256, 4) running_score_kernel(const RunningScoreArgs p) {
   constexpr int CPL = 16, LPT = D / CPL, TPW = 32 / LPT, ITERS = kScoreTokensPerBlock / (8 * TPW);
   static_assert(ITERS >= 1 && kScoreTokensPerBlock % (8 * TPW) == 0, "tokens per block");
   // o in shared memory: a lane's 16 channels padded to 20 floats, so that the 8 lanes of a quarter warp read
   // 8 distinct bank quads with each float4 (unpadded: 4-way conflicts, L1 at 79% in ncu)
   constexpr int OS = LPT * (CPL + 4);
-  extern __shared__ float smem[];  // o [G][OS] | |q| [G] | lse [G] | logits [G][64]
-  const int b = blockIdx.x, h = blockIdx.y, G = p.H / p.KV;
+  extern __shared__ float smem[];  // o [G][OS] | |q| [G] | lse [G] | |o|^2 [G] | logits [G][64]
+  const int b = blockIdx.x, h = blockIdx.y, G = GT ? GT : p.H / p.KV;
   const int na = p.n_anchor[b], nw = p.n_window[b], n = na + nw;
   const int j0 = blockIdx.z * kScoreTokensPerBlock;
   if (j0 >= n) return;
   // the values first: their loads are in flight while o, |q|, lse and the scores are staged
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t abase = (static_cast<int64_t>(b) * p.KV + h) * p.acap, wbase = (static_cast<int64_t>(b) * p.KV + h) * p.W;
-  const int sub = lane / LPT, c0 = (lane % LPT) * CPL;
+  const int sub = lane / LPT, c0 = (lane % LPT) * 8;
   uint4 vr[ITERS][2];
 #pragma unroll
   for (int it = 0; it < ITERS; ++it) {  // token j0 + (it * 8 + warp) * TPW + sub
@@ -266,62 +270,80 @@ __global__ void __launch_bounds__(256, 4) running_score_kernel(const RunningScor
     if (j < n) {
       const bool anchor = j < na;
       const int64_t row = anchor ? abase + j : wbase + (j - na);
-      const uint4* src = reinterpret_cast<const uint4*>((anchor ? p.av : p.wv) + row * D + c0);
-      vr[it][0] = __ldg(src);
-      vr[it][1] = __ldg(src + 1);
+      const __half* src = (anchor ? p.av : p.wv) + row * D + c0;
+      vr[it][0] = __ldg(reinterpret_cast<const uint4*>(src));
+      vr[it][1] = __ldg(reinterpret_cast<const uint4*>(src + D / 2));
     }
   }
   float* so = smem;
   float* sqn = so + G * OS;
   float* slse = sqn + G;
-  float* slog = slse + G;
+  float* son = slse + G;
+  float* slog = son + G;
   const int64_t head0 = static_cast<int64_t>(b) * p.H + static_cast<int64_t>(h) * G;
   const int64_t n_logit = static_cast<int64_t>(p.acap) + p.W;
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    const int g = i / D, c = i % D;
-    so[g * OS + (c / CPL) * (CPL + 4) + c % CPL] = __bfloat162float(p.o[head0 * D + i]);
+    const int g = i / D, c = i % D;  // channel c is lane (c mod D/2) / 8's, in its first or second 8
+    so[g * OS + ((c % (D / 2)) / 8) * (CPL + 4) + (c / (D / 2)) * 8 + c % 8] = __bfloat162float(p.o[head0 * D + i]);
   }
   for (int i = threadIdx.x; i < G * kScoreTokensPerBlock; i += blockDim.x) {
     const int g = i / kScoreTokensPerBlock, j = j0 + i % kScoreTokensPerBlock;
     slog[i] = j < n ? p.logits[(head0 + g) * n_logit + j] : 0.f;
   }
-  for (int g = warp; g < G; g += 8) {
-    float s = 0;
+  for (int g = warp; g < G; g += 8) {  // |q_g|, |o_g|^2
+    float s = 0, t = 0;
     for (int c = lane; c < D; c += 32) {
-      const float x = __bfloat162float(p.q[(head0 + g) * D + c]);
+      const float x = __bfloat162float(p.q[(head0 + g) * D + c]), y = __bfloat162float(p.o[(head0 + g) * D + c]);
       s += x * x;
+      t += y * y;
     }
-    for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (lane == 0) sqn[g] = sqrtf(s), slse[g] = p.lse[head0 + g];
+    for (int off = 16; off > 0; off /= 2) {
+      s += __shfl_xor_sync(0xffffffffu, s, off);
+      t += __shfl_xor_sync(0xffffffffu, t, off);
+    }
+    if (lane == 0) sqn[g] = sqrtf(s), son[g] = t, slse[g] = p.lse[head0 + g];
   }
   const float ck = p.coef[2 * h], cv = p.coef[2 * h + 1];
   __syncthreads();  // o, |q|, lse, logits staged (the loads above are in flight meanwhile)
-  float add[ITERS];
+  // |v - o|^2 = |v|^2 - 2 v.o + |o|^2: V converted and |v|^2 summed once per token, then one dot per head (the
+  // difference form took a subtraction and a conversion per channel and head: issue-bound at 75% SM in ncu)
+  float vf[ITERS][CPL], vsq[ITERS], add[ITERS];
 #pragma unroll
-  for (int it = 0; it < ITERS; ++it) add[it] = 0.f;
-  for (int g = 0; g < G; ++g) {
-    float dist[ITERS];
+  for (int it = 0; it < ITERS; ++it) {
+    const __half2* vh = reinterpret_cast<const __half2*>(vr[it]);
+    float s = 0.f;
 #pragma unroll
-    for (int it = 0; it < ITERS; ++it) dist[it] = 0.f;
+    for (int i = 0; i < CPL / 2; ++i) {
+      const float2 f = __half22float2(vh[i]);
+      vf[it][2 * i] = f.x, vf[it][2 * i + 1] = f.y;
+      s = fmaf(f.x, f.x, fmaf(f.y, f.y, s));
+    }
 #pragma unroll
-    for (int i = 0; i < CPL; i += 4) {  // 4 channels of o_g at a time (registers: 64 at most)
+    for (int off = LPT / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);  // the token's lanes
+    vsq[it] = s;
+    add[it] = 0.f;
+  }
+#pragma unroll
+  for (int g = 0; g < (GT ? GT : G); ++g) {
+    float dot[ITERS];
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) dot[it] = 0.f;
+#pragma unroll
+    for (int i = 0; i < CPL; i += 4) {  // 4 channels of o_g at a time
       const float4 o4 = *reinterpret_cast<const float4*>(so + g * OS + (lane % LPT) * (CPL + 4) + i);
 #pragma unroll
-      for (int it = 0; it < ITERS; ++it) {
-        const __half2* vh = reinterpret_cast<const __half2*>(vr[it]) + i / 2;
-        const float2 va = __half22float2(vh[0]), vb = __half22float2(vh[1]);
-        const float d0 = va.x - o4.x, d1 = va.y - o4.y, d2 = vb.x - o4.z, d3 = vb.y - o4.w;
-        dist[it] = fmaf(d0, d0, fmaf(d1, d1, fmaf(d2, d2, fmaf(d3, d3, dist[it]))));
-      }
+      for (int it = 0; it < ITERS; ++it)
+        dot[it] = fmaf(vf[it][i], o4.x, fmaf(vf[it][i + 1], o4.y, fmaf(vf[it][i + 2], o4.z, fmaf(vf[it][i + 3], o4.w, dot[it]))));
     }
-    const float qn = sqn[g], lse = slse[g];
+    const float qn = sqn[g], lse = slse[g], on = son[g];
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
-      float dd = dist[it];
+      float dd = dot[it];
 #pragma unroll
-      for (int off = LPT / 2; off > 0; off /= 2) dd += __shfl_xor_sync(0xffffffffu, dd, off);  // the token's lanes
+      for (int off = LPT / 2; off > 0; off /= 2) dd += __shfl_xor_sync(0xffffffffu, dd, off);
+      const float dist = fmaxf(0.f, vsq[it] - 2.f * dd + on);
       const float a = __expf(slog[g * kScoreTokensPerBlock + (it * 8 + warp) * TPW + sub] - lse);
-      add[it] += ck * a * qn * sqrtf(dd) * p.scale + cv * a;
+      add[it] += ck * a * qn * sqrtf(dist) * p.scale + cv * a;
     }
   }
 #pragma unroll
@@ -813,14 +835,22 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   r.KV = n_kv_, r.H = n_heads, r.d = d_, r.acap = anchor_cap_, r.W = window_;
   r.scale = 1.0f / std::sqrt(static_cast<float>(d_));  // the anchor score's 1/sqrt(d), whatever attention's scale
   const int G = n_heads / n_kv_;
-  const size_t smem = (static_cast<size_t>(G) * (d_ / 16) * 20 + 2 * G + static_cast<size_t>(G) * kScoreTokensPerBlock) *
-                      sizeof(float);  // running_score_kernel's o [G][OS] | |q| | lse | logits
+  const size_t smem = (static_cast<size_t>(G) * (d_ / 16) * 20 + 3 * G + static_cast<size_t>(G) * kScoreTokensPerBlock) *
+                      sizeof(float);  // running_score_kernel's o [G][OS] | |q| | lse | |o|^2 | logits
   const int chunks = (anchor_cap_ + window_ + kScoreTokensPerBlock - 1) / kScoreTokensPerBlock;
   const dim3 grid(B, n_kv_, chunks);
-  switch (d_) {  // head_dim 64 or 128: quant_decode's closed set (check_vq_shape in the constructors)
-    case 64: running_score_kernel<64><<<grid, 256, smem, stream>>>(r); break;
-    default: running_score_kernel<128><<<grid, 256, smem, stream>>>(r); break;
-  }
+  auto go = [&](auto d_tag) {  // head_dim 64 or 128: quant_decode's closed set (check_vq_shape in the constructors)
+    constexpr int D = decltype(d_tag)::value;
+    switch (G) {
+      case 1: running_score_kernel<D, 1><<<grid, 256, smem, stream>>>(r); break;
+      case 2: running_score_kernel<D, 2><<<grid, 256, smem, stream>>>(r); break;
+      case 4: running_score_kernel<D, 4><<<grid, 256, smem, stream>>>(r); break;
+      case 8: running_score_kernel<D, 8><<<grid, 256, smem, stream>>>(r); break;
+      default: running_score_kernel<D, 0><<<grid, 256, smem, stream>>>(r); break;
+    }
+  };
+  if (d_ == 64) go(std::integral_constant<int, 64>{});
+  else go(std::integral_constant<int, 128>{});
   ANTKV_LAUNCH_CHECK("running_score_kernel");
 }
 
