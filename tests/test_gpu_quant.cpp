@@ -19,6 +19,7 @@
 
 #ifdef ANTKV_HAVE_CUDA
 
+#include <cuda_fp16.h>
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -56,6 +57,8 @@ using test::round_bf;
 namespace {
 
 
+float round_fp16(float x) { return __half2float(__float2half_rn(x)); }
+
 MethodSpec method(const std::string& text) {
   static const Recipe r = Recipe::defaults_with({});
   return parse_method(text, r);
@@ -70,7 +73,10 @@ struct LayerActs {
 // spread as noise); error_norm = the mean |x - vq(x)| over the samples per head (as the trainer reports it).
 // rotate=pca: per head the samples' mean and the PCA basis of their covariance (quant/vq.h pca_rotation, as
 // the trainer), and the samples are coded in it; gain: the samples are unit directions (gain_normalize), so
-// that the centroids are too.
+// that the centroids are too. metric=task: per (layer, head, group) a strongly anisotropic fp16 lower-triangular
+// factor L (diagonal 4^(i mod 3), N(0, 1) below it), as test_quant.cpp's task-metric cache test builds them, and
+// error_norm measured in that metric's assignment (vq_quantize_metric). Per-layer widths (lkbits / lvbits): each
+// layer's arrays in its own configuration, the meta of layer 0's (as lib/eval/compare.cpp merges the files).
 std::shared_ptr<CodebookSet> make_codebooks(const ModelConfig& cfg, const MethodSpec& m,
                                             const std::vector<LayerActs>& acts, uint64_t seed) {
   auto set = std::make_shared<CodebookSet>();
@@ -78,10 +84,13 @@ std::shared_ptr<CodebookSet> make_codebooks(const ModelConfig& cfg, const Method
   meta.config_hash = cfg.config_hash;
   meta.key_rope = m.key_rope;
   meta.weighting = m.weighting;
-  meta.key_c = m.keys.c, meta.key_b = m.keys.b, meta.value_c = m.values.c, meta.value_b = m.values.b;
+  meta.key_c = m.key_config(0).c, meta.key_b = m.key_config(0).b;
+  meta.value_c = m.value_config(0).c, meta.value_b = m.value_config(0).b;
   meta.num_layers = cfg.num_layers, meta.num_kv_heads = cfg.num_kv_heads, meta.head_dim = cfg.head_dim;
   meta.gain = m.gain;
   meta.rotate = m.rotate;
+  meta.metric = m.metric;
+  const bool task = m.metric == "task";
   const int KV = cfg.num_kv_heads, d = cfg.head_dim;
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> n01(0.f, 1.f);
@@ -89,7 +98,7 @@ std::shared_ptr<CodebookSet> make_codebooks(const ModelConfig& cfg, const Method
   for (int l = 0; l < cfg.num_layers; ++l)
     for (int kv = 0; kv < 2; ++kv) {
       std::vector<float> src = kv ? acts[l].v : (m.key_rope == "pre" ? acts[l].k_pre : acts[l].k_post);
-      const VqConfig q = kv ? m.values : m.keys;
+      const VqConfig q = kv ? m.value_config(l) : m.key_config(l);
       LayerCodebooks& lc = kv ? set->values[l] : set->keys[l];
       const int N = static_cast<int>(src.size() / (static_cast<size_t>(KV) * d));
       const int64_t row = static_cast<int64_t>(KV) * d;
@@ -133,11 +142,23 @@ std::shared_ptr<CodebookSet> make_codebooks(const ModelConfig& cfg, const Method
                   src[t * sd.size() + ch] + 0.1f * static_cast<float>(std::sqrt(sd[ch])) * n01(rng);
             }
           }
+      if (task) {  // [KV][groups][c][c]
+        lc.metric.assign(static_cast<size_t>(KV) * groups * q.c * q.c, 0.f);
+        for (int b = 0; b < KV * groups; ++b)
+          for (int i = 0; i < q.c; ++i)
+            for (int j = 0; j <= i; ++j)
+              lc.metric[(static_cast<size_t>(b) * q.c + i) * q.c + j] =
+                  round_fp16(i == j ? std::pow(4.0f, static_cast<float>(i % 3)) : n01(rng));
+      }
       std::vector<float> rec(src.size());
       lc.error_norm.assign(KV, 0.f);
       for (int h = 0; h < KV; ++h) {
         VqHeadCodebooks hc{lc.centroids.data() + static_cast<size_t>(h) * groups * k * q.c, groups, k, q.c};
-        vq_quantize(hc, src.data() + static_cast<size_t>(h) * d, N, static_cast<int64_t>(KV) * d, rec.data() + static_cast<size_t>(h) * d);
+        if (task)
+          vq_quantize_metric(hc, lc.metric.data() + static_cast<size_t>(h) * d * q.c, src.data() + static_cast<size_t>(h) * d,
+                             N, static_cast<int64_t>(KV) * d, rec.data() + static_cast<size_t>(h) * d);
+        else
+          vq_quantize(hc, src.data() + static_cast<size_t>(h) * d, N, static_cast<int64_t>(KV) * d, rec.data() + static_cast<size_t>(h) * d);
         double s = 0;
         for (int t = 0; t < N; ++t) {
           double e = 0;
@@ -350,6 +371,21 @@ TEST_CASE("GPU KV quantizers equal QuantizedKvCache on the same inputs (prefill,
       {"vq:bits=1,gain=kv,rotate=pca,key_rope=pre", 5e-3, 0.9999},
       {"antkv:bits=1,ratio=0.05,gain=kv,rotate=pca,promote=off", 1e-2, 0.9999},
       {"antkv:bits=1,ratio=0.05,anchors=v,gain=k,rotate=pca,key_rope=pre,promote=off", 1e-2, 0.9999},
+      // metric=task: L^T x in fp64 in the CPU's order (bit for bit), searched against the CPU's L^T c, the
+      // original-space centroid stored; alone, with gain/rotate, pre-RoPE keys and anchors. Per-layer widths
+      // (lkbits / lvbits: each layer's own c/b per tensor) and anchor ratios (lratio). Held like gain/rotate above.
+      // Measured on an H200: rows off 0 in every case, exact shares 1.00000 (K 0.99998 for the pre-RoPE lkbits/lratio
+      // case), GPU anchors = CPU anchors (68; 82 with lratio), overlap 1.0000.
+      {"vq:bits=1,metric=task", 5e-3, 0.9999},
+      {"vq:bits=1,metric=task,key_rope=pre", 5e-3, 0.9999},
+      {"vq:bits=1,gain=kv,rotate=pca,metric=task", 5e-3, 0.9999},
+      {"vq:bits=1,gain=kv,rotate=pca,metric=task,key_rope=pre", 5e-3, 0.9999},
+      {"antkv:bits=1,ratio=0.05,metric=task,promote=off", 1e-2, 0.9999},
+      {"antkv:bits=1,ratio=0.05,anchors=v,gain=k,rotate=pca,metric=task,key_rope=pre,promote=off", 1e-2, 0.9999},
+      {"vq:bits=1,lvbits=1/2", 5e-3, 0.9999},
+      {"vq:bits=1,lkbits=0.5/2,lvbits=2/0.75,metric=task", 5e-3, 0.9999},
+      {"antkv:bits=1,lratio=0.1/0.02,promote=off", 1e-2, 0.9999},
+      {"antkv:bits=1,lkbits=2/1,lratio=0.02/0.1,key_rope=pre,promote=off", 1e-2, 0.9999},
       {"rsq:bits=1", 5e-3, 0.9999},
       {"rsq:bits=2,key_rope=pre", 5e-3, 0.9999},
       {"rsq:bits=3", 5e-3, 0.9999},
@@ -373,6 +409,43 @@ TEST_CASE("GPU KV quantizers equal QuantizedKvCache on the same inputs (prefill,
         CHECK(r.exact_v == 1.0);
       }
     }
+  }
+}
+
+// The same-input cases of metric=task above can fail: with these test codebooks the CPU cache's metric codes
+// differ from the plain (Euclidean) ones on most rows, so a GPU quantizer that ignored the factors would be off
+// there. Runs on the CPU only (no GPU needed).
+TEST_CASE("GPU quantizer test codebooks: the metric=task factors change most CPU rows", "[quant]") {
+  const ModelConfig cfg = synthetic_config();
+  const auto acts = synthetic_acts(cfg, 120, 11);
+  const auto calib = synthetic_acts(cfg, 400, 12);
+  for (const std::string text : {"vq:bits=1,metric=task", "vq:bits=1,gain=kv,rotate=pca,metric=task,key_rope=pre"}) {
+    const MethodSpec m = method(text);
+    auto cb = make_codebooks(cfg, m, calib, 99);
+    MethodSpec plain_m = m;
+    plain_m.metric = "plain";
+    auto plain_cb = std::make_shared<CodebookSet>(*cb);
+    plain_cb->meta.metric = "plain";
+    for (auto* side : {&plain_cb->keys, &plain_cb->values})
+      for (auto& lc : *side) lc.metric.clear();
+    QuantizedKvCache task_cache(cfg, m, cb), plain_cache(cfg, plain_m, plain_cb);
+    const int N = 120, KV = cfg.num_kv_heads, d = cfg.head_dim, kvd = cfg.kv_dim();
+    int64_t rows = 0, changed_k = 0, changed_v = 0;
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      for (QuantizedKvCache* c : {&task_cache, &plain_cache})
+        c->append(KvAppend{l, N, 0, acts[l].k_pre.data(), acts[l].k_post.data(), acts[l].v.data(), acts[l].q.data()});
+      for (int t = 0; t < N; ++t)
+        for (int h = 0; h < KV; ++h) {
+          const size_t o = static_cast<size_t>(t) * kvd + static_cast<size_t>(h) * d;
+          changed_k += !std::equal(task_cache.keys(l) + o, task_cache.keys(l) + o + d, plain_cache.keys(l) + o);
+          changed_v += !std::equal(task_cache.values(l) + o, task_cache.values(l) + o + d, plain_cache.values(l) + o);
+          ++rows;
+        }
+    }
+    const double share_k = static_cast<double>(changed_k) / rows, share_v = static_cast<double>(changed_v) / rows;
+    WARN(fmt::format("{}: rows whose codes the metric changes: K {:.3f}, V {:.3f}", text, share_k, share_v));
+    CHECK(share_k >= 0.5);
+    CHECK(share_v >= 0.5);
   }
 }
 
@@ -713,11 +786,26 @@ TEST_CASE("GPU KV quantizer: codebooks that do not fit are errors naming the pro
   CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, m, bad), Catch::Contains("layer 0 key error_norm holds 3 values"));
   CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,correct=on"), good),
                     Catch::Contains("correct=on (the attention-score correction) is not implemented on the GPU"));
-  CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,lkbits=1/1"), good),
-                    Catch::Contains("per-layer widths or anchor ratios (lkbits, lvbits, lratio) are not implemented on "
-                                    "the GPU runtime"));
+  // metric=task needs codebooks trained in the metric, with a factor per layer, head and group; per-layer lists
+  // must have the model's layer count and each layer's codebooks its own configuration's shape
   CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,metric=task"), good),
-                    Catch::Contains("metric=task (assignment in the task metric) is not implemented on the GPU runtime"));
+                    Catch::Contains("codebooks are for metric=plain, the method needs metric=task"));
+  const MethodSpec mt = method("antkv:bits=1,metric=task");
+  auto task = make_codebooks(cfg, mt, calib, 1);
+  CHECK_NOTHROW(make_gpu_kv_quantizer(cfg, mt, task));
+  CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, m, task), Catch::Contains("codebooks are for metric=task, the method needs metric=plain"));
+  bad = std::make_shared<CodebookSet>(*task);
+  bad->keys[1].metric.pop_back();
+  CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, mt, bad), Catch::Contains("layer 1 key metric=task factors hold 2047 floats, expected 2048"));
+  CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,lkbits=1/1/1"), good),
+                    Catch::Contains("lkbits/lvbits/lratio list 3 layers, the model has 2"));
+  CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,lratio=0.1/0.1/0.1"), good),
+                    Catch::Contains("lkbits/lvbits/lratio list 3 layers, the model has 2"));
+  CHECK_NOTHROW(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,lratio=0.1/0"), good));
+  CHECK_NOTHROW(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,lvbits=1/1"), good));
+  // (c4b8 for c8b8 would not show: [KV, d / c, 2^b, c] holds KV d 2^b floats for every c)
+  CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,lvbits=1/0.75"), good),
+                    Catch::Contains("layer 1 value centroids hold 65536 floats, expected 1048576"));
   // gain= and rotate= need codebooks trained for them, with a rotation and mean per layer, head and tensor
   CHECK_THROWS_WITH(make_gpu_kv_quantizer(cfg, method("antkv:bits=1,gain=k"), good),
                     Catch::Contains("codebooks are for gain=off (unit-vector training), the method needs gain=k"));
@@ -969,6 +1057,11 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("vq:bits=1,gain=kv"), *cb, 1, 64, 8),
                     Catch::Contains("are not supported by the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("vq:bits=1,metric=task"), *cb, 1, 64, 8),
+                    Catch::Contains("are not supported by the compressed cache"));
+  // per-layer widths and ratios run in the simulated cache only
+  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,lvbits=1/1"), *cb, 1, 64, 8),
+                    Catch::Contains("are not supported by the compressed cache"));
+  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,lratio=0.02/0.01"), *cb, 1, 64, 8),
                     Catch::Contains("are not supported by the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1.5"), *make_codebooks(cfg, method("antkv:bits=1.5"), acts, 1), 1, 64, 8),
                     Catch::Contains("c8b12 is not one of the compressed cache's configurations"));

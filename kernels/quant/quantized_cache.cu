@@ -177,10 +177,14 @@ __global__ void uniform_values_kernel(const UniformValueArgs p) {
 // wins. The rounding follows the CPU build (gcc -O3 -march=x86-64-v3): for c >= 4 it vectorizes the products
 // and adds them in order (a rounded product, then a rounded sum); for c < 4 its scalar loop contracts to fused
 // multiply-adds. Matching it keeps near-tie codes identical on equal inputs.
+// metric=task searches x' = L^T x against L^T c (both mapped by metric_forward) and writes the original-space
+// centroid c of the winner: `cents` are the searched centroids, `out_cents` the written ones (the same array
+// without a metric).
 struct VqArgs {
-  const float* x = nullptr;      // [n][kvd]
-  const float* cents = nullptr;  // [kv_heads][groups][k][C]
-  float* out = nullptr;          // [n][kvd]: the centroids
+  const float* x = nullptr;          // [n][kvd]
+  const float* cents = nullptr;      // [kv_heads][groups][k][C]: searched
+  const float* out_cents = nullptr;  // [kv_heads][groups][k][C]: written (cents when null)
+  float* out = nullptr;              // [n][kvd]: the centroids
   int n = 0, groups = 0, k = 0, d = 0, kvd = 0;
 };
 
@@ -222,8 +226,35 @@ __global__ void __launch_bounds__(kVqThreads) vq_kernel(const VqArgs p) {
     }
   }
   if (active) {
+    const float* dec = (p.out_cents ? p.out_cents : p.cents) + (static_cast<int64_t>(h) * p.groups + g) * p.k * C;
 #pragma unroll
-    for (int t = 0; t < C; ++t) p.out[static_cast<int64_t>(r) * p.kvd + col0 + t] = cb[static_cast<int64_t>(arg) * C + t];
+    for (int t = 0; t < C; ++t) p.out[static_cast<int64_t>(r) * p.kvd + col0 + t] = dec[static_cast<int64_t>(arg) * C + t];
+  }
+}
+
+// ---- metric=task: x' = L_g^T x per group of c channels (quant/vq.h metric_forward) -----------------------------
+// One thread per output channel j of a (row, KV head, group): y_j = sum_{i = j..c-1} L_ij x_i in fp64, i in
+// increasing order, rounded once to float: the CPU's loop (a float product is exact in fp64, so each fma is the
+// CPU's rounded sum), so x' is the CPU's bit for bit. out must not alias in.
+struct MetricArgs {
+  const float* in = nullptr;      // [n][kvd]
+  float* out = nullptr;           // [n][kvd]
+  const float* metric = nullptr;  // [kv_heads][d / c][c][c]: lower-triangular factors L, row-major
+  int n = 0, c = 0, d = 0, kvd = 0;
+};
+
+__global__ void metric_forward_kernel(const MetricArgs p) {
+  const int64_t total = static_cast<int64_t>(p.n) * p.kvd;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / p.kvd;
+    const int col = static_cast<int>(i % p.kvd);
+    const int h = col / p.d, g = (col % p.d) / p.c, j = col % p.c;
+    const int64_t group0 = r * p.kvd + static_cast<int64_t>(h) * p.d + static_cast<int64_t>(g) * p.c;
+    const float* L = p.metric + (static_cast<int64_t>(h) * (p.d / p.c) + g) * p.c * p.c;
+    double y = 0.0;
+    for (int k = j; k < p.c; ++k) y = fma(static_cast<double>(L[k * p.c + j]), static_cast<double>(p.in[group0 + k]), y);
+    p.out[i] = __double2float_rn(y);
   }
 }
 
@@ -247,6 +278,12 @@ void launch_vq(const VqArgs& p, int kv_heads, int c, cudaStream_t stream) {
     default: fail("GPU VQ: group size c = {} is not supported (1, 2, 4, 8, 16 or 32)", c);
   }
   ANTKV_LAUNCH_CHECK("vq_kernel");
+}
+
+void launch_metric_forward(const MetricArgs& p, cudaStream_t stream) {
+  if (p.n <= 0) return;
+  metric_forward_kernel<<<blocks_for(static_cast<int64_t>(p.n) * p.kvd), kThreads, 0, stream>>>(p);
+  ANTKV_LAUNCH_CHECK("metric_forward_kernel");
 }
 
 void launch_store(const StoreArgs& p, cudaStream_t stream) {
@@ -470,14 +507,8 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
                   "method {}: correct=on (the attention-score correction) is not implemented on the GPU runtime; "
                   "evaluate it with eval.device: cpu",
                   m.text);
-      ANTKV_CHECK(m.listed_layers() == 0,
-                  "method {}: per-layer widths or anchor ratios (lkbits, lvbits, lratio) are not implemented on the GPU "
-                  "runtime; evaluate it with eval.device: cpu",
-                  m.text);
-      ANTKV_CHECK(m.metric == "plain",
-                  "method {}: metric=task (assignment in the task metric) is not implemented on the GPU runtime; "
-                  "evaluate it with eval.device: cpu",
-                  m.text);
+      ANTKV_CHECK(m.listed_layers() == 0 || m.listed_layers() == L,
+                  "method {}: lkbits/lvbits/lratio list {} layers, the model has {}", m.text, m.listed_layers(), L);
       ANTKV_CHECK(m.key_rope == "post" || m.key_rope == "pre", "method {}: key_rope is post or pre", m.text);
       pre_ = m.key_rope == "pre";
       R_ = W_ + 1;
@@ -505,13 +536,30 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
         ANTKV_CHECK(!rotate_ || d_ <= 512,
                     "method {}: rotate=pca supports head_dim up to 512 on the GPU, the model has {}", m.text, d_);
         validate_codebooks();
-        use_anchors_ = m.anchors && m.ratio > 0;
-        if (use_anchors_) score_kind_ = parse_anchor_score_kind(m.score);
+        task_ = m.metric == "task";
+        bool any_anchors = false;
+        for (int l = 0; l < L; ++l) any_anchors |= anchors_in(l);
+        if (any_anchors) score_kind_ = parse_anchor_score_kind(m.score);
         kcent_.resize(L), vcent_.resize(L);
         for (int l = 0; l < L; ++l) {
           upload(kcent_[l], cb_->keys[l].centroids);
           upload(vcent_[l], cb_->values[l].centroids);
         }
+        if (task_)  // the searched centroids L^T c, mapped once by the CPU's own function (as vq_quantize_metric)
+          for (int side = 0; side < 2; ++side) {
+            metric_[side].resize(L), mcent_[side].resize(L);
+            for (int l = 0; l < L; ++l) {
+              const LayerCodebooks& lc = side ? cb_->values[l] : cb_->keys[l];
+              const VqConfig q = side ? m.value_config(l) : m.key_config(l);
+              const int groups = d_ / q.c, k = 1 << q.b;
+              std::vector<float> tc = lc.centroids;  // [KV][groups][k][c]
+              for (int hg = 0; hg < KV_ * groups; ++hg)
+                metric_forward(lc.metric.data() + static_cast<size_t>(hg) * q.c * q.c, 1, q.c,
+                               tc.data() + static_cast<size_t>(hg) * k * q.c, k, q.c);
+              upload(mcent_[side][l], tc);
+              upload(metric_[side][l], lc.metric);
+            }
+          }
         if (rotate_)
           for (int side = 0; side < 2; ++side) {
             rot_[side].resize(L), rot_t_[side].resize(L), mean_[side].resize(L);
@@ -586,6 +634,9 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
   }
 
  private:
+  // Whether layer l keeps anchors (lratio: its own ratio; 0 = none, as QuantizedKvCache).
+  bool anchors_in(int l) const { return m_.anchors && m_.ratio_of(l) > 0; }
+
   static void upload(DeviceBuffer<float>& dst, const std::vector<float>& src) {
     dst.resize(src.size());
     if (!src.empty())
@@ -597,7 +648,10 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     ANTKV_CHECK(cb_, "method {}: needs codebooks", m.text);
     const CodebookMeta& cm = cb_->meta;
     ANTKV_CHECK(cm.config_hash == cfg_.config_hash, "method {}: the codebooks were trained for another model", m.text);
-    ANTKV_CHECK(cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b,
+    // per-layer widths (lkbits / lvbits): the set merges the layers of several files (lib/eval/compare.cpp, meta
+    // of layer 0's), so every layer's arrays are checked against its own configuration below instead
+    ANTKV_CHECK(m.layered() || (cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c &&
+                                cm.value_b == m.values.b),
                 "method {}: codebooks are keys c{}b{} / values c{}b{}, the method needs c{}b{} / c{}b{}", m.text, cm.key_c,
                 cm.key_b, cm.value_c, cm.value_b, m.keys.c, m.keys.b, m.values.c, m.values.b);
     ANTKV_CHECK(cm.key_rope == m.key_rope, "method {}: codebooks are for {}-RoPE keys", m.text, cm.key_rope);
@@ -605,16 +659,21 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
                 m.text, cm.gain, m.gain);
     ANTKV_CHECK(cm.rotate == m.rotate, "method {}: codebooks are for rotate={}, the method needs rotate={}", m.text,
                 cm.rotate, m.rotate);
+    ANTKV_CHECK(m.metric == "plain" || m.metric == "task", "method {}: metric is plain or task", m.text);
+    ANTKV_CHECK(cm.metric == m.metric, "method {}: codebooks are for metric={}, the method needs metric={}", m.text,
+                cm.metric, m.metric);
     ANTKV_CHECK(cm.num_layers == cfg_.num_layers && cm.num_kv_heads == cfg_.num_kv_heads && cm.head_dim == cfg_.head_dim,
                 "method {}: codebook shapes do not match the model (codebooks: {} layers, {} KV heads, head_dim {}; "
                 "model: {}, {}, {})",
                 m.text, cm.num_layers, cm.num_kv_heads, cm.head_dim, cfg_.num_layers, cfg_.num_kv_heads, cfg_.head_dim);
-    for (const VqConfig* q : {&m.keys, &m.values}) {
-      ANTKV_CHECK(vq_c_supported(q->c) && d_ % q->c == 0,
-                  "method {}: group size c = {} is not supported on the GPU (1, 2, 4, 8, 16 or 32, dividing head_dim {})",
-                  m.text, q->c, d_);
-      ANTKV_CHECK(q->b >= 1 && q->b <= 16, "method {}: b = {} bits per code outside [1, 16]", m.text, q->b);
-    }
+    for (int l = 0; l < cfg_.num_layers; ++l)
+      for (const VqConfig q : {m.key_config(l), m.value_config(l)}) {
+        ANTKV_CHECK(vq_c_supported(q.c) && d_ % q.c == 0,
+                    "method {}: layer {}: group size c = {} is not supported on the GPU (1, 2, 4, 8, 16 or 32, dividing "
+                    "head_dim {})",
+                    m.text, l, q.c, d_);
+        ANTKV_CHECK(q.b >= 1 && q.b <= 16, "method {}: layer {}: b = {} bits per code outside [1, 16]", m.text, l, q.b);
+      }
     ANTKV_CHECK(static_cast<int>(cb_->keys.size()) == cfg_.num_layers &&
                     static_cast<int>(cb_->values.size()) == cfg_.num_layers,
                 "method {}: codebooks hold {} / {} layers of key / value centroids, the model has {}", m.text,
@@ -622,7 +681,7 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     for (int l = 0; l < cfg_.num_layers; ++l)
       for (int kv = 0; kv < 2; ++kv) {
         const LayerCodebooks& lc = kv ? cb_->values[l] : cb_->keys[l];
-        const VqConfig& q = kv ? m.values : m.keys;
+        const VqConfig q = kv ? m.value_config(l) : m.key_config(l);
         const size_t want = static_cast<size_t>(KV_) * (d_ / q.c) * (size_t{1} << q.b) * q.c;
         ANTKV_CHECK(lc.centroids.size() == want,
                     "method {}: layer {} {} centroids hold {} floats, expected {} ([kv_heads {}, groups {}, 2^{}, c {}])",
@@ -638,6 +697,12 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
                       m.text, l, kv ? "value" : "key", lc.rotation.size(), lc.mean.size(), KV_ * dd * dd, KV_ * dd, KV_,
                       d_);
         }
+        if (m.metric == "task")
+          ANTKV_CHECK(lc.metric.size() == static_cast<size_t>(KV_) * d_ * q.c,
+                      "method {}: layer {} {} metric=task factors hold {} floats, expected {} ([kv_heads {}, groups {}, "
+                      "c {}, c])",
+                      m.text, l, kv ? "value" : "key", lc.metric.size(), static_cast<size_t>(KV_) * d_ * q.c, KV_,
+                      d_ / q.c, q.c);
       }
   }
 
@@ -733,12 +798,13 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
   // KV head: x' = R (x - mean) (rotate=pca), fp16 norm and unit direction (gain), nearest centroids, renormalized,
   // rotated back. src, out: [n][kvd] (src is left as it is: it also holds the anchors' exact values).
   void quantize_tensor(int l, int side, const float* src, float* out, int n, cudaStream_t stream) {
-    const VqConfig& q = side ? m_.values : m_.keys;
+    const VqConfig q = side ? m_.value_config(l) : m_.key_config(l);
     const bool gain = side ? m_.gain_values() : m_.gain_keys();
     VqArgs a;
     a.n = n, a.d = d_, a.kvd = kvd_;
     a.x = src;
     a.cents = (side ? vcent_ : kcent_)[l].get();
+    a.out_cents = a.cents;
     a.out = out;
     a.groups = d_ / q.c;
     a.k = 1 << q.b;
@@ -760,6 +826,15 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
       ga.norms = norms_.get();
       ga.in = rotate_ ? unit_.get() : src, ga.out = unit_.get(), ga.restore = false;
       launch_gain(ga, stream);
+    }
+    if (task_) {  // searched in the metric: L^T x against L^T c, the original-space centroid written
+      metric_x_.ensure(static_cast<size_t>(n) * kvd_);
+      MetricArgs ma;
+      ma.in = a.x, ma.out = metric_x_.get(), ma.metric = metric_[side][l].get();
+      ma.n = n, ma.c = q.c, ma.d = d_, ma.kvd = kvd_;
+      launch_metric_forward(ma, stream);
+      a.x = metric_x_.get();
+      a.cents = mcent_[side][l].get();
     }
     launch_vq(a, KV_, q.c, stream);
     if (gain) {
@@ -834,7 +909,7 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
       stage(c, row0, nullptr, stream);
       save_ring(c, stream);
       const uint8_t* keep = nullptr;
-      if (use_anchors_) {
+      if (anchors_in(l)) {
         select_anchors_gpu(c, stream);
         keep = keep_d_.get();
       }
@@ -843,7 +918,7 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     } else {
       // decode: the new token stays FP16; quantize what left the window (never anchors)
       const int end = std::max(upto, len - W_);
-      if (end > upto && m_.promotes())
+      if (end > upto && m_.promotes() && anchors_in(l))  // a layer without anchors (lratio 0) has nothing to decide
         fail("GPU KV quantizer {}: decode-time anchors (design note §2, promote=on) run in the compressed cache "
              "(eval.kv_cache: real) and in the CPU cache (eval.device: cpu), not in the simulated GPU cache; or "
              "add promote=off to the method",
@@ -889,14 +964,15 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
                           static_cast<uint64_t>(l) * 7919 + static_cast<uint64_t>(c.position0), h_score_.data());
     keep_h_.assign(ns, 0);
     const float* score = h_score_.data();
+    const double ratio = m_.ratio_of(l);  // lratio: this layer's
     for (int h = 0; h < KV_; ++h) {
       std::vector<int32_t> picked;
       if (c.position0 == 0) {
-        picked = select_anchors(score, n, KV_, h, m_.ratio);
+        picked = select_anchors(score, n, KV_, h, ratio);
       } else {  // no sink in this chunk: plain top ceil(ratio * n), as QuantizedKvCache
         std::vector<int32_t> idx(static_cast<size_t>(n));
         std::iota(idx.begin(), idx.end(), 0);
-        const int m = std::min(n, static_cast<int>(std::ceil(m_.ratio * n)));
+        const int m = std::min(n, static_cast<int>(std::ceil(ratio * n)));
         std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), [&](int32_t x, int32_t y) {
           return score[static_cast<size_t>(x) * KV_ + h] > score[static_cast<size_t>(y) * KV_ + h];
         });
@@ -920,8 +996,8 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
   Kind kind_ = Kind::kFp16;
   int vgs_ = 0;                 // uniform: value group size
   int R_ = 0;                   // ring rows per layer (0: no ring)
-  bool use_anchors_ = false, pre_ = false;
-  bool rsq_ = false, rotate_ = false;
+  bool pre_ = false;
+  bool rsq_ = false, rotate_ = false, task_ = false;
   AnchorScoreKind score_kind_ = AnchorScoreKind::kErrorBound;
 
   std::vector<int> len_, k_upto_, v_upto_;  // vq uses k_upto_ as its `upto`
@@ -931,11 +1007,15 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
   std::vector<DeviceBuffer<float>> kcent_, vcent_;
   // rotate=pca, [side 0 keys / 1 values][layer]: R and R^T [KV][d][d], mean [KV][d] (the codebooks' fp16-rounded ones)
   std::vector<DeviceBuffer<float>> rot_[2], rot_t_[2], mean_[2];
+  // metric=task, [side][layer]: the factors L [KV][d / c][c][c] and the searched centroids L^T c [KV][d / c][2^b][c]
+  // (c, b of that layer and tensor)
+  std::vector<DeviceBuffer<float>> metric_[2], mcent_[2];
   std::vector<DeviceBuffer<float>> rsq_signs_;  // rsq, per layer [2][KV][d]
   std::array<float, 16> rsq_levels_{};          // rsq: lloyd_max_gaussian(bits), padded
 
   DeviceBuffer<float> work_, tmp_;
   DeviceBuffer<float> unit_, norms_;  // gain/rotate: [n][kvd] transformed rows, [n][KV] fp16 norms
+  DeviceBuffer<float> metric_x_;      // metric=task: [n][kvd] the coded rows mapped by L^T
   int work_rows_ = 0, work_lo_ = 0;
   DeviceBuffer<float> sk_, sv_;
   DeviceBuffer<uint8_t> keep_d_;

@@ -29,6 +29,14 @@
 //            Combines with gain (the norm of R (x - mean)), key_rope=pre and anchors (which keep exact values).
 //            Norms and d x d products are summed in fp64 in the CPU's order (a float product is exact in fp64),
 //            so the results are the CPU's floats bit for bit before the bf16 store.
+//   metric=task (vq/antkv) codes assigned in the task metric: per (layer, KV head, group) the codebooks' fp16
+//            factor L; the coded vector (after rotate=pca / gain, as on the CPU) is mapped to L^T x and searched
+//            against L^T c, precomputed at upload by the CPU's metric_forward (quant/vq.h vq_quantize_metric); the
+//            winner's original-space centroid is stored (metric_forward_kernel: fp64 in the CPU's order, so L^T x
+//            is the CPU's bit for bit and the codes are the CPU's, ties to the lowest index).
+//   lkbits= / lvbits= / lratio=  (vq/antkv) per layer its own key and value configuration c/b (the codebook set
+//            holds each layer's arrays in that layer's shape, MethodSpec::key_config / value_config) and its own
+//            anchor ratio (MethodSpec::ratio_of; a layer at 0 keeps no anchors), as QuantizedKvCache.
 //   rsq      training-free: random-sign Hadamard rotation, fp16 norm, Lloyd-Max levels of N(0, 1) per coordinate,
 //            renormalized and rotated back (quant/vq.h rsq_quantize; rsq_kernel), bits 1-4, no anchors; same
 //            prefill / decode-window flow as vq; key_rope=pre quantizes the pre-RoPE keys.
@@ -41,11 +49,10 @@
 // own `window` and key groups. Exact fp16 copies of the tokens still waiting are kept on the device in a small
 // per-layer ring (window + group or decode_window + 1 tokens), so nothing is re-read from the bf16 arena.
 // A prefill chunk (n > 1) after decode steps quantizes only its own tokens (the waiting ones stay FP16), as on
-// the CPU. GpuRuntime::decode_batch() does not support a quantizer (it throws when one is set), and neither
-// do the option correct=on (the CPU attention's score correction), metric=task and per-layer widths or ratios
-// (lkbits, lvbits, lratio): errors naming the method. The compressed (real) cache refuses gain=, rotate=, metric=task
-// and rsq (real_cache in
-// gpu_method_runtime_factory keeps rsq simulated, as fp16 and uniform).
+// the CPU. GpuRuntime::decode_batch() does not support a quantizer (it throws when one is set); the option
+// correct=on (the CPU attention's score correction) is refused with an error naming the method. The compressed
+// (real) cache refuses gain=, rotate=, metric=task, per-layer widths and ratios (lkbits, lvbits, lratio) and rsq
+// (real_cache in gpu_method_runtime_factory keeps rsq simulated, as fp16 and uniform).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -98,8 +105,9 @@ class GpuKvQuantizer {
 };
 
 // The quantizer of `method`; codebooks are required for vq/antkv and validated like QuantizedKvCache's (model
-// hash, c/b, key_rope, gain, rotate, layer/head counts) plus every layer's centroid, error_norm and (rotate=pca)
-// rotation and mean array sizes; errors name the method. rsq needs none. Codebooks are uploaded to the current CUDA device here.
+// hash, c/b, key_rope, gain, rotate, metric, layer/head counts, the per-layer lists' length) plus every layer's
+// centroid, error_norm, (rotate=pca) rotation and mean and (metric=task) factor array sizes in that layer's
+// configuration; errors name the method. rsq needs none. Codebooks are uploaded to the current CUDA device here.
 std::unique_ptr<GpuKvQuantizer> make_gpu_kv_quantizer(const ModelConfig& cfg, const MethodSpec& method,
                                                       std::shared_ptr<const CodebookSet> codebooks,
                                                       int decode_window = 128);

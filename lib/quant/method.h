@@ -32,7 +32,8 @@
 //     attribute metric, /layer_{l}/key_metric [kv_heads, d/c, c, c]); training runs plain/weighted k-means on
 //     L^T x (both trainers) and maps the centroids back (c = L^-T c'); the quantizer assigns by nearest L^T c to
 //     L^T x and decodes with the original-space centroids. The factors count with the codebooks in effective bits
-//     (c x c fp16 per group). The simulated GPU quantizer and the compressed cache refuse it.
+//     (c x c fp16 per group). The simulated GPU quantizer runs it (kernels/quant/quantized_cache.h); the compressed
+//     cache refuses it.
 // `vq` is antkv with anchors=off, weighting=none and codebooks trained on every calibration token (CQ knows
 // no anchors); antkv's codebooks leave the calibration anchors out (recipe kmeans.exclude_anchors; option
 // exclude=on|off). Ablations are antkv with one component off.
