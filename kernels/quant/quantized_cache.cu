@@ -19,6 +19,7 @@
 #include "kernels/quant/compressed_cache.h"
 #include "kernels/runtime/ops.h"
 #include "model/checkpoint.h"
+#include "quant/anchor_rule.h"
 #include "quant/vq.h"
 
 namespace antkv {
@@ -473,6 +474,100 @@ void launch_rsq(const RsqArgs& p, cudaStream_t stream) {
   ANTKV_LAUNCH_CHECK("rsq_kernel");
 }
 
+// ---- decode-time anchors: one new query row's attention over the arena and each token's score contribution ---
+// As QuantizedKvCache::add_attention_row, from the cache as attention will read it (the bf16 arena): block hq (a
+// query head of KV head h = hq / G) computes A_j = softmax_j(q . k_j / sqrt(d)) over tokens [0, len), the output
+// o = sum_j A_j v_j, and contrib[hq][j] = e_K A_j |q| |v_j - o| / sqrt(d) + e_V A_j for every token j (the host
+// adds them to the running scores of the tracked ones). fp32 sums (the CPU sums in double).
+struct AttentionRowArgs {
+  const float* q = nullptr;        // [num_heads, d] post-RoPE (the decode token's fp32 query)
+  const bf16* k_cache = nullptr;   // [kv_heads][capacity][d]
+  const bf16* v_cache = nullptr;   // [kv_heads][capacity][d]
+  const float* coef = nullptr;     // [kv_heads][2]: (e_K, e_V) weights of the method's anchor score
+  float* prob = nullptr;           // [num_heads][capacity] scratch: the attention row
+  float* contrib = nullptr;        // [num_heads][capacity] out
+  int len = 0, capacity = 0, num_heads = 0, kv_heads = 0, d = 0;
+  float scale = 0.f;               // 1 / sqrt(d)
+};
+
+__device__ float block_reduce(float x, bool is_max, float* red) {  // 256 threads; red: [32] shared
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int off = 16; off > 0; off /= 2) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, off);
+    x = is_max ? fmaxf(x, y) : x + y;
+  }
+  __syncthreads();  // red may still be read by an earlier call
+  if (lane == 0) red[warp] = x;
+  __syncthreads();
+  x = lane < static_cast<int>(blockDim.x / 32) ? red[lane] : (is_max ? -INFINITY : 0.f);
+  for (int off = 16; off > 0; off /= 2) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, off);
+    x = is_max ? fmaxf(x, y) : x + y;
+  }
+  return x;
+}
+
+__global__ void __launch_bounds__(kThreads) attention_row_kernel(const AttentionRowArgs p) {
+  extern __shared__ float sh[];  // q [d] | o [d] | red [32]
+  float* sq = sh;
+  float* so = sh + p.d;
+  float* red = so + p.d;
+  const int hq = blockIdx.x, h = hq / (p.num_heads / p.kv_heads);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarp = blockDim.x / 32;
+  const bf16* K = p.k_cache + static_cast<int64_t>(h) * p.capacity * p.d;
+  const bf16* V = p.v_cache + static_cast<int64_t>(h) * p.capacity * p.d;
+  float* prob = p.prob + static_cast<int64_t>(hq) * p.capacity;
+  float qq = 0.f;
+  for (int c = threadIdx.x; c < p.d; c += blockDim.x) {
+    const float x = p.q[static_cast<int64_t>(hq) * p.d + c];
+    sq[c] = x;
+    qq += x * x;
+  }
+  const float qn = sqrtf(block_reduce(qq, false, red));  // (its barriers also publish sq)
+  float m = -INFINITY;
+  for (int j = warp; j < p.len; j += nwarp) {  // scores: a warp per token
+    float dot = 0.f;
+    for (int c = lane; c < p.d; c += 32) dot += sq[c] * __bfloat162float(K[static_cast<int64_t>(j) * p.d + c]);
+    for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    if (lane == 0) prob[j] = dot * p.scale;
+    m = fmaxf(m, dot * p.scale);
+  }
+  m = block_reduce(m, true, red);
+  float sum = 0.f;
+  for (int j = threadIdx.x; j < p.len; j += blockDim.x) {  // (the block's own writes above: visible after the barriers)
+    const float e = __expf(prob[j] - m);
+    prob[j] = e;
+    sum += e;
+  }
+  sum = block_reduce(sum, false, red);
+  const float inv = 1.f / sum;
+  for (int c = threadIdx.x; c < p.d; c += blockDim.x) {  // o: threads over channels, coalesced rows of V
+    float o = 0.f;
+    for (int j = 0; j < p.len; ++j) o += prob[j] * __bfloat162float(V[static_cast<int64_t>(j) * p.d + c]);
+    so[c] = o * inv;
+  }
+  __syncthreads();
+  const float ck = p.coef[2 * h], cv = p.coef[2 * h + 1];
+  for (int j = warp; j < p.len; j += nwarp) {
+    float dist = 0.f;
+    for (int c = lane; c < p.d; c += 32) {
+      const float x = __bfloat162float(V[static_cast<int64_t>(j) * p.d + c]) - so[c];
+      dist += x * x;
+    }
+    for (int off = 16; off > 0; off /= 2) dist += __shfl_xor_sync(0xffffffffu, dist, off);
+    if (lane == 0) {
+      const float a = prob[j] * inv;
+      p.contrib[static_cast<int64_t>(hq) * p.capacity + j] = ck * a * qn * sqrtf(dist) * p.scale + cv * a;
+    }
+  }
+}
+
+void launch_attention_row(const AttentionRowArgs& p, cudaStream_t stream) {
+  if (p.len <= 0) return;
+  attention_row_kernel<<<p.num_heads, kThreads, (static_cast<size_t>(2) * p.d + 32) * sizeof(float), stream>>>(p);
+  ANTKV_LAUNCH_CHECK("attention_row_kernel");
+}
+
 // ---- the quantizer -----------------------------------------------------------------------------------------------
 
 enum class Kind { kFp16, kUniform, kVq };
@@ -585,6 +680,25 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     }
     anchor_.resize(L);
     score_.resize(L);
+    if (kind_ == Kind::kVq && m.promotes()) {  // decode-time anchors: running scores, exact copies, score weights
+      promote_ = true;
+      running_.resize(L);
+      anchor_count_.assign(L, std::vector<int>(static_cast<size_t>(KV_), 0));
+      exact_.resize(L);
+      coef_.resize(L);
+      const AnchorScoreKind kind = parse_anchor_score_kind(m.score);
+      for (int l = 0; l < L; ++l) {
+        const auto& ek = cb_->keys[l].error_norm;
+        const auto& ev = cb_->values[l].error_norm;
+        std::vector<float> coef(static_cast<size_t>(2) * KV_);
+        for (int h = 0; h < KV_; ++h) {
+          const auto [wk, wv] =
+              anchor_score_weights(kind, ek.empty() ? nullptr : ek.data(), ev.empty() ? nullptr : ev.data(), h);
+          coef[2 * h] = wk, coef[2 * h + 1] = wv;
+        }
+        upload(coef_[l], coef);
+      }
+    }
     len_.assign(L, 0);
     k_upto_.assign(L, 0);
     v_upto_.assign(L, 0);
@@ -598,6 +712,8 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     std::fill(v_upto_.begin(), v_upto_.end(), 0);
     for (auto& a : anchor_) a.clear();
     for (auto& a : score_) a.clear();
+    for (auto& r : running_) r.clear();
+    for (auto& n : anchor_count_) std::fill(n.begin(), n.end(), 0);
   }
 
   const std::vector<uint8_t>& anchor_flags(int layer) const override {
@@ -859,19 +975,23 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     launch_rsq(a, stream);
   }
 
-  // Quantizes work rows [first, first + n) (positions first..) into the arena; keep: device [n][KV] or null.
-  void quantize_rows(const GpuKvLayerChunk& c, int first, int n, const uint8_t* keep, cudaStream_t stream) {
+  // Quantizes rows [first, first + n) (positions first..) into the arena; keep: device [n][KV] or null. The rows
+  // are the staged work rows, or src[0..2] (k_pre, k_post, v; [n][kvd] each): a displaced anchor's exact copy.
+  void quantize_rows(const GpuKvLayerChunk& c, int first, int n, const uint8_t* keep, cudaStream_t stream,
+                     const float* const* src = nullptr) {
     if (n <= 0) return;
     const int l = c.layer;
+    const float* rows[3];
+    for (int which = 0; which < 3; ++which) rows[which] = src ? src[which] : work(which, first);
     tmp_.ensure(static_cast<size_t>(2) * n * kvd_);
     float* tk = tmp_.get();
     float* tv = tmp_.get() + static_cast<size_t>(n) * kvd_;
     if (rsq_) {
-      rsq_tensor(l, 0, work(pre_ ? 0 : 1, first), tk, n, stream);
-      rsq_tensor(l, 1, work(2, first), tv, n, stream);
+      rsq_tensor(l, 0, rows[pre_ ? 0 : 1], tk, n, stream);
+      rsq_tensor(l, 1, rows[2], tv, n, stream);
     } else {
-      quantize_tensor(l, 0, work(pre_ ? 0 : 1, first), tk, n, stream);
-      quantize_tensor(l, 1, work(2, first), tv, n, stream);
+      quantize_tensor(l, 0, rows[pre_ ? 0 : 1], tk, n, stream);
+      quantize_tensor(l, 1, rows[2], tv, n, stream);
     }
     if (pre_) {  // rotate the dequantized pre-RoPE keys to their positions
       pos_.ensure(n);
@@ -890,12 +1010,12 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     s.n = n, s.kv_heads = KV_, s.d = d_, s.capacity = c.capacity, s.slot0 = first;
     s.keep = m_.anchor_keys ? keep : nullptr;  // anchors=v: anchor tokens' keys are quantized
     s.src = tk;
-    s.keep_src = work(1, first);
+    s.keep_src = rows[1];
     s.cache = c.k_cache;
     launch_store(s, stream);
     s.keep = m_.anchor_values ? keep : nullptr;  // anchors=k: their values are quantized
     s.src = tv;
-    s.keep_src = work(2, first);
+    s.keep_src = rows[2];
     s.cache = c.v_cache;
     launch_store(s, stream);
   }
@@ -913,19 +1033,34 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
         select_anchors_gpu(c, stream);
         keep = keep_d_.get();
       }
+      if (promote_) {  // exact copies (a displaced anchor is quantized from its own); anchors start from their scores
+        save_exact(c, row0, n, stream);
+        running_[l].resize(static_cast<size_t>(len) * KV_, 0.0);
+        for (size_t i = 0; i < static_cast<size_t>(n) * KV_; ++i) {
+          const size_t x = static_cast<size_t>(row0) * KV_ + i;
+          if (anchor_[l][x]) {
+            running_[l][x] = score_[l][x];
+            ++anchor_count_[l][i % KV_];
+          }
+        }
+      }
       quantize_rows(c, row0, n, keep, stream);
       upto = len;
     } else {
       // decode: the new token stays FP16; quantize what left the window (never anchors)
       const int end = std::max(upto, len - W_);
-      if (end > upto && m_.promotes() && anchors_in(l))  // a layer without anchors (lratio 0) has nothing to decide
-        fail("GPU KV quantizer {}: decode-time anchors (design note §2, promote=on) run in the compressed cache "
-             "(eval.kv_cache: real) and in the CPU cache (eval.device: cpu), not in the simulated GPU cache; or "
-             "add promote=off to the method",
-             m_.text);
       stage(c, upto, ring_[l].get(), stream);
       store_rows(c, row0, n, true, true, stream);
       save_ring(c, stream);
+      const bool rule = promote_ && anchors_in(l);  // a layer without anchors (lratio 0) has nothing to decide
+      if (rule) {
+        save_exact(c, row0, n, stream);
+        running_[l].resize(static_cast<size_t>(len) * KV_, 0.0);
+        const int budget = static_cast<int>(std::ceil(m_.ratio_of(l) * static_cast<double>(len)));
+        for (int r = upto; r < end; ++r)  // the online rule, then each displaced anchor quantized from its exact copy
+          for (const int64_t w : decide_leaving_token(anchor_[l], running_[l], anchor_count_[l], KV_, r, budget))
+            if (w >= 0) quantize_exact_row(c, static_cast<int>(w), stream);
+      }
       if (end > upto) {
         const size_t nk = static_cast<size_t>(end - upto) * KV_;
         keep_h_.assign(anchor_[l].begin() + static_cast<size_t>(upto) * KV_,
@@ -939,7 +1074,64 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
         quantize_rows(c, upto, end - upto, any ? keep_d_.get() : nullptr, stream);
       }
       upto = end;
+      if (rule) add_attention_row(c, stream);
     }
+  }
+
+  // Rows [first, first + n) of the staged work (k_pre, k_post, v; fp16-rounded) into the layer's exact copies.
+  void save_exact(const GpuKvLayerChunk& c, int first, int n, cudaStream_t stream) {
+    DeviceBuffer<float>& e = exact_[c.layer];
+    if (e.size() < static_cast<size_t>(3) * c.capacity * kvd_) {  // [3][capacity][kvd], on first use
+      ANTKV_CHECK(first == 0, "GPU KV quantizer {}: internal error: exact copies start after token 0", m_.text);
+      e.resize(static_cast<size_t>(3) * c.capacity * kvd_);
+    }
+    for (int which = 0; which < 3; ++which)
+      ANTKV_CUDA_CHECK(cudaMemcpyAsync(e.get() + (static_cast<size_t>(which) * c.capacity + first) * kvd_, work(which, first),
+                                       static_cast<size_t>(n) * kvd_ * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+  }
+
+  // A displaced anchor (row w): every head whose flag is now 0 quantized from the exact copy, the others kept.
+  void quantize_exact_row(const GpuKvLayerChunk& c, int w, cudaStream_t stream) {
+    const int l = c.layer;
+    const float* e = exact_[l].get();
+    const float* src[3];
+    for (int which = 0; which < 3; ++which) src[which] = e + (static_cast<size_t>(which) * c.capacity + w) * kvd_;
+    keep_row_h_.assign(anchor_[l].begin() + static_cast<size_t>(w) * KV_, anchor_[l].begin() + static_cast<size_t>(w + 1) * KV_);
+    keep_row_d_.ensure(static_cast<size_t>(KV_));
+    ANTKV_CUDA_CHECK(cudaMemcpyAsync(keep_row_d_.get(), keep_row_h_.data(), static_cast<size_t>(KV_), cudaMemcpyHostToDevice,
+                                     stream));
+    quantize_rows(c, w, 1, keep_row_d_.get(), stream, src);
+    ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));  // keep_row_h_ is reused by the next displaced row
+  }
+
+  // The decode token's attention row over the arena (as attention will read it) into the running scores of the
+  // tracked tokens (anchors and the window), as QuantizedKvCache::add_attention_row; summed in double here.
+  void add_attention_row(const GpuKvLayerChunk& c, cudaStream_t stream) {
+    ANTKV_CHECK(c.q, "GPU KV quantizer {}: the runtime passed no query at decode (the running anchor scores need it)",
+                m_.text);
+    const int l = c.layer, len = c.position0 + c.n_tokens, H = cfg_.num_heads, G = H / KV_;
+    ANTKV_CHECK(c.n_tokens == 1 && c.q_stride >= static_cast<int64_t>(H) * d_,
+                "GPU KV quantizer {}: internal error: a decode step of {} tokens", m_.text, c.n_tokens);
+    row_prob_.ensure(static_cast<size_t>(H) * c.capacity);
+    row_contrib_.ensure(static_cast<size_t>(H) * c.capacity);
+    AttentionRowArgs a;
+    a.q = c.q, a.k_cache = c.k_cache, a.v_cache = c.v_cache, a.coef = coef_[l].get();
+    a.prob = row_prob_.get(), a.contrib = row_contrib_.get();
+    a.len = len, a.capacity = c.capacity, a.num_heads = H, a.kv_heads = KV_, a.d = d_;
+    a.scale = 1.0f / std::sqrt(static_cast<float>(d_));
+    launch_attention_row(a, stream);
+    h_contrib_.resize(static_cast<size_t>(H) * c.capacity);
+    ANTKV_CUDA_CHECK(cudaMemcpyAsync(h_contrib_.data(), row_contrib_.get(), h_contrib_.size() * sizeof(float),
+                                     cudaMemcpyDeviceToHost, stream));
+    ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const int upto = k_upto_[l];
+    for (int h = 0; h < KV_; ++h)
+      for (int g = 0; g < G; ++g)
+        for (int j = 0; j < len; ++j) {
+          const size_t y = static_cast<size_t>(j) * KV_ + h;
+          if (j < upto && !anchor_[l][y]) continue;  // quantized: not tracked
+          running_[l][y] += h_contrib_[static_cast<size_t>(h * G + g) * c.capacity + j];
+        }
   }
 
   // S_K, S_V of the chunk on the GPU, combined and selected on the host; fills anchor_[l] and keep_d_.
@@ -1003,6 +1195,16 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
   std::vector<int> len_, k_upto_, v_upto_;  // vq uses k_upto_ as its `upto`
   std::vector<std::vector<uint8_t>> anchor_;
   std::vector<std::vector<float>> score_;   // per layer [tokens seen, KV]: the prefill chunks' combined scores
+  // decode-time anchors (promote_): per layer running scores [tokens seen, KV] (double, as the CPU cache), anchors
+  // per head [KV], exact fp16-rounded rows [3][capacity][kvd], score weights [KV][2]; the attention row's scratch
+  bool promote_ = false;
+  std::vector<std::vector<double>> running_;
+  std::vector<std::vector<int>> anchor_count_;
+  std::vector<DeviceBuffer<float>> exact_, coef_;
+  DeviceBuffer<float> row_prob_, row_contrib_;
+  DeviceBuffer<uint8_t> keep_row_d_;
+  std::vector<float> h_contrib_;
+  std::vector<uint8_t> keep_row_h_;
   std::vector<DeviceBuffer<float>> ring_;   // per layer [3][R][kvd]: fp16 copies of waiting tokens
   std::vector<DeviceBuffer<float>> kcent_, vcent_;
   // rotate=pca, [side 0 keys / 1 values][layer]: R and R^T [KV][d][d], mean [KV][d] (the codebooks' fp16-rounded ones)

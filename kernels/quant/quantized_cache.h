@@ -43,10 +43,11 @@
 // Inputs of quantization are the fp16-rounded K/V (the CPU cache quantizes its fp16 copies too); anchor scores
 // use the unrounded fp32 q/k/v, as on the CPU.
 // Decode (one-token forwards), as QuantizedKvCache: vq/antkv tokens stay FP16 while among the newest
-// `decode_window` (128) tokens and are quantized when they leave it; decode-time anchors (promote=on, the
-// default for antkv) are not simulated here: a token leaving the window of such a method is an error that
-// names the compressed cache and the CPU cache, which run the rule; uniform follows its
-// own `window` and key groups. Exact fp16 copies of the tokens still waiting are kept on the device in a small
+// `decode_window` (128) tokens and are quantized when they leave it, or kept as anchors by the online rule
+// (promote=on, the default for antkv): quant/anchor_rule.h decides on the host from running scores kept in
+// double, each step's attention row over the bf16 arena (attention_row_kernel, fp32) adds to them, and a
+// displaced anchor is quantized from an exact fp16 copy (all rows of the layer are kept, [3][capacity][kvd]
+// fp32, while the rule runs); uniform follows its own `window` and key groups. Exact fp16 copies of the tokens still waiting are kept on the device in a small
 // per-layer ring (window + group or decode_window + 1 tokens), so nothing is re-read from the bf16 arena.
 // A prefill chunk (n > 1) after decode steps quantizes only its own tokens (the waiting ones stay FP16), as on
 // the CPU. GpuRuntime::decode_batch() does not support a quantizer (it throws when one is set); the option

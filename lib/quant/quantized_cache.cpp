@@ -7,6 +7,7 @@
 
 #include "anchor/anchor_scores.h"
 #include "core/error.h"
+#include "quant/anchor_rule.h"
 #include "quant/vq.h"
 #include "runtime/rope.h"
 
@@ -293,24 +294,16 @@ void QuantizedKvCache::decide_leaving(int l, int64_t r, int64_t len) {
   const int KV = cfg_.num_kv_heads;
   const int budget = static_cast<int>(std::ceil(method_.ratio_of(l) * static_cast<double>(len)));
   std::vector<uint8_t>& flag = anchor_[l];
-  const std::vector<double>& run = running_[l];
+  int grown = 0;
+  for (int h = 0; h < KV; ++h) grown -= anchor_count_[l][h];
+  const std::vector<int64_t> displaced = decide_leaving_token(flag, running_[l], anchor_count_[l], KV, r, budget);
+  for (int h = 0; h < KV; ++h) grown += anchor_count_[l][h];
+  stats_.anchors += grown;
   for (int h = 0; h < KV; ++h) {
-    const size_t x = static_cast<size_t>(r) * KV + h;
-    if (anchor_count_[l][h] < budget) {  // the budget grew: the leaving token fills the new place
-      flag[x] = 1, ++anchor_count_[l][h], ++stats_.anchors;
-      continue;
-    }
-    int64_t weakest = -1;  // the anchor with the smallest running score, earliest on ties; never token 0
-    for (int64_t t = 1; t < r; ++t) {
-      const size_t y = static_cast<size_t>(t) * KV + h;
-      if (flag[y] && (weakest < 0 || run[y] < run[static_cast<size_t>(weakest) * KV + h])) weakest = t;
-    }
-    if (weakest < 0 || !(run[x] > run[static_cast<size_t>(weakest) * KV + h])) continue;
-    flag[x] = 1;
-    flag[static_cast<size_t>(weakest) * KV + h] = 0;  // displaced: quantized from its exact copy
-    quantize_rows(l, weakest, 1, k_pre_exact_[l].data() + weakest * row_, k_exact_[l].data() + weakest * row_,
-                  v_exact_[l].data() + weakest * row_, flag.data() + static_cast<size_t>(weakest) * KV,
-                  static_cast<int>(weakest));
+    const int64_t w = displaced[static_cast<size_t>(h)];
+    if (w < 0) continue;  // displaced: quantized from its exact copy (this head's flag is already 0)
+    quantize_rows(l, w, 1, k_pre_exact_[l].data() + w * row_, k_exact_[l].data() + w * row_,
+                  v_exact_[l].data() + w * row_, flag.data() + static_cast<size_t>(w) * KV, static_cast<int>(w));
   }
 }
 

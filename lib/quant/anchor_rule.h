@@ -1,0 +1,19 @@
+// The online anchor rule of design note §2 (MethodSpec::promote) for one token leaving the FP16 decode window of
+// one layer: one definition for the CPU reference cache (QuantizedKvCache) and the simulated GPU cache
+// (kernels/quant/quantized_cache.cu). The compressed cache runs the same rule on the GPU (window_append_kernel).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace antkv {
+
+// flags: [rows, KV] anchor flags of the layer (1 = FP16 anchor); running: [rows, KV] running anchor scores;
+// count: [KV] anchors per head; r: the leaving row; budget: ceil(ratio * length) anchors per head.
+// Per head h: while count[h] < budget the leaving token becomes an anchor; else it takes the place of the anchor
+// with the smallest running score among rows 1 .. r-1 (token 0 never; ties to the earliest row) when its own
+// running score is larger. flags and count are updated. Returns, per head, the displaced row (to be quantized
+// from its exact copy) or -1.
+std::vector<int64_t> decide_leaving_token(std::vector<uint8_t>& flags, const std::vector<double>& running,
+                                          std::vector<int>& count, int kv_heads, int64_t r, int budget);
+
+}  // namespace antkv
