@@ -640,18 +640,16 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
           upload(kcent_[l], cb_->keys[l].centroids);
           upload(vcent_[l], cb_->values[l].centroids);
         }
-        if (task_)  // the searched centroids L^T c, mapped once by the CPU's own function (as vq_quantize_metric)
+        if (task_)  // the searched centroids L^T c, mapped once by the CPU's own function (quant/vq.h)
           for (int side = 0; side < 2; ++side) {
             metric_[side].resize(L), mcent_[side].resize(L);
             for (int l = 0; l < L; ++l) {
               const LayerCodebooks& lc = side ? cb_->values[l] : cb_->keys[l];
               const VqConfig q = side ? m.value_config(l) : m.key_config(l);
-              const int groups = d_ / q.c, k = 1 << q.b;
-              std::vector<float> tc = lc.centroids;  // [KV][groups][k][c]
-              for (int hg = 0; hg < KV_ * groups; ++hg)
-                metric_forward(lc.metric.data() + static_cast<size_t>(hg) * q.c * q.c, 1, q.c,
-                               tc.data() + static_cast<size_t>(hg) * k * q.c, k, q.c);
-              upload(mcent_[side][l], tc);
+              // [KV][groups][k][c]: every head's groups in one call (the factors are [KV][groups][c][c])
+              upload(mcent_[side][l],
+                     metric_centroids(VqHeadCodebooks{lc.centroids.data(), KV_ * (d_ / q.c), 1 << q.b, q.c},
+                                      lc.metric.data()));
               upload(metric_[side][l], lc.metric);
             }
           }

@@ -78,6 +78,7 @@ QuantizedKvCache::QuantizedKvCache(const ModelConfig& cfg, const MethodSpec& m, 
   const size_t L = static_cast<size_t>(cfg.num_layers);
   k_.resize(L), v_.resize(L), k_exact_.resize(L), v_exact_.resize(L), k_pre_exact_.resize(L), anchor_.resize(L), key_err_.resize(L);
   running_.resize(L);
+  metric_cents_.resize(2 * L);
   anchor_count_.assign(L, std::vector<int>(static_cast<size_t>(cfg.num_kv_heads), 0));
   quantized_upto_.assign(L * 2, 0);  // [layer][0 = keys, 1 = values]
 }
@@ -124,10 +125,10 @@ void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const f
   const bool rotate = method_.rotate != "off";
   const bool task = method_.metric != "plain";
   auto quantize_head = [&](const VqHeadCodebooks& hc, const float* src, float* dst, bool gain, const float* rot,
-                           const float* mean, const float* metric) {
+                           const float* mean, const float* metric, const float* mapped) {
     // metric=task: the nearest centroid in the metric |L^T (x - c)|^2, decoded as the centroid itself
     auto code = [&](const float* x, int64_t stride, float* out) {
-      if (task) vq_quantize_metric(hc, metric, x, n, stride, out);
+      if (task) vq_quantize_metric(hc, mapped, metric, x, n, stride, out);
       else vq_quantize(hc, x, n, stride, out);
     };
     if (!gain && !rotate) return code(src, static_cast<int64_t>(row_), dst);
@@ -150,13 +151,23 @@ void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const f
   auto metric_of = [&](const LayerCodebooks& c, int h) {  // [groups, c, c] of head h (d x c values per head)
     return task ? c.metric.data() + static_cast<int64_t>(h) * d * (&c == &kc ? kq.c : vq.c) : nullptr;
   };
+  // metric=task: the searched centroids L^T c of the layer's heads, mapped on first use and kept (every decode step
+  // quantizes with them)
+  auto mapped_of = [&](int side, int h) -> const float* {
+    if (!task) return nullptr;
+    const LayerCodebooks& c = side ? vc : kc;
+    const int groups = side ? vg : kg, k = side ? vk : kk, cc = side ? vq.c : kq.c;
+    std::vector<float>& m = metric_cents_[static_cast<size_t>(layer) * 2 + side];
+    if (m.empty()) m = metric_centroids(VqHeadCodebooks{c.centroids.data(), KV * groups, k, cc}, c.metric.data());
+    return m.data() + static_cast<int64_t>(h) * groups * k * cc;
+  };
   for (int h = 0; h < KV; ++h) {
     VqHeadCodebooks khc{kc.centroids.data() + static_cast<int64_t>(h) * kg * kk * kq.c, kg, kk, kq.c};
     VqHeadCodebooks vhc{vc.centroids.data() + static_cast<int64_t>(h) * vg * vk * vq.c, vg, vk, vq.c};
     quantize_head(khc, (pre ? k_pre : k_post) + static_cast<int64_t>(h) * d, kd + static_cast<int64_t>(h) * d,
-                  method_.gain_keys(), rot_of(kc, h), mean_of(kc, h), metric_of(kc, h));
+                  method_.gain_keys(), rot_of(kc, h), mean_of(kc, h), metric_of(kc, h), mapped_of(0, h));
     quantize_head(vhc, v + static_cast<int64_t>(h) * d, vd + static_cast<int64_t>(h) * d, method_.gain_values(),
-                  rot_of(vc, h), mean_of(vc, h), metric_of(vc, h));
+                  rot_of(vc, h), mean_of(vc, h), metric_of(vc, h), mapped_of(1, h));
   }
   if (pre) {  // rotate the dequantized pre-RoPE keys to their positions
     std::vector<int32_t> pos(static_cast<size_t>(n));

@@ -84,6 +84,8 @@ class QuantizedKvCache : public KvCache {
   // promotes(): running anchor scores [len, kv] (meaningful for anchors and window tokens), anchors per head [kv]
   std::vector<std::vector<double>> running_;
   std::vector<std::vector<int>> anchor_count_;
+  // metric=task: [layer * 2 + side] the searched centroids L^T c, [kv, groups, 2^b, c] (mapped on first use)
+  std::vector<std::vector<float>> metric_cents_;
   void decide_leaving(int layer, int64_t row, int64_t len);   // the online rule for `row` leaving the window
   void add_attention_row(int layer, const float* q);        // the newest row's attention into running_
   QuantizedCacheStats stats_;

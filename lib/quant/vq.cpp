@@ -1,10 +1,19 @@
 #include "quant/vq.h"
 
+#include <Eigen/Cholesky>
 #include <Eigen/Core>
+#include <Eigen/Eigenvalues>
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <mutex>
+#include <numeric>
+#include <random>
 #include <vector>
+
+#include "core/error.h"
 
 namespace antkv {
 
@@ -70,13 +79,6 @@ void gain_restore(float* out, int64_t n, int64_t stride, int d, const float* nor
   }
 }
 
-}  // namespace antkv
-
-#include <Eigen/Eigenvalues>
-#include <algorithm>
-#include <numeric>
-
-namespace antkv {
 
 void rotate_forward(const float* R, const float* mean, int d, float* x, int64_t n, int64_t stride) {
 #pragma omp parallel if (n * d * d > (1 << 20))
@@ -138,13 +140,6 @@ void pca_rotation(const double* cov, int d, int c, float* R) {
   }
 }
 
-}  // namespace antkv
-
-#include <array>
-#include <mutex>
-#include <random>
-
-namespace antkv {
 
 const std::vector<float>& lloyd_max_gaussian(int bits) {
   static std::array<std::vector<float>, 5> cache;
@@ -227,15 +222,6 @@ void rsq_quantize(float* x, int64_t n, int64_t stride, int d, int bits, const fl
   }
 }
 
-}  // namespace antkv
-
-#include <Eigen/Cholesky>
-#include <stdexcept>
-
-#include "core/error.h"
-
-namespace antkv {
-
 void metric_factor(const double* M, int c, float* L, const char* what) {
   Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> m(M, c, c);
   Eigen::MatrixXd a = (m + m.transpose()) / 2;
@@ -292,19 +278,29 @@ void metric_inverse(const float* metric, int groups, int c, float* x, int64_t n,
   });
 }
 
-void vq_quantize_metric(const VqHeadCodebooks& cb, const float* metric, const float* x, int64_t n, int64_t stride,
-                        float* out) {
-  const int64_t gc = static_cast<int64_t>(cb.groups) * cb.c;
+std::vector<float> metric_centroids(const VqHeadCodebooks& cb, const float* metric) {
   std::vector<float> tc(cb.centroids, cb.centroids + static_cast<int64_t>(cb.groups) * cb.k * cb.c);  // L^T c
   for (int g = 0; g < cb.groups; ++g)
     metric_forward(metric + static_cast<int64_t>(g) * cb.c * cb.c, 1, cb.c, tc.data() + static_cast<int64_t>(g) * cb.k * cb.c,
                    cb.k, cb.c);
+  return tc;
+}
+
+void vq_quantize_metric(const VqHeadCodebooks& cb, const float* mapped, const float* metric, const float* x, int64_t n,
+                        int64_t stride, float* out) {
+  const int64_t gc = static_cast<int64_t>(cb.groups) * cb.c;
   std::vector<float> tx(static_cast<size_t>(n) * gc);
   for (int64_t r = 0; r < n; ++r) std::copy_n(x + r * stride, gc, tx.data() + r * gc);
   metric_forward(metric, cb.groups, cb.c, tx.data(), n, gc);
   std::vector<int32_t> codes(static_cast<size_t>(n) * cb.groups);
-  vq_encode(VqHeadCodebooks{tc.data(), cb.groups, cb.k, cb.c}, tx.data(), n, gc, codes.data());
+  vq_encode(VqHeadCodebooks{mapped, cb.groups, cb.k, cb.c}, tx.data(), n, gc, codes.data());
   vq_decode(cb, codes.data(), n, stride, out);
+}
+
+void vq_quantize_metric(const VqHeadCodebooks& cb, const float* metric, const float* x, int64_t n, int64_t stride,
+                        float* out) {
+  const std::vector<float> mapped = metric_centroids(cb, metric);
+  vq_quantize_metric(cb, mapped.data(), metric, x, n, stride, out);
 }
 
 }  // namespace antkv

@@ -31,10 +31,6 @@ void gain_normalize(float* x, int64_t n, int64_t stride, int d, float* norms);
 // out: [n, stride] direction reconstructions (the head's d channels), rescaled in place to norms[r] * out / |out|.
 void gain_restore(float* out, int64_t n, int64_t stride, int d, const float* norms);
 
-}  // namespace antkv
-
-namespace antkv {
-
 // Rotated VQ (our option rotate=pca, not the paper's): each (layer, KV head, tensor) has a mean and an orthogonal
 // d x d basis learned from the calibration K/V; a head vector is coded as x' = R (x - mean) (R row-major: row i is
 // the i-th basis vector), and reconstructed as mean + R^T x'_hat. The basis is the covariance's eigenvectors,
@@ -49,10 +45,6 @@ void rotate_inverse(const float* rotation, const float* mean, int d, float* x, i
 // Writes rotation [d, d] (fp16-rounded rows; group g is rows [g c, (g+1) c)).
 void pca_rotation(const double* cov, int d, int c, float* rotation);
 
-}  // namespace antkv
-
-namespace antkv {
-
 // Rotated scalar quantization (method kind rsq: a training-free baseline in the manner of TurboQuant, Zandieh et
 // al. 2025, and QuaRot): a head vector x is rotated by y = H S x / sqrt(d) (S random signs from a fixed seed per
 // layer, tensor and head, H the Walsh-Hadamard matrix; d a power of 2), its norm |y| = |x| is stored in fp16,
@@ -65,10 +57,6 @@ const std::vector<float>& lloyd_max_gaussian(int bits);
 void rsq_quantize(float* x, int64_t n, int64_t stride, int d, int bits, const float* signs);
 // The fixed signs of (layer, tensor 0 keys / 1 values, head).
 std::vector<float> rsq_signs(int d, int layer, int tensor, int head);
-
-}  // namespace antkv
-
-namespace antkv {
 
 // Task-metric VQ (our option metric=task, quant/method.h): group g of a head's coded vector has a c x c metric
 // block M_g (symmetric positive semi-definite) and a stored lower-triangular factor L_g with M_g + ridge = L_g L_g^T;
@@ -84,8 +72,14 @@ void metric_factor(const double* M, int c, float* L, const char* what);
 void metric_forward(const float* metric, int groups, int c, float* x, int64_t n, int64_t stride);
 // The inverse: x <- L_g^-T x per group (a triangular solve).
 void metric_inverse(const float* metric, int groups, int c, float* x, int64_t n, int64_t stride);
+// The searched centroids L_g^T c of every group: [groups, k, c] (cb's layout); metric: [groups, c, c] factors.
+// cb may span several heads (groups = heads x groups per head) when the factors are laid out the same way.
+std::vector<float> metric_centroids(const VqHeadCodebooks& cb, const float* metric);
 // vq_quantize in the metric: codes = argmin over centroids of |L^T (x - c)|^2 (nearest L^T c to L^T x; ties: lowest
-// index), out = the original-space centroids of the codes (out may alias x).
+// index), out = the original-space centroids of the codes (out may alias x). `mapped`: metric_centroids(cb, metric),
+// computed once by callers that quantize often; the overload without it maps them on every call.
+void vq_quantize_metric(const VqHeadCodebooks& cb, const float* mapped, const float* metric, const float* x, int64_t n,
+                        int64_t stride, float* out);
 void vq_quantize_metric(const VqHeadCodebooks& cb, const float* metric, const float* x, int64_t n, int64_t stride,
                         float* out);
 
