@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <tuple>
 #include <type_traits>
 
 #include "core/error.h"
@@ -416,14 +415,11 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
   if (promote_) {  // the running score's weights: the method's score over the codebooks' error norms
     const AnchorScoreKind kind = parse_anchor_score_kind(m.score);
     for (int l = 0; l < n_layers_; ++l) {
-      std::vector<float> coef(static_cast<size_t>(2) * n_kv_);
       const auto& ek = cb.keys.at(l).error_norm;
       const auto& ev = cb.values.at(l).error_norm;
       ANTKV_CHECK((ek.empty() || static_cast<int>(ek.size()) == n_kv_) && (ev.empty() || static_cast<int>(ev.size()) == n_kv_),
                   "method {}: layer {} error norms do not have one entry per KV head", m.text, l);
-      for (int h = 0; h < n_kv_; ++h)
-        std::tie(coef[2 * h], coef[2 * h + 1]) =
-            anchor_score_weights(kind, ek.empty() ? nullptr : ek.data(), ev.empty() ? nullptr : ev.data(), h);
+      const std::vector<float> coef = anchor_score_weight_table(kind, ek, ev, n_kv_);
       ANTKV_CUDA_CHECK(cudaMemcpy(layers_[l]->score_coef.get(), coef.data(), coef.size() * sizeof(float), cudaMemcpyHostToDevice));
     }
   }

@@ -685,17 +685,8 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
       exact_.resize(L);
       coef_.resize(L);
       const AnchorScoreKind kind = parse_anchor_score_kind(m.score);
-      for (int l = 0; l < L; ++l) {
-        const auto& ek = cb_->keys[l].error_norm;
-        const auto& ev = cb_->values[l].error_norm;
-        std::vector<float> coef(static_cast<size_t>(2) * KV_);
-        for (int h = 0; h < KV_; ++h) {
-          const auto [wk, wv] =
-              anchor_score_weights(kind, ek.empty() ? nullptr : ek.data(), ev.empty() ? nullptr : ev.data(), h);
-          coef[2 * h] = wk, coef[2 * h + 1] = wv;
-        }
-        upload(coef_[l], coef);
-      }
+      for (int l = 0; l < L; ++l)
+        upload(coef_[l], anchor_score_weight_table(kind, cb_->keys[l].error_norm, cb_->values[l].error_norm, KV_));
     }
     len_.assign(L, 0);
     k_upto_.assign(L, 0);

@@ -6,6 +6,7 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <tuple>
 
 #include "core/error.h"
 
@@ -170,6 +171,18 @@ std::pair<float, float> anchor_score_weights(AnchorScoreKind kind, const float* 
     case AnchorScoreKind::kKeyBound: return {1.0f, 0.0f};
     default: fail("anchor score {} is not a sum over attention rows", anchor_score_kind_name(kind));
   }
+}
+
+std::vector<float> anchor_score_weight_table(AnchorScoreKind kind, const std::vector<float>& e_k,
+                                             const std::vector<float>& e_v, int n_kv_heads) {
+  ANTKV_CHECK((e_k.empty() || static_cast<int>(e_k.size()) == n_kv_heads) &&
+                  (e_v.empty() || static_cast<int>(e_v.size()) == n_kv_heads),
+              "anchor score weights: error norms of {} / {} heads, the model has {}", e_k.size(), e_v.size(), n_kv_heads);
+  std::vector<float> w(static_cast<size_t>(2) * n_kv_heads);
+  for (int h = 0; h < n_kv_heads; ++h)
+    std::tie(w[2 * h], w[2 * h + 1]) =
+        anchor_score_weights(kind, e_k.empty() ? nullptr : e_k.data(), e_v.empty() ? nullptr : e_v.data(), h);
+  return w;
 }
 
 void combine_anchor_scores(AnchorScoreKind kind, const float* s_k, const float* s_v, const float* e_k,

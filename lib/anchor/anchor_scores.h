@@ -37,6 +37,10 @@ const char* anchor_score_kind_name(AnchorScoreKind k);
 // error_bound (e_K[head], e_V[head], or 1 where e_k / e_v is null), attention_mass (0, 1), key_bound (1, 0).
 // random and recent are not sums over attention rows: an antkv::Error.
 std::pair<float, float> anchor_score_weights(AnchorScoreKind kind, const float* e_k, const float* e_v, int head);
+// The same for every KV head: [n_kv_heads][2] = (w_K, w_V), from the codebooks' error norms e_k / e_v ([n_kv_heads]
+// each, or empty for 1): the coefficients the GPU caches' running-score kernels read.
+std::vector<float> anchor_score_weight_table(AnchorScoreKind kind, const std::vector<float>& e_k,
+                                             const std::vector<float>& e_v, int n_kv_heads);
 
 // anchor_score: [T, n_kv_heads] from s_k, s_v ([T, n_kv_heads]); e_k/e_v per KV head ([n_kv_heads]) or
 // null for 1. kRandom draws from `seed`; kRecent scores by position (later = higher).
