@@ -324,8 +324,8 @@ namespace {
 std::vector<float> read_square(const H5::H5File& f, const CalibMeta& m, int layer, const char* name, bool present,
                                const std::string& path, const char* why) {
   ANTKV_CHECK(present, "{}: the calibration dump has no /layer_{{l}}/{} ({}); recalibrate with this version{}", path, name,
-              why, std::string(name) == "query_moment" ? " and calibration.device: cpu (the GPU calibration stage does "
-                                                         "not compute it)"
+              why, std::string(name) == "query_moment" ? " (the GPU calibration stage computes it for head_dim a multiple "
+                                                         "of 16 up to 256; otherwise calibration.device: cpu)"
                                                        : " (antkv-calibrate, which knows the model directory)");
   std::vector<float> v(static_cast<size_t>(m.num_kv_heads * m.head_dim * m.head_dim));
   h5::guard(path, [&] {
