@@ -325,6 +325,71 @@ def split_methods(text):
     return out
 
 
+def tree_mib(root):
+    """Every file under root (relative path -> MiB), the run's dumps, codebooks and results."""
+    out = {}
+    for r, _, fs in os.walk(root):
+        for f in fs:
+            p = os.path.join(r, f)
+            out[os.path.relpath(p, root)] = round(os.path.getsize(p) / 2 ** 20, 3)
+    return dict(sorted(out.items()))
+
+
+def cmd_pipeline(a, base, b, work, logs, results, stages):
+    """`antkv-eval run` as a user runs it: one command that calibrates (a pre-RoPE dump too when a method asks for
+    it, with the metric=task statistics), trains every codebook set the methods need (gain, rotate, metric=task,
+    per-layer widths) and evaluates them. anchor-budget: then `antkv-eval diagnose` on calibration text and
+    scripts/anchor_budget.py give a per-layer anchor ratio (lratio=) for --budget-method, evaluated by a second
+    `antkv-eval run` that reuses the dumps and codebooks."""
+    out = os.path.join(work, "pipeline")
+    texts = "eval.texts=[" + json.dumps(os.path.abspath(a.eval_text)) + "]"
+    common = base + ["--set", "calibration.text=" + os.path.abspath(a.calib_text),
+                     "--set", f"calibration.tokens={a.calib_tokens}", "--set", texts,
+                     "--set", f"eval.max_windows={a.eval_windows}", "--set", f"eval.seq_len={a.eval_seq_len}",
+                     "--set", "eval.device=" + a.device, "--set", "calibration.device=" + a.device,
+                     "--set", "kmeans.device=" + a.device]
+    if "pipeline" in stages:
+        methods = split_methods(a.methods)
+        rec = run_stage("pipeline", [b("antkv-eval"), "run"] + common + [
+            "--set", "eval.methods=[" + ",".join(json.dumps(m) for m in methods) + "]", "--out", out],
+            logs, results)
+        rec.update(parse_results(out))
+        rec["files_mib"] = tree_mib(out)
+        for name in ("calib-post.h5", "calib-pre.h5"):
+            s = load_json(os.path.join(out, name + ".summary.json")) or {}
+            if s:
+                rec[name] = {k: s.get(k) for k in ("tokens_run", "tokens_per_second", "seconds_split",
+                                                   "bytes_stored")}
+        print("   files (MiB):", json.dumps(rec["files_mib"]))
+    if "anchor-budget" in stages and a.budget_method:
+        m = a.budget_method
+        opts = m.split(":", 1)[1] + "," if ":" in m else ""
+        without = m.split(":")[0] + ":" + opts + "anchors=off"
+        diag = os.path.join(work, "diagnose.json")
+        rec = run_stage("diagnose", [b("antkv-eval"), "diagnose"] + common + [
+            "--out", out, "--text", os.path.abspath(a.calib_text), "--set", "eval.max_windows=1",
+            "--set", f"eval.seq_len={a.budget_seq_len}",
+            "--set", "eval.methods=[" + json.dumps(m) + "," + json.dumps(without) + "]",
+            "--json", diag, "--force", "--quiet"], logs, results)
+        if rec["rc"] != 0:
+            return
+        ratio = a.budget_ratio
+        chk = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                           "anchor_budget.py"), diag, "--with", m, "--without",
+                              without, "--ratio", str(ratio)], capture_output=True, text=True)
+        print(chk.stderr.strip())
+        lratio = chk.stdout.strip()
+        results.append({"stage": "anchor-budget", "rc": chk.returncode, "seconds": 0, "lratio": lratio,
+                        "report": chk.stderr.strip()[-4000:]})
+        if chk.returncode != 0 or not lratio:
+            return
+        budget_m = m + ("," if ":" in m else ":") + lratio
+        rec = run_stage("pipeline-lratio", [b("antkv-eval"), "run"] + common + [
+            "--set", "eval.methods=[" + json.dumps(m) + "," + json.dumps(budget_m) + "]", "--out", out],
+            logs, results)
+        rec.update(parse_results(out))
+
+
 def cmd_run(a):
     work = os.path.abspath(a.work)
     ck = os.path.join(work, "checkpoint")
@@ -348,7 +413,8 @@ def cmd_run(a):
     summary["checkpoint_gib"] = round(file_gib(ck), 2)
 
     stages = set(a.stages.split(","))
-    unknown = stages - {"calibrate", "train", "train-antkv", "train-vq", "ppl", "calib-compare", "none"}
+    unknown = stages - {"calibrate", "train", "train-antkv", "train-vq", "ppl", "calib-compare", "pipeline",
+                        "anchor-budget", "none"}
     if unknown:
         raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)}")
     # the calibration text's first ~8 bytes per token asked for (tokenizing all of a long text costs time)
@@ -416,6 +482,8 @@ def cmd_run(a):
             "--set", f"eval.max_windows={a.eval_windows}", "--set", f"eval.seq_len={a.eval_seq_len}",
             "--set", "eval.device=" + dev, "--codebooks", cbdir, "--out", res_dir, "--quiet"], logs, results)
         rec.update(parse_results(res_dir))
+    if stages & {"pipeline", "anchor-budget"}:
+        cmd_pipeline(a, base, b, work, logs, results, stages)
     for L in a.long or []:
         for m in split_methods(a.long_methods):
             name = f"ppl-{m.split(':')[0]}-{L}"
@@ -530,7 +598,13 @@ def main():
     r.add_argument("--long-methods", default="fp16,antkv:bits=1")
     r.add_argument("--stages", default="calibrate,train,ppl",
                    help="comma-separated: calibrate, train (= train-antkv and train-vq), ppl, calib-compare (GPU "
-                   "vs CPU dump; use with --tiny)")
+                   "vs CPU dump; use with --tiny), pipeline (antkv-eval run: every dump and codebook set the "
+                   "--methods need, then their ppl), anchor-budget (after pipeline: diagnose + anchor_budget.py -> "
+                   "lratio, evaluated)")
+    r.add_argument("--budget-method", default="antkv:bits=1",
+                   help="anchor-budget stage: the method whose per-layer anchor ratios are derived")
+    r.add_argument("--budget-ratio", type=float, default=0.01, help="anchor-budget: the total ratio per layer")
+    r.add_argument("--budget-seq-len", type=int, default=512, help="anchor-budget: diagnose window (CPU)")
     r.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     r.add_argument("--set", action="append", help="recipe override key=value (repeatable)")
     r.add_argument("--tiny", action="store_true")
