@@ -211,30 +211,39 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
   const int B = KV * groups;
   float* bx = sized(ws.bx, static_cast<size_t>(B) * n * c);
   float* bw = sized(ws.bw, static_cast<size_t>(B) * n);
+  // (in chunks of rows, so that rotate=pca transforms many rows per call)
+  constexpr int64_t kChunk = 256;
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const uint16_t* row = x + plan.train[i] * KV * d;
-    std::vector<float> hv(static_cast<size_t>(d));
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t rows = std::min<int64_t>(kChunk, n - i0);
+    std::vector<float> hv(static_cast<size_t>(rows) * d);
     for (int h = 0; h < KV; ++h) {
-      for (int t = 0; t < d; ++t) hv[t] = half_to_float(row[static_cast<int64_t>(h) * d + t]);
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t* src = x + plan.train[i0 + r] * KV * d + static_cast<int64_t>(h) * d;
+        for (int t = 0; t < d; ++t) hv[r * d + t] = half_to_float(src[t]);
+      }
       // rotate=pca: the codebooks learn R (x - mean)
       if (side.rotate)
         rotate_forward(cb.rotation.data() + static_cast<int64_t>(h) * d * d, cb.mean.data() + static_cast<int64_t>(h) * d,
-                       d, hv.data(), 1, d);
-      // gain-shape: the codebooks learn directions (each token's head vector / its L2 norm; a zero vector stays 0)
-      float scale = 1.0f;
-      if (side.gain) {
-        double sq = 0;
-        for (int t = 0; t < d; ++t) sq += static_cast<double>(hv[t]) * hv[t];
-        scale = sq > 0 ? static_cast<float>(1.0 / std::sqrt(sq)) : 0.0f;
-      }
-      for (int g = 0; g < groups; ++g) {
-        const int64_t cbi = static_cast<int64_t>(h) * groups + g;
-        const float* src = hv.data() + static_cast<int64_t>(g) * c;
-        float* dst = bx + (cbi * n + i) * c;
-        for (int t = 0; t < c; ++t) dst[t] = src[t] * scale;
-        if (task) metric_forward(cb.metric.data() + cbi * c * c, 1, c, dst, 1, c);  // x' = L^T x
-        bw[cbi * n + i] = tw[h * n + i];
+                       d, hv.data(), rows, d);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        const float* hr = hv.data() + r * d;
+        // gain-shape: the codebooks learn directions (each token's head vector / its L2 norm; a zero vector stays 0)
+        float scale = 1.0f;
+        if (side.gain) {
+          double sq = 0;
+          for (int t = 0; t < d; ++t) sq += static_cast<double>(hr[t]) * hr[t];
+          scale = sq > 0 ? static_cast<float>(1.0 / std::sqrt(sq)) : 0.0f;
+        }
+        for (int g = 0; g < groups; ++g) {
+          const int64_t cbi = static_cast<int64_t>(h) * groups + g;
+          const float* src = hr + static_cast<int64_t>(g) * c;
+          float* dst = bx + (cbi * n + i) * c;
+          for (int t = 0; t < c; ++t) dst[t] = src[t] * scale;
+          if (task) metric_forward(cb.metric.data() + cbi * c * c, 1, c, dst, 1, c);  // x' = L^T x
+          bw[cbi * n + i] = tw[h * n + i];
+        }
       }
     }
   }
