@@ -256,7 +256,7 @@ TEST_CASE("train-codebook: rotate=pca - orthogonal fp16 basis, OPQ allocation, f
           "[codebook]") {
   // keys and values x = mean + A z with a dense mixing A of decaying scales: channels are correlated, so a
   // learned basis spends the codebooks where the variance is and plain per-group VQ cannot
-  const int n = 3000, kv = 2, d = 16;
+  const int n = 9000, kv = 2, d = 16;  // more rows than one covariance chunk (4096)
   const std::string path = test::temp_dir() + "/correlated.h5";
   {
     CalibDumpWriter w(path, 1, kv, d);

@@ -162,7 +162,10 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
   if (side.rotate) {
     cb.rotation.assign(static_cast<size_t>(KV) * d * d, 0.0f);
     cb.mean.assign(static_cast<size_t>(KV) * d, 0.0f);
-    Eigen::MatrixXd X(n, d);
+    // heads in parallel, each covariance summed over chunks of rows (a [n, d] double copy per head was the
+    // bulk of the preparation at the 8B shape: one single-threaded GEMM per head)
+    constexpr int64_t kCovRows = 4096;
+#pragma omp parallel for schedule(dynamic)
     for (int h = 0; h < KV; ++h) {
       double wsum = 0;
       for (int64_t i = 0; i < n; ++i) wsum += tw[h * n + i];
@@ -172,16 +175,25 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
       for (int64_t i = 0; i < n; ++i) {
         const uint16_t* src = x + plan.train[i] * KV * d + static_cast<int64_t>(h) * d;
         const double wi = uniform ? 1.0 : tw[h * n + i];
-        for (int t = 0; t < d; ++t) X(i, t) = half_to_float(src[t]), mu[t] += wi * X(i, t);
+        for (int t = 0; t < d; ++t) mu[t] += wi * half_to_float(src[t]);
       }
       mu /= wsum;
       float* mean = cb.mean.data() + static_cast<int64_t>(h) * d;
       for (int t = 0; t < d; ++t) mean[t] = static_cast<float>(Eigen::half(static_cast<float>(mu[t])));
-      for (int64_t i = 0; i < n; ++i) {
-        const double sw = std::sqrt(uniform ? 1.0 : static_cast<double>(tw[h * n + i]));
-        for (int t = 0; t < d; ++t) X(i, t) = (X(i, t) - mean[t]) * sw;
+      Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> C =
+          Eigen::MatrixXd::Zero(d, d);
+      Eigen::MatrixXd X(std::min(n, kCovRows), d);
+      for (int64_t i0 = 0; i0 < n; i0 += kCovRows) {
+        const int64_t rows = std::min(kCovRows, n - i0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          const uint16_t* src = x + plan.train[i] * KV * d + static_cast<int64_t>(h) * d;
+          const double sw = std::sqrt(uniform ? 1.0 : static_cast<double>(tw[h * n + i]));
+          for (int t = 0; t < d; ++t) X(r, t) = (half_to_float(src[t]) - mean[t]) * sw;
+        }
+        C.noalias() += X.topRows(rows).transpose() * X.topRows(rows);
       }
-      Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> C = X.transpose() * X / wsum;
+      C /= wsum;
       pca_rotation(C.data(), d, c, cb.rotation.data() + static_cast<int64_t>(h) * d * d);
     }
   }
