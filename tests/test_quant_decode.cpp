@@ -199,6 +199,7 @@ void run_case(const QCase& c, std::mt19937& rng) {
   const auto inv_freq = rope_inv_freq(d, 500000.0, RopeScaling{});
   std::uniform_int_distribution<int> upos(0, (1 << 20) - 1);
   std::vector<float> want(size_t(B) * H * d), want_lse(size_t(B) * H);
+  std::vector<float> want_logits(size_t(B) * H * (acap + wcap), NAN);  // entries past n_anchor + n_window: not written
   for (int b = 0; b < B; ++b) {
     const auto& s = c.seqs[b];
     const int T = s.n_quant + s.n_anchor + s.n_window;
@@ -259,6 +260,14 @@ void run_case(const QCase& c, std::mt19937& rng) {
         std::copy_n(vv.begin() + src, d, vref.begin() + dst);
       }
     }
+    for (int hq = 0; hq < H; ++hq)  // fp16_logits: the scaled score of each FP16 token (anchors, then window)
+      for (int f = 0; f < s.n_anchor + s.n_window; ++f) {
+        const float* qh = q.data() + (size_t(b) * H + hq) * d;
+        const float* kr = kref.data() + (size_t(s.n_quant + f) * Hkv + hq / G) * d;
+        double dot = 0;
+        for (int e = 0; e < d; ++e) dot += double(qh[e]) * kr[e];
+        want_logits[(size_t(b) * H + hq) * (acap + wcap) + f] = float(dot * scale);
+      }
     std::vector<float> o(size_t(H) * d), l(H);
     cpu::attention(q.data() + size_t(b) * H * d, kref.data(), vref.data(), o.data(), l.data(), 1, T, H, Hkv, d, scale);
     std::copy(o.begin(), o.end(), want.begin() + size_t(b) * H * d);
@@ -279,6 +288,7 @@ void run_case(const QCase& c, std::mt19937& rng) {
   auto dnq = upload(nq), dna = upload(na), dnw = upload(nw);
   DeviceBuffer<bf16> out(q.size());
   DeviceBuffer<float> lse(size_t(B) * H);
+  DeviceBuffer<float> logits(want_logits.size());
 
   cuda::QuantDecodeParams p;
   p.config = c.cfg;
@@ -304,6 +314,7 @@ void run_case(const QCase& c, std::mt19937& rng) {
   p.window_capacity = wcap;
   p.out = out.get();
   p.lse = lse.get();
+  p.fp16_logits = logits.get();
   p.scale = scale;
   p.lut_half = c.lut_half;
   p.pre_rope = c.pre_rope;
@@ -321,6 +332,7 @@ void run_case(const QCase& c, std::mt19937& rng) {
     cuda::fill_bf16(out.get(), int64_t(out.size()), NAN, nullptr);
     cuda::fill_f32(lse.get(), int64_t(lse.size()), NAN, nullptr);
     cuda::fill_f32(ws.get(), int64_t(ws.size()), NAN, nullptr);
+    cuda::fill_f32(logits.get(), int64_t(logits.size()), NAN, nullptr);
     p.workspace = ws.get();
     p.workspace_floats = int64_t(ws.size());
     p.n_splits = ns;
@@ -334,6 +346,22 @@ void run_case(const QCase& c, std::mt19937& rng) {
     // double sincos) 3e-4, fp16 lookup tables (2^-11 per entry, NG entries summed) 3e-3
     CHECK(eo < 1e-2);
     CHECK(el < (half_lut ? 3e-3 : 3e-4));
+    // fp16_logits: an fp32 dot of bf16 q and fp16 k (d products; the reference sums in double): 1e-5 of the
+    // largest |score|; slots past the counts keep the NaN they were filled with (never written)
+    const auto got_logits = download(logits.get(), logits.size());
+    double worst = 0, top = 1e-30;
+    int wrong_written = 0;
+    for (size_t i = 0; i < got_logits.size(); ++i) {
+      if (std::isnan(want_logits[i])) {
+        wrong_written += !std::isnan(got_logits[i]);
+        continue;
+      }
+      worst = std::max(worst, double(std::fabs(got_logits[i] - want_logits[i])));
+      top = std::max(top, double(std::fabs(want_logits[i])));
+    }
+    INFO(fmt::format("fp16_logits: max error {:.3g} of max |score| {:.3g}", worst, top));
+    CHECK(worst <= 1e-5 * top);
+    CHECK(wrong_written == 0);
   }
 }
 
