@@ -44,17 +44,26 @@ __host__ __device__ inline Counts uniform_counts(int len, int group, int window)
   return {qlen, qlen / group * group, qlen};
 }
 
-// One block of 128 threads per (split, KV head x HT query heads, sequence). Splits 0 .. n_splits-1 take the
-// quantized key blocks' tokens [split * split_len, min(k_end, (split + 1) * split_len)); split n_splits takes the
-// residual [k_end, len) (FP16 keys; values quantized below v_end, FP16 above). Per tile of 128 tokens:
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dev::smem_u32(smem)), "l"(gmem));
+}
+
+// One block of 128 threads per (split, KV head x HT query heads, sequence). Split s takes the quantized key
+// blocks' tokens [s * split_len, min(k_end, (s + 1) * split_len)); the last split then also takes the residual
+// [k_end, len) (FP16 keys; values quantized below v_end, FP16 above), so the grid is whole waves of code work.
+// Per tile of 128 tokens:
 //  A (quantized tiles) per key block of the tile: sQS = q_c * s_c (log2 units) and q . z in per-warp partials;
-//  B thread t scores token t for the HT heads (its WPT code words, one contiguous row per thread);
+//  B thread t scores token t for the HT heads (its WPT code words, one row per thread, from shared memory);
 //  C warp h updates head h's running max / sum and writes (p * s_v, p * z_v) per token and value group;
 //  D warp w accumulates tokens w, w+4, ...: lane l owns channels l*CPL .. l*CPL+CPL-1 (one 32-bit code word
-//    read per token), o += (p s) code, oz += p z (the zero term, added to every channel of the group at the end).
+//    read per token, 8 tokens' words loaded before use), o += (p s) code, oz += p z (the zero term, added to
+//    every channel of the group at the end).
+// A quantized tile's key codes and key/value scales arrive by cp.async, issued for tile k+1 once C of tile k
+// is done (their last reader), so the loads fly during D and A (ncu: L1TEX scoreboard stalls were 53% of the
+// cycles when B loaded its rows itself).
 // The split's record (O unnormalized, m, l in log2 units) goes to the workspace for uniform_combine_kernel.
 template <int D, int BITS, int HT>
-__global__ void __launch_bounds__(kTile, 5) uniform_split_kernel(const UniformDecodeParams p) {
+__global__ void __launch_bounds__(kTile, 4) uniform_split_kernel(const UniformDecodeParams p) {
   constexpr int WPT = D * BITS / 32, CPW = 32 / BITS, CPL = D / 32, NW = kTile / 32;
   constexpr uint32_t MASK = (1u << BITS) - 1;
   constexpr int MAXTB = kTile / 32, MAXNVG = D / 32;  // group >= 32
@@ -63,8 +72,10 @@ __global__ void __launch_bounds__(kTile, 5) uniform_split_kernel(const UniformDe
   __shared__ float sQZ[MAXTB][HT][D / 32];
   __shared__ float sS[HT][kTile];
   __shared__ float2 sPSZ[HT][MAXNVG][kTile];
-  __shared__ __half2 sVSZ[MAXNVG][kTile];
   __shared__ float sM[HT], sL[HT], sAlpha[HT];
+  __shared__ __align__(16) uint32_t sK[kTile * WPT];       // the tile's key code rows
+  __shared__ __align__(16) __half2 sKSZ[MAXTB * D];        // its key blocks' (scale, zero) per channel
+  __shared__ __align__(16) __half2 sVSZ[kTile * MAXNVG];   // its tokens' value (scale, zero) per group, [t][g]
   // the split's record is merged in sQS's storage after the last tile (same size: MAXTB = NW)
   static_assert(MAXTB == NW, "sO aliases sQS");
   float (*sO)[HT][D] = sQS;
@@ -78,9 +89,6 @@ __global__ void __launch_bounds__(kTile, 5) uniform_split_kernel(const UniformDe
   const int grp = p.group, vgs = min(grp, D), nvg = D / vgs, R = grp + p.window;
   const int KB = (p.capacity + grp - 1) / grp;
   const Counts cn = uniform_counts(len, grp, p.window);
-  const bool resid = split == p.n_splits;
-  const int t0 = resid ? cn.k_end : split * p.split_len;
-  const int t1 = resid ? len : min(cn.k_end, t0 + p.split_len);
   const int64_t bk = static_cast<int64_t>(b) * p.n_kv_heads + kvh;
   const uint32_t* kc = p.k_codes + bk * KB * grp * WPT;
   const __half2* ksz = p.k_sz + bk * KB * D;
@@ -88,6 +96,16 @@ __global__ void __launch_bounds__(kTile, 5) uniform_split_kernel(const UniformDe
   const __half2* vsz = p.v_sz + bk * p.capacity * nvg;
   const __half* rk = p.ring_k + bk * R * D;
   const __half* rv = p.ring_v + bk * R * D;
+
+  // the quantized tile at tb (n tokens, a multiple of the group): codes and scales into shared memory
+  auto prefetch = [&](int tb, int n) {
+    const uint4* srck = reinterpret_cast<const uint4*>(kc + static_cast<int64_t>(tb) * WPT);
+    for (int e = tid; e < n * WPT / 4; e += kTile) dev::cp_async_16(&sK[4 * e], srck + e, true);
+    const uint4* srcs = reinterpret_cast<const uint4*>(ksz + static_cast<int64_t>(tb / grp) * D);
+    for (int e = tid; e < n / grp * D / 4; e += kTile) dev::cp_async_16(&sKSZ[4 * e], srcs + e, true);
+    for (int e = tid; e < n * nvg; e += kTile) cp_async_4(&sVSZ[e], vsz + static_cast<int64_t>(tb) * nvg + e);
+    dev::cp_async_commit();
+  };
 
   for (int e = tid; e < HT * D; e += kTile)
     sQ[e / D][e % D] =
@@ -103,171 +121,204 @@ __global__ void __launch_bounds__(kTile, 5) uniform_split_kernel(const UniformDe
   const int c0 = lane * CPL, lg = c0 / vgs, wi = c0 * BITS / 32, sh = c0 * BITS % 32;
   __syncthreads();
 
-  for (int tb = t0; tb < t1; tb += kTile) {
-    const int n = min(kTile, t1 - tb);
-    if (!resid) {  // A: tb and n are multiples of the group (split_len a multiple of 128, k_end of the group)
-      const int kb0 = tb / grp, nb = n / grp;
-      for (int e = tid; e < nb * D; e += kTile) {  // D a multiple of 32: a warp's entries share one block
-        const int bi = e / D, c = e % D;
-        const float2 sz = __half22float2(ksz[static_cast<int64_t>(kb0 + bi) * D + c]);
+  for (int pass = 0; pass < 2; ++pass) {
+    const bool resid = pass == 1;
+    if (resid && split != p.n_splits - 1) break;
+    const int t0 = resid ? cn.k_end : split * p.split_len;
+    const int t1 = resid ? len : min(cn.k_end, t0 + p.split_len);
+    if (!resid && t0 < t1) prefetch(t0, min(kTile, t1 - t0));
+    for (int tb = t0; tb < t1; tb += kTile) {
+      const int n = min(kTile, t1 - tb);
+      if (!resid) {  // A: tb and n are multiples of the group (split_len a multiple of 128, k_end of the group)
+        dev::cp_async_wait<0>();
+        __syncthreads();  // the tile's codes and scales visible to the block
+        const int nb = n / grp;
+        for (int e = tid; e < nb * D; e += kTile) {  // D a multiple of 32: a warp's entries share one block
+          const int bi = e / D, c = e % D;
+          const float2 sz = __half22float2(sKSZ[e]);
 #pragma unroll
-        for (int h = 0; h < HT; ++h) {
-          const float qv = sQ[h][c];
-          sQS[bi][h][c] = qv * sz.x;
-          const float qz = warp_sum(qv * sz.y);
-          if (lane == 0) sQZ[bi][h][c / 32] = qz;
+          for (int h = 0; h < HT; ++h) {
+            const float qv = sQ[h][c];
+            sQS[bi][h][c] = qv * sz.x;
+            const float qz = warp_sum(qv * sz.y);
+            if (lane == 0) sQZ[bi][h][c / 32] = qz;
+          }
+        }
+        __syncthreads();
+      }
+      // B: scores
+      {
+        const int t = tid, i = tb + t;
+        float s[HT];
+        if (t < n) {
+          if (!resid) {
+            const int bi = t / grp;
+            uint32_t w[WPT];
+#pragma unroll
+            for (int k = 0; k < WPT / 4; ++k) {
+              const uint4 u = *reinterpret_cast<const uint4*>(&sK[t * WPT + 4 * k]);
+              w[4 * k] = u.x, w[4 * k + 1] = u.y, w[4 * k + 2] = u.z, w[4 * k + 3] = u.w;
+            }
+#pragma unroll
+            for (int h = 0; h < HT; ++h) {
+              float z = 0.f;
+#pragma unroll
+              for (int j = 0; j < D / 32; ++j) z += sQZ[bi][h][j];
+              s[h] = z;
+            }
+#pragma unroll
+            for (int ww = 0; ww < WPT; ++ww) {
+              float cf[CPW];
+#pragma unroll
+              for (int k = 0; k < CPW; ++k) cf[k] = code_to_float((w[ww] >> (k * BITS)) & MASK);
+              // q_c s_c four channels per shared-memory load (a broadcast: every lane reads the same address)
+#pragma unroll
+              for (int k4 = 0; k4 < CPW / 4; ++k4)
+#pragma unroll
+                for (int h = 0; h < HT; ++h) {
+                  const float4 qs = *reinterpret_cast<const float4*>(&sQS[bi][h][ww * CPW + 4 * k4]);
+                  s[h] = fmaf(qs.x, cf[4 * k4], s[h]);
+                  s[h] = fmaf(qs.y, cf[4 * k4 + 1], s[h]);
+                  s[h] = fmaf(qs.z, cf[4 * k4 + 2], s[h]);
+                  s[h] = fmaf(qs.w, cf[4 * k4 + 3], s[h]);
+                }
+            }
+          } else {
+            const uint4* src = reinterpret_cast<const uint4*>(rk + static_cast<int64_t>(i % R) * D);
+#pragma unroll
+            for (int h = 0; h < HT; ++h) s[h] = 0.f;
+#pragma unroll 4
+            for (int k = 0; k < D / 8; ++k) {
+              const uint4 u = src[k];
+              const __half2* hv = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                const float2 f = __half22float2(hv[j]);
+#pragma unroll
+                for (int h = 0; h < HT; ++h) s[h] = fmaf(sQ[h][8 * k + 2 * j + 1], f.y, fmaf(sQ[h][8 * k + 2 * j], f.x, s[h]));
+              }
+            }
+            if (i < cn.v_end)
+              for (int g = 0; g < nvg; ++g) sVSZ[t * nvg + g] = vsz[static_cast<int64_t>(i) * nvg + g];
+          }
+        } else {
+#pragma unroll
+          for (int h = 0; h < HT; ++h) s[h] = -INFINITY;
+        }
+#pragma unroll
+        for (int h = 0; h < HT; ++h) sS[h][t] = s[h];
+      }
+      __syncthreads();
+      // C: online softmax, warp h for head h
+      if (warp < HT) {
+        const int h = warp;
+        float sv[kTile / 32], mx = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < kTile / 32; ++k) sv[k] = sS[h][lane + 32 * k], mx = fmaxf(mx, sv[k]);
+        mx = warp_max(mx);  // finite: the tile holds n >= 1 tokens
+        const float m_old = sM[h], m_new = fmaxf(m_old, mx);
+        const float alpha = exp2f(m_old - m_new);  // 0 while m_old = -inf
+        float sum = 0.f;
+#pragma unroll
+        for (int k = 0; k < kTile / 32; ++k) {
+          const int t = lane + 32 * k, i = tb + t;
+          if (t < n) {
+            const float pv = exp2f(sv[k] - m_new);
+            sum += pv;
+            if (resid && i >= cn.v_end) {
+              sPSZ[h][0][t] = make_float2(pv, 0.f);
+            } else {
+              for (int g = 0; g < nvg; ++g) {
+                const float2 sz = __half22float2(sVSZ[t * nvg + g]);
+                sPSZ[h][g][t] = make_float2(pv * sz.x, pv * sz.y);
+              }
+            }
+          }
+        }
+        sum = warp_sum(sum);
+        __syncwarp();  // every lane has read sM[h] and sL[h] before lane 0 writes them
+        if (lane == 0) {
+          sM[h] = m_new;
+          sL[h] = sL[h] * alpha + sum;
+          sAlpha[h] = alpha;
         }
       }
       __syncthreads();
-    }
-    // B: scores
-    {
-      const int t = tid, i = tb + t;
-      float s[HT];
-      if (t < n) {
-        if (!resid) {
-          const int bi = t / grp;
-          uint32_t w[WPT];
-          const uint4* src = reinterpret_cast<const uint4*>(kc + static_cast<int64_t>(i) * WPT);
+      // the next quantized tile's codes and scales (sK, sKSZ, sVSZ were last read above)
+      if (!resid && tb + kTile < t1) prefetch(tb + kTile, min(kTile, t1 - tb - kTile));
+      // D: values
 #pragma unroll
-          for (int k = 0; k < WPT / 4; ++k) {
-            const uint4 u = __ldg(src + k);
-            w[4 * k] = u.x, w[4 * k + 1] = u.y, w[4 * k + 2] = u.z, w[4 * k + 3] = u.w;
-          }
-          for (int g = 0; g < nvg; ++g) sVSZ[g][t] = vsz[static_cast<int64_t>(i) * nvg + g];
+      for (int h = 0; h < HT; ++h) {
+        const float a = sAlpha[h];
+        oz[h] *= a;
 #pragma unroll
-          for (int h = 0; h < HT; ++h) {
-            float z = 0.f;
+        for (int j = 0; j < CPL; ++j) o[h][j] *= a;
+      }
+      if (!resid) {
+        for (int k0 = 0; k0 < kTile / NW; k0 += 8) {
+          uint32_t wv[8];
 #pragma unroll
-            for (int j = 0; j < D / 32; ++j) z += sQZ[bi][h][j];
-            s[h] = z;
+          for (int u = 0; u < 8; ++u) {
+            const int t = warp + NW * (k0 + u);
+            wv[u] = t < n ? __ldg(vc + static_cast<int64_t>(tb + t) * WPT + wi) >> sh : 0u;
           }
 #pragma unroll
-          for (int ww = 0; ww < WPT; ++ww) {
-            float cf[CPW];
+          for (int u = 0; u < 8; ++u) {
+            const int t = warp + NW * (k0 + u);
+            if (t < n) {
+              float cf[CPL];
 #pragma unroll
-            for (int k = 0; k < CPW; ++k) cf[k] = code_to_float((w[ww] >> (k * BITS)) & MASK);
-            // q_c s_c four channels per shared-memory load (a broadcast: every lane reads the same address)
-#pragma unroll
-            for (int k4 = 0; k4 < CPW / 4; ++k4)
+              for (int j = 0; j < CPL; ++j) cf[j] = code_to_float((wv[u] >> (j * BITS)) & MASK);
 #pragma unroll
               for (int h = 0; h < HT; ++h) {
-                const float4 qs = *reinterpret_cast<const float4*>(&sQS[bi][h][ww * CPW + 4 * k4]);
-                s[h] = fmaf(qs.x, cf[4 * k4], s[h]);
-                s[h] = fmaf(qs.y, cf[4 * k4 + 1], s[h]);
-                s[h] = fmaf(qs.z, cf[4 * k4 + 2], s[h]);
-                s[h] = fmaf(qs.w, cf[4 * k4 + 3], s[h]);
+                const float2 psz = sPSZ[h][lg][t];
+                oz[h] += psz.y;
+#pragma unroll
+                for (int j = 0; j < CPL; ++j) o[h][j] = fmaf(psz.x, cf[j], o[h][j]);
               }
-          }
-        } else {
-          const uint4* src = reinterpret_cast<const uint4*>(rk + static_cast<int64_t>(i % R) * D);
-#pragma unroll
-          for (int h = 0; h < HT; ++h) s[h] = 0.f;
-#pragma unroll 4
-          for (int k = 0; k < D / 8; ++k) {
-            const uint4 u = src[k];
-            const __half2* hv = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const float2 f = __half22float2(hv[j]);
-#pragma unroll
-              for (int h = 0; h < HT; ++h) s[h] = fmaf(sQ[h][8 * k + 2 * j + 1], f.y, fmaf(sQ[h][8 * k + 2 * j], f.x, s[h]));
             }
           }
-          if (i < cn.v_end)
-            for (int g = 0; g < nvg; ++g) sVSZ[g][t] = vsz[static_cast<int64_t>(i) * nvg + g];
         }
       } else {
+        for (int t = warp; t < n; t += NW) {
+          const int i = tb + t;
+          if (i < cn.v_end) {
+            const uint32_t word = __ldg(vc + static_cast<int64_t>(i) * WPT + wi) >> sh;
 #pragma unroll
-        for (int h = 0; h < HT; ++h) s[h] = -INFINITY;
-      }
+            for (int h = 0; h < HT; ++h) {
+              const float2 psz = sPSZ[h][lg][t];
+              oz[h] += psz.y;
 #pragma unroll
-      for (int h = 0; h < HT; ++h) sS[h][t] = s[h];
-    }
-    __syncthreads();
-    // C: online softmax, warp h for head h
-    if (warp < HT) {
-      const int h = warp;
-      float sv[kTile / 32], mx = -INFINITY;
-#pragma unroll
-      for (int k = 0; k < kTile / 32; ++k) sv[k] = sS[h][lane + 32 * k], mx = fmaxf(mx, sv[k]);
-      mx = warp_max(mx);  // finite: the tile holds n >= 1 tokens
-      const float m_old = sM[h], m_new = fmaxf(m_old, mx);
-      const float alpha = exp2f(m_old - m_new);  // 0 while m_old = -inf
-      float sum = 0.f;
-#pragma unroll
-      for (int k = 0; k < kTile / 32; ++k) {
-        const int t = lane + 32 * k, i = tb + t;
-        if (t < n) {
-          const float pv = exp2f(sv[k] - m_new);
-          sum += pv;
-          if (resid && i >= cn.v_end) {
-            sPSZ[h][0][t] = make_float2(pv, 0.f);
+              for (int j = 0; j < CPL; ++j) o[h][j] = fmaf(psz.x, code_to_float((word >> (j * BITS)) & MASK), o[h][j]);
+            }
           } else {
-            for (int g = 0; g < nvg; ++g) {
-              const float2 sz = __half22float2(sVSZ[g][t]);
-              sPSZ[h][g][t] = make_float2(pv * sz.x, pv * sz.y);
+            const __half* vr = rv + static_cast<int64_t>(i % R) * D + c0;
+            float v[CPL];
+#pragma unroll
+            for (int j = 0; j < CPL; j += 2) {
+              const float2 f = __half22float2(*reinterpret_cast<const __half2*>(vr + j));
+              v[j] = f.x, v[j + 1] = f.y;
+            }
+#pragma unroll
+            for (int h = 0; h < HT; ++h) {
+              const float pv = sPSZ[h][0][t].x;
+#pragma unroll
+              for (int j = 0; j < CPL; ++j) o[h][j] = fmaf(pv, v[j], o[h][j]);
             }
           }
-        }
-      }
-      sum = warp_sum(sum);
-      __syncwarp();  // every lane has read sM[h] and sL[h] before lane 0 writes them
-      if (lane == 0) {
-        sM[h] = m_new;
-        sL[h] = sL[h] * alpha + sum;
-        sAlpha[h] = alpha;
-      }
-    }
-    __syncthreads();
-    // D: values
-#pragma unroll
-    for (int h = 0; h < HT; ++h) {
-      const float a = sAlpha[h];
-      oz[h] *= a;
-#pragma unroll
-      for (int j = 0; j < CPL; ++j) o[h][j] *= a;
-    }
-#pragma unroll 4
-    for (int t = warp; t < n; t += NW) {
-      const int i = tb + t;
-      if (!resid || i < cn.v_end) {
-        const uint32_t word = __ldg(vc + static_cast<int64_t>(i) * WPT + wi) >> sh;
-        float cf[CPL];
-#pragma unroll
-        for (int j = 0; j < CPL; ++j) cf[j] = code_to_float((word >> (j * BITS)) & MASK);
-#pragma unroll
-        for (int h = 0; h < HT; ++h) {
-          const float2 psz = sPSZ[h][lg][t];
-          oz[h] += psz.y;
-#pragma unroll
-          for (int j = 0; j < CPL; ++j) o[h][j] = fmaf(psz.x, cf[j], o[h][j]);
-        }
-      } else {
-        const __half* vr = rv + static_cast<int64_t>(i % R) * D + c0;
-        float v[CPL];
-#pragma unroll
-        for (int j = 0; j < CPL; j += 2) {
-          const float2 f = __half22float2(*reinterpret_cast<const __half2*>(vr + j));
-          v[j] = f.x, v[j + 1] = f.y;
-        }
-#pragma unroll
-        for (int h = 0; h < HT; ++h) {
-          const float pv = sPSZ[h][0][t].x;
-#pragma unroll
-          for (int j = 0; j < CPL; ++j) o[h][j] = fmaf(pv, v[j], o[h][j]);
         }
       }
     }
   }
 
-  // the split's record: warps summed in shared memory (sQS's last reader, phase B, is two barriers back)
+  // the split's record: warps summed in shared memory
+  __syncthreads();  // sQS's last reader (phase B) and every warp's phase D done
 #pragma unroll
   for (int h = 0; h < HT; ++h)
 #pragma unroll
     for (int j = 0; j < CPL; ++j) sO[warp][h][c0 + j] = o[h][j] + oz[h];
   __syncthreads();
-  const int NS = p.n_splits + 1;
+  const int NS = p.n_splits;
   float* wo = p.workspace;
   float* wml = p.workspace + static_cast<int64_t>(p.batch) * p.n_heads * NS * D;
   for (int e = tid; e < HT * D; e += kTile) {
@@ -287,7 +338,7 @@ __global__ void __launch_bounds__(kTile, 5) uniform_split_kernel(const UniformDe
 // One block of D threads per (head, sequence): the splits merged by the fp16 decode's combine step.
 template <int D>
 __global__ void __launch_bounds__(D) uniform_combine_kernel(const UniformDecodeParams p) {
-  __shared__ float smem[split_combine_smem_floats(1, kMaxSplits + 1)];
+  __shared__ float smem[split_combine_smem_floats(1, kMaxSplits)];
   const int h = blockIdx.x, b = blockIdx.y, c = threadIdx.x;
   const int len = p.lens[b];
   const int64_t bh = static_cast<int64_t>(b) * p.n_heads + h;
@@ -297,8 +348,8 @@ __global__ void __launch_bounds__(D) uniform_combine_kernel(const UniformDecodeP
     if (p.lse && c == 0) p.lse[bh] = NAN;
     return;
   }
-  combine_splits<D, D>(p.workspace, static_cast<int64_t>(p.batch) * p.n_heads, p.n_splits + 1, bh, 1, p.n_splits + 1,
-                       smem, p.out, p.lse);
+  combine_splits<D, D>(p.workspace, static_cast<int64_t>(p.batch) * p.n_heads, p.n_splits, bh, 1, p.n_splits, smem,
+                       p.out, p.lse);
 }
 
 struct UniformAppendParams {
@@ -389,7 +440,7 @@ __global__ void __launch_bounds__(D) uniform_append_kernel(const UniformAppendPa
 template <int D, int BITS, int HT>
 void launch_split(const UniformDecodeParams& p, cudaStream_t stream) {
   const int G = p.n_heads / p.n_kv_heads;
-  const dim3 grid(p.n_splits + 1, p.n_kv_heads * (G / HT), p.batch);
+  const dim3 grid(p.n_splits, p.n_kv_heads * (G / HT), p.batch);
   uniform_split_kernel<D, BITS, HT><<<grid, kTile, 0, stream>>>(p);
   ANTKV_LAUNCH_CHECK("uniform_split_kernel");
 }
@@ -403,8 +454,8 @@ void launch_split_ht(const UniformDecodeParams& p, int ht, cudaStream_t stream) 
 
 int heads_per_block(int G) { return G % 4 == 0 ? 4 : G % 2 == 0 ? 2 : 1; }
 
-// Resident split blocks per multiprocessor aimed at (128 threads, at most 102 registers (launch bounds) and ~31 KB of shared memory at head_dim 128).
-constexpr int kBlocksPerSm = 5;
+// Resident split blocks per multiprocessor aimed at (128 threads, at most 128 registers (launch bounds: no spills) and 19-41 KB of shared memory).
+constexpr int kBlocksPerSm = 4;
 
 }  // namespace
 
@@ -444,7 +495,7 @@ int uniform_decode_max_splits(int batch, int n_heads, int n_kv_heads) {
 }
 
 int64_t uniform_decode_workspace_floats(int batch, int n_heads, int head_dim, int n_splits) {
-  return static_cast<int64_t>(batch) * n_heads * (n_splits + 1) * (head_dim + 2);
+  return static_cast<int64_t>(batch) * n_heads * n_splits * (head_dim + 2);
 }
 
 void uniform_decode(const UniformDecodeParams& p, cudaStream_t stream) {

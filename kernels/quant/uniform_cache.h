@@ -26,7 +26,7 @@
 // when qlen reaches a multiple of `group`, the keys of that block (per channel over its tokens) into the key
 // stream; attend() runs the decode attention: flash-decoding splits over the quantized key blocks (per
 // block: q_c * s_c and q . z precomputed, score = sum_c (q_c s_c) code_c + q . z; values sum_t (p_t s_t)
-// code_t + sum_t p_t z_t), one more split over the residual, merged by split_combine.cuh's combine.
+// code_t + sum_t p_t z_t), the last split also over the residual, merged by split_combine.cuh's combine.
 // Prefill into this cache and perplexity through it are not implemented: ppl for uniform stays on the
 // simulated cache (kernels/quant/quantized_cache.h); bench and max-context fill it synthetically.
 #pragma once
@@ -50,14 +50,14 @@ namespace cuda {
 void check_uniform_shape(const std::string& what, int head_dim, int bits, int group, int window);
 
 struct UniformDecodePlan {
-  int n_splits = 1;          // splits over the quantized key blocks; the kernel adds one for the residual
+  int n_splits = 1;          // splits over the quantized key blocks; the last one also takes the FP16 residual
   int split_len = 128;       // tokens per split, a multiple of 128
   int heads_per_block = 1;   // query heads of one KV head per block (all G when G <= 4)
 };
 UniformDecodePlan plan_uniform_decode(int batch, int n_heads, int n_kv_heads, int64_t max_kend);
 // The most splits plan_uniform_decode gives `batch` sequences at any length (workspaces sized once).
 int uniform_decode_max_splits(int batch, int n_heads, int n_kv_heads);
-// Floats of workspace the decode needs: batch * n_heads * (n_splits + 1) * (head_dim + 2).
+// Floats of workspace the decode needs: batch * n_heads * n_splits * (head_dim + 2).
 int64_t uniform_decode_workspace_floats(int batch, int n_heads, int head_dim, int n_splits);
 
 struct UniformDecodeParams {
