@@ -18,7 +18,7 @@ namespace cuda {
 namespace {
 
 constexpr int kTile = 128;         // tokens per tile = threads per split block
-constexpr int kMaxSplits = 1024;   // quantized-block splits (the residual split comes on top)
+constexpr int kMaxSplits = 1024;   // splits per (sequence, KV head); the last one also takes the residual
 constexpr float kLog2e = 1.4426950408889634f;
 
 using dev::combine_splits;
