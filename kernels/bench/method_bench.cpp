@@ -12,6 +12,7 @@
 #include "kernels/common/cuda_timing.h"
 #include "kernels/common/device_buffer.h"
 #include "kernels/quant/compressed_cache.h"
+#include "kernels/quant/uniform_cache.h"
 #include "kernels/runtime/gpu_runtime.h"
 #include "kernels/runtime/ops.h"
 #include "quant/method.h"
@@ -24,9 +25,17 @@ BenchMethod parse_bench_method(const std::string& text) {
   b.text = text;
   if (text == "fp16") return b;
   const MethodSpec m = parse_method(text, Recipe::defaults_with({}));
+  if (m.kind == "uniform") {
+    cuda::check_uniform_shape("--method " + text, 128, m.bits, m.group, m.window);  // head_dim: checked with the model
+    b.uniform = true;
+    b.uniform_bits = m.bits;
+    b.uniform_group = m.group;
+    b.uniform_window = m.window;
+    return b;
+  }
   ANTKV_CHECK(m.kind == "vq" || m.kind == "antkv",
-              "--method {}: {} has no compressed GPU cache (its cache is simulated on a bf16 arena); bench compares "
-              "fp16, vq and antkv",
+              "--method {}: {} has no real GPU cache (its cache is simulated on a bf16 arena); bench compares "
+              "fp16, uniform (bits 2 or 4), vq and antkv",
               text, m.kind);
   ANTKV_CHECK(m.keys.c == m.values.c && m.keys.b == m.values.b, "--method {}: keys and values need one configuration",
               text);
@@ -43,6 +52,8 @@ BenchMethod parse_bench_method(const std::string& text) {
 }
 
 double sequence_cache_bytes(const ModelConfig& cfg, const BenchMethod& m, int capacity) {
+  if (m.uniform)
+    return GpuUniformKvCache::sequence_bytes(cfg, m.uniform_bits, m.uniform_group, m.uniform_window, capacity);
   if (!m.compressed) return static_cast<double>(capacity) * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2;
   const double rec = vq_record_bytes(cfg.head_dim, m.config);
   const double acap = m.anchor_ratio > 0 ? std::min<double>(capacity, std::ceil(m.anchor_ratio * capacity) + 1) : 0;
@@ -76,7 +87,11 @@ std::unique_ptr<GpuRuntime> make_runtime(const ModelConfig& cfg, const BenchMeth
   ro.max_batch = B;
   ro.max_context = capacity;
   ro.compressed_kv = m.compressed;
+  ro.uniform_kv = m.uniform;
   auto rt = std::make_unique<GpuRuntime>(cfg, seed, ro);
+  if (m.uniform)
+    rt->set_uniform_cache(std::make_unique<GpuUniformKvCache>(cfg, m.uniform_bits, m.uniform_group, m.uniform_window, B,
+                                                              capacity));
   if (m.compressed)
     rt->set_compressed_cache(
         std::make_unique<GpuCompressedKvCache>(cfg, m.config, m.anchor_ratio, B, capacity, m.window, seed + 7, m.pre_rope,
@@ -112,6 +127,30 @@ double time_compressed_attention(const ModelConfig& cfg, GpuCompressedKvCache& c
   return ms;
 }
 
+// The uniform cache's attention over every layer, likewise.
+double time_uniform_attention(const ModelConfig& cfg, GpuUniformKvCache& cache, int B, int ctx, int iters,
+                              double* bytes) {
+  Stream st;
+  cache.set_synthetic_lengths(std::vector<int>(B, ctx));
+  cache.upload_counts(B, st.get());
+  DeviceBuffer<bf16> q(static_cast<size_t>(B) * cfg.num_heads * cfg.head_dim), out(q.size());
+  fill_random_bf16(q.get(), static_cast<int64_t>(q.size()), 3, 1.0f, st.get());
+  const auto plan = cache.plan(B, cfg.num_heads);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
+  auto step = [&] {
+    for (int l = 0; l < cfg.num_layers; ++l) cache.attend(l, B, cfg.num_heads, q.get(), out.get(), plan, scale, st.get());
+  };
+  step();
+  ANTKV_CUDA_CHECK(cudaStreamSynchronize(st.get()));
+  Events ev;
+  ev.start(st.get());
+  for (int i = 0; i < iters; ++i) step();
+  const double ms = ev.stop_ms(st.get()) / iters;
+  *bytes = static_cast<double>(B) * cfg.num_layers *
+           GpuUniformKvCache::attention_bytes(cfg, cache.bits(), cache.group(), cache.window(), ctx);
+  return ms;
+}
+
 MethodDecodePoint bench_point(const ModelConfig& cfg, const BenchMethod& m, int B, int ctx, bool equal_memory,
                               const MethodBenchOptions& o, double copy_gbps) {
   MethodDecodePoint r;
@@ -126,7 +165,7 @@ MethodDecodePoint bench_point(const ModelConfig& cfg, const BenchMethod& m, int 
   const double have = free_bytes();
   if (need > have) {
     r.note = fmt::format("end to end needs {:.1f} GB, {:.1f} GB free", need / 1e9, have / 1e9);
-    if (!m.compressed) {  // the attention kernel alone still fits: measured for the kernel comparison
+    if (!m.compressed && !m.uniform) {  // the attention kernel alone still fits: measured for the kernel comparison
       Stream st;
       const auto p = bench_flash_decode(B, ctx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 1, std::max(3, o.iters / 4),
                                         copy_gbps, st.get());
@@ -141,7 +180,10 @@ MethodDecodePoint bench_point(const ModelConfig& cfg, const BenchMethod& m, int 
   r.ms_per_step = time_decode_steps(*rt, B, ctx, warm, steps, cfg.vocab_size, true);
   const double weights = static_cast<double>(rt->step_weight_bytes());
   r.tokens_per_s = B / (r.ms_per_step * 1e-3);
-  if (m.compressed) {
+  if (m.uniform) {
+    r.attn_ms_per_step = time_uniform_attention(cfg, *rt->uniform_cache(), B, ctx, std::max(3, o.iters / 4),
+                                                &r.attn_bytes_per_step);
+  } else if (m.compressed) {
     r.attn_ms_per_step = time_compressed_attention(cfg, *rt->compressed_cache(), B, ctx, std::max(3, o.iters / 4),
                                                    &r.attn_bytes_per_step);
   } else {

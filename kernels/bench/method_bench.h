@@ -1,6 +1,7 @@
 // Decode benchmark per KV-cache method (antkv-eval bench --method, antkv-eval max-context): the whole model
 // (random weights of a real shape) decoding from a cache filled with synthetic contents (decode time does not
-// depend on the values): fp16 = the bf16 arena read by flash-decoding; vq/antkv = the compressed cache
+// depend on the values): fp16 = the bf16 arena read by flash-decoding; uniform = the packed-integer KIVI cache
+// (kernels/quant/uniform_cache.h) read by uniform_decode; vq/antkv = the compressed cache
 // (kernels/quant/compressed_cache.h) read by quant_decode. Roofline: the device copy bandwidth.
 #pragma once
 #include <functional>
@@ -13,7 +14,9 @@
 namespace antkv::cuda {
 
 struct BenchMethod {
-  std::string text;          // as given: fp16 | vq:bits=B | antkv:bits=B[,ratio=R]
+  std::string text;          // as given: fp16 | uniform:bits=B,group=G | vq:bits=B | antkv:bits=B[,ratio=R]
+  bool uniform = false;      // uniform: bits 2|4, group 32|64|128, window (FP16 newest tokens)
+  int uniform_bits = 2, uniform_group = 128, uniform_window = 0;
   bool compressed = false;   // vq / antkv
   VqConfig config = VqConfig::kC8B8;
   double anchor_ratio = 0;   // antkv: ratio (default 0.01); vq: 0
@@ -21,8 +24,9 @@ struct BenchMethod {
   bool pre_rope = false;     // key_rope=pre: pre-RoPE code stream (dequantize-rotate-dot decode)
   bool promote = false;      // antkv with promote=on (the default): decode-time anchors, running scores updated
 };
-// fp16, or vq/antkv at a width of quant_decode's closed set (bits 4, 2, 1, 0.75, 0.5, 0.375); anything else (uniform:
-// its cache is simulated; other widths) is an antkv::Error naming the method.
+// fp16, uniform at bits 2 or 4 (group 32, 64 or 128), or vq/antkv at a width of quant_decode's closed set (bits
+// 4, 2, 1, 0.75, 0.5, 0.375); anything else (rsq: its cache is simulated; other widths) is an antkv::Error naming
+// the method.
 BenchMethod parse_bench_method(const std::string& text);
 
 // Device bytes of one sequence's KV cache of `capacity` tokens.

@@ -14,6 +14,7 @@
 #include "kernels/common/device_buffer.h"
 #include "kernels/runtime/gemm.h"
 #include "kernels/quant/compressed_cache.h"
+#include "kernels/quant/uniform_cache.h"
 #include "kernels/quant/quantized_cache.h"
 #include "kernels/attention/flash_attention.h"
 #include "kernels/runtime/ops.h"
@@ -83,6 +84,8 @@ struct GpuRuntime::Impl {
   std::unique_ptr<GpuCompressedKvCache> compressed;  // compressed_kv: the cache (null until set)
   DeviceBuffer<bf16> prefill_k, prefill_v;     // compressed_kv: a prefill's own K/V, [kv_heads, T, head_dim]
   cuda::QuantDecodePlan qplan;                 // compressed_kv: this decode step's plan
+  std::unique_ptr<GpuUniformKvCache> uniform;  // uniform_kv: the cache (null until set)
+  cuda::UniformDecodePlan uplan;               // uniform_kv: this decode step's plan
 
   // scratch (grown to the largest chunk seen)
   int rows_cap = 0;
@@ -112,6 +115,7 @@ struct GpuRuntime::Impl {
     cfg = c;
     opt = o;
     ANTKV_CHECK(opt.max_batch >= 1, "GpuRuntime: max_batch must be >= 1");
+    ANTKV_CHECK(!(opt.compressed_kv && opt.uniform_kv), "GpuRuntime: compressed_kv and uniform_kv exclude each other");
     capacity = opt.max_context > 0
                    ? opt.max_context
                    : static_cast<int>(std::max<int64_t>(2048, std::min<int64_t>(cfg.max_position_embeddings, 8192)));
@@ -145,7 +149,7 @@ struct GpuRuntime::Impl {
     L.wdown.resize(static_cast<size_t>(H) * F);
     L.attn_norm.resize(H);
     L.ffn_norm.resize(H);
-    if (!opt.compressed_kv) {
+    if (!opt.compressed_kv && !opt.uniform_kv) {
       const size_t kv = static_cast<size_t>(opt.max_batch) * cfg.num_kv_heads * capacity * cfg.head_dim;
       L.k_cache.resize(kv);
       L.v_cache.resize(kv);
@@ -284,7 +288,9 @@ struct GpuRuntime::Impl {
     std::vector<float> hq, hkpre, hkpost, hv;
     GpuCompressedKvCache* comp = opt.compressed_kv ? compressed.get() : nullptr;
     ANTKV_CHECK(!opt.compressed_kv || comp, "GpuRuntime: compressed_kv is set but no compressed cache is installed");
-    const bool want_f32 = observer != nullptr || quant != nullptr || comp;  // fp32 q, k_pre, k_post, v kept
+    GpuUniformKvCache* uni = opt.uniform_kv ? uniform.get() : nullptr;
+    ANTKV_CHECK(!opt.uniform_kv || (uni && decode), "GpuRuntime: uniform_kv needs an installed uniform cache and decode steps");
+    const bool want_f32 = observer != nullptr || quant != nullptr || comp || uni;  // fp32 q, k_pre, k_post, v kept
     const bool observe_device = observer != nullptr && observer->wants_device();
     for (int l = 0; l < cfg.num_layers; ++l) {
       LayerWeights& L = layers[l];
@@ -313,6 +319,10 @@ struct GpuRuntime::Impl {
         qp.k_cache = decode ? nullptr : prefill_k.get();
         qp.v_cache = decode ? nullptr : prefill_v.get();
         qp.capacity = decode ? 0 : T;
+      }
+      if (uni) {  // K/V only written back: append() takes them
+        qp.k_cache = qp.v_cache = nullptr;
+        qp.capacity = 0;
       }
       qp.k_pre_rope = want_f32 ? k_pre.get() : nullptr;
       qp.write_back = want_f32;
@@ -372,7 +382,10 @@ struct GpuRuntime::Impl {
         quant->on_layer(ch, stream);
       }
 
-      if (comp && decode) {
+      if (uni) {
+        uni->append(l, T, qkv.get() + qd, qkv.get() + qd + kvd, qkv_dim(), stream);
+        uni->attend(l, T, cfg.num_heads, qb.get(), attn.get(), uplan, scale, stream);
+      } else if (comp && decode) {
         comp->append(l, T, qkv.get() + qd, qkv.get() + qd + kvd, qkv_dim(), k_pre.get(), stream);
         comp->attend(l, T, cfg.num_heads, qb.get(), attn.get(), qplan, scale, stream);
       } else if (decode) {
@@ -471,6 +484,10 @@ struct GpuRuntime::Impl {
     if (T == 0) return;
     check_tokens(req.tokens, T);
     const int past = lens[0];
+    if (opt.uniform_kv)
+      fail("GPU runtime (uniform cache): forward() (prefill, perplexity) is not implemented over the packed uniform "
+           "cache; it serves decode_batch (antkv-eval bench, max-context); ppl for uniform runs on the simulated "
+           "cache (eval.kv_cache: simulated)");
     GpuCompressedKvCache* comp = opt.compressed_kv ? compressed.get() : nullptr;
     if (opt.compressed_kv) {
       ANTKV_CHECK(comp, "GpuRuntime: compressed_kv is set but no compressed cache is installed");
@@ -569,6 +586,9 @@ struct GpuRuntime::Impl {
                 quantizer ? quantizer->name() : std::string());
     GpuCompressedKvCache* comp = opt.compressed_kv ? compressed.get() : nullptr;
     ANTKV_CHECK(!opt.compressed_kv || comp, "GpuRuntime: compressed_kv is set but no compressed cache is installed");
+    GpuUniformKvCache* uni = opt.uniform_kv ? uniform.get() : nullptr;
+    ANTKV_CHECK(!opt.uniform_kv || uni, "GpuRuntime: uniform_kv is set but no uniform cache is installed");
+    ANTKV_CHECK(!(quantizer && uni), "decode_batch: a KV-cache quantizer and the uniform cache exclude each other");
     check_tokens(tokens.data(), B);
     int max_len = 0;
     for (int b = 0; b < B; ++b) {
@@ -592,6 +612,11 @@ struct GpuRuntime::Impl {
       qplan = comp->plan(B, cfg.num_heads);
       plan.n_splits = qplan.n_splits;
       plan.split_len = qplan.split_len;
+    } else if (uni) {
+      uni->plan_step(B, stream);  // host lengths one token on, uploaded before the step
+      uplan = uni->plan(B, cfg.num_heads);
+      plan.n_splits = uplan.n_splits;
+      plan.split_len = uplan.split_len;
     } else {
       plan = cuda::plan_flash_decode(B, cfg.num_kv_heads, max_len, cfg.head_dim);
     }
@@ -689,6 +714,7 @@ void GpuRuntime::reset() {
   std::fill(impl_->lens.begin(), impl_->lens.end(), 0);
   if (impl_->quantizer) impl_->quantizer->reset();
   if (impl_->compressed) impl_->compressed->reset();
+  if (impl_->uniform) impl_->uniform->reset();
 }
 void GpuRuntime::set_kv_quantizer(std::unique_ptr<GpuKvQuantizer> q) {
   ANTKV_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));  // nothing in flight uses the old one
@@ -706,6 +732,17 @@ void GpuRuntime::set_compressed_cache(std::unique_ptr<GpuCompressedKvCache> c) {
   std::fill(impl_->lens.begin(), impl_->lens.end(), 0);
 }
 GpuCompressedKvCache* GpuRuntime::compressed_cache() const { return impl_->compressed.get(); }
+void GpuRuntime::set_uniform_cache(std::unique_ptr<GpuUniformKvCache> c) {
+  ANTKV_CHECK(impl_->opt.uniform_kv, "GpuRuntime: set_uniform_cache needs GpuRuntimeOptions::uniform_kv");
+  ANTKV_CHECK(!c || (c->max_batch() == impl_->opt.max_batch && c->capacity() == impl_->capacity),
+              "GpuRuntime: the uniform cache holds {} sequences of {} tokens, the runtime {} of {}",
+              c ? c->max_batch() : 0, c ? c->capacity() : 0, impl_->opt.max_batch, impl_->capacity);
+  ANTKV_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
+  impl_->clear_graphs();  // they hold the old cache's pointers
+  impl_->uniform = std::move(c);
+  std::fill(impl_->lens.begin(), impl_->lens.end(), 0);
+}
+GpuUniformKvCache* GpuRuntime::uniform_cache() const { return impl_->uniform.get(); }
 int GpuRuntime::cached_tokens() const { return impl_->lens[0]; }
 void GpuRuntime::forward(const ForwardRequest& req, ForwardResult& out) { impl_->forward(req, out); }
 int GpuRuntime::max_batch() const { return impl_->opt.max_batch; }
@@ -720,6 +757,7 @@ void GpuRuntime::set_batch_lengths(const std::vector<int>& lens) {
     impl_->lens[b] = lens[b];
   }
   if (impl_->compressed) impl_->compressed->set_synthetic_lengths(lens);
+  if (impl_->uniform) impl_->uniform->set_synthetic_lengths(lens);
 }
 
 std::vector<int> GpuRuntime::batch_lengths() const { return impl_->lens; }
@@ -728,6 +766,11 @@ void GpuRuntime::fill_kv_random(uint64_t seed) {
   if (impl_->opt.compressed_kv) {
     ANTKV_CHECK(impl_->compressed, "fill_kv_random: no compressed cache installed");
     impl_->compressed->fill_random(seed, impl_->stream);
+    return;
+  }
+  if (impl_->opt.uniform_kv) {
+    ANTKV_CHECK(impl_->uniform, "fill_kv_random: no uniform cache installed");
+    impl_->uniform->fill_random(seed, impl_->stream);
     return;
   }
   uint64_t s = seed * 7919ull + 3;
@@ -752,12 +795,14 @@ size_t GpuRuntime::step_weight_bytes() const {
 }
 size_t GpuRuntime::kv_bytes_per_token() const {
   if (impl_->opt.compressed_kv && impl_->compressed) return impl_->compressed->code_bytes_per_token();
+  if (impl_->opt.uniform_kv && impl_->uniform) return impl_->uniform->code_bytes_per_token();
   const auto& c = impl_->cfg;
   return static_cast<size_t>(c.num_layers) * 2 * c.num_kv_heads * c.head_dim * sizeof(bf16);
 }
 
 size_t GpuRuntime::kv_device_bytes() const {
   if (impl_->opt.compressed_kv) return impl_->compressed ? impl_->compressed->device_bytes() : 0;
+  if (impl_->opt.uniform_kv) return impl_->uniform ? impl_->uniform->device_bytes() : 0;
   size_t n = 0;
   for (const auto& L : impl_->layers) n += L.k_cache.bytes() + L.v_cache.bytes();
   return n;

@@ -23,6 +23,7 @@ namespace antkv {
 class Checkpoint;
 class GpuKvQuantizer;
 class GpuCompressedKvCache;
+class GpuUniformKvCache;
 
 struct GpuRuntimeOptions {
   int max_context = 0;  // KV capacity per sequence; 0: min(max_position_embeddings, 8192), at least 2048
@@ -31,6 +32,8 @@ struct GpuRuntimeOptions {
   bool use_graphs = true;  // decode_batch replays a captured CUDA graph per (batch, split plan); off with
                            // ANTKV_CUDA_SYNC=1
   bool compressed_kv = false;  // the KV cache is a GpuCompressedKvCache (set_compressed_cache), no bf16 arena
+  bool uniform_kv = false;     // the KV cache is a GpuUniformKvCache (set_uniform_cache), no bf16 arena; decode
+                               // only (decode_batch): prefill and ppl for uniform stay on the simulated cache
 };
 
 class GpuRuntime : public Runtime {
@@ -63,6 +66,13 @@ class GpuRuntime : public Runtime {
   // logits are the simulated path's. Decode (forward of one token, decode_batch) reads the compressed cache.
   void set_compressed_cache(std::unique_ptr<GpuCompressedKvCache> c);
   GpuCompressedKvCache* compressed_cache() const;
+
+  // ---- the packed-integer uniform cache (GpuRuntimeOptions::uniform_kv; kernels/quant/uniform_cache.h) ----
+  // Its max_batch and capacity must be the runtime's. decode_batch reads and appends to it; forward() (prefill,
+  // perplexity) is refused: ppl for uniform runs on the simulated cache. Contents come from fill_kv_random and
+  // set_batch_lengths (bench, max-context).
+  void set_uniform_cache(std::unique_ptr<GpuUniformKvCache> c);
+  GpuUniformKvCache* uniform_cache() const;
 
   // ---- batched decode (sequences 0..B-1 of the arena) ----
   int max_batch() const;
