@@ -100,9 +100,10 @@ std::unique_ptr<GpuRuntime> make_runtime(const ModelConfig& cfg, const BenchMeth
   return rt;
 }
 
-// The compressed cache's attention over every layer (layer after layer, so no step finds its codes in L2).
-double time_compressed_attention(const ModelConfig& cfg, GpuCompressedKvCache& cache, int B, int ctx, int iters,
-                                 double* bytes) {
+// A packed cache's attention over every layer (layer after layer, so no step finds its codes in L2): the
+// compressed (vq/antkv) or the uniform cache, both with set_synthetic_lengths / upload_counts / plan / attend.
+template <class Cache>
+double time_cache_attention(const ModelConfig& cfg, Cache& cache, int B, int ctx, int iters) {
   Stream st;
   cache.set_synthetic_lengths(std::vector<int>(B, ctx));
   cache.upload_counts(B, st.get());
@@ -118,7 +119,12 @@ double time_compressed_attention(const ModelConfig& cfg, GpuCompressedKvCache& c
   Events ev;
   ev.start(st.get());
   for (int i = 0; i < iters; ++i) step();
-  const double ms = ev.stop_ms(st.get()) / iters;
+  return ev.stop_ms(st.get()) / iters;
+}
+
+double time_compressed_attention(const ModelConfig& cfg, GpuCompressedKvCache& cache, int B, int ctx, int iters,
+                                 double* bytes) {
+  const double ms = time_cache_attention(cfg, cache, B, ctx, iters);
   const auto& s = cache.state(0);
   const double rec = vq_record_bytes(cfg.head_dim, cache.config());
   *bytes = static_cast<double>(B) * cfg.num_layers * cfg.num_kv_heads *
@@ -127,25 +133,9 @@ double time_compressed_attention(const ModelConfig& cfg, GpuCompressedKvCache& c
   return ms;
 }
 
-// The uniform cache's attention over every layer, likewise.
 double time_uniform_attention(const ModelConfig& cfg, GpuUniformKvCache& cache, int B, int ctx, int iters,
                               double* bytes) {
-  Stream st;
-  cache.set_synthetic_lengths(std::vector<int>(B, ctx));
-  cache.upload_counts(B, st.get());
-  DeviceBuffer<bf16> q(static_cast<size_t>(B) * cfg.num_heads * cfg.head_dim), out(q.size());
-  fill_random_bf16(q.get(), static_cast<int64_t>(q.size()), 3, 1.0f, st.get());
-  const auto plan = cache.plan(B, cfg.num_heads);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
-  auto step = [&] {
-    for (int l = 0; l < cfg.num_layers; ++l) cache.attend(l, B, cfg.num_heads, q.get(), out.get(), plan, scale, st.get());
-  };
-  step();
-  ANTKV_CUDA_CHECK(cudaStreamSynchronize(st.get()));
-  Events ev;
-  ev.start(st.get());
-  for (int i = 0; i < iters; ++i) step();
-  const double ms = ev.stop_ms(st.get()) / iters;
+  const double ms = time_cache_attention(cfg, cache, B, ctx, iters);
   *bytes = static_cast<double>(B) * cfg.num_layers *
            GpuUniformKvCache::attention_bytes(cfg, cache.bits(), cache.group(), cache.window(), ctx);
   return ms;
