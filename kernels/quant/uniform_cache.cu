@@ -628,21 +628,14 @@ cuda::UniformDecodePlan GpuUniformKvCache::plan(int B, int n_heads) const {
   return cuda::plan_uniform_decode(B, n_heads, n_kv_, max_kend);
 }
 
-void GpuUniformKvCache::append(int layer, int B, const float* k, const float* v, int64_t stride, cudaStream_t stream) {
-  ANTKV_CHECK(layer >= 0 && layer < n_layers_ && B >= 1 && B <= max_batch_, "{}: append of layer {} batch {} out of range",
-              name_, layer, B);
-  ANTKV_CHECK(k && v && stride >= static_cast<int64_t>(n_kv_) * d_, "{}: append: bad K/V rows", name_);
-  Layer& L = layers_[layer];
-  cuda::UniformAppendParams p;
+template <class Params>
+void GpuUniformKvCache::set_layer_fields(Params& p, int layer) const {
+  const Layer& L = layers_[layer];
   p.bits = bits_;
   p.group = group_;
   p.window = window_;
-  p.batch = B;
   p.n_kv_heads = n_kv_;
   p.capacity = capacity_;
-  p.k = k;
-  p.v = v;
-  p.stride = stride;
   p.lens = lens_d_.get();
   p.k_codes = L.k_codes.get();
   p.k_sz = L.k_sz.get();
@@ -650,6 +643,18 @@ void GpuUniformKvCache::append(int layer, int B, const float* k, const float* v,
   p.v_sz = L.v_sz.get();
   p.ring_k = L.ring_k.get();
   p.ring_v = L.ring_v.get();
+}
+
+void GpuUniformKvCache::append(int layer, int B, const float* k, const float* v, int64_t stride, cudaStream_t stream) {
+  ANTKV_CHECK(layer >= 0 && layer < n_layers_ && B >= 1 && B <= max_batch_, "{}: append of layer {} batch {} out of range",
+              name_, layer, B);
+  ANTKV_CHECK(k && v && stride >= static_cast<int64_t>(n_kv_) * d_, "{}: append: bad K/V rows", name_);
+  cuda::UniformAppendParams p;
+  set_layer_fields(p, layer);
+  p.batch = B;
+  p.k = k;
+  p.v = v;
+  p.stride = stride;
   const dim3 grid(B, n_kv_);
   if (d_ == 128) {
     if (bits_ == 2) cuda::uniform_append_kernel<128, 2><<<grid, 128, 0, stream>>>(p);
@@ -665,24 +670,12 @@ void GpuUniformKvCache::attend(int layer, int B, int n_heads, const cuda::bf16* 
                                const cuda::UniformDecodePlan& plan, float scale, cudaStream_t stream, float* lse) {
   ANTKV_CHECK(layer >= 0 && layer < n_layers_ && B >= 1 && B <= max_batch_ && n_heads == n_heads_,
               "{}: attend of layer {} batch {} heads {} out of range", name_, layer, B, n_heads);
-  const Layer& L = layers_[layer];
   cuda::UniformDecodeParams p;
-  p.bits = bits_;
-  p.group = group_;
-  p.window = window_;
+  set_layer_fields(p, layer);
   p.batch = B;
   p.n_heads = n_heads_;
-  p.n_kv_heads = n_kv_;
   p.head_dim = d_;
-  p.capacity = capacity_;
   p.q = q;
-  p.k_codes = L.k_codes.get();
-  p.k_sz = L.k_sz.get();
-  p.v_codes = L.v_codes.get();
-  p.v_sz = L.v_sz.get();
-  p.ring_k = L.ring_k.get();
-  p.ring_v = L.ring_v.get();
-  p.lens = lens_d_.get();
   p.out = out;
   p.lse = lse;
   p.workspace = workspace_.get();

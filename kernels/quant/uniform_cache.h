@@ -136,6 +136,10 @@ class GpuUniformKvCache {
     cuda::DeviceBuffer<__half2> k_sz, v_sz;
     cuda::DeviceBuffer<__half> ring_k, ring_v;
   };
+  // The fields append's and attend's kernel parameters share: the configuration, layer `layer`'s streams, scales
+  // and ring, the device lengths.
+  template <class Params>
+  void set_layer_fields(Params& p, int layer) const;
   std::string name_;
   int n_layers_ = 0, n_kv_ = 0, n_heads_ = 0, d_ = 0, bits_ = 2, group_ = 128, window_ = 0;
   int max_batch_ = 0, capacity_ = 0, kb_ = 0, wpt_ = 0, nvg_ = 0, ring_ = 0;
