@@ -721,26 +721,29 @@ void GpuRuntime::set_kv_quantizer(std::unique_ptr<GpuKvQuantizer> q) {
   impl_->quantizer = std::move(q);
 }
 GpuKvQuantizer* GpuRuntime::kv_quantizer() const { return impl_->quantizer.get(); }
+namespace {
+// A real cache (compressed or uniform) into the runtime's slot: it must match the runtime's batch and capacity;
+// the graphs, which hold the old cache's pointers, are dropped, and every sequence starts empty.
+template <class Cache, class Impl>
+void install_cache(Impl& impl, std::unique_ptr<Cache>& slot, std::unique_ptr<Cache> c, bool enabled, const char* kind,
+                   const char* option) {
+  ANTKV_CHECK(enabled, "GpuRuntime: set_{}_cache needs GpuRuntimeOptions::{}", kind, option);
+  ANTKV_CHECK(!c || (c->max_batch() == impl.opt.max_batch && c->capacity() == impl.capacity),
+              "GpuRuntime: the {} cache holds {} sequences of {} tokens, the runtime {} of {}", kind,
+              c ? c->max_batch() : 0, c ? c->capacity() : 0, impl.opt.max_batch, impl.capacity);
+  ANTKV_CUDA_CHECK(cudaStreamSynchronize(impl.stream));
+  impl.clear_graphs();
+  slot = std::move(c);
+  std::fill(impl.lens.begin(), impl.lens.end(), 0);
+}
+}  // namespace
+
 void GpuRuntime::set_compressed_cache(std::unique_ptr<GpuCompressedKvCache> c) {
-  ANTKV_CHECK(impl_->opt.compressed_kv, "GpuRuntime: set_compressed_cache needs GpuRuntimeOptions::compressed_kv");
-  ANTKV_CHECK(!c || (c->max_batch() == impl_->opt.max_batch && c->capacity() == impl_->capacity),
-              "GpuRuntime: the compressed cache holds {} sequences of {} tokens, the runtime {} of {}",
-              c ? c->max_batch() : 0, c ? c->capacity() : 0, impl_->opt.max_batch, impl_->capacity);
-  ANTKV_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
-  impl_->clear_graphs();  // they hold the old cache's pointers
-  impl_->compressed = std::move(c);
-  std::fill(impl_->lens.begin(), impl_->lens.end(), 0);
+  install_cache(*impl_, impl_->compressed, std::move(c), impl_->opt.compressed_kv, "compressed", "compressed_kv");
 }
 GpuCompressedKvCache* GpuRuntime::compressed_cache() const { return impl_->compressed.get(); }
 void GpuRuntime::set_uniform_cache(std::unique_ptr<GpuUniformKvCache> c) {
-  ANTKV_CHECK(impl_->opt.uniform_kv, "GpuRuntime: set_uniform_cache needs GpuRuntimeOptions::uniform_kv");
-  ANTKV_CHECK(!c || (c->max_batch() == impl_->opt.max_batch && c->capacity() == impl_->capacity),
-              "GpuRuntime: the uniform cache holds {} sequences of {} tokens, the runtime {} of {}",
-              c ? c->max_batch() : 0, c ? c->capacity() : 0, impl_->opt.max_batch, impl_->capacity);
-  ANTKV_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
-  impl_->clear_graphs();  // they hold the old cache's pointers
-  impl_->uniform = std::move(c);
-  std::fill(impl_->lens.begin(), impl_->lens.end(), 0);
+  install_cache(*impl_, impl_->uniform, std::move(c), impl_->opt.uniform_kv, "uniform", "uniform_kv");
 }
 GpuUniformKvCache* GpuRuntime::uniform_cache() const { return impl_->uniform.get(); }
 int GpuRuntime::cached_tokens() const { return impl_->lens[0]; }
