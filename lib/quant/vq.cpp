@@ -81,18 +81,37 @@ void gain_restore(float* out, int64_t n, int64_t stride, int d, const float* nor
 
 
 void rotate_forward(const float* R, const float* mean, int d, float* x, int64_t n, int64_t stride) {
-  // Eight outputs per pass over the row: eight independent sums in flight instead of one serial chain (the
-  // single dot product per output was latency-bound; at the 8B shape it was most of training's gain/rotate
-  // preparation). Each output keeps its one sum over c in ascending order, so the values do not change. No
-  // per-call setup: the CPU cache's decode calls it for one row at a time.
+  // The single dot product per output was latency-bound (at the 8B shape it was most of training's gain/rotate
+  // preparation). Many rows (the trainer's chunks): R^T in double once per call, the inner loop over the
+  // outputs (vectorized); few rows (the CPU cache's decode calls, one row each, where that setup would double
+  // the cost): eight outputs per pass over the row. Either way each output keeps its one sum over c in
+  // ascending order, so the values are the same bit for bit.
+  constexpr int64_t kTransposeRows = 16;
   constexpr int kRows = 8;
+  std::vector<double> rt;
+  if (n >= kTransposeRows) {
+    rt.resize(static_cast<size_t>(d) * d);
+    for (int i = 0; i < d; ++i)
+      for (int c = 0; c < d; ++c) rt[static_cast<size_t>(c) * d + i] = R[static_cast<int64_t>(i) * d + c];
+  }
 #pragma omp parallel if (n * d * d > (1 << 20))
   {
     std::vector<float> tmp(static_cast<size_t>(d));
+    std::vector<double> acc(rt.empty() ? 0 : static_cast<size_t>(d));
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < n; ++r) {
       float* row = x + r * stride;
       for (int c = 0; c < d; ++c) tmp[c] = row[c] - mean[c];
+      if (!rt.empty()) {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int c = 0; c < d; ++c) {
+          const double* rc = rt.data() + static_cast<size_t>(c) * d;
+          const double tc = tmp[c];
+          for (int i = 0; i < d; ++i) acc[i] += rc[i] * tc;
+        }
+        for (int i = 0; i < d; ++i) row[i] = static_cast<float>(acc[i]);
+        continue;
+      }
       int i = 0;
       for (; i + kRows <= d; i += kRows) {
         const float* ri = R + static_cast<int64_t>(i) * d;
