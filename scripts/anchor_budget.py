@@ -60,10 +60,10 @@ def main():
         if over <= 1e-12:
             break
         free = [i for i, r in enumerate(ratios) if r < 1.0]
-        fs = sum(benefit[i] for i in free) or len(free)
+        bs = sum(benefit[i] for i in free)
         ratios = [min(r, 1.0) for r in ratios]
-        for i in free:
-            ratios[i] += over * ((benefit[i] if sum(benefit[j] for j in free) > 0 else 1.0) / fs)
+        for i in free:  # by benefit, or evenly when none of them measured one
+            ratios[i] += over * (benefit[i] / bs if bs > 0 else 1.0 / len(free))
     for l in range(n):
         print(f'layer {l}: error without anchors {wo[l]:.5f}, with {w[l]:.5f}, benefit {benefit[l]:.5f} '
               f'-> ratio {ratios[l]:.5f}', file=sys.stderr)
