@@ -20,6 +20,12 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+__device__ __forceinline__ float warp_min(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 // Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the result.
 __device__ __forceinline__ float block_sum(float v) {
   __shared__ float red[32];
@@ -69,6 +75,10 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
   const int src_size = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
                "r"(src_size));
+}
+// 4-byte asynchronous copy global -> shared (cached in L1: small scattered records, e.g. per-token scales).
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(smem)), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>

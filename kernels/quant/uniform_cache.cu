@@ -24,17 +24,12 @@ constexpr float kLog2e = 1.4426950408889634f;
 using dev::combine_splits;
 using dev::split_combine_smem_floats;
 using dev::warp_max;
+using dev::warp_min;
 using dev::warp_sum;
 
 // A code (< 2^23) as a float without I2F (a quarter-rate instruction on Hopper): 2^23 + code has the code in
 // its mantissa, and subtracting 2^23 is exact.
 __device__ __forceinline__ float code_to_float(uint32_t code) { return __uint_as_float(0x4B000000u | code) - 8388608.f; }
-
-__device__ __forceinline__ float warp_min(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 
 struct Counts {
   int qlen, k_end, v_end;
@@ -42,10 +37,6 @@ struct Counts {
 __host__ __device__ inline Counts uniform_counts(int len, int group, int window) {
   const int qlen = len > window ? len - window : 0;
   return {qlen, qlen / group * group, qlen};
-}
-
-__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dev::smem_u32(smem)), "l"(gmem));
 }
 
 // One block of 128 threads per (split, KV head x HT query heads, sequence). Split s takes the quantized key
@@ -103,7 +94,7 @@ __global__ void __launch_bounds__(kTile, 4) uniform_split_kernel(const UniformDe
     for (int e = tid; e < n * WPT / 4; e += kTile) dev::cp_async_16(&sK[4 * e], srck + e, true);
     const uint4* srcs = reinterpret_cast<const uint4*>(ksz + static_cast<int64_t>(tb / grp) * D);
     for (int e = tid; e < n / grp * D / 4; e += kTile) dev::cp_async_16(&sKSZ[4 * e], srcs + e, true);
-    for (int e = tid; e < n * nvg; e += kTile) cp_async_4(&sVSZ[e], vsz + static_cast<int64_t>(tb) * nvg + e);
+    for (int e = tid; e < n * nvg; e += kTile) dev::cp_async_4(&sVSZ[e], vsz + static_cast<int64_t>(tb) * nvg + e);
     dev::cp_async_commit();
   };
 
