@@ -216,7 +216,7 @@ TEST_CASE("recipes: every shipped recipe compares methods beyond fp16, and needs
     INFO(e.path().string());
     const Recipe r = Recipe::load(e.path().string());
     std::set<std::string> kinds;
-    for (const auto& m : r.eval.methods) kinds.insert(parse_method(m, r).kind);
+    for (const auto& m : r.eval.methods) kinds.insert(parse_method(m, r).kind_name());
     for (const char* k : {"fp16", "uniform", "vq", "antkv"}) CHECK(kinds.count(k) == 1);  // and rsq where listed
     CHECK(r.eval.methods.size() >= 5);
     // auto (or cpu): a shipped recipe runs on a machine without a GPU
@@ -233,7 +233,7 @@ TEST_CASE("recipes: every shipped recipe compares methods beyond fp16, and needs
       int at_width = 0;
       for (const auto& s : r.eval.methods) {
         const MethodSpec m = parse_method(s, r);
-        if (m.kind == "vq" || m.kind == "antkv") {
+        if (m.needs_codebooks()) {
           CHECK(m.keys.bits() == bits);
           ++at_width;
         }

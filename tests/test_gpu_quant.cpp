@@ -48,6 +48,7 @@
 #include "runtime/rope.h"
 
 using namespace antkv;
+using antkv::test::with_window;
 using cuda::bf16;
 using cuda::DeviceBuffer;
 using test::f2bf;
@@ -82,27 +83,27 @@ std::shared_ptr<CodebookSet> make_codebooks(const ModelConfig& cfg, const Method
   auto set = std::make_shared<CodebookSet>();
   CodebookMeta& meta = set->meta;
   meta.config_hash = cfg.config_hash;
-  meta.key_rope = m.key_rope;
-  meta.weighting = m.weighting;
+  meta.key_rope = option_name(m.key_rope);
+  meta.weighting = option_name(m.weighting);
   meta.key_c = m.key_config(0).c, meta.key_b = m.key_config(0).b;
   meta.value_c = m.value_config(0).c, meta.value_b = m.value_config(0).b;
   meta.num_layers = cfg.num_layers, meta.num_kv_heads = cfg.num_kv_heads, meta.head_dim = cfg.head_dim;
-  meta.gain = m.gain;
-  meta.rotate = m.rotate;
-  meta.metric = m.metric;
-  const bool task = m.metric == "task";
+  meta.gain = option_name(m.gain);
+  meta.rotate = option_name(m.rotate);
+  meta.metric = option_name(m.metric);
+  const bool task = m.metric == Metric::kTask;
   const int KV = cfg.num_kv_heads, d = cfg.head_dim;
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> n01(0.f, 1.f);
   set->keys.resize(cfg.num_layers), set->values.resize(cfg.num_layers);
   for (int l = 0; l < cfg.num_layers; ++l)
     for (int kv = 0; kv < 2; ++kv) {
-      std::vector<float> src = kv ? acts[l].v : (m.key_rope == "pre" ? acts[l].k_pre : acts[l].k_post);
+      std::vector<float> src = kv ? acts[l].v : (m.pre_rope() ? acts[l].k_pre : acts[l].k_post);
       const VqConfig q = kv ? m.value_config(l) : m.key_config(l);
       LayerCodebooks& lc = kv ? set->values[l] : set->keys[l];
       const int N = static_cast<int>(src.size() / (static_cast<size_t>(KV) * d));
       const int64_t row = static_cast<int64_t>(KV) * d;
-      if (m.rotate == "pca") {
+      if (m.rotate == Rotate::kPca) {
         lc.rotation.resize(static_cast<size_t>(KV) * d * d);
         lc.mean.assign(static_cast<size_t>(KV) * d, 0.f);
         for (int h = 0; h < KV; ++h) {
@@ -430,7 +431,7 @@ TEST_CASE("GPU quantizer test codebooks: the metric=task factors change most CPU
     const MethodSpec m = method(text);
     auto cb = make_codebooks(cfg, m, calib, 99);
     MethodSpec plain_m = m;
-    plain_m.metric = "plain";
+    plain_m.metric = Metric::kPlain;
     auto plain_cb = std::make_shared<CodebookSet>(*cb);
     plain_cb->meta.metric = "plain";
     for (auto* side : {&plain_cb->keys, &plain_cb->values})
@@ -629,7 +630,7 @@ TEST_CASE("GPU runtime + quantizer vs CPU runtime + QuantizedKvCache on antkv-re
       prt.set_kv_cache(std::make_unique<Bf16InputCache>(cfg, std::make_unique<QuantizedKvCache>(cfg, m, cb)));
       const Diff p = diff(run_prompt(prt, ids), rc);
       std::string anchors;
-      if (m.kind == "antkv") {
+      if (m.kind == MethodKind::kAntkv) {
         auto& qc = dynamic_cast<QuantizedKvCache&>(dynamic_cast<CpuRuntime&>(*crt).kv_cache());
         auto* gq = dynamic_cast<GpuRuntime&>(*grt).kv_quantizer();
         REQUIRE(gq);
@@ -648,7 +649,7 @@ TEST_CASE("GPU runtime + quantizer vs CPU runtime + QuantizedKvCache on antkv-re
       WARN(fmt::format("{}: ppl cpu {:.4f} gpu {:.4f} (rel {:.2e}), |dNLL| mean {:.4f} max {:.4f}, logits rel err "
                        "{:.2e}; pert: ppl {:.4f}, |dNLL| mean {:.4f} max {:.4f}{}",
                        text, d.ppl_b, d.ppl_a, d.ppl_rel(), d.mean, d.max, lerr, p.ppl_a, p.mean, p.max, anchors));
-      if (m.kind == "fp16") {
+      if (m.kind == MethodKind::kFp16) {
         CHECK(lerr <= 2e-2);
         CHECK(d.mean <= 0.03);
         CHECK(d.max <= 0.15);
@@ -902,7 +903,7 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
           CHECK(std::memcmp(rr.nll.data(), rs.nll.data(), P * sizeof(float)) == 0);
           CHECK(std::memcmp(rr.logits.data(), rs.logits.data(), rs.logits.size() * sizeof(float)) == 0);
           const auto& st = real->compressed_cache()->state(0);
-          CHECK(st.n_anchor == (m.kind == "antkv" ? 5 : 0));
+          CHECK(st.n_anchor == (m.kind == MethodKind::kAntkv ? 5 : 0));
           CHECK(st.n_quant == P - st.n_anchor);
         } else {
           std::vector<float> lb;
@@ -925,7 +926,7 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
       const auto& st = real->compressed_cache()->state(0);
       const int len = static_cast<int>(seq.size());
       CHECK(st.n_window == 128);
-      CHECK(st.n_anchor == (m.kind != "antkv" ? 0 : m.promotes() ? static_cast<int>(std::ceil(0.05 * len)) : 5));
+      CHECK(st.n_anchor == (m.kind != MethodKind::kAntkv ? 0 : m.promotes() ? static_cast<int>(std::ceil(0.05 * len)) : 5));
       CHECK(st.n_quant == len - 128 - st.n_anchor);
       CHECK(st.length() == len);
       int64_t same = 0, total = 0;  // anchors of the compressed cache that the simulated one keeps too
@@ -971,7 +972,7 @@ TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follo
     auto acts = synthetic_acts(cfg, T, 22);
     for (auto& a : acts)
       for (auto& x : a.q) x = __bfloat162float(__float2bfloat16_rn(x));  // the GPU reads bf16 queries
-    QuantizedKvCache cpu(cfg, m, cb, W);
+    QuantizedKvCache cpu(cfg, with_window(m, W), cb);
     GpuCompressedKvCache gpu(cfg, m, *cb, 1, T, W);
     gpu.poison();
     cudaStream_t stream;

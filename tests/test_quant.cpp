@@ -26,6 +26,7 @@
 
 using namespace antkv;
 using Catch::Matchers::Contains;
+using antkv::test::with_window;
 
 TEST_CASE("uniform quantization: asymmetric levels, fp16 scale and zero point", "[quant]") {
   // 2 bits over [0, 3]: levels 0, 1, 2, 3 exactly
@@ -93,10 +94,10 @@ TEST_CASE("method strings: kinds, options, errors", "[quant]") {
   const auto a = parse_method("antkv", r);
   CHECK(a.keys.c == 4);
   CHECK(a.ratio == 0.02);
-  CHECK(a.anchors);
+  CHECK(a.has_anchors());
   const auto v = parse_method("vq:bits=0.75", r);
-  CHECK_FALSE(v.anchors);
-  CHECK(v.weighting == "none");
+  CHECK_FALSE(v.has_anchors());
+  CHECK(v.weighting == Weighting::kNone);
   CHECK(v.keys.b == 12);
   CHECK_FALSE(v.exclude_anchors);  // CQ-style: codebooks from every calibration token
   CHECK(v.codebook_file() == "k-c16b12_v-c16b12_none_all_post.h5");
@@ -114,17 +115,17 @@ TEST_CASE("method strings: kinds, options, errors", "[quant]") {
            {"on", true, true}, {"kv", true, true}, {"k", true, false}, {"v", false, true}, {"off", false, false}}) {
     INFO(opt);
     const auto m = parse_method("antkv:bits=1,anchors=" + opt, r);
-    CHECK(m.anchor_keys == k);
-    CHECK(m.anchor_values == v);
-    CHECK(m.anchors == (k || v));
-    CHECK(m.anchors_name() == (opt == "on" ? "kv" : opt));
+    CHECK(m.anchor_keys() == k);
+    CHECK(m.anchor_values() == v);
+    CHECK(m.has_anchors() == (k || v));
+    CHECK(option_name(m.anchors) == (opt == "on" ? std::string("kv") : opt));
     CHECK(m.codebook_file() == "k-c8b8_v-c8b8_anchor_post.h5");  // anchors do not change the codebooks
   }
-  CHECK(a.anchor_keys);
-  CHECK(a.anchor_values);
-  CHECK(a.gain == "off");
-  CHECK_FALSE(v.anchor_keys);
-  CHECK_FALSE(v.anchor_values);
+  CHECK(a.anchor_keys());
+  CHECK(a.anchor_values());
+  CHECK(a.gain == Gain::kOff);
+  CHECK_FALSE(v.anchor_keys());
+  CHECK_FALSE(v.anchor_values());
   CHECK_THROWS_WITH(parse_method("antkv:anchors=yes", r), Contains("anchors is kv, k, v or off") && Contains("yes"));
   CHECK_THROWS_WITH(parse_method("vq:anchors=v", r), Contains("vq has no anchors"));
   const auto g = parse_method("antkv:bits=1,gain=k,key_rope=pre", r);
@@ -237,7 +238,7 @@ TEST_CASE("VQ and AnTKV caches: nearest centroids, FP16 anchors, decode window, 
   CHECK(std::equal(all.keys(0), all.keys(0) + T * 16, fp16.keys(0)));
   CHECK(std::equal(all.values(0), all.values(0) + T * 16, fp16.values(0)));
   // decode: a new token stays FP16 inside the window, then is quantized
-  QuantizedKvCache dec(cfg, parse_method("vq", r), cb, /*decode_window=*/3);
+  QuantizedKvCache dec(cfg, with_window(parse_method("vq", r), 3), cb);
   for (int t = 0; t < 5; ++t) dec.append(KvAppend{0, 1, t, k.data() + t * 16, k.data() + t * 16, v.data() + t * 16, q.data()});
   CHECK(dec.keys(0)[4 * 16] == static_cast<float>(Eigen::half(k[4 * 16])));   // newest: FP16
   CHECK(dec.keys(0)[0] == vq.keys(0)[0]);                                     // oldest: quantized
@@ -315,7 +316,7 @@ TEST_CASE("AnTKV cache: decode-time anchors (budget growth, the weakest anchor d
   };
 
   SECTION("attention_mass at ratio 1: every token tracked, each row adds G to the sum of running scores") {
-    QuantizedKvCache c(cfg, parse_method("antkv:ratio=1,score=attention_mass", r), cb, W);
+    QuantizedKvCache c(cfg, with_window(parse_method("antkv:ratio=1,score=attention_mass", r), W), cb);
     run(c, T, [&](int len) {
       for (int h = 0; h < 2; ++h) {
         double sum = 0;
@@ -326,7 +327,7 @@ TEST_CASE("AnTKV cache: decode-time anchors (budget growth, the weakest anchor d
     });
   }
   SECTION("ratio 0.05: counts follow ceil(ratio * length), the strongly attended token displaces the weakest") {
-    QuantizedKvCache c(cfg, parse_method("antkv:ratio=0.05", r), cb, W);
+    QuantizedKvCache c(cfg, with_window(parse_method("antkv:ratio=0.05", r), W), cb);
     std::vector<uint8_t> flags_before;
     std::vector<double> scores_before;
     run(c, T, [&](int len) {
@@ -362,7 +363,7 @@ TEST_CASE("AnTKV cache: decode-time anchors (budget growth, the weakest anchor d
     }
   }
   SECTION("promote=off: decode keeps the prefill's anchors only") {
-    QuantizedKvCache c(cfg, parse_method("antkv:ratio=0.05,promote=off", r), cb, W);
+    QuantizedKvCache c(cfg, with_window(parse_method("antkv:ratio=0.05,promote=off", r), W), cb);
     run(c, T);
     for (int h = 0; h < 2; ++h) {
       CHECK(count(c, h) == 1);
@@ -486,7 +487,7 @@ TEST_CASE("VQ and AnTKV caches: pre-RoPE keys quantized before RoPE, rotated to 
   CHECK(test::max_rel_error(vq.keys(0), wrong.data(), wrong.size()) > 0.1);
 
   // decode: tokens leaving the FP16 window are rotated to their own positions
-  QuantizedKvCache dec(cfg, parse_method("vq:key_rope=pre", r), cb, /*decode_window=*/3);
+  QuantizedKvCache dec(cfg, with_window(parse_method("vq:key_rope=pre", r), 3), cb);
   for (int t = 0; t < 6; ++t)
     dec.append(KvAppend{0, 1, t, k_pre.data() + t * row, k_post.data() + t * row, v.data() + t * row, q.data()});
   for (int i = 0; i < 3 * row; ++i) CHECK(dec.keys(0)[i] == want[i]);                   // tokens 0-2 quantized
@@ -589,18 +590,18 @@ TEST_CASE("effective bits from what the caches store: one prefill = the formula,
     const MethodSpec m = parse_method(text, r);
     std::shared_ptr<CodebookSet> books;
     if (m.needs_codebooks()) {
-      books = std::make_shared<CodebookSet>(m.weighting == "anchor" ? *cb : *cb_plain);
-      books->meta.gain = m.gain;
-      books->meta.rotate = m.rotate;
-      if (m.rotate != "off")
+      books = std::make_shared<CodebookSet>(m.weighting == Weighting::kAnchor ? *cb : *cb_plain);
+      books->meta.gain = option_name(m.gain);
+      books->meta.rotate = option_name(m.rotate);
+      if (m.rotate != Rotate::kOff)
         for (auto* side : {&books->keys, &books->values}) {
           (*side)[0].rotation.assign(2 * 8 * 8, 0.0f);
           for (int h = 0; h < 2; ++h)
             for (int i = 0; i < 8; ++i) (*side)[0].rotation[h * 64 + i * 8 + (7 - i)] = 1.0f;  // a permutation
           (*side)[0].mean.assign(2 * 8, 0.5f);
         }
-      books->meta.metric = m.metric;
-      if (m.metric != "plain")  // identity factors: [kv 2, groups 2, 4, 4]
+      books->meta.metric = option_name(m.metric);
+      if (m.metric != Metric::kPlain)  // identity factors: [kv 2, groups 2, 4, 4]
         for (auto* side : {&books->keys, &books->values}) {
           (*side)[0].metric.assign(2 * 2 * 16, 0.0f);
           for (int b = 0; b < 4; ++b)
@@ -637,7 +638,7 @@ TEST_CASE("effective bits from what the caches store: one prefill = the formula,
   CHECK(chunked.stored_bits(true) - chunked.stored_bits(false) == 2048);
   // decode, window 3: after 10 one-token appends, 7 tokens are codes and 3 wait in FP16:
   // (7 x 2 x 8 + 3 x 2 x 2 x 16 x 8) / (2 x 10 x 16) = 5.15 bits
-  QuantizedKvCache dec(cfg, parse_method("vq", r), cb_plain, /*decode_window=*/3);
+  QuantizedKvCache dec(cfg, with_window(parse_method("vq", r), 3), cb_plain);
   for (int t = 0; t < 10; ++t)
     dec.append(KvAppend{0, 1, t, k.data() + t * row, k.data() + t * row, v.data() + t * row, q.data() + t * 2 * row});
   CHECK(dec.effective_bits(false) == Approx(5.15).epsilon(1e-12));
@@ -654,7 +655,7 @@ namespace {
 // 18m: a small calibration dump and quickly trained codebooks (3 Lloyd iterations) for `method`.
 std::shared_ptr<const CodebookSet> quick_codebooks(const Checkpoint& ckpt, const Tokenizer& tok, const MethodSpec& m) {
   Recipe r = Recipe::defaults_with({"kmeans.device=cpu", "kmeans.iters=5", "kmeans.holdout=0.02",
-                                    "key_rope=" + m.key_rope, "kmeans.weighting=" + m.weighting,
+                                    "key_rope=" + std::string(option_name(m.key_rope)), "kmeans.weighting=" + std::string(option_name(m.weighting)),
                                     std::string("kmeans.exclude_anchors=") + (m.exclude_anchors ? "true" : "false")});
   r.quant.keys = m.keys;
   r.quant.values = m.values;
@@ -806,7 +807,7 @@ TEST_CASE("rotated VQ cache: mean + R^T VQ(R (x - mean)), with gain-shape, refus
     INFO(text);
     const MethodSpec m = parse_method(text, r);
     auto books = std::make_shared<CodebookSet>(*cb);
-    books->meta.gain = m.gain;
+    books->meta.gain = option_name(m.gain);
     QuantizedKvCache c(cfg, m, books);
     c.append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
     double worst = 0;
@@ -819,10 +820,10 @@ TEST_CASE("rotated VQ cache: mean + R^T VQ(R (x - mean)), with gain-shape, refus
           std::vector<float> x(8), norm(1);
           for (int ch = 0; ch < 8; ++ch) x[ch] = static_cast<float>(Eigen::half(in[t * 16 + h * 8 + ch]));
           rotate_forward(L.rotation.data() + h * 64, L.mean.data() + h * 8, 8, x.data(), 1, 8);
-          if (m.gain != "off") gain_normalize(x.data(), 1, 8, 8, norm.data());
+          if (m.gain != Gain::kOff) gain_normalize(x.data(), 1, 8, 8, norm.data());
           VqHeadCodebooks hc{L.centroids.data() + h * 32, 2, 4, 4};
           vq_quantize(hc, x.data(), 1, 8, x.data());
-          if (m.gain != "off") gain_restore(x.data(), 1, 8, 8, norm.data());
+          if (m.gain != Gain::kOff) gain_restore(x.data(), 1, 8, 8, norm.data());
           rotate_inverse(L.rotation.data() + h * 64, L.mean.data() + h * 8, 8, x.data(), 1, 8);
           for (int ch = 0; ch < 8; ++ch) {
             CHECK(out[t * 16 + h * 8 + ch] == Approx(x[ch]).margin(1e-5));
@@ -919,7 +920,7 @@ TEST_CASE("task-metric VQ cache: nearest centroid in (x - c)^T L L^T (x - c), bi
   CHECK_THROWS_WITH(QuantizedKvCache(cfg, m, plain), Contains("needs metric=task"));
   auto bad = std::make_shared<CodebookSet>(*cb);
   bad->values[0].metric.clear();
-  CHECK_THROWS_WITH(QuantizedKvCache(cfg, m, bad), Contains("no metric=task factors"));
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, m, bad), Contains("layer 0 value metric=task factors hold 0 floats, expected 64"));
   CHECK_THROWS_WITH(parse_method("vq:metric=euclid", r), Contains("metric is plain or task"));
   CHECK(parse_method("vq:metric=plain", r).codebook_file() == parse_method("vq", r).codebook_file());
   CHECK(parse_method("antkv:metric=task,gain=k,rotate=pca", r).codebook_file() == "k-c4b3_v-c4b3_anchor_post_gk_rpca_mtask.h5");
@@ -984,12 +985,12 @@ TEST_CASE("rotated scalar quantization (rsq): Lloyd-Max levels, norms kept, cach
     c.append(KvAppend{0, T, 0, kpre.data(), kpost.data(), v.data(), q.data()});
     std::vector<float> kr(T * 16), vr(T * 16);
     for (int i = 0; i < T * 16; ++i)
-      kr[i] = static_cast<float>(Eigen::half(m.key_rope == "pre" ? kpre[i] : kpost[i])), vr[i] = static_cast<float>(Eigen::half(v[i]));
+      kr[i] = static_cast<float>(Eigen::half(m.pre_rope() ? kpre[i] : kpost[i])), vr[i] = static_cast<float>(Eigen::half(v[i]));
     for (int h = 0; h < 2; ++h) {
       rsq_quantize(kr.data() + h * 8, T, 16, 8, 2, rsq_signs(8, 0, 0, h).data());
       rsq_quantize(vr.data() + h * 8, T, 16, 8, 2, rsq_signs(8, 0, 1, h).data());
     }
-    if (m.key_rope == "pre") rope_apply(kr.data(), T, 2, 8, pos.data(), inv_freq.data());
+    if (m.pre_rope()) rope_apply(kr.data(), T, 2, 8, pos.data(), inv_freq.data());
     for (int i = 0; i < T * 16; ++i) {
       CHECK(c.keys(0)[i] == Approx(kr[i]).margin(1e-5));
       CHECK(c.values(0)[i] == Approx(vr[i]).margin(1e-5));
@@ -1076,7 +1077,7 @@ TEST_CASE("per-layer widths and anchor ratios: each layer as its own configurati
   // by hand: layer 0 keys 2 x 2 bits, layer 1 keys 1 x 3 bits per 8 channels; values 2 x 2 bits: (4 + 3 + 4 + 4) / 32
   CHECK(c.effective_bits(false) == Approx(15.0 / 32));
   // codebooks of the wrong shape for a layer are refused; a list of the wrong length too
-  CHECK_THROWS_WITH(QuantizedKvCache(cfg, lm, small), Contains("layer 1 key codebooks do not have the c8b3 shape"));
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, lm, small), Contains("layer 1 key centroids hold 64 floats, expected 128") && Contains("the c8b3 shape"));
   MethodSpec three = lm;
   three.layer_keys.push_back(VqConfig{4, 2}), three.layer_values.push_back(VqConfig{4, 2});
   CHECK_THROWS_WITH(QuantizedKvCache(cfg, three, merged), Contains("list 3 layers, the model has 2"));
@@ -1092,4 +1093,128 @@ TEST_CASE("per-layer widths and anchor ratios: each layer as its own configurati
   CHECK(a0 == 2 * 3);  // ceil(0.1 x 24) = 3 per head (position 0 among them)
   CHECK(a1 == 0);
   CHECK(ca.effective_bits(false) == Approx(effective_bits(parse_method("antkv:ratio=0.1,lratio=0.1/0", rr), T, 8, false)).epsilon(1e-12));
+}
+
+TEST_CASE("method options: one parser refuses every bad value and combination with its reason", "[quant]") {
+  const Recipe r = Recipe::defaults_with({});
+  const std::vector<std::pair<std::string, std::string>> refusals = {
+      // syntax
+      {"antkv:", "nothing after ':'"},
+      {"antkv:bits", "option \"bits\" is not key=value"},
+      {"antkv:=1", "option \"=1\" is not key=value"},
+      {"antkv:bits=1,bits=2", "option bits is given twice"},
+      {"kivi", "the kind is fp16, uniform, vq, antkv or rsq, got \"kivi\""},
+      {"fp16:bits=2", "fp16 takes no options"},
+      // option names per kind
+      {"uniform:ratio=0.1", "unknown option \"ratio\" for uniform (bits, group, window)"},
+      {"rsq:gain=kv", "unknown option \"gain\" for rsq (bits, key_rope)"},
+      {"antkv:group=32", "unknown option \"group\" for antkv"},
+      // values
+      {"antkv:score=bogus", "score is error_bound, attention_mass, key_bound, random or recent, got \"bogus\""},
+      {"antkv:key_rope=mid", "key_rope is post or pre, got \"mid\""},
+      {"antkv:gain=v", "gain is off, k or kv, got \"v\""},
+      {"antkv:rotate=svd", "rotate is off or pca, got \"svd\""},
+      {"antkv:metric=cosine", "metric is plain or task, got \"cosine\""},
+      {"antkv:weighting=heavy", "weighting is anchor or none, got \"heavy\""},
+      {"antkv:anchors=yes", "anchors is kv, k, v or off, got \"yes\""},
+      {"antkv:correct=yes", "option correct is on or off, got \"yes\""},
+      {"antkv:promote=1", "option promote is on or off, got \"1\""},
+      {"antkv:exclude=maybe", "option exclude is on or off, got \"maybe\""},
+      {"antkv:ratio=abc", "option ratio needs a number, got \"abc\""},
+      {"antkv:ratio=nan", "option ratio needs a number, got \"nan\""},
+      {"antkv:ratio=1.5", "ratio must be in [0, 1]"},
+      {"antkv:bits=3", "option bits: no VQ configuration for 3 bits"},
+      {"antkv:kbits=x", "option kbits needs a number, got \"x\""},
+      {"antkv:lkbits=1//1", "lkbits lists one value per layer, separated by /"},
+      {"antkv:lratio=0.1/1.5", "lratio values must be in [0, 1], got 1.5"},
+      {"antkv:lratio=0.1,lkbits=1/1", "lkbits, lvbits and lratio must list the same number of layers"},
+      {"uniform:bits=2.5", "option bits needs a whole number, got \"2.5\""},
+      {"uniform:bits=9", "bits must be in [1, 8]"},
+      {"uniform:group=0", "group must be positive"},
+      {"uniform:window=-1", "window must be >= 0"},
+      {"rsq:bits=0", "rsq bits must be in [1, 4]"},
+      // combinations
+      {"vq:anchors=kv", "vq has no anchors"},
+      {"vq:ratio=0.02", "vq has no anchors (ratio= is an antkv option)"},
+      {"vq:score=random", "vq has no anchors (score= is an antkv option)"},
+      {"vq:promote=off", "vq has no anchors (promote= is an antkv option)"},
+      {"vq:lratio=0.01/0.02", "vq has no anchors (lratio= is an antkv option)"},
+      {"vq:weighting=anchor", "vq trains unweighted codebooks"},
+      {"antkv:anchors=off,ratio=0.05", "ratio= has no effect with anchors=off"},
+      {"antkv:anchors=off,score=key_bound", "score= has no effect with anchors=off"},
+      {"antkv:anchors=off,promote=on", "promote= has no effect with anchors=off"},
+      {"antkv:score=random,promote=on", "promote=on needs a score that is a sum over attention rows"},
+      {"antkv:score=recent,promote=on", "not recent"},
+      {"antkv:bits=1,kbits=2", "give it or kbits=/vbits=, not both"},
+  };
+  for (const auto& [text, why] : refusals) {
+    INFO(text);
+    CHECK_THROWS_WITH(parse_method(text, r), Contains("method \"" + text + "\": ") && Contains(why));
+  }
+  // what the same options accept
+  CHECK_FALSE(parse_method("antkv:score=random", r).promotes());  // random ranks once: no decode-time rule
+  CHECK(parse_method("antkv:score=key_bound", r).promotes());
+  CHECK_FALSE(parse_method("antkv:score=key_bound,promote=off", r).promotes());
+  CHECK(parse_method("antkv:score=attention_mass", r).score == AnchorScoreKind::kAttentionMass);
+  CHECK(parse_method("vq:bits=1,exclude=on", r).exclude_anchors);
+  CHECK(parse_method("antkv:kbits=1,vbits=2", r).values.c == 4);
+  CHECK(parse_method("uniform:bits=4,group=32,window=16", r).window == 16);
+}
+
+TEST_CASE("method options: the recipe sets their defaults, and a bad method fails when the recipe is read", "[quant]") {
+  // kmeans.gain / rotate / metric in a recipe are the methods' defaults (the same codebooks antkv-train-codebook
+  // trains from that recipe), as weighting, key_rope and anchor.* are; an option on the method wins
+  const Recipe r = Recipe::defaults_with({"kmeans.gain=kv", "kmeans.rotate=pca", "kmeans.metric=task", "key_rope=pre",
+                                          "anchor.score=key_bound", "anchor.window=3"});
+  const MethodSpec v = parse_method("vq", r);
+  CHECK(v.gain == Gain::kKeysValues);
+  CHECK(v.rotate == Rotate::kPca);
+  CHECK(v.metric == Metric::kTask);
+  CHECK(v.pre_rope());
+  CHECK(v.decode_window == 3);
+  CHECK(v.codebook_file() == "k-c8b8_v-c8b8_none_all_pre_gkv_rpca_mtask.h5");
+  CHECK(parse_method("antkv", r).score == AnchorScoreKind::kKeyBound);
+  CHECK(parse_method("vq:gain=off,rotate=off,metric=plain", r).codebook_file() == "k-c8b8_v-c8b8_none_all_pre.h5");
+  // uniform, rsq and fp16 take none of them
+  CHECK(parse_method("uniform", r).gain == Gain::kOff);
+  CHECK(parse_method("rsq", r).rotate == Rotate::kOff);
+  // recipe keys are typed with the same spellings
+  CHECK_THROWS_WITH(Recipe::defaults_with({"anchor.score=bogus"}),
+                    Contains("key \"anchor.score\" = \"bogus\" is not one of: error_bound, attention_mass, key_bound, "
+                             "random or recent"));
+  CHECK_THROWS_WITH(Recipe::defaults_with({"kmeans.gain=v"}), Contains("key \"kmeans.gain\" = \"v\" is not one of: off, k or kv"));
+  const std::string yaml = r.to_yaml();  // stored in every output: the same spellings
+  CHECK_THAT(yaml, Contains("gain: kv") && Contains("rotate: pca") && Contains("metric: task") &&
+                       Contains("score: key_bound") && Contains("key_rope: pre"));
+  // eval.methods: refused when the recipe is read, naming the key
+  CHECK_THROWS_WITH(Recipe::defaults_with({"eval.methods=[fp16, \"antkv:score=bogus\"]"}),
+                    Contains("key \"eval.methods\": method \"antkv:score=bogus\": score is"));
+}
+
+TEST_CASE("anchor.window is the decode window of the vq/antkv/rsq caches", "[quant]") {
+  const ModelConfig cfg = tiny_config(2, 8);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd;
+  auto cb = tiny_codebooks("post", "none", rng, nd);
+  const std::vector<std::string> shape = {"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"};
+  const int T = 9;
+  std::vector<float> k(T * 16), v(T * 16), q(T * 32);
+  for (auto* a : {&k, &v, &q})
+    for (auto& x : *a) x = nd(rng);
+  for (int window : {0, 2, 5}) {
+    INFO("anchor.window = " << window);
+    auto set = shape;
+    set.push_back("anchor.window=" + std::to_string(window));
+    QuantizedKvCache dec(cfg, parse_method("vq", Recipe::defaults_with(set)), cb);
+    for (int t = 0; t < T; ++t) dec.append(KvAppend{0, 1, t, k.data() + t * 16, k.data() + t * 16, v.data() + t * 16, q.data()});
+    // the newest `window` tokens are exact (fp16), every older one is a centroid reconstruction
+    for (int t = 0; t < T; ++t) {
+      const bool exact = t >= T - window;
+      int same = 0;
+      for (int c = 0; c < 16; ++c) same += dec.keys(0)[t * 16 + c] == static_cast<float>(Eigen::half(k[t * 16 + c]));
+      INFO("token " << t);
+      if (exact) CHECK(same == 16);
+      else CHECK(same < 16);
+    }
+  }
 }

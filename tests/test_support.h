@@ -27,6 +27,13 @@ constexpr int kSkipReturnCode = 4;
 void mark_skipped();
 size_t skipped_count();
 
+// The method with its decode window set (what the recipe's anchor.window gives parse_method)
+template <typename MethodSpec>
+MethodSpec with_window(MethodSpec m, int window) {
+  m.decode_window = window;
+  return m;
+}
+
 }  // namespace antkv::test
 
 #define SKIP_WITHOUT_GPU()                                                        \

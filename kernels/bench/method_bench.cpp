@@ -25,7 +25,7 @@ BenchMethod parse_bench_method(const std::string& text) {
   b.text = text;
   if (text == "fp16") return b;
   const MethodSpec m = parse_method(text, Recipe::defaults_with({}));
-  if (m.kind == "uniform") {
+  if (m.kind == MethodKind::kUniform) {
     cuda::check_uniform_shape("--method " + text, 128, m.bits, m.group, m.window);  // head_dim: checked with the model
     b.uniform = true;
     b.uniform_bits = m.bits;
@@ -33,10 +33,10 @@ BenchMethod parse_bench_method(const std::string& text) {
     b.uniform_window = m.window;
     return b;
   }
-  ANTKV_CHECK(m.kind == "vq" || m.kind == "antkv",
+  ANTKV_CHECK(m.needs_codebooks(),
               "--method {}: {} has no real GPU cache (its cache is simulated on a bf16 arena); bench compares "
               "fp16, uniform (bits 2 or 4), vq and antkv",
-              text, m.kind);
+              text, m.kind_name());
   ANTKV_CHECK(m.keys.c == m.values.c && m.keys.b == m.values.b, "--method {}: keys and values need one configuration",
               text);
   const std::string name = fmt::format("c{}b{}", m.keys.c, m.keys.b);
@@ -45,8 +45,8 @@ BenchMethod parse_bench_method(const std::string& text) {
     if (name == vq_config_info(c).name) b.config = c, found = true;
   ANTKV_CHECK(found, "--method {}: {} is not a compressed-cache configuration (bits 4, 2, 1, 0.75, 0.5 or 0.375)", text, name);
   b.compressed = true;
-  b.anchor_ratio = m.kind == "antkv" && m.anchors ? m.ratio : 0.0;
-  b.pre_rope = m.key_rope == "pre";
+  b.anchor_ratio = m.kind == MethodKind::kAntkv && m.has_anchors() ? m.ratio : 0.0;
+  b.pre_rope = m.pre_rope();
   b.promote = b.anchor_ratio > 0 && m.promotes();
   return b;
 }

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "core/error.h"
+#include "quant/codebook_fit.h"
 #include "kernels/common/cuda_check.h"
 #include "anchor/anchor_scores.h"
 #include "runtime/rope.h"
@@ -374,7 +375,7 @@ __global__ void iota_code_pos_kernel(int32_t* __restrict__ code_pos, int64_t n, 
 }
 
 cuda::VqConfig config_for(const MethodSpec& m) {
-  ANTKV_CHECK(m.kind == "vq" || m.kind == "antkv", "compressed KV cache: method {} is not vq or antkv", m.text);
+  ANTKV_CHECK(m.needs_codebooks(), "compressed KV cache: method {} is not vq or antkv", m.text);
   ANTKV_CHECK(m.keys.c == m.values.c && m.keys.b == m.values.b,
               "method {}: the compressed cache needs one configuration for keys and values (c{}b{} / c{}b{})", m.text,
               m.keys.c, m.keys.b, m.values.c, m.values.b);
@@ -392,28 +393,20 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
                                            int max_batch, int capacity, int window) {
   name_ = m.text;
   config_ = config_for(m);
-  ANTKV_CHECK(!m.anchors || (m.anchor_keys && m.anchor_values),
+  ANTKV_CHECK(m.anchors == AnchorTensors::kOff || m.anchors == AnchorTensors::kKeysValues,
               "method {}: anchors={} (one tensor only) is not supported by the compressed cache (one code stream "
               "for keys and values): anchors=kv or off",
-              m.text, m.anchors_name());
-  ANTKV_CHECK(m.gain == "off" && !m.correct && m.rotate == "off" && m.metric == "plain" && !m.layered() &&
+              m.text, option_name(m.anchors));
+  ANTKV_CHECK(m.gain == Gain::kOff && !m.correct && m.rotate == Rotate::kOff && m.metric == Metric::kPlain && !m.layered() &&
                   m.layer_ratio.empty(),
               "method {}: gain=, correct=, rotate=, metric=task and per-layer widths or ratios (lkbits, lvbits, lratio) are not "
               "supported by the compressed cache (evaluate them with eval.kv_cache: simulated)",
               m.text);
   cuda::check_vq_shape(cfg.head_dim, config_);
-  const CodebookMeta& cm = cb.meta;
-  ANTKV_CHECK(cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b &&
-                  cm.key_rope == m.key_rope && cm.num_layers == cfg.num_layers && cm.num_kv_heads == cfg.num_kv_heads &&
-                  cm.head_dim == cfg.head_dim,
-              "method {}: the codebooks (c{}b{}/c{}b{}, {}-RoPE, {} layers x {} KV heads x {}) do not fit the method and "
-              "model",
-              m.text, cm.key_c, cm.key_b, cm.value_c, cm.value_b, cm.key_rope, cm.num_layers, cm.num_kv_heads,
-              cm.head_dim);
-  ANTKV_CHECK(m.key_rope == "post" || m.key_rope == "pre", "method {}: key_rope is post or pre", m.text);
-  allocate(cfg, max_batch, capacity, window, m.anchors ? m.ratio : 0.0, m.key_rope == "pre", m.promotes());
+  check_codebooks_fit(m, cb, cfg);
+  allocate(cfg, max_batch, capacity, window, m.has_anchors() ? m.ratio : 0.0, m.pre_rope(), m.promotes());
   if (promote_) {  // the running score's weights: the method's score over the codebooks' error norms
-    const AnchorScoreKind kind = parse_anchor_score_kind(m.score);
+    const AnchorScoreKind kind = m.score;
     for (int l = 0; l < n_layers_; ++l) {
       const auto& ek = cb.keys.at(l).error_norm;
       const auto& ev = cb.values.at(l).error_norm;

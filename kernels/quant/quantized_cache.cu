@@ -18,6 +18,7 @@
 #include "kernels/common/device_buffer.h"
 #include "kernels/quant/compressed_cache.h"
 #include "kernels/runtime/ops.h"
+#include "quant/codebook_fit.h"
 #include "model/checkpoint.h"
 #include "quant/anchor_rule.h"
 #include "quant/vq.h"
@@ -30,7 +31,6 @@ using cuda::DeviceBuffer;
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kDecodeWindow = 128;  // design note §2: the newest 128 tokens stay FP16 during decode
 
 int blocks_for(int64_t n, int threads = kThreads) {
   return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, int64_t{1} << 20));
@@ -583,9 +583,9 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     ANTKV_CHECK(cfg.num_layers > 0 && KV_ > 0 && d_ > 0 && cfg.num_heads > 0, "method {}: incomplete model config", m.text);
     ANTKV_CHECK(decode_window >= 0, "method {}: decode window {} must be >= 0", m.text, decode_window);
     const int L = cfg.num_layers;
-    if (m.kind == "fp16") {
+    if (m.kind == MethodKind::kFp16) {
       kind_ = Kind::kFp16;
-    } else if (m.kind == "uniform") {
+    } else if (m.kind == MethodKind::kUniform) {
       kind_ = Kind::kUniform;
       ANTKV_CHECK(m.bits >= 1 && m.bits <= 8, "method {}: bits must be in [1, 8]", m.text);
       ANTKV_CHECK(m.group >= 1 && m.window >= 0, "method {}: group must be >= 1 and window >= 0", m.text);
@@ -595,17 +595,16 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
                   "would let a group run into the next head)",
                   m.text, vgs_, d_);
       R_ = m.window + m.group;  // waiting tokens: an incomplete key group plus the window
-    } else if (m.kind == "vq" || m.kind == "antkv" || m.kind == "rsq") {
+    } else {
       kind_ = Kind::kVq;  // rsq: the same prefill / decode-window flow, another per-row quantizer, no anchors
-      rsq_ = m.kind == "rsq";
+      rsq_ = m.kind == MethodKind::kRsq;
       ANTKV_CHECK(!m.correct,
                   "method {}: correct=on (the attention-score correction) is not implemented on the GPU runtime; "
                   "evaluate it with eval.device: cpu",
                   m.text);
       ANTKV_CHECK(m.listed_layers() == 0 || m.listed_layers() == L,
                   "method {}: lkbits/lvbits/lratio list {} layers, the model has {}", m.text, m.listed_layers(), L);
-      ANTKV_CHECK(m.key_rope == "post" || m.key_rope == "pre", "method {}: key_rope is post or pre", m.text);
-      pre_ = m.key_rope == "pre";
+      pre_ = m.pre_rope();
       R_ = W_ + 1;
       if (rsq_) {
         // fwht needs a power of 2; one warp's row lives in shared memory
@@ -625,16 +624,15 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
           upload(rsq_signs_[l], s);
         }
       } else {
-        rotate_ = m.rotate == "pca";
-        ANTKV_CHECK(m.rotate == "off" || rotate_, "method {}: rotate is off or pca", m.text);
+        rotate_ = m.rotate == Rotate::kPca;
         // rotate_kernel: one thread per output channel, kRotRows rows of the head in shared memory
         ANTKV_CHECK(!rotate_ || d_ <= 512,
                     "method {}: rotate=pca supports head_dim up to 512 on the GPU, the model has {}", m.text, d_);
         validate_codebooks();
-        task_ = m.metric == "task";
+        task_ = m.metric == Metric::kTask;
         bool any_anchors = false;
         for (int l = 0; l < L; ++l) any_anchors |= anchors_in(l);
-        if (any_anchors) score_kind_ = parse_anchor_score_kind(m.score);
+        if (any_anchors) score_kind_ = m.score;
         kcent_.resize(L), vcent_.resize(L);
         for (int l = 0; l < L; ++l) {
           upload(kcent_[l], cb_->keys[l].centroids);
@@ -669,8 +667,6 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
             }
           }
       }
-    } else {
-      fail("method {}: unknown kind \"{}\" (fp16, uniform, vq, antkv or rsq)", m.text, m.kind);
     }
     if (R_ > 0) {
       ring_.resize(L);
@@ -684,9 +680,8 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
       anchor_count_.assign(L, std::vector<int>(static_cast<size_t>(KV_), 0));
       exact_.resize(L);
       coef_.resize(L);
-      const AnchorScoreKind kind = parse_anchor_score_kind(m.score);
       for (int l = 0; l < L; ++l)
-        upload(coef_[l], anchor_score_weight_table(kind, cb_->keys[l].error_norm, cb_->values[l].error_norm, KV_));
+        upload(coef_[l], anchor_score_weight_table(m.score, cb_->keys[l].error_norm, cb_->values[l].error_norm, KV_));
     }
     len_.assign(L, 0);
     k_upto_.assign(L, 0);
@@ -740,7 +735,7 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
 
  private:
   // Whether layer l keeps anchors (lratio: its own ratio; 0 = none, as QuantizedKvCache).
-  bool anchors_in(int l) const { return m_.anchors && m_.ratio_of(l) > 0; }
+  bool anchors_in(int l) const { return m_.has_anchors() && m_.ratio_of(l) > 0; }
 
   static void upload(DeviceBuffer<float>& dst, const std::vector<float>& src) {
     dst.resize(src.size());
@@ -751,63 +746,13 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
   void validate_codebooks() const {
     const MethodSpec& m = m_;
     ANTKV_CHECK(cb_, "method {}: needs codebooks", m.text);
-    const CodebookMeta& cm = cb_->meta;
-    ANTKV_CHECK(cm.config_hash == cfg_.config_hash, "method {}: the codebooks were trained for another model", m.text);
-    // per-layer widths (lkbits / lvbits): the set merges the layers of several files (lib/eval/compare.cpp, meta
-    // of layer 0's), so every layer's arrays are checked against its own configuration below instead
-    ANTKV_CHECK(m.layered() || (cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c &&
-                                cm.value_b == m.values.b),
-                "method {}: codebooks are keys c{}b{} / values c{}b{}, the method needs c{}b{} / c{}b{}", m.text, cm.key_c,
-                cm.key_b, cm.value_c, cm.value_b, m.keys.c, m.keys.b, m.values.c, m.values.b);
-    ANTKV_CHECK(cm.key_rope == m.key_rope, "method {}: codebooks are for {}-RoPE keys", m.text, cm.key_rope);
-    ANTKV_CHECK(cm.gain == m.gain, "method {}: codebooks are for gain={} (unit-vector training), the method needs gain={}",
-                m.text, cm.gain, m.gain);
-    ANTKV_CHECK(cm.rotate == m.rotate, "method {}: codebooks are for rotate={}, the method needs rotate={}", m.text,
-                cm.rotate, m.rotate);
-    ANTKV_CHECK(m.metric == "plain" || m.metric == "task", "method {}: metric is plain or task", m.text);
-    ANTKV_CHECK(cm.metric == m.metric, "method {}: codebooks are for metric={}, the method needs metric={}", m.text,
-                cm.metric, m.metric);
-    ANTKV_CHECK(cm.num_layers == cfg_.num_layers && cm.num_kv_heads == cfg_.num_kv_heads && cm.head_dim == cfg_.head_dim,
-                "method {}: codebook shapes do not match the model (codebooks: {} layers, {} KV heads, head_dim {}; "
-                "model: {}, {}, {})",
-                m.text, cm.num_layers, cm.num_kv_heads, cm.head_dim, cfg_.num_layers, cfg_.num_kv_heads, cfg_.head_dim);
-    for (int l = 0; l < cfg_.num_layers; ++l)
+    check_codebooks_fit(m, *cb_, cfg_);
+    for (int l = 0; l < cfg_.num_layers; ++l)  // what the kernels here support on top
       for (const VqConfig q : {m.key_config(l), m.value_config(l)}) {
-        ANTKV_CHECK(vq_c_supported(q.c) && d_ % q.c == 0,
-                    "method {}: layer {}: group size c = {} is not supported on the GPU (1, 2, 4, 8, 16 or 32, dividing "
-                    "head_dim {})",
-                    m.text, l, q.c, d_);
+        ANTKV_CHECK(vq_c_supported(q.c),
+                    "method {}: layer {}: group size c = {} is not supported on the GPU (1, 2, 4, 8, 16 or 32)", m.text,
+                    l, q.c);
         ANTKV_CHECK(q.b >= 1 && q.b <= 16, "method {}: layer {}: b = {} bits per code outside [1, 16]", m.text, l, q.b);
-      }
-    ANTKV_CHECK(static_cast<int>(cb_->keys.size()) == cfg_.num_layers &&
-                    static_cast<int>(cb_->values.size()) == cfg_.num_layers,
-                "method {}: codebooks hold {} / {} layers of key / value centroids, the model has {}", m.text,
-                cb_->keys.size(), cb_->values.size(), cfg_.num_layers);
-    for (int l = 0; l < cfg_.num_layers; ++l)
-      for (int kv = 0; kv < 2; ++kv) {
-        const LayerCodebooks& lc = kv ? cb_->values[l] : cb_->keys[l];
-        const VqConfig q = kv ? m.value_config(l) : m.key_config(l);
-        const size_t want = static_cast<size_t>(KV_) * (d_ / q.c) * (size_t{1} << q.b) * q.c;
-        ANTKV_CHECK(lc.centroids.size() == want,
-                    "method {}: layer {} {} centroids hold {} floats, expected {} ([kv_heads {}, groups {}, 2^{}, c {}])",
-                    m.text, l, kv ? "value" : "key", lc.centroids.size(), want, KV_, d_ / q.c, q.b, q.c);
-        ANTKV_CHECK(lc.error_norm.empty() || static_cast<int>(lc.error_norm.size()) == KV_,
-                    "method {}: layer {} {} error_norm holds {} values, expected {} (one per KV head)", m.text, l,
-                    kv ? "value" : "key", lc.error_norm.size(), KV_);
-        if (m.rotate == "pca") {
-          const size_t dd = static_cast<size_t>(d_);
-          ANTKV_CHECK(lc.rotation.size() == KV_ * dd * dd && lc.mean.size() == KV_ * dd,
-                      "method {}: layer {} {} rotation / mean hold {} / {} floats, expected {} / {} ([kv_heads {}, d {}, "
-                      "d] / [kv_heads, d])",
-                      m.text, l, kv ? "value" : "key", lc.rotation.size(), lc.mean.size(), KV_ * dd * dd, KV_ * dd, KV_,
-                      d_);
-        }
-        if (m.metric == "task")
-          ANTKV_CHECK(lc.metric.size() == static_cast<size_t>(KV_) * d_ * q.c,
-                      "method {}: layer {} {} metric=task factors hold {} floats, expected {} ([kv_heads {}, groups {}, "
-                      "c {}, c])",
-                      m.text, l, kv ? "value" : "key", lc.metric.size(), static_cast<size_t>(KV_) * d_ * q.c, KV_,
-                      d_ / q.c, q.c);
       }
   }
 
@@ -997,12 +942,12 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     }
     StoreArgs s;
     s.n = n, s.kv_heads = KV_, s.d = d_, s.capacity = c.capacity, s.slot0 = first;
-    s.keep = m_.anchor_keys ? keep : nullptr;  // anchors=v: anchor tokens' keys are quantized
+    s.keep = m_.anchor_keys() ? keep : nullptr;  // anchors=v: anchor tokens' keys are quantized
     s.src = tk;
     s.keep_src = rows[1];
     s.cache = c.k_cache;
     launch_store(s, stream);
-    s.keep = m_.anchor_values ? keep : nullptr;  // anchors=k: their values are quantized
+    s.keep = m_.anchor_values() ? keep : nullptr;  // anchors=k: their values are quantized
     s.src = tv;
     s.keep_src = rows[2];
     s.cache = c.v_cache;
@@ -1231,9 +1176,9 @@ MethodRuntimeFactory gpu_method_runtime_factory(const Checkpoint& ckpt, const Gp
     if (o.compressed_kv) {
       ANTKV_CHECK(cb, "method {}: needs codebooks", m.text);
       rt->set_compressed_cache(std::make_unique<GpuCompressedKvCache>(ckpt.config(), m, *cb, o.max_batch,
-                                                                     rt->capacity(), kDecodeWindow));
+                                                                     rt->capacity(), m.decode_window));
     }
-    rt->set_kv_quantizer(make_gpu_kv_quantizer(ckpt.config(), m, std::move(cb), kDecodeWindow));
+    rt->set_kv_quantizer(make_gpu_kv_quantizer(ckpt.config(), m, std::move(cb), m.decode_window));
     return rt;
   };
 }

@@ -140,7 +140,7 @@ void train_side(const CalibDumpReader& dump, const Recipe& r, const TrainCodeboo
   const std::vector<float>& w = side.keys ? data.s_k : data.s_v;
   auto t0 = Clock::now();
 
-  const bool weighted = r.kmeans.weighting == "anchor";
+  const bool weighted = r.kmeans.weighting == Weighting::kAnchor;
   // per-head token weights over the training rows, normalized to mean 1 over the rows that train
   const int64_t n = static_cast<int64_t>(plan.train.size());
   float* tw = sized(ws.tw, static_cast<size_t>(KV) * n);
@@ -393,9 +393,9 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
   ANTKV_CHECK(o.expected_config_hash.empty() || m.config_hash == o.expected_config_hash,
               "{}: the calibration dump was made with another model (config hash {} in the dump, {} for {})",
               o.calib_path, m.config_hash, o.expected_config_hash, r.model);
-  ANTKV_CHECK(m.key_rope == r.key_rope,
+  ANTKV_CHECK(m.key_rope == option_name(r.key_rope),
               "{}: the dump holds {}-RoPE keys but the recipe asks key_rope: {} (recalibrate or change the recipe)",
-              o.calib_path, m.key_rope, r.key_rope);
+              o.calib_path, m.key_rope, option_name(r.key_rope));
   for (auto [key, q] : {std::pair<const char*, VqConfig>{"quant.keys", r.quant.keys}, {"quant.values", r.quant.values}})
     ANTKV_CHECK(m.head_dim % q.c == 0, "{}: {}.c = {} does not divide head_dim {}", r.source.empty() ? "recipe" : r.source,
                 key, q.c, m.head_dim);
@@ -405,13 +405,13 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
   cm.config_hash = m.config_hash;
   cm.calib_hash = hash_file(o.calib_path);
   cm.recipe = r.to_yaml();
-  cm.key_rope = r.key_rope;
-  cm.weighting = r.kmeans.weighting;
+  cm.key_rope = option_name(r.key_rope);
+  cm.weighting = option_name(r.kmeans.weighting);
   cm.exclude_anchors = r.kmeans.exclude_anchors;
-  cm.gain = r.kmeans.gain;
-  cm.rotate = r.kmeans.rotate;
-  cm.metric = r.kmeans.metric;
-  const bool task = r.kmeans.metric == "task";
+  cm.gain = option_name(r.kmeans.gain);
+  cm.rotate = option_name(r.kmeans.rotate);
+  cm.metric = option_name(r.kmeans.metric);
+  const bool task = r.kmeans.metric == Metric::kTask;
   // metric=task: every layer's metrics read here, before the prefetch thread (the only HDF5 user while it runs)
   // starts; read_* say clearly what an older dump lacks
   std::vector<std::vector<double>> key_metrics, value_metrics;
@@ -454,11 +454,11 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
     const RowPlan plan = plan_rows(dump, r, data, windows, positions);
     times.prepare += since(tl);
     train_side(dump, r, o, data, plan,
-               {"keys", r.quant.keys.c, r.quant.keys.b, true, r.kmeans.gain != "off", r.kmeans.rotate != "off",
+               {"keys", r.quant.keys.c, r.quant.keys.b, true, r.kmeans.gain != Gain::kOff, r.kmeans.rotate != Rotate::kOff,
                 task ? &key_metrics[l] : nullptr},
                out.codebooks.keys[l], out.layers[l].keys, times, ws);
     train_side(dump, r, o, data, plan,
-               {"values", r.quant.values.c, r.quant.values.b, false, r.kmeans.gain == "kv", r.kmeans.rotate != "off",
+               {"values", r.quant.values.c, r.quant.values.b, false, r.kmeans.gain == Gain::kKeysValues, r.kmeans.rotate != Rotate::kOff,
                 task ? &value_metrics[l] : nullptr},
                out.codebooks.values[l], out.layers[l].values, times, ws);
     out.layers[l].seconds = since(tl);

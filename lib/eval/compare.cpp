@@ -46,13 +46,15 @@ std::map<std::string, std::shared_ptr<const CodebookSet>> load_method_codebooks(
     auto set = std::make_shared<const CodebookSet>(read_codebooks(p));
     const CodebookMeta& cm = set->meta;
     ANTKV_CHECK(cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b &&
-                    cm.weighting == m.weighting && cm.exclude_anchors == m.exclude_anchors && cm.key_rope == m.key_rope &&
-                    cm.gain == m.gain && cm.rotate == m.rotate && cm.metric == m.metric,
+                    cm.weighting == option_name(m.weighting) && cm.exclude_anchors == m.exclude_anchors &&
+                    cm.key_rope == option_name(m.key_rope) && cm.gain == option_name(m.gain) &&
+                    cm.rotate == option_name(m.rotate) && cm.metric == option_name(m.metric),
                 "{}: codebooks for keys c{}b{}, values c{}b{}, weighting {}, anchors {} in training, key_rope {}, gain {}, "
                 "rotate {}, metric {}; method {} needs c{}b{}, c{}b{}, {}, {}, {}, gain {}, rotate {}, metric {}", p, cm.key_c,
                 cm.key_b, cm.value_c, cm.value_b, cm.weighting, cm.exclude_anchors ? "excluded" : "included", cm.key_rope,
-                cm.gain, cm.rotate, cm.metric, m.text, m.keys.c, m.keys.b, m.values.c, m.values.b, m.weighting,
-                m.exclude_anchors ? "excluded" : "included", m.key_rope, m.gain, m.rotate, m.metric);
+                cm.gain, cm.rotate, cm.metric, m.text, m.keys.c, m.keys.b, m.values.c, m.values.b, option_name(m.weighting),
+                m.exclude_anchors ? "excluded" : "included", option_name(m.key_rope), option_name(m.gain),
+                option_name(m.rotate), option_name(m.metric));
     books[m.codebook_file()] = std::move(set);
   }
   // per-layer widths: one set whose layer l holds the codebooks of layer l's configuration (meta of layer 0's file)
@@ -117,7 +119,7 @@ std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOpt
           res.effective_bits = stored->effective_bits(true);
           res.effective_bits_no_codebooks = stored->effective_bits(false);
         }
-      if (m.kind == "fp16") fp16_ppl = res.ppl.ppl;
+      if (m.kind == MethodKind::kFp16) fp16_ppl = res.ppl.ppl;
       out.push_back(res);
     }
     // against the fp16 row wherever it is listed; NaN (printed n/a) when fp16 is not among the methods
@@ -154,7 +156,7 @@ std::string results_table(const std::vector<MethodResult>& rs) {
     s += "\n";
   }
   bool has_fp16 = false;
-  for (const auto& r : rs) has_fp16 |= r.method.kind == "fp16";
+  for (const auto& r : rs) has_fp16 |= r.method.kind == MethodKind::kFp16;
   if (!rs.empty() && !has_fp16) s += "(dPPL n/a: fp16 is not among the methods)\n";
   if (!rs.empty()) {
     bool real = false;
@@ -180,7 +182,7 @@ std::string results_json(const std::vector<MethodResult>& rs, const Recipe& reci
   j["hardware"] = {{"device", device}, {"cpu", cpu_model_name()}};
   json arr = json::array();
   for (const auto& r : rs) {
-    arr.push_back({{"method", r.method.text}, {"kind", r.method.kind}, {"text", r.text},
+    arr.push_back({{"method", r.method.text}, {"kind", r.method.kind_name()}, {"text", r.text},
                    {"nominal_bits", r.method.nominal_bits()}, {"effective_bits", r.effective_bits},
                    {"effective_bits_without_codebooks", r.effective_bits_no_codebooks},
                    {"protocol", window_protocol_name(r.ppl.protocol)}, {"seq_len", r.ppl.seq_len},
@@ -197,14 +199,14 @@ std::string results_json(const std::vector<MethodResult>& rs, const Recipe& reci
 std::string results_csv(const std::vector<MethodResult>& rs) {
   std::string s = "method,kind,text,nominal_bits,effective_bits,effective_bits_without_codebooks,protocol,seq_len,windows,ppl,delta_ppl\n";
   for (const auto& r : rs)
-    s += fmt::format("\"{}\",{},{},{:.4f},{:.4f},{:.4f},{},{},{},{:.6f},{}\n", r.method.text, r.method.kind,
+    s += fmt::format("\"{}\",{},{},{:.4f},{:.4f},{:.4f},{},{},{},{:.6f},{}\n", r.method.text, r.method.kind_name(),
                      fs::path(r.text).filename().string(), r.method.nominal_bits(), r.effective_bits,
                      r.effective_bits_no_codebooks, window_protocol_name(r.ppl.protocol), r.ppl.seq_len, r.ppl.windows,
                      r.ppl.ppl, std::isfinite(r.delta_ppl) ? fmt::format("{:.6f}", r.delta_ppl) : std::string());
   return s;
 }
 
-std::string calibration_fingerprint(const Recipe& r, const std::string& model_hash, const std::string& key_rope) {
+std::string calibration_fingerprint(const Recipe& r, const std::string& model_hash, KeyRope key_rope) {
   const auto& c = r.calibration;
   return make_fingerprint({{"stage", "calibration"},
                            {"model content (XXH3-128 of config, every safetensors byte, tokenizer.json)", model_hash},
@@ -215,8 +217,8 @@ std::string calibration_fingerprint(const Recipe& r, const std::string& model_ha
                            {"calibration.sample_per_window", std::to_string(c.sample_per_window)},
                            {"calibration.seed", std::to_string(c.seed)},
                            {"calibration.device", c.device},
-                           {"key_rope", key_rope},
-                           {"anchor.score", r.anchor.score},
+                           {"key_rope", option_name(key_rope)},
+                           {"anchor.score", option_name(r.anchor.score)},
                            {"anchor.ratio", fmt::format("{}", r.anchor.ratio)}});
 }
 
@@ -224,10 +226,10 @@ std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std
   const auto& k = r.kmeans;
   std::vector<std::pair<std::string, std::string>> fields = {{"stage", "codebooks"},
                            {"calibration dump (content)", calib_hash},
-                           {"key_rope", m.key_rope},
+                           {"key_rope", option_name(m.key_rope)},
                            {"quant.keys", fmt::format("c{}b{}", m.keys.c, m.keys.b)},
                            {"quant.values", fmt::format("c{}b{}", m.values.c, m.values.b)},
-                           {"kmeans.weighting", m.weighting},
+                           {"kmeans.weighting", option_name(m.weighting)},
                            {"kmeans.exclude_anchors", m.exclude_anchors ? "true" : "false"},
                            {"kmeans.iters", std::to_string(k.iters)},
                            {"kmeans.tol", fmt::format("{}", k.tol)},
@@ -237,9 +239,9 @@ std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std
                            {"kmeans.device", k.device},
                            {"anchor.ratio", fmt::format("{}", m.ratio)}};
   // gain-shape codebooks only: the fingerprints of earlier codebook files stay valid
-  if (m.gain != "off") fields.emplace_back("kmeans.gain", m.gain);
-  if (m.rotate != "off") fields.emplace_back("kmeans.rotate", m.rotate);
-  if (m.metric != "plain") fields.emplace_back("kmeans.metric", m.metric);
+  if (m.gain != Gain::kOff) fields.emplace_back("kmeans.gain", option_name(m.gain));
+  if (m.rotate != Rotate::kOff) fields.emplace_back("kmeans.rotate", option_name(m.rotate));
+  if (m.metric != Metric::kPlain) fields.emplace_back("kmeans.metric", option_name(m.metric));
   return make_fingerprint(fields);
 }
 
@@ -255,13 +257,13 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
   for (const auto& t : r.eval.texts) ANTKV_CHECK(fs::is_regular_file(t), "{}: evaluation text not found (eval.texts)", t);
 
   // 1. calibration dumps, one per key_rope the methods need
-  std::map<std::string, std::string> dumps;  // key_rope -> path
+  std::map<KeyRope, std::string> dumps;  // key_rope -> path
   for (const auto& m : methods) {
     if (!m.needs_codebooks() || dumps.count(m.key_rope)) continue;
-    const std::string path = (fs::path(r.out_dir) / ("calib-" + m.key_rope + ".h5")).string();
+    const std::string path = (fs::path(r.out_dir) / ("calib-" + std::string(option_name(m.key_rope)) + ".h5")).string();
     const std::string fp = calibration_fingerprint(r, o.ckpt->content_hash(), m.key_rope);
     bool task = false;  // metric=task codebooks need the dump's query moments and o_proj Grams (dumps before them lack them)
-    for (const auto& x : methods) task |= x.needs_codebooks() && x.key_rope == m.key_rope && x.metric != "plain";
+    for (const auto& x : methods) task |= x.needs_codebooks() && x.key_rope == m.key_rope && x.metric != Metric::kPlain;
     const ReuseDecision d = decide_reuse(path, fp, o.force, [task](const std::string& p) {
       CalibDumpReader dump(p);
       if (task && !(dump.has_query_moment() && dump.has_oproj_gram()))
@@ -299,7 +301,7 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
 
   // 2. codebooks, one file per configuration the methods need
   std::set<std::string> done;
-  std::map<std::string, std::string> dump_hashes;  // key_rope -> content hash: each dump read once, not per codebook set
+  std::map<KeyRope, std::string> dump_hashes;  // key_rope -> content hash: each dump read once, not per codebook set
   std::vector<MethodSpec> files;  // one spec per codebook file (per-layer widths: one per width pair)
   for (const auto& m : methods)
     if (m.needs_codebooks())

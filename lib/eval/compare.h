@@ -55,7 +55,7 @@ std::string results_csv(const std::vector<MethodResult>& r);
 
 // Fingerprints of what an output depends on (stored in its /meta; equal -> reusable; see eval/fingerprint.h).
 // model_hash: Checkpoint::content_hash() (config, every weight byte, tokenizer).
-std::string calibration_fingerprint(const Recipe& r, const std::string& model_hash, const std::string& key_rope);
+std::string calibration_fingerprint(const Recipe& r, const std::string& model_hash, KeyRope key_rope);
 std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std::string& calib_hash);
 
 struct PipelineOptions {

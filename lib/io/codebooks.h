@@ -51,7 +51,6 @@ struct CodebookSet {
   CodebookMeta meta;
   std::vector<LayerCodebooks> keys, values;  // [num_layers]
   int key_groups() const { return meta.head_dim / meta.key_c; }
-  int value_groups() const { return meta.head_dim / meta.value_c; }
 };
 
 void write_codebooks(const std::string& path, const CodebookSet& set);  // path: caller renames into place

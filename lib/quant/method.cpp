@@ -2,25 +2,21 @@
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 
 #include "core/error.h"
 
 namespace antkv {
 
 std::string MethodSpec::codebook_file() const {
-  return fmt::format("k-c{}b{}_v-c{}b{}_{}{}_{}{}{}{}.h5", keys.c, keys.b, values.c, values.b, weighting,
-                     exclude_anchors ? "" : "_all", key_rope, gain == "off" ? "" : "_g" + gain,
-                     rotate == "off" ? "" : "_r" + rotate, metric == "plain" ? "" : "_m" + metric);
-}
-
-std::string MethodSpec::anchors_name() const {
-  return anchor_keys && anchor_values ? "kv" : anchor_keys ? "k" : anchor_values ? "v" : "off";
+  auto suffix = [](const char* tag, auto v, auto none) { return v == none ? std::string() : tag + std::string(option_name(v)); };
+  return fmt::format("k-c{}b{}_v-c{}b{}_{}{}_{}{}{}{}.h5", keys.c, keys.b, values.c, values.b, option_name(weighting),
+                     exclude_anchors ? "" : "_all", option_name(key_rope), suffix("_g", gain, Gain::kOff),
+                     suffix("_r", rotate, Rotate::kOff), suffix("_m", metric, Metric::kPlain));
 }
 
 double MethodSpec::nominal_bits() const {
-  if (kind == "fp16") return 16;
-  if (kind == "uniform" || kind == "rsq") return bits;
+  if (kind == MethodKind::kFp16) return 16;
+  if (kind == MethodKind::kUniform || kind == MethodKind::kRsq) return bits;
   const int n = listed_layers();
   if (n > 0 && layered()) {
     double s = 0;
@@ -60,135 +56,246 @@ std::string MethodSpec::codebook_key() const {
   return k;
 }
 
+bool MethodText::has(const std::string& key) const {
+  for (const auto& [k, v] : options)
+    if (k == key) return true;
+  return false;
+}
+
+MethodText split_method_text(const std::string& text) {
+  MethodText t;
+  const size_t colon = text.find(':');
+  t.kind = text.substr(0, colon);
+  if (colon == std::string::npos) return t;
+  const std::string rest = text.substr(colon + 1);
+  ANTKV_CHECK(!rest.empty(), "method \"{}\": nothing after ':' (write the kind alone, or kind:key=value,...)", text);
+  size_t start = 0;
+  while (true) {
+    const size_t comma = rest.find(',', start);
+    const std::string kv = rest.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    const size_t eq = kv.find('=');
+    ANTKV_CHECK(eq != std::string::npos && eq > 0, "method \"{}\": option \"{}\" is not key=value", text, kv);
+    const std::string key = kv.substr(0, eq);
+    ANTKV_CHECK(!t.has(key), "method \"{}\": option {} is given twice", text, key);
+    t.options.emplace_back(key, kv.substr(eq + 1));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return t;
+}
+
+namespace {
+
+// The options each kind takes, in the order the error messages list them.
+const std::vector<std::string>& options_of(MethodKind k) {
+  static const std::vector<std::string> none, rsq = {"bits", "key_rope"}, uniform = {"bits", "group", "window"},
+                                              vq = {"bits",   "kbits",    "vbits",   "anchors", "weighting", "ratio",
+                                                    "score",  "key_rope", "correct", "promote", "exclude",   "gain",
+                                                    "rotate", "metric",   "lkbits",  "lvbits",  "lratio"};
+  switch (k) {
+    case MethodKind::kFp16: return none;
+    case MethodKind::kRsq: return rsq;
+    case MethodKind::kUniform: return uniform;
+    default: return vq;
+  }
+}
+
+std::string join(const std::vector<std::string>& xs) {
+  std::string s;
+  for (const auto& x : xs) s += (s.empty() ? "" : ", ") + x;
+  return s;
+}
+
+}  // namespace
+
 MethodSpec parse_method(const std::string& text, const Recipe& r) {
+  const MethodText t = split_method_text(text);
   MethodSpec m;
   m.text = text;
-  const size_t colon = text.find(':');
-  m.kind = text.substr(0, colon);
-  ANTKV_CHECK(m.kind == "fp16" || m.kind == "uniform" || m.kind == "vq" || m.kind == "antkv" || m.kind == "rsq",
-              "method \"{}\": unknown kind \"{}\" (expected fp16, uniform, vq, antkv or rsq)", text, m.kind);
+  const std::string where = fmt::format("method \"{}\"", text);
+  m.kind = parse_option<MethodKind>(t.kind, where, "the kind");
+  // defaults from the recipe
   m.keys = r.quant.keys;
   m.values = r.quant.values;
   m.ratio = r.anchor.ratio;
   m.score = r.anchor.score;
+  m.decode_window = r.anchor.window;
   m.key_rope = r.key_rope;
   m.weighting = r.kmeans.weighting;
   m.exclude_anchors = r.kmeans.exclude_anchors;
-  if (m.kind == "rsq") m.bits = 1, m.anchors = m.anchor_keys = m.anchor_values = false, m.weighting = "none";
-  if (m.kind == "vq") m.anchors = m.anchor_keys = m.anchor_values = false, m.weighting = "none", m.exclude_anchors = false;
-  if (colon == std::string::npos) return m;
-  ANTKV_CHECK(m.kind != "fp16", "method \"{}\": fp16 takes no options", text);
-  std::stringstream ss(text.substr(colon + 1));
-  for (std::string kv; std::getline(ss, kv, ',');) {
-    const size_t eq = kv.find('=');
-    ANTKV_CHECK(eq != std::string::npos, "method \"{}\": option \"{}\" is not key=value", text, kv);
-    const std::string k = kv.substr(0, eq), v = kv.substr(eq + 1);
-    auto number = [&]() {
+  m.gain = r.kmeans.gain;
+  m.rotate = r.kmeans.rotate;
+  m.metric = r.kmeans.metric;
+  if (m.kind == MethodKind::kRsq) m.bits = 1;
+  if (!m.needs_codebooks()) {  // the options below are vq/antkv's
+    m.anchors = AnchorTensors::kOff, m.weighting = Weighting::kNone;
+    m.gain = Gain::kOff, m.rotate = Rotate::kOff, m.metric = Metric::kPlain;
+  }
+  if (m.kind == MethodKind::kVq)  // CQ-style: no anchors, no weights, every calibration token
+    m.anchors = AnchorTensors::kOff, m.weighting = Weighting::kNone, m.exclude_anchors = false;
+
+  const auto& allowed = options_of(m.kind);
+  ANTKV_CHECK(m.kind != MethodKind::kFp16 || t.options.empty(), "{}: fp16 takes no options", where);
+  for (const auto& [key, v] : t.options) {
+    const std::string& k = key;
+    ANTKV_CHECK(std::find(allowed.begin(), allowed.end(), k) != allowed.end(), "{}: unknown option \"{}\" for {} ({})",
+                where, k, t.kind, join(allowed));
+    auto number = [&](const std::string& x) {
       try {
         size_t used = 0;
-        const double x = std::stod(v, &used);
-        ANTKV_CHECK(used == v.size(), "");
-        return x;
+        const double y = std::stod(x, &used);
+        ANTKV_CHECK(used == x.size() && std::isfinite(y), "");
+        return y;
       } catch (...) {
-        fail("method \"{}\": option {} needs a number, got \"{}\"", text, k, v);
+        fail("{}: option {} needs a number, got \"{}\"", where, k, x);
       }
+    };
+    auto integer = [&]() {
+      const double x = number(v);
+      ANTKV_CHECK(x == std::floor(x) && std::fabs(x) < 1e9, "{}: option {} needs a whole number, got \"{}\"", where, k, v);
+      return static_cast<int>(x);
     };
     auto on_off = [&]() {
-      ANTKV_CHECK(v == "on" || v == "off", "method \"{}\": option {} is on or off, got \"{}\"", text, k, v);
+      ANTKV_CHECK(v == "on" || v == "off", "{}: option {} is on or off, got \"{}\"", where, k, v);
       return v == "on";
     };
-    if (m.kind == "rsq") {
-      if (k == "bits") m.bits = static_cast<int>(number());
-      else if (k == "key_rope") {
-        ANTKV_CHECK(v == "post" || v == "pre", "method \"{}\": key_rope is post or pre", text);
-        m.key_rope = v;
-      } else fail("method \"{}\": unknown option \"{}\" for rsq (bits, key_rope)", text, k);
-    } else if (m.kind == "uniform") {
-      if (k == "bits") m.bits = static_cast<int>(number());
-      else if (k == "group") m.group = static_cast<int>(number());
-      else if (k == "window") m.window = static_cast<int>(number());
-      else fail("method \"{}\": unknown option \"{}\" for uniform (bits, group, window)", text, k);
-    } else {
-      if (k == "bits") m.keys = m.values = vq_config_for_bits(number());
-      else if (k == "kbits") m.keys = vq_config_for_bits(number());
-      else if (k == "vbits") m.values = vq_config_for_bits(number());
-      else if (k == "anchors") {
-        ANTKV_CHECK(v == "kv" || v == "on" || v == "k" || v == "v" || v == "off",
-                    "method \"{}\": anchors is kv, k, v or off (on = kv), got \"{}\"", text, v);
-        m.anchor_keys = v == "kv" || v == "on" || v == "k";
-        m.anchor_values = v == "kv" || v == "on" || v == "v";
-        m.anchors = m.anchor_keys || m.anchor_values;
-      } else if (k == "gain") {
-        ANTKV_CHECK(v == "off" || v == "k" || v == "kv", "method \"{}\": gain is off, k or kv, got \"{}\"", text, v);
-        m.gain = v;
-      } else if (k == "lkbits" || k == "lvbits" || k == "lratio") {
-        std::vector<std::string> items;
-        std::stringstream ls(v);
-        for (std::string it; std::getline(ls, it, '/');) items.push_back(it);
-        ANTKV_CHECK(!items.empty(), "method \"{}\": {} lists one value per layer, separated by /", text, k);
-        std::vector<double> xs;
-        for (const auto& it : items) {
-          try {
-            size_t used = 0;
-            xs.push_back(std::stod(it, &used));
-            ANTKV_CHECK(used == it.size(), "");
-          } catch (...) {
-            fail("method \"{}\": {} needs numbers separated by /, got \"{}\"", text, k, v);
-          }
-        }
-        if (k == "lratio") {
-          m.layer_ratio = xs;
-          for (double x : xs) ANTKV_CHECK(x >= 0 && x <= 1, "method \"{}\": lratio values must be in [0, 1]", text);
-        } else {
-          auto& dst = k == "lkbits" ? m.layer_keys : m.layer_values;
-          dst.clear();
-          for (double x : xs) dst.push_back(vq_config_for_bits(x));
-        }
-      } else if (k == "rotate") {
-        ANTKV_CHECK(v == "off" || v == "pca", "method \"{}\": rotate is off or pca, got \"{}\"", text, v);
-        m.rotate = v;
-      } else if (k == "metric") {
-        ANTKV_CHECK(v == "plain" || v == "task", "method \"{}\": metric is plain or task, got \"{}\"", text, v);
-        m.metric = v;
+    auto width = [&](const std::string& x) {
+      const double bits = number(x);
+      try {
+        return vq_config_for_bits(bits);
+      } catch (const Error& e) {
+        fail("{}: option {}: {}", where, k, e.what());
       }
-      else if (k == "correct") m.correct = on_off();
-      else if (k == "promote") m.promote = on_off();
-      else if (k == "exclude") m.exclude_anchors = on_off();
-      else if (k == "weighting") {
-        ANTKV_CHECK(v == "anchor" || v == "none", "method \"{}\": weighting is anchor or none", text);
-        m.weighting = v;
-      } else if (k == "ratio") m.ratio = number();
-      else if (k == "score") m.score = v;
-      else if (k == "key_rope") {
-        ANTKV_CHECK(v == "post" || v == "pre", "method \"{}\": key_rope is post or pre", text);
-        m.key_rope = v;
-      } else fail("method \"{}\": unknown option \"{}\" (bits, kbits, vbits, anchors, weighting, ratio, score, key_rope, correct, promote, exclude, gain, rotate, metric, lkbits, lvbits, lratio)", text, k);
+    };
+    auto list = [&]() {  // '/'-separated, one per layer
+      std::vector<std::string> items;
+      size_t s0 = 0;
+      while (true) {
+        const size_t slash = v.find('/', s0);
+        items.push_back(v.substr(s0, slash == std::string::npos ? std::string::npos : slash - s0));
+        ANTKV_CHECK(!items.back().empty(), "{}: {} lists one value per layer, separated by /, got \"{}\"", where, k, v);
+        if (slash == std::string::npos) break;
+        s0 = slash + 1;
+      }
+      return items;
+    };
+    if (k == "bits" && !m.needs_codebooks()) m.bits = integer();
+    else if (k == "bits") m.keys = m.values = width(v);
+    else if (k == "kbits") m.keys = width(v);
+    else if (k == "vbits") m.values = width(v);
+    else if (k == "group") m.group = integer();
+    else if (k == "window") m.window = integer();
+    else if (k == "anchors") m.anchors = parse_option<AnchorTensors>(v, where, "anchors");
+    else if (k == "gain") m.gain = parse_option<Gain>(v, where, "gain");
+    else if (k == "rotate") m.rotate = parse_option<Rotate>(v, where, "rotate");
+    else if (k == "metric") m.metric = parse_option<Metric>(v, where, "metric");
+    else if (k == "weighting") m.weighting = parse_option<Weighting>(v, where, "weighting");
+    else if (k == "score") m.score = parse_option<AnchorScoreKind>(v, where, "score");
+    else if (k == "key_rope") m.key_rope = parse_option<KeyRope>(v, where, "key_rope");
+    else if (k == "correct") m.correct = on_off();
+    else if (k == "promote") m.promote = on_off();
+    else if (k == "exclude") m.exclude_anchors = on_off();
+    else if (k == "ratio") m.ratio = number(v);
+    else if (k == "lkbits" || k == "lvbits") {
+      for (const auto& x : list()) (k == "lkbits" ? m.layer_keys : m.layer_values).push_back(width(x));
+    } else if (k == "lratio") {
+      for (const auto& x : list()) {
+        double y = 0;
+        try {
+          y = number(x);
+        } catch (const Error&) {
+          fail("{}: lratio needs numbers separated by /, got \"{}\"", where, v);
+        }
+        ANTKV_CHECK(y >= 0 && y <= 1, "{}: lratio values must be in [0, 1], got {}", where, x);
+        m.layer_ratio.push_back(y);
+      }
     }
   }
-  if (m.kind == "rsq") {
-    ANTKV_CHECK(m.bits >= 1 && m.bits <= 4, "method \"{}\": rsq bits must be in [1, 4]", text);
-  } else if (m.kind == "uniform") {
-    ANTKV_CHECK(m.bits >= 1 && m.bits <= 8, "method \"{}\": bits must be in [1, 8]", text);
-    ANTKV_CHECK(m.group >= 1, "method \"{}\": group must be positive", text);
-    ANTKV_CHECK(m.window >= 0, "method \"{}\": window must be >= 0", text);
-  } else {
-    ANTKV_CHECK(m.ratio >= 0 && m.ratio <= 1, "method \"{}\": ratio must be in [0, 1]", text);
-    if (m.kind == "vq") ANTKV_CHECK(!m.anchors, "method \"{}\": vq has no anchors (use antkv:weighting=none)", text);
+
+  // Values and combinations, each refused with its reason.
+  if (m.kind == MethodKind::kRsq) {
+    ANTKV_CHECK(m.bits >= 1 && m.bits <= 4, "{}: rsq bits must be in [1, 4]", where);
+  } else if (m.kind == MethodKind::kUniform) {
+    ANTKV_CHECK(m.bits >= 1 && m.bits <= 8, "{}: bits must be in [1, 8]", where);
+    ANTKV_CHECK(m.group >= 1, "{}: group must be positive", where);
+    ANTKV_CHECK(m.window >= 0, "{}: window must be >= 0", where);
+  } else if (m.needs_codebooks()) {
+    ANTKV_CHECK(m.ratio >= 0 && m.ratio <= 1, "{}: ratio must be in [0, 1]", where);
+    if (m.kind == MethodKind::kVq) {
+      ANTKV_CHECK(!m.has_anchors(), "{}: vq has no anchors (use antkv:anchors=..., or antkv:weighting=none)", where);
+      for (const char* k : {"ratio", "score", "promote", "lratio"})
+        ANTKV_CHECK(!t.has(k), "{}: vq has no anchors ({}= is an antkv option)", where, k);
+      ANTKV_CHECK(m.weighting == Weighting::kNone,
+                  "{}: vq trains unweighted codebooks (weighting=anchor without anchors is antkv:anchors=off)", where);
+    } else if (!m.has_anchors()) {
+      for (const char* k : {"ratio", "score", "promote", "lratio"})
+        ANTKV_CHECK(!t.has(k), "{}: {}= has no effect with anchors=off", where, k);
+    }
+    ANTKV_CHECK(!(t.has("promote") && m.promote && !score_is_attention_sum(m.score)),
+                "{}: promote=on needs a score that is a sum over attention rows (error_bound, attention_mass or "
+                "key_bound), not {}",
+                where, option_name(m.score));
+    ANTKV_CHECK(!(t.has("bits") && (t.has("kbits") || t.has("vbits"))),
+                "{}: bits= sets both widths; give it or kbits=/vbits=, not both", where);
+    // a width list of one tensor gives the other tensor's layers its single width
+    if (!m.layer_keys.empty() || !m.layer_values.empty()) {
+      if (m.layer_keys.empty()) m.layer_keys.assign(m.layer_values.size(), m.keys);
+      if (m.layer_values.empty()) m.layer_values.assign(m.layer_keys.size(), m.values);
+    }
     const size_t n = static_cast<size_t>(m.listed_layers());
-    for (auto* lst : {&m.layer_keys, &m.layer_values})
-      if (!lst->empty() || (n > 0 && !(m.layer_keys.empty() && m.layer_values.empty())))
-        if (lst->empty()) lst->assign(n, lst == &m.layer_keys ? m.keys : m.values);
     ANTKV_CHECK((m.layer_keys.empty() || m.layer_keys.size() == n) && (m.layer_values.empty() || m.layer_values.size() == n) &&
                     (m.layer_ratio.empty() || m.layer_ratio.size() == n),
-                "method \"{}\": lkbits, lvbits and lratio must list the same number of layers", text);
-    if (m.kind == "vq") ANTKV_CHECK(m.layer_ratio.empty(), "method \"{}\": vq has no anchors (lratio)", text);
+                "{}: lkbits, lvbits and lratio must list the same number of layers", where);
   }
   return m;
 }
 
+std::vector<std::string> expand_method_widths(const std::vector<std::string>& methods,
+                                              const std::vector<std::string>& widths, const std::string& src) {
+  if (widths.empty()) return methods;
+  std::vector<std::string> canonical;
+  for (const auto& w : widths) {
+    double bits = 0;
+    try {
+      size_t used = 0;
+      bits = std::stod(w, &used);
+      ANTKV_CHECK(used == w.size(), "");
+      vq_config_for_bits(bits);
+    } catch (const std::exception&) {
+      fail("{}: key \"eval.widths\": \"{}\" is not one of the widths 4, 2, 1, 0.75, 0.5, 0.375, 1.5, 1.25, 0.25", src, w);
+    }
+    canonical.push_back(fmt::format("{}", bits));
+  }
+  auto takes_width = [](const std::string& m) {
+    const MethodText t = split_method_text(m);
+    return (t.kind == "vq" || t.kind == "antkv") && !t.has("bits") && !t.has("kbits") && !t.has("vbits");
+  };
+  std::vector<std::string> out, block;
+  for (const auto& w : canonical)
+    for (const auto& m : methods)
+      if (takes_width(m)) {
+        const size_t colon = m.find(':');
+        block.push_back(colon == std::string::npos ? m + ":bits=" + w
+                                                   : m.substr(0, colon) + ":bits=" + w + "," + m.substr(colon + 1));
+      }
+  bool placed = false;
+  auto add = [&](const std::string& m) {
+    if (std::find(out.begin(), out.end(), m) == out.end()) out.push_back(m);
+  };
+  for (const auto& m : methods) {
+    if (!takes_width(m)) {
+      add(m);
+    } else if (!placed) {
+      for (const auto& b : block) add(b);
+      placed = true;
+    }
+  }
+  return out;
+}
+
 double effective_bits(const MethodSpec& m, int L, int d, bool include_codebooks) {
-  if (m.kind == "fp16") return 16;
-  if (m.kind == "uniform") {
+  if (m.kind == MethodKind::kFp16) return 16;
+  if (m.kind == MethodKind::kUniform) {
     // keys: groups of `group` tokens per channel with an fp16 scale and zero point; tokens of a partial
     // group and the window stay FP16. values: groups of `group` channels per token (at most d).
     const int window = std::min(m.window, L);
@@ -200,7 +307,7 @@ double effective_bits(const MethodSpec& m, int L, int d, bool include_codebooks)
     const double value_bits = (quant * (m.bits + 32.0 * groups_per_head / d) + window * 16.0) / L;
     return (key_bits + value_bits) / 2;
   }
-  if (m.kind == "rsq") return m.bits + 16.0 / d;  // codes and an fp16 norm per token and head, both tensors
+  if (m.kind == MethodKind::kRsq) return m.bits + 16.0 / d;  // codes and an fp16 norm per token and head, both tensors
   if (m.listed_layers() > 0) {  // per-layer widths / ratios: the mean over the layers (each stores L x d per tensor)
     double s = 0;
     const int n = m.listed_layers();
@@ -212,17 +319,17 @@ double effective_bits(const MethodSpec& m, int L, int d, bool include_codebooks)
     }
     return s / n;
   }
-  const int n_anchor_tokens = m.anchors ? std::min(L, static_cast<int>(std::ceil(m.ratio * L))) : 0;
+  const int n_anchor_tokens = m.has_anchors() ? std::min(L, static_cast<int>(std::ceil(m.ratio * L))) : 0;
   double total = 0;
   for (const VqConfig* qp : {&m.keys, &m.values}) {
     const VqConfig& q = *qp;
     const bool is_keys = qp == &m.keys;
     // anchors=k|v: the other tensor of an anchor token is quantized
-    const int n_anchor = (is_keys ? m.anchor_keys : m.anchor_values) ? n_anchor_tokens : 0;
+    const int n_anchor = (is_keys ? m.anchor_keys() : m.anchor_values()) ? n_anchor_tokens : 0;
     double bits = ((L - n_anchor) * q.bits() * d + n_anchor * (16.0 * d + 32.0)) / (static_cast<double>(L) * d);
     if (include_codebooks) bits += static_cast<double>(1 << q.b) * 16.0 / L;  // 2^b x c fp16 per group of c channels
-    if (include_codebooks && m.rotate != "off") bits += (d + 1) * 16.0 / L;  // fp16 d x d basis and d-mean per head
-    if (include_codebooks && m.metric != "plain") bits += q.c * 16.0 / L;  // fp16 c x c metric factor per group
+    if (include_codebooks && m.rotate != Rotate::kOff) bits += (d + 1) * 16.0 / L;  // fp16 d x d basis and d-mean per head
+    if (include_codebooks && m.metric != Metric::kPlain) bits += q.c * 16.0 / L;  // fp16 c x c metric factor per group
     if (m.correct && is_keys) bits += (L - n_anchor) * 16.0 / (static_cast<double>(L) * d);  // fp16 error per key
     if (is_keys ? m.gain_keys() : m.gain_values())  // fp16 norm per quantized token and head
       bits += (L - n_anchor) * 16.0 / (static_cast<double>(L) * d);

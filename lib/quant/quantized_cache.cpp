@@ -8,6 +8,7 @@
 #include "anchor/anchor_scores.h"
 #include "core/error.h"
 #include "quant/anchor_rule.h"
+#include "quant/codebook_fit.h"
 #include "quant/vq.h"
 #include "runtime/rope.h"
 
@@ -34,45 +35,11 @@ namespace {
 float round_fp16(float x) { return static_cast<float>(Eigen::half(x)); }
 }  // namespace
 
-QuantizedKvCache::QuantizedKvCache(const ModelConfig& cfg, const MethodSpec& m, std::shared_ptr<const CodebookSet> cb,
-                                   int decode_window)
-    : cfg_(cfg), method_(m), cb_(std::move(cb)), decode_window_(decode_window), row_(static_cast<size_t>(cfg.kv_dim())) {
+QuantizedKvCache::QuantizedKvCache(const ModelConfig& cfg, const MethodSpec& m, std::shared_ptr<const CodebookSet> cb)
+    : cfg_(cfg), method_(m), cb_(std::move(cb)), decode_window_(m.decode_window), row_(static_cast<size_t>(cfg.kv_dim())) {
   if (m.needs_codebooks()) {
     ANTKV_CHECK(cb_, "method {}: needs codebooks", m.text);
-    const CodebookMeta& cm = cb_->meta;
-    ANTKV_CHECK(cm.config_hash == cfg.config_hash, "method {}: the codebooks were trained for another model", m.text);
-    ANTKV_CHECK(m.listed_layers() == 0 || m.listed_layers() == cfg.num_layers,
-                "method {}: lkbits/lvbits/lratio list {} layers, the model has {}", m.text, m.listed_layers(), cfg.num_layers);
-    if (m.layered())  // per-layer widths: each layer's codebooks must have its configuration's shape
-      for (int l = 0; l < cfg.num_layers && l < static_cast<int>(cb_->keys.size()); ++l)
-        for (int side = 0; side < 2; ++side) {
-          const VqConfig q = side == 0 ? m.key_config(l) : m.value_config(l);
-          const size_t want = static_cast<size_t>(cfg.num_kv_heads) * cfg.head_dim * (size_t{1} << q.b);
-          ANTKV_CHECK((side == 0 ? cb_->keys : cb_->values)[l].centroids.size() == want,
-                      "method {}: layer {} {} codebooks do not have the c{}b{} shape", m.text, l,
-                      side == 0 ? "key" : "value", q.c, q.b);
-        }
-    ANTKV_CHECK(m.layered() || (cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b),
-                "method {}: codebooks are keys c{}b{} / values c{}b{}, the method needs c{}b{} / c{}b{}", m.text, cm.key_c,
-                cm.key_b, cm.value_c, cm.value_b, m.keys.c, m.keys.b, m.values.c, m.values.b);
-    ANTKV_CHECK(cm.key_rope == m.key_rope, "method {}: codebooks are for {}-RoPE keys", m.text, cm.key_rope);
-    ANTKV_CHECK(cm.gain == m.gain, "method {}: codebooks are for gain={} (unit-vector training), the method needs gain={}",
-                m.text, cm.gain, m.gain);
-    ANTKV_CHECK(cm.rotate == m.rotate, "method {}: codebooks are for rotate={}, the method needs rotate={}", m.text,
-                cm.rotate, m.rotate);
-    ANTKV_CHECK(cm.metric == m.metric, "method {}: codebooks are for metric={}, the method needs metric={}", m.text,
-                cm.metric, m.metric);
-    if (m.metric != "plain")  // per layer: the key and value factors, c x c per head and group
-      for (int l = 0; l < cfg.num_layers && l < static_cast<int>(cb_->keys.size()); ++l)
-        for (int side = 0; side < 2; ++side) {
-          const VqConfig q = side == 0 ? m.key_config(l) : m.value_config(l);
-          ANTKV_CHECK((side == 0 ? cb_->keys : cb_->values)[l].metric.size() ==
-                          static_cast<size_t>(cfg.num_kv_heads) * cfg.head_dim * q.c,
-                      "method {}: layer {} {} codebooks have no metric=task factors of the c{}b{} shape", m.text, l,
-                      side == 0 ? "key" : "value", q.c, q.b);
-        }
-    ANTKV_CHECK(cm.num_layers == cfg.num_layers && cm.num_kv_heads == cfg.num_kv_heads && cm.head_dim == cfg.head_dim,
-                "method {}: codebook shapes do not match the model", m.text);
+    check_codebooks_fit(m, *cb_, cfg);
   }
   inv_freq_ = rope_inv_freq(cfg);
   const size_t L = static_cast<size_t>(cfg.num_layers);
@@ -98,8 +65,8 @@ void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const f
   const int KV = cfg_.num_kv_heads, d = cfg_.head_dim;
   float* kd = k_[layer].data() + row0 * row_;
   float* vd = v_[layer].data() + row0 * row_;
-  const bool pre = method_.key_rope == "pre";
-  if (method_.kind == "rsq") {  // training-free: rotate, fp16 norm, Lloyd-Max levels per coordinate
+  const bool pre = method_.pre_rope();
+  if (method_.kind == MethodKind::kRsq) {  // training-free: rotate, fp16 norm, Lloyd-Max levels per coordinate
     for (int h = 0; h < KV; ++h)
       for (int side = 0; side < 2; ++side) {
         float* dst = (side == 0 ? kd : vd) + static_cast<int64_t>(h) * d;
@@ -122,8 +89,8 @@ void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const f
   const int kk = 1 << kq.b, vk = 1 << vq.b;
   // one head's n rows of one tensor: src/dst [n, row_] at the head's offset
   std::vector<float> unit, norms;
-  const bool rotate = method_.rotate != "off";
-  const bool task = method_.metric != "plain";
+  const bool rotate = method_.rotate != Rotate::kOff;
+  const bool task = method_.metric != Metric::kPlain;
   auto quantize_head = [&](const VqHeadCodebooks& hc, const float* src, float* dst, bool gain, const float* rot,
                            const float* mean, const float* metric, const float* mapped) {
     // metric=task: the nearest centroid in the metric |L^T (x - c)|^2, decoded as the centroid itself
@@ -177,8 +144,8 @@ void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const f
   for (int64_t r = 0; r < n; ++r)
     for (int h = 0; h < KV; ++h)
       if (keep && keep[r * KV + h]) {  // anchors stay exact (FP16), in the tensors anchors=kv|k|v names
-        if (method_.anchor_keys) std::copy_n(k_post + r * row_ + h * d, d, kd + r * row_ + h * d);
-        if (method_.anchor_values) std::copy_n(v + r * row_ + h * d, d, vd + r * row_ + h * d);
+        if (method_.anchor_keys()) std::copy_n(k_post + r * row_ + h * d, d, kd + r * row_ + h * d);
+        if (method_.anchor_values()) std::copy_n(v + r * row_ + h * d, d, vd + r * row_ + h * d);
       }
   if (method_.correct) {
     float* e = key_err_[layer].data() + row0 * KV;
@@ -218,12 +185,12 @@ void QuantizedKvCache::append(const KvAppend& a) {
   const int64_t len = row0 + n;
   stats_.tokens += static_cast<int64_t>(n) * KV;
 
-  if (method_.kind == "fp16") {
+  if (method_.kind == MethodKind::kFp16) {
     stats_.fp16_tokens += static_cast<int64_t>(n) * KV;
     return;
   }
 
-  if (method_.kind == "uniform") {
+  if (method_.kind == MethodKind::kUniform) {
     const int G = method_.group;
     const int64_t quantizable = std::max<int64_t>(0, len - method_.window);
     int& k_upto = quantized_upto_[static_cast<size_t>(l) * 2];
@@ -250,12 +217,12 @@ void QuantizedKvCache::append(const KvAppend& a) {
     std::vector<uint8_t> keep(static_cast<size_t>(n) * KV, 0);
     std::vector<float> chunk_score;  // the chosen anchors' running scores start here
     const double ratio = method_.ratio_of(l);
-    if (method_.anchors && ratio > 0) {
+    if (method_.has_anchors() && ratio > 0) {
       ANTKV_CHECK(a.q, "antkv cache: the runtime passed no queries (anchor scores need them)");
       std::vector<float> s_k(static_cast<size_t>(n) * KV), s_v(s_k.size()), score(s_k.size());
       AnchorScoreArgs args{a.q, a.k_post_rope, a.v, n, cfg_.num_heads, KV, d};
       anchor_scores_cpu(args, s_k.data(), s_v.data());
-      combine_anchor_scores(parse_anchor_score_kind(method_.score), s_k.data(), s_v.data(),
+      combine_anchor_scores(method_.score, s_k.data(), s_v.data(),
                             cb_->keys[l].error_norm.data(), cb_->values[l].error_norm.data(), n, KV,
                             static_cast<uint64_t>(l) * 7919 + static_cast<uint64_t>(row0), score.data());
       for (int h = 0; h < KV; ++h) {
@@ -322,7 +289,7 @@ void QuantizedKvCache::add_attention_row(int l, const float* q) {
   const int KV = cfg_.num_kv_heads, H = cfg_.num_heads, G = H / KV, d = cfg_.head_dim;
   const int64_t len = length(l), upto = quantized_upto_[static_cast<size_t>(l) * 2];
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-  const AnchorScoreKind kind = parse_anchor_score_kind(method_.score);
+  const AnchorScoreKind kind = method_.score;
   const std::vector<float>& ek = cb_->keys[l].error_norm;
   const std::vector<float>& ev = cb_->values[l].error_norm;
   const float* K = k_[l].data();
@@ -368,11 +335,11 @@ double QuantizedKvCache::stored_bits(bool include_codebooks) const {
   double bits = 0;
   for (int l = 0; l < cfg_.num_layers; ++l) {
     const int64_t len = length(l);
-    if (method_.kind == "fp16") {
+    if (method_.kind == MethodKind::kFp16) {
       bits += 2 * 16.0 * len * row;
       continue;
     }
-    if (method_.kind == "uniform") {
+    if (method_.kind == MethodKind::kUniform) {
       const int64_t k_upto = quantized_upto_[static_cast<size_t>(l) * 2];
       const int64_t v_upto = quantized_upto_[static_cast<size_t>(l) * 2 + 1];
       // keys: k_upto / group groups per channel, each with an fp16 scale and zero point
@@ -386,14 +353,14 @@ double QuantizedKvCache::stored_bits(bool include_codebooks) const {
     }
     // vq / antkv / rsq: rows [0, upto) are codes or anchors, the rest waits in the FP16 decode window
     const int64_t upto = quantized_upto_[static_cast<size_t>(l) * 2];
-    if (method_.kind == "rsq") {  // per token, head and tensor: d x bits of codes and an fp16 norm
+    if (method_.kind == MethodKind::kRsq) {  // per token, head and tensor: d x bits of codes and an fp16 norm
       bits += 2.0 * upto * KV * (static_cast<double>(d) * method_.bits + 16.0) + (len - upto) * 2 * 16.0 * row;
       continue;
     }
     int64_t anchors = 0;
     for (int64_t i = 0; i < upto * KV; ++i) anchors += anchor_[l][static_cast<size_t>(i)];
     // per tensor: anchors=k|v keeps only that tensor of an anchor token in FP16, the other is coded
-    const int64_t key_anchors = method_.anchor_keys ? anchors : 0, value_anchors = method_.anchor_values ? anchors : 0;
+    const int64_t key_anchors = method_.anchor_keys() ? anchors : 0, value_anchors = method_.anchor_values() ? anchors : 0;
     const int64_t key_coded = upto * KV - key_anchors, value_coded = upto * KV - value_anchors;  // token-heads as codes
     const VqConfig kq = method_.key_config(l), vq = method_.value_config(l);
     const double key_code = static_cast<double>(d) / kq.c * kq.b;
@@ -405,9 +372,9 @@ double QuantizedKvCache::stored_bits(bool include_codebooks) const {
     bits += (len - upto) * 2 * 16.0 * row;
     if (include_codebooks)  // 2^b centroids of c fp16 channels per group of c channels, per head
       bits += KV * 16.0 * d * ((1 << kq.b) + (1 << vq.b));
-    if (include_codebooks && method_.rotate != "off")  // rotate=pca: fp16 d x d basis and d-mean per head and tensor
+    if (include_codebooks && method_.rotate != Rotate::kOff)  // rotate=pca: fp16 d x d basis and d-mean per head and tensor
       bits += 2.0 * KV * 16.0 * (static_cast<double>(d) * d + d);
-    if (include_codebooks && method_.metric != "plain")  // metric=task: fp16 c x c factor per head and group
+    if (include_codebooks && method_.metric != Metric::kPlain)  // metric=task: fp16 c x c factor per head and group
       bits += KV * 16.0 * d * (kq.c + vq.c);
   }
   return bits;

@@ -1,18 +1,9 @@
-// The CPU KV caches of the compared methods (design note §2-3, §5): what attention reads is the
-// dequantized cache, computed when tokens are appended.
-//   fp16     keys and values rounded to fp16
-//   uniform  KIVI-style asymmetric integer quantization: keys per channel over groups of `group` tokens,
-//            values per token over groups of `group` channels; fp16 scale and zero point; the newest
-//            `window` tokens and an incomplete key group stay FP16
-//   vq/antkv nearest-centroid codes per group of c channels (codebooks per layer, head, group); antkv keeps
-//            the ceil(ratio * n) tokens of each appended chunk with the largest anchor score (and the
-//            chunk's position 0) in FP16, scored from the chunk's full-precision attention. Pre-RoPE
-//            keys are quantized before RoPE and rotated after dequantization.
-//            anchors=k|v keeps only that tensor of an anchor token in FP16; gain=k|kv stores keys (and values)
-//            as an fp16 norm and a quantized unit direction (quant/vq.h gain_restore); metric=task assigns each
-//            group to the nearest centroid in |L^T (x - c)|^2 (the codebooks' factors; quant/vq.h
-//            vq_quantize_metric) and stores the centroid itself.
-// Decode (one-token appends): a new token stays FP16 while it is among the newest `decode_window`; when
+// The CPU reference KV cache of every method (docs/METHODS.md says what each method and option stores): what
+// attention reads is the dequantized cache, computed when tokens are appended. vq/antkv keep the ceil(ratio * n)
+// tokens of each appended chunk with the largest anchor score (and the chunk's position 0) in FP16, scored from the
+// chunk's full-precision attention; pre-RoPE keys are quantized before RoPE and rotated after dequantization.
+// Decode (one-token appends): a new token stays FP16 while it is among the newest decode_window (the
+// method's, from the recipe's anchor.window); when
 // it leaves the window it is quantized, or kept as an anchor by the online rule of design note §2
 // (MethodSpec::promote): per layer and KV head, while the head holds fewer than ceil(ratio * length) anchors
 // it is kept; else it takes the place of the anchor with the smallest running score (token 0 excepted; ties to
@@ -39,9 +30,8 @@ struct QuantizedCacheStats {
 
 class QuantizedKvCache : public KvCache {
  public:
-  // codebooks: required for vq/antkv (must match the model and the method's c, b, key_rope).
-  QuantizedKvCache(const ModelConfig& cfg, const MethodSpec& method, std::shared_ptr<const CodebookSet> codebooks,
-                   int decode_window = 128);
+  // codebooks: required for vq/antkv (quant/codebook_fit.h: they must fit the model and the method).
+  QuantizedKvCache(const ModelConfig& cfg, const MethodSpec& method, std::shared_ptr<const CodebookSet> codebooks);
   std::string name() const override { return method_.text; }
   void reset() override;
   int length(int layer) const override { return static_cast<int>(k_[layer].size() / row_); }

@@ -13,6 +13,7 @@
 
 #include "core/device.h"
 #include "core/error.h"
+#include "quant/method.h"
 
 namespace fs = std::filesystem;
 
@@ -29,11 +30,31 @@ VqConfig vq_config_for_bits(double bits) {
 
 namespace {
 
-enum class Kind { kString, kPath, kInt, kInt64, kUInt64, kDouble, kBool, kStringList, kPathList };
+enum class Kind { kString, kPath, kInt, kInt64, kUInt64, kDouble, kBool, kStringList, kPathList, kOption };
 
-// Calls f(key, kind, pointer) for every field of the recipe, in schema order.
+// How a typed option field (quant/method_options.h) is read and written: its spellings live in one table.
+struct OptionCodec {
+  bool (*set)(void* field, const std::string& name);  // false: not a spelling of the option
+  const char* (*get)(const void* field);
+  std::string (*choices)();
+};
+
+template <typename E>
+const OptionCodec* codec() {
+  static const OptionCodec c = {
+      [](void* f, const std::string& s) {
+        auto v = find_option<E>(s);
+        if (v) *static_cast<E*>(f) = *v;
+        return v.has_value();
+      },
+      [](const void* f) { return option_name(*static_cast<const E*>(f)); }, [] { return option_choices<E>(); }};
+  return &c;
+}
+
+// Calls f(key, kind, pointer, codec) for every field of the recipe, in schema order (codec: kOption fields only).
 template <typename F>
-void for_each_field(Recipe& r, F&& f) {
+void for_each_field(Recipe& r, F&& f0) {
+  auto f = [&](const char* key, Kind kind, void* ptr, const OptionCodec* c = nullptr) { f0(key, kind, ptr, c); };
   f("name", Kind::kString, &r.name);
   f("model", Kind::kPath, &r.model);
   f("calibration.text", Kind::kPath, &r.calibration.text);
@@ -43,8 +64,8 @@ void for_each_field(Recipe& r, F&& f) {
   f("calibration.sample_per_window", Kind::kInt, &r.calibration.sample_per_window);
   f("calibration.seed", Kind::kUInt64, &r.calibration.seed);
   f("calibration.device", Kind::kString, &r.calibration.device);
-  f("key_rope", Kind::kString, &r.key_rope);
-  f("anchor.score", Kind::kString, &r.anchor.score);
+  f("key_rope", Kind::kOption, &r.key_rope, codec<KeyRope>());
+  f("anchor.score", Kind::kOption, &r.anchor.score, codec<AnchorScoreKind>());
   f("anchor.ratio", Kind::kDouble, &r.anchor.ratio);
   f("anchor.window", Kind::kInt, &r.anchor.window);
   f("quant.keys.c", Kind::kInt, &r.quant.keys.c);
@@ -54,11 +75,11 @@ void for_each_field(Recipe& r, F&& f) {
   f("kmeans.iters", Kind::kInt, &r.kmeans.iters);
   f("kmeans.tol", Kind::kDouble, &r.kmeans.tol);
   f("kmeans.seed", Kind::kUInt64, &r.kmeans.seed);
-  f("kmeans.weighting", Kind::kString, &r.kmeans.weighting);
+  f("kmeans.weighting", Kind::kOption, &r.kmeans.weighting, codec<Weighting>());
   f("kmeans.exclude_anchors", Kind::kBool, &r.kmeans.exclude_anchors);
-  f("kmeans.gain", Kind::kString, &r.kmeans.gain);
-  f("kmeans.rotate", Kind::kString, &r.kmeans.rotate);
-  f("kmeans.metric", Kind::kString, &r.kmeans.metric);
+  f("kmeans.gain", Kind::kOption, &r.kmeans.gain, codec<Gain>());
+  f("kmeans.rotate", Kind::kOption, &r.kmeans.rotate, codec<Rotate>());
+  f("kmeans.metric", Kind::kOption, &r.kmeans.metric, codec<Metric>());
   f("kmeans.device", Kind::kString, &r.kmeans.device);
   f("kmeans.max_points", Kind::kInt64, &r.kmeans.max_points);
   f("kmeans.holdout", Kind::kDouble, &r.kmeans.holdout);
@@ -131,9 +152,14 @@ T scalar_as(const YAML::Node& n, const std::string& key, const std::string& src,
   }
 }
 
-void set_field(Kind kind, void* ptr, const YAML::Node& n, const std::string& key, const std::string& src,
-               const fs::path& base) {
+void set_field(Kind kind, void* ptr, const OptionCodec* codec, const YAML::Node& n, const std::string& key,
+               const std::string& src, const fs::path& base) {
   switch (kind) {
+    case Kind::kOption: {
+      const std::string v = scalar_as<std::string>(n, key, src, "a string");
+      ANTKV_CHECK(codec->set(ptr, v), "{}: key \"{}\" = \"{}\" is not one of: {}", src, key, v, codec->choices());
+      break;
+    }
     case Kind::kString: *static_cast<std::string*>(ptr) = scalar_as<std::string>(n, key, src, "a string"); break;
     case Kind::kPath:
       *static_cast<std::string*>(ptr) = resolve_path(scalar_as<std::string>(n, key, src, "a path"), base, src + ": " + key);
@@ -191,8 +217,6 @@ void validate(const Recipe& r, const std::string& src) {
   check(r.calibration.stride >= 0, "calibration.stride", "must be >= 0 (0 = no overlap)");
   check(r.calibration.sample_per_window >= 0, "calibration.sample_per_window", "must be >= 0");
   one_of("calibration.device", r.calibration.device, {"auto", "cpu", "cuda"});
-  one_of("key_rope", r.key_rope, {"post", "pre"});
-  one_of("anchor.score", r.anchor.score, {"error_bound", "attention_mass", "key_bound", "random", "recent"});
   check(r.anchor.ratio >= 0 && r.anchor.ratio <= 1, "anchor.ratio", "must be in [0, 1]");
   check(r.anchor.window >= 0, "anchor.window", "must be >= 0");
   for (auto [key, q] : {std::pair<const char*, VqConfig>{"quant.keys", r.quant.keys}, {"quant.values", r.quant.values}}) {
@@ -201,10 +225,6 @@ void validate(const Recipe& r, const std::string& src) {
   }
   check(r.kmeans.iters >= 1, "kmeans.iters", "must be >= 1");
   check(r.kmeans.tol >= 0, "kmeans.tol", "must be >= 0");
-  one_of("kmeans.weighting", r.kmeans.weighting, {"anchor", "none"});
-  one_of("kmeans.gain", r.kmeans.gain, {"off", "k", "kv"});
-  one_of("kmeans.rotate", r.kmeans.rotate, {"off", "pca"});
-  one_of("kmeans.metric", r.kmeans.metric, {"plain", "task"});
   one_of("kmeans.device", r.kmeans.device, {"auto", "cpu", "cuda"});
   check(r.kmeans.max_points >= 0, "kmeans.max_points", "must be >= 0 (0 = all)");
   check(r.kmeans.holdout >= 0 && r.kmeans.holdout < 1, "kmeans.holdout", "must be in [0, 1)");
@@ -217,59 +237,6 @@ void validate(const Recipe& r, const std::string& src) {
   check(r.eval.decode_from >= 0 && r.eval.decode_from < r.eval.seq_len, "eval.decode_from",
         "must be in [0, eval.seq_len)");
   check(!r.eval.methods.empty(), "eval.methods", "must list at least one method");
-}
-
-// eval.widths: "antkv" -> "antkv:bits=1", "antkv:bits=0.5"; "antkv:anchors=off" -> "antkv:bits=1,anchors=off", ...
-// The block of repeated methods (width by width) takes the place of the first of them; duplicates are dropped.
-std::vector<std::string> expand_widths(const std::vector<std::string>& methods, const std::vector<std::string>& widths,
-                                       const std::string& src) {
-  if (widths.empty()) return methods;
-  std::vector<std::string> canonical;
-  for (const auto& w : widths) {
-    double bits = 0;
-    try {
-      size_t used = 0;
-      bits = std::stod(w, &used);
-      ANTKV_CHECK(used == w.size(), "");
-      vq_config_for_bits(bits);
-    } catch (const std::exception&) {
-      fail("{}: key \"eval.widths\": \"{}\" is not one of the widths 4, 2, 1, 0.75, 0.5, 0.375, 1.5, 1.25, 0.25", src, w);
-    }
-    canonical.push_back(fmt::format("{}", bits));
-  }
-  auto takes_width = [](const std::string& m) {
-    const size_t colon = m.find(':');
-    const std::string kind = m.substr(0, colon);
-    if (kind != "vq" && kind != "antkv") return false;
-    if (colon == std::string::npos) return true;
-    std::stringstream ss(m.substr(colon + 1));
-    for (std::string kv; std::getline(ss, kv, ',');) {
-      const std::string k = kv.substr(0, kv.find('='));
-      if (k == "bits" || k == "kbits" || k == "vbits") return false;
-    }
-    return true;
-  };
-  std::vector<std::string> out, block;
-  for (const auto& w : canonical)
-    for (const auto& m : methods)
-      if (takes_width(m)) {
-        const size_t colon = m.find(':');
-        block.push_back(colon == std::string::npos ? m + ":bits=" + w
-                                                   : m.substr(0, colon) + ":bits=" + w + "," + m.substr(colon + 1));
-      }
-  bool placed = false;
-  auto add = [&](const std::string& m) {
-    if (std::find(out.begin(), out.end(), m) == out.end()) out.push_back(m);
-  };
-  for (const auto& m : methods) {
-    if (!takes_width(m)) {
-      add(m);
-    } else if (!placed) {
-      for (const auto& b : block) add(b);
-      placed = true;
-    }
-  }
-  return out;
 }
 
 Recipe build(const YAML::Node& file_root, const std::string& src, const fs::path& base,
@@ -293,7 +260,7 @@ Recipe build(const YAML::Node& file_root, const std::string& src, const fs::path
   }
   std::set<std::string> known(kShorthands);
   Recipe probe;
-  for_each_field(probe, [&](const char* key, Kind, void*) { known.insert(key); });
+  for_each_field(probe, [&](const char* key, Kind, void*, const OptionCodec*) { known.insert(key); });
   auto check_known = [&](const std::map<std::string, YAML::Node>& keys, const std::string& where) {
     for (auto& [k, v] : keys)
       ANTKV_CHECK(known.count(k), "{}: unknown key \"{}\" (the known keys are listed in recipes/README.md)", where, k);
@@ -319,15 +286,22 @@ Recipe build(const YAML::Node& file_root, const std::string& src, const fs::path
       if (targets & 1) r.quant.keys = q;
       if (targets & 2) r.quant.values = q;
     }
-    for_each_field(r, [&](const char* key, Kind kind, void* ptr) {
+    for_each_field(r, [&](const char* key, Kind kind, void* ptr, const OptionCodec* c) {
       auto it = keys.find(key);
-      if (it != keys.end()) set_field(kind, ptr, it->second, key, where, dir);
+      if (it != keys.end()) set_field(kind, ptr, c, it->second, key, where, dir);
     });
   };
   apply(file_keys, src, base);
   apply(override_keys, "--set", fs::current_path());
   validate(r, src.empty() ? "recipe" : src);
-  r.eval.methods = expand_widths(r.eval.methods, r.eval.widths, src.empty() ? "recipe" : src);
+  r.eval.methods = expand_method_widths(r.eval.methods, r.eval.widths, src.empty() ? "recipe" : src);
+  for (const auto& m : r.eval.methods) {  // every method checked when the recipe is read, before any work
+    try {
+      parse_method(m, r);
+    } catch (const Error& e) {
+      fail("{}: key \"eval.methods\": {}", src.empty() ? "recipe" : src, e.what());
+    }
+  }
   if (r.out_dir.empty()) r.out_dir = (fs::current_path() / "runs" / r.name).lexically_normal().string();
   return r;
 }
@@ -352,9 +326,10 @@ Recipe Recipe::defaults_with(const std::vector<std::string>& overrides) {
 std::string Recipe::to_yaml() const {
   YAML::Node root(YAML::NodeType::Map);
   Recipe copy = *this;
-  for_each_field(copy, [&](const char* key, Kind kind, void* ptr) {
+  for_each_field(copy, [&](const char* key, Kind kind, void* ptr, const OptionCodec* c) {
     YAML::Node v;
     switch (kind) {
+      case Kind::kOption: v = std::string(c->get(ptr)); break;
       case Kind::kString: case Kind::kPath: v = *static_cast<std::string*>(ptr); break;
       case Kind::kInt: v = *static_cast<int*>(ptr); break;
       case Kind::kInt64: v = *static_cast<int64_t*>(ptr); break;
@@ -376,7 +351,7 @@ std::string Recipe::to_yaml() const {
 std::vector<std::string> Recipe::known_keys() {
   std::vector<std::string> keys;
   Recipe probe;
-  for_each_field(probe, [&](const char* key, Kind, void*) { keys.emplace_back(key); });
+  for_each_field(probe, [&](const char* key, Kind, void*, const OptionCodec*) { keys.emplace_back(key); });
   keys.insert(keys.end(), kShorthands.begin(), kShorthands.end());
   return keys;
 }

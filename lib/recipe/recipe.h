@@ -11,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include "quant/method_options.h"
+
 namespace antkv {
 
 // One VQ configuration: groups of c channels, 2^b centroids each, b/c bits per channel.
@@ -38,12 +40,12 @@ struct Recipe {
     std::string device = "auto";   // auto (GPU when usable, else CPU) | cpu | cuda
   } calibration;
 
-  std::string key_rope = "post";   // post | pre: which keys are quantized (and stored in the dump)
+  KeyRope key_rope = KeyRope::kPost;  // post | pre: which keys are quantized (and stored in the dump)
 
   struct Anchor {
-    std::string score = "error_bound";  // error_bound | attention_mass | key_bound | random | recent
+    AnchorScoreKind score = AnchorScoreKind::kErrorBound;  // error_bound | attention_mass | key_bound | random | recent
     double ratio = 0.01;                // share of tokens kept in FP16
-    int window = 128;                   // newest tokens kept in FP16 during decode
+    int window = 128;                   // newest tokens kept in FP16 during decode (vq, antkv, rsq caches)
   } anchor;
 
   struct Quant {
@@ -54,11 +56,11 @@ struct Recipe {
     int iters = 20;
     double tol = 1e-4;                 // stop when the relative objective change is below this
     uint64_t seed = 0;
-    std::string weighting = "anchor";  // anchor | none
+    Weighting weighting = Weighting::kAnchor;  // anchor | none
     bool exclude_anchors = true;
-    std::string gain = "off";          // off | k | kv: train key (and value) codebooks on unit vectors (gain-shape)
-    std::string rotate = "off";        // off | pca: codebooks in a learned centered PCA basis (OPQ allocation)
-    std::string metric = "plain";      // plain | task: k-means in the task metric (query moment / o_proj Gram)
+    Gain gain = Gain::kOff;            // off | k | kv: train key (and value) codebooks on unit vectors (gain-shape)
+    Rotate rotate = Rotate::kOff;      // off | pca: codebooks in a learned centered PCA basis (OPQ allocation)
+    Metric metric = Metric::kPlain;    // plain | task: k-means in the task metric (query moment / o_proj Gram)
     std::string device = "auto";       // auto | cuda | cpu (FAISS)
     int64_t max_points = 0;            // per codebook; 0 = all calibration tokens
     double holdout = 0.05;             // share of tokens held out for the quantization-error report
