@@ -25,6 +25,7 @@
 #include "core/output_check.h"
 #include "core/error.h"
 #include "kernels/common/device_buffer.h"
+#include "kernels/bench/kmeans_bench.h"
 #include "kernels/kmeans/kmeans.h"
 #include "kmeans/kmeans.h"
 

@@ -26,12 +26,13 @@
 #include "runtime/cpu_runtime.h"
 #include "tokenizer/tokenizer.h"
 #ifdef ANTKV_HAVE_CUDA
+#include "kernels/anchor/anchor_score_fn.h"
 #include "kernels/anchor/anchor_scores.h"
 #include "kernels/bench/bench.h"
 #include "kernels/bench/method_bench.h"
 #include "kernels/calibrate/calib_stage.h"
 #include "kernels/runtime/gpu_runtime.h"
-#include "kernels/quant/quantized_cache.h"
+#include "kernels/runtime/method_runtime_factory.h"
 #include "kernels/kmeans/kmeans.h"
 #endif
 

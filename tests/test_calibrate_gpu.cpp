@@ -13,7 +13,7 @@
 #include "core/atomic_file.h"
 #include "io/calib_dump.h"
 #include "kernels/calibrate/calib_stage.h"
-#include "kernels/quant/quantized_cache.h"
+#include "kernels/anchor/anchor_score_fn.h"
 #include "anchor/anchor_scores.h"
 #include "kernels/runtime/gpu_runtime.h"
 #include "model/checkpoint.h"

@@ -1,4 +1,4 @@
-// GPU KV-cache quantizers (kernels/quant/quantized_cache.h) against the CPU reference cache QuantizedKvCache.
+// GPU KV-cache quantizers (kernels/quant/simulated_quantizer.h) against the CPU reference cache QuantizedKvCache.
 //
 // 1. Same inputs on both sides (synthetic q/k/v fed chunk by chunk: a 300-token prefill at position 0, a
 //    40-token chunk at 300, then 150 one-token decode steps): the GPU arena (bf16) against the CPU cache (fp32)
@@ -36,8 +36,9 @@
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/device_buffer.h"
 #include "kernels/quant/compressed_cache.h"
-#include "kernels/quant/quantized_cache.h"
+#include "kernels/quant/simulated_quantizer.h"
 #include "kernels/runtime/gpu_runtime.h"
+#include "kernels/runtime/method_runtime_factory.h"
 #include "kernels/runtime/ops.h"
 #include "model/checkpoint.h"
 #include "quant/method.h"

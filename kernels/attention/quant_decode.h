@@ -234,11 +234,5 @@ struct QuantizeParams {
 };
 void quantize_kv(QuantizeParams p, cudaStream_t stream);
 
-// ---- fills for tests and benchmarks -----------------------------------------------------------------------
-// Uniformly random bytes (a counter-based hash of (seed, i)): synthetic code streams.
-void fill_random_bytes(uint8_t* dst, int64_t n, uint64_t seed, cudaStream_t stream);
-// Uniform in [-scale, scale), rounded to fp16.
-void fill_random_f16(__half* dst, int64_t n, uint64_t seed, float scale, cudaStream_t stream);
-
 }  // namespace antkv::cuda
 #endif  // ANTKV_HAVE_CUDA

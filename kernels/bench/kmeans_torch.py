@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Plain PyTorch batched weighted k-means, the baseline for antkv-bench-kmeans (kernels/kmeans/kmeans.cu).
+"""Plain PyTorch batched weighted k-means, the baseline for antkv-bench-kmeans (kernels/kmeans/kmeans_kernels.cu).
 
 Same shapes as the antkv jobs: per codebook n points in R^c, k centroids, `iters` Lloyd iterations;
 assignment with torch.cdist + argmin over a batch of codebooks, update with index_add_ (sum w x, sum w).

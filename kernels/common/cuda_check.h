@@ -1,5 +1,7 @@
-// kernels/common/: what every CUDA room uses: checked calls (this file), DeviceBuffer (device_buffer.h), the
-// bf16 alias and element tags (dtypes.h), CUDA-event timing (cuda_timing.h), warp/tensor-core helpers (device_utils.cuh).
+// kernels/common/: what every CUDA room uses: checked calls (this file), DeviceBuffer (device_buffer.h), typed
+// asynchronous copies (async_copy.h), the bf16 alias and element tags (dtypes.h), CUDA-event timing and the host
+// clock (cuda_timing.h), warp/tensor-core helpers (device_utils.cuh), fixed-order block reductions
+// (block_reduce.cuh), a host parallel_for (parallel_for.h).
 // Error checking for every CUDA runtime / cuBLAS call and every kernel launch. Failures throw antkv::Error
 // naming file:line and the call (or kernel). With ANTKV_CUDA_SYNC=1 in the environment every launch is
 // followed by cudaDeviceSynchronize(), so an asynchronous fault is reported against the kernel that caused it.

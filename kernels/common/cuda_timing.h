@@ -1,6 +1,8 @@
-// Timing helpers for the benchmarks: a pair of CUDA events (elapsed ms on a stream) and an owned stream.
+// Timing helpers: a pair of CUDA events (elapsed ms on a stream), an owned stream and the host's steady clock.
 #pragma once
 #include <cuda_runtime.h>
+
+#include <chrono>
 
 #include "kernels/common/cuda_check.h"
 
@@ -42,5 +44,10 @@ class Stream {
  private:
   cudaStream_t s_ = nullptr;
 };
+
+// Seconds on the host's steady clock (differences are wall time).
+inline double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 }  // namespace antkv::cuda

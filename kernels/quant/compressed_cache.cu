@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "core/error.h"
+#include "kernels/bench/random_fill.h"
 #include "quant/codebook_fit.h"
 #include "kernels/common/cuda_check.h"
 #include "anchor/anchor_scores.h"

@@ -28,7 +28,7 @@
 // block: q_c * s_c and q . z precomputed, score = sum_c (q_c s_c) code_c + q . z; values sum_t (p_t s_t)
 // code_t + sum_t p_t z_t), the last split also over the residual, merged by split_combine.cuh's combine.
 // Prefill into this cache and perplexity through it are not implemented: ppl for uniform stays on the
-// simulated cache (kernels/quant/quantized_cache.h); bench and max-context fill it synthetically.
+// simulated cache (kernels/quant/simulated_quantizer.h); bench and max-context fill it synthetically.
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -15,7 +15,7 @@
 #include "kernels/runtime/gemm.h"
 #include "kernels/quant/compressed_cache.h"
 #include "kernels/quant/uniform_cache.h"
-#include "kernels/quant/quantized_cache.h"
+#include "kernels/quant/simulated_quantizer.h"
 #include "kernels/attention/flash_attention.h"
 #include "kernels/runtime/ops.h"
 #include "model/checkpoint.h"

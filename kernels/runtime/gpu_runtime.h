@@ -4,7 +4,7 @@
 // The KV cache is one preallocated arena per layer, [max_batch, kv_heads, max_context, head_dim] for K
 // and for V; forward() uses sequence slot 0, decode_batch() slots 0..B-1. Nothing is allocated on the
 // device in a decode step (scratch grows only when a longer prefill chunk than before arrives).
-// A KV-cache quantizer (kernels/quant/quantized_cache.h) may be installed: forward() then hands it every layer's new
+// A KV-cache quantizer (kernels/quant/simulated_quantizer.h) may be installed: forward() then hands it every layer's new
 // tokens after their K/V are in the cache and before attention reads it (fake quantization in place).
 // With compressed_kv the cache is real instead: no bf16 arena; a GpuCompressedKvCache
 // (kernels/quant/compressed_cache.h) holds codes, anchors and the FP16 window, prefill (one chunk into an
@@ -50,7 +50,7 @@ class GpuRuntime : public Runtime {
   int cached_tokens() const override;   // of sequence 0
   void forward(const ForwardRequest& req, ForwardResult& out) override;
 
-  // ---- KV-cache quantizer hook (kernels/quant/quantized_cache.h) ----
+  // ---- KV-cache quantizer hook (kernels/quant/simulated_quantizer.h) ----
   // In every forward() (prefill chunks and one-token steps), for each layer: after the chunk's q, pre-RoPE k,
   // post-RoPE k and v are computed (fp32) and the K/V written to the bf16 cache, and before attention reads
   // the cache, q->on_layer() may rewrite the cache entries. reset() resets it too. Null (the default): the

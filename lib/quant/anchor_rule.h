@@ -1,6 +1,6 @@
 // The online anchor rule of design note §2 (MethodSpec::promote) for one token leaving the FP16 decode window of
-// one layer: one definition for the CPU reference cache (QuantizedKvCache) and the simulated GPU cache
-// (kernels/quant/quantized_cache.cu). The compressed cache runs the same rule on the GPU (window_append_kernel).
+// one layer: one definition for the CPU reference cache (QuantizedKvCache) and the simulated GPU quantizer
+// (kernels/quant/simulated_quantizer.cu). The compressed cache runs the same rule on the GPU (window_append_kernel).
 #pragma once
 #include <cstdint>
 #include <vector>

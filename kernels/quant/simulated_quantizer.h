@@ -53,7 +53,8 @@
 // the CPU. GpuRuntime::decode_batch() does not support a quantizer (it throws when one is set); the option
 // correct=on (the CPU attention's score correction) is refused with an error naming the method. The compressed
 // (real) cache refuses gain=, rotate=, metric=task, per-layer widths and ratios (lkbits, lvbits, lratio) and rsq
-// (real_cache in gpu_method_runtime_factory keeps rsq simulated, as fp16 and uniform).
+// (real_cache in gpu_method_runtime_factory, kernels/runtime/method_runtime_factory.h, keeps rsq simulated, as
+// fp16 and uniform).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -63,16 +64,12 @@
 #include <string>
 #include <vector>
 
-#include "calibrate/calibrate.h"
-#include "eval/compare.h"
 #include "io/codebooks.h"
 #include "kernels/runtime/gpu_runtime.h"
 #include "model/model_config.h"
 #include "quant/method.h"
 
 namespace antkv {
-
-class Checkpoint;
 
 // One layer's new tokens of one forward() (sequence 0), handed to the quantizer: the layer's device
 // activations as a device observer sees them (runtime/runtime.h: fp32 q [n, num_heads, head_dim] post-RoPE,
@@ -112,16 +109,5 @@ class GpuKvQuantizer {
 std::unique_ptr<GpuKvQuantizer> make_gpu_kv_quantizer(const ModelConfig& cfg, const MethodSpec& method,
                                                       std::shared_ptr<const CodebookSet> codebooks,
                                                       int decode_window = 128);
-
-// GpuRuntimes (weights from ckpt, which must outlive the factory's runtimes) with the method's quantizer.
-// real_cache: vq/antkv runtimes keep the compressed cache (kernels/quant/compressed_cache.h; their quantizer
-// still chooses the prefill's anchors and simulates the prefill's own attention); fp16/uniform/rsq stay simulated.
-MethodRuntimeFactory gpu_method_runtime_factory(const Checkpoint& ckpt, const GpuRuntimeOptions& opt = {},
-                                                bool real_cache = false);
-
-// anchor_scores_gpu behind the host fp32 AnchorScoreFn interface (antkv-calibrate on the GPU): uploads q/k/v,
-// runs both passes on a stream of its own with a reusable workspace, downloads S_K/S_V. Device buffers grow
-// to the largest window seen and are kept (shared by copies of the returned function; calls are serialized).
-AnchorScoreFn gpu_anchor_score_fn();
 
 }  // namespace antkv

@@ -1,4 +1,6 @@
-// GPU weighted k-means: kernels and host orchestration. Contract and design choices: kernels/kmeans/kmeans.h.
+// GPU weighted k-means: the kernels and cuda::KMeansGpu, which runs them on device inputs. Contract and design
+// choices: kernels/kmeans/kmeans.h. The trainer for host inputs is kmeans_trainer.cpp; the benchmark is
+// kernels/bench/kmeans_bench.cu.
 //
 // Kernels (every one covers all codebooks of a chunk, grid.y or grid.x = codebook):
 //   stats_kernel        max |x|, max w, count of w > 0, first non-finite x / bad weight (integer atomics
@@ -14,19 +16,19 @@
 #include "kernels/kmeans/kmeans.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
-#include <exception>
 #include <climits>
 #include <limits>
 #include <numeric>
 #include <random>
-#include <thread>
 
 #include "core/error.h"
+#include "kernels/common/async_copy.h"
+#include "kernels/common/block_reduce.cuh"
 #include "kernels/common/cuda_check.h"
+#include "kernels/common/cuda_timing.h"
+#include "kernels/common/parallel_for.h"
 
 namespace antkv::cuda {
 namespace {
@@ -91,75 +93,10 @@ struct Vec<16> {
   }
 };
 
-// Sum over the block, delivered to thread 0 (fixed order: xor butterfly in each warp, then warps in order).
-__device__ __forceinline__ double block_sum_to_0(double v, double* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  double s = 0;
-  if (threadIdx.x == 0)
-    for (int i = 0; i < nw; ++i) s += red[i];
-  return s;
-}
-
-// Exclusive prefix over the block (thread order) and the total, both to every thread. Fixed order.
-__device__ __forceinline__ void block_exclusive_scan(double v, double* red, double& excl, double& total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  double incl = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const double y = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += y;
-  }
-  double ex = __shfl_up_sync(0xffffffffu, incl, 1);
-  if (lane == 0) ex = 0;
-  __syncthreads();
-  if (lane == 31) red[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    double t = lane < nw ? red[lane] : 0.0;
-    double ti = t;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const double y = __shfl_up_sync(0xffffffffu, ti, o);
-      if (lane >= o) ti += y;
-    }
-    double te = __shfl_up_sync(0xffffffffu, ti, 1);
-    if (lane == 0) te = 0;
-    if (lane < nw) red[32 + lane] = te;
-    if (lane == nw - 1) red[64] = ti;
-  }
-  __syncthreads();
-  excl = red[32 + warp] + ex;
-  total = red[64];
-}
-
-__device__ __forceinline__ long long block_min_ll(long long v, long long* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  long long r = red[0];
-  for (int i = 1; i < nw; ++i) r = min(r, red[i]);
-  return r;
-}
-
-__device__ __forceinline__ long long block_max_ll(long long v, long long* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  long long r = red[0];
-  for (int i = 1; i < nw; ++i) r = max(r, red[i]);
-  return r;
-}
+using dev::block_exclusive_scan;
+using dev::block_max_ll;
+using dev::block_min_ll;
+using dev::block_sum_to_0;
 
 // ---- stats ---------------------------------------------------------------------------------------------
 __global__ void stats_kernel(const float* __restrict__ x, const float* __restrict__ w, int64_t n, int dim,
@@ -806,82 +743,6 @@ __global__ void __launch_bounds__(kReseedThreads) reseed_kernel(CodebookState* s
   if (threadIdx.x == 0) st->reseeded += E;
 }
 
-// ---- synthetic data ------------------------------------------------------------------------------------
-__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-__device__ __forceinline__ float u01(uint64_t h) { return ((h >> 40) + 0.5f) * (1.0f / 16777216.0f); }
-__device__ __forceinline__ float gauss(uint64_t h) {
-  const float u1 = u01(h), u2 = u01(splitmix64(h));
-  return sqrtf(-2.f * logf(u1)) * cospif(2.f * u2);
-}
-
-constexpr int kMix = 32;
-
-__global__ void synth_kernel(float* __restrict__ x, float* __restrict__ w, int64_t cb0, int64_t n, int dim,
-                             uint64_t seed, int zero_weights) {
-  __shared__ float s_mu[kMix * 16];
-  __shared__ float s_sd[kMix];
-  const int b = blockIdx.y;
-  const uint64_t cbh = splitmix64(seed ^ splitmix64(static_cast<uint64_t>(cb0 + b) * 0x632BE59BD9B4E019ull));
-  for (int i = threadIdx.x; i < kMix * dim; i += blockDim.x) s_mu[i] = gauss(splitmix64(cbh + 2 * i + 1));
-  for (int i = threadIdx.x; i < kMix; i += blockDim.x)
-    s_sd[i] = 0.1f + 0.5f * u01(splitmix64(cbh ^ (0xA5A5A5A5ull + i)));
-  __syncthreads();
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += stride) {
-    const uint64_t ph = splitmix64(cbh ^ (static_cast<uint64_t>(j) * 0xD1B54A32D192ED03ull));
-    const int comp = static_cast<int>(ph % kMix);
-    float* xo = x + (static_cast<int64_t>(b) * n + j) * dim;
-    for (int t = 0; t < dim; ++t) xo[t] = s_mu[comp * dim + t] + s_sd[comp] * gauss(splitmix64(ph + t + 1));
-    if (w) {
-      const uint64_t wh = splitmix64(ph ^ 0x5851F42D4C957F2Dull);
-      float wv = expf(0.75f * gauss(wh));
-      if (zero_weights && u01(splitmix64(wh)) < 0.1f) wv = 0.f;
-      w[static_cast<int64_t>(b) * n + j] = wv;
-    }
-  }
-}
-
-template <typename T>
-void upload(T* dst, const T* src, size_t n, cudaStream_t s) {
-  ANTKV_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyHostToDevice, s));
-}
-template <typename T>
-void download(T* dst, const T* src, size_t n, cudaStream_t s) {
-  ANTKV_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost, s));
-}
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-// Runs f(i) for i in [0, n) on the machine's cores (static partition).
-template <typename F>
-void parallel_for(int64_t n, F f) {
-  const int nt = static_cast<int>(std::min<int64_t>(n, std::max(1u, std::thread::hardware_concurrency())));
-  if (nt <= 1) {
-    for (int64_t i = 0; i < n; ++i) f(i);
-    return;
-  }
-  std::vector<std::thread> th;
-  std::vector<std::exception_ptr> errs(nt);
-  for (int t = 0; t < nt; ++t)
-    th.emplace_back([&, t] {
-      try {
-        for (int64_t i = t; i < n; i += nt) f(i);
-      } catch (...) {
-        errs[t] = std::current_exception();
-      }
-    });
-  for (auto& x : th) x.join();
-  for (auto& e : errs)
-    if (e) std::rethrow_exception(e);
-}
-
 // Power-of-two scale 2^e with bound * 2^e <= 2^62 (bound = n * max w * max |x|, or n * max w).
 double fixed_scale(double bound) {
   if (!(bound > 0)) return 1.0;
@@ -1250,140 +1111,4 @@ void KMeansGpu::train_device(const KMeansDeviceBatch& b, const float* d_init, fl
   }
 }
 
-// ---- host trainer --------------------------------------------------------------------------------------
-namespace {
-
-class GpuKMeans : public KMeansTrainer {
- public:
-  GpuKMeans(const KMeansParams& p, size_t chunk_bytes, KMeansAssignPath path)
-      : p_(p), gpu_(p, path), chunk_bytes_(chunk_bytes) {}
-  std::string name() const override { return "cuda"; }
-
-  KMeansResult train(const KMeansBatch& b, const float* init) override {
-    validate_kmeans_batch(b, p_.k, "k-means (GPU)");
-    ANTKV_CHECK(kmeans_gpu_supported_dim(b.dim),
-                "k-means (GPU): dimension {} is not supported (compiled for 2, 4, 8 and 16)", b.dim);
-    const int B = b.n_codebooks, k = p_.k, dim = b.dim;
-    const int64_t n = b.n_points;
-    const size_t per_cb = static_cast<size_t>(n) * dim * sizeof(float);
-    const int chunk = static_cast<int>(std::clamp<size_t>(chunk_bytes_ / std::max<size_t>(per_cb, 1), 1, B));
-    KMeansResult r;
-    r.centroids.resize(static_cast<size_t>(B) * k * dim);
-    r.objective.resize(B);
-    r.iterations.resize(B);
-    r.reseeded.resize(B);
-    DeviceBuffer<float> dx(static_cast<size_t>(chunk) * n * dim), dcent(static_cast<size_t>(chunk) * k * dim);
-    DeviceBuffer<float> dw;
-    if (b.weights) dw.resize(static_cast<size_t>(chunk) * n);
-    cudaStream_t s = nullptr;
-    for (int cb0 = 0; cb0 < B; cb0 += chunk) {
-      const int nb = std::min(chunk, B - cb0);
-      upload(dx.get(), b.x + static_cast<int64_t>(cb0) * n * dim, static_cast<size_t>(nb) * n * dim, s);
-      if (b.weights) upload(dw.get(), b.weights + static_cast<int64_t>(cb0) * n, static_cast<size_t>(nb) * n, s);
-      if (init)
-        upload(dcent.get(), init + static_cast<int64_t>(cb0) * k * dim, static_cast<size_t>(nb) * k * dim, s);
-      KMeansDeviceBatch db{nb, n, dim, dx.get(), b.weights ? dw.get() : nullptr};
-      KMeansResult part;
-      gpu_.train_device(db, init ? dcent.get() : nullptr, dcent.get(), part, s, cb0);
-      download(r.centroids.data() + static_cast<int64_t>(cb0) * k * dim, dcent.get(),
-               static_cast<size_t>(nb) * k * dim, s);
-      ANTKV_CUDA_CHECK(cudaStreamSynchronize(s));
-      std::copy(part.objective.begin(), part.objective.end(), r.objective.begin() + cb0);
-      std::copy(part.iterations.begin(), part.iterations.end(), r.iterations.begin() + cb0);
-      std::copy(part.reseeded.begin(), part.reseeded.end(), r.reseeded.begin() + cb0);
-    }
-    return r;
-  }
-
- private:
-  KMeansParams p_;
-  KMeansGpu gpu_;
-  size_t chunk_bytes_;
-};
-
-}  // namespace
-
-
-// ---- benchmark -----------------------------------------------------------------------------------------
-void kmeans_synthetic_data(float* d_x, float* d_w, int64_t cb0, int n_codebooks, int64_t n_points, int dim,
-                           uint64_t seed, bool zero_weights, cudaStream_t stream) {
-  ANTKV_CHECK(dim >= 1 && dim <= 16, "kmeans_synthetic_data: dim {} (1..16)", dim);
-  const int nbx = static_cast<int>(std::min<int64_t>(256, (n_points + 255) / 256));
-  synth_kernel<<<dim3(nbx, n_codebooks), 256, 0, stream>>>(d_x, d_w, cb0, n_points, dim, seed, zero_weights ? 1 : 0);
-  ANTKV_LAUNCH_CHECK("kmeans synth_kernel");
-}
-
-KMeansJobResult run_kmeans_job(const KMeansJob& job, void (*log)(const std::string&)) {
-  KMeansJobResult r;
-  r.job = job;
-  const int chunk = std::max(1, std::min(job.chunk_codebooks, job.n_codebooks));
-  const int64_t n = job.n_points;
-  const int dim = job.dim, k = job.k;
-  DeviceBuffer<float> dx(static_cast<size_t>(chunk) * n * dim), dw(static_cast<size_t>(chunk) * n),
-      dc(static_cast<size_t>(chunk) * k * dim);
-  KMeansParams p;
-  p.k = k;
-  p.iters = job.iters;
-  p.tol = job.tol;
-  p.seed = job.seed;
-  p.init_sample = job.init_sample;
-  KMeansGpu gpu(p, job.path);
-  cudaStream_t s = nullptr;
-  {  // warm-up (kernel attributes, workspace growth) on the first chunk's shape, 1 iteration, not timed
-    KMeansParams pw = p;
-    pw.iters = 1;
-    KMeansGpu warm(pw, job.path);
-    kmeans_synthetic_data(dx.get(), dw.get(), 0, chunk, n, dim, job.seed + 99, true, s);
-    KMeansResult tmp;
-    warm.train_device({chunk, n, dim, dx.get(), dw.get()}, nullptr, dc.get(), tmp, s, 0, nullptr);
-  }
-  double obj_sum = 0, it_sum = 0;
-  for (int cb0 = 0; cb0 < job.n_codebooks; cb0 += chunk) {
-    const int nb = std::min(chunk, job.n_codebooks - cb0);
-    ANTKV_CUDA_CHECK(cudaStreamSynchronize(s));
-    const double g0 = now_s();
-    kmeans_synthetic_data(dx.get(), dw.get(), cb0, nb, n, dim, job.seed, true, s);
-    ANTKV_CUDA_CHECK(cudaStreamSynchronize(s));
-    const double g1 = now_s();
-    r.gen_s += g1 - g0;
-    KMeansResult part;
-    gpu.train_device({nb, n, dim, dx.get(), dw.get()}, nullptr, dc.get(), part, s, cb0, &r.t);
-    r.seconds += now_s() - g1;
-    for (int i = 0; i < nb; ++i) {
-      obj_sum += part.objective[i] / static_cast<double>(n);
-      it_sum += part.iterations[i];
-      r.reseeded += part.reseeded[i];
-    }
-    if (log)
-      log(fmt::format("  {}: codebooks {}..{} done, {:.2f} s so far (mean objective/point {:.5f})", job.name, cb0,
-                      cb0 + nb - 1, r.seconds, obj_sum / (cb0 + nb)));
-  }
-  r.device_bytes = dx.bytes() + dw.bytes() + dc.bytes() + gpu.workspace_bytes();
-  r.mean_objective_per_point = obj_sum / job.n_codebooks;
-  r.mean_iterations = it_sum / job.n_codebooks;
-  r.assign_tflops = r.t.assign_s > 0 ? r.t.assign_flops / r.t.assign_s * 1e-12 : 0;
-  r.lloyd_tflops = r.t.lloyd_s > 0 ? r.t.assign_flops / r.t.lloyd_s * 1e-12 : 0;
-  {  // what streaming the data from the host would add: one chunk-sized copy from pinned memory (<= 1 GiB)
-    const size_t chunk_bytes = static_cast<size_t>(chunk) * n * (dim + 1) * sizeof(float);
-    const size_t bytes = std::min<size_t>(chunk_bytes, size_t{1} << 30);
-    PinnedBuffer<unsigned char> h;
-    h.ensure(bytes);
-    std::memset(h.get(), 0, bytes);
-    ANTKV_CUDA_CHECK(cudaMemcpy(dx.get(), h.get(), bytes, cudaMemcpyHostToDevice));  // warm
-    const double u0 = now_s();
-    ANTKV_CUDA_CHECK(cudaMemcpy(dx.get(), h.get(), bytes, cudaMemcpyHostToDevice));
-    const double u1 = now_s();
-    r.upload_gbps = bytes / (u1 - u0) * 1e-9;
-    r.upload_s_est = static_cast<double>(job.n_codebooks) * n * (dim + 1) * sizeof(float) / (r.upload_gbps * 1e9);
-  }
-  return r;
-}
-
 }  // namespace antkv::cuda
-
-namespace antkv {
-std::unique_ptr<KMeansTrainer> make_kmeans_gpu(const KMeansParams& p, size_t chunk_bytes,
-                                               cuda::KMeansAssignPath path) {
-  return std::make_unique<cuda::GpuKMeans>(p, chunk_bytes, path);
-}
-}  // namespace antkv
