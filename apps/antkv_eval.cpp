@@ -5,6 +5,7 @@
 //   antkv-eval run --recipe R [--out DIR]                  calibrate -> train codebooks -> ppl table, all in DIR
 //   antkv-eval diagnose --recipe R [--text FILE]           per-layer attention error of each method (CPU)
 //   antkv-eval bench --shape llama3-8b | --model DIR      decode attention and end-to-end decode (CUDA)
+//   antkv-eval shapes [--format table|json]                the named shapes of --shape (model/model_shapes.h)
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <filesystem>
@@ -23,6 +24,7 @@
 #include "eval/diagnostics.h"
 #include "eval/perplexity.h"
 #include "model/checkpoint.h"
+#include "model/model_shapes.h"
 #include "runtime/cpu_runtime.h"
 #include "tokenizer/tokenizer.h"
 #ifdef ANTKV_HAVE_CUDA
@@ -335,24 +337,12 @@ struct BenchArgs {
   int max_batch = 512;
 };
 
+// A named shape of model/model_shapes.h as a random-weight benchmark model: any context (decode time is measured,
+// not quality, so neither max_position_embeddings nor a sliding window limits it).
 ModelConfig shape_config(const std::string& shape) {
-  ModelConfig c;
-  c.model_type = "llama";
-  c.hidden_size = 4096;
-  c.num_layers = 32;
-  c.num_heads = 32;
-  c.head_dim = 128;
-  c.rms_norm_eps = 1e-5;
+  ModelConfig c = find_model_shape(shape, "--shape").config();
   c.max_position_embeddings = 1 << 20;
-  if (shape == "llama3-8b") {
-    c.num_kv_heads = 8, c.intermediate_size = 14336, c.vocab_size = 128256, c.rope_theta = 500000;
-  } else if (shape == "mistral-7b") {
-    c.model_type = "mistral", c.num_kv_heads = 8, c.intermediate_size = 14336, c.vocab_size = 32000, c.rope_theta = 1e6;
-  } else if (shape == "llama2-7b") {
-    c.num_kv_heads = 32, c.intermediate_size = 11008, c.vocab_size = 32000, c.rope_theta = 10000;
-  } else {
-    fail("unknown --shape \"{}\" (llama3-8b, mistral-7b, llama2-7b)", shape);
-  }
+  c.sliding_window = 0;
   c.config_hash = "synthetic-" + shape;
   return c;
 }
@@ -529,7 +519,7 @@ int main(int argc, char** argv) {
 
   BenchArgs ba;
   auto* bench = app.add_subcommand("bench", "decode benchmark on the GPU: attention kernels and end-to-end decode vs roofline");
-  bench->add_option("--shape", ba.shape, "named synthetic shape: llama3-8b, mistral-7b, llama2-7b")->capture_default_str();
+  bench->add_option("--shape", ba.shape, "named synthetic shape: " + model_shape_names())->capture_default_str();
   bench->add_option("--model", ba.model, "a checkpoint directory whose shapes to use instead");
   bench->add_option("--batch", ba.batches, "batch sizes")->capture_default_str();
   bench->add_option("--context", ba.contexts, "context lengths")->capture_default_str();
@@ -549,11 +539,15 @@ int main(int argc, char** argv) {
   ma.methods = {"fp16", "vq:bits=1"};
   auto* maxctx = app.add_subcommand("max-context", "the longest context whose decode runs on this GPU, per method (batch "
                                                    "1, caches filled with synthetic contents)");
-  maxctx->add_option("--shape", ma.shape, "named synthetic shape: llama3-8b, mistral-7b, llama2-7b")->capture_default_str();
+  maxctx->add_option("--shape", ma.shape, "named synthetic shape: " + model_shape_names())->capture_default_str();
   maxctx->add_option("--model", ma.model, "a checkpoint directory whose shapes to use instead");
   maxctx->add_option("--method", ma.methods, "methods (repeatable)")->capture_default_str();
   maxctx->add_option("--json", ma.json_out, "write the figures as JSON");
   maxctx->add_flag("--force", ma.force, "overwrite an existing --json file");
+  std::string shapes_format = "table";
+  auto* shapes = app.add_subcommand("shapes", "the named model shapes of bench/max-context --shape and scripts/scale_run.py");
+  shapes->add_option("--format", shapes_format, "table | json (the config.json fields of each shape)")
+      ->capture_default_str()->check(CLI::IsMember({"table", "json"}));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -572,6 +566,10 @@ int main(int argc, char** argv) {
     if (*diag) return run_diagnose(ra, diag_text, diag_json);
     if (*bench) return run_bench(ba);
     if (*maxctx) return run_method_bench_cmd(ma, true);
+    if (*shapes) {
+      std::printf("%s", (shapes_format == "json" ? model_shapes_json() : model_shapes_table()).c_str());
+      return 0;
+    }
   } catch (const Interrupted&) {
     std::fprintf(stderr, "antkv-eval: interrupted; no output written\n");
     return 128 + interrupt_signal();

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Per-layer anchor ratios from measured benefit, at the same total (issue 13: anchors per layer).
+"""Per-layer anchor ratios from measured benefit, at the same total (the lratio= method option).
 
   scripts/anchor_budget.py DIAG.json --with METHOD --without METHOD --ratio R [--floor F]
 

@@ -6,11 +6,12 @@ calibrate -> train-codebook -> ppl (fp16, uniform, vq, antkv) and long-window pp
 throughput, peak GPU memory, peak host RSS and file sizes. Random weights say nothing of quality, everything
 of scale.
 
-  scale_run.py checkpoint --shape llama3-8b --out DIR --tokenizer-from ref/tokenizer.json [--tiny]
-  scale_run.py run --shape llama3-8b --work DIR --bin BUILD/apps --recipe recipes/llama3-8b-1bit.yaml \
+  scale_run.py checkpoint --shape llama3-8b --out DIR --tokenizer-from ref/tokenizer.json [--tiny] [--bin BUILD/apps]
+  scale_run.py run --shape llama3-8b --work DIR --bin BUILD/apps --recipe recipes/llama3-8b.yaml \
       --calib-text books-calib.txt --eval-text wikitext-2-raw-test.txt --tokenizer-from ref/tokenizer.json \
       [--calib-tokens 262144] [--eval-windows 16] [--long 32768 131072] [--device cuda] [--tiny] [--set k=v ...]
 
+The shapes (`antkv-eval shapes`: llama3-8b, llama2-7b, mistral-7b, qwen2-7b) are read from BUILD/apps/antkv-eval.
 Only the Python standard library is needed (the GPU machine has no package registry). Weights: N(0, 1/fan_in)
 matrices (embedding N(0, 1)), norms 1, biases N(0, 0.1), as bf16; to write 16 GB in seconds, each tensor is a
 window of a pool of ~1M random values at its scale (a prime-length pool, so rows do not repeat in step).
@@ -27,24 +28,29 @@ import sys
 import threading
 import time
 
-SHAPES = {
-    # LLaMA-3.1-8B: GQA 32/8, vocab 128256, llama3 rope scaling, 128K positions, byte-level BPE
-    "llama3-8b": dict(model_type="llama", hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336, vocab=128256,
-                      max_pos=131072, rope_theta=500000.0, rms_eps=1e-5, tied=False, bias=False, family="bytelevel",
-                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    # LLaMA-2-7B: MHA 32/32, SentencePiece vocab 32000, 4K positions
-    "llama2-7b": dict(model_type="llama", hidden=4096, layers=32, heads=32, kv_heads=32, ffn=11008, vocab=32000,
-                      max_pos=4096, rope_theta=10000.0, rms_eps=1e-5, tied=False, bias=False, family="sentencepiece"),
-    # Mistral-7B v0.1: GQA 32/8, sliding window 4096, SentencePiece vocab 32000
-    "mistral-7b": dict(model_type="mistral", hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336, vocab=32000,
-                       max_pos=32768, rope_theta=10000.0, rms_eps=1e-5, tied=False, bias=False, family="sentencepiece",
-                       sliding_window=4096),
-    # Qwen2-7B: q/k/v biases, 28/4 heads, hidden 3584, vocab 152064, byte-level BPE
-    "qwen2-7b": dict(model_type="qwen2", hidden=3584, layers=28, heads=28, kv_heads=4, ffn=18944, vocab=152064,
-                     max_pos=131072, rope_theta=1000000.0, rms_eps=1e-6, tied=False, bias=True, family="bytelevel",
-                     sliding_window=131072, use_sliding_window=False),
-}
+def load_shapes(bin_dir):
+    """The named shapes, from the one table of the toolkit (lib/model/model_shapes.cpp) through
+    `antkv-eval shapes --format json`, in this script's keys."""
+    exe = os.path.join(bin_dir, "antkv-eval")
+    try:
+        p = subprocess.run([exe, "shapes", "--format", "json"], capture_output=True, text=True)
+    except OSError as e:
+        raise SystemExit(f"{exe}: cannot run it to list the model shapes ({e.strerror}); --bin names the folder of antkv-eval")
+    if p.returncode != 0:
+        raise SystemExit(f"{exe} shapes: exit {p.returncode}: {p.stderr.strip()}")
+    shapes = {}
+    for entry in json.loads(p.stdout):
+        c = entry["config"]
+        s = dict(model_type=c["model_type"], hidden=c["hidden_size"], layers=c["num_hidden_layers"],
+                 heads=c["num_attention_heads"], kv_heads=c["num_key_value_heads"], ffn=c["intermediate_size"],
+                 vocab=c["vocab_size"], max_pos=c["max_position_embeddings"], rope_theta=c["rope_theta"],
+                 rms_eps=c["rms_norm_eps"], tied=c["tie_word_embeddings"], bias=c["attention_bias"],
+                 family=entry["tokenizer_family"])
+        for key in ("rope_scaling", "sliding_window", "use_sliding_window"):
+            if key in c:
+                s[key] = c[key]
+        shapes[entry["name"]] = s
+    return shapes
 
 
 def tiny(shape, vocab):
@@ -194,8 +200,8 @@ def write_tokenizer(out, source, vocab):
     return bos, eos, n0
 
 
-def write_checkpoint(out, shape_name, tokenizer_from, use_tiny=False, seed=0):
-    s = dict(SHAPES[shape_name])
+def write_checkpoint(out, shape, tokenizer_from, use_tiny=False, seed=0):
+    s = dict(shape)
     os.makedirs(out, exist_ok=True)
     if use_tiny:
         with open(tokenizer_from) as f:
@@ -405,7 +411,7 @@ def cmd_run(a):
 
     if not os.path.exists(os.path.join(ck, "config.json")) or a.rewrite:
         t0 = time.time()
-        info = write_checkpoint(ck, a.shape, a.tokenizer_from, a.tiny, a.seed)
+        info = write_checkpoint(ck, a.shapes[a.shape], a.tokenizer_from, a.tiny, a.seed)
         rec = {"stage": "write-checkpoint", "rc": 0, "seconds": round(time.time() - t0, 2),
                "weight_gib": round(info["weight_bytes"] / 2 ** 30, 2)}
         results.append(rec)
@@ -572,13 +578,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("checkpoint", help="write a random-weight checkpoint of a named shape")
-    c.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    c.add_argument("--shape", required=True, help="a shape of `antkv-eval shapes`")
     c.add_argument("--out", required=True)
+    c.add_argument("--bin", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "build", "apps"),
+                   help="folder with antkv-eval, whose `shapes` table names the shapes (default: build/apps)")
     c.add_argument("--tokenizer-from", required=True, help="tokenizer.json of the family (byte-level or SentencePiece BPE)")
     c.add_argument("--tiny", action="store_true", help="2 layers, head_dim 64, the source tokenizer's vocab (CPU tests)")
     c.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("run", help="checkpoint -> calibrate -> train-codebook -> ppl, timed")
-    r.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    r.add_argument("--shape", required=True, help="a shape of `antkv-eval shapes`")
     r.add_argument("--work", required=True, help="folder for the checkpoint, dump, codebooks and results")
     r.add_argument("--out", help="folder for logs and the summary JSON (default --work)")
     r.add_argument("--bin", required=True, help="folder with antkv-calibrate, antkv-train-codebook, antkv-eval")
@@ -612,8 +620,11 @@ def main():
     r.add_argument("--h5py-check", action="store_true", help="open the codebook and dump files with h5py")
     r.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
+    a.shapes = load_shapes(a.bin)
+    if a.shape not in a.shapes:
+        raise SystemExit(f"--shape: unknown shape {a.shape!r} (the shapes: {', '.join(a.shapes)})")
     if a.cmd == "checkpoint":
-        info = write_checkpoint(a.out, a.shape, a.tokenizer_from, a.tiny, a.seed)
+        info = write_checkpoint(a.out, a.shapes[a.shape], a.tokenizer_from, a.tiny, a.seed)
         print(f"{a.out}: {info['weight_bytes'] / 2 ** 30:.2f} GiB of bf16 weights in {info['seconds']:.1f} s")
         return 0
     return cmd_run(a)

@@ -1,4 +1,4 @@
-// What a new user meets first (issue 15): the device chosen for them (auto = the GPU when usable, else the
+// What a new user meets first: the device chosen for them (auto = the GPU when usable, else the
 // CPU, said in one line; cuda without a GPU fails before any work), `run --out DIR` holding every output,
 // windows never shorter than a useful minimum, and shipped recipes that compare methods.
 #include <cstdlib>

@@ -1,4 +1,4 @@
-// Outputs you can trust (issue 14): every command's outputs under faults and bad input. The fault tests run
+// Outputs you can trust: every command's outputs under faults and bad input. The fault tests run
 // the real commands as child processes with a file-size limit (RLIMIT_FSIZE via `ulimit -f`, SIGXFSZ
 // ignored, so writes past it fail with EFBIG; no root needed) on stories260K, and check: exit 1 (not a
 // crash), a one-line error with the OS reason, no final file, no temporary left, the previous file intact.

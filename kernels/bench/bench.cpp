@@ -12,6 +12,7 @@
 #include "kernels/common/device_buffer.h"
 #include "kernels/runtime/gpu_runtime.h"
 #include "kernels/attention/flash_attention.h"
+#include "model/model_shapes.h"
 #include "kernels/runtime/ops.h"
 
 namespace antkv::cuda {
@@ -180,25 +181,8 @@ double time_decode_steps(GpuRuntime& rt, int B, int ctx, int warm, int steps, in
 }
 
 ModelConfig llama3_8b_shape_config() {
-  ModelConfig c;
-  c.model_type = "llama";
-  c.hidden_size = 4096;
-  c.num_layers = 32;
-  c.num_heads = 32;
-  c.num_kv_heads = 8;
-  c.head_dim = 128;
-  c.intermediate_size = 14336;
-  c.vocab_size = 128256;
-  c.rms_norm_eps = 1e-5;
-  c.rope_theta = 500000.0;
-  c.rope_scaling.type = RopeScaling::Type::kLlama3;
-  c.rope_scaling.factor = 8.0;
-  c.rope_scaling.low_freq_factor = 1.0;
-  c.rope_scaling.high_freq_factor = 4.0;
-  c.rope_scaling.original_max_position = 8192;
-  c.max_position_embeddings = 131072;
-  c.tie_word_embeddings = false;
-  c.bos_token_id = 128000;
+  ModelConfig c = find_model_shape("llama3-8b").config();
+  c.bos_token_id = 128000;  // LLaMA-3's tokenizer
   c.eos_token_id = 128001;
   c.torch_dtype = "bfloat16";
   return c;

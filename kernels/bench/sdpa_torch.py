@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch scaled_dot_product_attention on the decode shapes of `antkv-eval bench` (issue 3's comparison).
+"""PyTorch scaled_dot_product_attention on the decode shapes of `antkv-eval bench` (compared with ours in kernels/NOTES.md).
 
 One new query token per sequence over a bf16 KV cache: q [B, 32, 1, 128], k/v [B, 8, T, 128] (LLaMA-3-8B,
 GQA 4), every SDPA backend PyTorch offers for it (default dispatch, flash, memory-efficient, cuDNN, math),
