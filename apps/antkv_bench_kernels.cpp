@@ -17,13 +17,14 @@
 int main(int argc, char** argv) {
   CLI::App app{"antkv CUDA kernel benchmark"};
   antkv::cuda::KernelBenchOptions opt;
+  opt.anchor_tokens = {2048, 8192};
   std::string json_path;
   bool no_e2e = false;
   app.add_option("--batches", opt.decode_batches, "decode attention batch sizes");
   app.add_option("--contexts", opt.decode_contexts, "decode attention context lengths");
   app.add_option("--waves", opt.decode_waves, "decode split plans to compare (grid size in waves)");
   app.add_option("--prefill-tokens", opt.prefill_tokens, "prefill attention lengths");
-  app.add_option("--anchor-tokens", opt.anchor_tokens, "anchor-score pass lengths");
+  app.add_option("--anchor-tokens", opt.anchor_tokens, "anchor-score pass lengths (default 2048 8192)");
   app.add_option("--iters", opt.iters, "timed iterations (at least)");
   app.add_flag("--no-e2e", no_e2e, "skip the end-to-end decode of the random-weight model");
   app.add_option("--json", json_path, "write the results as JSON");

@@ -278,8 +278,9 @@ std::string format_kernel_bench(const KernelBenchResult& r) {
   for (const auto& p : r.prefill)
     s += fmt::format("  {:6d}  {:3d}/{:<3d}  {:3d}  {:7.3f}  {:7.1f}\n", p.n_tokens, p.n_heads, p.n_kv_heads, p.head_dim,
                      p.ms, p.tflops);
-  s += "\nanchor-score pass (fp32, causal; kernels/anchor)\n"
-       "  tokens  heads/kv  d    pass1-ms  TFLOP/s  pass2-ms  TFLOP/s  total-ms  workspace-MiB\n";
+  if (!r.anchor.empty())
+    s += "\nanchor-score pass (fp32, causal; kernels/anchor)\n"
+         "  tokens  heads/kv  d    pass1-ms  TFLOP/s  pass2-ms  TFLOP/s  total-ms  workspace-MiB\n";
   for (const auto& p : r.anchor)
     s += fmt::format("  {:6d}  {:3d}/{:<3d}  {:3d}  {:8.3f}  {:7.1f}  {:8.3f}  {:7.1f}  {:8.3f}  {:13.1f}\n", p.n_tokens,
                      p.n_heads, p.n_kv_heads, p.head_dim, p.ms_pass1, p.tflops_pass1, p.ms_pass2, p.tflops_pass2,
