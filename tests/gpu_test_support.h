@@ -1,11 +1,14 @@
 // Host-side helpers shared by the GPU tests: bf16 conversion (round to nearest even, as the kernels store),
 // a fresh random seed per run (GPU tests draw new inputs every time), and (CUDA builds) checked uploads and
-// downloads of device buffers.
+// downloads of device buffers, and report_measured (one grep-able line per tolerance check, so a GPU run
+// shows the achieved precision: ./antkv-tests "[gpu]" | grep MEASURED).
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <random>
+#include <string>
 
 namespace antkv::test {
 
@@ -29,7 +32,23 @@ inline uint32_t fresh_seed() {
   return rd();
 }
 
+// Prints "MEASURED <label> = <value> (bound <bound>)" on stdout; call it where a tolerance is checked, with the
+// measured quantity (max abs/rel error, ...) the check compares against the bound.
+inline void report_measured(const std::string& label, double value, double bound) {
+  std::printf("MEASURED %s = %.6g (bound %.6g)\n", label.c_str(), value, bound);
+  std::fflush(stdout);
+}
+
 }  // namespace antkv::test
+
+// CHECK(value < bound) with the value reported first (report_measured): the usual form of a tolerance check in
+// the GPU tests. value is evaluated once.
+#define CHECK_MEASURED(label, value, bound)                    \
+  do {                                                         \
+    const double measured_value_ = (value);                    \
+    ::antkv::test::report_measured((label), measured_value_, (bound)); \
+    CHECK(measured_value_ < (bound));                          \
+  } while (0)
 
 #ifdef ANTKV_HAVE_CUDA
 #include <vector>

@@ -1,5 +1,6 @@
 // Anchor scores: the CPU fast path against the double-precision reference (runs everywhere), and the GPU
-// two-pass kernels (kernels/anchor/anchor_scores.cu) against both.
+// two-pass kernels (kernels/anchor/anchor_scores.cu) against both. Their timing is in antkv-bench-kernels
+// (--anchor-tokens; kernels/bench/anchor_bench.cpp).
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include "anchor/anchor_scores.h"
 #include "core/error.h"
 #include "test_support.h"
+#include "gpu_test_support.h"
 
 #ifdef ANTKV_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -216,6 +218,10 @@ TEST_CASE("anchor_scores_gpu equals the reference: T 1/67/200, GQA 1/2/4, head_d
         // changes some output by O(1) relative.
         const double ek = test::max_rel_error(g.s_k.data(), rk.data(), rk.size());
         const double ev = test::max_rel_error(g.s_v.data(), rv.data(), rv.size());
+        test::report_measured("test_anchor_gpu: vs reference S_K rel err", ek, 2e-6);
+        test::report_measured("test_anchor_gpu: vs reference S_V rel err", ev, 2e-6);
+        test::report_measured("test_anchor_gpu: vs reference S_V sum rel err",
+                              std::fabs(sum_of(g.s_v) - double(H) * T) / (double(H) * T), 1e-5);
         CHECK(ek <= 2e-6);
         CHECK(ev <= 2e-6);
         CHECK(std::fabs(sum_of(g.s_v) - double(H) * T) <= 1e-5 * H * T);
@@ -240,6 +246,10 @@ TEST_CASE("anchor_scores_gpu equals anchor_scores_cpu at T=2048, d=128, 4/2 head
   // bound 2e-6 as against the reference.
   const double ek = test::max_rel_error(g.s_k.data(), ck.data(), ck.size());
   const double ev = test::max_rel_error(g.s_v.data(), cv.data(), cv.size());
+  test::report_measured("test_anchor_gpu: vs cpu T=2048 S_K rel err", ek, 2e-6);
+  test::report_measured("test_anchor_gpu: vs cpu T=2048 S_V rel err", ev, 2e-6);
+  test::report_measured("test_anchor_gpu: vs cpu T=2048 S_V sum rel err",
+                        std::fabs(sum_of(g.s_v) - double(H) * T) / (double(H) * T), 1e-5);
   CHECK(ek <= 2e-6);
   CHECK(ev <= 2e-6);
   CHECK(std::fabs(sum_of(g.s_v) - double(H) * T) <= 1e-5 * H * T);
@@ -270,72 +280,22 @@ TEST_CASE("anchor_scores_gpu: unsupported head_dim and bad shapes are antkv::Err
 #endif
 
 #ifdef ANTKV_HAVE_CUDA
-TEST_CASE("anchor_scores_gpu benchmark: LLaMA-3-8B head shape 32/8/128, T 2048 and 8192", "[gpu][bench]") {
+// The LLaMA-3-8B head shape at the lengths the benchmark times (antkv-bench-kernels --anchor-tokens, kernels/bench/
+// anchor_bench.cpp): every query row's attention sums to 1, so S_V sums to n_heads * T. fp32 S_V of T terms each,
+// summed in double here: bound 1e-4 relative.
+TEST_CASE("anchor_scores_gpu at the LLaMA-3-8B head shape 32/8/128, T 2048 and 8192: S_V sums to n_heads * T",
+          "[gpu][anchor]") {
   SKIP_WITHOUT_GPU();
   const int H = 32, KV = 8, d = 128;
   cuda::AnchorScoreWorkspace ws;
   for (int T : {2048, 8192}) {
-    // values do not change the time: fill with a cheap generator
-    std::vector<float> hq(static_cast<size_t>(T) * H * d), hkv(static_cast<size_t>(T) * KV * d);
-    uint64_t s = 0x9e3779b97f4a7c15ull + T;
-    auto next = [&] {
-      s ^= s << 13;
-      s ^= s >> 7;
-      s ^= s << 17;
-      return static_cast<float>(static_cast<double>(s >> 11) / 9007199254740992.0 * 4.0 - 2.0);
-    };
-    for (auto& x : hq) x = next();
-    for (auto& x : hkv) x = next();
-    cuda::DeviceBuffer<float> q(hq.size()), k(hkv.size()), v(hkv.size());
-    cuda::DeviceBuffer<float> sk(static_cast<size_t>(T) * KV), sv(sk.size());
-    ANTKV_CUDA_CHECK(cudaMemcpy(q.get(), hq.data(), q.bytes(), cudaMemcpyHostToDevice));
-    ANTKV_CUDA_CHECK(cudaMemcpy(k.get(), hkv.data(), k.bytes(), cudaMemcpyHostToDevice));
-    ANTKV_CUDA_CHECK(cudaMemcpy(v.get(), hkv.data(), v.bytes(), cudaMemcpyHostToDevice));
-    cuda::AnchorScoreGpuArgs p;
-    p.q = q.get();
-    p.k = k.get();
-    p.v = v.get();
-    p.s_k = sk.get();
-    p.s_v = sv.get();
-    p.n_tokens = T;
-    p.n_heads = H;
-    p.n_kv_heads = KV;
-    p.head_dim = d;
-    ws.bind(p);
-    cudaEvent_t e0, e1, e2;
-    ANTKV_CUDA_CHECK(cudaEventCreate(&e0));
-    ANTKV_CUDA_CHECK(cudaEventCreate(&e1));
-    ANTKV_CUDA_CHECK(cudaEventCreate(&e2));
-    for (int w = 0; w < 2; ++w) cuda::anchor_scores_gpu(p, nullptr);  // warm-up
-    ANTKV_CUDA_CHECK(cudaDeviceSynchronize());
-    const int reps = T <= 2048 ? 20 : 5;
-    float ms1 = 0, ms2 = 0;
-    for (int r = 0; r < reps; ++r) {
-      ANTKV_CUDA_CHECK(cudaEventRecord(e0));
-      cuda::anchor_scores_pass1(p, nullptr);
-      ANTKV_CUDA_CHECK(cudaEventRecord(e1));
-      cuda::anchor_scores_pass2(p, nullptr);
-      ANTKV_CUDA_CHECK(cudaEventRecord(e2));
-      ANTKV_CUDA_CHECK(cudaEventSynchronize(e2));
-      float a = 0, b = 0;
-      ANTKV_CUDA_CHECK(cudaEventElapsedTime(&a, e0, e1));
-      ANTKV_CUDA_CHECK(cudaEventElapsedTime(&b, e1, e2));
-      ms1 += a;
-      ms2 += b;
-    }
-    ms1 /= reps;
-    ms2 /= reps;
-    // each pass: two T x T / 2 x d products per query head (pass 1: QK^T, PV; pass 2: QK^T, OV^T)
-    const double flops = 4.0 * d * H * (static_cast<double>(T) * (T + 1) / 2);
-    fmt::print("anchor_scores_gpu T={} heads {}/{} d={}: pass1 {:.3f} ms ({:.1f} TFLOP/s), pass2 {:.3f} ms "
-               "({:.1f} TFLOP/s), total {:.3f} ms; workspace {:.1f} MiB\n",
-               T, H, KV, d, ms1, flops / ms1 * 1e-9, ms2, flops / ms2 * 1e-9, ms1 + ms2, ws.bytes() / 1048576.0);
-    std::vector<float> hv(sv.size());
-    ANTKV_CUDA_CHECK(cudaMemcpy(hv.data(), sv.get(), sv.bytes(), cudaMemcpyDeviceToHost));
-    CHECK(std::fabs(sum_of(hv) - double(H) * T) <= 1e-4 * H * T);
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
-    cudaEventDestroy(e2);
+    INFO("T=" << T);
+    const Inputs in = random_inputs(T, H, KV, d, 8000 + T);
+    const GpuScores g = run_gpu(in, ws);
+    CHECK(std::all_of(g.s_k.begin(), g.s_k.end(), [](float x) { return std::isfinite(x) && x >= 0; }));
+    test::report_measured(fmt::format("test_anchor_gpu: 32/8/128 T={} S_V sum rel err", T),
+                          std::fabs(sum_of(g.s_v) - double(H) * T) / (double(H) * T), 1e-4);
+    CHECK(std::fabs(sum_of(g.s_v) - double(H) * T) <= 1e-4 * H * T);
   }
 }
 #endif

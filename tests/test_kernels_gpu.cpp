@@ -10,8 +10,11 @@
 //    product and the output to bf16): 1e-2 on O (each of the two roundings ≤ 2^-9 relative, errors of P
 //    average out over many keys); LSE is computed from fp32 scores on both sides: 1e-4.
 //  - the whole model in bf16 (bf16 weights are exact on both sides; activations are rounded to bf16 at
-//    each GEMM input, and K/V and P in attention): logits within 3e-2 of max |logit| of the fp32 reference
-//    (the measured figure is printed); greedy ids equal for the first 16 generated tokens.
+//    each GEMM input, and K/V and P in attention): antkv-ref-18m logits within 6e-3 of max |logit| of the fp32
+//    reference (measured 2.1e-3), the synthetic qwen2 model (fp32 weights, rounded to bf16 on the GPU) within
+//    3e-2 of the CPU runtime; greedy ids equal for the first 16 generated tokens.
+//  - GPU against GPU (batched decode vs single-sequence runs): the same kernels in another summation order, 1e-2.
+// Every tolerance check prints "MEASURED <label> = <value> (bound <bound>)" (CHECK_MEASURED, gpu_test_support.h).
 #include "test_support.h"
 #include "gpu_test_support.h"
 #include "synthetic_checkpoint.h"
@@ -130,13 +133,13 @@ TEST_CASE("GPU: embedding, RMSNorm, SwiGLU, residual add match the CPU reference
     p.y_type = cuda::ElemType::kBF16;
     cuda::rmsnorm(p, s);
     INFO("n " << n);
-    CHECK(rel_err(download(y32), want) < 1e-5);
-    CHECK(rel_err(download_bf(y16.get(), x.size()), want) < 4e-3);
+    CHECK_MEASURED("test_kernels_gpu: rmsnorm f32 out rel err", rel_err(download(y32), want), 1e-5);
+    CHECK_MEASURED("test_kernels_gpu: rmsnorm bf16 out rel err", rel_err(download_bf(y16.get(), x.size()), want), 4e-3);
     // in place (f32)
     p.y = dx.get();
     p.y_type = cuda::ElemType::kF32;
     cuda::rmsnorm(p, s);
-    CHECK(rel_err(download(dx), want) < 1e-5);
+    CHECK_MEASURED("test_kernels_gpu: rmsnorm in place f32 rel err", rel_err(download(dx), want), 1e-5);
     // f16 output is outside the closed set
     p.y_type = cuda::ElemType::kF16;
     CHECK_THROWS_WITH(cuda::rmsnorm(p, s), Catch::Contains("rmsnorm: unsupported output type"));
@@ -168,8 +171,8 @@ TEST_CASE("GPU: embedding, RMSNorm, SwiGLU, residual add match the CPU reference
     p.out = o16.get();
     p.out_type = cuda::ElemType::kBF16;
     cuda::swiglu(p, s);
-    CHECK(rel_err(download(o32), want) < 1e-5);
-    CHECK(rel_err(download_bf(o16.get(), gate.size()), want) < 4e-3);
+    CHECK_MEASURED("test_kernels_gpu: swiglu f32 out rel err", rel_err(download(o32), want), 1e-5);
+    CHECK_MEASURED("test_kernels_gpu: swiglu bf16 out rel err", rel_err(download_bf(o16.get(), gate.size()), want), 4e-3);
   }
 
   // residual add, f32 and bf16 operands
@@ -186,14 +189,14 @@ TEST_CASE("GPU: embedding, RMSNorm, SwiGLU, residual add match the CPU reference
     p.y_type = cuda::ElemType::kF32;
     p.n = n;
     cuda::residual_add(p, s);
-    CHECK(rel_err(download(dx), want) < 1e-6);
+    CHECK_MEASURED("test_kernels_gpu: residual add f32 rel err", rel_err(download(dx), want), 1e-6);
     auto dx2 = upload(x);
     auto dyb = upload_bf(y);
     p.x = dx2.get();
     p.y = dyb.get();
     p.y_type = cuda::ElemType::kBF16;
     cuda::residual_add(p, s);
-    CHECK(rel_err(download(dx2), want) < 1e-6);
+    CHECK_MEASURED("test_kernels_gpu: residual add bf16 y rel err", rel_err(download(dx2), want), 1e-6);
   }
 }
 
@@ -232,7 +235,7 @@ TEST_CASE("GPU: RoPE (llama3 scaling) and the fused QKV epilogue match rope_appl
       p.head_dim = d;
       cuda::rope(p, nullptr);
       INFO("d " << d);
-      CHECK(rel_err(download(dx), want) < 1e-5);
+      CHECK_MEASURED("test_kernels_gpu: rope rel err", rel_err(download(dx), want), 1e-5);
     }
 
     // fused epilogue: bias, RoPE, q -> bf16, k/v -> the cache of sequence seq[t] at slot pos[t]
@@ -282,8 +285,8 @@ TEST_CASE("GPU: RoPE (llama3 scaling) and the fused QKV epilogue match rope_appl
       p.n_kv_heads = Hkv;
       p.head_dim = d;
       cuda::qkv_rope_store(p, nullptr);
-      CHECK(rel_err(download_bf(qo.get(), q.size()), q) < 4e-3);
-      CHECK(rel_err(download(kpre), k_pre) < 1e-6);
+      CHECK_MEASURED("test_kernels_gpu: qkv epilogue q bf16 rel err", rel_err(download_bf(qo.get(), q.size()), q), 4e-3);
+      CHECK_MEASURED("test_kernels_gpu: qkv epilogue k pre-rope rel err", rel_err(download(kpre), k_pre), 1e-6);
       const auto kcache = download_bf(kc.get(), kc.size()), vcache = download_bf(vc.get(), vc.size());
       std::vector<float> kg(k.size()), vg(v.size());
       for (int t = 0; t < T; ++t)
@@ -293,8 +296,8 @@ TEST_CASE("GPU: RoPE (llama3 scaling) and the fused QKV epilogue match rope_appl
             kg[(size_t(t) * Hkv + h) * d + c] = kcache[at];
             vg[(size_t(t) * Hkv + h) * d + c] = vcache[at];
           }
-      CHECK(rel_err(kg, k) < 4e-3);
-      CHECK(rel_err(vg, v) < 4e-3);
+      CHECK_MEASURED("test_kernels_gpu: qkv epilogue k cache rel err", rel_err(kg, k), 4e-3);
+      CHECK_MEASURED("test_kernels_gpu: qkv epilogue v cache rel err", rel_err(vg, v), 4e-3);
       // write-back: the fp32 rotated q/k and biased v in place
       const auto wb = download(dqkv);
       std::vector<float> wq(q.size()), wk(k.size()), wv(v.size());
@@ -303,9 +306,9 @@ TEST_CASE("GPU: RoPE (llama3 scaling) and the fused QKV epilogue match rope_appl
         std::copy_n(wb.begin() + size_t(t) * W + qd, kvd, wk.begin() + size_t(t) * kvd);
         std::copy_n(wb.begin() + size_t(t) * W + qd + kvd, kvd, wv.begin() + size_t(t) * kvd);
       }
-      CHECK(rel_err(wq, q) < 1e-5);
-      CHECK(rel_err(wk, k) < 1e-5);
-      CHECK(rel_err(wv, v) < 1e-6);
+      CHECK_MEASURED("test_kernels_gpu: qkv epilogue write-back q rel err", rel_err(wq, q), 1e-5);
+      CHECK_MEASURED("test_kernels_gpu: qkv epilogue write-back k rel err", rel_err(wk, k), 1e-5);
+      CHECK_MEASURED("test_kernels_gpu: qkv epilogue write-back v rel err", rel_err(wv, v), 1e-6);
     }
   }
 }
@@ -342,7 +345,7 @@ TEST_CASE("GPU: chunked NLL and argmax over logits rows match the CPU reference"
     p.ld = ld;
     cuda::nll_rows(p, nullptr);
   }
-  CHECK(rel_err(download(nll), want) < 1e-5);
+  CHECK_MEASURED("test_kernels_gpu: chunked nll rel err", rel_err(download(nll), want), 1e-5);
 
   DeviceBuffer<int32_t> am(rows);
   cuda::ArgmaxParams ap;
@@ -437,8 +440,8 @@ TEST_CASE("GPU: flash prefill attention equals cpu::attention, with LSE, GQA and
       const double eo = rel_err(download_bf(out.get(), out.size()), want);
       const double el = rel_err(download(lse), want_lse);
       INFO("output error " << eo << ", LSE error " << el);
-      CHECK(eo < 1e-2);
-      CHECK(el < 1e-4);
+      CHECK_MEASURED("test_kernels_gpu: flash prefill out rel err", eo, 1e-2);
+      CHECK_MEASURED("test_kernels_gpu: flash prefill lse rel err", el, 1e-4);
     }
   }
   // outside the closed set: a clear error
@@ -538,8 +541,8 @@ TEST_CASE("GPU: flash decoding over a NaN-poisoned cache arena equals cpu::atten
       const double eo = rel_err(download_bf(out.get(), out.size()), want);
       const double el = rel_err(download(lse), want_lse);
       INFO(fmt::format("{} splits of {}: output error {}, LSE error {}", plan.n_splits, plan.split_len, eo, el));
-      CHECK(eo < 1e-2);
-      CHECK(el < 1e-4);
+      CHECK_MEASURED("test_kernels_gpu: flash decode out rel err", eo, 1e-2);
+      CHECK_MEASURED("test_kernels_gpu: flash decode lse rel err", el, 1e-4);
       CHECK(counters_zero());  // the last split block of each (sequence, kv head) resets its counter
     }
     // a plan made for a shorter context must not silently drop keys: the longer sequences get NaN
@@ -633,13 +636,13 @@ TEST_CASE("GPU runtime: antkv-ref-18m logits, keys and greedy ids match the refe
   REQUIRE(res.logits.size() == ref_logits.size());
   const double err = test::max_rel_error(res.logits.data(), ref_logits.data(), ref_logits.size());
   WARN("antkv-ref-18m GPU (bf16) logits: max |gpu - ref| / max |ref| = " << err);
-  CHECK(err < 1e-2);  // measured 2.1e-3 on an H200
+  CHECK_MEASURED("test_kernels_gpu: 18m prefill logits rel err", err, 6e-3);  // measured 2.1e-3 on an H200 (bound ~3x that)
   std::vector<float> want_nll(T);
   cpu::nll_from_logits(ref_logits.data(), targets.data(), want_nll.data(), T, V);
   REQUIRE(res.nll.size() == size_t(T));
   const double nerr = test::max_rel_error(res.nll.data(), want_nll.data(), T);
   INFO("NLL error " << nerr);
-  CHECK(nerr < 3e-2);
+  CHECK_MEASURED("test_kernels_gpu: 18m nll rel err", nerr, 3e-2);
   CHECK(res.nll[T - 1] == 0.f);
   for (int layer : {0, 5}) {
     // reference k_post_rope: [kv_heads, T, d]; observer: [T, kv_heads, d]
@@ -651,7 +654,7 @@ TEST_CASE("GPU runtime: antkv-ref-18m logits, keys and greedy ids match the refe
         for (int c = 0; c < d; ++c) ours[(size_t(h) * T + t) * d + c] = cap.k_post[layer][(size_t(t) * kvh + h) * d + c];
     const double kerr = test::max_rel_error(ours.data(), kref.data(), kref.size());
     INFO("layer " << layer << " post-RoPE key error " << kerr);
-    CHECK(kerr < 3e-2);
+    CHECK_MEASURED("test_kernels_gpu: 18m post-rope keys rel err (layers 0, 5)", kerr, 3e-2);
   }
   CHECK(rt->cached_tokens() == T);
 
@@ -688,7 +691,7 @@ TEST_CASE("GPU runtime: antkv-ref-18m logits, keys and greedy ids match the refe
   rt->forward(req, res);
   const double cerr = test::max_rel_error(chunked.data(), res.logits.data(), res.logits.size());
   INFO("chunked vs whole prefill " << cerr);
-  CHECK(cerr < 1e-2);
+  CHECK_MEASURED("test_kernels_gpu: 18m chunked vs whole prefill logits rel err", cerr, 1e-2);
 }
 
 TEST_CASE("GPU runtime: qwen2 biases, fp32 weights, head_dim 64 match the CPU runtime - batched decode", "[gpu]") {
@@ -744,15 +747,19 @@ TEST_CASE("GPU runtime: qwen2 biases, fp32 weights, head_dim 64 match the CPU ru
   const double le = rel_err(gr.logits, cr.logits);
   const double ne = rel_err(gr.nll, cr.nll);
   INFO("logits error " << le << ", NLL error " << ne);
-  CHECK(le < 3e-2);
-  CHECK(ne < 3e-2);
+  CHECK_MEASURED("test_kernels_gpu: qwen2 synthetic logits rel err", le, 3e-2);
+  CHECK_MEASURED("test_kernels_gpu: qwen2 synthetic nll rel err", ne, 3e-2);
   for (int l = 0; l < cfg.num_layers; ++l) {
     INFO("layer " << l);
-    // layer 0 sees identical inputs (fp32 embedding rows): only bf16 rounding of the normed input
-    CHECK(rel_err(gc.q[l], cc.q[l]) < 3e-2);
-    CHECK(rel_err(gc.k_pre[l], cc.k_pre[l]) < 3e-2);
-    CHECK(rel_err(gc.k_post[l], cc.k_post[l]) < 3e-2);
-    CHECK(rel_err(gc.v[l], cc.v[l]) < 3e-2);
+    // layer 0 sees identical inputs (fp32 embedding rows): only the bf16 roundings of the normed input and of the
+    // weights, each <= 2^-9 relative and averaging out in the dot products, so the one-rounding class of the
+    // header (4e-3), x3: 1.2e-2. Later layers carry the bf16 attention and MLP of the layers before them: 3e-2.
+    const double bound = l == 0 ? 1.2e-2 : 3e-2;
+    const std::string at = l == 0 ? " (layer 0)" : " (layers 1+)";
+    CHECK_MEASURED("test_kernels_gpu: qwen2 synthetic q rel err" + at, rel_err(gc.q[l], cc.q[l]), bound);
+    CHECK_MEASURED("test_kernels_gpu: qwen2 synthetic k pre-rope rel err" + at, rel_err(gc.k_pre[l], cc.k_pre[l]), bound);
+    CHECK_MEASURED("test_kernels_gpu: qwen2 synthetic k post-rope rel err" + at, rel_err(gc.k_post[l], cc.k_post[l]), bound);
+    CHECK_MEASURED("test_kernels_gpu: qwen2 synthetic v rel err" + at, rel_err(gc.v[l], cc.v[l]), bound);
   }
 
   // capacity is a clear error, and the cache stays usable afterwards
@@ -797,7 +804,11 @@ TEST_CASE("GPU runtime: qwen2 biases, fp32 weights, head_dim 64 match the CPU ru
     req.logits = LogitsMode::kLast;
     single.forward(req, gr);
     INFO("sequence " << b);
-    CHECK(rel_err(last_logits[b], gr.logits) < 3e-2);
+    // GPU against GPU with the same bf16 weights and the same per-token math: only the order of the fp32 sums
+    // differs (cuBLAS picks its algorithm by the batch rows; flash decoding vs one prefill), which can flip a
+    // bf16 rounding of an activation (<= 2^-8 relative of that element). Not the CPU-vs-GPU bound (3e-2, fp32
+    // vs bf16 everywhere): 1e-2, a few flipped roundings carried through the layers.
+    CHECK_MEASURED("test_kernels_gpu: batched decode vs single-sequence logits rel err", rel_err(last_logits[b], gr.logits), 1e-2);
   }
 }
 
@@ -830,7 +841,8 @@ TEST_CASE("GPU runtime: long windows prefilled in chunks equal one prefill, capa
   for (int c = 0; c < 2; ++c) {
     INFO("window " << c << ": whole " << whole.nll_per_window[c] << ", chunked " << chunked.nll_per_window[c]);
     // the same bf16 kernels over the same cache; only the prefill's tiling of the past differs
-    CHECK(std::fabs(chunked.nll_per_window[c] - whole.nll_per_window[c]) <= 1e-3 * std::fabs(whole.nll_per_window[c]));
+    const double rel = std::fabs(chunked.nll_per_window[c] - whole.nll_per_window[c]) / std::fabs(whole.nll_per_window[c]);
+    CHECK_MEASURED("test_kernels_gpu: long window chunked vs whole prefill nll rel diff", rel, 1e-3);
   }
   o.seq_len = 3001;
   CHECK_THROWS_WITH(evaluate_perplexity(rt, ids, 1, o),

@@ -21,6 +21,7 @@
 #include "core/error.h"
 #include "kmeans/kmeans.h"
 #include "test_support.h"
+#include "gpu_test_support.h"
 
 using Catch::Matchers::Contains;
 
@@ -166,6 +167,12 @@ double objective_by_hand(const float* x, const float* w, int64_t n, const float*
 }
 
 // ---- the three properties, for any trainer -----------------------------------------------------------
+// The GPU trainer's runs of the shared checks print their measured values (MEASURED lines); the CPU's bounds
+// are settled.
+void report_gpu(const char* who, const std::string& what, double value, double bound) {
+  if (std::string(who) == "gpu") test::report_measured("test_kmeans: gpu " + what, value, bound);
+}
+
 void check_monotone(TrainerFactory make, const char* who) {
   const Data d = mixture(2, 3000, 4, 11, true, 0.1);
   KMeansParams p;
@@ -183,10 +190,13 @@ void check_monotone(TrainerFactory make, const char* who) {
     for (int cb = 0; cb < d.B; ++cb) {
       INFO(who << ": codebook " << cb << ", iters " << it << ": objective " << r.objective[cb] << " after "
                << prev[cb]);
+      report_gpu(who, "monotone: objective increase over the previous iteration (rel)", r.objective[cb] / prev[cb] - 1,
+                 1e-6);
       CHECK(r.objective[cb] <= prev[cb] * (1 + 1e-6));
       // the reported objective is that of the returned centroids
       const double ref = objective_by_hand(d.xb(cb), d.wb(cb), d.n,
                                            r.centroids.data() + static_cast<size_t>(cb) * p.k * d.dim, p.k, d.dim);
+      report_gpu(who, "monotone: reported vs recomputed objective rel err", std::abs(r.objective[cb] - ref) / ref, 1e-5);
       CHECK(std::abs(r.objective[cb] - ref) <= 1e-5 * ref);
       prev[cb] = r.objective[cb];
     }
@@ -208,6 +218,9 @@ void check_zero_weight(TrainerFactory make, const char* who, double tol) {
     const double gap = centroid_gap(rb, ra, cb, p.k, d.dim);
     INFO(who << ": codebook " << cb << ": centroid gap " << gap << ", objectives " << ra.objective[cb] << " / "
              << rb.objective[cb]);
+    report_gpu(who, "zero-weight points: centroid gap", gap, tol);
+    report_gpu(who, "zero-weight points: objective rel diff", std::abs(ra.objective[cb] - rb.objective[cb]) / ra.objective[cb],
+               1e-5);
     CHECK(gap <= tol);
     CHECK(std::abs(ra.objective[cb] - rb.objective[cb]) <= 1e-5 * ra.objective[cb]);
   }
@@ -228,6 +241,9 @@ void check_duplicate(TrainerFactory make, const char* who) {
     const double gap = centroid_gap(ra, rb, cb, p.k, d.dim);
     INFO(who << ": codebook " << cb << ": centroid gap " << gap << ", objectives " << ra.objective[cb] << " / "
              << rb.objective[cb]);
+    report_gpu(who, "duplicate vs double weight: centroid gap", gap, 1e-4);
+    report_gpu(who, "duplicate vs double weight: objective rel diff",
+               std::abs(ra.objective[cb] - rb.objective[cb]) / rb.objective[cb], 1e-5);
     CHECK(gap <= 1e-4);
     CHECK(std::abs(ra.objective[cb] - rb.objective[cb]) <= 1e-5 * rb.objective[cb]);
   }
@@ -409,6 +425,8 @@ TEST_CASE("GPU k-means++ equals kmeanspp_init", "[kmeans][gpu]") {
     for (int cb = 0; cb < d.B; ++cb) {
       const double ref = kmeans_objective_cpu(d.xb(cb), d.wb(cb), d.n,
                                               r.centroids.data() + static_cast<size_t>(cb) * p.k * c.dim, p.k, c.dim);
+      test::report_measured("test_kmeans: gpu k-means++ reported vs recomputed objective rel err",
+                            std::abs(r.objective[cb] - ref) / ref, 1e-5);
       CHECK(std::abs(r.objective[cb] - ref) <= 1e-5 * ref);
       CHECK(r.iterations[cb] == 0);
     }
@@ -450,6 +468,10 @@ TEST_CASE("GPU k-means vs FAISS: objectives within 1% from the same init", "[kme
                    rc.reseeded[cb], (rg.objective[cb] - ref) / ref);
         INFO(c.name << " [" << cuda::to_string(path) << "] codebook " << cb << ": faiss " << rc.objective[cb]
                     << " gpu " << rg.objective[cb]);
+        test::report_measured(fmt::format("test_kmeans: gpu vs faiss {} [{}] objective gap", c.name, cuda::to_string(path)),
+                              std::abs(gap), 0.01);
+        test::report_measured("test_kmeans: gpu vs faiss reported vs recomputed objective rel err",
+                              std::abs(rg.objective[cb] - ref) / ref, 1e-4);
         CHECK(std::abs(gap) <= 0.01);
         CHECK(std::abs(rg.objective[cb] - ref) <= 1e-4 * ref);
         CHECK(rg.iterations[cb] == p.iters);
@@ -476,6 +498,10 @@ TEST_CASE("GPU k-means: tensor-core and SIMT assignments agree", "[kmeans][gpu]"
       fmt::print("kmeans assignment dim {} k {} codebook {}: CPU (direct fp32) {:.8e}, simt {:+.2e}, tc {:+.2e} "
                  "relative\n",
                  dim, p.k, cb, ref, (rs.objective[cb] - ref) / ref, (rt.objective[cb] - ref) / ref);
+      test::report_measured("test_kmeans: gpu simt assignment objective rel err", std::abs(rs.objective[cb] - ref) / ref,
+                            1e-5);
+      test::report_measured("test_kmeans: gpu tensor-core assignment objective rel err",
+                            std::abs(rt.objective[cb] - ref) / ref, 1e-5);
       CHECK(std::abs(rs.objective[cb] - ref) <= 1e-5 * ref);
       CHECK(std::abs(rt.objective[cb] - ref) <= 1e-5 * ref);
     }
@@ -551,6 +577,8 @@ TEST_CASE("GPU k-means: stops when the relative objective change < tol", "[kmean
     CHECK(r.iterations[cb] < p.iters);
     const double ref = kmeans_objective_cpu(d.xb(cb), d.wb(cb), d.n,
                                             r.centroids.data() + static_cast<size_t>(cb) * p.k * d.dim, p.k, d.dim);
+    test::report_measured("test_kmeans: gpu tol stop reported vs recomputed objective rel err",
+                          std::abs(r.objective[cb] - ref) / ref, 1e-5);
     CHECK(std::abs(r.objective[cb] - ref) <= 1e-5 * ref);
   }
 }

@@ -344,8 +344,12 @@ void run_case(const QCase& c, std::mt19937& rng) {
     // outputs are bf16 (2^-9 relative) of an fp32 softmax: 1e-2 of max |out|; the LSE carries the score
     // error: fp32 lookup tables / dequantize-rotate-dot in fp32 (sincosf within 2 ulp of the reference's
     // double sincos) 3e-4, fp16 lookup tables (2^-11 per entry, NG entries summed) 3e-3
-    CHECK(eo < 1e-2);
-    CHECK(el < (half_lut ? 3e-3 : 3e-4));
+    CHECK_MEASURED(c.pre_rope ? "test_quant_decode: pre-RoPE output rel err" : "test_quant_decode: output rel err", eo,
+                   1e-2);
+    CHECK_MEASURED(c.pre_rope   ? "test_quant_decode: pre-RoPE LSE rel err"
+                   : half_lut ? "test_quant_decode: LSE rel err (fp16 lookup tables)"
+                              : "test_quant_decode: LSE rel err (fp32 lookup tables)",
+                   el, half_lut ? 3e-3 : 3e-4);
     // fp16_logits: an fp32 dot of bf16 q and fp16 k (d products; the reference sums in double): 1e-5 of the
     // largest |score|; slots past the counts keep the NaN they were filled with (never written)
     const auto got_logits = download(logits.get(), logits.size());
@@ -360,6 +364,9 @@ void run_case(const QCase& c, std::mt19937& rng) {
       top = std::max(top, double(std::fabs(want_logits[i])));
     }
     INFO(fmt::format("fp16_logits: max error {:.3g} of max |score| {:.3g}", worst, top));
+    test::report_measured(c.pre_rope ? "test_quant_decode: pre-RoPE fp16_logits max err / max |score|"
+                                     : "test_quant_decode: fp16_logits max err / max |score|",
+                          worst / top, 1e-5);
     CHECK(worst <= 1e-5 * top);
     CHECK(wrong_written == 0);
   }
@@ -606,6 +613,7 @@ TEST_CASE("GPU quantize: nearest-centroid codes equal vq_encode and land packed 
         for (int g = 0; g < ng; ++g) CHECK(got[(size_t(n - 1) * Hkv + h) * ng + g] == -1);
       }
       CHECK(mismatches == 0);
+      test::report_measured("test_quant_decode: quantize nearest-centroid ties (count)", ties, 2);
       CHECK(ties <= 2);
       // the arena: each written (sequence, slot) unpacks to the codes; every other slot is untouched
       std::vector<bool> written(size_t(B) * cap, false);

@@ -230,6 +230,12 @@ KernelBenchResult run_kernel_bench(const KernelBenchOptions& opt, const std::fun
     say(fmt::format("prefill attention T={}: {:.3f} ms, {:.1f} TFLOP/s", T, r.prefill.back().ms,
                     r.prefill.back().tflops));
   }
+  for (int T : opt.anchor_tokens) {
+    r.anchor.push_back(bench_anchor_scores(T, opt.n_heads, opt.n_kv_heads, opt.head_dim, opt.iters, st.get()));
+    const auto& p = r.anchor.back();
+    say(fmt::format("anchor scores T={}: pass1 {:.3f} ms ({:.1f} TFLOP/s), pass2 {:.3f} ms ({:.1f} TFLOP/s)", T,
+                    p.ms_pass1, p.tflops_pass1, p.ms_pass2, p.tflops_pass2));
+  }
   const ModelConfig cfg = opt.e2e_config.hidden_size > 0 ? opt.e2e_config : llama3_8b_shape_config();
   for (auto [B, ctx] : opt.e2e_points) {
     r.e2e.push_back(bench_e2e(B, ctx, opt, cfg, r.copy_gbps));
@@ -256,6 +262,13 @@ std::string format_kernel_bench(const KernelBenchResult& r) {
   for (const auto& p : r.prefill)
     s += fmt::format("  {:6d}  {:3d}/{:<3d}  {:3d}  {:7.3f}  {:7.1f}\n", p.n_tokens, p.n_heads, p.n_kv_heads, p.head_dim,
                      p.ms, p.tflops);
+  if (!r.anchor.empty())
+    s += "\nanchor-score pass (fp32, causal; kernels/anchor)\n"
+         "  tokens  heads/kv  d    pass1-ms  TFLOP/s  pass2-ms  TFLOP/s  total-ms  workspace-MiB\n";
+  for (const auto& p : r.anchor)
+    s += fmt::format("  {:6d}  {:3d}/{:<3d}  {:3d}  {:8.3f}  {:7.1f}  {:8.3f}  {:7.1f}  {:8.3f}  {:13.1f}\n", p.n_tokens,
+                     p.n_heads, p.n_kv_heads, p.head_dim, p.ms_pass1, p.tflops_pass1, p.ms_pass2, p.tflops_pass2,
+                     p.ms_pass1 + p.ms_pass2, p.workspace_mib);
   s += "\nend-to-end decode (random weights, LLaMA-3-8B shapes; CUDA graph per step)\n"
        "  batch  context  ms/step  (eager)   tok/s  roofline-ms  roofline-tok/s  %roofline\n";
   for (const auto& p : r.e2e) {

@@ -1,5 +1,5 @@
-// kernels/bench/: benchmarks (this file: attention and end-to-end decode; quant_bench.h: quantized decode).
-// Kernel and end-to-end decode benchmark on the current CUDA device. Roofline: the measured device copy
+// kernels/bench/: benchmarks (this file: attention, the anchor-score pass and end-to-end decode; quant_bench.h:
+// quantized decode). Kernel and end-to-end decode benchmark on the current CUDA device. Roofline: the measured device copy
 // bandwidth (cudaMemcpy device-to-device of 2 GiB, bytes read + written, CUDA events after warm-up).
 #pragma once
 #include <cuda_runtime.h>
@@ -33,6 +33,15 @@ struct PrefillPoint {
   double tflops = 0;         // causal: 4 * d * heads * T(T+1)/2 flops
 };
 
+// The two passes of the GPU anchor scores (kernels/anchor/anchor_scores.h) over one window of fp32 q/k/v.
+struct AnchorScoresPoint {
+  int n_tokens = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  double ms_pass1 = 0, ms_pass2 = 0;
+  double tflops_pass1 = 0, tflops_pass2 = 0;  // each pass: two causal T x T x d products per query head,
+                                              // 4 * d * heads * T(T+1)/2 flops
+  double workspace_mib = 0;                   // AnchorScoreWorkspace (o, LSE, row statistics)
+};
+
 struct E2EPoint {
   int batch = 0, context = 0;
   bool ran = false;
@@ -53,6 +62,9 @@ struct KernelBenchOptions {
   std::vector<int> decode_waves = {1, 4, 16};  // split plans compared (plan_flash_decode's waves)
   int n_heads = 32, n_kv_heads = 8, head_dim = 128;  // LLaMA-3-8B attention
   std::vector<int> prefill_tokens = {2048, 8192};
+  // the anchor-score pass, same head shape (head_dim 64 or 128); none by default, so that antkv-eval bench of any
+  // model shape stays as it was; antkv-bench-kernels asks for 2048 and 8192
+  std::vector<int> anchor_tokens;
   std::vector<std::pair<int, int>> e2e_points = {{1, 32768}, {1, 131072}, {16, 32768}};  // (batch, context)
   ModelConfig e2e_config;    // default: llama3_8b_shape_config()
   int iters = 20;
@@ -64,6 +76,7 @@ struct KernelBenchResult {
   double copy_gbps = 0;
   std::vector<DecodeAttnPoint> decode;
   std::vector<PrefillPoint> prefill;
+  std::vector<AnchorScoresPoint> anchor;
   std::vector<E2EPoint> e2e;
 };
 
@@ -81,5 +94,10 @@ std::string format_kernel_bench(const KernelBenchResult& r);
 // events around >= min_iters back-to-back steps (and >= ~100 ms of work) after warm-up.
 DecodeAttnPoint bench_flash_decode(int B, int context, int n_heads, int n_kv_heads, int head_dim, int waves,
                                    int min_iters, double copy_gbps, cudaStream_t st);
+
+// The anchor-score pass (anchor_bench.cpp) on T tokens of random fp32 q/k/v: CUDA events around >= min_iters
+// back-to-back launches of each pass after warm-up. Checks that S_V sums to n_heads * T (every query row's
+// attention sums to 1), so a broken kernel is an error, not a time.
+AnchorScoresPoint bench_anchor_scores(int T, int n_heads, int n_kv_heads, int head_dim, int min_iters, cudaStream_t st);
 
 }  // namespace antkv::cuda
