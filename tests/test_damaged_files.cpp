@@ -496,6 +496,76 @@ TEST_CASE("damaged dump through antkv-train-codebook: exit 1, one error line nam
   }
 }
 
+TEST_CASE("a dump written before checksums (earliest HDF5 format, no Fletcher32, time stamps) still reads", "[io]") {
+  // What the writer made before: HDF5's default (earliest) format, datasets without the checksum filter (K/V
+  // chunked, the token arrays chunked with deflate), object times tracked, a /meta created time stamp.
+  const std::string path = test::temp_dir() + "/old.h5";
+  const int n = 40, kv = 2, d = 4;
+  std::vector<int32_t> ids(n);
+  for (int i = 0; i < n; ++i) ids[i] = 3 * i;
+  std::vector<uint16_t> half(size_t(n) * kv * d);
+  for (size_t i = 0; i < half.size(); ++i) half[i] = static_cast<uint16_t>(0x3c00 + i);  // 1.0 and up
+  std::vector<float> score(size_t(n) * kv, 2.0f);
+  {
+    H5::H5File f(path, H5F_ACC_TRUNC);
+    const auto put = [](H5::Group& g, const std::string& name, const H5::DataType& type, std::vector<hsize_t> dims,
+                        const void* data, bool chunked, bool deflate) {
+      H5::DSetCreatPropList props;
+      if (chunked) {
+        props.setChunk(static_cast<int>(dims.size()), dims.data());
+        if (deflate) props.setShuffle(), props.setDeflate(1);
+      }
+      g.createDataSet(name, type, H5::DataSpace(static_cast<int>(dims.size()), dims.data()), props).write(data, type);
+    };
+    H5::Group root = f.openGroup("/");
+    for (const char* name : {"tokens", "positions", "window"})
+      put(root, name, H5::PredType::NATIVE_INT32, {hsize_t(n)}, ids.data(), true, true);
+    const H5::FloatType half_type = [] {
+      H5::FloatType t(H5::PredType::IEEE_F32LE);
+      t.setFields(15, 10, 5, 0, 10);
+      t.setSize(2);
+      t.setEbias(15);
+      return t;
+    }();
+    H5::Group layer = f.createGroup("layer_0");
+    put(layer, "keys", half_type, {hsize_t(n), hsize_t(kv), hsize_t(d)}, half.data(), true, false);
+    put(layer, "values", half_type, {hsize_t(n), hsize_t(kv), hsize_t(d)}, half.data(), false, false);
+    for (const char* name : {"S_K", "S_V", "anchor_score"})
+      put(layer, name, H5::PredType::NATIVE_FLOAT, {hsize_t(n), hsize_t(kv)}, score.data(), false, false);
+    H5::Group meta = f.createGroup("meta");
+    const auto str = [&](const char* name, const std::string& v) {
+      H5::StrType t(H5::PredType::C_S1, std::max<size_t>(1, v.size()));
+      meta.createAttribute(name, t, H5::DataSpace(H5S_SCALAR)).write(t, v.empty() ? std::string(1, '\0') : v);
+    };
+    const auto num = [&](const char* name, int64_t v) {
+      meta.createAttribute(name, H5::PredType::STD_I64LE, H5::DataSpace(H5S_SCALAR)).write(H5::PredType::NATIVE_INT64, &v);
+    };
+    for (const auto& [k, v] : std::vector<std::pair<const char*, std::string>>{
+             {"kind", "antkv-calibration"}, {"model", "m"}, {"config_hash", "old"}, {"recipe", ""}, {"key_rope", "pre"},
+             {"anchor_score", "attention_mass"}, {"text", ""}, {"text_hash", ""}, {"version", "0.1"},
+             {"created", "2026-01-01T00:00:00Z"}})
+      str(k, v);
+    for (const auto& [k, v] : std::vector<std::pair<const char*, int64_t>>{
+             {"tokens", n}, {"seq_len", 20}, {"windows", 2}, {"seed", 1}, {"num_layers", 1}, {"num_kv_heads", kv},
+             {"head_dim", d}})
+      num(k, v);
+  }
+  CalibDumpReader r(path);
+  CHECK(r.meta().config_hash == "old");
+  CHECK(r.meta().key_rope == "pre");
+  CHECK(r.meta().kv_compression == "shuffle+deflate-1");  // files before the attribute
+  CHECK(r.tokens() == ids);
+  std::vector<uint16_t> back(half.size());
+  r.read_values_half(0, 0, n, back.data());
+  CHECK(back == half);
+  r.read_keys_half(0, 0, n, back.data());
+  CHECK(back == half);
+  std::vector<float> s(score.size());
+  r.read_scores(0, "anchor_score", 0, n, s.data());
+  CHECK(s == score);
+  CHECK_FALSE(r.has_query_moment());
+}
+
 TEST_CASE("same calibration inputs, same dump bytes (the dump's hash names its codebooks)", "[io][shared]") {
   const std::string model = test::model_dir("stories260K");
   const Checkpoint ckpt = Checkpoint::open(model);
@@ -528,4 +598,54 @@ TEST_CASE("same calibration inputs, same dump bytes (the dump's hash names its c
   std::this_thread::sleep_for(std::chrono::milliseconds(1100));
   write_codebooks(dir + "/b-cb.h5", small_set());
   CHECK(bytes_of(dir + "/a-cb.h5") == bytes_of(dir + "/b-cb.h5"));
+}
+
+TEST_CASE("antkv-eval run: a recomputed dump keeps its codebooks; a damaged codebook file is recomputed", "[io][shared]") {
+  const std::string dir = test::temp_dir();
+  const auto text_head = [&](const std::string& name, const std::string& shared, size_t bytes) {
+    const std::string p = dir + "/" + name;
+    std::ofstream(p, std::ios::binary) << read_file(test::shared_path(shared)).substr(0, bytes);
+    return p;
+  };
+  const std::string recipe = dir + "/r.yaml";
+  std::ofstream(recipe) << "name: t\nmodel: " << test::model_dir("stories260K") << "\ncalibration:\n  text: "
+                        << text_head("calib.txt", "data/books-calib.txt", 40000)
+                        << "\n  tokens: 2048\n  seq_len: 128\n  device: cpu\nquant:\n  bits: 1\nkmeans:\n  iters: 2\n"
+                        << "  device: cpu\neval:\n  texts: [" << text_head("valid.txt", "data/books-valid.txt", 8000)
+                        << "]\n  seq_len: 128\n  max_windows: 1\n  device: cpu\n  methods: [fp16, vq:bits=1]\nout_dir: "
+                        << dir << "/run\n";
+  const auto run = [&] {
+    const std::string err = dir + "/stderr.txt";
+    const int st = std::system((std::string("OMP_NUM_THREADS=2 ") + ANTKV_EVAL_PATH + " run --recipe " + recipe +
+                                " -q > /dev/null 2> " + err).c_str());
+    const std::string msg = read_file(err);
+    INFO(msg);
+    REQUIRE(WIFEXITED(st));
+    REQUIRE(WEXITSTATUS(st) == 0);
+    return msg;
+  };
+  run();
+  const std::string calib = dir + "/run/calib-post.h5";
+  std::string books;
+  for (const auto& e : fs::directory_iterator(dir + "/run/codebooks"))
+    if (e.path().extension() == ".h5") books = e.path().string();
+  REQUIRE(!books.empty());
+  const std::string calib_bytes = bytes_of(calib), books_bytes = bytes_of(books);
+
+  // the dump recomputed from the same inputs: the same bytes, so its codebooks are reused (before: retrained,
+  // "calibration dump (content) differs")
+  fs::remove(calib);
+  std::string msg = run();
+  CHECK_THAT(msg, Contains("computing " + calib + ": not made yet") && Contains("reusing " + books));
+  CHECK(bytes_of(calib) == calib_bytes);
+  CHECK(bytes_of(books) == books_bytes);
+
+  // a codebook file whose /meta num_layers reads 0: recomputed, saying why (before: 0 layers read back)
+  std::string b = books_bytes;
+  b[attribute_value_offset(b, "num_layers")] = 0;
+  write_bytes(books, b);
+  msg = run();
+  CHECK_THAT(msg, Contains("computing " + books + ": the existing file is unreadable (" + books + ": /meta") &&
+                      Contains(kDamaged));
+  CHECK(read_codebooks(books).meta.num_layers > 0);
 }
