@@ -144,8 +144,8 @@ std::string attr_object(const H5::H5Object& obj, const std::string& name) { retu
 H5::Attribute open_attr(const H5::H5Object& obj, const std::string& name, const std::string& file, H5T_class_t type_class,
                         const char* what) {
   const std::string object = attr_object(obj, name);
+  if (!has_attr(obj, name, file)) damaged(file, object, "missing");
   return read_guard(file, object, [&] {
-    if (!obj.attrExists(name)) damaged(file, object, "missing");
     H5::Attribute a = obj.openAttribute(name);
     if (a.getTypeClass() != type_class) damaged(file, object, fmt::format("not {}", what));
     if (a.getSpace().getSimpleExtentNpoints() != 1) damaged(file, object, "not a single value");
@@ -170,7 +170,8 @@ std::string shape_text(const std::vector<hsize_t>& dims) {
 }
 
 bool has_attr(const H5::H5Object& obj, const std::string& name, const std::string& file) {
-  return read_guard(file, attr_object(obj, name), [&] { return obj.attrExists(name); });
+  // a failure here is in the object's attribute storage (one checksummed block for all), not in `name` itself
+  return read_guard(file, name_of(obj) + " attributes", [&] { return obj.attrExists(name); });
 }
 
 std::string get_attr_string(const H5::H5Object& obj, const std::string& name, const std::string& file) {

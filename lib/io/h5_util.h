@@ -64,7 +64,7 @@ H5::DataSet open_checked_dataset(const H5::Group& parent, const std::string& nam
 // Reads rows [row0, row0 + rows) of a dataset opened by open_checked_dataset into data (mem_type).
 void read_rows(const H5::DataSet& ds, const H5::DataType& mem_type, hsize_t row0, hsize_t rows, void* data,
                const std::string& file);
-// Reads the whole dataset (of `count` elements, as checked by open_checked_dataset) into data.
+// Reads the whole dataset (opened by open_checked_dataset, so its size is known) into data.
 void read_all(const H5::DataSet& ds, const H5::DataType& mem_type, void* data, const std::string& file);
 std::vector<hsize_t> dims_of(const H5::DataSet& ds);
 std::string shape_text(const std::vector<hsize_t>& dims);  // "[6, 2, 16]"
@@ -90,7 +90,7 @@ auto guard(const std::string& path, F&& f) {
   }
 }
 
-// The last HDF5 error as one phrase (the innermost cause), for damaged().
+// The HDF5 error just raised as one phrase ("HDF5: <API call>: ... <innermost cause>"), for damaged().
 std::string hdf5_reason(const H5::Exception& e);
 
 template <typename F>
