@@ -187,7 +187,7 @@ TEST_CASE("uniform cache: keys per channel over token groups, values per token, 
 static std::shared_ptr<CodebookSet> tiny_codebooks(const std::string& key_rope, const std::string& weighting, std::mt19937& rng,
                                             std::normal_distribution<float>& nd, float scale = 1.0f) {
   auto cb = std::make_shared<CodebookSet>();
-  cb->meta = {"tiny", "", "", key_rope, weighting, "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
+  cb->meta = {"tiny", "", "", key_rope, weighting, "test", "", "", 4, 2, 4, 2, 1, 2, 8};
   for (auto* side : {&cb->keys, &cb->values}) {
     side->resize(1);
     (*side)[0].centroids.resize(2 * 2 * 4 * 4);
@@ -778,7 +778,7 @@ TEST_CASE("diagnostics: per-layer attention error with and without anchors, exac
 TEST_CASE("rotated VQ cache: mean + R^T VQ(R (x - mean)), with gain-shape, refused for other codebooks", "[quant]") {
   const ModelConfig cfg = tiny_config(2, 8);
   auto cb = std::make_shared<CodebookSet>();
-  cb->meta = {"tiny", "", "", "post", "none", "test", "", "", "", 4, 2, 4, 2, 1, 2, 8};
+  cb->meta = {"tiny", "", "", "post", "none", "test", "", "", 4, 2, 4, 2, 1, 2, 8};
   cb->meta.exclude_anchors = false;
   cb->meta.rotate = "pca";
   std::mt19937 rng(29);
@@ -852,7 +852,7 @@ TEST_CASE("rotated VQ cache: mean + R^T VQ(R (x - mean)), with gain-shape, refus
 TEST_CASE("task-metric VQ cache: nearest centroid in (x - c)^T L L^T (x - c), bits, refused for other codebooks", "[quant]") {
   const ModelConfig cfg = tiny_config(2, 8);
   auto cb = std::make_shared<CodebookSet>();
-  cb->meta = {"tiny", "", "", "post", "none", "test", "", "", "", 4, 3, 4, 3, 1, 2, 8};
+  cb->meta = {"tiny", "", "", "post", "none", "test", "", "", 4, 3, 4, 3, 1, 2, 8};
   cb->meta.exclude_anchors = false;
   cb->meta.metric = "task";
   std::mt19937 rng(31);
@@ -1037,7 +1037,7 @@ TEST_CASE("per-layer widths and anchor ratios: each layer as its own configurati
   std::normal_distribution<float> nd;
   auto make = [&](int kc, int kb, int vc, int vb) {
     auto cb = std::make_shared<CodebookSet>();
-    cb->meta = {"tiny", "", "", "post", "none", "test", "", "", "", kc, kb, vc, vb, 2, 2, 8};
+    cb->meta = {"tiny", "", "", "post", "none", "test", "", "", kc, kb, vc, vb, 2, 2, 8};
     cb->meta.exclude_anchors = false;
     for (auto* side : {&cb->keys, &cb->values}) {
       const int c = side == &cb->keys ? kc : vc, b = side == &cb->keys ? kb : vb;

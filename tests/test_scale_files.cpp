@@ -51,7 +51,6 @@ TEST_CASE("scale: codebook file of LLaMA-2-7B at 1 bit (32 layers x 32 heads x 1
   m.weighting = "anchor";
   m.trainer = "test";
   m.version = "test";
-  m.created = "now";
   m.fingerprint = "f";
   m.key_c = m.value_c = 8;
   m.key_b = m.value_b = 1;

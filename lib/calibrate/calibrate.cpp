@@ -566,7 +566,6 @@ CalibrationResult run_calibration(Runtime& rt, const Tokenizer& tok, const Calib
   m.text = o.text_path;
   m.text_hash = o.text_path.empty() ? "" : hash_file(o.text_path);
   m.version = o.version;
-  m.created = utc_timestamp();
   m.fingerprint = o.fingerprint;
   m.tokens = res.tokens_stored;
   m.seq_len = plan.seq_len;

@@ -420,7 +420,6 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
       key_metrics.push_back(task_metric(dump, l, true)), value_metrics.push_back(task_metric(dump, l, false));
   cm.trainer = o.trainer_name;
   cm.version = o.version;
-  cm.created = utc_timestamp();
   cm.fingerprint = o.fingerprint;
   cm.key_c = r.quant.keys.c;
   cm.key_b = r.quant.keys.b;

@@ -27,21 +27,6 @@ std::vector<Eigen::half> to_half(const float* x, size_t n) {
   return h;
 }
 
-// A dataset [0 (growing), inner...], chunked along the first axis; shuffle + deflate when level > 0.
-H5::DataSet create_growing(H5::Group& parent, const std::string& name, const H5::DataType& type,
-                           const std::vector<hsize_t>& inner, hsize_t chunk_rows, int deflate_level) {
-  std::vector<hsize_t> dims{0}, maxdims{H5S_UNLIMITED}, chunk{chunk_rows};
-  for (auto d : inner) dims.push_back(d), maxdims.push_back(d), chunk.push_back(d);
-  H5::DataSpace space(static_cast<int>(dims.size()), dims.data(), maxdims.data());
-  H5::DSetCreatPropList props;
-  props.setChunk(static_cast<int>(chunk.size()), chunk.data());
-  if (deflate_level > 0) {
-    props.setShuffle();
-    props.setDeflate(deflate_level);
-  }
-  return parent.createDataSet(name, type, space, props);
-}
-
 }  // namespace
 
 struct CalibDumpWriter::Impl {
@@ -68,19 +53,19 @@ CalibDumpWriter::CalibDumpWriter(const std::string& path, int num_layers, int nu
   h5::guard(path, [&] {
     impl_->file = h5::create_file(path);
     H5::Group root = impl_->file.openGroup("/");
-    impl_->tokens = create_growing(root, "tokens", H5::PredType::STD_I32LE, {}, 4096, 1);
-    impl_->positions = create_growing(root, "positions", H5::PredType::STD_I32LE, {}, 4096, 1);
-    impl_->windows = create_growing(root, "window", H5::PredType::STD_I32LE, {}, 4096, 1);
+    impl_->tokens = h5::create_growing(root, "tokens", H5::PredType::STD_I32LE, {}, 4096, 1);
+    impl_->positions = h5::create_growing(root, "positions", H5::PredType::STD_I32LE, {}, 4096, 1);
+    impl_->windows = h5::create_growing(root, "window", H5::PredType::STD_I32LE, {}, 4096, 1);
     const hsize_t kv = static_cast<hsize_t>(num_kv_heads), d = static_cast<hsize_t>(head_dim);
     const hsize_t rows = chunk_rows_for(num_kv_heads, head_dim);
     for (int l = 0; l < num_layers; ++l) {
       Impl::Layer L;
-      L.group = impl_->file.createGroup(layer_group(l));
-      L.keys = create_growing(L.group, "keys", impl_->half, {kv, d}, rows, deflate_level);
-      L.values = create_growing(L.group, "values", impl_->half, {kv, d}, rows, deflate_level);
-      L.s_k = create_growing(L.group, "S_K", H5::PredType::IEEE_F32LE, {kv}, rows, deflate_level);
-      L.s_v = create_growing(L.group, "S_V", H5::PredType::IEEE_F32LE, {kv}, rows, deflate_level);
-      L.score = create_growing(L.group, "anchor_score", H5::PredType::IEEE_F32LE, {kv}, rows, deflate_level);
+      L.group = h5::create_group(root, layer_group(l));
+      L.keys = h5::create_growing(L.group, "keys", impl_->half, {kv, d}, rows, deflate_level);
+      L.values = h5::create_growing(L.group, "values", impl_->half, {kv, d}, rows, deflate_level);
+      L.s_k = h5::create_growing(L.group, "S_K", H5::PredType::IEEE_F32LE, {kv}, rows, deflate_level);
+      L.s_v = h5::create_growing(L.group, "S_V", H5::PredType::IEEE_F32LE, {kv}, rows, deflate_level);
+      L.score = h5::create_growing(L.group, "anchor_score", H5::PredType::IEEE_F32LE, {kv}, rows, deflate_level);
       impl_->layers.push_back(std::move(L));
     }
     return 0;
@@ -151,7 +136,8 @@ void CalibDumpWriter::finish(const CalibMeta& m) {
         if (l < src->size() && !(*src)[l].empty())
           h5::write_dataset(impl_->layers[l].group, name, H5::PredType::IEEE_F32LE, H5::PredType::NATIVE_FLOAT, {kv, d, d},
                             (*src)[l].data());
-    H5::Group g = impl_->file.createGroup("meta");
+    H5::Group root = impl_->file.openGroup("/");
+    H5::Group g = h5::create_group(root, "meta");
     h5::set_attr(g, "kind", std::string("antkv-calibration"));
     h5::set_attr(g, "model", m.model);
     h5::set_attr(g, "config_hash", m.config_hash);
@@ -161,7 +147,6 @@ void CalibDumpWriter::finish(const CalibMeta& m) {
     h5::set_attr(g, "text", m.text);
     h5::set_attr(g, "text_hash", m.text_hash);
     h5::set_attr(g, "version", m.version);
-    h5::set_attr(g, "created", m.created);
     h5::set_attr(g, "fingerprint", m.fingerprint);
     h5::set_attr(g, "tokens", m.tokens);
     h5::set_attr(g, "seq_len", m.seq_len);
@@ -183,81 +168,97 @@ void CalibDumpWriter::finish(const CalibMeta& m) {
   });
 }
 
+// What a dump's /meta may say: counts beyond these are damage, refused before anything is allocated from them.
+constexpr int64_t kMaxLayers = 1024, kMaxKvHeads = 1024, kMaxHeadDim = 1024;
+constexpr int64_t kMaxCount = int64_t{1} << 40;  // tokens, windows, seq_len
+const std::vector<std::string> kKeyRopes = {"post", "pre"};
+const std::vector<std::string> kAnchorScores = {"", "error_bound", "attention_mass", "key_bound", "random", "recent"};
+
 struct CalibDumpReader::Impl {
   std::string path;
   H5::H5File file;
   CalibMeta meta;
   int64_t n = 0;
   bool query_moment = false, oproj_gram = false;  // every layer holds it
+
+  std::vector<hsize_t> rows_shape(bool per_channel) const {
+    std::vector<hsize_t> d{static_cast<hsize_t>(n), static_cast<hsize_t>(meta.num_kv_heads)};
+    if (per_channel) d.push_back(static_cast<hsize_t>(meta.head_dim));
+    return d;
+  }
+  std::vector<hsize_t> square_shape() const {
+    const auto kv = static_cast<hsize_t>(meta.num_kv_heads), d = static_cast<hsize_t>(meta.head_dim);
+    return {kv, d, d};
+  }
+  H5::DataSet open(const std::string& name, H5T_class_t cls, size_t size, const std::vector<hsize_t>& dims) const {
+    return h5::open_checked_dataset(file, name, path, cls, size, dims);
+  }
+  // keys/values ([n, kv, d] fp16) or a score ([n, kv] fp32) of one layer
+  H5::DataSet layer_rows(int layer, const std::string& name) const {
+    ANTKV_CHECK(layer >= 0 && layer < meta.num_layers, "{}: layer {} asked of a dump of {} layers", path, layer,
+                meta.num_layers);
+    const bool kv = name == "keys" || name == "values";
+    ANTKV_CHECK(kv || name == "S_K" || name == "S_V" || name == "anchor_score", "{}: no per-token array \"{}\"", path, name);
+    return open(layer_group(layer) + "/" + name, H5T_FLOAT, kv ? 2 : 4, rows_shape(kv));
+  }
 };
 
 CalibDumpReader::CalibDumpReader(const std::string& path) : impl_(new Impl) {
   h5::quiet_errors();
   impl_->path = path;
-  h5::guard(path, [&] {
-    ANTKV_CHECK(H5::H5File::isHdf5(path.c_str()), "{}: not an HDF5 file", path);
-    impl_->file = h5::open_file_read(path);
-    ANTKV_CHECK(impl_->file.nameExists("meta"), "{}: no /meta group: not a complete antkv calibration dump", path);
-    H5::Group g = impl_->file.openGroup("meta");
-    ANTKV_CHECK(h5::has_attr(g, "kind") && h5::get_attr_string(g, "kind", path) == "antkv-calibration",
-                "{}: not an antkv calibration dump (/meta kind is not antkv-calibration)", path);
-    CalibMeta& m = impl_->meta;
-    m.model = h5::get_attr_string(g, "model", path);
-    m.config_hash = h5::get_attr_string(g, "config_hash", path);
-    m.recipe = h5::get_attr_string(g, "recipe", path);
-    m.key_rope = h5::get_attr_string(g, "key_rope", path);
-    m.anchor_score = h5::get_attr_string(g, "anchor_score", path);
-    m.text = h5::get_attr_string(g, "text", path);
-    m.text_hash = h5::get_attr_string(g, "text_hash", path);
-    m.version = h5::get_attr_string(g, "version", path);
-    m.created = h5::get_attr_string(g, "created", path);
-    if (h5::has_attr(g, "fingerprint")) m.fingerprint = h5::get_attr_string(g, "fingerprint", path);
-    m.tokens = h5::get_attr_int(g, "tokens", path);
-    m.seq_len = h5::get_attr_int(g, "seq_len", path);
-    m.windows = h5::get_attr_int(g, "windows", path);
-    m.seed = h5::get_attr_int(g, "seed", path);
-    m.num_layers = h5::get_attr_int(g, "num_layers", path);
-    m.num_kv_heads = h5::get_attr_int(g, "num_kv_heads", path);
-    m.head_dim = h5::get_attr_int(g, "head_dim", path);
-    if (h5::has_attr(g, "sample_per_window")) m.sample_per_window = h5::get_attr_int(g, "sample_per_window", path);
-    m.kv_compression = h5::has_attr(g, "kv_compression") ? h5::get_attr_string(g, "kv_compression", path)
-                                                         : std::string("shuffle+deflate-1");  // files before it
-    const auto td = h5::dims_of(h5::open_dataset(impl_->file, "tokens"));
-    ANTKV_CHECK(td.size() == 1, "{}: /tokens must be one-dimensional", path);
-    impl_->n = static_cast<int64_t>(td[0]);
-    ANTKV_CHECK(impl_->n == m.tokens, "{}: /tokens holds {} tokens but /meta says {}", path, impl_->n, m.tokens);
-    for (int64_t l = 0; l < m.num_layers; ++l) {
-      const std::string gname = layer_group(static_cast<int>(l));
-      ANTKV_CHECK(impl_->file.nameExists(gname), "{}: missing group /{}", path, gname);
-      for (const char* ds : {"keys", "values"}) {
-        const auto d = h5::dims_of(h5::open_dataset(impl_->file, gname + "/" + ds));
-        ANTKV_CHECK(d.size() == 3 && static_cast<int64_t>(d[0]) == impl_->n &&
-                        static_cast<int64_t>(d[1]) == m.num_kv_heads && static_cast<int64_t>(d[2]) == m.head_dim,
-                    "{}: /{}/{} has the wrong shape", path, gname, ds);
+  impl_->file = h5::open_file_read(path);
+  const H5::H5File& f = impl_->file;
+  if (!h5::has_object(f, "meta", path))
+    h5::damaged(path, "/meta", "missing: not a complete antkv calibration dump");
+  const H5::Group g = h5::read_guard(path, "/meta", [&] { return f.openGroup("meta"); });
+  const std::string kind = h5::get_attr_string(g, "kind", path);
+  ANTKV_CHECK(kind != "antkv-codebooks", "{}: not an antkv calibration dump (a codebook file)", path);
+  if (kind != "antkv-calibration") h5::damaged(path, "/meta kind", fmt::format("reads \"{}\"", kind.substr(0, 40)));
+  CalibMeta& m = impl_->meta;
+  m.model = h5::get_attr_string(g, "model", path);
+  m.config_hash = h5::get_attr_string(g, "config_hash", path);
+  m.recipe = h5::get_attr_string(g, "recipe", path);
+  m.key_rope = h5::get_attr_choice(g, "key_rope", path, kKeyRopes);
+  m.anchor_score = h5::get_attr_choice(g, "anchor_score", path, kAnchorScores);
+  m.text = h5::get_attr_string(g, "text", path);
+  m.text_hash = h5::get_attr_string(g, "text_hash", path);
+  m.version = h5::get_attr_string(g, "version", path);
+  if (h5::has_attr(g, "fingerprint", path)) m.fingerprint = h5::get_attr_string(g, "fingerprint", path);
+  m.tokens = h5::get_attr_int(g, "tokens", path, 0, kMaxCount);
+  m.seq_len = h5::get_attr_int(g, "seq_len", path, 0, kMaxCount);
+  m.windows = h5::get_attr_int(g, "windows", path, 0, kMaxCount);
+  m.seed = h5::get_attr_int(g, "seed", path, INT64_MIN, INT64_MAX);
+  m.num_layers = h5::get_attr_int(g, "num_layers", path, 1, kMaxLayers);
+  m.num_kv_heads = h5::get_attr_int(g, "num_kv_heads", path, 1, kMaxKvHeads);
+  m.head_dim = h5::get_attr_int(g, "head_dim", path, 1, kMaxHeadDim);
+  if (h5::has_attr(g, "sample_per_window", path))
+    m.sample_per_window = h5::get_attr_int(g, "sample_per_window", path, 0, kMaxCount);
+  std::vector<std::string> compressions{"none"};
+  for (int level = 1; level <= 9; ++level) compressions.push_back("shuffle+deflate-" + std::to_string(level));
+  m.kv_compression = h5::has_attr(g, "kv_compression", path) ? h5::get_attr_choice(g, "kv_compression", path, compressions)
+                                                              : std::string("shuffle+deflate-1");  // files before it
+
+  // the groups present must be the layers /meta counts, every array the shape /meta gives it
+  int64_t layer_groups = 0;
+  for (const auto& name : h5::member_names(f, path)) layer_groups += name.rfind("layer_", 0) == 0;
+  if (layer_groups != m.num_layers)
+    h5::damaged(path, "/meta num_layers", fmt::format("reads {}, but the file holds {} layer groups", m.num_layers, layer_groups));
+  impl_->n = m.tokens;
+  for (const char* name : {"tokens", "positions", "window"})
+    impl_->open(name, H5T_INTEGER, 4, {static_cast<hsize_t>(m.tokens)});
+  for (int l = 0; l < m.num_layers; ++l)
+    for (const char* name : {"keys", "values", "S_K", "S_V", "anchor_score"}) impl_->layer_rows(l, name);
+  for (auto [ds, flag] : {std::pair<const char*, bool*>{"query_moment", &impl_->query_moment}, {"oproj_gram", &impl_->oproj_gram}}) {
+    *flag = true;
+    for (int l = 0; l < m.num_layers; ++l) {
+      const std::string name = layer_group(l) + "/" + ds;
+      if (!h5::has_object(f, name, path)) {
+        *flag = false;
+        continue;
       }
-      for (const char* ds : {"S_K", "S_V", "anchor_score"}) {
-        const auto d = h5::dims_of(h5::open_dataset(impl_->file, gname + "/" + ds));
-        ANTKV_CHECK(d.size() == 2 && static_cast<int64_t>(d[0]) == impl_->n &&
-                        static_cast<int64_t>(d[1]) == m.num_kv_heads,
-                    "{}: /{}/{} has the wrong shape", path, gname, ds);
-      }
+      impl_->open(name, H5T_FLOAT, 4, impl_->square_shape());
     }
-    for (auto [ds, flag] : {std::pair<const char*, bool*>{"query_moment", &impl_->query_moment}, {"oproj_gram", &impl_->oproj_gram}}) {
-      *flag = m.num_layers > 0;
-      for (int64_t l = 0; l < m.num_layers; ++l) {
-        const std::string name = layer_group(static_cast<int>(l)) + "/" + ds;
-        if (!impl_->file.nameExists(name)) {
-          *flag = false;
-          continue;
-        }
-        const auto d = h5::dims_of(h5::open_dataset(impl_->file, name));
-        ANTKV_CHECK(d == (std::vector<hsize_t>{static_cast<hsize_t>(m.num_kv_heads), static_cast<hsize_t>(m.head_dim),
-                                               static_cast<hsize_t>(m.head_dim)}),
-                    "{}: /{} has the wrong shape", path, name);
-      }
-    }
-    return 0;
-  });
+  }
 }
 
 CalibDumpReader::~CalibDumpReader() = default;
@@ -266,90 +267,78 @@ const std::string& CalibDumpReader::path() const { return impl_->path; }
 int64_t CalibDumpReader::n_tokens() const { return impl_->n; }
 
 namespace {
-std::vector<int32_t> read_ints(const H5::H5File& f, const char* name, int64_t n, const std::string& path) {
-  std::vector<int32_t> v(static_cast<size_t>(n));
-  h5::guard(path, [&] {
-    if (n) h5::read_rows(h5::open_dataset(f, name), H5::PredType::NATIVE_INT32, 0, n, v.data());
-    return 0;
-  });
+std::vector<int32_t> read_ints(const CalibDumpReader::Impl& d, const char* name) {
+  const H5::DataSet ds = d.open(name, H5T_INTEGER, 4, {static_cast<hsize_t>(d.n)});
+  std::vector<int32_t> v(static_cast<size_t>(d.n));
+  h5::read_rows(ds, H5::PredType::NATIVE_INT32, 0, static_cast<hsize_t>(d.n), v.data(), d.path);
   return v;
 }
 }  // namespace
 
-std::vector<int32_t> CalibDumpReader::tokens() const { return read_ints(impl_->file, "tokens", impl_->n, impl_->path); }
-std::vector<int32_t> CalibDumpReader::positions() const { return read_ints(impl_->file, "positions", impl_->n, impl_->path); }
-std::vector<int32_t> CalibDumpReader::windows() const { return read_ints(impl_->file, "window", impl_->n, impl_->path); }
+std::vector<int32_t> CalibDumpReader::tokens() const { return read_ints(*impl_, "tokens"); }
+std::vector<int32_t> CalibDumpReader::positions() const { return read_ints(*impl_, "positions"); }
+std::vector<int32_t> CalibDumpReader::windows() const { return read_ints(*impl_, "window"); }
 
 namespace {
 // HDF5's own half -> float conversion is a slow soft conversion (~10M values/s); read the raw halves and
 // convert them here.
-void read_halves(const H5::H5File& f, const std::string& name, int64_t row0, int64_t rows, float* out,
-                 const std::string& path) {
-  h5::guard(path, [&] {
-    H5::DataSet ds = h5::open_dataset(f, name);
-    const auto dims = h5::dims_of(ds);
-    size_t n = static_cast<size_t>(rows);
-    for (size_t i = 1; i < dims.size(); ++i) n *= dims[i];
-    std::vector<Eigen::half> raw(n);
-    h5::read_rows(ds, h5::half_type(), row0, rows, raw.data());
+void read_halves(const CalibDumpReader::Impl& d, int layer, const char* name, int64_t row0, int64_t rows, float* out) {
+  const H5::DataSet ds = d.layer_rows(layer, name);
+  ANTKV_CHECK(row0 >= 0 && rows >= 0 && row0 + rows <= d.n, "{}: rows {}..{} asked of {}", d.path, row0, row0 + rows, d.n);
+  const size_t n = static_cast<size_t>(rows) * static_cast<size_t>(d.meta.num_kv_heads * d.meta.head_dim);
+  std::vector<Eigen::half> raw(n);
+  h5::read_rows(ds, h5::half_type(), static_cast<hsize_t>(row0), static_cast<hsize_t>(rows), raw.data(), d.path);
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < static_cast<int64_t>(n); ++i) out[i] = static_cast<float>(raw[i]);
-    return 0;
-  });
+  for (int64_t i = 0; i < static_cast<int64_t>(n); ++i) out[i] = static_cast<float>(raw[i]);
+}
+
+void read_layer_rows(const CalibDumpReader::Impl& d, int layer, const char* name, const H5::DataType& mem_type,
+                     int64_t row0, int64_t rows, void* out) {
+  const H5::DataSet ds = d.layer_rows(layer, name);
+  ANTKV_CHECK(row0 >= 0 && rows >= 0 && row0 + rows <= d.n, "{}: rows {}..{} asked of {}", d.path, row0, row0 + rows, d.n);
+  h5::read_rows(ds, mem_type, static_cast<hsize_t>(row0), static_cast<hsize_t>(rows), out, d.path);
 }
 }  // namespace
 
 void CalibDumpReader::read_keys(int layer, int64_t row0, int64_t rows, float* out) const {
-  read_halves(impl_->file, layer_group(layer) + "/keys", row0, rows, out, impl_->path);
+  read_halves(*impl_, layer, "keys", row0, rows, out);
 }
 void CalibDumpReader::read_values(int layer, int64_t row0, int64_t rows, float* out) const {
-  read_halves(impl_->file, layer_group(layer) + "/values", row0, rows, out, impl_->path);
+  read_halves(*impl_, layer, "values", row0, rows, out);
 }
 void CalibDumpReader::read_keys_half(int layer, int64_t row0, int64_t rows, uint16_t* out) const {
-  h5::guard(impl_->path, [&] {
-    h5::read_rows(impl_->file.openDataSet(layer_group(layer) + "/keys"), h5::half_type(), row0, rows, out);
-    return 0;
-  });
+  read_layer_rows(*impl_, layer, "keys", h5::half_type(), row0, rows, out);
 }
 void CalibDumpReader::read_values_half(int layer, int64_t row0, int64_t rows, uint16_t* out) const {
-  h5::guard(impl_->path, [&] {
-    h5::read_rows(impl_->file.openDataSet(layer_group(layer) + "/values"), h5::half_type(), row0, rows, out);
-    return 0;
-  });
+  read_layer_rows(*impl_, layer, "values", h5::half_type(), row0, rows, out);
 }
 bool CalibDumpReader::has_query_moment() const { return impl_->query_moment; }
 bool CalibDumpReader::has_oproj_gram() const { return impl_->oproj_gram; }
 
 namespace {
-std::vector<float> read_square(const H5::H5File& f, const CalibMeta& m, int layer, const char* name, bool present,
-                               const std::string& path, const char* why) {
-  ANTKV_CHECK(present, "{}: the calibration dump has no /layer_{{l}}/{} ({}); recalibrate with this version{}", path, name,
+std::vector<float> read_square(const CalibDumpReader::Impl& d, int layer, const char* name, bool present, const char* why) {
+  ANTKV_CHECK(present, "{}: the calibration dump has no /layer_{{l}}/{} ({}); recalibrate with this version{}", d.path, name,
               why, std::string(name) == "query_moment" ? " (the GPU calibration stage computes it for head_dim a multiple "
                                                          "of 16 up to 256; otherwise calibration.device: cpu)"
                                                        : " (antkv-calibrate, which knows the model directory)");
-  std::vector<float> v(static_cast<size_t>(m.num_kv_heads * m.head_dim * m.head_dim));
-  h5::guard(path, [&] {
-    h5::open_dataset(f, layer_group(layer) + "/" + name).read(v.data(), H5::PredType::NATIVE_FLOAT);
-    return 0;
-  });
+  ANTKV_CHECK(layer >= 0 && layer < d.meta.num_layers, "{}: layer {} asked of a dump of {} layers", d.path, layer,
+              d.meta.num_layers);
+  const H5::DataSet ds = d.open(layer_group(layer) + "/" + name, H5T_FLOAT, 4, d.square_shape());
+  std::vector<float> v(static_cast<size_t>(d.meta.num_kv_heads * d.meta.head_dim * d.meta.head_dim));
+  h5::read_all(ds, H5::PredType::NATIVE_FLOAT, v.data(), d.path);
   return v;
 }
 }  // namespace
 
 std::vector<float> CalibDumpReader::read_query_moment(int layer) const {
-  return read_square(impl_->file, impl_->meta, layer, "query_moment", impl_->query_moment, impl_->path,
-                     "metric=task keys need the queries' second moment");
+  return read_square(*impl_, layer, "query_moment", impl_->query_moment, "metric=task keys need the queries' second moment");
 }
 std::vector<float> CalibDumpReader::read_oproj_gram(int layer) const {
-  return read_square(impl_->file, impl_->meta, layer, "oproj_gram", impl_->oproj_gram, impl_->path,
-                     "metric=task values need the o_proj Gram matrices");
+  return read_square(*impl_, layer, "oproj_gram", impl_->oproj_gram, "metric=task values need the o_proj Gram matrices");
 }
 
 void CalibDumpReader::read_scores(int layer, const char* name, int64_t row0, int64_t rows, float* out) const {
-  h5::guard(impl_->path, [&] {
-    h5::read_rows(h5::open_dataset(impl_->file, layer_group(layer) + "/" + name), H5::PredType::NATIVE_FLOAT, row0, rows, out);
-    return 0;
-  });
+  read_layer_rows(*impl_, layer, name, H5::PredType::NATIVE_FLOAT, row0, rows, out);
 }
 
 }  // namespace antkv

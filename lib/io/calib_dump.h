@@ -1,7 +1,8 @@
 // The calibration dump (design note §7), HDF5:
 //   /meta                       attributes: model, config_hash, recipe (YAML), tokens, seq_len, windows,
 //                               key_rope, anchor_score, seed, text, text_hash, num_layers, num_kv_heads,
-//                               head_dim, version, created
+//                               head_dim, version (nothing that varies between runs: the same inputs give the
+//                               same bytes, and a dump's content hash names it in its codebooks' fingerprint)
 //   /tokens     [N] int32       token id of each stored token
 //   /positions  [N] int32       its position in its window
 //   /window     [N] int32       its window's index
@@ -18,7 +19,9 @@
 // K/V, shuffle + deflate saves little (meta kv_compression says what was used) and costs one core's deflate
 // time, which bounded calibration at the 8B shape (see CalibDumpWriter).
 // Every per-token or per-codebook array is a dataset; /meta holds small scalar attributes only (HDF5
-// attributes stop at 64 KiB).
+// attributes stop at 64 KiB). Written in the HDF5 1.10 format (checksummed metadata), every dataset with the
+// Fletcher32 filter; the reader checks every value and shape, so a damaged file is one error line
+// "<file>: <object>: damaged or not an antkv file (...)", never a wrong value or a crash.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -28,7 +31,7 @@
 namespace antkv {
 
 struct CalibMeta {
-  std::string model, config_hash, recipe, key_rope, anchor_score, text, text_hash, version, created;
+  std::string model, config_hash, recipe, key_rope, anchor_score, text, text_hash, version;
   std::string fingerprint;  // what the dump depends on (antkv-eval run reuses a dump whose fingerprint matches)
   int64_t tokens = 0, seq_len = 0, windows = 0, seed = 0;
   int64_t num_layers = 0, num_kv_heads = 0, head_dim = 0;
@@ -63,6 +66,7 @@ class CalibDumpWriter {
 
 class CalibDumpReader {
  public:
+  struct Impl;  // opaque (public for the reader's helpers in calib_dump.cpp)
   explicit CalibDumpReader(const std::string& path);  // validates layout and shapes
   ~CalibDumpReader();
   const CalibMeta& meta() const;
@@ -85,7 +89,6 @@ class CalibDumpReader {
   std::vector<float> read_oproj_gram(int layer) const;
 
  private:
-  struct Impl;
   std::unique_ptr<Impl> impl_;
 };
 

@@ -1,6 +1,6 @@
 // Codebook files (design note §7), HDF5:
 //   /meta   attributes: config_hash, calib_hash, recipe (YAML), key_rope, weighting, exclude_anchors, gain, rotate, metric, key_c,
-//           key_b, value_c, value_b, num_layers, num_kv_heads, head_dim, trainer, version, created
+//           key_b, value_c, value_b, num_layers, num_kv_heads, head_dim, trainer, version
 //   /layer_{l}/key_centroids    [kv_heads, d/c, 2^b, c] fp32   (value_centroids likewise, with the value c, b)
 //   /layer_{l}/key_objective    [kv_heads, d/c] fp64   final weighted k-means objective per codebook
 //   /layer_{l}/key_iterations   [kv_heads, d/c] int32, /key_reseeded [kv_heads, d/c] int64
@@ -18,7 +18,7 @@
 namespace antkv {
 
 struct CodebookMeta {
-  std::string config_hash, calib_hash, recipe, key_rope, weighting, trainer, version, created;
+  std::string config_hash, calib_hash, recipe, key_rope, weighting, trainer, version;
   std::string fingerprint;  // what the codebooks depend on (antkv-eval run reuses matching ones)
   int key_c = 0, key_b = 0, value_c = 0, value_b = 0;
   int num_layers = 0, num_kv_heads = 0, head_dim = 0;
@@ -54,6 +54,7 @@ struct CodebookSet {
 };
 
 void write_codebooks(const std::string& path, const CodebookSet& set);  // path: caller renames into place
-CodebookSet read_codebooks(const std::string& path);                    // validates shapes
+// Validates every value and shape (a damaged file: "<path>: <object>: damaged or not an antkv file (...)").
+CodebookSet read_codebooks(const std::string& path);
 
 }  // namespace antkv

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -198,7 +199,12 @@ hid_t driver_id() {
 H5::FileAccPropList checked_fapl(bool strong_close) {
   H5::FileAccPropList fapl;
   ANTKV_CHECK(H5Pset_driver(fapl.getId(), driver_id(), nullptr) >= 0, "HDF5: cannot select the antkv_checked driver");
-  if (strong_close) fapl.setFcloseDegree(H5F_CLOSE_STRONG);
+  if (strong_close) {  // writing: the 1.10 file format, whose metadata (superblock, object headers, chunk
+                       // indexes, attribute heaps) carries checksums, so damaged metadata is a read error too
+    fapl.setFcloseDegree(H5F_CLOSE_STRONG);
+    ANTKV_CHECK(H5Pset_libver_bounds(fapl.getId(), H5F_LIBVER_V110, H5F_LIBVER_V110) >= 0,
+                "HDF5: cannot select the 1.10 file format");
+  }
   return fapl;
 }
 
@@ -235,7 +241,14 @@ ObjectContext::~ObjectContext() { t_object = std::move(previous_); }
 
 std::string error_stack_summary() { return t_stack_summary; }
 void reset_error_stack_summary() { t_stack_summary.clear(); }
-void install_error_handler() { H5Eset_auto2(H5E_DEFAULT, on_error, nullptr); }
+void install_error_handler() {
+  H5Eset_auto2(H5E_DEFAULT, on_error, nullptr);
+  // HDF5 closes itself at exit, in an atexit handler registered when it started (before this one, so it runs
+  // after it). An error while it closes (a damaged file's metadata still cached) must not reach on_error: its
+  // H5Ewalk2 would start the library's packages again, and HDF5 loops and prints "infinite loop closing library".
+  static const bool once = std::atexit([] { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }) == 0;
+  (void)once;
+}
 
 std::string recorded_failure(const std::string& path) {
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -262,11 +275,20 @@ H5::H5File open_checked(const std::string& path, unsigned flags, bool writable, 
   forget_failure(path);
   reset_error_stack_summary();
   try {
-    return H5::H5File(path, flags, H5::FileCreatPropList::DEFAULT, checked_fapl(writable));
+    H5::FileCreatPropList fcpl;  // the root group without time stamps, like every object we create
+    if (writable && H5Pset_obj_track_times(fcpl.getId(), false) < 0) fail("HDF5: cannot turn object time tracking off");
+    return H5::H5File(path, flags, writable ? fcpl : H5::FileCreatPropList::DEFAULT, checked_fapl(writable));
   } catch (const H5::Exception& e) {
     const std::string why = recorded_failure(path);
     forget_failure(path);
-    fail("{}: {}", shown, !why.empty() ? why : fmt::format("cannot {}: {}", verb, error_stack_summary()));
+    if (!why.empty()) fail("{}: {}", shown, why);
+    if (writable) fail("{}: cannot {}: {}", shown, verb, error_stack_summary());
+    // the file is there and readable, but HDF5 cannot make sense of its first bytes
+    const std::string stack = error_stack_summary();
+    reset_error_stack_summary();
+    const bool hdf5 = H5Fis_hdf5(path.c_str()) > 0;
+    fail("{}: superblock: damaged or not an antkv file ({})", shown,
+         hdf5 ? "HDF5: " + stack : std::string("not an HDF5 file"));
   }
 }
 }  // namespace

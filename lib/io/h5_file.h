@@ -15,7 +15,8 @@ namespace antkv::h5 {
 // Creates (truncates) path for writing through the checked driver; H5F_CLOSE_STRONG, so closing the file
 // closes every object still open in it.
 H5::H5File create_file(const std::string& path);
-// Opens path read-only through the checked driver (an OS error names its reason).
+// Opens path read-only through the checked driver: an OS error names its reason; a file HDF5 cannot open is
+// "<path>: superblock: damaged or not an antkv file (...)".
 H5::H5File open_file_read(const std::string& path);
 // Closes the file (and every object still open in it); throws antkv::Error naming the file and the OS
 // reason when any write to it failed, or when closing failed.
