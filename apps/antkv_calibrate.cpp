@@ -73,6 +73,12 @@ int main(int argc, char** argv) {
 
     Checkpoint ckpt = Checkpoint::open(recipe.model);
     Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+    const std::string text = read_text_file(recipe.calibration.text);
+    auto ids = tok.encode(text, true);
+    check_token_ids(ids, ckpt, recipe.calibration.text);
+    const CalibrationPlan plan =
+        plan_calibration(std::move(ids), recipe.calibration.tokens, recipe.calibration.seq_len, recipe.calibration.stride,
+                         recipe.calibration.text, calibration_min_tokens(recipe));
     std::fprintf(stderr, "%s\n", device_line.c_str());  // after the inputs' checks: an error stays one line
     std::unique_ptr<Runtime> rt;
     AnchorScoreFn anchor_fn;  // default: CPU
@@ -92,12 +98,6 @@ int main(int argc, char** argv) {
       o.kv_dtype = KvDType::kF32;  // calibration sees the model's own full-precision K/V
       rt = std::make_unique<CpuRuntime>(ckpt, o);
     }
-    const std::string text = read_text_file(recipe.calibration.text);
-    auto ids = tok.encode(text, true);
-    check_token_ids(ids, ckpt, recipe.calibration.text);
-    const CalibrationPlan plan =
-        plan_calibration(std::move(ids), recipe.calibration.tokens, recipe.calibration.seq_len, recipe.calibration.stride,
-                         recipe.calibration.text, calibration_min_tokens(recipe));
     if (!quiet || plan.dropped_tokens > 0)  // tokens left out are said even when quiet
       std::fprintf(stderr, "calibrating %s on %s (%s), on %s\n", recipe.model.c_str(), recipe.calibration.text.c_str(),
                    calibration_plan_line(plan).c_str(), rt->device_name().c_str());
