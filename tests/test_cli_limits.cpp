@@ -109,7 +109,7 @@ TEST_CASE("run folder lock: held by one run, named in the error, stale locks tak
   CHECK_FALSE(fs::exists(dir + "/antkv-run.lock"));
 }
 
-TEST_CASE("CLI: a second run into a locked folder fails naming the pid; a stale lock is taken over",
+TEST_CASE("CLI: a second run into a locked folder fails naming the pid, a stale lock is taken over",
           "[cli_limits][cli][shared]") {
   const std::string dir = test::temp_dir();
   const std::string recipe = small_recipe(dir, "model: " + stories());
@@ -209,7 +209,7 @@ TEST_CASE("CLI: out-of-range counts are one-line errors before any work", "[cli_
   CHECK_FALSE(fs::exists(dir + "/run"));
 }
 
-TEST_CASE("checkpoint: every tensor used, every expected tensor present with its shape; config values checked",
+TEST_CASE("checkpoint: every tensor used, every expected tensor present with its shape, config values checked",
           "[cli_limits][model]") {
   const std::string dir = test::temp_dir();
   test::SyntheticCheckpoint sc;
@@ -288,7 +288,7 @@ TEST_CASE("CLI: ppl --recipe, diagnose and train-codebook refuse dumps and codeb
   CHECK_THAT(r.err, Contains("ppl --recipe: --text is an option of ppl --model"));
 }
 
-TEST_CASE("CLI: usage errors are one line with exit 2; errors name the file and the key", "[cli_limits][cli][shared]") {
+TEST_CASE("CLI: usage errors are one line with exit 2, errors name the file and the key", "[cli_limits][cli][shared]") {
   const std::string dir = test::temp_dir();
   Cli r = run_cli(kEval + " frobnicate --x 1");
   CHECK(r.code == 2);
