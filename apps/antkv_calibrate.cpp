@@ -9,11 +9,14 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/interrupt.h"
+#include "core/limits.h"
 #include "core/output_check.h"
 #include "core/text_file.h"
 #include "model/checkpoint.h"
 #include "runtime/cpu_runtime.h"
+#include "eval/compare.h"
 #include "tokenizer/tokenizer.h"
+#include "cli_errors.h"
 #ifdef ANTKV_HAVE_CUDA
 #include "kernels/calibrate/calib_stage.h"
 #include "kernels/runtime/gpu_runtime.h"
@@ -39,10 +42,18 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "CPU threads (0 = all cores)");
   app.add_flag("--force", force, "overwrite an existing output");
   app.add_flag("--quiet,-q", quiet, "no progress line");
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return exit_on_usage_error(app, e, "antkv-calibrate");
+  }
   install_interrupt_handler();
   try {
-    if (max_tokens > 0) sets.push_back("calibration.tokens=" + std::to_string(max_tokens));
+    check_count(threads, limits::kThreads, "--threads");
+    if (app.count("--max-tokens")) {  // given: checked as calibration.tokens is, not dropped when out of range
+      check_count(max_tokens, limits::kTokens, "--max-tokens");
+      sets.push_back("calibration.tokens=" + std::to_string(max_tokens));
+    }
     if (!device.empty()) sets.push_back("calibration.device=" + device);
     Recipe recipe = Recipe::load(recipe_path, sets);
     const std::string device_line = resolve_recipe_devices(recipe, {"calibration.device"});
@@ -62,6 +73,12 @@ int main(int argc, char** argv) {
 
     Checkpoint ckpt = Checkpoint::open(recipe.model);
     Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+    const std::string text = read_text_file(recipe.calibration.text);
+    auto ids = tok.encode(text, true);
+    check_token_ids(ids, ckpt, recipe.calibration.text);
+    const CalibrationPlan plan =
+        plan_calibration(std::move(ids), recipe.calibration.tokens, recipe.calibration.seq_len, recipe.calibration.stride,
+                         recipe.calibration.text, calibration_min_tokens(recipe));
     std::fprintf(stderr, "%s\n", device_line.c_str());  // after the inputs' checks: an error stays one line
     std::unique_ptr<Runtime> rt;
     AnchorScoreFn anchor_fn;  // default: CPU
@@ -81,10 +98,6 @@ int main(int argc, char** argv) {
       o.kv_dtype = KvDType::kF32;  // calibration sees the model's own full-precision K/V
       rt = std::make_unique<CpuRuntime>(ckpt, o);
     }
-    const std::string text = read_text_file(recipe.calibration.text);
-    auto ids = tok.encode(text, true);
-    const CalibrationPlan plan =
-        plan_calibration(std::move(ids), recipe.calibration.tokens, recipe.calibration.seq_len, recipe.calibration.stride);
     if (!quiet || plan.dropped_tokens > 0)  // tokens left out are said even when quiet
       std::fprintf(stderr, "calibrating %s on %s (%s), on %s\n", recipe.model.c_str(), recipe.calibration.text.c_str(),
                    calibration_plan_line(plan).c_str(), rt->device_name().c_str());
@@ -99,6 +112,8 @@ int main(int argc, char** argv) {
     co.anchor_fn = anchor_fn;
     co.device_stage = device_stage;
     co.progress = !quiet;
+    // what the dump depends on, the weights included: train-codebook, ppl and diagnose check provenance with it
+    co.fingerprint = calibration_fingerprint(recipe, ckpt.content_hash(), recipe.key_rope);
     CalibrationResult res;
     try {
       res = run_calibration(*rt, tok, plan, co);

@@ -17,16 +17,20 @@
 #include "core/error.h"
 #include "core/hash.h"
 #include "core/interrupt.h"
+#include "core/limits.h"
+#include "core/run_lock.h"
 #include "core/output_check.h"
 #include "core/text_file.h"
 #include "core/system_info.h"
 #include "eval/compare.h"
 #include "eval/diagnostics.h"
+#include "eval/fingerprint.h"
 #include "eval/perplexity.h"
 #include "model/checkpoint.h"
 #include "model/model_shapes.h"
 #include "runtime/cpu_runtime.h"
 #include "tokenizer/tokenizer.h"
+#include "cli_errors.h"
 #ifdef ANTKV_HAVE_CUDA
 #include "kernels/anchor/anchor_score_fn.h"
 #include "kernels/anchor/anchor_scores.h"
@@ -77,9 +81,12 @@ int run_ppl(PplArgs a) {
   const WindowProtocol protocol = !a.protocol.empty() ? parse_window_protocol(a.protocol)
                                   : a.window_bos     ? WindowProtocol::kBosWindow
                                                      : WindowProtocol::kSingleBos;
+  check_count(a.threads, limits::kThreads, "--threads");
+  check_count(a.seq_len, limits::kSeqLen, "--seq-len");
+  check_count(a.prefill_chunk, limits::kTokenCount, "--prefill-chunk");
+  check_count(a.max_windows, limits::kWindows, "--max-windows");
+  check_count(a.first_window, limits::kFirstWindow, "--first-window");
   ANTKV_CHECK(fs::is_regular_file(a.text), "{}: text file not found", a.text);
-  ANTKV_CHECK(a.max_windows != 0, "--max-windows 0: nothing to evaluate (give at least 1, or leave it out for every "
-              "window)");
   if (!a.json_out.empty()) {  // checked before the evaluation, not after
     OutputCheck outputs;
     outputs.input(a.text, "--text");
@@ -96,6 +103,7 @@ int run_ppl(PplArgs a) {
   const auto t_tok = std::chrono::steady_clock::now();
   const std::string text = read_text_file(a.text);
   const std::vector<int32_t> ids = tok.encode(text, /*add_special=*/true);
+  check_token_ids(ids, ckpt, a.text);
   const double tok_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_tok).count();
   if (!a.quiet)
     std::fprintf(stderr, "%s: %zu tokens (tokenized in %.1f s), model %s on %s\n", a.text.c_str(), ids.size(),
@@ -112,6 +120,7 @@ int run_ppl(PplArgs a) {
   o.protocol = protocol;
   o.max_windows = a.max_windows;
   o.first_window = a.first_window;
+  o.text_name = a.text;
   o.prefill_chunk = a.prefill_chunk;
   o.progress = !a.quiet;
   PerplexityResult r;
@@ -156,7 +165,7 @@ struct RecipeArgs {
   std::string recipe, out, codebooks;
   std::vector<std::string> sets;
   int threads = 0;
-  bool quiet = false, force = false;
+  bool quiet = false, force = false, allow_other_weights = false;
 };
 
 MethodRuntimeFactory method_factory(const Checkpoint& ckpt, const Recipe& r, int threads) {
@@ -181,6 +190,13 @@ void check_results_folder(const std::string& out_dir, const Recipe& r) {
   for (const auto& t : r.eval.texts) outputs.input(t, "eval.texts");
   outputs.output_folder(out_dir, "results folder");
   outputs.check();
+}
+
+// The recipe's checkpoint; checked before any folder is made (a recipe without `model` leaves nothing behind).
+Checkpoint open_recipe_model(const Recipe& r) {
+  ANTKV_CHECK(!r.model.empty(), "{}: key \"model\" is not set (the checkpoint directory to evaluate)",
+              r.source.empty() ? "recipe" : r.source);
+  return Checkpoint::open(r.model);
 }
 
 void write_results(const std::vector<MethodResult>& res, const Recipe& r, const std::string& out_dir,
@@ -208,17 +224,27 @@ Recipe load_run_recipe(const RecipeArgs& a, const std::vector<std::string>& devi
 }
 
 int run_recipe_ppl(const RecipeArgs& a) {
+  check_count(a.threads, limits::kThreads, "--threads");
   std::string device_line;
   const Recipe r = load_run_recipe(a, {"eval.device"}, &device_line);
   const std::string out_dir = r.out_dir;
-  check_results_folder(out_dir, r);
-  Checkpoint ckpt = Checkpoint::open(r.model);
+  Checkpoint ckpt = open_recipe_model(r);
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  const RunFolderLock lock(out_dir);  // results.* of the folder are written by one run at a time
+  check_results_folder(out_dir, r);
+  {  // the results of the run already in the folder are replaced only when asked
+    OutputCheck results;
+    for (const char* f : {"results.json", "results.csv", "results.txt"})
+      results.output((fs::path(out_dir) / f).string(), "the results of the run in " + out_dir, a.force);
+    results.check();
+  }
   std::fprintf(stderr, "%s\n", device_line.c_str());
   CompareOptions o;
   o.recipe = &r;
   o.codebook_dir = !a.codebooks.empty() ? a.codebooks : (fs::path(r.out_dir) / "codebooks").string();
   o.make_runtime = method_factory(ckpt, r, a.threads);
+  o.ckpt = &ckpt;
+  o.allow_other_weights = a.allow_other_weights;
   o.progress = !a.quiet;
   std::vector<MethodResult> res;
   try {
@@ -231,14 +257,17 @@ int run_recipe_ppl(const RecipeArgs& a) {
 }
 
 int run_pipeline_cmd(const RecipeArgs& a) {
+  check_count(a.threads, limits::kThreads, "--threads");
   std::string device_line;
   const Recipe r = load_run_recipe(a, {"calibration.device", "kmeans.device", "eval.device"}, &device_line);
   const std::string out_dir = r.out_dir;  // --out (folded into the recipe) holds every stage's output
+  Checkpoint ckpt = open_recipe_model(r);
+  Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  // one run owns the folder until it ends: its reuse decisions, stages and results are not mixed with another's
+  const RunFolderLock lock(out_dir);
   // every folder the stages and the results go to, checked before the first stage
   check_results_folder(out_dir, r);
   check_results_folder((fs::path(r.out_dir) / "codebooks").string(), r);
-  Checkpoint ckpt = Checkpoint::open(r.model);
-  Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
   std::fprintf(stderr, "%s\n", device_line.c_str());
   PipelineOptions o;
   o.recipe = &r;
@@ -288,6 +317,7 @@ int run_pipeline_cmd(const RecipeArgs& a) {
 }
 
 int run_diagnose(const RecipeArgs& a, const std::string& text, const std::string& json_out) {
+  check_count(a.threads, limits::kThreads, "--threads");
   Recipe r = Recipe::load(a.recipe, a.sets);
   if (!a.out.empty()) r.out_dir = fs::absolute(a.out).lexically_normal().string();
   if (!json_out.empty()) {
@@ -298,7 +328,7 @@ int run_diagnose(const RecipeArgs& a, const std::string& text, const std::string
     outputs.output(json_out, "--json", a.force);
     outputs.check();
   }
-  Checkpoint ckpt = Checkpoint::open(r.model);
+  Checkpoint ckpt = open_recipe_model(r);
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
   std::fprintf(stderr, "device: cpu (diagnose runs on the CPU whatever eval.device says)\n");
   const std::vector<std::string> texts = text.empty() ? r.eval.texts : std::vector<std::string>{text};
@@ -312,6 +342,7 @@ int run_diagnose(const RecipeArgs& a, const std::string& text, const std::string
     o.text = t;
     o.codebook_dir = !a.codebooks.empty() ? a.codebooks : (fs::path(r.out_dir) / "codebooks").string();
     o.threads = a.threads;
+    o.allow_other_weights = a.allow_other_weights;
     o.progress = !a.quiet;
     const auto res = diagnose_methods(o);
     std::printf("%s\n%s", t.c_str(), diagnostics_table(res).c_str());
@@ -368,7 +399,15 @@ nlohmann::json method_point_json(const cuda::MethodDecodePoint& p) {
 }
 #endif
 
+void check_bench_counts(const BenchArgs& a) {
+  for (int b : a.batches) check_count(b, limits::kBatch, "--batch");
+  for (int c : a.contexts) check_count(c, limits::kContext, "--context");
+  check_count(a.iters, limits::kIterations, "--iters");
+  check_count(a.max_batch, limits::kBatch, "--max-batch");
+}
+
 int run_method_bench_cmd(const BenchArgs& a, bool max_context) {
+  check_bench_counts(a);
 #ifdef ANTKV_HAVE_CUDA
   check_json_output(a);
   const ModelConfig cfg = bench_config(a);
@@ -413,6 +452,7 @@ int run_method_bench_cmd(const BenchArgs& a, bool max_context) {
 
 int run_bench(const BenchArgs& a) {
   if (!a.methods.empty()) return run_method_bench_cmd(a, false);
+  check_bench_counts(a);
 #ifdef ANTKV_HAVE_CUDA
   check_json_output(a);
   const ModelConfig cfg = bench_config(a);
@@ -475,14 +515,14 @@ int main(int argc, char** argv) {
   ppl->add_option("--codebooks", ra.codebooks, "folder of codebook files (default <out_dir>/codebooks)")->needs(ppl_recipe);
   ppl->add_option("--out", ra.out, "the run's folder: results.{json,csv,txt} there, codebooks from DIR/codebooks "
                   "(default the recipe's out_dir)")->needs(ppl_recipe);
-  ppl->add_option("--seq-len", p.seq_len, "window length in tokens")->capture_default_str()->check(CLI::Range(2, 1 << 24));
+  ppl->add_option("--seq-len", p.seq_len, "window length in tokens")->capture_default_str();
   ppl->add_flag("--window-bos,!--no-window-bos", p.window_bos,
                 "bos_window protocol (BOS + seq_len-1 text tokens per window; default) or single_bos");
   ppl->add_option("--protocol", p.protocol, "bos_window | single_bos (overrides --window-bos)")
       ->check(CLI::IsMember({"bos_window", "single_bos"}));
   ppl->add_option("--prefill-chunk", p.prefill_chunk,
                   "prefill windows longer than this in chunks of this many tokens (0: whole windows)")
-      ->capture_default_str()->check(CLI::Range(0, 1 << 24));
+      ->capture_default_str();
   ppl->add_option("--max-windows", p.max_windows, "evaluate at most N windows (quick runs); default all");
   ppl->add_option("--first-window", p.first_window, "index of the first window to evaluate")->capture_default_str();
   ppl->add_option("--device", p.device, "auto (the GPU when one is usable, else the CPU) | cpu | cuda")
@@ -491,7 +531,9 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(CLI::IsMember({"fp16", "bf16", "fp32"}));
   ppl->add_option("--threads", p.threads, "CPU threads (0 = all cores)")->capture_default_str();
   ppl->add_option("--json", p.json_out, "write the result (with per-window NLL) to this JSON file");
-  ppl->add_flag("--force", p.force, "overwrite an existing --json file");
+  ppl->add_flag("--force", p.force, "overwrite an existing --json file (with --recipe: the results in --out)");
+  ppl->add_flag("--allow-other-weights", ra.allow_other_weights, "with --recipe: use codebooks made from other weights "
+                "than the recipe's model (a warning instead of an error)")->needs(ppl_recipe);
   ppl->add_flag("--quiet,-q", p.quiet, "no progress line");
 
   auto* run = app.add_subcommand("run", "the whole pipeline: calibrate -> train-codebook -> ppl, reusing matching outputs");
@@ -514,6 +556,8 @@ int main(int argc, char** argv) {
   diag->add_option("--text", diag_text, "one text instead of eval.texts");
   diag->add_option("--json", diag_json, "write the figures as JSON");
   diag->add_flag("--force", ra.force, "overwrite an existing --json file");
+  diag->add_flag("--allow-other-weights", ra.allow_other_weights, "use codebooks made from other weights than the "
+                 "recipe's model (a warning instead of an error)");
   diag->add_option("--threads", ra.threads, "CPU threads (0 = all cores)");
   diag->add_flag("--quiet,-q", ra.quiet, "no progress line");
 
@@ -548,17 +592,30 @@ int main(int argc, char** argv) {
   auto* shapes = app.add_subcommand("shapes", "the named model shapes of bench/max-context --shape and scripts/scale_run.py");
   shapes->add_option("--format", shapes_format, "table | json (the config.json fields of each shape)")
       ->capture_default_str()->check(CLI::IsMember({"table", "json"}));
+  if (const std::string sub = unknown_subcommand(app, argc, argv); !sub.empty()) {
+    std::fprintf(stderr, "antkv-eval: error: unknown subcommand \"%s\" (ppl, run, diagnose, bench, max-context; see "
+                 "antkv-eval --help)\n", sub.c_str());
+    return 2;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    return exit_on_usage_error(app, e, "antkv-eval");
   }
   install_interrupt_handler();
   try {
     if (*ppl) {
       ra.threads = p.threads;
       ra.quiet = p.quiet;
-      if (!ra.recipe.empty()) return run_recipe_ppl(ra);
+      ra.force = p.force;
+      if (!ra.recipe.empty()) {
+        // the recipe names the model, the texts and the windows: options of the one-model form would be ignored
+        for (const char* opt : {"--model", "--text", "--json", "--seq-len", "--protocol", "--window-bos", "--max-windows",
+                                "--first-window", "--device", "--kv-dtype", "--prefill-chunk"})
+          ANTKV_CHECK(ppl->count(opt) == 0, "ppl --recipe: {} is an option of ppl --model; with --recipe the recipe "
+                      "sets it (--set model=DIR, --set eval.texts=[FILE], --set eval.seq_len=N, ...)", opt);
+        return run_recipe_ppl(ra);
+      }
       ANTKV_CHECK(!p.model.empty() && !p.text.empty(), "ppl: give --model and --text, or --recipe");
       return run_ppl(p);
     }

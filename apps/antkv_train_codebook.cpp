@@ -11,7 +11,11 @@
 #include "core/error.h"
 #include "core/interrupt.h"
 #include "core/output_check.h"
+#include "eval/fingerprint.h"
+#include "io/calib_dump.h"
+#include "model/checkpoint.h"
 #include "model/model_config.h"
+#include "cli_errors.h"
 #ifdef ANTKV_HAVE_CUDA
 #include "kernels/kmeans/kmeans.h"
 #endif
@@ -23,7 +27,7 @@ int main(int argc, char** argv) {
   CLI::App app{"antkv-train-codebook: weighted k-means VQ codebooks for every layer, KV head and channel group"};
   std::string recipe_path, calib, out, report, device;
   std::vector<std::string> sets;
-  bool force = false, quiet = false;
+  bool force = false, quiet = false, allow_other_weights = false;
   app.add_option("--recipe", recipe_path, "recipe YAML")->required();
   app.add_option("--calib", calib, "calibration dump from antkv-calibrate")->required();
   app.add_option("--out", out, "output codebook HDF5 file")->required();
@@ -33,7 +37,13 @@ int main(int argc, char** argv) {
   app.add_option("--report", report, "summary JSON (default: <out>.report.json)");
   app.add_flag("--force", force, "overwrite an existing output");
   app.add_flag("--quiet,-q", quiet, "no progress line");
-  CLI11_PARSE(app, argc, argv);
+  app.add_flag("--allow-other-weights", allow_other_weights, "use a dump made from other weights than the recipe's "
+               "model (a warning instead of an error)");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return exit_on_usage_error(app, e, "antkv-train-codebook");
+  }
   install_interrupt_handler();
   try {
     if (!device.empty()) sets.push_back("kmeans.device=" + device);
@@ -54,7 +64,18 @@ int main(int argc, char** argv) {
     TrainCodebooksOptions o;
     o.recipe = &recipe;
     o.calib_path = calib;
-    if (!recipe.model.empty()) o.expected_config_hash = load_model_config(recipe.model + "/config.json").config_hash;
+    std::string model_hash;  // the weights the dump came from, recorded in the codebooks' fingerprint
+    {
+      const std::string dump_fingerprint = CalibDumpReader(calib).meta().fingerprint;
+      model_hash = fingerprint_field(dump_fingerprint, kModelContentField);
+      if (!recipe.model.empty()) {  // provenance: the dump must come from the recipe's weights
+        const Checkpoint ckpt = Checkpoint::open(recipe.model);
+        o.expected_config_hash = ckpt.config().config_hash;
+        check_same_weights(calib, dump_fingerprint, ckpt.content_hash(), recipe.model, allow_other_weights);
+      }
+    }
+    if (!model_hash.empty())
+      o.fingerprint = make_fingerprint({{"stage", "codebooks"}, {kModelContentField, model_hash}});
     o.version = ANTKV_VERSION;
     o.progress = !quiet;
     if (recipe.kmeans.device == "cuda") {

@@ -148,8 +148,8 @@ TEST_CASE("antkv-eval run --out DIR: every stage's output lands in DIR, nothing 
   CHECK(fs::is_empty(cwd));  // no runs/<name> in the current folder
   CHECK_THAT(c.out, Contains("plot: /usr/bin/python3 scripts/plot_results.py " +
                              fs::weakly_canonical(dir + "/run").string() + "/results.json"));
-  // ppl and diagnose with the same --out read the codebooks from DIR
-  const auto p = run_without_gpu(cwd, std::string(ANTKV_EVAL_PATH) + " ppl --recipe ../r.yaml --out ../run -q");
+  // ppl and diagnose with the same --out read the codebooks from DIR (ppl replaces the run's results: --force)
+  const auto p = run_without_gpu(cwd, std::string(ANTKV_EVAL_PATH) + " ppl --recipe ../r.yaml --out ../run --force -q");
   INFO(p.err);
   CHECK(p.rc == 0);
 }

@@ -462,11 +462,11 @@ TEST_CASE("CLI: zero windows is an error, dPPL without fp16 is n/a, invalid UTF-
   const std::string recipe = small_recipe(dir, model);
   CliResult r = run_sh(eval_bin() + " ppl --model " + model + " --text " + dir + "/valid.txt --max-windows 0 -q");
   CHECK(r.code == 1);
-  CHECK_THAT(r.err, Contains("--max-windows 0: nothing to evaluate"));
+  CHECK_THAT(r.err, Contains("--max-windows = 0 is out of range: give 1..4294967296, or -1 for every window"));
   for (const char* cmd : {" ppl", " diagnose", " run"}) {  // the recipe is refused before any stage runs
     r = run_sh(eval_bin() + cmd + " --recipe " + recipe + " --set eval.max_windows=0 -q");
     CHECK(r.code == 1);
-    CHECK_THAT(r.err, Contains("key \"eval.max_windows\" must be at least 1, or -1"));
+    CHECK_THAT(r.err, Contains("key \"eval.max_windows\" = 0 is out of range: give 1..4294967296, or -1"));
   }
   CHECK_FALSE(fs::exists(dir + "/run"));
   std::ofstream(dir + "/bad.txt", std::ios::binary) << "The text \xc3\x28 goes on.";

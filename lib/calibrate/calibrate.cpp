@@ -36,8 +36,16 @@ std::vector<int32_t> CalibrationPlan::window(int64_t c, int32_t bos) const {
   return w;
 }
 
-CalibrationPlan plan_calibration(std::vector<int32_t> ids, int64_t tokens, int seq_len, int stride) {
-  ANTKV_CHECK(ids.size() >= 2, "calibration text: too short ({} tokens)", ids.size());
+int64_t calibration_min_tokens(const Recipe& r) {
+  return int64_t{1} << std::max(r.quant.keys.b, r.quant.values.b);
+}
+
+CalibrationPlan plan_calibration(std::vector<int32_t> ids, int64_t tokens, int seq_len, int stride,
+                                 const std::string& text_name, int64_t min_text_tokens) {
+  const int64_t text_tokens = static_cast<int64_t>(ids.size()) - 1;  // after BOS
+  ANTKV_CHECK(text_tokens >= std::max<int64_t>(1, min_text_tokens),
+              "{}: too short for calibration: {} tokens of text, fewer than the {} the codebooks need (one per "
+              "centroid at least)", text_name, std::max<int64_t>(0, text_tokens), std::max<int64_t>(1, min_text_tokens));
   CalibrationPlan p;
   p.seq_len = seq_len;
   p.stride = stride > 0 ? stride : seq_len - 1;

@@ -31,7 +31,12 @@ struct CalibrationPlan {
 // Windows of `tokens` text tokens: window c starts at text token c*stride (bos_window layout). A last window
 // with fewer than half a window's text tokens (e.g. 4096 tokens in windows of 2048: a third window of 2) is
 // dropped, its tokens counted in dropped_tokens; a single window is kept however short.
-CalibrationPlan plan_calibration(std::vector<int32_t> ids, int64_t tokens, int seq_len, int stride);
+// The text (text_name in errors) must give at least min_text_tokens tokens after BOS: codebooks of 2^b centroids
+// need 2^b calibration tokens (calibration_min_tokens), so a shorter text is refused here, not by k-means later.
+CalibrationPlan plan_calibration(std::vector<int32_t> ids, int64_t tokens, int seq_len, int stride,
+                                 const std::string& text_name = "calibration text", int64_t min_text_tokens = 1);
+// The fewest calibration text tokens codebooks of the recipe's quant.keys / quant.values (2^b centroids) train on.
+int64_t calibration_min_tokens(const Recipe& r);
 // "calibration: 16376 text tokens in 8 windows of 2048 (the last 8 tokens, less than half a window, are left out)"
 std::string calibration_plan_line(const CalibrationPlan& p);
 

@@ -75,9 +75,17 @@ void handle_stale(const fs::path& p, long pid, std::vector<std::string>& notes) 
 
 }  // namespace
 
+void check_output_name(const std::string& final_path) {
+  const std::string name = fs::path(final_path).filename().string();
+  ANTKV_CHECK(name.size() <= kMaxOutputNameBytes, "{}: the file name is {} bytes; an output's name may have at most {} "
+              "(the file system's 255 less 24 for the suffix of its temporary, .tmp-<pid>-<random>)", final_path,
+              name.size(), kMaxOutputNameBytes);
+}
+
 AtomicFile::AtomicFile(std::string final_path)
     : final_path_(std::move(final_path)),
       temp_path_(final_path_ + ".tmp-" + std::to_string(static_cast<long>(getpid())) + "-" + random_suffix()) {
+  check_output_name(final_path_);
   std::lock_guard<std::mutex> lock(g_mutex);
   g_live[temp_path_] = final_path_;
 }

@@ -10,6 +10,12 @@
 
 namespace antkv {
 
+// The longest file name an output may have: NAME_MAX (255) less the 24 bytes of the temporary's suffix
+// ".tmp-<pid up to 10 digits>-<8 hex>". Longer names are refused by check_output_name (called by AtomicFile and
+// OutputCheck) with one line naming the limit, instead of failing on the temporary's name.
+constexpr size_t kMaxOutputNameBytes = 255 - 24;
+void check_output_name(const std::string& final_path);
+
 class AtomicFile {
  public:
   explicit AtomicFile(std::string final_path);

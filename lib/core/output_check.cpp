@@ -68,6 +68,7 @@ void OutputCheck::check() const {
   for (size_t i = 0; i < outputs_.size(); ++i) {
     const Entry& o = outputs_[i];
     ANTKV_CHECK(!o.path.empty(), "{}: empty output path", o.what);
+    check_output_name(o.path);
     std::error_code ec;
     ANTKV_CHECK(!fs::is_directory(o.path, ec), "{}: is a folder ({} must be a file)", o.path, o.what);
     for (const Entry& in : inputs_)

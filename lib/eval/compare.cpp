@@ -1,5 +1,6 @@
 #include "eval/compare.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -32,7 +33,8 @@ MethodRuntimeFactory cpu_method_runtime_factory(const Checkpoint& ckpt, int thre
 }
 
 std::map<std::string, std::shared_ptr<const CodebookSet>> load_method_codebooks(const std::vector<MethodSpec>& methods,
-                                                                               const std::string& dir) {
+                                                                               const std::string& dir,
+                                                                               const Checkpoint* ckpt, bool allow_other_weights) {
   std::map<std::string, std::shared_ptr<const CodebookSet>> books;
   std::vector<MethodSpec> files;  // one spec per codebook file (per-layer widths: one per width pair)
   for (const auto& m : methods)
@@ -45,6 +47,7 @@ std::map<std::string, std::shared_ptr<const CodebookSet>> load_method_codebooks(
                 "the whole pipeline with `antkv-eval run`)", m.text, p);
     auto set = std::make_shared<const CodebookSet>(read_codebooks(p));
     const CodebookMeta& cm = set->meta;
+    if (ckpt) check_same_weights(p, cm.fingerprint, ckpt->content_hash(), ckpt->dir(), allow_other_weights);
     ANTKV_CHECK(cm.key_c == m.keys.c && cm.key_b == m.keys.b && cm.value_c == m.values.c && cm.value_b == m.values.b &&
                     cm.weighting == option_name(m.weighting) && cm.exclude_anchors == m.exclude_anchors &&
                     cm.key_rope == option_name(m.key_rope) && cm.gain == option_name(m.gain) &&
@@ -82,11 +85,12 @@ std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOpt
   ANTKV_CHECK(!r.eval.texts.empty(), "{}: key \"eval.texts\" lists no text", r.source.empty() ? "recipe" : r.source);
   std::vector<MethodSpec> methods;
   for (const auto& s : r.eval.methods) methods.push_back(parse_method(s, r));
-  auto books = load_method_codebooks(methods, o.codebook_dir);
+  auto books = load_method_codebooks(methods, o.codebook_dir, o.ckpt, o.allow_other_weights);
   std::vector<MethodResult> out;
   for (const auto& text : r.eval.texts) {
     ANTKV_CHECK(fs::is_regular_file(text), "{}: evaluation text not found", text);
     const auto ids = tok.encode(read_text_file(text), true);
+    if (o.ckpt) check_token_ids(ids, *o.ckpt, text);
     if (o.progress)
       std::fprintf(stderr, "%s\n", windows_line(fs::path(text).filename().string(), static_cast<int64_t>(ids.size()),
                                                 r.eval.seq_len, parse_window_protocol(r.eval.protocol), 0,
@@ -101,6 +105,7 @@ std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOpt
       po.protocol = parse_window_protocol(r.eval.protocol);
       po.max_windows = r.eval.max_windows;
       po.seq_len_name = "eval.seq_len";
+      po.text_name = text;
       po.decode_from = r.eval.decode_from;
       if (r.eval.kv_cache == "real") po.prefill_chunk = 0;  // the compressed cache takes one prefill chunk
       po.progress = o.progress;
@@ -209,7 +214,7 @@ std::string results_csv(const std::vector<MethodResult>& rs) {
 std::string calibration_fingerprint(const Recipe& r, const std::string& model_hash, KeyRope key_rope) {
   const auto& c = r.calibration;
   return make_fingerprint({{"stage", "calibration"},
-                           {"model content (XXH3-128 of config, every safetensors byte, tokenizer.json)", model_hash},
+                           {kModelContentField, model_hash},
                            {"calibration.text (content)", c.text.empty() ? "" : hash_file(c.text)},
                            {"calibration.tokens", std::to_string(c.tokens)},
                            {"calibration.seq_len", std::to_string(c.seq_len)},
@@ -222,7 +227,8 @@ std::string calibration_fingerprint(const Recipe& r, const std::string& model_ha
                            {"anchor.ratio", fmt::format("{}", r.anchor.ratio)}});
 }
 
-std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std::string& calib_hash) {
+std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std::string& calib_hash,
+                                 const std::string& model_hash) {
   const auto& k = r.kmeans;
   std::vector<std::pair<std::string, std::string>> fields = {{"stage", "codebooks"},
                            {"calibration dump (content)", calib_hash},
@@ -242,6 +248,8 @@ std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std
   if (m.gain != Gain::kOff) fields.emplace_back("kmeans.gain", option_name(m.gain));
   if (m.rotate != Rotate::kOff) fields.emplace_back("kmeans.rotate", option_name(m.rotate));
   if (m.metric != Metric::kPlain) fields.emplace_back("kmeans.metric", option_name(m.metric));
+  // the weights the dump came from, so that commands without the dump (ppl --recipe, diagnose) can check them
+  if (!model_hash.empty()) fields.emplace_back(kModelContentField, model_hash);
   return make_fingerprint(fields);
 }
 
@@ -276,8 +284,15 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
       Recipe rc = r;
       rc.key_rope = m.key_rope;
       auto rt = o.make_calibration_runtime();
-      const auto plan = plan_calibration(o.tok->encode(read_text_file(r.calibration.text), true), r.calibration.tokens,
-                                         r.calibration.seq_len, r.calibration.stride);
+      int max_b = 1;  // the largest codebooks trained on this dump: 2^b centroids need 2^b calibration tokens
+      for (const auto& x : methods)
+        for (const auto& spec : x.needs_codebooks() && x.key_rope == m.key_rope ? x.codebook_specs() : std::vector<MethodSpec>{})
+          max_b = std::max({max_b, spec.keys.b, spec.values.b});
+      std::vector<int32_t> ids = o.tok->encode(read_text_file(r.calibration.text), true);
+      check_token_ids(ids, *o.ckpt, r.calibration.text);
+      const auto plan = plan_calibration(std::move(ids), r.calibration.tokens,
+                                         r.calibration.seq_len, r.calibration.stride, r.calibration.text,
+                                         int64_t{1} << max_b);
       if (o.progress) std::fprintf(stderr, "%s\n", calibration_plan_line(plan).c_str());
       AtomicFile f(path);
       CalibrationOptions co;
@@ -312,7 +327,7 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
     const std::string path = (fs::path(r.out_dir) / "codebooks" / m.codebook_file()).string();
     auto h = dump_hashes.find(m.key_rope);
     if (h == dump_hashes.end()) h = dump_hashes.emplace(m.key_rope, hash_file(dumps[m.key_rope])).first;
-    const std::string fp = codebook_fingerprint(r, m, h->second);
+    const std::string fp = codebook_fingerprint(r, m, h->second, o.ckpt->content_hash());
     const ReuseDecision d = decide_reuse(path, fp, o.force, [](const std::string& p) {
       return read_codebooks(p).meta.fingerprint;
     });
@@ -351,6 +366,7 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
   co.recipe = &r;
   co.codebook_dir = (fs::path(r.out_dir) / "codebooks").string();
   co.make_runtime = o.make_method_runtime;
+  co.ckpt = o.ckpt;
   co.progress = o.progress;
   return compare_methods(*o.tok, co);
 }

@@ -38,15 +38,22 @@ struct CompareOptions {
   const Recipe* recipe = nullptr;
   std::string codebook_dir;   // where <MethodSpec::codebook_file()> files are
   MethodRuntimeFactory make_runtime;
+  // The evaluated checkpoint: each text's token ids are checked against its vocabulary, each codebook file against
+  // its weights (eval/fingerprint.h check_same_weights; allow_other_weights: a warning). Null: neither check.
+  const Checkpoint* ckpt = nullptr;
+  bool allow_other_weights = false;
   bool progress = true;
 };
 
 std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOptions& o);
 
 // The codebook files the methods need, from `dir` (named MethodSpec::codebook_file()), each loaded once;
-// a missing file is an error naming the method and the path.
+// a missing file is an error naming the method and the path. With ckpt, each file must come from its weights
+// (check_same_weights; allow_other_weights: a warning).
 std::map<std::string, std::shared_ptr<const CodebookSet>> load_method_codebooks(const std::vector<MethodSpec>& methods,
-                                                                               const std::string& dir);
+                                                                               const std::string& dir,
+                                                                               const Checkpoint* ckpt = nullptr,
+                                                                               bool allow_other_weights = false);
 
 // One table (method rows, text columns), the JSON object, the CSV.
 std::string results_table(const std::vector<MethodResult>& r);
@@ -56,7 +63,9 @@ std::string results_csv(const std::vector<MethodResult>& r);
 // Fingerprints of what an output depends on (stored in its /meta; equal -> reusable; see eval/fingerprint.h).
 // model_hash: Checkpoint::content_hash() (config, every weight byte, tokenizer).
 std::string calibration_fingerprint(const Recipe& r, const std::string& model_hash, KeyRope key_rope);
-std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std::string& calib_hash);
+// model_hash: the weights the dump came from (recorded so that ppl --recipe and diagnose can check codebooks).
+std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std::string& calib_hash,
+                                 const std::string& model_hash = "");
 
 struct PipelineOptions {
   const Recipe* recipe = nullptr;

@@ -136,7 +136,7 @@ std::vector<MethodDiagnostics> diagnose_methods(const DiagnoseOptions& o) {
   ANTKV_CHECK(std::filesystem::is_regular_file(o.text), "{}: text not found", o.text);
   std::vector<MethodSpec> methods;
   for (const auto& s : r.eval.methods) methods.push_back(parse_method(s, r));
-  auto books = load_method_codebooks(methods, o.codebook_dir);
+  auto books = load_method_codebooks(methods, o.codebook_dir, o.ckpt, o.allow_other_weights);
   std::vector<DiagnosticKvCache::Compared> compared;
   for (const auto& m : methods) compared.push_back({m, m.needs_codebooks() ? books[m.codebook_key()] : nullptr});
   CpuRuntimeOptions ro;
@@ -149,9 +149,12 @@ std::vector<MethodDiagnostics> diagnose_methods(const DiagnoseOptions& o) {
   po.seq_len = r.eval.seq_len;
   po.protocol = parse_window_protocol(r.eval.protocol);
   po.max_windows = r.eval.max_windows;
+  po.seq_len_name = "eval.seq_len";  // diagnose has no --seq-len
+  po.text_name = o.text;
   po.progress = o.progress;
   po.progress_label = "diagnostics on " + std::filesystem::path(o.text).filename().string();
   const auto ids = o.tok->encode(read_text_file(o.text), true);
+  check_token_ids(ids, *o.ckpt, o.text);
   evaluate_perplexity(rt, ids, o.tok->bos_id(), po);
   return diag->results();
 }

@@ -71,6 +71,7 @@ struct DiagnoseOptions {
   const Tokenizer* tok = nullptr;
   std::string text, codebook_dir;
   int threads = 0;
+  bool allow_other_weights = false;  // codebooks of other weights than ckpt's: a warning instead of an error
   bool progress = true;
 };
 std::vector<MethodDiagnostics> diagnose_methods(const DiagnoseOptions& o);

@@ -1,5 +1,6 @@
 #include "eval/fingerprint.h"
 
+#include <cstdio>
 #include <filesystem>
 #include <map>
 #include <sstream>
@@ -54,6 +55,30 @@ std::string fingerprint_difference(const std::string& stored, const std::string&
     if (!d.empty()) diff += (diff.empty() ? "" : "; ") + d;
   }
   return diff.empty() ? "the fingerprints differ" : diff;
+}
+
+const char* const kModelContentField = "model content (XXH3-128 of config, every safetensors byte, tokenizer.json)";
+
+std::string fingerprint_field(const std::string& fingerprint, const std::string& field) {
+  std::vector<std::pair<std::string, std::string>> fields;
+  if (!parse(fingerprint, fields)) return "";
+  for (const auto& [k, v] : fields)
+    if (k == field) return v;
+  return "";
+}
+
+void check_same_weights(const std::string& file, const std::string& stored, const std::string& model_hash,
+                        const std::string& model_dir, bool allow_other) {
+  const std::string recorded = fingerprint_field(stored, kModelContentField);
+  if (!recorded.empty() && recorded == model_hash) return;
+  const std::string what =
+      recorded.empty()
+          ? fmt::format("{}: does not record the weights it was made from (made by an older antkv), so it cannot be "
+                        "checked against {}", file, model_dir)
+          : fmt::format("{}: made from other weights than {}: model content {} in the file, {} now", file, model_dir,
+                        shorten(recorded), shorten(model_hash));
+  if (!allow_other) fail("{} (remake it, or pass --allow-other-weights to use it anyway)", what);
+  std::fprintf(stderr, "warning: %s; used anyway (--allow-other-weights)\n", what.c_str());
 }
 
 ReuseDecision decide_reuse(const std::string& path, const std::string& wanted, bool force,

@@ -15,6 +15,18 @@ std::string make_fingerprint(const std::vector<std::pair<std::string, std::strin
 // 9c1e.. now)"; a fingerprint of an older antkv (not of this format) is described as such.
 std::string fingerprint_difference(const std::string& stored, const std::string& wanted);
 
+// The field of a dump's or codebook file's fingerprint that holds the content hash of the model it was made
+// from (Checkpoint::content_hash(): config, every safetensors byte, tokenizer.json).
+extern const char* const kModelContentField;
+// The value of `field` in a fingerprint; "" when the fingerprint does not record it.
+std::string fingerprint_field(const std::string& fingerprint, const std::string& field);
+// Provenance: whether `file` (a calibration dump or codebook file whose /meta fingerprint is `stored`) was made from
+// the weights of the checkpoint model_dir, whose content hash is model_hash. Used by every command that reads such
+// a file (`run` through its fingerprints). When not, throws antkv::Error "<file>: made from other weights than
+// <model_dir>: <what differs>"; with allow_other (--allow-other-weights) prints it to stderr as a warning instead.
+void check_same_weights(const std::string& file, const std::string& stored, const std::string& model_hash,
+                        const std::string& model_dir, bool allow_other);
+
 struct ReuseDecision {
   bool reuse = false;
   std::string message;  // one line: "reusing X (...)" or "computing X: <why>"

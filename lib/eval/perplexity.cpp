@@ -72,8 +72,8 @@ PerplexityResult evaluate_perplexity(Runtime& rt, const std::vector<int32_t>& id
   r.decode_from = o.decode_from;
   r.first_window = o.first_window;
   r.windows_available = count_windows(static_cast<int64_t>(ids.size()), o.seq_len, o.protocol);
-  ANTKV_CHECK(r.windows_available > 0, "the text has {} tokens: not enough for one window of {}", ids.size(),
-              o.seq_len);
+  ANTKV_CHECK(r.windows_available > 0, "{}: {} tokens, not enough for one window of {} ({})", o.text_name, ids.size(),
+              o.seq_len, o.seq_len_name);
   ANTKV_CHECK(o.first_window >= 0 && o.first_window < r.windows_available,
               "first window {} out of range (the text has {} windows)", o.first_window, r.windows_available);
   ANTKV_CHECK(o.max_windows != 0, "max windows is 0: nothing to evaluate (give at least 1, or leave it out for every "

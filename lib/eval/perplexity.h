@@ -45,6 +45,8 @@ struct PerplexityOptions {
   int decode_from = 0;
   // How the user sets seq_len (named in errors): "--seq-len" or "eval.seq_len".
   std::string seq_len_name = "--seq-len";
+  // The text the ids come from (named in errors: a text too short for one window).
+  std::string text_name = "the text";
 };
 
 

@@ -79,6 +79,13 @@ std::string Checkpoint::find_non_finite_weight() const {
   return "";
 }
 
+void check_token_ids(const std::vector<int32_t>& ids, const Checkpoint& ckpt, const std::string& text_path) {
+  const int64_t vocab = ckpt.config().vocab_size;
+  for (const int32_t id : ids)
+    ANTKV_CHECK(id >= 0 && id < vocab, "{}: token id {} (from {}) is outside the model's vocabulary of {} ({}/config.json): "
+                "the tokenizer is of another model", text_path, id, ckpt.tokenizer_path(), vocab, ckpt.dir());
+}
+
 void rethrow_with_weight_check(const NonFinite& e, const Checkpoint& ckpt) {
   const std::string w = ckpt.find_non_finite_weight();
   if (w.empty()) throw NonFinite(fmt::format("{} (every weight of {} is finite)", e.what(), ckpt.dir()));
@@ -133,23 +140,36 @@ Checkpoint Checkpoint::open(const std::string& dir) {
   const int64_t h = m.hidden_size, q = m.q_dim(), kv = m.kv_dim(), f = m.intermediate_size;
   c.tensor("model.embed_tokens.weight", {m.vocab_size, h});
   c.tensor("model.norm.weight", {h});
+  std::set<std::string> used = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                               "model.rotary_emb.inv_freq"};
+  auto expect = [&](const std::string& name, const std::vector<int64_t>& shape) {
+    c.tensor(name, shape);
+    used.insert(name);
+  };
   c.lm_head();
   for (int l = 0; l < m.num_layers; ++l) {
-    c.tensor(layer_name(l, "input_layernorm.weight"), {h});
-    c.tensor(layer_name(l, "post_attention_layernorm.weight"), {h});
-    c.tensor(layer_name(l, "self_attn.q_proj.weight"), {q, h});
-    c.tensor(layer_name(l, "self_attn.k_proj.weight"), {kv, h});
-    c.tensor(layer_name(l, "self_attn.v_proj.weight"), {kv, h});
-    c.tensor(layer_name(l, "self_attn.o_proj.weight"), {h, q});
-    c.tensor(layer_name(l, "mlp.gate_proj.weight"), {f, h});
-    c.tensor(layer_name(l, "mlp.up_proj.weight"), {f, h});
-    c.tensor(layer_name(l, "mlp.down_proj.weight"), {h, f});
+    expect(layer_name(l, "input_layernorm.weight"), {h});
+    expect(layer_name(l, "post_attention_layernorm.weight"), {h});
+    expect(layer_name(l, "self_attn.q_proj.weight"), {q, h});
+    expect(layer_name(l, "self_attn.k_proj.weight"), {kv, h});
+    expect(layer_name(l, "self_attn.v_proj.weight"), {kv, h});
+    expect(layer_name(l, "self_attn.o_proj.weight"), {h, q});
+    expect(layer_name(l, "mlp.gate_proj.weight"), {f, h});
+    expect(layer_name(l, "mlp.up_proj.weight"), {f, h});
+    expect(layer_name(l, "mlp.down_proj.weight"), {h, f});
     if (m.attention_bias) {
-      c.tensor(layer_name(l, "self_attn.q_proj.bias"), {q});
-      c.tensor(layer_name(l, "self_attn.k_proj.bias"), {kv});
-      c.tensor(layer_name(l, "self_attn.v_proj.bias"), {kv});
+      expect(layer_name(l, "self_attn.q_proj.bias"), {q});
+      expect(layer_name(l, "self_attn.k_proj.bias"), {kv});
+      expect(layer_name(l, "self_attn.v_proj.bias"), {kv});
     }
+    used.insert(layer_name(l, "self_attn.rotary_emb.inv_freq"));  // a buffer some exports carry; RoPE is recomputed
   }
+  // Every tensor of the checkpoint is used: one left over means config.json describes another model (fewer
+  // layers, no biases) and the results would silently be those of a part of it.
+  for (const auto& [name, t] : c.index_)
+    ANTKV_CHECK(used.count(name), "{}: tensor \"{}\" ({}) is not used by the model config.json describes "
+                "(num_hidden_layers {}{}): config.json and the weights do not match", dir, name, t->file, m.num_layers,
+                m.attention_bias ? "" : ", no attention biases");
   return c;
 }
 

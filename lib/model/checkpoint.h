@@ -47,6 +47,10 @@ class Checkpoint {
   mutable std::string content_hash_;
 };
 
+// Token ids of `text_path` (from this checkpoint's tokenizer.json) must be inside the model's vocabulary; an id
+// outside it means a tokenizer of another model: an error naming the text, the tokenizer and config.json.
+void check_token_ids(const std::vector<int32_t>& ids, const Checkpoint& ckpt, const std::string& text_path);
+
 // Rethrows a NonFinite error with its cause in the checkpoint appended (the first non-finite weight, or
 // that every weight is finite).
 [[noreturn]] void rethrow_with_weight_check(const NonFinite& e, const Checkpoint& ckpt);

@@ -1,5 +1,6 @@
 #include "model/model_config.h"
 
+#include <cmath>
 #include <nlohmann/json.hpp>
 
 #include "core/atomic_file.h"
@@ -109,15 +110,23 @@ ModelConfig parse_model_config(const std::string& text, const std::string& src) 
   // rope_theta at top level (transformers < 5) or inside rope_parameters (transformers >= 5).
   const json* rope_params = nullptr;
   if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) rope_params = &j["rope_parameters"];
+  // absent: the transformers default 10000; given, it must be positive (0 would make every rotation the identity)
+  const bool top_theta = j.contains("rope_theta") && !j["rope_theta"].is_null();
   double theta = get_number(j, "rope_theta", 0.0, src);
-  if (theta <= 0 && rope_params) theta = get_number(*rope_params, "rope_theta", 0.0, src);
-  c.rope_theta = theta > 0 ? theta : 10000.0;
+  if (!top_theta && rope_params && rope_params->contains("rope_theta") && !(*rope_params)["rope_theta"].is_null())
+    theta = get_number(*rope_params, "rope_theta", 0.0, src);
+  else if (!top_theta)
+    theta = 10000.0;
+  ANTKV_CHECK(theta > 0 && std::isfinite(theta), "{}: field \"rope_theta\" = {} must be positive", src, theta);
+  c.rope_theta = theta;
   if (j.contains("rope_scaling") && j["rope_scaling"].is_object())
     c.rope_scaling = parse_rope_scaling(j["rope_scaling"], src);
   else if (rope_params)
     c.rope_scaling = parse_rope_scaling(*rope_params, src);
 
-  c.max_position_embeddings = static_cast<int64_t>(get_number(j, "max_position_embeddings", 0, src));
+  // absent: no limit on the window length; given, it must be a positive count
+  if (j.contains("max_position_embeddings") && !j["max_position_embeddings"].is_null())
+    c.max_position_embeddings = require_int(j, "max_position_embeddings", src);
   // sliding_window: Mistral uses it whenever set (null in v0.2+); Qwen2 only with use_sliding_window: true
   if (j.contains("sliding_window") && j["sliding_window"].is_number()) {
     const bool used = c.model_type == "qwen2" ? j.value("use_sliding_window", false) : true;

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <set>
@@ -13,6 +14,7 @@
 
 #include "core/device.h"
 #include "core/error.h"
+#include "core/limits.h"
 #include "quant/method.h"
 
 namespace fs = std::filesystem;
@@ -212,25 +214,28 @@ void validate(const Recipe& r, const std::string& src) {
   auto check = [&](bool ok, const char* key, const std::string& why) {
     ANTKV_CHECK(ok, "{}: key \"{}\" {}", src, key, why);
   };
-  check(r.calibration.tokens > 0, "calibration.tokens", "must be positive");
-  check(r.calibration.seq_len >= 2, "calibration.seq_len", "must be at least 2");
-  check(r.calibration.stride >= 0, "calibration.stride", "must be >= 0 (0 = no overlap)");
-  check(r.calibration.sample_per_window >= 0, "calibration.sample_per_window", "must be >= 0");
+  // counts: the bounds the command line uses too (core/limits.h)
+  auto count = [&](int64_t v, const CountLimit& limit, const char* key) {
+    check_count(v, limit, fmt::format("{}: key \"{}\"", src, key));
+  };
+  count(r.calibration.tokens, limits::kTokens, "calibration.tokens");
+  count(r.calibration.seq_len, limits::kSeqLen, "calibration.seq_len");
+  count(r.calibration.stride, limits::kTokenCount, "calibration.stride");
+  count(r.calibration.sample_per_window, limits::kTokenCount, "calibration.sample_per_window");
   one_of("calibration.device", r.calibration.device, {"auto", "cpu", "cuda"});
   check(r.anchor.ratio >= 0 && r.anchor.ratio <= 1, "anchor.ratio", "must be in [0, 1]");
-  check(r.anchor.window >= 0, "anchor.window", "must be >= 0");
+  count(r.anchor.window, limits::kTokenCount, "anchor.window");
   for (auto [key, q] : {std::pair<const char*, VqConfig>{"quant.keys", r.quant.keys}, {"quant.values", r.quant.values}}) {
     ANTKV_CHECK(q.c >= 1 && q.c <= 128, "{}: key \"{}.c\" = {} must be in [1, 128]", src, key, q.c);
     ANTKV_CHECK(q.b >= 1 && q.b <= 16, "{}: key \"{}.b\" = {} must be in [1, 16]", src, key, q.b);
   }
-  check(r.kmeans.iters >= 1, "kmeans.iters", "must be >= 1");
+  count(r.kmeans.iters, limits::kIterations, "kmeans.iters");
   check(r.kmeans.tol >= 0, "kmeans.tol", "must be >= 0");
   one_of("kmeans.device", r.kmeans.device, {"auto", "cpu", "cuda"});
-  check(r.kmeans.max_points >= 0, "kmeans.max_points", "must be >= 0 (0 = all)");
+  count(r.kmeans.max_points, limits::kPoints, "kmeans.max_points");
   check(r.kmeans.holdout >= 0 && r.kmeans.holdout < 1, "kmeans.holdout", "must be in [0, 1)");
-  check(r.eval.seq_len >= 2, "eval.seq_len", "must be at least 2");
-  check(r.eval.max_windows == -1 || r.eval.max_windows >= 1, "eval.max_windows",
-        "must be at least 1, or -1 for every window (0 would evaluate nothing)");
+  count(r.eval.seq_len, limits::kSeqLen, "eval.seq_len");
+  count(r.eval.max_windows, limits::kWindows, "eval.max_windows");
   one_of("eval.protocol", r.eval.protocol, {"bos_window", "single_bos"});
   one_of("eval.device", r.eval.device, {"auto", "cpu", "cuda"});
   one_of("eval.kv_cache", r.eval.kv_cache, {"simulated", "real"});
@@ -312,7 +317,12 @@ Recipe Recipe::load(const std::string& path, const std::vector<std::string>& ove
   ANTKV_CHECK(fs::is_regular_file(path), "{}: recipe file not found", path);
   YAML::Node root;
   try {
-    root = YAML::LoadFile(path);
+    // one document: a second one (after "---") would otherwise be ignored without a word
+    std::ifstream in(path);
+    const std::vector<YAML::Node> docs = YAML::LoadAll(in);
+    ANTKV_CHECK(docs.size() <= 1, "{}: holds {} YAML documents (separated by \"---\"); a recipe is one document", path,
+                docs.size());
+    if (!docs.empty()) root = docs[0];
   } catch (const YAML::Exception& e) {
     fail("{}: not valid YAML: {}", path, e.what());
   }
