@@ -87,14 +87,16 @@ TEST_CASE("calibrate: GPU dump agrees with the CPU dump (antkv-ref-18m, 2 window
                   << same << "/" << total);
     fmt::print("calibrate GPU vs CPU layer {}: keys {:.2e}, values {:.2e}, scores {:.2e}, anchors shared {}/{}\n", layer,
                ek, ev, es, same, total);
-    CHECK_MEASURED("test_calibrate_gpu: GPU vs CPU dump keys rel err", ek, 0.03);
-    CHECK_MEASURED("test_calibrate_gpu: GPU vs CPU dump values rel err", ev, 0.03);
-    CHECK_MEASURED("test_calibrate_gpu: GPU vs CPU dump scores rel err", es, 0.05);
+    // measured over the layers (H100, 2026-12-07): keys 1.8e-3..4.4e-3, values 1.2e-3..7.2e-3, scores 8.5e-4..5.6e-3
+    // (bf16 runtime against fp32), anchors shared 0.988..1; bounds ~3x, anchors 0.95
+    CHECK_MEASURED("test_calibrate_gpu: GPU vs CPU dump keys rel err", ek, 0.015);
+    CHECK_MEASURED("test_calibrate_gpu: GPU vs CPU dump values rel err", ev, 0.02);
+    CHECK_MEASURED("test_calibrate_gpu: GPU vs CPU dump scores rel err", es, 0.02);
     test::report_measured("test_calibrate_gpu: GPU vs CPU dump anchors shared (share, at least)",
-                          total ? double(same) / total : 1.0, 0.8);
-    CHECK(same >= 0.8 * total);  // near-ties between the 1% cut and the next token may swap
+                          total ? double(same) / total : 1.0, 0.95);
+    CHECK(same >= 0.95 * total);  // near-ties between the 1% cut and the next token may swap
     // metric=task: the query second moment (GPU: query_moment_kernel, fp32 sums) against the CPU's, relative to the
-    // largest entry; the queries themselves carry the bf16 runtime's ~1% error (not yet run on a GPU)
+    // largest entry; the queries themselves carry the bf16 runtime's error: measured 2.5e-5..2.2e-4 (H100), bound 1e-3
     REQUIRE(a.has_query_moment());
     REQUIRE(b.has_query_moment());
     const std::vector<float> qa = a.read_query_moment(layer), qb = b.read_query_moment(layer);
@@ -102,8 +104,8 @@ TEST_CASE("calibrate: GPU dump agrees with the CPU dump (antkv-ref-18m, 2 window
     for (size_t i = 0; i < qa.size(); ++i)
       qerr = std::max(qerr, double(std::abs(qa[i] - qb[i]))), qmax = std::max(qmax, double(std::abs(qa[i])));
     fmt::print("calibrate GPU vs CPU layer {}: query moment max error {:.2e} of {:.2e}\n", layer, qerr, qmax);
-    test::report_measured("test_calibrate_gpu: GPU vs CPU dump query moment max err / max |entry|", qerr / qmax, 0.03);
-    CHECK(qerr < 0.03 * qmax);
+    test::report_measured("test_calibrate_gpu: GPU vs CPU dump query moment max err / max |entry|", qerr / qmax, 1e-3);
+    CHECK(qerr < 1e-3 * qmax);
   }
 }
 #endif

@@ -625,7 +625,7 @@ TEST_CASE("train-codebook: metric=task on the GPU trainer agrees with the CPU tr
     INFO("objective cpu " << sa << ", gpu " << sb);
     CHECK_MEASURED(side == 0 ? "test_codebook: metric=task GPU vs CPU summed key objective rel diff"
                              : "test_codebook: metric=task GPU vs CPU summed value objective rel diff",
-                   std::fabs(sb - sa) / std::fabs(sa), 0.05);
+                   std::fabs(sb - sa) / std::fabs(sa), 1e-2);  // measured 1.5e-3 (keys), 1.8e-4 (values), H100
   }
 }
 #endif

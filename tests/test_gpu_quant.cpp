@@ -611,19 +611,28 @@ TEST_CASE("GPU runtime + quantizer vs CPU runtime + QuantizedKvCache on antkv-re
   // method itself does with such a change. The CPU run with q/k/v rounded to bf16 before quantization
   // (Bf16InputCache, "pert") measures that, and the GPU must stay within it: mean |dNLL| <= 1.5 pert + 0.02,
   // |ln(ppl_gpu / ppl_cpu)| <= 0.5 pert + 0.01 (on random tokens the ppl is ~1e6 and a 2-bit cache moves it by
-  // up to 18% from the bf16 rounding alone), logits within 0.35 of max |logit|.
+  // up to 18% from the bf16 rounding alone), logits within each case's bound of max |logit| (~1.2-1.5x its
+  // measured value: the same to two digits on an H200 and an H100, 2026-12-07).
   // Measured on an H200 (this prompt; GPU / pert mean |dNLL|, ppl rel, logits rel err):
   //   fp16 0.012 / 0.005, 1.5e-3, 5.9e-3;  uniform g32 0.44 / 0.40, 4.4e-2, 0.23;  uniform g128 0.53 / 0.56,
   //   8.7e-2, 0.25;  vq c8b8 0.28 / 0.27, 1.6e-2, 0.14;  vq c16b12 0.21 / 0.21, 1.5e-2, 0.18;
   //   antkv post 0.20 / 0.20, 4.3e-2, 0.13;  antkv pre 0.19 / 0.19, 7.8e-3, 0.10;  anchors overlap 0.989 / 0.978;
   //   vq gain=kv,rotate=pca,pre 0.31 / 0.34, 3.2e-2, 0.18;  antkv gain=kv,rotate=pca 0.29 / 0.28, 2.2e-2, 0.24
   //   (anchors overlap 0.967);  rsq 2 bits 0.36 / 0.34, 4.8e-2, 0.15.
-  const std::vector<std::string> cases = {
-      "fp16",      "uniform:bits=2,group=32",  "uniform:bits=2,group=128", "vq:bits=1", "vq:bits=0.75",
-      "antkv:bits=1,ratio=0.05", "antkv:bits=1,ratio=0.05,key_rope=pre",
-      "vq:bits=1,gain=kv,rotate=pca,key_rope=pre", "antkv:bits=1,ratio=0.05,gain=kv,rotate=pca", "rsq:bits=2",
+  // (method, bound on the logits' max |gpu - cpu| / max |cpu|; fp16 has its own bounds below)
+  const std::vector<std::pair<std::string, double>> cases = {
+      {"fp16", 0.0},
+      {"uniform:bits=2,group=32", 0.30},                    // measured 0.233
+      {"uniform:bits=2,group=128", 0.30},                   // 0.246
+      {"vq:bits=1", 0.20},                                  // 0.136
+      {"vq:bits=0.75", 0.25},                               // 0.181
+      {"antkv:bits=1,ratio=0.05", 0.20},                    // 0.130
+      {"antkv:bits=1,ratio=0.05,key_rope=pre", 0.15},       // 0.101
+      {"vq:bits=1,gain=kv,rotate=pca,key_rope=pre", 0.25},  // 0.183
+      {"antkv:bits=1,ratio=0.05,gain=kv,rotate=pca", 0.30}, // 0.239
+      {"rsq:bits=2", 0.20},                                 // 0.145
   };
-  for (const auto& text : cases) {
+  for (const auto& [text, logits_bound] : cases) {
     SECTION(text) {
       const MethodSpec m = method(text);
       std::shared_ptr<const CodebookSet> cb = m.needs_codebooks() ? make_codebooks(cfg, m, mod.calib, 5) : nullptr;
@@ -670,11 +679,10 @@ TEST_CASE("GPU runtime + quantizer vs CPU runtime + QuantizedKvCache on antkv-re
         const std::string label = "test_gpu_quant: 18m " + text;
         report_measured(label + " mean |dNLL|", d.mean, 1.5 * p.mean + 0.02);
         report_measured(label + " |ln(ppl_gpu / ppl_cpu)|", std::fabs(std::log(d.ppl_a / d.ppl_b)), 0.5 * p.mean + 0.01);
-        // measured 0.10 (antkv pre) to 0.25 (uniform g128) on an H200, see the table above; one bound for all cases
-        report_measured(label + " logits rel err", lerr, 0.35);
+        report_measured(label + " logits rel err", lerr, logits_bound);
         CHECK(d.mean <= 1.5 * p.mean + 0.02);
         CHECK(std::fabs(std::log(d.ppl_a / d.ppl_b)) <= 0.5 * p.mean + 0.01);
-        CHECK(lerr <= 0.35);
+        CHECK(lerr <= logits_bound);
       }
     }
   }
@@ -703,9 +711,9 @@ TEST_CASE("GPU runtime + quantizer vs CPU runtime + QuantizedKvCache on antkv-re
       p += n;
     }
     WARN(fmt::format("decode with antkv: worst last-token logits rel err over 141 forwards {:.2e}", worst));
-    // no measured value yet: the MEASURED line gives it
-    report_measured("test_gpu_quant: 18m decode antkv simulated worst last-token logits rel err", worst, 0.15);
-    CHECK(worst <= 0.15);
+    // measured 7.05e-2 (H100, 2026-12-07), the compressed cache's below the same
+    report_measured("test_gpu_quant: 18m decode antkv simulated worst last-token logits rel err", worst, 0.1);
+    CHECK(worst <= 0.1);
     // the compressed cache (real) against the same CPU reference, token by token, held to the same bound
     GpuRuntimeOptions ro;
     ro.compressed_kv = true;
@@ -728,8 +736,8 @@ TEST_CASE("GPU runtime + quantizer vs CPU runtime + QuantizedKvCache on antkv-re
     WARN(fmt::format("decode with antkv through the compressed cache: worst last-token logits rel err vs the CPU "
                      "reference over 141 forwards {:.2e}",
                      worst_real));
-    report_measured("test_gpu_quant: 18m decode antkv compressed worst last-token logits rel err", worst_real, 0.15);
-    CHECK(worst_real <= 0.15);
+    report_measured("test_gpu_quant: 18m decode antkv compressed worst last-token logits rel err", worst_real, 0.1);
+    CHECK(worst_real <= 0.1);
     // the anchors: ceil(0.05 * 240) = 12 per head after the last step (5 from the prefill, 7 promoted as the
     // budget grew, others by displacement), the same tokens as the CPU cache's up to near-ties of the running
     // scores (fp32 on the GPU from bf16 q and output, double on the CPU)
@@ -966,7 +974,7 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
                        "max {:.2e}; anchors the same {} of {}",
                        text, steps, worst_logit, sum_nll / steps, worst_nll, same, total));
       const std::string label = "test_gpu_quant: compressed vs simulated " + text;
-      report_measured(label + " anchors same share (at least)", double(same) / total, 0.95);
+      if (total > 0) report_measured(label + " anchors same share (at least)", double(same) / total, 0.95);
       report_measured(label + " worst logits rel err", worst_logit, 2e-2);
       report_measured(label + " mean |dNLL|", sum_nll / steps, 0.03);
       report_measured(label + " max |dNLL|", worst_nll, 0.15);
@@ -1095,7 +1103,7 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,anchors=v"), *cb, 1, 64, 8),
                     Catch::Contains("anchors=v (one tensor only) is not supported by the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,key_rope=pre"), *cb, 1, 64, 8),
-                    Catch::Contains("do not fit the method and model"));  // post-RoPE codebooks for a pre-RoPE method
+                    Catch::Contains("codebooks are for post-RoPE keys, the method needs pre-RoPE"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,rotate=pca"), *cb, 1, 64, 8),
                     Catch::Contains("are not supported by the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("vq:bits=1,gain=kv"), *cb, 1, 64, 8),
@@ -1110,7 +1118,7 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1.5"), *make_codebooks(cfg, method("antkv:bits=1.5"), acts, 1), 1, 64, 8),
                     Catch::Contains("c8b12 is not one of the compressed cache's configurations"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=0.5"), *cb, 1, 64, 8),
-                    Catch::Contains("do not fit the method and model"));
+                    Catch::Contains("codebooks are keys c8b8 / values c8b8, the method needs c16b8 / c16b8"));
   // a second prefill chunk into a sequence that holds tokens
   GpuRuntimeOptions ro;
   ro.max_context = 64;

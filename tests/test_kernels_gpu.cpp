@@ -642,7 +642,7 @@ TEST_CASE("GPU runtime: antkv-ref-18m logits, keys and greedy ids match the refe
   REQUIRE(res.nll.size() == size_t(T));
   const double nerr = test::max_rel_error(res.nll.data(), want_nll.data(), T);
   INFO("NLL error " << nerr);
-  CHECK_MEASURED("test_kernels_gpu: 18m nll rel err", nerr, 3e-2);
+  CHECK_MEASURED("test_kernels_gpu: 18m nll rel err", nerr, 6e-3);  // measured 1.6e-3 (H100, 2026-12-07)
   CHECK(res.nll[T - 1] == 0.f);
   for (int layer : {0, 5}) {
     // reference k_post_rope: [kv_heads, T, d]; observer: [T, kv_heads, d]
@@ -654,7 +654,7 @@ TEST_CASE("GPU runtime: antkv-ref-18m logits, keys and greedy ids match the refe
         for (int c = 0; c < d; ++c) ours[(size_t(h) * T + t) * d + c] = cap.k_post[layer][(size_t(t) * kvh + h) * d + c];
     const double kerr = test::max_rel_error(ours.data(), kref.data(), kref.size());
     INFO("layer " << layer << " post-RoPE key error " << kerr);
-    CHECK_MEASURED("test_kernels_gpu: 18m post-rope keys rel err (layers 0, 5)", kerr, 3e-2);
+    CHECK_MEASURED("test_kernels_gpu: 18m post-rope keys rel err (layers 0, 5)", kerr, 6e-3);  // measured 1.3e-3 / 2.0e-3 (H100)
   }
   CHECK(rt->cached_tokens() == T);
 
@@ -691,7 +691,9 @@ TEST_CASE("GPU runtime: antkv-ref-18m logits, keys and greedy ids match the refe
   rt->forward(req, res);
   const double cerr = test::max_rel_error(chunked.data(), res.logits.data(), res.logits.size());
   INFO("chunked vs whole prefill " << cerr);
-  CHECK_MEASURED("test_kernels_gpu: 18m chunked vs whole prefill logits rel err", cerr, 1e-2);
+  // GPU against GPU, the same kernels: only a flipped bf16 rounding (2^-8 of one activation) could move the logits;
+  // measured 0 (H100, 2026-12-07)
+  CHECK_MEASURED("test_kernels_gpu: 18m chunked vs whole prefill logits rel err", cerr, 2e-3);
 }
 
 TEST_CASE("GPU runtime: qwen2 biases, fp32 weights, head_dim 64 match the CPU runtime - batched decode", "[gpu]") {
@@ -747,14 +749,16 @@ TEST_CASE("GPU runtime: qwen2 biases, fp32 weights, head_dim 64 match the CPU ru
   const double le = rel_err(gr.logits, cr.logits);
   const double ne = rel_err(gr.nll, cr.nll);
   INFO("logits error " << le << ", NLL error " << ne);
-  CHECK_MEASURED("test_kernels_gpu: qwen2 synthetic logits rel err", le, 3e-2);
-  CHECK_MEASURED("test_kernels_gpu: qwen2 synthetic nll rel err", ne, 3e-2);
+  // measured 6.5e-3 / 1.7e-3 (H100, 2026-12-07); bounds ~3x
+  CHECK_MEASURED("test_kernels_gpu: qwen2 synthetic logits rel err", le, 2e-2);
+  CHECK_MEASURED("test_kernels_gpu: qwen2 synthetic nll rel err", ne, 6e-3);
   for (int l = 0; l < cfg.num_layers; ++l) {
     INFO("layer " << l);
     // layer 0 sees identical inputs (fp32 embedding rows): only the bf16 roundings of the normed input and of the
     // weights, each <= 2^-9 relative and averaging out in the dot products, so the one-rounding class of the
-    // header (4e-3), x3: 1.2e-2. Later layers carry the bf16 attention and MLP of the layers before them: 3e-2.
-    const double bound = l == 0 ? 1.2e-2 : 3e-2;
+    // header (4e-3), x3: 1.2e-2 (measured 2.8e-3..3.1e-3, H100). Later layers carry the bf16 attention and MLP of
+    // the layers before them: measured 5.7e-3..6.9e-3, bound 2e-2.
+    const double bound = l == 0 ? 1.2e-2 : 2e-2;
     const std::string at = l == 0 ? " (layer 0)" : " (layers 1+)";
     CHECK_MEASURED("test_kernels_gpu: qwen2 synthetic q rel err" + at, rel_err(gc.q[l], cc.q[l]), bound);
     CHECK_MEASURED("test_kernels_gpu: qwen2 synthetic k pre-rope rel err" + at, rel_err(gc.k_pre[l], cc.k_pre[l]), bound);
@@ -807,8 +811,9 @@ TEST_CASE("GPU runtime: qwen2 biases, fp32 weights, head_dim 64 match the CPU ru
     // GPU against GPU with the same bf16 weights and the same per-token math: only the order of the fp32 sums
     // differs (cuBLAS picks its algorithm by the batch rows; flash decoding vs one prefill), which can flip a
     // bf16 rounding of an activation (<= 2^-8 relative of that element). Not the CPU-vs-GPU bound (3e-2, fp32
-    // vs bf16 everywhere): 1e-2, a few flipped roundings carried through the layers.
-    CHECK_MEASURED("test_kernels_gpu: batched decode vs single-sequence logits rel err", rel_err(last_logits[b], gr.logits), 1e-2);
+    // vs bf16 everywhere): measured 1.4e-7..3.3e-7 (H100, 2026-12-07: no rounding flipped); 2e-3 leaves room for a
+    // few flipped roundings where another GPU's cuBLAS picks other algorithms.
+    CHECK_MEASURED("test_kernels_gpu: batched decode vs single-sequence logits rel err", rel_err(last_logits[b], gr.logits), 2e-3);
   }
 }
 
