@@ -41,7 +41,7 @@ int main(int argc, char** argv) {
       outputs.check();
     }
     opt.configs.clear();
-    for (const auto& c : configs) opt.configs.push_back(antkv::cuda::parse_vq_config(c));
+    for (const auto& c : configs) opt.configs.push_back(antkv::cuda::parse_vq_kernel_config(c));
     opt.lut_half_too = !no_lut16;
     opt.long_at_max = !no_max;
     const auto r = antkv::cuda::run_quant_decode_bench(opt, [](const std::string& s) {

@@ -36,21 +36,21 @@
 
 #include "core/error.h"
 
-using antkv::cuda::VqConfig;
+using antkv::cuda::VqKernelConfig;
 
 namespace {
 
-const auto& kAllConfigs = antkv::cuda::kVqConfigs;
+const auto& kAllConfigs = antkv::cuda::kVqKernelConfigs;
 
 }  // namespace
 
 TEST_CASE("quant: pack/unpack of b-bit codes round-trips with the swizzled group order", "[quant]") {
   std::mt19937 rng(1234);
-  for (VqConfig cfg : kAllConfigs)
+  for (VqKernelConfig cfg : kAllConfigs)
     for (int d : {128, 64}) {
       const int ng = antkv::cuda::vq_groups(d, cfg), rb = antkv::cuda::vq_record_bytes(d, cfg);
-      const int k = antkv::cuda::vq_centroid_count(cfg), nb = antkv::cuda::vq_config_info(cfg).b;
-      INFO(fmt::format("{} d {}", antkv::cuda::vq_config_info(cfg).name, d));
+      const int k = antkv::cuda::vq_centroid_count(cfg), nb = antkv::cuda::vq_kernel_config_info(cfg).b;
+      INFO(fmt::format("{} d {}", antkv::cuda::vq_kernel_config_info(cfg).name, d));
       CHECK(rb * 8 == ng * nb);
       const int n = 37;
       std::vector<int32_t> codes(size_t(n) * ng), back(codes.size(), -1);
@@ -92,16 +92,16 @@ TEST_CASE("quant: pack/unpack of b-bit codes round-trips with the swizzled group
   // bits of a 6-bit record by hand: slot 0, groups 0..7 = 1, 2, 3, ..., 8 (head_dim 128, c16b6)
   std::vector<int32_t> c6 = {1, 2, 3, 4, 5, 6, 7, 8};
   std::vector<uint8_t> r6(6);
-  antkv::cuda::pack_codes(c6.data(), 1, 0, 128, VqConfig::kC16B6, r6.data());
+  antkv::cuda::pack_codes(c6.data(), 1, 0, 128, VqKernelConfig::kC16B6, r6.data());
   uint64_t v = 0;
   for (int i = 0; i < 6; ++i) v |= uint64_t(r6[i]) << (8 * i);
   for (int i = 0; i < 8; ++i) CHECK(int((v >> (6 * i)) & 63) == i + 1);
   // slot 3: the record starts with group 3's code
-  antkv::cuda::pack_codes(c6.data(), 1, 3, 128, VqConfig::kC16B6, r6.data());
+  antkv::cuda::pack_codes(c6.data(), 1, 3, 128, VqKernelConfig::kC16B6, r6.data());
   CHECK((r6[0] & 63) == 4);
-  CHECK_THROWS_WITH(antkv::cuda::check_vq_shape(96, VqConfig::kC8B8), Catch::Contains("head_dim 96 is not supported"));
-  CHECK_THROWS_WITH(antkv::cuda::parse_vq_config("c8b12"), Catch::Contains("unknown VQ configuration 'c8b12'"));
-  CHECK(antkv::cuda::parse_vq_config("c16b12") == VqConfig::kC16B12);
+  CHECK_THROWS_WITH(antkv::cuda::check_vq_shape(96, VqKernelConfig::kC8B8), Catch::Contains("head_dim 96 is not supported"));
+  CHECK_THROWS_WITH(antkv::cuda::parse_vq_kernel_config("c8b12"), Catch::Contains("unknown VQ configuration 'c8b12'"));
+  CHECK(antkv::cuda::parse_vq_kernel_config("c16b12") == VqKernelConfig::kC16B12);
 }
 
 #ifdef ANTKV_HAVE_CUDA
@@ -151,7 +151,7 @@ struct SeqCounts {
 };
 
 struct QCase {
-  VqConfig cfg;
+  VqKernelConfig cfg;
   int d, heads, kv_heads;
   std::vector<SeqCounts> seqs;
   float q_scale;     // spread of the scores (1: about uniform attention; 4: peaked)
@@ -162,7 +162,7 @@ struct QCase {
 
 // Runs one case through every split plan and compares with the CPU reference.
 void run_case(const QCase& c, std::mt19937& rng) {
-  const auto info = cuda::vq_config_info(c.cfg);
+  const auto info = cuda::vq_kernel_config_info(c.cfg);
   const int B = static_cast<int>(c.seqs.size());
   const int d = c.d, H = c.heads, Hkv = c.kv_heads, G = H / Hkv;
   const int ng = cuda::vq_groups(d, c.cfg), K = cuda::vq_centroid_count(c.cfg), cc = info.c;
@@ -320,7 +320,7 @@ void run_case(const QCase& c, std::mt19937& rng) {
   p.pre_rope = c.pre_rope;
   p.code_pos = c.pre_rope ? dcpos.get() : nullptr;
   p.inv_freq = c.pre_rope ? dfreq.get() : nullptr;
-  const bool half_lut = !c.pre_rope && (c.lut_half || c.cfg == VqConfig::kC16B12);
+  const bool half_lut = !c.pre_rope && (c.lut_half || c.cfg == VqKernelConfig::kC16B12);
   const int tile = cuda::quant_decode_tile();
   // the planner's split, one split for everything, and one split per tile
   const auto auto_plan = cuda::plan_quant_decode(B, H, Hkv, d, c.cfg, max_q, c.lut_half);
@@ -381,7 +381,7 @@ TEST_CASE("GPU quant decode: every configuration, GQA 1/2/4, batch 3, equals the
   INFO("seed " << seed);
   std::mt19937 rng(seed);
   int n = 0;
-  for (VqConfig cfg : kAllConfigs)
+  for (VqKernelConfig cfg : kAllConfigs)
     for (int d : {128, 64})
       for (int G : {1, 2, 4}) {
         QCase c;
@@ -398,9 +398,9 @@ TEST_CASE("GPU quant decode: every configuration, GQA 1/2/4, batch 3, equals the
         ++n;
       }
   // fp16 lookup tables for c8b8; a LLaMA-3-8B-shaped group (32/8 heads) with a long sorted stream
-  run_case({VqConfig::kC8B8, 128, 8, 2, {{4097, 41, 128}, {333, 3, 17}, {0, 0, 1}}, 1.f, false, true}, rng);
-  run_case({VqConfig::kC8B8, 128, 2, 2, {{2049, 21, 128}, {1, 0, 0}, {77, 1, 2}}, 4.f, true, true}, rng);
-  run_case({VqConfig::kC8B8, 128, 32, 8, {{9001, 90, 128}, {1025, 10, 128}, {5, 1, 1}}, 4.f, true, false}, rng);
+  run_case({VqKernelConfig::kC8B8, 128, 8, 2, {{4097, 41, 128}, {333, 3, 17}, {0, 0, 1}}, 1.f, false, true}, rng);
+  run_case({VqKernelConfig::kC8B8, 128, 2, 2, {{2049, 21, 128}, {1, 0, 0}, {77, 1, 2}}, 4.f, true, true}, rng);
+  run_case({VqKernelConfig::kC8B8, 128, 32, 8, {{9001, 90, 128}, {1025, 10, 128}, {5, 1, 1}}, 4.f, true, false}, rng);
 }
 
 TEST_CASE("GPU quant decode: pre-RoPE keys (dequantize, rotate at code_pos, dot) equal the rotated CPU reference", "[gpu][quant]") {
@@ -409,7 +409,7 @@ TEST_CASE("GPU quant decode: pre-RoPE keys (dequantize, rotate at code_pos, dot)
   INFO("seed " << seed);
   std::mt19937 rng(seed);
   int n = 0;
-  for (VqConfig cfg : kAllConfigs)
+  for (VqKernelConfig cfg : kAllConfigs)
     for (int d : {128, 64})
       for (int G : {1, 4}) {
         QCase c;
@@ -431,7 +431,7 @@ TEST_CASE("GPU quant decode: pre-RoPE keys (dequantize, rotate at code_pos, dot)
 // shorter stream can get more splits than a longer one (the split length is rounded up to whole tiles).
 TEST_CASE("GPU quant decode: quant_decode_max_splits bounds every plan", "[gpu][quant]") {
   SKIP_WITHOUT_GPU();
-  for (const auto cfg : {VqConfig::kC8B8, VqConfig::kC16B8, VqConfig::kC2B8})
+  for (const auto cfg : {VqKernelConfig::kC8B8, VqKernelConfig::kC16B8, VqKernelConfig::kC2B8})
     for (int B : {1, 2, 3, 7, 16, 64}) {
       for (int64_t cap : {int64_t{1000}, int64_t{131086}, int64_t{1} << 20, int64_t{15805237}}) {
         const int bound = cuda::quant_decode_max_splits(B, 32, 8, 128, cfg, cap);
@@ -485,7 +485,7 @@ TEST_CASE("GPU quant decode: closed set and bad counts", "[gpu][quant]") {
   e.head_dim = 96;
   CHECK_THROWS_WITH(cuda::quant_decode(e, nullptr), Catch::Contains("head_dim 96 is not supported"));
   e = p;
-  e.config = VqConfig::kC16B8;
+  e.config = VqKernelConfig::kC16B8;
   e.lut_half = true;  // fp16 tables exist for c8b8 and c16b12 only
   CHECK_THROWS_WITH(cuda::quant_decode(e, nullptr), Catch::Contains("fp16 lookup tables are built for c8b8 and c16b12 only"));
   e = p;
@@ -500,8 +500,8 @@ TEST_CASE("GPU quant decode: closed set and bad counts", "[gpu][quant]") {
   e = p;
   e.workspace_floats = 10;
   CHECK_THROWS_WITH(cuda::quant_decode(e, nullptr), Catch::Contains("workspace of 10 floats is too small"));
-  CHECK_THROWS_WITH(cuda::plan_quant_decode(1, 4, 2, 80, VqConfig::kC8B8, 100), Catch::Contains("head_dim 80 is not supported"));
-  const auto plan = cuda::plan_quant_decode(1, 32, 8, 128, VqConfig::kC8B8, 4 << 20);
+  CHECK_THROWS_WITH(cuda::plan_quant_decode(1, 4, 2, 80, VqKernelConfig::kC8B8, 100), Catch::Contains("head_dim 80 is not supported"));
+  const auto plan = cuda::plan_quant_decode(1, 32, 8, 128, VqKernelConfig::kC8B8, 4 << 20);
   CHECK(int64_t(plan.n_splits) * plan.split_len >= (4 << 20));
   CHECK(plan.split_len <= 32768);
   CHECK(plan.heads_per_block == 4);
@@ -514,9 +514,9 @@ TEST_CASE("GPU quantize: nearest-centroid codes equal vq_encode and land packed 
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
   int n_case = 0;
-  for (VqConfig cfg : kAllConfigs)
+  for (VqKernelConfig cfg : kAllConfigs)
     for (int d : {128, 64}) {
-      const auto info = cuda::vq_config_info(cfg);
+      const auto info = cuda::vq_kernel_config_info(cfg);
       const cuda::ElemType xt = n_case % 3 == 0 ? cuda::ElemType::kF16 : n_case % 3 == 1 ? cuda::ElemType::kBF16 : cuda::ElemType::kF32;
       ++n_case;
       const int ng = cuda::vq_groups(d, cfg), K = cuda::vq_centroid_count(cfg), cc = info.c;

@@ -868,14 +868,14 @@ void launch_pre(const QuantDecodeParams& p, int ht, cudaStream_t stream) {
 template <int D>
 void launch_pre_config(const QuantDecodeParams& p, int ht, cudaStream_t stream) {
   switch (p.config) {
-    case VqConfig::kC8B8: launch_pre<D, 8, 8, true>(p, ht, stream); break;
-    case VqConfig::kC16B12: launch_pre<D, 16, 12, true>(p, ht, stream); break;
-    case VqConfig::kC16B8: launch_pre<D, 16, 8, true>(p, ht, stream); break;
-    case VqConfig::kC16B6: launch_pre<D, 16, 6, true>(p, ht, stream); break;
-    case VqConfig::kC4B8:
+    case VqKernelConfig::kC8B8: launch_pre<D, 8, 8, true>(p, ht, stream); break;
+    case VqKernelConfig::kC16B12: launch_pre<D, 16, 12, true>(p, ht, stream); break;
+    case VqKernelConfig::kC16B8: launch_pre<D, 16, 8, true>(p, ht, stream); break;
+    case VqKernelConfig::kC16B6: launch_pre<D, 16, 6, true>(p, ht, stream); break;
+    case VqKernelConfig::kC4B8:
       p.pre_rope ? launch_pre<D, 4, 8, true>(p, ht, stream) : launch_pre<D, 4, 8, false>(p, ht, stream);
       break;
-    case VqConfig::kC2B8:
+    case VqKernelConfig::kC2B8:
       p.pre_rope ? launch_pre<D, 2, 8, true>(p, ht, stream) : launch_pre<D, 2, 8, false>(p, ht, stream);
       break;
   }
@@ -896,21 +896,21 @@ int pre_blocks_per_sm(int ht) {
   return ht == 4 ? n4 : ht == 2 ? n2 : n1;
 }
 
-int dequant_blocks_per_sm(int head_dim, VqConfig cfg, int ht) {
-  const bool c4 = cfg == VqConfig::kC4B8;
+int dequant_blocks_per_sm(int head_dim, VqKernelConfig cfg, int ht) {
+  const bool c4 = cfg == VqKernelConfig::kC4B8;
   if (head_dim == 128) return c4 ? pre_blocks_per_sm<128, 4>(ht) : pre_blocks_per_sm<128, 2>(ht);
   return c4 ? pre_blocks_per_sm<64, 4>(ht) : pre_blocks_per_sm<64, 2>(ht);
 }
 
 // ---- dispatch over the closed set ----
-int heads_per_block(int G, VqConfig cfg) {
-  if (cfg == VqConfig::kC16B12) return 1;
+int heads_per_block(int G, VqKernelConfig cfg) {
+  if (cfg == VqKernelConfig::kC16B12) return 1;
   if (G % 4 == 0) return 4;
   if (G % 2 == 0) return 2;
   return 1;
 }
 
-bool lut_half_for(VqConfig cfg, bool requested) { return cfg == VqConfig::kC16B12 || requested; }
+bool lut_half_for(VqKernelConfig cfg, bool requested) { return cfg == VqKernelConfig::kC16B12 || requested; }
 
 // LH: whether an fp16-LUT instantiation exists for this configuration (c8b8 only; c16b12 has only fp16)
 template <int D, int C, int NB, bool LH, class F>
@@ -933,24 +933,24 @@ void with_ht(int ht, bool lh, F&& f) {
 }
 
 template <int D, class F>
-void with_config(VqConfig cfg, int ht, bool lh, F&& f) {
+void with_config(VqKernelConfig cfg, int ht, bool lh, F&& f) {
   switch (cfg) {
-    case VqConfig::kC8B8: with_ht<D, 8, 8, true>(ht, lh, f); break;
-    case VqConfig::kC16B8: with_ht<D, 16, 8, false>(ht, false, f); break;
-    case VqConfig::kC16B6: with_ht<D, 16, 6, false>(ht, false, f); break;
-    case VqConfig::kC16B12: f(QCfg<D, 16, 12, 1, true>{}); break;
-    case VqConfig::kC4B8:
-    case VqConfig::kC2B8: fail("quant_decode: {} has no lookup-table kernel (dequantize-dot)", vq_config_info(cfg).name);
+    case VqKernelConfig::kC8B8: with_ht<D, 8, 8, true>(ht, lh, f); break;
+    case VqKernelConfig::kC16B8: with_ht<D, 16, 8, false>(ht, false, f); break;
+    case VqKernelConfig::kC16B6: with_ht<D, 16, 6, false>(ht, false, f); break;
+    case VqKernelConfig::kC16B12: f(QCfg<D, 16, 12, 1, true>{}); break;
+    case VqKernelConfig::kC4B8:
+    case VqKernelConfig::kC2B8: fail("quant_decode: {} has no lookup-table kernel (dequantize-dot)", vq_kernel_config_info(cfg).name);
   }
 }
 
 // Calls f(QCfg<...>{}) for the instantiation of (head_dim, cfg, HT, lut_half); errors outside the set.
 template <class F>
-void dispatch(int head_dim, VqConfig cfg, int ht, bool lut_half, F&& f) {
+void dispatch(int head_dim, VqKernelConfig cfg, int ht, bool lut_half, F&& f) {
   check_vq_shape(head_dim, cfg);
   ANTKV_CHECK(ht == 1 || ht == 2 || ht == 4, "quant_decode: heads per block {}", ht);
-  ANTKV_CHECK(!lut_half || cfg == VqConfig::kC8B8 || cfg == VqConfig::kC16B12,
-              "quant_decode: fp16 lookup tables are built for c8b8 and c16b12 only (not {})", vq_config_info(cfg).name);
+  ANTKV_CHECK(!lut_half || cfg == VqKernelConfig::kC8B8 || cfg == VqKernelConfig::kC16B12,
+              "quant_decode: fp16 lookup tables are built for c8b8 and c16b12 only (not {})", vq_kernel_config_info(cfg).name);
   const bool lh = lut_half_for(cfg, lut_half);
   if (head_dim == 128) with_config<128>(cfg, ht, lh, f);
   else with_config<64>(cfg, ht, lh, f);
@@ -1065,7 +1065,7 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 int quant_decode_tile() { return kTile; }
 
-QuantDecodePlan plan_quant_decode(int batch, int n_heads, int n_kv_heads, int head_dim, VqConfig cfg,
+QuantDecodePlan plan_quant_decode(int batch, int n_heads, int n_kv_heads, int head_dim, VqKernelConfig cfg,
                                   int64_t max_quant_len, bool lut_half, int waves) {
   ANTKV_CHECK(batch > 0 && n_kv_heads > 0 && n_heads > 0 && n_heads % n_kv_heads == 0 && max_quant_len >= 0 && waves > 0,
               "plan_quant_decode: bad sizes");
@@ -1090,7 +1090,7 @@ QuantDecodePlan plan_quant_decode(int batch, int n_heads, int n_kv_heads, int he
   return plan;
 }
 
-int quant_decode_max_splits(int batch, int n_heads, int n_kv_heads, int head_dim, VqConfig cfg, int64_t max_quant_len,
+int quant_decode_max_splits(int batch, int n_heads, int n_kv_heads, int head_dim, VqKernelConfig cfg, int64_t max_quant_len,
                             bool lut_half, int waves) {
   ANTKV_CHECK(batch > 0 && n_kv_heads > 0 && n_heads > 0 && n_heads % n_kv_heads == 0 && waves > 0,
               "quant_decode_max_splits: bad sizes");
@@ -1175,12 +1175,12 @@ void quantize_kv(QuantizeParams p, cudaStream_t stream) {
   };
   const bool d128 = p.head_dim == 128;
   switch (p.config) {
-    case VqConfig::kC8B8: d128 ? go(quantize_kernel<128, 8, 8>) : go(quantize_kernel<64, 8, 8>); break;
-    case VqConfig::kC16B12: d128 ? go(quantize_kernel<128, 16, 12>) : go(quantize_kernel<64, 16, 12>); break;
-    case VqConfig::kC16B8: d128 ? go(quantize_kernel<128, 16, 8>) : go(quantize_kernel<64, 16, 8>); break;
-    case VqConfig::kC16B6: d128 ? go(quantize_kernel<128, 16, 6>) : go(quantize_kernel<64, 16, 6>); break;
-    case VqConfig::kC4B8: d128 ? go(quantize_kernel<128, 4, 8>) : go(quantize_kernel<64, 4, 8>); break;
-    case VqConfig::kC2B8: d128 ? go(quantize_kernel<128, 2, 8>) : go(quantize_kernel<64, 2, 8>); break;
+    case VqKernelConfig::kC8B8: d128 ? go(quantize_kernel<128, 8, 8>) : go(quantize_kernel<64, 8, 8>); break;
+    case VqKernelConfig::kC16B12: d128 ? go(quantize_kernel<128, 16, 12>) : go(quantize_kernel<64, 16, 12>); break;
+    case VqKernelConfig::kC16B8: d128 ? go(quantize_kernel<128, 16, 8>) : go(quantize_kernel<64, 16, 8>); break;
+    case VqKernelConfig::kC16B6: d128 ? go(quantize_kernel<128, 16, 6>) : go(quantize_kernel<64, 16, 6>); break;
+    case VqKernelConfig::kC4B8: d128 ? go(quantize_kernel<128, 4, 8>) : go(quantize_kernel<64, 4, 8>); break;
+    case VqKernelConfig::kC2B8: d128 ? go(quantize_kernel<128, 2, 8>) : go(quantize_kernel<64, 2, 8>); break;
   }
 }
 

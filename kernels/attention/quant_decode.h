@@ -58,56 +58,55 @@
 
 namespace antkv::cuda {
 
-enum class VqConfig { kC8B8, kC16B12, kC16B8, kC16B6, kC4B8, kC2B8 };
+// The closed set of (c, b) codebook configurations the compressed cache's kernels are instantiated for (not the
+// recipe's free VqConfig {c, b}: a method's configuration maps to one of these or is refused).
+enum class VqKernelConfig { kC8B8, kC16B12, kC16B8, kC16B6, kC4B8, kC2B8 };
 
-struct VqConfigInfo {
+struct VqKernelConfigInfo {
   int c = 0;          // channels per group
   int b = 0;          // bits per code
   const char* name = "";
 };
 
-inline VqConfigInfo vq_config_info(VqConfig cfg) {
+inline VqKernelConfigInfo vq_kernel_config_info(VqKernelConfig cfg) {
   switch (cfg) {
-    case VqConfig::kC8B8: return {8, 8, "c8b8"};
-    case VqConfig::kC16B12: return {16, 12, "c16b12"};
-    case VqConfig::kC16B8: return {16, 8, "c16b8"};
-    case VqConfig::kC16B6: return {16, 6, "c16b6"};
-    case VqConfig::kC4B8: return {4, 8, "c4b8"};
-    case VqConfig::kC2B8: return {2, 8, "c2b8"};
+    case VqKernelConfig::kC8B8: return {8, 8, "c8b8"};
+    case VqKernelConfig::kC16B12: return {16, 12, "c16b12"};
+    case VqKernelConfig::kC16B8: return {16, 8, "c16b8"};
+    case VqKernelConfig::kC16B6: return {16, 6, "c16b6"};
+    case VqKernelConfig::kC4B8: return {4, 8, "c4b8"};
+    case VqKernelConfig::kC2B8: return {2, 8, "c2b8"};
   }
   fail("unknown VQ configuration {}", static_cast<int>(cfg));
 }
 // The closed set, widest first.
-inline constexpr VqConfig kVqConfigs[] = {VqConfig::kC2B8, VqConfig::kC4B8, VqConfig::kC8B8,
-                                          VqConfig::kC16B12, VqConfig::kC16B8, VqConfig::kC16B6};
+inline constexpr VqKernelConfig kVqKernelConfigs[] = {VqKernelConfig::kC2B8, VqKernelConfig::kC4B8, VqKernelConfig::kC8B8,
+                                          VqKernelConfig::kC16B12, VqKernelConfig::kC16B8, VqKernelConfig::kC16B6};
 // Whether decode scores post-RoPE keys from lookup tables (else: dequantize, dot).
-inline bool vq_uses_lut(VqConfig cfg) { return vq_config_info(cfg).c >= 8; }
-inline VqConfig parse_vq_config(const std::string& name) {
-  for (VqConfig c : kVqConfigs)
-    if (name == vq_config_info(c).name) return c;
+inline bool vq_uses_lut(VqKernelConfig cfg) { return vq_kernel_config_info(cfg).c >= 8; }
+inline VqKernelConfig parse_vq_kernel_config(const std::string& name) {
+  for (VqKernelConfig c : kVqKernelConfigs)
+    if (name == vq_kernel_config_info(c).name) return c;
   fail("unknown VQ configuration '{}' (c2b8, c4b8, c8b8, c16b12, c16b8 or c16b6)", name);
 }
-inline void check_vq_shape(int head_dim, VqConfig cfg) {
-  (void)vq_config_info(cfg);
+inline void check_vq_shape(int head_dim, VqKernelConfig cfg) {
+  (void)vq_kernel_config_info(cfg);
   ANTKV_CHECK(head_dim == 64 || head_dim == 128, "quantized KV cache: head_dim {} is not supported (64 or 128)",
               head_dim);
 }
-inline int vq_groups(int head_dim, VqConfig cfg) { return head_dim / vq_config_info(cfg).c; }
-inline int vq_centroid_count(VqConfig cfg) { return 1 << vq_config_info(cfg).b; }
+inline int vq_groups(int head_dim, VqKernelConfig cfg) { return head_dim / vq_kernel_config_info(cfg).c; }
+inline int vq_centroid_count(VqKernelConfig cfg) { return 1 << vq_kernel_config_info(cfg).b; }
 // Bytes of one token's record (all groups of one KV head).
-inline int vq_record_bytes(int head_dim, VqConfig cfg) { return vq_groups(head_dim, cfg) * vq_config_info(cfg).b / 8; }
-inline double vq_bits_per_channel(VqConfig cfg) {
-  return static_cast<double>(vq_config_info(cfg).b) / vq_config_info(cfg).c;
-}
+inline int vq_record_bytes(int head_dim, VqKernelConfig cfg) { return vq_groups(head_dim, cfg) * vq_kernel_config_info(cfg).b / 8; }
 
 // ---- packing (host) --------------------------------------------------------------------------------------
 // codes: int32 [n, NG] in natural group order, of the n consecutive stream slots first_slot .. first_slot+n-1
 // -> out: uint8 [n, R] (the swizzled, tightly packed records described above). Codes outside [0, 2^b) are an
 // antkv::Error.
-inline void pack_codes(const int32_t* codes, int64_t n, int64_t first_slot, int head_dim, VqConfig cfg, uint8_t* out) {
+inline void pack_codes(const int32_t* codes, int64_t n, int64_t first_slot, int head_dim, VqKernelConfig cfg, uint8_t* out) {
   check_vq_shape(head_dim, cfg);
   ANTKV_CHECK(n >= 0 && first_slot >= 0, "pack_codes: bad range");
-  const int ng = vq_groups(head_dim, cfg), nb = vq_config_info(cfg).b, rb = vq_record_bytes(head_dim, cfg);
+  const int ng = vq_groups(head_dim, cfg), nb = vq_kernel_config_info(cfg).b, rb = vq_record_bytes(head_dim, cfg);
   for (int64_t r = 0; r < n; ++r) {
     const int sw = static_cast<int>((first_slot + r) % ng);
     uint8_t* rec = out + r * rb;
@@ -126,10 +125,10 @@ inline void pack_codes(const int32_t* codes, int64_t n, int64_t first_slot, int 
 }
 
 // The inverse: records of slots first_slot .. first_slot+n-1 -> codes int32 [n, NG] in natural group order.
-inline void unpack_codes(const uint8_t* packed, int64_t n, int64_t first_slot, int head_dim, VqConfig cfg, int32_t* codes) {
+inline void unpack_codes(const uint8_t* packed, int64_t n, int64_t first_slot, int head_dim, VqKernelConfig cfg, int32_t* codes) {
   check_vq_shape(head_dim, cfg);
   ANTKV_CHECK(n >= 0 && first_slot >= 0, "unpack_codes: bad range");
-  const int ng = vq_groups(head_dim, cfg), nb = vq_config_info(cfg).b, rb = vq_record_bytes(head_dim, cfg);
+  const int ng = vq_groups(head_dim, cfg), nb = vq_kernel_config_info(cfg).b, rb = vq_record_bytes(head_dim, cfg);
   for (int64_t r = 0; r < n; ++r) {
     const int sw = static_cast<int>((first_slot + r) % ng);
     const uint8_t* rec = packed + r * rb;
@@ -157,7 +156,7 @@ namespace antkv::cuda {
 
 // ---- decode ---------------------------------------------------------------------------------------------
 struct QuantDecodeParams {
-  VqConfig config = VqConfig::kC8B8;
+  VqKernelConfig config = VqKernelConfig::kC8B8;
   int batch = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
   const bf16* q = nullptr;             // [batch, n_heads, head_dim], post-RoPE (the runtime's bf16 q)
   const uint8_t* k_codes = nullptr;    // [batch, n_kv_heads, quant_capacity, R] (layout above)
@@ -202,12 +201,12 @@ constexpr int kMaxQuantSplits = 1024;
 int quant_decode_tile();
 // Splits the longest code stream (max_quant_len slots) so that the grid is about `waves` waves of resident
 // blocks. A plan is valid for any sequence whose n_quant <= n_splits * split_len (else the output is NaN).
-QuantDecodePlan plan_quant_decode(int batch, int n_heads, int n_kv_heads, int head_dim, VqConfig cfg,
+QuantDecodePlan plan_quant_decode(int batch, int n_heads, int n_kv_heads, int head_dim, VqKernelConfig cfg,
                                   int64_t max_quant_len, bool lut_half = false, int waves = 1);
 int64_t quant_decode_workspace_floats(int batch, int n_heads, int head_dim, int n_splits);
 // The most splits plan_quant_decode gives `batch` sequences at any length up to max_quant_len (workspaces
 // sized once; a shorter stream may get more splits than a longer one after rounding the split length).
-int quant_decode_max_splits(int batch, int n_heads, int n_kv_heads, int head_dim, VqConfig cfg, int64_t max_quant_len,
+int quant_decode_max_splits(int batch, int n_heads, int n_kv_heads, int head_dim, VqKernelConfig cfg, int64_t max_quant_len,
                             bool lut_half = false, int waves = 1);
 void quant_decode(QuantDecodeParams p, cudaStream_t stream);
 
@@ -218,7 +217,7 @@ void quant_decode(QuantDecodeParams p, cudaStream_t stream);
 // slot[i] of each head's stream (or slot_per_head[i][h]). Rows whose seq_index or slot is out of range are
 // skipped (codes_out -1).
 struct QuantizeParams {
-  VqConfig config = VqConfig::kC8B8;
+  VqKernelConfig config = VqKernelConfig::kC8B8;
   int n_tokens = 0, n_kv_heads = 0, head_dim = 0;
   const void* x = nullptr;             // [n_tokens, n_kv_heads, head_dim] of x_type, row stride x_row_stride
   ElemType x_type = ElemType::kF16;    // kF16, kBF16 or kF32

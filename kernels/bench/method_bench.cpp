@@ -37,12 +37,19 @@ BenchMethod parse_bench_method(const std::string& text) {
               "--method {}: {} has no real GPU cache (its cache is simulated on a bf16 arena); bench compares "
               "fp16, uniform (bits 2 or 4), vq and antkv",
               text, m.kind_name());
+  // a row must time the method it names: what the compressed cache does not run is an error, not a plain-vq row
+  ANTKV_CHECK(m.gain == Gain::kOff && m.rotate == Rotate::kOff && m.metric == Metric::kPlain && !m.correct &&
+                  m.listed_layers() == 0 &&
+                  (m.anchors == AnchorTensors::kOff || m.anchors == AnchorTensors::kKeysValues),
+              "--method {}: gain=, rotate=, metric=task, correct=, anchors=k|v and per-layer lists (lkbits, lvbits, "
+              "lratio) do not run on the compressed cache, which bench and max-context time (docs/METHODS.md)",
+              text);
   ANTKV_CHECK(m.keys.c == m.values.c && m.keys.b == m.values.b, "--method {}: keys and values need one configuration",
               text);
   const std::string name = fmt::format("c{}b{}", m.keys.c, m.keys.b);
   bool found = false;
-  for (VqConfig c : kVqConfigs)
-    if (name == vq_config_info(c).name) b.config = c, found = true;
+  for (VqKernelConfig c : kVqKernelConfigs)
+    if (name == vq_kernel_config_info(c).name) b.config = c, found = true;
   ANTKV_CHECK(found, "--method {}: {} is not a compressed-cache configuration (bits 4, 2, 1, 0.75, 0.5 or 0.375)", text, name);
   b.compressed = true;
   b.anchor_ratio = m.kind == MethodKind::kAntkv && m.has_anchors() ? m.ratio : 0.0;

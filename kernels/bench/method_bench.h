@@ -18,7 +18,7 @@ struct BenchMethod {
   bool uniform = false;      // uniform: bits 2|4, group 32|64|128, window (FP16 newest tokens)
   int uniform_bits = 2, uniform_group = 128, uniform_window = 0;
   bool compressed = false;   // vq / antkv
-  VqConfig config = VqConfig::kC8B8;
+  VqKernelConfig config = VqKernelConfig::kC8B8;
   double anchor_ratio = 0;   // antkv: ratio (default 0.01); vq: 0
   int window = 128;          // FP16 decode window (compressed)
   bool pre_rope = false;     // key_rope=pre: pre-RoPE code stream (dequantize-rotate-dot decode)

@@ -38,11 +38,11 @@ struct QuantCache {
 
 struct Shape {
   int B, H, Hkv, d;
-  VqConfig cfg;
+  VqKernelConfig cfg;
   Split s;
   int64_t rec() const { return vq_record_bytes(d, cfg); }
   int64_t codebook_elems() const {
-    return static_cast<int64_t>(Hkv) * vq_groups(d, cfg) * vq_centroid_count(cfg) * vq_config_info(cfg).c;
+    return static_cast<int64_t>(Hkv) * vq_groups(d, cfg) * vq_centroid_count(cfg) * vq_kernel_config_info(cfg).c;
   }
   double code_bytes() const { return 2.0 * B * Hkv * static_cast<double>(s.n_quant) * rec(); }
   double fp16_bytes() const { return 2.0 * B * Hkv * static_cast<double>(s.n_anchor + s.n_window) * d * 2; }
@@ -199,12 +199,12 @@ QuantBenchResult run_quant_decode_bench(const QuantBenchOptions& o, const std::f
       say(fmt::format("fp16 flash-decoding B={} T={}: {:.4f} ms ({} splits x {}), {:.1f}% of copy bw", B, T, fp16_ms, fs,
                       fl, 100 * fp16_bytes / (fp16_ms * 1e-3) / 1e9 / r.copy_gbps));
       struct Variant {
-        VqConfig cfg;
+        VqKernelConfig cfg;
         bool lut_half;
       };
       std::vector<Variant> vars;
-      for (VqConfig c : o.configs) vars.push_back({c, false});
-      if (o.lut_half_too) vars.push_back({VqConfig::kC8B8, true});
+      for (VqKernelConfig c : o.configs) vars.push_back({c, false});
+      if (o.lut_half_too) vars.push_back({VqKernelConfig::kC8B8, true});
       for (const auto& v : vars) {
         Shape sh{B, H, Hkv, d, v.cfg, split_context(T, o.anchor_ratio, o.window)};
         const int copies = static_cast<int>(std::clamp(std::ceil((1.0 * (size_t{1} << 30)) / sh.bytes()), 1.0, 32.0));
@@ -212,7 +212,7 @@ QuantBenchResult run_quant_decode_bench(const QuantBenchOptions& o, const std::f
         QuantBenchPoint pt;
         pt.batch = B;
         pt.context = T;
-        pt.config = std::string(vq_config_info(v.cfg).name) + (v.lut_half ? "/lut16" : "");
+        pt.config = std::string(vq_kernel_config_info(v.cfg).name) + (v.lut_half ? "/lut16" : "");
         pt.n_quant = sh.s.n_quant;
         pt.n_anchor = sh.s.n_anchor;
         pt.n_window = sh.s.n_window;
@@ -237,13 +237,13 @@ QuantBenchResult run_quant_decode_bench(const QuantBenchOptions& o, const std::f
   }
 
   // ---- memory: the largest context of the whole model (first configuration, 1 bit by default) ----
-  const VqConfig mcfg = o.configs.empty() ? VqConfig::kC8B8 : o.configs.front();
+  const VqKernelConfig mcfg = o.configs.empty() ? VqKernelConfig::kC8B8 : o.configs.front();
   {
     auto& m = r.memory;
-    m.config = vq_config_info(mcfg).name;
+    m.config = vq_kernel_config_info(mcfg).name;
     const double L = o.n_layers, rec = vq_record_bytes(d, mcfg);
     m.bytes_per_token = L * Hkv * (2.0 * rec + o.anchor_ratio * (2.0 * d * 2 + 4));
-    m.codebook_bytes = L * Hkv * 2.0 * vq_groups(d, mcfg) * vq_centroid_count(mcfg) * vq_config_info(mcfg).c * 2;
+    m.codebook_bytes = L * Hkv * 2.0 * vq_groups(d, mcfg) * vq_centroid_count(mcfg) * vq_kernel_config_info(mcfg).c * 2;
     m.window_bytes = L * Hkv * static_cast<double>(o.window) * 2 * d * 2;
     m.weights_bytes = llama3_8b_weight_bytes();
     m.reserve_bytes = 2.0 * (1ull << 30);
@@ -291,7 +291,7 @@ QuantBenchResult run_quant_decode_bench(const QuantBenchOptions& o, const std::f
     if (lr.ran)
       say(fmt::format("long context T={} ({}): {:.3f} ms per layer step ({} splits x {}), {:.1f}% of copy bw, outputs {}; "
                       "fp16 {:.3f} ms",
-                      T, vq_config_info(mcfg).name, lr.ms_per_step, lr.n_splits, lr.split_len, 100 * lr.frac_of_copy,
+                      T, vq_kernel_config_info(mcfg).name, lr.ms_per_step, lr.n_splits, lr.split_len, 100 * lr.frac_of_copy,
                       lr.finite ? "finite" : "NOT FINITE", lr.fp16_ms_per_step));
     else
       say(fmt::format("long context T={}: skipped: {}", T, lr.note));

@@ -21,7 +21,7 @@ struct QuantBenchOptions {
   std::vector<int> batches = {1, 16};
   std::vector<int64_t> contexts = {32768, 131072};
   std::vector<int64_t> batch1_contexts = {1048576};    // extra contexts at batch 1 only
-  std::vector<VqConfig> configs = {VqConfig::kC8B8};   // the quantized variants timed at every point
+  std::vector<VqKernelConfig> configs = {VqKernelConfig::kC8B8};   // the quantized variants timed at every point
   bool lut_half_too = true;                            // also time c8b8 with fp16 lookup tables
   double anchor_ratio = 0.01;
   int window = 128;

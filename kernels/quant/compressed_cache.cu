@@ -375,14 +375,14 @@ __global__ void iota_code_pos_kernel(int32_t* __restrict__ code_pos, int64_t n, 
     code_pos[i] = static_cast<int32_t>(i % cap);
 }
 
-cuda::VqConfig config_for(const MethodSpec& m) {
+cuda::VqKernelConfig config_for(const MethodSpec& m) {
   ANTKV_CHECK(m.needs_codebooks(), "compressed KV cache: method {} is not vq or antkv", m.text);
   ANTKV_CHECK(m.keys.c == m.values.c && m.keys.b == m.values.b,
               "method {}: the compressed cache needs one configuration for keys and values (c{}b{} / c{}b{})", m.text,
               m.keys.c, m.keys.b, m.values.c, m.values.b);
   const std::string name = fmt::format("c{}b{}", m.keys.c, m.keys.b);
-  for (cuda::VqConfig c : cuda::kVqConfigs)
-    if (name == cuda::vq_config_info(c).name) return c;
+  for (cuda::VqKernelConfig c : cuda::kVqKernelConfigs)
+    if (name == cuda::vq_kernel_config_info(c).name) return c;
   fail("method {}: {} is not one of the compressed cache's configurations (c2b8, c4b8, c8b8, c16b12, c16b8, c16b6; "
        "the simulated cache, eval.kv_cache: simulated, evaluates any)",
        m.text, name);
@@ -430,11 +430,11 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
     }
 }
 
-GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqConfig config, double anchor_ratio,
+GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKernelConfig config, double anchor_ratio,
                                            int max_batch, int capacity, int window, uint64_t seed, bool pre_rope,
                                            bool promote) {
   config_ = config;
-  name_ = fmt::format("synthetic {}{}{}", cuda::vq_config_info(config).name, pre_rope ? " pre-RoPE" : "",
+  name_ = fmt::format("synthetic {}{}{}", cuda::vq_kernel_config_info(config).name, pre_rope ? " pre-RoPE" : "",
                       promote && anchor_ratio > 0 ? " promote" : "");
   cuda::check_vq_shape(cfg.head_dim, config_);
   allocate(cfg, max_batch, capacity, window, anchor_ratio, pre_rope, promote);
@@ -463,7 +463,7 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   ng_ = cuda::vq_groups(d_, config_);
   k_count_ = cuda::vq_centroid_count(config_);
   rec_ = cuda::vq_record_bytes(d_, config_);
-  lut_half_ = config_ == cuda::VqConfig::kC8B8 || config_ == cuda::VqConfig::kC16B12;
+  lut_half_ = config_ == cuda::VqKernelConfig::kC8B8 || config_ == cuda::VqKernelConfig::kC16B12;
   pre_ = pre_rope;
   if (pre_) {
     const auto inv = rope_inv_freq(cfg);

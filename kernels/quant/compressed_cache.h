@@ -57,12 +57,12 @@ class GpuCompressedKvCache {
   // Synthetic codebooks (uniform fp16 in [-1, 1)): benchmarks and max-context, where decode time does not
   // depend on the values.
   // promote: decode steps run the online anchor rule (its cost in the benchmarks; scores start at 0).
-  GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqConfig config, double anchor_ratio, int max_batch,
+  GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKernelConfig config, double anchor_ratio, int max_batch,
                        int capacity, int window, uint64_t seed, bool pre_rope = false, bool promote = false);
   ~GpuCompressedKvCache();
 
   const std::string& name() const { return name_; }
-  cuda::VqConfig config() const { return config_; }
+  cuda::VqKernelConfig config() const { return config_; }
   // fp16 lookup tables in quant_decode (c8b8: measured faster on the H200 at every batch and context, e.g.
   // 4.08x against 2.98x of fp16 flash-decoding at batch 16 / 128K; c16b12 always; others fp32)
   bool lut_half() const { return lut_half_; }
@@ -138,7 +138,7 @@ class GpuCompressedKvCache {
   void quantize_pair(Layer& L, int n_tokens, const __half* k, const __half* v, const int32_t* seq_index,
                      const int32_t* slot, const int32_t* slot_per_head, cudaStream_t stream);
   std::string name_;
-  cuda::VqConfig config_ = cuda::VqConfig::kC8B8;
+  cuda::VqKernelConfig config_ = cuda::VqKernelConfig::kC8B8;
   int n_layers_ = 0, n_kv_ = 0, n_heads_ = 0, d_ = 0, rec_ = 0, ng_ = 0, k_count_ = 0;
   int max_batch_ = 0, capacity_ = 0, anchor_cap_ = 0, window_ = 0;
   double ratio_ = 0;

@@ -1087,21 +1087,7 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     keep_h_.assign(ns, 0);
     const float* score = h_score_.data();
     const double ratio = m_.ratio_of(l);  // lratio: this layer's
-    for (int h = 0; h < KV_; ++h) {
-      std::vector<int32_t> picked;
-      if (c.position0 == 0) {
-        picked = select_anchors(score, n, KV_, h, ratio);
-      } else {  // no sink in this chunk: plain top ceil(ratio * n), as QuantizedKvCache
-        std::vector<int32_t> idx(static_cast<size_t>(n));
-        std::iota(idx.begin(), idx.end(), 0);
-        const int m = std::min(n, static_cast<int>(std::ceil(ratio * n)));
-        std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), [&](int32_t x, int32_t y) {
-          return score[static_cast<size_t>(x) * KV_ + h] > score[static_cast<size_t>(y) * KV_ + h];
-        });
-        picked.assign(idx.begin(), idx.begin() + m);
-      }
-      for (int32_t t : picked) keep_h_[static_cast<size_t>(t) * KV_ + h] = 1;
-    }
+    mark_chunk_anchors(score, n, KV_, ratio, c.position0 == 0, keep_h_.data());  // as QuantizedKvCache
     std::copy(keep_h_.begin(), keep_h_.end(), anchor_[l].begin() + static_cast<size_t>(c.position0) * KV_);
     score_[l].resize(anchor_[l].size());
     std::copy(h_score_.begin(), h_score_.end(), score_[l].begin() + static_cast<size_t>(c.position0) * KV_);

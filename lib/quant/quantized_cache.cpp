@@ -225,21 +225,7 @@ void QuantizedKvCache::append(const KvAppend& a) {
       combine_anchor_scores(method_.score, s_k.data(), s_v.data(),
                             cb_->keys[l].error_norm.data(), cb_->values[l].error_norm.data(), n, KV,
                             static_cast<uint64_t>(l) * 7919 + static_cast<uint64_t>(row0), score.data());
-      for (int h = 0; h < KV; ++h) {
-        std::vector<int32_t> picked;
-        if (a.position0 == 0) {
-          picked = select_anchors(score.data(), n, KV, h, ratio);
-        } else {  // no sink in this chunk: plain top ceil(ratio * n)
-          std::vector<int32_t> idx(static_cast<size_t>(n));
-          std::iota(idx.begin(), idx.end(), 0);
-          const int m = std::min(n, static_cast<int>(std::ceil(ratio * n)));
-          std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), [&](int32_t x, int32_t y) {
-            return score[static_cast<size_t>(x) * KV + h] > score[static_cast<size_t>(y) * KV + h];
-          });
-          picked.assign(idx.begin(), idx.begin() + m);
-        }
-        for (int32_t t : picked) keep[static_cast<size_t>(t) * KV + h] = 1;
-      }
+      mark_chunk_anchors(score.data(), n, KV, ratio, a.position0 == 0, keep.data());
       chunk_score = std::move(score);
     }
     quantize_rows(l, row0, n, k_pre_exact_[l].data() + row0 * row_, k_exact_[l].data() + row0 * row_,
