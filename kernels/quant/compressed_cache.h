@@ -1,7 +1,9 @@
-// The compressed KV cache of the vq and antkv methods (design note §2-3, §6): what GpuRuntime keeps instead of
-// its bf16 arena when the cache is real (GpuRuntimeOptions::compressed_kv). Per layer, in the layout of
+// The compressed KV cache of the vq and antkv methods (design note §2-3, §6; what the methods and options mean:
+// docs/METHODS.md): what GpuRuntime keeps instead of its bf16 arena when the cache is real
+// (GpuRuntimeOptions::compressed_kv, eval.kv_cache: real). Per layer, in the layout of
 // kernels/attention/quant_decode.h: packed b-bit codes of the quantized tokens, FP16 anchors with their
-// positions, an FP16 ring of the newest `window` decoded tokens, and the layer's codebooks in fp16.
+// positions, an FP16 ring of the newest `window` decoded tokens (the method's decode window, recipe
+// anchor.window), and the layer's codebooks in fp16.
 //
 // Life of a sequence:
 //  - prefill (sequence empty, T tokens): the caller (GpuRuntime) has chosen the anchors (the method's score,
@@ -11,20 +13,20 @@
 //    the step's slots; per layer, append() puts the new token into the window ring and, when the ring is full,
 //    quantizes the token leaving it into the code stream (the oldest of the window, in the same ring slot);
 //    attend() runs quant_decode over codes + anchors + window.
-//  Decode-time anchors (design note §2's online rule, MethodSpec::promote; the CPU reference is
-//  QuantizedKvCache): each anchor and window token has a running anchor score (fp32), which starts from the
-//  prefill's score (anchors) or 0 (a decoded token) and grows after every step's attention by that row's
-//  contribution (running_score_kernel, from the attention's log-sum-exp and output). The token leaving the
-//  window becomes an anchor while the sequence holds fewer than ceil(ratio * length) anchors per head (decided
-//  on the host, so the counts stay the same for every head), else it replaces the head's anchor with the
-//  smallest running score (token 0 never; ties to the earliest position) when its own is larger, and that
-//  anchor is quantized in its place (window_append_kernel).
+//  Decode-time anchors (MethodSpec::promotes()): the rule of quant/anchor_rule.h (docs/METHODS.md), run here on
+//  the GPU. Each anchor and window token has a running anchor score (fp32), which starts from the prefill's
+//  score (anchors) or 0 (a decoded token) and grows after every step's attention by that row's contribution
+//  (running_score_kernel, from the attention's log-sum-exp and output). Whether the anchor budget grows is
+//  decided on the host, so the counts stay the same for every head; else window_append_kernel compares the
+//  leaving token with each head's weakest anchor and quantizes the displaced one in its place.
 //  Keys are post-RoPE, or pre-RoPE (key_rope: pre): then the code stream holds pre-RoPE keys with each slot's
 //  token position (code_pos, int32: +4 bytes per token and KV head), the window keeps a pre-RoPE copy of its
 //  keys for the quantization at eviction, and decode dequantizes, rotates and dots (quant_decode pre_rope).
-//  Anchors and window keys are post-RoPE either way. Keys and values share one configuration of
-//  quant_decode's closed set; anchors keep both tensors (anchors=kv or off). Anything else is an antkv::Error
-//  naming the method.
+//  Anchors and window keys are post-RoPE either way.
+// Refused, with an antkv::Error naming the method: keys and values of different configurations or one outside
+// quant_decode's closed set (c2b8, c4b8, c8b8, c16b12, c16b8, c16b6), anchors=k|v, gain=, correct=on, rotate=pca,
+// metric=task and per-layer widths or ratios; the codebooks are checked by check_codebooks_fit
+// (quant/codebook_fit.h), as in the CPU cache and the simulated quantizer.
 // Counts (per sequence, the same for every layer and KV head): n_anchor anchors, n_window window tokens,
 // n_quant quantized tokens; their sum is the sequence length.
 #pragma once
@@ -51,7 +53,8 @@ struct CompressedSeqState {
 
 class GpuCompressedKvCache {
  public:
-  // The cache of method m (vq or antkv) with its codebooks (validated like the simulated quantizer's).
+  // The cache of method m (vq or antkv) with its codebooks (refusals above); window: the FP16 decode ring's length
+  // (m.decode_window from the runtime factory).
   GpuCompressedKvCache(const ModelConfig& cfg, const MethodSpec& m, const CodebookSet& cb, int max_batch,
                        int capacity, int window);
   // Synthetic codebooks (uniform fp16 in [-1, 1)): benchmarks and max-context, where decode time does not

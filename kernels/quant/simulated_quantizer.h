@@ -1,60 +1,39 @@
 // kernels/quant/: the GPU counterparts of lib/quant's KV caches.
-// KV-cache quantizers on the GPU (design note §5): the compared methods of lib/quant/method.h applied to
-// GpuRuntime's bf16 KV arena as *fake quantization*: after a layer's new K/V are in the cache and before
-// attention reads them, the quantizer rewrites the new tokens' cache entries with their dequantized values.
-// The semantics are those of the CPU reference cache QuantizedKvCache (lib/quant/quantized_cache.h), step
-// for step; the only systematic difference is that the arena holds bf16, so every value the CPU cache holds
-// in fp32 (an fp16-rounded token, a dequantized value) is rounded once more, to bf16, when stored:
-//   fp16     each new token's K and V rounded to fp16 (the CPU FP16 baseline), then stored as bf16: the
-//            stored value is bf16(fp16(x)), within 2^-9 relative of what the CPU fp16 cache holds (the same
-//            bf16 rounding the plain GpuRuntime applies; fp16's range limit 65504 and its subnormals apply).
-//   uniform  KIVI-style: keys per channel over complete groups of `group` tokens, values per token over groups
-//            of min(group, head_dim) channels; fp16 scale and zero point (asymmetric, round half to even);
-//            the newest `window` tokens and an incomplete key group stay FP16 (carried over, from their exact
-//            fp16 copies, until a later forward() completes the group or moves them out of the window).
-//   vq       nearest centroid (squared L2, ties to the lowest index) per group of c channels, codebooks per
-//            (layer, KV head, group), uploaded once; no anchors.
-//   antkv    vq, plus ceil(ratio * n) FP16 anchor tokens per KV head in every prefill chunk of n > 1
-//            tokens, from the chunk's full-precision attention (kernels/anchor/anchor_scores.h on the runtime's fp32
-//            q/k/v), combined with the codebooks' error_norm as e_K / e_V exactly as combine_anchor_scores,
-//            selected on the host (select_anchors when the chunk starts at position 0, so token 0 is always
-//            an anchor; else the plain top ceil(ratio * n), as QuantizedKvCache does).
-//   key_rope: pre   the fp16 pre-RoPE keys are quantized with the pre-RoPE codebooks, dequantized and rotated to
-//            their positions (the runtime's RoPE kernel and inv_freq); anchors keep their post-RoPE keys.
-//   gain=k|kv  (vq/antkv) gain-shape VQ of keys (and values): per token and KV head the fp16 L2 norm and the
-//            nearest centroids of the unit direction, renormalized to the stored norm (quant/vq.h gain_normalize /
-//            gain_restore; gain_kernel).
-//   rotate=pca (vq/antkv) coded in the codebooks' centered basis: x' = R (x - mean) before the above, mean + R^T x'
-//            after (rotate_forward / rotate_inverse; rotate_kernel, a batched d x d product per row and head).
-//            Combines with gain (the norm of R (x - mean)), key_rope=pre and anchors (which keep exact values).
-//            Norms and d x d products are summed in fp64 in the CPU's order (a float product is exact in fp64),
-//            so the results are the CPU's floats bit for bit before the bf16 store.
-//   metric=task (vq/antkv) codes assigned in the task metric: per (layer, KV head, group) the codebooks' fp16
-//            factor L; the coded vector (after rotate=pca / gain, as on the CPU) is mapped to L^T x and searched
-//            against L^T c, precomputed at upload by the CPU's metric_forward (quant/vq.h vq_quantize_metric); the
-//            winner's original-space centroid is stored (metric_forward_kernel: fp64 in the CPU's order, so L^T x
-//            is the CPU's bit for bit and the codes are the CPU's, ties to the lowest index).
-//   lkbits= / lvbits= / lratio=  (vq/antkv) per layer its own key and value configuration c/b (the codebook set
-//            holds each layer's arrays in that layer's shape, MethodSpec::key_config / value_config) and its own
-//            anchor ratio (MethodSpec::ratio_of; a layer at 0 keeps no anchors), as QuantizedKvCache.
-//   rsq      training-free: random-sign Hadamard rotation, fp16 norm, Lloyd-Max levels of N(0, 1) per coordinate,
-//            renormalized and rotated back (quant/vq.h rsq_quantize; rsq_kernel), bits 1-4, no anchors; same
-//            prefill / decode-window flow as vq; key_rope=pre quantizes the pre-RoPE keys.
-// Inputs of quantization are the fp16-rounded K/V (the CPU cache quantizes its fp16 copies too); anchor scores
-// use the unrounded fp32 q/k/v, as on the CPU.
-// Decode (one-token forwards), as QuantizedKvCache: vq/antkv tokens stay FP16 while among the newest
-// `decode_window` (128) tokens and are quantized when they leave it, or kept as anchors by the online rule
-// (promote=on, the default for antkv): quant/anchor_rule.h decides on the host from running scores kept in
-// double, each step's attention row over the bf16 arena (attention_row_kernel, fp32) adds to them, and a
-// displaced anchor is quantized from an exact fp16 copy (all rows of the layer are kept, [3][capacity][kvd]
-// fp32, while the rule runs); uniform follows its own `window` and key groups. Exact fp16 copies of the tokens still waiting are kept on the device in a small
-// per-layer ring (window + group or decode_window + 1 tokens), so nothing is re-read from the bf16 arena.
-// A prefill chunk (n > 1) after decode steps quantizes only its own tokens (the waiting ones stay FP16), as on
-// the CPU. GpuRuntime::decode_batch() does not support a quantizer (it throws when one is set); the option
-// correct=on (the CPU attention's score correction) is refused with an error naming the method. The compressed
-// (real) cache refuses gain=, rotate=, metric=task, per-layer widths and ratios (lkbits, lvbits, lratio) and rsq
-// (real_cache in gpu_method_runtime_factory, kernels/runtime/method_runtime_factory.h, keeps rsq simulated, as
-// fp16 and uniform).
+// The simulated GPU quantizer (design note §5): the methods of lib/quant/method.h applied to GpuRuntime's bf16
+// KV arena as *fake quantization*: after a layer's new K/V are in the cache and before attention reads them, the
+// quantizer rewrites the new tokens' cache entries with their dequantized values. What each method and option
+// means: docs/METHODS.md. The semantics are those of the CPU reference cache QuantizedKvCache
+// (lib/quant/quantized_cache.h), step for step; the only systematic difference is that the arena holds bf16, so
+// every value the CPU cache holds in fp32 (an fp16-rounded token, a dequantized value) is rounded once more, to
+// bf16, when stored (fp16: bf16(fp16(x)), within 2^-9 relative of the CPU's value).
+//
+// How it runs each part on the GPU:
+//   uniform     group quantization of fp16 copies; the tokens still waiting (window, incomplete key group) are
+//               carried over from their exact fp16 copies until a later forward() completes the group or moves
+//               them out of the window.
+//   vq / antkv  nearest centroid per group of c channels with the codebooks uploaded once; antkv's prefill
+//               anchors from the chunk's full-precision attention (kernels/anchor/anchor_scores.h on the
+//               runtime's fp32 q/k/v), combined with the codebooks' error_norm as combine_anchor_scores and
+//               selected on the host as QuantizedKvCache does; key_rope=pre rotates the dequantized keys with the
+//               runtime's RoPE kernel and inv_freq.
+//   gain, rotate=pca, metric=task  gain_kernel, rotate_kernel (a batched d x d product per row and head) and
+//               metric_forward_kernel (L^T x against L^T c precomputed at upload); norms and products are summed
+//               in fp64 in the CPU's order, so codes and values are the CPU's bit for bit before the bf16 store.
+//   rsq         rsq_kernel (quant/vq.h rsq_quantize), with the same prefill / decode-window flow as vq.
+//   per-layer lists  each layer's arrays in that layer's configuration (MethodSpec::key_config / value_config,
+//               ratio_of).
+// Decode (one-token forwards): tokens wait in FP16 for the method's decode window (recipe anchor.window) as on
+// the CPU; exact fp16 copies of the waiting tokens are kept on the device in a small per-layer ring (window +
+// group or decode_window + 1 tokens), so nothing is re-read from the bf16 arena. Decode-time anchors
+// (quant/anchor_rule.h) are decided on the host from running scores kept in double, to which each step's
+// attention row over the bf16 arena (attention_row_kernel, fp32) adds; a displaced anchor is quantized from an
+// exact fp16 copy (all rows of the layer are kept, [3][capacity][kvd] fp32, while the rule runs).
+// Refused, with an error naming the method: correct=on (the CPU attention's score correction), group sizes c
+// outside 1, 2, 4, 8, 16, 32, b outside [1, 16], rotate=pca with head_dim > 512, rsq with a head_dim that is not
+// a power of 2 in [2, 1024], uniform whose min(group, head_dim) does not divide head_dim.
+// GpuRuntime::decode_batch() does not support a quantizer (it throws when one is set). The compressed (real)
+// cache is kernels/quant/compressed_cache.h; gpu_method_runtime_factory (kernels/runtime/method_runtime_factory.h)
+// keeps fp16, uniform and rsq on this quantizer there.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -102,10 +81,10 @@ class GpuKvQuantizer {
   virtual const std::vector<float>& anchor_scores(int layer) const = 0;
 };
 
-// The quantizer of `method`; codebooks are required for vq/antkv and validated like QuantizedKvCache's (model
-// hash, c/b, key_rope, gain, rotate, metric, layer/head counts, the per-layer lists' length) plus every layer's
-// centroid, error_norm, (rotate=pca) rotation and mean and (metric=task) factor array sizes in that layer's
-// configuration; errors name the method. rsq needs none. Codebooks are uploaded to the current CUDA device here.
+// The quantizer of `method`; codebooks are required for vq/antkv and checked by check_codebooks_fit
+// (quant/codebook_fit.h, the check of the CPU cache and the compressed cache too) plus this quantizer's own
+// limits (above); errors name the method. rsq needs none. Codebooks are uploaded to the current CUDA device here.
+// decode_window: the newest tokens kept FP16 during decode (the method's decode_window, recipe anchor.window).
 std::unique_ptr<GpuKvQuantizer> make_gpu_kv_quantizer(const ModelConfig& cfg, const MethodSpec& method,
                                                       std::shared_ptr<const CodebookSet> codebooks,
                                                       int decode_window = 128);

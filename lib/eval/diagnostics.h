@@ -1,5 +1,6 @@
-// Per-layer diagnostics of KV-cache methods (issue: "what anchors buy"), teacher-forced: the model runs on
-// its FP16 cache, and every layer's appended K/V (with that layer's queries) also goes into each compared
+// Per-layer diagnostics of KV-cache methods (each layer's attention error under a method's quantized K/V, with
+// and without FP16 anchors, and the attention weight on the sink and on the anchors), teacher-forced: the model
+// runs on its FP16 cache, and every layer's appended K/V (with that layer's queries) also goes into each compared
 // method's cache; the layer's attention over the method's cache is compared with attention over the FP16
 // cache for the same queries. Errors therefore do not compound across layers: each layer's number is the
 // damage its own quantized K/V does.
