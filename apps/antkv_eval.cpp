@@ -593,8 +593,8 @@ int main(int argc, char** argv) {
   shapes->add_option("--format", shapes_format, "table | json (the config.json fields of each shape)")
       ->capture_default_str()->check(CLI::IsMember({"table", "json"}));
   if (const std::string sub = unknown_subcommand(app, argc, argv); !sub.empty()) {
-    std::fprintf(stderr, "antkv-eval: error: unknown subcommand \"%s\" (ppl, run, diagnose, bench, max-context; see "
-                 "antkv-eval --help)\n", sub.c_str());
+    std::fprintf(stderr, "antkv-eval: error: unknown subcommand \"%s\" (%s; see antkv-eval --help)\n", sub.c_str(),
+                 subcommand_names(app).c_str());
     return 2;
   }
   try {

@@ -1,4 +1,4 @@
-// Outputs you can trust 2 (issue 23), the command-line part: run folders owned by one run at a time (a lock),
+// The command line and run folders: run folders owned by one run at a time (a lock),
 // bounds of every count a user gives (one table, core/limits.h), checkpoints whose config.json does not
 // describe every tensor, provenance of dumps and codebooks in every command that reads them, and one-line
 // errors that name the file. The commands run as child processes on stories260K (or a synthetic checkpoint).

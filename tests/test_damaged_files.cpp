@@ -1,4 +1,4 @@
-// Damaged HDF5 files (issue 23): calibration dumps and codebook files written by our own writers, then damaged at
+// Damaged HDF5 files: calibration dumps and codebook files written by our own writers, then damaged at
 // chosen places (an attribute, the superblock, a dataset's header, a dataset's data, the end of the file) or at
 // random bytes. Every load either fails with one line "<file>: <object>: damaged or not an antkv file (...)" or
 // gives exactly the undamaged file's contents; HDF5 prints nothing itself and nothing crashes. Also: the same
