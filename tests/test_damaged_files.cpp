@@ -600,7 +600,7 @@ TEST_CASE("same calibration inputs, same dump bytes (the dump's hash names its c
   CHECK(bytes_of(dir + "/a-cb.h5") == bytes_of(dir + "/b-cb.h5"));
 }
 
-TEST_CASE("antkv-eval run: a recomputed dump keeps its codebooks; a damaged codebook file is recomputed", "[io][shared]") {
+TEST_CASE("antkv-eval run: a recomputed dump keeps its codebooks, a damaged codebook file is recomputed", "[io][shared]") {
   const std::string dir = test::temp_dir();
   const auto text_head = [&](const std::string& name, const std::string& shared, size_t bytes) {
     const std::string p = dir + "/" + name;
