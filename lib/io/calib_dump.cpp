@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "io/h5_util.h"
+#include "quant/method_options.h"
 
 namespace antkv {
 
@@ -171,8 +172,6 @@ void CalibDumpWriter::finish(const CalibMeta& m) {
 // What a dump's /meta may say: counts beyond these are damage, refused before anything is allocated from them.
 constexpr int64_t kMaxLayers = 1024, kMaxKvHeads = 1024, kMaxHeadDim = 1024;
 constexpr int64_t kMaxCount = int64_t{1} << 40;  // tokens, windows, seq_len
-const std::vector<std::string> kKeyRopes = {"post", "pre"};
-const std::vector<std::string> kAnchorScores = {"", "error_bound", "attention_mass", "key_bound", "random", "recent"};
 
 struct CalibDumpReader::Impl {
   std::string path;
@@ -218,8 +217,10 @@ CalibDumpReader::CalibDumpReader(const std::string& path) : impl_(new Impl) {
   m.model = h5::get_attr_string(g, "model", path);
   m.config_hash = h5::get_attr_string(g, "config_hash", path);
   m.recipe = h5::get_attr_string(g, "recipe", path);
-  m.key_rope = h5::get_attr_choice(g, "key_rope", path, kKeyRopes);
-  m.anchor_score = h5::get_attr_choice(g, "anchor_score", path, kAnchorScores);
+  m.key_rope = h5::get_attr_choice(g, "key_rope", path, option_names<KeyRope>());
+  std::vector<std::string> scores = option_names<AnchorScoreKind>();
+  scores.insert(scores.begin(), "");  // dumps written before the attribute
+  m.anchor_score = h5::get_attr_choice(g, "anchor_score", path, scores);
   m.text = h5::get_attr_string(g, "text", path);
   m.text_hash = h5::get_attr_string(g, "text_hash", path);
   m.version = h5::get_attr_string(g, "version", path);

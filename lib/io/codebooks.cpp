@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "io/h5_util.h"
+#include "quant/method_options.h"
 
 namespace antkv {
 
@@ -103,13 +104,13 @@ CodebookSet read_codebooks(const std::string& path) {
   m.config_hash = h5::get_attr_string(g, "config_hash", path);
   m.calib_hash = h5::get_attr_string(g, "calib_hash", path);
   m.recipe = h5::get_attr_string(g, "recipe", path);
-  m.key_rope = h5::get_attr_choice(g, "key_rope", path, {"post", "pre"});
-  m.weighting = h5::get_attr_choice(g, "weighting", path, {"anchor", "none"});
+  m.key_rope = h5::get_attr_choice(g, "key_rope", path, option_names<KeyRope>());
+  m.weighting = h5::get_attr_choice(g, "weighting", path, option_names<Weighting>());
   if (h5::has_attr(g, "exclude_anchors", path))
     m.exclude_anchors = h5::get_attr_int(g, "exclude_anchors", path, 0, 1) != 0;
-  if (h5::has_attr(g, "gain", path)) m.gain = h5::get_attr_choice(g, "gain", path, {"off", "k", "kv"});
-  if (h5::has_attr(g, "rotate", path)) m.rotate = h5::get_attr_choice(g, "rotate", path, {"off", "pca"});
-  if (h5::has_attr(g, "metric", path)) m.metric = h5::get_attr_choice(g, "metric", path, {"plain", "task"});
+  if (h5::has_attr(g, "gain", path)) m.gain = h5::get_attr_choice(g, "gain", path, option_names<Gain>());
+  if (h5::has_attr(g, "rotate", path)) m.rotate = h5::get_attr_choice(g, "rotate", path, option_names<Rotate>());
+  if (h5::has_attr(g, "metric", path)) m.metric = h5::get_attr_choice(g, "metric", path, option_names<Metric>());
   m.trainer = h5::get_attr_string(g, "trainer", path);
   m.version = h5::get_attr_string(g, "version", path);
   if (h5::has_attr(g, "fingerprint", path)) m.fingerprint = h5::get_attr_string(g, "fingerprint", path);

@@ -48,6 +48,15 @@ std::optional<E> find_option(std::string_view s) {
   return std::nullopt;
 }
 
+// Every printed spelling of E ({"off", "k", "kv"}): what a file attribute of that option may hold.
+template <typename E>
+std::vector<std::string> option_names() {
+  std::vector<std::string> out;
+  for (const auto& s : option_spellings<E>())
+    if (!s.alias) out.emplace_back(s.name);
+  return out;
+}
+
 // "off, k or kv": the spellings for an error message.
 template <typename E>
 std::string option_choices() {
