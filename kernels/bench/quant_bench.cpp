@@ -8,7 +8,7 @@
 
 #include "core/error.h"
 #include "kernels/bench/bench.h"
-#include "kernels/bench/random_fill.h"
+#include "kernels/common/random_fill.h"
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/cuda_timing.h"
 #include "kernels/common/device_buffer.h"

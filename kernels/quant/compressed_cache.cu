@@ -10,9 +10,9 @@
 #include <type_traits>
 
 #include "core/error.h"
-#include "kernels/bench/random_fill.h"
-#include "quant/codebook_fit.h"
 #include "kernels/common/cuda_check.h"
+#include "kernels/common/random_fill.h"
+#include "quant/codebook_fit.h"
 #include "anchor/anchor_scores.h"
 #include "runtime/rope.h"
 

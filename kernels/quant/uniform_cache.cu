@@ -9,7 +9,7 @@
 #include "core/error.h"
 #include "kernels/attention/split_combine.cuh"
 #include "kernels/attention/quant_decode.h"
-#include "kernels/bench/random_fill.h"
+#include "kernels/common/random_fill.h"
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/device_utils.cuh"
 

@@ -1,5 +1,5 @@
-// The fill kernels of kernels/bench/random_fill.h.
-#include "kernels/bench/random_fill.h"
+// The fill kernels of kernels/common/random_fill.h.
+#include "kernels/common/random_fill.h"
 
 #include <algorithm>
 
