@@ -19,8 +19,6 @@ inline int exit_on_usage_error(const CLI::App& app, const CLI::ParseError& e, co
   return 2;
 }
 
-// The first argument when it is not an option nor one of the app's subcommands ("" otherwise): CLI11 would
-// answer it with "A subcommand is required".
 // The names of app's subcommands, "a, b, c", for a message.
 inline std::string subcommand_names(const CLI::App& app) {
   std::string s;
@@ -28,6 +26,8 @@ inline std::string subcommand_names(const CLI::App& app) {
   return s;
 }
 
+// The first argument when it is not an option nor one of the app's subcommands ("" otherwise): CLI11 would
+// answer it with "A subcommand is required".
 inline std::string unknown_subcommand(const CLI::App& app, int argc, char** argv) {
   if (argc < 2 || argv[1][0] == '-') return "";
   for (const CLI::App* sub : app.get_subcommands({}))

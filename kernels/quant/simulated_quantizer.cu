@@ -598,8 +598,6 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
                   "method {}: correct=on (the attention-score correction) is not implemented on the GPU runtime; "
                   "evaluate it with eval.device: cpu",
                   m.text);
-      ANTKV_CHECK(m.listed_layers() == 0 || m.listed_layers() == L,
-                  "method {}: lkbits/lvbits/lratio list {} layers, the model has {}", m.text, m.listed_layers(), L);
       pre_ = m.pre_rope();
       R_ = W_ + 1;
       if (rsq_) {

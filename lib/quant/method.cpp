@@ -62,6 +62,21 @@ bool MethodText::has(const std::string& key) const {
   return false;
 }
 
+namespace {
+
+// s cut at every `sep`, empty pieces kept ("a,,b" -> "a", "", "b")
+std::vector<std::string> split_at(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  for (size_t start = 0;;) {
+    const size_t end = s.find(sep, start);
+    out.push_back(s.substr(start, end == std::string::npos ? std::string::npos : end - start));
+    if (end == std::string::npos) return out;
+    start = end + 1;
+  }
+}
+
+}  // namespace
+
 MethodText split_method_text(const std::string& text) {
   MethodText t;
   const size_t colon = text.find(':');
@@ -69,17 +84,12 @@ MethodText split_method_text(const std::string& text) {
   if (colon == std::string::npos) return t;
   const std::string rest = text.substr(colon + 1);
   ANTKV_CHECK(!rest.empty(), "method \"{}\": nothing after ':' (write the kind alone, or kind:key=value,...)", text);
-  size_t start = 0;
-  while (true) {
-    const size_t comma = rest.find(',', start);
-    const std::string kv = rest.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+  for (const std::string& kv : split_at(rest, ',')) {
     const size_t eq = kv.find('=');
     ANTKV_CHECK(eq != std::string::npos && eq > 0, "method \"{}\": option \"{}\" is not key=value", text, kv);
     const std::string key = kv.substr(0, eq);
     ANTKV_CHECK(!t.has(key), "method \"{}\": option {} is given twice", text, key);
     t.options.emplace_back(key, kv.substr(eq + 1));
-    if (comma == std::string::npos) break;
-    start = comma + 1;
   }
   return t;
 }
@@ -168,15 +178,9 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
       }
     };
     auto list = [&]() {  // '/'-separated, one per layer
-      std::vector<std::string> items;
-      size_t s0 = 0;
-      while (true) {
-        const size_t slash = v.find('/', s0);
-        items.push_back(v.substr(s0, slash == std::string::npos ? std::string::npos : slash - s0));
-        ANTKV_CHECK(!items.back().empty(), "{}: {} lists one value per layer, separated by /, got \"{}\"", where, k, v);
-        if (slash == std::string::npos) break;
-        s0 = slash + 1;
-      }
+      const std::vector<std::string> items = split_at(v, '/');
+      for (const auto& x : items)
+        ANTKV_CHECK(!x.empty(), "{}: {} lists one value per layer, separated by /, got \"{}\"", where, k, v);
       return items;
     };
     if (k == "bits" && !m.needs_codebooks()) m.bits = integer();
