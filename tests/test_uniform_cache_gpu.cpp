@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -25,9 +26,16 @@
 #include "kernels/bench/method_bench.h"
 #include "kernels/common/device_buffer.h"
 #include "kernels/quant/uniform_cache.h"
+#include "core/text_file.h"
+#include "eval/perplexity.h"
 #include "kernels/runtime/gpu_runtime.h"
+#include "kernels/runtime/method_runtime_factory.h"
 #include "kernels/runtime/ops.h"
+#include "model/checkpoint.h"
+#include "quant/method.h"
 #include "quant/quantized_cache.h"
+#include "recipe/recipe.h"
+#include "tokenizer/tokenizer.h"
 
 using namespace antkv;
 using cuda::bf16;
@@ -74,6 +82,43 @@ std::vector<float> make_rows(std::mt19937& rng, int B, int KV, int d) {
     x[i] = round_h(c == 3 ? 0.375f : c == 5 ? 12.f + 4.f * n01(rng) : n01(rng));
   }
   return x;
+}
+
+// One (sequence, KV head)'s downloaded state against the CPU reference: keys per channel over each block of
+// `group` tokens and values per token over groups of min(group, d) channels through uniform_quantize on the fp16
+// rows K, V ([len, KV, d], fp16-representable), the residual equal to the rows themselves (keys from k_end,
+// values from v_end). Returns the number of entries that differ.
+int cpu_mismatches(const GpuUniformKvCache::HostView& h, const std::vector<float>& K, const std::vector<float>& V,
+                   int KV, int kh, int d, int group, int bits) {
+  auto at = [&](const std::vector<float>& X, int t, int c) { return X[(static_cast<size_t>(t) * KV + kh) * d + c]; };
+  int bad = 0;
+  for (int kb = 0; kb < h.k_end / group; ++kb)
+    for (int c = 0; c < d; ++c) {
+      std::vector<float> col(group);
+      for (int r = 0; r < group; ++r) col[r] = at(K, kb * group + r, c);
+      uniform_quantize(col.data(), group, 1, bits);
+      const float s = h.k_scale[static_cast<size_t>(kb) * d + c], z = h.k_zero[static_cast<size_t>(kb) * d + c];
+      for (int r = 0; r < group; ++r) {
+        const int t = kb * group + r;
+        bad += !same_dequant(col[r], h.k_code[static_cast<size_t>(t) * d + c], s, z);
+      }
+    }
+  const int vgs = std::min(group, d);
+  for (int t = 0; t < h.v_end; ++t)
+    for (int c0 = 0; c0 < d; c0 += vgs) {
+      std::vector<float> row(vgs);
+      for (int j = 0; j < vgs; ++j) row[j] = at(V, t, c0 + j);
+      uniform_quantize(row.data(), vgs, 1, bits);
+      const size_t sz = static_cast<size_t>(t) * (d / vgs) + c0 / vgs;
+      for (int j = 0; j < vgs; ++j)
+        bad += !same_dequant(row[j], h.v_code[static_cast<size_t>(t) * d + c0 + j], h.v_scale[sz], h.v_zero[sz]);
+    }
+  for (int t = h.k_end; t < h.len; ++t)
+    for (int c = 0; c < d; ++c) {
+      bad += h.res_k[static_cast<size_t>(t - h.k_end) * d + c] != at(K, t, c);
+      if (t >= h.v_end) bad += h.res_v[static_cast<size_t>(t - h.k_end) * d + c] != at(V, t, c);
+    }
+  return bad;
 }
 
 struct Appender {
@@ -188,53 +233,149 @@ TEST_CASE("GPU uniform cache: group quantization equals uniform_quantize on the 
           cache.poison();
           Appender ap{cache, KV, d, {}, {}};
           for (int s = 0; s < steps; ++s) ap.step(B, rng);
-          const int vgs = std::min(group, d);
           for (int b = 0; b < B; ++b)
             for (int kh = 0; kh < KV; ++kh) {
               const auto h = cache.download(0, b, kh);
               REQUIRE(h.len == steps);
               REQUIRE(h.v_end == steps - window);
               REQUIRE(h.k_end == 2 * group);
-              const auto& K = ap.k_hist[b];
-              const auto& V = ap.v_hist[b];
-              auto at = [&](const std::vector<float>& X, int t, int c) {
-                return X[(static_cast<size_t>(t) * KV + kh) * d + c];
-              };
-              int bad = 0;
-              // keys: per channel over each block of `group` tokens
-              for (int kb = 0; kb < h.k_end / group; ++kb)
-                for (int c = 0; c < d; ++c) {
-                  std::vector<float> col(group);
-                  for (int r = 0; r < group; ++r) col[r] = at(K, kb * group + r, c);
-                  uniform_quantize(col.data(), group, 1, bits);
-                  const float s = h.k_scale[static_cast<size_t>(kb) * d + c], z = h.k_zero[static_cast<size_t>(kb) * d + c];
-                  for (int r = 0; r < group; ++r) {
-                    const int t = kb * group + r;
-                    bad += !same_dequant(col[r], h.k_code[static_cast<size_t>(t) * d + c], s, z);
-                  }
-                }
-              // values: per token over groups of vgs channels
-              for (int t = 0; t < h.v_end; ++t)
-                for (int c0 = 0; c0 < d; c0 += vgs) {
-                  std::vector<float> row(vgs);
-                  for (int j = 0; j < vgs; ++j) row[j] = at(V, t, c0 + j);
-                  uniform_quantize(row.data(), vgs, 1, bits);
-                  const size_t sz = static_cast<size_t>(t) * (d / vgs) + c0 / vgs;
-                  for (int j = 0; j < vgs; ++j)
-                    bad += !same_dequant(row[j], h.v_code[static_cast<size_t>(t) * d + c0 + j], h.v_scale[sz], h.v_zero[sz]);
-                }
-              // the residual holds the fp16 rows themselves (keys from k_end, values from v_end)
-              for (int t = h.k_end; t < h.len; ++t)
-                for (int c = 0; c < d; ++c) {
-                  bad += h.res_k[static_cast<size_t>(t - h.k_end) * d + c] != at(K, t, c);
-                  if (t >= h.v_end) bad += h.res_v[static_cast<size_t>(t - h.k_end) * d + c] != at(V, t, c);
-                }
-              CHECK(bad == 0);
+              CHECK(cpu_mismatches(h, ap.k_hist[b], ap.v_hist[b], KV, kh, d, group, bits) == 0);
               // the constant channel 3 took the scale-0 path: its keys come back exactly
               CHECK(h.k_scale[3] == 0.f);
               CHECK(h.k_zero[3] == 0.375f);
             }
         }
+}
+
+// A prefill (write_prefill of every layer, commit_prefill) is quantized as the CPU reference quantizes the fp16
+// rounding of its fp32 rows: every code, scale and zero and the FP16 residual exactly (cpu_mismatches == 0), for
+// bits 2 and 4, groups 32, 64 and 128, head_dim 64 and 128, windows 0 and 6; sequence 0 odd (two complete key
+// blocks, a partial one and the window), sequence 1 three tokens (no key block; inside the window of 6); input
+// rows strided as the runtime's qkv rows (the gap NaN). The same prefill captured in a CUDA graph gives the same
+// bytes; decode appends continue from it (one more key block: again equal to the CPU on the whole history), and
+// attention over the prefilled and the appended cache equals the dequantized CPU reference (check_decode's
+// tolerances) for GQA 1, 4 and 8.
+TEST_CASE("GPU uniform cache: a prefill equals uniform_quantize on its fp16 rows, graph equals eager, decode continues", "[gpu][quant]") {
+  SKIP_WITHOUT_GPU();
+  const uint32_t seed = test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n01(0.f, 1.f);
+  int n = 0;
+  for (int bits : {2, 4})
+    for (int d : {64, 128})
+      for (int group : {32, 64, 128}) {
+        const int G = n % 3 == 0 ? 1 : n % 3 == 1 ? 4 : 8, window = (n % 2) ? 6 : 0;
+        ++n;
+        const std::string what = fmt::format("bits {} head_dim {} group {} window {} G {}", bits, d, group, window, G);
+        INFO(what);
+        const int KV = 2, L = 2;
+        const ModelConfig cfg = tiny_config(L, KV * G, KV, d);
+        const std::vector<int> T = {2 * group + window + 13, 3};
+        const int capacity = T[0] + group + 9;
+        const int64_t stride = static_cast<int64_t>(KV) * d + 3;  // strided rows, as the runtime's qkv
+        // raw fp32 rows (not fp16-representable) per (layer, sequence), and their fp16 rounding [t, KV, d]
+        std::vector<std::vector<float>> k_in(L * 2), v_in(L * 2), k_ref(L * 2), v_ref(L * 2);
+        for (int l = 0; l < L; ++l)
+          for (int b = 0; b < 2; ++b) {
+            const int i = l * 2 + b;
+            k_in[i].assign(static_cast<size_t>(T[b]) * stride, NAN);  // the stride's gap stays NaN
+            v_in[i].assign(k_in[i].size(), NAN);
+            for (int t = 0; t < T[b]; ++t)
+              for (int c = 0; c < KV * d; ++c) {
+                const int ch = c % d;
+                auto draw = [&] { return ch == 3 ? 0.375f : ch == 5 ? 12.f + 4.f * n01(rng) : n01(rng); };
+                k_in[i][t * stride + c] = draw();
+                v_in[i][t * stride + c] = draw();
+                k_ref[i].push_back(round_h(k_in[i][t * stride + c]));
+                v_ref[i].push_back(round_h(v_in[i][t * stride + c]));
+              }
+          }
+        std::vector<DeviceBuffer<float>> dk, dv;
+        for (int i = 0; i < 2 * L; ++i) dk.push_back(upload(k_in[i])), dv.push_back(upload(v_in[i]));
+        GpuUniformKvCache cache(cfg, bits, group, window, 2, capacity), graphed(cfg, bits, group, window, 2, capacity);
+        cache.poison();
+        graphed.poison();
+        for (int b = 0; b < 2; ++b) {
+          for (int l = 0; l < L; ++l)
+            cache.write_prefill(l, b, T[b], dk[l * 2 + b].get(), stride, dv[l * 2 + b].get(), stride, nullptr);
+          cache.commit_prefill(b, T[b]);
+        }
+        if (!cuda::sync_mode()) {  // ANTKV_CUDA_SYNC=1 synchronizes after each launch: no capture
+          cudaStream_t st = nullptr;
+          ANTKV_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+          for (int b = 0; b < 2; ++b) {
+            cudaGraph_t graph = nullptr;
+            cudaGraphExec_t exec = nullptr;
+            ANTKV_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+            for (int l = 0; l < L; ++l)
+              graphed.write_prefill(l, b, T[b], dk[l * 2 + b].get(), stride, dv[l * 2 + b].get(), stride, st);
+            ANTKV_CUDA_CHECK(cudaStreamEndCapture(st, &graph));
+            ANTKV_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+            ANTKV_CUDA_CHECK(cudaGraphLaunch(exec, st));
+            ANTKV_CUDA_CHECK(cudaStreamSynchronize(st));
+            ANTKV_CUDA_CHECK(cudaGraphExecDestroy(exec));
+            ANTKV_CUDA_CHECK(cudaGraphDestroy(graph));
+            graphed.commit_prefill(b, T[b]);
+          }
+          ANTKV_CUDA_CHECK(cudaStreamDestroy(st));
+        }
+        for (int l = 0; l < L; ++l)
+          for (int b = 0; b < 2; ++b)
+            for (int kh = 0; kh < KV; ++kh) {
+              const auto h = cache.download(l, b, kh);
+              const int qlen = std::max(0, T[b] - window);
+              REQUIRE(h.len == T[b]);
+              REQUIRE(h.v_end == qlen);
+              REQUIRE(h.k_end == qlen / group * group);
+              CHECK(cpu_mismatches(h, k_ref[l * 2 + b], v_ref[l * 2 + b], KV, kh, d, group, bits) == 0);
+              if (b == 0) {  // the constant channel 3 took the scale-0 path
+                CHECK(h.k_scale[3] == 0.f);
+                CHECK(h.k_zero[3] == 0.375f);
+              }
+              if (cuda::sync_mode()) continue;
+              const auto g = graphed.download(l, b, kh);
+              CHECK(g.k_code == h.k_code);
+              CHECK(g.v_code == h.v_code);
+              CHECK((g.k_scale == h.k_scale && g.k_zero == h.k_zero && g.v_scale == h.v_scale && g.v_zero == h.v_zero));
+              CHECK(g.res_k == h.res_k);
+              int res_v_diff = 0;  // res_v holds values from v_end on
+              for (int t = h.v_end; t < h.len; ++t)
+                for (int c = 0; c < d; ++c) {
+                  const size_t i = static_cast<size_t>(t - h.k_end) * d + c;
+                  res_v_diff += g.res_v[i] != h.res_v[i];
+                }
+              CHECK(res_v_diff == 0);
+            }
+        check_decode(cache, cfg, 2, rng, cache.plan(2, cfg.num_heads), what + ", after the prefill");
+        // decode appends (layer 0) continue from the prefill: one more key block for both sequences
+        Appender ap{cache, KV, d, {k_ref[0], k_ref[1]}, {v_ref[0], v_ref[1]}};
+        for (int s = 0; s < group + 2; ++s) ap.step(2, rng);
+        for (int b = 0; b < 2; ++b)
+          for (int kh = 0; kh < KV; ++kh) {
+            const auto h = cache.download(0, b, kh);
+            const int qlen = std::max(0, T[b] + group + 2 - window);
+            REQUIRE(h.len == T[b] + group + 2);
+            REQUIRE(h.k_end == qlen / group * group);
+            CHECK(cpu_mismatches(h, ap.k_hist[b], ap.v_hist[b], KV, kh, d, group, bits) == 0);
+          }
+        check_decode(cache, cfg, 2, rng, cache.plan(2, cfg.num_heads), what + ", after decode appends");
+      }
+  // refusals: a commit before every layer is written; a prefill into a sequence that holds tokens; 0 tokens
+  const ModelConfig cfg = tiny_config(2, 4, 2, 64);
+  GpuUniformKvCache cache(cfg, 2, 32, 0, 1, 100);
+  DeviceBuffer<float> rows(static_cast<size_t>(40) * 2 * 64);
+  cuda::fill_f32(rows.get(), static_cast<int64_t>(rows.size()), 0.5f, nullptr);
+  cache.write_prefill(0, 0, 40, rows.get(), 128, rows.get(), 128, nullptr);
+  CHECK_THROWS_WITH(cache.commit_prefill(0, 40), Catch::Contains("without write_prefill of every layer"));
+  cache.write_prefill(1, 0, 40, rows.get(), 128, rows.get(), 128, nullptr);
+  cache.commit_prefill(0, 40);
+  CHECK(cache.length(0) == 40);
+  CHECK_THROWS_WITH(cache.write_prefill(0, 0, 10, rows.get(), 128, rows.get(), 128, nullptr),
+                    Catch::Contains("chunked prefill over the uniform cache is not implemented"));
+  cache.reset();
+  CHECK_THROWS_WITH(cache.write_prefill(0, 0, 0, rows.get(), 128, rows.get(), 128, nullptr),
+                    Catch::Contains("prefill of 0 tokens"));
 }
 
 TEST_CASE("GPU uniform decode: appended caches of odd lengths equal the dequantized CPU reference", "[gpu][quant]") {
@@ -346,8 +487,8 @@ TEST_CASE("GPU uniform cache: closed set and bad plans refused and the runtime d
     ForwardRequest req;
     ForwardResult res;
     req.tokens = tok.data();
-    req.n_tokens = 1;
-    CHECK_THROWS_WITH(rt.forward(req, res), Catch::Contains("ppl for uniform runs on the simulated cache"));
+    req.n_tokens = 2;  // a prefill chunk after cached tokens
+    CHECK_THROWS_WITH(rt.forward(req, res), Catch::Contains("prefill over the packed uniform cache is one chunk"));
     return logits;
   };
   const auto eager = run(false), graph = run(true);
@@ -357,6 +498,173 @@ TEST_CASE("GPU uniform cache: closed set and bad plans refused and the runtime d
   CHECK(finite);
   CHECK_MEASURED("test_uniform_cache_gpu: runtime graph vs eager logits rel err",
                  test::max_rel_error(graph.data(), eager.data(), eager.size()), 1e-6);  // same kernels, same inputs
+}
+
+namespace {
+
+struct RefModel {
+  Checkpoint ckpt;
+};
+RefModel& ref_model() {
+  static RefModel* m = new RefModel{Checkpoint::open(test::model_dir("antkv-ref-18m"))};
+  return *m;
+}
+
+MethodSpec uniform_method(const std::string& text) {
+  static const Recipe r = Recipe::defaults_with({});
+  return parse_method(text, r);
+}
+
+}  // namespace
+
+// The runtime over the real uniform cache (gpu_method_runtime_factory with real_cache) against the simulated
+// path (the same factory without), antkv-ref-18m (head_dim 128, 2 query heads per KV head), a random 250-token
+// prompt: a 100-token prefill, then one token per forward. The prefill's NLL and logits are the simulated path's
+// bit for bit (its attention reads the quantizer's simulated K/V in both); its packed cache then holds P tokens.
+// Decode steps read the packed cache: the simulated path holds the same dequantized values rounded to bf16 in its
+// arena (and its FP16 rows as bf16), so logits differ by bf16-sized changes of K/V, the compressed cache's bounds
+// (test_gpu_quant.cpp): logits 2e-2 of max |logit|, |dNLL| mean 0.03, max 0.15. A third runtime decodes the
+// same tokens with decode_batch (a CUDA graph replayed from its third step on): logits equal forward()'s (eager)
+// bit for bit. Every cache is NaN-poisoned before the prefill.
+TEST_CASE("GPU uniform cache through the runtime: prefill equals the simulated path, decode follows it, decode_batch (graph) equals forward", "[gpu][quant][shared]") {
+  SKIP_WITHOUT_GPU();
+  const Checkpoint& ckpt = ref_model().ckpt;
+  const ModelConfig& cfg = ckpt.config();
+  std::mt19937_64 prng(777);
+  std::vector<int32_t> seq(250);
+  seq[0] = 0;  // BOS of antkv-ref-18m
+  for (size_t i = 1; i < seq.size(); ++i) seq[i] = 2 + static_cast<int32_t>(prng() % static_cast<uint64_t>(cfg.vocab_size - 2));
+  const int P = 100;
+  GpuRuntimeOptions so;
+  so.max_context = 512;
+  auto sim_factory = gpu_method_runtime_factory(ckpt, so, false);
+  auto real_factory = gpu_method_runtime_factory(ckpt, so, true);
+  for (const std::string text : {"uniform:bits=2,group=32", "uniform:bits=4,group=64,window=16",
+                                 "uniform:bits=2,group=128,window=5", "uniform:bits=4,group=128"}) {
+    SECTION(text) {
+      const MethodSpec m = uniform_method(text);
+      auto sim = sim_factory(m, nullptr);
+      auto make_real = [&] {
+        auto rt = real_factory(m, nullptr);
+        auto* g = dynamic_cast<GpuRuntime*>(rt.get());
+        REQUIRE(g);
+        REQUIRE(g->uniform_cache());
+        g->uniform_cache()->poison();
+        return rt;
+      };
+      auto real = make_real();
+      auto batched = make_real();
+      GpuUniformKvCache& cache = *dynamic_cast<GpuRuntime&>(*real).uniform_cache();
+      auto& bat = dynamic_cast<GpuRuntime&>(*batched);
+      std::vector<int32_t> targets(seq.begin() + 1, seq.end());
+      targets.push_back(-1);
+      ForwardRequest req;
+      req.logits = LogitsMode::kLast;
+      ForwardResult rs, rr, rb;
+      double worst_logit = 0, worst_nll = 0, sum_nll = 0;
+      int steps = 0;
+      for (int p = 0; p < static_cast<int>(seq.size());) {
+        const int n = p == 0 ? P : 1;
+        req.tokens = seq.data() + p;
+        req.targets = targets.data() + p;
+        req.n_tokens = n;
+        sim->forward(req, rs);
+        real->forward(req, rr);
+        if (p == 0) {
+          batched->forward(req, rb);
+          REQUIRE(rr.nll.size() == static_cast<size_t>(P));
+          CHECK(std::memcmp(rr.nll.data(), rs.nll.data(), P * sizeof(float)) == 0);
+          CHECK(std::memcmp(rr.logits.data(), rs.logits.data(), rs.logits.size() * sizeof(float)) == 0);
+          CHECK(cache.length(0) == P);
+        } else {
+          std::vector<float> lb;
+          bat.decode_batch({seq[p]}, &lb, nullptr);
+          REQUIRE(lb.size() == rr.logits.size());
+          CHECK(std::memcmp(lb.data(), rr.logits.data(), lb.size() * sizeof(float)) == 0);
+          const double e = test::max_rel_error(rr.logits.data(), rs.logits.data(), rs.logits.size());
+          REQUIRE(std::isfinite(e));
+          worst_logit = std::max(worst_logit, e);
+          if (p + 1 < static_cast<int>(seq.size())) {
+            REQUIRE(std::isfinite(rr.nll[0]));
+            const double dn = std::fabs(static_cast<double>(rr.nll[0]) - rs.nll[0]);
+            worst_nll = std::max(worst_nll, dn);
+            sum_nll += dn;
+            ++steps;
+          }
+        }
+        p += n;
+      }
+      const int len = static_cast<int>(seq.size()), qlen = std::max(0, len - m.window);
+      CHECK(cache.length(0) == len);
+      CHECK(bat.uniform_cache()->length(0) == len);
+      const auto h = cache.download(cfg.num_layers - 1, 0, cfg.num_kv_heads - 1);
+      CHECK(h.k_end == qlen / m.group * m.group);
+      CHECK(h.v_end == qlen);
+      WARN(fmt::format("{}: real vs simulated over {} decode steps: logits rel err max {:.2e}, |dNLL| mean {:.2e} "
+                       "max {:.2e}",
+                       text, steps, worst_logit, sum_nll / steps, worst_nll));
+      const std::string label = "test_uniform_cache_gpu: real vs simulated " + text;
+      CHECK_MEASURED(label + " worst logits rel err", worst_logit, 2e-2);
+      CHECK_MEASURED(label + " mean |dNLL|", sum_nll / steps, 0.03);
+      CHECK_MEASURED(label + " max |dNLL|", worst_nll, 0.15);
+      // a second prefill chunk after cached tokens is refused (one chunk into an empty sequence, then decode)
+      req.n_tokens = 2;
+      req.tokens = seq.data();
+      req.targets = targets.data();
+      real->reset();
+      real->forward(req, rr);
+      CHECK_THROWS_WITH(real->forward(req, rr), Catch::Contains("prefill over the packed uniform cache is one chunk"));
+    }
+  }
+}
+
+// Perplexity (evaluate_perplexity, eval.decode_from: a 64-token prefill, then one token per forward) through the
+// real uniform cache within 0.5% of the simulated path's, antkv-ref-18m on the start of books-test.txt, 3
+// windows of 256, bits 2 and 4 with every group the packed cache takes, one method with a window. Both paths
+// quantize the same tokens into the same groups; they differ by bf16-sized changes of the dequantized K/V (the
+// simulated arena is bf16), which move each decode step's NLL by ~1e-2 at most and the mean far less.
+TEST_CASE("GPU uniform cache: perplexity through the real cache within 0.5% of the simulated path (antkv-ref-18m, decode_from)", "[gpu][quant][shared]") {
+  SKIP_WITHOUT_GPU();
+  const Checkpoint& ckpt = ref_model().ckpt;
+  const Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  const auto ids = tok.encode(read_text_file(test::shared_path("data/books-test.txt")).substr(0, 40000), true);
+  PerplexityOptions po;
+  po.seq_len = 256;
+  po.max_windows = 3;
+  po.decode_from = 64;
+  po.prefill_chunk = 0;  // the real cache takes one prefill chunk (compare.cpp under eval.kv_cache: real)
+  po.progress = false;
+  GpuRuntimeOptions go;
+  go.max_context = po.seq_len;  // the KV cache holds one window (antkv-eval's method_factory)
+  auto sim_factory = gpu_method_runtime_factory(ckpt, go, false);
+  auto real_factory = gpu_method_runtime_factory(ckpt, go, true);
+  for (const std::string text : {"uniform:bits=2,group=32", "uniform:bits=2,group=64", "uniform:bits=2,group=128",
+                                 "uniform:bits=4,group=32", "uniform:bits=4,group=64", "uniform:bits=4,group=128",
+                                 "uniform:bits=2,group=128,window=32"}) {
+    const MethodSpec m = uniform_method(text);
+    auto sim = sim_factory(m, nullptr);
+    auto real = real_factory(m, nullptr);
+    REQUIRE(dynamic_cast<GpuRuntime&>(*real).uniform_cache());
+    const auto rs = evaluate_perplexity(*sim, ids, tok.bos_id(), po);
+    const auto rr = evaluate_perplexity(*real, ids, tok.bos_id(), po);
+    REQUIRE(rr.windows == 3);
+    REQUIRE(std::isfinite(rr.ppl));
+    const double rel = std::fabs(rr.ppl / rs.ppl - 1);
+    WARN(fmt::format("{}: ppl simulated {:.4f} real {:.4f} (rel {:.2e})", text, rs.ppl, rr.ppl, rel));
+    CHECK_MEASURED("test_uniform_cache_gpu: 18m ppl real vs simulated rel " + text, rel, 5e-3);
+  }
+}
+
+// Under eval.kv_cache: real, uniform shapes outside the packed cache's closed set are refused by the factory,
+// naming the method, before any GPU work (so this runs without a device too).
+TEST_CASE("GPU method factory: uniform outside the packed cache's closed set is refused under eval.kv_cache: real", "[quant][shared]") {
+  const Checkpoint& ckpt = ref_model().ckpt;
+  auto real_factory = gpu_method_runtime_factory(ckpt, {}, true);
+  CHECK_THROWS_WITH(real_factory(uniform_method("uniform:bits=3,group=128"), nullptr),
+                    Catch::Contains("method uniform:bits=3,group=128 under eval.kv_cache: real") &&
+                        Catch::Contains("takes bits 2 or 4, not 3"));
+  CHECK_THROWS_WITH(real_factory(uniform_method("uniform:bits=2,group=16"), nullptr),
+                    Catch::Contains("takes group 32, 64 or 128, not 16"));
 }
 
 TEST_CASE("bench methods: uniform parses with its closed set and simulated-only methods are refused by name", "[quant]") {

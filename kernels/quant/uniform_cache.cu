@@ -359,18 +359,74 @@ struct UniformAppendParams {
   __half* ring_v = nullptr;
 };
 
+// Scale and zero as uniform_quantize: zero = fp16(min), scale = fp16((max - zero) / levels), code =
+// clamp(rint((x - zero) / scale), 0, levels) (IEEE division: no fast math in this build), so the codes equal the
+// CPU reference's on the same fp16 rows. The append and the prefill quantize through these two functions.
+
+// One token's value row: thread c (of D, the whole block, block-uniform call) holds channel c's fp16 value x;
+// codes per group of vgs channels into codes[0..WPT), (scale, zero) into sz[0..D / vgs). sW [WPT] is zero on
+// entry and on exit; sLo, sHi [D / 32].
+template <int D, int BITS>
+__device__ void quantize_value_row(float x, int vgs, uint32_t* sW, float* sLo, float* sHi, uint32_t* codes,
+                                   __half2* sz) {
+  constexpr int WPT = D * BITS / 32;
+  constexpr float kLevels = static_cast<float>((1 << BITS) - 1);
+  const int c = threadIdx.x, lane = c & 31, warp = c >> 5;
+  const float wlo = warp_min(x), whi = warp_max(x);
+  if (lane == 0) sLo[warp] = wlo, sHi[warp] = whi;
+  __syncthreads();
+  const int g = c / vgs;
+  float lo = INFINITY, hi = -INFINITY;
+  for (int w = g * vgs / 32; w < (g + 1) * vgs / 32; ++w) lo = fminf(lo, sLo[w]), hi = fmaxf(hi, sHi[w]);
+  const __half zh = __float2half_rn(lo);
+  const float zero = __half2float(zh);
+  const __half sh = __float2half_rn((hi - zero) / kLevels);
+  const float scale = __half2float(sh);
+  const uint32_t code = scale > 0.f ? static_cast<uint32_t>(fminf(kLevels, fmaxf(0.f, rintf((x - zero) / scale)))) : 0u;
+  atomicOr(&sW[c * BITS / 32], code << (c * BITS % 32));
+  __syncthreads();
+  if (c < WPT) codes[c] = sW[c];
+  if (c % vgs == 0) sz[g] = __halves2half2(sh, zh);
+  __syncthreads();  // sW cleared for the next use
+  if (c < WPT) sW[c] = 0u;
+  __syncthreads();
+}
+
+// One key block: thread c (of D) quantizes channel c over the block's grp tokens, read(r) giving token r's fp16
+// key; codes into dst [grp, WPT], (scale, zero) into sz[c]. sW [grp * WPT] is zero on entry (left dirty).
+template <int D, int BITS, class Read>
+__device__ void quantize_key_block(const Read& read, int grp, uint32_t* sW, uint32_t* dst, __half2* sz) {
+  constexpr int WPT = D * BITS / 32;
+  constexpr float kLevels = static_cast<float>((1 << BITS) - 1);
+  const int c = threadIdx.x;
+  float lo = INFINITY, hi = -INFINITY;
+  for (int r = 0; r < grp; ++r) {
+    const float x = read(r);
+    lo = fminf(lo, x), hi = fmaxf(hi, x);
+  }
+  const __half zh = __float2half_rn(lo);
+  const float zero = __half2float(zh);
+  const __half sh = __float2half_rn((hi - zero) / kLevels);
+  const float scale = __half2float(sh);
+  for (int r = 0; r < grp; ++r) {
+    const float x = read(r);
+    const uint32_t code = scale > 0.f ? static_cast<uint32_t>(fminf(kLevels, fmaxf(0.f, rintf((x - zero) / scale)))) : 0u;
+    atomicOr(&sW[r * WPT + c * BITS / 32], code << (c * BITS % 32));
+  }
+  __syncthreads();
+  for (int e = c; e < grp * WPT; e += D) dst[e] = sW[e];
+  sz[c] = __halves2half2(sh, zh);
+}
+
 // One block of D threads (thread = channel) per (sequence, KV head). The new token into its ring row; then the
 // value of token qlen - 1 quantized per group of vgs channels; when qlen is a multiple of the group, the keys
-// of its last block quantized per channel over the block's tokens. Scale and zero as uniform_quantize: zero =
-// fp16(min), scale = fp16((max - zero) / levels), code = clamp(rint((x - zero) / scale), 0, levels) (IEEE division:
-// no fast math in this build), so the codes equal the CPU reference's on the same fp16 rows.
+// of its last block quantized per channel over the block's tokens.
 template <int D, int BITS>
 __global__ void __launch_bounds__(D) uniform_append_kernel(const UniformAppendParams p) {
   constexpr int WPT = D * BITS / 32, NWARP = D / 32;
-  constexpr float kLevels = static_cast<float>((1 << BITS) - 1);
   __shared__ uint32_t sW[kTile * WPT];  // packed words of up to a 128-token key block
   __shared__ float sLo[NWARP], sHi[NWARP];
-  const int b = blockIdx.x, kvh = blockIdx.y, c = threadIdx.x, lane = c & 31, warp = c >> 5;
+  const int b = blockIdx.x, kvh = blockIdx.y, c = threadIdx.x;
   const int len = p.lens[b];
   if (len < 1 || len > p.capacity) return;  // the host checks the capacity before the step
   const int grp = p.group, R = grp + p.window, vgs = min(grp, D), nvg = D / vgs;
@@ -387,46 +443,70 @@ __global__ void __launch_bounds__(D) uniform_append_kernel(const UniformAppendPa
   if (cn.qlen >= 1) {  // the value of token qlen - 1 (the same token for every thread: block-uniform)
     const int t = cn.qlen - 1;
     const float x = __half2float(rv[static_cast<int64_t>(t % R) * D + c]);
-    const float wlo = warp_min(x), whi = warp_max(x);
-    if (lane == 0) sLo[warp] = wlo, sHi[warp] = whi;
-    __syncthreads();
-    const int g = c / vgs;
-    float lo = INFINITY, hi = -INFINITY;
-    for (int w = g * vgs / 32; w < (g + 1) * vgs / 32; ++w) lo = fminf(lo, sLo[w]), hi = fmaxf(hi, sHi[w]);
-    const __half zh = __float2half_rn(lo);
-    const float zero = __half2float(zh);
-    const __half sh = __float2half_rn((hi - zero) / kLevels);
-    const float scale = __half2float(sh);
-    const uint32_t code = scale > 0.f ? static_cast<uint32_t>(fminf(kLevels, fmaxf(0.f, rintf((x - zero) / scale)))) : 0u;
-    atomicOr(&sW[c * BITS / 32], code << (c * BITS % 32));
-    __syncthreads();
-    if (c < WPT) p.v_codes[(bk * p.capacity + t) * WPT + c] = sW[c];
-    if (c % vgs == 0) p.v_sz[(bk * p.capacity + t) * nvg + g] = __halves2half2(sh, zh);
-    __syncthreads();  // sW reused below
-    if (c < WPT) sW[c] = 0u;
-    __syncthreads();
+    quantize_value_row<D, BITS>(x, vgs, sW, sLo, sHi, p.v_codes + (bk * p.capacity + t) * WPT,
+                                p.v_sz + (bk * p.capacity + t) * nvg);
   }
   if (cn.qlen >= grp && cn.qlen % grp == 0) {  // the keys of block kb, channel c over its grp tokens
     const int kb = cn.qlen / grp - 1;
-    float lo = INFINITY, hi = -INFINITY;
-    for (int r = 0; r < grp; ++r) {
-      const float x = __half2float(rk[static_cast<int64_t>((kb * grp + r) % R) * D + c]);
-      lo = fminf(lo, x), hi = fmaxf(hi, x);
-    }
-    const __half zh = __float2half_rn(lo);
-    const float zero = __half2float(zh);
-    const __half sh = __float2half_rn((hi - zero) / kLevels);
-    const float scale = __half2float(sh);
-    for (int r = 0; r < grp; ++r) {
-      const float x = __half2float(rk[static_cast<int64_t>((kb * grp + r) % R) * D + c]);
-      const uint32_t code = scale > 0.f ? static_cast<uint32_t>(fminf(kLevels, fmaxf(0.f, rintf((x - zero) / scale)))) : 0u;
-      atomicOr(&sW[r * WPT + c * BITS / 32], code << (c * BITS % 32));
-    }
-    __syncthreads();
-    uint32_t* dst = p.k_codes + (bk * KB + kb) * grp * WPT;
-    for (int e = c; e < grp * WPT; e += D) dst[e] = sW[e];
-    p.k_sz[(bk * KB + kb) * D + c] = __halves2half2(sh, zh);
+    auto read = [&](int r) { return __half2float(rk[static_cast<int64_t>((kb * grp + r) % R) * D + c]); };
+    quantize_key_block<D, BITS>(read, grp, sW, p.k_codes + (bk * KB + kb) * grp * WPT, p.k_sz + (bk * KB + kb) * D);
   }
+}
+
+struct UniformPrefillParams {
+  int bits = 2, group = 128, window = 0;
+  int n_kv_heads = 0, capacity = 0;
+  int seq = 0, n_tokens = 0;               // the empty sequence's index and the prefill's length T
+  const float* k = nullptr;                // [T, n_kv_heads, head_dim] post-RoPE, rows of k_stride elements
+  const float* v = nullptr;                // the same layout, rows of v_stride elements
+  int64_t k_stride = 0, v_stride = 0;
+  uint32_t* k_codes = nullptr;
+  __half2* k_sz = nullptr;
+  uint32_t* v_codes = nullptr;
+  __half2* v_sz = nullptr;
+  __half* ring_k = nullptr;
+  __half* ring_v = nullptr;
+};
+
+// A T-token prefill, per token: one block of D threads per (token t, KV head). Tokens from k_end on go into the
+// FP16 ring (row t % R: T - k_end < R rows, all distinct), tokens below qlen get their value quantized, from the
+// fp16 rounding of the input (what the ring would hold, and the CPU cache's exact copy).
+template <int D, int BITS>
+__global__ void __launch_bounds__(D) uniform_prefill_rows_kernel(const UniformPrefillParams p) {
+  constexpr int WPT = D * BITS / 32, NWARP = D / 32;
+  __shared__ uint32_t sW[WPT];
+  __shared__ float sLo[NWARP], sHi[NWARP];
+  const int t = blockIdx.x, kvh = blockIdx.y, c = threadIdx.x;
+  const int grp = p.group, R = grp + p.window, vgs = min(grp, D), nvg = D / vgs;
+  const Counts cn = uniform_counts(p.n_tokens, grp, p.window);
+  const int64_t bk = static_cast<int64_t>(p.seq) * p.n_kv_heads + kvh;
+  const __half kh = __float2half_rn(p.k[static_cast<int64_t>(t) * p.k_stride + static_cast<int64_t>(kvh) * D + c]);
+  const __half vh = __float2half_rn(p.v[static_cast<int64_t>(t) * p.v_stride + static_cast<int64_t>(kvh) * D + c]);
+  if (t >= cn.k_end) {
+    p.ring_k[(bk * R + t % R) * D + c] = kh;
+    p.ring_v[(bk * R + t % R) * D + c] = vh;
+  }
+  if (t < cn.qlen) {  // block-uniform
+    if (c < WPT) sW[c] = 0u;
+    __syncthreads();
+    quantize_value_row<D, BITS>(__half2float(vh), vgs, sW, sLo, sHi, p.v_codes + (bk * p.capacity + t) * WPT,
+                                p.v_sz + (bk * p.capacity + t) * nvg);
+  }
+}
+
+// A T-token prefill's complete key blocks: one block of D threads (thread = channel) per (key block, KV head).
+template <int D, int BITS>
+__global__ void __launch_bounds__(D) uniform_prefill_keys_kernel(const UniformPrefillParams p) {
+  constexpr int WPT = D * BITS / 32;
+  __shared__ uint32_t sW[kTile * WPT];
+  const int kb = blockIdx.x, kvh = blockIdx.y, c = threadIdx.x, grp = p.group;
+  const int KB = (p.capacity + grp - 1) / grp;
+  const int64_t bk = static_cast<int64_t>(p.seq) * p.n_kv_heads + kvh;
+  for (int e = c; e < grp * WPT; e += D) sW[e] = 0u;
+  __syncthreads();
+  const float* k = p.k + static_cast<int64_t>(kb) * grp * p.k_stride + static_cast<int64_t>(kvh) * D + c;
+  auto read = [&](int r) { return __half2float(__float2half_rn(k[static_cast<int64_t>(r) * p.k_stride])); };
+  quantize_key_block<D, BITS>(read, grp, sW, p.k_codes + (bk * KB + kb) * grp * WPT, p.k_sz + (bk * KB + kb) * D);
 }
 
 template <int D, int BITS, int HT>
@@ -584,7 +664,12 @@ size_t GpuUniformKvCache::code_bytes_per_token() const {
   return static_cast<size_t>(std::ceil(per_head * n_kv_ * n_layers_));
 }
 
-void GpuUniformKvCache::reset() { std::fill(lens_.begin(), lens_.end(), 0); }
+void GpuUniformKvCache::reset() {
+  std::fill(lens_.begin(), lens_.end(), 0);
+  pending_seq_ = -1;
+  pending_tokens_ = 0;
+  pending_layers_.clear();
+}
 
 void GpuUniformKvCache::set_synthetic_lengths(const std::vector<int>& lens) {
   ANTKV_CHECK(static_cast<int>(lens.size()) <= max_batch_, "{}: {} sequences > max_batch {}", name_, lens.size(),
@@ -656,6 +741,74 @@ void GpuUniformKvCache::append(int layer, int B, const float* k, const float* v,
     else cuda::uniform_append_kernel<64, 4><<<grid, 64, 0, stream>>>(p);
   }
   ANTKV_LAUNCH_CHECK("uniform_append_kernel");
+}
+
+void GpuUniformKvCache::write_prefill(int layer, int seq, int T, const float* k, int64_t k_stride, const float* v,
+                                      int64_t v_stride, cudaStream_t stream) {
+  ANTKV_CHECK(layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_,
+              "{}: write_prefill of layer {} sequence {} out of range", name_, layer, seq);
+  ANTKV_CHECK(lens_[seq] == 0,
+              "{}: a prefill into sequence {} that already holds {} tokens (chunked prefill over the uniform cache is "
+              "not implemented: prefill in one chunk, then decode)",
+              name_, seq, lens_[seq]);
+  ANTKV_CHECK(T >= 1 && T <= capacity_, "{}: prefill of {} tokens, capacity {}", name_, T, capacity_);
+  const int64_t row = static_cast<int64_t>(n_kv_) * d_;
+  ANTKV_CHECK(k && v && k_stride >= row && v_stride >= row, "{}: write_prefill: bad K/V rows", name_);
+  if (pending_seq_ != seq || pending_tokens_ != T) {
+    pending_seq_ = seq;
+    pending_tokens_ = T;
+    pending_layers_.assign(n_layers_, false);
+  }
+  pending_layers_[layer] = true;
+  const Layer& L = layers_[layer];
+  cuda::UniformPrefillParams p;
+  p.bits = bits_;
+  p.group = group_;
+  p.window = window_;
+  p.n_kv_heads = n_kv_;
+  p.capacity = capacity_;
+  p.seq = seq;
+  p.n_tokens = T;
+  p.k = k;
+  p.v = v;
+  p.k_stride = k_stride;
+  p.v_stride = v_stride;
+  p.k_codes = L.k_codes.get();
+  p.k_sz = L.k_sz.get();
+  p.v_codes = L.v_codes.get();
+  p.v_sz = L.v_sz.get();
+  p.ring_k = L.ring_k.get();
+  p.ring_v = L.ring_v.get();
+  const int qlen = std::max(0, T - window_), n_kb = qlen / group_;
+  const dim3 rows(T, n_kv_), blocks(n_kb, n_kv_);
+  if (d_ == 128) {
+    if (bits_ == 2) cuda::uniform_prefill_rows_kernel<128, 2><<<rows, 128, 0, stream>>>(p);
+    else cuda::uniform_prefill_rows_kernel<128, 4><<<rows, 128, 0, stream>>>(p);
+  } else {
+    if (bits_ == 2) cuda::uniform_prefill_rows_kernel<64, 2><<<rows, 64, 0, stream>>>(p);
+    else cuda::uniform_prefill_rows_kernel<64, 4><<<rows, 64, 0, stream>>>(p);
+  }
+  ANTKV_LAUNCH_CHECK("uniform_prefill_rows_kernel");
+  if (n_kb == 0) return;
+  if (d_ == 128) {
+    if (bits_ == 2) cuda::uniform_prefill_keys_kernel<128, 2><<<blocks, 128, 0, stream>>>(p);
+    else cuda::uniform_prefill_keys_kernel<128, 4><<<blocks, 128, 0, stream>>>(p);
+  } else {
+    if (bits_ == 2) cuda::uniform_prefill_keys_kernel<64, 2><<<blocks, 64, 0, stream>>>(p);
+    else cuda::uniform_prefill_keys_kernel<64, 4><<<blocks, 64, 0, stream>>>(p);
+  }
+  ANTKV_LAUNCH_CHECK("uniform_prefill_keys_kernel");
+}
+
+void GpuUniformKvCache::commit_prefill(int seq, int T) {
+  const bool all = !pending_layers_.empty() &&
+                   std::all_of(pending_layers_.begin(), pending_layers_.end(), [](bool w) { return w; });
+  ANTKV_CHECK(pending_seq_ == seq && pending_tokens_ == T && all,
+              "{}: commit_prefill of sequence {} ({} tokens) without write_prefill of every layer", name_, seq, T);
+  lens_[seq] = T;
+  pending_seq_ = -1;
+  pending_tokens_ = 0;
+  pending_layers_.clear();
 }
 
 void GpuUniformKvCache::attend(int layer, int B, int n_heads, const cuda::bf16* q, cuda::bf16* out,

@@ -27,8 +27,13 @@
 // stream; attend() runs the decode attention: flash-decoding splits over the quantized key blocks (per
 // block: q_c * s_c and q . z precomputed, score = sum_c (q_c s_c) code_c + q . z; values sum_t (p_t s_t)
 // code_t + sum_t p_t z_t), the last split also over the residual, merged by split_combine.cuh's combine.
-// Prefill into this cache and perplexity through it are not implemented: ppl for uniform stays on the
-// simulated cache (kernels/quant/simulated_quantizer.h); bench and max-context fill it synthetically.
+//
+// ---- prefill (one chunk of T tokens into an empty sequence) -----------------------------------------------
+// write_prefill() quantizes the chunk per layer as the decode appends would have, token by token (the groups do
+// not depend on the chunking): the values of tokens [0, qlen), the keys of the n_kb complete blocks, the rest
+// FP16 into the ring (tokens [k_end, T), row t % R); commit_prefill() then sets the length, and decode
+// appends continue from it. GpuRuntime prefills through it under eval.kv_cache: real; bench and max-context
+// fill the cache synthetically.
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -103,6 +108,12 @@ class GpuUniformKvCache {
   int length(int seq) const { return lens_.at(seq); }
   // Sequence b holds lens[b] tokens (synthetic contents: benchmarks, max-context, tests).
   void set_synthetic_lengths(const std::vector<int>& lens);
+  // Layer `layer` of the T-token prefill of the empty sequence `seq`: k, v its fp32 post-RoPE keys and values
+  // (device, [T, kv_heads, head_dim] with row strides in elements), rounded to fp16 and quantized (see above).
+  void write_prefill(int layer, int seq, int T, const float* k, int64_t k_stride, const float* v, int64_t v_stride,
+                     cudaStream_t stream);
+  // After every layer's write_prefill: the sequence holds T tokens.
+  void commit_prefill(int seq, int T);
   // Moves sequences 0..B-1 one token on (host lengths) and uploads them (stream order).
   void plan_step(int B, cudaStream_t stream);
   // Uploads the lengths of sequences 0..B-1 as they are (attention benchmarks and tests).
@@ -146,6 +157,8 @@ class GpuUniformKvCache {
   size_t device_bytes_ = 0;
   std::vector<Layer> layers_;
   std::vector<int> lens_;
+  int pending_seq_ = -1, pending_tokens_ = 0;  // the prefill being written (write_prefill), -1: none
+  std::vector<bool> pending_layers_;           // its layers written so far
   cuda::DeviceBuffer<int32_t> lens_d_;
   cuda::PinnedBuffer<int32_t> lens_h_;
   cuda::DeviceBuffer<float> workspace_;

@@ -82,7 +82,7 @@ struct GpuRuntime::Impl {
   std::vector<int> lens;          // tokens cached per sequence
   std::unique_ptr<GpuKvQuantizer> quantizer;  // or null
   std::unique_ptr<GpuCompressedKvCache> compressed;  // compressed_kv: the cache (null until set)
-  DeviceBuffer<bf16> prefill_k, prefill_v;     // compressed_kv: a prefill's own K/V, [kv_heads, T, head_dim]
+  DeviceBuffer<bf16> prefill_k, prefill_v;     // compressed_kv, uniform_kv: a prefill's own K/V, [kv_heads, T, head_dim]
   cuda::QuantDecodePlan qplan;                 // compressed_kv: this decode step's plan
   std::unique_ptr<GpuUniformKvCache> uniform;  // uniform_kv: the cache (null until set)
   cuda::UniformDecodePlan uplan;               // uniform_kv: this decode step's plan
@@ -289,7 +289,8 @@ struct GpuRuntime::Impl {
     GpuCompressedKvCache* comp = opt.compressed_kv ? compressed.get() : nullptr;
     ANTKV_CHECK(!opt.compressed_kv || comp, "GpuRuntime: compressed_kv is set but no compressed cache is installed");
     GpuUniformKvCache* uni = opt.uniform_kv ? uniform.get() : nullptr;
-    ANTKV_CHECK(!opt.uniform_kv || (uni && decode), "GpuRuntime: uniform_kv needs an installed uniform cache and decode steps");
+    ANTKV_CHECK(!opt.uniform_kv || uni, "GpuRuntime: uniform_kv is set but no uniform cache is installed");
+    const bool own_prefill = (comp || uni) && !decode;  // a real cache's prefill attends over its own scratch K/V
     const bool want_f32 = observer != nullptr || quant != nullptr || comp || uni;  // fp32 q, k_pre, k_post, v kept
     const bool observe_device = observer != nullptr && observer->wants_device();
     for (int l = 0; l < cfg.num_layers; ++l) {
@@ -315,14 +316,10 @@ struct GpuRuntime::Impl {
       qp.k_cache = L.k_cache.get();
       qp.v_cache = L.v_cache.get();
       qp.capacity = capacity;
-      if (comp) {  // decode: K/V only written back (append() takes them); prefill: the chunk's own scratch
+      if (comp || uni) {  // decode: K/V only written back (append() takes them); prefill: the chunk's own scratch
         qp.k_cache = decode ? nullptr : prefill_k.get();
         qp.v_cache = decode ? nullptr : prefill_v.get();
         qp.capacity = decode ? 0 : T;
-      }
-      if (uni) {  // K/V only written back: append() takes them
-        qp.k_cache = qp.v_cache = nullptr;
-        qp.capacity = 0;
       }
       qp.k_pre_rope = want_f32 ? k_pre.get() : nullptr;
       qp.write_back = want_f32;
@@ -371,18 +368,20 @@ struct GpuRuntime::Impl {
         observer->on_layer(act_);
       }
 
-      if (quant && !(comp && decode)) {  // fake quantization of this layer's new cache entries, before attention reads them
+      // fake quantization of this layer's new cache entries, before attention reads them (a real cache's
+      // prefill: its scratch, so that the prefill's logits are the simulated path's; its decode reads the real cache)
+      if (quant && !((comp || uni) && decode)) {
         GpuKvLayerChunk ch;
         static_cast<DeviceLayerActivations&>(ch) = da;
         ch.positions = d_pos;
         ch.inv_freq = inv_freq.get();
-        ch.k_cache = comp ? prefill_k.get() : L.k_cache.get();  // sequence 0
-        ch.v_cache = comp ? prefill_v.get() : L.v_cache.get();
-        ch.capacity = comp ? T : capacity;
+        ch.k_cache = own_prefill ? prefill_k.get() : L.k_cache.get();  // sequence 0
+        ch.v_cache = own_prefill ? prefill_v.get() : L.v_cache.get();
+        ch.capacity = own_prefill ? T : capacity;
         quant->on_layer(ch, stream);
       }
 
-      if (uni) {
+      if (uni && decode) {
         uni->append(l, T, qkv.get() + qd, qkv.get() + qd + kvd, qkv_dim(), stream);
         uni->attend(l, T, cfg.num_heads, qb.get(), attn.get(), uplan, scale, stream);
       } else if (comp && decode) {
@@ -410,8 +409,8 @@ struct GpuRuntime::Impl {
       } else {
         cuda::FlashPrefillParams fp;
         fp.q = qb.get();
-        fp.k = comp ? prefill_k.get() : L.k_cache.get();  // sequence 0: [kv_heads, capacity, d]
-        fp.v = comp ? prefill_v.get() : L.v_cache.get();
+        fp.k = own_prefill ? prefill_k.get() : L.k_cache.get();  // sequence 0: [kv_heads, capacity, d]
+        fp.v = own_prefill ? prefill_v.get() : L.v_cache.get();
         fp.out = attn.get();
         fp.n_q = T;
         fp.n_kv = past + T;
@@ -422,8 +421,9 @@ struct GpuRuntime::Impl {
         fp.q_row_stride = qd;
         fp.o_row_stride = qd;
         fp.k_row_stride = fp.v_row_stride = d;
-        fp.k_head_stride = fp.v_head_stride = static_cast<int64_t>(comp ? T : capacity) * d;
+        fp.k_head_stride = fp.v_head_stride = static_cast<int64_t>(own_prefill ? T : capacity) * d;
         cuda::flash_prefill(fp, stream);
+        if (uni) uni->write_prefill(l, 0, T, qkv.get() + qd, qkv_dim(), qkv.get() + qd + kvd, qkv_dim(), stream);
         if (comp) {
           const uint8_t* flags = nullptr;
           const float* scores = nullptr;  // where decode-time anchors' running scores start
@@ -484,10 +484,14 @@ struct GpuRuntime::Impl {
     if (T == 0) return;
     check_tokens(req.tokens, T);
     const int past = lens[0];
-    if (opt.uniform_kv)
-      fail("GPU runtime (uniform cache): forward() (prefill, perplexity) is not implemented over the packed uniform "
-           "cache; it serves decode_batch (antkv-eval bench, max-context); ppl for uniform runs on the simulated "
-           "cache (eval.kv_cache: simulated)");
+    GpuUniformKvCache* uni = opt.uniform_kv ? uniform.get() : nullptr;
+    if (opt.uniform_kv) {
+      ANTKV_CHECK(uni, "GpuRuntime: uniform_kv is set but no uniform cache is installed");
+      if (T > 1 && past > 0)
+        fail("GPU runtime ({} cache): a prefill chunk of {} tokens after {} cached tokens; prefill over the packed "
+             "uniform cache is one chunk into an empty sequence (--prefill-chunk 0), then one token per step",
+             uni->name(), T, past);
+    }
     GpuCompressedKvCache* comp = opt.compressed_kv ? compressed.get() : nullptr;
     if (opt.compressed_kv) {
       ANTKV_CHECK(comp, "GpuRuntime: compressed_kv is set but no compressed cache is installed");
@@ -529,16 +533,20 @@ struct GpuRuntime::Impl {
     if (decode && comp) {
       comp->plan_step(1, stream);
       qplan = comp->plan(1, cfg.num_heads);
+    } else if (decode && uni) {
+      uni->plan_step(1, stream);  // the host length one token on, uploaded before the step
+      uplan = uni->plan(1, cfg.num_heads);
     } else if (decode) {
       plan = cuda::plan_flash_decode(1, cfg.num_kv_heads, past + T, cfg.head_dim);
     }
-    if (comp && !decode) {
+    if ((comp || uni) && !decode) {
       const size_t n = static_cast<size_t>(cfg.num_kv_heads) * T * cfg.head_dim;
       prefill_k.ensure(n);
       prefill_v.ensure(n);
     }
     run_layers(T, decode, past, d_pos, nullptr, d_lens, plan, req.observer, quantizer.get());
     if (comp && !decode) comp->commit_prefill(0, T);
+    if (uni && !decode) uni->commit_prefill(0, T);
     lens[0] = past + T;
 
     const bool all_rows = want_nll || req.logits == LogitsMode::kAll;
@@ -581,14 +589,13 @@ struct GpuRuntime::Impl {
   void decode_batch(const std::vector<int32_t>& tokens, std::vector<float>* out_logits, std::vector<int32_t>* next) {
     const int B = static_cast<int>(tokens.size());
     ANTKV_CHECK(B >= 1 && B <= opt.max_batch, "decode_batch: batch {} outside [1, max_batch {}]", B, opt.max_batch);
-    ANTKV_CHECK(!quantizer || opt.compressed_kv,
+    ANTKV_CHECK(!quantizer || opt.compressed_kv || opt.uniform_kv,
                 "decode_batch: not supported with a KV-cache quantizer ({}) on the simulated cache; use forward()",
                 quantizer ? quantizer->name() : std::string());
     GpuCompressedKvCache* comp = opt.compressed_kv ? compressed.get() : nullptr;
     ANTKV_CHECK(!opt.compressed_kv || comp, "GpuRuntime: compressed_kv is set but no compressed cache is installed");
     GpuUniformKvCache* uni = opt.uniform_kv ? uniform.get() : nullptr;
     ANTKV_CHECK(!opt.uniform_kv || uni, "GpuRuntime: uniform_kv is set but no uniform cache is installed");
-    ANTKV_CHECK(!(quantizer && uni), "decode_batch: a KV-cache quantizer and the uniform cache exclude each other");
     check_tokens(tokens.data(), B);
     int max_len = 0;
     for (int b = 0; b < B; ++b) {

@@ -9,7 +9,8 @@
 // With compressed_kv the cache is real instead: no bf16 arena; a GpuCompressedKvCache
 // (kernels/quant/compressed_cache.h) holds codes, anchors and the FP16 window, prefill (one chunk into an
 // empty sequence, anchors chosen by the installed quantizer) writes it and every decode step reads it
-// through quant_decode.
+// through quant_decode. With uniform_kv the same for the packed-integer uniform cache (GpuUniformKvCache,
+// kernels/quant/uniform_cache.h).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -32,8 +33,7 @@ struct GpuRuntimeOptions {
   bool use_graphs = true;  // decode_batch replays a captured CUDA graph per (batch, split plan); off with
                            // ANTKV_CUDA_SYNC=1
   bool compressed_kv = false;  // the KV cache is a GpuCompressedKvCache (set_compressed_cache), no bf16 arena
-  bool uniform_kv = false;     // the KV cache is a GpuUniformKvCache (set_uniform_cache), no bf16 arena; decode
-                               // only (decode_batch): prefill and ppl for uniform stay on the simulated cache
+  bool uniform_kv = false;     // the KV cache is a GpuUniformKvCache (set_uniform_cache), no bf16 arena
 };
 
 class GpuRuntime : public Runtime {
@@ -68,9 +68,11 @@ class GpuRuntime : public Runtime {
   GpuCompressedKvCache* compressed_cache() const;
 
   // ---- the packed-integer uniform cache (GpuRuntimeOptions::uniform_kv; kernels/quant/uniform_cache.h) ----
-  // Its max_batch and capacity must be the runtime's. decode_batch reads and appends to it; forward() (prefill,
-  // perplexity) is refused: ppl for uniform runs on the simulated cache. Contents come from fill_kv_random and
-  // set_batch_lengths (bench, max-context).
+  // Its max_batch and capacity must be the runtime's. As the compressed cache: a prefill (forward of n > 1
+  // tokens) goes into an empty sequence 0 only and is quantized into it (write_prefill), its own attention over
+  // the installed quantizer's simulated K/V (so its logits are the simulated path's); decode (forward of one
+  // token, decode_batch) appends to it and reads it. Bench and max-context fill it with fill_kv_random and
+  // set_batch_lengths.
   void set_uniform_cache(std::unique_ptr<GpuUniformKvCache> c);
   GpuUniformKvCache* uniform_cache() const;
 

@@ -107,14 +107,15 @@ std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOpt
       po.seq_len_name = "eval.seq_len";
       po.text_name = text;
       po.decode_from = r.eval.decode_from;
-      if (r.eval.kv_cache == "real") po.prefill_chunk = 0;  // the compressed cache takes one prefill chunk
+      if (r.eval.kv_cache == "real") po.prefill_chunk = 0;  // the real caches take one prefill chunk
       po.progress = o.progress;
       po.progress_label = fmt::format("{} on {}", m.text, fs::path(text).filename().string());
       MethodResult res;
       res.method = m;
       res.text = text;
       res.ppl = evaluate_perplexity(*rt, ids, tok.bos_id(), po);
-      res.kv_cache = m.needs_codebooks() ? r.eval.kv_cache : "simulated";
+      // gpu_method_runtime_factory keeps vq/antkv and uniform in real caches; fp16 and rsq stay simulated
+      res.kv_cache = m.needs_codebooks() || m.kind == MethodKind::kUniform ? r.eval.kv_cache : "simulated";
       // Effective bits: what the cache stored for the last window where the runtime's cache counts it (the CPU
       // caches); otherwise the formula, which assumes each window is prefilled in one chunk.
       res.effective_bits = effective_bits(m, r.eval.seq_len, rt->config().head_dim, true);
@@ -171,7 +172,7 @@ std::string results_table(const std::vector<MethodResult>& rs) {
     s += fmt::format("(protocol {}, seq_len {}, {} windows per text{}{}; eff.bits at context {} with codebooks "
                      "amortized)\n",
                      window_protocol_name(rs[0].ppl.protocol), rs[0].ppl.seq_len, rs[0].ppl.windows, decode,
-                     real ? ", vq/antkv through the real compressed cache" : "", rs[0].ppl.seq_len);
+                     real ? ", vq/antkv/uniform through the real GPU caches" : "", rs[0].ppl.seq_len);
   }
   return s;
 }

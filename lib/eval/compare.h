@@ -31,7 +31,7 @@ struct MethodResult {
   PerplexityResult ppl;
   double effective_bits = 0, effective_bits_no_codebooks = 0;
   double delta_ppl = 0;       // vs fp16 on the same text and windows (NaN when fp16 was not run)
-  std::string kv_cache = "simulated";  // the recipe's eval.kv_cache (real: vq/antkv through the compressed cache)
+  std::string kv_cache = "simulated";  // the recipe's eval.kv_cache (real: vq/antkv/uniform through the real GPU caches)
 };
 
 struct CompareOptions {
