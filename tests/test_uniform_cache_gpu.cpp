@@ -1,8 +1,9 @@
-// The packed-integer KIVI cache on the GPU (kernels/quant/uniform_cache.h): its group quantization against the
-// CPU reference's uniform_quantize on the same fp16 rows, and its decode attention against a CPU reference
+// The packed-integer KIVI cache on the GPU (kernels/quant/uniform_cache.h): its group quantization (decode appends
+// and a prefill) against the CPU reference's uniform_quantize on the same fp16 rows, perplexity through it in the
+// runtime against the simulated path (antkv-ref-18m), and its decode attention against a CPU reference
 // that dequantizes with the same fp16 scales and zeros (softmax in double). Fresh random inputs each run (the
 // seed is printed on failure); odd lengths, partial key groups, windows, batch 3 with different lengths, GQA
-// 1 and 4, head_dim 64 and 128, bits 2 and 4; every slot poisoned (NaN scales/zeros and residual rows, 0xFF
+// 1, 4 and 8, head_dim 64 and 128, bits 2 and 4; every slot poisoned (NaN scales/zeros and residual rows, 0xFF
 // codes) before it is written, so a read past the counts shows as NaN.
 //
 // Tolerances (max |gpu - ref| / max |ref|):
