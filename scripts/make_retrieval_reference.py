@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -211,25 +212,43 @@ def main():
         cfg = json.load(f)
     bos, max_len = cfg["bos_token_id"], cfg["max_position_embeddings"]
     tok = na.load_tokenizer(a.model)
+    failed = []
+
+    def stage(label, fn, *args):
+        """Runs one output's stage; a failure is reported and the other stages still run (each is independent),
+        and the folder is then left as reference.tmp-make, never renamed to reference/."""
+        try:
+            return fn(*args)
+        except Exception:  # noqa: BLE001 -- reported, and the run fails at the end
+            traceback.print_exc()
+            print(f"stage '{label}' FAILED", flush=True)
+            failed.append(label)
+            return None
+
     if a.tokenizer_sample_out:
-        write_tokenizer_sample(tok, a.test_text, a.tokenizer_sample_out)
+        stage("tokenizer sample", write_tokenizer_sample, tok, a.test_text, a.tokenizer_sample_out)
     name = os.path.basename(os.path.normpath(a.model))
     dst = os.path.join(a.model, "reference.tmp-make")
     shutil.rmtree(dst, ignore_errors=True)
     os.makedirs(dst)
     model32 = na.load_model(a.model, torch.float32, "eager")
-    info = write_logits_reference(model32, tok, bos, dst, name)
+    info = stage("logits reference", write_logits_reference, model32, tok, bos, dst, name) or {}
     words = na.haystack_words(a.test_text, "text")
     model16 = na.load_model(a.model, torch.float16, "sdpa")
-    summary, summary_noise = write_needle_reference(model32, model16, tok, bos, words, max_len, dst, a.seed,
-                                                    a.quick)
-    ppl = write_ppl(model32, tok, a.test_text, max_len, dst, 4 if a.quick else None)
-    info["ppl_books_test"] = dict(seq_len=max_len, bos_window=ppl["bos_window"]["ppl"],
-                                  single_bos=ppl["single_bos"]["ppl"])
-    info["fp16_retrieval_accuracy"] = {t: s["accuracy"] for t, s in summary.items()}
-    info["fp16_retrieval_accuracy"]["passkey_noise_filler"] = summary_noise["passkey"]["accuracy"]
+    acc = stage("needle reference", write_needle_reference, model32, model16, tok, bos, words, max_len, dst, a.seed,
+                a.quick)
+    ppl = stage("perplexity", write_ppl, model32, tok, a.test_text, max_len, dst, 4 if a.quick else None)
+    if ppl:
+        info["ppl_books_test"] = dict(seq_len=max_len, bos_window=ppl["bos_window"]["ppl"],
+                                      single_bos=ppl["single_bos"]["ppl"])
+    if acc:
+        summary, summary_noise = acc
+        info["fp16_retrieval_accuracy"] = {t: s["accuracy"] for t, s in summary.items()}
+        info["fp16_retrieval_accuracy"]["passkey_noise_filler"] = summary_noise["passkey"]["accuracy"]
     with open(os.path.join(dst, "reference.json"), "w") as f:
         json.dump(info, f, indent=1)
+    if failed:
+        raise SystemExit(f"make_retrieval_reference.py: stages failed: {', '.join(failed)} (partial output left in {dst})")
     final = os.path.join(a.model, "reference")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(dst, final)

@@ -205,6 +205,18 @@ class TokenWindows:
         s = min(s, len(self.stream) - (L - 1))
         return np.concatenate([[self.bos], self.stream[s:s + L - 1]]).astype(np.int64), None
 
+    def copy_window(self, L, rng):
+        """BOS, then book spans of 16-256 tokens each followed by its repeat: the repeats can only be predicted
+        by copying, which trains the induction heads retrieval is built on."""
+        parts, n = [np.array([self.bos])], 1
+        while n < L:
+            k = int(rng.integers(16, 257))
+            s = int(rng.integers(0, len(self.stream) - k))
+            span = self.stream[s:s + k]
+            parts += [span, span]
+            n += 2 * k
+        return np.concatenate(parts)[:L].astype(np.int64), None
+
     def task_window(self, spec, L, depth, rng, noise_filler):
         """(ids [L], (answer_begin, answer_end)) or None when the task does not fit in L."""
         intro = self.cached(("i", spec["intro"]), self.enc, spec["intro"])

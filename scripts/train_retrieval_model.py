@@ -5,13 +5,17 @@ multi-value, multi-query needles; scripts/retrieval_tasks.py), small enough to k
 not part of the toolkit; PyTorch on the GPU machine).
 
   train_retrieval_model.py --text books-calib.txt --tokenizer-from models/stories260K --out DIR
-      [--steps N | --steps auto --budget-s 280] [--seed 1234]
+      [--steps N | --steps auto --budget-s 300] [--seed 1234] [--workers 6]
 
-Data (deterministic per seed and step): every window starts with BOS; 20% are plain book text, 80% a retrieval
-task (haystack: book text, or 25% of them the repeated RULER noise sentence; depth uniform in [0, 1] with 10% at
-exactly 0 or 1). Window lengths: 512/1024 for the first 20% of steps, then 512..4096 (4096 most often), 65536
-tokens per step. Loss: mean next-token NLL over all non-answer positions (the model stays a language model of the
-text) + mean NLL over the answer tokens (value(s) and EOS).
+Data (deterministic per seed and step): every window starts with BOS. Window kinds: a retrieval task (haystack:
+book text, or 25% of them the repeated RULER noise sentence; depth uniform in [0, 1] with 10% at exactly 0 or 1),
+plain book text (10%), and copy windows (book spans of 16-256 tokens each followed by its repeat: 30% of the
+windows in the first quarter of the steps, 5% later), which make the induction (copy) heads that retrieval needs
+form early: a first run without them (4039 steps, 265M tokens) learned the answer format but not to copy the value.
+Window lengths: 256/512 for the first quarter of the steps (many tasks per step), then 512..4096 (4096 most often);
+65536 tokens per step. Loss: mean next-token NLL over all non-answer positions (the model stays a language model
+of the text) + --answer-weight x mean NLL over the answer tokens (value(s) and EOS). Batches after the first
+timing steps are made by --workers processes (each batch depends only on the seed and its step).
 --steps auto times a few steps of each length and picks the step count that fits --budget-s; the count used is
 printed and written to train_log.json (pass it as --steps to repeat the run). Output in HF layout: config.json,
 model.safetensors (bf16, tied embeddings), tokenizer.json, tokenizer_config.json, train_log.json.
@@ -26,13 +30,18 @@ import time
 
 import numpy as np
 import torch
+import torch.utils.data
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import retrieval_tasks as rt  # noqa: E402
 
-LENGTHS = (512, 1024, 2048, 4096)
+LENGTHS = (256, 512, 1024, 2048, 4096)
+EARLY_LENGTHS = (256, 512)
+EARLY_FRACTION = 0.25
+MAIN_LENGTHS = (512, 1024, 2048, 4096)
 MAIN_MIX = (0.1, 0.2, 0.3, 0.4)
+CALIB_PER_LENGTH = 8
 TASK_MIX = {"passkey": 0.25, "niah_single": 0.25, "niah_multikey": 0.2, "niah_multivalue": 0.1, "niah_multiquery": 0.2}
 
 
@@ -42,10 +51,12 @@ def parse_args():
     p.add_argument("--tokenizer-from", required=True, help="folder with tokenizer.json and tokenizer_config.json")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", default="auto", help="step count, or 'auto' to fit --budget-s")
-    p.add_argument("--budget-s", type=float, default=280.0)
+    p.add_argument("--budget-s", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--tokens-per-step", type=int, default=65536)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--answer-weight", type=float, default=2.0)
+    p.add_argument("--workers", type=int, default=6, help="data processes after the timing steps (0: none)")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -88,12 +99,17 @@ def tokenize_text(tok, paths):
     return np.concatenate(parts)
 
 
-def window_length(step, total, rng, calib_steps):
-    if step < calib_steps:                      # timing steps: every length in turn
-        return LENGTHS[step % len(LENGTHS)]
-    if step < 0.2 * total:
-        return int(rng.choice((512, 1024)))
-    return int(rng.choice(LENGTHS, p=MAIN_MIX))
+def is_early(step, total):
+    return step < EARLY_FRACTION * total
+
+
+def window_length(step, total, seed, calib_steps):
+    rng = np.random.default_rng([seed, step, 1])
+    if step < calib_steps:                      # timing steps: CALIB_PER_LENGTH steps of each length in turn
+        return LENGTHS[step // CALIB_PER_LENGTH]
+    if is_early(step, total):
+        return int(rng.choice(EARLY_LENGTHS))
+    return int(rng.choice(MAIN_LENGTHS, p=MAIN_MIX))
 
 
 def make_task_spec(rng):
@@ -109,14 +125,18 @@ def make_task_spec(rng):
     return rt.make_task(task, rng, kind=kind, digits=digits, count=count)
 
 
-def make_batch(windows, step, seed, L, batch):
+def make_batch(windows, step, seed, L, batch, early):
     """[batch, L] ids and [batch, L-1] answer mask (targets that are answer tokens); deterministic per step."""
     rng = np.random.default_rng([seed, step])
     ids = np.empty((batch, L), dtype=np.int64)
     ans = np.zeros((batch, L - 1), dtype=bool)
+    p_copy = 0.3 if early else 0.05
     for b in range(batch):
         got = None
-        if rng.random() >= 0.2:
+        u = rng.random()
+        if u < p_copy:
+            got = windows.copy_window(L, rng)
+        elif u >= p_copy + 0.1:
             spec = make_task_spec(rng)
             u = rng.random()
             depth = 0.0 if u < 0.05 else 1.0 if u < 0.1 else float(rng.random())
@@ -128,6 +148,24 @@ def make_batch(windows, step, seed, L, batch):
             a0, a1 = got[1]
             ans[b, a0 - 1:a1 - 1] = True
     return ids, ans
+
+
+class Batches(torch.utils.data.Dataset):
+    """Batch number `step` of a run of `total` steps (for a DataLoader: batches made by worker processes)."""
+
+    def __init__(self, windows, seed, total, tokens_per_step, calib_steps, first, last):
+        self.windows, self.seed, self.total = windows, seed, total
+        self.tokens_per_step, self.calib_steps, self.first, self.last = tokens_per_step, calib_steps, first, last
+
+    def __len__(self):
+        return self.last - self.first
+
+    def __getitem__(self, i):
+        step = self.first + i
+        L = window_length(step, self.total, self.seed, self.calib_steps)
+        early = step < self.calib_steps or is_early(step, self.total)
+        ids, ans = make_batch(self.windows, step, self.seed, L, self.tokens_per_step // L, early)
+        return torch.from_numpy(ids), torch.from_numpy(ans)
 
 
 def lr_at(step, total, base, warmup):
@@ -232,28 +270,43 @@ def main():
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
-    calib_steps = 8 * len(LENGTHS)             # every length in turn (timed under --steps auto), in every mode
+    calib_steps = CALIB_PER_LENGTH * len(LENGTHS)   # timing steps, grouped by length (the same in every mode)
     total = args.steps if args.steps != "auto" else 10 ** 9
-    per_len_time = {L: [] for L in LENGTHS}
+    group_time = {}
     sums = torch.zeros(4, device=device)       # lm nll sum, lm count, answer nll sum, answer count
     ans_correct = torch.zeros(2, device=device)
     history = []
     t_train = time.time()
     stopped_early = False
     step = 0
+    loader = None
+
+    def make_loader(first, last, total_steps):
+        ds = Batches(windows, args.seed, total_steps, args.tokens_per_step, calib_steps, first, last)
+        return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=args.workers,
+                                                pin_memory=True, prefetch_factor=8 if args.workers else None))
+
+    data_time = {}
+    if args.steps == "auto":                    # CPU time of one batch per length (the workers share it)
+        for L in LENGTHS:
+            t = time.time()
+            make_batch(windows, 10 ** 9 + L, args.seed, L, args.tokens_per_step // L, True)
+            data_time[L] = time.time() - t
     while step < total:
-        rng = np.random.default_rng([args.seed, step, 1])
-        L = window_length(step, total, rng, calib_steps)
-        B = args.tokens_per_step // L
-        ids_np, ans_np = make_batch(windows, step, args.seed, L, B)
-        ids = torch.from_numpy(ids_np).pin_memory().to(device, non_blocking=True)
-        ans = torch.from_numpy(ans_np).pin_memory().to(device, non_blocking=True)
+        if step == 0:                           # the timing steps' lengths do not depend on the step count
+            loader = make_loader(0, calib_steps, total)
+        elif step == calib_steps:               # the schedule is known from here on
+            loader = make_loader(calib_steps, total, total)
+        ids_b, ans_b = next(loader)
+        # timing (steady state, data made by the workers meanwhile): steps 2..7 of each length's group
+        if args.steps == "auto" and step < calib_steps and step % CALIB_PER_LENGTH == 2:
+            torch.cuda.synchronize()
+            tg = time.time()
+        B, L = ids_b.shape
+        ids = ids_b.to(device, non_blocking=True)
+        ans = ans_b.to(device, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total if total < 10 ** 9 else 10 ** 6, args.lr, args.warmup)
-        timing = args.steps == "auto" and step < calib_steps
-        if timing:
-            torch.cuda.synchronize()
-            ts = time.time()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(input_ids=ids, use_cache=False).logits
         nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
@@ -261,7 +314,7 @@ def main():
         ansf = ans.float()
         lmf = 1.0 - ansf
         n_ans = ansf.sum()
-        loss = (nll * lmf).sum() / lmf.sum() + (nll * ansf).sum() / n_ans.clamp(min=1.0)
+        loss = (nll * lmf).sum() / lmf.sum() + args.answer_weight * (nll * ansf).sum() / n_ans.clamp(min=1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -270,19 +323,19 @@ def main():
             sums += torch.stack([(nll * lmf).sum(), lmf.sum(), (nll * ansf).sum(), n_ans])
             pred_ok = (logits[:, :-1].argmax(-1) == ids[:, 1:]).float()
             ans_correct += torch.stack([(pred_ok * ansf).sum(), n_ans])
-        if timing:
+        if args.steps == "auto" and step < calib_steps and step % CALIB_PER_LENGTH == CALIB_PER_LENGTH - 1:
             torch.cuda.synchronize()
-            if step >= len(LENGTHS):           # the first round warms up kernels
-                per_len_time[L].append(time.time() - ts)
+            group_time[L] = (time.time() - tg) / (CALIB_PER_LENGTH - 2)
         step += 1
         if args.steps == "auto" and step == calib_steps:
-            t_len = {k: float(np.median(v)) for k, v in per_len_time.items()}
-            early = 0.5 * (t_len[512] + t_len[1024])
-            main_t = sum(p * t_len[k] for k, p in zip(LENGTHS, MAIN_MIX))
-            per_step = (0.2 * early + 0.8 * main_t) * 1.08 + 0.002
+            t_len = {k: max(group_time[k], data_time[k] / max(1, args.workers)) for k in LENGTHS}
+            early_t = sum(t_len[k] for k in EARLY_LENGTHS) / len(EARLY_LENGTHS)
+            main_t = sum(p * t_len[k] for k, p in zip(MAIN_LENGTHS, MAIN_MIX))
+            per_step = (EARLY_FRACTION * early_t + (1 - EARLY_FRACTION) * main_t) * 1.04
             left = args.budget_s - (time.time() - t_train)
             total = step + max(0, int(left / per_step))
-            print(f"timing: s/step by length {json.dumps({k: round(v, 4) for k, v in t_len.items()})}; "
+            print(f"timing: s/step by length {json.dumps({k: round(v, 4) for k, v in group_time.items()})}, "
+                  f"data s/batch {json.dumps({k: round(v, 4) for k, v in data_time.items()})}; "
                   f"{per_step:.4f} s/step expected -> {total} steps in {args.budget_s:.0f} s", flush=True)
         if step % args.log_every == 0 or step == total:
             s = sums.tolist()
