@@ -5,7 +5,7 @@ multi-value, multi-query needles; scripts/retrieval_tasks.py), small enough to k
 not part of the toolkit; PyTorch on the GPU machine).
 
   train_retrieval_model.py --text books-calib.txt --tokenizer-from models/stories260K --out DIR
-      [--steps N | --steps auto --budget-s 300] [--seed 1234] [--workers 6]
+      [--steps N | --steps auto --budget-s 300] [--seed 1234] [--workers 8]
 
 Data (deterministic per seed and step): every window starts with BOS. Window kinds: a retrieval task (haystack:
 book text, or 25% of them the repeated RULER noise sentence; depth uniform in [0, 1] with 10% at exactly 0 or 1),
@@ -56,7 +56,7 @@ def parse_args():
     p.add_argument("--tokens-per-step", type=int, default=65536)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--answer-weight", type=float, default=2.0)
-    p.add_argument("--workers", type=int, default=6, help="data processes after the timing steps (0: none)")
+    p.add_argument("--workers", type=int, default=8, help="data processes after the timing steps (0: none)")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
