@@ -154,7 +154,7 @@ const std::vector<Note> kNoNotes;
 // ---- which rules each path reads ---------------------------------------------------------------------------
 
 struct PathRules {
-  const char* name;  // in messages: "the simulated GPU cache (eval.kv_cache: simulated)"
+  const char* name;  // in messages: "the simulated GPU quantizer (eval.device: cuda)"
   const char* alt;   // what to use instead
   std::vector<const std::vector<Rule>*> rules;
   std::vector<const std::vector<Note>*> notes;
@@ -168,7 +168,7 @@ PathRules rules_of(MethodPath p, MethodKind k) {
   switch (p) {  // the CPU rules name their own alternative
     case MethodPath::kCpu: return {"the CPU cache (eval.device: cpu)", "", {&kCpuRules}, {}};
     case MethodPath::kGpuSimulated:
-      return {"the simulated GPU cache (eval.kv_cache: simulated)", "evaluate it with eval.device: cpu",
+      return {"the simulated GPU quantizer (eval.device: cuda)", "evaluate it with eval.device: cpu",
               {&kGpuRuntimeRules, &kSimulatedRules}, {}};
     case MethodPath::kGpuReal:
       return {"the real GPU cache (eval.kv_cache: real)", "evaluate it with eval.kv_cache: simulated",
