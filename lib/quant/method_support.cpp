@@ -47,6 +47,13 @@ bool compressed_width(VqConfig q) {
     if (s.c == q.c && s.b == q.b) return true;
   return false;
 }
+// The first width of m whose c does not divide the model's head_dim (c = 0: none, or no shape).
+VqConfig width_not_dividing(const MethodSpec& m, const ModelShapeFacts* s) {
+  return s ? first_width_not(m, [&](VqConfig q) { return s->head_dim % q.c == 0; }) : VqConfig{0, 0};
+}
+VqConfig width_not_on_gpu(const MethodSpec& m) {
+  return first_width_not(m, [](VqConfig q) { return gpu_c(q.c) && q.b >= 1 && q.b <= 16; });
+}
 // Whether the method string names the option (for notes on options a path does not read).
 bool names(const MethodSpec& m, const char* key) {
   try {
@@ -78,7 +85,7 @@ using Note = std::string (*)(const MethodSpec& m, const ModelShapeFacts* s);
 // CPU cache (lib/quant/quantized_cache.h): the reference runs every option.
 const std::vector<Rule> kCpuRules = {
     ANTKV_RULE_ALT(s && m.kind == MethodKind::kRsq && !power_of_2(s->head_dim), "rsq needs a power-of-2 head_dim (its Walsh-Hadamard transform), the model has {}; use uniform or vq", s->head_dim),
-    ANTKV_RULE_ALT(s && vq_like(m) && first_width_not(m, [&](VqConfig q) { return s->head_dim % q.c == 0; }).c, "group size c = {} does not divide head_dim {}; give a width whose c divides it", first_width_not(m, [&](VqConfig q) { return s->head_dim % q.c == 0; }).c, s->head_dim),
+    ANTKV_RULE_ALT(vq_like(m) && width_not_dividing(m, s).c, "group size c = {} does not divide head_dim {}; give a width whose c divides it", width_not_dividing(m, s).c, s->head_dim),
 };
 
 // Every GPU path: GpuRuntime's kernels (kernels/runtime/gpu_runtime.cpp).
@@ -92,16 +99,15 @@ const std::vector<Rule> kSimulatedRules = {
     ANTKV_RULE(m.correct, "correct=on (the attention-score correction) is not implemented on the GPU"),
     ANTKV_RULE(s && m.kind == MethodKind::kUniform && s->head_dim % std::min(m.group, s->head_dim) != 0, "uniform value groups of min(group, head_dim) = {} channels must divide head_dim {}", std::min(m.group, s->head_dim), s->head_dim),
     ANTKV_RULE(s && m.kind == MethodKind::kRsq && !(power_of_2(s->head_dim) && s->head_dim >= 2 && s->head_dim <= 1024), "rsq needs a power-of-2 head_dim in [2, 1024] on the GPU, the model has {}", s->head_dim),
-    ANTKV_RULE(vq_like(m) && first_width_not(m, [](VqConfig q) { return gpu_c(q.c); }).c, "group size c = {} is not supported on the GPU (1, 2, 4, 8, 16 or 32)", first_width_not(m, [](VqConfig q) { return gpu_c(q.c); }).c),
-    ANTKV_RULE(vq_like(m) && first_width_not(m, [](VqConfig q) { return q.b >= 1 && q.b <= 16; }).c, "b = {} bits per code is outside [1, 16] on the GPU", first_width_not(m, [](VqConfig q) { return q.b >= 1 && q.b <= 16; }).b),
-    ANTKV_RULE_ALT(s && vq_like(m) && first_width_not(m, [&](VqConfig q) { return s->head_dim % q.c == 0; }).c, "group size c = {} does not divide head_dim {}; give a width whose c divides it", first_width_not(m, [&](VqConfig q) { return s->head_dim % q.c == 0; }).c, s->head_dim),
+    ANTKV_RULE(vq_like(m) && width_not_on_gpu(m).c, "c{}b{}: the GPU takes group size c 1, 2, 4, 8, 16 or 32 and b in [1, 16]", width_not_on_gpu(m).c, width_not_on_gpu(m).b),
+    ANTKV_RULE_ALT(vq_like(m) && width_not_dividing(m, s).c, "group size c = {} does not divide head_dim {}; give a width whose c divides it", width_not_dividing(m, s).c, s->head_dim),
     ANTKV_RULE(s && m.rotate == Rotate::kPca && s->head_dim > 512, "rotate=pca takes head_dim up to 512 on the GPU, the model has {}", s->head_dim),
 };
 
 // The compressed vq/antkv cache (kernels/quant/compressed_cache.h): real path, bench, max-context.
 const std::vector<Rule> kCompressedRules = {
     ANTKV_RULE(m.keys.c != m.values.c || m.keys.b != m.values.b, "kbits != vbits (c{}b{} / c{}b{}): the compressed cache has one configuration for keys and values", m.keys.c, m.keys.b, m.values.c, m.values.b),
-    ANTKV_RULE(!compressed_width(m.keys), "c{}b{} is not one of the compressed cache's configurations (bits 4, 2, 1, 0.75, 0.5, 0.375: c2b8, c4b8, c8b8, c16b12, c16b8, c16b6)", m.keys.c, m.keys.b),
+    ANTKV_RULE(first_width_not(m, compressed_width).c, "c{}b{} is not one of the compressed cache's configurations (bits 4, 2, 1, 0.75, 0.5, 0.375: c2b8, c4b8, c8b8, c16b12, c16b8, c16b6)", first_width_not(m, compressed_width).c, first_width_not(m, compressed_width).b),
     ANTKV_RULE(m.anchors == AnchorTensors::kKeys || m.anchors == AnchorTensors::kValues, "anchors={} (one tensor only) is not implemented in the compressed cache (anchors=kv or off)", option_name(m.anchors)),
     ANTKV_RULE(m.gain != Gain::kOff, "gain={} is not implemented in the compressed cache", option_name(m.gain)),
     ANTKV_RULE(m.rotate != Rotate::kOff, "rotate={} is not implemented in the compressed cache", option_name(m.rotate)),
@@ -212,8 +218,10 @@ void require_support(const MethodSpec& m, MethodPath p, const ModelShapeFacts* s
 }
 
 std::vector<MethodPath> eval_paths(const MethodSpec& m, const std::string& device, const std::string& kv_cache) {
+  // the kinds eval.kv_cache: real evaluates on a real cache (uniform: once the packed cache takes a prefill)
+  const bool real_cache = m.kind == MethodKind::kVq || m.kind == MethodKind::kAntkv;
   if (device == "cpu") return {MethodPath::kCpu};
-  if (kv_cache == "real" && m.needs_codebooks()) return {MethodPath::kGpuSimulated, MethodPath::kGpuReal};
+  if (kv_cache == "real" && real_cache) return {MethodPath::kGpuSimulated, MethodPath::kGpuReal};
   return {MethodPath::kGpuSimulated};
 }
 
@@ -365,7 +373,7 @@ std::string methods_support_json() {
     for (const auto& p : option_spellings<MethodPath>()) {
       const PathSupport& s = row.paths[i++];
       paths[p.name] = s.runs ? nlohmann::json{{"runs", true}, {"note", s.note}}
-                             : nlohmann::json{{"runs", false}, {"reason", s.why}};
+                             : nlohmann::json{{"runs", false}, {"rule", s.why}, {"reason", s.reason}};
     }
     rows.push_back({{"method", row.method}, {"paths", paths}});
   }

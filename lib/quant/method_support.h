@@ -60,14 +60,14 @@ std::vector<std::string> recipe_support_errors(const Recipe& r, const ModelShape
 void require_recipe_support(const Recipe& r, const ModelShapeFacts* shape = nullptr);
 
 // The methods table: every method kind and every option value (a representative method string each) against
-// every path. `antkv-eval methods` prints it; docs/METHODS.md holds the markdown form between marker comments.
+// every path, and a few examples of the shape rules ("rsq:bits=2 (head_dim 80)"). `antkv-eval methods` prints it
+// (text, --json: per path {runs, note} or {runs, rule, reason}); docs/METHODS.md holds the markdown form between
+// marker comments (scripts/methods_table.py pastes it, tests/test_method_support.cpp compares).
 struct MethodSupportRow {
-  std::string method;                // the representative method string
+  std::string method;                // the representative method string (and the shape of a shape example)
   std::vector<PathSupport> paths;    // in MethodPath order
 };
 std::vector<MethodSupportRow> methods_support_table();
-// The rules of every path, as words ("real: gain=k|kv refused ..."), for the listing under the table.
-std::vector<std::pair<MethodPath, std::vector<std::string>>> support_rule_docs();
 std::string methods_support_markdown();
 std::string methods_support_text();
 std::string methods_support_json();
