@@ -27,6 +27,7 @@
 #include "kernels/quant/uniform_cache.h"
 #include "kernels/runtime/gpu_runtime.h"
 #include "kernels/runtime/ops.h"
+#include "quant/method_support.h"
 #include "quant/quantized_cache.h"
 
 using namespace antkv;
@@ -357,6 +358,20 @@ TEST_CASE("GPU uniform cache: closed set and bad plans refused and the runtime d
   CHECK(finite);
   CHECK_MEASURED("test_uniform_cache_gpu: runtime graph vs eager logits rel err",
                  test::max_rel_error(graph.data(), eager.data(), eager.size()), 1e-6);  // same kernels, same inputs
+}
+
+// method_support (CPU code) declares the compressed cache's closed set of widths; quant_decode builds it.
+TEST_CASE("method_support: the compressed cache's widths are quant_decode's kVqKernelConfigs", "[support]") {
+  for (const double bits : {4.0, 2.0, 1.0, 0.75, 0.5, 0.375, 1.5, 1.25, 0.25}) {
+    const VqConfig q = vq_config_for_bits(bits);
+    bool built = false;
+    for (const cuda::VqKernelConfig c : cuda::kVqKernelConfigs)
+      built |= cuda::vq_kernel_config_info(c).c == q.c && cuda::vq_kernel_config_info(c).b == q.b;
+    const MethodSpec m = parse_method(fmt::format("vq:bits={}", bits), Recipe::defaults_with({}));
+    INFO(m.text);
+    CHECK(method_support(m, MethodPath::kGpuReal).runs == built);
+    CHECK(method_support(m, MethodPath::kBench).runs == built);
+  }
 }
 
 TEST_CASE("bench methods: uniform parses with its closed set and simulated-only methods are refused by name", "[quant]") {
