@@ -632,7 +632,7 @@ int main(int argc, char** argv) {
                                      "simulated, GPU real, bench, max-context): \"runs\" or the reason");
   methods->add_option("--format", methods_format, "text | markdown (the table of docs/METHODS.md)")
       ->capture_default_str()->check(CLI::IsMember({"text", "markdown"}));
-  methods->add_flag("--json", methods_json, "print JSON: per method, per path {runs, reason | note}");
+  methods->add_flag("--json", methods_json, "print JSON: per method, per path {runs, note} or {runs, rule, reason}");
   if (const std::string sub = unknown_subcommand(app, argc, argv); !sub.empty()) {
     std::fprintf(stderr, "antkv-eval: error: unknown subcommand \"%s\" (%s; see antkv-eval --help)\n", sub.c_str(),
                  subcommand_names(app).c_str());

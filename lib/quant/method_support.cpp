@@ -310,8 +310,8 @@ std::vector<Example> examples() {
   return out;
 }
 
-std::string row_label(const Example& e) {
-  return e.shape_label.empty() ? e.method : fmt::format("{} ({})", e.method, e.shape_label);
+std::string row_label(const MethodSupportRow& r) {
+  return r.shape.empty() ? r.method : fmt::format("{} ({})", r.method, r.shape);
 }
 
 std::vector<MethodSupportRow> rows_of(const std::vector<Example>& ex) {
@@ -320,7 +320,8 @@ std::vector<MethodSupportRow> rows_of(const std::vector<Example>& ex) {
   for (const auto& e : ex) {
     const MethodSpec m = parse_method(e.method, defaults);
     MethodSupportRow row;
-    row.method = row_label(e);
+    row.method = e.method;
+    row.shape = e.shape_label;
     for (const auto& p : option_spellings<MethodPath>())
       row.paths.push_back(method_support(m, p.value, e.shape.head_dim ? &e.shape : nullptr));
     out.push_back(std::move(row));
@@ -343,7 +344,7 @@ std::string methods_support_markdown() {
   for (const auto& p : option_spellings<MethodPath>()) out += fmt::format(" {} |", p.name), rule += "---|";
   out += "\n" + rule + "\n";
   for (const auto& row : methods_support_table()) {
-    out += fmt::format("| `{}` |", row.method);
+    out += fmt::format("| `{}`{} |", row.method, row.shape.empty() ? "" : " (" + row.shape + ")");
     for (const auto& s : row.paths) {
       std::string c = cell(s);
       for (char& ch : c)
@@ -358,7 +359,7 @@ std::string methods_support_markdown() {
 std::string methods_support_text() {
   std::string out;
   for (const auto& row : methods_support_table()) {
-    out += row.method + "\n";
+    out += row_label(row) + "\n";
     size_t i = 0;
     for (const auto& p : option_spellings<MethodPath>()) out += fmt::format("  {:<12} {}\n", p.name, cell(row.paths[i++]));
   }
@@ -375,7 +376,7 @@ std::string methods_support_json() {
       paths[p.name] = s.runs ? nlohmann::json{{"runs", true}, {"note", s.note}}
                              : nlohmann::json{{"runs", false}, {"rule", s.why}, {"reason", s.reason}};
     }
-    rows.push_back({{"method", row.method}, {"paths", paths}});
+    rows.push_back({{"method", row.method}, {"shape", row.shape}, {"paths", paths}});
   }
   return rows.dump(1) + "\n";
 }

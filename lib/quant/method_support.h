@@ -64,7 +64,8 @@ void require_recipe_support(const Recipe& r, const ModelShapeFacts* shape = null
 // (text, --json: per path {runs, note} or {runs, rule, reason}); docs/METHODS.md holds the markdown form between
 // marker comments (scripts/methods_table.py pastes it, tests/test_method_support.cpp compares).
 struct MethodSupportRow {
-  std::string method;                // the representative method string (and the shape of a shape example)
+  std::string method;                // the representative method string
+  std::string shape;                 // a shape example's model facts ("head_dim 80"), else empty
   std::vector<PathSupport> paths;    // in MethodPath order
 };
 std::vector<MethodSupportRow> methods_support_table();
