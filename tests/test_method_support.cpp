@@ -303,6 +303,18 @@ TEST_CASE("CLI: a refused method stops run before calibrating, every refusal on 
     CHECK(r.err.find("outputs:") == std::string::npos);
     CHECK_FALSE(fs::exists(out));  // no folder, no lock, no dump
   }
+  // the model's shape, once the checkpoint is open: stories260K's head_dim 8 is no multiple of c16's 16 (CPU, diagnose)
+  for (const char* cmd : {" run", " diagnose"}) {
+    const Cli r = run_cli(eval + cmd + " --recipe " + recipe + " --out " + out +
+                          " --set 'eval.methods=[fp16, \"vq:bits=0.5\"]'");
+    INFO(r.err);
+    CHECK(r.code == 1);
+    CHECK_THAT(r.err, Contains("1 method of eval.methods cannot be evaluated") &&
+                          Contains("method \"vq:bits=0.5\" does not run on the CPU cache (eval.device: cpu): group size "
+                                   "c = 16 does not divide head_dim 8"));
+    CHECK(r.err.find("calibration:") == std::string::npos);
+    CHECK_FALSE(fs::exists(out));
+  }
   // eval.kv_cache: real on the CPU: refused before the folder is made
   const Cli cpu = run_cli(eval + " run --recipe " + recipe + " --out " + out + " --set eval.kv_cache=real");
   CHECK(cpu.code == 1);
