@@ -261,7 +261,6 @@ __global__ void iota_kernel(int32_t* out, int n, int first) {
   if (i < n) out[i] = first + i;
 }
 
-
 void launch_vq(const VqArgs& p, int kv_heads, int c, cudaStream_t stream) {
   if (p.n == 0) return;
   const dim3 grid((p.n + kVqThreads - 1) / kVqThreads, p.groups, kv_heads);
@@ -597,7 +596,8 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
       if (rsq_) {
         // fwht needs a power of 2; one warp's row lives in shared memory
         ANTKV_CHECK(m.bits >= 1 && m.bits <= 4, "method {}: rsq bits must be in [1, 4]", m.text);
-        // fwht: a power-of-2 head_dim in [2, 1024] (method_support)
+        ANTKV_CHECK(d_ >= 2 && d_ <= 1024 && (d_ & (d_ - 1)) == 0,
+                    "method {}: rsq needs a power-of-2 head_dim in [2, 1024], the model has {}", m.text, d_);
         const std::vector<float>& lv = lloyd_max_gaussian(m.bits);
         std::copy(lv.begin(), lv.end(), rsq_levels_.begin());
         rsq_signs_.resize(L);
@@ -611,7 +611,10 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
           upload(rsq_signs_[l], s);
         }
       } else {
-        rotate_ = m.rotate == Rotate::kPca;  // rotate_kernel: head_dim up to 512 (method_support)
+        rotate_ = m.rotate == Rotate::kPca;
+        // rotate_kernel: one thread per output channel, kRotRows rows of the head in shared memory
+        ANTKV_CHECK(!rotate_ || d_ <= 512,
+                    "method {}: rotate=pca supports head_dim up to 512 on the GPU, the model has {}", m.text, d_);
         validate_codebooks();
         task_ = m.metric == Metric::kTask;
         bool any_anchors = false;
