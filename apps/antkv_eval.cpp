@@ -6,6 +6,7 @@
 //   antkv-eval diagnose --recipe R [--text FILE]           per-layer attention error of each method (CPU)
 //   antkv-eval bench --shape llama3-8b | --model DIR      decode attention and end-to-end decode (CUDA)
 //   antkv-eval shapes [--format table|json]                the named shapes of --shape (model/model_shapes.h)
+//   antkv-eval methods [--json] [--format text|markdown]   which path runs each method option (quant/method_support.h)
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <filesystem>
@@ -28,6 +29,7 @@
 #include "eval/perplexity.h"
 #include "model/checkpoint.h"
 #include "model/model_shapes.h"
+#include "quant/method_support.h"
 #include "runtime/cpu_runtime.h"
 #include "tokenizer/tokenizer.h"
 #include "cli_errors.h"
@@ -219,8 +221,16 @@ void write_results(const std::vector<MethodResult>& res, const Recipe& r, const 
 Recipe load_run_recipe(const RecipeArgs& a, const std::vector<std::string>& device_keys, std::string* device_line) {
   Recipe r = Recipe::load(a.recipe, a.sets);
   if (!a.out.empty()) r.out_dir = fs::absolute(a.out).lexically_normal().string();
+  require_recipe_support(r);  // the paths the recipe names, before a missing GPU or the model is an error
   *device_line = resolve_recipe_devices(r, device_keys);
   return r;
+}
+
+// Every method of the recipe against the paths it evaluates them on (the device resolved) and the model's shape:
+// all refusals in one error, before any folder, calibration or training.
+void require_recipe_model_support(const Recipe& r, const Checkpoint& ckpt) {
+  const ModelShapeFacts shape = ModelShapeFacts::of(ckpt.config());
+  require_recipe_support(r, &shape);
 }
 
 int run_recipe_ppl(const RecipeArgs& a) {
@@ -229,6 +239,7 @@ int run_recipe_ppl(const RecipeArgs& a) {
   const Recipe r = load_run_recipe(a, {"eval.device"}, &device_line);
   const std::string out_dir = r.out_dir;
   Checkpoint ckpt = open_recipe_model(r);
+  require_recipe_model_support(r, ckpt);
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
   const RunFolderLock lock(out_dir);  // results.* of the folder are written by one run at a time
   check_results_folder(out_dir, r);
@@ -262,6 +273,7 @@ int run_pipeline_cmd(const RecipeArgs& a) {
   const Recipe r = load_run_recipe(a, {"calibration.device", "kmeans.device", "eval.device"}, &device_line);
   const std::string out_dir = r.out_dir;  // --out (folded into the recipe) holds every stage's output
   Checkpoint ckpt = open_recipe_model(r);
+  require_recipe_model_support(r, ckpt);  // before the first stage: no calibration or training for a refused method
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
   // one run owns the folder until it ends: its reuse decisions, stages and results are not mixed with another's
   const RunFolderLock lock(out_dir);
@@ -329,6 +341,11 @@ int run_diagnose(const RecipeArgs& a, const std::string& text, const std::string
     outputs.check();
   }
   Checkpoint ckpt = open_recipe_model(r);
+  {  // diagnose runs every method on the CPU cache
+    Recipe on_cpu = r;
+    on_cpu.eval.device = "cpu", on_cpu.eval.kv_cache = "simulated";
+    require_recipe_model_support(on_cpu, ckpt);
+  }
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
   std::fprintf(stderr, "device: cpu (diagnose runs on the CPU whatever eval.device says)\n");
   const std::vector<std::string> texts = text.empty() ? r.eval.texts : std::vector<std::string>{text};
@@ -406,12 +423,29 @@ void check_bench_counts(const BenchArgs& a) {
   check_count(a.max_batch, limits::kBatch, "--max-batch");
 }
 
+// Every --method against bench or max-context on the model's shape: all refusals in one error, before any work
+// (in a build without CUDA too).
+void require_bench_support(const BenchArgs& a, bool max_context) {
+  const ModelShapeFacts shape = ModelShapeFacts::of(bench_config(a));
+  const MethodPath path = max_context ? MethodPath::kMaxContext : MethodPath::kBench;
+  std::vector<std::string> errors;
+  for (const auto& text : a.methods) {
+    const PathSupport s = method_support(parse_method(text, Recipe::defaults_with({})), path, &shape);
+    if (!s.runs) errors.push_back(s.reason);
+  }
+  if (errors.empty()) return;
+  std::string msg = fmt::format("{}: {} of --method cannot be timed; nothing was run:", option_name(path),
+                                errors.size() == 1 ? std::string("1 method") : fmt::format("{} methods", errors.size()));
+  for (const auto& e : errors) msg += "\n  " + e;
+  throw Error(msg);
+}
+
 int run_method_bench_cmd(const BenchArgs& a, bool max_context) {
   check_bench_counts(a);
+  require_bench_support(a, max_context);
 #ifdef ANTKV_HAVE_CUDA
   check_json_output(a);
   const ModelConfig cfg = bench_config(a);
-  for (const auto& m : a.methods) (void)cuda::parse_bench_method(m);  // every error before any work
   auto say = [](const std::string& s) { std::fprintf(stderr, "%s\n", s.c_str()); };
   nlohmann::json j;
   j["tool"] = max_context ? "antkv-eval max-context" : "antkv-eval bench";
@@ -592,6 +626,13 @@ int main(int argc, char** argv) {
   auto* shapes = app.add_subcommand("shapes", "the named model shapes of bench/max-context --shape and scripts/scale_run.py");
   shapes->add_option("--format", shapes_format, "table | json (the config.json fields of each shape)")
       ->capture_default_str()->check(CLI::IsMember({"table", "json"}));
+  std::string methods_format = "text";
+  bool methods_json = false;
+  auto* methods = app.add_subcommand("methods", "which code path runs each method kind and option (CPU, GPU "
+                                     "simulated, GPU real, bench, max-context): \"runs\" or the reason");
+  methods->add_option("--format", methods_format, "text | markdown (the table of docs/METHODS.md)")
+      ->capture_default_str()->check(CLI::IsMember({"text", "markdown"}));
+  methods->add_flag("--json", methods_json, "print JSON: per method, per path {runs, note} or {runs, rule, reason}");
   if (const std::string sub = unknown_subcommand(app, argc, argv); !sub.empty()) {
     std::fprintf(stderr, "antkv-eval: error: unknown subcommand \"%s\" (%s; see antkv-eval --help)\n", sub.c_str(),
                  subcommand_names(app).c_str());
@@ -623,6 +664,14 @@ int main(int argc, char** argv) {
     if (*diag) return run_diagnose(ra, diag_text, diag_json);
     if (*bench) return run_bench(ba);
     if (*maxctx) return run_method_bench_cmd(ma, true);
+    if (*methods) {
+      ANTKV_CHECK(!(methods_json && methods->count("--format")), "methods: give --json or --format, not both");
+      std::printf("%s", (methods_json                    ? methods_support_json()
+                         : methods_format == "markdown" ? methods_support_markdown()
+                                                        : methods_support_text())
+                            .c_str());
+      return 0;
+    }
     if (*shapes) {
       std::printf("%s", (shapes_format == "json" ? model_shapes_json() : model_shapes_table()).c_str());
       return 0;

@@ -1101,20 +1101,20 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
   const MethodSpec m = method("antkv:bits=1");
   auto cb = make_codebooks(cfg, m, acts, 1);
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,anchors=v"), *cb, 1, 64, 8),
-                    Catch::Contains("anchors=v (one tensor only) is not supported by the compressed cache"));
+                    Catch::Contains("anchors=v (one tensor only) is not implemented in the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,key_rope=pre"), *cb, 1, 64, 8),
                     Catch::Contains("codebooks are for post-RoPE keys, the method needs pre-RoPE"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,rotate=pca"), *cb, 1, 64, 8),
-                    Catch::Contains("are not supported by the compressed cache"));
+                    Catch::Contains("rotate=pca is not implemented in the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("vq:bits=1,gain=kv"), *cb, 1, 64, 8),
-                    Catch::Contains("are not supported by the compressed cache"));
+                    Catch::Contains("gain=kv is not implemented in the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("vq:bits=1,metric=task"), *cb, 1, 64, 8),
-                    Catch::Contains("are not supported by the compressed cache"));
+                    Catch::Contains("metric=task is not implemented in the compressed cache"));
   // per-layer widths and ratios run in the simulated cache only
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,lvbits=1/1"), *cb, 1, 64, 8),
-                    Catch::Contains("are not supported by the compressed cache"));
+                    Catch::Contains("per-layer widths (lkbits, lvbits) are not implemented in the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,lratio=0.02/0.01"), *cb, 1, 64, 8),
-                    Catch::Contains("are not supported by the compressed cache"));
+                    Catch::Contains("per-layer ratios (lratio) are not implemented in the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1.5"), *make_codebooks(cfg, method("antkv:bits=1.5"), acts, 1), 1, 64, 8),
                     Catch::Contains("c8b12 is not one of the compressed cache's configurations"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=0.5"), *cb, 1, 64, 8),

@@ -34,6 +34,7 @@
 #include "kernels/runtime/ops.h"
 #include "model/checkpoint.h"
 #include "quant/method.h"
+#include "quant/method_support.h"
 #include "quant/quantized_cache.h"
 #include "recipe/recipe.h"
 #include "tokenizer/tokenizer.h"
@@ -668,6 +669,20 @@ TEST_CASE("GPU method factory: uniform outside the packed cache's closed set is 
                     Catch::Contains("takes group 32, 64 or 128, not 16"));
 }
 
+// method_support (CPU code) declares the compressed cache's closed set of widths; quant_decode builds it.
+TEST_CASE("method_support: the compressed cache's widths are quant_decode's kVqKernelConfigs", "[support]") {
+  for (const double bits : {4.0, 2.0, 1.0, 0.75, 0.5, 0.375, 1.5, 1.25, 0.25}) {
+    const VqConfig q = vq_config_for_bits(bits);
+    bool built = false;
+    for (const cuda::VqKernelConfig c : cuda::kVqKernelConfigs)
+      built |= cuda::vq_kernel_config_info(c).c == q.c && cuda::vq_kernel_config_info(c).b == q.b;
+    const MethodSpec m = parse_method(fmt::format("vq:bits={}", bits), Recipe::defaults_with({}));
+    INFO(m.text);
+    CHECK(method_support(m, MethodPath::kGpuReal).runs == built);
+    CHECK(method_support(m, MethodPath::kBench).runs == built);
+  }
+}
+
 TEST_CASE("bench methods: uniform parses with its closed set and simulated-only methods are refused by name", "[quant]") {
   const auto u = cuda::parse_bench_method("uniform:bits=2,group=128");
   CHECK(u.uniform);
@@ -675,15 +690,17 @@ TEST_CASE("bench methods: uniform parses with its closed set and simulated-only 
   CHECK(u.uniform_group == 128);
   CHECK(cuda::parse_bench_method("uniform:bits=4,group=32,window=16").uniform_window == 16);
   CHECK_THROWS_WITH(cuda::parse_bench_method("uniform:bits=3,group=128"),
-                    Catch::Contains("--method uniform:bits=3,group=128: the GPU uniform cache takes bits 2 or 4, not 3"));
+                    Catch::Contains("method \"uniform:bits=3,group=128\" does not run on bench") &&
+                        Catch::Contains("the packed uniform cache takes bits 2 or 4, not 3"));
   CHECK_THROWS_WITH(cuda::parse_bench_method("uniform:bits=2,group=100"), Catch::Contains("group 32, 64 or 128, not 100"));
   CHECK_THROWS_WITH(cuda::parse_bench_method("rsq:bits=1"),
-                    Catch::Contains("--method rsq:bits=1: rsq has no real GPU cache"));
+                    Catch::Contains("method \"rsq:bits=1\" does not run on bench") &&
+                        Catch::Contains("rsq has no real GPU cache"));
   // a row times the method it names: options the compressed cache does not run are refused, not timed as plain vq
   for (const char* m : {"vq:bits=1,gain=kv,rotate=pca", "vq:bits=1,metric=task", "antkv:bits=1,anchors=v",
                         "antkv:bits=1,correct=on", "vq:bits=1,lkbits=1/2"}) {
     INFO(m);
-    CHECK_THROWS_WITH(cuda::parse_bench_method(m), Catch::Contains("do not run on the compressed cache"));
+    CHECK_THROWS_WITH(cuda::parse_bench_method(m), Catch::Contains("not implemented in the compressed cache"));
   }
   CHECK(cuda::parse_bench_method("antkv:bits=1,anchors=kv").compressed);
   // bytes: 2-bit codes of K and V, (scale, zero) per key block and channel and per value token, the FP16 ring

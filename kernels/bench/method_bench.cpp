@@ -16,41 +16,27 @@
 #include "kernels/runtime/gpu_runtime.h"
 #include "kernels/runtime/ops.h"
 #include "quant/method.h"
+#include "quant/method_support.h"
 #include "recipe/recipe.h"
 
 namespace antkv::cuda {
 
-BenchMethod parse_bench_method(const std::string& text) {
+BenchMethod parse_bench_method(const std::string& text, MethodPath path, const ModelShapeFacts* shape) {
   BenchMethod b;
   b.text = text;
-  if (text == "fp16") return b;
   const MethodSpec m = parse_method(text, Recipe::defaults_with({}));
+  // a row must time the method it names: what the real caches do not run is an error, not a plain-vq row
+  require_support(m, path, shape);  // quant/method_support.h
+  if (m.kind == MethodKind::kFp16) return b;
   if (m.kind == MethodKind::kUniform) {
-    cuda::check_uniform_shape("--method " + text, 128, m.bits, m.group, m.window);  // head_dim: checked with the model
     b.uniform = true;
     b.uniform_bits = m.bits;
     b.uniform_group = m.group;
     b.uniform_window = m.window;
     return b;
   }
-  ANTKV_CHECK(m.needs_codebooks(),
-              "--method {}: {} has no real GPU cache (its cache is simulated on a bf16 arena); bench compares "
-              "fp16, uniform (bits 2 or 4), vq and antkv",
-              text, m.kind_name());
-  // a row must time the method it names: what the compressed cache does not run is an error, not a plain-vq row
-  ANTKV_CHECK(m.gain == Gain::kOff && m.rotate == Rotate::kOff && m.metric == Metric::kPlain && !m.correct &&
-                  m.listed_layers() == 0 &&
-                  (m.anchors == AnchorTensors::kOff || m.anchors == AnchorTensors::kKeysValues),
-              "--method {}: gain=, rotate=, metric=task, correct=, anchors=k|v and per-layer lists (lkbits, lvbits, "
-              "lratio) do not run on the compressed cache, which bench and max-context time (docs/METHODS.md)",
-              text);
-  ANTKV_CHECK(m.keys.c == m.values.c && m.keys.b == m.values.b, "--method {}: keys and values need one configuration",
-              text);
-  const std::string name = fmt::format("c{}b{}", m.keys.c, m.keys.b);
-  bool found = false;
-  for (VqKernelConfig c : kVqKernelConfigs)
-    if (name == vq_kernel_config_info(c).name) b.config = c, found = true;
-  ANTKV_CHECK(found, "--method {}: {} is not a compressed-cache configuration (bits 4, 2, 1, 0.75, 0.5 or 0.375)", text, name);
+  ANTKV_CHECK(m.needs_codebooks(), "--method {}: internal error: method_support let {} through", text, m.kind_name());
+  b.config = parse_vq_kernel_config(fmt::format("c{}b{}", m.keys.c, m.keys.b));  // one of them (method_support)
   b.compressed = true;
   b.anchor_ratio = m.kind == MethodKind::kAntkv && m.has_anchors() ? m.ratio : 0.0;
   b.pre_rope = m.pre_rope();
@@ -213,7 +199,8 @@ MethodBenchResult run_method_bench(const MethodBenchOptions& o, const std::funct
   r.copy_gbps = measure_copy_bandwidth_gbps();
   say(fmt::format("device {}: copy bandwidth {:.0f} GB/s", r.device, r.copy_gbps));
   std::vector<BenchMethod> methods;
-  for (const auto& t : o.methods) methods.push_back(parse_bench_method(t));
+  const ModelShapeFacts shape = ModelShapeFacts::of(o.cfg);
+  for (const auto& t : o.methods) methods.push_back(parse_bench_method(t, MethodPath::kBench, &shape));
   auto record = [&](MethodDecodePoint p) {
     if (p.ran)
       say(fmt::format("{} B={} ctx={}{}: {:.2f} ms/step, {:.1f} tok/s; attention {:.2f} ms/step ({:.0f}% of copy bw), "
@@ -260,8 +247,9 @@ std::string format_method_bench(const MethodBenchResult& r) {
 std::vector<MaxContextPoint> run_max_context(const ModelConfig& cfg, const std::vector<std::string>& methods,
                                              const std::function<void(const std::string&)>& log) {
   std::vector<MaxContextPoint> out;
+  const ModelShapeFacts shape = ModelShapeFacts::of(cfg);
   for (const auto& text : methods) {
-    const BenchMethod m = parse_bench_method(text);
+    const BenchMethod m = parse_bench_method(text, MethodPath::kMaxContext, &shape);
     MaxContextPoint p;
     p.method = text;
     const double budget = free_bytes() - weight_bytes_estimate(cfg) - kReserve;

@@ -10,6 +10,7 @@
 
 #include "kernels/attention/quant_decode.h"
 #include "model/model_config.h"
+#include "quant/method_support.h"
 
 namespace antkv::cuda {
 
@@ -24,10 +25,11 @@ struct BenchMethod {
   bool pre_rope = false;     // key_rope=pre: pre-RoPE code stream (dequantize-rotate-dot decode)
   bool promote = false;      // antkv with promote=on (the default): decode-time anchors, running scores updated
 };
-// fp16, uniform at bits 2 or 4 (group 32, 64 or 128), or vq/antkv at a width of quant_decode's closed set (bits
-// 4, 2, 1, 0.75, 0.5, 0.375); anything else (rsq: its cache is simulated; other widths) is an antkv::Error naming
-// the method.
-BenchMethod parse_bench_method(const std::string& text);
+// What `path` (bench or max-context) runs of `text`, on a model of `shape` when given: fp16, uniform at bits 2 or
+// 4 (group 32, 64 or 128), or vq/antkv at a width of quant_decode's closed set (bits 4, 2, 1, 0.75, 0.5, 0.375)
+// and the options the compressed cache runs; anything else is method_support's error (quant/method_support.h).
+BenchMethod parse_bench_method(const std::string& text, MethodPath path = MethodPath::kBench,
+                               const ModelShapeFacts* shape = nullptr);
 
 // Device bytes of one sequence's KV cache of `capacity` tokens.
 double sequence_cache_bytes(const ModelConfig& cfg, const BenchMethod& m, int capacity);

@@ -13,6 +13,7 @@
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/random_fill.h"
 #include "quant/codebook_fit.h"
+#include "quant/method_support.h"
 #include "anchor/anchor_scores.h"
 #include "runtime/rope.h"
 
@@ -375,16 +376,14 @@ __global__ void iota_code_pos_kernel(int32_t* __restrict__ code_pos, int64_t n, 
     code_pos[i] = static_cast<int32_t>(i % cap);
 }
 
+// The kernel configuration of a method that method_support accepted for the real path.
 cuda::VqKernelConfig config_for(const MethodSpec& m) {
   ANTKV_CHECK(m.needs_codebooks(), "compressed KV cache: method {} is not vq or antkv", m.text);
-  ANTKV_CHECK(m.keys.c == m.values.c && m.keys.b == m.values.b,
-              "method {}: the compressed cache needs one configuration for keys and values (c{}b{} / c{}b{})", m.text,
-              m.keys.c, m.keys.b, m.values.c, m.values.b);
   const std::string name = fmt::format("c{}b{}", m.keys.c, m.keys.b);
   for (cuda::VqKernelConfig c : cuda::kVqKernelConfigs)
     if (name == cuda::vq_kernel_config_info(c).name) return c;
-  fail("method {}: {} is not one of the compressed cache's configurations (c2b8, c4b8, c8b8, c16b12, c16b8, c16b6; "
-       "the simulated cache, eval.kv_cache: simulated, evaluates any)",
+  fail("compressed KV cache: internal error: method {} passed method_support with {}, which quant_decode does not "
+       "build (method_support.cpp's compressed_width and kVqKernelConfigs differ)",
        m.text, name);
 }
 
@@ -393,16 +392,9 @@ cuda::VqKernelConfig config_for(const MethodSpec& m) {
 GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodSpec& m, const CodebookSet& cb,
                                            int max_batch, int capacity, int window) {
   name_ = m.text;
+  const ModelShapeFacts shape = ModelShapeFacts::of(cfg);
+  require_support(m, MethodPath::kGpuReal, &shape);  // what the compressed cache runs: quant/method_support.h
   config_ = config_for(m);
-  ANTKV_CHECK(m.anchors == AnchorTensors::kOff || m.anchors == AnchorTensors::kKeysValues,
-              "method {}: anchors={} (one tensor only) is not supported by the compressed cache (one code stream "
-              "for keys and values): anchors=kv or off",
-              m.text, option_name(m.anchors));
-  ANTKV_CHECK(m.gain == Gain::kOff && !m.correct && m.rotate == Rotate::kOff && m.metric == Metric::kPlain && !m.layered() &&
-                  m.layer_ratio.empty(),
-              "method {}: gain=, correct=, rotate=, metric=task and per-layer widths or ratios (lkbits, lvbits, lratio) are not "
-              "supported by the compressed cache (evaluate them with eval.kv_cache: simulated)",
-              m.text);
   cuda::check_vq_shape(cfg.head_dim, config_);
   check_codebooks_fit(m, cb, cfg);
   allocate(cfg, max_batch, capacity, window, m.has_anchors() ? m.ratio : 0.0, m.pre_rope(), m.promotes());

@@ -16,6 +16,7 @@
 #include "kernels/common/device_buffer.h"
 #include "kernels/runtime/ops.h"
 #include "quant/codebook_fit.h"
+#include "quant/method_support.h"
 #include "quant/anchor_rule.h"
 #include "quant/vq.h"
 
@@ -259,8 +260,6 @@ __global__ void iota_kernel(int32_t* out, int n, int first) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) out[i] = first + i;
 }
-
-bool vq_c_supported(int c) { return c == 1 || c == 2 || c == 4 || c == 8 || c == 16 || c == 32; }
 
 void launch_vq(const VqArgs& p, int kv_heads, int c, cudaStream_t stream) {
   if (p.n == 0) return;
@@ -578,6 +577,8 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     kvd_ = cfg.kv_dim();
     ANTKV_CHECK(cfg.num_layers > 0 && KV_ > 0 && d_ > 0 && cfg.num_heads > 0, "method {}: incomplete model config", m.text);
     ANTKV_CHECK(decode_window >= 0, "method {}: decode window {} must be >= 0", m.text, decode_window);
+    const ModelShapeFacts shape = ModelShapeFacts::of(cfg);
+    require_support(m, MethodPath::kGpuSimulated, &shape);  // what this quantizer runs: quant/method_support.h
     const int L = cfg.num_layers;
     if (m.kind == MethodKind::kFp16) {
       kind_ = Kind::kFp16;
@@ -585,19 +586,11 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
       kind_ = Kind::kUniform;
       ANTKV_CHECK(m.bits >= 1 && m.bits <= 8, "method {}: bits must be in [1, 8]", m.text);
       ANTKV_CHECK(m.group >= 1 && m.window >= 0, "method {}: group must be >= 1 and window >= 0", m.text);
-      vgs_ = std::min(m.group, d_);
-      ANTKV_CHECK(d_ % vgs_ == 0,
-                  "method {}: value groups of min(group, head_dim) = {} channels must divide head_dim {} (the CPU cache "
-                  "would let a group run into the next head)",
-                  m.text, vgs_, d_);
+      vgs_ = std::min(m.group, d_);  // divides d_ (method_support): a group never runs into the next head
       R_ = m.window + m.group;  // waiting tokens: an incomplete key group plus the window
     } else {
       kind_ = Kind::kVq;  // rsq: the same prefill / decode-window flow, another per-row quantizer, no anchors
       rsq_ = m.kind == MethodKind::kRsq;
-      ANTKV_CHECK(!m.correct,
-                  "method {}: correct=on (the attention-score correction) is not implemented on the GPU runtime; "
-                  "evaluate it with eval.device: cpu",
-                  m.text);
       pre_ = m.pre_rope();
       R_ = W_ + 1;
       if (rsq_) {
@@ -740,14 +733,7 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
   void validate_codebooks() const {
     const MethodSpec& m = m_;
     ANTKV_CHECK(cb_, "method {}: needs codebooks", m.text);
-    check_codebooks_fit(m, *cb_, cfg_);
-    for (int l = 0; l < cfg_.num_layers; ++l)  // what the kernels here support on top
-      for (const VqConfig q : {m.key_config(l), m.value_config(l)}) {
-        ANTKV_CHECK(vq_c_supported(q.c),
-                    "method {}: layer {}: group size c = {} is not supported on the GPU (1, 2, 4, 8, 16 or 32)", m.text,
-                    l, q.c);
-        ANTKV_CHECK(q.b >= 1 && q.b <= 16, "method {}: layer {}: b = {} bits per code outside [1, 16]", m.text, l, q.b);
-      }
+    check_codebooks_fit(m, *cb_, cfg_);  // c and b the kernels here take: method_support
   }
 
   // work = fp16-rounded rows [lo, len) of (k_pre, k_post, v): waiting rows from the ring, the chunk's rows.

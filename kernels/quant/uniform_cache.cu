@@ -11,6 +11,7 @@
 #include "kernels/attention/quant_decode.h"
 #include "kernels/common/random_fill.h"
 #include "kernels/common/cuda_check.h"
+#include "quant/method_support.h"
 #include "kernels/common/device_utils.cuh"
 
 namespace antkv {
@@ -607,7 +608,9 @@ GpuUniformKvCache::GpuUniformKvCache(const ModelConfig& cfg, int bits, int group
     : n_layers_(cfg.num_layers), n_kv_(cfg.num_kv_heads), n_heads_(cfg.num_heads), d_(cfg.head_dim), bits_(bits),
       group_(group), window_(window), max_batch_(max_batch), capacity_(capacity) {
   name_ = fmt::format("uniform:bits={},group={}{}", bits, group, window ? fmt::format(",window={}", window) : "");
-  cuda::check_uniform_shape(name_, d_, bits, group, window);
+  const ModelShapeFacts shape = ModelShapeFacts::of(cfg);
+  require_support(parse_method(name_, Recipe::defaults_with({})), MethodPath::kGpuReal, &shape);  // quant/method_support.h
+  cuda::check_uniform_shape(name_, d_, bits, group, window);  // the kernels' own limits
   ANTKV_CHECK(max_batch >= 1 && capacity >= 1, "{}: max_batch {} and capacity {} must be >= 1", name_, max_batch,
               capacity);
   ANTKV_CHECK(n_heads_ % n_kv_ == 0, "{}: n_heads {} not a multiple of n_kv_heads {}", name_, n_heads_, n_kv_);

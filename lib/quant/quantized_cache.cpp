@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "quant/anchor_rule.h"
 #include "quant/codebook_fit.h"
+#include "quant/method_support.h"
 #include "quant/vq.h"
 #include "runtime/rope.h"
 
@@ -37,6 +38,8 @@ float round_fp16(float x) { return static_cast<float>(Eigen::half(x)); }
 
 QuantizedKvCache::QuantizedKvCache(const ModelConfig& cfg, const MethodSpec& m, std::shared_ptr<const CodebookSet> cb)
     : cfg_(cfg), method_(m), cb_(std::move(cb)), decode_window_(m.decode_window), row_(static_cast<size_t>(cfg.kv_dim())) {
+  const ModelShapeFacts shape = ModelShapeFacts::of(cfg);
+  require_support(m, MethodPath::kCpu, &shape);  // what the CPU cache runs: quant/method_support.h
   if (m.needs_codebooks()) {
     ANTKV_CHECK(cb_, "method {}: needs codebooks", m.text);
     check_codebooks_fit(m, *cb_, cfg);
