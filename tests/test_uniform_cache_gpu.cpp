@@ -371,12 +371,32 @@ TEST_CASE("bench methods: uniform parses with its closed set and simulated-only 
   CHECK_THROWS_WITH(cuda::parse_bench_method("rsq:bits=1"),
                     Catch::Contains("--method rsq:bits=1: rsq has no real GPU cache"));
   // a row times the method it names: options the compressed cache does not run are refused, not timed as plain vq
-  for (const char* m : {"vq:bits=1,gain=kv,rotate=pca", "vq:bits=1,metric=task", "antkv:bits=1,anchors=v",
-                        "antkv:bits=1,correct=on", "vq:bits=1,lkbits=1/2"}) {
+  for (const char* m : {"antkv:bits=1,anchors=v", "antkv:bits=1,correct=on", "vq:bits=1,lkbits=1/2"}) {
     INFO(m);
     CHECK_THROWS_WITH(cuda::parse_bench_method(m), Catch::Contains("do not run on the compressed cache"));
   }
+  for (const char* m : {"vq:bits=2,gain=k", "vq:bits=1,rotate=pca,key_rope=pre"}) {
+    INFO(m);
+    CHECK_THROWS_WITH(cuda::parse_bench_method(m), Catch::Contains("gain= and rotate=pca run on the compressed cache with "
+                                                                   "post-RoPE keys at bits 1, 0.75, 0.5 or 0.375"));
+  }
   CHECK(cuda::parse_bench_method("antkv:bits=1,anchors=kv").compressed);
+  // gain and rotate run through the compressed cache's coded transform; metric=task decodes as plain vq (it changes
+  // only which codes are written); the per-token fp16 scales count in the bytes
+  const auto best = cuda::parse_bench_method("vq:bits=1,gain=kv,rotate=pca");
+  CHECK((best.compressed && best.gain_keys && best.gain_values && best.rotate));
+  const auto gk = cuda::parse_bench_method("antkv:bits=1,gain=k");
+  CHECK((gk.gain_keys && !gk.gain_values && !gk.rotate));
+  const auto task = cuda::parse_bench_method("vq:bits=1,metric=task");
+  CHECK((task.compressed && !task.gain_keys && !task.rotate));
+  {
+    ModelConfig c8 = tiny_config(32, 32, 8, 128);
+    const double plain = cuda::sequence_cache_bytes(c8, cuda::parse_bench_method("vq:bits=1"), 131072);
+    CHECK(cuda::sequence_cache_bytes(c8, best, 131072) == Approx(plain + 2.0 * 2 * 131072 * 8 * 32).epsilon(1e-12));
+    CHECK(cuda::sequence_cache_bytes(c8, gk, 131072) ==
+          Approx(cuda::sequence_cache_bytes(c8, cuda::parse_bench_method("antkv:bits=1"), 131072) + 2.0 * 131072 * 8 * 32)
+              .epsilon(1e-12));
+  }
   // bytes: 2-bit codes of K and V, (scale, zero) per key block and channel and per value token, the FP16 ring
   ModelConfig cfg = tiny_config(32, 32, 8, 128);
   const double per = GpuUniformKvCache::sequence_bytes(cfg, 2, 128, 0, 131072);

@@ -38,11 +38,10 @@ BenchMethod parse_bench_method(const std::string& text) {
               "fp16, uniform (bits 2 or 4), vq and antkv",
               text, m.kind_name());
   // a row must time the method it names: what the compressed cache does not run is an error, not a plain-vq row
-  ANTKV_CHECK(m.gain == Gain::kOff && m.rotate == Rotate::kOff && m.metric == Metric::kPlain && !m.correct &&
-                  m.listed_layers() == 0 &&
+  ANTKV_CHECK(!m.correct && m.listed_layers() == 0 &&
                   (m.anchors == AnchorTensors::kOff || m.anchors == AnchorTensors::kKeysValues),
-              "--method {}: gain=, rotate=, metric=task, correct=, anchors=k|v and per-layer lists (lkbits, lvbits, "
-              "lratio) do not run on the compressed cache, which bench and max-context time (docs/METHODS.md)",
+              "--method {}: correct=, anchors=k|v and per-layer lists (lkbits, lvbits, lratio) do not run on the "
+              "compressed cache, which bench and max-context time (docs/METHODS.md)",
               text);
   ANTKV_CHECK(m.keys.c == m.values.c && m.keys.b == m.values.b, "--method {}: keys and values need one configuration",
               text);
@@ -51,6 +50,13 @@ BenchMethod parse_bench_method(const std::string& text) {
   for (VqKernelConfig c : kVqKernelConfigs)
     if (name == vq_kernel_config_info(c).name) b.config = c, found = true;
   ANTKV_CHECK(found, "--method {}: {} is not a compressed-cache configuration (bits 4, 2, 1, 0.75, 0.5 or 0.375)", text, name);
+  b.gain_keys = m.gain_keys();
+  b.gain_values = m.gain_values();
+  b.rotate = m.rotate == Rotate::kPca;
+  ANTKV_CHECK(!(b.gain_keys || b.rotate) || (!m.pre_rope() && vq_uses_lut(b.config)),
+              "--method {}: gain= and rotate=pca run on the compressed cache with post-RoPE keys at bits 1, 0.75, 0.5 "
+              "or 0.375 (the lookup-table kernel) only",
+              text);
   b.compressed = true;
   b.anchor_ratio = m.kind == MethodKind::kAntkv && m.has_anchors() ? m.ratio : 0.0;
   b.pre_rope = m.pre_rope();
@@ -68,7 +74,8 @@ double sequence_cache_bytes(const ModelConfig& cfg, const BenchMethod& m, int ca
                                                2.0 * m.window * cfg.head_dim * 2 +
                                                (m.pre_rope ? 4.0 * capacity + m.window * cfg.head_dim * 2.0 : 0.0) +
                                                (m.promote ? 4.0 * (acap + m.window) + (m.pre_rope ? acap * cfg.head_dim * 2.0 : 0.0)
-                                                          : 0.0));
+                                                          : 0.0) +
+                                               2.0 * capacity * (int{m.gain_keys} + int{m.gain_values}));  // fp16 scales
   return per_layer * cfg.num_layers;
 }
 
@@ -102,7 +109,7 @@ std::unique_ptr<GpuRuntime> make_runtime(const ModelConfig& cfg, const BenchMeth
   if (m.compressed)
     rt->set_compressed_cache(
         std::make_unique<GpuCompressedKvCache>(cfg, m.config, m.anchor_ratio, B, capacity, m.window, seed + 7, m.pre_rope,
-                                               m.promote));
+                                               m.promote, m.gain_keys, m.gain_values, m.rotate));
   rt->fill_kv_random(seed + 1);
   return rt;
 }
@@ -136,6 +143,7 @@ double time_compressed_attention(const ModelConfig& cfg, GpuCompressedKvCache& c
   const double rec = vq_record_bytes(cfg.head_dim, cache.config());
   *bytes = static_cast<double>(B) * cfg.num_layers * cfg.num_kv_heads *
            (2.0 * s.n_quant * rec + (cache.pre_rope() ? 4.0 * s.n_quant : 0.0) +
+            2.0 * s.n_quant * (int{cache.gain_keys()} + int{cache.gain_values()}) +
             2.0 * (s.n_anchor + s.n_window) * cfg.head_dim * 2);
   return ms;
 }

@@ -23,9 +23,13 @@ struct BenchMethod {
   int window = 128;          // FP16 decode window (compressed)
   bool pre_rope = false;     // key_rope=pre: pre-RoPE code stream (dequantize-rotate-dot decode)
   bool promote = false;      // antkv with promote=on (the default): decode-time anchors, running scores updated
+  // gain=k|kv, rotate=pca: the coded transform (synthetic scales, basis and mean), the real cache's decode path;
+  // metric=task changes only which codes are written, not the decode
+  bool gain_keys = false, gain_values = false, rotate = false;
 };
 // fp16, uniform at bits 2 or 4 (group 32, 64 or 128), or vq/antkv at a width of quant_decode's closed set (bits
-// 4, 2, 1, 0.75, 0.5, 0.375); anything else (rsq: its cache is simulated; other widths) is an antkv::Error naming
+// 4, 2, 1, 0.75, 0.5, 0.375) with the options the compressed cache runs (gain=, rotate=pca with post-RoPE keys
+// at the lookup-table widths, metric=task); anything else (rsq: its cache is simulated; other widths) is an antkv::Error naming
 // the method.
 BenchMethod parse_bench_method(const std::string& text);
 

@@ -13,6 +13,7 @@
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/random_fill.h"
 #include "quant/codebook_fit.h"
+#include "quant/vq.h"
 #include "anchor/anchor_scores.h"
 #include "runtime/rope.h"
 
@@ -35,6 +36,12 @@ struct GpuCompressedKvCache::Layer {
   DeviceBuffer<float> window_score;          // [max_batch, KV, window]
   DeviceBuffer<__half> anchor_kpre;          // pre_rope: [max_batch, KV, anchor_capacity, d]
   DeviceBuffer<float> score_coef;            // [KV, 2]: (e_K, e_V) for error_bound, (0, 1) / (1, 0) otherwise
+  DeviceBuffer<__half> k_scale, v_scale;     // gain: [max_batch, KV, capacity] the scale of each code slot
+  // rotate=pca: R^T [KV, d, d] ([k][j] = R[j][k]: the encode, and for keys the query rotation), the mean [KV, d],
+  // and for values R [KV, d, d] (the decode's rotation back)
+  DeviceBuffer<float> k_rot_t, v_rot_t, v_rot, k_mean, v_mean;
+  // metric=task: the factors L [KV, NG, c, c] and the searched centroids L^T c [KV, NG, 2^b, c]
+  DeviceBuffer<float> k_metric, v_metric, k_search, v_search;
 };
 
 namespace {
@@ -368,6 +375,104 @@ __global__ void prefill_code_pos_kernel(const int32_t* __restrict__ slots, int T
   }
 }
 
+// The CPU reference's coding transform of one (token, KV head) row before the nearest-centroid search
+// (quant/quantized_cache.cpp quantize_head): x' = R (x - mean) (rotate=pca; R^T read column by column, fp64
+// sums as rotate_forward), x' / |x'| with the fp16-rounded norm kept (gain, as gain_normalize), L_g^T x' per group
+// (metric=task, as metric_forward). Block (token, head), one thread per channel (head_dim 64 or 128).
+struct EncodeArgs {
+  const __half* x = nullptr;      // [n, KV, d] fp16 rows
+  float* out = nullptr;           // [n, KV, d]
+  float* norms = nullptr;         // [n, KV] (gain)
+  const float* rot_t = nullptr;   // [KV, d, d] R^T, or null
+  const float* mean = nullptr;    // [KV, d] (with rot_t)
+  const float* metric = nullptr;  // [KV, d / c, c, c] lower-triangular factors, or null
+  int KV = 0, d = 0, c = 0;
+  bool gain = false;
+};
+
+__global__ void __launch_bounds__(128) encode_rows_kernel(const EncodeArgs p) {
+  __shared__ float sx[128];
+  __shared__ double sred[4];
+  const int i = blockIdx.x, h = blockIdx.y, j = threadIdx.x, lane = j & 31, warp = j >> 5;
+  const int64_t off = (static_cast<int64_t>(i) * p.KV + h) * p.d;
+  float x = __half2float(p.x[off + j]);
+  if (p.rot_t) {
+    sx[j] = __fsub_rn(x, p.mean[static_cast<int64_t>(h) * p.d + j]);
+    __syncthreads();
+    const float* col = p.rot_t + static_cast<int64_t>(h) * p.d * p.d + j;
+    double acc = 0.0;
+    for (int k = 0; k < p.d; ++k) acc = fma(static_cast<double>(col[static_cast<int64_t>(k) * p.d]), static_cast<double>(sx[k]), acc);
+    x = __double2float_rn(acc);
+  }
+  if (p.gain) {
+    double sq = static_cast<double>(x) * x;
+    for (int o = 16; o > 0; o /= 2) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+    if (lane == 0) sred[warp] = sq;
+    __syncthreads();
+    sq = 0.0;
+    for (int w = 0; w < p.d / 32; ++w) sq += sred[w];
+    const double norm = sqrt(sq);
+    if (j == 0) p.norms[static_cast<int64_t>(i) * p.KV + h] = __half2float(__float2half_rn(__double2float_rn(norm)));
+    x = __double2float_rn(static_cast<double>(x) * (norm > 0 ? 1.0 / norm : 0.0));
+  }
+  if (p.metric) {
+    __syncthreads();  // every read of sx above is done
+    sx[j] = x;
+    __syncthreads();
+    const int g = j / p.c, jj = j % p.c;
+    const float* L = p.metric + (static_cast<int64_t>(h) * (p.d / p.c) + g) * p.c * p.c;
+    double y = 0.0;
+    for (int k = jj; k < p.c; ++k) y = fma(static_cast<double>(L[k * p.c + jj]), static_cast<double>(sx[g * p.c + k]), y);
+    x = __double2float_rn(y);
+  }
+  p.out[off + j] = x;
+}
+
+// The coded transform's query side, block (head, sequence), one thread per channel: q_rot = R_k q (rotate=pca)
+// and q_mean = q . k_mean, from the bf16 query the decode reads.
+struct QueryRotateArgs {
+  const bf16* q = nullptr;      // [B, H, d]
+  const float* rot_t = nullptr; // [KV, d, d] R_k^T
+  const float* mean = nullptr;  // [KV, d]
+  float* q_rot = nullptr;       // [B, H, d]
+  float* q_mean = nullptr;      // [B, H]
+  int H = 0, KV = 0, d = 0;
+};
+
+__global__ void __launch_bounds__(128) query_rotate_kernel(const QueryRotateArgs p) {
+  __shared__ float sq[128];
+  __shared__ float sred[4];
+  const int h = blockIdx.x, b = blockIdx.y, j = threadIdx.x, lane = j & 31, warp = j >> 5;
+  const int kvh = h / (p.H / p.KV);
+  const int64_t row = (static_cast<int64_t>(b) * p.H + h) * p.d;
+  const float x = __bfloat162float(p.q[row + j]);
+  sq[j] = x;
+  __syncthreads();
+  const float* col = p.rot_t + static_cast<int64_t>(kvh) * p.d * p.d + j;
+  float acc = 0.f;
+  for (int k = 0; k < p.d; ++k) acc = fmaf(col[static_cast<int64_t>(k) * p.d], sq[k], acc);
+  p.q_rot[row + j] = acc;
+  float dm = x * p.mean[static_cast<int64_t>(kvh) * p.d + j];
+  for (int o = 16; o > 0; o /= 2) dm += __shfl_xor_sync(0xffffffffu, dm, o);
+  if (lane == 0) sred[warp] = dm;
+  __syncthreads();
+  if (j == 0) {
+    float t = 0.f;
+    for (int w = 0; w < p.d / 32; ++w) t += sred[w];
+    p.q_mean[static_cast<int64_t>(b) * p.H + h] = t;
+  }
+}
+
+// synthetic gain scales: uniform in [0.5, 1.5) (a hash of (seed, i)), fp16
+__global__ void synthetic_scale_kernel(__half* __restrict__ dst, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t x = static_cast<uint32_t>(i) * 0x9e3779b9u ^ seed ^ static_cast<uint32_t>(i >> 32) * 0x85ebca6bu;
+    x ^= x >> 16, x *= 0x7feb352du, x ^= x >> 15, x *= 0x846ca68bu, x ^= x >> 16;
+    dst[i] = __float2half_rn(0.5f + static_cast<float>(x >> 8) * (1.0f / 16777216.0f));
+  }
+}
+
 // synthetic contents: code_pos[.][.][slot] = slot
 __global__ void iota_code_pos_kernel(int32_t* __restrict__ code_pos, int64_t n, int cap) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -398,14 +503,29 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
               "method {}: anchors={} (one tensor only) is not supported by the compressed cache (one code stream "
               "for keys and values): anchors=kv or off",
               m.text, option_name(m.anchors));
-  ANTKV_CHECK(m.gain == Gain::kOff && !m.correct && m.rotate == Rotate::kOff && m.metric == Metric::kPlain && !m.layered() &&
-                  m.layer_ratio.empty(),
-              "method {}: gain=, correct=, rotate=, metric=task and per-layer widths or ratios (lkbits, lvbits, lratio) are not "
-              "supported by the compressed cache (evaluate them with eval.kv_cache: simulated)",
+  ANTKV_CHECK(!m.correct && !m.layered() && m.layer_ratio.empty(),
+              "method {}: correct= and per-layer widths or ratios (lkbits, lvbits, lratio) are not supported by the "
+              "compressed cache (one configuration and anchor budget for every layer; evaluate them with "
+              "eval.kv_cache: simulated)",
               m.text);
+  const bool coded = m.gain != Gain::kOff || m.rotate != Rotate::kOff;
+  ANTKV_CHECK(!coded || !m.pre_rope(),
+              "method {}: gain= and rotate=pca with key_rope=pre are not supported by the compressed cache (pre-RoPE keys "
+              "decode through the dequantize-dot kernel, which has no per-token scale or rotated basis; key_rope=post, "
+              "or eval.kv_cache: simulated)",
+              m.text);
+  ANTKV_CHECK(!coded || cuda::vq_uses_lut(config_),
+              "method {}: gain= and rotate=pca run on the compressed cache's lookup-table configurations (c8b8, c16b12, "
+              "c16b8, c16b6), not {} (evaluate it with eval.kv_cache: simulated)",
+              m.text, cuda::vq_kernel_config_info(config_).name);
   cuda::check_vq_shape(cfg.head_dim, config_);
   check_codebooks_fit(m, cb, cfg);
+  gain_k_ = m.gain_keys();
+  gain_v_ = m.gain_values();
+  rotate_ = m.rotate == Rotate::kPca;
+  task_ = m.metric == Metric::kTask;
   allocate(cfg, max_batch, capacity, window, m.has_anchors() ? m.ratio : 0.0, m.pre_rope(), m.promotes());
+  for (int l = 0; l < n_layers_; ++l) upload_transforms(l, cb, m);
   if (promote_) {  // the running score's weights: the method's score over the codebooks' error norms
     const AnchorScoreKind kind = m.score;
     for (int l = 0; l < n_layers_; ++l) {
@@ -432,13 +552,31 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
 
 GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKernelConfig config, double anchor_ratio,
                                            int max_batch, int capacity, int window, uint64_t seed, bool pre_rope,
-                                           bool promote) {
+                                           bool promote, bool gain_keys, bool gain_values, bool rotate) {
   config_ = config;
-  name_ = fmt::format("synthetic {}{}{}", cuda::vq_kernel_config_info(config).name, pre_rope ? " pre-RoPE" : "",
-                      promote && anchor_ratio > 0 ? " promote" : "");
+  name_ = fmt::format("synthetic {}{}{}{}{}", cuda::vq_kernel_config_info(config).name, pre_rope ? " pre-RoPE" : "",
+                      promote && anchor_ratio > 0 ? " promote" : "",
+                      gain_keys ? (gain_values ? " gain=kv" : " gain=k") : "", rotate ? " rotate=pca" : "");
   cuda::check_vq_shape(cfg.head_dim, config_);
+  ANTKV_CHECK(!(gain_keys || gain_values || rotate) || (!pre_rope && cuda::vq_uses_lut(config)),
+              "compressed cache {}: gain and rotate run with post-RoPE keys on the lookup-table configurations only", name_);
+  gain_k_ = gain_keys;
+  gain_v_ = gain_values;
+  rotate_ = rotate;
   allocate(cfg, max_batch, capacity, window, anchor_ratio, pre_rope, promote);
   for (int l = 0; l < n_layers_; ++l) {
+    Layer& L = *layers_[l];
+    const float basis = 1.0f / std::sqrt(static_cast<float>(d_));
+    for (auto* b : {&L.k_rot_t, &L.v_rot_t, &L.v_rot, &L.k_mean, &L.v_mean}) {  // fp16-valued fp32, as the codebooks'
+      if (!b->size()) continue;
+      DeviceBuffer<__half> tmp(b->size());
+      cuda::fill_random_f16(tmp.get(), static_cast<int64_t>(tmp.size()), seed * 977 + l, basis, nullptr);
+      std::vector<__half> hh(tmp.size());
+      ANTKV_CUDA_CHECK(cudaMemcpy(hh.data(), tmp.get(), hh.size() * sizeof(__half), cudaMemcpyDeviceToHost));
+      std::vector<float> f(hh.size());
+      for (size_t i = 0; i < f.size(); ++i) f[i] = __half2float(hh[i]);
+      ANTKV_CUDA_CHECK(cudaMemcpy(b->get(), f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice));
+    }
     if (promote_) {
       const std::vector<float> coef(static_cast<size_t>(2) * n_kv_, 1.0f);
       ANTKV_CUDA_CHECK(cudaMemcpy(layers_[l]->score_coef.get(), coef.data(), coef.size() * sizeof(float), cudaMemcpyHostToDevice));
@@ -496,6 +634,18 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
       L->code_pos.resize(BK * capacity);
       L->window_kpre.resize(BK * window * d_);
     }
+    if (gain_k_) L->k_scale.resize(BK * capacity);
+    if (gain_v_) L->v_scale.resize(BK * capacity);
+    if (rotate_) {
+      const size_t dd = static_cast<size_t>(n_kv_) * d_ * d_;
+      L->k_rot_t.resize(dd), L->v_rot_t.resize(dd), L->v_rot.resize(dd);
+      L->k_mean.resize(static_cast<size_t>(n_kv_) * d_), L->v_mean.resize(static_cast<size_t>(n_kv_) * d_);
+    }
+    if (task_) {
+      L->k_metric.resize(static_cast<size_t>(n_kv_) * d_ * cuda::vq_kernel_config_info(config_).c);
+      L->v_metric.resize(L->k_metric.size());
+      L->k_search.resize(cent), L->v_search.resize(cent);
+    }
     if (promote_) {
       L->anchor_score.resize(BK * anchor_cap_);
       L->window_score.resize(BK * window);
@@ -505,7 +655,10 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
     device_bytes_ += L->k_codes.bytes() + L->v_codes.bytes() + L->k_cent.bytes() + L->v_cent.bytes() +
                      L->anchor_k.bytes() + L->anchor_v.bytes() + L->anchor_pos.bytes() + L->window_k.bytes() +
                      L->window_v.bytes() + L->code_pos.bytes() + L->window_kpre.bytes() + L->anchor_score.bytes() +
-                     L->window_score.bytes() + L->anchor_kpre.bytes() + L->score_coef.bytes();
+                     L->window_score.bytes() + L->anchor_kpre.bytes() + L->score_coef.bytes() + L->k_scale.bytes() +
+                     L->v_scale.bytes() + L->k_rot_t.bytes() + L->v_rot_t.bytes() + L->v_rot.bytes() + L->k_mean.bytes() +
+                     L->v_mean.bytes() + L->k_metric.bytes() + L->v_metric.bytes() + L->k_search.bytes() +
+                     L->v_search.bytes();
     layers_.push_back(std::move(L));
   }
   seqs_.assign(max_batch, CompressedSeqState{});
@@ -514,17 +667,63 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   stage_k_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
   stage_v_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
   // the largest workspace any decode plan of up to max_batch sequences may need
+  const bool coded = coded_transform();
   int64_t ws = 0;
   for (int b = 1; b <= max_batch; ++b)
     ws = std::max(ws, cuda::quant_decode_workspace_floats(
-                          b, cfg.num_heads, d_, cuda::quant_decode_max_splits(b, cfg.num_heads, n_kv_, d_, config_, capacity, lut_half_)));
+                          b, cfg.num_heads, d_,
+                          cuda::quant_decode_max_splits(b, cfg.num_heads, n_kv_, d_, config_, capacity, lut_half_, 1, coded),
+                          coded));
   workspace_.resize(static_cast<size_t>(ws));
+  if (rotate_) {
+    q_rot_.resize(static_cast<size_t>(max_batch) * n_heads_ * d_);
+    q_mean_.resize(static_cast<size_t>(max_batch) * n_heads_);
+  }
+  if (coded || task_) {
+    step_enc_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
+    step_norm_.resize(static_cast<size_t>(max_batch) * n_kv_);
+  }
   if (promote_) {
     lse_.resize(static_cast<size_t>(max_batch) * n_heads_);
     logits_.resize(static_cast<size_t>(max_batch) * n_heads_ * (anchor_cap_ + window_));
   }
   device_bytes_ += step_d_.bytes() + stage_k_.bytes() + stage_v_.bytes() + workspace_.bytes() + lse_.bytes() +
-                   logits_.bytes();
+                   logits_.bytes() + q_rot_.bytes() + q_mean_.bytes() + step_enc_.bytes() + step_norm_.bytes();
+}
+
+void GpuCompressedKvCache::upload_transforms(int l, const CodebookSet& cb, const MethodSpec& m) {
+  Layer& L = *layers_[l];
+  auto upload = [&](DeviceBuffer<float>& dst, const std::vector<float>& src, const char* what) {
+    ANTKV_CHECK(src.size() == dst.size(), "method {}: layer {} {} hold {} floats, expected {}", m.text, l, what, src.size(),
+                dst.size());
+    ANTKV_CUDA_CHECK(cudaMemcpy(dst.get(), src.data(), src.size() * sizeof(float), cudaMemcpyHostToDevice));
+  };
+  const int KV = n_kv_, d = d_;
+  if (rotate_) {
+    for (int side = 0; side < 2; ++side) {
+      const LayerCodebooks& c = side ? cb.values.at(l) : cb.keys.at(l);
+      ANTKV_CHECK(c.rotation.size() == static_cast<size_t>(KV) * d * d, "method {}: layer {} {} rotation holds {} floats, "
+                  "expected {}", m.text, l, side ? "value" : "key", c.rotation.size(), static_cast<size_t>(KV) * d * d);
+      std::vector<float> t(c.rotation.size());
+      for (int h = 0; h < KV; ++h)
+        for (int i = 0; i < d; ++i)
+          for (int k = 0; k < d; ++k)
+            t[(static_cast<size_t>(h) * d + k) * d + i] = c.rotation[(static_cast<size_t>(h) * d + i) * d + k];
+      upload(side ? L.v_rot_t : L.k_rot_t, t, side ? "value rotation" : "key rotation");
+      upload(side ? L.v_mean : L.k_mean, c.mean, side ? "value mean" : "key mean");
+      if (side) upload(L.v_rot, c.rotation, "value rotation");
+    }
+  }
+  if (task_) {
+    const int cc = cuda::vq_kernel_config_info(config_).c;
+    for (int side = 0; side < 2; ++side) {
+      const LayerCodebooks& c = side ? cb.values.at(l) : cb.keys.at(l);
+      upload(side ? L.v_metric : L.k_metric, c.metric, side ? "value metric=task factors" : "key metric=task factors");
+      const std::vector<float> mapped =
+          metric_centroids(VqHeadCodebooks{c.centroids.data(), KV * (d / cc), k_count_, cc}, c.metric.data());
+      upload(side ? L.v_search : L.k_search, mapped, side ? "value searched centroids" : "key searched centroids");
+    }
+  }
 }
 
 size_t GpuCompressedKvCache::bytes_per_sequence() const {
@@ -534,14 +733,15 @@ size_t GpuCompressedKvCache::bytes_per_sequence() const {
                             (pre_ ? static_cast<size_t>(capacity_) * 4 + static_cast<size_t>(window_) * d_ * 2 : 0) +
                             (promote_ ? static_cast<size_t>(anchor_cap_ + window_) * 4 +
                                             (pre_ ? static_cast<size_t>(anchor_cap_) * d_ * 2 : 0)
-                                      : 0));
+                                      : 0) +
+                            (static_cast<size_t>(gain_k_) + gain_v_) * capacity_ * 2);  // gain: fp16 scale per code slot
   // promote: this step's log-sum-exp and FP16 scores (one buffer for all layers)
   const size_t scratch = promote_ ? static_cast<size_t>(n_heads_) * (anchor_cap_ + window_ + 1) * 4 : 0;
   return per_layer * n_layers_ + scratch;
 }
 
 size_t GpuCompressedKvCache::code_bytes_per_token() const {
-  return static_cast<size_t>(n_layers_) * n_kv_ * 2 * rec_;
+  return static_cast<size_t>(n_layers_) * n_kv_ * (2 * rec_ + 2 * (static_cast<size_t>(gain_k_) + gain_v_));
 }
 
 void GpuCompressedKvCache::reset() { std::fill(seqs_.begin(), seqs_.end(), CompressedSeqState{}); }
@@ -610,8 +810,13 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
         prefill_ints_.get(), T, KV, seq, capacity_, L.code_pos.get());
     ANTKV_LAUNCH_CHECK("prefill_code_pos_kernel");
   }
+  if (coded_transform() || task_) {
+    prefill_enc_.ensure(rows);
+    prefill_norm_.ensure(static_cast<size_t>(T) * KV);
+  }
   quantize_pair(L, T, pre_ ? prefill_kpre_.get() : prefill_k_.get(),  // the code stream holds pre-RoPE keys when pre
-                prefill_v_.get(), prefill_ints_.get() + slots.size(), nullptr, prefill_ints_.get(), stream);
+                prefill_v_.get(), prefill_ints_.get() + slots.size(), nullptr, prefill_ints_.get(), prefill_enc_.get(),
+                prefill_norm_.get(), stream);
   if (A > 0) {
     AnchorGatherArgs g;
     if (promote_) {  // running scores start from the prefill's (0 when the caller has none)
@@ -635,7 +840,7 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
 
 void GpuCompressedKvCache::quantize_pair(Layer& L, int n_tokens, const __half* k, const __half* v,
                                          const int32_t* seq_index, const int32_t* slot, const int32_t* slot_per_head,
-                                         cudaStream_t stream) {
+                                         float* enc_rows, float* enc_norms, cudaStream_t stream) {
   cuda::QuantizeParams qp;
   qp.config = config_;
   qp.n_tokens = n_tokens;
@@ -648,14 +853,31 @@ void GpuCompressedKvCache::quantize_pair(Layer& L, int n_tokens, const __half* k
   qp.slot_per_head = slot_per_head;
   qp.batch = max_batch_;
   qp.capacity = capacity_;
-  qp.x = k;
-  qp.centroids = L.k_cent.get();
-  qp.codes = L.k_codes.get();
-  cuda::quantize_kv(qp, stream);
-  qp.x = v;
-  qp.centroids = L.v_cent.get();
-  qp.codes = L.v_codes.get();
-  cuda::quantize_kv(qp, stream);
+  for (int side = 0; side < 2; ++side) {
+    const bool gain = side ? gain_v_ : gain_k_;
+    qp.x = side ? v : k;
+    qp.x_type = cuda::ElemType::kF16;
+    qp.centroids = side ? L.v_cent.get() : L.k_cent.get();
+    qp.codes = side ? L.v_codes.get() : L.k_codes.get();
+    qp.search_centroids = nullptr, qp.norms = nullptr, qp.scales = nullptr;
+    if (gain || rotate_ || task_) {  // the CPU reference's transform first (encode_rows_kernel), fp32 rows
+      ANTKV_CHECK(enc_rows && enc_norms, "compressed cache {}: no encode buffers", name_);
+      EncodeArgs e;
+      e.x = side ? v : k;
+      e.out = enc_rows, e.norms = enc_norms;
+      if (rotate_) e.rot_t = side ? L.v_rot_t.get() : L.k_rot_t.get(), e.mean = side ? L.v_mean.get() : L.k_mean.get();
+      if (task_) e.metric = side ? L.v_metric.get() : L.k_metric.get();
+      e.KV = n_kv_, e.d = d_, e.c = cuda::vq_kernel_config_info(config_).c;
+      e.gain = gain;
+      encode_rows_kernel<<<dim3(n_tokens, n_kv_), d_, 0, stream>>>(e);
+      ANTKV_LAUNCH_CHECK("encode_rows_kernel");
+      qp.x = enc_rows;
+      qp.x_type = cuda::ElemType::kF32;
+      if (task_) qp.search_centroids = side ? L.v_search.get() : L.k_search.get();
+      if (gain) qp.norms = enc_norms, qp.scales = side ? L.v_scale.get() : L.k_scale.get();
+    }
+    cuda::quantize_kv(qp, stream);
+  }
 }
 
 void GpuCompressedKvCache::commit_prefill(int seq, int T) {
@@ -731,7 +953,7 @@ void GpuCompressedKvCache::upload_counts(int B, cudaStream_t stream) {
 }
 
 cuda::QuantDecodePlan GpuCompressedKvCache::plan(int B, int n_heads) const {
-  return cuda::plan_quant_decode(B, n_heads, n_kv_, d_, config_, max_quant(B), lut_half_);
+  return cuda::plan_quant_decode(B, n_heads, n_kv_, d_, config_, max_quant(B), lut_half_, 1, coded_transform());
 }
 
 int GpuCompressedKvCache::max_quant(int B) const {
@@ -772,7 +994,7 @@ void GpuCompressedKvCache::append(int layer, int B, const float* k, const float*
   ANTKV_LAUNCH_CHECK("window_append_kernel");
   quantize_pair(L, B, stage_k_.get(), stage_v_.get(), step_d_.get() + 6 * max_batch_,
                 step_d_.get() + 2 * max_batch_,  // code slots: -1 where nothing leaves the window this step
-                nullptr, stream);
+                nullptr, step_enc_.get(), step_norm_.get(), stream);
 }
 
 void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, bf16* out,
@@ -813,6 +1035,18 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   }
   p.lse = promote_ ? lse_.get() : nullptr;
   p.fp16_logits = promote_ ? logits_.get() : nullptr;
+  if (rotate_) {  // the query once per step and head: R_k q and q . k_mean
+    QueryRotateArgs qa;
+    qa.q = q, qa.rot_t = L.k_rot_t.get(), qa.mean = L.k_mean.get();
+    qa.q_rot = q_rot_.get(), qa.q_mean = q_mean_.get();
+    qa.H = n_heads, qa.KV = n_kv_, qa.d = d_;
+    query_rotate_kernel<<<dim3(n_heads, B), d_, 0, stream>>>(qa);
+    ANTKV_LAUNCH_CHECK("query_rotate_kernel");
+    p.q_rot = q_rot_.get(), p.q_mean = q_mean_.get();
+    p.v_rotation = L.v_rot.get(), p.v_mean = L.v_mean.get();
+  }
+  if (gain_k_) p.k_scale = L.k_scale.get();
+  if (gain_v_) p.v_scale = L.v_scale.get();
   cuda::quant_decode(p, stream);
   if (!promote_) return;
   RunningScoreArgs r;
@@ -855,6 +1089,12 @@ void GpuCompressedKvCache::fill_random(uint64_t seed, cudaStream_t stream) {
     cuda::fill_random_f16(L->window_v.get(), static_cast<int64_t>(L->window_v.size()), s++, 1.0f, stream);
     if (L->anchor_kpre.size())
       cuda::fill_random_f16(L->anchor_kpre.get(), static_cast<int64_t>(L->anchor_kpre.size()), s++, 1.0f, stream);
+    for (auto* b : {&L->k_scale, &L->v_scale})  // gain: positive scales, as real ones are
+      if (b->size()) {
+        synthetic_scale_kernel<<<blocks_for(static_cast<int64_t>(b->size())), kThreads, 0, stream>>>(
+            b->get(), static_cast<int64_t>(b->size()), static_cast<uint32_t>(s++));
+        ANTKV_LAUNCH_CHECK("synthetic_scale_kernel");
+      }
     for (auto* b : {&L->anchor_score, &L->window_score})  // running scores: any value times the same
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemsetAsync(b->get(), 0, b->bytes(), stream));
     if (pre_) {
@@ -901,6 +1141,8 @@ void GpuCompressedKvCache::poison() {
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // 0xFFFF: fp16 NaN
     for (auto* b : {&L->anchor_score, &L->window_score})
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // fp32 NaN
+    for (auto* b : {&L->k_scale, &L->v_scale})
+      if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // fp16 NaN
   }
   if (stage_k_.size()) ANTKV_CUDA_CHECK(cudaMemset(stage_k_.get(), 0xFF, stage_k_.bytes()));
   if (stage_v_.size()) ANTKV_CUDA_CHECK(cudaMemset(stage_v_.get(), 0xFF, stage_v_.bytes()));
