@@ -1237,7 +1237,7 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
                     Catch::Contains("run on the compressed cache's lookup-table configurations (c8b8, c16b12, c16b8, c16b6), not c4b8"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,correct=on"), *cb, 1, 64, 8),
                     Catch::Contains("correct= and per-layer widths or ratios"));
-  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,kbits=1,vbits=0.5"), *cb, 1, 64, 8),
+  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:kbits=1,vbits=0.5"), *cb, 1, 64, 8),
                     Catch::Contains("needs one configuration for keys and values (c8b8 / c16b8)"));
   // per-layer widths and ratios run in the simulated cache only
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,lvbits=1/1"), *cb, 1, 64, 8),

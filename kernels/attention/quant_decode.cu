@@ -781,18 +781,28 @@ __global__ void __launch_bounds__(D) quant_reduce_coded_kernel(const QuantDecode
     l += f * __ldcg(wml + (bh * S + s) * 2 + 1);
   }
   const float L = block_reduce(l, false);  // its barriers also publish sW
+  // 8 splits' loads in flight per thread (one at a time was latency-bound: the splits are many at batch 1)
   float acc = 0.f, coded = 0.f;
-  for (int s = 0; s < S; ++s) {
-    acc = fmaf(sW[s], __ldcg(wo + (bh * S + s) * D + c), acc);
-    coded = fmaf(sW[s], __ldcg(wc + (bh * S + s) * D + c), coded);
+  for (int s0 = 0; s0 < S; s0 += 8) {
+    float o[8], x[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const bool in = s0 + u < S;
+      o[u] = in ? __ldcg(wo + (bh * S + s0 + u) * D + c) : 0.f;
+      x[u] = in ? __ldcg(wc + (bh * S + s0 + u) * D + c) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u)
+      if (s0 + u < S) acc = fmaf(sW[s0 + u], o[u], acc), coded = fmaf(sW[s0 + u], x[u], coded);
   }
-  if (p.v_rotation) {  // channel c of R_v^T x: column c of R_v, coalesced over the block
+  if (p.v_rotation) {  // channel c of R_v^T x: column c of R_v, coalesced over the block, 16 loads in flight
     sC[c] = coded;
     __syncthreads();
     const float* R = p.v_rotation + static_cast<int64_t>(h / (p.n_heads / p.n_kv_heads)) * D * D + c;
-    float r = 0.f;
-    for (int i = 0; i < D; ++i) r = fmaf(R[static_cast<int64_t>(i) * D], sC[i], r);
-    coded = r;
+    float r[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 16
+    for (int i = 0; i < D; ++i) r[i & 3] = fmaf(__ldg(R + static_cast<int64_t>(i) * D), sC[i], r[i & 3]);
+    coded = (r[0] + r[1]) + (r[2] + r[3]);
   }
   p.out[bh * D + c] = __float2bfloat16_rn((acc + coded) / L);
   if (p.lse && c == 0) p.lse[bh] = (M + log2f(L)) * kLn2;
