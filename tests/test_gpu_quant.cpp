@@ -897,7 +897,9 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
                                  "antkv:bits=4,ratio=0.05,key_rope=pre,promote=off",
                                  // the coded transform (gain, rotate) and metric=task
                                  "vq:bits=1,gain=kv,rotate=pca", "antkv:bits=1,ratio=0.05,gain=kv,rotate=pca",
-                                 "vq:bits=1,metric=task", "antkv:bits=0.5,ratio=0.05,gain=k,metric=task,promote=off"}) {
+                                 "vq:bits=1,metric=task", "antkv:bits=0.5,ratio=0.05,gain=k,metric=task,promote=off",
+                                 // per-layer widths (antkv-ref-18m has 6 layers)
+                                 "vq:lkbits=1/0.5/1/0.75/1/1,lvbits=1/0.5/1/0.75/1/1,gain=kv,rotate=pca"}) {
     SECTION(text) {
       const MethodSpec m = method(text);
       auto cb = make_codebooks(cfg, m, mod.calib, 7);
@@ -1097,7 +1099,7 @@ TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follo
   }
 }
 
-// gain=, rotate=pca and metric=task on the compressed cache, against the CPU reference cache step by step: the CPU
+// gain=, rotate=pca, metric=task and per-layer widths on the compressed cache, against the CPU reference cache step by step: the CPU
 // cache (QuantizedKvCache, decode window W) codes each token as quantize_head does, and attention over its
 // dequantized rows (cpu::attention) is the reference; the GPU cache codes at prefill and at append
 // (encode_rows_kernel, quantize_kv) and decodes through quant_decode's coded transform (query rotated once per
@@ -1109,12 +1111,15 @@ TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follo
 // CPU's float norm / |u| (2^-12 relative per vector), the fp32 query rotation (the CPU's attention sums in
 // double), the dithered fixed-point weights (unbiased, ~2^-14 of a tile's largest), and a near-tie code where the
 // GPU's tree-summed norm or fp32 sums round differently. Held to 2e-2 of max |out| (measured: the MEASURED lines).
-TEST_CASE("GPU compressed KV cache: gain=, rotate=pca and metric=task follow QuantizedKvCache (head_dim 64/128, GQA 1/4/8, eager = graph)",
+TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task and per-layer widths follow QuantizedKvCache (head_dim 64/128, GQA 1/4/8, eager = graph)",
           "[gpu][quant]") {
   SKIP_WITHOUT_GPU();
+  // (synthetic_config has 2 layers: the per-layer widths give each its own configuration)
   const std::vector<std::string> methods = {"vq:bits=1,gain=kv,rotate=pca", "antkv:bits=1,ratio=0.05,gain=k,promote=off",
                                             "vq:bits=1,metric=task", "vq:bits=0.75,rotate=pca",
-                                            "antkv:bits=0.5,ratio=0.05,gain=kv,rotate=pca,metric=task,promote=off"};
+                                            "antkv:bits=0.5,ratio=0.05,gain=kv,rotate=pca,metric=task,promote=off",
+                                            "vq:lkbits=1/0.5,lvbits=1/0.5",
+                                            "antkv:ratio=0.05,lkbits=0.75/1,lvbits=0.75/1,gain=kv,rotate=pca,promote=off"};
   for (const int d : {64, 128})
     for (const std::string& text : methods) {
       ModelConfig base = synthetic_config();
@@ -1236,12 +1241,16 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, two_bit, *make_codebooks(cfg, two_bit, acts, 1), 1, 64, 8),
                     Catch::Contains("run on the compressed cache's lookup-table configurations (c8b8, c16b12, c16b8, c16b6), not c4b8"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,correct=on"), *cb, 1, 64, 8),
-                    Catch::Contains("correct= and per-layer widths or ratios"));
+                    Catch::Contains("correct= and per-layer ratios (lratio) are not supported by the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:kbits=1,vbits=0.5"), *cb, 1, 64, 8),
                     Catch::Contains("needs one configuration for keys and values (c8b8 / c16b8)"));
-  // per-layer widths and ratios run in the simulated cache only
-  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,lvbits=1/1"), *cb, 1, 64, 8),
-                    Catch::Contains("are not supported by the compressed cache"));
+  // per-layer widths run with keys and values of one configuration per layer; per-layer ratios in the simulated
+  // cache only; a list of the wrong length is an error before any configuration is read
+  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,lvbits=0.5/1"), *cb, 1, 64, 8),
+                    Catch::Contains("needs one configuration for keys and values (c8b8 / c16b8 in layer 0)"));
+  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:lkbits=1/1/1,lvbits=1/1/1"), *cb, 1, 64, 8),
+                    Catch::Contains("lkbits/lvbits/lratio list 3 layers, the model has 2"));
+  CHECK_NOTHROW(GpuCompressedKvCache(cfg, method("antkv:bits=1,lvbits=1/1"), *cb, 1, 64, 8));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,lratio=0.02/0.01"), *cb, 1, 64, 8),
                     Catch::Contains("are not supported by the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1.5"), *make_codebooks(cfg, method("antkv:bits=1.5"), acts, 1), 1, 64, 8),

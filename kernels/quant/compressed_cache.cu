@@ -23,6 +23,11 @@ using cuda::bf16;
 using cuda::DeviceBuffer;
 
 struct GpuCompressedKvCache::Layer {
+  // the layer's configuration (per-layer widths, lkbits/lvbits: each layer its own), its record bytes R, groups
+  // NG, centroids K and whether its lookup tables are fp16
+  cuda::VqKernelConfig config = cuda::VqKernelConfig::kC8B8;
+  int rec = 0, ng = 0, k_count = 0;
+  bool lut_half = false;
   DeviceBuffer<uint8_t> k_codes, v_codes;    // [max_batch, KV, capacity, R]
   DeviceBuffer<__half> k_cent, v_cent;       // [KV, NG, 2^b, c]
   DeviceBuffer<__half> anchor_k, anchor_v;   // [max_batch, KV, anchor_capacity, d]
@@ -484,12 +489,14 @@ __global__ void iota_code_pos_kernel(int32_t* __restrict__ code_pos, int64_t n, 
     code_pos[i] = static_cast<int32_t>(i % cap);
 }
 
-cuda::VqKernelConfig config_for(const MethodSpec& m) {
+// Layer l's configuration (the method's, or its per-layer widths')
+cuda::VqKernelConfig config_for(const MethodSpec& m, int l) {
   ANTKV_CHECK(m.needs_codebooks(), "compressed KV cache: method {} is not vq or antkv", m.text);
-  ANTKV_CHECK(m.keys.c == m.values.c && m.keys.b == m.values.b,
-              "method {}: the compressed cache needs one configuration for keys and values (c{}b{} / c{}b{})", m.text,
-              m.keys.c, m.keys.b, m.values.c, m.values.b);
-  const std::string name = fmt::format("c{}b{}", m.keys.c, m.keys.b);
+  const VqConfig k = m.key_config(l), v = m.value_config(l);
+  ANTKV_CHECK(k.c == v.c && k.b == v.b,
+              "method {}: the compressed cache needs one configuration for keys and values (c{}b{} / c{}b{}{})", m.text,
+              k.c, k.b, v.c, v.b, m.layered() ? fmt::format(" in layer {}", l) : "");
+  const std::string name = fmt::format("c{}b{}", k.c, k.b);
   for (cuda::VqKernelConfig c : cuda::kVqKernelConfigs)
     if (name == cuda::vq_kernel_config_info(c).name) return c;
   fail("method {}: {} is not one of the compressed cache's configurations (c2b8, c4b8, c8b8, c16b12, c16b8, c16b6; "
@@ -502,15 +509,18 @@ cuda::VqKernelConfig config_for(const MethodSpec& m) {
 GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodSpec& m, const CodebookSet& cb,
                                            int max_batch, int capacity, int window) {
   name_ = m.text;
-  config_ = config_for(m);
+  ANTKV_CHECK(m.listed_layers() == 0 || m.listed_layers() == cfg.num_layers,
+              "method {}: lkbits/lvbits/lratio list {} layers, the model has {}", m.text, m.listed_layers(), cfg.num_layers);
+  layer_cfg_.clear();
+  for (int l = 0; l < cfg.num_layers; ++l) layer_cfg_.push_back(config_for(m, l));
+  config_ = layer_cfg_.at(0);
   ANTKV_CHECK(m.anchors == AnchorTensors::kOff || m.anchors == AnchorTensors::kKeysValues,
               "method {}: anchors={} (one tensor only) is not supported by the compressed cache (one code stream "
               "for keys and values): anchors=kv or off",
               m.text, option_name(m.anchors));
-  ANTKV_CHECK(!m.correct && !m.layered() && m.layer_ratio.empty(),
-              "method {}: correct= and per-layer widths or ratios (lkbits, lvbits, lratio) are not supported by the "
-              "compressed cache (one configuration and anchor budget for every layer; evaluate them with "
-              "eval.kv_cache: simulated)",
+  ANTKV_CHECK(!m.correct && m.layer_ratio.empty(),
+              "method {}: correct= and per-layer ratios (lratio) are not supported by the compressed cache (one anchor "
+              "budget for every layer; evaluate them with eval.kv_cache: simulated)",
               m.text);
   const bool coded = m.gain != Gain::kOff || m.rotate != Rotate::kOff;
   ANTKV_CHECK(!coded || !m.pre_rope(),
@@ -518,11 +528,13 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
               "decode through the dequantize-dot kernel, which has no per-token scale or rotated basis; key_rope=post, "
               "or eval.kv_cache: simulated)",
               m.text);
-  ANTKV_CHECK(!coded || cuda::vq_uses_lut(config_),
-              "method {}: gain= and rotate=pca run on the compressed cache's lookup-table configurations (c8b8, c16b12, "
-              "c16b8, c16b6), not {} (evaluate it with eval.kv_cache: simulated)",
-              m.text, cuda::vq_kernel_config_info(config_).name);
-  cuda::check_vq_shape(cfg.head_dim, config_);
+  for (cuda::VqKernelConfig c : layer_cfg_) {
+    ANTKV_CHECK(!coded || cuda::vq_uses_lut(c),
+                "method {}: gain= and rotate=pca run on the compressed cache's lookup-table configurations (c8b8, c16b12, "
+                "c16b8, c16b6), not {} (evaluate it with eval.kv_cache: simulated)",
+                m.text, cuda::vq_kernel_config_info(c).name);
+    cuda::check_vq_shape(cfg.head_dim, c);
+  }
   check_codebooks_fit(m, cb, cfg);
   gain_k_ = m.gain_keys();
   gain_v_ = m.gain_values();
@@ -541,10 +553,11 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
       ANTKV_CUDA_CHECK(cudaMemcpy(layers_[l]->score_coef.get(), coef.data(), coef.size() * sizeof(float), cudaMemcpyHostToDevice));
     }
   }
-  const size_t want = static_cast<size_t>(n_kv_) * ng_ * k_count_ * (d_ / ng_);
-  std::vector<__half> h(want);
+  std::vector<__half> h;
   for (int l = 0; l < n_layers_; ++l)
     for (int kv = 0; kv < 2; ++kv) {
+      const size_t want = static_cast<size_t>(n_kv_) * layers_[l]->k_count * d_;
+      h.resize(want);
       const auto& src = kv ? cb.values.at(l).centroids : cb.keys.at(l).centroids;
       ANTKV_CHECK(src.size() == want, "method {}: layer {} {} centroids hold {} floats, expected {}", m.text, l,
                   kv ? "value" : "key", src.size(), want);
@@ -558,6 +571,7 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKerne
                                            int max_batch, int capacity, int window, uint64_t seed, bool pre_rope,
                                            bool promote, bool gain_keys, bool gain_values, bool rotate) {
   config_ = config;
+  layer_cfg_.assign(static_cast<size_t>(cfg.num_layers), config);
   name_ = fmt::format("synthetic {}{}{}{}{}", cuda::vq_kernel_config_info(config).name, pre_rope ? " pre-RoPE" : "",
                       promote && anchor_ratio > 0 ? " promote" : "",
                       gain_keys ? (gain_values ? " gain=kv" : " gain=k") : "", rotate ? " rotate=pca" : "");
@@ -602,10 +616,17 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   n_kv_ = cfg.num_kv_heads;
   n_heads_ = cfg.num_heads;
   d_ = cfg.head_dim;
+  ANTKV_CHECK(static_cast<int>(layer_cfg_.size()) == n_layers_, "compressed cache {}: {} layer configurations for {} layers",
+              name_, layer_cfg_.size(), n_layers_);
+  auto lut_half_of = [](cuda::VqKernelConfig c) {
+    return c == cuda::VqKernelConfig::kC8B8 || c == cuda::VqKernelConfig::kC16B12;
+  };
+  // config(), lut_half() and plan(): layer 0's (a plan's splits are valid for any layer; the workspace below
+  // holds the most splits of any layer's configuration)
   ng_ = cuda::vq_groups(d_, config_);
   k_count_ = cuda::vq_centroid_count(config_);
   rec_ = cuda::vq_record_bytes(d_, config_);
-  lut_half_ = config_ == cuda::VqKernelConfig::kC8B8 || config_ == cuda::VqKernelConfig::kC16B12;
+  lut_half_ = lut_half_of(config_);
   pre_ = pre_rope;
   if (pre_) {
     const auto inv = rope_inv_freq(cfg);
@@ -620,13 +641,18 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   // a prefill of up to `capacity` tokens keeps ceil(ratio * T) anchors (the first token among them)
   anchor_cap_ = ratio > 0 ? static_cast<int>(std::min<double>(capacity, std::ceil(ratio * capacity) + 1)) : 0;
   const size_t BK = static_cast<size_t>(max_batch) * n_kv_;
-  const size_t cent = static_cast<size_t>(n_kv_) * k_count_ * d_;  // [KV, NG, K, c]
   layers_.clear();
   device_bytes_ = 0;
   for (int l = 0; l < n_layers_; ++l) {
     auto L = std::make_unique<Layer>();
-    L->k_codes.resize(BK * capacity * rec_);
-    L->v_codes.resize(BK * capacity * rec_);
+    L->config = layer_cfg_[l];
+    L->ng = cuda::vq_groups(d_, L->config);
+    L->k_count = cuda::vq_centroid_count(L->config);
+    L->rec = cuda::vq_record_bytes(d_, L->config);
+    L->lut_half = lut_half_of(L->config);
+    const size_t cent = static_cast<size_t>(n_kv_) * L->k_count * d_;  // [KV, NG, K, c]
+    L->k_codes.resize(BK * capacity * L->rec);
+    L->v_codes.resize(BK * capacity * L->rec);
     L->k_cent.resize(cent);
     L->v_cent.resize(cent);
     L->anchor_k.resize(BK * anchor_cap_ * d_);
@@ -646,7 +672,7 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
       L->k_mean.resize(static_cast<size_t>(n_kv_) * d_), L->v_mean.resize(static_cast<size_t>(n_kv_) * d_);
     }
     if (task_) {
-      L->k_metric.resize(static_cast<size_t>(n_kv_) * d_ * cuda::vq_kernel_config_info(config_).c);
+      L->k_metric.resize(static_cast<size_t>(n_kv_) * d_ * cuda::vq_kernel_config_info(L->config).c);
       L->v_metric.resize(L->k_metric.size());
       L->k_search.resize(cent), L->v_search.resize(cent);
     }
@@ -674,10 +700,11 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   const bool coded = coded_transform();
   int64_t ws = 0;
   for (int b = 1; b <= max_batch; ++b)
-    ws = std::max(ws, cuda::quant_decode_workspace_floats(
-                          b, cfg.num_heads, d_,
-                          cuda::quant_decode_max_splits(b, cfg.num_heads, n_kv_, d_, config_, capacity, lut_half_, 1, coded),
-                          coded));
+    for (cuda::VqKernelConfig c : layer_cfg_)
+      ws = std::max(ws, cuda::quant_decode_workspace_floats(
+                            b, cfg.num_heads, d_,
+                            cuda::quant_decode_max_splits(b, cfg.num_heads, n_kv_, d_, c, capacity, lut_half_of(c), 1, coded),
+                            coded));
   workspace_.resize(static_cast<size_t>(ws));
   if (rotate_) {
     q_rot_.resize(static_cast<size_t>(max_batch) * n_heads_ * d_);
@@ -719,20 +746,22 @@ void GpuCompressedKvCache::upload_transforms(int l, const CodebookSet& cb, const
     }
   }
   if (task_) {
-    const int cc = cuda::vq_kernel_config_info(config_).c;
+    const int cc = cuda::vq_kernel_config_info(L.config).c;
     for (int side = 0; side < 2; ++side) {
       const LayerCodebooks& c = side ? cb.values.at(l) : cb.keys.at(l);
       upload(side ? L.v_metric : L.k_metric, c.metric, side ? "value metric=task factors" : "key metric=task factors");
       const std::vector<float> mapped =
-          metric_centroids(VqHeadCodebooks{c.centroids.data(), KV * (d / cc), k_count_, cc}, c.metric.data());
+          metric_centroids(VqHeadCodebooks{c.centroids.data(), KV * (d / cc), L.k_count, cc}, c.metric.data());
       upload(side ? L.v_search : L.k_search, mapped, side ? "value searched centroids" : "key searched centroids");
     }
   }
 }
 
 size_t GpuCompressedKvCache::bytes_per_sequence() const {
+  size_t recs = 0;  // record bytes summed over the layers (per-layer widths)
+  for (const auto& L : layers_) recs += static_cast<size_t>(L->rec);
   const size_t per_layer = static_cast<size_t>(n_kv_) *
-                           (2 * static_cast<size_t>(capacity_) * rec_ + 2 * static_cast<size_t>(anchor_cap_) * d_ * 2 +
+                           (2 * static_cast<size_t>(anchor_cap_) * d_ * 2 +
                             static_cast<size_t>(anchor_cap_) * 4 + 2 * static_cast<size_t>(window_) * d_ * 2 +
                             (pre_ ? static_cast<size_t>(capacity_) * 4 + static_cast<size_t>(window_) * d_ * 2 : 0) +
                             (promote_ ? static_cast<size_t>(anchor_cap_ + window_) * 4 +
@@ -741,11 +770,13 @@ size_t GpuCompressedKvCache::bytes_per_sequence() const {
                             (static_cast<size_t>(gain_k_) + gain_v_) * capacity_ * 2);  // gain: fp16 scale per code slot
   // promote: this step's log-sum-exp and FP16 scores (one buffer for all layers)
   const size_t scratch = promote_ ? static_cast<size_t>(n_heads_) * (anchor_cap_ + window_ + 1) * 4 : 0;
-  return per_layer * n_layers_ + scratch;
+  return per_layer * n_layers_ + static_cast<size_t>(n_kv_) * 2 * capacity_ * recs + scratch;
 }
 
 size_t GpuCompressedKvCache::code_bytes_per_token() const {
-  return static_cast<size_t>(n_layers_) * n_kv_ * (2 * rec_ + 2 * (static_cast<size_t>(gain_k_) + gain_v_));
+  size_t recs = 0;
+  for (const auto& L : layers_) recs += static_cast<size_t>(L->rec);
+  return static_cast<size_t>(n_kv_) * (2 * recs + static_cast<size_t>(n_layers_) * 2 * (static_cast<size_t>(gain_k_) + gain_v_));
 }
 
 void GpuCompressedKvCache::reset() { std::fill(seqs_.begin(), seqs_.end(), CompressedSeqState{}); }
@@ -846,7 +877,7 @@ void GpuCompressedKvCache::quantize_pair(Layer& L, int n_tokens, const __half* k
                                          const int32_t* seq_index, const int32_t* slot, const int32_t* slot_per_head,
                                          float* enc_rows, float* enc_norms, cudaStream_t stream) {
   cuda::QuantizeParams qp;
-  qp.config = config_;
+  qp.config = L.config;
   qp.n_tokens = n_tokens;
   qp.n_kv_heads = n_kv_;
   qp.head_dim = d_;
@@ -871,7 +902,7 @@ void GpuCompressedKvCache::quantize_pair(Layer& L, int n_tokens, const __half* k
       e.out = enc_rows, e.norms = enc_norms;
       if (rotate_) e.rot_t = side ? L.v_rot_t.get() : L.k_rot_t.get(), e.mean = side ? L.v_mean.get() : L.k_mean.get();
       if (task_) e.metric = side ? L.v_metric.get() : L.k_metric.get();
-      e.KV = n_kv_, e.d = d_, e.c = cuda::vq_kernel_config_info(config_).c;
+      e.KV = n_kv_, e.d = d_, e.c = cuda::vq_kernel_config_info(L.config).c;
       e.gain = gain;
       encode_rows_kernel<<<dim3(n_tokens, n_kv_), d_, 0, stream>>>(e);
       ANTKV_LAUNCH_CHECK("encode_rows_kernel");
@@ -1006,7 +1037,7 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   ANTKV_CHECK(layer >= 0 && layer < n_layers_ && B >= 1 && B <= max_batch_, "compressed cache: bad attend");
   Layer& L = *layers_[layer];
   cuda::QuantDecodeParams p;
-  p.config = config_;
+  p.config = L.config;
   p.batch = B;
   p.n_heads = n_heads;
   p.n_kv_heads = n_kv_;
@@ -1031,7 +1062,7 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   p.n_splits = plan.n_splits;
   p.split_len = plan.split_len;
   p.scale = scale;
-  p.lut_half = lut_half_;
+  p.lut_half = L.lut_half;
   if (pre_) {
     p.pre_rope = true;
     p.code_pos = L.code_pos.get();

@@ -31,9 +31,10 @@
 //    fp16 scale per token and head (k_scale / v_scale, counted in bytes_per_sequence), so the lookup tables stay
 //    as they are: score = ks * sum_g LUT[g][code] (+ q . k_mean), value bins weigh p * vs;
 //  - metric=task: the nearest L^T c to L^T x' is taken; decode reads the original-space centroids (unchanged).
-// Refused, with an antkv::Error naming the method: keys and values of different configurations or one outside
-// quant_decode's closed set (c2b8, c4b8, c8b8, c16b12, c16b8, c16b6), anchors=k|v, correct=on, per-layer widths
-// or ratios, and gain= or rotate=pca with pre-RoPE keys or with c2b8 / c4b8 (the dequantize-dot kernel has no
+// Per-layer widths (lkbits/lvbits): each layer its own configuration (codes, codebooks, lookup tables).
+// Refused, with an antkv::Error naming the method: keys and values of different configurations (in any layer) or
+// one outside quant_decode's closed set (c2b8, c4b8, c8b8, c16b12, c16b8, c16b6), anchors=k|v, correct=on,
+// per-layer ratios (lratio), and gain= or rotate=pca with pre-RoPE keys or with c2b8 / c4b8 (the dequantize-dot kernel has no
 // scales or rotated bases); the codebooks are checked by check_codebooks_fit (quant/codebook_fit.h), as in the CPU
 // cache and the simulated quantizer.
 // Counts (per sequence, the same for every layer and KV head): n_anchor anchors, n_window window tokens,
@@ -77,7 +78,7 @@ class GpuCompressedKvCache {
   ~GpuCompressedKvCache();
 
   const std::string& name() const { return name_; }
-  cuda::VqKernelConfig config() const { return config_; }
+  cuda::VqKernelConfig config() const { return config_; }  // layer 0's (per-layer widths: each layer its own)
   // fp16 lookup tables in quant_decode (c8b8: measured faster on the H200 at every batch and context, e.g.
   // 4.08x against 2.98x of fp16 flash-decoding at batch 16 / 128K; c16b12 always; others fp32)
   bool lut_half() const { return lut_half_; }
@@ -174,6 +175,7 @@ class GpuCompressedKvCache {
   cuda::DeviceBuffer<float> inv_freq_;  // [head_dim / 2] (pre_rope)
   size_t device_bytes_ = 0;
   std::vector<std::unique_ptr<Layer>> layers_;
+  std::vector<cuda::VqKernelConfig> layer_cfg_;  // each layer's configuration (set before allocate)
   std::vector<CompressedSeqState> seqs_;
   // step: evict_slot | new_slot | code_slot | n_quant | n_anchor | n_window | seq_index | evict_pos, [8][max_batch]
   cuda::DeviceBuffer<int32_t> step_d_;
