@@ -899,7 +899,8 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
                                  "vq:bits=1,gain=kv,rotate=pca", "antkv:bits=1,ratio=0.05,gain=kv,rotate=pca",
                                  "vq:bits=1,metric=task", "antkv:bits=0.5,ratio=0.05,gain=k,metric=task,promote=off",
                                  // per-layer widths (antkv-ref-18m has 6 layers)
-                                 "vq:lkbits=1/0.5/1/0.75/1/1,lvbits=1/0.5/1/0.75/1/1,gain=kv,rotate=pca"}) {
+                                 "vq:lkbits=1/0.5/1/0.75/1/1,lvbits=1/0.5/1/0.75/1/1,gain=kv,rotate=pca",
+                                 "antkv:bits=1,ratio=0.05,anchors=v,promote=off,gain=kv,rotate=pca"}) {
     SECTION(text) {
       const MethodSpec m = method(text);
       auto cb = make_codebooks(cfg, m, mod.calib, 7);
@@ -1099,7 +1100,8 @@ TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follo
   }
 }
 
-// gain=, rotate=pca, metric=task and per-layer widths on the compressed cache, against the CPU reference cache step by step: the CPU
+// gain=, rotate=pca, metric=task, per-layer widths and anchors=k|v on the compressed cache, against the CPU reference
+// cache step by step: the CPU
 // cache (QuantizedKvCache, decode window W) codes each token as quantize_head does, and attention over its
 // dequantized rows (cpu::attention) is the reference; the GPU cache codes at prefill and at append
 // (encode_rows_kernel, quantize_kv) and decodes through quant_decode's coded transform (query rotated once per
@@ -1111,7 +1113,7 @@ TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follo
 // CPU's float norm / |u| (2^-12 relative per vector), the fp32 query rotation (the CPU's attention sums in
 // double), the dithered fixed-point weights (unbiased, ~2^-14 of a tile's largest), and a near-tie code where the
 // GPU's tree-summed norm or fp32 sums round differently. Held to 2e-2 of max |out| (measured: the MEASURED lines).
-TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task and per-layer widths follow QuantizedKvCache (head_dim 64/128, GQA 1/4/8, eager = graph)",
+TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task, per-layer widths and anchors=k|v follow QuantizedKvCache (head_dim 64/128, GQA 1/4/8, eager = graph)",
           "[gpu][quant]") {
   SKIP_WITHOUT_GPU();
   // (synthetic_config has 2 layers: the per-layer widths give each its own configuration)
@@ -1119,7 +1121,10 @@ TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task and per-layer
                                             "vq:bits=1,metric=task", "vq:bits=0.75,rotate=pca",
                                             "antkv:bits=0.5,ratio=0.05,gain=kv,rotate=pca,metric=task,promote=off",
                                             "vq:lkbits=1/0.5,lvbits=1/0.5",
-                                            "antkv:ratio=0.05,lkbits=0.75/1,lvbits=0.75/1,gain=kv,rotate=pca,promote=off"};
+                                            "antkv:ratio=0.05,lkbits=0.75/1,lvbits=0.75/1,gain=kv,rotate=pca,promote=off",
+                                            // one tensor's anchors: the other's quantized at the prefill
+                                            "antkv:bits=1,ratio=0.05,anchors=k,promote=off,gain=kv,rotate=pca",
+                                            "antkv:bits=1,ratio=0.05,anchors=v,promote=off,metric=task"};
   for (const int d : {64, 128})
     for (const std::string& text : methods) {
       ModelConfig base = synthetic_config();
@@ -1225,7 +1230,9 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
   const MethodSpec m = method("antkv:bits=1");
   auto cb = make_codebooks(cfg, m, acts, 1);
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,anchors=v"), *cb, 1, 64, 8),
-                    Catch::Contains("anchors=v (one tensor only) is not supported by the compressed cache"));
+                    Catch::Contains("anchors=v (one tensor only) runs on the compressed cache with promote=off and "
+                                    "post-RoPE keys"));
+  CHECK_NOTHROW(GpuCompressedKvCache(cfg, method("antkv:bits=1,anchors=k,promote=off"), *cb, 1, 64, 8));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,key_rope=pre"), *cb, 1, 64, 8),
                     Catch::Contains("codebooks are for post-RoPE keys, the method needs pre-RoPE"));
   // gain= and rotate=pca run with post-RoPE keys on the lookup-table configurations; codebooks must be trained for

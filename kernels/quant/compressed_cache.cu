@@ -395,12 +395,11 @@ struct EncodeArgs {
   bool gain = false;
 };
 
-__global__ void __launch_bounds__(128) encode_rows_kernel(const EncodeArgs p) {
-  __shared__ float sx[128];
-  __shared__ double sred[4];
-  const int i = blockIdx.x, h = blockIdx.y, j = threadIdx.x, lane = j & 31, warp = j >> 5;
-  const int64_t off = (static_cast<int64_t>(i) * p.KV + h) * p.d;
-  float x = __half2float(p.x[off + j]);
+// Channel j of head h's row x (the whole block of d threads calls it; sx: d floats, sred: 4 doubles of shared
+// memory) -> its coded value; *norm: the fp16-rounded norm (gain) or 1.
+__device__ float encode_channel(const EncodeArgs& p, int h, int j, float x, float* sx, double* sred, float* norm) {
+  const int lane = j & 31, warp = j >> 5;
+  *norm = 1.f;
   if (p.rot_t) {
     sx[j] = __fsub_rn(x, p.mean[static_cast<int64_t>(h) * p.d + j]);
     __syncthreads();
@@ -416,9 +415,9 @@ __global__ void __launch_bounds__(128) encode_rows_kernel(const EncodeArgs p) {
     __syncthreads();
     sq = 0.0;
     for (int w = 0; w < p.d / 32; ++w) sq += sred[w];
-    const double norm = sqrt(sq);
-    if (j == 0) p.norms[static_cast<int64_t>(i) * p.KV + h] = __half2float(__float2half_rn(__double2float_rn(norm)));
-    x = __double2float_rn(static_cast<double>(x) * (norm > 0 ? 1.0 / norm : 0.0));
+    const double nd = sqrt(sq);
+    *norm = __half2float(__float2half_rn(__double2float_rn(nd)));  // stored in fp16
+    x = __double2float_rn(static_cast<double>(x) * (nd > 0 ? 1.0 / nd : 0.0));
   }
   if (p.metric) {
     __syncthreads();  // every read of sx above is done
@@ -430,7 +429,87 @@ __global__ void __launch_bounds__(128) encode_rows_kernel(const EncodeArgs p) {
     for (int k = jj; k < p.c; ++k) y = fma(static_cast<double>(L[k * p.c + jj]), static_cast<double>(sx[g * p.c + k]), y);
     x = __double2float_rn(y);
   }
-  p.out[off + j] = x;
+  return x;
+}
+
+__global__ void __launch_bounds__(128) encode_rows_kernel(const EncodeArgs p) {
+  __shared__ float sx[128];
+  __shared__ double sred[4];
+  const int i = blockIdx.x, h = blockIdx.y, j = threadIdx.x;
+  const int64_t off = (static_cast<int64_t>(i) * p.KV + h) * p.d;
+  float norm;
+  p.out[off + j] = encode_channel(p, h, j, __half2float(p.x[off + j]), sx, sred, &norm);
+  if (p.gain && j == 0) p.norms[static_cast<int64_t>(i) * p.KV + h] = norm;
+}
+
+// anchors=k|v: the anchors of the tensor that keeps none FP16 (the other one's anchors) are quantized too; the
+// compressed cache keeps them, dequantized, in their FP16 anchor slots (so decode reads them as any anchor):
+// block (anchor a of sequence seq, KV head h), one thread per channel: the row coded as encode_rows_kernel and
+// quantize_kv code it (nearest centroid per group, summed channel by channel without FMA, ties to the lowest
+// index; metric=task: the nearest searched centroid L^T c), then decoded as the CPU reference decodes it:
+// u = the codes' fp16 centroids, u * fp16(norm / |u|) (gain), mean + R^T u (rotate=pca), rounded to fp16.
+struct AnchorRequantArgs {
+  EncodeArgs enc;                     // the tensor's transform (x, out, norms unused)
+  __half* slots = nullptr;            // [max_batch, KV, cap, d]: the tensor's anchor slots, rewritten in place
+  const __half* centroids = nullptr;  // [KV, NG, K, c] fp16 (decoded)
+  const float* search = nullptr;      // [KV, NG, K, c] L^T c (metric=task) or null (the fp16 centroids)
+  int seq = 0, cap = 0, K = 0;
+};
+
+__global__ void __launch_bounds__(128) anchor_requantize_kernel(const AnchorRequantArgs p) {
+  __shared__ float sx[128];
+  __shared__ double sred[4];
+  __shared__ float sy[128];
+  __shared__ int32_t sCode[64];
+  __shared__ float sq[4];
+  const int a = blockIdx.x, h = blockIdx.y, j = threadIdx.x, lane = j & 31, warp = j >> 5, nwarps = blockDim.x / 32;
+  const int d = p.enc.d, C = p.enc.c, NG = d / C;
+  __half* row = p.slots + ((static_cast<int64_t>(p.seq) * p.enc.KV + h) * p.cap + a) * d;
+  float norm;
+  sy[j] = encode_channel(p.enc, h, j, __half2float(row[j]), sx, sred, &norm);
+  __syncthreads();
+  for (int g = warp; g < NG; g += nwarps) {
+    float best = INFINITY;
+    int arg = 0;
+    for (int code = lane; code < p.K; code += 32) {
+      const int64_t base = ((static_cast<int64_t>(h) * NG + g) * p.K + code) * C;
+      float dd = 0.f;
+      for (int t = 0; t < C; ++t) {
+        const float cen = p.search ? p.search[base + t] : __half2float(p.centroids[base + t]);
+        const float diff = __fsub_rn(sy[g * C + t], cen);
+        dd = __fadd_rn(dd, __fmul_rn(diff, diff));  // quantize_kv's (and vq_encode's) rounding
+      }
+      if (dd < best) best = dd, arg = code;
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, off);
+      const int oa = __shfl_xor_sync(0xffffffffu, arg, off);
+      if (ob < best || (ob == best && oa < arg)) best = ob, arg = oa;
+    }
+    if (lane == 0) sCode[g] = arg;
+  }
+  __syncthreads();
+  const int g = j / C;
+  float u = __half2float(p.centroids[((static_cast<int64_t>(h) * NG + g) * p.K + sCode[g]) * C + j % C]);
+  if (p.enc.gain) {  // quantize_kv's fp16 scale norm / |u|
+    float s2 = u * u;
+    for (int off = 16; off > 0; off >>= 1) s2 += __shfl_xor_sync(0xffffffffu, s2, off);
+    if (lane == 0) sq[warp] = s2;
+    __syncthreads();
+    float usq = 0.f;
+    for (int w = 0; w < nwarps; ++w) usq += sq[w];
+    u *= __half2float(__float2half_rn(usq > 0.f ? norm / sqrtf(usq) : 0.f));
+  }
+  if (p.enc.rot_t) {  // mean + R^T u: channel j = mean_j + sum_i R[i][j] u_i = sum_i R^T[j][i] u_i
+    __syncthreads();  // sy is read above by every warp's search
+    sy[j] = u;
+    __syncthreads();
+    const float* rt = p.enc.rot_t + (static_cast<int64_t>(h) * d + j) * d;
+    double y = p.enc.mean[static_cast<int64_t>(h) * d + j];
+    for (int i = 0; i < d; ++i) y = fma(static_cast<double>(rt[i]), static_cast<double>(sy[i]), y);
+    u = __double2float_rn(y);
+  }
+  row[j] = __float2half_rn(u);
 }
 
 // The coded transform's query side, block (head, sequence), one thread per channel: q_rot = R_k q (rotate=pca)
@@ -514,9 +593,13 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
   layer_cfg_.clear();
   for (int l = 0; l < cfg.num_layers; ++l) layer_cfg_.push_back(config_for(m, l));
   config_ = layer_cfg_.at(0);
-  ANTKV_CHECK(m.anchors == AnchorTensors::kOff || m.anchors == AnchorTensors::kKeysValues,
-              "method {}: anchors={} (one tensor only) is not supported by the compressed cache (one code stream "
-              "for keys and values): anchors=kv or off",
+  // anchors=k|v: the other tensor's anchors are quantized at prefill and kept dequantized in their FP16 slots;
+  // decode-time anchors would move tokens between the window, anchors and codes in both tensors at once
+  const bool one_tensor = m.anchors == AnchorTensors::kKeys || m.anchors == AnchorTensors::kValues;
+  ANTKV_CHECK(!one_tensor || (!m.promotes() && !m.pre_rope()),
+              "method {}: anchors={} (one tensor only) runs on the compressed cache with promote=off and post-RoPE keys "
+              "(decode-time anchors and pre-RoPE keys move one code stream for keys and values): add promote=off, or "
+              "eval.kv_cache: simulated",
               m.text, option_name(m.anchors));
   ANTKV_CHECK(!m.correct && m.layer_ratio.empty(),
               "method {}: correct= and per-layer ratios (lratio) are not supported by the compressed cache (one anchor "
@@ -540,6 +623,7 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
   gain_v_ = m.gain_values();
   rotate_ = m.rotate == Rotate::kPca;
   task_ = m.metric == Metric::kTask;
+  anchor_quant_side_ = m.anchors == AnchorTensors::kKeys ? 1 : m.anchors == AnchorTensors::kValues ? 0 : -1;
   allocate(cfg, max_batch, capacity, window, m.has_anchors() ? m.ratio : 0.0, m.pre_rope(), m.promotes());
   for (int l = 0; l < n_layers_; ++l) upload_transforms(l, cb, m);
   if (promote_) {  // the running score's weights: the method's score over the codebooks' error norms
@@ -868,6 +952,21 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
     g.seq = seq, g.A = A, g.KV = KV, g.d = d_, g.cap = anchor_cap_;
     anchor_gather_kernel<<<blocks_for(static_cast<int64_t>(KV) * A * d_), kThreads, 0, stream>>>(g);
     ANTKV_LAUNCH_CHECK("anchor_gather_kernel");
+    if (anchor_quant_side_ >= 0) {  // anchors=k|v: the other tensor's anchors quantized, kept dequantized
+      const int side = anchor_quant_side_;
+      AnchorRequantArgs r;
+      EncodeArgs& e = r.enc;
+      if (rotate_) e.rot_t = side ? L.v_rot_t.get() : L.k_rot_t.get(), e.mean = side ? L.v_mean.get() : L.k_mean.get();
+      if (task_) e.metric = side ? L.v_metric.get() : L.k_metric.get();
+      e.KV = KV, e.d = d_, e.c = cuda::vq_kernel_config_info(L.config).c;
+      e.gain = side ? gain_v_ : gain_k_;
+      r.slots = side ? L.anchor_v.get() : L.anchor_k.get();
+      r.centroids = side ? L.v_cent.get() : L.k_cent.get();
+      r.search = task_ ? (side ? L.v_search.get() : L.k_search.get()) : nullptr;
+      r.seq = seq, r.cap = anchor_cap_, r.K = L.k_count;
+      anchor_requantize_kernel<<<dim3(A, KV), d_, 0, stream>>>(r);
+      ANTKV_LAUNCH_CHECK("anchor_requantize_kernel");
+    }
   }
   // prefill_h_ and the device ints are reused by the next layer
   ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));

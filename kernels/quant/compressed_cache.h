@@ -32,8 +32,12 @@
 //    as they are: score = ks * sum_g LUT[g][code] (+ q . k_mean), value bins weigh p * vs;
 //  - metric=task: the nearest L^T c to L^T x' is taken; decode reads the original-space centroids (unchanged).
 // Per-layer widths (lkbits/lvbits): each layer its own configuration (codes, codebooks, lookup tables).
+// anchors=k|v (promote=off, post-RoPE keys): the other tensor's anchor tokens are coded as any token at the
+// prefill (anchor_requantize_kernel) and kept dequantized (fp16) in their anchor slots, which decode reads as
+// any anchor: the quality of the method; the bytes of anchors=kv (the anchors are ~ratio of the tokens).
 // Refused, with an antkv::Error naming the method: keys and values of different configurations (in any layer) or
-// one outside quant_decode's closed set (c2b8, c4b8, c8b8, c16b12, c16b8, c16b6), anchors=k|v, correct=on,
+// one outside quant_decode's closed set (c2b8, c4b8, c8b8, c16b12, c16b8, c16b6), anchors=k|v with promote=on or
+// key_rope=pre, correct=on,
 // per-layer ratios (lratio), and gain= or rotate=pca with pre-RoPE keys or with c2b8 / c4b8 (the dequantize-dot kernel has no
 // scales or rotated bases); the codebooks are checked by check_codebooks_fit (quant/codebook_fit.h), as in the CPU
 // cache and the simulated quantizer.
@@ -172,6 +176,7 @@ class GpuCompressedKvCache {
   double ratio_ = 0;
   bool lut_half_ = false, pre_ = false, promote_ = false;
   bool gain_k_ = false, gain_v_ = false, rotate_ = false, task_ = false;
+  int anchor_quant_side_ = -1;  // anchors=k: 1 (the anchors' values are quantized), anchors=v: 0 (keys); else -1
   cuda::DeviceBuffer<float> inv_freq_;  // [head_dim / 2] (pre_rope)
   size_t device_bytes_ = 0;
   std::vector<std::unique_ptr<Layer>> layers_;
