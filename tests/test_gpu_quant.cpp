@@ -1115,7 +1115,7 @@ TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follo
 // CPU's float norm / |u| (2^-12 relative per vector), the fp32 query rotation (the CPU's attention sums in
 // double), the dithered fixed-point weights (unbiased, ~2^-14 of a tile's largest), and a near-tie code where the
 // GPU's tree-summed norm or fp32 sums round differently. Held to 2e-2 of max |out|; measured on an H100
-// (2026-12-07): at most 5.5e-3 over the 42 (method, head_dim, GQA) runs.
+// (2026-12-07): at most 5.5e-3 over the 54 (method, head_dim, GQA) runs.
 TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task, per-layer widths and anchors=k|v follow QuantizedKvCache (head_dim 64/128, GQA 1/4/8, eager = graph)",
           "[gpu][quant]") {
   SKIP_WITHOUT_GPU();
