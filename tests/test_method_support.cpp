@@ -33,7 +33,9 @@ struct Expect {
   const char* want[5];
 };
 
-const char* const kNoGain = "gain=k is not implemented in the compressed cache";
+const char* const kCodedPre = "gain= and rotate=pca with key_rope=pre are not implemented in the compressed cache";
+const char* const kCodedLut = "gain= and rotate=pca run on the compressed cache's lookup-table widths";
+const char* const kBenchLayers = "per-layer widths (lkbits, lvbits) are not implemented in the synthetic cache bench fills";
 const char* const kCorrectGpu = "correct=on (the attention-score correction) is not implemented on the GPU";
 const char* const kNoCorrect = "correct=on is not implemented in the compressed cache";
 const char* const kRsqReal = "rsq has no real GPU cache";
@@ -68,10 +70,12 @@ const Expect kExpect[] = {
     {"antkv:bits=1,anchors=kv", {"", "", "", "", ""}},
     {"antkv:bits=1,anchors=on", {"", "", "", "", ""}},
     {"antkv:bits=1,anchors=off", {"", "", "", "", ""}},
-    {"antkv:bits=1,anchors=k", {"", "", "anchors=k (one tensor only)", "anchors=k (one tensor only)",
-                                "anchors=k (one tensor only)"}},
-    {"antkv:bits=1,anchors=v", {"", "", "anchors=v (one tensor only)", "anchors=v (one tensor only)",
-                                "anchors=v (one tensor only)"}},
+    {"antkv:bits=1,anchors=k", {"", "", "anchors=k (one tensor only) runs on the compressed cache with promote=off",
+                                "anchors=k (one tensor only) runs", "anchors=k (one tensor only) runs"}},
+    {"antkv:bits=1,anchors=v,promote=off", {"", "", "", "anchors=v (one tensor only) is not implemented in the synthetic cache",
+                                            "anchors=v (one tensor only) is not implemented in the synthetic cache"}},
+    {"antkv:bits=1,anchors=k,promote=off,key_rope=pre", {"", "", "anchors=k (one tensor only) runs on the compressed cache with promote=off and post-RoPE keys",
+                                                         "anchors=k (one tensor only) runs", "anchors=k (one tensor only) runs"}},
     {"antkv:bits=1,ratio=0.05", {"", "", "", "", ""}},
     {"antkv:bits=1,score=error_bound", {"", "", "", "", ""}},
     {"antkv:bits=1,score=attention_mass", {"", "", "", "", ""}},
@@ -89,18 +93,20 @@ const Expect kExpect[] = {
     {"antkv:bits=1,correct=off", {"", "", "", "", ""}},
     {"antkv:bits=1,correct=on", {"", kCorrectGpu, kNoCorrect, kNoCorrect, kNoCorrect}},
     {"vq:bits=1,gain=off", {"", "", "", "", ""}},
-    {"vq:bits=1,gain=k", {"", "", kNoGain, kNoGain, kNoGain}},
-    {"vq:bits=1,gain=kv", {"", "", "gain=kv is not implemented in the compressed cache", "gain=kv", "gain=kv"}},
+    {"vq:bits=1,gain=k", {"", "", "", "", ""}},
+    {"vq:bits=1,gain=kv", {"", "", "", "", ""}},
+    {"vq:bits=2,gain=kv", {"", "", kCodedLut, kCodedLut, kCodedLut}},
+    {"vq:bits=1,gain=k,key_rope=pre", {"", "", kCodedPre, kCodedPre, kCodedPre}},
     {"vq:bits=1,rotate=off", {"", "", "", "", ""}},
-    {"vq:bits=1,rotate=pca", {"", "", "rotate=pca is not implemented in the compressed cache", "rotate=pca",
-                              "rotate=pca"}},
+    {"vq:bits=1,rotate=pca", {"", "", "", "", ""}},
+    {"vq:bits=4,rotate=pca", {"", "", kCodedLut, kCodedLut, kCodedLut}},
     {"vq:bits=1,metric=plain", {"", "", "", "", ""}},
-    {"vq:bits=1,metric=task", {"", "", "metric=task is not implemented in the compressed cache", "metric=task",
-                               "metric=task"}},
-    {"vq:lkbits=1/2", {"", "", "per-layer widths (lkbits, lvbits)", "per-layer widths", "per-layer widths"}},
-    {"antkv:lvbits=1/1", {"", "", "per-layer widths (lkbits, lvbits)", "per-layer widths", "per-layer widths"}},
+    {"vq:bits=1,metric=task", {"", "", "", "", ""}},
+    {"vq:lkbits=1/2", {"", "", "kbits != vbits in layer 1 (c4b8 / c8b8)", "kbits != vbits in layer 1", "kbits != vbits in layer 1"}},
+    {"vq:lkbits=1/2,lvbits=1/2", {"", "", "", kBenchLayers, kBenchLayers}},
+    {"antkv:lvbits=1/1", {"", "", "", kBenchLayers, kBenchLayers}},
     {"antkv:bits=1,lratio=0.01/0.02", {"", "", "per-layer ratios (lratio)", "per-layer ratios", "per-layer ratios"}},
-    {"vq:bits=1,gain=kv,rotate=pca,key_rope=pre", {"", "", "gain=kv", "gain=kv", "gain=kv"}},
+    {"vq:bits=1,gain=kv,rotate=pca,key_rope=pre", {"", "", kCodedPre, kCodedPre, kCodedPre}},
 };
 
 // What each path names as the alternative to a method it refuses (rules without words of their own).
@@ -206,7 +212,7 @@ TEST_CASE("method_support: a recipe's methods against the paths it evaluates the
   // fp16, rsq simulated
   const Recipe real = Recipe::defaults_with({"eval.device=cuda", "eval.kv_cache=real", methods});
   const std::vector<std::string> errs = recipe_support_errors(real);
-  REQUIRE(errs.size() == 2);
+  REQUIRE(errs.size() == 2);  // vq:bits=1,gain=kv runs on the compressed cache
   CHECK_THAT(errs[0], Contains("method \"antkv:bits=1,correct=on\"") && Contains(kCorrectGpu));
   CHECK_THAT(errs[1], Contains("method \"uniform:bits=3\"") && Contains("the real GPU cache") &&
                           Contains("takes bits 2 or 4, not 3"));
@@ -290,10 +296,10 @@ TEST_CASE("CLI: a refused method stops run before calibrating, every refusal on 
                         << "\n  tokens: 2048\n  seq_len: 128\n  device: cpu\nquant:\n  bits: 1\nkmeans:\n  iters: 2\n"
                         << "  device: cpu\neval:\n  texts: [" << head_of(dir, "valid.txt", "data/books-valid.txt", 8000)
                         << "]\n  seq_len: 128\n  max_windows: 1\n  device: cpu\n"
-                        << "  methods: [fp16, \"vq:bits=1\", \"antkv:bits=1,correct=on\", \"vq:bits=1,gain=kv\"]\n";
+                        << "  methods: [fp16, \"vq:bits=1\", \"antkv:bits=1,correct=on\", \"vq:bits=1,gain=kv,key_rope=pre\"]\n";
   const std::string eval = ANTKV_EVAL_PATH;
   const std::string out = dir + "/run";
-  // the real cache with correct=on and gain=kv (on a machine with or without a GPU: checked before the device)
+  // the real cache with correct=on and pre-RoPE gain=kv (on a machine with or without a GPU: checked before the device)
   for (const char* cmd : {" run", " ppl"}) {
     const Cli r = run_cli(eval + cmd + " --recipe " + recipe + " --out " + out +
                           " --set eval.device=cuda --set eval.kv_cache=real");
@@ -301,7 +307,7 @@ TEST_CASE("CLI: a refused method stops run before calibrating, every refusal on 
     CHECK(r.code == 1);
     CHECK_THAT(r.err, Contains("2 methods of eval.methods cannot be evaluated"));
     CHECK_THAT(r.err, Contains("\n  method \"antkv:bits=1,correct=on\" does not run on the simulated GPU quantizer"));
-    CHECK_THAT(r.err, Contains("\n  method \"vq:bits=1,gain=kv\" does not run on the real GPU cache"));
+    CHECK_THAT(r.err, Contains("\n  method \"vq:bits=1,gain=kv,key_rope=pre\" does not run on the real GPU cache"));
     CHECK(r.err.find("calibration:") == std::string::npos);  // no calibration plan: nothing started
     CHECK(r.err.find("outputs:") == std::string::npos);
     CHECK_FALSE(fs::exists(out));  // no folder, no lock, no dump
@@ -329,13 +335,13 @@ TEST_CASE("CLI: bench and max-context refuse every method they cannot time, toge
           "[support][cli]") {
   const std::string eval = ANTKV_EVAL_PATH;
   for (const char* cmd : {" bench", " max-context"}) {
-    const Cli r = run_cli(eval + cmd + " --method fp16 --method vq:bits=1,gain=kv,rotate=pca --method rsq:bits=2 "
+    const Cli r = run_cli(eval + cmd + " --method fp16 --method vq:bits=2,gain=kv,rotate=pca --method rsq:bits=2 "
                                        "--method uniform:bits=2,group=100");
     INFO(r.err);
     CHECK(r.code == 1);
     CHECK_THAT(r.err, Contains("3 methods of --method cannot be timed"));
-    CHECK_THAT(r.err, Contains("method \"vq:bits=1,gain=kv,rotate=pca\" does not run on") &&
-                          Contains("gain=kv is not implemented in the compressed cache"));
+    CHECK_THAT(r.err, Contains("method \"vq:bits=2,gain=kv,rotate=pca\" does not run on") &&
+                          Contains("gain= and rotate=pca run on the compressed cache's lookup-table widths"));
     CHECK_THAT(r.err, Contains("method \"rsq:bits=2\"") && Contains("rsq has no real GPU cache to time"));
     CHECK_THAT(r.err, Contains("takes group 32, 64 or 128, not 100"));
   }

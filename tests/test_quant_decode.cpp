@@ -28,6 +28,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -158,6 +159,7 @@ struct QCase {
   bool sorted;       // quantized stream sorted by increasing score (forces a rescale at every tile)
   bool lut_half;
   bool pre_rope = false;  // pre-RoPE code stream: keys rotated to code_pos (random positions up to ~2^20)
+  int coded = 0;          // the coded transform: | 1 key scales (gain=k), | 2 value scales (gain=kv), | 4 rotated bases
 };
 
 // Runs one case through every split plan and compares with the CPU reference.
@@ -189,6 +191,33 @@ void run_case(const QCase& c, std::mt19937& rng) {
   std::vector<float> q(size_t(B) * H * d);
   for (auto& x : q) x = bf2f(f2bf(nd(rng) * c.q_scale));
   const float scale = 1.0f / std::sqrt(float(d));
+  // the coded transform: per KV head a basis R and mean per tensor (fp16-valued, as the codebooks'; the algebra
+  // does not need R orthogonal), per code slot fp16 scales 2^U(-2, 2) (every 17th value scale 0: the token then
+  // adds only p * mean); slots past n_quant NaN
+  const bool kgain = c.coded & 1, vgain = c.coded & 2, rot = c.coded & 4;
+  std::vector<float> krot, vrot, kmean, vmean;
+  if (rot) {
+    krot = randn(size_t(Hkv) * d * d, 1.f / std::sqrt(float(d))), vrot = randn(krot.size(), 1.f / std::sqrt(float(d)));
+    kmean = randn(size_t(Hkv) * d, 0.5f), vmean = randn(size_t(Hkv) * d, 0.5f);
+  }
+  std::vector<float> kscale(size_t(B) * Hkv * qcap, NAN), vscale(kscale.size(), NAN);
+  std::uniform_real_distribution<float> ulog(-2.f, 2.f);
+  // rows [n, stride] of one head: row <- mean + R^T (s_t row) (R, mean null: identity, zero; s null: 1)
+  auto transform = [&](float* rows, int n, int64_t stride, const float* R, const float* mean, const float* sc) {
+    std::vector<double> u(d);
+    for (int t = 0; t < n; ++t) {
+      float* r = rows + t * stride;
+      for (int i = 0; i < d; ++i) u[i] = double(r[i]) * (sc ? sc[t] : 1.f);
+      for (int e = 0; e < d; ++e) {
+        double y = u[e];
+        if (R) {
+          y = mean[e];
+          for (int i = 0; i < d; ++i) y += double(R[size_t(i) * d + e]) * u[i];
+        }
+        r[e] = float(y);
+      }
+    }
+  };
   // per sequence and KV head: codes (natural order) [n_quant, ng] for K and V, anchors, window
   std::uniform_int_distribution<int> ud(0, K - 1);
   std::vector<uint8_t> kcodes(size_t(B) * Hkv * qcap * rb, 0xFF), vcodes(kcodes.size(), 0xFF);
@@ -245,6 +274,19 @@ void run_case(const QCase& c, std::mt19937& rng) {
           std::copy_n(kh.begin() + size_t(t) * d, d, kref.begin() + (size_t(t) * Hkv + h) * d);
       }
       vq_decode(vcb, vc.data(), s.n_quant, int64_t(Hkv) * d, vref.data() + size_t(h) * d);
+      if (c.coded) {
+        float* ks = kscale.data() + (size_t(b) * Hkv + h) * qcap;
+        float* vs = vscale.data() + (size_t(b) * Hkv + h) * qcap;
+        for (int t = 0; t < s.n_quant; ++t) {
+          ks[t] = kgain ? round_f16(std::exp2(ulog(rng))) : 1.f;
+          vs[t] = vgain ? (t % 17 == 5 ? 0.f : round_f16(std::exp2(ulog(rng)))) : 1.f;
+        }
+        const size_t rh = size_t(h) * d * d, mh = size_t(h) * d;
+        transform(kref.data() + size_t(h) * d, s.n_quant, int64_t(Hkv) * d, rot ? krot.data() + rh : nullptr,
+                  rot ? kmean.data() + mh : nullptr, kgain ? ks : nullptr);
+        transform(vref.data() + size_t(h) * d, s.n_quant, int64_t(Hkv) * d, rot ? vrot.data() + rh : nullptr,
+                  rot ? vmean.data() + mh : nullptr, vgain ? vs : nullptr);
+      }
       for (int j = 0; j < s.n_anchor + s.n_window; ++j) {
         const bool anchor = j < s.n_anchor;
         const size_t src = anchor ? ((size_t(b) * Hkv + h) * acap + j) * d : ((size_t(b) * Hkv + h) * wcap + (j - s.n_anchor)) * d;
@@ -320,15 +362,39 @@ void run_case(const QCase& c, std::mt19937& rng) {
   p.pre_rope = c.pre_rope;
   p.code_pos = c.pre_rope ? dcpos.get() : nullptr;
   p.inv_freq = c.pre_rope ? dfreq.get() : nullptr;
+  // the coded transform's device side: R_k q and q . k_mean per (sequence, head) from the bf16-valued q (as the
+  // compressed cache's query_rotate_kernel computes them), scales, R_v and v_mean
+  std::vector<float> qrot(q.size()), qmean(size_t(B) * H);
+  if (rot)
+    for (int b = 0; b < B; ++b)
+      for (int hq = 0; hq < H; ++hq) {
+        const float* qh = q.data() + (size_t(b) * H + hq) * d;
+        const float* R = krot.data() + size_t(hq / G) * d * d;
+        double dm = 0;
+        for (int i = 0; i < d; ++i) {
+          double y = 0;
+          for (int e = 0; e < d; ++e) y += double(R[size_t(i) * d + e]) * qh[e];
+          qrot[(size_t(b) * H + hq) * d + i] = float(y);
+          dm += double(qh[i]) * kmean[size_t(hq / G) * d + i];
+        }
+        qmean[size_t(b) * H + hq] = float(dm);
+      }
+  auto dqrot = upload(qrot), dqmean = upload(qmean);
+  auto dks = upload_f16(kscale), dvs = upload_f16(vscale);
+  auto dvrot = upload(rot ? vrot : std::vector<float>(1)), dvmean = upload(rot ? vmean : std::vector<float>(1));
+  if (rot) p.q_rot = dqrot.get(), p.q_mean = dqmean.get(), p.v_rotation = dvrot.get(), p.v_mean = dvmean.get();
+  if (kgain) p.k_scale = dks.get();
+  if (vgain) p.v_scale = dvs.get();
+  REQUIRE(p.coded_transform() == (c.coded != 0));
   const bool half_lut = !c.pre_rope && (c.lut_half || c.cfg == VqKernelConfig::kC16B12);
   const int tile = cuda::quant_decode_tile();
   // the planner's split, one split for everything, and one split per tile
-  const auto auto_plan = cuda::plan_quant_decode(B, H, Hkv, d, c.cfg, max_q, c.lut_half);
+  const auto auto_plan = cuda::plan_quant_decode(B, H, Hkv, d, c.cfg, max_q, c.lut_half, 1, c.coded != 0);
   std::vector<std::pair<int, int>> plans = {{auto_plan.n_splits, auto_plan.split_len},
                                             {1, std::max(1, (max_q + tile - 1) / tile) * tile},
                                             {std::max(1, (max_q + tile - 1) / tile), tile}};
   for (auto [ns, sl] : plans) {
-    DeviceBuffer<float> ws(cuda::quant_decode_workspace_floats(B, H, d, ns));
+    DeviceBuffer<float> ws(cuda::quant_decode_workspace_floats(B, H, d, ns, c.coded != 0));
     cuda::fill_bf16(out.get(), int64_t(out.size()), NAN, nullptr);
     cuda::fill_f32(lse.get(), int64_t(lse.size()), NAN, nullptr);
     cuda::fill_f32(ws.get(), int64_t(ws.size()), NAN, nullptr);
@@ -344,12 +410,17 @@ void run_case(const QCase& c, std::mt19937& rng) {
     // outputs are bf16 (2^-9 relative) of an fp32 softmax: 1e-2 of max |out|; the LSE carries the score
     // error: fp32 lookup tables / dequantize-rotate-dot in fp32 (sincosf within 2 ulp of the reference's
     // double sincos) 3e-4, fp16 lookup tables (2^-11 per entry, NG entries summed) 3e-3
-    CHECK_MEASURED(c.pre_rope ? "test_quant_decode: pre-RoPE output rel err" : "test_quant_decode: output rel err", eo,
-                   1e-2);
-    CHECK_MEASURED(c.pre_rope   ? "test_quant_decode: pre-RoPE LSE rel err"
-                   : half_lut ? "test_quant_decode: LSE rel err (fp16 lookup tables)"
-                              : "test_quant_decode: LSE rel err (fp32 lookup tables)",
-                   el, half_lut ? 3e-3 : 3e-4);
+    // the coded transform: the same bounds (the scales are exact fp16 on both sides, the rotations fp32 on the
+    // GPU and double in the reference: a few ulp; scores up to 4x larger with key scales, whose fp16 table
+    // entries then carry 4x the absolute rounding: 1.2e-2 for the LSE with fp16 tables and key scales)
+    const std::string tag = c.coded ? fmt::format(" coded {}", c.coded) : "";
+    CHECK_MEASURED(c.pre_rope ? std::string("test_quant_decode: pre-RoPE output rel err")
+                              : "test_quant_decode: output rel err" + tag,
+                   eo, 1e-2);
+    CHECK_MEASURED(c.pre_rope   ? std::string("test_quant_decode: pre-RoPE LSE rel err")
+                   : half_lut ? "test_quant_decode: LSE rel err (fp16 lookup tables)" + tag
+                              : "test_quant_decode: LSE rel err (fp32 lookup tables)" + tag,
+                   el, half_lut ? (kgain ? 1.2e-2 : 3e-3) : 3e-4);
     // fp16_logits: an fp32 dot of bf16 q and fp16 k (d products; the reference sums in double): 1e-5 of the
     // largest |score|; slots past the counts keep the NaN they were filled with (never written)
     const auto got_logits = download(logits.get(), logits.size());
@@ -401,6 +472,43 @@ TEST_CASE("GPU quant decode: every configuration, GQA 1/2/4, batch 3, equals the
   run_case({VqKernelConfig::kC8B8, 128, 8, 2, {{4097, 41, 128}, {333, 3, 17}, {0, 0, 1}}, 1.f, false, true}, rng);
   run_case({VqKernelConfig::kC8B8, 128, 2, 2, {{2049, 21, 128}, {1, 0, 0}, {77, 1, 2}}, 4.f, true, true}, rng);
   run_case({VqKernelConfig::kC8B8, 128, 32, 8, {{9001, 90, 128}, {1025, 10, 128}, {5, 1, 1}}, 4.f, true, false}, rng);
+}
+
+// gain= and rotate=pca (QuantDecodeParams q_rot .. v_mean): every lookup-table configuration, head_dim 128 and 64,
+// GQA 1/4/8, each combination of key scales, value scales (with zeros) and rotated bases, against the reference
+// whose quantized rows are mean + R^T (s u). Measured on an H100 (2026-12-07): output 4.9e-3, LSE 4.8e-4 (fp16
+// tables with key scales) and 4.7e-7 (fp32 tables); compute-sanitizer racecheck and memcheck clean.
+TEST_CASE("GPU quant decode: per-token scales and rotated bases (gain=, rotate=pca) equal the transformed CPU reference",
+          "[gpu][quant]") {
+  SKIP_WITHOUT_GPU();
+  const uint32_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937 rng(seed);
+  int n = 0;
+  for (VqKernelConfig cfg : kAllConfigs) {
+    if (!cuda::vq_uses_lut(cfg)) continue;
+    for (int d : {128, 64})
+      for (int G : {1, 4, 8}) {
+        QCase c;
+        c.cfg = cfg;
+        c.d = d;
+        c.kv_heads = 2;
+        c.heads = 2 * G;
+        c.seqs = {{1 + 2 * (n % 7) + 1023, 11, 128}, {2001 + n, 31, 77}, {0, 1, 5}};
+        c.q_scale = (n % 2) ? 4.f : 1.f;
+        c.sorted = (n % 3) == 0;
+        c.lut_half = cfg == VqKernelConfig::kC8B8 && (n % 2) == 0;
+        c.coded = std::array<int, 5>{1, 3, 4, 7, 6}[n % 5];
+        run_case(c, rng);
+        ++n;
+      }
+  }
+  // the LLaMA-3-8B-shaped group with every option, long stream
+  run_case({VqKernelConfig::kC8B8, 128, 32, 8, {{9001, 90, 128}, {1025, 10, 128}, {5, 1, 1}}, 4.f, true, true, false, 7},
+           rng);
+  // the dequantize-dot kernel has no coded transform: an error, not a silent plain decode
+  QCase bad{VqKernelConfig::kC4B8, 128, 2, 2, {{5, 1, 1}, {5, 1, 1}, {5, 1, 1}}, 1.f, false, false, false, 1};
+  CHECK_THROWS_WITH(run_case(bad, rng), Catch::Contains("run in the lookup-table kernel only"));
 }
 
 TEST_CASE("GPU quant decode: pre-RoPE keys (dequantize, rotate at code_pos, dot) equal the rotated CPU reference", "[gpu][quant]") {

@@ -697,12 +697,34 @@ TEST_CASE("bench methods: uniform parses with its closed set and simulated-only 
                     Catch::Contains("method \"rsq:bits=1\" does not run on bench") &&
                         Catch::Contains("rsq has no real GPU cache"));
   // a row times the method it names: options the compressed cache does not run are refused, not timed as plain vq
-  for (const char* m : {"vq:bits=1,gain=kv,rotate=pca", "vq:bits=1,metric=task", "antkv:bits=1,anchors=v",
-                        "antkv:bits=1,correct=on", "vq:bits=1,lkbits=1/2"}) {
-    INFO(m);
-    CHECK_THROWS_WITH(cuda::parse_bench_method(m), Catch::Contains("not implemented in the compressed cache"));
-  }
+  CHECK_THROWS_WITH(cuda::parse_bench_method("antkv:bits=1,anchors=v,promote=off"),
+                    Catch::Contains("anchors=v (one tensor only) is not implemented in the synthetic cache bench fills"));
+  CHECK_THROWS_WITH(cuda::parse_bench_method("antkv:bits=1,correct=on"),
+                    Catch::Contains("correct=on is not implemented in the compressed cache"));
+  CHECK_THROWS_WITH(cuda::parse_bench_method("vq:bits=1,lkbits=1/1,lvbits=1/1"),
+                    Catch::Contains("per-layer widths (lkbits, lvbits) are not implemented in the synthetic cache"));
+  CHECK_THROWS_WITH(cuda::parse_bench_method("vq:bits=2,gain=k"),
+                    Catch::Contains("gain= and rotate=pca run on the compressed cache's lookup-table widths (bits 1, "
+                                    "0.75, 0.5, 0.375), not c4b8"));
+  CHECK_THROWS_WITH(cuda::parse_bench_method("vq:bits=1,rotate=pca,key_rope=pre"),
+                    Catch::Contains("gain= and rotate=pca with key_rope=pre are not implemented"));
   CHECK(cuda::parse_bench_method("antkv:bits=1,anchors=kv").compressed);
+  // gain and rotate run through the compressed cache's coded transform; metric=task decodes as plain vq (it changes
+  // only which codes are written); the per-token fp16 scales count in the bytes
+  const auto best = cuda::parse_bench_method("vq:bits=1,gain=kv,rotate=pca");
+  CHECK((best.compressed && best.gain_keys && best.gain_values && best.rotate));
+  const auto gk = cuda::parse_bench_method("antkv:bits=1,gain=k");
+  CHECK((gk.gain_keys && !gk.gain_values && !gk.rotate));
+  const auto task = cuda::parse_bench_method("vq:bits=1,metric=task");
+  CHECK((task.compressed && !task.gain_keys && !task.rotate));
+  {
+    ModelConfig c8 = tiny_config(32, 32, 8, 128);
+    const double plain = cuda::sequence_cache_bytes(c8, cuda::parse_bench_method("vq:bits=1"), 131072);
+    CHECK(cuda::sequence_cache_bytes(c8, best, 131072) == Approx(plain + 2.0 * 2 * 131072 * 8 * 32).epsilon(1e-12));
+    CHECK(cuda::sequence_cache_bytes(c8, gk, 131072) ==
+          Approx(cuda::sequence_cache_bytes(c8, cuda::parse_bench_method("antkv:bits=1"), 131072) + 2.0 * 131072 * 8 * 32)
+              .epsilon(1e-12));
+  }
   // bytes: 2-bit codes of K and V, (scale, zero) per key block and channel and per value token, the FP16 ring
   ModelConfig cfg = tiny_config(32, 32, 8, 128);
   const double per = GpuUniformKvCache::sequence_bytes(cfg, 2, 128, 0, 131072);

@@ -56,10 +56,12 @@ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 constexpr int cmin(int a, int b) { return a < b ? a : b; }
 constexpr int ilog2(int x) { return x <= 1 ? 0 : 1 + ilog2(x / 2); }
 
-template <int D_, int C_, int NB_, int HT_, bool LH_>
+// EX_: the coded-transform instantiation (per-token scales, rotated query and values: QuantDecodeParams q_rot ..
+// v_mean); the plain one (EX_ = false) is the code without them.
+template <int D_, int C_, int NB_, int HT_, bool LH_, bool EX_ = false>
 struct QCfg {
   static constexpr int D = D_, C = C_, NB = NB_, HT = HT_;
-  static constexpr bool LUT_HALF = LH_;
+  static constexpr bool LUT_HALF = LH_, EX = EX_;
   static constexpr int NG = D / C;
   static constexpr int K = 1 << NB;
   static constexpr int REC = NG * NB / 8;
@@ -230,6 +232,7 @@ template <class CF>
 __global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const QuantDecodeParams p) {
   constexpr int D = CF::D, C = CF::C, NB = CF::NB, HT = CF::HT, NG = CF::NG, K = CF::K, REC = CF::REC;
   constexpr int NWD = CF::NWD, Q = CF::Q, NT = CF::NT, NW = CF::NW, U = CF::U, ES = CF::LUT_ES;
+  constexpr bool EX = CF::EX;
   extern __shared__ __align__(16) unsigned char smem[];
   unsigned char* sA = smem;                                         // LUT; later FP16 / product partials
   uint32_t* bins = reinterpret_cast<uint32_t*>(smem + CF::REGION_A);  // [K][HT][NG]
@@ -258,7 +261,11 @@ __global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const Qua
   const uint8_t* vbase = p.v_codes + head_off;
 
   uint32_t ak[U][NWD], av[U][NWD], bk[U][NWD], bv[U][NWD];
-  auto load_tile = [&](uint32_t (&rk)[U][NWD], uint32_t (&rv)[U][NWD], int tile) {
+  // EX: the slots' fp16 key scale (low half) and value scale (high half), 1 without gain (one register per slot:
+  // the unpacked floats spilled)
+  uint32_t as[U], bs[U];
+  const int64_t scale_off = (static_cast<int64_t>(b) * p.n_kv_heads + kvh) * p.quant_capacity;
+  auto load_tile = [&](uint32_t (&rk)[U][NWD], uint32_t (&rv)[U][NWD], uint32_t (&sc)[U], int tile) {
     const int t0 = q0 + tile * kTile + tid;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -266,15 +273,22 @@ __global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const Qua
       if (t < q1) {
         load_record<REC>(kbase, t, rk[u]);
         load_record<REC>(vbase, t, rv[u]);
+        if constexpr (EX) {
+          const uint32_t ks = p.k_scale ? __ldcs(reinterpret_cast<const unsigned short*>(p.k_scale) + scale_off + t) : 0x3c00u;
+          const uint32_t vs = p.v_scale ? __ldcs(reinterpret_cast<const unsigned short*>(p.v_scale) + scale_off + t) : 0x3c00u;
+          sc[u] = ks | (vs << 16);
+        }
       }
     }
   };
-  if (n_tiles > 0) load_tile(ak, av, 0);  // in flight while the LUT is built
+  if (n_tiles > 0) load_tile(ak, av, as, 0);  // in flight while the LUT is built
 
   // 1. q, bins
   for (int i = tid; i < HT * D; i += NT)
     sQ[i] = __bfloat162float(p.q[(static_cast<int64_t>(b) * p.n_heads + h0) * D + i]) * sl;
   for (int i = tid; i < CF::BIN_WORDS / 4; i += NT) reinterpret_cast<uint4*>(bins)[i] = make_uint4(0, 0, 0, 0);
+  // EX: q . k_mean per head in sRef[8 + h] (scaled as the scores; sRef[0, HT) is written only at the end)
+  if (EX && tid < HT) sRef[8 + tid] = p.q_mean ? p.q_mean[static_cast<int64_t>(b) * p.n_heads + h0 + tid] * sl : 0.f;
   __syncthreads();
 
   // 2. LUT. Entry e of the loop -> (code, group) such that a warp reads whole 32-byte sectors of the codebook
@@ -289,7 +303,15 @@ __global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const Qua
 #pragma unroll
     for (int h = 0; h < HT; ++h)
 #pragma unroll
-      for (int c = 0; c < C; ++c) qg[h][c] = sQ[h * D + grp * C + c];
+      for (int c = 0; c < C; ++c) {
+        if constexpr (EX) {  // keys coded in a rotated basis: the tables are built from R_k q
+          if (p.q_rot) {
+            qg[h][c] = p.q_rot[(static_cast<int64_t>(b) * p.n_heads + h0 + h) * D + grp * C + c] * sl;
+            continue;
+          }
+        }
+        qg[h][c] = sQ[h * D + grp * C + c];
+      }
     const __half* kc = p.k_centroids + (static_cast<int64_t>(kvh) * NG + grp) * K * C;
 #pragma unroll 1
     for (int base = 0; base < PER; base += CH) {
@@ -348,11 +370,18 @@ __global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const Qua
   const uint32_t lut_lane = static_cast<uint32_t>(lane_g * HT * ES);
   const uint32_t bin_lane = static_cast<uint32_t>((kappa * NG + lane_g) * 4);
   float mref[HT];  // the bins hold sum of floor(exp2(s - mref) + d); -inf before the first tile
+  // EX: score = ks * LUT sum + q.k_mean; the bins take exp2(s - mref) * vs, so mref follows the maximum of
+  // s + log2(vs), and the softmax denominator of the quantized tokens, sum exp2(s - mref), is summed apart in
+  // fp32 (lsum, the thread's share)
+  float lsum[HT];
 #pragma unroll
-  for (int h = 0; h < HT; ++h) mref[h] = -INFINITY;
+  for (int h = 0; h < HT; ++h) {
+    mref[h] = -INFINITY;
+    lsum[h] = 0.f;
+  }
   const uint32_t seed = static_cast<uint32_t>(b) * 0x9e3779b9u + static_cast<uint32_t>(kvh) * 0x85ebca6bu;
 
-  auto process = [&](const uint32_t (&ck)[U][NWD], const uint32_t (&cv)[U][NWD], int tile) {
+  auto process = [&](const uint32_t (&ck)[U][NWD], const uint32_t (&cv)[U][NWD], const uint32_t (&sc)[U], int tile) {
     const int t0 = q0 + tile * kTile + tid;
     float s[U][HT];
     float wm[HT];
@@ -376,10 +405,22 @@ __global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const Qua
             lut_add2_f16<HT>(sA, code_shl<NB, CF::LUT_ROW_SHIFT>(ck[u], i) | (lut_lane ^ (i * HT * ES)),
                              code_shl<NB, CF::LUT_ROW_SHIFT>(ck[u], i + 1) | (lut_lane ^ ((i + 1) * HT * ES)), acc);
         }
+        if constexpr (EX) {
+          // log2 of the value scale for the bins' reference (a zero scale counts as 2^-24, fp16's smallest)
+          const float sk = __half2float(__ushort_as_half(static_cast<unsigned short>(sc[u] & 0xffffu)));
+          const float sv = __half2float(__ushort_as_half(static_cast<unsigned short>(sc[u] >> 16)));
+          const float lv = sv > 0x1p-24f ? __log2f(sv) : -24.f;
 #pragma unroll
-        for (int h = 0; h < HT; ++h) {
-          s[u][h] = acc[h];
-          wm[h] = fmaxf(wm[h], acc[h]);
+          for (int h = 0; h < HT; ++h) {
+            s[u][h] = fmaf(acc[h], sk, sRef[8 + h]);
+            wm[h] = fmaxf(wm[h], s[u][h] + lv);
+          }
+        } else {
+#pragma unroll
+          for (int h = 0; h < HT; ++h) {
+            s[u][h] = acc[h];
+            wm[h] = fmaxf(wm[h], acc[h]);
+          }
         }
       }
     }
@@ -402,6 +443,7 @@ __global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const Qua
         fac[h] = exp2f(mref[h] - nr);
         mref[h] = nr;
         rescale = true;
+        if constexpr (EX) lsum[h] *= fac[h];
       }
     }
     if (rescale && tile > 0) {  // uniform over the block; before tile 0 the bins are all zero
@@ -425,7 +467,11 @@ __global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const Qua
         for (int h = 0; h < HT; ++h) {
           // dither d = byte/256 + 1/512 in (0, 1), from 1.byte (as a float in [1, 2)) - (1 - 1/512)
           const float d = __uint_as_float(0x3f800000u | (((hs >> (8 * h)) & 255u) << 15)) - 0.998046875f;
-          const float x = exp2f(s[u][h] - mref[h]);
+          float x = exp2f(s[u][h] - mref[h]);
+          if constexpr (EX) {
+            lsum[h] += x;
+            x *= __half2float(__ushort_as_half(static_cast<unsigned short>(sc[u] >> 16)));
+          }
           F[h] = __float_as_uint(__fadd_rd(x + d, 8388608.f)) - 0x4b000000u;  // floor(x + d), x + d < 2^23
         }
         uint32_t Fr[HT];  // Fr[j1*Q + j0] = F[j1*Q + (j0 ^ kappa)]: instruction (j1, j0) adds head j1*Q + (j0 ^ kappa)
@@ -456,11 +502,11 @@ __global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const Qua
   };
 
   for (int tile = 0; tile < n_tiles; tile += 2) {
-    if (tile + 1 < n_tiles) load_tile(bk, bv, tile + 1);
-    process(ak, av, tile);
+    if (tile + 1 < n_tiles) load_tile(bk, bv, bs, tile + 1);
+    process(ak, av, as, tile);
     if (tile + 1 < n_tiles) {
-      if (tile + 2 < n_tiles) load_tile(ak, av, tile + 2);
-      process(bk, bv, tile + 1);
+      if (tile + 2 < n_tiles) load_tile(ak, av, as, tile + 2);
+      process(bk, bv, bs, tile + 1);
     }
   }
   if (tid == 0) {
@@ -468,6 +514,13 @@ __global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const Qua
     for (int h = 0; h < HT; ++h) sRef[h] = mref[h];
   }
   __syncthreads();  // bins complete; the LUT region is free
+  if constexpr (EX) {  // the warps' denominators -> sMax[warp][h] (free now; read after the barrier before the merge)
+#pragma unroll
+    for (int h = 0; h < HT; ++h) {
+      const float ls = warp_sum(lsum[h]);
+      if (lane == 0) sMax[warp * HT + h] = ls;
+    }
+  }
 
   // 4. FP16 tokens (anchors then window), on the first kFW warps: warp per token, lanes over channels,
   // 4 tokens' rows requested at once.
@@ -621,7 +674,7 @@ __global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const Qua
     float M = mq;
 #pragma unroll
     for (int w = 0; w < kFW; ++w) M = fmaxf(M, sPart[(w * HT + h) * (D + 2) + D]);
-    float O = 0.f, L = 0.f;
+    float O = 0.f, L = 0.f, O_coded = 0.f;
     if (M != -INFINITY) {
       if (has_q) {
         const float f = exp2f(mq - M);
@@ -629,9 +682,15 @@ __global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const Qua
 #pragma unroll
         for (int w = 0; w < NW; ++w) {
           oq += sProd[(w * HT + h) * (D + 1) + c];
-          lq += sProd[(w * HT + h) * (D + 1) + D];
+          if constexpr (EX) lq += sMax[w * HT + h];
+          else lq += sProd[(w * HT + h) * (D + 1) + D];
         }
-        O = f * oq;
+        if constexpr (EX) {  // the coded part apart (rotated back in the reduction), the mean's with the FP16 part
+          O_coded = f * oq;
+          if (p.v_mean) O = f * lq * p.v_mean[static_cast<int64_t>(kvh) * D + c];
+        } else {
+          O = f * oq;
+        }
         L = f * lq;
       }
 #pragma unroll
@@ -647,6 +706,7 @@ __global__ void __launch_bounds__(CF::NT, CF::MINB) quant_split_kernel(const Qua
     }
     const int64_t slot = (static_cast<int64_t>(b) * p.n_heads + h0 + h) * p.n_splits + split;
     wo[slot * D + c] = O;
+    if constexpr (EX) wml[static_cast<int64_t>(p.batch) * p.n_heads * p.n_splits * 2 + slot * D + c] = O_coded;
     if (c == 0) {
       wml[slot * 2] = M;
       wml[slot * 2 + 1] = L;
@@ -675,6 +735,78 @@ __global__ void __launch_bounds__(D) quant_reduce_kernel(const QuantDecodeParams
                        p.out, p.lse);
 }
 
+// The reduction of the coded-transform kernels: as quant_reduce_kernel, with the third workspace region (the
+// quantized tokens' value sums in the coded basis) merged by the same split weights and rotated back once,
+// out = (sum_s w_s O_s + R_v^T sum_s w_s C_s) / L (R_v null: the identity).
+template <int D>
+__global__ void __launch_bounds__(D) quant_reduce_coded_kernel(const QuantDecodeParams p) {
+  constexpr int NWR = D / 32;
+  __shared__ float sW[kMaxQuantSplits];
+  __shared__ float sC[D];
+  __shared__ float sRed[NWR];
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  const int h = blockIdx.x, b = blockIdx.y, c = threadIdx.x, lane = c & 31, warp = c >> 5;
+  const int nq = p.n_quant[b], na = p.n_anchor[b], nw = p.n_window[b];
+  const int64_t bh = static_cast<int64_t>(b) * p.n_heads + h;
+  const bool bad = nq < 0 || nq > p.quant_capacity || static_cast<int64_t>(p.n_splits) * p.split_len < nq || na < 0 ||
+                   na > p.anchor_capacity || nw < 0 || nw > p.window_capacity ||
+                   static_cast<int64_t>(nq) + na + nw < 1;
+  if (bad) {
+    p.out[bh * D + c] = __float2bfloat16_rn(NAN);
+    if (p.lse && c == 0) p.lse[bh] = NAN;
+    return;
+  }
+  const int S = p.n_splits;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.n_heads;
+  const float* wo = p.workspace;
+  const float* wml = wo + rows * S * D;
+  const float* wc = wml + rows * S * 2;
+  auto block_reduce = [&](float x, bool is_max) {
+    x = is_max ? warp_max(x) : warp_sum(x);
+    if (lane == 0) sRed[warp] = x;
+    __syncthreads();
+    float r = sRed[0];
+#pragma unroll
+    for (int w = 1; w < NWR; ++w) r = is_max ? fmaxf(r, sRed[w]) : r + sRed[w];
+    __syncthreads();  // sRed is reused
+    return r;
+  };
+  float m = -INFINITY;
+  for (int s = c; s < S; s += D) m = fmaxf(m, __ldcg(wml + (bh * S + s) * 2));
+  const float M = block_reduce(m, true);  // finite: some split holds a token
+  float l = 0.f;
+  for (int s = c; s < S; s += D) {
+    const float f = exp2f(__ldcg(wml + (bh * S + s) * 2) - M);
+    sW[s] = f;
+    l += f * __ldcg(wml + (bh * S + s) * 2 + 1);
+  }
+  const float L = block_reduce(l, false);  // its barriers also publish sW
+  // 8 splits' loads in flight per thread (one at a time was latency-bound: the splits are many at batch 1)
+  float acc = 0.f, coded = 0.f;
+  for (int s0 = 0; s0 < S; s0 += 8) {
+    float o[8], x[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const bool in = s0 + u < S;
+      o[u] = in ? __ldcg(wo + (bh * S + s0 + u) * D + c) : 0.f;
+      x[u] = in ? __ldcg(wc + (bh * S + s0 + u) * D + c) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u)
+      if (s0 + u < S) acc = fmaf(sW[s0 + u], o[u], acc), coded = fmaf(sW[s0 + u], x[u], coded);
+  }
+  if (p.v_rotation) {  // channel c of R_v^T x: column c of R_v, coalesced over the block, 16 loads in flight
+    sC[c] = coded;
+    __syncthreads();
+    const float* R = p.v_rotation + static_cast<int64_t>(h / (p.n_heads / p.n_kv_heads)) * D * D + c;
+    float r[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 16
+    for (int i = 0; i < D; ++i) r[i & 3] = fmaf(__ldg(R + static_cast<int64_t>(i) * D), sC[i], r[i & 3]);
+    coded = (r[0] + r[1]) + (r[2] + r[3]);
+  }
+  p.out[bh * D + c] = __float2bfloat16_rn((acc + coded) / L);
+  if (p.lse && c == 0) p.lse[bh] = (M + log2f(L)) * kLn2;
+}
 
 // ---- pre-RoPE keys: dequantize, rotate at the token's position, dot ----------------------------------------
 // The code stream holds pre-RoPE keys (key_rope: pre), so scores cannot come from position-free lookup
@@ -912,18 +1044,21 @@ int heads_per_block(int G, VqKernelConfig cfg) {
 
 bool lut_half_for(VqKernelConfig cfg, bool requested) { return cfg == VqKernelConfig::kC16B12 || requested; }
 
-// LH: whether an fp16-LUT instantiation exists for this configuration (c8b8 only; c16b12 has only fp16)
+// LH: whether an fp16-LUT instantiation exists for this configuration (c8b8 only; c16b12 has only fp16);
+// ex: the coded-transform instantiation
 template <int D, int C, int NB, bool LH, class F>
-void with_ht(int ht, bool lh, F&& f) {
+void with_ht(int ht, bool lh, bool ex, F&& f) {
   auto go = [&](auto ht_tag) {
     constexpr int HT = decltype(ht_tag)::value;
     if constexpr (LH) {
       if (lh) {
-        f(QCfg<D, C, NB, HT, true>{});
+        if (ex) f(QCfg<D, C, NB, HT, true, true>{});
+        else f(QCfg<D, C, NB, HT, true>{});
         return;
       }
     }
-    f(QCfg<D, C, NB, HT, false>{});
+    if (ex) f(QCfg<D, C, NB, HT, false, true>{});
+    else f(QCfg<D, C, NB, HT, false>{});
   };
   switch (ht) {
     case 4: go(std::integral_constant<int, 4>{}); break;
@@ -933,12 +1068,15 @@ void with_ht(int ht, bool lh, F&& f) {
 }
 
 template <int D, class F>
-void with_config(VqKernelConfig cfg, int ht, bool lh, F&& f) {
+void with_config(VqKernelConfig cfg, int ht, bool lh, bool ex, F&& f) {
   switch (cfg) {
-    case VqKernelConfig::kC8B8: with_ht<D, 8, 8, true>(ht, lh, f); break;
-    case VqKernelConfig::kC16B8: with_ht<D, 16, 8, false>(ht, false, f); break;
-    case VqKernelConfig::kC16B6: with_ht<D, 16, 6, false>(ht, false, f); break;
-    case VqKernelConfig::kC16B12: f(QCfg<D, 16, 12, 1, true>{}); break;
+    case VqKernelConfig::kC8B8: with_ht<D, 8, 8, true>(ht, lh, ex, f); break;
+    case VqKernelConfig::kC16B8: with_ht<D, 16, 8, false>(ht, false, ex, f); break;
+    case VqKernelConfig::kC16B6: with_ht<D, 16, 6, false>(ht, false, ex, f); break;
+    case VqKernelConfig::kC16B12:
+      if (ex) f(QCfg<D, 16, 12, 1, true, true>{});
+      else f(QCfg<D, 16, 12, 1, true>{});
+      break;
     case VqKernelConfig::kC4B8:
     case VqKernelConfig::kC2B8: fail("quant_decode: {} has no lookup-table kernel (dequantize-dot)", vq_kernel_config_info(cfg).name);
   }
@@ -946,14 +1084,14 @@ void with_config(VqKernelConfig cfg, int ht, bool lh, F&& f) {
 
 // Calls f(QCfg<...>{}) for the instantiation of (head_dim, cfg, HT, lut_half); errors outside the set.
 template <class F>
-void dispatch(int head_dim, VqKernelConfig cfg, int ht, bool lut_half, F&& f) {
+void dispatch(int head_dim, VqKernelConfig cfg, int ht, bool lut_half, bool ex, F&& f) {
   check_vq_shape(head_dim, cfg);
   ANTKV_CHECK(ht == 1 || ht == 2 || ht == 4, "quant_decode: heads per block {}", ht);
   ANTKV_CHECK(!lut_half || cfg == VqKernelConfig::kC8B8 || cfg == VqKernelConfig::kC16B12,
               "quant_decode: fp16 lookup tables are built for c8b8 and c16b12 only (not {})", vq_kernel_config_info(cfg).name);
   const bool lh = lut_half_for(cfg, lut_half);
-  if (head_dim == 128) with_config<128>(cfg, ht, lh, f);
-  else with_config<64>(cfg, ht, lh, f);
+  if (head_dim == 128) with_config<128>(cfg, ht, lh, ex, f);
+  else with_config<64>(cfg, ht, lh, ex, f);
 }
 
 template <class CF>
@@ -977,7 +1115,7 @@ int blocks_per_sm() {
   return n;
 }
 
-template <int D>
+template <int D, bool CODED>
 void launch_reduce(const QuantDecodeParams& p, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(p.n_heads, p.batch);
@@ -989,8 +1127,13 @@ void launch_reduce(const QuantDecodeParams& p, cudaStream_t stream) {
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  ANTKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, quant_reduce_kernel<D>, p));
-  ANTKV_LAUNCH_CHECK(D == 64 ? "quant_reduce_kernel<64>" : "quant_reduce_kernel<128>");
+  if constexpr (CODED) {
+    ANTKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, quant_reduce_coded_kernel<D>, p));
+    ANTKV_LAUNCH_CHECK("quant_reduce_coded_kernel");
+  } else {
+    ANTKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, quant_reduce_kernel<D>, p));
+    ANTKV_LAUNCH_CHECK(D == 64 ? "quant_reduce_kernel<64>" : "quant_reduce_kernel<128>");
+  }
 }
 
 // ---- quantize ----
@@ -1014,11 +1157,17 @@ __global__ void __launch_bounds__(128) quantize_kernel(const QuantizeParams p) {
 #pragma unroll
     for (int c = 0; c < C; ++c) xv[c] = sX[g * C + c];
     const __half* cb = p.centroids + (static_cast<int64_t>(h) * NG + g) * K * C;
+    const float* scb = p.search_centroids ? p.search_centroids + (static_cast<int64_t>(h) * NG + g) * K * C : nullptr;
     float best = INFINITY;
     int arg = 0;
     for (int code = lane; code < K; code += 32) {
       float cen[C];
-      load_half_vec<C>(cb + static_cast<int64_t>(code) * C, cen);
+      if (scb) {  // metric=task: the mapped centroids L^T c (x is mapped too)
+#pragma unroll
+        for (int c = 0; c < C; ++c) cen[c] = scb[static_cast<int64_t>(code) * C + c];
+      } else {
+        load_half_vec<C>(cb + static_cast<int64_t>(code) * C, cen);
+      }
       float d = 0.f;
 #pragma unroll
       for (int c = 0; c < C; ++c) {
@@ -1036,10 +1185,29 @@ __global__ void __launch_bounds__(128) quantize_kernel(const QuantizeParams p) {
     if (lane == 0) sCode[g] = arg;
   }
   __syncthreads();
+  __shared__ float sNorm[4];
+  if (p.norms) {  // gain: |u|^2 of the codes' fp16 centroids (original space), channel by channel
+    float sq = 0.f;
+    for (int c = tid; c < D; c += blockDim.x) {
+      const int g = c / C;
+      const float x = __half2float(p.centroids[((static_cast<int64_t>(h) * NG + g) * K + sCode[g]) * C + c % C]);
+      sq = fmaf(x, x, sq);
+    }
+    sq = warp_sum(sq);
+    if (lane == 0) sNorm[warp] = sq;
+    __syncthreads();
+  }
   if (tid == 0) {
     const int seq = p.seq_index[i];
     const int t = p.slot_per_head ? p.slot_per_head[static_cast<int64_t>(i) * p.n_kv_heads + h] : p.slot[i];
     const bool ok = seq >= 0 && seq < p.batch && t >= 0 && t < p.capacity;
+    if (p.norms && ok) {  // the stored norm over |u|: one fp16 scale per token and head
+      float usq = 0.f;
+      for (int w = 0; w < static_cast<int>(blockDim.x) / 32; ++w) usq += sNorm[w];
+      const float norm = p.norms[static_cast<int64_t>(i) * p.n_kv_heads + h];
+      p.scales[(static_cast<int64_t>(seq) * p.n_kv_heads + h) * p.capacity + t] =
+          __float2half_rn(usq > 0.f ? norm / sqrtf(usq) : 0.f);
+    }
     if (p.codes_out)
       for (int g = 0; g < NG; ++g) p.codes_out[(static_cast<int64_t>(i) * p.n_kv_heads + h) * NG + g] = ok ? sCode[g] : -1;
     if (ok) {
@@ -1066,14 +1234,14 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 int quant_decode_tile() { return kTile; }
 
 QuantDecodePlan plan_quant_decode(int batch, int n_heads, int n_kv_heads, int head_dim, VqKernelConfig cfg,
-                                  int64_t max_quant_len, bool lut_half, int waves) {
+                                  int64_t max_quant_len, bool lut_half, int waves, bool coded) {
   ANTKV_CHECK(batch > 0 && n_kv_heads > 0 && n_heads > 0 && n_heads % n_kv_heads == 0 && max_quant_len >= 0 && waves > 0,
               "plan_quant_decode: bad sizes");
   const int G = n_heads / n_kv_heads;
   QuantDecodePlan plan;
   plan.heads_per_block = heads_per_block(G, cfg);
   if (vq_uses_lut(cfg))
-    dispatch(head_dim, cfg, plan.heads_per_block, lut_half,
+    dispatch(head_dim, cfg, plan.heads_per_block, lut_half, coded,
              [&](auto cf) { plan.blocks_per_sm = blocks_per_sm<decltype(cf)>(); });
   else
     plan.blocks_per_sm = (check_vq_shape(head_dim, cfg), dequant_blocks_per_sm(head_dim, cfg, plan.heads_per_block));
@@ -1091,14 +1259,14 @@ QuantDecodePlan plan_quant_decode(int batch, int n_heads, int n_kv_heads, int he
 }
 
 int quant_decode_max_splits(int batch, int n_heads, int n_kv_heads, int head_dim, VqKernelConfig cfg, int64_t max_quant_len,
-                            bool lut_half, int waves) {
+                            bool lut_half, int waves, bool coded) {
   ANTKV_CHECK(batch > 0 && n_kv_heads > 0 && n_heads > 0 && n_heads % n_kv_heads == 0 && waves > 0,
               "quant_decode_max_splits: bad sizes");
   const int G = n_heads / n_kv_heads;
   const int ht = heads_per_block(G, cfg);
   int bpsm = 1;
   if (vq_uses_lut(cfg))
-    dispatch(head_dim, cfg, ht, lut_half, [&](auto cf) { bpsm = blocks_per_sm<decltype(cf)>(); });
+    dispatch(head_dim, cfg, ht, lut_half, coded, [&](auto cf) { bpsm = blocks_per_sm<decltype(cf)>(); });
   else
     bpsm = (check_vq_shape(head_dim, cfg), dequant_blocks_per_sm(head_dim, cfg, ht));
   const int64_t units = static_cast<int64_t>(batch) * n_kv_heads * (G / ht);
@@ -1110,8 +1278,8 @@ int quant_decode_max_splits(int batch, int n_heads, int n_kv_heads, int head_dim
   return static_cast<int>(std::min<int64_t>(std::max(first, longest), kMaxQuantSplits));
 }
 
-int64_t quant_decode_workspace_floats(int batch, int n_heads, int head_dim, int n_splits) {
-  return static_cast<int64_t>(batch) * n_heads * n_splits * (head_dim + 2);
+int64_t quant_decode_workspace_floats(int batch, int n_heads, int head_dim, int n_splits, bool coded_transform) {
+  return static_cast<int64_t>(batch) * n_heads * n_splits * (head_dim + 2 + (coded_transform ? head_dim : 0));
 }
 
 void quant_decode(QuantDecodeParams p, cudaStream_t stream) {
@@ -1138,15 +1306,20 @@ void quant_decode(QuantDecodeParams p, cudaStream_t stream) {
   ANTKV_CHECK(p.n_splits >= 1 && p.n_splits <= kMaxQuantSplits && p.split_len > 0 && p.split_len % kTile == 0 &&
                   p.split_len <= kMaxSplitLen,
               "quant_decode: bad split plan ({} splits of {} slots)", p.n_splits, p.split_len);
-  ANTKV_CHECK(p.workspace_floats >= quant_decode_workspace_floats(p.batch, p.n_heads, p.head_dim, p.n_splits),
+  const bool coded = p.coded_transform();
+  ANTKV_CHECK(p.workspace_floats >= quant_decode_workspace_floats(p.batch, p.n_heads, p.head_dim, p.n_splits, coded),
               "quant_decode: workspace of {} floats is too small", p.workspace_floats);
+  ANTKV_CHECK(!coded || (!p.pre_rope && vq_uses_lut(p.config)),
+              "quant_decode: per-token scales and rotated bases (gain=, rotate=pca) run in the lookup-table kernel only "
+              "(post-RoPE keys, c8b8, c16b12, c16b8 or c16b6), not {}{}",
+              vq_kernel_config_info(p.config).name, p.pre_rope ? " with pre-RoPE keys" : "");
   if (p.pre_rope || !vq_uses_lut(p.config)) {
     ANTKV_CHECK(!p.pre_rope || p.quant_capacity == 0 || (p.code_pos && p.inv_freq),
                 "quant_decode: pre-RoPE keys need code positions and inv_freq");
     if (p.head_dim == 128) launch_pre_config<128>(p, ht, stream);
     else launch_pre_config<64>(p, ht, stream);
   } else {
-    dispatch(p.head_dim, p.config, ht, p.lut_half, [&](auto cf) {
+    dispatch(p.head_dim, p.config, ht, p.lut_half, coded, [&](auto cf) {
       using CF = decltype(cf);
       set_smem_attr<CF>();
       const dim3 grid(p.n_splits, p.n_kv_heads * (G / ht), p.batch);
@@ -1154,8 +1327,13 @@ void quant_decode(QuantDecodeParams p, cudaStream_t stream) {
       ANTKV_LAUNCH_CHECK("quant_split_kernel");
     });
   }
-  if (p.head_dim == 128) launch_reduce<128>(p, stream);
-  else launch_reduce<64>(p, stream);
+  if (coded) {
+    if (p.head_dim == 128) launch_reduce<128, true>(p, stream);
+    else launch_reduce<64, true>(p, stream);
+  } else {
+    if (p.head_dim == 128) launch_reduce<128, false>(p, stream);
+    else launch_reduce<64, false>(p, stream);
+  }
 }
 
 void quantize_kv(QuantizeParams p, cudaStream_t stream) {
@@ -1168,6 +1346,7 @@ void quantize_kv(QuantizeParams p, cudaStream_t stream) {
               "quantize_kv: input type {} is not supported", elem_type_name(p.x_type));
   ANTKV_CHECK(p.x_row_stride >= static_cast<int64_t>(p.n_kv_heads) * p.head_dim, "quantize_kv: row stride too small");
   ANTKV_CHECK(aligned16(p.centroids), "quantize_kv: centroids must be 16-byte aligned");
+  ANTKV_CHECK(!p.norms || p.scales, "quantize_kv: norms given without the scales to write");
   const dim3 grid(p.n_tokens, p.n_kv_heads);
   auto go = [&](auto kernel) {
     kernel<<<grid, 128, 0, stream>>>(p);

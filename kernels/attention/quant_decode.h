@@ -188,6 +188,23 @@ struct QuantDecodeParams {
   bool pre_rope = false;
   const int32_t* code_pos = nullptr;   // [batch, n_kv_heads, quant_capacity] token position of each code slot
   const float* inv_freq = nullptr;     // [head_dim / 2] RoPE inverse frequencies (the runtime's rope_inv_freq)
+  // Gain-shape and rotated codes (gain=k|kv, rotate=pca; lookup-table kernel only, post-RoPE keys). A quantized
+  // key is k = k_mean + R_k^T (ks_t u_t) and a value v = v_mean + R_v^T (vs_t u_t), u the concatenated centroids
+  // of the codes and ks/vs one fp16 scale per token (the stored norm over |u|). So a score is
+  // q.k = q.k_mean + ks_t (R_k q).u_t: the lookup tables are built from q_rot = R_k q, scaled by ks_t, plus
+  // q_mean; value bins weigh p_t vs_t and are rotated back once per (sequence, head) in the reduction:
+  // out = (sum_fp16 p v + (sum_quant p) v_mean + R_v^T sum_quant p vs u) / sum p. Any null field: that part is
+  // off (identity basis, zero mean, scale 1). Its own instantiation of the split kernel (the plain one is
+  // unchanged). Measured (H100, LLaMA-3-8B shape, 128K, attention of all 32 layers): vq:bits=1,gain=kv,rotate=pca
+  // 2.25 ms/step at batch 1 and 16.0 at 16, against plain vq:bits=1's 1.53 and 12.7 (the scales add 1/8 of the
+  // code bytes; the rest is the kernel's extra work and register spills).
+  const float* q_rot = nullptr;        // [batch, n_heads, head_dim]: R_k q (fp32), the lookup tables' query
+  const float* q_mean = nullptr;       // [batch, n_heads]: q . k_mean
+  const __half* k_scale = nullptr;     // [batch, n_kv_heads, quant_capacity]: ks of each code slot
+  const __half* v_scale = nullptr;     // [batch, n_kv_heads, quant_capacity]: vs of each code slot
+  const float* v_rotation = nullptr;   // [n_kv_heads, head_dim, head_dim]: R_v, row-major (row i: basis vector i)
+  const float* v_mean = nullptr;       // [n_kv_heads, head_dim]
+  bool coded_transform() const { return q_rot || q_mean || k_scale || v_scale || v_rotation || v_mean; }
 };
 
 struct QuantDecodePlan {
@@ -201,13 +218,16 @@ constexpr int kMaxQuantSplits = 1024;
 int quant_decode_tile();
 // Splits the longest code stream (max_quant_len slots) so that the grid is about `waves` waves of resident
 // blocks. A plan is valid for any sequence whose n_quant <= n_splits * split_len (else the output is NaN).
+// coded: the coded-transform kernel's occupancy (QuantDecodeParams::coded_transform()).
 QuantDecodePlan plan_quant_decode(int batch, int n_heads, int n_kv_heads, int head_dim, VqKernelConfig cfg,
-                                  int64_t max_quant_len, bool lut_half = false, int waves = 1);
-int64_t quant_decode_workspace_floats(int batch, int n_heads, int head_dim, int n_splits);
+                                  int64_t max_quant_len, bool lut_half = false, int waves = 1, bool coded = false);
+// coded_transform: QuantDecodeParams::coded_transform() (one more [rows, splits, head_dim] region: the quantized
+// tokens' value sums in the coded basis).
+int64_t quant_decode_workspace_floats(int batch, int n_heads, int head_dim, int n_splits, bool coded_transform = false);
 // The most splits plan_quant_decode gives `batch` sequences at any length up to max_quant_len (workspaces
 // sized once; a shorter stream may get more splits than a longer one after rounding the split length).
 int quant_decode_max_splits(int batch, int n_heads, int n_kv_heads, int head_dim, VqKernelConfig cfg, int64_t max_quant_len,
-                            bool lut_half = false, int waves = 1);
+                            bool lut_half = false, int waves = 1, bool coded = false);
 void quant_decode(QuantDecodeParams p, cudaStream_t stream);
 
 // ---- quantize ---------------------------------------------------------------------------------------------
@@ -216,6 +236,10 @@ void quant_decode(QuantDecodeParams p, cudaStream_t stream);
 // head, written as packed records into the code stream: token i of sequence seq_index[i] goes to slot
 // slot[i] of each head's stream (or slot_per_head[i][h]). Rows whose seq_index or slot is out of range are
 // skipped (codes_out -1).
+// search_centroids (metric=task): the nearest of these fp32 centroids (L^T c, [n_kv_heads, NG, 2^b, c]) to x
+// (already mapped by L^T) is taken instead, and the codes stand for `centroids` (the original-space ones).
+// norms (gain): per (token, KV head) the fp16-rounded norm of the vector before normalization; the kernel then
+// writes scales[seq][h][slot] = fp16(norm / |u|), u the concatenated fp16 centroids of the codes (0 when |u| = 0).
 struct QuantizeParams {
   VqKernelConfig config = VqKernelConfig::kC8B8;
   int n_tokens = 0, n_kv_heads = 0, head_dim = 0;
@@ -230,6 +254,9 @@ struct QuantizeParams {
   uint8_t* codes = nullptr;            // [batch, n_kv_heads, capacity, R]
   int batch = 0, capacity = 0;
   int32_t* codes_out = nullptr;        // [n_tokens, n_kv_heads, NG] natural group order, or null
+  const float* search_centroids = nullptr;  // [n_kv_heads, NG, 2^b, c] or null (metric=task)
+  const float* norms = nullptr;        // [n_tokens, n_kv_heads] or null (gain)
+  __half* scales = nullptr;            // [batch, n_kv_heads, capacity] (with norms)
 };
 void quantize_kv(QuantizeParams p, cudaStream_t stream);
 

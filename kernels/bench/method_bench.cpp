@@ -37,6 +37,11 @@ BenchMethod parse_bench_method(const std::string& text, MethodPath path, const M
   }
   ANTKV_CHECK(m.needs_codebooks(), "--method {}: internal error: method_support let {} through", text, m.kind_name());
   b.config = parse_vq_kernel_config(fmt::format("c{}b{}", m.keys.c, m.keys.b));  // one of them (method_support)
+  // gain=, rotate=pca: the coded transform with synthetic scales, basis and mean (method_support let them through at
+  // post-RoPE lookup-table widths only); metric=task changes which codes are written, not the decode
+  b.gain_keys = m.gain_keys();
+  b.gain_values = m.gain_values();
+  b.rotate = m.rotate == Rotate::kPca;
   b.compressed = true;
   b.anchor_ratio = m.kind == MethodKind::kAntkv && m.has_anchors() ? m.ratio : 0.0;
   b.pre_rope = m.pre_rope();
@@ -54,7 +59,8 @@ double sequence_cache_bytes(const ModelConfig& cfg, const BenchMethod& m, int ca
                                                2.0 * m.window * cfg.head_dim * 2 +
                                                (m.pre_rope ? 4.0 * capacity + m.window * cfg.head_dim * 2.0 : 0.0) +
                                                (m.promote ? 4.0 * (acap + m.window) + (m.pre_rope ? acap * cfg.head_dim * 2.0 : 0.0)
-                                                          : 0.0));
+                                                          : 0.0) +
+                                               2.0 * capacity * (int{m.gain_keys} + int{m.gain_values}));  // fp16 scales
   return per_layer * cfg.num_layers;
 }
 
@@ -88,7 +94,7 @@ std::unique_ptr<GpuRuntime> make_runtime(const ModelConfig& cfg, const BenchMeth
   if (m.compressed)
     rt->set_compressed_cache(
         std::make_unique<GpuCompressedKvCache>(cfg, m.config, m.anchor_ratio, B, capacity, m.window, seed + 7, m.pre_rope,
-                                               m.promote));
+                                               m.promote, m.gain_keys, m.gain_values, m.rotate));
   rt->fill_kv_random(seed + 1);
   return rt;
 }
@@ -122,6 +128,7 @@ double time_compressed_attention(const ModelConfig& cfg, GpuCompressedKvCache& c
   const double rec = vq_record_bytes(cfg.head_dim, cache.config());
   *bytes = static_cast<double>(B) * cfg.num_layers * cfg.num_kv_heads *
            (2.0 * s.n_quant * rec + (cache.pre_rope() ? 4.0 * s.n_quant : 0.0) +
+            2.0 * s.n_quant * (int{cache.gain_keys()} + int{cache.gain_values()}) +
             2.0 * (s.n_anchor + s.n_window) * cfg.head_dim * 2);
   return ms;
 }

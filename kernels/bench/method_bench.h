@@ -24,10 +24,13 @@ struct BenchMethod {
   int window = 128;          // FP16 decode window (compressed)
   bool pre_rope = false;     // key_rope=pre: pre-RoPE code stream (dequantize-rotate-dot decode)
   bool promote = false;      // antkv with promote=on (the default): decode-time anchors, running scores updated
+  // gain=k|kv, rotate=pca: the coded transform (synthetic scales, basis and mean), the real cache's decode path;
+  // metric=task changes only which codes are written, not the decode
+  bool gain_keys = false, gain_values = false, rotate = false;
 };
 // What `path` (bench or max-context) runs of `text`, on a model of `shape` when given: fp16, uniform at bits 2 or
 // 4 (group 32, 64 or 128), or vq/antkv at a width of quant_decode's closed set (bits 4, 2, 1, 0.75, 0.5, 0.375)
-// and the options the compressed cache runs; anything else is method_support's error (quant/method_support.h).
+// and the options the compressed cache runs (gain=, rotate=pca at post-RoPE lookup-table widths, metric=task); anything else is method_support's error (quant/method_support.h).
 BenchMethod parse_bench_method(const std::string& text, MethodPath path = MethodPath::kBench,
                                const ModelShapeFacts* shape = nullptr);
 

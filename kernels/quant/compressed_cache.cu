@@ -14,6 +14,7 @@
 #include "kernels/common/random_fill.h"
 #include "quant/codebook_fit.h"
 #include "quant/method_support.h"
+#include "quant/vq.h"
 #include "anchor/anchor_scores.h"
 #include "runtime/rope.h"
 
@@ -23,6 +24,11 @@ using cuda::bf16;
 using cuda::DeviceBuffer;
 
 struct GpuCompressedKvCache::Layer {
+  // the layer's configuration (per-layer widths, lkbits/lvbits: each layer its own), its record bytes R, groups
+  // NG, centroids K and whether its lookup tables are fp16
+  cuda::VqKernelConfig config = cuda::VqKernelConfig::kC8B8;
+  int rec = 0, ng = 0, k_count = 0;
+  bool lut_half = false;
   DeviceBuffer<uint8_t> k_codes, v_codes;    // [max_batch, KV, capacity, R]
   DeviceBuffer<__half> k_cent, v_cent;       // [KV, NG, 2^b, c]
   DeviceBuffer<__half> anchor_k, anchor_v;   // [max_batch, KV, anchor_capacity, d]
@@ -36,6 +42,12 @@ struct GpuCompressedKvCache::Layer {
   DeviceBuffer<float> window_score;          // [max_batch, KV, window]
   DeviceBuffer<__half> anchor_kpre;          // pre_rope: [max_batch, KV, anchor_capacity, d]
   DeviceBuffer<float> score_coef;            // [KV, 2]: (e_K, e_V) for error_bound, (0, 1) / (1, 0) otherwise
+  DeviceBuffer<__half> k_scale, v_scale;     // gain: [max_batch, KV, capacity] the scale of each code slot
+  // rotate=pca: R^T [KV, d, d] ([k][j] = R[j][k]: the encode, and for keys the query rotation), the mean [KV, d],
+  // and for values R [KV, d, d] (the decode's rotation back)
+  DeviceBuffer<float> k_rot_t, v_rot_t, v_rot, k_mean, v_mean;
+  // metric=task: the factors L [KV, NG, c, c] and the searched centroids L^T c [KV, NG, 2^b, c]
+  DeviceBuffer<float> k_metric, v_metric, k_search, v_search;
 };
 
 namespace {
@@ -369,6 +381,187 @@ __global__ void prefill_code_pos_kernel(const int32_t* __restrict__ slots, int T
   }
 }
 
+// The CPU reference's coding transform of one (token, KV head) row before the nearest-centroid search
+// (quant/quantized_cache.cpp quantize_head): x' = R (x - mean) (rotate=pca; R^T read column by column, fp64
+// sums as rotate_forward), x' / |x'| with the fp16-rounded norm kept (gain, as gain_normalize), L_g^T x' per group
+// (metric=task, as metric_forward). Block (token, head), one thread per channel (head_dim 64 or 128).
+struct EncodeArgs {
+  const __half* x = nullptr;      // [n, KV, d] fp16 rows
+  float* out = nullptr;           // [n, KV, d]
+  float* norms = nullptr;         // [n, KV] (gain)
+  const float* rot_t = nullptr;   // [KV, d, d] R^T, or null
+  const float* mean = nullptr;    // [KV, d] (with rot_t)
+  const float* metric = nullptr;  // [KV, d / c, c, c] lower-triangular factors, or null
+  int KV = 0, d = 0, c = 0;
+  bool gain = false;
+};
+
+// Channel j of head h's row x (the whole block of d threads calls it; sx: d floats, sred: 4 doubles of shared
+// memory) -> its coded value; *norm: the fp16-rounded norm (gain) or 1.
+__device__ float encode_channel(const EncodeArgs& p, int h, int j, float x, float* sx, double* sred, float* norm) {
+  const int lane = j & 31, warp = j >> 5;
+  *norm = 1.f;
+  if (p.rot_t) {
+    sx[j] = __fsub_rn(x, p.mean[static_cast<int64_t>(h) * p.d + j]);
+    __syncthreads();
+    const float* col = p.rot_t + static_cast<int64_t>(h) * p.d * p.d + j;
+    double acc = 0.0;
+    for (int k = 0; k < p.d; ++k) acc = fma(static_cast<double>(col[static_cast<int64_t>(k) * p.d]), static_cast<double>(sx[k]), acc);
+    x = __double2float_rn(acc);
+  }
+  if (p.gain) {
+    double sq = static_cast<double>(x) * x;
+    for (int o = 16; o > 0; o /= 2) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+    if (lane == 0) sred[warp] = sq;
+    __syncthreads();
+    sq = 0.0;
+    for (int w = 0; w < p.d / 32; ++w) sq += sred[w];
+    const double nd = sqrt(sq);
+    *norm = __half2float(__float2half_rn(__double2float_rn(nd)));  // stored in fp16
+    x = __double2float_rn(static_cast<double>(x) * (nd > 0 ? 1.0 / nd : 0.0));
+  }
+  if (p.metric) {
+    __syncthreads();  // every read of sx above is done
+    sx[j] = x;
+    __syncthreads();
+    const int g = j / p.c, jj = j % p.c;
+    const float* L = p.metric + (static_cast<int64_t>(h) * (p.d / p.c) + g) * p.c * p.c;
+    double y = 0.0;
+    for (int k = jj; k < p.c; ++k) y = fma(static_cast<double>(L[k * p.c + jj]), static_cast<double>(sx[g * p.c + k]), y);
+    x = __double2float_rn(y);
+  }
+  return x;
+}
+
+__global__ void __launch_bounds__(128) encode_rows_kernel(const EncodeArgs p) {
+  __shared__ float sx[128];
+  __shared__ double sred[4];
+  const int i = blockIdx.x, h = blockIdx.y, j = threadIdx.x;
+  const int64_t off = (static_cast<int64_t>(i) * p.KV + h) * p.d;
+  float norm;
+  p.out[off + j] = encode_channel(p, h, j, __half2float(p.x[off + j]), sx, sred, &norm);
+  if (p.gain && j == 0) p.norms[static_cast<int64_t>(i) * p.KV + h] = norm;
+}
+
+// anchors=k|v: the anchors of the tensor that keeps none FP16 (the other one's anchors) are quantized too; the
+// compressed cache keeps them, dequantized, in their FP16 anchor slots (so decode reads them as any anchor):
+// block (anchor a of sequence seq, KV head h), one thread per channel: the row coded as encode_rows_kernel and
+// quantize_kv code it (nearest centroid per group, summed channel by channel without FMA, ties to the lowest
+// index; metric=task: the nearest searched centroid L^T c), then decoded as the CPU reference decodes it:
+// u = the codes' fp16 centroids, u * fp16(norm / |u|) (gain), mean + R^T u (rotate=pca), rounded to fp16.
+struct AnchorRequantArgs {
+  EncodeArgs enc;                     // the tensor's transform (x, out, norms unused)
+  __half* slots = nullptr;            // [max_batch, KV, cap, d]: the tensor's anchor slots, rewritten in place
+  const __half* centroids = nullptr;  // [KV, NG, K, c] fp16 (decoded)
+  const float* search = nullptr;      // [KV, NG, K, c] L^T c (metric=task) or null (the fp16 centroids)
+  int seq = 0, cap = 0, K = 0;
+};
+
+__global__ void __launch_bounds__(128) anchor_requantize_kernel(const AnchorRequantArgs p) {
+  __shared__ float sx[128];
+  __shared__ double sred[4];
+  __shared__ float sy[128];
+  __shared__ int32_t sCode[64];
+  __shared__ float sq[4];
+  const int a = blockIdx.x, h = blockIdx.y, j = threadIdx.x, lane = j & 31, warp = j >> 5, nwarps = blockDim.x / 32;
+  const int d = p.enc.d, C = p.enc.c, NG = d / C;
+  __half* row = p.slots + ((static_cast<int64_t>(p.seq) * p.enc.KV + h) * p.cap + a) * d;
+  float norm;
+  sy[j] = encode_channel(p.enc, h, j, __half2float(row[j]), sx, sred, &norm);
+  __syncthreads();
+  for (int g = warp; g < NG; g += nwarps) {
+    float best = INFINITY;
+    int arg = 0;
+    for (int code = lane; code < p.K; code += 32) {
+      const int64_t base = ((static_cast<int64_t>(h) * NG + g) * p.K + code) * C;
+      float dd = 0.f;
+      for (int t = 0; t < C; ++t) {
+        const float cen = p.search ? p.search[base + t] : __half2float(p.centroids[base + t]);
+        const float diff = __fsub_rn(sy[g * C + t], cen);
+        dd = __fadd_rn(dd, __fmul_rn(diff, diff));  // quantize_kv's (and vq_encode's) rounding
+      }
+      if (dd < best) best = dd, arg = code;
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, off);
+      const int oa = __shfl_xor_sync(0xffffffffu, arg, off);
+      if (ob < best || (ob == best && oa < arg)) best = ob, arg = oa;
+    }
+    if (lane == 0) sCode[g] = arg;
+  }
+  __syncthreads();
+  const int g = j / C;
+  float u = __half2float(p.centroids[((static_cast<int64_t>(h) * NG + g) * p.K + sCode[g]) * C + j % C]);
+  if (p.enc.gain) {  // quantize_kv's fp16 scale norm / |u|
+    float s2 = u * u;
+    for (int off = 16; off > 0; off >>= 1) s2 += __shfl_xor_sync(0xffffffffu, s2, off);
+    if (lane == 0) sq[warp] = s2;
+    __syncthreads();
+    float usq = 0.f;
+    for (int w = 0; w < nwarps; ++w) usq += sq[w];
+    u *= __half2float(__float2half_rn(usq > 0.f ? norm / sqrtf(usq) : 0.f));
+  }
+  if (p.enc.rot_t) {  // mean + R^T u: channel j = mean_j + sum_i R[i][j] u_i = sum_i R^T[j][i] u_i
+    __syncthreads();  // sy is read above by every warp's search
+    sy[j] = u;
+    __syncthreads();
+    const float* rt = p.enc.rot_t + (static_cast<int64_t>(h) * d + j) * d;
+    double y = p.enc.mean[static_cast<int64_t>(h) * d + j];
+    for (int i = 0; i < d; ++i) y = fma(static_cast<double>(rt[i]), static_cast<double>(sy[i]), y);
+    u = __double2float_rn(y);
+  }
+  row[j] = __float2half_rn(u);
+}
+
+// The coded transform's query side, block (head, sequence), one thread per channel: q_rot = R_k q (rotate=pca)
+// and q_mean = q . k_mean, from the bf16 query the decode reads.
+struct QueryRotateArgs {
+  const bf16* q = nullptr;      // [B, H, d]
+  const float* rot_t = nullptr; // [KV, d, d] R_k^T
+  const float* mean = nullptr;  // [KV, d]
+  float* q_rot = nullptr;       // [B, H, d]
+  float* q_mean = nullptr;      // [B, H]
+  int H = 0, KV = 0, d = 0;
+};
+
+// D: head_dim (64 or 128, quant_decode's closed set), the column loop unrolled so that 16 loads are in flight
+// (one at a time it was latency-bound, ~20 us per layer)
+template <int D>
+__global__ void __launch_bounds__(D) query_rotate_kernel(const QueryRotateArgs p) {
+  __shared__ float sq[D];
+  __shared__ float sred[D / 32];
+  const int h = blockIdx.x, b = blockIdx.y, j = threadIdx.x, lane = j & 31, warp = j >> 5;
+  const int kvh = h / (p.H / p.KV);
+  const int64_t row = (static_cast<int64_t>(b) * p.H + h) * D;
+  const float x = __bfloat162float(p.q[row + j]);
+  sq[j] = x;
+  __syncthreads();
+  const float* col = p.rot_t + static_cast<int64_t>(kvh) * D * D + j;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 16
+  for (int k = 0; k < D; ++k) acc[k & 3] = fmaf(__ldg(col + static_cast<int64_t>(k) * D), sq[k], acc[k & 3]);
+  p.q_rot[row + j] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  float dm = x * p.mean[static_cast<int64_t>(kvh) * D + j];
+  for (int o = 16; o > 0; o /= 2) dm += __shfl_xor_sync(0xffffffffu, dm, o);
+  if (lane == 0) sred[warp] = dm;
+  __syncthreads();
+  if (j == 0) {
+    float t = 0.f;
+    for (int w = 0; w < D / 32; ++w) t += sred[w];
+    p.q_mean[static_cast<int64_t>(b) * p.H + h] = t;
+  }
+}
+
+// synthetic gain scales: uniform in [0.5, 1.5) (a hash of (seed, i)), fp16
+__global__ void synthetic_scale_kernel(__half* __restrict__ dst, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t x = static_cast<uint32_t>(i) * 0x9e3779b9u ^ seed ^ static_cast<uint32_t>(i >> 32) * 0x85ebca6bu;
+    x ^= x >> 16, x *= 0x7feb352du, x ^= x >> 15, x *= 0x846ca68bu, x ^= x >> 16;
+    dst[i] = __float2half_rn(0.5f + static_cast<float>(x >> 8) * (1.0f / 16777216.0f));
+  }
+}
+
 // synthetic contents: code_pos[.][.][slot] = slot
 __global__ void iota_code_pos_kernel(int32_t* __restrict__ code_pos, int64_t n, int cap) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -376,10 +569,15 @@ __global__ void iota_code_pos_kernel(int32_t* __restrict__ code_pos, int64_t n, 
     code_pos[i] = static_cast<int32_t>(i % cap);
 }
 
-// The kernel configuration of a method that method_support accepted for the real path.
-cuda::VqKernelConfig config_for(const MethodSpec& m) {
+// Layer l's configuration (the method's, or its per-layer widths'), of a method that method_support accepted for the
+// real path.
+cuda::VqKernelConfig config_for(const MethodSpec& m, int l) {
   ANTKV_CHECK(m.needs_codebooks(), "compressed KV cache: method {} is not vq or antkv", m.text);
-  const std::string name = fmt::format("c{}b{}", m.keys.c, m.keys.b);
+  const VqConfig k = m.key_config(l), v = m.value_config(l);
+  ANTKV_CHECK(k.c == v.c && k.b == v.b,
+              "compressed KV cache: internal error: method {} passed method_support with c{}b{} / c{}b{}{}", m.text,
+              k.c, k.b, v.c, v.b, m.layered() ? fmt::format(" in layer {}", l) : "");
+  const std::string name = fmt::format("c{}b{}", k.c, k.b);
   for (cuda::VqKernelConfig c : cuda::kVqKernelConfigs)
     if (name == cuda::vq_kernel_config_info(c).name) return c;
   fail("compressed KV cache: internal error: method {} passed method_support with {}, which quant_decode does not "
@@ -394,10 +592,22 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
   name_ = m.text;
   const ModelShapeFacts shape = ModelShapeFacts::of(cfg);
   require_support(m, MethodPath::kGpuReal, &shape);  // what the compressed cache runs: quant/method_support.h
-  config_ = config_for(m);
-  cuda::check_vq_shape(cfg.head_dim, config_);
+  ANTKV_CHECK(m.listed_layers() == 0 || m.listed_layers() == cfg.num_layers,
+              "method {}: lkbits/lvbits/lratio list {} layers, the model has {}", m.text, m.listed_layers(), cfg.num_layers);
+  layer_cfg_.clear();
+  for (int l = 0; l < cfg.num_layers; ++l) layer_cfg_.push_back(config_for(m, l));
+  config_ = layer_cfg_.at(0);
+  // anchors=k|v (promote=off, post-RoPE keys: method_support): the other tensor's anchors are quantized at prefill and
+  // kept dequantized in their FP16 slots
+  for (cuda::VqKernelConfig c : layer_cfg_) cuda::check_vq_shape(cfg.head_dim, c);
   check_codebooks_fit(m, cb, cfg);
+  gain_k_ = m.gain_keys();
+  gain_v_ = m.gain_values();
+  rotate_ = m.rotate == Rotate::kPca;
+  task_ = m.metric == Metric::kTask;
+  anchor_quant_side_ = m.anchors == AnchorTensors::kKeys ? 1 : m.anchors == AnchorTensors::kValues ? 0 : -1;
   allocate(cfg, max_batch, capacity, window, m.has_anchors() ? m.ratio : 0.0, m.pre_rope(), m.promotes());
+  for (int l = 0; l < n_layers_; ++l) upload_transforms(l, cb, m);
   if (promote_) {  // the running score's weights: the method's score over the codebooks' error norms
     const AnchorScoreKind kind = m.score;
     for (int l = 0; l < n_layers_; ++l) {
@@ -409,10 +619,11 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
       ANTKV_CUDA_CHECK(cudaMemcpy(layers_[l]->score_coef.get(), coef.data(), coef.size() * sizeof(float), cudaMemcpyHostToDevice));
     }
   }
-  const size_t want = static_cast<size_t>(n_kv_) * ng_ * k_count_ * (d_ / ng_);
-  std::vector<__half> h(want);
+  std::vector<__half> h;
   for (int l = 0; l < n_layers_; ++l)
     for (int kv = 0; kv < 2; ++kv) {
+      const size_t want = static_cast<size_t>(n_kv_) * layers_[l]->k_count * d_;
+      h.resize(want);
       const auto& src = kv ? cb.values.at(l).centroids : cb.keys.at(l).centroids;
       ANTKV_CHECK(src.size() == want, "method {}: layer {} {} centroids hold {} floats, expected {}", m.text, l,
                   kv ? "value" : "key", src.size(), want);
@@ -424,13 +635,32 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
 
 GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKernelConfig config, double anchor_ratio,
                                            int max_batch, int capacity, int window, uint64_t seed, bool pre_rope,
-                                           bool promote) {
+                                           bool promote, bool gain_keys, bool gain_values, bool rotate) {
   config_ = config;
-  name_ = fmt::format("synthetic {}{}{}", cuda::vq_kernel_config_info(config).name, pre_rope ? " pre-RoPE" : "",
-                      promote && anchor_ratio > 0 ? " promote" : "");
+  layer_cfg_.assign(static_cast<size_t>(cfg.num_layers), config);
+  name_ = fmt::format("synthetic {}{}{}{}{}", cuda::vq_kernel_config_info(config).name, pre_rope ? " pre-RoPE" : "",
+                      promote && anchor_ratio > 0 ? " promote" : "",
+                      gain_keys ? (gain_values ? " gain=kv" : " gain=k") : "", rotate ? " rotate=pca" : "");
   cuda::check_vq_shape(cfg.head_dim, config_);
+  ANTKV_CHECK(!(gain_keys || gain_values || rotate) || (!pre_rope && cuda::vq_uses_lut(config)),
+              "compressed cache {}: gain and rotate run with post-RoPE keys on the lookup-table configurations only", name_);
+  gain_k_ = gain_keys;
+  gain_v_ = gain_values;
+  rotate_ = rotate;
   allocate(cfg, max_batch, capacity, window, anchor_ratio, pre_rope, promote);
   for (int l = 0; l < n_layers_; ++l) {
+    Layer& L = *layers_[l];
+    const float basis = 1.0f / std::sqrt(static_cast<float>(d_));
+    for (auto* b : {&L.k_rot_t, &L.v_rot_t, &L.v_rot, &L.k_mean, &L.v_mean}) {  // fp16-valued fp32, as the codebooks'
+      if (!b->size()) continue;
+      DeviceBuffer<__half> tmp(b->size());
+      cuda::fill_random_f16(tmp.get(), static_cast<int64_t>(tmp.size()), seed * 977 + l, basis, nullptr);
+      std::vector<__half> hh(tmp.size());
+      ANTKV_CUDA_CHECK(cudaMemcpy(hh.data(), tmp.get(), hh.size() * sizeof(__half), cudaMemcpyDeviceToHost));
+      std::vector<float> f(hh.size());
+      for (size_t i = 0; i < f.size(); ++i) f[i] = __half2float(hh[i]);
+      ANTKV_CUDA_CHECK(cudaMemcpy(b->get(), f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice));
+    }
     if (promote_) {
       const std::vector<float> coef(static_cast<size_t>(2) * n_kv_, 1.0f);
       ANTKV_CUDA_CHECK(cudaMemcpy(layers_[l]->score_coef.get(), coef.data(), coef.size() * sizeof(float), cudaMemcpyHostToDevice));
@@ -452,10 +682,17 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   n_kv_ = cfg.num_kv_heads;
   n_heads_ = cfg.num_heads;
   d_ = cfg.head_dim;
+  ANTKV_CHECK(static_cast<int>(layer_cfg_.size()) == n_layers_, "compressed cache {}: {} layer configurations for {} layers",
+              name_, layer_cfg_.size(), n_layers_);
+  auto lut_half_of = [](cuda::VqKernelConfig c) {
+    return c == cuda::VqKernelConfig::kC8B8 || c == cuda::VqKernelConfig::kC16B12;
+  };
+  // config(), lut_half() and plan(): layer 0's (a plan's splits are valid for any layer; the workspace below
+  // holds the most splits of any layer's configuration)
   ng_ = cuda::vq_groups(d_, config_);
   k_count_ = cuda::vq_centroid_count(config_);
   rec_ = cuda::vq_record_bytes(d_, config_);
-  lut_half_ = config_ == cuda::VqKernelConfig::kC8B8 || config_ == cuda::VqKernelConfig::kC16B12;
+  lut_half_ = lut_half_of(config_);
   pre_ = pre_rope;
   if (pre_) {
     const auto inv = rope_inv_freq(cfg);
@@ -470,13 +707,18 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   // a prefill of up to `capacity` tokens keeps ceil(ratio * T) anchors (the first token among them)
   anchor_cap_ = ratio > 0 ? static_cast<int>(std::min<double>(capacity, std::ceil(ratio * capacity) + 1)) : 0;
   const size_t BK = static_cast<size_t>(max_batch) * n_kv_;
-  const size_t cent = static_cast<size_t>(n_kv_) * k_count_ * d_;  // [KV, NG, K, c]
   layers_.clear();
   device_bytes_ = 0;
   for (int l = 0; l < n_layers_; ++l) {
     auto L = std::make_unique<Layer>();
-    L->k_codes.resize(BK * capacity * rec_);
-    L->v_codes.resize(BK * capacity * rec_);
+    L->config = layer_cfg_[l];
+    L->ng = cuda::vq_groups(d_, L->config);
+    L->k_count = cuda::vq_centroid_count(L->config);
+    L->rec = cuda::vq_record_bytes(d_, L->config);
+    L->lut_half = lut_half_of(L->config);
+    const size_t cent = static_cast<size_t>(n_kv_) * L->k_count * d_;  // [KV, NG, K, c]
+    L->k_codes.resize(BK * capacity * L->rec);
+    L->v_codes.resize(BK * capacity * L->rec);
     L->k_cent.resize(cent);
     L->v_cent.resize(cent);
     L->anchor_k.resize(BK * anchor_cap_ * d_);
@@ -488,6 +730,18 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
       L->code_pos.resize(BK * capacity);
       L->window_kpre.resize(BK * window * d_);
     }
+    if (gain_k_) L->k_scale.resize(BK * capacity);
+    if (gain_v_) L->v_scale.resize(BK * capacity);
+    if (rotate_) {
+      const size_t dd = static_cast<size_t>(n_kv_) * d_ * d_;
+      L->k_rot_t.resize(dd), L->v_rot_t.resize(dd), L->v_rot.resize(dd);
+      L->k_mean.resize(static_cast<size_t>(n_kv_) * d_), L->v_mean.resize(static_cast<size_t>(n_kv_) * d_);
+    }
+    if (task_) {
+      L->k_metric.resize(static_cast<size_t>(n_kv_) * d_ * cuda::vq_kernel_config_info(L->config).c);
+      L->v_metric.resize(L->k_metric.size());
+      L->k_search.resize(cent), L->v_search.resize(cent);
+    }
     if (promote_) {
       L->anchor_score.resize(BK * anchor_cap_);
       L->window_score.resize(BK * window);
@@ -497,7 +751,10 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
     device_bytes_ += L->k_codes.bytes() + L->v_codes.bytes() + L->k_cent.bytes() + L->v_cent.bytes() +
                      L->anchor_k.bytes() + L->anchor_v.bytes() + L->anchor_pos.bytes() + L->window_k.bytes() +
                      L->window_v.bytes() + L->code_pos.bytes() + L->window_kpre.bytes() + L->anchor_score.bytes() +
-                     L->window_score.bytes() + L->anchor_kpre.bytes() + L->score_coef.bytes();
+                     L->window_score.bytes() + L->anchor_kpre.bytes() + L->score_coef.bytes() + L->k_scale.bytes() +
+                     L->v_scale.bytes() + L->k_rot_t.bytes() + L->v_rot_t.bytes() + L->v_rot.bytes() + L->k_mean.bytes() +
+                     L->v_mean.bytes() + L->k_metric.bytes() + L->v_metric.bytes() + L->k_search.bytes() +
+                     L->v_search.bytes();
     layers_.push_back(std::move(L));
   }
   seqs_.assign(max_batch, CompressedSeqState{});
@@ -506,34 +763,86 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   stage_k_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
   stage_v_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
   // the largest workspace any decode plan of up to max_batch sequences may need
+  const bool coded = coded_transform();
   int64_t ws = 0;
   for (int b = 1; b <= max_batch; ++b)
-    ws = std::max(ws, cuda::quant_decode_workspace_floats(
-                          b, cfg.num_heads, d_, cuda::quant_decode_max_splits(b, cfg.num_heads, n_kv_, d_, config_, capacity, lut_half_)));
+    for (cuda::VqKernelConfig c : layer_cfg_)
+      ws = std::max(ws, cuda::quant_decode_workspace_floats(
+                            b, cfg.num_heads, d_,
+                            cuda::quant_decode_max_splits(b, cfg.num_heads, n_kv_, d_, c, capacity, lut_half_of(c), 1, coded),
+                            coded));
   workspace_.resize(static_cast<size_t>(ws));
+  if (rotate_) {
+    q_rot_.resize(static_cast<size_t>(max_batch) * n_heads_ * d_);
+    q_mean_.resize(static_cast<size_t>(max_batch) * n_heads_);
+  }
+  if (coded || task_) {
+    step_enc_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
+    step_norm_.resize(static_cast<size_t>(max_batch) * n_kv_);
+  }
   if (promote_) {
     lse_.resize(static_cast<size_t>(max_batch) * n_heads_);
     logits_.resize(static_cast<size_t>(max_batch) * n_heads_ * (anchor_cap_ + window_));
   }
   device_bytes_ += step_d_.bytes() + stage_k_.bytes() + stage_v_.bytes() + workspace_.bytes() + lse_.bytes() +
-                   logits_.bytes();
+                   logits_.bytes() + q_rot_.bytes() + q_mean_.bytes() + step_enc_.bytes() + step_norm_.bytes();
+}
+
+void GpuCompressedKvCache::upload_transforms(int l, const CodebookSet& cb, const MethodSpec& m) {
+  Layer& L = *layers_[l];
+  auto upload = [&](DeviceBuffer<float>& dst, const std::vector<float>& src, const char* what) {
+    ANTKV_CHECK(src.size() == dst.size(), "method {}: layer {} {} hold {} floats, expected {}", m.text, l, what, src.size(),
+                dst.size());
+    ANTKV_CUDA_CHECK(cudaMemcpy(dst.get(), src.data(), src.size() * sizeof(float), cudaMemcpyHostToDevice));
+  };
+  const int KV = n_kv_, d = d_;
+  if (rotate_) {
+    for (int side = 0; side < 2; ++side) {
+      const LayerCodebooks& c = side ? cb.values.at(l) : cb.keys.at(l);
+      ANTKV_CHECK(c.rotation.size() == static_cast<size_t>(KV) * d * d, "method {}: layer {} {} rotation holds {} floats, "
+                  "expected {}", m.text, l, side ? "value" : "key", c.rotation.size(), static_cast<size_t>(KV) * d * d);
+      std::vector<float> t(c.rotation.size());
+      for (int h = 0; h < KV; ++h)
+        for (int i = 0; i < d; ++i)
+          for (int k = 0; k < d; ++k)
+            t[(static_cast<size_t>(h) * d + k) * d + i] = c.rotation[(static_cast<size_t>(h) * d + i) * d + k];
+      upload(side ? L.v_rot_t : L.k_rot_t, t, side ? "value rotation" : "key rotation");
+      upload(side ? L.v_mean : L.k_mean, c.mean, side ? "value mean" : "key mean");
+      if (side) upload(L.v_rot, c.rotation, "value rotation");
+    }
+  }
+  if (task_) {
+    const int cc = cuda::vq_kernel_config_info(L.config).c;
+    for (int side = 0; side < 2; ++side) {
+      const LayerCodebooks& c = side ? cb.values.at(l) : cb.keys.at(l);
+      upload(side ? L.v_metric : L.k_metric, c.metric, side ? "value metric=task factors" : "key metric=task factors");
+      const std::vector<float> mapped =
+          metric_centroids(VqHeadCodebooks{c.centroids.data(), KV * (d / cc), L.k_count, cc}, c.metric.data());
+      upload(side ? L.v_search : L.k_search, mapped, side ? "value searched centroids" : "key searched centroids");
+    }
+  }
 }
 
 size_t GpuCompressedKvCache::bytes_per_sequence() const {
+  size_t recs = 0;  // record bytes summed over the layers (per-layer widths)
+  for (const auto& L : layers_) recs += static_cast<size_t>(L->rec);
   const size_t per_layer = static_cast<size_t>(n_kv_) *
-                           (2 * static_cast<size_t>(capacity_) * rec_ + 2 * static_cast<size_t>(anchor_cap_) * d_ * 2 +
+                           (2 * static_cast<size_t>(anchor_cap_) * d_ * 2 +
                             static_cast<size_t>(anchor_cap_) * 4 + 2 * static_cast<size_t>(window_) * d_ * 2 +
                             (pre_ ? static_cast<size_t>(capacity_) * 4 + static_cast<size_t>(window_) * d_ * 2 : 0) +
                             (promote_ ? static_cast<size_t>(anchor_cap_ + window_) * 4 +
                                             (pre_ ? static_cast<size_t>(anchor_cap_) * d_ * 2 : 0)
-                                      : 0));
+                                      : 0) +
+                            (static_cast<size_t>(gain_k_) + gain_v_) * capacity_ * 2);  // gain: fp16 scale per code slot
   // promote: this step's log-sum-exp and FP16 scores (one buffer for all layers)
   const size_t scratch = promote_ ? static_cast<size_t>(n_heads_) * (anchor_cap_ + window_ + 1) * 4 : 0;
-  return per_layer * n_layers_ + scratch;
+  return per_layer * n_layers_ + static_cast<size_t>(n_kv_) * 2 * capacity_ * recs + scratch;
 }
 
 size_t GpuCompressedKvCache::code_bytes_per_token() const {
-  return static_cast<size_t>(n_layers_) * n_kv_ * 2 * rec_;
+  size_t recs = 0;
+  for (const auto& L : layers_) recs += static_cast<size_t>(L->rec);
+  return static_cast<size_t>(n_kv_) * (2 * recs + static_cast<size_t>(n_layers_) * 2 * (static_cast<size_t>(gain_k_) + gain_v_));
 }
 
 void GpuCompressedKvCache::reset() { std::fill(seqs_.begin(), seqs_.end(), CompressedSeqState{}); }
@@ -602,8 +911,13 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
         prefill_ints_.get(), T, KV, seq, capacity_, L.code_pos.get());
     ANTKV_LAUNCH_CHECK("prefill_code_pos_kernel");
   }
+  if (coded_transform() || task_) {
+    prefill_enc_.ensure(rows);
+    prefill_norm_.ensure(static_cast<size_t>(T) * KV);
+  }
   quantize_pair(L, T, pre_ ? prefill_kpre_.get() : prefill_k_.get(),  // the code stream holds pre-RoPE keys when pre
-                prefill_v_.get(), prefill_ints_.get() + slots.size(), nullptr, prefill_ints_.get(), stream);
+                prefill_v_.get(), prefill_ints_.get() + slots.size(), nullptr, prefill_ints_.get(), prefill_enc_.get(),
+                prefill_norm_.get(), stream);
   if (A > 0) {
     AnchorGatherArgs g;
     if (promote_) {  // running scores start from the prefill's (0 when the caller has none)
@@ -620,6 +934,21 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
     g.seq = seq, g.A = A, g.KV = KV, g.d = d_, g.cap = anchor_cap_;
     anchor_gather_kernel<<<blocks_for(static_cast<int64_t>(KV) * A * d_), kThreads, 0, stream>>>(g);
     ANTKV_LAUNCH_CHECK("anchor_gather_kernel");
+    if (anchor_quant_side_ >= 0) {  // anchors=k|v: the other tensor's anchors quantized, kept dequantized
+      const int side = anchor_quant_side_;
+      AnchorRequantArgs r;
+      EncodeArgs& e = r.enc;
+      if (rotate_) e.rot_t = side ? L.v_rot_t.get() : L.k_rot_t.get(), e.mean = side ? L.v_mean.get() : L.k_mean.get();
+      if (task_) e.metric = side ? L.v_metric.get() : L.k_metric.get();
+      e.KV = KV, e.d = d_, e.c = cuda::vq_kernel_config_info(L.config).c;
+      e.gain = side ? gain_v_ : gain_k_;
+      r.slots = side ? L.anchor_v.get() : L.anchor_k.get();
+      r.centroids = side ? L.v_cent.get() : L.k_cent.get();
+      r.search = task_ ? (side ? L.v_search.get() : L.k_search.get()) : nullptr;
+      r.seq = seq, r.cap = anchor_cap_, r.K = L.k_count;
+      anchor_requantize_kernel<<<dim3(A, KV), d_, 0, stream>>>(r);
+      ANTKV_LAUNCH_CHECK("anchor_requantize_kernel");
+    }
   }
   // prefill_h_ and the device ints are reused by the next layer
   ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -627,9 +956,9 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
 
 void GpuCompressedKvCache::quantize_pair(Layer& L, int n_tokens, const __half* k, const __half* v,
                                          const int32_t* seq_index, const int32_t* slot, const int32_t* slot_per_head,
-                                         cudaStream_t stream) {
+                                         float* enc_rows, float* enc_norms, cudaStream_t stream) {
   cuda::QuantizeParams qp;
-  qp.config = config_;
+  qp.config = L.config;
   qp.n_tokens = n_tokens;
   qp.n_kv_heads = n_kv_;
   qp.head_dim = d_;
@@ -640,14 +969,31 @@ void GpuCompressedKvCache::quantize_pair(Layer& L, int n_tokens, const __half* k
   qp.slot_per_head = slot_per_head;
   qp.batch = max_batch_;
   qp.capacity = capacity_;
-  qp.x = k;
-  qp.centroids = L.k_cent.get();
-  qp.codes = L.k_codes.get();
-  cuda::quantize_kv(qp, stream);
-  qp.x = v;
-  qp.centroids = L.v_cent.get();
-  qp.codes = L.v_codes.get();
-  cuda::quantize_kv(qp, stream);
+  for (int side = 0; side < 2; ++side) {
+    const bool gain = side ? gain_v_ : gain_k_;
+    qp.x = side ? v : k;
+    qp.x_type = cuda::ElemType::kF16;
+    qp.centroids = side ? L.v_cent.get() : L.k_cent.get();
+    qp.codes = side ? L.v_codes.get() : L.k_codes.get();
+    qp.search_centroids = nullptr, qp.norms = nullptr, qp.scales = nullptr;
+    if (gain || rotate_ || task_) {  // the CPU reference's transform first (encode_rows_kernel), fp32 rows
+      ANTKV_CHECK(enc_rows && enc_norms, "compressed cache {}: no encode buffers", name_);
+      EncodeArgs e;
+      e.x = side ? v : k;
+      e.out = enc_rows, e.norms = enc_norms;
+      if (rotate_) e.rot_t = side ? L.v_rot_t.get() : L.k_rot_t.get(), e.mean = side ? L.v_mean.get() : L.k_mean.get();
+      if (task_) e.metric = side ? L.v_metric.get() : L.k_metric.get();
+      e.KV = n_kv_, e.d = d_, e.c = cuda::vq_kernel_config_info(L.config).c;
+      e.gain = gain;
+      encode_rows_kernel<<<dim3(n_tokens, n_kv_), d_, 0, stream>>>(e);
+      ANTKV_LAUNCH_CHECK("encode_rows_kernel");
+      qp.x = enc_rows;
+      qp.x_type = cuda::ElemType::kF32;
+      if (task_) qp.search_centroids = side ? L.v_search.get() : L.k_search.get();
+      if (gain) qp.norms = enc_norms, qp.scales = side ? L.v_scale.get() : L.k_scale.get();
+    }
+    cuda::quantize_kv(qp, stream);
+  }
 }
 
 void GpuCompressedKvCache::commit_prefill(int seq, int T) {
@@ -723,7 +1069,7 @@ void GpuCompressedKvCache::upload_counts(int B, cudaStream_t stream) {
 }
 
 cuda::QuantDecodePlan GpuCompressedKvCache::plan(int B, int n_heads) const {
-  return cuda::plan_quant_decode(B, n_heads, n_kv_, d_, config_, max_quant(B), lut_half_);
+  return cuda::plan_quant_decode(B, n_heads, n_kv_, d_, config_, max_quant(B), lut_half_, 1, coded_transform());
 }
 
 int GpuCompressedKvCache::max_quant(int B) const {
@@ -764,7 +1110,7 @@ void GpuCompressedKvCache::append(int layer, int B, const float* k, const float*
   ANTKV_LAUNCH_CHECK("window_append_kernel");
   quantize_pair(L, B, stage_k_.get(), stage_v_.get(), step_d_.get() + 6 * max_batch_,
                 step_d_.get() + 2 * max_batch_,  // code slots: -1 where nothing leaves the window this step
-                nullptr, stream);
+                nullptr, step_enc_.get(), step_norm_.get(), stream);
 }
 
 void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, bf16* out,
@@ -772,7 +1118,7 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   ANTKV_CHECK(layer >= 0 && layer < n_layers_ && B >= 1 && B <= max_batch_, "compressed cache: bad attend");
   Layer& L = *layers_[layer];
   cuda::QuantDecodeParams p;
-  p.config = config_;
+  p.config = L.config;
   p.batch = B;
   p.n_heads = n_heads;
   p.n_kv_heads = n_kv_;
@@ -797,7 +1143,7 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   p.n_splits = plan.n_splits;
   p.split_len = plan.split_len;
   p.scale = scale;
-  p.lut_half = lut_half_;
+  p.lut_half = L.lut_half;
   if (pre_) {
     p.pre_rope = true;
     p.code_pos = L.code_pos.get();
@@ -805,6 +1151,19 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   }
   p.lse = promote_ ? lse_.get() : nullptr;
   p.fp16_logits = promote_ ? logits_.get() : nullptr;
+  if (rotate_) {  // the query once per step and head: R_k q and q . k_mean
+    QueryRotateArgs qa;
+    qa.q = q, qa.rot_t = L.k_rot_t.get(), qa.mean = L.k_mean.get();
+    qa.q_rot = q_rot_.get(), qa.q_mean = q_mean_.get();
+    qa.H = n_heads, qa.KV = n_kv_, qa.d = d_;
+    if (d_ == 64) query_rotate_kernel<64><<<dim3(n_heads, B), 64, 0, stream>>>(qa);
+    else query_rotate_kernel<128><<<dim3(n_heads, B), 128, 0, stream>>>(qa);
+    ANTKV_LAUNCH_CHECK("query_rotate_kernel");
+    p.q_rot = q_rot_.get(), p.q_mean = q_mean_.get();
+    p.v_rotation = L.v_rot.get(), p.v_mean = L.v_mean.get();
+  }
+  if (gain_k_) p.k_scale = L.k_scale.get();
+  if (gain_v_) p.v_scale = L.v_scale.get();
   cuda::quant_decode(p, stream);
   if (!promote_) return;
   RunningScoreArgs r;
@@ -847,6 +1206,12 @@ void GpuCompressedKvCache::fill_random(uint64_t seed, cudaStream_t stream) {
     cuda::fill_random_f16(L->window_v.get(), static_cast<int64_t>(L->window_v.size()), s++, 1.0f, stream);
     if (L->anchor_kpre.size())
       cuda::fill_random_f16(L->anchor_kpre.get(), static_cast<int64_t>(L->anchor_kpre.size()), s++, 1.0f, stream);
+    for (auto* b : {&L->k_scale, &L->v_scale})  // gain: positive scales, as real ones are
+      if (b->size()) {
+        synthetic_scale_kernel<<<blocks_for(static_cast<int64_t>(b->size())), kThreads, 0, stream>>>(
+            b->get(), static_cast<int64_t>(b->size()), static_cast<uint32_t>(s++));
+        ANTKV_LAUNCH_CHECK("synthetic_scale_kernel");
+      }
     for (auto* b : {&L->anchor_score, &L->window_score})  // running scores: any value times the same
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemsetAsync(b->get(), 0, b->bytes(), stream));
     if (pre_) {
@@ -893,6 +1258,8 @@ void GpuCompressedKvCache::poison() {
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // 0xFFFF: fp16 NaN
     for (auto* b : {&L->anchor_score, &L->window_score})
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // fp32 NaN
+    for (auto* b : {&L->k_scale, &L->v_scale})
+      if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // fp16 NaN
   }
   if (stage_k_.size()) ANTKV_CUDA_CHECK(cudaMemset(stage_k_.get(), 0xFF, stage_k_.bytes()));
   if (stage_v_.size()) ANTKV_CUDA_CHECK(cudaMemset(stage_v_.get(), 0xFF, stage_v_.bytes()));

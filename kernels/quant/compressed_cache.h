@@ -23,10 +23,24 @@
 //  token position (code_pos, int32: +4 bytes per token and KV head), the window keeps a pre-RoPE copy of its
 //  keys for the quantization at eviction, and decode dequantizes, rotates and dots (quant_decode pre_rope).
 //  Anchors and window keys are post-RoPE either way.
-// Refused, with an antkv::Error naming the method: keys and values of different configurations or one outside
-// quant_decode's closed set (c2b8, c4b8, c8b8, c16b12, c16b8, c16b6), anchors=k|v, gain=, correct=on, rotate=pca,
-// metric=task and per-layer widths or ratios; the codebooks are checked by check_codebooks_fit
-// (quant/codebook_fit.h), as in the CPU cache and the simulated quantizer.
+// Coded tokens as the CPU reference codes them (quant/quantized_cache.cpp quantize_head; encode_rows_kernel here):
+//  - rotate=pca: x' = R (x - mean) per (layer, KV head, tensor); decode rotates the query once per step and head
+//    (q' = R_k q, and q . k_mean added to every quantized token's score) and the values' coded sums back once per
+//    (sequence, head) (quant_decode's coded transform);
+//  - gain=k|kv: x' / |x'| is coded and the stored fp16 norm over |u| (u: the codes' concatenated centroids) is one
+//    fp16 scale per token and head (k_scale / v_scale, counted in bytes_per_sequence), so the lookup tables stay
+//    as they are: score = ks * sum_g LUT[g][code] (+ q . k_mean), value bins weigh p * vs;
+//  - metric=task: the nearest L^T c to L^T x' is taken; decode reads the original-space centroids (unchanged).
+// Per-layer widths (lkbits/lvbits): each layer its own configuration (codes, codebooks, lookup tables).
+// anchors=k|v (promote=off, post-RoPE keys): the other tensor's anchor tokens are coded as any token at the
+// prefill (anchor_requantize_kernel) and kept dequantized (fp16) in their anchor slots, which decode reads as
+// any anchor: the quality of the method; the bytes of anchors=kv (the anchors are ~ratio of the tokens).
+// Refused, with an antkv::Error naming the method: keys and values of different configurations (in any layer) or
+// one outside quant_decode's closed set (c2b8, c4b8, c8b8, c16b12, c16b8, c16b6), anchors=k|v with promote=on or
+// key_rope=pre, correct=on,
+// per-layer ratios (lratio), and gain= or rotate=pca with pre-RoPE keys or with c2b8 / c4b8 (the dequantize-dot kernel has no
+// scales or rotated bases); the codebooks are checked by check_codebooks_fit (quant/codebook_fit.h), as in the CPU
+// cache and the simulated quantizer.
 // Counts (per sequence, the same for every layer and KV head): n_anchor anchors, n_window window tokens,
 // n_quant quantized tokens; their sum is the sequence length.
 #pragma once
@@ -60,16 +74,25 @@ class GpuCompressedKvCache {
   // Synthetic codebooks (uniform fp16 in [-1, 1)): benchmarks and max-context, where decode time does not
   // depend on the values.
   // promote: decode steps run the online anchor rule (its cost in the benchmarks; scores start at 0).
+  // gain_keys / gain_values / rotate: the coded transform with synthetic scales (uniform in [0.5, 1.5)), means and
+  // bases (uniform in [-1, 1) / sqrt(head_dim)), run through the same decode as a real cache's.
   GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKernelConfig config, double anchor_ratio, int max_batch,
-                       int capacity, int window, uint64_t seed, bool pre_rope = false, bool promote = false);
+                       int capacity, int window, uint64_t seed, bool pre_rope = false, bool promote = false,
+                       bool gain_keys = false, bool gain_values = false, bool rotate = false);
   ~GpuCompressedKvCache();
 
   const std::string& name() const { return name_; }
-  cuda::VqKernelConfig config() const { return config_; }
+  cuda::VqKernelConfig config() const { return config_; }  // layer 0's (per-layer widths: each layer its own)
   // fp16 lookup tables in quant_decode (c8b8: measured faster on the H200 at every batch and context, e.g.
   // 4.08x against 2.98x of fp16 flash-decoding at batch 16 / 128K; c16b12 always; others fp32)
   bool lut_half() const { return lut_half_; }
   bool pre_rope() const { return pre_; }
+  bool gain_keys() const { return gain_k_; }
+  bool gain_values() const { return gain_v_; }
+  bool rotates() const { return rotate_; }
+  bool task_metric() const { return task_; }
+  // Whether decode runs quant_decode's coded transform (gain or rotate).
+  bool coded_transform() const { return gain_k_ || gain_v_ || rotate_; }
   bool promotes() const { return promote_; }
   int max_batch() const { return max_batch_; }
   int capacity() const { return capacity_; }          // tokens per sequence
@@ -79,7 +102,8 @@ class GpuCompressedKvCache {
   size_t device_bytes() const { return device_bytes_; }
   // Bytes of one sequence's cache at full capacity (codes, anchors with positions, window), all layers.
   size_t bytes_per_sequence() const;
-  // Device bytes that grow with one more quantized token of one sequence (codes of K and V, all layers).
+  // Device bytes that grow with one more quantized token of one sequence (codes of K and V and their gain
+  // scales, all layers).
   size_t code_bytes_per_token() const;
 
   void reset();  // every sequence empty
@@ -137,18 +161,26 @@ class GpuCompressedKvCache {
   void allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio, bool pre_rope,
                 bool promote);
   // K then V of n_tokens fp16 rows [n_tokens, kv_heads, head_dim] into layer L's code streams (quantize_kv:
-  // slot per token, or slot_per_head)
+  // slot per token, or slot_per_head), through encode_rows_kernel first when the tensor is rotated, gain-coded
+  // or searched in a metric (enc: fp32 rows and norms of n_tokens tokens: the decode step's own buffers, which
+  // captured graphs hold, or the prefill's)
   void quantize_pair(Layer& L, int n_tokens, const __half* k, const __half* v, const int32_t* seq_index,
-                     const int32_t* slot, const int32_t* slot_per_head, cudaStream_t stream);
+                     const int32_t* slot, const int32_t* slot_per_head, float* enc_rows, float* enc_norms,
+                     cudaStream_t stream);
+  // The rotation, mean and metric tables of layer l from the codebooks (rotate=pca, metric=task).
+  void upload_transforms(int l, const CodebookSet& cb, const MethodSpec& m);
   std::string name_;
   cuda::VqKernelConfig config_ = cuda::VqKernelConfig::kC8B8;
   int n_layers_ = 0, n_kv_ = 0, n_heads_ = 0, d_ = 0, rec_ = 0, ng_ = 0, k_count_ = 0;
   int max_batch_ = 0, capacity_ = 0, anchor_cap_ = 0, window_ = 0;
   double ratio_ = 0;
   bool lut_half_ = false, pre_ = false, promote_ = false;
+  bool gain_k_ = false, gain_v_ = false, rotate_ = false, task_ = false;
+  int anchor_quant_side_ = -1;  // anchors=k: 1 (the anchors' values are quantized), anchors=v: 0 (keys); else -1
   cuda::DeviceBuffer<float> inv_freq_;  // [head_dim / 2] (pre_rope)
   size_t device_bytes_ = 0;
   std::vector<std::unique_ptr<Layer>> layers_;
+  std::vector<cuda::VqKernelConfig> layer_cfg_;  // each layer's configuration (set before allocate)
   std::vector<CompressedSeqState> seqs_;
   // step: evict_slot | new_slot | code_slot | n_quant | n_anchor | n_window | seq_index | evict_pos, [8][max_batch]
   cuda::DeviceBuffer<int32_t> step_d_;
@@ -163,6 +195,11 @@ class GpuCompressedKvCache {
   cuda::DeviceBuffer<float> lse_;                 // promote: [max_batch, n_heads] this step's log-sum-exp
   cuda::DeviceBuffer<float> logits_;              // promote: [max_batch, n_heads, anchor_cap + window] its FP16 scores
   cuda::DeviceBuffer<float> prefill_score_;       // promote: [T, kv_heads] a prefill's anchor scores
+  // coded transform: the step's rotated queries and mean dots, [max_batch, n_heads, head_dim] and [max_batch, n_heads]
+  cuda::DeviceBuffer<float> q_rot_, q_mean_;
+  // encode (rotate, gain, metric): fp32 rows and norms of the decode step's tokens [max_batch, kv_heads, head_dim]
+  // / [max_batch, kv_heads], and of a prefill's [T, ...]
+  cuda::DeviceBuffer<float> step_enc_, step_norm_, prefill_enc_, prefill_norm_;
 };
 
 }  // namespace antkv

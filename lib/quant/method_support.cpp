@@ -63,6 +63,20 @@ bool names(const MethodSpec& m, const char* key) {
   }
 }
 bool vq_like(const MethodSpec& m) { return m.needs_codebooks(); }
+// The first layer whose key and value widths differ (-1: none).
+int layer_with_two_widths(const MethodSpec& m) {
+  const int n = std::max(1, m.listed_layers());
+  for (int l = 0; l < n; ++l) {
+    const VqConfig k = m.key_config(l), v = m.value_config(l);
+    if (k.c != v.c || k.b != v.b) return l;
+  }
+  return -1;
+}
+bool one_anchor_tensor(const MethodSpec& m) { return m.anchors == AnchorTensors::kKeys || m.anchors == AnchorTensors::kValues; }
+// gain= or rotate=pca: the compressed cache's coded transform (per-token scale, rotated basis)
+bool coded(const MethodSpec& m) { return m.gain != Gain::kOff || m.rotate != Rotate::kOff; }
+// The lookup-table widths of quant_decode (c >= 8; c2b8 and c4b8 decode by dequantize-dot).
+bool lut_width(VqConfig q) { return compressed_width(q) && q.c >= 8; }
 
 // ---- the rules ---------------------------------------------------------------------------------------------
 // A rule returns why the path does not run m (empty: no objection). s: the model's shape, or null (shape rules
@@ -106,18 +120,18 @@ const std::vector<Rule> kSimulatedRules = {
 
 // The compressed vq/antkv cache (kernels/quant/compressed_cache.h): real path, bench, max-context.
 const std::vector<Rule> kCompressedRules = {
-    ANTKV_RULE(m.keys.c != m.values.c || m.keys.b != m.values.b, "kbits != vbits (c{}b{} / c{}b{}): the compressed cache has one configuration for keys and values", m.keys.c, m.keys.b, m.values.c, m.values.b),
+    ANTKV_RULE(layer_with_two_widths(m) >= 0, "kbits != vbits{} (c{}b{} / c{}b{}): the compressed cache has one configuration for a layer's keys and values", m.layered() ? fmt::format(" in layer {}", layer_with_two_widths(m)) : "", m.key_config(std::max(0, layer_with_two_widths(m))).c, m.key_config(std::max(0, layer_with_two_widths(m))).b, m.value_config(std::max(0, layer_with_two_widths(m))).c, m.value_config(std::max(0, layer_with_two_widths(m))).b),
     ANTKV_RULE(first_width_not(m, compressed_width).c, "c{}b{} is not one of the compressed cache's configurations (bits 4, 2, 1, 0.75, 0.5, 0.375: c2b8, c4b8, c8b8, c16b12, c16b8, c16b6)", first_width_not(m, compressed_width).c, first_width_not(m, compressed_width).b),
-    ANTKV_RULE(m.anchors == AnchorTensors::kKeys || m.anchors == AnchorTensors::kValues, "anchors={} (one tensor only) is not implemented in the compressed cache (anchors=kv or off)", option_name(m.anchors)),
-    ANTKV_RULE(m.gain != Gain::kOff, "gain={} is not implemented in the compressed cache", option_name(m.gain)),
-    ANTKV_RULE(m.rotate != Rotate::kOff, "rotate={} is not implemented in the compressed cache", option_name(m.rotate)),
-    ANTKV_RULE(m.metric != Metric::kPlain, "metric={} is not implemented in the compressed cache", option_name(m.metric)),
+    ANTKV_RULE(one_anchor_tensor(m) && (m.promotes() || m.pre_rope()), "anchors={} (one tensor only) runs on the compressed cache with promote=off and post-RoPE keys (decode-time anchors and pre-RoPE keys move one code stream for keys and values): add promote=off", option_name(m.anchors)),
+    ANTKV_RULE(coded(m) && m.pre_rope(), "gain= and rotate=pca with key_rope=pre are not implemented in the compressed cache (its pre-RoPE decode has no per-token scale or rotated basis); key_rope=post"),
+    ANTKV_RULE(coded(m) && first_width_not(m, lut_width).c, "gain= and rotate=pca run on the compressed cache's lookup-table widths (bits 1, 0.75, 0.5, 0.375), not c{}b{}", first_width_not(m, lut_width).c, first_width_not(m, lut_width).b),
     ANTKV_RULE(m.correct, "correct=on is not implemented in the compressed cache"),
-    ANTKV_RULE(m.layered(), "per-layer widths (lkbits, lvbits) are not implemented in the compressed cache"),
-    ANTKV_RULE(!m.layer_ratio.empty(), "per-layer ratios (lratio) are not implemented in the compressed cache"),
+    ANTKV_RULE(!m.layer_ratio.empty(), "per-layer ratios (lratio) are not implemented in the compressed cache (one anchor budget for every layer)"),
 };
 const std::vector<Note> kCompressedNotes = {
     ANTKV_NOTE(m.pre_rope(), "pre-RoPE keys decode by dequantize-rotate-dot"),
+    ANTKV_NOTE(one_anchor_tensor(m), "the other tensor's anchor tokens are coded and kept dequantized in their FP16 slots (quality of anchors={}, memory of anchors=kv)", option_name(m.anchors)),
+    ANTKV_NOTE(m.metric == Metric::kTask, "codes assigned in the task metric at prefill and append; decode reads the original-space centroids"),
     ANTKV_NOTE(m.keys.c < 8 && compressed_width(m.keys), "c{}b{}: its tables do not fit in shared memory, decode by dequantize-dot", m.keys.c, m.keys.b),
 };
 
@@ -140,6 +154,11 @@ const std::vector<Note> kRealNotes = {
 };
 
 // bench and max-context: the real caches filled with synthetic contents.
+// The synthetic compressed cache that bench and max-context fill (kernels/bench/method_bench.cpp).
+const std::vector<Rule> kBenchCompressedRules = {
+    ANTKV_RULE(vq_like(m) && one_anchor_tensor(m), "anchors={} (one tensor only) is not implemented in the synthetic cache bench fills", option_name(m.anchors)),
+    ANTKV_RULE(vq_like(m) && m.layered(), "per-layer widths (lkbits, lvbits) are not implemented in the synthetic cache bench fills"),
+};
 const std::vector<Rule> kBenchKindRules = {
     ANTKV_RULE_ALT(m.kind == MethodKind::kRsq, "rsq has no real GPU cache to time (its cache is simulated); bench and max-context time fp16, uniform, vq and antkv"),
 };
@@ -180,10 +199,10 @@ PathRules rules_of(MethodPath p, MethodKind k) {
       return {"the real GPU cache (eval.kv_cache: real)", "evaluate it with eval.kv_cache: simulated",
               {&kGpuRuntimeRules, &kRealKindRules, cache}, {&kRealNotes, cache_notes}};
     case MethodPath::kBench:
-      return {"bench (antkv-eval bench --method)", bench_alt, {&kGpuRuntimeRules, &kBenchKindRules, cache},
+      return {"bench (antkv-eval bench --method)", bench_alt, {&kGpuRuntimeRules, &kBenchKindRules, cache, &kBenchCompressedRules},
               {&kBenchNotes, cache_notes}};
     case MethodPath::kMaxContext:
-      return {"max-context (antkv-eval max-context)", bench_alt, {&kGpuRuntimeRules, &kBenchKindRules, cache},
+      return {"max-context (antkv-eval max-context)", bench_alt, {&kGpuRuntimeRules, &kBenchKindRules, cache, &kBenchCompressedRules},
               {&kBenchNotes, cache_notes}};
   }
   fail("method_support: unknown path");
