@@ -358,6 +358,9 @@ TEST_CASE("GPU KV quantizers equal QuantizedKvCache on the same inputs (prefill,
       {"vq:bits=0.75", 5e-3},
       {"antkv:bits=1,ratio=0.05,promote=off", 1e-2},
       {"antkv:bits=1,ratio=0.05,key_rope=pre,promote=off", 1e-2},
+      {"antkv:bits=1,ratio=0.05,key_rope=commute,promote=off", 1e-2},
+      {"vq:bits=1,gain=kv,key_rope=commute", 5e-3},
+      {"vq:bits=1,metric=task,key_rope=commute", 5e-3},
       {"antkv:bits=1,ratio=0.05,anchors=v,promote=off", 1e-2},  // anchor tokens: keys quantized, values exact
       {"antkv:bits=1,ratio=0.05,anchors=k,key_rope=pre,promote=off", 1e-2},
       // gain-shape VQ, rotated VQ, rsq: the GPU sums the fp64 norms and d x d products in the CPU's order (a
@@ -893,7 +896,8 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
   for (const std::string text : {"vq:bits=1", "antkv:bits=1,ratio=0.05,promote=off", "vq:bits=0.5",
                                  "antkv:bits=1,ratio=0.05,key_rope=pre,promote=off", "antkv:bits=1,ratio=0.05",
                                  "antkv:bits=1,ratio=0.05,key_rope=pre", "vq:bits=2",
-                                 "antkv:bits=4,ratio=0.05,key_rope=pre,promote=off"}) {
+                                 "antkv:bits=4,ratio=0.05,key_rope=pre,promote=off", "vq:bits=1,key_rope=commute",
+                                 "antkv:bits=1,ratio=0.05,key_rope=commute", "vq:bits=2,key_rope=commute"}) {
     SECTION(text) {
       const MethodSpec m = method(text);
       auto cb = make_codebooks(cfg, m, mod.calib, 7);

@@ -54,6 +54,7 @@ BenchMethod parse_bench_method(const std::string& text) {
   b.compressed = true;
   b.anchor_ratio = m.kind == MethodKind::kAntkv && m.has_anchors() ? m.ratio : 0.0;
   b.pre_rope = m.pre_rope();
+  b.commute = m.commute();
   b.promote = b.anchor_ratio > 0 && m.promotes();
   return b;
 }
@@ -102,7 +103,7 @@ std::unique_ptr<GpuRuntime> make_runtime(const ModelConfig& cfg, const BenchMeth
   if (m.compressed)
     rt->set_compressed_cache(
         std::make_unique<GpuCompressedKvCache>(cfg, m.config, m.anchor_ratio, B, capacity, m.window, seed + 7, m.pre_rope,
-                                               m.promote));
+                                               m.promote, m.commute));
   rt->fill_kv_random(seed + 1);
   return rt;
 }

@@ -22,7 +22,9 @@
 //  Keys are post-RoPE, or pre-RoPE (key_rope: pre): then the code stream holds pre-RoPE keys with each slot's
 //  token position (code_pos, int32: +4 bytes per token and KV head), the window keeps a pre-RoPE copy of its
 //  keys for the quantization at eviction, and decode dequantizes, rotates and dots (quant_decode pre_rope).
-//  Anchors and window keys are post-RoPE either way.
+//  Anchors and window keys are post-RoPE either way. key_rope=commute: as pre, with the pre-RoPE keys put in RoPE
+//  pair order (quant/vq.h rope_pair_order) before they are kept or coded, and decode by commute_decode
+//  (kernels/attention/commute_decode.h: codeword times e^{i pos theta}, every configuration but c16b12).
 // Refused, with an antkv::Error naming the method: keys and values of different configurations or one outside
 // quant_decode's closed set (c2b8, c4b8, c8b8, c16b12, c16b8, c16b6), anchors=k|v, gain=, correct=on, rotate=pca,
 // metric=task and per-layer widths or ratios; the codebooks are checked by check_codebooks_fit
@@ -61,7 +63,8 @@ class GpuCompressedKvCache {
   // depend on the values.
   // promote: decode steps run the online anchor rule (its cost in the benchmarks; scores start at 0).
   GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKernelConfig config, double anchor_ratio, int max_batch,
-                       int capacity, int window, uint64_t seed, bool pre_rope = false, bool promote = false);
+                       int capacity, int window, uint64_t seed, bool pre_rope = false, bool promote = false,
+                       bool commute = false);
   ~GpuCompressedKvCache();
 
   const std::string& name() const { return name_; }
@@ -70,6 +73,7 @@ class GpuCompressedKvCache {
   // 4.08x against 2.98x of fp16 flash-decoding at batch 16 / 128K; c16b12 always; others fp32)
   bool lut_half() const { return lut_half_; }
   bool pre_rope() const { return pre_; }
+  bool commute() const { return commute_; }  // key_rope=commute (implies pre_rope)
   bool promotes() const { return promote_; }
   int max_batch() const { return max_batch_; }
   int capacity() const { return capacity_; }          // tokens per sequence
@@ -147,6 +151,15 @@ class GpuCompressedKvCache {
   double ratio_ = 0;
   bool lut_half_ = false, pre_ = false, promote_ = false;
   cuda::DeviceBuffer<float> inv_freq_;  // [head_dim / 2] (pre_rope)
+  bool commute_ = false;
+  cuda::DeviceBuffer<int32_t> pair_order_;  // commute: [head_dim] rope_pair_order
+  // commute: pre-RoPE keys in pair order, [max_batch | T, kv_heads * head_dim]: decode steps' (fixed: captured decode
+  // graphs hold the pointer) and a prefill's
+  cuda::DeviceBuffer<float> pair_rows_, prefill_pairs_;
+  void set_commute(const ModelConfig& cfg, const std::string& who);
+  // commute: k_pre rows put in pair order into buf (dense), else k_pre itself
+  const float* pair_ordered(const float* k_pre, int64_t& stride, int rows, cuda::DeviceBuffer<float>& buf,
+                            cudaStream_t stream);
   size_t device_bytes_ = 0;
   std::vector<std::unique_ptr<Layer>> layers_;
   std::vector<CompressedSeqState> seqs_;
