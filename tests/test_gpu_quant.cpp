@@ -76,7 +76,8 @@ struct LayerActs {
 // spread as noise); error_norm = the mean |x - vq(x)| over the samples per head (as the trainer reports it).
 // rotate=pca: per head the samples' mean and the PCA basis of their covariance (quant/vq.h pca_rotation, as
 // the trainer), and the samples are coded in it; gain: the samples are unit directions (gain_normalize), so
-// that the centroids are too. metric=task: per (layer, head, group) a strongly anisotropic fp16 lower-triangular
+// that the centroids are too. key_rope=commute: the key samples are taken in RoPE pair order (quant/vq.h
+// rope_pair_order), the order the trainer codes them in. metric=task: per (layer, head, group) a strongly anisotropic fp16 lower-triangular
 // factor L (diagonal 4^(i mod 3), N(0, 1) below it), as test_quant.cpp's task-metric cache test builds them, and
 // error_norm measured in that metric's assignment (vq_quantize_metric). Per-layer widths (lkbits / lvbits): each
 // layer's arrays in its own configuration, the meta of layer 0's (as lib/eval/compare.cpp merges the files).
@@ -105,6 +106,8 @@ std::shared_ptr<CodebookSet> make_codebooks(const ModelConfig& cfg, const Method
       LayerCodebooks& lc = kv ? set->values[l] : set->keys[l];
       const int N = static_cast<int>(src.size() / (static_cast<size_t>(KV) * d));
       const int64_t row = static_cast<int64_t>(KV) * d;
+      if (kv == 0 && m.commute())  // key_rope=commute: codebooks of the keys in RoPE pair order, as the trainer makes
+        for (int h = 0; h < KV; ++h) permute_channels(rope_pair_order(d, q.c), true, src.data() + static_cast<size_t>(h) * d, N, row);
       if (m.rotate == Rotate::kPca) {
         lc.rotation.resize(static_cast<size_t>(KV) * d * d);
         lc.mean.assign(static_cast<size_t>(KV) * d, 0.f);
