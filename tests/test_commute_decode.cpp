@@ -3,7 +3,7 @@
 // (permute_channels) and rotated to its position by the CPU RoPE (rope_apply), i.e. RoPE of the decoded pre-RoPE
 // key; values dequantized as always; with the FP16 anchors and window through cpu::attention. Fresh random inputs
 // (the seed is printed on failure), batch 3 with odd per-sequence counts (one sequence without codes, one spanning
-// many 256-slot tiles), GQA 1/4/8, head_dim 64 and 128, every configuration commute decode runs, positions up to
+// many 512-slot tiles), GQA 1/4/8, head_dim 64 and 128, every configuration commute decode runs, positions up to
 // 2^20, code slots past n_quant poisoned with 0xFF bytes (positions -1) and FP16 slots past the counts with NaN.
 // Three split plans (the planner's, one split, one split per tile); a CUDA graph replay equals the eager launch bit
 // for bit.
@@ -175,7 +175,7 @@ void run_case(VqKernelConfig cfg, int d, int G, const std::vector<Counts>& seqs,
   p.inv_freq = dfreq.get();
   const auto auto_plan = cuda::plan_commute_decode(B, H, Hkv, d, cfg, max_q);
   REQUIRE(auto_plan.n_splits <= cuda::commute_decode_max_splits(B, H, Hkv, d, cfg));
-  const int tile = 256;
+  const int tile = cuda::commute_decode_tile();
   const std::vector<std::pair<int, int>> plans = {{auto_plan.n_splits, auto_plan.split_len},
                                                   {1, std::max(1, (max_q + tile - 1) / tile) * tile},
                                                   {std::max(1, (max_q + tile - 1) / tile), tile}};

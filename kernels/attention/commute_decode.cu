@@ -18,22 +18,25 @@ namespace {
 
 using namespace dev;
 
-constexpr int kNT = 256;    // threads per block
-constexpr int kTile = 256;  // slots (or FP16 tokens) per tile: one per thread in the score pass
+constexpr int kNT = 512;    // threads per block (one block per multiprocessor: both codebooks in shared memory)
+constexpr int kTile = kNT;  // slots (or FP16 tokens) per tile: one per thread in the score pass
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMaxSplitLen = 1 << 22;  // fp32 sums of exp2 weights <= 1 each: no overflow at any split length
+
+constexpr int cmax(int a, int b) { return a > b ? a : b; }
 
 template <int D, int C, int NB, int G>
 struct Shape {
   static constexpr int HALF = D / 2, NG = D / C, K = 1 << NB, PH = C / 2, REC = NG * NB / 8, NWD = (REC + 3) / 4;
   static constexpr int NP = kNT / HALF;  // token classes of the value pass (thread per channel pair and class)
-  // shared memory, bytes: key codebook [NG][K][PH] half2 | u [HALF][G] float2 | freq [HALF] | p [kTile][G] |
-  // red [kNT/32][G] | o [NP][G][D] | value codes [kTile][NG] u8
-  static constexpr int CB = NG * K * PH * 4;
-  static constexpr int U = CB, FREQ = U + HALF * G * 8, P = FREQ + HALF * 4, RED = P + kTile * G * 4,
-                       O = RED + (kNT / 32) * G * 4, VC = O + NP * G * D * 4, BYTES = VC + kTile * NG;
-  static_assert(NB <= 8, "value codes are staged as bytes");
-  static_assert(CB % 16 == 0 && (HALF * G * 8) % 16 == 0 && O % 16 == 0, "16-byte aligned regions");
+  // shared memory, bytes: key codebook [NG][K][PH] half2 (re, im) | value codebook [NG][K][C] half | u [HALF][G]
+  // float2 | freq [HALF] | red [kNT/32][G] | then, during the tiles, p [kTile][G] | key codes [NG][kTile] u8 | value
+  // codes [NG][kTile] u8, and at the end o [NP][G][D] in the same bytes
+  static constexpr int CB = NG * K * PH * 4, VCB = CB, U = VCB + NG * K * C * 2, FREQ = U + HALF * G * 8,
+                       RED = FREQ + HALF * 4, P = RED + (kNT / 32) * G * 4, KC = P + kTile * G * 4, VC = KC + kTile * NG,
+                       O = P, BYTES = cmax(VC + kTile * NG, O + NP * G * D * 4);
+  static_assert(NB <= 8, "codes are staged as bytes");
+  static_assert(CB % 16 == 0 && U % 16 == 0 && (HALF * G * 8) % 16 == 0 && P % 16 == 0, "16-byte aligned regions");
 };
 
 template <int REC>
@@ -112,16 +115,18 @@ __device__ __forceinline__ void load_weights(const float* p, float (&w)[G]) {
 }
 
 template <int D, int C, int NB, int G>
-__global__ void __launch_bounds__(kNT, 2) commute_split_kernel(const QuantDecodeParams p) {
+__global__ void __launch_bounds__(kNT, 1) commute_split_kernel(const QuantDecodeParams p) {
   using S = Shape<D, C, NB, G>;
   constexpr int HALF = S::HALF, NG = S::NG, K = S::K, PH = S::PH, REC = S::REC, NWD = S::NWD, NP = S::NP;
   extern __shared__ __align__(16) unsigned char smem[];
   __half2* sCb = reinterpret_cast<__half2*>(smem);
+  const __half2* sVcb = reinterpret_cast<const __half2*>(smem + S::VCB);
   float2* sU = reinterpret_cast<float2*>(smem + S::U);
   float* sFreq = reinterpret_cast<float*>(smem + S::FREQ);
   float* sP = reinterpret_cast<float*>(smem + S::P);
   float* sRed = reinterpret_cast<float*>(smem + S::RED);
   float* sO = reinterpret_cast<float*>(smem + S::O);
+  uint8_t* sKc = smem + S::KC;
   uint8_t* sVc = smem + S::VC;
 
   const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
@@ -145,6 +150,9 @@ __global__ void __launch_bounds__(kNT, 2) commute_split_kernel(const QuantDecode
       const int row = i / PH, pi = i % PH;
       sCb[i] = __halves2half2(kcb[static_cast<int64_t>(row) * C + pi], kcb[static_cast<int64_t>(row) * C + PH + pi]);
     }
+    // the value codebook as it is, [NG][K][C] (16-byte copies: NG * K * C is a multiple of 8)
+    const uint4* vsrc = reinterpret_cast<const uint4*>(p.v_centroids + static_cast<int64_t>(kvh) * NG * K * C);
+    for (int i = tid; i < NG * K * C / 8; i += kNT) reinterpret_cast<uint4*>(smem + S::VCB)[i] = vsrc[i];
     for (int i = tid; i < HALF; i += kNT) sFreq[i] = p.inv_freq[i];
   }
   __syncthreads();
@@ -152,7 +160,6 @@ __global__ void __launch_bounds__(kNT, 2) commute_split_kernel(const QuantDecode
   const uint8_t* kbase = p.k_codes + bh * p.quant_capacity * REC;
   const uint8_t* vbase = p.v_codes + bh * p.quant_capacity * REC;
   const int32_t* cpos = p.code_pos + bh * p.quant_capacity;
-  const __half* vcb = p.v_centroids + static_cast<int64_t>(kvh) * NG * K * C;
   const int na = max(0, min(p.n_anchor[b], p.anchor_capacity));
   const int nw = max(0, min(p.n_window[b], p.window_capacity));
   const int nf = na + nw;
@@ -205,10 +212,14 @@ __global__ void __launch_bounds__(kNT, 2) commute_split_kernel(const QuantDecode
       const float pos = static_cast<float>(__ldg(cpos + t));
       const int sw = t & (NG - 1);  // record position i holds the code of group i ^ (slot mod NG)
 #pragma unroll
-      for (int i = 0; i < NG; ++i) {
-        const int g = i ^ sw;
-        sVc[tid * NG + g] = static_cast<uint8_t>(code_at<NB>(wv, i));
-        const __half2* w = sCb + (g * K + static_cast<int>(code_at<NB>(wk, i))) * PH;
+      for (int i = 0; i < NG; ++i) {  // codes staged group-major: a warp's lanes read consecutive bytes
+        sKc[(i ^ sw) * kTile + tid] = static_cast<uint8_t>(code_at<NB>(wk, i));
+        sVc[(i ^ sw) * kTile + tid] = static_cast<uint8_t>(code_at<NB>(wv, i));
+      }
+      // a rolled loop over the groups (the fully unrolled one was thousands of instructions per slot)
+#pragma unroll 1
+      for (int g = 0; g < NG; ++g) {
+        const __half2* w = sCb + (g * K + sKc[g * kTile + tid]) * PH;
         alignas(16) __half2 wr[PH];
         if constexpr (PH % 4 == 0) {
 #pragma unroll
@@ -235,9 +246,10 @@ __global__ void __launch_bounds__(kNT, 2) commute_split_kernel(const QuantDecode
     }
     softmax_tile(valid, s);
     const int n = min(kTile, q1 - t0);
+#pragma unroll 4
     for (int i = cls; i < n; i += NP) {
-      const int code = sVc[i * NG + vg];
-      const float2 v = __half22float2(__ldg(reinterpret_cast<const __half2*>(vcb + (static_cast<int64_t>(vg) * K + code) * C + voff)));
+      const int code = sVc[vg * kTile + i];
+      const float2 v = __half22float2(sVcb[((vg * K + code) * C + voff) / 2]);
       float w[G];
       load_weights<G>(sP + i * G, w);
 #pragma unroll
@@ -403,7 +415,7 @@ int first_splits(int batch, int n_heads, int n_kv_heads, int head_dim, VqKernelC
   ANTKV_CHECK(batch >= 1 && n_kv_heads >= 1 && n_heads % n_kv_heads == 0, "commute decode: bad shape");
   const int64_t want = static_cast<int64_t>(blocks_per_sm(head_dim, cfg, n_heads / n_kv_heads)) * device_sm_count();
   const int64_t units = static_cast<int64_t>(batch) * n_kv_heads;
-  return static_cast<int>(std::clamp<int64_t>((want + units - 1) / units, 1, kMaxQuantSplits));
+  return static_cast<int>(std::clamp<int64_t>(want / units, 1, kMaxQuantSplits));  // at most one wave
 }
 
 __global__ void permute_kernel(const float* in, int64_t in_stride, float* out, int64_t out_stride, int n_rows, int kvd,
@@ -422,6 +434,8 @@ __global__ void permute_kernel(const float* in, int64_t in_stride, float* out, i
 }  // namespace
 
 bool commute_decode_supports(VqKernelConfig cfg) { return cfg != VqKernelConfig::kC16B12; }
+
+int commute_decode_tile() { return kTile; }
 
 QuantDecodePlan plan_commute_decode(int batch, int n_heads, int n_kv_heads, int head_dim, VqKernelConfig cfg,
                                     int64_t max_quant_len) {
