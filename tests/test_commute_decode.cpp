@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "kernels/attention/commute_decode.h"
+#include "kernels/bench/method_bench.h"
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/device_buffer.h"
 #include "kernels/runtime/ops.h"
@@ -254,6 +255,16 @@ TEST_CASE("GPU commute decode: codeword times e^{i pos theta} equals RoPE of the
       }
   // LLaMA-3-8B's group (G 4, head_dim 128, c8b8) with a longer stream and a two-sequence batch of it
   run_case(VqKernelConfig::kC8B8, 128, 4, {{9001, 90, 128}, {4097, 41, 128}, {5, 1, 1}}, 4.f, rng);
+}
+
+TEST_CASE("bench methods: key_rope=commute times the commute kernel, c16b12 refused by name", "[quant][commute]") {
+  const auto b = cuda::parse_bench_method("vq:bits=1,key_rope=commute");
+  CHECK(b.compressed);
+  CHECK(b.commute);
+  CHECK(b.pre_rope);  // a pre-RoPE code stream with positions
+  CHECK_FALSE(cuda::parse_bench_method("vq:bits=1,key_rope=pre").commute);
+  CHECK_THROWS_WITH(cuda::parse_bench_method("vq:bits=0.75,key_rope=commute"),
+                    Catch::Contains("--method vq:bits=0.75,key_rope=commute: key_rope=commute does not run c16b12"));
 }
 
 TEST_CASE("GPU commute decode: refusals", "[gpu][quant][commute]") {

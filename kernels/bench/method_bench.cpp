@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "kernels/attention/commute_decode.h"
 #include "kernels/bench/bench.h"
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/cuda_timing.h"
@@ -55,6 +56,10 @@ BenchMethod parse_bench_method(const std::string& text) {
   b.anchor_ratio = m.kind == MethodKind::kAntkv && m.has_anchors() ? m.ratio : 0.0;
   b.pre_rope = m.pre_rope();
   b.commute = m.commute();
+  ANTKV_CHECK(!b.commute || commute_decode_supports(b.config),
+              "--method {}: key_rope=commute does not run {} on the compressed cache (its key codebook does not fit in "
+              "shared memory; docs/METHODS.md)",
+              text, name);
   b.promote = b.anchor_ratio > 0 && m.promotes();
   return b;
 }
