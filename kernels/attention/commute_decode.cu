@@ -368,6 +368,15 @@ struct Inst {
     (void)ready;
     return commute_split_kernel<D, C, NB, G>;
   }
+  // resident blocks per multiprocessor (queried once: plans are made every decode step)
+  static int per_sm() {
+    static const int n = [] {
+      int k = 0;
+      ANTKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k, kernel(), kNT, kBytes));
+      return k;
+    }();
+    return n;
+  }
 };
 
 // f(Inst<...>{}) for (head_dim, config, G)
@@ -403,10 +412,7 @@ void dispatch(int head_dim, VqKernelConfig cfg, int G, F&& f) {
 
 int blocks_per_sm(int head_dim, VqKernelConfig cfg, int G) {
   int per_sm = 0;
-  dispatch(head_dim, cfg, G, [&](auto inst) {
-    using I = decltype(inst);
-    ANTKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, I::kernel(), kNT, I::kBytes));
-  });
+  dispatch(head_dim, cfg, G, [&](auto inst) { per_sm = decltype(inst)::per_sm(); });
   ANTKV_CHECK(per_sm >= 1, "commute decode: the kernel does not fit on a multiprocessor");
   return per_sm;
 }
