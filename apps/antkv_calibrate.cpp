@@ -113,7 +113,7 @@ int main(int argc, char** argv) {
     co.device_stage = device_stage;
     co.progress = !quiet;
     // what the dump depends on, the weights included: train-codebook, ppl and diagnose check provenance with it
-    co.fingerprint = calibration_fingerprint(recipe, ckpt.content_hash(), recipe.key_rope);
+    co.fingerprint = calibration_fingerprint(recipe, ckpt.content_hash(), dump_key_rope(recipe.key_rope));
     CalibrationResult res;
     try {
       res = run_calibration(*rt, tok, plan, co);

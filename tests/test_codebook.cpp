@@ -597,6 +597,86 @@ TEST_CASE("train-codebook: metric=task with pre-RoPE keys - the rotation-invaria
         if (i != j) CHECK(L[b * 16 + i * 4 + j] == 0.0f);
 }
 
+// key_rope=commute trains on the pre-RoPE dump with each key put in RoPE pair order (quant/vq.h rope_pair_order):
+// the k-means is unchanged, so its codebooks are those of key_rope=pre trained on a dump whose keys were permuted
+// by hand, bit for bit (same rows, seeds and weights); values are untouched.
+namespace {
+std::string permuted_pre_dump(const MetricData& md, const std::string& name, bool permute) {
+  const int n = 3000;
+  const std::string path = test::temp_dir() + "/" + name;
+  CalibDumpWriter w(path, 1, md.kv, md.d);
+  std::vector<int32_t> toks(n), pos(n), win(n);
+  for (int i = 0; i < n; ++i) toks[i] = i % 50, pos[i] = i % 100, win[i] = i / 100;
+  w.append_tokens(n, toks.data(), pos.data(), win.data());
+  std::vector<float> k, v, s(size_t(n) * md.kv, 1.0f);
+  md.rows(n, 1, k, v);
+  if (permute) permute_channels(rope_pair_order(md.d, 4), true, k.data(), int64_t(n) * md.kv, md.d);
+  w.append_layer(0, n, k.data(), v.data(), s.data(), s.data(), s.data());
+  CalibMeta m;
+  m.config_hash = "synthetic";
+  m.key_rope = "pre";
+  m.tokens = n;
+  m.num_layers = 1;
+  m.num_kv_heads = md.kv;
+  m.head_dim = md.d;
+  w.finish(m);
+  return path;
+}
+}  // namespace
+
+TEST_CASE("train-codebook: key_rope=commute - pre-RoPE keys in RoPE pair order, the same k-means", "[codebook]") {
+  const MetricData md;
+  const std::vector<std::string> sets = {"quant.keys.c=4", "quant.keys.b=3", "quant.values.c=4", "quant.values.b=3",
+                                         "kmeans.weighting=none"};
+  auto with = [&](const char* key_rope) {
+    std::vector<std::string> x = sets;
+    x.push_back(std::string("key_rope=") + key_rope);
+    return x;
+  };
+  const auto commute = train(permuted_pre_dump(md, "commute_plain.h5", false), with("commute"));
+  const auto by_hand = train(permuted_pre_dump(md, "commute_permuted.h5", true), with("pre"));
+  const auto pre = train(permuted_pre_dump(md, "commute_pre.h5", false), with("pre"));
+  CHECK(commute.codebooks.meta.key_rope == "commute");
+  CHECK(commute.codebooks.keys[0].centroids == by_hand.codebooks.keys[0].centroids);
+  CHECK(commute.codebooks.values[0].centroids == pre.codebooks.values[0].centroids);
+  CHECK(commute.codebooks.keys[0].centroids != pre.codebooks.keys[0].centroids);  // other groups, other codebooks
+  CHECK(commute.layers[0].keys.relative == by_hand.layers[0].keys.relative);
+  // the pre-RoPE dump is the one it reads: a post-RoPE dump is refused
+  CHECK_THROWS_WITH(train(md.write("commute_post.h5", false), with("commute")),
+                    Contains("post-RoPE") && Contains("key_rope: commute"));
+  // recipe-level refusals of the trainer (antkv-train-codebook reads no method string)
+  CHECK_THROWS_WITH(train(permuted_pre_dump(md, "commute_rot.h5", false),
+                          {"quant.keys.c=4", "quant.keys.b=3", "key_rope=commute", "kmeans.rotate=pca"}),
+                    Contains("would mix the RoPE pairs"));
+}
+
+#ifdef ANTKV_HAVE_CUDA
+TEST_CASE("train-codebook: key_rope=commute on the GPU trainer - the same pair order as the CPU trainer", "[codebook][gpu]") {
+  SKIP_WITHOUT_GPU();
+  const MetricData md;
+  auto gpu_train = [&](const std::string& path, const char* key_rope) {
+    const Recipe r = Recipe::defaults_with({"kmeans.device=cuda", "kmeans.iters=8", "quant.keys.c=4", "quant.keys.b=3",
+                                            "quant.values.c=4", "quant.values.b=3", "kmeans.weighting=none",
+                                            std::string("key_rope=") + key_rope});
+    TrainCodebooksOptions o;
+    o.recipe = &r;
+    o.calib_path = path;
+    o.progress = false;
+    o.make_trainer = [](const KMeansParams& p) { return make_kmeans_gpu(p); };
+    o.trainer_name = "cuda";
+    return train_codebooks(o);
+  };
+  const auto commute = gpu_train(permuted_pre_dump(md, "commute_gpu.h5", false), "commute");
+  const auto by_hand = gpu_train(permuted_pre_dump(md, "commute_gpu_permuted.h5", true), "pre");
+  double sa = 0, sb = 0;
+  for (double x : commute.codebooks.keys[0].objective) sa += x;
+  for (double x : by_hand.codebooks.keys[0].objective) sb += x;
+  // the same points in the same order: equal up to the GPU reduction order
+  CHECK_MEASURED("test_codebook: key_rope=commute GPU trainer vs pre on hand-permuted keys, key objective rel diff",
+                 std::fabs(sa - sb) / std::fabs(sb), 1e-4);
+}
+#endif
+
 #ifdef ANTKV_HAVE_CUDA
 TEST_CASE("train-codebook: metric=task on the GPU trainer agrees with the CPU trainer by objective", "[codebook][gpu]") {
   SKIP_WITHOUT_GPU();

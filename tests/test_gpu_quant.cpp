@@ -77,7 +77,8 @@ struct LayerActs {
 // spread as noise); error_norm = the mean |x - vq(x)| over the samples per head (as the trainer reports it).
 // rotate=pca: per head the samples' mean and the PCA basis of their covariance (quant/vq.h pca_rotation, as
 // the trainer), and the samples are coded in it; gain: the samples are unit directions (gain_normalize), so
-// that the centroids are too. metric=task: per (layer, head, group) a strongly anisotropic fp16 lower-triangular
+// that the centroids are too. key_rope=commute: the key samples are taken in RoPE pair order (quant/vq.h
+// rope_pair_order), the order the trainer codes them in. metric=task: per (layer, head, group) a strongly anisotropic fp16 lower-triangular
 // factor L (diagonal 4^(i mod 3), N(0, 1) below it), as test_quant.cpp's task-metric cache test builds them, and
 // error_norm measured in that metric's assignment (vq_quantize_metric). Per-layer widths (lkbits / lvbits): each
 // layer's arrays in its own configuration, the meta of layer 0's (as lib/eval/compare.cpp merges the files).
@@ -106,6 +107,8 @@ std::shared_ptr<CodebookSet> make_codebooks(const ModelConfig& cfg, const Method
       LayerCodebooks& lc = kv ? set->values[l] : set->keys[l];
       const int N = static_cast<int>(src.size() / (static_cast<size_t>(KV) * d));
       const int64_t row = static_cast<int64_t>(KV) * d;
+      if (kv == 0 && m.commute())  // key_rope=commute: codebooks of the keys in RoPE pair order, as the trainer makes
+        for (int h = 0; h < KV; ++h) permute_channels(rope_pair_order(d, q.c), true, src.data() + static_cast<size_t>(h) * d, N, row);
       if (m.rotate == Rotate::kPca) {
         lc.rotation.resize(static_cast<size_t>(KV) * d * d);
         lc.mean.assign(static_cast<size_t>(KV) * d, 0.f);
@@ -359,6 +362,9 @@ TEST_CASE("GPU KV quantizers equal QuantizedKvCache on the same inputs (prefill,
       {"vq:bits=0.75", 5e-3},
       {"antkv:bits=1,ratio=0.05,promote=off", 1e-2},
       {"antkv:bits=1,ratio=0.05,key_rope=pre,promote=off", 1e-2},
+      {"antkv:bits=1,ratio=0.05,key_rope=commute,promote=off", 1e-2},
+      {"vq:bits=1,gain=kv,key_rope=commute", 5e-3},
+      {"vq:bits=1,metric=task,key_rope=commute", 5e-3},
       {"antkv:bits=1,ratio=0.05,anchors=v,promote=off", 1e-2},  // anchor tokens: keys quantized, values exact
       {"antkv:bits=1,ratio=0.05,anchors=k,key_rope=pre,promote=off", 1e-2},
       // gain-shape VQ, rotated VQ, rsq: the GPU sums the fp64 norms and d x d products in the CPU's order (a
@@ -900,7 +906,9 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
                                  "vq:bits=1,metric=task", "antkv:bits=0.5,ratio=0.05,gain=k,metric=task,promote=off",
                                  // per-layer widths (antkv-ref-18m has 6 layers)
                                  "vq:lkbits=1/0.5/1/0.75/1/1,lvbits=1/0.5/1/0.75/1/1,gain=kv,rotate=pca",
-                                 "antkv:bits=1,ratio=0.05,anchors=v,promote=off,gain=kv,rotate=pca"}) {
+                                 "antkv:bits=1,ratio=0.05,anchors=v,promote=off,gain=kv,rotate=pca",
+                                 // RoPE-commuting key codebooks (commute_decode)
+                                 "vq:bits=1,key_rope=commute", "antkv:bits=1,ratio=0.05,key_rope=commute", "vq:bits=2,key_rope=commute"}) {
     SECTION(text) {
       const MethodSpec m = method(text);
       auto cb = make_codebooks(cfg, m, mod.calib, 7);

@@ -2,6 +2,7 @@
 // references, effective-bits arithmetic, and perplexity properties on antkv-ref-18m.
 #include <algorithm>
 #include <cmath>
+#include <complex>
 #include <numeric>
 #include <functional>
 #include <random>
@@ -508,6 +509,146 @@ TEST_CASE("VQ and AnTKV caches: pre-RoPE keys quantized before RoPE, rotated to 
   auto cb_post = std::make_shared<CodebookSet>(*cb);
   cb_post->meta.key_rope = "post";
   CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq:key_rope=pre", r), cb_post), Contains("post-RoPE"));
+}
+
+// RoPE-commuting keys (key_rope=commute, quant/vq.h rope_pair_order): a key group of c channels is c/2 whole RoPE
+// pairs, so a codeword w is c/2 complex numbers and the cached post-RoPE key of pair j is w_j e^{i pos theta_j}. The
+// reference here is that formula written out (fp16 pre-RoPE key -> complex pairs -> nearest codeword by hand ->
+// times e^{i pos theta}), and the score q.k equals Re sum_j conj(q_j) w_j e^{i pos theta_j}. With d = 8 and c = 4
+// the commute groups ({0, 1, 4, 5}, {2, 3, 6, 7}) differ from pre's contiguous ones ({0..3}, {4..7}), so coding the
+// wrong channels fails, as do a missing rotation or a wrong position.
+TEST_CASE("VQ and AnTKV caches: key_rope=commute codes whole RoPE pairs, codeword times e^{i pos theta}", "[quant]") {
+  const ModelConfig cfg = tiny_config(2, 8);
+  const int T = 40, KV = 2, d = 8, half = 4, row = KV * d;
+  std::mt19937 rng(13);
+  std::normal_distribution<float> nd;
+  auto cb = tiny_codebooks("commute", "none", rng, nd);
+  const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
+  std::vector<float> k_pre(T * row), v(T * row), q(T * 2 * row);
+  for (auto* a : {&k_pre, &v, &q})
+    for (auto& x : *a) x = nd(rng);
+  std::vector<int32_t> pos(T);
+  std::iota(pos.begin(), pos.end(), 0);
+  const std::vector<float> inv_freq = rope_inv_freq(cfg);
+  std::vector<float> k_post(k_pre);
+  rope_apply(k_post.data(), T, KV, d, pos.data(), inv_freq.data());
+
+  const std::vector<int> order = rope_pair_order(d, 4);
+  CHECK(order == std::vector<int>{0, 1, 4, 5, 2, 3, 6, 7});
+  // the codeword (complex, [pairs]) of token t, head h: nearest centroid of each group's pairs, by hand
+  auto codeword = [&](int t, int h, const std::vector<float>& x) {
+    std::vector<std::complex<double>> w(half);
+    for (int g = 0; g < 2; ++g) {
+      float xg[4];
+      for (int i = 0; i < 2; ++i)  // real parts (channels 2g + i), then imaginary parts (4 + 2g + i)
+        xg[i] = x[t * row + h * d + 2 * g + i], xg[2 + i] = x[t * row + h * d + half + 2 * g + i];
+      const float* cents = cb->keys[0].centroids.data() + (h * 2 + g) * 4 * 4;
+      int best = 0;
+      float bd = INFINITY;
+      for (int j = 0; j < 4; ++j) {
+        float dd = 0;
+        for (int a = 0; a < 4; ++a) dd += (xg[a] - cents[j * 4 + a]) * (xg[a] - cents[j * 4 + a]);
+        if (dd < bd) bd = dd, best = j;
+      }
+      for (int i = 0; i < 2; ++i) w[2 * g + i] = {cents[best * 4 + i], cents[best * 4 + 2 + i]};
+    }
+    return w;
+  };
+  auto turn = [&](int p, int j) {  // e^{i p theta_j} with the runtime's fp32 angle
+    const double a = static_cast<float>(p) * inv_freq[j];
+    return std::complex<double>(std::cos(a), std::sin(a));
+  };
+  std::vector<float> pre16(T * row), post16(T * row);
+  for (int i = 0; i < T * row; ++i)
+    pre16[i] = static_cast<float>(Eigen::half(k_pre[i])), post16[i] = static_cast<float>(Eigen::half(k_post[i]));
+
+  QuantizedKvCache vq(cfg, parse_method("vq:key_rope=commute", r), cb);
+  vq.append(KvAppend{0, T, 0, k_pre.data(), k_post.data(), v.data(), q.data()});
+  double worst_key = 0, worst_score = 0;
+  for (int t = 0; t < T; ++t)
+    for (int h = 0; h < KV; ++h) {
+      const auto w = codeword(t, h, pre16);
+      const float* got = vq.keys(0) + t * row + h * d;
+      std::complex<double> score = 0;
+      for (int j = 0; j < half; ++j) {
+        const std::complex<double> z = w[j] * turn(t, j);
+        worst_key = std::max({worst_key, std::fabs(got[j] - z.real()), std::fabs(got[j + half] - z.imag())});
+        // a query head g of this KV head: u_j = q_j + i q_{j+d/2}
+        const float* qg = q.data() + (static_cast<int64_t>(t) * 4 + h * 2) * d;
+        score += std::conj(std::complex<double>(qg[j], qg[j + half])) * w[j] * turn(t, j);
+      }
+      const float* qg = q.data() + (static_cast<int64_t>(t) * 4 + h * 2) * d;
+      double dot = 0;
+      for (int c = 0; c < d; ++c) dot += static_cast<double>(qg[c]) * got[c];
+      worst_score = std::max(worst_score, std::fabs(dot - score.real()));
+    }
+  CHECK(worst_key < 1e-5);    // fp32 rotation in rope_apply against double here
+  CHECK(worst_score < 1e-4);
+  // the same as RoPE(decoded pre-RoPE key): decode in pair order, back to channel order, rotate
+  std::vector<float> dec(pre16);
+  for (int h = 0; h < KV; ++h) {
+    VqHeadCodebooks kh{cb->keys[0].centroids.data() + h * 32, 2, 4, 4};
+    permute_channels(order, true, dec.data() + h * d, T, row);
+    vq_quantize(kh, dec.data() + h * d, T, row, dec.data() + h * d);
+    permute_channels(order, false, dec.data() + h * d, T, row);
+  }
+  rope_apply(dec.data(), T, KV, d, pos.data(), inv_freq.data());
+  for (int i = 0; i < T * row; ++i) REQUIRE(vq.keys(0)[i] == dec[i]);
+  // not what key_rope=pre (contiguous groups) gives with the same centroids
+  auto cb_pre = std::make_shared<CodebookSet>(*cb);
+  cb_pre->meta.key_rope = "pre";
+  QuantizedKvCache pre(cfg, parse_method("vq:key_rope=pre", r), cb_pre);
+  pre.append(KvAppend{0, T, 0, k_pre.data(), k_post.data(), v.data(), q.data()});
+  CHECK(test::max_rel_error(vq.keys(0), pre.keys(0), T * row) > 0.1);
+  for (int i = 0; i < T * row; ++i) REQUIRE(vq.values(0)[i] == pre.values(0)[i]);  // values as always
+
+  // decode: tokens leaving the FP16 window get the same codeword turned to their own positions
+  QuantizedKvCache dw(cfg, with_window(parse_method("vq:key_rope=commute", r), 3), cb);
+  for (int t = 0; t < 6; ++t)
+    dw.append(KvAppend{0, 1, t, k_pre.data() + t * row, k_post.data() + t * row, v.data() + t * row, q.data()});
+  for (int i = 0; i < 3 * row; ++i) CHECK(dw.keys(0)[i] == dec[i]);
+  for (int i = 3 * row; i < 6 * row; ++i) CHECK(dw.keys(0)[i] == post16[i]);
+
+  // gain=k: RoPE keeps the norm, so the cached key's norm is the fp16 norm of the pre-RoPE key
+  QuantizedKvCache gk(cfg, parse_method("vq:key_rope=commute,gain=k", r), [&] {
+    auto g = std::make_shared<CodebookSet>(*cb);
+    g->meta.gain = "k";
+    return g;
+  }());
+  gk.append(KvAppend{0, T, 0, k_pre.data(), k_post.data(), v.data(), q.data()});
+  double worst_norm = 0;
+  for (int t = 0; t < T; ++t)
+    for (int h = 0; h < KV; ++h) {
+      double a = 0, b = 0;
+      for (int c = 0; c < d; ++c) a += double(pre16[t * row + h * d + c]) * pre16[t * row + h * d + c];
+      for (int c = 0; c < d; ++c) b += double(gk.keys(0)[t * row + h * d + c]) * gk.keys(0)[t * row + h * d + c];
+      const double want = static_cast<float>(Eigen::half(static_cast<float>(std::sqrt(a))));
+      worst_norm = std::max(worst_norm, std::fabs(std::sqrt(b) - want) / want);
+    }
+  CHECK(worst_norm < 1e-6);
+
+  // antkv: anchors keep the exact (fp16) post-RoPE key, the rest as vq
+  auto cb_w = std::make_shared<CodebookSet>(*cb);
+  cb_w->meta.weighting = "anchor";
+  QuantizedKvCache an(cfg, parse_method("antkv:ratio=0.1,key_rope=commute", r), cb_w);
+  an.append(KvAppend{0, T, 0, k_pre.data(), k_post.data(), v.data(), q.data()});
+  REQUIRE(an.stats().anchors == KV * 4);
+  for (int t = 0; t < T; ++t)
+    for (int h = 0; h < KV; ++h) {
+      const float* expect = (an.anchor_flags(0)[t * KV + h] ? post16 : dec).data() + t * row + h * d;
+      for (int c = 0; c < d; ++c) CHECK(an.keys(0)[t * row + h * d + c] == expect[c]);
+    }
+  // pre-RoPE (contiguous) codebooks are refused for a commute method and the other way round
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq:key_rope=commute", r), cb_pre), Contains("pre-RoPE"));
+  CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq:key_rope=pre", r), cb), Contains("commute"));
+  // the options: file name, the dump it trains from, bits as pre
+  const MethodSpec m = parse_method("antkv:bits=1,key_rope=commute,gain=k", Recipe::defaults_with({}));
+  CHECK(m.codebook_file() == "k-c8b8_v-c8b8_anchor_commute_gk.h5");
+  CHECK(m.pre_rope());
+  CHECK(dump_key_rope(m.key_rope) == KeyRope::kPre);
+  MethodSpec mp = m;
+  mp.key_rope = KeyRope::kPre;
+  CHECK(effective_bits(m, 2048, 128) == effective_bits(mp, 2048, 128));
 }
 
 // The antkv cache picks its anchors with the method's score variant: recent keeps token 0 and the newest
@@ -1111,7 +1252,7 @@ TEST_CASE("method options: one parser refuses every bad value and combination wi
       {"antkv:group=32", "unknown option \"group\" for antkv"},
       // values
       {"antkv:score=bogus", "score is error_bound, attention_mass, key_bound, random or recent, got \"bogus\""},
-      {"antkv:key_rope=mid", "key_rope is post or pre, got \"mid\""},
+      {"antkv:key_rope=mid", "key_rope is post, pre or commute, got \"mid\""},
       {"antkv:gain=v", "gain is off, k or kv, got \"v\""},
       {"antkv:rotate=svd", "rotate is off or pca, got \"svd\""},
       {"antkv:metric=cosine", "metric is plain or task, got \"cosine\""},
@@ -1146,6 +1287,8 @@ TEST_CASE("method options: one parser refuses every bad value and combination wi
       {"antkv:score=random,promote=on", "promote=on needs a score that is a sum over attention rows"},
       {"antkv:score=recent,promote=on", "not recent"},
       {"antkv:bits=1,kbits=2", "give it or kbits=/vbits=, not both"},
+      {"vq:key_rope=commute,rotate=pca", "key_rope=commute with rotate=pca: the PCA basis mixes RoPE pairs"},
+      {"rsq:key_rope=commute", "rsq has no codebooks (use key_rope=pre)"},
   };
   for (const auto& [text, why] : refusals) {
     INFO(text);

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "kernels/attention/commute_decode.h"
 #include "kernels/bench/bench.h"
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/cuda_timing.h"
@@ -45,6 +46,9 @@ BenchMethod parse_bench_method(const std::string& text, MethodPath path, const M
   b.compressed = true;
   b.anchor_ratio = m.kind == MethodKind::kAntkv && m.has_anchors() ? m.ratio : 0.0;
   b.pre_rope = m.pre_rope();
+  b.commute = m.commute();
+  ANTKV_CHECK(!b.commute || commute_decode_supports(b.config), "--method {}: internal error: method_support let "
+              "key_rope=commute through at {}", text, vq_kernel_config_info(b.config).name);
   b.promote = b.anchor_ratio > 0 && m.promotes();
   return b;
 }
@@ -94,7 +98,8 @@ std::unique_ptr<GpuRuntime> make_runtime(const ModelConfig& cfg, const BenchMeth
   if (m.compressed)
     rt->set_compressed_cache(
         std::make_unique<GpuCompressedKvCache>(cfg, m.config, m.anchor_ratio, B, capacity, m.window, seed + 7, m.pre_rope,
-                                               m.promote, m.gain_keys, m.gain_values, m.rotate));
+                                               m.promote, m.gain_keys, m.gain_values, m.rotate,
+                                               m.commute));
   rt->fill_kv_random(seed + 1);
   return rt;
 }

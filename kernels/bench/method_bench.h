@@ -23,6 +23,7 @@ struct BenchMethod {
   double anchor_ratio = 0;   // antkv: ratio (default 0.01); vq: 0
   int window = 128;          // FP16 decode window (compressed)
   bool pre_rope = false;     // key_rope=pre: pre-RoPE code stream (dequantize-rotate-dot decode)
+  bool commute = false;      // key_rope=commute: pre-RoPE codes in RoPE pair order (commute_decode)
   bool promote = false;      // antkv with promote=on (the default): decode-time anchors, running scores updated
   // gain=k|kv, rotate=pca: the coded transform (synthetic scales, basis and mean), the real cache's decode path;
   // metric=task changes only which codes are written, not the decode

@@ -10,12 +10,14 @@
 #include <type_traits>
 
 #include "core/error.h"
+#include "kernels/attention/commute_decode.h"
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/random_fill.h"
 #include "quant/codebook_fit.h"
 #include "quant/method_support.h"
 #include "quant/vq.h"
 #include "anchor/anchor_scores.h"
+#include "quant/vq.h"
 #include "runtime/rope.h"
 
 namespace antkv {
@@ -608,6 +610,7 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
   anchor_quant_side_ = m.anchors == AnchorTensors::kKeys ? 1 : m.anchors == AnchorTensors::kValues ? 0 : -1;
   allocate(cfg, max_batch, capacity, window, m.has_anchors() ? m.ratio : 0.0, m.pre_rope(), m.promotes());
   for (int l = 0; l < n_layers_; ++l) upload_transforms(l, cb, m);
+  if (m.commute()) set_commute(cfg, fmt::format("method {}", m.text));
   if (promote_) {  // the running score's weights: the method's score over the codebooks' error norms
     const AnchorScoreKind kind = m.score;
     for (int l = 0; l < n_layers_; ++l) {
@@ -635,19 +638,21 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
 
 GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKernelConfig config, double anchor_ratio,
                                            int max_batch, int capacity, int window, uint64_t seed, bool pre_rope,
-                                           bool promote, bool gain_keys, bool gain_values, bool rotate) {
+                                           bool promote, bool gain_keys, bool gain_values, bool rotate,
+                                           bool commute) {
   config_ = config;
   layer_cfg_.assign(static_cast<size_t>(cfg.num_layers), config);
-  name_ = fmt::format("synthetic {}{}{}{}{}", cuda::vq_kernel_config_info(config).name, pre_rope ? " pre-RoPE" : "",
-                      promote && anchor_ratio > 0 ? " promote" : "",
+  name_ = fmt::format("synthetic {}{}{}{}{}", cuda::vq_kernel_config_info(config).name,
+                      commute ? " commute" : pre_rope ? " pre-RoPE" : "", promote && anchor_ratio > 0 ? " promote" : "",
                       gain_keys ? (gain_values ? " gain=kv" : " gain=k") : "", rotate ? " rotate=pca" : "");
   cuda::check_vq_shape(cfg.head_dim, config_);
-  ANTKV_CHECK(!(gain_keys || gain_values || rotate) || (!pre_rope && cuda::vq_uses_lut(config)),
+  ANTKV_CHECK(!(gain_keys || gain_values || rotate) || (!pre_rope && !commute && cuda::vq_uses_lut(config)),
               "compressed cache {}: gain and rotate run with post-RoPE keys on the lookup-table configurations only", name_);
   gain_k_ = gain_keys;
   gain_v_ = gain_values;
   rotate_ = rotate;
-  allocate(cfg, max_batch, capacity, window, anchor_ratio, pre_rope, promote);
+  allocate(cfg, max_batch, capacity, window, anchor_ratio, pre_rope || commute, promote);
+  if (commute) set_commute(cfg, name_);
   for (int l = 0; l < n_layers_; ++l) {
     Layer& L = *layers_[l];
     const float basis = 1.0f / std::sqrt(static_cast<float>(d_));
@@ -672,6 +677,43 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKerne
 }
 
 GpuCompressedKvCache::~GpuCompressedKvCache() = default;
+
+void GpuCompressedKvCache::set_commute(const ModelConfig& cfg, const std::string& who) {
+  ANTKV_CHECK(cuda::commute_decode_supports(config_),
+              "{}: key_rope=commute does not run {} on the compressed cache (its key codebook, head_dim x 2^b fp16 per KV "
+              "head, does not fit in shared memory: use another width or eval.kv_cache: simulated)",
+              who, cuda::vq_kernel_config_info(config_).name);
+  const int G = cfg.num_heads / cfg.num_kv_heads;
+  ANTKV_CHECK(G == 1 || G == 2 || G == 4 || G == 8,
+              "{}: key_rope=commute on the compressed cache needs 1, 2, 4 or 8 query heads per KV head, the model has {}",
+              who, G);
+  commute_ = true;
+  const std::vector<int> order = rope_pair_order(d_, cuda::vq_kernel_config_info(config_).c);
+  pair_order_.resize(order.size());
+  ANTKV_CUDA_CHECK(cudaMemcpy(pair_order_.get(), order.data(), order.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+  pair_rows_.resize(static_cast<size_t>(max_batch_) * n_kv_ * d_);  // decode steps (B <= max_batch)
+  // the decode workspace for commute_decode's plans
+  int64_t ws = static_cast<int64_t>(workspace_.size());
+  for (int b = 1; b <= max_batch_; ++b)
+    ws = std::max(ws, cuda::quant_decode_workspace_floats(
+                          b, n_heads_, d_, cuda::commute_decode_max_splits(b, n_heads_, n_kv_, d_, config_)));
+  if (ws > static_cast<int64_t>(workspace_.size())) {
+    device_bytes_ -= workspace_.bytes();
+    workspace_.resize(static_cast<size_t>(ws));
+    device_bytes_ += workspace_.bytes();
+  }
+  device_bytes_ += pair_order_.bytes() + pair_rows_.bytes();
+}
+
+const float* GpuCompressedKvCache::pair_ordered(const float* k_pre, int64_t& stride, int rows,
+                                                cuda::DeviceBuffer<float>& buf, cudaStream_t stream) {
+  if (!commute_ || !k_pre) return k_pre;
+  buf.ensure(static_cast<size_t>(rows) * n_kv_ * d_);
+  cuda::permute_pair_order(k_pre, stride, buf.get(), static_cast<int64_t>(n_kv_) * d_, rows, n_kv_, d_,
+                           pair_order_.get(), true, stream);
+  stride = static_cast<int64_t>(n_kv_) * d_;
+  return buf.get();
+}
 
 void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio,
                                     bool pre_rope, bool promote) {
@@ -858,6 +900,7 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
               name_, seq, seqs_[seq].length());
   ANTKV_CHECK(T >= 1 && T <= capacity_, "compressed cache {}: prefill of {} tokens, capacity {}", name_, T, capacity_);
   ANTKV_CHECK(k && v && (k_pre || !pre_), "compressed cache: null K/V");
+  k_pre = pair_ordered(k_pre, k_pre_stride, T, prefill_pairs_, stream);  // commute: the code stream's keys in RoPE pair order
   const int KV = n_kv_;
   // host: per-head code slots (anchors -1) and anchor token lists
   int A = -1;
@@ -1069,6 +1112,7 @@ void GpuCompressedKvCache::upload_counts(int B, cudaStream_t stream) {
 }
 
 cuda::QuantDecodePlan GpuCompressedKvCache::plan(int B, int n_heads) const {
+  if (commute_) return cuda::plan_commute_decode(B, n_heads, n_kv_, d_, config_, max_quant(B));
   return cuda::plan_quant_decode(B, n_heads, n_kv_, d_, config_, max_quant(B), lut_half_, 1, coded_transform());
 }
 
@@ -1083,6 +1127,8 @@ void GpuCompressedKvCache::append(int layer, int B, const float* k, const float*
   ANTKV_CHECK(layer >= 0 && layer < n_layers_ && B >= 1 && B <= max_batch_ && k && v && (k_pre || !pre_),
               "compressed cache: bad append");
   Layer& L = *layers_[layer];
+  int64_t pre_stride = static_cast<int64_t>(n_kv_) * d_;  // k_pre is dense
+  k_pre = pair_ordered(k_pre, pre_stride, B, pair_rows_, stream);    // commute: kept and coded in RoPE pair order
   WindowAppendArgs a;
   a.k = k, a.v = v, a.stride = stride;
   a.evict_slot = step_d_.get();
@@ -1164,7 +1210,8 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   }
   if (gain_k_) p.k_scale = L.k_scale.get();
   if (gain_v_) p.v_scale = L.v_scale.get();
-  cuda::quant_decode(p, stream);
+  if (commute_) cuda::commute_decode(p, stream);
+  else cuda::quant_decode(p, stream);
   if (!promote_) return;
   RunningScoreArgs r;
   r.q = q, r.o = out, r.lse = lse_.get(), r.logits = logits_.get();

@@ -22,7 +22,9 @@
 //  Keys are post-RoPE, or pre-RoPE (key_rope: pre): then the code stream holds pre-RoPE keys with each slot's
 //  token position (code_pos, int32: +4 bytes per token and KV head), the window keeps a pre-RoPE copy of its
 //  keys for the quantization at eviction, and decode dequantizes, rotates and dots (quant_decode pre_rope).
-//  Anchors and window keys are post-RoPE either way.
+//  Anchors and window keys are post-RoPE either way. key_rope=commute: as pre, with the pre-RoPE keys put in RoPE
+//  pair order (quant/vq.h rope_pair_order) before they are kept or coded, and decode by commute_decode
+//  (kernels/attention/commute_decode.h: codeword times e^{i pos theta}, every configuration but c16b12).
 // Coded tokens as the CPU reference codes them (quant/quantized_cache.cpp quantize_head; encode_rows_kernel here):
 //  - rotate=pca: x' = R (x - mean) per (layer, KV head, tensor); decode rotates the query once per step and head
 //    (q' = R_k q, and q . k_mean added to every quantized token's score) and the values' coded sums back once per
@@ -35,12 +37,12 @@
 // anchors=k|v (promote=off, post-RoPE keys): the other tensor's anchor tokens are coded as any token at the
 // prefill (anchor_requantize_kernel) and kept dequantized (fp16) in their anchor slots, which decode reads as
 // any anchor: the quality of the method; the bytes of anchors=kv (the anchors are ~ratio of the tokens).
-// Refused, with an antkv::Error naming the method: keys and values of different configurations (in any layer) or
-// one outside quant_decode's closed set (c2b8, c4b8, c8b8, c16b12, c16b8, c16b6), anchors=k|v with promote=on or
-// key_rope=pre, correct=on,
-// per-layer ratios (lratio), and gain= or rotate=pca with pre-RoPE keys or with c2b8 / c4b8 (the dequantize-dot kernel has no
-// scales or rotated bases); the codebooks are checked by check_codebooks_fit (quant/codebook_fit.h), as in the CPU
-// cache and the simulated quantizer.
+// What it runs is declared in quant/method_support.cpp (require_support in the constructor). Refused there: keys
+// and values of different configurations (in any layer) or one outside quant_decode's closed set (c2b8, c4b8, c8b8,
+// c16b12, c16b8, c16b6), anchors=k|v with promote=on or pre-RoPE keys, correct=on, per-layer ratios (lratio), gain=
+// or rotate=pca with pre-RoPE (or commute) keys or with c2b8 / c4b8 (the dequantize-dot kernel has no scales or
+// rotated bases), commute at c16b12 or with metric=task; the codebooks are checked by check_codebooks_fit
+// (quant/codebook_fit.h), as in the CPU cache and the simulated quantizer.
 // Counts (per sequence, the same for every layer and KV head): n_anchor anchors, n_window window tokens,
 // n_quant quantized tokens; their sum is the sequence length.
 #pragma once
@@ -78,7 +80,8 @@ class GpuCompressedKvCache {
   // bases (uniform in [-1, 1) / sqrt(head_dim)), run through the same decode as a real cache's.
   GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKernelConfig config, double anchor_ratio, int max_batch,
                        int capacity, int window, uint64_t seed, bool pre_rope = false, bool promote = false,
-                       bool gain_keys = false, bool gain_values = false, bool rotate = false);
+                       bool gain_keys = false, bool gain_values = false, bool rotate = false,
+                       bool commute = false);
   ~GpuCompressedKvCache();
 
   const std::string& name() const { return name_; }
@@ -93,6 +96,7 @@ class GpuCompressedKvCache {
   bool task_metric() const { return task_; }
   // Whether decode runs quant_decode's coded transform (gain or rotate).
   bool coded_transform() const { return gain_k_ || gain_v_ || rotate_; }
+  bool commute() const { return commute_; }  // key_rope=commute (implies pre_rope)
   bool promotes() const { return promote_; }
   int max_batch() const { return max_batch_; }
   int capacity() const { return capacity_; }          // tokens per sequence
@@ -178,6 +182,15 @@ class GpuCompressedKvCache {
   bool gain_k_ = false, gain_v_ = false, rotate_ = false, task_ = false;
   int anchor_quant_side_ = -1;  // anchors=k: 1 (the anchors' values are quantized), anchors=v: 0 (keys); else -1
   cuda::DeviceBuffer<float> inv_freq_;  // [head_dim / 2] (pre_rope)
+  bool commute_ = false;
+  cuda::DeviceBuffer<int32_t> pair_order_;  // commute: [head_dim] rope_pair_order
+  // commute: pre-RoPE keys in pair order, [max_batch | T, kv_heads * head_dim]: decode steps' (fixed: captured decode
+  // graphs hold the pointer) and a prefill's
+  cuda::DeviceBuffer<float> pair_rows_, prefill_pairs_;
+  void set_commute(const ModelConfig& cfg, const std::string& who);
+  // commute: k_pre rows put in pair order into buf (dense), else k_pre itself
+  const float* pair_ordered(const float* k_pre, int64_t& stride, int rows, cuda::DeviceBuffer<float>& buf,
+                            cudaStream_t stream);
   size_t device_bytes_ = 0;
   std::vector<std::unique_ptr<Layer>> layers_;
   std::vector<cuda::VqKernelConfig> layer_cfg_;  // each layer's configuration (set before allocate)

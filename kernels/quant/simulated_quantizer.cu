@@ -12,6 +12,7 @@
 #include "anchor/anchor_scores.h"
 #include "core/error.h"
 #include "kernels/anchor/anchor_scores.h"
+#include "kernels/attention/commute_decode.h"
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/device_buffer.h"
 #include "kernels/runtime/ops.h"
@@ -625,6 +626,14 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
           upload(kcent_[l], cb_->keys[l].centroids);
           upload(vcent_[l], cb_->values[l].centroids);
         }
+        if (m.commute()) {  // keys coded in RoPE pair order (quant/vq.h rope_pair_order), each layer's key groups
+          kpair_.resize(L);
+          for (int l = 0; l < L; ++l) {
+            const std::vector<int> order = rope_pair_order(d_, m.key_config(l).c);
+            kpair_[l].resize(order.size());
+            ANTKV_CUDA_CHECK(cudaMemcpy(kpair_[l].get(), order.data(), order.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+          }
+        }
         if (task_)  // the searched centroids L^T c, mapped once by the CPU's own function (quant/vq.h)
           for (int side = 0; side < 2; ++side) {
             metric_[side].resize(L), mcent_[side].resize(L);
@@ -830,6 +839,13 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
   void quantize_tensor(int l, int side, const float* src, float* out, int n, cudaStream_t stream) {
     const VqConfig q = side ? m_.value_config(l) : m_.key_config(l);
     const bool gain = side ? m_.gain_values() : m_.gain_keys();
+    // key_rope=commute: keys coded in RoPE pair order, the reconstruction put back in channel order at the end
+    const bool pairs = side == 0 && !kpair_.empty();
+    if (pairs) {
+      pair_.ensure(static_cast<size_t>(n) * kvd_);
+      cuda::permute_pair_order(src, kvd_, pair_.get(), kvd_, n, KV_, d_, kpair_[l].get(), true, stream);
+      src = pair_.get();
+    }
     VqArgs a;
     a.n = n, a.d = d_, a.kvd = kvd_;
     a.x = src;
@@ -874,6 +890,11 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     if (rotate_) {
       ra.in = out, ra.out = out, ra.mat = rot_[side][l].get(), ra.inverse = true;
       launch_rotate(ra, KV_, stream);
+    }
+    if (pairs) {  // src (pair_) is no longer read: it takes the pair-ordered result, out the channel-ordered one
+      ANTKV_CUDA_CHECK(cudaMemcpyAsync(pair_.get(), out, static_cast<size_t>(n) * kvd_ * sizeof(float),
+                                       cudaMemcpyDeviceToDevice, stream));
+      cuda::permute_pair_order(pair_.get(), kvd_, out, kvd_, n, KV_, d_, kpair_[l].get(), false, stream);
     }
   }
 
@@ -1118,6 +1139,8 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
   DeviceBuffer<float> work_, tmp_;
   DeviceBuffer<float> unit_, norms_;  // gain/rotate: [n][kvd] transformed rows, [n][KV] fp16 norms
   DeviceBuffer<float> metric_x_;      // metric=task: [n][kvd] the coded rows mapped by L^T
+  std::vector<DeviceBuffer<int32_t>> kpair_;  // key_rope=commute: per layer [d] rope_pair_order of its key groups
+  DeviceBuffer<float> pair_;                  // key_rope=commute: [n][kvd] keys in pair order
   int work_rows_ = 0, work_lo_ = 0;
   DeviceBuffer<float> sk_, sv_;
   DeviceBuffer<uint8_t> keep_d_;

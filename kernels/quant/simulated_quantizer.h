@@ -15,7 +15,8 @@
 //               anchors from the chunk's full-precision attention (kernels/anchor/anchor_scores.h on the
 //               runtime's fp32 q/k/v), combined with the codebooks' error_norm as combine_anchor_scores and
 //               selected on the host as QuantizedKvCache does; key_rope=pre rotates the dequantized keys with the
-//               runtime's RoPE kernel and inv_freq.
+//               runtime's RoPE kernel and inv_freq; key_rope=commute codes them in RoPE pair order first
+//               (quant/vq.h rope_pair_order; cuda::permute_pair_order there and back).
 //   gain, rotate=pca, metric=task  gain_kernel, rotate_kernel (a batched d x d product per row and head) and
 //               metric_forward_kernel (L^T x against L^T c precomputed at upload); norms and products are summed
 //               in fp64 in the CPU's order, so codes and values are the CPU's bit for bit before the bf16 store.

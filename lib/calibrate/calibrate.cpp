@@ -294,7 +294,7 @@ class HostHalf {
 class HostObserver : public ForwardObserver {
  public:
   HostObserver(const ModelConfig& cfg, const Recipe& r, const AnchorScoreFn& fn, HostHalf& half)
-      : cfg_(cfg), pre_(r.key_rope == KeyRope::kPre), fn_(fn), half_(half) {}
+      : cfg_(cfg), pre_(r.key_rope != KeyRope::kPost), fn_(fn), half_(half) {}
   void set_window(const WindowJob* w) { w_ = w; }
 
   void on_layer(const LayerActivations& a) override {
@@ -516,7 +516,7 @@ CalibrationResult run_calibration(Runtime& rt, const Tokenizer& tok, const Calib
       fail("calibration: out of host memory for the device stage's buffers ({} layers, windows of {})", cfg.num_layers,
            plan.seq_len);
     }
-    DeviceObserver obs(*stage, r.key_rope == KeyRope::kPre);
+    DeviceObserver obs(*stage, r.key_rope != KeyRope::kPost);
     HostWorker worker(half, *stage, cfg.num_layers);
     for (int64_t c = 0; c < plan.windows; ++c) {
       check_interrupted();
@@ -569,7 +569,7 @@ CalibrationResult run_calibration(Runtime& rt, const Tokenizer& tok, const Calib
   m.model = o.model_dir;
   m.config_hash = cfg.config_hash;
   m.recipe = r.to_yaml();
-  m.key_rope = option_name(r.key_rope);
+  m.key_rope = option_name(dump_key_rope(r.key_rope));  // commute keys are pre-RoPE keys in the dump
   m.anchor_score = option_name(r.anchor.score);
   m.text = o.text_path;
   m.text_hash = o.text_path.empty() ? "" : hash_file(o.text_path);

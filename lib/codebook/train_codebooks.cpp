@@ -41,8 +41,9 @@ struct LayerData {
 };
 
 // Reads one layer (the prefetch thread: the only HDF5 user while it runs) and checks K/V for NaN/Inf
-// (fp16 exponent all ones) in parallel.
-LayerData load_layer(const CalibDumpReader& dump, int layer) {
+// (fp16 exponent all ones) in parallel. key_order (key_rope=commute: quant/vq.h rope_pair_order, else empty): each
+// key row is put in that channel order, in which the codebooks are trained and stored.
+LayerData load_layer(const CalibDumpReader& dump, int layer, const std::vector<int>& key_order) {
   const auto t0 = Clock::now();
   const int64_t N = dump.n_tokens();
   const size_t kv = static_cast<size_t>(dump.meta().num_kv_heads), d = static_cast<size_t>(dump.meta().head_dim);
@@ -65,6 +66,19 @@ LayerData load_layer(const CalibDumpReader& dump, int layer) {
 #pragma omp parallel for schedule(static) reduction(+ : bad)
     for (int64_t i = 0; i < n; ++i) bad += (p[i] & 0x7c00) == 0x7c00;
     ANTKV_CHECK(bad == 0, "{}: layer {} {} contain NaN or Inf ({} values)", dump.path(), layer, name, bad);
+  }
+  if (!key_order.empty()) {
+    const int64_t rows = static_cast<int64_t>(N * kv);
+#pragma omp parallel
+    {
+      std::vector<uint16_t> tmp(d);
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) {
+        uint16_t* row = L.keys.data() + r * static_cast<int64_t>(d);
+        for (size_t i = 0; i < d; ++i) tmp[i] = row[key_order[i]];
+        std::copy(tmp.begin(), tmp.end(), row);
+      }
+    }
   }
   L.read_s = since(t0);
   return L;
@@ -393,7 +407,7 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
   ANTKV_CHECK(o.expected_config_hash.empty() || m.config_hash == o.expected_config_hash,
               "{}: the calibration dump was made with another model (config hash {} in the dump, {} for {})",
               o.calib_path, m.config_hash, o.expected_config_hash, r.model);
-  ANTKV_CHECK(m.key_rope == option_name(r.key_rope),
+  ANTKV_CHECK(m.key_rope == option_name(dump_key_rope(r.key_rope)),
               "{}: the dump holds {}-RoPE keys but the recipe asks key_rope: {} (recalibrate or change the recipe)",
               o.calib_path, m.key_rope, option_name(r.key_rope));
   for (auto [key, q] : {std::pair<const char*, VqConfig>{"quant.keys", r.quant.keys}, {"quant.values", r.quant.values}})
@@ -418,6 +432,24 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
   if (task)
     for (int l = 0; l < static_cast<int>(m.num_layers); ++l)
       key_metrics.push_back(task_metric(dump, l, true)), value_metrics.push_back(task_metric(dump, l, false));
+  // key_rope=commute: keys (and their metric) in RoPE pair order, so that each group of c channels is c/2 whole pairs
+  // and its centroids commute with RoPE (quant/vq.h rope_pair_order); the k-means itself is unchanged
+  std::vector<int> key_order;
+  if (r.key_rope == KeyRope::kCommute) {
+    ANTKV_CHECK(r.quant.keys.c % 2 == 0, "{}: key_rope: commute needs an even key group size, quant.keys.c is {}",
+                r.source.empty() ? "recipe" : r.source, r.quant.keys.c);
+    ANTKV_CHECK(r.kmeans.rotate == Rotate::kOff,
+                "{}: key_rope: commute with kmeans.rotate: pca would mix the RoPE pairs (use key_rope: pre with rotate)",
+                r.source.empty() ? "recipe" : r.source);
+    key_order = rope_pair_order(static_cast<int>(m.head_dim), r.quant.keys.c);
+    const size_t d = m.head_dim;
+    for (auto& M : key_metrics)
+      for (size_t h = 0; h < static_cast<size_t>(m.num_kv_heads); ++h) {
+        const std::vector<double> orig(M.begin() + h * d * d, M.begin() + (h + 1) * d * d);
+        for (size_t i = 0; i < d; ++i)
+          for (size_t j = 0; j < d; ++j) M[h * d * d + i * d + j] = orig[key_order[i] * d + key_order[j]];
+      }
+  }
   cm.trainer = o.trainer_name;
   cm.version = o.version;
   cm.fingerprint = o.fingerprint;
@@ -439,7 +471,7 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
   const auto t0 = Clock::now();
   // layer l + 1 is read (and checked) on a second thread while layer l trains
   std::future<LayerData> next;
-  if (cm.num_layers > 0) next = std::async(std::launch::async, load_layer, std::cref(dump), 0);
+  if (cm.num_layers > 0) next = std::async(std::launch::async, load_layer, std::cref(dump), 0, std::cref(key_order));
   SideTimes times;
   Workspace ws;
   for (int l = 0; l < cm.num_layers; ++l) {
@@ -448,7 +480,7 @@ TrainCodebooksResult train_codebooks(const TrainCodebooksOptions& o) {
     const LayerData data = next.get();
     out.wait_read_seconds += since(tw);
     out.read_seconds += data.read_s;
-    if (l + 1 < cm.num_layers) next = std::async(std::launch::async, load_layer, std::cref(dump), l + 1);
+    if (l + 1 < cm.num_layers) next = std::async(std::launch::async, load_layer, std::cref(dump), l + 1, std::cref(key_order));
     const auto tl = Clock::now();
     const RowPlan plan = plan_rows(dump, r, data, windows, positions);
     times.prepare += since(tl);

@@ -265,14 +265,15 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
   ANTKV_CHECK(!r.eval.texts.empty(), "{}: key \"eval.texts\" lists no text", r.source.empty() ? "recipe" : r.source);
   for (const auto& t : r.eval.texts) ANTKV_CHECK(fs::is_regular_file(t), "{}: evaluation text not found (eval.texts)", t);
 
-  // 1. calibration dumps, one per key_rope the methods need
-  std::map<KeyRope, std::string> dumps;  // key_rope -> path
+  // 1. calibration dumps, one per key placement the methods' dumps hold (pre and commute share the pre-RoPE one)
+  std::map<KeyRope, std::string> dumps;  // dump_key_rope -> path
   for (const auto& m : methods) {
-    if (!m.needs_codebooks() || dumps.count(m.key_rope)) continue;
-    const std::string path = (fs::path(r.out_dir) / ("calib-" + std::string(option_name(m.key_rope)) + ".h5")).string();
-    const std::string fp = calibration_fingerprint(r, o.ckpt->content_hash(), m.key_rope);
+    const KeyRope dk = dump_key_rope(m.key_rope);
+    if (!m.needs_codebooks() || dumps.count(dk)) continue;
+    const std::string path = (fs::path(r.out_dir) / ("calib-" + std::string(option_name(dk)) + ".h5")).string();
+    const std::string fp = calibration_fingerprint(r, o.ckpt->content_hash(), dk);
     bool task = false;  // metric=task codebooks need the dump's query moments and o_proj Grams (dumps before them lack them)
-    for (const auto& x : methods) task |= x.needs_codebooks() && x.key_rope == m.key_rope && x.metric != Metric::kPlain;
+    for (const auto& x : methods) task |= x.needs_codebooks() && dump_key_rope(x.key_rope) == dk && x.metric != Metric::kPlain;
     const ReuseDecision d = decide_reuse(path, fp, o.force, [task](const std::string& p) {
       CalibDumpReader dump(p);
       if (task && !(dump.has_query_moment() && dump.has_oproj_gram()))
@@ -283,11 +284,11 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
     if (!d.reuse) {
       ANTKV_CHECK(!r.calibration.text.empty(), "{}: key \"calibration.text\" is not set", r.source);
       Recipe rc = r;
-      rc.key_rope = m.key_rope;
+      rc.key_rope = dk;
       auto rt = o.make_calibration_runtime();
       int max_b = 1;  // the largest codebooks trained on this dump: 2^b centroids need 2^b calibration tokens
       for (const auto& x : methods)
-        for (const auto& spec : x.needs_codebooks() && x.key_rope == m.key_rope ? x.codebook_specs() : std::vector<MethodSpec>{})
+        for (const auto& spec : x.needs_codebooks() && dump_key_rope(x.key_rope) == dk ? x.codebook_specs() : std::vector<MethodSpec>{})
           max_b = std::max({max_b, spec.keys.b, spec.values.b});
       std::vector<int32_t> ids = o.tok->encode(read_text_file(r.calibration.text), true);
       check_token_ids(ids, *o.ckpt, r.calibration.text);
@@ -312,12 +313,12 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
       f.commit();
       summary.commit();
     }
-    dumps[m.key_rope] = path;
+    dumps[dk] = path;
   }
 
   // 2. codebooks, one file per configuration the methods need
   std::set<std::string> done;
-  std::map<KeyRope, std::string> dump_hashes;  // key_rope -> content hash: each dump read once, not per codebook set
+  std::map<KeyRope, std::string> dump_hashes;  // dump_key_rope -> content hash: each dump read once, not per codebook set
   std::vector<MethodSpec> files;  // one spec per codebook file (per-layer widths: one per width pair)
   for (const auto& m : methods)
     if (m.needs_codebooks())
@@ -326,8 +327,9 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
     if (done.count(m.codebook_file())) continue;
     done.insert(m.codebook_file());
     const std::string path = (fs::path(r.out_dir) / "codebooks" / m.codebook_file()).string();
-    auto h = dump_hashes.find(m.key_rope);
-    if (h == dump_hashes.end()) h = dump_hashes.emplace(m.key_rope, hash_file(dumps[m.key_rope])).first;
+    const KeyRope dk = dump_key_rope(m.key_rope);
+    auto h = dump_hashes.find(dk);
+    if (h == dump_hashes.end()) h = dump_hashes.emplace(dk, hash_file(dumps[dk])).first;
     const std::string fp = codebook_fingerprint(r, m, h->second, o.ckpt->content_hash());
     const ReuseDecision d = decide_reuse(path, fp, o.force, [](const std::string& p) {
       return read_codebooks(p).meta.fingerprint;
@@ -346,7 +348,7 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
     rc.anchor.ratio = m.ratio;
     TrainCodebooksOptions to;
     to.recipe = &rc;
-    to.calib_path = dumps[m.key_rope];
+    to.calib_path = dumps[dk];
     to.expected_config_hash = cfg.config_hash;
     to.make_trainer = o.make_trainer;
     to.trainer_name = o.trainer_name;

@@ -217,7 +217,9 @@ CalibDumpReader::CalibDumpReader(const std::string& path) : impl_(new Impl) {
   m.model = h5::get_attr_string(g, "model", path);
   m.config_hash = h5::get_attr_string(g, "config_hash", path);
   m.recipe = h5::get_attr_string(g, "recipe", path);
-  m.key_rope = h5::get_attr_choice(g, "key_rope", path, option_names<KeyRope>());
+  // the keys a dump holds: post or pre (key_rope=commute trains on the pre dump, quant/method_options.h dump_key_rope)
+  m.key_rope = h5::get_attr_choice(g, "key_rope", path,
+                                   {option_name(KeyRope::kPost), option_name(KeyRope::kPre)});
   std::vector<std::string> scores = option_names<AnchorScoreKind>();
   scores.insert(scores.begin(), "");  // dumps written before the attribute
   m.anchor_score = h5::get_attr_choice(g, "anchor_score", path, scores);

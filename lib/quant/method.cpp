@@ -219,6 +219,8 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
   // Values and combinations, each refused with its reason.
   if (m.kind == MethodKind::kRsq) {
     ANTKV_CHECK(m.bits >= 1 && m.bits <= 4, "{}: rsq bits must be in [1, 4]", where);
+    ANTKV_CHECK(!m.commute(), "{}: key_rope=commute groups codebook channels by RoPE pair and rsq has no codebooks (use key_rope=pre)",
+                where);
   } else if (m.kind == MethodKind::kUniform) {
     ANTKV_CHECK(m.bits >= 1 && m.bits <= 8, "{}: bits must be in [1, 8]", where);
     ANTKV_CHECK(m.group >= 1, "{}: group must be positive", where);
@@ -245,6 +247,16 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
     if (!m.layer_keys.empty() || !m.layer_values.empty()) {
       if (m.layer_keys.empty()) m.layer_keys.assign(m.layer_values.size(), m.keys);
       if (m.layer_values.empty()) m.layer_values.assign(m.layer_keys.size(), m.values);
+    }
+    if (m.commute()) {
+      // a learned basis mixes the RoPE pairs: its codewords would not commute with RoPE any more
+      ANTKV_CHECK(m.rotate == Rotate::kOff,
+                  "{}: key_rope=commute with rotate=pca: the PCA basis mixes RoPE pairs, so the key codewords would not "
+                  "commute with RoPE (use key_rope=pre with rotate=pca)",
+                  where);
+      for (int l = 0; l < std::max(1, m.listed_layers()); ++l)
+        ANTKV_CHECK(m.key_config(l).c % 2 == 0, "{}: key_rope=commute needs key groups of whole RoPE pairs (an even c), got c{}b{}",
+                    where, m.key_config(l).c, m.key_config(l).b);
     }
     const size_t n = static_cast<size_t>(m.listed_layers());
     ANTKV_CHECK((m.layer_keys.empty() || m.layer_keys.size() == n) && (m.layer_values.empty() || m.layer_values.size() == n) &&

@@ -28,7 +28,7 @@ struct MethodSpec {
   bool exclude_anchors = true;            // codebooks trained without the calibration anchors (vq: false)
   double ratio = 0.01;                    // share of tokens kept as anchors
   AnchorScoreKind score = AnchorScoreKind::kErrorBound;  // how anchors are ranked
-  KeyRope key_rope = KeyRope::kPost;      // keys quantized after or before RoPE
+  KeyRope key_rope = KeyRope::kPost;      // keys quantized after or before RoPE (commute: before, in RoPE pairs)
   bool correct = false;                   // store each key's error and add it back to its score (correct=on)
   bool promote = true;                    // decode-time anchors (design note §2's online rule; promote=on|off)
   int decode_window = 128;                // vq, antkv, rsq: newest tokens kept FP16 during decode (recipe anchor.window)
@@ -44,7 +44,8 @@ struct MethodSpec {
   bool anchor_values() const { return anchors == AnchorTensors::kValues || anchors == AnchorTensors::kKeysValues; }
   bool gain_keys() const { return gain != Gain::kOff; }
   bool gain_values() const { return gain == Gain::kKeysValues; }
-  bool pre_rope() const { return key_rope == KeyRope::kPre; }
+  bool pre_rope() const { return key_rope != KeyRope::kPost; }  // pre and commute: pre-RoPE keys are coded
+  bool commute() const { return key_rope == KeyRope::kCommute; }  // key groups of whole RoPE pairs
   // Whether decode steps run the decode-time anchor rule: anchors on, promote on, a score that is a sum over
   // attention rows (parse_method refuses promote=on with random / recent scores).
   bool promotes() const { return has_anchors() && promote && score_is_attention_sum(score); }

@@ -16,7 +16,8 @@ const std::vector<OptionSpelling<MethodKind>>& option_spellings() {
 
 template <>
 const std::vector<OptionSpelling<KeyRope>>& option_spellings() {
-  static const std::vector<OptionSpelling<KeyRope>> v = {{KeyRope::kPost, "post"}, {KeyRope::kPre, "pre"}};
+  static const std::vector<OptionSpelling<KeyRope>> v = {
+      {KeyRope::kPost, "post"}, {KeyRope::kPre, "pre"}, {KeyRope::kCommute, "commute"}};
   return v;
 }
 

@@ -12,7 +12,9 @@
 namespace antkv {
 
 enum class MethodKind { kFp16, kUniform, kVq, kAntkv, kRsq };  // fp16 | uniform | vq | antkv | rsq
-enum class KeyRope { kPost, kPre };                             // keys quantized after (post) or before (pre) RoPE
+// keys quantized after (post) or before (pre) RoPE; commute: before RoPE, with groups of whole RoPE pairs so that a
+// codeword (c/2 complex numbers) commutes with the rotation (docs/METHODS.md, quant/vq.h rope_pair_order)
+enum class KeyRope { kPost, kPre, kCommute };
 enum class Gain { kOff, kKeys, kKeysValues };                   // off | k | kv: norm in fp16, direction quantized
 enum class Rotate { kOff, kPca };                               // off | pca: coded in a learned centered basis
 enum class Metric { kPlain, kTask };                            // plain | task: k-means and assignment metric
@@ -77,6 +79,9 @@ E parse_option(std::string_view s, const std::string& where, const char* key) {
   if (auto v = find_option<E>(s)) return *v;
   throw_bad_option(where, key, option_choices<E>(), std::string(s));
 }
+
+// The keys a calibration dump holds for a key placement: commute trains on the same pre-RoPE keys as pre.
+inline KeyRope dump_key_rope(KeyRope k) { return k == KeyRope::kPost ? KeyRope::kPost : KeyRope::kPre; }
 
 // Whether decode steps can re-rank anchors with this score: it must be a sum over attention rows (not random/recent).
 bool score_is_attention_sum(AnchorScoreKind k);

@@ -77,6 +77,8 @@ bool one_anchor_tensor(const MethodSpec& m) { return m.anchors == AnchorTensors:
 bool coded(const MethodSpec& m) { return m.gain != Gain::kOff || m.rotate != Rotate::kOff; }
 // The lookup-table widths of quant_decode (c >= 8; c2b8 and c4b8 decode by dequantize-dot).
 bool lut_width(VqConfig q) { return compressed_width(q) && q.c >= 8; }
+// The widths commute_decode builds (kernels/attention/commute_decode.h commute_decode_supports: all but c16b12).
+bool commute_width(VqConfig q) { return compressed_width(q) && !(q.c == 16 && q.b == 12); }
 
 // ---- the rules ---------------------------------------------------------------------------------------------
 // A rule returns why the path does not run m (empty: no objection). s: the model's shape, or null (shape rules
@@ -123,7 +125,10 @@ const std::vector<Rule> kCompressedRules = {
     ANTKV_RULE(layer_with_two_widths(m) >= 0, "kbits != vbits{} (c{}b{} / c{}b{}): the compressed cache has one configuration for a layer's keys and values", m.layered() ? fmt::format(" in layer {}", layer_with_two_widths(m)) : "", m.key_config(std::max(0, layer_with_two_widths(m))).c, m.key_config(std::max(0, layer_with_two_widths(m))).b, m.value_config(std::max(0, layer_with_two_widths(m))).c, m.value_config(std::max(0, layer_with_two_widths(m))).b),
     ANTKV_RULE(first_width_not(m, compressed_width).c, "c{}b{} is not one of the compressed cache's configurations (bits 4, 2, 1, 0.75, 0.5, 0.375: c2b8, c4b8, c8b8, c16b12, c16b8, c16b6)", first_width_not(m, compressed_width).c, first_width_not(m, compressed_width).b),
     ANTKV_RULE(one_anchor_tensor(m) && (m.promotes() || m.pre_rope()), "anchors={} (one tensor only) runs on the compressed cache with promote=off and post-RoPE keys (decode-time anchors and pre-RoPE keys move one code stream for keys and values): add promote=off", option_name(m.anchors)),
-    ANTKV_RULE(coded(m) && m.pre_rope(), "gain= and rotate=pca with key_rope=pre are not implemented in the compressed cache (its pre-RoPE decode has no per-token scale or rotated basis); key_rope=post"),
+    ANTKV_RULE(coded(m) && m.pre_rope(), "gain= and rotate=pca with key_rope={} are not implemented in the compressed cache (its pre-RoPE decode has no per-token scale or rotated basis); key_rope=post", option_name(m.key_rope)),
+    ANTKV_RULE(m.commute() && first_width_not(m, commute_width).c, "key_rope=commute does not run c{}b{} on the compressed cache (its key codebook does not fit in shared memory)", first_width_not(m, commute_width).c, first_width_not(m, commute_width).b),
+    ANTKV_RULE(m.commute() && m.metric != Metric::kPlain, "key_rope=commute with metric=task is not implemented in the compressed cache"),
+    ANTKV_RULE(m.commute() && s && !(s->gqa_group() == 1 || s->gqa_group() == 2 || s->gqa_group() == 4 || s->gqa_group() == 8), "key_rope=commute takes a GQA group of 1, 2, 4 or 8 on the compressed cache, not {} (the model's)", s->gqa_group()),
     ANTKV_RULE(coded(m) && first_width_not(m, lut_width).c, "gain= and rotate=pca run on the compressed cache's lookup-table widths (bits 1, 0.75, 0.5, 0.375), not c{}b{}", first_width_not(m, lut_width).c, first_width_not(m, lut_width).b),
     ANTKV_RULE(m.correct, "correct=on is not implemented in the compressed cache"),
     ANTKV_RULE(!m.layer_ratio.empty(), "per-layer ratios (lratio) are not implemented in the compressed cache (one anchor budget for every layer)"),
@@ -299,7 +304,7 @@ std::vector<Example> examples() {
                         "uniform:window=64"})
     add(m);
   add("rsq:bits=2");
-  for (const auto& k : option_spellings<KeyRope>()) add(fmt::format("rsq:key_rope={}", k.name));
+  for (const char* k : {"post", "pre"}) add(fmt::format("rsq:key_rope={}", k));  // commute: parse_method refuses it
   // vq / antkv widths: every named width, and keys and values apart
   for (const char* w : {"4", "2", "1", "0.75", "0.5", "0.375", "1.5", "1.25", "0.25"}) add(fmt::format("vq:bits={}", w));
   add("vq:kbits=1,vbits=2");
@@ -316,10 +321,16 @@ std::vector<Example> examples() {
   for (const auto& v : option_spellings<Gain>()) add(fmt::format("vq:bits=1,gain={}", v.name));
   for (const auto& v : option_spellings<Rotate>()) add(fmt::format("vq:bits=1,rotate={}", v.name));
   for (const auto& v : option_spellings<Metric>()) add(fmt::format("vq:bits=1,metric={}", v.name));
+  add("antkv:bits=1,anchors=v,promote=off");
+  add("vq:bits=0.75,key_rope=commute");
+  add("vq:bits=1,gain=k,key_rope=commute");
   add("vq:lkbits=1/2");
+  add("vq:lkbits=1/0.5,lvbits=1/0.5");
   add("vq:lvbits=1/0.5");
   add("antkv:bits=1,lratio=0.01/0.02");
-  add("vq:bits=1,gain=kv,rotate=pca,key_rope=pre");  // the best 1-bit method
+  add("vq:bits=2,gain=kv,rotate=pca");
+  add("vq:bits=1,gain=kv,rotate=pca");  // the best 1-bit method (post-RoPE form)
+  add("vq:bits=1,gain=kv,rotate=pca,key_rope=pre");  // its pre-RoPE form
   // shape rules
   const ModelShapeFacts d96{96, 8, 8}, d80{80, 8, 8}, g32{128, 32, 1};
   for (const char* m : {"fp16", "rsq:bits=2", "vq:bits=1"}) out.push_back({m, d96, "head_dim 96"});

@@ -94,22 +94,26 @@ void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const f
   std::vector<float> unit, norms;
   const bool rotate = method_.rotate != Rotate::kOff;
   const bool task = method_.metric != Metric::kPlain;
+  // key_rope=commute: keys are coded in RoPE pair order (quant/vq.h rope_pair_order; parse_method refuses rotate=pca)
+  const std::vector<int> pair_order = method_.commute() ? rope_pair_order(d, kq.c) : std::vector<int>();
   auto quantize_head = [&](const VqHeadCodebooks& hc, const float* src, float* dst, bool gain, const float* rot,
-                           const float* mean, const float* metric, const float* mapped) {
+                           const float* mean, const float* metric, const float* mapped, bool pairs) {
     // metric=task: the nearest centroid in the metric |L^T (x - c)|^2, decoded as the centroid itself
     auto code = [&](const float* x, int64_t stride, float* out) {
       if (task) vq_quantize_metric(hc, mapped, metric, x, n, stride, out);
       else vq_quantize(hc, x, n, stride, out);
     };
-    if (!gain && !rotate) return code(src, static_cast<int64_t>(row_), dst);
+    if (!gain && !rotate && !pairs) return code(src, static_cast<int64_t>(row_), dst);
     unit.resize(static_cast<size_t>(n) * d), norms.resize(static_cast<size_t>(n));
     for (int64_t r = 0; r < n; ++r) std::copy_n(src + r * row_, d, unit.data() + r * d);
+    if (pairs) permute_channels(pair_order, true, unit.data(), n, d);
     if (rotate) rotate_forward(rot, mean, d, unit.data(), n, d);  // x' = R (x - mean)
     // gain-shape: fp16 norm + quantized unit direction, renormalized (see gain_restore)
     if (gain) gain_normalize(unit.data(), n, d, d, norms.data());
     code(unit.data(), d, unit.data());
     if (gain) gain_restore(unit.data(), n, d, d, norms.data());
     if (rotate) rotate_inverse(rot, mean, d, unit.data(), n, d);
+    if (pairs) permute_channels(pair_order, false, unit.data(), n, d);
     for (int64_t r = 0; r < n; ++r) std::copy_n(unit.data() + r * d, d, dst + r * row_);
   };
   auto rot_of = [&](const LayerCodebooks& c, int h) {
@@ -135,11 +139,12 @@ void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const f
     VqHeadCodebooks khc{kc.centroids.data() + static_cast<int64_t>(h) * kg * kk * kq.c, kg, kk, kq.c};
     VqHeadCodebooks vhc{vc.centroids.data() + static_cast<int64_t>(h) * vg * vk * vq.c, vg, vk, vq.c};
     quantize_head(khc, (pre ? k_pre : k_post) + static_cast<int64_t>(h) * d, kd + static_cast<int64_t>(h) * d,
-                  method_.gain_keys(), rot_of(kc, h), mean_of(kc, h), metric_of(kc, h), mapped_of(0, h));
+                  method_.gain_keys(), rot_of(kc, h), mean_of(kc, h), metric_of(kc, h), mapped_of(0, h),
+                  method_.commute());
     quantize_head(vhc, v + static_cast<int64_t>(h) * d, vd + static_cast<int64_t>(h) * d, method_.gain_values(),
-                  rot_of(vc, h), mean_of(vc, h), metric_of(vc, h), mapped_of(1, h));
+                  rot_of(vc, h), mean_of(vc, h), metric_of(vc, h), mapped_of(1, h), false);
   }
-  if (pre) {  // rotate the dequantized pre-RoPE keys to their positions
+  if (pre) {  // rotate the dequantized pre-RoPE keys to their positions (commute: each codeword times e^{i pos theta})
     std::vector<int32_t> pos(static_cast<size_t>(n));
     std::iota(pos.begin(), pos.end(), position0);
     rope_apply(kd, static_cast<int>(n), KV, d, pos.data(), inv_freq_.data());

@@ -79,6 +79,27 @@ void gain_restore(float* out, int64_t n, int64_t stride, int d, const float* nor
   }
 }
 
+std::vector<int> rope_pair_order(int d, int c) {
+  ANTKV_CHECK(c >= 2 && c % 2 == 0 && d % c == 0, "RoPE pair groups: c = {} must be even and divide head_dim {}", c, d);
+  std::vector<int> order(static_cast<size_t>(d));
+  const int half = d / 2, pairs = c / 2;
+  for (int g = 0; g < d / c; ++g)
+    for (int t = 0; t < c; ++t) order[static_cast<size_t>(g) * c + t] = t < pairs ? g * pairs + t : half + g * pairs + t - pairs;
+  return order;
+}
+
+void permute_channels(const std::vector<int>& order, bool to_pairs, float* x, int64_t n, int64_t stride) {
+  const size_t d = order.size();
+  std::vector<float> tmp(d);
+  for (int64_t r = 0; r < n; ++r) {
+    float* row = x + r * stride;
+    for (size_t i = 0; i < d; ++i) {
+      if (to_pairs) tmp[i] = row[order[i]];
+      else tmp[order[i]] = row[i];
+    }
+    std::copy(tmp.begin(), tmp.end(), row);
+  }
+}
 
 void rotate_forward(const float* R, const float* mean, int d, float* x, int64_t n, int64_t stride) {
   // The single dot product per output was latency-bound (at the 8B shape it was most of training's gain/rotate

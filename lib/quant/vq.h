@@ -31,6 +31,18 @@ void gain_normalize(float* x, int64_t n, int64_t stride, int d, float* norms);
 // out: [n, stride] direction reconstructions (the head's d channels), rescaled in place to norms[r] * out / |out|.
 void gain_restore(float* out, int64_t n, int64_t stride, int d, const float* norms);
 
+// RoPE-commuting key groups (key_rope=commute, CommVQ's idea, arXiv 2506.18879): RoPE (runtime/rope.h, rotate-half
+// layout) turns each channel pair (j, j + d/2) as the complex number z_j = x_j + i x_{j+d/2} times e^{i pos theta_j}.
+// Coded in the pair order below, a group of c channels holds c/2 whole pairs (real parts first, then imaginary
+// parts), so a codeword is c/2 complex numbers w and RoPE of the decoded pre-RoPE key is the codeword times
+// e^{i pos theta}: the code of a key does not depend on its position. Coded position g c + t holds channel
+// g c/2 + t for t < c/2 and d/2 + g c/2 + t - c/2 for t >= c/2 (c even, dividing d). The k-means, the gain norm and
+// the nearest-centroid search are those of any coded vector, in this order.
+// order[i] = the channel at coded position i, [d].
+std::vector<int> rope_pair_order(int d, int c);
+// x: [n, stride] rows whose d channels are permuted in place: to_pairs: row'[i] = row[order[i]]; else the inverse.
+void permute_channels(const std::vector<int>& order, bool to_pairs, float* x, int64_t n, int64_t stride);
+
 // Rotated VQ (our option rotate=pca, not the paper's): each (layer, KV head, tensor) has a mean and an orthogonal
 // d x d basis learned from the calibration K/V; a head vector is coded as x' = R (x - mean) (R row-major: row i is
 // the i-th basis vector), and reconstructed as mean + R^T x'_hat. The basis is the covariance's eigenvectors,
