@@ -283,18 +283,48 @@ std::vector<NeedleCase> make_needle_cases(const NeedleSettings& s, const Tokeniz
           doc.reserve(static_cast<size_t>(prompt_len));
           const uint64_t off = rng.below(hay.size());
           for (int64_t i = 0; i < hay_len; ++i) doc.push_back(hay[(off + static_cast<uint64_t>(i)) % hay.size()]);
-          // the other needles first, at random token positions of the haystack
-          for (size_t k = 1; k < needles.size(); ++k) {
-            const auto at = static_cast<long>(rng.below(doc.size() + 1));
-            doc.insert(doc.begin() + at, needles[k].begin(), needles[k].end());
+          // the asked needle goes at token `at` of the document of the haystack and the other needles
+          const int64_t others = static_cast<int64_t>(needle_tokens - needles[0].size());
+          const auto at = static_cast<int64_t>(std::llround(depth * static_cast<double>(hay_len + others)));
+          // the other needles at random haystack positions, none of them across `at` (drawn again when one is)
+          std::vector<int64_t> where(needles.size(), 0);  // haystack tokens before needle k (k >= 1)
+          auto straddles = [&]() {
+            std::vector<size_t> order(needles.size() - 1);
+            for (size_t k = 0; k < order.size(); ++k) order[k] = k + 1;
+            std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return where[x] < where[y]; });
+            int64_t before = 0;  // needle tokens before the current one
+            for (size_t k : order) {
+              const int64_t start = where[k] + before, len = static_cast<int64_t>(needles[k].size());
+              if (start < at && at < start + len) return true;
+              before += len;
+            }
+            return false;
+          };
+          bool placed = false;
+          for (int attempt = 0; attempt < 64 && !placed; ++attempt) {
+            for (size_t k = 1; k < needles.size(); ++k) where[k] = static_cast<int64_t>(rng.below(hay_len + 1));
+            placed = !straddles();
           }
-          // the asked needle at the depth of that document
-          const auto at = static_cast<int64_t>(std::llround(depth * static_cast<double>(doc.size())));
+          // a haystack hardly longer than the needles: all of them after `at` (or before it)
+          for (int64_t w : {hay_len, int64_t{0}})
+            if (!placed) {
+              for (size_t k = 1; k < needles.size(); ++k) where[k] = w;
+              placed = !straddles();
+            }
+          ANTKV_CHECK(placed, "{}: key \"eval.needle.lengths\": length {} leaves too little haystack for the {} "
+                      "needles of task {}", s.source, length, needles.size(), needle_task_name(task));
+          // inserted from the last haystack position to the first, so that earlier positions stay valid
+          std::vector<size_t> order(needles.size() - 1);
+          for (size_t k = 0; k < order.size(); ++k) order[k] = k + 1;
+          std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return where[x] > where[y]; });
+          for (size_t k : order) doc.insert(doc.begin() + where[k], needles[k].begin(), needles[k].end());
           doc.insert(doc.begin() + at, needles[0].begin(), needles[0].end());
           c.prompt_ids = prefix;
           c.prompt_ids.insert(c.prompt_ids.end(), intro.begin(), intro.end());
+          c.document_begin = static_cast<int>(c.prompt_ids.size());
           c.needle_position = static_cast<int>(c.prompt_ids.size() + at);
           c.prompt_ids.insert(c.prompt_ids.end(), doc.begin(), doc.end());
+          c.document_end = static_cast<int>(c.prompt_ids.size());
           c.prompt_ids.insert(c.prompt_ids.end(), q_ids.begin(), q_ids.end());
           c.needle_ids = needles[0];
           ANTKV_CHECK(static_cast<int64_t>(c.prompt_ids.size()) == prompt_len, "needle case: prompt of {} tokens, "

@@ -60,6 +60,7 @@ struct NeedleCase {
   std::string expected;             // the values joined by ", ": the answer the prompt asks for
   std::vector<int32_t> answer_ids;  // the expected answer's tokens as the prompt's continuation
   int needle_position = 0;          // token index in prompt_ids where the asked needle starts
+  int document_begin = 0, document_end = 0;  // the document (haystack and every needle) is prompt_ids[begin, end)
   std::vector<int32_t> needle_ids;  // the asked needle's tokens (prompt_ids[needle_position ...])
 };
 
