@@ -315,6 +315,12 @@ int run_pipeline_cmd(const RecipeArgs& a, bool needle_only = false) {
       return std::make_unique<CpuRuntime>(ckpt, co);
     };
   }
+  MethodRuntimeFactory needle_factory;  // made before the stages: a device error comes before any work
+  if (want_needle) {
+    Recipe needle_r = r;  // the GPU runtimes' KV capacity: the longest needle context
+    needle_r.eval.seq_len = needle_max_context(r);
+    needle_factory = method_factory(ckpt, needle_r, a.threads);
+  }
   std::fprintf(stderr, "outputs: %s\n", r.out_dir.c_str());
   std::vector<MethodResult> res;
   try {
@@ -329,10 +335,8 @@ int run_pipeline_cmd(const RecipeArgs& a, bool needle_only = false) {
                 r.out_dir.c_str(), r.out_dir.c_str());
   }
   if (want_needle) {
-    Recipe needle_r = r;  // the GPU runtimes' KV capacity: the longest needle context
-    needle_r.eval.seq_len = needle_max_context(r);
     try {
-      run_needle(needle_plan, r, ckpt, tok, method_factory(ckpt, needle_r, a.threads), !a.quiet);
+      run_needle(needle_plan, r, ckpt, tok, needle_factory, !a.quiet);
     } catch (const NonFinite& e) {
       rethrow_with_weight_check(e, ckpt);
     }
