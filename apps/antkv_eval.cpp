@@ -3,11 +3,13 @@
 //                  [--max-windows N] [--device auto|cpu|cuda] [--json out.json]  one model, FP16 cache
 //   antkv-eval ppl --recipe R [--set key=value ...]       every method of the recipe on every text (table)
 //   antkv-eval run --recipe R [--out DIR]                  calibrate -> train codebooks -> ppl table, all in DIR
+//   antkv-eval needle --recipe R [--out DIR]               long-context retrieval of every method (DIR/needle)
 //   antkv-eval diagnose --recipe R [--text FILE]           per-layer attention error of each method (CPU)
 //   antkv-eval bench --shape llama3-8b | --model DIR      decode attention and end-to-end decode (CUDA)
 //   antkv-eval shapes [--format table|json]                the named shapes of --shape (model/model_shapes.h)
 //   antkv-eval methods [--json] [--format text|markdown]   which path runs each method option (quant/method_support.h)
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -33,6 +35,8 @@
 #include "runtime/cpu_runtime.h"
 #include "tokenizer/tokenizer.h"
 #include "cli_errors.h"
+#include "antkv_eval_needle.h"
+#include "eval/needle_eval.h"
 #ifdef ANTKV_HAVE_CUDA
 #include "kernels/anchor/anchor_score_fn.h"
 #include "kernels/anchor/anchor_scores.h"
@@ -267,19 +271,27 @@ int run_recipe_ppl(const RecipeArgs& a) {
   return 0;
 }
 
-int run_pipeline_cmd(const RecipeArgs& a) {
+// `run` (eval.tasks: ppl and/or needle) and `needle` (needle_only: the needle task whatever eval.tasks says).
+int run_pipeline_cmd(const RecipeArgs& a, bool needle_only = false) {
   check_count(a.threads, limits::kThreads, "--threads");
   std::string device_line;
   const Recipe r = load_run_recipe(a, {"calibration.device", "kmeans.device", "eval.device"}, &device_line);
   const std::string out_dir = r.out_dir;  // --out (folded into the recipe) holds every stage's output
+  const auto has_task = [&r](const char* t) {
+    return std::find(r.eval.tasks.begin(), r.eval.tasks.end(), t) != r.eval.tasks.end();
+  };
+  const bool want_ppl = !needle_only && has_task("ppl"), want_needle = needle_only || has_task("needle");
   Checkpoint ckpt = open_recipe_model(r);
   require_recipe_model_support(r, ckpt);  // before the first stage: no calibration or training for a refused method
   Tokenizer tok = Tokenizer::from_file(ckpt.tokenizer_path());
+  NeedlePlan needle_plan;
+  if (want_needle) needle_plan = plan_needle(r, ckpt, tok);  // a bad setting fails here, before any stage
   // one run owns the folder until it ends: its reuse decisions, stages and results are not mixed with another's
   const RunFolderLock lock(out_dir);
   // every folder the stages and the results go to, checked before the first stage
   check_results_folder(out_dir, r);
   check_results_folder((fs::path(r.out_dir) / "codebooks").string(), r);
+  if (want_needle) check_results_folder(needle_results_dir(r), r);
   std::fprintf(stderr, "%s\n", device_line.c_str());
   PipelineOptions o;
   o.recipe = &r;
@@ -315,16 +327,32 @@ int run_pipeline_cmd(const RecipeArgs& a) {
       return std::make_unique<CpuRuntime>(ckpt, co);
     };
   }
+  MethodRuntimeFactory needle_factory;  // made before the stages: a device error comes before any work
+  if (want_needle) {
+    Recipe needle_r = r;  // the GPU runtimes' KV capacity: the longest needle context
+    needle_r.eval.seq_len = needle_max_context(r);
+    needle_factory = method_factory(ckpt, needle_r, a.threads);
+  }
   std::fprintf(stderr, "outputs: %s\n", r.out_dir.c_str());
   std::vector<MethodResult> res;
   try {
-    res = run_pipeline(o);
+    if (want_ppl) res = run_pipeline(o);
+    else prepare_codebooks(o);
   } catch (const NonFinite& e) {
     rethrow_with_weight_check(e, ckpt);
   }
-  write_results(res, r, out_dir, r.eval.device);
-  std::printf("plot: /usr/bin/python3 scripts/plot_results.py %s/results.json  (writes %s/results.png)\n",
-              r.out_dir.c_str(), r.out_dir.c_str());
+  if (want_ppl) {
+    write_results(res, r, out_dir, r.eval.device);
+    std::printf("plot: /usr/bin/python3 scripts/plot_results.py %s/results.json  (writes %s/results.png)\n",
+                r.out_dir.c_str(), r.out_dir.c_str());
+  }
+  if (want_needle) {
+    try {
+      run_needle(needle_plan, r, ckpt, tok, needle_factory, !a.quiet);
+    } catch (const NonFinite& e) {
+      rethrow_with_weight_check(e, ckpt);
+    }
+  }
   return 0;
 }
 
@@ -579,6 +607,16 @@ int main(int argc, char** argv) {
   run->add_flag("--force", ra.force, "redo every stage");
   run->add_flag("--quiet,-q", ra.quiet, "no progress lines");
 
+  auto* needle = app.add_subcommand("needle", "long-context retrieval (passkey, needles; eval.needle) with every method "
+                                     "of the recipe, codebooks from the run's calibrate/train stages (reused)");
+  needle->add_option("--recipe", ra.recipe, "recipe YAML (eval.methods, eval.needle)")->required();
+  needle->add_option("--set", ra.sets, "override a recipe field: key=value (repeatable)");
+  needle->add_option("--out", ra.out, "the run's folder: codebooks in DIR/codebooks, results in DIR/needle (default the "
+                     "recipe's out_dir)");
+  needle->add_option("--threads", ra.threads, "CPU threads (0 = all cores)");
+  needle->add_flag("--force", ra.force, "redo the calibration and codebook stages");
+  needle->add_flag("--quiet,-q", ra.quiet, "no progress lines");
+
   std::string diag_text, diag_json;
   auto* diag = app.add_subcommand("diagnose", "per-layer attention-output error, sink and anchor attention mass of "
                                   "every method of a recipe (teacher-forced on the FP16 cache, CPU)");
@@ -662,6 +700,7 @@ int main(int argc, char** argv) {
       return run_ppl(p);
     }
     if (*run) return run_pipeline_cmd(ra);
+    if (*needle) return run_pipeline_cmd(ra, /*needle_only=*/true);
     if (*diag) return run_diagnose(ra, diag_text, diag_json);
     if (*bench) return run_bench(ba);
     if (*maxctx) return run_method_bench_cmd(ma, true);

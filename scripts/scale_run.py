@@ -10,6 +10,7 @@ of scale.
   scale_run.py run --shape llama3-8b --work DIR --bin BUILD/apps --recipe recipes/llama3-8b.yaml \
       --calib-text books-calib.txt --eval-text wikitext-2-raw-test.txt --tokenizer-from ref/tokenizer.json \
       [--calib-tokens 262144] [--eval-windows 16] [--long 32768 131072] [--device cuda] [--tiny] [--set k=v ...]
+      [--stages calibrate,train,ppl,needle --needle-lengths 32768]
 
 The shapes (`antkv-eval shapes`: llama3-8b, llama2-7b, mistral-7b, qwen2-7b) are read from BUILD/apps/antkv-eval.
 Only the Python standard library is needed (the GPU machine has no package registry). Weights: N(0, 1/fan_in)
@@ -341,6 +342,46 @@ def tree_mib(root):
     return dict(sorted(out.items()))
 
 
+def pipeline_args(a, base):
+    """The recipe overrides of `antkv-eval run` / `needle` in the pipeline folder (the same everywhere, so that
+    each command reuses the dumps and codebooks of the one before)."""
+    texts = "eval.texts=[" + json.dumps(os.path.abspath(a.eval_text)) + "]"
+    return base + ["--set", "calibration.text=" + os.path.abspath(a.calib_text),
+                   "--set", f"calibration.tokens={a.calib_tokens}", "--set", texts,
+                   "--set", f"eval.max_windows={a.eval_windows}", "--set", f"eval.seq_len={a.eval_seq_len}",
+                   "--set", "eval.device=" + a.device, "--set", "calibration.device=" + a.device,
+                   "--set", "kmeans.device=" + a.device]
+
+
+def cmd_needle(a, base, b, work, logs, results):
+    """One passkey case per method at each --needle-length (random weights: time and memory only, the answers are
+    noise): `antkv-eval needle` in the pipeline folder. A first short run (needle-prepare) makes the dumps and
+    codebooks the methods need, so that each long stage (one method, one case) times decoding alone: its seconds
+    per case (prefill of the prompt, chunked past eval.needle.prefill_chunk, and the greedy answer) and peak GPU
+    memory."""
+    out = os.path.join(work, "pipeline")
+    methods = split_methods(a.needle_methods or a.methods)
+    mlist = lambda ms: "eval.methods=[" + ",".join(json.dumps(m) for m in ms) + "]"
+    needle = ["--set", "eval.tasks=[needle]", "--set", "eval.needle.tasks=[passkey]", "--set", "eval.needle.depths=[0.5]",
+              "--set", "eval.needle.cases=1", "--set", "eval.needle.haystack=filler",
+              "--set", "eval.needle.agreement_tokens=0"]
+    common = pipeline_args(a, base) + needle
+    rec = run_stage("needle-prepare", [b("antkv-eval"), "needle"] + common + [
+        "--set", mlist(methods), "--set", "eval.needle.lengths=[1024]", "--out", out, "--quiet"], logs, results)
+    if rec["rc"] != 0:
+        return
+    for L in a.needle_lengths:
+        for m in methods:
+            tag = m.replace(":", "_").replace(",", "_")
+            rec = run_stage(f"needle-{tag}-{L}", [b("antkv-eval"), "needle"] + common + [
+                "--set", mlist([m]), "--set", f"eval.needle.lengths=[{L}]", "--out", out, "--quiet"], logs, results)
+            j = load_json(os.path.join(out, "needle", "results.json")) or {}
+            rows = j.get("results") or [{}]
+            rec.update({"method": m, "length": L, "seconds_per_case": rows[0].get("seconds_per_case"),
+                        "accuracy": rows[0].get("accuracy"), "kv_cache": rows[0].get("kv_cache"),
+                        "device": (j.get("hardware") or {}).get("device")})
+
+
 def cmd_pipeline(a, base, b, work, logs, results, stages):
     """`antkv-eval run` as a user runs it: one command that calibrates (a pre-RoPE dump too when a method asks for
     it, with the metric=task statistics), trains every codebook set the methods need (gain, rotate, metric=task,
@@ -348,12 +389,7 @@ def cmd_pipeline(a, base, b, work, logs, results, stages):
     scripts/anchor_budget.py give a per-layer anchor ratio (lratio=) for --budget-method, evaluated by a second
     `antkv-eval run` that reuses the dumps and codebooks."""
     out = os.path.join(work, "pipeline")
-    texts = "eval.texts=[" + json.dumps(os.path.abspath(a.eval_text)) + "]"
-    common = base + ["--set", "calibration.text=" + os.path.abspath(a.calib_text),
-                     "--set", f"calibration.tokens={a.calib_tokens}", "--set", texts,
-                     "--set", f"eval.max_windows={a.eval_windows}", "--set", f"eval.seq_len={a.eval_seq_len}",
-                     "--set", "eval.device=" + a.device, "--set", "calibration.device=" + a.device,
-                     "--set", "kmeans.device=" + a.device]
+    common = pipeline_args(a, base)
     if "pipeline" in stages:
         methods = split_methods(a.methods)
         rec = run_stage("pipeline", [b("antkv-eval"), "run"] + common + [
@@ -420,7 +456,7 @@ def cmd_run(a):
 
     stages = set(a.stages.split(","))
     unknown = stages - {"calibrate", "train", "train-antkv", "train-vq", "ppl", "calib-compare", "pipeline",
-                        "anchor-budget", "none"}
+                        "anchor-budget", "needle", "none"}
     if unknown:
         raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)}")
     # the calibration text's first ~8 bytes per token asked for (tokenizing all of a long text costs time)
@@ -490,6 +526,8 @@ def cmd_run(a):
         rec.update(parse_results(res_dir))
     if stages & {"pipeline", "anchor-budget"}:
         cmd_pipeline(a, base, b, work, logs, results, stages)
+    if "needle" in stages:
+        cmd_needle(a, base, b, work, logs, results)
     for L in a.long or []:
         for m in split_methods(a.long_methods):
             name = f"ppl-{m.split(':')[0]}-{L}"
@@ -527,6 +565,8 @@ def cmd_run(a):
             fig = f"codebooks {r.get('codebook_mib')} MiB, split {r.get('split')}"
         elif r["stage"] == "write-checkpoint":
             fig = f"{r.get('weight_gib')} GiB"
+        elif r.get("seconds_per_case") is not None:
+            fig = f"{r['seconds_per_case']:.2f} s per {r['length']}-token passkey case ({r.get('kv_cache')} cache)"
         elif r.get("ppl") is not None:
             fig = f"ppl {r.get('ppl'):.4f}, {r.get('tokens_per_second'):.0f} tok/s"
         elif r.get("methods"):
@@ -608,7 +648,11 @@ def main():
                    help="comma-separated: calibrate, train (= train-antkv and train-vq), ppl, calib-compare (GPU "
                    "vs CPU dump; use with --tiny), pipeline (antkv-eval run: every dump and codebook set the "
                    "--methods need, then their ppl), anchor-budget (after pipeline: diagnose + anchor_budget.py -> "
-                   "lratio, evaluated)")
+                   "lratio, evaluated), needle (antkv-eval needle: one passkey case per method at each "
+                   "--needle-lengths, time per case and peak GPU memory; dumps and codebooks in the pipeline folder)")
+    r.add_argument("--needle-lengths", type=int, nargs="*", default=[32768],
+                   help="needle stage: context lengths of the one passkey case per method")
+    r.add_argument("--needle-methods", help="needle stage: methods (as --methods; default --methods)")
     r.add_argument("--budget-method", default="antkv:bits=1",
                    help="anchor-budget stage: the method whose per-layer anchor ratios are derived")
     r.add_argument("--budget-ratio", type=float, default=0.01, help="anchor-budget: the total ratio per layer")

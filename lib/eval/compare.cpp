@@ -257,13 +257,28 @@ std::string codebook_fingerprint(const Recipe& r, const MethodSpec& m, const std
 std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
   ANTKV_CHECK(o.recipe && o.ckpt && o.tok, "run_pipeline: recipe, checkpoint and tokenizer needed");
   const Recipe& r = *o.recipe;
+  // fail before hours of work, not after
+  ANTKV_CHECK(!r.eval.texts.empty(), "{}: key \"eval.texts\" lists no text", r.source.empty() ? "recipe" : r.source);
+  for (const auto& t : r.eval.texts) ANTKV_CHECK(fs::is_regular_file(t), "{}: evaluation text not found (eval.texts)", t);
+  prepare_codebooks(o);
+
+  // 3. perplexity of every method
+  CompareOptions co;
+  co.recipe = &r;
+  co.codebook_dir = (fs::path(r.out_dir) / "codebooks").string();
+  co.make_runtime = o.make_method_runtime;
+  co.ckpt = o.ckpt;
+  co.progress = o.progress;
+  return compare_methods(*o.tok, co);
+}
+
+void prepare_codebooks(const PipelineOptions& o) {
+  ANTKV_CHECK(o.recipe && o.ckpt && o.tok, "prepare_codebooks: recipe, checkpoint and tokenizer needed");
+  const Recipe& r = *o.recipe;
   const ModelConfig& cfg = o.ckpt->config();
   fs::create_directories(fs::path(r.out_dir) / "codebooks");
   std::vector<MethodSpec> methods;
   for (const auto& s : r.eval.methods) methods.push_back(parse_method(s, r));
-  // fail before hours of work, not after
-  ANTKV_CHECK(!r.eval.texts.empty(), "{}: key \"eval.texts\" lists no text", r.source.empty() ? "recipe" : r.source);
-  for (const auto& t : r.eval.texts) ANTKV_CHECK(fs::is_regular_file(t), "{}: evaluation text not found (eval.texts)", t);
 
   // 1. calibration dumps, one per key placement the methods' dumps hold (pre and commute share the pre-RoPE one)
   std::map<KeyRope, std::string> dumps;  // dump_key_rope -> path
@@ -363,15 +378,6 @@ std::vector<MethodResult> run_pipeline(const PipelineOptions& o) {
     f.commit();
     report.commit();
   }
-
-  // 3. perplexity of every method
-  CompareOptions co;
-  co.recipe = &r;
-  co.codebook_dir = (fs::path(r.out_dir) / "codebooks").string();
-  co.make_runtime = o.make_method_runtime;
-  co.ckpt = o.ckpt;
-  co.progress = o.progress;
-  return compare_methods(*o.tok, co);
 }
 
 }  // namespace antkv

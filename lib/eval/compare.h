@@ -85,5 +85,8 @@ struct PipelineOptions {
 // Runs calibrate -> train-codebook -> ppl into recipe.out_dir; returns the results (also written as
 // results.json, results.csv, results.txt there).
 std::vector<MethodResult> run_pipeline(const PipelineOptions& o);
+// Stages 1 and 2 of run_pipeline alone: the calibration dumps and codebook files the recipe's methods need, in
+// recipe.out_dir, reused when their fingerprint matches (the needle evaluation runs after them).
+void prepare_codebooks(const PipelineOptions& o);
 
 }  // namespace antkv

@@ -32,7 +32,8 @@ VqConfig vq_config_for_bits(double bits) {
 
 namespace {
 
-enum class Kind { kString, kPath, kInt, kInt64, kUInt64, kDouble, kBool, kStringList, kPathList, kOption };
+enum class Kind { kString, kPath, kInt, kInt64, kUInt64, kDouble, kBool, kStringList, kPathList, kOption, kIntList,
+                  kDoubleList };
 
 // How a typed option field (quant/method_options.h) is read and written: its spellings live in one table.
 struct OptionCodec {
@@ -94,6 +95,23 @@ void for_each_field(Recipe& r, F&& f0) {
   f("eval.device", Kind::kString, &r.eval.device);
   f("eval.kv_cache", Kind::kString, &r.eval.kv_cache);
   f("eval.decode_from", Kind::kInt, &r.eval.decode_from);
+  f("eval.tasks", Kind::kStringList, &r.eval.tasks);
+  auto& nd = r.eval.needle;
+  f("eval.needle.tasks", Kind::kStringList, &nd.tasks);
+  f("eval.needle.lengths", Kind::kIntList, &nd.lengths);
+  f("eval.needle.depths", Kind::kDoubleList, &nd.depths);
+  f("eval.needle.seed", Kind::kUInt64, &nd.seed);
+  f("eval.needle.cases", Kind::kInt, &nd.cases);
+  f("eval.needle.haystack", Kind::kString, &nd.haystack);
+  f("eval.needle.value", Kind::kString, &nd.value);
+  f("eval.needle.digits", Kind::kInt, &nd.digits);
+  f("eval.needle.answer_budget", Kind::kInt, &nd.answer_budget);
+  f("eval.needle.distractors", Kind::kInt, &nd.distractors);
+  f("eval.needle.values", Kind::kInt, &nd.values);
+  f("eval.needle.queries", Kind::kInt, &nd.queries);
+  f("eval.needle.prefill_chunk", Kind::kInt, &nd.prefill_chunk);
+  f("eval.needle.agreement_tokens", Kind::kInt, &nd.agreement_tokens);
+  f("eval.needle.agreement_length", Kind::kInt, &nd.agreement_length);
   f("out_dir", Kind::kPath, &r.out_dir);
 }
 
@@ -185,6 +203,26 @@ void set_field(Kind kind, void* ptr, const OptionCodec* codec, const YAML::Node&
         for (auto& p : v) p = resolve_path(p, base, src + ": " + key);
       break;
     }
+    case Kind::kIntList:
+    case Kind::kDoubleList: {
+      const bool ints = kind == Kind::kIntList;
+      const char* what = ints ? "a list of integers" : "a list of numbers";
+      ANTKV_CHECK(n.IsSequence() || n.IsScalar(), "{}: key \"{}\" must be {}", src, key, what);
+      std::vector<YAML::Node> items;
+      if (n.IsScalar()) items.push_back(n);
+      else
+        for (const auto& e : n) items.push_back(e);
+      if (ints) {
+        auto& v = *static_cast<std::vector<int>*>(ptr);
+        v.clear();
+        for (const auto& e : items) v.push_back(scalar_as<int>(e, key, src, what));
+      } else {
+        auto& v = *static_cast<std::vector<double>*>(ptr);
+        v.clear();
+        for (const auto& e : items) v.push_back(scalar_as<double>(e, key, src, what));
+      }
+      break;
+    }
   }
 }
 
@@ -242,6 +280,30 @@ void validate(const Recipe& r, const std::string& src) {
   check(r.eval.decode_from >= 0 && r.eval.decode_from < r.eval.seq_len, "eval.decode_from",
         "must be in [0, eval.seq_len)");
   check(!r.eval.methods.empty(), "eval.methods", "must list at least one method");
+  check(!r.eval.tasks.empty(), "eval.tasks", "must list at least one task (ppl, needle)");
+  for (const auto& t : r.eval.tasks) one_of("eval.tasks", t, {"ppl", "needle"});
+  // eval.needle: the settings that need no model (lengths against max_position_embeddings, values against the
+  // answer budget: lib/eval/needle_tasks.h, before any work)
+  const auto& nd = r.eval.needle;
+  check(!nd.tasks.empty(), "eval.needle.tasks", "must list at least one task");
+  for (const auto& t : nd.tasks)
+    one_of("eval.needle.tasks", t, {"passkey", "single", "multikey", "multivalue", "multiquery"});
+  check(!nd.lengths.empty(), "eval.needle.lengths", "must list at least one context length");
+  for (int len : nd.lengths) count(len, limits::kSeqLen, "eval.needle.lengths");
+  check(!nd.depths.empty(), "eval.needle.depths", "must list at least one depth");
+  for (double d : nd.depths)
+    ANTKV_CHECK(d >= 0 && d <= 1, "{}: key \"eval.needle.depths\": depth {} is outside [0, 1]", src, d);
+  check(nd.cases >= 1 && nd.cases <= 100000, "eval.needle.cases", "must be in [1, 100000]");
+  one_of("eval.needle.haystack", nd.haystack, {"filler", "texts"});
+  one_of("eval.needle.value", nd.value, {"number", "uuid"});
+  check(nd.digits >= 1 && nd.digits <= 18, "eval.needle.digits", "must be in [1, 18]");
+  check(nd.answer_budget >= 1 && nd.answer_budget <= 4096, "eval.needle.answer_budget", "must be in [1, 4096]");
+  check(nd.distractors >= 0 && nd.distractors <= 1000, "eval.needle.distractors", "must be in [0, 1000]");
+  check(nd.values >= 1 && nd.values <= 100, "eval.needle.values", "must be in [1, 100]");
+  check(nd.queries >= 1 && nd.queries <= 100, "eval.needle.queries", "must be in [1, 100]");
+  count(nd.prefill_chunk, limits::kTokenCount, "eval.needle.prefill_chunk");
+  count(nd.agreement_tokens, limits::kTokenCount, "eval.needle.agreement_tokens");
+  count(nd.agreement_length, limits::kTokenCount, "eval.needle.agreement_length");
 }
 
 Recipe build(const YAML::Node& file_root, const std::string& src, const fs::path& base,
@@ -349,6 +411,14 @@ std::string Recipe::to_yaml() const {
       case Kind::kStringList: case Kind::kPathList:
         v = YAML::Node(YAML::NodeType::Sequence);
         for (auto& s : *static_cast<std::vector<std::string>*>(ptr)) v.push_back(s);
+        break;
+      case Kind::kIntList:
+        v = YAML::Node(YAML::NodeType::Sequence);
+        for (int x : *static_cast<std::vector<int>*>(ptr)) v.push_back(x);
+        break;
+      case Kind::kDoubleList:
+        v = YAML::Node(YAML::NodeType::Sequence);
+        for (double x : *static_cast<std::vector<double>*>(ptr)) v.push_back(x);
         break;
     }
     set_dotted(root, key, v);

@@ -84,6 +84,26 @@ struct Recipe {
     // > 0: each window's first decode_from tokens are prefilled in one forward, the rest fed one token per
     // forward (teacher-forced decode, so the newest tokens sit in the decode window); 0: prefill only.
     int decode_from = 0;
+    // What `antkv-eval run` evaluates after the codebook stages: ppl (eval.texts) and/or needle (eval.needle).
+    std::vector<std::string> tasks = {"ppl"};
+    // Long-context retrieval (lib/eval/needle_tasks.h, `antkv-eval needle`): synthetic cases from a seed.
+    struct Needle {
+      std::vector<std::string> tasks = {"passkey", "single"};  // passkey | single | multikey | multivalue | multiquery
+      std::vector<int> lengths = {1024};     // context lengths: prompt + answer budget, in tokens
+      std::vector<double> depths = {0, 0.25, 0.5, 0.75, 1};  // needle depths (fractions of the haystack)
+      uint64_t seed = 0;
+      int cases = 2;                         // cases per task, length and depth
+      std::string haystack = "filler";       // filler (a repeated text) | texts (eval.texts)
+      std::string value = "number";          // the needles' values (single, multi*): number | uuid
+      int digits = 5;                        // digits of a number value (passkey too)
+      int answer_budget = 16;                // greedy answer tokens decoded per case
+      int distractors = 3;                   // multikey: needles with other keys
+      int values = 2;                        // multivalue: values under the one key
+      int queries = 2;                       // multiquery: keys asked at once
+      int prefill_chunk = 8192;              // prompts longer than this are prefilled in chunks of this many tokens
+      int agreement_tokens = 0;              // > 0: greedy continuation of N tokens vs fp16's (generation agreement)
+      int agreement_length = 0;              // its prompt length (0: the largest of lengths)
+    } needle;
   } eval;
 
   std::string out_dir;  // where `antkv-eval run` puts its outputs; default runs/<name>
