@@ -8,6 +8,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "kernels/attention/code_records.cuh"
 #include "kernels/attention/split_combine.cuh"
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/device_utils.cuh"
@@ -38,48 +39,6 @@ struct Shape {
   static_assert(NB <= 8, "codes are staged as bytes");
   static_assert(CB % 16 == 0 && U % 16 == 0 && (HALF * G * 8) % 16 == 0 && P % 16 == 0, "16-byte aligned regions");
 };
-
-template <int REC>
-__device__ __forceinline__ void load_record(const uint8_t* __restrict__ base, int64_t t, uint32_t (&w)[(REC + 3) / 4]) {
-  const uint8_t* ptr = base + t * REC;
-  if constexpr (REC % 16 == 0) {
-#pragma unroll
-    for (int i = 0; i < REC / 16; ++i) {
-      const uint4 v = __ldcs(reinterpret_cast<const uint4*>(ptr) + i);
-      w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
-    }
-  } else if constexpr (REC % 8 == 0) {
-#pragma unroll
-    for (int i = 0; i < REC / 8; ++i) {
-      const uint2 v = __ldcs(reinterpret_cast<const uint2*>(ptr) + i);
-      w[2 * i] = v.x, w[2 * i + 1] = v.y;
-    }
-  } else if constexpr (REC % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < REC / 4; ++i) w[i] = __ldcs(reinterpret_cast<const unsigned int*>(ptr) + i);
-  } else if constexpr (REC % 2 == 0) {
-#pragma unroll
-    for (int i = 0; i < (REC + 3) / 4; ++i) w[i] = 0;
-#pragma unroll
-    for (int i = 0; i < REC / 2; ++i)
-      w[i >> 1] |= static_cast<uint32_t>(__ldcs(reinterpret_cast<const unsigned short*>(ptr) + i)) << (16 * (i & 1));
-  } else {
-#pragma unroll
-    for (int i = 0; i < (REC + 3) / 4; ++i) w[i] = 0;
-#pragma unroll
-    for (int i = 0; i < REC; ++i)
-      w[i >> 2] |= static_cast<uint32_t>(__ldcs(reinterpret_cast<const unsigned char*>(ptr) + i)) << (8 * (i & 3));
-  }
-}
-
-// The i-th b-bit code of a record (records: quant_decode.h; i a compile-time constant after unrolling).
-template <int NB, int NWD>
-__device__ __forceinline__ uint32_t code_at(const uint32_t (&w)[NWD], int i) {
-  const int bit = i * NB, wi = bit >> 5, sh = bit & 31;
-  uint32_t v = w[wi] >> sh;
-  if (sh + NB > 32 && wi + 1 < NWD) v |= w[wi + 1] << (32 - sh);
-  return v & ((1u << NB) - 1u);
-}
 
 // s[h] += Re conj(u_j) z for the G heads (u: [G] float2 in shared memory, z = (zr, zi))
 template <int G>
