@@ -5,6 +5,8 @@
 #include <complex>
 #include <numeric>
 #include <functional>
+#include <limits>
+#include <memory>
 #include <random>
 #include <tuple>
 
@@ -17,6 +19,7 @@
 #include "core/atomic_file.h"
 #include "eval/compare.h"
 #include "eval/diagnostics.h"
+#include "quant/fp8.h"
 #include "quant/method.h"
 #include "quant/quantized_cache.h"
 #include "quant/vq.h"
@@ -88,6 +91,26 @@ TEST_CASE("effective bits by hand", "[quant]") {
   // anchors=kv with gain=kv: norms only for the 2048 - 21 quantized tokens
   CHECK(effective_bits(parse_method("antkv:bits=1,gain=kv", r), 2048, 128, false) ==
         Approx(anchored + (2048 - 21) * 16.0 / (2048 * 128)));
+  // norm=fp8: 8 bits instead of 16 per coded token and head of each tensor with gain, averaged over K and V:
+  // 8 x coded share / (2 d) per gain tensor (gain=k: keys only; gain=kv: both, 8 x share / d)
+  for (const bool books : {false, true}) {
+    CHECK(effective_bits(parse_method("vq:bits=1,gain=k", r), 2048, 128, books) -
+              effective_bits(parse_method("vq:bits=1,gain=k,norm=fp8", r), 2048, 128, books) ==
+          Approx(8.0 / (2 * 128)));
+    CHECK(effective_bits(parse_method("vq:bits=1,gain=kv", r), 2048, 128, books) -
+              effective_bits(parse_method("vq:bits=1,gain=kv,norm=fp8", r), 2048, 128, books) ==
+          Approx(2 * 8.0 / (2 * 128)));
+    CHECK(effective_bits(parse_method("antkv:bits=1,gain=kv", r), 2048, 128, books) -
+              effective_bits(parse_method("antkv:bits=1,gain=kv,norm=fp8", r), 2048, 128, books) ==
+          Approx(2 * 8.0 * (2048 - 21) / 2048 / (2 * 128)));
+    // anchors=v, gain=kv: every key is coded (share 1), values of the 21 anchor tokens are not
+    CHECK(effective_bits(parse_method("antkv:bits=1,anchors=v,gain=kv", r), 2048, 128, books) -
+              effective_bits(parse_method("antkv:bits=1,anchors=v,gain=kv,norm=fp8", r), 2048, 128, books) ==
+          Approx((8.0 + 8.0 * (2048 - 21) / 2048) / (2 * 128)));
+  }
+  CHECK(effective_bits(parse_method("vq:bits=1,gain=kv,norm=fp8", r), 2048, 128, false) == Approx(1.0625));
+  CHECK(effective_bits(parse_method("vq:bits=1,gain=kv,norm=fp16", r), 2048, 128) ==
+        effective_bits(parse_method("vq:bits=1,gain=kv", r), 2048, 128));
 }
 
 TEST_CASE("method strings: kinds, options, errors", "[quant]") {
@@ -138,7 +161,7 @@ TEST_CASE("method strings: kinds, options, errors", "[quant]") {
   CHECK(gv.gain_values());
   CHECK(gv.codebook_file() == "k-c8b8_v-c8b8_none_all_post_gkv.h5");
   CHECK_THROWS_WITH(parse_method("antkv:gain=v", r), Contains("gain is off, k or kv") && Contains("\"v\""));
-  CHECK_THROWS_WITH(parse_method("antkv:gains=k", r), Contains("unknown option \"gains\"") && Contains("gain, rotate, metric, lkbits, lvbits, lratio)"));
+  CHECK_THROWS_WITH(parse_method("antkv:gains=k", r), Contains("unknown option \"gains\"") && Contains("gain, norm, rotate, metric, lkbits, lvbits, lratio)"));
 }
 
 namespace {
@@ -445,6 +468,122 @@ TEST_CASE("gain-shape VQ cache: fp16 norms kept, directions from the unit-vector
   CHECK_THROWS_WITH(QuantizedKvCache(cfg, parse_method("vq:gain=kv", r), cb), Contains("needs gain=kv"));
 }
 
+// OCP FP8 E4M3 (quant/fp8.h) against values worked out by hand: spacing 2^(e-3) in the binade [2^e, 2^(e+1)),
+// 2^-9 below 2^-6, ties to an even mantissa, saturation at 448.
+TEST_CASE("FP8 E4M3 rounding: subnormals, ties to even, saturation at 448", "[quant]") {
+  const std::vector<std::pair<float, float>> table = {
+      {0.0f, 0.0f},
+      {std::ldexp(1.0f, -9), std::ldexp(1.0f, -9)},          // the smallest subnormal, 1 x 2^-9
+      {std::ldexp(1.0f, -10), 0.0f},                         // half of it: a tie between 0 (even) and 2^-9
+      {std::ldexp(1.5f, -10), std::ldexp(1.0f, -9)},         // above the tie
+      {std::ldexp(3.0f, -10), std::ldexp(2.0f, -9)},         // 1.5 x 2^-9: tie between 1 and 2 (even) x 2^-9
+      {std::ldexp(5.0f, -10), std::ldexp(2.0f, -9)},         // 2.5 x 2^-9: tie between 2 (even) and 3 x 2^-9
+      {std::ldexp(1.0f, -7), std::ldexp(1.0f, -7)},          // 4 x 2^-9, a subnormal
+      {std::ldexp(7.0f, -9), std::ldexp(7.0f, -9)},          // the largest subnormal
+      {std::ldexp(1.0f, -6), std::ldexp(1.0f, -6)},          // the smallest normal
+      {std::ldexp(1.0f, -6) * 1.07f, std::ldexp(1.125f, -6)},  // normal spacing 2^-9 above 2^-6
+      {1.0f, 1.0f},
+      {1.0625f, 1.0f},                                       // tie between 1 (mantissa 000) and 1.125 (001)
+      {1.0626f, 1.125f},
+      {1.1875f, 1.25f},                                      // tie between 1.125 (001) and 1.25 (010)
+      {0.9f, 0.875f},                                        // spacing 2^-4 in [0.5, 1)
+      {17.0f, 16.0f},                                        // spacing 2 in [16, 32): tie, 16 is even (000)
+      {19.0f, 20.0f},                                        // tie between 18 (001) and 20 (010)
+      {240.0f, 240.0f},                                      // 1.875 x 2^7
+      {447.0f, 448.0f},                                      // spacing 32 in [256, 512): 447 / 32 = 13.97
+      {432.0f, 448.0f},                                      // tie between 416 (101) and 448 (110)
+      {448.0f, 448.0f},                                      // the largest value, 1.75 x 2^8
+      {464.0f, 448.0f},                                      // past the largest: saturates (not NaN)
+      {1e6f, 448.0f},
+      {std::numeric_limits<float>::infinity(), 448.0f},
+      {-1.0625f, -1.0f},                                     // the sign is kept
+      {-1e6f, -448.0f},
+  };
+  for (const auto& [x, want] : table) {
+    INFO("x = " << x);
+    CHECK(round_fp8_e4m3(x) == want);
+  }
+  CHECK(std::isnan(round_fp8_e4m3(std::numeric_limits<float>::quiet_NaN())));
+  // every E4M3 value is a fixed point and the midpoints between neighbours round to the even one
+  std::vector<float> values;
+  for (int e = 0; e < 16; ++e)
+    for (int m = 0; m < 8; ++m)
+      if (!(e == 15 && m == 7)) values.push_back(e == 0 ? std::ldexp(m / 8.0f, -6) : std::ldexp(1 + m / 8.0f, e - 7));
+  REQUIRE(values.back() == 448.0f);
+  for (size_t i = 0; i < values.size(); ++i) {
+    INFO("value " << values[i]);
+    CHECK(round_fp8_e4m3(values[i]) == values[i]);
+    if (i + 1 < values.size()) {
+      const float mid = (values[i] + values[i + 1]) / 2;
+      CHECK(round_fp8_e4m3(mid) == (i % 2 == 0 ? values[i] : values[i + 1]));  // mantissa parity = index parity
+      CHECK(round_fp8_e4m3(std::nextafter(mid, 0.0f)) == values[i]);
+      CHECK(round_fp8_e4m3(std::nextafter(mid, 1e9f)) == values[i + 1]);
+    }
+  }
+}
+
+// norm=fp8: the gain-shape cache stores round_fp8_e4m3(|x|) (rounded once from the exact norm of the fp16 input) and
+// reconstructs it times u / |u|, the directions as norm=fp16's; norm=fp16 written out is today's cache bit for bit.
+TEST_CASE("gain-shape VQ cache with norm=fp8: norm8(|x|) u / |u|, directions and bits as fp16's but 8 per norm",
+          "[quant]") {
+  const ModelConfig cfg = tiny_config(2, 8);
+  std::mt19937 rng(29);
+  std::normal_distribution<float> nd;
+  auto cb = tiny_codebooks("post", "none", rng, nd, 0.3f);
+  cb->meta.exclude_anchors = false;
+  cb->meta.gain = "kv";
+  const Recipe r = Recipe::defaults_with({"quant.keys.c=4", "quant.keys.b=2", "quant.values.c=4", "quant.values.b=2"});
+  const int T = 37;
+  std::vector<float> k(T * 16), v(T * 16), q(T * 32);
+  for (auto* a : {&k, &v, &q})
+    for (auto& x : *a) x = nd(rng) * 3.0f;
+  for (int c = 0; c < 8; ++c) v[7 * 16 + 8 + c] = 0;  // token 7, head 1: a zero value reconstructs as 0
+  auto filled = [&](const char* text) {
+    auto c = std::make_unique<QuantizedKvCache>(cfg, parse_method(text, r), cb);
+    c->append(KvAppend{0, T, 0, k.data(), k.data(), v.data(), q.data()});
+    return c;
+  };
+  const auto c8 = filled("vq:gain=kv,norm=fp8"), c16 = filled("vq:gain=kv"), c16x = filled("vq:gain=kv,norm=fp16");
+  CHECK(std::equal(c16x->keys(0), c16x->keys(0) + T * 16, c16->keys(0)));
+  CHECK(std::equal(c16x->values(0), c16x->values(0) + T * 16, c16->values(0)));
+  int norms_differ = 0;
+  double worst = 0;
+  for (int side = 0; side < 2; ++side)
+    for (int t = 0; t < T; ++t)
+      for (int h = 0; h < 2; ++h) {
+        INFO((side ? "value" : "key") << " of token " << t << ", head " << h);
+        const float* in = (side ? v : k).data() + t * 16 + h * 8;
+        const float* out = (side ? c8->values(0) : c8->keys(0)) + t * 16 + h * 8;
+        std::vector<float> x(8), unit(8), u(8);
+        double sq = 0;
+        for (int c = 0; c < 8; ++c) x[c] = static_cast<float>(Eigen::half(in[c])), sq += double(x[c]) * x[c];
+        const double norm = std::sqrt(sq);
+        if (norm == 0) {
+          for (int c = 0; c < 8; ++c) CHECK(out[c] == 0);
+          continue;
+        }
+        const float norm8 = round_fp8_e4m3(static_cast<float>(norm));
+        norms_differ += norm8 != static_cast<float>(Eigen::half(static_cast<float>(norm)));
+        for (int c = 0; c < 8; ++c) unit[c] = static_cast<float>(x[c] / norm);
+        const auto& books = side ? cb->values[0] : cb->keys[0];
+        vq_quantize(VqHeadCodebooks{books.centroids.data() + h * 32, 2, 4, 4}, unit.data(), 1, 8, u.data());
+        double nu = 0;
+        for (float y : u) nu += double(y) * y;
+        nu = std::sqrt(nu);
+        for (int c = 0; c < 8; ++c) {
+          const double want = norm8 * u[c] / nu;
+          CHECK(out[c] == Approx(want).margin(1e-6 * norm8));
+          worst = std::max(worst, std::abs(out[c] - want));
+        }
+      }
+  WARN("norm=fp8 cache: worst |out - norm8(|x|) u / |u|| " << worst);
+  CHECK(norms_differ > T);  // the fp8 norm is in use (fp16 and E4M3 disagree on most norms of this size)
+  // stored bits: 8 fewer per coded token, head and tensor (gain=kv, no anchors: all T x 2 heads x 2 tensors)
+  CHECK(c16->stored_bits(false) - c8->stored_bits(false) == Approx(8.0 * T * 2 * 2));
+  CHECK(c8->effective_bits(false) == Approx(effective_bits(parse_method("vq:gain=kv,norm=fp8", r), T, 8, false)));
+  CHECK(c16->effective_bits(false) - c8->effective_bits(false) == Approx(8.0 / 8));  // 8 x share 1 / d, d = 8
+}
+
 // Pre-RoPE keys (key_rope=pre, design note §3): the cache quantizes the pre-RoPE key with pre-RoPE codebooks
 // and rotates the dequantized key to its position; anchors keep the exact post-RoPE key. Pre- and post-RoPE
 // keys differ here (post = RoPE(pre)), so using the wrong one, skipping the rotation or rotating to the wrong
@@ -726,7 +865,8 @@ TEST_CASE("effective bits from what the caches store: one prefill = the formula,
                            "antkv:ratio=0.1,anchors=v", "antkv:ratio=0.1,anchors=k,correct=on", "vq:gain=k",
                            "antkv:ratio=0.1,gain=kv", "antkv:ratio=0.1,anchors=v,gain=k", "vq:rotate=pca",
                            "antkv:ratio=0.1,anchors=v,gain=kv,rotate=pca", "rsq", "rsq:bits=3", "vq:metric=task",
-                           "antkv:ratio=0.1,gain=kv,rotate=pca,metric=task"}) {
+                           "antkv:ratio=0.1,gain=kv,rotate=pca,metric=task", "vq:gain=k,norm=fp8",
+                           "antkv:ratio=0.1,anchors=v,gain=kv,norm=fp8"}) {
     INFO(text);
     const MethodSpec m = parse_method(text, r);
     std::shared_ptr<CodebookSet> books;
@@ -1289,6 +1429,11 @@ TEST_CASE("method options: one parser refuses every bad value and combination wi
       {"antkv:bits=1,kbits=2", "give it or kbits=/vbits=, not both"},
       {"vq:key_rope=commute,rotate=pca", "key_rope=commute with rotate=pca: the PCA basis mixes RoPE pairs"},
       {"rsq:key_rope=commute", "rsq has no codebooks (use key_rope=pre)"},
+      {"antkv:gain=kv,norm=bf16", "norm is fp16 or fp8, got \"bf16\""},
+      {"vq:norm=fp8", "norm= is the format of gain-shape VQ's norms and needs gain=k or gain=kv"},
+      {"antkv:gain=off,norm=fp16", "norm= is the format of gain-shape VQ's norms and needs gain=k or gain=kv"},
+      {"uniform:norm=fp8", "unknown option \"norm\" for uniform (bits, group, window)"},
+      {"rsq:norm=fp8", "unknown option \"norm\" for rsq (bits, key_rope)"},
   };
   for (const auto& [text, why] : refusals) {
     INFO(text);
@@ -1302,6 +1447,9 @@ TEST_CASE("method options: one parser refuses every bad value and combination wi
   CHECK(parse_method("vq:bits=1,exclude=on", r).exclude_anchors);
   CHECK(parse_method("antkv:kbits=1,vbits=2", r).values.c == 4);
   CHECK(parse_method("uniform:bits=4,group=32,window=16", r).window == 16);
+  CHECK(parse_method("vq:gain=k,norm=fp8", r).norm == Norm::kFp8);
+  CHECK(parse_method("antkv:gain=kv", r).norm == Norm::kFp16);
+  CHECK(parse_method("vq:gain=kv,norm=fp8", r).codebook_file() == parse_method("vq:gain=kv", r).codebook_file());
 }
 
 TEST_CASE("method options: the recipe sets their defaults, and a bad method fails when the recipe is read", "[quant]") {

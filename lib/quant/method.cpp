@@ -101,7 +101,7 @@ const std::vector<std::string>& options_of(MethodKind k) {
   static const std::vector<std::string> none, rsq = {"bits", "key_rope"}, uniform = {"bits", "group", "window"},
                                               vq = {"bits",   "kbits",    "vbits",   "anchors", "weighting", "ratio",
                                                     "score",  "key_rope", "correct", "promote", "exclude",   "gain",
-                                                    "rotate", "metric",   "lkbits",  "lvbits",  "lratio"};
+                                                    "norm",   "rotate",   "metric",  "lkbits",  "lvbits",  "lratio"};
   switch (k) {
     case MethodKind::kFp16: return none;
     case MethodKind::kRsq: return rsq;
@@ -191,6 +191,7 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
     else if (k == "window") m.window = integer();
     else if (k == "anchors") m.anchors = parse_option<AnchorTensors>(v, where, "anchors");
     else if (k == "gain") m.gain = parse_option<Gain>(v, where, "gain");
+    else if (k == "norm") m.norm = parse_option<Norm>(v, where, "norm");
     else if (k == "rotate") m.rotate = parse_option<Rotate>(v, where, "rotate");
     else if (k == "metric") m.metric = parse_option<Metric>(v, where, "metric");
     else if (k == "weighting") m.weighting = parse_option<Weighting>(v, where, "weighting");
@@ -241,6 +242,8 @@ MethodSpec parse_method(const std::string& text, const Recipe& r) {
                 "{}: promote=on needs a score that is a sum over attention rows (error_bound, attention_mass or "
                 "key_bound), not {}",
                 where, option_name(m.score));
+    ANTKV_CHECK(!t.has("norm") || m.gain != Gain::kOff,
+                "{}: norm= is the format of gain-shape VQ's norms and needs gain=k or gain=kv", where);
     ANTKV_CHECK(!(t.has("bits") && (t.has("kbits") || t.has("vbits"))),
                 "{}: bits= sets both widths; give it or kbits=/vbits=, not both", where);
     // a width list of one tensor gives the other tensor's layers its single width
@@ -347,8 +350,8 @@ double effective_bits(const MethodSpec& m, int L, int d, bool include_codebooks)
     if (include_codebooks && m.rotate != Rotate::kOff) bits += (d + 1) * 16.0 / L;  // fp16 d x d basis and d-mean per head
     if (include_codebooks && m.metric != Metric::kPlain) bits += q.c * 16.0 / L;  // fp16 c x c metric factor per group
     if (m.correct && is_keys) bits += (L - n_anchor) * 16.0 / (static_cast<double>(L) * d);  // fp16 error per key
-    if (is_keys ? m.gain_keys() : m.gain_values())  // fp16 norm per quantized token and head
-      bits += (L - n_anchor) * 16.0 / (static_cast<double>(L) * d);
+    if (is_keys ? m.gain_keys() : m.gain_values())  // fp16 (norm=fp8: 8-bit) norm per quantized token and head
+      bits += (L - n_anchor) * m.norm_bits() / (static_cast<double>(L) * d);
     total += bits;
   }
   return total / 2;

@@ -21,7 +21,8 @@ struct MethodSpec {
   // vq / antkv
   VqConfig keys, values;                  // codebook configuration of each tensor (bits=, kbits=, vbits=)
   AnchorTensors anchors = AnchorTensors::kKeysValues;  // which tensors anchor tokens keep in FP16 (vq: off)
-  Gain gain = Gain::kOff;                 // gain-shape VQ: norm in fp16, direction quantized (codebook configuration)
+  Gain gain = Gain::kOff;                 // gain-shape VQ: norm stored, direction quantized (codebook configuration)
+  Norm norm = Norm::kFp16;                // how gain= stores each norm: fp16 or FP8 E4M3 (not a codebook option)
   Rotate rotate = Rotate::kOff;           // coded in a learned centered PCA basis (codebook configuration)
   Metric metric = Metric::kPlain;         // k-means and assignment in the task metric (codebook configuration)
   Weighting weighting = Weighting::kAnchor;  // k-means weights: anchor scores or none (vq: none)
@@ -44,6 +45,7 @@ struct MethodSpec {
   bool anchor_values() const { return anchors == AnchorTensors::kValues || anchors == AnchorTensors::kKeysValues; }
   bool gain_keys() const { return gain != Gain::kOff; }
   bool gain_values() const { return gain == Gain::kKeysValues; }
+  double norm_bits() const { return norm == Norm::kFp8 ? 8.0 : 16.0; }  // per gain-coded token and head
   bool pre_rope() const { return key_rope != KeyRope::kPost; }  // pre and commute: pre-RoPE keys are coded
   bool commute() const { return key_rope == KeyRope::kCommute; }  // key groups of whole RoPE pairs
   // Whether decode steps run the decode-time anchor rule: anchors on, promote on, a score that is a sum over
@@ -90,7 +92,7 @@ MethodSpec parse_method(const std::string& text, const Recipe& r);
 
 // Effective bits per channel (K and V averaged) at context length `context`, counting everything stored:
 // codes, FP16 anchors with their 32-bit indices (per anchored tensor), the FP16 window, scales/zero points,
-// gain-shape norms (fp16 per quantized token and head), and codebooks (with rotate=pca's fp16 mean and d x d basis per
+// gain-shape norms (fp16, or 8 bits with norm=fp8, per quantized token and head), and codebooks (with rotate=pca's fp16 mean and d x d basis per
 // layer, head and tensor) (fp16 centroids) amortized over the context. include_codebooks = false leaves the codebooks out.
 double effective_bits(const MethodSpec& m, int context, int head_dim, bool include_codebooks = true);
 

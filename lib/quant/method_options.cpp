@@ -28,6 +28,12 @@ const std::vector<OptionSpelling<Gain>>& option_spellings() {
 }
 
 template <>
+const std::vector<OptionSpelling<Norm>>& option_spellings() {
+  static const std::vector<OptionSpelling<Norm>> v = {{Norm::kFp16, "fp16"}, {Norm::kFp8, "fp8"}};
+  return v;
+}
+
+template <>
 const std::vector<OptionSpelling<Rotate>>& option_spellings() {
   static const std::vector<OptionSpelling<Rotate>> v = {{Rotate::kOff, "off"}, {Rotate::kPca, "pca"}};
   return v;

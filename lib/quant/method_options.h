@@ -15,7 +15,8 @@ enum class MethodKind { kFp16, kUniform, kVq, kAntkv, kRsq };  // fp16 | uniform
 // keys quantized after (post) or before (pre) RoPE; commute: before RoPE, with groups of whole RoPE pairs so that a
 // codeword (c/2 complex numbers) commutes with the rotation (docs/METHODS.md, quant/vq.h rope_pair_order)
 enum class KeyRope { kPost, kPre, kCommute };
-enum class Gain { kOff, kKeys, kKeysValues };                   // off | k | kv: norm in fp16, direction quantized
+enum class Gain { kOff, kKeys, kKeysValues };                   // off | k | kv: norm stored, direction quantized
+enum class Norm { kFp16, kFp8 };                                // fp16 | fp8 (E4M3): how gain= stores each norm
 enum class Rotate { kOff, kPca };                               // off | pca: coded in a learned centered basis
 enum class Metric { kPlain, kTask };                            // plain | task: k-means and assignment metric
 enum class Weighting { kAnchor, kNone };                        // anchor | none: k-means weights

@@ -108,8 +108,8 @@ void QuantizedKvCache::quantize_rows(int layer, int64_t row0, int64_t n, const f
     for (int64_t r = 0; r < n; ++r) std::copy_n(src + r * row_, d, unit.data() + r * d);
     if (pairs) permute_channels(pair_order, true, unit.data(), n, d);
     if (rotate) rotate_forward(rot, mean, d, unit.data(), n, d);  // x' = R (x - mean)
-    // gain-shape: fp16 norm + quantized unit direction, renormalized (see gain_restore)
-    if (gain) gain_normalize(unit.data(), n, d, d, norms.data());
+    // gain-shape: fp16 (norm=fp8: E4M3) norm + quantized unit direction, renormalized (see gain_restore)
+    if (gain) gain_normalize(unit.data(), n, d, d, norms.data(), method_.norm);
     code(unit.data(), d, unit.data());
     if (gain) gain_restore(unit.data(), n, d, d, norms.data());
     if (rotate) rotate_inverse(rot, mean, d, unit.data(), n, d);
@@ -359,9 +359,10 @@ double QuantizedKvCache::stored_bits(bool include_codebooks) const {
     const VqConfig kq = method_.key_config(l), vq = method_.value_config(l);
     const double key_code = static_cast<double>(d) / kq.c * kq.b;
     const double value_code = static_cast<double>(d) / vq.c * vq.b;
-    // coded keys carry an fp16 error (correct=on) and an fp16 norm (gain=k|kv); coded values a norm (gain=kv)
-    bits += key_coded * (key_code + (method_.correct ? 16.0 : 0.0) + (method_.gain_keys() ? 16.0 : 0.0));
-    bits += value_coded * (value_code + (method_.gain_values() ? 16.0 : 0.0));
+    // coded keys carry an fp16 error (correct=on) and a norm (gain=k|kv; fp16, or 8 bits with norm=fp8); coded
+    // values a norm (gain=kv)
+    bits += key_coded * (key_code + (method_.correct ? 16.0 : 0.0) + (method_.gain_keys() ? method_.norm_bits() : 0.0));
+    bits += value_coded * (value_code + (method_.gain_values() ? method_.norm_bits() : 0.0));
     bits += (key_anchors + value_anchors) * (16.0 * d + 32.0);  // fp16, each with a 32-bit token index
     bits += (len - upto) * 2 * 16.0 * row;
     if (include_codebooks)  // 2^b centroids of c fp16 channels per group of c channels, per head

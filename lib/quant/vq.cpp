@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "quant/fp8.h"
 
 namespace antkv {
 
@@ -57,13 +58,14 @@ void vq_quantize(const VqHeadCodebooks& cb, const float* x, int64_t n, int64_t s
   vq_decode(cb, codes.data(), n, stride, out);
 }
 
-void gain_normalize(float* x, int64_t n, int64_t stride, int d, float* norms) {
+void gain_normalize(float* x, int64_t n, int64_t stride, int d, float* norms, Norm format) {
   for (int64_t r = 0; r < n; ++r) {
     float* row = x + r * stride;
     double sq = 0;
     for (int c = 0; c < d; ++c) sq += static_cast<double>(row[c]) * row[c];
     const double norm = std::sqrt(sq);
-    norms[r] = static_cast<float>(Eigen::half(static_cast<float>(norm)));  // stored in fp16
+    norms[r] = format == Norm::kFp8 ? round_fp8_e4m3(static_cast<float>(norm))  // stored in fp8 or fp16
+                                    : static_cast<float>(Eigen::half(static_cast<float>(norm)));
     const double inv = norm > 0 ? 1.0 / norm : 0.0;
     for (int c = 0; c < d; ++c) row[c] = static_cast<float>(row[c] * inv);
   }
