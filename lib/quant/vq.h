@@ -24,11 +24,10 @@ void vq_decode(const VqHeadCodebooks& cb, const int32_t* codes, int64_t n, int64
 void vq_quantize(const VqHeadCodebooks& cb, const float* x, int64_t n, int64_t stride, float* out);
 
 // Gain-shape VQ (our option gain=k|kv, not the paper's): a head's d-vector is stored as its L2 norm (fp16, or FP8
-// E4M3 with norm=fp8: quant/fp8.h, rounded once from the exact norm) and
-// the vector-quantized direction x / |x|. The reconstruction is norm * u / |u| for the concatenated centroids
-// u: renormalized, so its norm is the stored one. k-means centroids are means and shrink (|u| < 1 on average);
-// scaling u by the norm alone would keep that shrinkage, which flattens the attention logits q.k; the MSE-optimal
-// scale <x, u> / |u|^2 would shrink them further. A zero vector has norm 0 and reconstructs as 0.
+// E4M3 with norm=fp8: quant/fp8.h, rounded once from the exact norm) and the vector-quantized direction x / |x|.
+// The reconstruction is norm * u / |u| for the concatenated centroids u: renormalized, so its norm is the stored
+// one. k-means centroids are means and shrink (|u| < 1 on average); scaling u by the norm alone would keep that
+// shrinkage, which flattens the attention logits q.k; the MSE-optimal scale <x, u> / |u|^2 would shrink them further. A zero vector has norm 0 and reconstructs as 0.
 // x: [n, stride] (the head's d channels at x + row * stride), normalized in place; norms: [n], rounded to `format`
 // (the direction is x / |x| with the exact norm: the codebooks do not depend on the norm's format).
 void gain_normalize(float* x, int64_t n, int64_t stride, int d, float* norms, Norm format = Norm::kFp16);
