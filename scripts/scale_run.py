@@ -24,6 +24,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -262,6 +263,24 @@ class GpuMemPoll:
             self.t.join()
 
 
+def stop_child(p):
+    """Interrupts a running stage as Ctrl-C would (the toolkit then leaves no half-written output and releases its
+    run lock), and kills it if it has not ended within 20 s: a stage must not outlive this script, or its run lock
+    refuses the next run in the same folder."""
+    try:
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    except OSError:
+        pass
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def run_stage(name, cmd, log_dir, results, timeout=None):
     """Runs cmd; returns its record (seconds, rc, peak host RSS of the process, peak GPU memory)."""
     log = os.path.join(log_dir, name + ".log")
@@ -272,8 +291,8 @@ def run_stage(name, cmd, log_dir, results, timeout=None):
         try:
             _, status, ru = os.wait4(p.pid, 0)
             rc = os.waitstatus_to_exitcode(status)
-        except KeyboardInterrupt:
-            p.kill()
+        except BaseException:  # Ctrl-C, or SIGTERM (e.g. `timeout`): the stage stops with this script
+            stop_child(p)
             raise
         p.returncode = rc
     rec = {"stage": name, "cmd": " ".join(cmd), "rc": rc, "seconds": round(time.time() - t0, 2),
@@ -675,4 +694,5 @@ def main():
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminated)  # `timeout` and job schedulers stop a run with SIGTERM
     sys.exit(main())
