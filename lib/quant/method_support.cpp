@@ -63,14 +63,17 @@ bool names(const MethodSpec& m, const char* key) {
   }
 }
 bool vq_like(const MethodSpec& m) { return m.needs_codebooks(); }
-// The first layer whose key and value widths differ (-1: none).
-int layer_with_two_widths(const MethodSpec& m) {
+// The compressed cache's rule for the first layer whose key and value widths differ (empty: none).
+std::string two_widths_in_a_layer(const MethodSpec& m, const ModelShapeFacts*) {
   const int n = std::max(1, m.listed_layers());
   for (int l = 0; l < n; ++l) {
     const VqConfig k = m.key_config(l), v = m.value_config(l);
-    if (k.c != v.c || k.b != v.b) return l;
+    if (k.c != v.c || k.b != v.b)
+      return fmt::format("kbits != vbits{} (c{}b{} / c{}b{}): the compressed cache has one configuration for a "
+                         "layer's keys and values",
+                         m.layered() ? fmt::format(" in layer {}", l) : "", k.c, k.b, v.c, v.b);
   }
-  return -1;
+  return {};
 }
 bool one_anchor_tensor(const MethodSpec& m) { return m.anchors == AnchorTensors::kKeys || m.anchors == AnchorTensors::kValues; }
 // gain= or rotate=pca: the compressed cache's coded transform (per-token scale, rotated basis)
@@ -123,7 +126,7 @@ const std::vector<Rule> kSimulatedRules = {
 
 // The compressed vq/antkv cache (kernels/quant/compressed_cache.h): real path, bench, max-context.
 const std::vector<Rule> kCompressedRules = {
-    ANTKV_RULE(layer_with_two_widths(m) >= 0, "kbits != vbits{} (c{}b{} / c{}b{}): the compressed cache has one configuration for a layer's keys and values", m.layered() ? fmt::format(" in layer {}", layer_with_two_widths(m)) : "", m.key_config(std::max(0, layer_with_two_widths(m))).c, m.key_config(std::max(0, layer_with_two_widths(m))).b, m.value_config(std::max(0, layer_with_two_widths(m))).c, m.value_config(std::max(0, layer_with_two_widths(m))).b),
+    Rule{two_widths_in_a_layer, false},
     ANTKV_RULE(first_width_not(m, compressed_width).c, "c{}b{} is not one of the compressed cache's configurations (bits 4, 2, 1, 0.75, 0.5, 0.375: c2b8, c4b8, c8b8, c16b12, c16b8, c16b6)", first_width_not(m, compressed_width).c, first_width_not(m, compressed_width).b),
     ANTKV_RULE(one_anchor_tensor(m) && (m.promotes() || m.pre_rope()), "anchors={} (one tensor only) runs on the compressed cache with promote=off and post-RoPE keys (decode-time anchors and pre-RoPE keys move one code stream for keys and values): add promote=off", option_name(m.anchors)),
     ANTKV_RULE(coded(m) && m.pre_rope(), "gain= and rotate=pca with key_rope={} are not implemented in the compressed cache (its pre-RoPE decode has no per-token scale or rotated basis); key_rope=post", option_name(m.key_rope)),
