@@ -8,7 +8,7 @@
 #include <cmath>
 #include <type_traits>
 
-#include "kernels/attention/code_records.cuh"
+#include "kernels/attention/quant_decode_device.cuh"
 #include "kernels/attention/split_combine.cuh"
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/device_utils.cuh"
@@ -300,16 +300,8 @@ template <int D>
 __global__ void __launch_bounds__(D) commute_reduce_kernel(const QuantDecodeParams p) {
   extern __shared__ float rsmem[];
   const int h = blockIdx.x, b = blockIdx.y, c = threadIdx.x;
-  const int nq = p.n_quant[b], na = p.n_anchor[b], nw = p.n_window[b];
   const int64_t bh = static_cast<int64_t>(b) * p.n_heads + h;
-  const bool bad = nq < 0 || nq > p.quant_capacity || static_cast<int64_t>(p.n_splits) * p.split_len < nq || na < 0 ||
-                   na > p.anchor_capacity || nw < 0 || nw > p.window_capacity ||
-                   static_cast<int64_t>(nq) + na + nw < 1;
-  if (bad) {
-    p.out[bh * D + c] = __float2bfloat16_rn(NAN);
-    if (p.lse && c == 0) p.lse[bh] = NAN;
-    return;
-  }
+  if (nan_for_bad_counts<D>(p, b, bh, c)) return;
   combine_splits<D, D>(p.workspace, static_cast<int64_t>(p.batch) * p.n_heads, p.n_splits, bh, 1, p.n_splits, rsmem,
                        p.out, p.lse);
 }

@@ -38,7 +38,7 @@
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/device_utils.cuh"
 #include "kernels/attention/quant_decode.h"
-#include "kernels/attention/code_records.cuh"
+#include "kernels/attention/quant_decode_device.cuh"
 #include "kernels/attention/split_combine.cuh"
 
 namespace antkv::cuda {
@@ -91,7 +91,7 @@ struct QCfg {
   static_assert(kTile % NT == 0, "tile");
 };
 
-// ---- records: load_record, code_at (kernels/attention/code_records.cuh) ----
+// ---- records: load_record, code_at (kernels/attention/quant_decode_device.cuh) ----
 
 __device__ __forceinline__ uint32_t hash32(uint32_t x) {
   x ^= x >> 16;
@@ -677,16 +677,8 @@ __global__ void __launch_bounds__(D) quant_reduce_kernel(const QuantDecodeParams
   __shared__ float smem[split_combine_smem_floats(1, kMaxQuantSplits)];
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   const int h = blockIdx.x, b = blockIdx.y, c = threadIdx.x;
-  const int nq = p.n_quant[b], na = p.n_anchor[b], nw = p.n_window[b];
   const int64_t bh = static_cast<int64_t>(b) * p.n_heads + h;
-  const bool bad = nq < 0 || nq > p.quant_capacity || static_cast<int64_t>(p.n_splits) * p.split_len < nq || na < 0 ||
-                   na > p.anchor_capacity || nw < 0 || nw > p.window_capacity ||
-                   static_cast<int64_t>(nq) + na + nw < 1;
-  if (bad) {  // a plan made for a shorter stream, a count past its capacity, or an empty context
-    p.out[bh * D + c] = __float2bfloat16_rn(NAN);
-    if (p.lse && c == 0) p.lse[bh] = NAN;
-    return;
-  }
+  if (nan_for_bad_counts<D>(p, b, bh, c)) return;
   combine_splits<D, D>(p.workspace, static_cast<int64_t>(p.batch) * p.n_heads, p.n_splits, bh, 1, p.n_splits, smem,
                        p.out, p.lse);
 }
@@ -702,16 +694,8 @@ __global__ void __launch_bounds__(D) quant_reduce_coded_kernel(const QuantDecode
   __shared__ float sRed[NWR];
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   const int h = blockIdx.x, b = blockIdx.y, c = threadIdx.x, lane = c & 31, warp = c >> 5;
-  const int nq = p.n_quant[b], na = p.n_anchor[b], nw = p.n_window[b];
   const int64_t bh = static_cast<int64_t>(b) * p.n_heads + h;
-  const bool bad = nq < 0 || nq > p.quant_capacity || static_cast<int64_t>(p.n_splits) * p.split_len < nq || na < 0 ||
-                   na > p.anchor_capacity || nw < 0 || nw > p.window_capacity ||
-                   static_cast<int64_t>(nq) + na + nw < 1;
-  if (bad) {
-    p.out[bh * D + c] = __float2bfloat16_rn(NAN);
-    if (p.lse && c == 0) p.lse[bh] = NAN;
-    return;
-  }
+  if (nan_for_bad_counts<D>(p, b, bh, c)) return;
   const int S = p.n_splits;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.n_heads;
   const float* wo = p.workspace;

@@ -1,8 +1,13 @@
-// Code records of the compressed cache (layout: kernels/attention/quant_decode.h): one record of REC bytes per
-// token holds its d/c b-bit codes. Shared by the lookup-table decode (quant_decode.cu) and the RoPE-commuting
-// decode (commute_decode.cu).
+// Device code shared by the compressed cache's decode kernels, the lookup-table decode (quant_decode.cu) and the
+// RoPE-commuting decode (commute_decode.cu): code records (layout: kernels/attention/quant_decode.h; one record of
+// REC bytes per token holds its d/c b-bit codes) and the reductions' check of a step's counts.
 #pragma once
+#include <cuda_bf16.h>
+
+#include <cmath>
 #include <cstdint>
+
+#include "kernels/attention/quant_decode.h"
 
 namespace antkv::cuda {
 
@@ -52,6 +57,22 @@ __device__ __forceinline__ uint32_t code_at(const uint32_t (&w)[NWD], int i) {
   uint32_t v = w[wi] >> sh;
   if (sh + NB > 32 && wi + 1 < NWD) v |= w[wi + 1] << (32 - sh);
   return v & ((1u << NB) - 1u);
+}
+
+// A reduction block's prologue for (sequence b, head row bh = b * n_heads + h; thread c of D): a plan made for a
+// shorter stream, a count past its capacity, or an empty context writes NaN to the head's output (and LSE) and
+// returns true, so that a bad plan shows instead of reading past the counts.
+template <int D>
+__device__ __forceinline__ bool nan_for_bad_counts(const QuantDecodeParams& p, int b, int64_t bh, int c) {
+  const int nq = p.n_quant[b], na = p.n_anchor[b], nw = p.n_window[b];
+  const bool bad = nq < 0 || nq > p.quant_capacity || static_cast<int64_t>(p.n_splits) * p.split_len < nq || na < 0 ||
+                   na > p.anchor_capacity || nw < 0 || nw > p.window_capacity ||
+                   static_cast<int64_t>(nq) + na + nw < 1;
+  if (bad) {
+    p.out[bh * D + c] = __float2bfloat16_rn(NAN);
+    if (p.lse && c == 0) p.lse[bh] = NAN;
+  }
+  return bad;
 }
 
 }  // namespace antkv::cuda
