@@ -380,6 +380,11 @@ TEST_CASE("GPU KV quantizers equal QuantizedKvCache on the same inputs (prefill,
       {"vq:bits=1,gain=kv,rotate=pca,key_rope=pre", 5e-3, 0.9999},
       {"antkv:bits=1,ratio=0.05,gain=kv,rotate=pca,promote=off", 1e-2, 0.9999},
       {"antkv:bits=1,ratio=0.05,anchors=v,gain=k,rotate=pca,key_rope=pre,promote=off", 1e-2, 0.9999},
+      // norm=fp8: the norm rounded to E4M3 from the same float (CUDA's saturating conversion against
+      // quant/fp8.h round_fp8_e4m3: both round to nearest even and saturate at 448), held like gain/rotate above
+      {"vq:bits=1,gain=kv,norm=fp8", 5e-3, 0.9999},
+      {"vq:bits=1,gain=kv,rotate=pca,norm=fp8", 5e-3, 0.9999},
+      {"antkv:bits=1,ratio=0.05,gain=k,rotate=pca,norm=fp8,key_rope=pre,promote=off", 1e-2, 0.9999},
       // metric=task: L^T x in fp64 in the CPU's order (bit for bit), searched against the CPU's L^T c, the
       // original-space centroid stored; alone, with gain/rotate, pre-RoPE keys and anchors. Per-layer widths
       // (lkbits / lvbits: each layer's own c/b per tensor) and anchor ratios (lratio). Held like gain/rotate above.

@@ -3,6 +3,7 @@
 #include "kernels/quant/simulated_quantizer.h"
 
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <algorithm>
 #include <array>
@@ -35,6 +36,12 @@ int blocks_for(int64_t n, int threads = kThreads) {
 }
 
 __device__ __forceinline__ float round_fp16(float x) { return __half2float(__float2half_rn(x)); }
+// quant/fp8.h round_fp8_e4m3 on the device: nearest E4M3 value, ties to even, saturating at +-448, NaN kept (the
+// CUDA conversion with __NV_SATFINITE; E4M3 -> fp16 is exact)
+__device__ __forceinline__ float round_fp8_e4m3(float x) {
+  const __nv_fp8_storage_t v = __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(v, __NV_E4M3)));
+}
 
 // ---- staging: rows [lo, lo + rows) of (k_pre, k_post, v), fp16-rounded, into work [3][rows][kvd] -------------
 // Rows before row0 are waiting tokens of earlier calls, read from the ring (already rounded); the others come
@@ -344,9 +351,10 @@ __global__ void rotate_kernel(const RotateArgs p) {
 struct GainArgs {
   const float* in = nullptr;  // [n][kvd]
   float* out = nullptr;       // [n][kvd]
-  float* norms = nullptr;     // [n][kv_heads]: written (fp16-rounded) by normalize, read by restore
+  float* norms = nullptr;     // [n][kv_heads]: written (fp16- or fp8-rounded) by normalize, read by restore
   int n = 0, kv_heads = 0, d = 0, kvd = 0;
   bool restore = false;
+  bool fp8_norm = false;      // norm=fp8: the norm stored as E4M3 instead of fp16
 };
 
 constexpr int kGainThreads = 128;  // 4 warps, 4 (row, head) pairs per block
@@ -369,7 +377,10 @@ __global__ void __launch_bounds__(kGainThreads) gain_kernel(const GainArgs p) {
   double scale;
   if (!p.restore) {
     const double norm = sqrt(sq);
-    if (lane == 0) p.norms[warp] = round_fp16(__double2float_rn(norm));  // stored in fp16
+    if (lane == 0) {  // stored in fp16 or E4M3, rounded once from the float norm (vq.cpp gain_normalize)
+      const float nf = __double2float_rn(norm);
+      p.norms[warp] = p.fp8_norm ? round_fp8_e4m3(nf) : round_fp16(nf);
+    }
     scale = norm > 0 ? 1.0 / norm : 0.0;
   } else {
     scale = sq > 0 ? static_cast<double>(p.norms[warp]) / sqrt(sq) : 0.0;
@@ -867,6 +878,7 @@ class GpuKvQuantizerImpl final : public GpuKvQuantizer {
     }
     GainArgs ga;
     ga.n = n, ga.kv_heads = KV_, ga.d = d_, ga.kvd = kvd_;
+    ga.fp8_norm = m_.norm == Norm::kFp8;
     if (gain) {
       norms_.ensure(static_cast<size_t>(n) * KV_);
       ga.norms = norms_.get();
