@@ -10,6 +10,7 @@
 #include "model/safetensors.h"
 #include "runtime/cpu_ops.h"
 #include "runtime/cpu_runtime.h"
+#include "gpu_test_support.h"
 #include "test_support.h"
 
 using namespace antkv;
@@ -149,6 +150,59 @@ TEST_CASE("CPU runtime: greedy decoding equals the reference ids", "[runtime][sh
     INFO(name);
     CHECK(got == want);
   }
+}
+
+// The retrieval reference model (data/models/antkv-retrieval-2m, committed: no shared files needed): its reference/
+// holds the whole prompt's pre-RoPE K/V ([T, kv_dim]) of layers 0 and 3 beside the logits and post-RoPE keys.
+TEST_CASE("CPU runtime: antkv-retrieval-2m logits, K/V and greedy ids match transformers", "[runtime][needle]") {
+  const std::string dir = test::source_path("data/models/antkv-retrieval-2m");
+  auto ref = SafetensorsFile::open(dir + "/reference/reference.safetensors");
+  const auto prompt = ints(ref->get("prompt_ids"));
+  const auto want = ints(ref->get("greedy_ids"));
+  Checkpoint ckpt = Checkpoint::open(dir);
+  const ModelConfig& cfg = ckpt.config();
+  REQUIRE(cfg.num_layers == 4);
+  CpuRuntimeOptions opts;
+  opts.kv_dtype = KvDType::kF32;  // the reference is fp32 math on the bf16 weights
+  CpuRuntime rt(ckpt, opts);
+  CaptureLayers cap;
+  cap.kv_dim = cfg.kv_dim();
+  ForwardRequest req;
+  req.tokens = prompt.data();
+  req.n_tokens = static_cast<int>(prompt.size());
+  req.logits = LogitsMode::kAll;
+  req.observer = &cap;
+  ForwardResult res;
+  rt.forward(req, res);
+  const auto ref_logits = ref->get("logits").to_float();
+  REQUIRE(res.logits.size() == ref_logits.size());
+  // fp32 on both sides in different summation orders: ~1e-6 relative (antkv-ref-18m: 8.7e-7); a wrong
+  // rope_theta, eps or tied head would be off by far more
+  const double err = test::max_rel_error(res.logits.data(), ref_logits.data(), ref_logits.size());
+  test::report_measured("antkv-retrieval-2m: max relative logits error", err, 3e-6);
+  CHECK(err < 3e-6);
+  const int T = req.n_tokens, kvh = cfg.num_kv_heads, d = cfg.head_dim, kv = cfg.kv_dim();
+  for (int layer : {0, 3}) {
+    const auto kpre = ref->get(fmt::format("layer{}.k_pre_rope", layer)).to_float();
+    const auto vpre = ref->get(fmt::format("layer{}.v_pre_rope", layer)).to_float();
+    REQUIRE(static_cast<int64_t>(kpre.size()) == static_cast<int64_t>(T) * kv);
+    REQUIRE(static_cast<int64_t>(vpre.size()) == static_cast<int64_t>(T) * kv);
+    const auto kpost = ref->get(fmt::format("layer{}.k_post_rope", layer)).to_float();  // [kv_heads, T, head_dim]
+    std::vector<float> ours(kpost.size());
+    for (int hh = 0; hh < kvh; ++hh)
+      for (int t = 0; t < T; ++t)
+        for (int c = 0; c < d; ++c) ours[(size_t(hh) * T + t) * d + c] = cap.k_post[layer][(size_t(t) * kvh + hh) * d + c];
+    const double ek = test::max_rel_error(cap.k_pre[layer].data(), kpre.data(), kpre.size());
+    const double ev = test::max_rel_error(cap.v[layer].data(), vpre.data(), vpre.size());
+    const double ep = test::max_rel_error(ours.data(), kpost.data(), kpost.size());
+    test::report_measured(fmt::format("antkv-retrieval-2m: layer {} max relative error k_pre / v / k_post", layer),
+                          std::max({ek, ev, ep}), 2e-6);
+    CHECK(ek < 2e-6);
+    CHECK(ev < 2e-6);
+    CHECK(ep < 2e-6);
+  }
+  const auto got = greedy(rt, prompt, static_cast<int>(want.size() - prompt.size()));
+  CHECK(got == want);
 }
 
 TEST_CASE("CPU runtime: prefill in chunks equals one prefill - fp16 cache stays close", "[runtime][shared]") {

@@ -14,6 +14,7 @@
 #include "core/text_file.h"
 #include "eval/fingerprint.h"
 #include "io/calib_dump.h"
+#include "quant/method_support.h"
 #include "quant/quantized_cache.h"
 #include "runtime/cpu_runtime.h"
 #include "tokenizer/tokenizer.h"
@@ -115,7 +116,7 @@ std::vector<MethodResult> compare_methods(const Tokenizer& tok, const CompareOpt
       res.text = text;
       res.ppl = evaluate_perplexity(*rt, ids, tok.bos_id(), po);
       // gpu_method_runtime_factory keeps vq/antkv and uniform in real caches; fp16 and rsq stay simulated
-      res.kv_cache = m.needs_codebooks() || m.kind == MethodKind::kUniform ? r.eval.kv_cache : "simulated";
+      res.kv_cache = eval_kv_cache(m, r.eval.device, r.eval.kv_cache);
       // Effective bits: what the cache stored for the last window where the runtime's cache counts it (the CPU
       // caches); otherwise the formula, which assumes each window is prefilled in one chunk.
       res.effective_bits = effective_bits(m, r.eval.seq_len, rt->config().head_dim, true);

@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "core/interrupt.h"
 #include "core/progress.h"
+#include "quant/method_support.h"
 #include "tokenizer/tokenizer.h"
 
 namespace antkv {
@@ -144,8 +145,9 @@ NeedleReport evaluate_needle(const NeedleEvalOptions& o) {
     }
     return o.make_runtime(m, cb);
   };
-  auto kv_cache_of = [&](const MethodSpec& m) { return m.needs_codebooks() ? r.eval.kv_cache : std::string("simulated"); };
-  // the real compressed cache takes one prefill chunk into an empty sequence (kernels/runtime/gpu_runtime.h)
+  // the path each method runs (the packed uniform cache and the compressed vq/antkv cache under eval.kv_cache: real);
+  // the real caches take one prefill chunk into an empty sequence (kernels/runtime/gpu_runtime.h)
+  auto kv_cache_of = [&](const MethodSpec& m) { return eval_kv_cache(m, r.eval.device, r.eval.kv_cache); };
   auto chunk_of = [&](const MethodSpec& m) { return kv_cache_of(m) == "real" ? 0 : nd.prefill_chunk; };
 
   for (const auto& m : methods) {

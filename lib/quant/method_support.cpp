@@ -253,6 +253,11 @@ std::vector<MethodPath> eval_paths(const MethodSpec& m, const std::string& devic
   return {MethodPath::kGpuSimulated};
 }
 
+std::string eval_kv_cache(const MethodSpec& m, const std::string& device, const std::string& kv_cache) {
+  const auto paths = eval_paths(m, device, kv_cache);
+  return std::find(paths.begin(), paths.end(), MethodPath::kGpuReal) != paths.end() ? "real" : "simulated";
+}
+
 std::vector<std::string> recipe_support_errors(const Recipe& r, const ModelShapeFacts* shape) {
   const std::string src = r.source.empty() ? "recipe" : r.source;
   const bool real = r.eval.kv_cache == "real";

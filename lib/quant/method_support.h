@@ -51,6 +51,8 @@ void require_support(const MethodSpec& m, MethodPath p, const ModelShapeFacts* s
 // runs m through: real caches for vq/antkv (their simulated quantizer still chooses the prefill's anchors) and
 // uniform (the packed cache); fp16 and rsq are evaluated on the simulated cache there.
 std::vector<MethodPath> eval_paths(const MethodSpec& m, const std::string& device, const std::string& kv_cache);
+// "real" when eval_paths runs m on a real cache, else "simulated": the kv_cache label of m's results.
+std::string eval_kv_cache(const MethodSpec& m, const std::string& device, const std::string& kv_cache);
 
 // Every method of r.eval.methods against the paths the recipe evaluates them on: one line per refusal (empty:
 // all run). eval.device "auto" (not resolved yet) checks the GPU paths only for eval.kv_cache: real (which needs
