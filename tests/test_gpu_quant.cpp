@@ -907,6 +907,8 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
                                  // per-layer widths (antkv-ref-18m has 6 layers)
                                  "vq:lkbits=1/0.5/1/0.75/1/1,lvbits=1/0.5/1/0.75/1/1,gain=kv,rotate=pca",
                                  "antkv:bits=1,ratio=0.05,anchors=v,promote=off,gain=kv,rotate=pca",
+                                 // one tensor's anchors with decode-time anchors
+                                 "antkv:bits=1,ratio=0.05,anchors=k", "antkv:bits=1,ratio=0.05,anchors=v,gain=kv,rotate=pca",
                                  // RoPE-commuting key codebooks (commute_decode)
                                  "vq:bits=1,key_rope=commute", "antkv:bits=1,ratio=0.05,key_rope=commute", "vq:bits=2,key_rope=commute"}) {
     SECTION(text) {
@@ -1018,7 +1020,9 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
 // the scores of common anchors within 2% (measured: see the WARN line).
 TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follow QuantizedKvCache (head_dim 64 and 128, post- and pre-RoPE)", "[gpu][quant]") {
   SKIP_WITHOUT_GPU();
-  for (const std::string rope : {"post", "pre"})  // pre: displaced anchors are quantized from their pre-RoPE copy
+  // pre: displaced anchors are quantized from their pre-RoPE copy; anchors=k|v: from the exact copy of the tensor
+  // whose anchor slots hold dequantized rows (the promoted token's other tensor is coded at promotion)
+  for (const std::string rope : {"post", "pre", "post,anchors=k", "post,anchors=v"})
   for (const int d : {64, 128}) {
     INFO("head_dim " << d << ", " << rope << "-RoPE keys");
     ModelConfig cfg = synthetic_config();
@@ -1135,7 +1139,12 @@ TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task, per-layer wi
                                             "antkv:ratio=0.05,lkbits=0.75/1,lvbits=0.75/1,gain=kv,rotate=pca,promote=off",
                                             // one tensor's anchors: the other's quantized at the prefill
                                             "antkv:bits=1,ratio=0.05,anchors=k,promote=off,gain=kv,rotate=pca",
-                                            "antkv:bits=1,ratio=0.05,anchors=v,promote=off,metric=task"};
+                                            "antkv:bits=1,ratio=0.05,anchors=v,promote=off,metric=task",
+                                            // and at decode-time promotions (the budget grows from 4 to 5 when the
+                                            // first token leaves the window, the other 6 leaving tokens may swap
+                                            // with the weakest anchor, which is then coded from its exact copy)
+                                            "antkv:bits=1,ratio=0.05,anchors=k,gain=kv,rotate=pca",
+                                            "antkv:bits=1,ratio=0.05,anchors=v,metric=task"};
   for (const int d : {64, 128})
     for (const std::string& text : methods) {
       ModelConfig base = synthetic_config();
@@ -1178,8 +1187,11 @@ TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task, per-layer wi
         DeviceBuffer<bf16> out(static_cast<size_t>(H) * d), replay(out.size());
         for (int l = 0; l < cfg.num_layers; ++l) {
           cpu.append(KvAppend{l, P, 0, acts[l].k_pre.data(), acts[l].k_post.data(), acts[l].v.data(), acts[l].q.data()});
+          // decode-time anchors: the running scores start from the CPU's
+          const std::vector<float> score(cpu.running_scores(l).begin(), cpu.running_scores(l).end());
           gpu.write_prefill(l, 0, P, dev[l].k.get(), kvd, dev[l].v.get(), kvd, dev[l].kpre.get(), kvd,
-                            m.has_anchors() ? cpu.anchor_flags(l).data() : nullptr, nullptr, stream);
+                            m.has_anchors() ? cpu.anchor_flags(l).data() : nullptr,
+                            m.promotes() ? score.data() : nullptr, stream);
         }
         gpu.commit_prefill(0, P);
         const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -1218,7 +1230,14 @@ TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task, per-layer wi
         const auto& st = gpu.state(0);
         CHECK(st.n_window == W);
         CHECK(st.n_quant == T - W - st.n_anchor);
-        CHECK(st.n_anchor == (m.has_anchors() ? static_cast<int>(std::ceil(0.05 * P)) : 0));
+        CHECK(st.n_anchor == (!m.has_anchors() ? 0 : static_cast<int>(std::ceil(0.05 * (m.promotes() ? T : P)))));
+        if (m.promotes())  // the GPU keeps the CPU's anchors (their rows are what the outputs are compared over)
+          for (int l = 0; l < cfg.num_layers; ++l) {
+            const auto pos = gpu.anchor_positions(l, 0);
+            for (int h = 0; h < KV; ++h)
+              for (int a = 0; a < st.n_anchor; ++a)
+                CHECK(cpu.anchor_flags(l)[static_cast<size_t>(pos[static_cast<size_t>(h) * st.n_anchor + a]) * KV + h] == 1);
+          }
         CHECK(graph_diff == 0);
         CHECK_MEASURED(fmt::format("test_gpu_quant: compressed {} d {} G {} vs CPU reference cache worst output rel err",
                                    text, d, G),
@@ -1240,10 +1259,10 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
   }
   const MethodSpec m = method("antkv:bits=1");
   auto cb = make_codebooks(cfg, m, acts, 1);
-  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,anchors=v"), *cb, 1, 64, 8),
-                    Catch::Contains("anchors=v (one tensor only) runs on the compressed cache with promote=off and "
-                                    "post-RoPE keys"));
+  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,anchors=v,key_rope=pre"), *cb, 1, 64, 8),
+                    Catch::Contains("anchors=v (one tensor only) runs on the compressed cache with post-RoPE keys"));
   CHECK_NOTHROW(GpuCompressedKvCache(cfg, method("antkv:bits=1,anchors=k,promote=off"), *cb, 1, 64, 8));
+  CHECK_NOTHROW(GpuCompressedKvCache(cfg, method("antkv:bits=1,anchors=k"), *cb, 1, 64, 8));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,key_rope=pre"), *cb, 1, 64, 8),
                     Catch::Contains("codebooks are for post-RoPE keys, the method needs pre-RoPE"));
   // gain= and rotate=pca run with post-RoPE keys on the lookup-table configurations; codebooks must be trained for

@@ -42,7 +42,11 @@ struct GpuCompressedKvCache::Layer {
   // anchor is quantized from them) and the score's weights of S_K and S_V per KV head
   DeviceBuffer<float> anchor_score;          // [max_batch, KV, anchor_capacity]
   DeviceBuffer<float> window_score;          // [max_batch, KV, window]
-  DeviceBuffer<__half> anchor_kpre;          // pre_rope: [max_batch, KV, anchor_capacity, d]
+  // what a displaced anchor's key / value is coded from when its anchor slot does not hold it: anchor_kpre the
+  // pre-RoPE key (pre_rope) or the exact key (anchors=v: its anchor_k slot holds the dequantized key),
+  // anchor_vsrc the exact value (anchors=k); [max_batch, KV, anchor_capacity, d]
+  DeviceBuffer<__half> anchor_kpre;
+  DeviceBuffer<__half> anchor_vsrc;
   DeviceBuffer<float> score_coef;            // [KV, 2]: (e_K, e_V) for error_bound, (0, 1) / (1, 0) otherwise
   DeviceBuffer<__half> k_scale, v_scale;     // gain: [max_batch, KV, capacity] the scale of each code slot
   // rotate=pca: R^T [KV, d, d] ([k][j] = R[j][k]: the encode, and for keys the query rotation), the mean [KV, d],
@@ -79,6 +83,7 @@ struct AnchorGatherArgs {
   __half* ak = nullptr;         // [max_batch, KV, cap, d]
   __half* av = nullptr;
   __half* akpre = nullptr;      // [max_batch, KV, cap, d] (with skpre)
+  __half* avsrc = nullptr;      // [max_batch, KV, cap, d] a copy of the values (anchors=k with promote), or null
   float* ascore = nullptr;      // [max_batch, KV, cap] (with score)
   int32_t* pos = nullptr;       // [max_batch, KV, cap]
   int seq = 0, A = 0, KV = 0, d = 0, cap = 0;
@@ -97,6 +102,7 @@ __global__ void anchor_gather_kernel(const AnchorGatherArgs p) {
     p.ak[slot * p.d + c] = p.sk[src];
     p.av[slot * p.d + c] = p.sv[src];
     if (p.skpre) p.akpre[slot * p.d + c] = p.skpre[src];
+    if (p.avsrc) p.avsrc[slot * p.d + c] = p.sv[src];
     if (c == 0) p.pos[slot] = t;
     if (c == 0 && p.score) p.ascore[slot] = p.score[static_cast<int64_t>(t) * p.KV + h];
   }
@@ -128,7 +134,9 @@ struct WindowAppendArgs {
   float* wscore = nullptr;          // [max_batch, KV, W] running scores of the window tokens
   __half* ak = nullptr;             // [max_batch, KV, acap, d] anchors (post-RoPE keys, values)
   __half* av = nullptr;
-  __half* akpre = nullptr;          // pre_rope: [max_batch, KV, acap, d]
+  __half* akpre = nullptr;          // pre_rope or anchors=v: [max_batch, KV, acap, d] the keys anchors are coded from
+  __half* avsrc = nullptr;          // anchors=k: [max_batch, KV, acap, d] the values anchors are coded from
+  int32_t* promo_slot = nullptr;    // anchors=k|v: [B, KV] the anchor slot the leaving token took, -1: none
   int32_t* apos = nullptr;          // [max_batch, KV, acap]
   const int32_t* n_anchor = nullptr;  // [B] after this step
   int acap = 0;
@@ -190,8 +198,8 @@ __global__ void __launch_bounds__(128) window_append_kernel(const WindowAppendAr
       }
       for (int c = threadIdx.x; c < p.d; c += blockDim.x) {
         if (displaced) {  // the weakest anchor goes to the code stream (pre-RoPE keys when pre)
-          p.sk[stage + c] = pre ? p.akpre[aslot * p.d + c] : p.ak[aslot * p.d + c];
-          p.sv[stage + c] = p.av[aslot * p.d + c];
+          p.sk[stage + c] = p.akpre ? p.akpre[aslot * p.d + c] : p.ak[aslot * p.d + c];
+          p.sv[stage + c] = p.avsrc ? p.avsrc[aslot * p.d + c] : p.av[aslot * p.d + c];
         }
         __half xk, xv, xkp;
         if (p.W > 0) {
@@ -203,10 +211,12 @@ __global__ void __launch_bounds__(128) window_append_kernel(const WindowAppendAr
         }
         p.ak[aslot * p.d + c] = xk;
         p.av[aslot * p.d + c] = xv;
-        if (pre) p.akpre[aslot * p.d + c] = xkp;
+        if (p.akpre) p.akpre[aslot * p.d + c] = xkp;  // pre-RoPE, or (anchors=v) the exact key
+        if (p.avsrc) p.avsrc[aslot * p.d + c] = xv;
       }
     }
   }
+  if (p.promo_slot && threadIdx.x == 0) p.promo_slot[static_cast<int64_t>(b) * p.KV + h] = target;
   if (pre && threadIdx.x == 0 && p.code_slot[b] >= 0 && !displaced)
     p.code_pos[(static_cast<int64_t>(b) * p.KV + h) * p.cap + p.code_slot[b]] = p.evict_pos[b];
   if (p.wscore && p.W > 0 && threadIdx.x == 0) p.wscore[ring + p.new_slot[b]] = 0.0f;  // after the read above
@@ -457,6 +467,9 @@ struct AnchorRequantArgs {
   const __half* centroids = nullptr;  // [KV, NG, K, c] fp16 (decoded)
   const float* search = nullptr;      // [KV, NG, K, c] L^T c (metric=task) or null (the fp16 centroids)
   int seq = 0, cap = 0, K = 0;
+  // decode steps (decode-time anchors): block (b, h) requantizes sequence b's slot slot_of[b][h] (-1: none), which
+  // window_append_kernel has just filled with the promoted token's exact row; null: block (a, h) of sequence seq
+  const int32_t* slot_of = nullptr;  // [B, KV]
 };
 
 __global__ void __launch_bounds__(128) anchor_requantize_kernel(const AnchorRequantArgs p) {
@@ -465,9 +478,12 @@ __global__ void __launch_bounds__(128) anchor_requantize_kernel(const AnchorRequ
   __shared__ float sy[128];
   __shared__ int32_t sCode[64];
   __shared__ float sq[4];
-  const int a = blockIdx.x, h = blockIdx.y, j = threadIdx.x, lane = j & 31, warp = j >> 5, nwarps = blockDim.x / 32;
+  const int h = blockIdx.y, j = threadIdx.x, lane = j & 31, warp = j >> 5, nwarps = blockDim.x / 32;
+  const int seq = p.slot_of ? static_cast<int>(blockIdx.x) : p.seq;
+  const int a = p.slot_of ? p.slot_of[static_cast<int64_t>(seq) * p.enc.KV + h] : static_cast<int>(blockIdx.x);
+  if (a < 0) return;  // block-uniform: this head kept no new anchor this step
   const int d = p.enc.d, C = p.enc.c, NG = d / C;
-  __half* row = p.slots + ((static_cast<int64_t>(p.seq) * p.enc.KV + h) * p.cap + a) * d;
+  __half* row = p.slots + ((static_cast<int64_t>(seq) * p.enc.KV + h) * p.cap + a) * d;
   float norm;
   sy[j] = encode_channel(p.enc, h, j, __half2float(row[j]), sx, sred, &norm);
   __syncthreads();
@@ -599,8 +615,8 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
   layer_cfg_.clear();
   for (int l = 0; l < cfg.num_layers; ++l) layer_cfg_.push_back(config_for(m, l));
   config_ = layer_cfg_.at(0);
-  // anchors=k|v (promote=off, post-RoPE keys: method_support): the other tensor's anchors are quantized at prefill and
-  // kept dequantized in their FP16 slots
+  // anchors=k|v (post-RoPE keys: method_support): the other tensor's anchors are quantized (at the prefill, and at
+  // promotion with decode-time anchors) and kept dequantized in their FP16 slots
   for (cuda::VqKernelConfig c : layer_cfg_) cuda::check_vq_shape(cfg.head_dim, c);
   check_codebooks_fit(m, cb, cfg);
   gain_k_ = m.gain_keys();
@@ -788,12 +804,15 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
       L->anchor_score.resize(BK * anchor_cap_);
       L->window_score.resize(BK * window);
       L->score_coef.resize(static_cast<size_t>(2) * n_kv_);
-      if (pre_) L->anchor_kpre.resize(BK * anchor_cap_ * d_);
+      // the anchors' rows a displaced anchor is coded from: pre-RoPE keys, or the exact copy of the tensor
+      // anchors=k|v codes (its anchor slot holds the dequantized row)
+      if (pre_ || anchor_quant_side_ == 0) L->anchor_kpre.resize(BK * anchor_cap_ * d_);
+      if (anchor_quant_side_ == 1) L->anchor_vsrc.resize(BK * anchor_cap_ * d_);
     }
     device_bytes_ += L->k_codes.bytes() + L->v_codes.bytes() + L->k_cent.bytes() + L->v_cent.bytes() +
                      L->anchor_k.bytes() + L->anchor_v.bytes() + L->anchor_pos.bytes() + L->window_k.bytes() +
                      L->window_v.bytes() + L->code_pos.bytes() + L->window_kpre.bytes() + L->anchor_score.bytes() +
-                     L->window_score.bytes() + L->anchor_kpre.bytes() + L->score_coef.bytes() + L->k_scale.bytes() +
+                     L->window_score.bytes() + L->anchor_kpre.bytes() + L->anchor_vsrc.bytes() + L->score_coef.bytes() + L->k_scale.bytes() +
                      L->v_scale.bytes() + L->k_rot_t.bytes() + L->v_rot_t.bytes() + L->v_rot.bytes() + L->k_mean.bytes() +
                      L->v_mean.bytes() + L->k_metric.bytes() + L->v_metric.bytes() + L->k_search.bytes() +
                      L->v_search.bytes();
@@ -825,8 +844,9 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   if (promote_) {
     lse_.resize(static_cast<size_t>(max_batch) * n_heads_);
     logits_.resize(static_cast<size_t>(max_batch) * n_heads_ * (anchor_cap_ + window_));
+    if (anchor_quant_side_ >= 0) promo_slot_.resize(BK);
   }
-  device_bytes_ += step_d_.bytes() + stage_k_.bytes() + stage_v_.bytes() + workspace_.bytes() + lse_.bytes() +
+  device_bytes_ += step_d_.bytes() + stage_k_.bytes() + stage_v_.bytes() + workspace_.bytes() + lse_.bytes() + promo_slot_.bytes() +
                    logits_.bytes() + q_rot_.bytes() + q_mean_.bytes() + step_enc_.bytes() + step_norm_.bytes();
 }
 
@@ -873,7 +893,8 @@ size_t GpuCompressedKvCache::bytes_per_sequence() const {
                             static_cast<size_t>(anchor_cap_) * 4 + 2 * static_cast<size_t>(window_) * d_ * 2 +
                             (pre_ ? static_cast<size_t>(capacity_) * 4 + static_cast<size_t>(window_) * d_ * 2 : 0) +
                             (promote_ ? static_cast<size_t>(anchor_cap_ + window_) * 4 +
-                                            (pre_ ? static_cast<size_t>(anchor_cap_) * d_ * 2 : 0)
+                                            (pre_ ? static_cast<size_t>(anchor_cap_) * d_ * 2 : 0) +
+                                            (anchor_quant_side_ >= 0 ? static_cast<size_t>(anchor_cap_) * d_ * 2 : 0)
                                       : 0) +
                             (static_cast<size_t>(gain_k_) + gain_v_) * capacity_ * 2);  // gain: fp16 scale per code slot
   // promote: this step's log-sum-exp and FP16 scores (one buffer for all layers)
@@ -970,6 +991,8 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
                                        cudaMemcpyHostToDevice, stream));
       g.score = prefill_score_.get(), g.ascore = L.anchor_score.get();
       if (pre_) g.skpre = prefill_kpre_.get(), g.akpre = L.anchor_kpre.get();
+      if (anchor_quant_side_ == 0) g.skpre = prefill_k_.get(), g.akpre = L.anchor_kpre.get();  // exact keys
+      if (anchor_quant_side_ == 1) g.avsrc = L.anchor_vsrc.get();                               // exact values
     }
     g.sk = prefill_k_.get(), g.sv = prefill_v_.get();
     g.idx = prefill_ints_.get() + slots.size() + T;
@@ -977,24 +1000,26 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
     g.seq = seq, g.A = A, g.KV = KV, g.d = d_, g.cap = anchor_cap_;
     anchor_gather_kernel<<<blocks_for(static_cast<int64_t>(KV) * A * d_), kThreads, 0, stream>>>(g);
     ANTKV_LAUNCH_CHECK("anchor_gather_kernel");
-    if (anchor_quant_side_ >= 0) {  // anchors=k|v: the other tensor's anchors quantized, kept dequantized
-      const int side = anchor_quant_side_;
-      AnchorRequantArgs r;
-      EncodeArgs& e = r.enc;
-      if (rotate_) e.rot_t = side ? L.v_rot_t.get() : L.k_rot_t.get(), e.mean = side ? L.v_mean.get() : L.k_mean.get();
-      if (task_) e.metric = side ? L.v_metric.get() : L.k_metric.get();
-      e.KV = KV, e.d = d_, e.c = cuda::vq_kernel_config_info(L.config).c;
-      e.gain = side ? gain_v_ : gain_k_;
-      r.slots = side ? L.anchor_v.get() : L.anchor_k.get();
-      r.centroids = side ? L.v_cent.get() : L.k_cent.get();
-      r.search = task_ ? (side ? L.v_search.get() : L.k_search.get()) : nullptr;
-      r.seq = seq, r.cap = anchor_cap_, r.K = L.k_count;
-      anchor_requantize_kernel<<<dim3(A, KV), d_, 0, stream>>>(r);
-      ANTKV_LAUNCH_CHECK("anchor_requantize_kernel");
-    }
+    if (anchor_quant_side_ >= 0) requantize_anchors(L, A, seq, nullptr, stream);  // anchors=k|v: the other tensor's
   }
   // prefill_h_ and the device ints are reused by the next layer
   ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+void GpuCompressedKvCache::requantize_anchors(Layer& L, int blocks, int seq, const int32_t* slot_of, cudaStream_t stream) {
+  const int side = anchor_quant_side_;
+  AnchorRequantArgs r;
+  EncodeArgs& e = r.enc;
+  if (rotate_) e.rot_t = side ? L.v_rot_t.get() : L.k_rot_t.get(), e.mean = side ? L.v_mean.get() : L.k_mean.get();
+  if (task_) e.metric = side ? L.v_metric.get() : L.k_metric.get();
+  e.KV = n_kv_, e.d = d_, e.c = cuda::vq_kernel_config_info(L.config).c;
+  e.gain = side ? gain_v_ : gain_k_;
+  r.slots = side ? L.anchor_v.get() : L.anchor_k.get();
+  r.centroids = side ? L.v_cent.get() : L.k_cent.get();
+  r.search = task_ ? (side ? L.v_search.get() : L.k_search.get()) : nullptr;
+  r.seq = seq, r.cap = anchor_cap_, r.K = L.k_count, r.slot_of = slot_of;
+  anchor_requantize_kernel<<<dim3(blocks, n_kv_), d_, 0, stream>>>(r);
+  ANTKV_LAUNCH_CHECK("anchor_requantize_kernel");
 }
 
 void GpuCompressedKvCache::quantize_pair(Layer& L, int n_tokens, const __half* k, const __half* v,
@@ -1148,12 +1173,17 @@ void GpuCompressedKvCache::append(int layer, int B, const float* k, const float*
   }
   if (promote_) {
     a.ascore = L.anchor_score.get(), a.wscore = L.window_score.get();
-    a.ak = L.anchor_k.get(), a.av = L.anchor_v.get(), a.akpre = L.anchor_kpre.get(), a.apos = L.anchor_pos.get();
+    a.ak = L.anchor_k.get(), a.av = L.anchor_v.get(), a.apos = L.anchor_pos.get();
+    a.akpre = L.anchor_kpre.size() ? L.anchor_kpre.get() : nullptr;
+    a.avsrc = L.anchor_vsrc.size() ? L.anchor_vsrc.get() : nullptr;
+    a.promo_slot = anchor_quant_side_ >= 0 ? promo_slot_.get() : nullptr;
     a.n_anchor = step_d_.get() + 4 * max_batch_;
     a.acap = anchor_cap_;
   }
   window_append_kernel<<<dim3(B, n_kv_), 128, 0, stream>>>(a);
   ANTKV_LAUNCH_CHECK("window_append_kernel");
+  // anchors=k|v: a promoted token's other tensor coded and kept dequantized in its anchor slot (as at the prefill)
+  if (a.promo_slot) requantize_anchors(L, B, 0, a.promo_slot, stream);
   quantize_pair(L, B, stage_k_.get(), stage_v_.get(), step_d_.get() + 6 * max_batch_,
                 step_d_.get() + 2 * max_batch_,  // code slots: -1 where nothing leaves the window this step
                 nullptr, step_enc_.get(), step_norm_.get(), stream);
@@ -1251,8 +1281,8 @@ void GpuCompressedKvCache::fill_random(uint64_t seed, cudaStream_t stream) {
     cuda::fill_random_f16(L->anchor_v.get(), static_cast<int64_t>(L->anchor_v.size()), s++, 1.0f, stream);
     cuda::fill_random_f16(L->window_k.get(), static_cast<int64_t>(L->window_k.size()), s++, 1.0f, stream);
     cuda::fill_random_f16(L->window_v.get(), static_cast<int64_t>(L->window_v.size()), s++, 1.0f, stream);
-    if (L->anchor_kpre.size())
-      cuda::fill_random_f16(L->anchor_kpre.get(), static_cast<int64_t>(L->anchor_kpre.size()), s++, 1.0f, stream);
+    for (auto* b : {&L->anchor_kpre, &L->anchor_vsrc})
+      if (b->size()) cuda::fill_random_f16(b->get(), static_cast<int64_t>(b->size()), s++, 1.0f, stream);
     for (auto* b : {&L->k_scale, &L->v_scale})  // gain: positive scales, as real ones are
       if (b->size()) {
         synthetic_scale_kernel<<<blocks_for(static_cast<int64_t>(b->size())), kThreads, 0, stream>>>(
@@ -1301,7 +1331,8 @@ void GpuCompressedKvCache::poison() {
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));
     for (auto* b : {&L->code_pos, &L->anchor_pos})
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // -1
-    for (auto* b : {&L->anchor_k, &L->anchor_v, &L->window_k, &L->window_v, &L->window_kpre, &L->anchor_kpre})
+    for (auto* b : {&L->anchor_k, &L->anchor_v, &L->window_k, &L->window_v, &L->window_kpre, &L->anchor_kpre,
+                   &L->anchor_vsrc})
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // 0xFFFF: fp16 NaN
     for (auto* b : {&L->anchor_score, &L->window_score})
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // fp32 NaN

@@ -34,12 +34,15 @@
 //    as they are: score = ks * sum_g LUT[g][code] (+ q . k_mean), value bins weigh p * vs;
 //  - metric=task: the nearest L^T c to L^T x' is taken; decode reads the original-space centroids (unchanged).
 // Per-layer widths (lkbits/lvbits): each layer its own configuration (codes, codebooks, lookup tables).
-// anchors=k|v (promote=off, post-RoPE keys): the other tensor's anchor tokens are coded as any token at the
-// prefill (anchor_requantize_kernel) and kept dequantized (fp16) in their anchor slots, which decode reads as
-// any anchor: the quality of the method; the bytes of anchors=kv (the anchors are ~ratio of the tokens).
+// anchors=k|v (post-RoPE keys): the other tensor's anchor tokens are coded as any token at the prefill and at a
+// decode-time promotion (anchor_requantize_kernel) and kept dequantized (fp16) in their anchor slots, which decode
+// reads as any anchor: the quality of the method; the bytes of anchors=kv (the anchors are ~ratio of the tokens).
+// With decode-time anchors an anchor also keeps an exact fp16 copy of that tensor (anchor_kpre / anchor_vsrc), so
+// that a displaced anchor is coded from its exact rows as the CPU reference codes it (QuantizedKvCache::
+// decide_leaving re-quantizes from the exact copies): one more FP16 row per anchor.
 // What it runs is declared in quant/method_support.cpp (require_support in the constructor). Refused there: keys
 // and values of different configurations (in any layer) or one outside quant_decode's closed set (c2b8, c4b8, c8b8,
-// c16b12, c16b8, c16b6), anchors=k|v with promote=on or pre-RoPE keys, correct=on, per-layer ratios (lratio), gain=
+// c16b12, c16b8, c16b6), anchors=k|v with pre-RoPE keys, correct=on, per-layer ratios (lratio), gain=
 // or rotate=pca with pre-RoPE (or commute) keys or with c2b8 / c4b8 (the dequantize-dot kernel has no scales or
 // rotated bases), commute at c16b12 or with metric=task; the codebooks are checked by check_codebooks_fit
 // (quant/codebook_fit.h), as in the CPU cache and the simulated quantizer.
@@ -173,6 +176,9 @@ class GpuCompressedKvCache {
                      cudaStream_t stream);
   // The rotation, mean and metric tables of layer l from the codebooks (rotate=pca, metric=task).
   void upload_transforms(int l, const CodebookSet& cb, const MethodSpec& m);
+  // anchors=k|v: the other tensor's anchor slots coded and rewritten dequantized, in place: slots 0..blocks-1 of
+  // sequence seq (prefill), or sequence b's slot slot_of[b][h] for b < blocks (a decode step's promotions)
+  void requantize_anchors(Layer& L, int blocks, int seq, const int32_t* slot_of, cudaStream_t stream);
   std::string name_;
   cuda::VqKernelConfig config_ = cuda::VqKernelConfig::kC8B8;
   int n_layers_ = 0, n_kv_ = 0, n_heads_ = 0, d_ = 0, rec_ = 0, ng_ = 0, k_count_ = 0;
@@ -208,6 +214,7 @@ class GpuCompressedKvCache {
   cuda::DeviceBuffer<float> lse_;                 // promote: [max_batch, n_heads] this step's log-sum-exp
   cuda::DeviceBuffer<float> logits_;              // promote: [max_batch, n_heads, anchor_cap + window] its FP16 scores
   cuda::DeviceBuffer<float> prefill_score_;       // promote: [T, kv_heads] a prefill's anchor scores
+  cuda::DeviceBuffer<int32_t> promo_slot_;        // promote, anchors=k|v: [max_batch, kv_heads] this step's promotions
   // coded transform: the step's rotated queries and mean dots, [max_batch, n_heads, head_dim] and [max_batch, n_heads]
   cuda::DeviceBuffer<float> q_rot_, q_mean_;
   // encode (rotate, gain, metric): fp32 rows and norms of the decode step's tokens [max_batch, kv_heads, head_dim]
