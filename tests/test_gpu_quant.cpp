@@ -909,6 +909,8 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
                                  "antkv:bits=1,ratio=0.05,anchors=v,promote=off,gain=kv,rotate=pca",
                                  // one tensor's anchors with decode-time anchors
                                  "antkv:bits=1,ratio=0.05,anchors=k", "antkv:bits=1,ratio=0.05,anchors=v,gain=kv,rotate=pca",
+                                 // per-layer ratios (antkv-ref-18m has 6 layers)
+                                 "antkv:bits=1,lratio=0.1/0.05/0.02/0.05/0.1/0.05",
                                  // RoPE-commuting key codebooks (commute_decode)
                                  "vq:bits=1,key_rope=commute", "antkv:bits=1,ratio=0.05,key_rope=commute", "vq:bits=2,key_rope=commute"}) {
     SECTION(text) {
@@ -949,9 +951,11 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
           REQUIRE(rr.nll.size() == static_cast<size_t>(P));
           CHECK(std::memcmp(rr.nll.data(), rs.nll.data(), P * sizeof(float)) == 0);
           CHECK(std::memcmp(rr.logits.data(), rs.logits.data(), rs.logits.size() * sizeof(float)) == 0);
-          const auto& st = real->compressed_cache()->state(0);
-          CHECK(st.n_anchor == (m.kind == MethodKind::kAntkv ? 5 : 0));
-          CHECK(st.n_quant == P - st.n_anchor);
+          for (int l = 0; l < cfg.num_layers; ++l) {  // lratio: each layer its own anchors
+            const auto& st = real->compressed_cache()->state(0, l);
+            CHECK(st.n_anchor == (m.kind == MethodKind::kAntkv ? static_cast<int>(std::ceil(m.ratio_of(l) * P)) : 0));
+            CHECK(st.n_quant == P - st.n_anchor);
+          }
         } else {
           std::vector<float> lb;
           batched->decode_batch({seq[p]}, &lb, nullptr);
@@ -972,14 +976,15 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
         }
         p += n;
       }
-      const auto& st = real->compressed_cache()->state(0);
       const int len = static_cast<int>(seq.size());
-      CHECK(st.n_window == 128);
-      CHECK(st.n_anchor == (m.kind != MethodKind::kAntkv ? 0 : m.promotes() ? static_cast<int>(std::ceil(0.05 * len)) : 5));
-      CHECK(st.n_quant == len - 128 - st.n_anchor);
-      CHECK(st.length() == len);
       int64_t same = 0, total = 0;  // anchors of the compressed cache that the simulated one keeps too
       for (int l = 0; l < cfg.num_layers; ++l) {
+        const auto& st = real->compressed_cache()->state(0, l);  // lratio: each layer its own counts
+        CHECK(st.n_window == 128);
+        CHECK(st.n_anchor == (m.kind != MethodKind::kAntkv ? 0
+                              : static_cast<int>(std::ceil(m.ratio_of(l) * (m.promotes() ? len : P)))));
+        CHECK(st.n_quant == len - 128 - st.n_anchor);
+        CHECK(st.length() == len);
         const auto pos = real->compressed_cache()->anchor_positions(l, 0);  // [KV][n_anchor]
         const auto& flags = sim.kv_quantizer()->anchor_flags(l);            // [len, KV]
         for (int h = 0; h < cfg.num_kv_heads; ++h)
@@ -1022,7 +1027,8 @@ TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follo
   SKIP_WITHOUT_GPU();
   // pre: displaced anchors are quantized from their pre-RoPE copy; anchors=k|v: from the exact copy of the tensor
   // whose anchor slots hold dequantized rows (the promoted token's other tensor is coded at promotion)
-  for (const std::string rope : {"post", "pre", "post,anchors=k", "post,anchors=v"})
+  // lratio: layer 0 keeps ratio 0.1, layer 1 none (synthetic_config has 2 layers)
+  for (const std::string rope : {"post", "pre", "post,anchors=k", "post,anchors=v", "post,lratio=0.1/0"})
   for (const int d : {64, 128}) {
     INFO("head_dim " << d << ", " << rope << "-RoPE keys");
     ModelConfig cfg = synthetic_config();
@@ -1079,10 +1085,14 @@ TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follo
     int same = 0, total = 0, scored = 0;
     double worst_score = 0;
     for (int l = 0; l < cfg.num_layers; ++l) {
+      const int A = gpu.state(0, l).n_anchor;
+      REQUIRE(A == static_cast<int>(std::ceil(m.ratio_of(l) * T)));  // lratio: the layer's own budget
+      if (A == 0) {  // a layer without anchors: the CPU keeps none either
+        for (const uint8_t f : cpu.anchor_flags(l)) CHECK(f == 0);
+        continue;
+      }
       const auto pos = gpu.anchor_positions(l, 0);
       const auto sc = gpu.anchor_running_scores(l, 0);
-      const int A = gpu.state(0).n_anchor;
-      REQUIRE(A == static_cast<int>(std::ceil(0.05 * T)));
       REQUIRE(pos.size() == static_cast<size_t>(KV) * A);
       for (int h = 0; h < KV; ++h) {
         int cpu_count = 0;
@@ -1144,7 +1154,10 @@ TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task, per-layer wi
                                             // first token leaves the window, the other 6 leaving tokens may swap
                                             // with the weakest anchor, which is then coded from its exact copy)
                                             "antkv:bits=1,ratio=0.05,anchors=k,gain=kv,rotate=pca",
-                                            "antkv:bits=1,ratio=0.05,anchors=v,metric=task"};
+                                            "antkv:bits=1,ratio=0.05,anchors=v,metric=task",
+                                            // per-layer ratios: 8 and 2 anchors at the prefill, budgets 10 and 2
+                                            "antkv:bits=1,lratio=0.1/0.02,gain=kv,rotate=pca",
+                                            "antkv:bits=1,lratio=0.1/0.02,promote=off"};
   for (const int d : {64, 128})
     for (const std::string& text : methods) {
       ModelConfig base = synthetic_config();
@@ -1227,17 +1240,19 @@ TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task, per-layer wi
           }
         }
         ANTKV_CUDA_CHECK(cudaStreamDestroy(stream));
-        const auto& st = gpu.state(0);
-        CHECK(st.n_window == W);
-        CHECK(st.n_quant == T - W - st.n_anchor);
-        CHECK(st.n_anchor == (!m.has_anchors() ? 0 : static_cast<int>(std::ceil(0.05 * (m.promotes() ? T : P)))));
-        if (m.promotes())  // the GPU keeps the CPU's anchors (their rows are what the outputs are compared over)
-          for (int l = 0; l < cfg.num_layers; ++l) {
-            const auto pos = gpu.anchor_positions(l, 0);
-            for (int h = 0; h < KV; ++h)
-              for (int a = 0; a < st.n_anchor; ++a)
-                CHECK(cpu.anchor_flags(l)[static_cast<size_t>(pos[static_cast<size_t>(h) * st.n_anchor + a]) * KV + h] == 1);
-          }
+        for (int l = 0; l < cfg.num_layers; ++l) {  // each layer's counts (lratio: its own budget)
+          const auto& st = gpu.state(0, l);
+          CHECK(st.n_window == W);
+          CHECK(st.n_quant == T - W - st.n_anchor);
+          CHECK(st.n_anchor ==
+                (!m.has_anchors() ? 0 : static_cast<int>(std::ceil(m.ratio_of(l) * (m.promotes() ? T : P)))));
+          if (!m.promotes()) continue;
+          // the GPU keeps the CPU's anchors (their rows are what the outputs are compared over)
+          const auto pos = gpu.anchor_positions(l, 0);
+          for (int h = 0; h < KV; ++h)
+            for (int a = 0; a < st.n_anchor; ++a)
+              CHECK(cpu.anchor_flags(l)[static_cast<size_t>(pos[static_cast<size_t>(h) * st.n_anchor + a]) * KV + h] == 1);
+        }
         CHECK(graph_diff == 0);
         CHECK_MEASURED(fmt::format("test_gpu_quant: compressed {} d {} G {} vs CPU reference cache worst output rel err",
                                    text, d, G),
@@ -1281,15 +1296,19 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
                     Catch::Contains("correct=on is not implemented in the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:kbits=1,vbits=0.5"), *cb, 1, 64, 8),
                     Catch::Contains("kbits != vbits (c8b8 / c16b8)"));
-  // per-layer widths run with keys and values of one configuration per layer; per-layer ratios in the simulated
-  // cache only; a list of the wrong length is an error before any configuration is read
+  // per-layer widths run with keys and values of one configuration per layer; per-layer ratios give each layer its
+  // own anchor capacity; a list of the wrong length is an error before any configuration is read
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,lvbits=0.5/1"), *cb, 1, 64, 8),
                     Catch::Contains("kbits != vbits in layer 0 (c8b8 / c16b8)"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:lkbits=1/1/1,lvbits=1/1/1"), *cb, 1, 64, 8),
                     Catch::Contains("lkbits/lvbits/lratio list 3 layers, the model has 2"));
   CHECK_NOTHROW(GpuCompressedKvCache(cfg, method("antkv:bits=1,lvbits=1/1"), *cb, 1, 64, 8));
-  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,lratio=0.02/0.01"), *cb, 1, 64, 8),
-                    Catch::Contains("per-layer ratios (lratio) are not implemented in the compressed cache"));
+  {
+    const GpuCompressedKvCache lr(cfg, method("antkv:bits=1,lratio=0.1/0"), *cb, 1, 64, 8);
+    CHECK(lr.anchor_capacity(0) == 8);  // ceil(0.1 * 64) + 1
+    CHECK(lr.anchor_capacity(1) == 0);
+    CHECK(lr.anchor_capacity() == 8);
+  }
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1.5"), *make_codebooks(cfg, method("antkv:bits=1.5"), acts, 1), 1, 64, 8),
                     Catch::Contains("c8b12 is not one of the compressed cache's configurations"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=0.5"), *cb, 1, 64, 8),

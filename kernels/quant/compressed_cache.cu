@@ -31,6 +31,11 @@ struct GpuCompressedKvCache::Layer {
   cuda::VqKernelConfig config = cuda::VqKernelConfig::kC8B8;
   int rec = 0, ng = 0, k_count = 0;
   bool lut_half = false;
+  // the layer's anchor ratio (lratio: each layer its own) and anchor slots per (sequence, KV head); decode-time
+  // anchors run in the layers that keep anchors (acap > 0)
+  double ratio = 0;
+  int acap = 0;
+  bool promote = false;
   DeviceBuffer<uint8_t> k_codes, v_codes;    // [max_batch, KV, capacity, R]
   DeviceBuffer<__half> k_cent, v_cent;       // [KV, NG, 2^b, c]
   DeviceBuffer<__half> anchor_k, anchor_v;   // [max_batch, KV, anchor_capacity, d]
@@ -624,12 +629,15 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
   rotate_ = m.rotate == Rotate::kPca;
   task_ = m.metric == Metric::kTask;
   anchor_quant_side_ = m.anchors == AnchorTensors::kKeys ? 1 : m.anchors == AnchorTensors::kValues ? 0 : -1;
-  allocate(cfg, max_batch, capacity, window, m.has_anchors() ? m.ratio : 0.0, m.pre_rope(), m.promotes());
+  std::vector<double> ratios;  // each layer's (lratio), 0 without anchors
+  for (int l = 0; l < cfg.num_layers; ++l) ratios.push_back(m.has_anchors() ? m.ratio_of(l) : 0.0);
+  allocate(cfg, max_batch, capacity, window, ratios, m.pre_rope(), m.promotes());
   for (int l = 0; l < n_layers_; ++l) upload_transforms(l, cb, m);
   if (m.commute()) set_commute(cfg, fmt::format("method {}", m.text));
   if (promote_) {  // the running score's weights: the method's score over the codebooks' error norms
     const AnchorScoreKind kind = m.score;
     for (int l = 0; l < n_layers_; ++l) {
+      if (!layers_[l]->promote) continue;  // a layer without anchors (lratio 0)
       const auto& ek = cb.keys.at(l).error_norm;
       const auto& ev = cb.values.at(l).error_norm;
       ANTKV_CHECK((ek.empty() || static_cast<int>(ek.size()) == n_kv_) && (ev.empty() || static_cast<int>(ev.size()) == n_kv_),
@@ -667,7 +675,8 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKerne
   gain_k_ = gain_keys;
   gain_v_ = gain_values;
   rotate_ = rotate;
-  allocate(cfg, max_batch, capacity, window, anchor_ratio, pre_rope || commute, promote);
+  allocate(cfg, max_batch, capacity, window, std::vector<double>(static_cast<size_t>(cfg.num_layers), anchor_ratio),
+           pre_rope || commute, promote);
   if (commute) set_commute(cfg, name_);
   for (int l = 0; l < n_layers_; ++l) {
     Layer& L = *layers_[l];
@@ -682,7 +691,7 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKerne
       for (size_t i = 0; i < f.size(); ++i) f[i] = __half2float(hh[i]);
       ANTKV_CUDA_CHECK(cudaMemcpy(b->get(), f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice));
     }
-    if (promote_) {
+    if (L.promote) {
       const std::vector<float> coef(static_cast<size_t>(2) * n_kv_, 1.0f);
       ANTKV_CUDA_CHECK(cudaMemcpy(layers_[l]->score_coef.get(), coef.data(), coef.size() * sizeof(float), cudaMemcpyHostToDevice));
     }
@@ -731,11 +740,14 @@ const float* GpuCompressedKvCache::pair_ordered(const float* k_pre, int64_t& str
   return buf.get();
 }
 
-void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio,
-                                    bool pre_rope, bool promote) {
-  ANTKV_CHECK(max_batch >= 1 && capacity >= 1 && window >= 0 && ratio >= 0 && ratio <= 1,
-              "compressed KV cache: bad sizes (batch {}, capacity {}, window {}, anchor ratio {})", max_batch, capacity,
-              window, ratio);
+void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int capacity, int window,
+                                    const std::vector<double>& ratios, bool pre_rope, bool promote) {
+  ANTKV_CHECK(static_cast<int>(ratios.size()) == cfg.num_layers, "compressed KV cache: {} anchor ratios for {} layers",
+              ratios.size(), cfg.num_layers);
+  for (const double ratio : ratios)
+    ANTKV_CHECK(max_batch >= 1 && capacity >= 1 && window >= 0 && ratio >= 0 && ratio <= 1,
+                "compressed KV cache: bad sizes (batch {}, capacity {}, window {}, anchor ratio {})", max_batch, capacity,
+                window, ratio);
   n_layers_ = cfg.num_layers;
   n_kv_ = cfg.num_kv_heads;
   n_heads_ = cfg.num_heads;
@@ -760,10 +772,13 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   max_batch_ = max_batch;
   capacity_ = capacity;
   window_ = window;
-  ratio_ = ratio;
-  promote_ = promote && ratio > 0;
-  // a prefill of up to `capacity` tokens keeps ceil(ratio * T) anchors (the first token among them)
-  anchor_cap_ = ratio > 0 ? static_cast<int>(std::min<double>(capacity, std::ceil(ratio * capacity) + 1)) : 0;
+  // a prefill of up to `capacity` tokens keeps ceil(ratio * T) anchors (the first token among them), per layer
+  auto cap_of = [&](double ratio) {
+    return ratio > 0 ? static_cast<int>(std::min<double>(capacity, std::ceil(ratio * capacity) + 1)) : 0;
+  };
+  anchor_cap_ = 0;
+  for (const double ratio : ratios) anchor_cap_ = std::max(anchor_cap_, cap_of(ratio));
+  promote_ = promote && anchor_cap_ > 0;
   const size_t BK = static_cast<size_t>(max_batch) * n_kv_;
   layers_.clear();
   device_bytes_ = 0;
@@ -774,14 +789,18 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
     L->k_count = cuda::vq_centroid_count(L->config);
     L->rec = cuda::vq_record_bytes(d_, L->config);
     L->lut_half = lut_half_of(L->config);
+    L->ratio = ratios[l];
+    L->acap = cap_of(L->ratio);
+    L->promote = promote_ && L->acap > 0;
+    const int acap = L->acap;
     const size_t cent = static_cast<size_t>(n_kv_) * L->k_count * d_;  // [KV, NG, K, c]
     L->k_codes.resize(BK * capacity * L->rec);
     L->v_codes.resize(BK * capacity * L->rec);
     L->k_cent.resize(cent);
     L->v_cent.resize(cent);
-    L->anchor_k.resize(BK * anchor_cap_ * d_);
-    L->anchor_v.resize(BK * anchor_cap_ * d_);
-    L->anchor_pos.resize(BK * anchor_cap_);
+    L->anchor_k.resize(BK * acap * d_);
+    L->anchor_v.resize(BK * acap * d_);
+    L->anchor_pos.resize(BK * acap);
     L->window_k.resize(BK * window * d_);
     L->window_v.resize(BK * window * d_);
     if (pre_) {
@@ -800,14 +819,14 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
       L->v_metric.resize(L->k_metric.size());
       L->k_search.resize(cent), L->v_search.resize(cent);
     }
-    if (promote_) {
-      L->anchor_score.resize(BK * anchor_cap_);
+    if (L->promote) {
+      L->anchor_score.resize(BK * acap);
       L->window_score.resize(BK * window);
       L->score_coef.resize(static_cast<size_t>(2) * n_kv_);
       // the anchors' rows a displaced anchor is coded from: pre-RoPE keys, or the exact copy of the tensor
       // anchors=k|v codes (its anchor slot holds the dequantized row)
-      if (pre_ || anchor_quant_side_ == 0) L->anchor_kpre.resize(BK * anchor_cap_ * d_);
-      if (anchor_quant_side_ == 1) L->anchor_vsrc.resize(BK * anchor_cap_ * d_);
+      if (pre_ || anchor_quant_side_ == 0) L->anchor_kpre.resize(BK * acap * d_);
+      if (anchor_quant_side_ == 1) L->anchor_vsrc.resize(BK * acap * d_);
     }
     device_bytes_ += L->k_codes.bytes() + L->v_codes.bytes() + L->k_cent.bytes() + L->v_cent.bytes() +
                      L->anchor_k.bytes() + L->anchor_v.bytes() + L->anchor_pos.bytes() + L->window_k.bytes() +
@@ -818,9 +837,10 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
                      L->v_search.bytes();
     layers_.push_back(std::move(L));
   }
-  seqs_.assign(max_batch, CompressedSeqState{});
-  step_d_.resize(static_cast<size_t>(8) * max_batch);
-  step_h_.ensure(static_cast<size_t>(8) * max_batch);
+  seqs_.assign(static_cast<size_t>(n_layers_), std::vector<CompressedSeqState>(max_batch));
+  pending_anchors_.assign(static_cast<size_t>(n_layers_), -1);
+  step_d_.resize(static_cast<size_t>(8) * n_layers_ * max_batch);
+  step_h_.ensure(static_cast<size_t>(8) * n_layers_ * max_batch);
   stage_k_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
   stage_v_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
   // the largest workspace any decode plan of up to max_batch sequences may need
@@ -887,19 +907,21 @@ void GpuCompressedKvCache::upload_transforms(int l, const CodebookSet& cb, const
 
 size_t GpuCompressedKvCache::bytes_per_sequence() const {
   size_t recs = 0;  // record bytes summed over the layers (per-layer widths)
-  for (const auto& L : layers_) recs += static_cast<size_t>(L->rec);
-  const size_t per_layer = static_cast<size_t>(n_kv_) *
-                           (2 * static_cast<size_t>(anchor_cap_) * d_ * 2 +
-                            static_cast<size_t>(anchor_cap_) * 4 + 2 * static_cast<size_t>(window_) * d_ * 2 +
-                            (pre_ ? static_cast<size_t>(capacity_) * 4 + static_cast<size_t>(window_) * d_ * 2 : 0) +
-                            (promote_ ? static_cast<size_t>(anchor_cap_ + window_) * 4 +
-                                            (pre_ ? static_cast<size_t>(anchor_cap_) * d_ * 2 : 0) +
-                                            (anchor_quant_side_ >= 0 ? static_cast<size_t>(anchor_cap_) * d_ * 2 : 0)
-                                      : 0) +
-                            (static_cast<size_t>(gain_k_) + gain_v_) * capacity_ * 2);  // gain: fp16 scale per code slot
+  size_t per_layers = 0;  // anchors, window and their extras, summed over the layers (per-layer ratios)
+  for (const auto& L : layers_) {
+    recs += static_cast<size_t>(L->rec);
+    const size_t acap = static_cast<size_t>(L->acap);
+    per_layers += static_cast<size_t>(n_kv_) *
+                  (2 * acap * d_ * 2 + acap * 4 + 2 * static_cast<size_t>(window_) * d_ * 2 +
+                   (pre_ ? static_cast<size_t>(capacity_) * 4 + static_cast<size_t>(window_) * d_ * 2 : 0) +
+                   (L->promote ? (acap + window_) * 4 + (pre_ ? acap * d_ * 2 : 0) +
+                                     (anchor_quant_side_ >= 0 ? acap * d_ * 2 : 0)
+                               : 0) +
+                   (static_cast<size_t>(gain_k_) + gain_v_) * capacity_ * 2);  // gain: fp16 scale per code slot
+  }
   // promote: this step's log-sum-exp and FP16 scores (one buffer for all layers)
   const size_t scratch = promote_ ? static_cast<size_t>(n_heads_) * (anchor_cap_ + window_ + 1) * 4 : 0;
-  return per_layer * n_layers_ + static_cast<size_t>(n_kv_) * 2 * capacity_ * recs + scratch;
+  return per_layers + static_cast<size_t>(n_kv_) * 2 * capacity_ * recs + scratch;
 }
 
 size_t GpuCompressedKvCache::code_bytes_per_token() const {
@@ -908,17 +930,24 @@ size_t GpuCompressedKvCache::code_bytes_per_token() const {
   return static_cast<size_t>(n_kv_) * (2 * recs + static_cast<size_t>(n_layers_) * 2 * (static_cast<size_t>(gain_k_) + gain_v_));
 }
 
-void GpuCompressedKvCache::reset() { std::fill(seqs_.begin(), seqs_.end(), CompressedSeqState{}); }
+int GpuCompressedKvCache::anchor_capacity(int layer) const {
+  ANTKV_CHECK(layer >= 0 && layer < n_layers_, "anchor_capacity: layer {} out of range", layer);
+  return layers_[layer]->acap;
+}
+
+void GpuCompressedKvCache::reset() {
+  for (auto& layer : seqs_) std::fill(layer.begin(), layer.end(), CompressedSeqState{});
+}
 
 void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float* k, int64_t k_stride, const float* v,
                                          int64_t v_stride, const float* k_pre, int64_t k_pre_stride,
                                          const uint8_t* anchor_flags, const float* anchor_scores, cudaStream_t stream) {
   ANTKV_CHECK(layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_, "compressed cache: layer {} / sequence {} out of range",
               layer, seq);
-  ANTKV_CHECK(seqs_[seq].length() == 0,
+  ANTKV_CHECK(seqs_[layer][seq].length() == 0,
               "compressed cache {}: a prefill into sequence {} that already holds {} tokens (chunked prefill over the "
               "compressed cache is not implemented: prefill in one chunk, then decode)",
-              name_, seq, seqs_[seq].length());
+              name_, seq, seqs_[layer][seq].length());
   ANTKV_CHECK(T >= 1 && T <= capacity_, "compressed cache {}: prefill of {} tokens, capacity {}", name_, T, capacity_);
   ANTKV_CHECK(k && v && (k_pre || !pre_), "compressed cache: null K/V");
   k_pre = pair_ordered(k_pre, k_pre_stride, T, prefill_pairs_, stream);  // commute: the code stream's keys in RoPE pair order
@@ -938,12 +967,9 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
                 "keep the same number)", name_, layer, h, a, A);
     A = a;
   }
-  ANTKV_CHECK(A <= anchor_cap_, "compressed cache {}: {} anchors per head exceed the anchor capacity {}", name_, A,
-              anchor_cap_);
-  if (layer > 0)
-    ANTKV_CHECK(A == pending_anchors_, "compressed cache {}: layer {} keeps {} anchors per head, layer 0 kept {}", name_,
-                layer, A, pending_anchors_);
-  pending_anchors_ = A;
+  ANTKV_CHECK(A <= layers_[layer]->acap, "compressed cache {}: layer {} keeps {} anchors per head, its anchor capacity is {}",
+              name_, layer, A, layers_[layer]->acap);
+  pending_anchors_[layer] = A;  // each layer its own (lratio)
   anchors.reserve(static_cast<size_t>(KV) * A);
   for (int h = 0; h < KV; ++h)
     for (int t = 0; t < T; ++t)
@@ -984,7 +1010,7 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
                 prefill_norm_.get(), stream);
   if (A > 0) {
     AnchorGatherArgs g;
-    if (promote_) {  // running scores start from the prefill's (0 when the caller has none)
+    if (L.promote) {  // running scores start from the prefill's (0 when the caller has none)
       ANTKV_CHECK(anchor_scores, "compressed cache {}: decode-time anchors need the prefill's anchor scores", name_);
       prefill_score_.ensure(static_cast<size_t>(T) * KV);
       ANTKV_CUDA_CHECK(cudaMemcpyAsync(prefill_score_.get(), anchor_scores, static_cast<size_t>(T) * KV * sizeof(float),
@@ -997,7 +1023,7 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
     g.sk = prefill_k_.get(), g.sv = prefill_v_.get();
     g.idx = prefill_ints_.get() + slots.size() + T;
     g.ak = L.anchor_k.get(), g.av = L.anchor_v.get(), g.pos = L.anchor_pos.get();
-    g.seq = seq, g.A = A, g.KV = KV, g.d = d_, g.cap = anchor_cap_;
+    g.seq = seq, g.A = A, g.KV = KV, g.d = d_, g.cap = L.acap;
     anchor_gather_kernel<<<blocks_for(static_cast<int64_t>(KV) * A * d_), kThreads, 0, stream>>>(g);
     ANTKV_LAUNCH_CHECK("anchor_gather_kernel");
     if (anchor_quant_side_ >= 0) requantize_anchors(L, A, seq, nullptr, stream);  // anchors=k|v: the other tensor's
@@ -1017,7 +1043,7 @@ void GpuCompressedKvCache::requantize_anchors(Layer& L, int blocks, int seq, con
   r.slots = side ? L.anchor_v.get() : L.anchor_k.get();
   r.centroids = side ? L.v_cent.get() : L.k_cent.get();
   r.search = task_ ? (side ? L.v_search.get() : L.k_search.get()) : nullptr;
-  r.seq = seq, r.cap = anchor_cap_, r.K = L.k_count, r.slot_of = slot_of;
+  r.seq = seq, r.cap = L.acap, r.K = L.k_count, r.slot_of = slot_of;
   anchor_requantize_kernel<<<dim3(blocks, n_kv_), d_, 0, stream>>>(r);
   ANTKV_LAUNCH_CHECK("anchor_requantize_kernel");
 }
@@ -1065,73 +1091,83 @@ void GpuCompressedKvCache::quantize_pair(Layer& L, int n_tokens, const __half* k
 }
 
 void GpuCompressedKvCache::commit_prefill(int seq, int T) {
-  ANTKV_CHECK(seq >= 0 && seq < max_batch_ && pending_anchors_ >= 0 && pending_anchors_ <= T,
-              "compressed cache: commit_prefill without write_prefill");
-  CompressedSeqState& s = seqs_[seq];
-  s = CompressedSeqState{};
-  s.n_anchor = pending_anchors_;
-  s.n_quant = T - pending_anchors_;
-  pending_anchors_ = -1;
+  ANTKV_CHECK(seq >= 0 && seq < max_batch_, "compressed cache: commit_prefill of sequence {} out of range", seq);
+  for (int l = 0; l < n_layers_; ++l) {
+    const int A = pending_anchors_[l];
+    ANTKV_CHECK(A >= 0 && A <= T, "compressed cache: commit_prefill without write_prefill of layer {}", l);
+    CompressedSeqState& s = seqs_[l][seq];
+    s = CompressedSeqState{};
+    s.n_anchor = A;
+    s.n_quant = T - A;
+  }
+  std::fill(pending_anchors_.begin(), pending_anchors_.end(), -1);
 }
 
 void GpuCompressedKvCache::plan_step(int B, cudaStream_t stream) {
   ANTKV_CHECK(B >= 1 && B <= max_batch_, "compressed cache: batch {} outside [1, {}]", B, max_batch_);
   int32_t* h = step_h_.get();
   for (int b = 0; b < B; ++b) {
-    CompressedSeqState& s = seqs_[b];
-    ANTKV_CHECK(s.length() + 1 <= capacity_, "compressed cache {}: sequence {} holds {} tokens, capacity {}", name_, b,
-                s.length(), capacity_);
-    int evict = -1, code = -1, slot = 0;
-    const int len = s.length();  // the new token's position
-    int evict_pos = -1;
-    // a token leaving the window becomes an anchor while the budget ceil(ratio * length) has room (promote;
-    // the kernel decides the swaps, which keep the counts), else it takes a code slot
-    const bool grow = promote_ && s.n_anchor < std::min<int64_t>(anchor_cap_, static_cast<int64_t>(std::ceil(ratio_ * (len + 1))));
-    if (window_ == 0) {
-      code = grow ? -1 : s.n_quant++;
-      if (grow) ++s.n_anchor;
-      evict_pos = len;
-    } else {
-      slot = static_cast<int>(s.n_entered % window_);
-      if (s.n_window == window_) {
-        evict = slot;  // the oldest window token sits where the new one goes
+    ANTKV_CHECK(seqs_[0][b].length() + 1 <= capacity_, "compressed cache {}: sequence {} holds {} tokens, capacity {}",
+                name_, b, seqs_[0][b].length(), capacity_);
+    for (int l = 0; l < n_layers_; ++l) {  // the window moves alike in every layer; anchors and codes per layer
+      const Layer& L = *layers_[l];
+      CompressedSeqState& s = seqs_[l][b];
+      int evict = -1, code = -1, slot = 0;
+      const int len = s.length();  // the new token's position
+      int evict_pos = -1;
+      // a token leaving the window becomes an anchor while the layer's budget ceil(ratio * length) has room
+      // (promote; the kernel decides the swaps, which keep the counts), else it takes a code slot
+      const bool grow =
+          L.promote && s.n_anchor < std::min<int64_t>(L.acap, static_cast<int64_t>(std::ceil(L.ratio * (len + 1))));
+      if (window_ == 0) {
         code = grow ? -1 : s.n_quant++;
         if (grow) ++s.n_anchor;
-        evict_pos = len - window_;
+        evict_pos = len;
       } else {
-        ++s.n_window;
+        slot = static_cast<int>(s.n_entered % window_);
+        if (s.n_window == window_) {
+          evict = slot;  // the oldest window token sits where the new one goes
+          code = grow ? -1 : s.n_quant++;
+          if (grow) ++s.n_anchor;
+          evict_pos = len - window_;
+        } else {
+          ++s.n_window;
+        }
+        ++s.n_entered;
       }
-      ++s.n_entered;
+      int32_t* f = h + static_cast<size_t>(l) * 8 * max_batch_;
+      f[b] = evict;
+      f[max_batch_ + b] = slot;
+      f[2 * max_batch_ + b] = code;
+      f[3 * max_batch_ + b] = s.n_quant;
+      f[4 * max_batch_ + b] = s.n_anchor;
+      f[5 * max_batch_ + b] = s.n_window;
+      f[6 * max_batch_ + b] = b;
+      f[7 * max_batch_ + b] = evict_pos;
     }
-    h[b] = evict;
-    h[max_batch_ + b] = slot;
-    h[2 * max_batch_ + b] = code;
-    h[3 * max_batch_ + b] = s.n_quant;
-    h[4 * max_batch_ + b] = s.n_anchor;
-    h[5 * max_batch_ + b] = s.n_window;
-    h[6 * max_batch_ + b] = b;
-    h[7 * max_batch_ + b] = evict_pos;
   }
   step_B_ = B;
-  ANTKV_CUDA_CHECK(cudaMemcpyAsync(step_d_.get(), h, static_cast<size_t>(8) * max_batch_ * sizeof(int32_t),
+  ANTKV_CUDA_CHECK(cudaMemcpyAsync(step_d_.get(), h, static_cast<size_t>(8) * n_layers_ * max_batch_ * sizeof(int32_t),
                                    cudaMemcpyHostToDevice, stream));
 }
 
 void GpuCompressedKvCache::upload_counts(int B, cudaStream_t stream) {
   ANTKV_CHECK(B >= 1 && B <= max_batch_, "compressed cache: batch {} outside [1, {}]", B, max_batch_);
   int32_t* h = step_h_.get();
-  for (int b = 0; b < B; ++b) {
-    const CompressedSeqState& s = seqs_[b];
-    h[b] = -1;
-    h[max_batch_ + b] = 0;
-    h[2 * max_batch_ + b] = -1;
-    h[3 * max_batch_ + b] = s.n_quant;
-    h[4 * max_batch_ + b] = s.n_anchor;
-    h[5 * max_batch_ + b] = s.n_window;
-    h[6 * max_batch_ + b] = b;
-    h[7 * max_batch_ + b] = -1;
-  }
-  ANTKV_CUDA_CHECK(cudaMemcpyAsync(step_d_.get(), h, static_cast<size_t>(8) * max_batch_ * sizeof(int32_t),
+  for (int l = 0; l < n_layers_; ++l)
+    for (int b = 0; b < B; ++b) {
+      const CompressedSeqState& s = seqs_[l][b];
+      int32_t* f = h + static_cast<size_t>(l) * 8 * max_batch_;
+      f[b] = -1;
+      f[max_batch_ + b] = 0;
+      f[2 * max_batch_ + b] = -1;
+      f[3 * max_batch_ + b] = s.n_quant;
+      f[4 * max_batch_ + b] = s.n_anchor;
+      f[5 * max_batch_ + b] = s.n_window;
+      f[6 * max_batch_ + b] = b;
+      f[7 * max_batch_ + b] = -1;
+    }
+  ANTKV_CUDA_CHECK(cudaMemcpyAsync(step_d_.get(), h, static_cast<size_t>(8) * n_layers_ * max_batch_ * sizeof(int32_t),
                                    cudaMemcpyHostToDevice, stream));
   ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
@@ -1143,7 +1179,8 @@ cuda::QuantDecodePlan GpuCompressedKvCache::plan(int B, int n_heads) const {
 
 int GpuCompressedKvCache::max_quant(int B) const {
   int m = 0;
-  for (int b = 0; b < B && b < max_batch_; ++b) m = std::max(m, seqs_[b].n_quant);
+  for (const auto& layer : seqs_)  // the longest code stream of any layer (per-layer ratios)
+    for (int b = 0; b < B && b < max_batch_; ++b) m = std::max(m, layer[b].n_quant);
   return m;
 }
 
@@ -1156,8 +1193,8 @@ void GpuCompressedKvCache::append(int layer, int B, const float* k, const float*
   k_pre = pair_ordered(k_pre, pre_stride, B, pair_rows_, stream);    // commute: kept and coded in RoPE pair order
   WindowAppendArgs a;
   a.k = k, a.v = v, a.stride = stride;
-  a.evict_slot = step_d_.get();
-  a.new_slot = step_d_.get() + max_batch_;
+  a.evict_slot = step_field(layer, 0);
+  a.new_slot = step_field(layer, 1);
   a.wk = L.window_k.get(), a.wv = L.window_v.get();
   a.sk = stage_k_.get(), a.sv = stage_v_.get();
   a.KV = n_kv_, a.d = d_, a.W = window_;
@@ -1167,25 +1204,25 @@ void GpuCompressedKvCache::append(int layer, int B, const float* k, const float*
   }
   if (pre_ || promote_) {  // code positions (pre), the code slot that says whether the budget grew (promote)
     a.code_pos = L.code_pos.get();
-    a.code_slot = step_d_.get() + 2 * max_batch_;
-    a.evict_pos = step_d_.get() + 7 * max_batch_;
+    a.code_slot = step_field(layer, 2);
+    a.evict_pos = step_field(layer, 7);
     a.cap = capacity_;
   }
-  if (promote_) {
+  if (L.promote) {
     a.ascore = L.anchor_score.get(), a.wscore = L.window_score.get();
     a.ak = L.anchor_k.get(), a.av = L.anchor_v.get(), a.apos = L.anchor_pos.get();
     a.akpre = L.anchor_kpre.size() ? L.anchor_kpre.get() : nullptr;
     a.avsrc = L.anchor_vsrc.size() ? L.anchor_vsrc.get() : nullptr;
     a.promo_slot = anchor_quant_side_ >= 0 ? promo_slot_.get() : nullptr;
-    a.n_anchor = step_d_.get() + 4 * max_batch_;
-    a.acap = anchor_cap_;
+    a.n_anchor = step_field(layer, 4);
+    a.acap = L.acap;
   }
   window_append_kernel<<<dim3(B, n_kv_), 128, 0, stream>>>(a);
   ANTKV_LAUNCH_CHECK("window_append_kernel");
   // anchors=k|v: a promoted token's other tensor coded and kept dequantized in its anchor slot (as at the prefill)
   if (a.promo_slot) requantize_anchors(L, B, 0, a.promo_slot, stream);
-  quantize_pair(L, B, stage_k_.get(), stage_v_.get(), step_d_.get() + 6 * max_batch_,
-                step_d_.get() + 2 * max_batch_,  // code slots: -1 where nothing leaves the window this step
+  quantize_pair(L, B, stage_k_.get(), stage_v_.get(), step_field(layer, 6),
+                step_field(layer, 2),  // code slots: -1 where nothing leaves the window this step
                 nullptr, step_enc_.get(), step_norm_.get(), stream);
 }
 
@@ -1202,16 +1239,16 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   p.q = q;
   p.k_codes = L.k_codes.get(), p.v_codes = L.v_codes.get();
   p.k_centroids = L.k_cent.get(), p.v_centroids = L.v_cent.get();
-  p.anchor_k = anchor_cap_ ? L.anchor_k.get() : nullptr;
-  p.anchor_v = anchor_cap_ ? L.anchor_v.get() : nullptr;
-  p.anchor_pos = anchor_cap_ ? L.anchor_pos.get() : nullptr;
+  p.anchor_k = L.acap ? L.anchor_k.get() : nullptr;
+  p.anchor_v = L.acap ? L.anchor_v.get() : nullptr;
+  p.anchor_pos = L.acap ? L.anchor_pos.get() : nullptr;
   p.window_k = window_ ? L.window_k.get() : nullptr;
   p.window_v = window_ ? L.window_v.get() : nullptr;
-  p.n_quant = step_d_.get() + 3 * max_batch_;
-  p.n_anchor = step_d_.get() + 4 * max_batch_;
-  p.n_window = step_d_.get() + 5 * max_batch_;
+  p.n_quant = step_field(layer, 3);
+  p.n_anchor = step_field(layer, 4);
+  p.n_window = step_field(layer, 5);
   p.quant_capacity = capacity_;
-  p.anchor_capacity = anchor_cap_;
+  p.anchor_capacity = L.acap;
   p.window_capacity = window_;
   p.out = out;
   p.workspace = workspace_.get();
@@ -1225,8 +1262,8 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
     p.code_pos = L.code_pos.get();
     p.inv_freq = inv_freq_.get();
   }
-  p.lse = promote_ ? lse_.get() : nullptr;
-  p.fp16_logits = promote_ ? logits_.get() : nullptr;
+  p.lse = L.promote ? lse_.get() : nullptr;
+  p.fp16_logits = L.promote ? logits_.get() : nullptr;
   if (rotate_) {  // the query once per step and head: R_k q and q . k_mean
     QueryRotateArgs qa;
     qa.q = q, qa.rot_t = L.k_rot_t.get(), qa.mean = L.k_mean.get();
@@ -1242,7 +1279,7 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   if (gain_v_) p.v_scale = L.v_scale.get();
   if (commute_) cuda::commute_decode(p, stream);
   else cuda::quant_decode(p, stream);
-  if (!promote_) return;
+  if (!L.promote) return;
   RunningScoreArgs r;
   r.q = q, r.o = out, r.lse = lse_.get(), r.logits = logits_.get();
   r.av = L.anchor_v.get();
@@ -1250,12 +1287,12 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   r.ascore = L.anchor_score.get(), r.wscore = L.window_score.get();
   r.n_anchor = p.n_anchor, r.n_window = p.n_window;
   r.coef = L.score_coef.get();
-  r.KV = n_kv_, r.H = n_heads, r.d = d_, r.acap = anchor_cap_, r.W = window_;
+  r.KV = n_kv_, r.H = n_heads, r.d = d_, r.acap = L.acap, r.W = window_;
   r.scale = 1.0f / std::sqrt(static_cast<float>(d_));  // the anchor score's 1/sqrt(d), whatever attention's scale
   const int G = n_heads / n_kv_;
   const size_t smem = (static_cast<size_t>(G) * (d_ / 16) * 20 + 3 * G + static_cast<size_t>(G) * kScoreTokensPerBlock) *
                       sizeof(float);  // running_score_kernel's o [G][OS] | |q| | lse | |o|^2 | logits
-  const int chunks = (anchor_cap_ + window_ + kScoreTokensPerBlock - 1) / kScoreTokensPerBlock;
+  const int chunks = (L.acap + window_ + kScoreTokensPerBlock - 1) / kScoreTokensPerBlock;
   const dim3 grid(B, n_kv_, chunks);
   auto go = [&](auto d_tag) {  // head_dim 64 or 128: quant_decode's closed set (check_vq_shape in the constructors)
     constexpr int D = decltype(d_tag)::value;
@@ -1316,13 +1353,16 @@ std::vector<T> download_anchor_slots(const T* src, int seq, int KV, int cap, int
 std::vector<int32_t> GpuCompressedKvCache::anchor_positions(int layer, int seq) const {
   ANTKV_CHECK(layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_, "anchor_positions: layer {} / sequence {} out "
               "of range", layer, seq);
-  return download_anchor_slots(layers_[layer]->anchor_pos.get(), seq, n_kv_, anchor_cap_, seqs_[seq].n_anchor);
+  return download_anchor_slots(layers_[layer]->anchor_pos.get(), seq, n_kv_, layers_[layer]->acap,
+                               seqs_[layer][seq].n_anchor);
 }
 
 std::vector<float> GpuCompressedKvCache::anchor_running_scores(int layer, int seq) const {
-  ANTKV_CHECK(promote_ && layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_,
-              "anchor_running_scores: no decode-time anchors, or layer {} / sequence {} out of range", layer, seq);
-  return download_anchor_slots(layers_[layer]->anchor_score.get(), seq, n_kv_, anchor_cap_, seqs_[seq].n_anchor);
+  ANTKV_CHECK(layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_ && layers_[layer]->promote,
+              "anchor_running_scores: no decode-time anchors in layer {}, or layer {} / sequence {} out of range", layer,
+              layer, seq);
+  return download_anchor_slots(layers_[layer]->anchor_score.get(), seq, n_kv_, layers_[layer]->acap,
+                               seqs_[layer][seq].n_anchor);
 }
 
 void GpuCompressedKvCache::poison() {
@@ -1350,12 +1390,15 @@ void GpuCompressedKvCache::set_synthetic_lengths(const std::vector<int>& lens) {
   for (size_t b = 0; b < lens.size(); ++b) {
     ANTKV_CHECK(lens[b] >= 0 && lens[b] <= capacity_, "set_synthetic_lengths: length {} outside [0, capacity {}]",
                 lens[b], capacity_);
-    CompressedSeqState st;
-    st.n_anchor = std::min(anchor_cap_, static_cast<int>(std::ceil(ratio_ * lens[b])));
-    st.n_window = std::min(window_, lens[b] - st.n_anchor);
-    st.n_quant = lens[b] - st.n_anchor - st.n_window;
-    st.n_entered = st.n_window;
-    seqs_[b] = st;
+    for (int l = 0; l < n_layers_; ++l) {
+      const Layer& L = *layers_[l];
+      CompressedSeqState st;
+      st.n_anchor = std::min(L.acap, static_cast<int>(std::ceil(L.ratio * lens[b])));
+      st.n_window = std::min(window_, lens[b] - st.n_anchor);
+      st.n_quant = lens[b] - st.n_anchor - st.n_window;
+      st.n_entered = st.n_window;
+      seqs_[l][b] = st;
+    }
   }
 }
 

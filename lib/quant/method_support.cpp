@@ -136,7 +136,6 @@ const std::vector<Rule> kCompressedRules = {
     ANTKV_RULE(coded(m) && first_width_not(m, lut_width).c, "gain= and rotate=pca run on the compressed cache's lookup-table widths (bits 1, 0.75, 0.5, 0.375), not c{}b{}", first_width_not(m, lut_width).c, first_width_not(m, lut_width).b),
     ANTKV_RULE(m.correct, "correct=on is not implemented in the compressed cache"),
     ANTKV_RULE(m.norm == Norm::kFp8, "norm=fp8 is not implemented on the GPU yet"),
-    ANTKV_RULE(!m.layer_ratio.empty(), "per-layer ratios (lratio) are not implemented in the compressed cache (one anchor budget for every layer)"),
 };
 const std::vector<Note> kCompressedNotes = {
     ANTKV_NOTE(m.pre_rope(), "pre-RoPE keys decode by dequantize-rotate-dot"),
@@ -168,6 +167,7 @@ const std::vector<Note> kRealNotes = {
 const std::vector<Rule> kBenchCompressedRules = {
     ANTKV_RULE(vq_like(m) && one_anchor_tensor(m), "anchors={} (one tensor only) is not implemented in the synthetic cache bench fills", option_name(m.anchors)),
     ANTKV_RULE(vq_like(m) && m.layered(), "per-layer widths (lkbits, lvbits) are not implemented in the synthetic cache bench fills"),
+    ANTKV_RULE(vq_like(m) && !m.layer_ratio.empty(), "per-layer ratios (lratio) are not implemented in the synthetic cache bench fills"),
 };
 const std::vector<Rule> kBenchKindRules = {
     ANTKV_RULE_ALT(m.kind == MethodKind::kRsq, "rsq has no real GPU cache to time (its cache is simulated); bench and max-context time fp16, uniform, vq and antkv"),
