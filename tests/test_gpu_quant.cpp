@@ -912,6 +912,10 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
                                  // per-layer widths (antkv-ref-18m has 6 layers)
                                  "vq:lkbits=1/0.5/1/0.75/1/1,lvbits=1/0.5/1/0.75/1/1,gain=kv,rotate=pca",
                                  "antkv:bits=1,ratio=0.05,anchors=v,promote=off,gain=kv,rotate=pca",
+                                 // one tensor's anchors with decode-time anchors
+                                 "antkv:bits=1,ratio=0.05,anchors=k", "antkv:bits=1,ratio=0.05,anchors=v,gain=kv,rotate=pca",
+                                 // per-layer ratios (antkv-ref-18m has 6 layers)
+                                 "antkv:bits=1,lratio=0.1/0.05/0.02/0.05/0.1/0.05",
                                  // RoPE-commuting key codebooks (commute_decode)
                                  "vq:bits=1,key_rope=commute", "antkv:bits=1,ratio=0.05,key_rope=commute", "vq:bits=2,key_rope=commute"}) {
     SECTION(text) {
@@ -952,9 +956,11 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
           REQUIRE(rr.nll.size() == static_cast<size_t>(P));
           CHECK(std::memcmp(rr.nll.data(), rs.nll.data(), P * sizeof(float)) == 0);
           CHECK(std::memcmp(rr.logits.data(), rs.logits.data(), rs.logits.size() * sizeof(float)) == 0);
-          const auto& st = real->compressed_cache()->state(0);
-          CHECK(st.n_anchor == (m.kind == MethodKind::kAntkv ? 5 : 0));
-          CHECK(st.n_quant == P - st.n_anchor);
+          for (int l = 0; l < cfg.num_layers; ++l) {  // lratio: each layer its own anchors
+            const auto& st = real->compressed_cache()->state(0, l);
+            CHECK(st.n_anchor == (m.kind == MethodKind::kAntkv ? static_cast<int>(std::ceil(m.ratio_of(l) * P)) : 0));
+            CHECK(st.n_quant == P - st.n_anchor);
+          }
         } else {
           std::vector<float> lb;
           batched->decode_batch({seq[p]}, &lb, nullptr);
@@ -975,14 +981,15 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
         }
         p += n;
       }
-      const auto& st = real->compressed_cache()->state(0);
       const int len = static_cast<int>(seq.size());
-      CHECK(st.n_window == 128);
-      CHECK(st.n_anchor == (m.kind != MethodKind::kAntkv ? 0 : m.promotes() ? static_cast<int>(std::ceil(0.05 * len)) : 5));
-      CHECK(st.n_quant == len - 128 - st.n_anchor);
-      CHECK(st.length() == len);
       int64_t same = 0, total = 0;  // anchors of the compressed cache that the simulated one keeps too
       for (int l = 0; l < cfg.num_layers; ++l) {
+        const auto& st = real->compressed_cache()->state(0, l);  // lratio: each layer its own counts
+        CHECK(st.n_window == 128);
+        CHECK(st.n_anchor == (m.kind != MethodKind::kAntkv ? 0
+                              : static_cast<int>(std::ceil(m.ratio_of(l) * (m.promotes() ? len : P)))));
+        CHECK(st.n_quant == len - 128 - st.n_anchor);
+        CHECK(st.length() == len);
         const auto pos = real->compressed_cache()->anchor_positions(l, 0);  // [KV][n_anchor]
         const auto& flags = sim.kv_quantizer()->anchor_flags(l);            // [len, KV]
         for (int h = 0; h < cfg.num_kv_heads; ++h)
@@ -997,17 +1004,25 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
                        text, steps, worst_logit, sum_nll / steps, worst_nll, same, total));
       const std::string label = "test_gpu_quant: compressed vs simulated " + text;
       if (total > 0) report_measured(label + " anchors same share (at least)", double(same) / total, 0.95);
-      report_measured(label + " worst logits rel err", worst_logit, 2e-2);
+      // Logits within the bf16 floor (2e-2) while both caches keep the same anchors. With decode-time anchors their
+      // running scores come from two different attentions, so a near-tie may keep another token (up to 5% above):
+      // that token is FP16 in one cache and 1-bit in the other, a larger change than bf16 rounding; 2.5e-2 then.
+      // Measured on an H100 (2026-12-07): antkv anchors=k 2.0006e-2 with 155 of 156 anchors the same (its ppl
+      // 3.3e-3); every run whose anchors all agree at most 1.8e-2.
+      const double logit_bound = same == total ? 2e-2 : 2.5e-2;
+      report_measured(label + " worst logits rel err", worst_logit, logit_bound);
       report_measured(label + " mean |dNLL|", sum_nll / steps, 0.03);
       report_measured(label + " max |dNLL|", worst_nll, 0.15);
       // the decode steps' perplexity (what eval.decode_from measures) through the real cache against the simulated,
-      // within 0.5%; measured on an H100 (2026-12-07): 6.9e-4 .. 3.6e-3 over this list (vq:bits=1,gain=kv,rotate=pca
-      // 1.1e-3, antkv gain=kv,rotate=pca 1.8e-3, metric=task 3.6e-3, per-layer widths 1.5e-3, anchors=v 2.1e-3)
+      // within 0.5%; measured on an H100 (2026-12-07): 6.9e-4 .. 4.7e-3 over this list (vq:bits=1,gain=kv,rotate=pca
+      // 1.1e-3, antkv gain=kv,rotate=pca 1.8e-3, metric=task 3.6e-3, per-layer widths 1.5e-3, anchors=v 2.1e-3;
+      // decode-time anchors with anchors=k 3.3e-3, anchors=v,gain=kv,rotate=pca 2.1e-3, lratio 3.5e-3; vq:bits=2,
+      // key_rope=commute 4.7e-3)
       const double ppl_rel = std::fabs(std::expm1((nll_real - nll_sim) / steps));
       report_measured(label + " decode ppl rel diff", ppl_rel, 5e-3);
       CHECK(ppl_rel <= 5e-3);
       CHECK(same >= 0.95 * total);
-      CHECK(worst_logit <= 2e-2);
+      CHECK(worst_logit <= logit_bound);
       CHECK(sum_nll / steps <= 0.03);
       CHECK(worst_nll <= 0.15);
     }
@@ -1020,10 +1035,15 @@ TEST_CASE("GPU compressed KV cache: prefill + decode equal the simulated quantiz
 // see the same fp32 K/V and the same bf16-representable queries; the GPU's running scores come from its own
 // attention (lookup-table scores, bf16 output, fp32 sums) and the CPU's from double sums over its dequantized
 // cache, so near-ties may decide differently: anchors must agree on >= 90% of (layer, head, token) entries and
-// the scores of common anchors within 2% (measured: see the WARN line).
+// the scores of common anchors within 2% (measured: see the WARN line; on an H100, 2026-12-07, every anchor the
+// same in all 10 runs, scores within 3.3e-3, but anchors=v at head_dim 128 1.4e-2: its anchor keys are fp16
+// decoded centroids against the CPU's fp32 ones, and the running score of a weak anchor sums small differences).
 TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follow QuantizedKvCache (head_dim 64 and 128, post- and pre-RoPE)", "[gpu][quant]") {
   SKIP_WITHOUT_GPU();
-  for (const std::string rope : {"post", "pre"})  // pre: displaced anchors are quantized from their pre-RoPE copy
+  // pre: displaced anchors are quantized from their pre-RoPE copy; anchors=k|v: from the exact copy of the tensor
+  // whose anchor slots hold dequantized rows (the promoted token's other tensor is coded at promotion)
+  // lratio: layer 0 keeps ratio 0.1, layer 1 none (synthetic_config has 2 layers)
+  for (const std::string rope : {"post", "pre", "post,anchors=k", "post,anchors=v", "post,lratio=0.1/0"})
   for (const int d : {64, 128}) {
     INFO("head_dim " << d << ", " << rope << "-RoPE keys");
     ModelConfig cfg = synthetic_config();
@@ -1080,10 +1100,14 @@ TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follo
     int same = 0, total = 0, scored = 0;
     double worst_score = 0;
     for (int l = 0; l < cfg.num_layers; ++l) {
+      const int A = gpu.state(0, l).n_anchor;
+      REQUIRE(A == static_cast<int>(std::ceil(m.ratio_of(l) * T)));  // lratio: the layer's own budget
+      if (A == 0) {  // a layer without anchors: the CPU keeps none either
+        for (const uint8_t f : cpu.anchor_flags(l)) CHECK(f == 0);
+        continue;
+      }
       const auto pos = gpu.anchor_positions(l, 0);
       const auto sc = gpu.anchor_running_scores(l, 0);
-      const int A = gpu.state(0).n_anchor;
-      REQUIRE(A == static_cast<int>(std::ceil(0.05 * T)));
       REQUIRE(pos.size() == static_cast<size_t>(KV) * A);
       for (int h = 0; h < KV; ++h) {
         int cpu_count = 0;
@@ -1128,7 +1152,7 @@ TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follo
 // CPU's float norm / |u| (2^-12 relative per vector), the fp32 query rotation (the CPU's attention sums in
 // double), the dithered fixed-point weights (unbiased, ~2^-14 of a tile's largest), and a near-tie code where the
 // GPU's tree-summed norm or fp32 sums round differently. Held to 2e-2 of max |out|; measured on an H100
-// (2026-12-07): at most 5.5e-3 over the 54 (method, head_dim, GQA) runs.
+// (2026-12-07): at most 5.5e-3 over the 78 (method, head_dim, GQA) runs.
 TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task, per-layer widths and anchors=k|v follow QuantizedKvCache (head_dim 64/128, GQA 1/4/8, eager = graph)",
           "[gpu][quant]") {
   SKIP_WITHOUT_GPU();
@@ -1140,7 +1164,15 @@ TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task, per-layer wi
                                             "antkv:ratio=0.05,lkbits=0.75/1,lvbits=0.75/1,gain=kv,rotate=pca,promote=off",
                                             // one tensor's anchors: the other's quantized at the prefill
                                             "antkv:bits=1,ratio=0.05,anchors=k,promote=off,gain=kv,rotate=pca",
-                                            "antkv:bits=1,ratio=0.05,anchors=v,promote=off,metric=task"};
+                                            "antkv:bits=1,ratio=0.05,anchors=v,promote=off,metric=task",
+                                            // and at decode-time promotions (the budget grows from 4 to 5 when the
+                                            // first token leaves the window, the other 6 leaving tokens may swap
+                                            // with the weakest anchor, which is then coded from its exact copy)
+                                            "antkv:bits=1,ratio=0.05,anchors=k,gain=kv,rotate=pca",
+                                            "antkv:bits=1,ratio=0.05,anchors=v,metric=task",
+                                            // per-layer ratios: 8 and 2 anchors at the prefill, budgets 10 and 2
+                                            "antkv:bits=1,lratio=0.1/0.02,gain=kv,rotate=pca",
+                                            "antkv:bits=1,lratio=0.1/0.02,promote=off"};
   for (const int d : {64, 128})
     for (const std::string& text : methods) {
       ModelConfig base = synthetic_config();
@@ -1183,8 +1215,11 @@ TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task, per-layer wi
         DeviceBuffer<bf16> out(static_cast<size_t>(H) * d), replay(out.size());
         for (int l = 0; l < cfg.num_layers; ++l) {
           cpu.append(KvAppend{l, P, 0, acts[l].k_pre.data(), acts[l].k_post.data(), acts[l].v.data(), acts[l].q.data()});
+          // decode-time anchors: the running scores start from the CPU's
+          const std::vector<float> score(cpu.running_scores(l).begin(), cpu.running_scores(l).end());
           gpu.write_prefill(l, 0, P, dev[l].k.get(), kvd, dev[l].v.get(), kvd, dev[l].kpre.get(), kvd,
-                            m.has_anchors() ? cpu.anchor_flags(l).data() : nullptr, nullptr, stream);
+                            m.has_anchors() ? cpu.anchor_flags(l).data() : nullptr,
+                            m.promotes() ? score.data() : nullptr, stream);
         }
         gpu.commit_prefill(0, P);
         const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -1220,10 +1255,19 @@ TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task, per-layer wi
           }
         }
         ANTKV_CUDA_CHECK(cudaStreamDestroy(stream));
-        const auto& st = gpu.state(0);
-        CHECK(st.n_window == W);
-        CHECK(st.n_quant == T - W - st.n_anchor);
-        CHECK(st.n_anchor == (m.has_anchors() ? static_cast<int>(std::ceil(0.05 * P)) : 0));
+        for (int l = 0; l < cfg.num_layers; ++l) {  // each layer's counts (lratio: its own budget)
+          const auto& st = gpu.state(0, l);
+          CHECK(st.n_window == W);
+          CHECK(st.n_quant == T - W - st.n_anchor);
+          CHECK(st.n_anchor ==
+                (!m.has_anchors() ? 0 : static_cast<int>(std::ceil(m.ratio_of(l) * (m.promotes() ? T : P)))));
+          if (!m.promotes()) continue;
+          // the GPU keeps the CPU's anchors (their rows are what the outputs are compared over)
+          const auto pos = gpu.anchor_positions(l, 0);
+          for (int h = 0; h < KV; ++h)
+            for (int a = 0; a < st.n_anchor; ++a)
+              CHECK(cpu.anchor_flags(l)[static_cast<size_t>(pos[static_cast<size_t>(h) * st.n_anchor + a]) * KV + h] == 1);
+        }
         CHECK(graph_diff == 0);
         CHECK_MEASURED(fmt::format("test_gpu_quant: compressed {} d {} G {} vs CPU reference cache worst output rel err",
                                    text, d, G),
@@ -1245,10 +1289,10 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
   }
   const MethodSpec m = method("antkv:bits=1");
   auto cb = make_codebooks(cfg, m, acts, 1);
-  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,anchors=v"), *cb, 1, 64, 8),
-                    Catch::Contains("anchors=v (one tensor only) runs on the compressed cache with promote=off and "
-                                    "post-RoPE keys"));
+  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,anchors=v,key_rope=pre"), *cb, 1, 64, 8),
+                    Catch::Contains("anchors=v (one tensor only) runs on the compressed cache with post-RoPE keys"));
   CHECK_NOTHROW(GpuCompressedKvCache(cfg, method("antkv:bits=1,anchors=k,promote=off"), *cb, 1, 64, 8));
+  CHECK_NOTHROW(GpuCompressedKvCache(cfg, method("antkv:bits=1,anchors=k"), *cb, 1, 64, 8));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,key_rope=pre"), *cb, 1, 64, 8),
                     Catch::Contains("codebooks are for post-RoPE keys, the method needs pre-RoPE"));
   // gain= and rotate=pca run with post-RoPE keys on the lookup-table configurations; codebooks must be trained for
@@ -1267,15 +1311,19 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
                     Catch::Contains("correct=on is not implemented in the compressed cache"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:kbits=1,vbits=0.5"), *cb, 1, 64, 8),
                     Catch::Contains("kbits != vbits (c8b8 / c16b8)"));
-  // per-layer widths run with keys and values of one configuration per layer; per-layer ratios in the simulated
-  // cache only; a list of the wrong length is an error before any configuration is read
+  // per-layer widths run with keys and values of one configuration per layer; per-layer ratios give each layer its
+  // own anchor capacity; a list of the wrong length is an error before any configuration is read
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,lvbits=0.5/1"), *cb, 1, 64, 8),
                     Catch::Contains("kbits != vbits in layer 0 (c8b8 / c16b8)"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:lkbits=1/1/1,lvbits=1/1/1"), *cb, 1, 64, 8),
                     Catch::Contains("lkbits/lvbits/lratio list 3 layers, the model has 2"));
   CHECK_NOTHROW(GpuCompressedKvCache(cfg, method("antkv:bits=1,lvbits=1/1"), *cb, 1, 64, 8));
-  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,lratio=0.02/0.01"), *cb, 1, 64, 8),
-                    Catch::Contains("per-layer ratios (lratio) are not implemented in the compressed cache"));
+  {
+    const GpuCompressedKvCache lr(cfg, method("antkv:bits=1,lratio=0.1/0"), *cb, 1, 64, 8);
+    CHECK(lr.anchor_capacity(0) == 8);  // ceil(0.1 * 64) + 1
+    CHECK(lr.anchor_capacity(1) == 0);
+    CHECK(lr.anchor_capacity() == 8);
+  }
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1.5"), *make_codebooks(cfg, method("antkv:bits=1.5"), acts, 1), 1, 64, 8),
                     Catch::Contains("c8b12 is not one of the compressed cache's configurations"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=0.5"), *cb, 1, 64, 8),

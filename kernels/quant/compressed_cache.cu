@@ -31,6 +31,11 @@ struct GpuCompressedKvCache::Layer {
   cuda::VqKernelConfig config = cuda::VqKernelConfig::kC8B8;
   int rec = 0, ng = 0, k_count = 0;
   bool lut_half = false;
+  // the layer's anchor ratio (lratio: each layer its own) and anchor slots per (sequence, KV head); decode-time
+  // anchors run in the layers that keep anchors (acap > 0)
+  double ratio = 0;
+  int acap = 0;
+  bool promote = false;
   DeviceBuffer<uint8_t> k_codes, v_codes;    // [max_batch, KV, capacity, R]
   DeviceBuffer<__half> k_cent, v_cent;       // [KV, NG, 2^b, c]
   DeviceBuffer<__half> anchor_k, anchor_v;   // [max_batch, KV, anchor_capacity, d]
@@ -42,7 +47,11 @@ struct GpuCompressedKvCache::Layer {
   // anchor is quantized from them) and the score's weights of S_K and S_V per KV head
   DeviceBuffer<float> anchor_score;          // [max_batch, KV, anchor_capacity]
   DeviceBuffer<float> window_score;          // [max_batch, KV, window]
-  DeviceBuffer<__half> anchor_kpre;          // pre_rope: [max_batch, KV, anchor_capacity, d]
+  // what a displaced anchor's key / value is coded from when its anchor slot does not hold it: anchor_kpre the
+  // pre-RoPE key (pre_rope) or the exact key (anchors=v: its anchor_k slot holds the dequantized key),
+  // anchor_vsrc the exact value (anchors=k); [max_batch, KV, anchor_capacity, d]
+  DeviceBuffer<__half> anchor_kpre;
+  DeviceBuffer<__half> anchor_vsrc;
   DeviceBuffer<float> score_coef;            // [KV, 2]: (e_K, e_V) for error_bound, (0, 1) / (1, 0) otherwise
   DeviceBuffer<__half> k_scale, v_scale;     // gain: [max_batch, KV, capacity] the scale of each code slot
   // rotate=pca: R^T [KV, d, d] ([k][j] = R[j][k]: the encode, and for keys the query rotation), the mean [KV, d],
@@ -79,6 +88,7 @@ struct AnchorGatherArgs {
   __half* ak = nullptr;         // [max_batch, KV, cap, d]
   __half* av = nullptr;
   __half* akpre = nullptr;      // [max_batch, KV, cap, d] (with skpre)
+  __half* avsrc = nullptr;      // [max_batch, KV, cap, d] a copy of the values (anchors=k with promote), or null
   float* ascore = nullptr;      // [max_batch, KV, cap] (with score)
   int32_t* pos = nullptr;       // [max_batch, KV, cap]
   int seq = 0, A = 0, KV = 0, d = 0, cap = 0;
@@ -97,6 +107,7 @@ __global__ void anchor_gather_kernel(const AnchorGatherArgs p) {
     p.ak[slot * p.d + c] = p.sk[src];
     p.av[slot * p.d + c] = p.sv[src];
     if (p.skpre) p.akpre[slot * p.d + c] = p.skpre[src];
+    if (p.avsrc) p.avsrc[slot * p.d + c] = p.sv[src];
     if (c == 0) p.pos[slot] = t;
     if (c == 0 && p.score) p.ascore[slot] = p.score[static_cast<int64_t>(t) * p.KV + h];
   }
@@ -128,7 +139,9 @@ struct WindowAppendArgs {
   float* wscore = nullptr;          // [max_batch, KV, W] running scores of the window tokens
   __half* ak = nullptr;             // [max_batch, KV, acap, d] anchors (post-RoPE keys, values)
   __half* av = nullptr;
-  __half* akpre = nullptr;          // pre_rope: [max_batch, KV, acap, d]
+  __half* akpre = nullptr;          // pre_rope or anchors=v: [max_batch, KV, acap, d] the keys anchors are coded from
+  __half* avsrc = nullptr;          // anchors=k: [max_batch, KV, acap, d] the values anchors are coded from
+  int32_t* promo_slot = nullptr;    // anchors=k|v: [B, KV] the anchor slot the leaving token took, -1: none
   int32_t* apos = nullptr;          // [max_batch, KV, acap]
   const int32_t* n_anchor = nullptr;  // [B] after this step
   int acap = 0;
@@ -190,8 +203,8 @@ __global__ void __launch_bounds__(128) window_append_kernel(const WindowAppendAr
       }
       for (int c = threadIdx.x; c < p.d; c += blockDim.x) {
         if (displaced) {  // the weakest anchor goes to the code stream (pre-RoPE keys when pre)
-          p.sk[stage + c] = pre ? p.akpre[aslot * p.d + c] : p.ak[aslot * p.d + c];
-          p.sv[stage + c] = p.av[aslot * p.d + c];
+          p.sk[stage + c] = p.akpre ? p.akpre[aslot * p.d + c] : p.ak[aslot * p.d + c];
+          p.sv[stage + c] = p.avsrc ? p.avsrc[aslot * p.d + c] : p.av[aslot * p.d + c];
         }
         __half xk, xv, xkp;
         if (p.W > 0) {
@@ -203,10 +216,12 @@ __global__ void __launch_bounds__(128) window_append_kernel(const WindowAppendAr
         }
         p.ak[aslot * p.d + c] = xk;
         p.av[aslot * p.d + c] = xv;
-        if (pre) p.akpre[aslot * p.d + c] = xkp;
+        if (p.akpre) p.akpre[aslot * p.d + c] = xkp;  // pre-RoPE, or (anchors=v) the exact key
+        if (p.avsrc) p.avsrc[aslot * p.d + c] = xv;
       }
     }
   }
+  if (p.promo_slot && threadIdx.x == 0) p.promo_slot[static_cast<int64_t>(b) * p.KV + h] = target;
   if (pre && threadIdx.x == 0 && p.code_slot[b] >= 0 && !displaced)
     p.code_pos[(static_cast<int64_t>(b) * p.KV + h) * p.cap + p.code_slot[b]] = p.evict_pos[b];
   if (p.wscore && p.W > 0 && threadIdx.x == 0) p.wscore[ring + p.new_slot[b]] = 0.0f;  // after the read above
@@ -457,6 +472,9 @@ struct AnchorRequantArgs {
   const __half* centroids = nullptr;  // [KV, NG, K, c] fp16 (decoded)
   const float* search = nullptr;      // [KV, NG, K, c] L^T c (metric=task) or null (the fp16 centroids)
   int seq = 0, cap = 0, K = 0;
+  // decode steps (decode-time anchors): block (b, h) requantizes sequence b's slot slot_of[b][h] (-1: none), which
+  // window_append_kernel has just filled with the promoted token's exact row; null: block (a, h) of sequence seq
+  const int32_t* slot_of = nullptr;  // [B, KV]
 };
 
 __global__ void __launch_bounds__(128) anchor_requantize_kernel(const AnchorRequantArgs p) {
@@ -465,9 +483,12 @@ __global__ void __launch_bounds__(128) anchor_requantize_kernel(const AnchorRequ
   __shared__ float sy[128];
   __shared__ int32_t sCode[64];
   __shared__ float sq[4];
-  const int a = blockIdx.x, h = blockIdx.y, j = threadIdx.x, lane = j & 31, warp = j >> 5, nwarps = blockDim.x / 32;
+  const int h = blockIdx.y, j = threadIdx.x, lane = j & 31, warp = j >> 5, nwarps = blockDim.x / 32;
+  const int seq = p.slot_of ? static_cast<int>(blockIdx.x) : p.seq;
+  const int a = p.slot_of ? p.slot_of[static_cast<int64_t>(seq) * p.enc.KV + h] : static_cast<int>(blockIdx.x);
+  if (a < 0) return;  // block-uniform: this head kept no new anchor this step
   const int d = p.enc.d, C = p.enc.c, NG = d / C;
-  __half* row = p.slots + ((static_cast<int64_t>(p.seq) * p.enc.KV + h) * p.cap + a) * d;
+  __half* row = p.slots + ((static_cast<int64_t>(seq) * p.enc.KV + h) * p.cap + a) * d;
   float norm;
   sy[j] = encode_channel(p.enc, h, j, __half2float(row[j]), sx, sred, &norm);
   __syncthreads();
@@ -599,8 +620,8 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
   layer_cfg_.clear();
   for (int l = 0; l < cfg.num_layers; ++l) layer_cfg_.push_back(config_for(m, l));
   config_ = layer_cfg_.at(0);
-  // anchors=k|v (promote=off, post-RoPE keys: method_support): the other tensor's anchors are quantized at prefill and
-  // kept dequantized in their FP16 slots
+  // anchors=k|v (post-RoPE keys: method_support): the other tensor's anchors are quantized (at the prefill, and at
+  // promotion with decode-time anchors) and kept dequantized in their FP16 slots
   for (cuda::VqKernelConfig c : layer_cfg_) cuda::check_vq_shape(cfg.head_dim, c);
   check_codebooks_fit(m, cb, cfg);
   gain_k_ = m.gain_keys();
@@ -608,12 +629,15 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
   rotate_ = m.rotate == Rotate::kPca;
   task_ = m.metric == Metric::kTask;
   anchor_quant_side_ = m.anchors == AnchorTensors::kKeys ? 1 : m.anchors == AnchorTensors::kValues ? 0 : -1;
-  allocate(cfg, max_batch, capacity, window, m.has_anchors() ? m.ratio : 0.0, m.pre_rope(), m.promotes());
+  std::vector<double> ratios;  // each layer's (lratio), 0 without anchors
+  for (int l = 0; l < cfg.num_layers; ++l) ratios.push_back(m.has_anchors() ? m.ratio_of(l) : 0.0);
+  allocate(cfg, max_batch, capacity, window, ratios, m.pre_rope(), m.promotes());
   for (int l = 0; l < n_layers_; ++l) upload_transforms(l, cb, m);
   if (m.commute()) set_commute(cfg, fmt::format("method {}", m.text));
   if (promote_) {  // the running score's weights: the method's score over the codebooks' error norms
     const AnchorScoreKind kind = m.score;
     for (int l = 0; l < n_layers_; ++l) {
+      if (!layers_[l]->promote) continue;  // a layer without anchors (lratio 0)
       const auto& ek = cb.keys.at(l).error_norm;
       const auto& ev = cb.values.at(l).error_norm;
       ANTKV_CHECK((ek.empty() || static_cast<int>(ek.size()) == n_kv_) && (ev.empty() || static_cast<int>(ev.size()) == n_kv_),
@@ -651,7 +675,8 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKerne
   gain_k_ = gain_keys;
   gain_v_ = gain_values;
   rotate_ = rotate;
-  allocate(cfg, max_batch, capacity, window, anchor_ratio, pre_rope || commute, promote);
+  allocate(cfg, max_batch, capacity, window, std::vector<double>(static_cast<size_t>(cfg.num_layers), anchor_ratio),
+           pre_rope || commute, promote);
   if (commute) set_commute(cfg, name_);
   for (int l = 0; l < n_layers_; ++l) {
     Layer& L = *layers_[l];
@@ -666,7 +691,7 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKerne
       for (size_t i = 0; i < f.size(); ++i) f[i] = __half2float(hh[i]);
       ANTKV_CUDA_CHECK(cudaMemcpy(b->get(), f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice));
     }
-    if (promote_) {
+    if (L.promote) {
       const std::vector<float> coef(static_cast<size_t>(2) * n_kv_, 1.0f);
       ANTKV_CUDA_CHECK(cudaMemcpy(layers_[l]->score_coef.get(), coef.data(), coef.size() * sizeof(float), cudaMemcpyHostToDevice));
     }
@@ -715,11 +740,14 @@ const float* GpuCompressedKvCache::pair_ordered(const float* k_pre, int64_t& str
   return buf.get();
 }
 
-void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio,
-                                    bool pre_rope, bool promote) {
-  ANTKV_CHECK(max_batch >= 1 && capacity >= 1 && window >= 0 && ratio >= 0 && ratio <= 1,
-              "compressed KV cache: bad sizes (batch {}, capacity {}, window {}, anchor ratio {})", max_batch, capacity,
-              window, ratio);
+void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int capacity, int window,
+                                    const std::vector<double>& ratios, bool pre_rope, bool promote) {
+  ANTKV_CHECK(static_cast<int>(ratios.size()) == cfg.num_layers, "compressed KV cache: {} anchor ratios for {} layers",
+              ratios.size(), cfg.num_layers);
+  for (const double ratio : ratios)
+    ANTKV_CHECK(max_batch >= 1 && capacity >= 1 && window >= 0 && ratio >= 0 && ratio <= 1,
+                "compressed KV cache: bad sizes (batch {}, capacity {}, window {}, anchor ratio {})", max_batch, capacity,
+                window, ratio);
   n_layers_ = cfg.num_layers;
   n_kv_ = cfg.num_kv_heads;
   n_heads_ = cfg.num_heads;
@@ -744,10 +772,13 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   max_batch_ = max_batch;
   capacity_ = capacity;
   window_ = window;
-  ratio_ = ratio;
-  promote_ = promote && ratio > 0;
-  // a prefill of up to `capacity` tokens keeps ceil(ratio * T) anchors (the first token among them)
-  anchor_cap_ = ratio > 0 ? static_cast<int>(std::min<double>(capacity, std::ceil(ratio * capacity) + 1)) : 0;
+  // a prefill of up to `capacity` tokens keeps ceil(ratio * T) anchors (the first token among them), per layer
+  auto cap_of = [&](double ratio) {
+    return ratio > 0 ? static_cast<int>(std::min<double>(capacity, std::ceil(ratio * capacity) + 1)) : 0;
+  };
+  anchor_cap_ = 0;
+  for (const double ratio : ratios) anchor_cap_ = std::max(anchor_cap_, cap_of(ratio));
+  promote_ = promote && anchor_cap_ > 0;
   const size_t BK = static_cast<size_t>(max_batch) * n_kv_;
   layers_.clear();
   device_bytes_ = 0;
@@ -758,14 +789,18 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
     L->k_count = cuda::vq_centroid_count(L->config);
     L->rec = cuda::vq_record_bytes(d_, L->config);
     L->lut_half = lut_half_of(L->config);
+    L->ratio = ratios[l];
+    L->acap = cap_of(L->ratio);
+    L->promote = promote_ && L->acap > 0;
+    const int acap = L->acap;
     const size_t cent = static_cast<size_t>(n_kv_) * L->k_count * d_;  // [KV, NG, K, c]
     L->k_codes.resize(BK * capacity * L->rec);
     L->v_codes.resize(BK * capacity * L->rec);
     L->k_cent.resize(cent);
     L->v_cent.resize(cent);
-    L->anchor_k.resize(BK * anchor_cap_ * d_);
-    L->anchor_v.resize(BK * anchor_cap_ * d_);
-    L->anchor_pos.resize(BK * anchor_cap_);
+    L->anchor_k.resize(BK * acap * d_);
+    L->anchor_v.resize(BK * acap * d_);
+    L->anchor_pos.resize(BK * acap);
     L->window_k.resize(BK * window * d_);
     L->window_v.resize(BK * window * d_);
     if (pre_) {
@@ -784,24 +819,28 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
       L->v_metric.resize(L->k_metric.size());
       L->k_search.resize(cent), L->v_search.resize(cent);
     }
-    if (promote_) {
-      L->anchor_score.resize(BK * anchor_cap_);
+    if (L->promote) {
+      L->anchor_score.resize(BK * acap);
       L->window_score.resize(BK * window);
       L->score_coef.resize(static_cast<size_t>(2) * n_kv_);
-      if (pre_) L->anchor_kpre.resize(BK * anchor_cap_ * d_);
+      // the anchors' rows a displaced anchor is coded from: pre-RoPE keys, or the exact copy of the tensor
+      // anchors=k|v codes (its anchor slot holds the dequantized row)
+      if (pre_ || anchor_quant_side_ == 0) L->anchor_kpre.resize(BK * acap * d_);
+      if (anchor_quant_side_ == 1) L->anchor_vsrc.resize(BK * acap * d_);
     }
     device_bytes_ += L->k_codes.bytes() + L->v_codes.bytes() + L->k_cent.bytes() + L->v_cent.bytes() +
                      L->anchor_k.bytes() + L->anchor_v.bytes() + L->anchor_pos.bytes() + L->window_k.bytes() +
                      L->window_v.bytes() + L->code_pos.bytes() + L->window_kpre.bytes() + L->anchor_score.bytes() +
-                     L->window_score.bytes() + L->anchor_kpre.bytes() + L->score_coef.bytes() + L->k_scale.bytes() +
+                     L->window_score.bytes() + L->anchor_kpre.bytes() + L->anchor_vsrc.bytes() + L->score_coef.bytes() + L->k_scale.bytes() +
                      L->v_scale.bytes() + L->k_rot_t.bytes() + L->v_rot_t.bytes() + L->v_rot.bytes() + L->k_mean.bytes() +
                      L->v_mean.bytes() + L->k_metric.bytes() + L->v_metric.bytes() + L->k_search.bytes() +
                      L->v_search.bytes();
     layers_.push_back(std::move(L));
   }
-  seqs_.assign(max_batch, CompressedSeqState{});
-  step_d_.resize(static_cast<size_t>(8) * max_batch);
-  step_h_.ensure(static_cast<size_t>(8) * max_batch);
+  seqs_.assign(static_cast<size_t>(n_layers_), std::vector<CompressedSeqState>(max_batch));
+  pending_anchors_.assign(static_cast<size_t>(n_layers_), -1);
+  step_d_.resize(static_cast<size_t>(8) * n_layers_ * max_batch);
+  step_h_.ensure(static_cast<size_t>(8) * n_layers_ * max_batch);
   stage_k_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
   stage_v_.resize(static_cast<size_t>(max_batch) * n_kv_ * d_);
   // the largest workspace any decode plan of up to max_batch sequences may need
@@ -825,8 +864,9 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   if (promote_) {
     lse_.resize(static_cast<size_t>(max_batch) * n_heads_);
     logits_.resize(static_cast<size_t>(max_batch) * n_heads_ * (anchor_cap_ + window_));
+    if (anchor_quant_side_ >= 0) promo_slot_.resize(BK);
   }
-  device_bytes_ += step_d_.bytes() + stage_k_.bytes() + stage_v_.bytes() + workspace_.bytes() + lse_.bytes() +
+  device_bytes_ += step_d_.bytes() + stage_k_.bytes() + stage_v_.bytes() + workspace_.bytes() + lse_.bytes() + promo_slot_.bytes() +
                    logits_.bytes() + q_rot_.bytes() + q_mean_.bytes() + step_enc_.bytes() + step_norm_.bytes();
 }
 
@@ -867,18 +907,21 @@ void GpuCompressedKvCache::upload_transforms(int l, const CodebookSet& cb, const
 
 size_t GpuCompressedKvCache::bytes_per_sequence() const {
   size_t recs = 0;  // record bytes summed over the layers (per-layer widths)
-  for (const auto& L : layers_) recs += static_cast<size_t>(L->rec);
-  const size_t per_layer = static_cast<size_t>(n_kv_) *
-                           (2 * static_cast<size_t>(anchor_cap_) * d_ * 2 +
-                            static_cast<size_t>(anchor_cap_) * 4 + 2 * static_cast<size_t>(window_) * d_ * 2 +
-                            (pre_ ? static_cast<size_t>(capacity_) * 4 + static_cast<size_t>(window_) * d_ * 2 : 0) +
-                            (promote_ ? static_cast<size_t>(anchor_cap_ + window_) * 4 +
-                                            (pre_ ? static_cast<size_t>(anchor_cap_) * d_ * 2 : 0)
-                                      : 0) +
-                            (static_cast<size_t>(gain_k_) + gain_v_) * capacity_ * 2);  // gain: fp16 scale per code slot
+  size_t per_layers = 0;  // anchors, window and their extras, summed over the layers (per-layer ratios)
+  for (const auto& L : layers_) {
+    recs += static_cast<size_t>(L->rec);
+    const size_t acap = static_cast<size_t>(L->acap);
+    per_layers += static_cast<size_t>(n_kv_) *
+                  (2 * acap * d_ * 2 + acap * 4 + 2 * static_cast<size_t>(window_) * d_ * 2 +
+                   (pre_ ? static_cast<size_t>(capacity_) * 4 + static_cast<size_t>(window_) * d_ * 2 : 0) +
+                   (L->promote ? (acap + window_) * 4 + (pre_ ? acap * d_ * 2 : 0) +
+                                     (anchor_quant_side_ >= 0 ? acap * d_ * 2 : 0)
+                               : 0) +
+                   (static_cast<size_t>(gain_k_) + gain_v_) * capacity_ * 2);  // gain: fp16 scale per code slot
+  }
   // promote: this step's log-sum-exp and FP16 scores (one buffer for all layers)
   const size_t scratch = promote_ ? static_cast<size_t>(n_heads_) * (anchor_cap_ + window_ + 1) * 4 : 0;
-  return per_layer * n_layers_ + static_cast<size_t>(n_kv_) * 2 * capacity_ * recs + scratch;
+  return per_layers + static_cast<size_t>(n_kv_) * 2 * capacity_ * recs + scratch;
 }
 
 size_t GpuCompressedKvCache::code_bytes_per_token() const {
@@ -887,17 +930,24 @@ size_t GpuCompressedKvCache::code_bytes_per_token() const {
   return static_cast<size_t>(n_kv_) * (2 * recs + static_cast<size_t>(n_layers_) * 2 * (static_cast<size_t>(gain_k_) + gain_v_));
 }
 
-void GpuCompressedKvCache::reset() { std::fill(seqs_.begin(), seqs_.end(), CompressedSeqState{}); }
+int GpuCompressedKvCache::anchor_capacity(int layer) const {
+  ANTKV_CHECK(layer >= 0 && layer < n_layers_, "anchor_capacity: layer {} out of range", layer);
+  return layers_[layer]->acap;
+}
+
+void GpuCompressedKvCache::reset() {
+  for (auto& layer : seqs_) std::fill(layer.begin(), layer.end(), CompressedSeqState{});
+}
 
 void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float* k, int64_t k_stride, const float* v,
                                          int64_t v_stride, const float* k_pre, int64_t k_pre_stride,
                                          const uint8_t* anchor_flags, const float* anchor_scores, cudaStream_t stream) {
   ANTKV_CHECK(layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_, "compressed cache: layer {} / sequence {} out of range",
               layer, seq);
-  ANTKV_CHECK(seqs_[seq].length() == 0,
+  ANTKV_CHECK(seqs_[layer][seq].length() == 0,
               "compressed cache {}: a prefill into sequence {} that already holds {} tokens (chunked prefill over the "
               "compressed cache is not implemented: prefill in one chunk, then decode)",
-              name_, seq, seqs_[seq].length());
+              name_, seq, seqs_[layer][seq].length());
   ANTKV_CHECK(T >= 1 && T <= capacity_, "compressed cache {}: prefill of {} tokens, capacity {}", name_, T, capacity_);
   ANTKV_CHECK(k && v && (k_pre || !pre_), "compressed cache: null K/V");
   k_pre = pair_ordered(k_pre, k_pre_stride, T, prefill_pairs_, stream);  // commute: the code stream's keys in RoPE pair order
@@ -917,12 +967,9 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
                 "keep the same number)", name_, layer, h, a, A);
     A = a;
   }
-  ANTKV_CHECK(A <= anchor_cap_, "compressed cache {}: {} anchors per head exceed the anchor capacity {}", name_, A,
-              anchor_cap_);
-  if (layer > 0)
-    ANTKV_CHECK(A == pending_anchors_, "compressed cache {}: layer {} keeps {} anchors per head, layer 0 kept {}", name_,
-                layer, A, pending_anchors_);
-  pending_anchors_ = A;
+  ANTKV_CHECK(A <= layers_[layer]->acap, "compressed cache {}: layer {} keeps {} anchors per head, its anchor capacity is {}",
+              name_, layer, A, layers_[layer]->acap);
+  pending_anchors_[layer] = A;  // each layer its own (lratio)
   anchors.reserve(static_cast<size_t>(KV) * A);
   for (int h = 0; h < KV; ++h)
     for (int t = 0; t < T; ++t)
@@ -963,38 +1010,42 @@ void GpuCompressedKvCache::write_prefill(int layer, int seq, int T, const float*
                 prefill_norm_.get(), stream);
   if (A > 0) {
     AnchorGatherArgs g;
-    if (promote_) {  // running scores start from the prefill's (0 when the caller has none)
+    if (L.promote) {  // running scores start from the prefill's (0 when the caller has none)
       ANTKV_CHECK(anchor_scores, "compressed cache {}: decode-time anchors need the prefill's anchor scores", name_);
       prefill_score_.ensure(static_cast<size_t>(T) * KV);
       ANTKV_CUDA_CHECK(cudaMemcpyAsync(prefill_score_.get(), anchor_scores, static_cast<size_t>(T) * KV * sizeof(float),
                                        cudaMemcpyHostToDevice, stream));
       g.score = prefill_score_.get(), g.ascore = L.anchor_score.get();
       if (pre_) g.skpre = prefill_kpre_.get(), g.akpre = L.anchor_kpre.get();
+      if (anchor_quant_side_ == 0) g.skpre = prefill_k_.get(), g.akpre = L.anchor_kpre.get();  // exact keys
+      if (anchor_quant_side_ == 1) g.avsrc = L.anchor_vsrc.get();                               // exact values
     }
     g.sk = prefill_k_.get(), g.sv = prefill_v_.get();
     g.idx = prefill_ints_.get() + slots.size() + T;
     g.ak = L.anchor_k.get(), g.av = L.anchor_v.get(), g.pos = L.anchor_pos.get();
-    g.seq = seq, g.A = A, g.KV = KV, g.d = d_, g.cap = anchor_cap_;
+    g.seq = seq, g.A = A, g.KV = KV, g.d = d_, g.cap = L.acap;
     anchor_gather_kernel<<<blocks_for(static_cast<int64_t>(KV) * A * d_), kThreads, 0, stream>>>(g);
     ANTKV_LAUNCH_CHECK("anchor_gather_kernel");
-    if (anchor_quant_side_ >= 0) {  // anchors=k|v: the other tensor's anchors quantized, kept dequantized
-      const int side = anchor_quant_side_;
-      AnchorRequantArgs r;
-      EncodeArgs& e = r.enc;
-      if (rotate_) e.rot_t = side ? L.v_rot_t.get() : L.k_rot_t.get(), e.mean = side ? L.v_mean.get() : L.k_mean.get();
-      if (task_) e.metric = side ? L.v_metric.get() : L.k_metric.get();
-      e.KV = KV, e.d = d_, e.c = cuda::vq_kernel_config_info(L.config).c;
-      e.gain = side ? gain_v_ : gain_k_;
-      r.slots = side ? L.anchor_v.get() : L.anchor_k.get();
-      r.centroids = side ? L.v_cent.get() : L.k_cent.get();
-      r.search = task_ ? (side ? L.v_search.get() : L.k_search.get()) : nullptr;
-      r.seq = seq, r.cap = anchor_cap_, r.K = L.k_count;
-      anchor_requantize_kernel<<<dim3(A, KV), d_, 0, stream>>>(r);
-      ANTKV_LAUNCH_CHECK("anchor_requantize_kernel");
-    }
+    if (anchor_quant_side_ >= 0) requantize_anchors(L, A, seq, nullptr, stream);  // anchors=k|v: the other tensor's
   }
   // prefill_h_ and the device ints are reused by the next layer
   ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+void GpuCompressedKvCache::requantize_anchors(Layer& L, int blocks, int seq, const int32_t* slot_of, cudaStream_t stream) {
+  const int side = anchor_quant_side_;
+  AnchorRequantArgs r;
+  EncodeArgs& e = r.enc;
+  if (rotate_) e.rot_t = side ? L.v_rot_t.get() : L.k_rot_t.get(), e.mean = side ? L.v_mean.get() : L.k_mean.get();
+  if (task_) e.metric = side ? L.v_metric.get() : L.k_metric.get();
+  e.KV = n_kv_, e.d = d_, e.c = cuda::vq_kernel_config_info(L.config).c;
+  e.gain = side ? gain_v_ : gain_k_;
+  r.slots = side ? L.anchor_v.get() : L.anchor_k.get();
+  r.centroids = side ? L.v_cent.get() : L.k_cent.get();
+  r.search = task_ ? (side ? L.v_search.get() : L.k_search.get()) : nullptr;
+  r.seq = seq, r.cap = L.acap, r.K = L.k_count, r.slot_of = slot_of;
+  anchor_requantize_kernel<<<dim3(blocks, n_kv_), d_, 0, stream>>>(r);
+  ANTKV_LAUNCH_CHECK("anchor_requantize_kernel");
 }
 
 void GpuCompressedKvCache::quantize_pair(Layer& L, int n_tokens, const __half* k, const __half* v,
@@ -1040,73 +1091,83 @@ void GpuCompressedKvCache::quantize_pair(Layer& L, int n_tokens, const __half* k
 }
 
 void GpuCompressedKvCache::commit_prefill(int seq, int T) {
-  ANTKV_CHECK(seq >= 0 && seq < max_batch_ && pending_anchors_ >= 0 && pending_anchors_ <= T,
-              "compressed cache: commit_prefill without write_prefill");
-  CompressedSeqState& s = seqs_[seq];
-  s = CompressedSeqState{};
-  s.n_anchor = pending_anchors_;
-  s.n_quant = T - pending_anchors_;
-  pending_anchors_ = -1;
+  ANTKV_CHECK(seq >= 0 && seq < max_batch_, "compressed cache: commit_prefill of sequence {} out of range", seq);
+  for (int l = 0; l < n_layers_; ++l) {
+    const int A = pending_anchors_[l];
+    ANTKV_CHECK(A >= 0 && A <= T, "compressed cache: commit_prefill without write_prefill of layer {}", l);
+    CompressedSeqState& s = seqs_[l][seq];
+    s = CompressedSeqState{};
+    s.n_anchor = A;
+    s.n_quant = T - A;
+  }
+  std::fill(pending_anchors_.begin(), pending_anchors_.end(), -1);
 }
 
 void GpuCompressedKvCache::plan_step(int B, cudaStream_t stream) {
   ANTKV_CHECK(B >= 1 && B <= max_batch_, "compressed cache: batch {} outside [1, {}]", B, max_batch_);
   int32_t* h = step_h_.get();
   for (int b = 0; b < B; ++b) {
-    CompressedSeqState& s = seqs_[b];
-    ANTKV_CHECK(s.length() + 1 <= capacity_, "compressed cache {}: sequence {} holds {} tokens, capacity {}", name_, b,
-                s.length(), capacity_);
-    int evict = -1, code = -1, slot = 0;
-    const int len = s.length();  // the new token's position
-    int evict_pos = -1;
-    // a token leaving the window becomes an anchor while the budget ceil(ratio * length) has room (promote;
-    // the kernel decides the swaps, which keep the counts), else it takes a code slot
-    const bool grow = promote_ && s.n_anchor < std::min<int64_t>(anchor_cap_, static_cast<int64_t>(std::ceil(ratio_ * (len + 1))));
-    if (window_ == 0) {
-      code = grow ? -1 : s.n_quant++;
-      if (grow) ++s.n_anchor;
-      evict_pos = len;
-    } else {
-      slot = static_cast<int>(s.n_entered % window_);
-      if (s.n_window == window_) {
-        evict = slot;  // the oldest window token sits where the new one goes
+    ANTKV_CHECK(seqs_[0][b].length() + 1 <= capacity_, "compressed cache {}: sequence {} holds {} tokens, capacity {}",
+                name_, b, seqs_[0][b].length(), capacity_);
+    for (int l = 0; l < n_layers_; ++l) {  // the window moves alike in every layer; anchors and codes per layer
+      const Layer& L = *layers_[l];
+      CompressedSeqState& s = seqs_[l][b];
+      int evict = -1, code = -1, slot = 0;
+      const int len = s.length();  // the new token's position
+      int evict_pos = -1;
+      // a token leaving the window becomes an anchor while the layer's budget ceil(ratio * length) has room
+      // (promote; the kernel decides the swaps, which keep the counts), else it takes a code slot
+      const bool grow =
+          L.promote && s.n_anchor < std::min<int64_t>(L.acap, static_cast<int64_t>(std::ceil(L.ratio * (len + 1))));
+      if (window_ == 0) {
         code = grow ? -1 : s.n_quant++;
         if (grow) ++s.n_anchor;
-        evict_pos = len - window_;
+        evict_pos = len;
       } else {
-        ++s.n_window;
+        slot = static_cast<int>(s.n_entered % window_);
+        if (s.n_window == window_) {
+          evict = slot;  // the oldest window token sits where the new one goes
+          code = grow ? -1 : s.n_quant++;
+          if (grow) ++s.n_anchor;
+          evict_pos = len - window_;
+        } else {
+          ++s.n_window;
+        }
+        ++s.n_entered;
       }
-      ++s.n_entered;
+      int32_t* f = h + static_cast<size_t>(l) * 8 * max_batch_;
+      f[b] = evict;
+      f[max_batch_ + b] = slot;
+      f[2 * max_batch_ + b] = code;
+      f[3 * max_batch_ + b] = s.n_quant;
+      f[4 * max_batch_ + b] = s.n_anchor;
+      f[5 * max_batch_ + b] = s.n_window;
+      f[6 * max_batch_ + b] = b;
+      f[7 * max_batch_ + b] = evict_pos;
     }
-    h[b] = evict;
-    h[max_batch_ + b] = slot;
-    h[2 * max_batch_ + b] = code;
-    h[3 * max_batch_ + b] = s.n_quant;
-    h[4 * max_batch_ + b] = s.n_anchor;
-    h[5 * max_batch_ + b] = s.n_window;
-    h[6 * max_batch_ + b] = b;
-    h[7 * max_batch_ + b] = evict_pos;
   }
   step_B_ = B;
-  ANTKV_CUDA_CHECK(cudaMemcpyAsync(step_d_.get(), h, static_cast<size_t>(8) * max_batch_ * sizeof(int32_t),
+  ANTKV_CUDA_CHECK(cudaMemcpyAsync(step_d_.get(), h, static_cast<size_t>(8) * n_layers_ * max_batch_ * sizeof(int32_t),
                                    cudaMemcpyHostToDevice, stream));
 }
 
 void GpuCompressedKvCache::upload_counts(int B, cudaStream_t stream) {
   ANTKV_CHECK(B >= 1 && B <= max_batch_, "compressed cache: batch {} outside [1, {}]", B, max_batch_);
   int32_t* h = step_h_.get();
-  for (int b = 0; b < B; ++b) {
-    const CompressedSeqState& s = seqs_[b];
-    h[b] = -1;
-    h[max_batch_ + b] = 0;
-    h[2 * max_batch_ + b] = -1;
-    h[3 * max_batch_ + b] = s.n_quant;
-    h[4 * max_batch_ + b] = s.n_anchor;
-    h[5 * max_batch_ + b] = s.n_window;
-    h[6 * max_batch_ + b] = b;
-    h[7 * max_batch_ + b] = -1;
-  }
-  ANTKV_CUDA_CHECK(cudaMemcpyAsync(step_d_.get(), h, static_cast<size_t>(8) * max_batch_ * sizeof(int32_t),
+  for (int l = 0; l < n_layers_; ++l)
+    for (int b = 0; b < B; ++b) {
+      const CompressedSeqState& s = seqs_[l][b];
+      int32_t* f = h + static_cast<size_t>(l) * 8 * max_batch_;
+      f[b] = -1;
+      f[max_batch_ + b] = 0;
+      f[2 * max_batch_ + b] = -1;
+      f[3 * max_batch_ + b] = s.n_quant;
+      f[4 * max_batch_ + b] = s.n_anchor;
+      f[5 * max_batch_ + b] = s.n_window;
+      f[6 * max_batch_ + b] = b;
+      f[7 * max_batch_ + b] = -1;
+    }
+  ANTKV_CUDA_CHECK(cudaMemcpyAsync(step_d_.get(), h, static_cast<size_t>(8) * n_layers_ * max_batch_ * sizeof(int32_t),
                                    cudaMemcpyHostToDevice, stream));
   ANTKV_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
@@ -1118,7 +1179,8 @@ cuda::QuantDecodePlan GpuCompressedKvCache::plan(int B, int n_heads) const {
 
 int GpuCompressedKvCache::max_quant(int B) const {
   int m = 0;
-  for (int b = 0; b < B && b < max_batch_; ++b) m = std::max(m, seqs_[b].n_quant);
+  for (const auto& layer : seqs_)  // the longest code stream of any layer (per-layer ratios)
+    for (int b = 0; b < B && b < max_batch_; ++b) m = std::max(m, layer[b].n_quant);
   return m;
 }
 
@@ -1131,8 +1193,8 @@ void GpuCompressedKvCache::append(int layer, int B, const float* k, const float*
   k_pre = pair_ordered(k_pre, pre_stride, B, pair_rows_, stream);    // commute: kept and coded in RoPE pair order
   WindowAppendArgs a;
   a.k = k, a.v = v, a.stride = stride;
-  a.evict_slot = step_d_.get();
-  a.new_slot = step_d_.get() + max_batch_;
+  a.evict_slot = step_field(layer, 0);
+  a.new_slot = step_field(layer, 1);
   a.wk = L.window_k.get(), a.wv = L.window_v.get();
   a.sk = stage_k_.get(), a.sv = stage_v_.get();
   a.KV = n_kv_, a.d = d_, a.W = window_;
@@ -1142,20 +1204,25 @@ void GpuCompressedKvCache::append(int layer, int B, const float* k, const float*
   }
   if (pre_ || promote_) {  // code positions (pre), the code slot that says whether the budget grew (promote)
     a.code_pos = L.code_pos.get();
-    a.code_slot = step_d_.get() + 2 * max_batch_;
-    a.evict_pos = step_d_.get() + 7 * max_batch_;
+    a.code_slot = step_field(layer, 2);
+    a.evict_pos = step_field(layer, 7);
     a.cap = capacity_;
   }
-  if (promote_) {
+  if (L.promote) {
     a.ascore = L.anchor_score.get(), a.wscore = L.window_score.get();
-    a.ak = L.anchor_k.get(), a.av = L.anchor_v.get(), a.akpre = L.anchor_kpre.get(), a.apos = L.anchor_pos.get();
-    a.n_anchor = step_d_.get() + 4 * max_batch_;
-    a.acap = anchor_cap_;
+    a.ak = L.anchor_k.get(), a.av = L.anchor_v.get(), a.apos = L.anchor_pos.get();
+    a.akpre = L.anchor_kpre.size() ? L.anchor_kpre.get() : nullptr;
+    a.avsrc = L.anchor_vsrc.size() ? L.anchor_vsrc.get() : nullptr;
+    a.promo_slot = anchor_quant_side_ >= 0 ? promo_slot_.get() : nullptr;
+    a.n_anchor = step_field(layer, 4);
+    a.acap = L.acap;
   }
   window_append_kernel<<<dim3(B, n_kv_), 128, 0, stream>>>(a);
   ANTKV_LAUNCH_CHECK("window_append_kernel");
-  quantize_pair(L, B, stage_k_.get(), stage_v_.get(), step_d_.get() + 6 * max_batch_,
-                step_d_.get() + 2 * max_batch_,  // code slots: -1 where nothing leaves the window this step
+  // anchors=k|v: a promoted token's other tensor coded and kept dequantized in its anchor slot (as at the prefill)
+  if (a.promo_slot) requantize_anchors(L, B, 0, a.promo_slot, stream);
+  quantize_pair(L, B, stage_k_.get(), stage_v_.get(), step_field(layer, 6),
+                step_field(layer, 2),  // code slots: -1 where nothing leaves the window this step
                 nullptr, step_enc_.get(), step_norm_.get(), stream);
 }
 
@@ -1172,16 +1239,16 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   p.q = q;
   p.k_codes = L.k_codes.get(), p.v_codes = L.v_codes.get();
   p.k_centroids = L.k_cent.get(), p.v_centroids = L.v_cent.get();
-  p.anchor_k = anchor_cap_ ? L.anchor_k.get() : nullptr;
-  p.anchor_v = anchor_cap_ ? L.anchor_v.get() : nullptr;
-  p.anchor_pos = anchor_cap_ ? L.anchor_pos.get() : nullptr;
+  p.anchor_k = L.acap ? L.anchor_k.get() : nullptr;
+  p.anchor_v = L.acap ? L.anchor_v.get() : nullptr;
+  p.anchor_pos = L.acap ? L.anchor_pos.get() : nullptr;
   p.window_k = window_ ? L.window_k.get() : nullptr;
   p.window_v = window_ ? L.window_v.get() : nullptr;
-  p.n_quant = step_d_.get() + 3 * max_batch_;
-  p.n_anchor = step_d_.get() + 4 * max_batch_;
-  p.n_window = step_d_.get() + 5 * max_batch_;
+  p.n_quant = step_field(layer, 3);
+  p.n_anchor = step_field(layer, 4);
+  p.n_window = step_field(layer, 5);
   p.quant_capacity = capacity_;
-  p.anchor_capacity = anchor_cap_;
+  p.anchor_capacity = L.acap;
   p.window_capacity = window_;
   p.out = out;
   p.workspace = workspace_.get();
@@ -1195,8 +1262,8 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
     p.code_pos = L.code_pos.get();
     p.inv_freq = inv_freq_.get();
   }
-  p.lse = promote_ ? lse_.get() : nullptr;
-  p.fp16_logits = promote_ ? logits_.get() : nullptr;
+  p.lse = L.promote ? lse_.get() : nullptr;
+  p.fp16_logits = L.promote ? logits_.get() : nullptr;
   if (rotate_) {  // the query once per step and head: R_k q and q . k_mean
     QueryRotateArgs qa;
     qa.q = q, qa.rot_t = L.k_rot_t.get(), qa.mean = L.k_mean.get();
@@ -1212,7 +1279,7 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   if (gain_v_) p.v_scale = L.v_scale.get();
   if (commute_) cuda::commute_decode(p, stream);
   else cuda::quant_decode(p, stream);
-  if (!promote_) return;
+  if (!L.promote) return;
   RunningScoreArgs r;
   r.q = q, r.o = out, r.lse = lse_.get(), r.logits = logits_.get();
   r.av = L.anchor_v.get();
@@ -1220,12 +1287,12 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   r.ascore = L.anchor_score.get(), r.wscore = L.window_score.get();
   r.n_anchor = p.n_anchor, r.n_window = p.n_window;
   r.coef = L.score_coef.get();
-  r.KV = n_kv_, r.H = n_heads, r.d = d_, r.acap = anchor_cap_, r.W = window_;
+  r.KV = n_kv_, r.H = n_heads, r.d = d_, r.acap = L.acap, r.W = window_;
   r.scale = 1.0f / std::sqrt(static_cast<float>(d_));  // the anchor score's 1/sqrt(d), whatever attention's scale
   const int G = n_heads / n_kv_;
   const size_t smem = (static_cast<size_t>(G) * (d_ / 16) * 20 + 3 * G + static_cast<size_t>(G) * kScoreTokensPerBlock) *
                       sizeof(float);  // running_score_kernel's o [G][OS] | |q| | lse | |o|^2 | logits
-  const int chunks = (anchor_cap_ + window_ + kScoreTokensPerBlock - 1) / kScoreTokensPerBlock;
+  const int chunks = (L.acap + window_ + kScoreTokensPerBlock - 1) / kScoreTokensPerBlock;
   const dim3 grid(B, n_kv_, chunks);
   auto go = [&](auto d_tag) {  // head_dim 64 or 128: quant_decode's closed set (check_vq_shape in the constructors)
     constexpr int D = decltype(d_tag)::value;
@@ -1251,8 +1318,8 @@ void GpuCompressedKvCache::fill_random(uint64_t seed, cudaStream_t stream) {
     cuda::fill_random_f16(L->anchor_v.get(), static_cast<int64_t>(L->anchor_v.size()), s++, 1.0f, stream);
     cuda::fill_random_f16(L->window_k.get(), static_cast<int64_t>(L->window_k.size()), s++, 1.0f, stream);
     cuda::fill_random_f16(L->window_v.get(), static_cast<int64_t>(L->window_v.size()), s++, 1.0f, stream);
-    if (L->anchor_kpre.size())
-      cuda::fill_random_f16(L->anchor_kpre.get(), static_cast<int64_t>(L->anchor_kpre.size()), s++, 1.0f, stream);
+    for (auto* b : {&L->anchor_kpre, &L->anchor_vsrc})
+      if (b->size()) cuda::fill_random_f16(b->get(), static_cast<int64_t>(b->size()), s++, 1.0f, stream);
     for (auto* b : {&L->k_scale, &L->v_scale})  // gain: positive scales, as real ones are
       if (b->size()) {
         synthetic_scale_kernel<<<blocks_for(static_cast<int64_t>(b->size())), kThreads, 0, stream>>>(
@@ -1286,13 +1353,16 @@ std::vector<T> download_anchor_slots(const T* src, int seq, int KV, int cap, int
 std::vector<int32_t> GpuCompressedKvCache::anchor_positions(int layer, int seq) const {
   ANTKV_CHECK(layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_, "anchor_positions: layer {} / sequence {} out "
               "of range", layer, seq);
-  return download_anchor_slots(layers_[layer]->anchor_pos.get(), seq, n_kv_, anchor_cap_, seqs_[seq].n_anchor);
+  return download_anchor_slots(layers_[layer]->anchor_pos.get(), seq, n_kv_, layers_[layer]->acap,
+                               seqs_[layer][seq].n_anchor);
 }
 
 std::vector<float> GpuCompressedKvCache::anchor_running_scores(int layer, int seq) const {
-  ANTKV_CHECK(promote_ && layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_,
-              "anchor_running_scores: no decode-time anchors, or layer {} / sequence {} out of range", layer, seq);
-  return download_anchor_slots(layers_[layer]->anchor_score.get(), seq, n_kv_, anchor_cap_, seqs_[seq].n_anchor);
+  ANTKV_CHECK(layer >= 0 && layer < n_layers_ && seq >= 0 && seq < max_batch_ && layers_[layer]->promote,
+              "anchor_running_scores: no decode-time anchors in layer {}, or layer {} / sequence {} out of range", layer,
+              layer, seq);
+  return download_anchor_slots(layers_[layer]->anchor_score.get(), seq, n_kv_, layers_[layer]->acap,
+                               seqs_[layer][seq].n_anchor);
 }
 
 void GpuCompressedKvCache::poison() {
@@ -1301,7 +1371,8 @@ void GpuCompressedKvCache::poison() {
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));
     for (auto* b : {&L->code_pos, &L->anchor_pos})
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // -1
-    for (auto* b : {&L->anchor_k, &L->anchor_v, &L->window_k, &L->window_v, &L->window_kpre, &L->anchor_kpre})
+    for (auto* b : {&L->anchor_k, &L->anchor_v, &L->window_k, &L->window_v, &L->window_kpre, &L->anchor_kpre,
+                   &L->anchor_vsrc})
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // 0xFFFF: fp16 NaN
     for (auto* b : {&L->anchor_score, &L->window_score})
       if (b->size()) ANTKV_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->bytes()));  // fp32 NaN
@@ -1319,12 +1390,15 @@ void GpuCompressedKvCache::set_synthetic_lengths(const std::vector<int>& lens) {
   for (size_t b = 0; b < lens.size(); ++b) {
     ANTKV_CHECK(lens[b] >= 0 && lens[b] <= capacity_, "set_synthetic_lengths: length {} outside [0, capacity {}]",
                 lens[b], capacity_);
-    CompressedSeqState st;
-    st.n_anchor = std::min(anchor_cap_, static_cast<int>(std::ceil(ratio_ * lens[b])));
-    st.n_window = std::min(window_, lens[b] - st.n_anchor);
-    st.n_quant = lens[b] - st.n_anchor - st.n_window;
-    st.n_entered = st.n_window;
-    seqs_[b] = st;
+    for (int l = 0; l < n_layers_; ++l) {
+      const Layer& L = *layers_[l];
+      CompressedSeqState st;
+      st.n_anchor = std::min(L.acap, static_cast<int>(std::ceil(L.ratio * lens[b])));
+      st.n_window = std::min(window_, lens[b] - st.n_anchor);
+      st.n_quant = lens[b] - st.n_anchor - st.n_window;
+      st.n_entered = st.n_window;
+      seqs_[l][b] = st;
+    }
   }
 }
 

@@ -34,17 +34,23 @@
 //    as they are: score = ks * sum_g LUT[g][code] (+ q . k_mean), value bins weigh p * vs;
 //  - metric=task: the nearest L^T c to L^T x' is taken; decode reads the original-space centroids (unchanged).
 // Per-layer widths (lkbits/lvbits): each layer its own configuration (codes, codebooks, lookup tables).
-// anchors=k|v (promote=off, post-RoPE keys): the other tensor's anchor tokens are coded as any token at the
-// prefill (anchor_requantize_kernel) and kept dequantized (fp16) in their anchor slots, which decode reads as
-// any anchor: the quality of the method; the bytes of anchors=kv (the anchors are ~ratio of the tokens).
+// anchors=k|v (post-RoPE keys): the other tensor's anchor tokens are coded as any token at the prefill and at a
+// decode-time promotion (anchor_requantize_kernel) and kept dequantized (fp16) in their anchor slots, which decode
+// reads as any anchor: the quality of the method; the bytes of anchors=kv (the anchors are ~ratio of the tokens).
+// With decode-time anchors an anchor also keeps an exact fp16 copy of that tensor (anchor_kpre / anchor_vsrc), so
+// that a displaced anchor is coded from its exact rows as the CPU reference codes it (QuantizedKvCache::
+// decide_leaving re-quantizes from the exact copies): one more FP16 row per anchor.
 // What it runs is declared in quant/method_support.cpp (require_support in the constructor). Refused there: keys
 // and values of different configurations (in any layer) or one outside quant_decode's closed set (c2b8, c4b8, c8b8,
-// c16b12, c16b8, c16b6), anchors=k|v with promote=on or pre-RoPE keys, correct=on, per-layer ratios (lratio), gain=
+// c16b12, c16b8, c16b6), anchors=k|v with pre-RoPE keys, correct=on, gain=
 // or rotate=pca with pre-RoPE (or commute) keys or with c2b8 / c4b8 (the dequantize-dot kernel has no scales or
 // rotated bases), commute at c16b12 or with metric=task; the codebooks are checked by check_codebooks_fit
 // (quant/codebook_fit.h), as in the CPU cache and the simulated quantizer.
-// Counts (per sequence, the same for every layer and KV head): n_anchor anchors, n_window window tokens,
-// n_quant quantized tokens; their sum is the sequence length.
+// Counts (per sequence and layer, the same for every KV head): n_anchor anchors, n_window window tokens, n_quant
+// quantized tokens; their sum is the sequence length. Per-layer ratios (lratio): each layer its own anchor ratio,
+// so its own anchor capacity (ceil(ratio * capacity) + 1 slots), prefill anchors and decode-time budget
+// ceil(ratio * length), as QuantizedKvCache::ratio_of; n_window is the same in every layer, n_anchor and n_quant
+// are the layer's. A layer of ratio 0 keeps no anchors (and runs no decode-time anchors).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -100,7 +106,8 @@ class GpuCompressedKvCache {
   bool promotes() const { return promote_; }
   int max_batch() const { return max_batch_; }
   int capacity() const { return capacity_; }          // tokens per sequence
-  int anchor_capacity() const { return anchor_cap_; }
+  int anchor_capacity() const { return anchor_cap_; }  // the largest of any layer's
+  int anchor_capacity(int layer) const;                 // layer's own (lratio: each layer its own ratio)
   int window() const { return window_; }
   // Device bytes held (all layers, all sequences; codebooks and workspace included).
   size_t device_bytes() const { return device_bytes_; }
@@ -111,8 +118,10 @@ class GpuCompressedKvCache {
   size_t code_bytes_per_token() const;
 
   void reset();  // every sequence empty
-  const CompressedSeqState& state(int seq) const { return seqs_.at(seq); }
-  int length(int seq) const { return seqs_.at(seq).length(); }
+  // Sequence seq's counts in layer 0 (the same in every layer without per-layer ratios), and in `layer`.
+  const CompressedSeqState& state(int seq) const { return seqs_.at(0).at(seq); }
+  const CompressedSeqState& state(int seq, int layer) const { return seqs_.at(layer).at(seq); }
+  int length(int seq) const { return seqs_.at(0).at(seq).length(); }
 
   // ---- prefill ----
   // Layer `layer` of the T-token prefill of the empty sequence `seq`: k, v are the chunk's fp32 post-RoPE keys
@@ -162,8 +171,9 @@ class GpuCompressedKvCache {
 
  private:
   struct Layer;
-  void allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, double ratio, bool pre_rope,
-                bool promote);
+  // ratios: each layer's anchor ratio (0: no anchors in that layer)
+  void allocate(const ModelConfig& cfg, int max_batch, int capacity, int window, const std::vector<double>& ratios,
+                bool pre_rope, bool promote);
   // K then V of n_tokens fp16 rows [n_tokens, kv_heads, head_dim] into layer L's code streams (quantize_kv:
   // slot per token, or slot_per_head), through encode_rows_kernel first when the tensor is rotated, gain-coded
   // or searched in a metric (enc: fp32 rows and norms of n_tokens tokens: the decode step's own buffers, which
@@ -173,11 +183,13 @@ class GpuCompressedKvCache {
                      cudaStream_t stream);
   // The rotation, mean and metric tables of layer l from the codebooks (rotate=pca, metric=task).
   void upload_transforms(int l, const CodebookSet& cb, const MethodSpec& m);
+  // anchors=k|v: the other tensor's anchor slots coded and rewritten dequantized, in place: slots 0..blocks-1 of
+  // sequence seq (prefill), or sequence b's slot slot_of[b][h] for b < blocks (a decode step's promotions)
+  void requantize_anchors(Layer& L, int blocks, int seq, const int32_t* slot_of, cudaStream_t stream);
   std::string name_;
   cuda::VqKernelConfig config_ = cuda::VqKernelConfig::kC8B8;
   int n_layers_ = 0, n_kv_ = 0, n_heads_ = 0, d_ = 0, rec_ = 0, ng_ = 0, k_count_ = 0;
   int max_batch_ = 0, capacity_ = 0, anchor_cap_ = 0, window_ = 0;
-  double ratio_ = 0;
   bool lut_half_ = false, pre_ = false, promote_ = false;
   bool gain_k_ = false, gain_v_ = false, rotate_ = false, task_ = false;
   int anchor_quant_side_ = -1;  // anchors=k: 1 (the anchors' values are quantized), anchors=v: 0 (keys); else -1
@@ -194,20 +206,25 @@ class GpuCompressedKvCache {
   size_t device_bytes_ = 0;
   std::vector<std::unique_ptr<Layer>> layers_;
   std::vector<cuda::VqKernelConfig> layer_cfg_;  // each layer's configuration (set before allocate)
-  std::vector<CompressedSeqState> seqs_;
-  // step: evict_slot | new_slot | code_slot | n_quant | n_anchor | n_window | seq_index | evict_pos, [8][max_batch]
+  std::vector<std::vector<CompressedSeqState>> seqs_;  // [layer][sequence] (per-layer ratios: each layer its counts)
+  // step: evict_slot | new_slot | code_slot | n_quant | n_anchor | n_window | seq_index | evict_pos,
+  // [layer][8][max_batch]
   cuda::DeviceBuffer<int32_t> step_d_;
+  int32_t* step_field(int layer, int field) const {
+    return step_d_.get() + (static_cast<size_t>(layer) * 8 + field) * max_batch_;
+  }
   cuda::PinnedBuffer<int32_t> step_h_;
   int step_B_ = 0;
   cuda::DeviceBuffer<__half> stage_k_, stage_v_;  // [max_batch, kv_heads, head_dim]: tokens leaving the window
   cuda::DeviceBuffer<__half> prefill_k_, prefill_v_, prefill_kpre_;  // [T, kv_heads, head_dim]: a prefill's fp16 K/V
-  int pending_anchors_ = -1;                      // anchors per head of the prefill being written
+  std::vector<int> pending_anchors_;              // [layer] anchors per head of the prefill being written, -1: none
   cuda::DeviceBuffer<int32_t> prefill_ints_;      // slot_per_head [T, KV] | seq_index [T] | anchor_idx [KV, A]
   std::vector<int32_t> prefill_h_;
   cuda::DeviceBuffer<float> workspace_;
   cuda::DeviceBuffer<float> lse_;                 // promote: [max_batch, n_heads] this step's log-sum-exp
   cuda::DeviceBuffer<float> logits_;              // promote: [max_batch, n_heads, anchor_cap + window] its FP16 scores
   cuda::DeviceBuffer<float> prefill_score_;       // promote: [T, kv_heads] a prefill's anchor scores
+  cuda::DeviceBuffer<int32_t> promo_slot_;        // promote, anchors=k|v: [max_batch, kv_heads] this step's promotions
   // coded transform: the step's rotated queries and mean dots, [max_batch, n_heads, head_dim] and [max_batch, n_heads]
   cuda::DeviceBuffer<float> q_rot_, q_mean_;
   // encode (rotate, gain, metric): fp32 rows and norms of the decode step's tokens [max_batch, kv_heads, head_dim]

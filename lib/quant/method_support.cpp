@@ -127,7 +127,7 @@ const std::vector<Rule> kSimulatedRules = {
 const std::vector<Rule> kCompressedRules = {
     Rule{two_widths_in_a_layer, false},
     ANTKV_RULE(first_width_not(m, compressed_width).c, "c{}b{} is not one of the compressed cache's configurations (bits 4, 2, 1, 0.75, 0.5, 0.375: c2b8, c4b8, c8b8, c16b12, c16b8, c16b6)", first_width_not(m, compressed_width).c, first_width_not(m, compressed_width).b),
-    ANTKV_RULE(one_anchor_tensor(m) && (m.promotes() || m.pre_rope()), "anchors={} (one tensor only) runs on the compressed cache with promote=off and post-RoPE keys (decode-time anchors and pre-RoPE keys move one code stream for keys and values): add promote=off", option_name(m.anchors)),
+    ANTKV_RULE(one_anchor_tensor(m) && m.pre_rope(), "anchors={} (one tensor only) runs on the compressed cache with post-RoPE keys (its anchor slots hold post-RoPE keys, the code stream pre-RoPE ones); key_rope=post", option_name(m.anchors)),
     ANTKV_RULE(coded(m) && m.pre_rope(), "gain= and rotate=pca with key_rope={} are not implemented in the compressed cache (its pre-RoPE decode has no per-token scale or rotated basis); key_rope=post", option_name(m.key_rope)),
     ANTKV_RULE(m.commute() && first_width_not(m, commute_width).c, "key_rope=commute does not run c{}b{} on the compressed cache (its key codebook does not fit in shared memory)", first_width_not(m, commute_width).c, first_width_not(m, commute_width).b),
     ANTKV_RULE(m.commute() && m.metric != Metric::kPlain, "key_rope=commute with metric=task is not implemented in the compressed cache"),
@@ -135,11 +135,10 @@ const std::vector<Rule> kCompressedRules = {
     ANTKV_RULE(coded(m) && first_width_not(m, lut_width).c, "gain= and rotate=pca run on the compressed cache's lookup-table widths (bits 1, 0.75, 0.5, 0.375), not c{}b{}", first_width_not(m, lut_width).c, first_width_not(m, lut_width).b),
     ANTKV_RULE(m.correct, "correct=on is not implemented in the compressed cache"),
     ANTKV_RULE(m.norm == Norm::kFp8, "norm=fp8 is not implemented in the compressed cache (it keeps one fp16 scale norm / |u| per token and head: an 8-bit norm would need |u| at decode); the simulated GPU path runs it"),
-    ANTKV_RULE(!m.layer_ratio.empty(), "per-layer ratios (lratio) are not implemented in the compressed cache (one anchor budget for every layer)"),
 };
 const std::vector<Note> kCompressedNotes = {
     ANTKV_NOTE(m.pre_rope(), "pre-RoPE keys decode by dequantize-rotate-dot"),
-    ANTKV_NOTE(one_anchor_tensor(m), "the other tensor's anchor tokens are coded and kept dequantized in their FP16 slots (quality of anchors={}, memory of anchors=kv)", option_name(m.anchors)),
+    ANTKV_NOTE(one_anchor_tensor(m), "the other tensor's anchor tokens are coded and kept dequantized in their FP16 slots (quality of anchors={}, memory of anchors=kv{})", option_name(m.anchors), m.promotes() ? ", and an exact FP16 copy of that tensor per anchor, which a displaced anchor is coded from" : ""),
     ANTKV_NOTE(m.metric == Metric::kTask, "codes assigned in the task metric at prefill and append; decode reads the original-space centroids"),
     ANTKV_NOTE(m.keys.c < 8 && compressed_width(m.keys), "c{}b{}: its tables do not fit in shared memory, decode by dequantize-dot", m.keys.c, m.keys.b),
 };
@@ -167,6 +166,7 @@ const std::vector<Note> kRealNotes = {
 const std::vector<Rule> kBenchCompressedRules = {
     ANTKV_RULE(vq_like(m) && one_anchor_tensor(m), "anchors={} (one tensor only) is not implemented in the synthetic cache bench fills", option_name(m.anchors)),
     ANTKV_RULE(vq_like(m) && m.layered(), "per-layer widths (lkbits, lvbits) are not implemented in the synthetic cache bench fills"),
+    ANTKV_RULE(vq_like(m) && !m.layer_ratio.empty(), "per-layer ratios (lratio) are not implemented in the synthetic cache bench fills"),
 };
 const std::vector<Rule> kBenchKindRules = {
     ANTKV_RULE_ALT(m.kind == MethodKind::kRsq, "rsq has no real GPU cache to time (its cache is simulated); bench and max-context time fp16, uniform, vq and antkv"),
