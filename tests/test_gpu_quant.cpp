@@ -1111,7 +1111,8 @@ TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follo
 }
 
 // gain=, rotate=pca, metric=task, per-layer widths and anchors=k|v on the compressed cache, post- and pre-RoPE keys
-// (key_rope=pre: each coded key mapped back through the basis, then rotated to its position), against the CPU
+// (key_rope=pre: each coded key mapped back through the basis, then rotated to its position; key_rope=commute with
+// gain: the key's scale after the codeword lookups), against the CPU
 // reference cache step by step: the CPU
 // cache (QuantizedKvCache, decode window W) codes each token as quantize_head does, and attention over its
 // dequantized rows (cpu::attention) is the reference; the GPU cache codes at prefill and at append
@@ -1139,7 +1140,10 @@ TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task, per-layer wi
                                             "antkv:bits=1,ratio=0.05,anchors=v,promote=off,metric=task",
                                             // pre-RoPE keys with scales and bases: the best method's pre-RoPE form
                                             "vq:bits=1,gain=kv,rotate=pca,key_rope=pre",
-                                            "antkv:bits=0.5,ratio=0.05,gain=k,key_rope=pre,promote=off"};
+                                            "antkv:bits=0.5,ratio=0.05,gain=k,key_rope=pre,promote=off",
+                                            // RoPE-commuting keys with scales (the key's after the lookups)
+                                            "vq:bits=1,gain=kv,key_rope=commute",
+                                            "antkv:bits=1,ratio=0.05,gain=k,key_rope=commute,promote=off"};
   for (const int d : {64, 128})
     for (const std::string& text : methods) {
       ModelConfig base = synthetic_config();
@@ -1259,8 +1263,7 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
   const MethodSpec pre_gain = method("antkv:bits=1,gain=kv,rotate=pca,key_rope=pre");
   CHECK_NOTHROW(GpuCompressedKvCache(cfg, pre_gain, *make_codebooks(cfg, pre_gain, acts, 1), 1, 64, 8));
   const MethodSpec commute_gain = method("antkv:bits=1,gain=k,key_rope=commute");
-  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, commute_gain, *make_codebooks(cfg, commute_gain, acts, 1), 1, 64, 8),
-                    Catch::Contains("gain= and rotate=pca with key_rope=commute are not implemented in the compressed cache"));
+  CHECK_NOTHROW(GpuCompressedKvCache(cfg, commute_gain, *make_codebooks(cfg, commute_gain, acts, 1), 1, 64, 8));
   const MethodSpec two_bit = method("vq:bits=2,gain=k");
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, two_bit, *make_codebooks(cfg, two_bit, acts, 1), 1, 64, 8),
                     Catch::Contains("run on the compressed cache's lookup-table widths (bits 1, 0.75, 0.5, 0.375), not c4b8"));

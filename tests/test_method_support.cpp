@@ -33,7 +33,6 @@ struct Expect {
   const char* want[5];
 };
 
-const char* const kCodedCommute = "gain= and rotate=pca with key_rope=commute are not implemented in the compressed cache";
 const char* const kCodedLut = "gain= and rotate=pca run on the compressed cache's lookup-table widths";
 const char* const kBenchLayers = "per-layer widths (lkbits, lvbits) are not implemented in the synthetic cache bench fills";
 const char* const kCorrectGpu = "correct=on (the attention-score correction) is not implemented on the GPU";
@@ -91,7 +90,9 @@ const Expect kExpect[] = {
     {"antkv:bits=0.5,key_rope=commute", {"", "", "", "", ""}},
     {"vq:bits=0.75,key_rope=commute", {"", "", "key_rope=commute does not run c16b12 on the compressed cache",
                                        "does not run c16b12", "does not run c16b12"}},
-    {"vq:bits=1,gain=kv,key_rope=commute", {"", "", kCodedCommute, kCodedCommute, kCodedCommute}},
+    {"vq:bits=1,gain=kv,key_rope=commute", {"", "", "", "", ""}},
+    {"antkv:bits=0.5,gain=k,key_rope=commute", {"", "", "", "", ""}},
+    {"vq:bits=2,gain=k,key_rope=commute", {"", "", kCodedLut, kCodedLut, kCodedLut}},
     {"vq:bits=1,metric=task,key_rope=commute", {"", "", "key_rope=commute with metric=task is not implemented",
                                                 "key_rope=commute with metric=task", "key_rope=commute with metric=task"}},
     {"antkv:bits=1,weighting=anchor", {"", "", "", "", ""}},

@@ -135,7 +135,8 @@ __global__ void __launch_bounds__(kNT, 1) commute_split_kernel(const QuantDecode
   const int vg = (2 * cp) / C, voff = (2 * cp) % C;
 
   // after the score pass wrote s (log2 units, -inf when invalid) of the thread's token: tile max, rescale, weights
-  auto softmax_tile = [&](bool valid, const float (&s)[G]) {
+  // (vscale: the token's value scale, gain=kv; the value pass reads p * vs, the denominator takes p)
+  auto softmax_tile = [&](bool valid, const float (&s)[G], float vscale) {
 #pragma unroll
     for (int h = 0; h < G; ++h) {
       const float mx = warp_max(valid ? s[h] : -INFINITY);
@@ -153,7 +154,7 @@ __global__ void __launch_bounds__(kNT, 1) commute_split_kernel(const QuantDecode
       const float pw = valid ? exp2f(s[h] - mn) : 0.f;
       l_part[h] = fmaf(l_part[h], al, pw);
       o[h][0] *= al, o[h][1] *= al;
-      sP[tid * G + h] = pw;
+      sP[tid * G + h] = pw * vscale;
     }
     __syncthreads();
   };
@@ -164,6 +165,7 @@ __global__ void __launch_bounds__(kNT, 1) commute_split_kernel(const QuantDecode
     float s[G];
 #pragma unroll
     for (int h = 0; h < G; ++h) s[h] = 0.f;
+    float vscale = 1.f;
     if (valid) {
       uint32_t wk[NWD], wv[NWD];
       load_record<REC>(kbase, t, wk);
@@ -202,8 +204,15 @@ __global__ void __launch_bounds__(kNT, 1) commute_split_kernel(const QuantDecode
           dot_pair<G>(sU + j * G, zr, zi, s);
         }
       }
+      // gain: the key's scale commutes with RoPE (one factor per token after the lookups); the value's weighs p
+      if (p.k_scale) {
+        const float ks = __half2float(p.k_scale[bh * p.quant_capacity + t]);
+#pragma unroll
+        for (int h = 0; h < G; ++h) s[h] *= ks;
+      }
+      if (p.v_scale) vscale = __half2float(p.v_scale[bh * p.quant_capacity + t]);
     }
-    softmax_tile(valid, s);
+    softmax_tile(valid, s, vscale);
     const int n = min(kTile, q1 - t0);
 #pragma unroll 4
     for (int i = cls; i < n; i += NP) {
@@ -249,7 +258,7 @@ __global__ void __launch_bounds__(kNT, 1) commute_split_kernel(const QuantDecode
 #pragma unroll
         for (int h = 0; h < G; ++h) logits[h * n_logit + f] = s[h] * kLn2;
     }
-    softmax_tile(valid, s);
+    softmax_tile(valid, s, 1.f);
     const int n = min(kTile, f1 - t0);
     for (int i = cls; i < n; i += NP) {
       const float2 v = __half22float2(__ldg(reinterpret_cast<const __half2*>(vrow(t0 + i) + 2 * cp)));
@@ -425,6 +434,9 @@ void commute_decode(const QuantDecodeParams& p, cudaStream_t stream) {
   ANTKV_CHECK(p.q && p.out && p.workspace && p.n_quant && p.n_anchor && p.n_window, "commute decode: null pointer");
   ANTKV_CHECK(p.quant_capacity >= 0 && p.anchor_capacity >= 0 && p.window_capacity >= 0, "commute decode: bad capacity");
   ANTKV_CHECK(p.pre_rope, "commute decode: the code stream must hold pre-RoPE keys with their positions (pre_rope)");
+  ANTKV_CHECK(!p.q_rot && !p.q_mean && !p.k_rotation && !p.k_mean && !p.v_rotation && !p.v_mean,
+              "commute decode: a basis (rotate=pca) is not implemented with RoPE-commuting keys (it mixes the RoPE "
+              "pairs); per-token scales (k_scale, v_scale) are");
   ANTKV_CHECK(p.quant_capacity == 0 || (p.k_codes && p.v_codes && p.k_centroids && p.v_centroids && p.code_pos && p.inv_freq),
               "commute decode: codes, codebooks, code positions and inv_freq are required when quant_capacity > 0");
   ANTKV_CHECK(p.anchor_capacity == 0 || (p.anchor_k && p.anchor_v), "commute decode: anchor K/V are null");

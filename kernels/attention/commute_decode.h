@@ -4,7 +4,9 @@
 // then imaginary parts) and the key at position p, after RoPE, is w_j e^{i p theta_j} per pair j. With the query's
 // pairs u_j = q_j + i q_{j+d/2}, the score is Re sum_j conj(u_j) w_j e^{i p theta_j}. Values, anchors, window and the
 // layout are quant_decode.h's (QuantDecodeParams with pre_rope, code_pos and inv_freq set); anchors and window hold
-// post-RoPE keys.
+// post-RoPE keys. gain=k|kv (k_scale, v_scale): a key's scale commutes with RoPE, so it multiplies the token's score
+// after the lookups, and a value's weighs the token's softmax weight in the value pass (the denominator takes the
+// plain weight); no basis (rotate=pca mixes the RoPE pairs: parse_method refuses it with commute).
 //
 // Kernel: one block of 512 threads per (split, KV head, sequence), one block per multiprocessor, takes all G query
 // heads of the KV head, so each token's e^{i p theta_j} (64 sine/cosine pairs at head_dim 128, from the fp32 angle
@@ -49,7 +51,8 @@ QuantDecodePlan plan_commute_decode(int batch, int n_heads, int n_kv_heads, int 
                                     int64_t max_quant_len);
 // The most splits plan_commute_decode gives `batch` sequences at any length (workspaces sized once).
 int commute_decode_max_splits(int batch, int n_heads, int n_kv_heads, int head_dim, VqKernelConfig cfg);
-// p as for quant_decode with pre_rope, code_pos and inv_freq set; p.k_centroids are the pair-ordered codebooks.
+// p as for quant_decode with pre_rope, code_pos and inv_freq set; p.k_centroids are the pair-ordered codebooks;
+// k_scale / v_scale as quant_decode's (or null); the basis fields must be null.
 // G = n_heads / n_kv_heads must be 1, 2, 4 or 8; head_dim 64 or 128.
 void commute_decode(const QuantDecodeParams& p, cudaStream_t stream);
 

@@ -646,9 +646,9 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKerne
                       commute ? " commute" : pre_rope ? " pre-RoPE" : "", promote && anchor_ratio > 0 ? " promote" : "",
                       gain_keys ? (gain_values ? " gain=kv" : " gain=k") : "", rotate ? " rotate=pca" : "");
   cuda::check_vq_shape(cfg.head_dim, config_);
-  ANTKV_CHECK(!(gain_keys || gain_values || rotate) || (!commute && cuda::vq_uses_lut(config)),
-              "compressed cache {}: gain and rotate run with post- or pre-RoPE keys (not commute) on the lookup-table "
-              "configurations only", name_);
+  ANTKV_CHECK(!(gain_keys || gain_values || rotate) || cuda::vq_uses_lut(config),
+              "compressed cache {}: gain and rotate run on the lookup-table configurations only", name_);
+  ANTKV_CHECK(!(rotate && commute), "compressed cache {}: rotate with commute keys (the basis mixes the RoPE pairs)", name_);
   gain_k_ = gain_keys;
   gain_v_ = gain_values;
   rotate_ = rotate;

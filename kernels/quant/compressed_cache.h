@@ -24,7 +24,8 @@
 //  keys for the quantization at eviction, and decode dequantizes, rotates and dots (quant_decode pre_rope).
 //  Anchors and window keys are post-RoPE either way. key_rope=commute: as pre, with the pre-RoPE keys put in RoPE
 //  pair order (quant/vq.h rope_pair_order) before they are kept or coded, and decode by commute_decode
-//  (kernels/attention/commute_decode.h: codeword times e^{i pos theta}, every configuration but c16b12).
+//  (kernels/attention/commute_decode.h: codeword times e^{i pos theta}, every configuration but c16b12; gain=k|kv:
+//  the per-token scales as for post-RoPE keys, the key's applied after the lookups).
 // Coded tokens as the CPU reference codes them (quant/quantized_cache.cpp quantize_head; encode_rows_kernel here):
 //  - rotate=pca: x' = R (x - mean) per (layer, KV head, tensor); decode rotates the query once per step and head
 //    (q' = R_k q, and q . k_mean added to every quantized token's score) and the values' coded sums back once per
@@ -41,8 +42,8 @@
 // What it runs is declared in quant/method_support.cpp (require_support in the constructor). Refused there: keys
 // and values of different configurations (in any layer) or one outside quant_decode's closed set (c2b8, c4b8, c8b8,
 // c16b12, c16b8, c16b6), anchors=k|v with promote=on or pre-RoPE keys, correct=on, per-layer ratios (lratio), gain=
-// or rotate=pca with commute keys or with c2b8 / c4b8 (their kernels have no scales or rotated bases), commute at
-// c16b12 or with metric=task; the codebooks are checked by check_codebooks_fit
+// or rotate=pca with c2b8 / c4b8 (their kernels have no scales or rotated bases), commute at c16b12 or with
+// metric=task (rotate=pca with commute: parse_method); the codebooks are checked by check_codebooks_fit
 // (quant/codebook_fit.h), as in the CPU cache and the simulated quantizer.
 // Counts (per sequence, the same for every layer and KV head): n_anchor anchors, n_window window tokens,
 // n_quant quantized tokens; their sum is the sequence length.

@@ -129,7 +129,6 @@ const std::vector<Rule> kCompressedRules = {
     Rule{two_widths_in_a_layer, false},
     ANTKV_RULE(first_width_not(m, compressed_width).c, "c{}b{} is not one of the compressed cache's configurations (bits 4, 2, 1, 0.75, 0.5, 0.375: c2b8, c4b8, c8b8, c16b12, c16b8, c16b6)", first_width_not(m, compressed_width).c, first_width_not(m, compressed_width).b),
     ANTKV_RULE(one_anchor_tensor(m) && (m.promotes() || m.pre_rope()), "anchors={} (one tensor only) runs on the compressed cache with promote=off and post-RoPE keys (decode-time anchors and pre-RoPE keys move one code stream for keys and values): add promote=off", option_name(m.anchors)),
-    ANTKV_RULE(coded(m) && m.commute(), "gain= and rotate=pca with key_rope=commute are not implemented in the compressed cache (its commute decode has no per-token scale or rotated basis); key_rope=pre or post"),
     ANTKV_RULE(m.commute() && first_width_not(m, commute_width).c, "key_rope=commute does not run c{}b{} on the compressed cache (its key codebook does not fit in shared memory)", first_width_not(m, commute_width).c, first_width_not(m, commute_width).b),
     ANTKV_RULE(m.commute() && m.metric != Metric::kPlain, "key_rope=commute with metric=task is not implemented in the compressed cache"),
     ANTKV_RULE(m.commute() && s && !(s->gqa_group() == 1 || s->gqa_group() == 2 || s->gqa_group() == 4 || s->gqa_group() == 8), "key_rope=commute takes a GQA group of 1, 2, 4 or 8 on the compressed cache, not {} (the model's)", s->gqa_group()),
