@@ -1,7 +1,8 @@
 // Decode over RoPE-commuting key codes (kernels/attention/commute_decode.h) against the CPU reference: each code
 // slot's key is its pair-ordered codeword (vq_decode with the fp16-rounded codebooks) put back in channel order
-// (permute_channels) and rotated to its position by the CPU RoPE (rope_apply), i.e. RoPE of the decoded pre-RoPE
-// key; values dequantized as always; with the FP16 anchors and window through cpu::attention. Fresh random inputs
+// (permute_channels) and rotated to its position at the exact angle pos * inv_freq (rope_exact below; the runtime's
+// rope_apply rounds the angle to fp32 first, which commute decode does not: see commute_decode.h), i.e. RoPE of the
+// decoded pre-RoPE key; values dequantized as always; with the FP16 anchors and window through cpu::attention. Fresh random inputs
 // (the seed is printed on failure), batch 3 with odd per-sequence counts (one sequence without codes, one spanning
 // many 512-slot tiles), GQA 1/4/8, head_dim 64 and 128, every configuration commute decode runs, positions up to
 // 2^20, code slots past n_quant poisoned with 0xFF bytes (positions -1) and FP16 slots past the counts with NaN.
@@ -13,8 +14,9 @@
 //
 // Tolerances (max |gpu - ref| / max |ref|): the output is bf16 (<= 2^-9 relative) of an fp32 softmax: 1e-2 (as
 // quant_decode's). LSE (fp32, no output rounding): the GPU turns the fp16 codeword by the fast sine/cosine of the
-// fp32 angle reduced to [-pi, pi] (~2^-21 absolute, as quant_decode's pre-RoPE kernel, whose bound it shares) and
-// sums in fp32, the reference takes the double sine/cosine of the same fp32 angle: 3e-4. fp16_logits (the FP16
+// exact angle reduced to [-pi, pi] (~2^-21 absolute), or by a table entry e^{i (pos - base) theta} and a query turned
+// back by e^{-i base theta} (each ~2^-21 absolute: ~2^-20 together), and sums in fp32; the reference takes the double
+// sine/cosine of the exact angle: 3e-4 (quant_decode's pre-RoPE bound). fp16_logits (the FP16
 // tokens' scaled scores, fp32 dots): 1e-5 of the largest |score|.
 #include "test_support.h"
 #include "gpu_test_support.h"
@@ -66,6 +68,21 @@ DeviceBuffer<__half> upload_f16(const std::vector<float>& h) {
     }
   }
   return upload(x);
+}
+
+// RoPE at the exact angle pos * inv_freq[i] (the product of two fp32 numbers is exact in double), double sine/cosine:
+// the rotation commute decode applies (rope_apply takes the fp32-rounded angle, as the runtime)
+void rope_exact(float* x, int n_tokens, int head_dim, const int32_t* positions, const float* inv_freq) {
+  const int half = head_dim / 2;
+  for (int t = 0; t < n_tokens; ++t)
+    for (int i = 0; i < half; ++i) {
+      const double angle = double(positions[t]) * double(inv_freq[i]);
+      const double c = std::cos(angle), sn = std::sin(angle);
+      float* xh = x + size_t(t) * head_dim;
+      const double a = xh[i], b = xh[i + half];
+      xh[i] = float(a * c - b * sn);
+      xh[i + half] = float(b * c + a * sn);
+    }
 }
 
 struct Counts {
@@ -143,7 +160,7 @@ void run_case(VqKernelConfig cfg, int d, int G, const std::vector<Counts>& seqs,
         permute_channels(order, false, kh.data(), s.n_quant, d);
         pos = position_list(s.n_quant);
         for (int t = 0; t < s.n_quant; ++t) cpos[(size_t(b) * Hkv + h) * qcap + t] = pos[t];
-        rope_apply(kh.data(), s.n_quant, 1, d, pos.data(), inv_freq.data());
+        rope_exact(kh.data(), s.n_quant, d, pos.data(), inv_freq.data());
         for (int t = 0; t < s.n_quant; ++t) std::copy_n(kh.begin() + size_t(t) * d, d, kref.begin() + (size_t(t) * Hkv + h) * d);
       }
       vq_decode(vcb, vc.data(), s.n_quant, int64_t(Hkv) * d, vref.data() + size_t(h) * d);
