@@ -10,7 +10,7 @@
 //
 // The angle: p theta_j exactly (fp32 p and theta_j, their product carried as the fp32 product plus its rounding
 // error, reduced to [-pi, pi]), where the runtime's RoPE (and quant_decode's pre-RoPE kernel) rounds p theta_j to
-// fp32 first, as transformers does: the two differ by at most half an fp32 ulp of the angle (2^-9 rad at p = 128K
+// fp32 first, as transformers does: the two differ by at most half an fp32 ulp of the angle (2^-8 rad below p = 128K
 // for the fastest pair, less for the others), the angle's own fp32 tolerance.
 //
 // Kernel: one block of 512 threads per (split, KV head, sequence), one block per multiprocessor, takes all G query
