@@ -774,7 +774,7 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
   __shared__ float sO[NW][HT][D];
   __shared__ float sML[NW][HT][2];
   __shared__ float sOc[EX ? NW : 1][HT][D];  // EX: the warps' coded value sums
-  __shared__ float sU[EX ? NW : 1][D];       // EX: each warp's coded key (the product with R_k)
+  __shared__ __align__(16) float sU[EX ? NW : 1][D];  // EX: each warp's coded key (the product with R_k)
   extern __shared__ __align__(16) float pre_dyn_smem[];  // EX with k_rotation: R_k of the KV head [D][D]
   const int split = blockIdx.x, b = blockIdx.z;
   const int G = p.n_heads / p.n_kv_heads;
@@ -909,12 +909,25 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
         float ra[PR], rb[PR];
 #pragma unroll
         for (int j = 0; j < PR; ++j) ra[j] = rb[j] = 0.f;
-#pragma unroll 8
-        for (int i = 0; i < D; ++i) {
-          const float ui = sU[warp][i];
-          const float* row = pre_dyn_smem + i * D;
+        // four u_i per broadcast load; at head_dim 128 a lane's two channels of a row in one 8-byte load
+#pragma unroll 2
+        for (int i = 0; i < D; i += 4) {
+          const float4 u4 = *reinterpret_cast<const float4*>(&sU[warp][i]);
+          const float uu[4] = {u4.x, u4.y, u4.z, u4.w};
 #pragma unroll
-          for (int j = 0; j < PR; ++j) ra[j] = fmaf(row[i0 + j], ui, ra[j]), rb[j] = fmaf(row[i0 + HALF + j], ui, rb[j]);
+          for (int k = 0; k < 4; ++k) {
+            const float* row = pre_dyn_smem + (i + k) * D;
+            if constexpr (PR == 2) {
+              const float2 a = *reinterpret_cast<const float2*>(row + i0);
+              const float2 c = *reinterpret_cast<const float2*>(row + i0 + HALF);
+              ra[0] = fmaf(a.x, uu[k], ra[0]), ra[1] = fmaf(a.y, uu[k], ra[1]);
+              rb[0] = fmaf(c.x, uu[k], rb[0]), rb[1] = fmaf(c.y, uu[k], rb[1]);
+            } else {
+#pragma unroll
+              for (int j = 0; j < PR; ++j)
+                ra[j] = fmaf(row[i0 + j], uu[k], ra[j]), rb[j] = fmaf(row[i0 + HALF + j], uu[k], rb[j]);
+            }
+          }
         }
         __syncwarp();  // sU is rewritten by the warp's next token
 #pragma unroll
