@@ -646,7 +646,7 @@ int main(int argc, char** argv) {
   bench->add_option("--method", ba.methods,
                     "per-method end-to-end decode (repeatable): fp16, uniform:bits=2|4,group=32|64|128 (the packed "
                     "KIVI cache), vq:bits=B, antkv:bits=B[,ratio=R,promote=off,key_rope=pre|commute] (B = 4, 2, 1, 0.75, 0.5, "
-                    "0.375; the compressed cache; also gain=k|kv, rotate=pca with post-RoPE keys at B <= 1, and "
+                    "0.375; the compressed cache; also gain=k|kv, rotate=pca at B <= 1 (rotate=pca not with commute), and "
                     "metric=task); without it, the kernel benchmark");
   bench->add_flag("--equal-memory,!--no-equal-memory", ba.equal_memory,
                   "with --method: also each method at the largest batch that fits per context (default on)");

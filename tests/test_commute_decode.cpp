@@ -1,17 +1,22 @@
 // Decode over RoPE-commuting key codes (kernels/attention/commute_decode.h) against the CPU reference: each code
 // slot's key is its pair-ordered codeword (vq_decode with the fp16-rounded codebooks) put back in channel order
-// (permute_channels) and rotated to its position by the CPU RoPE (rope_apply), i.e. RoPE of the decoded pre-RoPE
-// key; values dequantized as always; with the FP16 anchors and window through cpu::attention. Fresh random inputs
+// (permute_channels) and rotated to its position at the exact angle pos * inv_freq (rope_exact below; the runtime's
+// rope_apply rounds the angle to fp32 first, which commute decode does not: see commute_decode.h), i.e. RoPE of the
+// decoded pre-RoPE key; values dequantized as always; with the FP16 anchors and window through cpu::attention. Fresh random inputs
 // (the seed is printed on failure), batch 3 with odd per-sequence counts (one sequence without codes, one spanning
 // many 512-slot tiles), GQA 1/4/8, head_dim 64 and 128, every configuration commute decode runs, positions up to
 // 2^20, code slots past n_quant poisoned with 0xFF bytes (positions -1) and FP16 slots past the counts with NaN.
 // Three split plans (the planner's, one split, one split per tile); a CUDA graph replay equals the eager launch bit
-// for bit.
+// for bit. Positions: random, or as the compressed cache's streams hold them (increasing from a random start up to
+// 2^20, runs of consecutive positions broken where anchors left the stream, now and then a displaced anchor's
+// position out of order). gain=k|kv: per-slot fp16 scales 2^U(-2, 2) (every 17th value scale 0) multiply the
+// reference's decoded key and value.
 //
 // Tolerances (max |gpu - ref| / max |ref|): the output is bf16 (<= 2^-9 relative) of an fp32 softmax: 1e-2 (as
 // quant_decode's). LSE (fp32, no output rounding): the GPU turns the fp16 codeword by the fast sine/cosine of the
-// fp32 angle reduced to [-pi, pi] (~2^-21 absolute, as quant_decode's pre-RoPE kernel, whose bound it shares) and
-// sums in fp32, the reference takes the double sine/cosine of the same fp32 angle: 3e-4. fp16_logits (the FP16
+// exact angle reduced to [-pi, pi] (~2^-21 absolute), or by a table entry e^{i (pos - base) theta} and a query turned
+// back by e^{-i base theta} (each ~2^-21 absolute: ~2^-20 together), and sums in fp32; the reference takes the double
+// sine/cosine of the exact angle: 3e-4 (quant_decode's pre-RoPE bound). fp16_logits (the FP16
 // tokens' scaled scores, fp32 dots): 1e-5 of the largest |score|.
 #include "test_support.h"
 #include "gpu_test_support.h"
@@ -21,6 +26,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -64,11 +70,30 @@ DeviceBuffer<__half> upload_f16(const std::vector<float>& h) {
   return upload(x);
 }
 
+// RoPE at the exact angle pos * inv_freq[i] (the product of two fp32 numbers is exact in double), double sine/cosine:
+// the rotation commute decode applies (rope_apply takes the fp32-rounded angle, as the runtime)
+void rope_exact(float* x, int n_tokens, int head_dim, const int32_t* positions, const float* inv_freq) {
+  const int half = head_dim / 2;
+  for (int t = 0; t < n_tokens; ++t)
+    for (int i = 0; i < half; ++i) {
+      const double angle = double(positions[t]) * double(inv_freq[i]);
+      const double c = std::cos(angle), sn = std::sin(angle);
+      float* xh = x + size_t(t) * head_dim;
+      const double a = xh[i], b = xh[i + half];
+      xh[i] = float(a * c - b * sn);
+      xh[i + half] = float(b * c + a * sn);
+    }
+}
+
 struct Counts {
   int n_quant, n_anchor, n_window;
 };
 
-void run_case(VqKernelConfig cfg, int d, int G, const std::vector<Counts>& seqs, float q_scale, std::mt19937& rng) {
+enum class Positions { kRandom, kStream };
+
+// gain: 0 none, 1 key scales (gain=k), 3 key and value scales (gain=kv)
+void run_case(VqKernelConfig cfg, int d, int G, const std::vector<Counts>& seqs, float q_scale, std::mt19937& rng,
+              int gain = 0, Positions positions = Positions::kRandom) {
   const auto info = cuda::vq_kernel_config_info(cfg);
   const int B = static_cast<int>(seqs.size()), Hkv = 2, H = Hkv * G;
   const int ng = cuda::vq_groups(d, cfg), K = cuda::vq_centroid_count(cfg), cc = info.c;
@@ -76,9 +101,10 @@ void run_case(VqKernelConfig cfg, int d, int G, const std::vector<Counts>& seqs,
   int max_q = 0, max_a = 0, max_w = 0;
   for (const auto& s : seqs) max_q = std::max(max_q, s.n_quant), max_a = std::max(max_a, s.n_anchor), max_w = std::max(max_w, s.n_window);
   const int qcap = max_q + 37, acap = max_a + 3, wcap = max_w + 2;
-  INFO(fmt::format("{} d {} G {} counts {}/{}/{} {}/{}/{} {}/{}/{} q_scale {}", info.name, d, G, seqs[0].n_quant,
-                   seqs[0].n_anchor, seqs[0].n_window, seqs[1].n_quant, seqs[1].n_anchor, seqs[1].n_window,
-                   seqs[2].n_quant, seqs[2].n_anchor, seqs[2].n_window, q_scale));
+  INFO(fmt::format("{} d {} G {} counts {}/{}/{} {}/{}/{} {}/{}/{} q_scale {} gain {} positions {}", info.name, d, G,
+                   seqs[0].n_quant, seqs[0].n_anchor, seqs[0].n_window, seqs[1].n_quant, seqs[1].n_anchor,
+                   seqs[1].n_window, seqs[2].n_quant, seqs[2].n_anchor, seqs[2].n_window, q_scale, gain,
+                   positions == Positions::kRandom ? "random" : "stream"));
   std::normal_distribution<float> nd(0.f, 1.f);
   auto randn = [&](size_t n) {
     std::vector<float> v(n);
@@ -96,6 +122,23 @@ void run_case(VqKernelConfig cfg, int d, int G, const std::vector<Counts>& seqs,
   std::vector<float> ak(size_t(B) * Hkv * acap * d, NAN), av(ak.size(), NAN), wk(size_t(B) * Hkv * wcap * d, NAN),
       wv(wk.size(), NAN);
   std::vector<int32_t> cpos(size_t(B) * Hkv * qcap, -1);
+  std::vector<float> kscale(size_t(B) * Hkv * qcap, NAN), vscale(kscale.size(), NAN);  // gain: per code slot
+  std::uniform_real_distribution<float> ulog(-2.f, 2.f);
+  std::uniform_int_distribution<int> event(0, 499), gap(1, 40);
+  auto position_list = [&](int n) {
+    std::vector<int32_t> pos(n);
+    if (positions == Positions::kRandom) {
+      for (auto& x : pos) x = upos(rng);
+      return pos;
+    }
+    int32_t next = std::uniform_int_distribution<int>(0, (1 << 20) - 24 * n - 1)(rng);
+    for (auto& x : pos) {
+      const int e = event(rng);
+      if (e < 10) next += gap(rng);  // anchors kept out of the stream
+      x = e == 10 ? upos(rng) : next++;  // a displaced anchor coded in its place
+    }
+    return pos;
+  };
   std::vector<float> want(size_t(B) * H * d), want_lse(size_t(B) * H), want_logits(size_t(B) * H * (acap + wcap), NAN);
   for (int b = 0; b < B; ++b) {
     const auto& s = seqs[b];
@@ -115,11 +158,24 @@ void run_case(VqKernelConfig cfg, int d, int G, const std::vector<Counts>& seqs,
         std::vector<int32_t> pos(s.n_quant);
         vq_decode(kcb, kc.data(), s.n_quant, d, kh.data());
         permute_channels(order, false, kh.data(), s.n_quant, d);
-        for (int t = 0; t < s.n_quant; ++t) pos[t] = upos(rng), cpos[(size_t(b) * Hkv + h) * qcap + t] = pos[t];
-        rope_apply(kh.data(), s.n_quant, 1, d, pos.data(), inv_freq.data());
+        pos = position_list(s.n_quant);
+        for (int t = 0; t < s.n_quant; ++t) cpos[(size_t(b) * Hkv + h) * qcap + t] = pos[t];
+        rope_exact(kh.data(), s.n_quant, d, pos.data(), inv_freq.data());
         for (int t = 0; t < s.n_quant; ++t) std::copy_n(kh.begin() + size_t(t) * d, d, kref.begin() + (size_t(t) * Hkv + h) * d);
       }
       vq_decode(vcb, vc.data(), s.n_quant, int64_t(Hkv) * d, vref.data() + size_t(h) * d);
+      if (gain) {  // RoPE keeps the norm: the key's scale multiplies the rotated key as well as the pre-RoPE one
+        float* ks = kscale.data() + (size_t(b) * Hkv + h) * qcap;
+        float* vs = vscale.data() + (size_t(b) * Hkv + h) * qcap;
+        for (int t = 0; t < s.n_quant; ++t) {
+          ks[t] = round_f16(std::exp2(ulog(rng)));
+          vs[t] = (gain & 2) ? (t % 17 == 5 ? 0.f : round_f16(std::exp2(ulog(rng)))) : 1.f;
+          for (int e = 0; e < d; ++e) {
+            kref[(size_t(t) * Hkv + h) * d + e] *= ks[t];
+            vref[(size_t(t) * Hkv + h) * d + e] *= vs[t];
+          }
+        }
+      }
       for (int j = 0; j < s.n_anchor + s.n_window; ++j) {
         const bool anchor = j < s.n_anchor;
         const size_t src = anchor ? ((size_t(b) * Hkv + h) * acap + j) * d : ((size_t(b) * Hkv + h) * wcap + (j - s.n_anchor)) * d;
@@ -174,6 +230,9 @@ void run_case(VqKernelConfig cfg, int d, int G, const std::vector<Counts>& seqs,
   p.pre_rope = true;
   p.code_pos = dcpos.get();
   p.inv_freq = dfreq.get();
+  auto dks = upload_f16(kscale), dvs = upload_f16(vscale);
+  if (gain & 1) p.k_scale = dks.get();
+  if (gain & 2) p.v_scale = dvs.get();
   const auto auto_plan = cuda::plan_commute_decode(B, H, Hkv, d, cfg, max_q);
   REQUIRE(auto_plan.n_splits <= cuda::commute_decode_max_splits(B, H, Hkv, d, cfg));
   const int tile = cuda::commute_decode_tile();
@@ -197,8 +256,9 @@ void run_case(VqKernelConfig cfg, int d, int G, const std::vector<Counts>& seqs,
     const auto got_lse = download(lse.get(), lse.size());
     const double el = test::max_rel_error(got_lse.data(), want_lse.data(), want_lse.size());
     INFO(fmt::format("{} splits of {}: output error {:.3g}, LSE error {:.3g}", ns, sl, eo, el));
-    CHECK_MEASURED("test_commute_decode: output rel err", eo, 1e-2);
-    CHECK_MEASURED("test_commute_decode: LSE rel err", el, 3e-4);
+    const std::string tag = gain ? fmt::format(" gain {}", gain) : "";
+    CHECK_MEASURED("test_commute_decode: output rel err" + tag, eo, 1e-2);
+    CHECK_MEASURED("test_commute_decode: LSE rel err" + tag, el, 3e-4);
     const auto got_logits = download(logits.get(), logits.size());
     double worst = 0, top = 1e-30;
     int wrong_written = 0;
@@ -248,13 +308,15 @@ TEST_CASE("GPU commute decode: codeword times e^{i pos theta} equals RoPE of the
                              VqKernelConfig::kC2B8})
     for (int d : {128, 64})
       for (int G : {1, 4, 8}) {
-        // odd counts; the first spans several tiles, the third has no codes
+        // odd counts; the first spans several tiles, the third has no codes; positions random or as a cache's
+        // stream holds them; no scales, key scales, key and value scales
         run_case(cfg, d, G, {{1 + 2 * (n % 7) + 1023, 11, 128}, {2001 + 3 * n, 31, 77}, {0, 1, 5}}, (n % 2) ? 4.f : 1.f,
-                 rng);
+                 rng, std::array<int, 3>{0, 3, 1}[n % 3], (n % 2) ? Positions::kRandom : Positions::kStream);
         ++n;
       }
   // LLaMA-3-8B's group (G 4, head_dim 128, c8b8) with a longer stream and a two-sequence batch of it
   run_case(VqKernelConfig::kC8B8, 128, 4, {{9001, 90, 128}, {4097, 41, 128}, {5, 1, 1}}, 4.f, rng);
+  run_case(VqKernelConfig::kC8B8, 128, 4, {{9001, 90, 128}, {4097, 41, 128}, {5, 1, 1}}, 4.f, rng, 3, Positions::kStream);
 }
 
 TEST_CASE("bench methods: key_rope=commute times the commute kernel, c16b12 refused by name", "[quant][commute]") {
@@ -287,5 +349,8 @@ TEST_CASE("GPU commute decode: refusals", "[gpu][quant][commute]") {
   p.pre_rope = true;
   p.split_len = 100;
   CHECK_THROWS_WITH(cuda::commute_decode(p, nullptr), Catch::Contains("bad split plan"));
+  DeviceBuffer<float> basis(128 * 128);
+  p.v_rotation = basis.get();  // rotate=pca mixes the RoPE pairs: no basis with commuting keys
+  CHECK_THROWS_WITH(cuda::commute_decode(p, nullptr), Catch::Contains("a basis (rotate=pca) is not implemented"));
 }
 #endif  // ANTKV_HAVE_CUDA

@@ -1139,8 +1139,10 @@ TEST_CASE("GPU compressed KV cache: decode-time anchors and running scores follo
   }
 }
 
-// gain=, rotate=pca, metric=task, per-layer widths and anchors=k|v on the compressed cache, against the CPU reference
-// cache step by step: the CPU
+// gain=, rotate=pca, metric=task, per-layer widths and anchors=k|v on the compressed cache, post- and pre-RoPE keys
+// (key_rope=pre: each coded key mapped back through the basis, then rotated to its position; key_rope=commute with
+// gain: the key's scale after the codeword lookups), against the CPU
+// reference cache step by step: the CPU
 // cache (QuantizedKvCache, decode window W) codes each token as quantize_head does, and attention over its
 // dequantized rows (cpu::attention) is the reference; the GPU cache codes at prefill and at append
 // (encode_rows_kernel, quantize_kv) and decodes through quant_decode's coded transform (query rotated once per
@@ -1172,7 +1174,13 @@ TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task, per-layer wi
                                             "antkv:bits=1,ratio=0.05,anchors=v,metric=task",
                                             // per-layer ratios: 8 and 2 anchors at the prefill, budgets 10 and 2
                                             "antkv:bits=1,lratio=0.1/0.02,gain=kv,rotate=pca",
-                                            "antkv:bits=1,lratio=0.1/0.02,promote=off"};
+                                            "antkv:bits=1,lratio=0.1/0.02,promote=off",
+                                            // pre-RoPE keys with scales and bases: the best method's pre-RoPE form
+                                            "vq:bits=1,gain=kv,rotate=pca,key_rope=pre",
+                                            "antkv:bits=0.5,ratio=0.05,gain=k,key_rope=pre,promote=off",
+                                            // RoPE-commuting keys with scales (the key's after the lookups)
+                                            "vq:bits=1,gain=kv,key_rope=commute",
+                                            "antkv:bits=1,ratio=0.05,gain=k,key_rope=commute,promote=off"};
   for (const int d : {64, 128})
     for (const std::string& text : methods) {
       ModelConfig base = synthetic_config();
@@ -1295,15 +1303,16 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
   CHECK_NOTHROW(GpuCompressedKvCache(cfg, method("antkv:bits=1,anchors=k"), *cb, 1, 64, 8));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,key_rope=pre"), *cb, 1, 64, 8),
                     Catch::Contains("codebooks are for post-RoPE keys, the method needs pre-RoPE"));
-  // gain= and rotate=pca run with post-RoPE keys on the lookup-table configurations; codebooks must be trained for
-  // the options (check_codebooks_fit)
+  // gain= and rotate=pca run with post- and pre-RoPE keys on the lookup-table configurations; codebooks must be
+  // trained for the options (check_codebooks_fit)
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,rotate=pca"), *cb, 1, 64, 8),
                     Catch::Contains("codebooks are for rotate=off, the method needs rotate=pca"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("vq:bits=1,metric=task"), *cb, 1, 64, 8),
                     Catch::Contains("codebooks are for metric=plain, the method needs metric=task"));
   const MethodSpec pre_gain = method("antkv:bits=1,gain=kv,rotate=pca,key_rope=pre");
-  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, pre_gain, *make_codebooks(cfg, pre_gain, acts, 1), 1, 64, 8),
-                    Catch::Contains("gain= and rotate=pca with key_rope=pre are not implemented in the compressed cache"));
+  CHECK_NOTHROW(GpuCompressedKvCache(cfg, pre_gain, *make_codebooks(cfg, pre_gain, acts, 1), 1, 64, 8));
+  const MethodSpec commute_gain = method("antkv:bits=1,gain=k,key_rope=commute");
+  CHECK_NOTHROW(GpuCompressedKvCache(cfg, commute_gain, *make_codebooks(cfg, commute_gain, acts, 1), 1, 64, 8));
   const MethodSpec two_bit = method("vq:bits=2,gain=k");
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, two_bit, *make_codebooks(cfg, two_bit, acts, 1), 1, 64, 8),
                     Catch::Contains("run on the compressed cache's lookup-table widths (bits 1, 0.75, 0.5, 0.375), not c4b8"));

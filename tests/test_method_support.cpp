@@ -33,7 +33,6 @@ struct Expect {
   const char* want[5];
 };
 
-const char* const kCodedPre = "gain= and rotate=pca with key_rope=pre are not implemented in the compressed cache";
 const char* const kCodedLut = "gain= and rotate=pca run on the compressed cache's lookup-table widths";
 const char* const kBenchLayers = "per-layer widths (lkbits, lvbits) are not implemented in the synthetic cache bench fills";
 const char* const kCorrectGpu = "correct=on (the attention-score correction) is not implemented on the GPU";
@@ -93,8 +92,9 @@ const Expect kExpect[] = {
     {"antkv:bits=0.5,key_rope=commute", {"", "", "", "", ""}},
     {"vq:bits=0.75,key_rope=commute", {"", "", "key_rope=commute does not run c16b12 on the compressed cache",
                                        "does not run c16b12", "does not run c16b12"}},
-    {"vq:bits=1,gain=kv,key_rope=commute", {"", "", "gain= and rotate=pca with key_rope=commute are not implemented",
-                                            "key_rope=commute are not implemented", "key_rope=commute are not implemented"}},
+    {"vq:bits=1,gain=kv,key_rope=commute", {"", "", "", "", ""}},
+    {"antkv:bits=0.5,gain=k,key_rope=commute", {"", "", "", "", ""}},
+    {"vq:bits=2,gain=k,key_rope=commute", {"", "", kCodedLut, kCodedLut, kCodedLut}},
     {"vq:bits=1,metric=task,key_rope=commute", {"", "", "key_rope=commute with metric=task is not implemented",
                                                 "key_rope=commute with metric=task", "key_rope=commute with metric=task"}},
     {"antkv:bits=1,weighting=anchor", {"", "", "", "", ""}},
@@ -107,7 +107,8 @@ const Expect kExpect[] = {
     {"vq:bits=1,gain=k", {"", "", "", "", ""}},
     {"vq:bits=1,gain=kv", {"", "", "", "", ""}},
     {"vq:bits=2,gain=kv", {"", "", kCodedLut, kCodedLut, kCodedLut}},
-    {"vq:bits=1,gain=k,key_rope=pre", {"", "", kCodedPre, kCodedPre, kCodedPre}},
+    {"vq:bits=1,gain=k,key_rope=pre", {"", "", "", "", ""}},
+    {"vq:bits=2,gain=k,key_rope=pre", {"", "", kCodedLut, kCodedLut, kCodedLut}},
     {"vq:bits=1,gain=kv,norm=fp16", {"", "", "", "", ""}},
     {"vq:bits=1,gain=kv,norm=fp8", {"", "", kNorm8Real, kNorm8Real, kNorm8Real}},
     {"antkv:bits=1,gain=k,rotate=pca,norm=fp8", {"", "", kNorm8Real, kNorm8Real, kNorm8Real}},
@@ -121,7 +122,8 @@ const Expect kExpect[] = {
     {"antkv:lvbits=1/1", {"", "", "", kBenchLayers, kBenchLayers}},
     {"antkv:bits=1,lratio=0.01/0.02", {"", "", "", "per-layer ratios (lratio) are not implemented in the synthetic cache bench fills",
                                        "per-layer ratios (lratio) are not implemented in the synthetic cache bench fills"}},
-    {"vq:bits=1,gain=kv,rotate=pca,key_rope=pre", {"", "", kCodedPre, kCodedPre, kCodedPre}},
+    {"vq:bits=1,gain=kv,rotate=pca,key_rope=pre", {"", "", "", "", ""}},
+    {"antkv:bits=0.5,gain=kv,rotate=pca,key_rope=pre", {"", "", "", "", ""}},
 };
 
 // What each path names as the alternative to a method it refuses (rules without words of their own).
@@ -193,6 +195,8 @@ TEST_CASE("method_support: options a path does not read are said, not ignored si
   CHECK_THAT(method_support(method("uniform:bits=2"), MethodPath::kGpuReal).note, Contains("prefill in one chunk"));
   CHECK_THAT(method_support(method("vq:bits=1,key_rope=pre"), MethodPath::kBench).note,
              Contains("dequantize-rotate-dot"));
+  CHECK_THAT(method_support(method("vq:bits=1,gain=kv,rotate=pca,key_rope=pre"), MethodPath::kGpuReal).note,
+             Contains("each coded key mapped back through the basis before its rotation"));
   CHECK(method_support(method("vq:bits=1"), MethodPath::kCpu).note.empty());  // the reference reads every option
 }
 
@@ -312,10 +316,10 @@ TEST_CASE("CLI: a refused method stops run before calibrating, every refusal on 
                         << "\n  tokens: 2048\n  seq_len: 128\n  device: cpu\nquant:\n  bits: 1\nkmeans:\n  iters: 2\n"
                         << "  device: cpu\neval:\n  texts: [" << head_of(dir, "valid.txt", "data/books-valid.txt", 8000)
                         << "]\n  seq_len: 128\n  max_windows: 1\n  device: cpu\n"
-                        << "  methods: [fp16, \"vq:bits=1\", \"antkv:bits=1,correct=on\", \"vq:bits=1,gain=kv,key_rope=pre\"]\n";
+                        << "  methods: [fp16, \"vq:bits=1\", \"antkv:bits=1,correct=on\", \"vq:bits=2,gain=kv\"]\n";
   const std::string eval = ANTKV_EVAL_PATH;
   const std::string out = dir + "/run";
-  // the real cache with correct=on and pre-RoPE gain=kv (on a machine with or without a GPU: checked before the device)
+  // the real cache with correct=on and 2-bit gain=kv (on a machine with or without a GPU: checked before the device)
   for (const char* cmd : {" run", " ppl"}) {
     const Cli r = run_cli(eval + cmd + " --recipe " + recipe + " --out " + out +
                           " --set eval.device=cuda --set eval.kv_cache=real");
@@ -323,7 +327,7 @@ TEST_CASE("CLI: a refused method stops run before calibrating, every refusal on 
     CHECK(r.code == 1);
     CHECK_THAT(r.err, Contains("2 methods of eval.methods cannot be evaluated"));
     CHECK_THAT(r.err, Contains("\n  method \"antkv:bits=1,correct=on\" does not run on the simulated GPU quantizer"));
-    CHECK_THAT(r.err, Contains("\n  method \"vq:bits=1,gain=kv,key_rope=pre\" does not run on the real GPU cache"));
+    CHECK_THAT(r.err, Contains("\n  method \"vq:bits=2,gain=kv\" does not run on the real GPU cache"));
     CHECK(r.err.find("calibration:") == std::string::npos);  // no calibration plan: nothing started
     CHECK(r.err.find("outputs:") == std::string::npos);
     CHECK_FALSE(fs::exists(out));  // no folder, no lock, no dump

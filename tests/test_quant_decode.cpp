@@ -261,20 +261,8 @@ void run_case(const QCase& c, std::mt19937& rng) {
       cuda::pack_codes(vc.data(), s.n_quant, 0, d, c.cfg, vcodes.data() + base);
       // reference rows: quantized tokens, then anchors, then window (order does not matter to attention)
       vq_decode(kcb, kc.data(), s.n_quant, int64_t(Hkv) * d, kref.data() + size_t(h) * d);
-      if (c.pre_rope && s.n_quant > 0) {  // the stream's keys are pre-RoPE: the reference rotates them
-        std::vector<float> kh(size_t(s.n_quant) * d);
-        std::vector<int32_t> pos(s.n_quant);
-        for (int t = 0; t < s.n_quant; ++t) {
-          pos[t] = upos(rng);
-          cpos[(size_t(b) * Hkv + h) * qcap + t] = pos[t];
-          std::copy_n(kref.begin() + (size_t(t) * Hkv + h) * d, d, kh.begin() + size_t(t) * d);
-        }
-        rope_apply(kh.data(), s.n_quant, 1, d, pos.data(), inv_freq.data());
-        for (int t = 0; t < s.n_quant; ++t)
-          std::copy_n(kh.begin() + size_t(t) * d, d, kref.begin() + (size_t(t) * Hkv + h) * d);
-      }
       vq_decode(vcb, vc.data(), s.n_quant, int64_t(Hkv) * d, vref.data() + size_t(h) * d);
-      if (c.coded) {
+      if (c.coded) {  // pre-RoPE keys: mapped back (mean + R^T (s u)) before their rotation
         float* ks = kscale.data() + (size_t(b) * Hkv + h) * qcap;
         float* vs = vscale.data() + (size_t(b) * Hkv + h) * qcap;
         for (int t = 0; t < s.n_quant; ++t) {
@@ -286,6 +274,18 @@ void run_case(const QCase& c, std::mt19937& rng) {
                   rot ? kmean.data() + mh : nullptr, kgain ? ks : nullptr);
         transform(vref.data() + size_t(h) * d, s.n_quant, int64_t(Hkv) * d, rot ? vrot.data() + rh : nullptr,
                   rot ? vmean.data() + mh : nullptr, vgain ? vs : nullptr);
+      }
+      if (c.pre_rope && s.n_quant > 0) {  // the stream's keys are pre-RoPE: the reference rotates them
+        std::vector<float> kh(size_t(s.n_quant) * d);
+        std::vector<int32_t> pos(s.n_quant);
+        for (int t = 0; t < s.n_quant; ++t) {
+          pos[t] = upos(rng);
+          cpos[(size_t(b) * Hkv + h) * qcap + t] = pos[t];
+          std::copy_n(kref.begin() + (size_t(t) * Hkv + h) * d, d, kh.begin() + size_t(t) * d);
+        }
+        rope_apply(kh.data(), s.n_quant, 1, d, pos.data(), inv_freq.data());
+        for (int t = 0; t < s.n_quant; ++t)
+          std::copy_n(kh.begin() + size_t(t) * d, d, kref.begin() + (size_t(t) * Hkv + h) * d);
       }
       for (int j = 0; j < s.n_anchor + s.n_window; ++j) {
         const bool anchor = j < s.n_anchor;
@@ -382,7 +382,10 @@ void run_case(const QCase& c, std::mt19937& rng) {
   auto dqrot = upload(qrot), dqmean = upload(qmean);
   auto dks = upload_f16(kscale), dvs = upload_f16(vscale);
   auto dvrot = upload(rot ? vrot : std::vector<float>(1)), dvmean = upload(rot ? vmean : std::vector<float>(1));
-  if (rot) p.q_rot = dqrot.get(), p.q_mean = dqmean.get(), p.v_rotation = dvrot.get(), p.v_mean = dvmean.get();
+  auto dkrot = upload(rot ? krot : std::vector<float>(1)), dkmean = upload(rot ? kmean : std::vector<float>(1));
+  if (rot && c.pre_rope) p.k_rotation = dkrot.get(), p.k_mean = dkmean.get();  // R_k row-major, as krot
+  else if (rot) p.q_rot = dqrot.get(), p.q_mean = dqmean.get();
+  if (rot) p.v_rotation = dvrot.get(), p.v_mean = dvmean.get();
   if (kgain) p.k_scale = dks.get();
   if (vgain) p.v_scale = dvs.get();
   REQUIRE(p.coded_transform() == (c.coded != 0));
@@ -414,10 +417,10 @@ void run_case(const QCase& c, std::mt19937& rng) {
     // GPU and double in the reference: a few ulp; scores up to 4x larger with key scales, whose fp16 table
     // entries then carry 4x the absolute rounding: 1.2e-2 for the LSE with fp16 tables and key scales)
     const std::string tag = c.coded ? fmt::format(" coded {}", c.coded) : "";
-    CHECK_MEASURED(c.pre_rope ? std::string("test_quant_decode: pre-RoPE output rel err")
+    CHECK_MEASURED(c.pre_rope ? "test_quant_decode: pre-RoPE output rel err" + tag
                               : "test_quant_decode: output rel err" + tag,
                    eo, 1e-2);
-    CHECK_MEASURED(c.pre_rope   ? std::string("test_quant_decode: pre-RoPE LSE rel err")
+    CHECK_MEASURED(c.pre_rope   ? "test_quant_decode: pre-RoPE LSE rel err" + tag
                    : half_lut ? "test_quant_decode: LSE rel err (fp16 lookup tables)" + tag
                               : "test_quant_decode: LSE rel err (fp32 lookup tables)" + tag,
                    el, half_lut ? (kgain ? 1.2e-2 : 3e-3) : 3e-4);
@@ -508,7 +511,9 @@ TEST_CASE("GPU quant decode: per-token scales and rotated bases (gain=, rotate=p
            rng);
   // the dequantize-dot kernel has no coded transform: an error, not a silent plain decode
   QCase bad{VqKernelConfig::kC4B8, 128, 2, 2, {{5, 1, 1}, {5, 1, 1}, {5, 1, 1}}, 1.f, false, false, false, 1};
-  CHECK_THROWS_WITH(run_case(bad, rng), Catch::Contains("run in the lookup-table kernel only"));
+  CHECK_THROWS_WITH(run_case(bad, rng), Catch::Contains("run on the lookup-table configurations only"));
+  bad.pre_rope = true;
+  CHECK_THROWS_WITH(run_case(bad, rng), Catch::Contains("run on the lookup-table configurations only"));
 }
 
 TEST_CASE("GPU quant decode: pre-RoPE keys (dequantize, rotate at code_pos, dot) equal the rotated CPU reference", "[gpu][quant]") {
@@ -533,6 +538,44 @@ TEST_CASE("GPU quant decode: pre-RoPE keys (dequantize, rotate at code_pos, dot)
         run_case(c, rng);
         ++n;
       }
+}
+
+// gain= and rotate=pca with pre-RoPE keys (QuantDecodeParams k_rotation, k_mean, k_scale, v_scale, v_rotation,
+// v_mean): the dequantize-rotate-dot kernel maps each coded key back (k_mean + R_k^T (ks u)) before rotating it to
+// code_pos; the reference's quantized keys are mean + R^T (s u), then RoPE. Every lookup-table configuration, head_dim
+// 128 and 64, GQA 1/4/8, each combination of key scales, value scales (with zeros) and bases; odd counts, slots past
+// the counts poisoned. Tolerances: run_case's pre-RoPE bounds (fp32 throughout: the basis product in fp32 against the
+// reference's double, a few ulp of scores up to 4x larger with key scales).
+TEST_CASE("GPU quant decode: pre-RoPE keys with per-token scales and bases (gain=, rotate=pca, key_rope=pre) equal the "
+          "transformed, rotated CPU reference",
+          "[gpu][quant]") {
+  SKIP_WITHOUT_GPU();
+  const uint32_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937 rng(seed);
+  int n = 0;
+  for (VqKernelConfig cfg : kAllConfigs) {
+    if (!cuda::vq_uses_lut(cfg)) continue;
+    for (int d : {128, 64})
+      for (int G : {1, 4, 8}) {
+        QCase c;
+        c.cfg = cfg;
+        c.d = d;
+        c.kv_heads = 2;
+        c.heads = 2 * G;
+        c.seqs = {{1 + 2 * (n % 7) + 1023, 11, 128}, {2001 + n, 31, 77}, {0, 1, 5}};
+        c.q_scale = (n % 2) ? 4.f : 1.f;
+        c.sorted = false;
+        c.lut_half = false;
+        c.pre_rope = true;
+        c.coded = std::array<int, 5>{7, 1, 3, 4, 6}[n % 5];
+        run_case(c, rng);
+        ++n;
+      }
+  }
+  // the LLaMA-3-8B-shaped group with every option, long stream
+  run_case({VqKernelConfig::kC8B8, 128, 32, 8, {{9001, 90, 128}, {1025, 10, 128}, {5, 1, 1}}, 4.f, false, false, true, 7},
+           rng);
 }
 
 // A workspace sized by quant_decode_max_splits holds every plan of up to that many sequences and tokens: a

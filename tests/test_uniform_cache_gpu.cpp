@@ -727,8 +727,12 @@ TEST_CASE("bench methods: uniform parses with its closed set and simulated-only 
   CHECK_THROWS_WITH(cuda::parse_bench_method("vq:bits=2,gain=k"),
                     Catch::Contains("gain= and rotate=pca run on the compressed cache's lookup-table widths (bits 1, "
                                     "0.75, 0.5, 0.375), not c4b8"));
-  CHECK_THROWS_WITH(cuda::parse_bench_method("vq:bits=1,rotate=pca,key_rope=pre"),
-                    Catch::Contains("gain= and rotate=pca with key_rope=pre are not implemented"));
+  const auto commute_gain = cuda::parse_bench_method("vq:bits=1,gain=k,key_rope=commute");
+  CHECK((commute_gain.compressed && commute_gain.commute && commute_gain.gain_keys && !commute_gain.rotate));
+  // the best method's pre-RoPE form: pre-RoPE keys with the coded transform (each key mapped back per token)
+  const auto best_pre = cuda::parse_bench_method("vq:bits=1,gain=kv,rotate=pca,key_rope=pre");
+  CHECK((best_pre.compressed && best_pre.pre_rope && !best_pre.commute && best_pre.gain_keys && best_pre.gain_values &&
+         best_pre.rotate));
   CHECK(cuda::parse_bench_method("antkv:bits=1,anchors=kv").compressed);
   // gain and rotate run through the compressed cache's coded transform; metric=task decodes as plain vq (it changes
   // only which codes are written); the per-token fp16 scales count in the bytes

@@ -25,6 +25,8 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMaxSplitLen = 1 << 22;  // fp32 sums of exp2 weights <= 1 each: no overflow at any split length
 
 constexpr int cmax(int a, int b) { return a > b ? a : b; }
+constexpr int kOffsets = 32;        // the rotation table's offsets from a warp's base position (one per lane)
+constexpr int kMaxSmem = 227 * 1024;  // dynamic shared memory of one block (sm_90)
 
 template <int D, int C, int NB, int G>
 struct Shape {
@@ -35,8 +37,14 @@ struct Shape {
   // codes [NG][kTile] u8, and at the end o [NP][G][D] in the same bytes
   static constexpr int CB = NG * K * PH * 4, VCB = CB, U = VCB + NG * K * C * 2, FREQ = U + HALF * G * 8,
                        RED = FREQ + HALF * 4, P = RED + (kNT / 32) * G * 4, KC = P + kTile * G * 4, VC = KC + kTile * NG,
-                       O = P, BYTES = cmax(VC + kTile * NG, O + NP * G * D * 4);
+                       O = P, BASE_BYTES = cmax(VC + kTile * NG, O + NP * G * D * 4);
+  // the fast rotation, where it fits: E [HALF][kOffsets] float2 (e^{i r theta_j}) | each warp's query turned back by
+  // its base position, [kNT/32][HALF][G] float2
+  static constexpr int E = BASE_BYTES, UW = E + HALF * kOffsets * 8, FAST_BYTES = UW + (kNT / 32) * HALF * G * 8;
+  static constexpr bool FAST = FAST_BYTES <= kMaxSmem;
+  static constexpr int BYTES = FAST ? FAST_BYTES : BASE_BYTES;
   static_assert(NB <= 8, "codes are staged as bytes");
+  static_assert(BASE_BYTES % 16 == 0, "16-byte aligned regions");
   static_assert(CB % 16 == 0 && U % 16 == 0 && (HALF * G * 8) % 16 == 0 && P % 16 == 0, "16-byte aligned regions");
 };
 
@@ -54,6 +62,16 @@ __device__ __forceinline__ void dot_pair(const float2* u, float zr, float zi, fl
       s[h + 1] = fmaf(a.z, zr, fmaf(a.w, zi, s[h + 1]));
     }
   }
+}
+
+// (sin, cos) of the exact angle pos * freq (two fp32 numbers; their product carried as hi + lo, the fp32 product and
+// its rounding error), reduced to [-pi, pi] by two-constant Cody-Waite, then the fast sine/cosine (~2^-21 absolute)
+__device__ __forceinline__ void exact_angle_sincos(float pos, float freq, float* sn, float* cs) {
+  const float hi = __fmul_rn(pos, freq);
+  const float lo = fmaf(pos, freq, -hi);
+  const float k = rintf(hi * 0.15915494309189535f);
+  const float r = fmaf(k, 1.7484555e-07f, fmaf(-k, 6.28318548202514648f, hi)) + lo;  // 2pi = 6.2831855 - 1.7484555e-7
+  __sincosf(r, sn, cs);
 }
 
 // the G weights of one token (p: [G] floats in shared memory)
@@ -87,6 +105,8 @@ __global__ void __launch_bounds__(kNT, 1) commute_split_kernel(const QuantDecode
   float* sO = reinterpret_cast<float*>(smem + S::O);
   uint8_t* sKc = smem + S::KC;
   uint8_t* sVc = smem + S::VC;
+  float2* sE = reinterpret_cast<float2*>(smem + S::E);    // FAST: [HALF][kOffsets] e^{i r theta_j}
+  float2* sUw = reinterpret_cast<float2*>(smem + S::UW);  // FAST: [kNT/32][HALF][G] u_j e^{-i base theta_j}
 
   const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -113,6 +133,12 @@ __global__ void __launch_bounds__(kNT, 1) commute_split_kernel(const QuantDecode
     const uint4* vsrc = reinterpret_cast<const uint4*>(p.v_centroids + static_cast<int64_t>(kvh) * NG * K * C);
     for (int i = tid; i < NG * K * C / 8; i += kNT) reinterpret_cast<uint4*>(smem + S::VCB)[i] = vsrc[i];
     for (int i = tid; i < HALF; i += kNT) sFreq[i] = p.inv_freq[i];
+    if constexpr (S::FAST)
+      for (int i = tid; i < HALF * kOffsets; i += kNT) {
+        float sn, cs;
+        exact_angle_sincos(static_cast<float>(i % kOffsets), __ldg(p.inv_freq + i / kOffsets), &sn, &cs);
+        sE[i] = make_float2(cs, sn);
+      }
   }
   __syncthreads();
 
@@ -135,7 +161,8 @@ __global__ void __launch_bounds__(kNT, 1) commute_split_kernel(const QuantDecode
   const int vg = (2 * cp) / C, voff = (2 * cp) % C;
 
   // after the score pass wrote s (log2 units, -inf when invalid) of the thread's token: tile max, rescale, weights
-  auto softmax_tile = [&](bool valid, const float (&s)[G]) {
+  // (vscale: the token's value scale, gain=kv; the value pass reads p * vs, the denominator takes p)
+  auto softmax_tile = [&](bool valid, const float (&s)[G], float vscale) {
 #pragma unroll
     for (int h = 0; h < G; ++h) {
       const float mx = warp_max(valid ? s[h] : -INFINITY);
@@ -153,7 +180,7 @@ __global__ void __launch_bounds__(kNT, 1) commute_split_kernel(const QuantDecode
       const float pw = valid ? exp2f(s[h] - mn) : 0.f;
       l_part[h] = fmaf(l_part[h], al, pw);
       o[h][0] *= al, o[h][1] *= al;
-      sP[tid * G + h] = pw;
+      sP[tid * G + h] = pw * vscale;
     }
     __syncthreads();
   };
@@ -164,22 +191,43 @@ __global__ void __launch_bounds__(kNT, 1) commute_split_kernel(const QuantDecode
     float s[G];
 #pragma unroll
     for (int h = 0; h < G; ++h) s[h] = 0.f;
+    float vscale = 1.f;
+    const int32_t pos_i = valid ? __ldg(cpos + t) : 0;
+    // FAST: a warp whose slots' positions lie in [base, base + 32), base its first slot's (a stream of consecutive
+    // tokens, gaps allowed), turns each codeword by e^{i (pos - base) theta_j} from the table and dots it with the
+    // query turned back by its base, u_j e^{-i base theta_j} (the warp's own copy, rebuilt per tile: 2 sine/cosine
+    // pairs per lane instead of 64 per slot); any other warp turns by the sine/cosine of the whole angle
+    bool fast = false;
+    int32_t base = 0;
+    if constexpr (S::FAST) {
+      base = __shfl_sync(0xffffffffu, pos_i, 0);
+      fast = __all_sync(0xffffffffu, !valid || (pos_i - base >= 0 && pos_i - base < kOffsets));
+      if (fast) {
+        for (int j = lane; j < HALF; j += 32) {
+          float sn, cs;
+          exact_angle_sincos(static_cast<float>(base), sFreq[j], &sn, &cs);
+#pragma unroll
+          for (int h = 0; h < G; ++h) {
+            const float2 u = sU[j * G + h];
+            sUw[(warp * HALF + j) * G + h] = make_float2(fmaf(u.x, cs, u.y * sn), fmaf(u.y, cs, -u.x * sn));
+          }
+        }
+        __syncwarp();
+      }
+    }
     if (valid) {
       uint32_t wk[NWD], wv[NWD];
       load_record<REC>(kbase, t, wk);
       load_record<REC>(vbase, t, wv);
-      const float pos = static_cast<float>(__ldg(cpos + t));
       const int sw = t & (NG - 1);  // record position i holds the code of group i ^ (slot mod NG)
 #pragma unroll
       for (int i = 0; i < NG; ++i) {  // codes staged group-major: a warp's lanes read consecutive bytes
         sKc[(i ^ sw) * kTile + tid] = static_cast<uint8_t>(code_at<NB>(wk, i));
         sVc[(i ^ sw) * kTile + tid] = static_cast<uint8_t>(code_at<NB>(wv, i));
       }
-      // a rolled loop over the groups (the fully unrolled one was thousands of instructions per slot)
-#pragma unroll 1
-      for (int g = 0; g < NG; ++g) {
+      // the group's codeword as PH half2 (re, im)
+      auto codeword = [&](int g, __half2 (&wr)[PH]) {
         const __half2* w = sCb + (g * K + sKc[g * kTile + tid]) * PH;
-        alignas(16) __half2 wr[PH];
         if constexpr (PH % 4 == 0) {
 #pragma unroll
           for (int e = 0; e < PH / 4; ++e) *reinterpret_cast<uint4*>(wr + 4 * e) = reinterpret_cast<const uint4*>(w)[e];
@@ -188,22 +236,50 @@ __global__ void __launch_bounds__(kNT, 1) commute_split_kernel(const QuantDecode
         } else {
           wr[0] = w[0];
         }
+      };
+      if (fast) {
+        const float2* e = sE + (pos_i - base);  // column pos - base, in [0, kOffsets)
+        const float2* uw = sUw + warp * HALF * G;
+        // a rolled loop over the groups (the fully unrolled one was thousands of instructions per slot)
+#pragma unroll 1
+        for (int g = 0; g < NG; ++g) {
+          alignas(16) __half2 wr[PH];
+          codeword(g, wr);
 #pragma unroll
-        for (int pi = 0; pi < PH; ++pi) {
-          const int j = g * PH + pi;
-          // the runtime's fp32 angle, reduced to [-pi, pi] (two-constant Cody-Waite), fast sine/cosine (~2^-21 abs)
-          const float angle = __fmul_rn(pos, sFreq[j]);
-          const float kk = rintf(angle * 0.15915494309189535f);
-          const float r = fmaf(kk, 1.7484555e-07f, fmaf(-kk, 6.28318548202514648f, angle));
-          float sn, cs;
-          __sincosf(r, &sn, &cs);
-          const float2 wf = __half22float2(wr[pi]);
-          const float zr = wf.x * cs - wf.y * sn, zi = wf.y * cs + wf.x * sn;  // w e^{i pos theta}
-          dot_pair<G>(sU + j * G, zr, zi, s);
+          for (int pi = 0; pi < PH; ++pi) {
+            const int j = g * PH + pi;
+            const float2 r = e[j * kOffsets];
+            const float2 wf = __half22float2(wr[pi]);
+            const float zr = wf.x * r.x - wf.y * r.y, zi = wf.y * r.x + wf.x * r.y;  // w e^{i (pos - base) theta}
+            dot_pair<G>(uw + j * G, zr, zi, s);
+          }
+        }
+      } else {
+        const float pos = static_cast<float>(pos_i);
+#pragma unroll 1
+        for (int g = 0; g < NG; ++g) {
+          alignas(16) __half2 wr[PH];
+          codeword(g, wr);
+#pragma unroll
+          for (int pi = 0; pi < PH; ++pi) {
+            const int j = g * PH + pi;
+            float sn, cs;
+            exact_angle_sincos(pos, sFreq[j], &sn, &cs);
+            const float2 wf = __half22float2(wr[pi]);
+            const float zr = wf.x * cs - wf.y * sn, zi = wf.y * cs + wf.x * sn;  // w e^{i pos theta}
+            dot_pair<G>(sU + j * G, zr, zi, s);
+          }
         }
       }
+      // gain: the key's scale commutes with RoPE (one factor per token after the lookups); the value's weighs p
+      if (p.k_scale) {
+        const float ks = __half2float(p.k_scale[bh * p.quant_capacity + t]);
+#pragma unroll
+        for (int h = 0; h < G; ++h) s[h] *= ks;
+      }
+      if (p.v_scale) vscale = __half2float(p.v_scale[bh * p.quant_capacity + t]);
     }
-    softmax_tile(valid, s);
+    softmax_tile(valid, s, vscale);
     const int n = min(kTile, q1 - t0);
 #pragma unroll 4
     for (int i = cls; i < n; i += NP) {
@@ -249,7 +325,7 @@ __global__ void __launch_bounds__(kNT, 1) commute_split_kernel(const QuantDecode
 #pragma unroll
         for (int h = 0; h < G; ++h) logits[h * n_logit + f] = s[h] * kLn2;
     }
-    softmax_tile(valid, s);
+    softmax_tile(valid, s, 1.f);
     const int n = min(kTile, f1 - t0);
     for (int i = cls; i < n; i += NP) {
       const float2 v = __half22float2(__ldg(reinterpret_cast<const __half2*>(vrow(t0 + i) + 2 * cp)));
@@ -425,6 +501,9 @@ void commute_decode(const QuantDecodeParams& p, cudaStream_t stream) {
   ANTKV_CHECK(p.q && p.out && p.workspace && p.n_quant && p.n_anchor && p.n_window, "commute decode: null pointer");
   ANTKV_CHECK(p.quant_capacity >= 0 && p.anchor_capacity >= 0 && p.window_capacity >= 0, "commute decode: bad capacity");
   ANTKV_CHECK(p.pre_rope, "commute decode: the code stream must hold pre-RoPE keys with their positions (pre_rope)");
+  ANTKV_CHECK(!p.q_rot && !p.q_mean && !p.k_rotation && !p.k_mean && !p.v_rotation && !p.v_mean,
+              "commute decode: a basis (rotate=pca) is not implemented with RoPE-commuting keys (it mixes the RoPE "
+              "pairs); per-token scales (k_scale, v_scale) are");
   ANTKV_CHECK(p.quant_capacity == 0 || (p.k_codes && p.v_codes && p.k_centroids && p.v_centroids && p.code_pos && p.inv_freq),
               "commute decode: codes, codebooks, code positions and inv_freq are required when quant_capacity > 0");
   ANTKV_CHECK(p.anchor_capacity == 0 || (p.anchor_k && p.anchor_v), "commute decode: anchor K/V are null");

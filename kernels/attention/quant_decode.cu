@@ -760,7 +760,12 @@ __global__ void __launch_bounds__(D) quant_reduce_coded_kernel(const QuantDecode
 // records). FP16 tokens (anchors, window: post-RoPE) follow in the same loop without rotation. Warps merge
 // in shared memory into the split's record (o, m, l) for quant_reduce_kernel.
 // ROT = false (c2b8, c4b8 with post-RoPE keys): the same kernel without the rotation.
-template <int D, int C, int NB, int HT, bool ROT>
+// EX (the coded transform with pre-RoPE keys: gain=, rotate=pca): each coded key is mapped back before the RoPE
+// rotation, k = k_mean + R_k^T (ks u) (the warp's u through shared memory, R_k of the KV head staged in dynamic
+// shared memory: D x D fp32, then D products per lane channel), and the quantized tokens' values are summed in
+// their coded basis with weights p * vs in a second accumulator (rotated back by quant_reduce_coded_kernel), their
+// mean as p * v_mean with the FP16 tokens' values: the split record of the lookup-table kernel's EX instantiation.
+template <int D, int C, int NB, int HT, bool ROT, bool EX = false>
 __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeParams p) {
   constexpr int NT = 256, NW = NT / 32, HALF = D / 2, PR = D / 64, NG = D / C, REC = NG * NB / 8;
   constexpr int NWD = (REC + 3) / 4;
@@ -768,6 +773,9 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
   __shared__ float sFreq[HALF];
   __shared__ float sO[NW][HT][D];
   __shared__ float sML[NW][HT][2];
+  __shared__ float sOc[EX ? NW : 1][HT][D];  // EX: the warps' coded value sums
+  __shared__ __align__(16) float sU[EX ? NW : 1][D];  // EX: each warp's coded key (the product with R_k)
+  extern __shared__ __align__(16) float pre_dyn_smem[];  // EX with k_rotation: R_k of the KV head [D][D]
   const int split = blockIdx.x, b = blockIdx.z;
   const int G = p.n_heads / p.n_kv_heads;
   const int tiles_per_kv = G / HT;
@@ -779,6 +787,11 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
     sQ[i / D][i % D] = __bfloat162float(p.q[(static_cast<int64_t>(b) * p.n_heads + h0) * D + i]) * sl;
   if constexpr (ROT)
     for (int i = tid; i < HALF; i += NT) sFreq[i] = p.inv_freq[i];
+  if constexpr (EX)
+    if (p.k_rotation) {
+      const float4* src = reinterpret_cast<const float4*>(p.k_rotation + static_cast<int64_t>(kvh) * D * D);
+      for (int i = tid; i < D * D / 4; i += NT) reinterpret_cast<float4*>(pre_dyn_smem)[i] = __ldg(src + i);
+    }
   __syncthreads();
 
   const int64_t q_limit = std::min<int64_t>(static_cast<int64_t>(p.n_splits) * p.split_len, p.quant_capacity);
@@ -802,17 +815,32 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
 #pragma unroll
     for (int j = 0; j < PR; ++j) qa[h][j] = sQ[h][lane * PR + j], qb[h][j] = sQ[h][lane * PR + j + HALF];
   float m[HT], l[HT], oa[HT][PR], ob[HT][PR];
+  float oca[HT][PR], ocb[HT][PR];  // EX: the quantized tokens' values in the coded basis
 #pragma unroll
   for (int h = 0; h < HT; ++h) {
     m[h] = -INFINITY, l[h] = 0.f;
 #pragma unroll
     for (int j = 0; j < PR; ++j) oa[h][j] = ob[h][j] = 0.f;
   }
+#pragma unroll
+  for (int h = 0; h < HT; ++h)
+#pragma unroll
+    for (int j = 0; j < PR; ++j) oca[h][j] = ocb[h][j] = 0.f;
+  // EX: the means at the lane's channels (0 without a basis)
+  float kma[PR], kmb[PR], vma[PR], vmb[PR];
+#pragma unroll
+  for (int j = 0; j < PR; ++j) {
+    const int64_t at = static_cast<int64_t>(kvh) * D + lane * PR + j;
+    kma[j] = EX && p.k_mean ? __ldg(p.k_mean + at) : 0.f, kmb[j] = EX && p.k_mean ? __ldg(p.k_mean + at + HALF) : 0.f;
+    vma[j] = EX && p.v_mean ? __ldg(p.v_mean + at) : 0.f, vmb[j] = EX && p.v_mean ? __ldg(p.v_mean + at + HALF) : 0.f;
+  }
   // one token: keys ka/kb (already rotated), values va/vb at the lane's channels
   // (logit: null, or where head 0's scaled score goes, head h's n_logit floats further: FP16 tokens)
+  // coded (EX): va/vb are a quantized token's coded values times vs (the coded sums; its mean with o); a constant at
+  // each call, folded once the lambda is inlined
   const int64_t n_logit = static_cast<int64_t>(p.anchor_capacity) + p.window_capacity;
-  auto accumulate = [&](const float (&ka)[PR], const float (&kb)[PR], const float (&va)[PR], const float (&vb)[PR],
-                        float* logit) {
+  auto accumulate = [&](bool coded, const float (&ka)[PR], const float (&kb)[PR], const float (&va)[PR],
+                        const float (&vb)[PR], float* logit) {
 #pragma unroll
     for (int h = 0; h < HT; ++h) {
       float part = 0.f;
@@ -826,8 +854,16 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
       l[h] = l[h] * al + pw;
 #pragma unroll
       for (int j = 0; j < PR; ++j) {
-        oa[h][j] = fmaf(oa[h][j], al, pw * va[j]);
-        ob[h][j] = fmaf(ob[h][j], al, pw * vb[j]);
+        if (EX && coded) {
+          oa[h][j] = fmaf(oa[h][j], al, pw * vma[j]);
+          ob[h][j] = fmaf(ob[h][j], al, pw * vmb[j]);
+          oca[h][j] = fmaf(oca[h][j], al, pw * va[j]);
+          ocb[h][j] = fmaf(ocb[h][j], al, pw * vb[j]);
+        } else {
+          oa[h][j] = fmaf(oa[h][j], al, pw * va[j]);
+          ob[h][j] = fmaf(ob[h][j], al, pw * vb[j]);
+          if (EX) oca[h][j] *= al, ocb[h][j] *= al;
+        }
       }
     }
   };
@@ -860,6 +896,47 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
       xa[0] = __half2float(__ldg(pka)), xb[0] = __half2float(__ldg(pkb));
       va[0] = __half2float(__ldg(pva)), vb[0] = __half2float(__ldg(pvb));
     }
+    if constexpr (EX) {  // k = k_mean + R_k^T (ks u), v's coded part vs u
+      const int64_t so = bh * p.quant_capacity + t;
+      const float ks = p.k_scale ? __half2float(p.k_scale[so]) : 1.f;
+      const float vs = p.v_scale ? __half2float(p.v_scale[so]) : 1.f;
+#pragma unroll
+      for (int j = 0; j < PR; ++j) va[j] *= vs, vb[j] *= vs;
+      if (p.k_rotation) {  // channel e of R_k^T u = sum_i R_k[i][e] u_i: u through shared memory, R_k rows broadcast
+#pragma unroll
+        for (int j = 0; j < PR; ++j) sU[warp][i0 + j] = xa[j], sU[warp][i0 + HALF + j] = xb[j];
+        __syncwarp();
+        float ra[PR], rb[PR];
+#pragma unroll
+        for (int j = 0; j < PR; ++j) ra[j] = rb[j] = 0.f;
+        // four u_i per broadcast load; at head_dim 128 a lane's two channels of a row in one 8-byte load
+#pragma unroll 2
+        for (int i = 0; i < D; i += 4) {
+          const float4 u4 = *reinterpret_cast<const float4*>(&sU[warp][i]);
+          const float uu[4] = {u4.x, u4.y, u4.z, u4.w};
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const float* row = pre_dyn_smem + (i + k) * D;
+            if constexpr (PR == 2) {
+              const float2 a = *reinterpret_cast<const float2*>(row + i0);
+              const float2 c = *reinterpret_cast<const float2*>(row + i0 + HALF);
+              ra[0] = fmaf(a.x, uu[k], ra[0]), ra[1] = fmaf(a.y, uu[k], ra[1]);
+              rb[0] = fmaf(c.x, uu[k], rb[0]), rb[1] = fmaf(c.y, uu[k], rb[1]);
+            } else {
+#pragma unroll
+              for (int j = 0; j < PR; ++j)
+                ra[j] = fmaf(row[i0 + j], uu[k], ra[j]), rb[j] = fmaf(row[i0 + HALF + j], uu[k], rb[j]);
+            }
+          }
+        }
+        __syncwarp();  // sU is rewritten by the warp's next token
+#pragma unroll
+        for (int j = 0; j < PR; ++j) xa[j] = fmaf(ks, ra[j], kma[j]), xb[j] = fmaf(ks, rb[j], kmb[j]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < PR; ++j) xa[j] = fmaf(ks, xa[j], kma[j]), xb[j] = fmaf(ks, xb[j], kmb[j]);
+      }
+    }
 #pragma unroll
     for (int j = 0; j < PR; ++j) {
       if constexpr (!ROT) {
@@ -876,7 +953,7 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
       ka[j] = xa[j] * cs - xb[j] * sn;
       kb[j] = xb[j] * cs + xa[j] * sn;
     }
-    accumulate(ka, kb, va, vb, nullptr);
+    accumulate(true, ka, kb, va, vb, nullptr);
   }
   float* logits = p.fp16_logits ? p.fp16_logits + (static_cast<int64_t>(b) * p.n_heads + h0) * n_logit : nullptr;
   for (int f = f0 + warp; f < f1; f += NW) {
@@ -889,12 +966,16 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
       ka[j] = __half2float(kr[i]), kb[j] = __half2float(kr[i + HALF]);
       va[j] = __half2float(vr[i]), vb[j] = __half2float(vr[i + HALF]);
     }
-    accumulate(ka, kb, va, vb, logits ? logits + f : nullptr);
+    accumulate(false, ka, kb, va, vb, logits ? logits + f : nullptr);
   }
 #pragma unroll
   for (int h = 0; h < HT; ++h) {
 #pragma unroll
     for (int j = 0; j < PR; ++j) sO[warp][h][lane * PR + j] = oa[h][j], sO[warp][h][lane * PR + j + HALF] = ob[h][j];
+    if constexpr (EX)
+#pragma unroll
+      for (int j = 0; j < PR; ++j)
+        sOc[warp][h][lane * PR + j] = oca[h][j], sOc[warp][h][lane * PR + j + HALF] = ocb[h][j];
     if (lane == 0) sML[warp][h][0] = m[h], sML[warp][h][1] = l[h];
   }
   __syncthreads();
@@ -905,18 +986,20 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
     float M = -INFINITY;
 #pragma unroll
     for (int w = 0; w < NW; ++w) M = fmaxf(M, sML[w][h][0]);
-    float O = 0.f, L = 0.f;
+    float O = 0.f, L = 0.f, O_coded = 0.f;
     if (M != -INFINITY) {
 #pragma unroll
       for (int w = 0; w < NW; ++w)
         if (sML[w][h][0] != -INFINITY) {
           const float f = exp2f(sML[w][h][0] - M);
           O = fmaf(f, sO[w][h][c], O);
+          if constexpr (EX) O_coded = fmaf(f, sOc[w][h][c], O_coded);
           L = fmaf(f, sML[w][h][1], L);
         }
     }
     const int64_t slot = (static_cast<int64_t>(b) * p.n_heads + h0 + h) * p.n_splits + split;
     wo[slot * D + c] = O;
+    if constexpr (EX) wml[static_cast<int64_t>(p.batch) * p.n_heads * p.n_splits * 2 + slot * D + c] = O_coded;
     if (c == 0) {
       wml[slot * 2] = M;
       wml[slot * 2 + 1] = L;
@@ -924,26 +1007,50 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
   }
 }
 
-template <int D, int C, int NB, bool ROT>
+template <int D, int C, int NB, int HT, bool ROT, bool EX>
+void launch_pre_ht(const QuantDecodeParams& p, dim3 grid, cudaStream_t stream) {
+  const auto kernel = quant_pre_split_kernel<D, C, NB, HT, ROT, EX>;
+  if constexpr (EX) {  // R_k (64 KB at head_dim 128) is more than the default 48 KB of dynamic shared memory
+    static const bool ready = [&] {
+      ANTKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D * D * 4));
+      return true;
+    }();
+    (void)ready;
+  }
+  const size_t smem = EX && p.k_rotation ? static_cast<size_t>(D) * D * sizeof(float) : 0;
+  kernel<<<grid, 256, smem, stream>>>(p);
+  ANTKV_LAUNCH_CHECK("quant_pre_split_kernel");
+}
+
+template <int D, int C, int NB, bool ROT, bool EX = false>
 void launch_pre(const QuantDecodeParams& p, int ht, cudaStream_t stream) {
   const int G = p.n_heads / p.n_kv_heads;
   const dim3 grid(p.n_splits, p.n_kv_heads * (G / ht), p.batch);
   switch (ht) {
-    case 4: quant_pre_split_kernel<D, C, NB, 4, ROT><<<grid, 256, 0, stream>>>(p); break;
-    case 2: quant_pre_split_kernel<D, C, NB, 2, ROT><<<grid, 256, 0, stream>>>(p); break;
-    default: quant_pre_split_kernel<D, C, NB, 1, ROT><<<grid, 256, 0, stream>>>(p); break;
+    case 4: launch_pre_ht<D, C, NB, 4, ROT, EX>(p, grid, stream); break;
+    case 2: launch_pre_ht<D, C, NB, 2, ROT, EX>(p, grid, stream); break;
+    default: launch_pre_ht<D, C, NB, 1, ROT, EX>(p, grid, stream); break;
   }
-  ANTKV_LAUNCH_CHECK("quant_pre_split_kernel");
 }
 
-// The dequantize-dot kernel: pre-RoPE keys of every configuration, and c2b8 / c4b8 post-RoPE (no rotation).
+// The dequantize-dot kernel: pre-RoPE keys of every configuration (the coded transform on the lookup-table
+// widths: EX), and c2b8 / c4b8 post-RoPE (no rotation).
 template <int D>
 void launch_pre_config(const QuantDecodeParams& p, int ht, cudaStream_t stream) {
+  const bool ex = p.coded_transform();
   switch (p.config) {
-    case VqKernelConfig::kC8B8: launch_pre<D, 8, 8, true>(p, ht, stream); break;
-    case VqKernelConfig::kC16B12: launch_pre<D, 16, 12, true>(p, ht, stream); break;
-    case VqKernelConfig::kC16B8: launch_pre<D, 16, 8, true>(p, ht, stream); break;
-    case VqKernelConfig::kC16B6: launch_pre<D, 16, 6, true>(p, ht, stream); break;
+    case VqKernelConfig::kC8B8:
+      ex ? launch_pre<D, 8, 8, true, true>(p, ht, stream) : launch_pre<D, 8, 8, true>(p, ht, stream);
+      break;
+    case VqKernelConfig::kC16B12:
+      ex ? launch_pre<D, 16, 12, true, true>(p, ht, stream) : launch_pre<D, 16, 12, true>(p, ht, stream);
+      break;
+    case VqKernelConfig::kC16B8:
+      ex ? launch_pre<D, 16, 8, true, true>(p, ht, stream) : launch_pre<D, 16, 8, true>(p, ht, stream);
+      break;
+    case VqKernelConfig::kC16B6:
+      ex ? launch_pre<D, 16, 6, true, true>(p, ht, stream) : launch_pre<D, 16, 6, true>(p, ht, stream);
+      break;
     case VqKernelConfig::kC4B8:
       p.pre_rope ? launch_pre<D, 4, 8, true>(p, ht, stream) : launch_pre<D, 4, 8, false>(p, ht, stream);
       break;
@@ -1249,10 +1356,16 @@ void quant_decode(QuantDecodeParams p, cudaStream_t stream) {
   const bool coded = p.coded_transform();
   ANTKV_CHECK(p.workspace_floats >= quant_decode_workspace_floats(p.batch, p.n_heads, p.head_dim, p.n_splits, coded),
               "quant_decode: workspace of {} floats is too small", p.workspace_floats);
-  ANTKV_CHECK(!coded || (!p.pre_rope && vq_uses_lut(p.config)),
-              "quant_decode: per-token scales and rotated bases (gain=, rotate=pca) run in the lookup-table kernel only "
-              "(post-RoPE keys, c8b8, c16b12, c16b8 or c16b6), not {}{}",
-              vq_kernel_config_info(p.config).name, p.pre_rope ? " with pre-RoPE keys" : "");
+  ANTKV_CHECK(!coded || vq_uses_lut(p.config),
+              "quant_decode: per-token scales and rotated bases (gain=, rotate=pca) run on the lookup-table "
+              "configurations only (c8b8, c16b12, c16b8 or c16b6), not {}",
+              vq_kernel_config_info(p.config).name);
+  ANTKV_CHECK(p.pre_rope ? !p.q_rot && !p.q_mean : !p.k_rotation && !p.k_mean,
+              "quant_decode: {} keys take their basis as {} (RoPE does not commute with the basis, so a pre-RoPE key "
+              "is mapped back per token; a post-RoPE query is rotated once)",
+              p.pre_rope ? "pre-RoPE" : "post-RoPE", p.pre_rope ? "k_rotation / k_mean, not q_rot / q_mean"
+                                                               : "q_rot / q_mean, not k_rotation / k_mean");
+  ANTKV_CHECK(!p.k_rotation || aligned16(p.k_rotation), "quant_decode: k_rotation must be 16-byte aligned");
   if (p.pre_rope || !vq_uses_lut(p.config)) {
     ANTKV_CHECK(!p.pre_rope || p.quant_capacity == 0 || (p.code_pos && p.inv_freq),
                 "quant_decode: pre-RoPE keys need code positions and inv_freq");

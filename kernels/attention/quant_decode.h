@@ -188,7 +188,7 @@ struct QuantDecodeParams {
   bool pre_rope = false;
   const int32_t* code_pos = nullptr;   // [batch, n_kv_heads, quant_capacity] token position of each code slot
   const float* inv_freq = nullptr;     // [head_dim / 2] RoPE inverse frequencies (the runtime's rope_inv_freq)
-  // Gain-shape and rotated codes (gain=k|kv, rotate=pca; lookup-table kernel only, post-RoPE keys). A quantized
+  // Gain-shape and rotated codes (gain=k|kv, rotate=pca; the lookup-table configurations c8b8, c16b*). A quantized
   // key is k = k_mean + R_k^T (ks_t u_t) and a value v = v_mean + R_v^T (vs_t u_t), u the concatenated centroids
   // of the codes and ks/vs one fp16 scale per token (the stored norm over |u|). So a score is
   // q.k = q.k_mean + ks_t (R_k q).u_t: the lookup tables are built from q_rot = R_k q, scaled by ks_t, plus
@@ -204,7 +204,15 @@ struct QuantDecodeParams {
   const __half* v_scale = nullptr;     // [batch, n_kv_heads, quant_capacity]: vs of each code slot
   const float* v_rotation = nullptr;   // [n_kv_heads, head_dim, head_dim]: R_v, row-major (row i: basis vector i)
   const float* v_mean = nullptr;       // [n_kv_heads, head_dim]
-  bool coded_transform() const { return q_rot || q_mean || k_scale || v_scale || v_rotation || v_mean; }
+  // Pre-RoPE keys with a basis (rotate=pca, key_rope=pre): RoPE does not commute with R_k, so the query cannot be
+  // rotated once (q_rot, q_mean stay null); the dequantize-rotate-dot kernel maps each token's coded key back,
+  // k = k_mean + R_k^T (ks_t u_t) (R_k staged in shared memory, a d x d product per token and KV head), then
+  // rotates it to code_pos and dots. Values as above. Without k_rotation / k_mean (gain=k|kv only): k = ks_t u_t.
+  const float* k_rotation = nullptr;   // [n_kv_heads, head_dim, head_dim]: R_k, row-major (pre_rope only)
+  const float* k_mean = nullptr;       // [n_kv_heads, head_dim] (pre_rope only)
+  bool coded_transform() const {
+    return q_rot || q_mean || k_scale || v_scale || v_rotation || v_mean || k_rotation || k_mean;
+  }
 };
 
 struct QuantDecodePlan {

@@ -39,7 +39,8 @@ BenchMethod parse_bench_method(const std::string& text, MethodPath path, const M
   ANTKV_CHECK(m.needs_codebooks(), "--method {}: internal error: method_support let {} through", text, m.kind_name());
   b.config = parse_vq_kernel_config(fmt::format("c{}b{}", m.keys.c, m.keys.b));  // one of them (method_support)
   // gain=, rotate=pca: the coded transform with synthetic scales, basis and mean (method_support let them through at
-  // post-RoPE lookup-table widths only); metric=task changes which codes are written, not the decode
+  // the lookup-table widths only; post- and pre-RoPE keys, gain with commute); metric=task changes which codes are
+  // written, not the decode
   b.gain_keys = m.gain_keys();
   b.gain_values = m.gain_values();
   b.rotate = m.rotate == Rotate::kPca;

@@ -54,9 +54,9 @@ struct GpuCompressedKvCache::Layer {
   DeviceBuffer<__half> anchor_vsrc;
   DeviceBuffer<float> score_coef;            // [KV, 2]: (e_K, e_V) for error_bound, (0, 1) / (1, 0) otherwise
   DeviceBuffer<__half> k_scale, v_scale;     // gain: [max_batch, KV, capacity] the scale of each code slot
-  // rotate=pca: R^T [KV, d, d] ([k][j] = R[j][k]: the encode, and for keys the query rotation), the mean [KV, d],
-  // and for values R [KV, d, d] (the decode's rotation back)
-  DeviceBuffer<float> k_rot_t, v_rot_t, v_rot, k_mean, v_mean;
+  // rotate=pca: R^T [KV, d, d] ([k][j] = R[j][k]: the encode, and for post-RoPE keys the query rotation), the mean
+  // [KV, d], and R [KV, d, d] for values (the decode's rotation back) and pre-RoPE keys (each key mapped back)
+  DeviceBuffer<float> k_rot_t, v_rot_t, v_rot, k_rot, k_mean, v_mean;
   // metric=task: the factors L [KV, NG, c, c] and the searched centroids L^T c [KV, NG, 2^b, c]
   DeviceBuffer<float> k_metric, v_metric, k_search, v_search;
 };
@@ -670,8 +670,9 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKerne
                       commute ? " commute" : pre_rope ? " pre-RoPE" : "", promote && anchor_ratio > 0 ? " promote" : "",
                       gain_keys ? (gain_values ? " gain=kv" : " gain=k") : "", rotate ? " rotate=pca" : "");
   cuda::check_vq_shape(cfg.head_dim, config_);
-  ANTKV_CHECK(!(gain_keys || gain_values || rotate) || (!pre_rope && !commute && cuda::vq_uses_lut(config)),
-              "compressed cache {}: gain and rotate run with post-RoPE keys on the lookup-table configurations only", name_);
+  ANTKV_CHECK(!(gain_keys || gain_values || rotate) || cuda::vq_uses_lut(config),
+              "compressed cache {}: gain and rotate run on the lookup-table configurations only", name_);
+  ANTKV_CHECK(!(rotate && commute), "compressed cache {}: rotate with commute keys (the basis mixes the RoPE pairs)", name_);
   gain_k_ = gain_keys;
   gain_v_ = gain_values;
   rotate_ = rotate;
@@ -681,7 +682,8 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKerne
   for (int l = 0; l < n_layers_; ++l) {
     Layer& L = *layers_[l];
     const float basis = 1.0f / std::sqrt(static_cast<float>(d_));
-    for (auto* b : {&L.k_rot_t, &L.v_rot_t, &L.v_rot, &L.k_mean, &L.v_mean}) {  // fp16-valued fp32, as the codebooks'
+    // (the synthetic R_k of pre-RoPE keys is not R_k^T's transpose: decode time does not depend on the values)
+    for (auto* b : {&L.k_rot_t, &L.v_rot_t, &L.v_rot, &L.k_rot, &L.k_mean, &L.v_mean}) {  // fp16-valued fp32, as the codebooks'
       if (!b->size()) continue;
       DeviceBuffer<__half> tmp(b->size());
       cuda::fill_random_f16(tmp.get(), static_cast<int64_t>(tmp.size()), seed * 977 + l, basis, nullptr);
@@ -812,6 +814,7 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
     if (rotate_) {
       const size_t dd = static_cast<size_t>(n_kv_) * d_ * d_;
       L->k_rot_t.resize(dd), L->v_rot_t.resize(dd), L->v_rot.resize(dd);
+      if (pre_) L->k_rot.resize(dd);
       L->k_mean.resize(static_cast<size_t>(n_kv_) * d_), L->v_mean.resize(static_cast<size_t>(n_kv_) * d_);
     }
     if (task_) {
@@ -832,7 +835,7 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
                      L->anchor_k.bytes() + L->anchor_v.bytes() + L->anchor_pos.bytes() + L->window_k.bytes() +
                      L->window_v.bytes() + L->code_pos.bytes() + L->window_kpre.bytes() + L->anchor_score.bytes() +
                      L->window_score.bytes() + L->anchor_kpre.bytes() + L->anchor_vsrc.bytes() + L->score_coef.bytes() + L->k_scale.bytes() +
-                     L->v_scale.bytes() + L->k_rot_t.bytes() + L->v_rot_t.bytes() + L->v_rot.bytes() + L->k_mean.bytes() +
+                     L->v_scale.bytes() + L->k_rot_t.bytes() + L->v_rot_t.bytes() + L->v_rot.bytes() + L->k_rot.bytes() + L->k_mean.bytes() +
                      L->v_mean.bytes() + L->k_metric.bytes() + L->v_metric.bytes() + L->k_search.bytes() +
                      L->v_search.bytes();
     layers_.push_back(std::move(L));
@@ -891,6 +894,7 @@ void GpuCompressedKvCache::upload_transforms(int l, const CodebookSet& cb, const
       upload(side ? L.v_rot_t : L.k_rot_t, t, side ? "value rotation" : "key rotation");
       upload(side ? L.v_mean : L.k_mean, c.mean, side ? "value mean" : "key mean");
       if (side) upload(L.v_rot, c.rotation, "value rotation");
+      else if (pre_) upload(L.k_rot, c.rotation, "key rotation");
     }
   }
   if (task_) {
@@ -1264,7 +1268,10 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   }
   p.lse = L.promote ? lse_.get() : nullptr;
   p.fp16_logits = L.promote ? logits_.get() : nullptr;
-  if (rotate_) {  // the query once per step and head: R_k q and q . k_mean
+  if (rotate_ && pre_) {  // pre-RoPE keys: each mapped back in the kernel (RoPE does not commute with R_k)
+    p.k_rotation = L.k_rot.get(), p.k_mean = L.k_mean.get();
+    p.v_rotation = L.v_rot.get(), p.v_mean = L.v_mean.get();
+  } else if (rotate_) {  // the query once per step and head: R_k q and q . k_mean
     QueryRotateArgs qa;
     qa.q = q, qa.rot_t = L.k_rot_t.get(), qa.mean = L.k_mean.get();
     qa.q_rot = q_rot_.get(), qa.q_mean = q_mean_.get();

@@ -24,11 +24,13 @@
 //  keys for the quantization at eviction, and decode dequantizes, rotates and dots (quant_decode pre_rope).
 //  Anchors and window keys are post-RoPE either way. key_rope=commute: as pre, with the pre-RoPE keys put in RoPE
 //  pair order (quant/vq.h rope_pair_order) before they are kept or coded, and decode by commute_decode
-//  (kernels/attention/commute_decode.h: codeword times e^{i pos theta}, every configuration but c16b12).
+//  (kernels/attention/commute_decode.h: codeword times e^{i pos theta}, every configuration but c16b12; gain=k|kv:
+//  the per-token scales as for post-RoPE keys, the key's applied after the lookups).
 // Coded tokens as the CPU reference codes them (quant/quantized_cache.cpp quantize_head; encode_rows_kernel here):
 //  - rotate=pca: x' = R (x - mean) per (layer, KV head, tensor); decode rotates the query once per step and head
 //    (q' = R_k q, and q . k_mean added to every quantized token's score) and the values' coded sums back once per
-//    (sequence, head) (quant_decode's coded transform);
+//    (sequence, head) (quant_decode's coded transform); pre-RoPE keys (key_rope=pre) are mapped back per token
+//    instead, k = k_mean + R_k^T (ks u), then rotated to their position (RoPE does not commute with R_k);
 //  - gain=k|kv: x' / |x'| is coded and the stored fp16 norm over |u| (u: the codes' concatenated centroids) is one
 //    fp16 scale per token and head (k_scale / v_scale, counted in bytes_per_sequence), so the lookup tables stay
 //    as they are: score = ks * sum_g LUT[g][code] (+ q . k_mean), value bins weigh p * vs;
@@ -42,9 +44,9 @@
 // decide_leaving re-quantizes from the exact copies): one more FP16 row per anchor.
 // What it runs is declared in quant/method_support.cpp (require_support in the constructor). Refused there: keys
 // and values of different configurations (in any layer) or one outside quant_decode's closed set (c2b8, c4b8, c8b8,
-// c16b12, c16b8, c16b6), anchors=k|v with pre-RoPE keys, correct=on, gain=
-// or rotate=pca with pre-RoPE (or commute) keys or with c2b8 / c4b8 (the dequantize-dot kernel has no scales or
-// rotated bases), commute at c16b12 or with metric=task; the codebooks are checked by check_codebooks_fit
+// c16b12, c16b8, c16b6), anchors=k|v with pre-RoPE keys, correct=on, gain= or rotate=pca with c2b8 / c4b8 (their
+// kernels have no scales or rotated bases), commute at c16b12 or with metric=task (rotate=pca with commute:
+// parse_method); the codebooks are checked by check_codebooks_fit
 // (quant/codebook_fit.h), as in the CPU cache and the simulated quantizer.
 // Counts (per sequence and layer, the same for every KV head): n_anchor anchors, n_window window tokens, n_quant
 // quantized tokens; their sum is the sequence length. Per-layer ratios (lratio): each layer its own anchor ratio,
@@ -83,7 +85,7 @@ class GpuCompressedKvCache {
   // depend on the values.
   // promote: decode steps run the online anchor rule (its cost in the benchmarks; scores start at 0).
   // gain_keys / gain_values / rotate: the coded transform with synthetic scales (uniform in [0.5, 1.5)), means and
-  // bases (uniform in [-1, 1) / sqrt(head_dim)), run through the same decode as a real cache's.
+  // bases (uniform in [-1, 1) / sqrt(head_dim)), run through the same decode as a real cache's (post- or pre-RoPE).
   GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKernelConfig config, double anchor_ratio, int max_batch,
                        int capacity, int window, uint64_t seed, bool pre_rope = false, bool promote = false,
                        bool gain_keys = false, bool gain_values = false, bool rotate = false,

@@ -128,7 +128,6 @@ const std::vector<Rule> kCompressedRules = {
     Rule{two_widths_in_a_layer, false},
     ANTKV_RULE(first_width_not(m, compressed_width).c, "c{}b{} is not one of the compressed cache's configurations (bits 4, 2, 1, 0.75, 0.5, 0.375: c2b8, c4b8, c8b8, c16b12, c16b8, c16b6)", first_width_not(m, compressed_width).c, first_width_not(m, compressed_width).b),
     ANTKV_RULE(one_anchor_tensor(m) && m.pre_rope(), "anchors={} (one tensor only) runs on the compressed cache with post-RoPE keys (its anchor slots hold post-RoPE keys, the code stream pre-RoPE ones); key_rope=post", option_name(m.anchors)),
-    ANTKV_RULE(coded(m) && m.pre_rope(), "gain= and rotate=pca with key_rope={} are not implemented in the compressed cache (its pre-RoPE decode has no per-token scale or rotated basis); key_rope=post", option_name(m.key_rope)),
     ANTKV_RULE(m.commute() && first_width_not(m, commute_width).c, "key_rope=commute does not run c{}b{} on the compressed cache (its key codebook does not fit in shared memory)", first_width_not(m, commute_width).c, first_width_not(m, commute_width).b),
     ANTKV_RULE(m.commute() && m.metric != Metric::kPlain, "key_rope=commute with metric=task is not implemented in the compressed cache"),
     ANTKV_RULE(m.commute() && s && !(s->gqa_group() == 1 || s->gqa_group() == 2 || s->gqa_group() == 4 || s->gqa_group() == 8), "key_rope=commute takes a GQA group of 1, 2, 4 or 8 on the compressed cache, not {} (the model's)", s->gqa_group()),
@@ -137,7 +136,8 @@ const std::vector<Rule> kCompressedRules = {
     ANTKV_RULE(m.norm == Norm::kFp8, "norm=fp8 is not implemented in the compressed cache (it keeps one fp16 scale norm / |u| per token and head: an 8-bit norm would need |u| at decode); the simulated GPU path runs it"),
 };
 const std::vector<Note> kCompressedNotes = {
-    ANTKV_NOTE(m.pre_rope(), "pre-RoPE keys decode by dequantize-rotate-dot"),
+    ANTKV_NOTE(m.pre_rope() && !m.commute(), "pre-RoPE keys decode by dequantize-rotate-dot"),
+    ANTKV_NOTE(m.pre_rope() && !m.commute() && m.rotate == Rotate::kPca, "each coded key mapped back through the basis before its rotation (a head_dim x head_dim product per token)"),
     ANTKV_NOTE(one_anchor_tensor(m), "the other tensor's anchor tokens are coded and kept dequantized in their FP16 slots (quality of anchors={}, memory of anchors=kv{})", option_name(m.anchors), m.promotes() ? ", and an exact FP16 copy of that tensor per anchor, which a displaced anchor is coded from" : ""),
     ANTKV_NOTE(m.metric == Metric::kTask, "codes assigned in the task metric at prefill and append; decode reads the original-space centroids"),
     ANTKV_NOTE(m.keys.c < 8 && compressed_width(m.keys), "c{}b{}: its tables do not fit in shared memory, decode by dequantize-dot", m.keys.c, m.keys.b),
