@@ -9,7 +9,7 @@ The anchor budget's method (scripts/anchor_budget.py) applied to bits. Two steps
      at width B (the base), and for each layer l, tensor t (K or V) and width W the base with only (l, t) at W.
   2. antkv-eval run ... --set 'eval.texts=[<held-out calibration text>]' --set 'eval.methods=<that list>'
      (e.g. a slice of books-calib.txt past the calibration tokens; see recipes/options-results.md), then
-     scripts/bit_budget.py allocate RESULTS.json --method M [--max-eff-cb 1.3 | --bits AVG]
+     scripts/bit_budget.py allocate RESULTS.json --method M [--base B] [--max-eff-cb 1.3 | --bits AVG]
      reads each probe's benefit b(l, t, W) = ln PPL(base) - ln PPL(probe) (mean over the file's texts; the base
      width's benefit is 0, a narrower width's is usually negative) and spends the budget greedily: every (l, t)
      starts at the narrowest width it was measured at, and the step (to a wider measured width, along the upper
@@ -84,7 +84,7 @@ def parse_layered(m, name):
     return (kw, vw) if len(kw) == len(vw) else None
 
 
-def read_benefits(path, m):
+def read_benefits(path, m, base_width=None):
     """{(layer, tensor): {width: benefit}}, the base width, the layer count and the base's eff-cb - nominal."""
     try:
         rows = json.load(open(path))['results']
@@ -102,10 +102,10 @@ def read_benefits(path, m):
         if not (ppl > 0 and math.isfinite(ppl)):
             fail(f'{path}: {r["method"]} on {r.get("text")} has perplexity {ppl}')
         probes.setdefault((tuple(p[0]), tuple(p[1])), {})[r.get('text')] = (ppl, r)
-    bases = [k for k in probes if len(set(k[0] + k[1])) == 1]
+    bases = [k for k in probes if len(set(k[0] + k[1])) == 1 and base_width in (None, k[0][0])]
     if len(bases) != 1:
-        fail(f'{path}: {len(bases)} base probes of "{m}" (every layer at one width) where one is needed; '
-             f'run the list of `bit_budget.py probes`')
+        fail(f'{path}: {len(bases)} base probes of "{m}" (every layer at one width{"" if base_width is None else f" {base_width:g}"}) '
+             f'where one is needed; run the list of `bit_budget.py probes` (--base picks one of several)')
     base = bases[0]
     L, bw = len(base[0]), base[0][0]
     base_ppl = probes[base]
@@ -165,6 +165,7 @@ def main():
     a_ = sub.add_parser('allocate', help='spend a budget greedily from measured probes')
     a_.add_argument('results')
     a_.add_argument('--method', required=True)
+    a_.add_argument('--base', help="the base probes' width, where the file holds probes around several")
     g = a_.add_mutually_exclusive_group()
     g.add_argument('--bits', type=float, help='mean width over layers and K / V')
     g.add_argument('--max-eff-cb', type=float, default=1.3, help='effective bits without codebooks (default 1.3)')
@@ -179,7 +180,7 @@ def main():
             fail(f'--widths lists the base width {a.base}')
         print(json.dumps(probe_methods(a.method, a.layers, base, ws)))
         return
-    table, bw, L, overhead = read_benefits(a.results, a.method)
+    table, bw, L, overhead = read_benefits(a.results, a.method, None if a.base is None else width(a.base, '--base'))
     budget = a.bits if a.bits is not None else a.max_eff_cb - overhead
     if not (budget > 0 and math.isfinite(budget)):
         fail(f'the budget must be a positive mean width, got {budget}')

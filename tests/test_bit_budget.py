@@ -98,12 +98,21 @@ def main():
     k, v = widths(allocate(results(3, 1.0, b, extra=extra), '--bits', str(1 + 2 / 6)))
     assert k == [2, 1, 1] and v == [1, 1, 2], (k, v)
 
+    # probes around two bases in one file: --base picks one; without it, an error
+    two = results(3, 1.0, b)
+    two['results'] += results(3, 0.5, b3)['results']  # layer 2 has no probes: it keeps the base width
+    k, v = widths(allocate(two, '--base', '1', '--bits', str(1 + 2 / 6)))
+    assert k == [2, 1, 1] and v == [1, 1, 2], (k, v)
+    k, v = widths(allocate(two, '--base', '0.5', '--bits', '0.5'))
+    assert k == [0.375, 0.5, 0.5] and v == [0.375, 0.75, 0.5], (k, v)
+
     # errors: one line, non-zero exit
     def bad(p, *words):
         assert p.returncode != 0 and p.stderr.count('\n') == 1, p.stderr
         for w in words:
             assert w in p.stderr, (w, p.stderr)
     bad(allocate({'results': []}), 'base probes')
+    bad(allocate(two), '2 base probes')
     bad(allocate(results(2, 1.0, {})), 'no single-tensor probes')
     bad(allocate(results(2, 1.0, {(0, 0, 2.0): 0.1}), '--bits', '0.4'), 'over the budget')
     bad(run('allocate', os.devnull, '--method', M), os.devnull)
