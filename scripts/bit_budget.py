@@ -9,12 +9,13 @@ The anchor budget's method (scripts/anchor_budget.py) applied to bits. Two steps
      at width B (the base), and for each layer l, tensor t (K or V) and width W the base with only (l, t) at W.
   2. antkv-eval run ... --set 'eval.texts=[<held-out calibration text>]' --set 'eval.methods=<that list>'
      (e.g. a slice of books-calib.txt past the calibration tokens; see recipes/options-results.md), then
-     scripts/bit_budget.py allocate RESULTS.json --method M [--base B] [--max-eff-cb 1.3 | --bits AVG]
+     scripts/bit_budget.py allocate RESULTS.json --method M [--base B] [--widths W,...] [--max-eff-cb 1.3 | --bits AVG]
      reads each probe's benefit b(l, t, W) = ln PPL(base) - ln PPL(probe) (mean over the file's texts; the base
      width's benefit is 0, a narrower width's is usually negative) and spends the budget greedily: every (l, t)
      starts at the narrowest width it was measured at, and the step (to a wider measured width, along the upper
      convex hull of its (width, benefit) points) with the largest benefit per bit that still fits is taken until
-     none fits. Benefits are taken as additive over (l, t). The budget is the mean width over layers and K / V
+     none fits (--widths: only those widths and the base, e.g. `--widths 2` for upgrades without narrower
+     tensors to pay for them). Benefits are taken as additive over (l, t). The budget is the mean width over layers and K / V
      (`--bits`), or by default the largest mean width whose effective bits without codebooks stay <= --max-eff-cb
      (1.3): the base probe's eff-cb minus its nominal bits (the gain norms, anchors) is the overhead added to
      the mean width. Prints `lkbits=.../lvbits=...` on stdout (and the table of benefits and choices on stderr).
@@ -166,6 +167,7 @@ def main():
     a_.add_argument('results')
     a_.add_argument('--method', required=True)
     a_.add_argument('--base', help="the base probes' width, where the file holds probes around several")
+    a_.add_argument('--widths', help='comma-separated: only these measured widths (and the base) may be chosen')
     g = a_.add_mutually_exclusive_group()
     g.add_argument('--bits', type=float, help='mean width over layers and K / V')
     g.add_argument('--max-eff-cb', type=float, default=1.3, help='effective bits without codebooks (default 1.3)')
@@ -181,6 +183,9 @@ def main():
         print(json.dumps(probe_methods(a.method, a.layers, base, ws)))
         return
     table, bw, L, overhead = read_benefits(a.results, a.method, None if a.base is None else width(a.base, '--base'))
+    if a.widths is not None:
+        keep = {width(x, '--widths') for x in a.widths.split(',')} | {bw}
+        table = {k: {w: b for w, b in ws.items() if w in keep} for k, ws in table.items()}
     budget = a.bits if a.bits is not None else a.max_eff_cb - overhead
     if not (budget > 0 and math.isfinite(budget)):
         fail(f'the budget must be a positive mean width, got {budget}')

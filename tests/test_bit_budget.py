@@ -92,6 +92,10 @@ def main():
     k, v = widths(allocate(results(2, 0.5, b3), '--bits', '0.5'))
     assert k == [0.375, 0.5] and v == [0.375, 0.75], (k, v)
 
+    # --widths: only upgrades (no 0.375 allowed) at mean 0.5 -> everything stays at the base 0.5
+    k, v = widths(allocate(results(2, 0.5, b3), '--bits', '0.5', '--widths', '0.75'))
+    assert k == [0.5, 0.5] and v == [0.5, 0.5], (k, v)
+
     # an allocation evaluated in the same file (more than one tensor off the base) is ignored, not a probe
     extra = [{'method': name([2, 1, 1], [1, 1, 2]), 'text': t, 'ppl': 1.0, 'nominal_bits': 1.333,
               'effective_bits_without_codebooks': 1.4} for t in ('a.txt', 'b.txt')]
