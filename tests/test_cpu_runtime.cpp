@@ -58,6 +58,29 @@ std::vector<int32_t> greedy(Runtime& rt, const std::vector<int32_t>& prompt, int
   return ids;
 }
 
+// One forward pass over the prompt with every position's logits, the layers' K/V captured.
+CaptureLayers forward_captured(Runtime& rt, const ModelConfig& cfg, const std::vector<int32_t>& prompt,
+                               ForwardResult& res) {
+  CaptureLayers cap;
+  cap.kv_dim = cfg.kv_dim();
+  ForwardRequest req;
+  req.tokens = prompt.data();
+  req.n_tokens = static_cast<int>(prompt.size());
+  req.logits = LogitsMode::kAll;
+  req.observer = &cap;
+  rt.forward(req, res);
+  return cap;
+}
+
+// Our [T, kv_heads, head_dim] rows in the reference's k_post_rope layout [kv_heads, T, head_dim].
+std::vector<float> heads_major(const std::vector<float>& rows, int T, int kvh, int d) {
+  std::vector<float> out(rows.size());
+  for (int hh = 0; hh < kvh; ++hh)
+    for (int t = 0; t < T; ++t)
+      for (int c = 0; c < d; ++c) out[(size_t(hh) * T + t) * d + c] = rows[(size_t(t) * kvh + hh) * d + c];
+  return out;
+}
+
 }  // namespace
 
 TEST_CASE("CPU runtime: antkv-ref-18m logits and post-RoPE keys match transformers", "[runtime][shared]") {
@@ -69,16 +92,8 @@ TEST_CASE("CPU runtime: antkv-ref-18m logits and post-RoPE keys match transforme
   CpuRuntimeOptions opts;
   opts.kv_dtype = KvDType::kF32;  // the reference is fp32 math throughout
   CpuRuntime rt(ckpt, opts);
-
-  CaptureLayers cap;
-  cap.kv_dim = cfg.kv_dim();
-  ForwardRequest req;
-  req.tokens = prompt.data();
-  req.n_tokens = static_cast<int>(prompt.size());
-  req.logits = LogitsMode::kAll;
-  req.observer = &cap;
   ForwardResult res;
-  rt.forward(req, res);
+  const CaptureLayers cap = forward_captured(rt, cfg, prompt, res);
 
   const auto ref_logits = ref->get("logits").to_float();
   REQUIRE(res.logits.size() == ref_logits.size());
@@ -88,14 +103,11 @@ TEST_CASE("CPU runtime: antkv-ref-18m logits and post-RoPE keys match transforme
   // rms_norm_eps or rope_theta far more.
   CHECK(err < 3e-6);
 
-  const int T = req.n_tokens, kvh = cfg.num_kv_heads, d = cfg.head_dim;
+  const int T = static_cast<int>(prompt.size()), kvh = cfg.num_kv_heads, d = cfg.head_dim;
   for (int layer : {0, 5}) {
     // reference k_post_rope: [kv_heads, T, head_dim]; ours: [T, kv_heads, head_dim]
     const auto kref = ref->get(fmt::format("layer{}.k_post_rope", layer)).to_float();
-    std::vector<float> ours(kref.size());
-    for (int hh = 0; hh < kvh; ++hh)
-      for (int t = 0; t < T; ++t)
-        for (int c = 0; c < d; ++c) ours[(size_t(hh) * T + t) * d + c] = cap.k_post[layer][(size_t(t) * kvh + hh) * d + c];
+    const auto ours = heads_major(cap.k_post[layer], T, kvh, d);
     const double kerr = test::max_rel_error(ours.data(), kref.data(), kref.size());
     INFO("layer " << layer << " post-RoPE key error " << kerr);
     CHECK(kerr < 2e-6);  // measured 5.5e-7 (layer 0), 4.3e-7 (layer 5)
@@ -152,10 +164,11 @@ TEST_CASE("CPU runtime: greedy decoding equals the reference ids", "[runtime][sh
   }
 }
 
-// The retrieval reference model (data/models/antkv-retrieval-2m, committed: no shared files needed): its reference/
-// holds the whole prompt's pre-RoPE K/V ([T, kv_dim]) of layers 0 and 3 beside the logits and post-RoPE keys.
-TEST_CASE("CPU runtime: antkv-retrieval-2m logits, K/V and greedy ids match transformers", "[runtime][needle]") {
-  const std::string dir = test::source_path("data/models/antkv-retrieval-2m");
+// The retrieval reference model (../shared/models/antkv-retrieval-2m, scripts/make_retrieval_model.sh): its
+// reference/ holds the whole prompt's pre-RoPE K/V ([T, kv_dim]) of layers 0 and 3 beside the logits and post-RoPE keys.
+TEST_CASE("CPU runtime: antkv-retrieval-2m logits, K/V and greedy ids match transformers", "[runtime][needle][shared]") {
+  const std::string dir = test::optional_model_dir("antkv-retrieval-2m", "scripts/make_retrieval_model.sh");
+  if (dir.empty()) return;
   auto ref = SafetensorsFile::open(dir + "/reference/reference.safetensors");
   const auto prompt = ints(ref->get("prompt_ids"));
   const auto want = ints(ref->get("greedy_ids"));
@@ -165,15 +178,8 @@ TEST_CASE("CPU runtime: antkv-retrieval-2m logits, K/V and greedy ids match tran
   CpuRuntimeOptions opts;
   opts.kv_dtype = KvDType::kF32;  // the reference is fp32 math on the bf16 weights
   CpuRuntime rt(ckpt, opts);
-  CaptureLayers cap;
-  cap.kv_dim = cfg.kv_dim();
-  ForwardRequest req;
-  req.tokens = prompt.data();
-  req.n_tokens = static_cast<int>(prompt.size());
-  req.logits = LogitsMode::kAll;
-  req.observer = &cap;
   ForwardResult res;
-  rt.forward(req, res);
+  const CaptureLayers cap = forward_captured(rt, cfg, prompt, res);
   const auto ref_logits = ref->get("logits").to_float();
   REQUIRE(res.logits.size() == ref_logits.size());
   // fp32 on both sides in different summation orders: ~1e-6 relative (antkv-ref-18m: 8.7e-7); a wrong
@@ -181,17 +187,14 @@ TEST_CASE("CPU runtime: antkv-retrieval-2m logits, K/V and greedy ids match tran
   const double err = test::max_rel_error(res.logits.data(), ref_logits.data(), ref_logits.size());
   test::report_measured("antkv-retrieval-2m: max relative logits error", err, 3e-6);
   CHECK(err < 3e-6);
-  const int T = req.n_tokens, kvh = cfg.num_kv_heads, d = cfg.head_dim, kv = cfg.kv_dim();
+  const int T = static_cast<int>(prompt.size()), kvh = cfg.num_kv_heads, d = cfg.head_dim, kv = cfg.kv_dim();
   for (int layer : {0, 3}) {
     const auto kpre = ref->get(fmt::format("layer{}.k_pre_rope", layer)).to_float();
     const auto vpre = ref->get(fmt::format("layer{}.v_pre_rope", layer)).to_float();
     REQUIRE(static_cast<int64_t>(kpre.size()) == static_cast<int64_t>(T) * kv);
     REQUIRE(static_cast<int64_t>(vpre.size()) == static_cast<int64_t>(T) * kv);
     const auto kpost = ref->get(fmt::format("layer{}.k_post_rope", layer)).to_float();  // [kv_heads, T, head_dim]
-    std::vector<float> ours(kpost.size());
-    for (int hh = 0; hh < kvh; ++hh)
-      for (int t = 0; t < T; ++t)
-        for (int c = 0; c < d; ++c) ours[(size_t(hh) * T + t) * d + c] = cap.k_post[layer][(size_t(t) * kvh + hh) * d + c];
+    const auto ours = heads_major(cap.k_post[layer], T, kvh, d);
     const double ek = test::max_rel_error(cap.k_pre[layer].data(), kpre.data(), kpre.size());
     const double ev = test::max_rel_error(cap.v[layer].data(), vpre.data(), vpre.size());
     const double ep = test::max_rel_error(ours.data(), kpost.data(), kpost.size());
