@@ -25,24 +25,6 @@ namespace {
 const GpuProbe kNoGpu{false, "", "cudaErrorNoDevice: no CUDA-capable device is detected"};
 const GpuProbe kGpu{true, "Test GPU (80.0 GiB)", ""};
 
-struct Command {
-  int rc = 0;
-  std::string out, err;
-};
-// Runs `args` through the shell in `cwd` with no GPU visible (CUDA_VISIBLE_DEVICES=""), stdout and stderr
-// captured.
-Command run_without_gpu(const std::string& cwd, const std::string& args) {
-  const std::string o = cwd + "/.stdout", e = cwd + "/.stderr";
-  const std::string cmd = "cd '" + cwd + "' && CUDA_VISIBLE_DEVICES= " + args + " > '" + o + "' 2> '" + e + "'";
-  Command c;
-  c.rc = std::system(cmd.c_str());
-  c.out = read_file(o);
-  c.err = read_file(e);
-  fs::remove(o);
-  fs::remove(e);
-  return c;
-}
-
 std::vector<std::string> lines_of(const std::string& s) {
   std::vector<std::string> v;
   std::stringstream ss(s);
@@ -93,7 +75,7 @@ TEST_CASE("antkv-eval run: cuda without a GPU fails before any work, in one line
                                     "eval:\n  texts: [/nonexistent/e.txt]\n  methods: [fp16, antkv]\n";
   for (const char* key : {"calibration.device", "kmeans.device", "eval.device"}) {
     INFO(key);
-    const auto c = run_without_gpu(dir, std::string(ANTKV_EVAL_PATH) + " run --recipe r.yaml --out out --set " + key +
+    const auto c = test::run_without_gpu(dir, std::string(ANTKV_EVAL_PATH) + " run --recipe r.yaml --out out --set " + key +
                                             "=cuda");
     INFO(c.err);
     CHECK(c.rc != 0);
@@ -101,7 +83,7 @@ TEST_CASE("antkv-eval run: cuda without a GPU fails before any work, in one line
     CHECK_THAT(c.err, Contains(std::string(key) + " = cuda, but there is no usable GPU"));
     CHECK_FALSE(fs::exists(dir + "/out"));
   }
-  const auto c = run_without_gpu(dir, std::string(ANTKV_EVAL_PATH) + " ppl --model /nonexistent --text r.yaml --device cuda");
+  const auto c = test::run_without_gpu(dir, std::string(ANTKV_EVAL_PATH) + " ppl --model /nonexistent --text r.yaml --device cuda");
   CHECK(c.rc != 0);
   CHECK_THAT(c.err, Contains("--device = cuda, but there is no usable GPU"));
   CHECK(lines_of(c.err).size() == 1);
@@ -109,7 +91,7 @@ TEST_CASE("antkv-eval run: cuda without a GPU fails before any work, in one line
 
 TEST_CASE("antkv-eval ppl: device auto without a GPU runs on the CPU and says why", "[device][cli][shared]") {
   const std::string dir = test::temp_dir();
-  const auto c = run_without_gpu(dir, std::string(ANTKV_EVAL_PATH) + " ppl --model " + test::model_dir("stories260K") +
+  const auto c = test::run_without_gpu(dir, std::string(ANTKV_EVAL_PATH) + " ppl --model " + test::model_dir("stories260K") +
                                           " --text " + test::shared_path("data/books-test.txt") +
                                           " --seq-len 512 --protocol single_bos --max-windows 1 -q");
   INFO(c.err);
@@ -133,7 +115,7 @@ TEST_CASE("antkv-eval run --out DIR: every stage's output lands in DIR, nothing 
                                  << test::shared_path("data/books-test.txt")
                                  << "]\n  seq_len: 512\n  protocol: single_bos\n  max_windows: 1\n"
                                     "  methods: [fp16, vq, antkv, \"antkv:key_rope=pre\"]\n";
-  const auto c = run_without_gpu(cwd, std::string(ANTKV_EVAL_PATH) + " run --recipe ../r.yaml --out ../run -q");
+  const auto c = test::run_without_gpu(cwd, std::string(ANTKV_EVAL_PATH) + " run --recipe ../r.yaml --out ../run -q");
   INFO(c.err);
   REQUIRE(c.rc == 0);
   std::set<std::string> files;
@@ -149,7 +131,7 @@ TEST_CASE("antkv-eval run --out DIR: every stage's output lands in DIR, nothing 
   CHECK_THAT(c.out, Contains("plot: /usr/bin/python3 scripts/plot_results.py " +
                              fs::weakly_canonical(dir + "/run").string() + "/results.json"));
   // ppl and diagnose with the same --out read the codebooks from DIR (ppl replaces the run's results: --force)
-  const auto p = run_without_gpu(cwd, std::string(ANTKV_EVAL_PATH) + " ppl --recipe ../r.yaml --out ../run --force -q");
+  const auto p = test::run_without_gpu(cwd, std::string(ANTKV_EVAL_PATH) + " ppl --recipe ../r.yaml --out ../run --force -q");
   INFO(p.err);
   CHECK(p.rc == 0);
 }

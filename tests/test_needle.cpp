@@ -39,19 +39,6 @@ NeedleSettings all_tasks_settings(uint64_t seed) {
   return s;
 }
 
-struct Command {
-  int rc = 0;
-  std::string out, err;
-};
-Command run_cli(const std::string& cwd, const std::string& args) {
-  const std::string o = cwd + "/.stdout", e = cwd + "/.stderr";
-  const std::string cmd = "cd '" + cwd + "' && CUDA_VISIBLE_DEVICES= " + args + " > '" + o + "' 2> '" + e + "'";
-  Command c;
-  c.rc = std::system(cmd.c_str());
-  c.out = read_file(o);
-  c.err = read_file(e);
-  return c;
-}
 size_t count_lines(const std::string& s) {
   std::stringstream ss(s);
   size_t n = 0;
@@ -221,7 +208,7 @@ TEST_CASE("needle settings: a value longer than the answer budget, a too short l
            {"eval.needle.answer_budget=3", "is shorter than the passkey answer"},
            {"eval.needle.depths=[0,2]", "depth 2 is outside [0, 1]"}}) {
     INFO(set);
-    const auto c = run_cli(dir, std::string(ANTKV_EVAL_PATH) + " needle --recipe r.yaml --out out --set '" + set + "'");
+    const auto c = test::run_without_gpu(dir, std::string(ANTKV_EVAL_PATH) + " needle --recipe r.yaml --out out --set '" + set + "'");
     INFO(c.err);
     CHECK(c.rc != 0);
     CHECK(count_lines(c.err) == 1);
@@ -262,7 +249,7 @@ TEST_CASE("antkv-eval needle: a small run writes results.{json,csv,txt} with acc
                                     "  needle:\n    tasks: [passkey, multikey]\n    lengths: [400, 512]\n    distractors: 1\n"
                                     "    depths: [0, 0.5, 1]\n    cases: 1\n    answer_budget: 12\n"
                                     "    agreement_tokens: 8\n";
-  const auto c = run_cli(dir, std::string(ANTKV_EVAL_PATH) + " needle --recipe r.yaml --out out -q");
+  const auto c = test::run_without_gpu(dir, std::string(ANTKV_EVAL_PATH) + " needle --recipe r.yaml --out out -q");
   INFO(c.err);
   REQUIRE(c.rc == 0);
   CHECK_THAT(c.out, Contains("generation agreement with fp16"));
@@ -285,7 +272,7 @@ TEST_CASE("antkv-eval needle: a small run writes results.{json,csv,txt} with acc
   CHECK(fs::exists(dir + "/out/needle/results.txt"));
   CHECK_FALSE(fs::exists(dir + "/out/results.json"));  // no ppl task
   // run with eval.tasks [ppl, needle]: both outputs
-  const auto r = run_cli(dir, std::string(ANTKV_EVAL_PATH) + " run --recipe r.yaml --out out2 -q --set "
+  const auto r = test::run_without_gpu(dir, std::string(ANTKV_EVAL_PATH) + " run --recipe r.yaml --out out2 -q --set "
                               "'eval.tasks=[ppl, needle]' --set 'eval.texts=[" + test::shared_path("data/books-test.txt") +
                               "]' --set eval.seq_len=256 --set eval.max_windows=1 --set eval.needle.agreement_tokens=0");
   INFO(r.err);

@@ -162,6 +162,22 @@ struct QCase {
   int coded = 0;          // the coded transform: | 1 key scales (gain=k), | 2 value scales (gain=kv), | 4 rotated bases
 };
 
+// Case n of a configuration sweep: 2 KV heads of G query heads each, three sequences of odd counts (the second
+// spans several tiles from `second` quantized tokens on, the third has no quantized tokens), peaked scores every
+// other case; no sorting, fp32 tables, post-RoPE and no coded transform until the caller sets them.
+QCase sweep_case(VqKernelConfig cfg, int d, int G, int n, int second = 2001) {
+  QCase c;
+  c.cfg = cfg;
+  c.d = d;
+  c.kv_heads = 2;
+  c.heads = 2 * G;
+  c.seqs = {{1 + 2 * (n % 7) + 1023, 11, 128}, {second + n, 31, 77}, {0, 1, 5}};
+  c.q_scale = (n % 2) ? 4.f : 1.f;
+  c.sorted = false;
+  c.lut_half = false;
+  return c;
+}
+
 // Runs one case through every split plan and compares with the CPU reference.
 void run_case(const QCase& c, std::mt19937& rng) {
   const auto info = cuda::vq_kernel_config_info(c.cfg);
@@ -458,16 +474,8 @@ TEST_CASE("GPU quant decode: every configuration, GQA 1/2/4, batch 3, equals the
   for (VqKernelConfig cfg : kAllConfigs)
     for (int d : {128, 64})
       for (int G : {1, 2, 4}) {
-        QCase c;
-        c.cfg = cfg;
-        c.d = d;
-        c.kv_heads = 2;
-        c.heads = 2 * G;
-        // odd counts; the second sequence spans several tiles, the third has no quantized tokens
-        c.seqs = {{1 + 2 * (n % 7) + 1023, 11, 128}, {3001 + n, 31, 77}, {0, 1, 5}};
-        c.q_scale = (n % 2) ? 4.f : 1.f;
+        QCase c = sweep_case(cfg, d, G, n, 3001);
         c.sorted = (n % 3) == 0;
-        c.lut_half = false;
         run_case(c, rng);
         ++n;
       }
@@ -492,13 +500,7 @@ TEST_CASE("GPU quant decode: per-token scales and rotated bases (gain=, rotate=p
     if (!cuda::vq_uses_lut(cfg)) continue;
     for (int d : {128, 64})
       for (int G : {1, 4, 8}) {
-        QCase c;
-        c.cfg = cfg;
-        c.d = d;
-        c.kv_heads = 2;
-        c.heads = 2 * G;
-        c.seqs = {{1 + 2 * (n % 7) + 1023, 11, 128}, {2001 + n, 31, 77}, {0, 1, 5}};
-        c.q_scale = (n % 2) ? 4.f : 1.f;
+        QCase c = sweep_case(cfg, d, G, n);
         c.sorted = (n % 3) == 0;
         c.lut_half = cfg == VqKernelConfig::kC8B8 && (n % 2) == 0;
         c.coded = std::array<int, 5>{1, 3, 4, 7, 6}[n % 5];
@@ -525,15 +527,7 @@ TEST_CASE("GPU quant decode: pre-RoPE keys (dequantize, rotate at code_pos, dot)
   for (VqKernelConfig cfg : kAllConfigs)
     for (int d : {128, 64})
       for (int G : {1, 4}) {
-        QCase c;
-        c.cfg = cfg;
-        c.d = d;
-        c.kv_heads = 2;
-        c.heads = 2 * G;
-        c.seqs = {{1 + 2 * (n % 7) + 1023, 11, 128}, {2001 + n, 31, 77}, {0, 1, 5}};
-        c.q_scale = (n % 2) ? 4.f : 1.f;
-        c.sorted = false;
-        c.lut_half = false;
+        QCase c = sweep_case(cfg, d, G, n);
         c.pre_rope = true;
         run_case(c, rng);
         ++n;
@@ -558,15 +552,7 @@ TEST_CASE("GPU quant decode: pre-RoPE keys with per-token scales and bases (gain
     if (!cuda::vq_uses_lut(cfg)) continue;
     for (int d : {128, 64})
       for (int G : {1, 4, 8}) {
-        QCase c;
-        c.cfg = cfg;
-        c.d = d;
-        c.kv_heads = 2;
-        c.heads = 2 * G;
-        c.seqs = {{1 + 2 * (n % 7) + 1023, 11, 128}, {2001 + n, 31, 77}, {0, 1, 5}};
-        c.q_scale = (n % 2) ? 4.f : 1.f;
-        c.sorted = false;
-        c.lut_half = false;
+        QCase c = sweep_case(cfg, d, G, n);
         c.pre_rope = true;
         c.coded = std::array<int, 5>{7, 1, 3, 4, 6}[n % 5];
         run_case(c, rng);

@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "core/atomic_file.h"  // read_file
+
 #ifdef ANTKV_HAVE_CUDA
 #include <cuda_runtime.h>
 #endif
@@ -42,6 +44,18 @@ std::string optional_model_dir(const std::string& name, const std::string& made_
 
 std::string source_path(const std::string& relative) {
   return (fs::path(ANTKV_SOURCE_DIR) / relative).string();
+}
+
+Command run_without_gpu(const std::string& cwd, const std::string& args) {
+  const std::string o = cwd + "/.stdout", e = cwd + "/.stderr";
+  const std::string cmd = "cd '" + cwd + "' && CUDA_VISIBLE_DEVICES= " + args + " > '" + o + "' 2> '" + e + "'";
+  Command c;
+  c.rc = std::system(cmd.c_str());
+  c.out = read_file(o);
+  c.err = read_file(e);
+  fs::remove(o);
+  fs::remove(e);
+  return c;
 }
 
 std::string temp_dir() {

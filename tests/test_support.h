@@ -19,6 +19,14 @@ std::string optional_model_dir(const std::string& name, const std::string& made_
 std::string source_path(const std::string& relative);  // a file of this project (data/fixtures/...)
 std::string temp_dir();                                 // a fresh directory for one test case
 
+// A command run through the shell in `cwd` with no GPU visible (CUDA_VISIBLE_DEVICES=""): its std::system status
+// and its captured stdout and stderr.
+struct Command {
+  int rc = 0;
+  std::string out, err;
+};
+Command run_without_gpu(const std::string& cwd, const std::string& args);
+
 // Max |a-b| / max|b| over the arrays (relative to the reference's scale).
 double max_rel_error(const float* a, const float* b, size_t n);
 
