@@ -237,39 +237,33 @@ __global__ void __launch_bounds__(kNT, 1) commute_split_kernel(const QuantDecode
           wr[0] = w[0];
         }
       };
-      if (fast) {
+      // s += Re(conj(u_j) w_j r_j) over the key's pairs, r_j = turn(j) its RoPE turn (a rolled loop over the
+      // groups: the fully unrolled one was thousands of instructions per slot)
+      auto score_pairs = [&](const float2* u, auto turn) {
+#pragma unroll 1
+        for (int g = 0; g < NG; ++g) {
+          alignas(16) __half2 wr[PH];
+          codeword(g, wr);
+#pragma unroll
+          for (int pi = 0; pi < PH; ++pi) {
+            const int j = g * PH + pi;
+            const float2 r = turn(j);
+            const float2 wf = __half22float2(wr[pi]);
+            const float zr = wf.x * r.x - wf.y * r.y, zi = wf.y * r.x + wf.x * r.y;  // w r
+            dot_pair<G>(u + j * G, zr, zi, s);
+          }
+        }
+      };
+      if (fast) {  // e^{i (pos - base) theta} from the table, against the warp's query turned back by its base
         const float2* e = sE + (pos_i - base);  // column pos - base, in [0, kOffsets)
-        const float2* uw = sUw + warp * HALF * G;
-        // a rolled loop over the groups (the fully unrolled one was thousands of instructions per slot)
-#pragma unroll 1
-        for (int g = 0; g < NG; ++g) {
-          alignas(16) __half2 wr[PH];
-          codeword(g, wr);
-#pragma unroll
-          for (int pi = 0; pi < PH; ++pi) {
-            const int j = g * PH + pi;
-            const float2 r = e[j * kOffsets];
-            const float2 wf = __half22float2(wr[pi]);
-            const float zr = wf.x * r.x - wf.y * r.y, zi = wf.y * r.x + wf.x * r.y;  // w e^{i (pos - base) theta}
-            dot_pair<G>(uw + j * G, zr, zi, s);
-          }
-        }
-      } else {
+        score_pairs(sUw + warp * HALF * G, [&](int j) { return e[j * kOffsets]; });
+      } else {  // e^{i pos theta} of the exact angle
         const float pos = static_cast<float>(pos_i);
-#pragma unroll 1
-        for (int g = 0; g < NG; ++g) {
-          alignas(16) __half2 wr[PH];
-          codeword(g, wr);
-#pragma unroll
-          for (int pi = 0; pi < PH; ++pi) {
-            const int j = g * PH + pi;
-            float sn, cs;
-            exact_angle_sincos(pos, sFreq[j], &sn, &cs);
-            const float2 wf = __half22float2(wr[pi]);
-            const float zr = wf.x * cs - wf.y * sn, zi = wf.y * cs + wf.x * sn;  // w e^{i pos theta}
-            dot_pair<G>(sU + j * G, zr, zi, s);
-          }
-        }
+        score_pairs(sU, [&](int j) {
+          float sn, cs;
+          exact_angle_sincos(pos, sFreq[j], &sn, &cs);
+          return make_float2(cs, sn);
+        });
       }
       // gain: the key's scale commutes with RoPE (one factor per token after the lookups); the value's weighs p
       if (p.k_scale) {
