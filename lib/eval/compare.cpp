@@ -178,15 +178,20 @@ std::string results_table(const std::vector<MethodResult>& rs) {
   return s;
 }
 
-std::string results_json(const std::vector<MethodResult>& rs, const Recipe& recipe, const std::string& device) {
-  using json = nlohmann::json;
-  json j;
-  j["tool"] = "antkv-eval";
+nlohmann::json recipe_results_header(const std::string& tool, const Recipe& recipe, const std::string& device) {
+  nlohmann::json j;
+  j["tool"] = tool;
   j["version"] = ANTKV_VERSION;
   j["timestamp"] = utc_timestamp();
   j["recipe"] = recipe.to_yaml();
   j["model"] = recipe.model;
   j["hardware"] = {{"device", device}, {"cpu", cpu_model_name()}};
+  return j;
+}
+
+std::string results_json(const std::vector<MethodResult>& rs, const Recipe& recipe, const std::string& device) {
+  using json = nlohmann::json;
+  json j = recipe_results_header("antkv-eval", recipe, device);
   json arr = json::array();
   for (const auto& r : rs) {
     arr.push_back({{"method", r.method.text}, {"kind", r.method.kind_name()}, {"text", r.text},

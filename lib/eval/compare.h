@@ -5,6 +5,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -58,6 +59,8 @@ std::map<std::string, std::shared_ptr<const CodebookSet>> load_method_codebooks(
 // One table (method rows, text columns), the JSON object, the CSV.
 std::string results_table(const std::vector<MethodResult>& r);
 std::string results_json(const std::vector<MethodResult>& r, const Recipe& recipe, const std::string& device);
+// What every recipe-driven results.json starts with: tool, version, timestamp, the recipe (YAML), model, hardware.
+nlohmann::json recipe_results_header(const std::string& tool, const Recipe& recipe, const std::string& device);
 std::string results_csv(const std::vector<MethodResult>& r);
 
 // Fingerprints of what an output depends on (stored in its /meta; equal -> reusable; see eval/fingerprint.h).

@@ -5,7 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <tuple>
 
-#include "core/system_info.h"
+#include "eval/compare.h"
 #include "quant/method.h"
 
 namespace antkv {
@@ -69,13 +69,7 @@ std::string needle_results_table(const NeedleReport& rep) {
 
 std::string needle_results_json(const NeedleReport& rep, const Recipe& recipe) {
   using json = nlohmann::json;
-  json j;
-  j["tool"] = "antkv-eval needle";
-  j["version"] = ANTKV_VERSION;
-  j["timestamp"] = utc_timestamp();
-  j["recipe"] = recipe.to_yaml();
-  j["model"] = recipe.model;
-  j["hardware"] = {{"device", rep.device}, {"cpu", cpu_model_name()}};
+  json j = recipe_results_header("antkv-eval needle", recipe, rep.device);
   json rows = json::array();
   for (const auto& c : rep.cells)
     rows.push_back({{"method", c.method.text}, {"kind", c.method.kind_name()}, {"kv_cache", c.kv_cache},
