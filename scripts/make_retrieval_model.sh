@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Makes the retrieval reference model (../shared/models/antkv-retrieval-2m) on the GPU machine, in one go: a smoke test
+# Makes the retrieval reference model (data/models/antkv-retrieval-2m) on the GPU machine, in one go: a smoke test
 # of every script (a few seconds of training, quick references), the training, reference/, README.md.
 #   make_retrieval_model.sh SHARED_DIR OUT_DIR [TRAIN_BUDGET_S]
 # SHARED_DIR holds data/books-calib.txt, data/books-test.txt and models/stories260K (its tokenizer); the model is
-# written to OUT_DIR/antkv-retrieval-2m (copy that folder to ../shared/models/), plus OUT_DIR/tokenizer_sample.json
+# written to OUT_DIR/antkv-retrieval-2m (copy that folder to data/models/), plus OUT_DIR/tokenizer_sample.json
 # (ids from the tokenizers library, to compare with the toolkit's tokenizer). Needs python3 with torch,
 # transformers, tokenizers, safetensors and numpy, and a CUDA GPU; about 2 minutes more than TRAIN_BUDGET_S.
 set -u -o pipefail

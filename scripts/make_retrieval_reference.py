@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes MODEL/reference/ for ../shared/models/antkv-retrieval-2m with transformers (a test tool, not part of the
+"""Writes MODEL/reference/ for data/models/antkv-retrieval-2m with transformers (a test tool, not part of the
 toolkit; PyTorch on the GPU machine), in the form of the shared models' reference/ (../shared/models/README.md):
 
   make_retrieval_reference.py --model DIR --test-text books-test.txt [--tokenizer-sample-out FILE.json]

@@ -1,5 +1,5 @@
 """Synthetic long-context retrieval tasks (RULER-style NIAH family) for training and checking the small reference
-model ../shared/models/antkv-retrieval-2m (a test tool, not part of the toolkit). Used by train_retrieval_model.py
+model data/models/antkv-retrieval-2m (a test tool, not part of the toolkit). Used by train_retrieval_model.py
 (token-level windows, fast) and make_retrieval_reference.py / needle_accuracy.py (text-level prompts, any tokenizer).
 
 Prompt layout (plain text, no chat template; the model's BOS first):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Trains ../shared/models/antkv-retrieval-2m: a ~1.7M-parameter LLaMA (transformers LlamaForCausalLM; GQA 4/2,
+"""Trains data/models/antkv-retrieval-2m: a ~1.7M-parameter LLaMA (transformers LlamaForCausalLM; GQA 4/2,
 head_dim 64, context 4096) that is a language model of book text AND retrieves (passkey, single/multi-key,
 multi-value, multi-query needles; scripts/retrieval_tasks.py), small enough to keep in the repository (a test tool,
 not part of the toolkit; PyTorch on the GPU machine).

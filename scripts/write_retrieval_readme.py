@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes MODEL/README.md for ../shared/models/antkv-retrieval-2m from what the scripts recorded (Python standard
+"""Writes MODEL/README.md for data/models/antkv-retrieval-2m from what the scripts recorded (Python standard
 library only): MODEL/config.json, MODEL/train_log.json (train_retrieval_model.py) and MODEL/reference/*.json
 (make_retrieval_reference.py): how it was made, the FP16 retrieval accuracy, the perplexity and the file sizes.
 

@@ -164,11 +164,10 @@ TEST_CASE("CPU runtime: greedy decoding equals the reference ids", "[runtime][sh
   }
 }
 
-// The retrieval reference model (../shared/models/antkv-retrieval-2m, scripts/make_retrieval_model.sh): its
+// The retrieval reference model (data/models/antkv-retrieval-2m, scripts/make_retrieval_model.sh): its
 // reference/ holds the whole prompt's pre-RoPE K/V ([T, kv_dim]) of layers 0 and 3 beside the logits and post-RoPE keys.
-TEST_CASE("CPU runtime: antkv-retrieval-2m logits, K/V and greedy ids match transformers", "[runtime][needle][shared]") {
-  const std::string dir = test::optional_model_dir("antkv-retrieval-2m", "scripts/make_retrieval_model.sh");
-  if (dir.empty()) return;
+TEST_CASE("CPU runtime: antkv-retrieval-2m logits, K/V and greedy ids match transformers", "[runtime][needle]") {
+  const std::string dir = test::source_path("data/models/antkv-retrieval-2m");
   auto ref = SafetensorsFile::open(dir + "/reference/reference.safetensors");
   const auto prompt = ints(ref->get("prompt_ids"));
   const auto want = ints(ref->get("greedy_ids"));

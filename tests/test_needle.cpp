@@ -281,9 +281,8 @@ TEST_CASE("antkv-eval needle: a small run writes results.{json,csv,txt} with acc
   CHECK(fs::exists(dir + "/out2/needle/results.json"));
 }
 
-TEST_CASE("needle: FP16 reproduces transformers' greedy answers on the retrieval reference model", "[needle][shared]") {
-  const std::string model = test::optional_model_dir("antkv-retrieval-2m", "scripts/make_retrieval_model.sh");
-  if (model.empty()) return;
+TEST_CASE("needle: FP16 reproduces transformers' greedy answers on the retrieval reference model", "[needle]") {
+  const std::string model = test::source_path("data/models/antkv-retrieval-2m");
   const std::string ref = model + "/reference/needle_reference.json";
   Checkpoint ckpt = Checkpoint::open(model);
   const auto j = nlohmann::json::parse(read_file(ref));

@@ -34,14 +34,6 @@ std::string shared_path(const std::string& relative) {
 
 std::string model_dir(const std::string& name) { return shared_path("models/" + name); }
 
-std::string optional_model_dir(const std::string& name, const std::string& made_by) {
-  const fs::path p = fs::path(shared_dir()) / "models" / name;
-  if (fs::exists(p / "config.json")) return p.string();
-  WARN("SKIPPED: " << p.string() << " is absent (made by " << made_by << ")");
-  mark_skipped();
-  return "";
-}
-
 std::string source_path(const std::string& relative) {
   return (fs::path(ANTKV_SOURCE_DIR) / relative).string();
 }

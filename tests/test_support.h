@@ -13,9 +13,6 @@ std::string shared_dir();
 // Tests that call this must be tagged [shared] (so --no-shared-data skips them).
 std::string shared_path(const std::string& relative);
 std::string model_dir(const std::string& name);  // shared_path("models/" + name)
-// A shared model that not every shared folder holds yet (e.g. antkv-retrieval-2m, which `made_by` makes): its folder,
-// or "" after a visible skip (WARN + mark_skipped) when it is absent. Tag such tests [shared] too.
-std::string optional_model_dir(const std::string& name, const std::string& made_by);
 std::string source_path(const std::string& relative);  // a file of this project (data/fixtures/...)
 std::string temp_dir();                                 // a fresh directory for one test case
 
