@@ -385,6 +385,9 @@ TEST_CASE("GPU KV quantizers equal QuantizedKvCache on the same inputs (prefill,
       {"vq:bits=1,gain=kv,norm=fp8", 5e-3, 0.9999},
       {"vq:bits=1,gain=kv,rotate=pca,norm=fp8", 5e-3, 0.9999},
       {"antkv:bits=1,ratio=0.05,gain=k,rotate=pca,norm=fp8,key_rope=pre,promote=off", 1e-2, 0.9999},
+      // the best 1-bit method of the quality table (recipes/options-results.md): all four options with per-layer
+      // key widths (kbits != vbits in a layer)
+      {"vq:bits=1,gain=kv,rotate=pca,norm=fp8,metric=task,lkbits=1/2", 5e-3, 0.9999},
       // metric=task: L^T x in fp64 in the CPU's order (bit for bit), searched against the CPU's L^T c, the
       // original-space centroid stored; alone, with gain/rotate, pre-RoPE keys and anchors. Per-layer widths
       // (lkbits / lvbits: each layer's own c/b per tensor) and anchor ratios (lratio). Held like gain/rotate above.
