@@ -21,7 +21,7 @@ step() { echo "== $(date -u +%T) $*"; }
 
 step "smoke test: --steps auto on a 10 s budget, then quick references"
 python3 "$here/train_retrieval_model.py" --text "$calib" --tokenizer-from "$tok" --out "$work/smoke" --steps auto \
-  --budget-s 10 --log-every 50 || { echo "make_retrieval_model.sh: the smoke training failed" >&2; exit 1; }
+  --budget-s 10 --log-every 50 --select-evals 2 || { echo "make_retrieval_model.sh: the smoke training failed" >&2; exit 1; }
 python3 "$here/make_retrieval_reference.py" --model "$work/smoke" --test-text "$test" --quick ||
   echo "make_retrieval_model.sh: the smoke references failed (the training goes on; reference/ will fail too)" >&2
 
