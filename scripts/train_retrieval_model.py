@@ -20,7 +20,7 @@ timing steps are made by --workers processes (each batch depends only on the see
 printed and written to train_log.json (pass it as --steps to repeat the run). Output in HF layout: config.json,
 model.safetensors (bf16, tied embeddings), tokenizer.json, tokenizer_config.json, train_log.json.
 Checkpoint selection (--select-cases > 0, the default): from --select-from of the steps on, --select-evals times,
-the live model decodes passkey and single-needle cases (needle_accuracy.py's, seed --select-seed, haystack the
+plus once at the last step, the live model decodes passkey and single-needle cases (needle_accuracy.py's, seed --select-seed, haystack the
 training text; lengths 1024/2048/4096 up to --max-pos x 5 depths x --select-cases) and the weights with the best
 mean of the two accuracies are the ones saved (ties: the later step). Why: answer-token accuracy during training
 does not predict passkey accuracy at the evaluation's lengths and depths (a run 1.45x longer than the committed
@@ -77,7 +77,7 @@ def parse_args():
     p.add_argument("--select-cases", type=int, default=2, help="cases per length x depth of each selection "
                    "evaluation (0: no selection, the last step's weights are saved)")
     p.add_argument("--select-from", type=float, default=0.5, help="fraction of the steps after which to evaluate")
-    p.add_argument("--select-evals", type=int, default=8, help="evaluations from --select-from to the last step")
+    p.add_argument("--select-evals", type=int, default=8, help="evaluations from --select-from on, one more at the last step")
     p.add_argument("--select-seed", type=int, default=4321, help="seed of the selection cases (not the reference's)")
     p.add_argument("--select-s-per-eval", type=float, default=4.0,
                    help="seconds reserved per evaluation when --steps auto sizes the run")
@@ -372,7 +372,7 @@ def main():
             per_step = (EARLY_FRACTION * early_t + (1 - EARLY_FRACTION) * main_t) * 1.04
             left = args.budget_s - (time.time() - t_train)
             if args.select_cases > 0:
-                left -= args.select_evals * args.select_s_per_eval
+                left -= (args.select_evals + 1) * args.select_s_per_eval  # is_select_step's count
             total = step + max(0, int(left / per_step))
             print(f"timing: s/step by length {json.dumps({k: round(v, 4) for k, v in group_time.items()})}, "
                   f"data s/batch {json.dumps({k: round(v, 4) for k, v in data_time.items()})}; "
