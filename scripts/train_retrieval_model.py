@@ -19,10 +19,10 @@ timing steps are made by --workers processes (each batch depends only on the see
 --steps auto times a few steps of each length and picks the step count that fits --budget-s; the count used is
 printed and written to train_log.json (pass it as --steps to repeat the run). Output in HF layout: config.json,
 model.safetensors (bf16, tied embeddings), tokenizer.json, tokenizer_config.json, train_log.json.
-Checkpoint selection (--select-cases > 0, the default): from --select-from of the steps on, --select-evals times,
-plus once at the last step, the live model decodes passkey and single-needle cases (needle_accuracy.py's, seed --select-seed, haystack the
-training text; lengths 1024/2048/4096 up to --max-pos x 5 depths x --select-cases) and the weights with the best
-mean of the two accuracies are the ones saved (ties: the later step). Why: answer-token accuracy during training
+Checkpoint selection (--select-cases > 0, the default): from --select-from of the steps on, --select-evals times
+plus once at the last step, the live model decodes passkey and single-needle cases (needle_accuracy.py's, seed
+--select-seed, haystack the training text; lengths 1024/2048/4096 up to --max-pos x 5 depths x --select-cases) and
+the weights with the best mean of the two accuracies are the ones saved (ties: the later step). Why: answer-token accuracy during training
 does not predict passkey accuracy at the evaluation's lengths and depths (a run 1.45x longer than the committed
 model's ended at 0.984 answer-token accuracy, against 0.981, yet retrieved 60% of passkeys against 95%).
 """
