@@ -1183,7 +1183,19 @@ TEST_CASE("GPU compressed KV cache: gain=, rotate=pca, metric=task, per-layer wi
                                             "antkv:bits=0.5,ratio=0.05,gain=k,key_rope=pre,promote=off",
                                             // RoPE-commuting keys with scales (the key's after the lookups)
                                             "vq:bits=1,gain=kv,key_rope=commute",
-                                            "antkv:bits=1,ratio=0.05,gain=k,key_rope=commute,promote=off"};
+                                            "antkv:bits=1,ratio=0.05,gain=k,key_rope=commute,promote=off",
+                                            // keys and values of different configurations (dequantize-dot with
+                                            // run-time widths), the coded transform at c4b8, 8-bit norms: the
+                                            // best 1-bit method's form (layer 0 c8b8 / c16b8, layer 1 c4b8 / c4b8)
+                                            "vq:kbits=1,vbits=0.5",
+                                            "vq:gain=kv,rotate=pca,norm=fp8,metric=task,lkbits=1/2,lvbits=0.5/2",
+                                            "vq:bits=1,gain=kv,rotate=pca,norm=fp8",
+                                            // 12- and 6-bit codes read at run time; decode-time anchors
+                                            "antkv:ratio=0.05,lkbits=2/0.75,lvbits=1/0.375,gain=k,promote=off",
+                                            "antkv:kbits=0.5,vbits=1,ratio=0.05,gain=kv,rotate=pca",
+                                            // pre-RoPE keys of another width than the values'
+                                            "vq:kbits=1,vbits=2,gain=kv,rotate=pca,key_rope=pre",
+                                            "antkv:ratio=0.05,lkbits=2/1,lvbits=0.5/1,key_rope=pre,promote=off"};
   for (const int d : {64, 128})
     for (const std::string& text : methods) {
       ModelConfig base = synthetic_config();
@@ -1316,17 +1328,27 @@ TEST_CASE("GPU compressed KV cache: unsupported methods and chunked prefill are 
   CHECK_NOTHROW(GpuCompressedKvCache(cfg, pre_gain, *make_codebooks(cfg, pre_gain, acts, 1), 1, 64, 8));
   const MethodSpec commute_gain = method("antkv:bits=1,gain=k,key_rope=commute");
   CHECK_NOTHROW(GpuCompressedKvCache(cfg, commute_gain, *make_codebooks(cfg, commute_gain, acts, 1), 1, 64, 8));
-  const MethodSpec two_bit = method("vq:bits=2,gain=k");
-  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, two_bit, *make_codebooks(cfg, two_bit, acts, 1), 1, 64, 8),
-                    Catch::Contains("run on the compressed cache's lookup-table widths (bits 1, 0.75, 0.5, 0.375), not c4b8"));
+  const MethodSpec two_bit = method("vq:bits=2,gain=k");  // dequantize-dot with run-time widths
+  CHECK_NOTHROW(GpuCompressedKvCache(cfg, two_bit, *make_codebooks(cfg, two_bit, acts, 1), 1, 64, 8));
+  const MethodSpec two_commute = method("vq:bits=2,gain=k,key_rope=commute");
+  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, two_commute, *make_codebooks(cfg, two_commute, acts, 1), 1, 64, 8),
+                    Catch::Contains("key_rope=commute with gain= runs on the compressed cache's lookup-table widths (bits "
+                                    "1, 0.75, 0.5, 0.375), not c4b8"));
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,correct=on"), *cb, 1, 64, 8),
                     Catch::Contains("correct=on is not implemented in the compressed cache"));
+  // keys and values of different widths run (each tensor its own codebooks, which must be the method's)
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:kbits=1,vbits=0.5"), *cb, 1, 64, 8),
-                    Catch::Contains("kbits != vbits (c8b8 / c16b8)"));
-  // per-layer widths run with keys and values of one configuration per layer; per-layer ratios give each layer its
-  // own anchor capacity; a list of the wrong length is an error before any configuration is read
-  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:bits=1,lvbits=0.5/1"), *cb, 1, 64, 8),
-                    Catch::Contains("kbits != vbits in layer 0 (c8b8 / c16b8)"));
+                    Catch::Contains("codebooks are keys c8b8 / values c8b8, the method needs c8b8 / c16b8"));
+  const MethodSpec two_widths = method("antkv:kbits=1,vbits=0.5");
+  {
+    const GpuCompressedKvCache tw(cfg, two_widths, *make_codebooks(cfg, two_widths, acts, 1), 1, 64, 8);
+    CHECK(tw.widths(0).keys == cuda::VqKernelConfig::kC8B8);
+    CHECK(tw.widths(0).values == cuda::VqKernelConfig::kC16B8);
+  }
+  CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("vq:kbits=1,vbits=0.5,key_rope=commute"), *cb, 1, 64, 8),
+                    Catch::Contains("key_rope=commute with kbits != vbits (c8b8 / c16b8) is not implemented"));
+  // per-layer ratios give each layer its own anchor capacity; a list of the wrong length is an error before any
+  // configuration is read
   CHECK_THROWS_WITH(GpuCompressedKvCache(cfg, method("antkv:lkbits=1/1/1,lvbits=1/1/1"), *cb, 1, 64, 8),
                     Catch::Contains("lkbits/lvbits/lratio list 3 layers, the model has 2"));
   CHECK_NOTHROW(GpuCompressedKvCache(cfg, method("antkv:bits=1,lvbits=1/1"), *cb, 1, 64, 8));

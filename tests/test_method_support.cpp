@@ -33,12 +33,10 @@ struct Expect {
   const char* want[5];
 };
 
-const char* const kCodedLut = "gain= and rotate=pca run on the compressed cache's lookup-table widths";
-const char* const kBenchLayers = "per-layer widths (lkbits, lvbits) are not implemented in the synthetic cache bench fills";
+const char* const kCommuteLut = "key_rope=commute with gain= runs on the compressed cache's lookup-table widths";
 const char* const kCorrectGpu = "correct=on (the attention-score correction) is not implemented on the GPU";
 const char* const kNoCorrect = "correct=on is not implemented in the compressed cache";
 const char* const kRsqReal = "rsq has no real GPU cache";
-const char* const kNorm8Real = "norm=fp8 is not implemented in the compressed cache (it keeps one fp16 scale";
 
 // Every kind, and every option of every kind with each of its values (numbers: one that runs, one that a path
 // refuses), against every path. Shape-free: the shape rules are below.
@@ -66,7 +64,10 @@ const Expect kExpect[] = {
                       "c8b10 is not one"}},
     {"vq:bits=0.25", {"", "", "c32b8 is not one of the compressed cache's configurations", "c32b8 is not one",
                       "c32b8 is not one"}},
-    {"vq:kbits=1,vbits=0.5", {"", "", "kbits != vbits (c8b8 / c16b8)", "kbits != vbits", "kbits != vbits"}},
+    {"vq:kbits=1,vbits=0.5", {"", "", "", "", ""}},
+    {"antkv:kbits=0.5,vbits=1,gain=kv,rotate=pca,key_rope=pre", {"", "", "", "", ""}},
+    {"vq:kbits=1,vbits=2,key_rope=commute", {"", "", "key_rope=commute with kbits != vbits (c8b8 / c4b8) is not implemented",
+                                             "key_rope=commute with kbits != vbits", "key_rope=commute with kbits != vbits"}},
     {"antkv:bits=1,anchors=kv", {"", "", "", "", ""}},
     {"antkv:bits=1,anchors=on", {"", "", "", "", ""}},
     {"antkv:bits=1,anchors=off", {"", "", "", "", ""}},
@@ -94,7 +95,7 @@ const Expect kExpect[] = {
                                        "does not run c16b12", "does not run c16b12"}},
     {"vq:bits=1,gain=kv,key_rope=commute", {"", "", "", "", ""}},
     {"antkv:bits=0.5,gain=k,key_rope=commute", {"", "", "", "", ""}},
-    {"vq:bits=2,gain=k,key_rope=commute", {"", "", kCodedLut, kCodedLut, kCodedLut}},
+    {"vq:bits=2,gain=k,key_rope=commute", {"", "", kCommuteLut, kCommuteLut, kCommuteLut}},
     {"vq:bits=1,metric=task,key_rope=commute", {"", "", "key_rope=commute with metric=task is not implemented",
                                                 "key_rope=commute with metric=task", "key_rope=commute with metric=task"}},
     {"antkv:bits=1,weighting=anchor", {"", "", "", "", ""}},
@@ -106,20 +107,24 @@ const Expect kExpect[] = {
     {"vq:bits=1,gain=off", {"", "", "", "", ""}},
     {"vq:bits=1,gain=k", {"", "", "", "", ""}},
     {"vq:bits=1,gain=kv", {"", "", "", "", ""}},
-    {"vq:bits=2,gain=kv", {"", "", kCodedLut, kCodedLut, kCodedLut}},
+    {"vq:bits=2,gain=kv", {"", "", "", "", ""}},
     {"vq:bits=1,gain=k,key_rope=pre", {"", "", "", "", ""}},
-    {"vq:bits=2,gain=k,key_rope=pre", {"", "", kCodedLut, kCodedLut, kCodedLut}},
+    {"vq:bits=2,gain=k,key_rope=pre", {"", "", "", "", ""}},
     {"vq:bits=1,gain=kv,norm=fp16", {"", "", "", "", ""}},
-    {"vq:bits=1,gain=kv,norm=fp8", {"", "", kNorm8Real, kNorm8Real, kNorm8Real}},
-    {"antkv:bits=1,gain=k,rotate=pca,norm=fp8", {"", "", kNorm8Real, kNorm8Real, kNorm8Real}},
+    {"vq:bits=1,gain=kv,norm=fp8", {"", "", "", "", ""}},
+    {"antkv:bits=1,gain=k,rotate=pca,norm=fp8", {"", "", "", "", ""}},
     {"vq:bits=1,rotate=off", {"", "", "", "", ""}},
     {"vq:bits=1,rotate=pca", {"", "", "", "", ""}},
-    {"vq:bits=4,rotate=pca", {"", "", kCodedLut, kCodedLut, kCodedLut}},
+    {"vq:bits=4,rotate=pca", {"", "", "", "", ""}},
     {"vq:bits=1,metric=plain", {"", "", "", "", ""}},
     {"vq:bits=1,metric=task", {"", "", "", "", ""}},
-    {"vq:lkbits=1/2", {"", "", "kbits != vbits in layer 1 (c4b8 / c8b8)", "kbits != vbits in layer 1", "kbits != vbits in layer 1"}},
-    {"vq:lkbits=1/2,lvbits=1/2", {"", "", "", kBenchLayers, kBenchLayers}},
-    {"antkv:lvbits=1/1", {"", "", "", kBenchLayers, kBenchLayers}},
+    {"vq:lkbits=1/2", {"", "", "", "", ""}},
+    // the best 1-bit method's form: per-layer widths of keys and values, 8-bit norms, the task metric
+    {"vq:gain=kv,rotate=pca,norm=fp8,metric=task,lkbits=1/2,lvbits=0.5/2", {"", "", "", "", ""}},
+    {"vq:lkbits=1/2,lvbits=1/2", {"", "", "", "", ""}},
+    {"antkv:lvbits=1/1", {"", "", "", "", ""}},
+    {"vq:lkbits=1/0.5,lvbits=1/0.5,key_rope=commute", {"", "", "key_rope=commute with per-layer key widths of different group sizes",
+                                          "key_rope=commute with per-layer key widths", "key_rope=commute with per-layer key widths"}},
     {"antkv:bits=1,lratio=0.01/0.02", {"", "", "", "per-layer ratios (lratio) are not implemented in the synthetic cache bench fills",
                                        "per-layer ratios (lratio) are not implemented in the synthetic cache bench fills"}},
     {"vq:bits=1,gain=kv,rotate=pca,key_rope=pre", {"", "", "", "", ""}},
@@ -316,10 +321,11 @@ TEST_CASE("CLI: a refused method stops run before calibrating, every refusal on 
                         << "\n  tokens: 2048\n  seq_len: 128\n  device: cpu\nquant:\n  bits: 1\nkmeans:\n  iters: 2\n"
                         << "  device: cpu\neval:\n  texts: [" << head_of(dir, "valid.txt", "data/books-valid.txt", 8000)
                         << "]\n  seq_len: 128\n  max_windows: 1\n  device: cpu\n"
-                        << "  methods: [fp16, \"vq:bits=1\", \"antkv:bits=1,correct=on\", \"vq:bits=2,gain=kv\"]\n";
+                        << "  methods: [fp16, \"vq:bits=1\", \"antkv:bits=1,correct=on\", \"vq:bits=1,metric=task,key_rope=commute\"]\n";
   const std::string eval = ANTKV_EVAL_PATH;
   const std::string out = dir + "/run";
-  // the real cache with correct=on and 2-bit gain=kv (on a machine with or without a GPU: checked before the device)
+  // the real cache with correct=on and commute keys with metric=task (on a machine with or without a GPU: checked
+  // before the device)
   for (const char* cmd : {" run", " ppl"}) {
     const Cli r = run_cli(eval + cmd + " --recipe " + recipe + " --out " + out +
                           " --set eval.device=cuda --set eval.kv_cache=real");
@@ -327,7 +333,7 @@ TEST_CASE("CLI: a refused method stops run before calibrating, every refusal on 
     CHECK(r.code == 1);
     CHECK_THAT(r.err, Contains("2 methods of eval.methods cannot be evaluated"));
     CHECK_THAT(r.err, Contains("\n  method \"antkv:bits=1,correct=on\" does not run on the simulated GPU quantizer"));
-    CHECK_THAT(r.err, Contains("\n  method \"vq:bits=2,gain=kv\" does not run on the real GPU cache"));
+    CHECK_THAT(r.err, Contains("\n  method \"vq:bits=1,metric=task,key_rope=commute\" does not run on the real GPU cache"));
     CHECK(r.err.find("calibration:") == std::string::npos);  // no calibration plan: nothing started
     CHECK(r.err.find("outputs:") == std::string::npos);
     CHECK_FALSE(fs::exists(out));  // no folder, no lock, no dump
@@ -355,13 +361,13 @@ TEST_CASE("CLI: bench and max-context refuse every method they cannot time, toge
           "[support][cli]") {
   const std::string eval = ANTKV_EVAL_PATH;
   for (const char* cmd : {" bench", " max-context"}) {
-    const Cli r = run_cli(eval + cmd + " --method fp16 --method vq:bits=2,gain=kv,rotate=pca --method rsq:bits=2 "
+    const Cli r = run_cli(eval + cmd + " --method fp16 --method antkv:bits=1,anchors=v,promote=off --method rsq:bits=2 "
                                        "--method uniform:bits=2,group=100");
     INFO(r.err);
     CHECK(r.code == 1);
     CHECK_THAT(r.err, Contains("3 methods of --method cannot be timed"));
-    CHECK_THAT(r.err, Contains("method \"vq:bits=2,gain=kv,rotate=pca\" does not run on") &&
-                          Contains("gain= and rotate=pca run on the compressed cache's lookup-table widths"));
+    CHECK_THAT(r.err, Contains("method \"antkv:bits=1,anchors=v,promote=off\" does not run on") &&
+                          Contains("anchors=v (one tensor only) is not implemented in the synthetic cache bench fills"));
     CHECK_THAT(r.err, Contains("method \"rsq:bits=2\"") && Contains("rsq has no real GPU cache to time"));
     CHECK_THAT(r.err, Contains("takes group 32, 64 or 128, not 100"));
   }

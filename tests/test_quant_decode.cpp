@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -160,6 +161,7 @@ struct QCase {
   bool lut_half;
   bool pre_rope = false;  // pre-RoPE code stream: keys rotated to code_pos (random positions up to ~2^20)
   int coded = 0;          // the coded transform: | 1 key scales (gain=k), | 2 value scales (gain=kv), | 4 rotated bases
+  std::optional<VqKernelConfig> vcfg;  // the values' configuration when it differs from the keys' (cfg)
 };
 
 // Case n of a configuration sweep: 2 KV heads of G query heads each, three sequences of odd counts (the second
@@ -181,10 +183,16 @@ QCase sweep_case(VqKernelConfig cfg, int d, int G, int n, int second = 2001) {
 // Runs one case through every split plan and compares with the CPU reference.
 void run_case(const QCase& c, std::mt19937& rng) {
   const auto info = cuda::vq_kernel_config_info(c.cfg);
+  const VqKernelConfig vconf = c.vcfg.value_or(c.cfg);
   const int B = static_cast<int>(c.seqs.size());
   const int d = c.d, H = c.heads, Hkv = c.kv_heads, G = H / Hkv;
+  // each tensor's groups, centroids, channels per group and record bytes
   const int ng = cuda::vq_groups(d, c.cfg), K = cuda::vq_centroid_count(c.cfg), cc = info.c;
   const int rb = cuda::vq_record_bytes(d, c.cfg);
+  const int vng = cuda::vq_groups(d, vconf), vK = cuda::vq_centroid_count(vconf),
+            vcc = cuda::vq_kernel_config_info(vconf).c, vrb = cuda::vq_record_bytes(d, vconf);
+  // the dequantize-dot kernel with run-time widths: fp32 scores as the pre-RoPE kernel's
+  const bool run_time_widths = vconf != c.cfg || (c.coded && !cuda::vq_uses_lut(c.cfg));
   int max_q = 0, max_a = 0, max_w = 0;
   for (const auto& s : c.seqs) {
     max_q = std::max(max_q, s.n_quant);
@@ -192,8 +200,8 @@ void run_case(const QCase& c, std::mt19937& rng) {
     max_w = std::max(max_w, s.n_window);
   }
   const int qcap = max_q + 41, acap = max_a + 3, wcap = max_w + 2;
-  INFO(fmt::format("{} d {} heads {}/{} q_scale {} sorted {} lut_half {} pre_rope {} counts {}/{}/{} {}/{}/{} {}/{}/{}",
-                   info.name, d, H, Hkv, c.q_scale, c.sorted, c.lut_half, c.pre_rope, c.seqs[0].n_quant, c.seqs[0].n_anchor,
+  INFO(fmt::format("{}{} d {} heads {}/{} q_scale {} sorted {} lut_half {} pre_rope {} coded {} counts {}/{}/{} {}/{}/{} {}/{}/{}",
+                   info.name, vconf != c.cfg ? std::string(" / ") + cuda::vq_kernel_config_info(vconf).name : "", d, H, Hkv, c.q_scale, c.sorted, c.lut_half, c.pre_rope, c.coded, c.seqs[0].n_quant, c.seqs[0].n_anchor,
                    c.seqs[0].n_window, c.seqs[1].n_quant, c.seqs[1].n_anchor, c.seqs[1].n_window, c.seqs[2].n_quant,
                    c.seqs[2].n_anchor, c.seqs[2].n_window));
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -203,7 +211,7 @@ void run_case(const QCase& c, std::mt19937& rng) {
     return v;
   };
   // codebooks (fp16-rounded), q (bf16-rounded)
-  const auto kcent = randn(size_t(Hkv) * ng * K * cc, 1.f), vcent = randn(size_t(Hkv) * ng * K * cc, 1.f);
+  const auto kcent = randn(size_t(Hkv) * ng * K * cc, 1.f), vcent = randn(size_t(Hkv) * vng * vK * vcc, 1.f);
   std::vector<float> q(size_t(B) * H * d);
   for (auto& x : q) x = bf2f(f2bf(nd(rng) * c.q_scale));
   const float scale = 1.0f / std::sqrt(float(d));
@@ -235,8 +243,8 @@ void run_case(const QCase& c, std::mt19937& rng) {
     }
   };
   // per sequence and KV head: codes (natural order) [n_quant, ng] for K and V, anchors, window
-  std::uniform_int_distribution<int> ud(0, K - 1);
-  std::vector<uint8_t> kcodes(size_t(B) * Hkv * qcap * rb, 0xFF), vcodes(kcodes.size(), 0xFF);
+  std::uniform_int_distribution<int> ud(0, K - 1), vud(0, vK - 1);
+  std::vector<uint8_t> kcodes(size_t(B) * Hkv * qcap * rb, 0xFF), vcodes(size_t(B) * Hkv * qcap * vrb, 0xFF);
   std::vector<float> ak(size_t(B) * Hkv * acap * d, NAN), av(ak.size(), NAN), wk(size_t(B) * Hkv * wcap * d, NAN),
       wv(wk.size(), NAN);
   std::vector<int32_t> apos(size_t(B) * Hkv * acap, -1);
@@ -250,11 +258,11 @@ void run_case(const QCase& c, std::mt19937& rng) {
     const int T = s.n_quant + s.n_anchor + s.n_window;
     std::vector<float> kref(size_t(T) * Hkv * d), vref(kref.size());
     for (int h = 0; h < Hkv; ++h) {
-      std::vector<int32_t> kc(size_t(s.n_quant) * ng), vc(kc.size());
+      std::vector<int32_t> kc(size_t(s.n_quant) * ng), vc(size_t(s.n_quant) * vng);
       for (auto& x : kc) x = ud(rng);
-      for (auto& x : vc) x = ud(rng);
+      for (auto& x : vc) x = vud(rng);
       VqHeadCodebooks kcb{kcent.data() + size_t(h) * ng * K * cc, ng, K, cc};
-      VqHeadCodebooks vcb{vcent.data() + size_t(h) * ng * K * cc, ng, K, cc};
+      VqHeadCodebooks vcb{vcent.data() + size_t(h) * vng * vK * vcc, vng, vK, vcc};
       if (c.sorted && s.n_quant > 0) {  // order the stream by the first query head's score, increasing
         std::vector<float> kd(size_t(s.n_quant) * d);
         vq_decode(kcb, kc.data(), s.n_quant, d, kd.data());
@@ -267,14 +275,13 @@ void run_case(const QCase& c, std::mt19937& rng) {
         std::vector<int32_t> kc2(kc.size()), vc2(vc.size());
         for (int t = 0; t < s.n_quant; ++t) {
           std::copy_n(kc.begin() + size_t(order[t]) * ng, ng, kc2.begin() + size_t(t) * ng);
-          std::copy_n(vc.begin() + size_t(order[t]) * ng, ng, vc2.begin() + size_t(t) * ng);
+          std::copy_n(vc.begin() + size_t(order[t]) * vng, vng, vc2.begin() + size_t(t) * vng);
         }
         kc.swap(kc2);
         vc.swap(vc2);
       }
-      const size_t base = (size_t(b) * Hkv + h) * qcap * rb;
-      cuda::pack_codes(kc.data(), s.n_quant, 0, d, c.cfg, kcodes.data() + base);
-      cuda::pack_codes(vc.data(), s.n_quant, 0, d, c.cfg, vcodes.data() + base);
+      cuda::pack_codes(kc.data(), s.n_quant, 0, d, c.cfg, kcodes.data() + (size_t(b) * Hkv + h) * qcap * rb);
+      cuda::pack_codes(vc.data(), s.n_quant, 0, d, vconf, vcodes.data() + (size_t(b) * Hkv + h) * qcap * vrb);
       // reference rows: quantized tokens, then anchors, then window (order does not matter to attention)
       vq_decode(kcb, kc.data(), s.n_quant, int64_t(Hkv) * d, kref.data() + size_t(h) * d);
       vq_decode(vcb, vc.data(), s.n_quant, int64_t(Hkv) * d, vref.data() + size_t(h) * d);
@@ -350,6 +357,7 @@ void run_case(const QCase& c, std::mt19937& rng) {
 
   cuda::QuantDecodeParams p;
   p.config = c.cfg;
+  p.value_config = c.vcfg;
   p.batch = B;
   p.n_heads = H;
   p.n_kv_heads = Hkv;
@@ -405,7 +413,7 @@ void run_case(const QCase& c, std::mt19937& rng) {
   if (kgain) p.k_scale = dks.get();
   if (vgain) p.v_scale = dvs.get();
   REQUIRE(p.coded_transform() == (c.coded != 0));
-  const bool half_lut = !c.pre_rope && (c.lut_half || c.cfg == VqKernelConfig::kC16B12);
+  const bool half_lut = !c.pre_rope && !run_time_widths && (c.lut_half || c.cfg == VqKernelConfig::kC16B12);
   const int tile = cuda::quant_decode_tile();
   // the planner's split, one split for everything, and one split per tile
   const auto auto_plan = cuda::plan_quant_decode(B, H, Hkv, d, c.cfg, max_q, c.lut_half, 1, c.coded != 0);
@@ -432,11 +440,12 @@ void run_case(const QCase& c, std::mt19937& rng) {
     // the coded transform: the same bounds (the scales are exact fp16 on both sides, the rotations fp32 on the
     // GPU and double in the reference: a few ulp; scores up to 4x larger with key scales, whose fp16 table
     // entries then carry 4x the absolute rounding: 1.2e-2 for the LSE with fp16 tables and key scales)
-    const std::string tag = c.coded ? fmt::format(" coded {}", c.coded) : "";
+    const std::string tag = (c.coded ? fmt::format(" coded {}", c.coded) : "") + (run_time_widths ? " run-time widths" : "");
     CHECK_MEASURED(c.pre_rope ? "test_quant_decode: pre-RoPE output rel err" + tag
                               : "test_quant_decode: output rel err" + tag,
                    eo, 1e-2);
-    CHECK_MEASURED(c.pre_rope   ? "test_quant_decode: pre-RoPE LSE rel err" + tag
+    CHECK_MEASURED(c.pre_rope          ? "test_quant_decode: pre-RoPE LSE rel err" + tag
+                   : run_time_widths ? "test_quant_decode: dequantize-dot LSE rel err" + tag
                    : half_lut ? "test_quant_decode: LSE rel err (fp16 lookup tables)" + tag
                               : "test_quant_decode: LSE rel err (fp32 lookup tables)" + tag,
                    el, half_lut ? (kgain ? 1.2e-2 : 3e-3) : 3e-4);
@@ -511,11 +520,45 @@ TEST_CASE("GPU quant decode: per-token scales and rotated bases (gain=, rotate=p
   // the LLaMA-3-8B-shaped group with every option, long stream
   run_case({VqKernelConfig::kC8B8, 128, 32, 8, {{9001, 90, 128}, {1025, 10, 128}, {5, 1, 1}}, 4.f, true, true, false, 7},
            rng);
-  // the dequantize-dot kernel has no coded transform: an error, not a silent plain decode
-  QCase bad{VqKernelConfig::kC4B8, 128, 2, 2, {{5, 1, 1}, {5, 1, 1}, {5, 1, 1}}, 1.f, false, false, false, 1};
-  CHECK_THROWS_WITH(run_case(bad, rng), Catch::Contains("run on the lookup-table configurations only"));
-  bad.pre_rope = true;
-  CHECK_THROWS_WITH(run_case(bad, rng), Catch::Contains("run on the lookup-table configurations only"));
+}
+
+// Keys and values of different configurations (QuantDecodeParams::value_config: the dequantize-dot kernel with each
+// tensor's widths read at run time, 6- and 12-bit codes included), and the coded transform at c2b8 / c4b8 (the same
+// kernel): every ordered pair of configurations, head_dim 128 and 64 in turn, GQA 1/4/8, post- and pre-RoPE keys,
+// each combination of scales and bases; odd counts, slots past the counts poisoned (NaN, 0xFF codes).
+// Tolerances: run_case's dequantize-dot bounds (fp32 scores, as the pre-RoPE kernel's).
+TEST_CASE("GPU quant decode: keys and values of different configurations, and gain= / rotate=pca at c2b8 / c4b8, equal "
+          "the CPU reference (dequantize-dot with run-time widths)",
+          "[gpu][quant]") {
+  SKIP_WITHOUT_GPU();
+  const uint32_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937 rng(seed);
+  int n = 0;
+  for (VqKernelConfig kc : kAllConfigs)
+    for (VqKernelConfig vc : kAllConfigs) {
+      if (kc == vc) continue;
+      QCase c = sweep_case(kc, n % 2 ? 64 : 128, std::array<int, 3>{1, 4, 8}[n % 3], n, 1025);
+      c.vcfg = vc;
+      c.sorted = (n % 4) == 0;
+      c.pre_rope = (n % 3) == 1;
+      c.coded = std::array<int, 5>{0, 1, 3, 4, 7}[n % 5];
+      run_case(c, rng);
+      ++n;
+    }
+  for (VqKernelConfig cfg : {VqKernelConfig::kC4B8, VqKernelConfig::kC2B8})
+    for (int d : {128, 64})
+      for (bool pre : {false, true}) {
+        QCase c = sweep_case(cfg, d, 4, n, 1025);
+        c.pre_rope = pre;
+        c.coded = std::array<int, 4>{7, 1, 6, 3}[n % 4];
+        run_case(c, rng);
+        ++n;
+      }
+  // the LLaMA-3-8B-shaped group: 1-bit keys, 2-bit values with every option, long stream
+  QCase big{VqKernelConfig::kC8B8, 128, 32, 8, {{9001, 90, 128}, {1025, 10, 128}, {5, 1, 1}}, 4.f, true, false, false, 7};
+  big.vcfg = VqKernelConfig::kC4B8;
+  run_case(big, rng);
 }
 
 TEST_CASE("GPU quant decode: pre-RoPE keys (dequantize, rotate at code_pos, dot) equal the rotated CPU reference", "[gpu][quant]") {

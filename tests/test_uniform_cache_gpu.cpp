@@ -722,11 +722,20 @@ TEST_CASE("bench methods: uniform parses with its closed set and simulated-only 
                     Catch::Contains("anchors=v (one tensor only) is not implemented in the synthetic cache bench fills"));
   CHECK_THROWS_WITH(cuda::parse_bench_method("antkv:bits=1,correct=on"),
                     Catch::Contains("correct=on is not implemented in the compressed cache"));
-  CHECK_THROWS_WITH(cuda::parse_bench_method("vq:bits=1,lkbits=1/1,lvbits=1/1"),
-                    Catch::Contains("per-layer widths (lkbits, lvbits) are not implemented in the synthetic cache"));
-  CHECK_THROWS_WITH(cuda::parse_bench_method("vq:bits=2,gain=k"),
-                    Catch::Contains("gain= and rotate=pca run on the compressed cache's lookup-table widths (bits 1, "
-                                    "0.75, 0.5, 0.375), not c4b8"));
+  // per-layer widths and keys and values of different widths: each layer's configurations, the list checked
+  // against the model's layers
+  const auto layered = cuda::parse_bench_method("vq:gain=kv,rotate=pca,norm=fp8,metric=task,lkbits=1/2,lvbits=0.5/2");
+  CHECK(layered.key_configs == std::vector<cuda::VqKernelConfig>{cuda::VqKernelConfig::kC8B8, cuda::VqKernelConfig::kC4B8});
+  CHECK(layered.value_configs == std::vector<cuda::VqKernelConfig>{cuda::VqKernelConfig::kC16B8, cuda::VqKernelConfig::kC4B8});
+  const ModelShapeFacts shape8b{128, 32, 8, 32};
+  CHECK_THROWS_WITH(cuda::parse_bench_method("vq:lkbits=1/2", MethodPath::kBench, &shape8b),
+                    Catch::Contains("lkbits/lvbits list 2 layers, the model has 32"));
+  const auto two = cuda::parse_bench_method("vq:kbits=1,vbits=2");
+  CHECK((two.key_configs.size() == 1 && two.value_configs.at(0) == cuda::VqKernelConfig::kC4B8));
+  // the coded transform at c4b8 (dequantize-dot with run-time widths)
+  const auto two_gain = cuda::parse_bench_method("vq:bits=2,gain=k");
+  CHECK((two_gain.compressed && two_gain.gain_keys && !two_gain.gain_values &&
+         two_gain.config == cuda::VqKernelConfig::kC4B8));
   const auto commute_gain = cuda::parse_bench_method("vq:bits=1,gain=k,key_rope=commute");
   CHECK((commute_gain.compressed && commute_gain.commute && commute_gain.gain_keys && !commute_gain.rotate));
   // the best method's pre-RoPE form: pre-RoPE keys with the coded transform (each key mapped back per token)

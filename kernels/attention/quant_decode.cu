@@ -765,11 +765,35 @@ __global__ void __launch_bounds__(D) quant_reduce_coded_kernel(const QuantDecode
 // shared memory: D x D fp32, then D products per lane channel), and the quantized tokens' values are summed in
 // their coded basis with weights p * vs in a second accumulator (rotated back by quant_reduce_coded_kernel), their
 // mean as p * v_mean with the FP16 tokens' values: the split record of the lookup-table kernel's EX instantiation.
+// C = NB = 0 (RW, run-time widths): each tensor's (c, b) from `w` (keys and values of different configurations, and
+// the coded transform on c2b8 / c4b8): a code is read byte by byte (rw_code) and its centroid addressed from the
+// run-time group size, one instantiation for every pair of configurations.
+// Post-RoPE keys with the coded transform (!ROT && EX): the quantized tokens' scores are q_mean + ks (R_k q) . u
+// (q_rot staged beside q, whose products the FP16 tokens keep), as the lookup-table kernel's.
+struct DequantWidths {
+  int k_c = 0, k_b = 0, v_c = 0, v_b = 0;  // channels per group and bits per code of the keys and the values
+};
+
+// The code of group position i (0 .. NG-1) of a b-bit record of `rec_bytes` bytes (little-endian bit order).
+__device__ __forceinline__ uint32_t rw_code(const uint8_t* rec, int i, int nb, int rec_bytes) {
+  const int at = i * nb, lo = at >> 3;
+  uint32_t w = __ldg(rec + lo);
+  if (nb == 8) return w;
+  if (lo + 1 < rec_bytes) w |= static_cast<uint32_t>(__ldg(rec + lo + 1)) << 8;
+  if (lo + 2 < rec_bytes) w |= static_cast<uint32_t>(__ldg(rec + lo + 2)) << 16;
+  return (w >> (at & 7)) & ((1u << nb) - 1u);
+}
+
 template <int D, int C, int NB, int HT, bool ROT, bool EX = false>
-__global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeParams p) {
-  constexpr int NT = 256, NW = NT / 32, HALF = D / 2, PR = D / 64, NG = D / C, REC = NG * NB / 8;
+__global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeParams p, const DequantWidths w) {
+  constexpr bool RW = C == 0;
+  constexpr int CC = RW ? 1 : C;  // (a placeholder divisor when the widths are read at run time)
+  constexpr int NT = 256, NW = NT / 32, HALF = D / 2, PR = D / 64, NG = D / CC, REC = RW ? 4 : NG * NB / 8;
   constexpr int NWD = (REC + 3) / 4;
+  constexpr bool QROT = EX && !ROT;  // post-RoPE coded keys: the rotated query
   __shared__ float sQ[HT][D];
+  __shared__ float sQr[QROT ? HT : 1][D];  // R_k q (or q without a basis), scaled as sQ
+  __shared__ float sQm[HT];                // q . k_mean, scaled (QROT)
   __shared__ float sFreq[HALF];
   __shared__ float sO[NW][HT][D];
   __shared__ float sML[NW][HT][2];
@@ -785,6 +809,11 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
   const float sl = p.scale * 1.4426950408889634f;
   for (int i = tid; i < HT * D; i += NT)
     sQ[i / D][i % D] = __bfloat162float(p.q[(static_cast<int64_t>(b) * p.n_heads + h0) * D + i]) * sl;
+  if constexpr (QROT) {
+    for (int i = tid; i < HT * D; i += NT)
+      sQr[i / D][i % D] = p.q_rot ? p.q_rot[(static_cast<int64_t>(b) * p.n_heads + h0) * D + i] * sl : sQ[i / D][i % D];
+    if (tid < HT) sQm[tid] = p.q_mean ? p.q_mean[static_cast<int64_t>(b) * p.n_heads + h0 + tid] * sl : 0.f;
+  }
   if constexpr (ROT)
     for (int i = tid; i < HALF; i += NT) sFreq[i] = p.inv_freq[i];
   if constexpr (EX)
@@ -798,11 +827,14 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
   const int nq = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(p.n_quant[b], q_limit)));
   const int q0 = split * p.split_len, q1 = min(q0 + p.split_len, nq);
   const int64_t bh = static_cast<int64_t>(b) * p.n_kv_heads + kvh;
-  const uint8_t* kbase = p.k_codes + bh * p.quant_capacity * REC;
-  const uint8_t* vbase = p.v_codes + bh * p.quant_capacity * REC;
+  // each tensor's groups, record bytes and centroids (compile-time, or run-time widths)
+  const int k_ch = RW ? w.k_c : C, k_bits = RW ? w.k_b : NB, v_ch = RW ? w.v_c : C, v_bits = RW ? w.v_b : NB;
+  const int kng = D / k_ch, vng = D / v_ch, krec = kng * k_bits / 8, vrec = vng * v_bits / 8;
+  const uint8_t* kbase = p.k_codes + bh * p.quant_capacity * (RW ? krec : REC);
+  const uint8_t* vbase = p.v_codes + bh * p.quant_capacity * (RW ? vrec : REC);
   const int32_t* cpos = p.code_pos + bh * p.quant_capacity;
-  const __half* kcb = p.k_centroids + static_cast<int64_t>(kvh) * NG * (1 << NB) * C;
-  const __half* vcb = p.v_centroids + static_cast<int64_t>(kvh) * NG * (1 << NB) * C;
+  const __half* kcb = p.k_centroids + static_cast<int64_t>(kvh) * (1 << k_bits) * D;  // [NG, 2^b, c] per KV head
+  const __half* vcb = p.v_centroids + static_cast<int64_t>(kvh) * (1 << v_bits) * D;
   const int na = max(0, min(p.n_anchor[b], p.anchor_capacity));
   const int nw = max(0, min(p.n_window[b], p.window_capacity));
   const int nf = na + nw;
@@ -810,10 +842,16 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
   const int f0 = split * fs, f1 = min(nf, f0 + fs);
 
   float qa[HT][PR], qb[HT][PR];  // q at the lane's channels i and i + HALF
+  float qra[QROT ? HT : 1][PR], qrb[QROT ? HT : 1][PR];  // QROT: the rotated query there
 #pragma unroll
   for (int h = 0; h < HT; ++h)
 #pragma unroll
     for (int j = 0; j < PR; ++j) qa[h][j] = sQ[h][lane * PR + j], qb[h][j] = sQ[h][lane * PR + j + HALF];
+  if constexpr (QROT)
+#pragma unroll
+    for (int h = 0; h < HT; ++h)
+#pragma unroll
+      for (int j = 0; j < PR; ++j) qra[h][j] = sQr[h][lane * PR + j], qrb[h][j] = sQr[h][lane * PR + j + HALF];
   float m[HT], l[HT], oa[HT][PR], ob[HT][PR];
   float oca[HT][PR], ocb[HT][PR];  // EX: the quantized tokens' values in the coded basis
 #pragma unroll
@@ -844,9 +882,14 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
 #pragma unroll
     for (int h = 0; h < HT; ++h) {
       float part = 0.f;
+      if (QROT && coded) {  // q_mean + (R_k q) . (ks u): ka / kb hold ks u
 #pragma unroll
-      for (int j = 0; j < PR; ++j) part = fmaf(qa[h][j], ka[j], fmaf(qb[h][j], kb[j], part));
-      const float sc = warp_sum(part);
+        for (int j = 0; j < PR; ++j) part = fmaf(qra[QROT ? h : 0][j], ka[j], fmaf(qrb[QROT ? h : 0][j], kb[j], part));
+      } else {
+#pragma unroll
+        for (int j = 0; j < PR; ++j) part = fmaf(qa[h][j], ka[j], fmaf(qb[h][j], kb[j], part));
+      }
+      const float sc = warp_sum(part) + (QROT && coded ? sQm[h] : 0.f);
       if (logit && lane == 0) logit[h * n_logit] = sc * kLn2;
       const float mn = fmaxf(m[h], sc);
       const float al = exp2f(m[h] - mn), pw = exp2f(sc - mn);
@@ -871,19 +914,29 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
   // iteration, 20.2 ms per step over 32 layers; four tokens' loads in flight per iteration with 4 waves of
   // splits 22.4 ms, plus register-selected code words 28.9 ms: the kernel is bound by its instruction count,
   // not by load latency)
-  const int i0 = lane * PR, ga = i0 / C, gb = (i0 + HALF) / C;  // the lane's channels lie in groups ga, gb
+  // the lane's channels lie in groups ga, gb of the keys (kga, kgb) and of the values (vga, vgb)
+  const int i0 = lane * PR, kga = i0 / k_ch, kgb = (i0 + HALF) / k_ch, vga = i0 / v_ch, vgb = (i0 + HALF) / v_ch;
   for (int t = q0 + warp; t < q1; t += NW) {
-    uint32_t wk[NWD], wv[NWD];
-    load_record<REC>(kbase, t, wk);
-    load_record<REC>(vbase, t, wv);
+    uint32_t kca, kcbb, vca, vcbb;
+    if constexpr (RW) {  // record bytes read where the lane's codes lie (in the swizzled order of each tensor)
+      const uint8_t* rk = kbase + static_cast<int64_t>(t) * krec;
+      const uint8_t* rv = vbase + static_cast<int64_t>(t) * vrec;
+      const int ksw = t & (kng - 1), vsw = t & (vng - 1);
+      kca = rw_code(rk, kga ^ ksw, k_bits, krec), kcbb = rw_code(rk, kgb ^ ksw, k_bits, krec);
+      vca = rw_code(rv, vga ^ vsw, v_bits, vrec), vcbb = rw_code(rv, vgb ^ vsw, v_bits, vrec);
+    } else {
+      uint32_t wk[NWD], wv[NWD];
+      load_record<REC>(kbase, t, wk);
+      load_record<REC>(vbase, t, wv);
+      const int sw = t & (NG - 1);
+      kca = code_at<NB>(wk, kga ^ sw), kcbb = code_at<NB>(wk, kgb ^ sw);
+      vca = code_at<NB>(wv, vga ^ sw), vcbb = code_at<NB>(wv, vgb ^ sw);
+    }
     const float pos = ROT ? static_cast<float>(__ldg(cpos + t)) : 0.f;
-    const int sw = t & (NG - 1);
-    const uint32_t kca = code_at<NB>(wk, ga ^ sw), kcbb = code_at<NB>(wk, gb ^ sw);
-    const uint32_t vca = code_at<NB>(wv, ga ^ sw), vcbb = code_at<NB>(wv, gb ^ sw);
-    const __half* pka = kcb + (static_cast<int64_t>(ga) * (1 << NB) + kca) * C + i0 % C;
-    const __half* pkb = kcb + (static_cast<int64_t>(gb) * (1 << NB) + kcbb) * C + (i0 + HALF) % C;
-    const __half* pva = vcb + (static_cast<int64_t>(ga) * (1 << NB) + vca) * C + i0 % C;
-    const __half* pvb = vcb + (static_cast<int64_t>(gb) * (1 << NB) + vcbb) * C + (i0 + HALF) % C;
+    const __half* pka = kcb + (static_cast<int64_t>(kga) * (1 << k_bits) + kca) * k_ch + i0 % k_ch;
+    const __half* pkb = kcb + (static_cast<int64_t>(kgb) * (1 << k_bits) + kcbb) * k_ch + (i0 + HALF) % k_ch;
+    const __half* pva = vcb + (static_cast<int64_t>(vga) * (1 << v_bits) + vca) * v_ch + i0 % v_ch;
+    const __half* pvb = vcb + (static_cast<int64_t>(vgb) * (1 << v_bits) + vcbb) * v_ch + (i0 + HALF) % v_ch;
     float xa[PR], xb[PR], va[PR], vb[PR], ka[PR], kb[PR];
     if constexpr (PR == 2) {
       const float2 a = __half22float2(__ldg(reinterpret_cast<const __half2*>(pka)));
@@ -1008,7 +1061,7 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
 }
 
 template <int D, int C, int NB, int HT, bool ROT, bool EX>
-void launch_pre_ht(const QuantDecodeParams& p, dim3 grid, cudaStream_t stream) {
+void launch_pre_ht(const QuantDecodeParams& p, const DequantWidths& w, dim3 grid, cudaStream_t stream) {
   const auto kernel = quant_pre_split_kernel<D, C, NB, HT, ROT, EX>;
   if constexpr (EX) {  // R_k (64 KB at head_dim 128) is more than the default 48 KB of dynamic shared memory
     static const bool ready = [&] {
@@ -1018,19 +1071,35 @@ void launch_pre_ht(const QuantDecodeParams& p, dim3 grid, cudaStream_t stream) {
     (void)ready;
   }
   const size_t smem = EX && p.k_rotation ? static_cast<size_t>(D) * D * sizeof(float) : 0;
-  kernel<<<grid, 256, smem, stream>>>(p);
+  kernel<<<grid, 256, smem, stream>>>(p, w);
   ANTKV_LAUNCH_CHECK("quant_pre_split_kernel");
 }
 
 template <int D, int C, int NB, bool ROT, bool EX = false>
-void launch_pre(const QuantDecodeParams& p, int ht, cudaStream_t stream) {
+void launch_pre(const QuantDecodeParams& p, int ht, cudaStream_t stream, const DequantWidths& w = {}) {
   const int G = p.n_heads / p.n_kv_heads;
   const dim3 grid(p.n_splits, p.n_kv_heads * (G / ht), p.batch);
   switch (ht) {
-    case 4: launch_pre_ht<D, C, NB, 4, ROT, EX>(p, grid, stream); break;
-    case 2: launch_pre_ht<D, C, NB, 2, ROT, EX>(p, grid, stream); break;
-    default: launch_pre_ht<D, C, NB, 1, ROT, EX>(p, grid, stream); break;
+    case 4: launch_pre_ht<D, C, NB, 4, ROT, EX>(p, w, grid, stream); break;
+    case 2: launch_pre_ht<D, C, NB, 2, ROT, EX>(p, w, grid, stream); break;
+    default: launch_pre_ht<D, C, NB, 1, ROT, EX>(p, w, grid, stream); break;
   }
+}
+
+// Whether decode reads each tensor's widths at run time: keys and values of different configurations, or the coded
+// transform on a configuration without lookup tables (c2b8, c4b8).
+bool run_time_widths(const QuantDecodeParams& p) {
+  return p.value_config.value_or(p.config) != p.config || (p.coded_transform() && !vq_uses_lut(p.config));
+}
+
+// The run-time-width instantiations of the dequantize-dot kernel (RoPE at decode or not, coded transform or not).
+template <int D>
+void launch_run_time_widths(const QuantDecodeParams& p, int ht, cudaStream_t stream) {
+  const VqKernelConfigInfo k = vq_kernel_config_info(p.config), v = vq_kernel_config_info(p.value_config.value_or(p.config));
+  const DequantWidths w{k.c, k.b, v.c, v.b};
+  const bool ex = p.coded_transform();
+  if (p.pre_rope) ex ? launch_pre<D, 0, 0, true, true>(p, ht, stream, w) : launch_pre<D, 0, 0, true>(p, ht, stream, w);
+  else ex ? launch_pre<D, 0, 0, false, true>(p, ht, stream, w) : launch_pre<D, 0, 0, false>(p, ht, stream, w);
 }
 
 // The dequantize-dot kernel: pre-RoPE keys of every configuration (the coded transform on the lookup-table
@@ -1069,9 +1138,9 @@ int pre_blocks_per_sm(int ht) {
     ANTKV_CHECK(per_sm >= 1, "quant_decode: the dequantize-dot kernel does not fit on a multiprocessor");
     return per_sm;
   };
-  static const int n4 = query(quant_pre_split_kernel<D, C, 8, 4, false>);
-  static const int n2 = query(quant_pre_split_kernel<D, C, 8, 2, false>);
-  static const int n1 = query(quant_pre_split_kernel<D, C, 8, 1, false>);
+  static const int n4 = query(quant_pre_split_kernel<D, C, C ? 8 : 0, 4, false>);
+  static const int n2 = query(quant_pre_split_kernel<D, C, C ? 8 : 0, 2, false>);
+  static const int n1 = query(quant_pre_split_kernel<D, C, C ? 8 : 0, 1, false>);
   return ht == 4 ? n4 : ht == 2 ? n2 : n1;
 }
 
@@ -1340,15 +1409,20 @@ void quant_decode(QuantDecodeParams p, cudaStream_t stream) {
               "quant_decode: codes and codebooks are required when quant_capacity > 0");
   ANTKV_CHECK(p.anchor_capacity == 0 || (p.anchor_k && p.anchor_v), "quant_decode: anchor K/V are null");
   ANTKV_CHECK(p.window_capacity == 0 || (p.window_k && p.window_v), "quant_decode: window K/V are null");
-  const int rec = vq_record_bytes(p.head_dim, p.config);
-  const int align = rec % 16 == 0 ? 16 : rec % 8 == 0 ? 8 : rec % 4 == 0 ? 4 : rec % 2 == 0 ? 2 : 1;
-  ANTKV_CHECK(reinterpret_cast<uintptr_t>(p.k_codes) % align == 0 && reinterpret_cast<uintptr_t>(p.v_codes) % align == 0,
-              "quant_decode: code arenas must be {}-byte aligned", align);
+  if (p.value_config) check_vq_shape(p.head_dim, *p.value_config);
+  const bool rw = run_time_widths(p);
+  if (!rw) {  // the compile-time kernels load whole records (the run-time-width kernel reads bytes)
+    const int rec = vq_record_bytes(p.head_dim, p.config);
+    const int align = rec % 16 == 0 ? 16 : rec % 8 == 0 ? 8 : rec % 4 == 0 ? 4 : rec % 2 == 0 ? 2 : 1;
+    ANTKV_CHECK(reinterpret_cast<uintptr_t>(p.k_codes) % align == 0 && reinterpret_cast<uintptr_t>(p.v_codes) % align == 0,
+                "quant_decode: code arenas must be {}-byte aligned", align);
+  }
   ANTKV_CHECK(aligned16(p.k_centroids) && aligned16(p.v_centroids) && aligned16(p.anchor_k) && aligned16(p.anchor_v) &&
                   aligned16(p.window_k) && aligned16(p.window_v),
               "quant_decode: codebooks and FP16 buffers must be 16-byte aligned");
   const int G = p.n_heads / p.n_kv_heads;
-  const int ht = heads_per_block(G, p.config);
+  // (the run-time-width kernel has no lookup tables: c16b12's one head per block is the split kernel's)
+  const int ht = heads_per_block(G, rw ? VqKernelConfig::kC8B8 : p.config);
   ANTKV_CHECK(static_cast<int64_t>(p.n_kv_heads) * (G / ht) <= 65535, "quant_decode: too many heads");
   ANTKV_CHECK(p.n_splits >= 1 && p.n_splits <= kMaxQuantSplits && p.split_len > 0 && p.split_len % kTile == 0 &&
                   p.split_len <= kMaxSplitLen,
@@ -1356,19 +1430,18 @@ void quant_decode(QuantDecodeParams p, cudaStream_t stream) {
   const bool coded = p.coded_transform();
   ANTKV_CHECK(p.workspace_floats >= quant_decode_workspace_floats(p.batch, p.n_heads, p.head_dim, p.n_splits, coded),
               "quant_decode: workspace of {} floats is too small", p.workspace_floats);
-  ANTKV_CHECK(!coded || vq_uses_lut(p.config),
-              "quant_decode: per-token scales and rotated bases (gain=, rotate=pca) run on the lookup-table "
-              "configurations only (c8b8, c16b12, c16b8 or c16b6), not {}",
-              vq_kernel_config_info(p.config).name);
   ANTKV_CHECK(p.pre_rope ? !p.q_rot && !p.q_mean : !p.k_rotation && !p.k_mean,
               "quant_decode: {} keys take their basis as {} (RoPE does not commute with the basis, so a pre-RoPE key "
               "is mapped back per token; a post-RoPE query is rotated once)",
               p.pre_rope ? "pre-RoPE" : "post-RoPE", p.pre_rope ? "k_rotation / k_mean, not q_rot / q_mean"
                                                                : "q_rot / q_mean, not k_rotation / k_mean");
   ANTKV_CHECK(!p.k_rotation || aligned16(p.k_rotation), "quant_decode: k_rotation must be 16-byte aligned");
-  if (p.pre_rope || !vq_uses_lut(p.config)) {
-    ANTKV_CHECK(!p.pre_rope || p.quant_capacity == 0 || (p.code_pos && p.inv_freq),
-                "quant_decode: pre-RoPE keys need code positions and inv_freq");
+  ANTKV_CHECK(!p.pre_rope || p.quant_capacity == 0 || (p.code_pos && p.inv_freq),
+              "quant_decode: pre-RoPE keys need code positions and inv_freq");
+  if (rw) {
+    if (p.head_dim == 128) launch_run_time_widths<128>(p, ht, stream);
+    else launch_run_time_widths<64>(p, ht, stream);
+  } else if (p.pre_rope || !vq_uses_lut(p.config)) {
     if (p.head_dim == 128) launch_pre_config<128>(p, ht, stream);
     else launch_pre_config<64>(p, ht, stream);
   } else {

@@ -6,10 +6,11 @@
 //
 // ---- configurations (closed set) -------------------------------------------------------------------------
 //   c2b8 = 4 bits/channel, c4b8 = 2, c8b8 = 1, c16b12 = 0.75, c16b8 = 0.5, c16b6 = 0.375 (design note §3's
-//   configurations); head_dim 128 or 64. Keys and values use the same configuration and each have their own
-//   codebooks. Anything else is an antkv::Error. c2b8 and c4b8 (64 / 32 groups: lookup tables of 16K / 8K
-//   entries per head would not fit in shared memory) always take the dequantize-dot kernel of pre-RoPE keys,
-//   without the rotation for post-RoPE keys.
+//   configurations); head_dim 128 or 64. Keys and values each have their own codebooks, and may each have their
+//   own configuration (QuantDecodeParams::value_config). Anything else is an antkv::Error. c2b8 and c4b8 (64 / 32
+//   groups: lookup tables of 16K / 8K entries per head would not fit in shared memory) always take the
+//   dequantize-dot kernel of pre-RoPE keys, without the rotation for post-RoPE keys; so do keys and values of
+//   different configurations (each tensor's widths read at run time).
 //
 // ---- cache layout, per layer ------------------------------------------------------------------------------
 // G = n_heads / n_kv_heads, NG = head_dim / c groups, K = 2^b centroids, R = NG * b / 8 bytes per token
@@ -52,6 +53,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "core/error.h"
@@ -156,7 +158,12 @@ namespace antkv::cuda {
 
 // ---- decode ---------------------------------------------------------------------------------------------
 struct QuantDecodeParams {
-  VqKernelConfig config = VqKernelConfig::kC8B8;
+  VqKernelConfig config = VqKernelConfig::kC8B8;  // the keys' (and, unless value_config is set, the values')
+  // The values' configuration when it differs from the keys' (kbits != vbits, e.g. per-layer widths lkbits /
+  // lvbits): decode then runs the dequantize-dot kernel with each tensor's widths read at run time (the lookup
+  // tables and value bins of the split kernel are one configuration's), as it does for a coded transform on
+  // c2b8 / c4b8. Codes and codebooks of each tensor are laid out as above with its own NG, 2^b, R.
+  std::optional<VqKernelConfig> value_config;
   int batch = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
   const bf16* q = nullptr;             // [batch, n_heads, head_dim], post-RoPE (the runtime's bf16 q)
   const uint8_t* k_codes = nullptr;    // [batch, n_kv_heads, quant_capacity, R] (layout above)

@@ -37,10 +37,14 @@ BenchMethod parse_bench_method(const std::string& text, MethodPath path, const M
     return b;
   }
   ANTKV_CHECK(m.needs_codebooks(), "--method {}: internal error: method_support let {} through", text, m.kind_name());
-  b.config = parse_vq_kernel_config(fmt::format("c{}b{}", m.keys.c, m.keys.b));  // one of them (method_support)
-  // gain=, rotate=pca: the coded transform with synthetic scales, basis and mean (method_support let them through at
-  // the lookup-table widths only; post- and pre-RoPE keys, gain with commute); metric=task changes which codes are
-  // written, not the decode
+  auto kernel_config = [](VqConfig q) { return parse_vq_kernel_config(fmt::format("c{}b{}", q.c, q.b)); };
+  for (int l = 0; l < std::max(1, m.listed_layers()); ++l) {  // widths of quant_decode's closed set (method_support)
+    b.key_configs.push_back(kernel_config(m.key_config(l)));
+    b.value_configs.push_back(kernel_config(m.value_config(l)));
+  }
+  b.config = b.key_configs.at(0);
+  // gain=, rotate=pca: the coded transform with synthetic scales, basis and mean (post- and pre-RoPE keys, gain with
+  // commute); metric=task and norm=fp8 change which codes and scales are written, not the decode
   b.gain_keys = m.gain_keys();
   b.gain_values = m.gain_values();
   b.rotate = m.rotate == Rotate::kPca;
@@ -54,19 +58,35 @@ BenchMethod parse_bench_method(const std::string& text, MethodPath path, const M
   return b;
 }
 
+namespace {
+// Each layer's configurations of method m on a model of cfg's layers (one entry: every layer).
+std::vector<GpuCompressedKvCache::LayerWidths> layer_widths(const ModelConfig& cfg, const BenchMethod& m) {
+  const size_t n = m.key_configs.size();
+  ANTKV_CHECK(n == m.value_configs.size() && (n <= 1 || n == static_cast<size_t>(cfg.num_layers)),
+              "--method {}: lkbits/lvbits list {} layers, the model has {}", m.text, n, cfg.num_layers);
+  std::vector<GpuCompressedKvCache::LayerWidths> w;
+  for (int l = 0; l < cfg.num_layers; ++l)
+    w.push_back(n == 0 ? GpuCompressedKvCache::LayerWidths{m.config, m.config}
+                       : GpuCompressedKvCache::LayerWidths{m.key_configs[n == 1 ? 0 : l], m.value_configs[n == 1 ? 0 : l]});
+  return w;
+}
+}  // namespace
+
 double sequence_cache_bytes(const ModelConfig& cfg, const BenchMethod& m, int capacity) {
   if (m.uniform)
     return GpuUniformKvCache::sequence_bytes(cfg, m.uniform_bits, m.uniform_group, m.uniform_window, capacity);
   if (!m.compressed) return static_cast<double>(capacity) * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2;
-  const double rec = vq_record_bytes(cfg.head_dim, m.config);
+  const auto widths = layer_widths(cfg, m);
+  double recs = 0;  // key and value record bytes summed over the layers
+  for (const auto& w : widths) recs += vq_record_bytes(cfg.head_dim, w.keys) + vq_record_bytes(cfg.head_dim, w.values);
   const double acap = m.anchor_ratio > 0 ? std::min<double>(capacity, std::ceil(m.anchor_ratio * capacity) + 1) : 0;
-  const double per_layer = cfg.num_kv_heads * (2.0 * capacity * rec + 2.0 * acap * cfg.head_dim * 2 + acap * 4 +
+  const double per_layer = cfg.num_kv_heads * (2.0 * acap * cfg.head_dim * 2 + acap * 4 +
                                                2.0 * m.window * cfg.head_dim * 2 +
                                                (m.pre_rope ? 4.0 * capacity + m.window * cfg.head_dim * 2.0 : 0.0) +
                                                (m.promote ? 4.0 * (acap + m.window) + (m.pre_rope ? acap * cfg.head_dim * 2.0 : 0.0)
                                                           : 0.0) +
                                                2.0 * capacity * (int{m.gain_keys} + int{m.gain_values}));  // fp16 scales
-  return per_layer * cfg.num_layers;
+  return per_layer * cfg.num_layers + cfg.num_kv_heads * static_cast<double>(capacity) * recs;
 }
 
 namespace {
@@ -98,7 +118,7 @@ std::unique_ptr<GpuRuntime> make_runtime(const ModelConfig& cfg, const BenchMeth
                                                               capacity));
   if (m.compressed)
     rt->set_compressed_cache(
-        std::make_unique<GpuCompressedKvCache>(cfg, m.config, m.anchor_ratio, B, capacity, m.window, seed + 7, m.pre_rope,
+        std::make_unique<GpuCompressedKvCache>(cfg, layer_widths(cfg, m), m.anchor_ratio, B, capacity, m.window, seed + 7, m.pre_rope,
                                                m.promote, m.gain_keys, m.gain_values, m.rotate,
                                                m.commute));
   rt->fill_kv_random(seed + 1);
@@ -131,9 +151,12 @@ double time_compressed_attention(const ModelConfig& cfg, GpuCompressedKvCache& c
                                  double* bytes) {
   const double ms = time_cache_attention(cfg, cache, B, ctx, iters);
   const auto& s = cache.state(0);
-  const double rec = vq_record_bytes(cfg.head_dim, cache.config());
-  *bytes = static_cast<double>(B) * cfg.num_layers * cfg.num_kv_heads *
-           (2.0 * s.n_quant * rec + (cache.pre_rope() ? 4.0 * s.n_quant : 0.0) +
+  double recs = 0;  // key and value record bytes summed over the layers
+  for (int l = 0; l < cfg.num_layers; ++l)
+    recs += vq_record_bytes(cfg.head_dim, cache.widths(l).keys) + vq_record_bytes(cfg.head_dim, cache.widths(l).values);
+  *bytes = static_cast<double>(B) * cfg.num_kv_heads * s.n_quant * recs +
+           static_cast<double>(B) * cfg.num_layers * cfg.num_kv_heads *
+           ((cache.pre_rope() ? 4.0 * s.n_quant : 0.0) +
             2.0 * s.n_quant * (int{cache.gain_keys()} + int{cache.gain_values()}) +
             2.0 * (s.n_anchor + s.n_window) * cfg.head_dim * 2);
   return ms;

@@ -19,7 +19,10 @@ struct BenchMethod {
   bool uniform = false;      // uniform: bits 2|4, group 32|64|128, window (FP16 newest tokens)
   int uniform_bits = 2, uniform_group = 128, uniform_window = 0;
   bool compressed = false;   // vq / antkv
-  VqKernelConfig config = VqKernelConfig::kC8B8;
+  VqKernelConfig config = VqKernelConfig::kC8B8;  // the keys' (layer 0's with per-layer widths)
+  // each layer's configurations of keys and values: one entry (every layer the same) or one per layer
+  // (lkbits/lvbits); keys and values may differ (kbits != vbits)
+  std::vector<VqKernelConfig> key_configs, value_configs;
   double anchor_ratio = 0;   // antkv: ratio (default 0.01); vq: 0
   int window = 128;          // FP16 decode window (compressed)
   bool pre_rope = false;     // key_rope=pre: pre-RoPE code stream (dequantize-rotate-dot decode)
@@ -30,8 +33,9 @@ struct BenchMethod {
   bool gain_keys = false, gain_values = false, rotate = false;
 };
 // What `path` (bench or max-context) runs of `text`, on a model of `shape` when given: fp16, uniform at bits 2 or
-// 4 (group 32, 64 or 128), or vq/antkv at a width of quant_decode's closed set (bits 4, 2, 1, 0.75, 0.5, 0.375)
-// and the options the compressed cache runs (gain=, rotate=pca at post-RoPE lookup-table widths, metric=task); anything else is method_support's error (quant/method_support.h).
+// 4 (group 32, 64 or 128), or vq/antkv at widths of quant_decode's closed set (bits 4, 2, 1, 0.75, 0.5, 0.375; per
+// layer and per tensor) and the options the compressed cache runs; anything else is method_support's error
+// (quant/method_support.h).
 BenchMethod parse_bench_method(const std::string& text, MethodPath path = MethodPath::kBench,
                                const ModelShapeFacts* shape = nullptr);
 

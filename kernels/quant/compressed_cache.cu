@@ -12,12 +12,12 @@
 #include "core/error.h"
 #include "kernels/attention/commute_decode.h"
 #include "kernels/common/cuda_check.h"
+#include "kernels/common/fp8_round.cuh"
 #include "kernels/common/random_fill.h"
 #include "quant/codebook_fit.h"
 #include "quant/method_support.h"
 #include "quant/vq.h"
 #include "anchor/anchor_scores.h"
-#include "quant/vq.h"
 #include "runtime/rope.h"
 
 namespace antkv {
@@ -26,18 +26,18 @@ using cuda::bf16;
 using cuda::DeviceBuffer;
 
 struct GpuCompressedKvCache::Layer {
-  // the layer's configuration (per-layer widths, lkbits/lvbits: each layer its own), its record bytes R, groups
-  // NG, centroids K and whether its lookup tables are fp16
-  cuda::VqKernelConfig config = cuda::VqKernelConfig::kC8B8;
-  int rec = 0, ng = 0, k_count = 0;
+  // the layer's configurations of keys and values (per-layer widths, lkbits/lvbits: each layer its own; kbits !=
+  // vbits: two), their record bytes R and centroids 2^b, and whether the keys' lookup tables are fp16
+  cuda::VqKernelConfig k_config = cuda::VqKernelConfig::kC8B8, v_config = cuda::VqKernelConfig::kC8B8;
+  int k_rec = 0, v_rec = 0, k_count = 0, v_count = 0;
   bool lut_half = false;
   // the layer's anchor ratio (lratio: each layer its own) and anchor slots per (sequence, KV head); decode-time
   // anchors run in the layers that keep anchors (acap > 0)
   double ratio = 0;
   int acap = 0;
   bool promote = false;
-  DeviceBuffer<uint8_t> k_codes, v_codes;    // [max_batch, KV, capacity, R]
-  DeviceBuffer<__half> k_cent, v_cent;       // [KV, NG, 2^b, c]
+  DeviceBuffer<uint8_t> k_codes, v_codes;    // [max_batch, KV, capacity, R] (each tensor its own R)
+  DeviceBuffer<__half> k_cent, v_cent;       // [KV, NG, 2^b, c] (each tensor its own NG, b, c)
   DeviceBuffer<__half> anchor_k, anchor_v;   // [max_batch, KV, anchor_capacity, d]
   DeviceBuffer<int32_t> anchor_pos;          // [max_batch, KV, anchor_capacity]
   DeviceBuffer<__half> window_k, window_v;   // [max_batch, KV, window, d]
@@ -411,6 +411,7 @@ struct EncodeArgs {
   const float* metric = nullptr;  // [KV, d / c, c, c] lower-triangular factors, or null
   int KV = 0, d = 0, c = 0;
   bool gain = false;
+  bool fp8_norm = false;          // norm=fp8: the norm kept is E4M3-rounded (quant/vq.cpp gain_normalize), not fp16
 };
 
 // Channel j of head h's row x (the whole block of d threads calls it; sx: d floats, sred: 4 doubles of shared
@@ -434,7 +435,8 @@ __device__ float encode_channel(const EncodeArgs& p, int h, int j, float x, floa
     sq = 0.0;
     for (int w = 0; w < p.d / 32; ++w) sq += sred[w];
     const double nd = sqrt(sq);
-    *norm = __half2float(__float2half_rn(__double2float_rn(nd)));  // stored in fp16
+    const float nf = __double2float_rn(nd);  // rounded as the CPU reference rounds it (via float)
+    *norm = p.fp8_norm ? cuda::round_fp8_e4m3(nf) : __half2float(__float2half_rn(nf));  // stored in fp8 or fp16
     x = __double2float_rn(static_cast<double>(x) * (nd > 0 ? 1.0 / nd : 0.0));
   }
   if (p.metric) {
@@ -592,20 +594,20 @@ __global__ void iota_code_pos_kernel(int32_t* __restrict__ code_pos, int64_t n, 
     code_pos[i] = static_cast<int32_t>(i % cap);
 }
 
-// Layer l's configuration (the method's, or its per-layer widths'), of a method that method_support accepted for the
-// real path.
-cuda::VqKernelConfig config_for(const MethodSpec& m, int l) {
-  ANTKV_CHECK(m.needs_codebooks(), "compressed KV cache: method {} is not vq or antkv", m.text);
-  const VqConfig k = m.key_config(l), v = m.value_config(l);
-  ANTKV_CHECK(k.c == v.c && k.b == v.b,
-              "compressed KV cache: internal error: method {} passed method_support with c{}b{} / c{}b{}{}", m.text,
-              k.c, k.b, v.c, v.b, m.layered() ? fmt::format(" in layer {}", l) : "");
-  const std::string name = fmt::format("c{}b{}", k.c, k.b);
+// The kernel configuration of width q of a method that method_support accepted for the real path.
+cuda::VqKernelConfig kernel_config_of(const MethodSpec& m, VqConfig q) {
+  const std::string name = fmt::format("c{}b{}", q.c, q.b);
   for (cuda::VqKernelConfig c : cuda::kVqKernelConfigs)
     if (name == cuda::vq_kernel_config_info(c).name) return c;
   fail("compressed KV cache: internal error: method {} passed method_support with {}, which quant_decode does not "
        "build (method_support.cpp's compressed_width and kVqKernelConfigs differ)",
        m.text, name);
+}
+
+// Layer l's configurations of keys and values (the method's, or its per-layer widths').
+GpuCompressedKvCache::LayerWidths widths_for(const MethodSpec& m, int l) {
+  ANTKV_CHECK(m.needs_codebooks(), "compressed KV cache: method {} is not vq or antkv", m.text);
+  return {kernel_config_of(m, m.key_config(l)), kernel_config_of(m, m.value_config(l))};
 }
 
 }  // namespace
@@ -618,12 +620,13 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
   ANTKV_CHECK(m.listed_layers() == 0 || m.listed_layers() == cfg.num_layers,
               "method {}: lkbits/lvbits/lratio list {} layers, the model has {}", m.text, m.listed_layers(), cfg.num_layers);
   layer_cfg_.clear();
-  for (int l = 0; l < cfg.num_layers; ++l) layer_cfg_.push_back(config_for(m, l));
-  config_ = layer_cfg_.at(0);
+  for (int l = 0; l < cfg.num_layers; ++l) layer_cfg_.push_back(widths_for(m, l));
+  config_ = layer_cfg_.at(0).keys;
   // anchors=k|v (post-RoPE keys: method_support): the other tensor's anchors are quantized (at the prefill, and at
   // promotion with decode-time anchors) and kept dequantized in their FP16 slots
-  for (cuda::VqKernelConfig c : layer_cfg_) cuda::check_vq_shape(cfg.head_dim, c);
+  for (const LayerWidths& w : layer_cfg_) cuda::check_vq_shape(cfg.head_dim, w.keys), cuda::check_vq_shape(cfg.head_dim, w.values);
   check_codebooks_fit(m, cb, cfg);
+  fp8_norm_ = m.norm == Norm::kFp8;
   gain_k_ = m.gain_keys();
   gain_v_ = m.gain_values();
   rotate_ = m.rotate == Rotate::kPca;
@@ -649,7 +652,7 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
   std::vector<__half> h;
   for (int l = 0; l < n_layers_; ++l)
     for (int kv = 0; kv < 2; ++kv) {
-      const size_t want = static_cast<size_t>(n_kv_) * layers_[l]->k_count * d_;
+      const size_t want = static_cast<size_t>(n_kv_) * (kv ? layers_[l]->v_count : layers_[l]->k_count) * d_;
       h.resize(want);
       const auto& src = kv ? cb.values.at(l).centroids : cb.keys.at(l).centroids;
       ANTKV_CHECK(src.size() == want, "method {}: layer {} {} centroids hold {} floats, expected {}", m.text, l,
@@ -660,18 +663,21 @@ GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const MethodS
     }
 }
 
-GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKernelConfig config, double anchor_ratio,
-                                           int max_batch, int capacity, int window, uint64_t seed, bool pre_rope,
-                                           bool promote, bool gain_keys, bool gain_values, bool rotate,
+GpuCompressedKvCache::GpuCompressedKvCache(const ModelConfig& cfg, const std::vector<LayerWidths>& widths,
+                                           double anchor_ratio, int max_batch, int capacity, int window, uint64_t seed,
+                                           bool pre_rope, bool promote, bool gain_keys, bool gain_values, bool rotate,
                                            bool commute) {
-  config_ = config;
-  layer_cfg_.assign(static_cast<size_t>(cfg.num_layers), config);
-  name_ = fmt::format("synthetic {}{}{}{}{}", cuda::vq_kernel_config_info(config).name,
+  ANTKV_CHECK(static_cast<int>(widths.size()) == cfg.num_layers, "synthetic compressed cache: {} layer widths for {} layers",
+              widths.size(), cfg.num_layers);
+  layer_cfg_ = widths;
+  config_ = widths.at(0).keys;
+  bool one_config = true;  // every layer's keys and values of layer 0's keys' configuration
+  for (const LayerWidths& w : widths) one_config = one_config && w.keys == config_ && w.values == config_;
+  name_ = fmt::format("synthetic {}{}{}{}{}", one_config ? cuda::vq_kernel_config_info(config_).name : "per-layer widths",
                       commute ? " commute" : pre_rope ? " pre-RoPE" : "", promote && anchor_ratio > 0 ? " promote" : "",
                       gain_keys ? (gain_values ? " gain=kv" : " gain=k") : "", rotate ? " rotate=pca" : "");
-  cuda::check_vq_shape(cfg.head_dim, config_);
-  ANTKV_CHECK(!(gain_keys || gain_values || rotate) || cuda::vq_uses_lut(config),
-              "compressed cache {}: gain and rotate run on the lookup-table configurations only", name_);
+  for (const LayerWidths& w : widths) cuda::check_vq_shape(cfg.head_dim, w.keys), cuda::check_vq_shape(cfg.head_dim, w.values);
+  ANTKV_CHECK(!commute || one_config, "compressed cache {}: commute keys with several configurations", name_);
   ANTKV_CHECK(!(rotate && commute), "compressed cache {}: rotate with commute keys (the basis mixes the RoPE pairs)", name_);
   gain_k_ = gain_keys;
   gain_v_ = gain_values;
@@ -759,11 +765,8 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   auto lut_half_of = [](cuda::VqKernelConfig c) {
     return c == cuda::VqKernelConfig::kC8B8 || c == cuda::VqKernelConfig::kC16B12;
   };
-  // config(), lut_half() and plan(): layer 0's (a plan's splits are valid for any layer; the workspace below
+  // config(), lut_half() and plan(): layer 0's keys' (a plan's splits are valid for any layer; the workspace below
   // holds the most splits of any layer's configuration)
-  ng_ = cuda::vq_groups(d_, config_);
-  k_count_ = cuda::vq_centroid_count(config_);
-  rec_ = cuda::vq_record_bytes(d_, config_);
   lut_half_ = lut_half_of(config_);
   pre_ = pre_rope;
   if (pre_) {
@@ -786,20 +789,20 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   device_bytes_ = 0;
   for (int l = 0; l < n_layers_; ++l) {
     auto L = std::make_unique<Layer>();
-    L->config = layer_cfg_[l];
-    L->ng = cuda::vq_groups(d_, L->config);
-    L->k_count = cuda::vq_centroid_count(L->config);
-    L->rec = cuda::vq_record_bytes(d_, L->config);
-    L->lut_half = lut_half_of(L->config);
+    L->k_config = layer_cfg_[l].keys, L->v_config = layer_cfg_[l].values;
+    L->k_count = cuda::vq_centroid_count(L->k_config), L->v_count = cuda::vq_centroid_count(L->v_config);
+    L->k_rec = cuda::vq_record_bytes(d_, L->k_config), L->v_rec = cuda::vq_record_bytes(d_, L->v_config);
+    L->lut_half = lut_half_of(L->k_config);
     L->ratio = ratios[l];
     L->acap = cap_of(L->ratio);
     L->promote = promote_ && L->acap > 0;
     const int acap = L->acap;
-    const size_t cent = static_cast<size_t>(n_kv_) * L->k_count * d_;  // [KV, NG, K, c]
-    L->k_codes.resize(BK * capacity * L->rec);
-    L->v_codes.resize(BK * capacity * L->rec);
-    L->k_cent.resize(cent);
-    L->v_cent.resize(cent);
+    const size_t k_cent = static_cast<size_t>(n_kv_) * L->k_count * d_;  // [KV, NG, K, c]
+    const size_t v_cent = static_cast<size_t>(n_kv_) * L->v_count * d_;
+    L->k_codes.resize(BK * capacity * L->k_rec);
+    L->v_codes.resize(BK * capacity * L->v_rec);
+    L->k_cent.resize(k_cent);
+    L->v_cent.resize(v_cent);
     L->anchor_k.resize(BK * acap * d_);
     L->anchor_v.resize(BK * acap * d_);
     L->anchor_pos.resize(BK * acap);
@@ -818,9 +821,9 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
       L->k_mean.resize(static_cast<size_t>(n_kv_) * d_), L->v_mean.resize(static_cast<size_t>(n_kv_) * d_);
     }
     if (task_) {
-      L->k_metric.resize(static_cast<size_t>(n_kv_) * d_ * cuda::vq_kernel_config_info(L->config).c);
-      L->v_metric.resize(L->k_metric.size());
-      L->k_search.resize(cent), L->v_search.resize(cent);
+      L->k_metric.resize(static_cast<size_t>(n_kv_) * d_ * cuda::vq_kernel_config_info(L->k_config).c);
+      L->v_metric.resize(static_cast<size_t>(n_kv_) * d_ * cuda::vq_kernel_config_info(L->v_config).c);
+      L->k_search.resize(k_cent), L->v_search.resize(v_cent);
     }
     if (L->promote) {
       L->anchor_score.resize(BK * acap);
@@ -850,8 +853,9 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   const bool coded = coded_transform();
   int64_t ws = 0;
   for (int b = 1; b <= max_batch; ++b)
-    for (cuda::VqKernelConfig c : layer_cfg_)
-      ws = std::max(ws, cuda::quant_decode_workspace_floats(
+    for (const LayerWidths& w : layer_cfg_)
+      for (cuda::VqKernelConfig c : {w.keys, w.values})
+        ws = std::max(ws, cuda::quant_decode_workspace_floats(
                             b, cfg.num_heads, d_,
                             cuda::quant_decode_max_splits(b, cfg.num_heads, n_kv_, d_, c, capacity, lut_half_of(c), 1, coded),
                             coded));
@@ -898,22 +902,22 @@ void GpuCompressedKvCache::upload_transforms(int l, const CodebookSet& cb, const
     }
   }
   if (task_) {
-    const int cc = cuda::vq_kernel_config_info(L.config).c;
     for (int side = 0; side < 2; ++side) {
+      const int cc = cuda::vq_kernel_config_info(side ? L.v_config : L.k_config).c;
       const LayerCodebooks& c = side ? cb.values.at(l) : cb.keys.at(l);
       upload(side ? L.v_metric : L.k_metric, c.metric, side ? "value metric=task factors" : "key metric=task factors");
-      const std::vector<float> mapped =
-          metric_centroids(VqHeadCodebooks{c.centroids.data(), KV * (d / cc), L.k_count, cc}, c.metric.data());
+      const std::vector<float> mapped = metric_centroids(
+          VqHeadCodebooks{c.centroids.data(), KV * (d / cc), side ? L.v_count : L.k_count, cc}, c.metric.data());
       upload(side ? L.v_search : L.k_search, mapped, side ? "value searched centroids" : "key searched centroids");
     }
   }
 }
 
 size_t GpuCompressedKvCache::bytes_per_sequence() const {
-  size_t recs = 0;  // record bytes summed over the layers (per-layer widths)
+  size_t recs = 0;  // key and value record bytes summed over the layers (per-layer widths)
   size_t per_layers = 0;  // anchors, window and their extras, summed over the layers (per-layer ratios)
   for (const auto& L : layers_) {
-    recs += static_cast<size_t>(L->rec);
+    recs += static_cast<size_t>(L->k_rec) + L->v_rec;
     const size_t acap = static_cast<size_t>(L->acap);
     per_layers += static_cast<size_t>(n_kv_) *
                   (2 * acap * d_ * 2 + acap * 4 + 2 * static_cast<size_t>(window_) * d_ * 2 +
@@ -925,13 +929,13 @@ size_t GpuCompressedKvCache::bytes_per_sequence() const {
   }
   // promote: this step's log-sum-exp and FP16 scores (one buffer for all layers)
   const size_t scratch = promote_ ? static_cast<size_t>(n_heads_) * (anchor_cap_ + window_ + 1) * 4 : 0;
-  return per_layers + static_cast<size_t>(n_kv_) * 2 * capacity_ * recs + scratch;
+  return per_layers + static_cast<size_t>(n_kv_) * capacity_ * recs + scratch;
 }
 
 size_t GpuCompressedKvCache::code_bytes_per_token() const {
   size_t recs = 0;
-  for (const auto& L : layers_) recs += static_cast<size_t>(L->rec);
-  return static_cast<size_t>(n_kv_) * (2 * recs + static_cast<size_t>(n_layers_) * 2 * (static_cast<size_t>(gain_k_) + gain_v_));
+  for (const auto& L : layers_) recs += static_cast<size_t>(L->k_rec) + L->v_rec;
+  return static_cast<size_t>(n_kv_) * (recs + static_cast<size_t>(n_layers_) * 2 * (static_cast<size_t>(gain_k_) + gain_v_));
 }
 
 int GpuCompressedKvCache::anchor_capacity(int layer) const {
@@ -1042,12 +1046,13 @@ void GpuCompressedKvCache::requantize_anchors(Layer& L, int blocks, int seq, con
   EncodeArgs& e = r.enc;
   if (rotate_) e.rot_t = side ? L.v_rot_t.get() : L.k_rot_t.get(), e.mean = side ? L.v_mean.get() : L.k_mean.get();
   if (task_) e.metric = side ? L.v_metric.get() : L.k_metric.get();
-  e.KV = n_kv_, e.d = d_, e.c = cuda::vq_kernel_config_info(L.config).c;
+  e.KV = n_kv_, e.d = d_, e.c = cuda::vq_kernel_config_info(side ? L.v_config : L.k_config).c;
   e.gain = side ? gain_v_ : gain_k_;
+  e.fp8_norm = fp8_norm_;
   r.slots = side ? L.anchor_v.get() : L.anchor_k.get();
   r.centroids = side ? L.v_cent.get() : L.k_cent.get();
   r.search = task_ ? (side ? L.v_search.get() : L.k_search.get()) : nullptr;
-  r.seq = seq, r.cap = L.acap, r.K = L.k_count, r.slot_of = slot_of;
+  r.seq = seq, r.cap = L.acap, r.K = side ? L.v_count : L.k_count, r.slot_of = slot_of;
   anchor_requantize_kernel<<<dim3(blocks, n_kv_), d_, 0, stream>>>(r);
   ANTKV_LAUNCH_CHECK("anchor_requantize_kernel");
 }
@@ -1056,7 +1061,6 @@ void GpuCompressedKvCache::quantize_pair(Layer& L, int n_tokens, const __half* k
                                          const int32_t* seq_index, const int32_t* slot, const int32_t* slot_per_head,
                                          float* enc_rows, float* enc_norms, cudaStream_t stream) {
   cuda::QuantizeParams qp;
-  qp.config = L.config;
   qp.n_tokens = n_tokens;
   qp.n_kv_heads = n_kv_;
   qp.head_dim = d_;
@@ -1069,6 +1073,7 @@ void GpuCompressedKvCache::quantize_pair(Layer& L, int n_tokens, const __half* k
   qp.capacity = capacity_;
   for (int side = 0; side < 2; ++side) {
     const bool gain = side ? gain_v_ : gain_k_;
+    qp.config = side ? L.v_config : L.k_config;
     qp.x = side ? v : k;
     qp.x_type = cuda::ElemType::kF16;
     qp.centroids = side ? L.v_cent.get() : L.k_cent.get();
@@ -1081,8 +1086,9 @@ void GpuCompressedKvCache::quantize_pair(Layer& L, int n_tokens, const __half* k
       e.out = enc_rows, e.norms = enc_norms;
       if (rotate_) e.rot_t = side ? L.v_rot_t.get() : L.k_rot_t.get(), e.mean = side ? L.v_mean.get() : L.k_mean.get();
       if (task_) e.metric = side ? L.v_metric.get() : L.k_metric.get();
-      e.KV = n_kv_, e.d = d_, e.c = cuda::vq_kernel_config_info(L.config).c;
+      e.KV = n_kv_, e.d = d_, e.c = cuda::vq_kernel_config_info(qp.config).c;
       e.gain = gain;
+      e.fp8_norm = fp8_norm_;
       encode_rows_kernel<<<dim3(n_tokens, n_kv_), d_, 0, stream>>>(e);
       ANTKV_LAUNCH_CHECK("encode_rows_kernel");
       qp.x = enc_rows;
@@ -1235,7 +1241,8 @@ void GpuCompressedKvCache::attend(int layer, int B, int n_heads, const bf16* q, 
   ANTKV_CHECK(layer >= 0 && layer < n_layers_ && B >= 1 && B <= max_batch_, "compressed cache: bad attend");
   Layer& L = *layers_[layer];
   cuda::QuantDecodeParams p;
-  p.config = L.config;
+  p.config = L.k_config;
+  if (L.v_config != L.k_config) p.value_config = L.v_config;
   p.batch = B;
   p.n_heads = n_heads;
   p.n_kv_heads = n_kv_;

@@ -33,20 +33,24 @@
 //    instead, k = k_mean + R_k^T (ks u), then rotated to their position (RoPE does not commute with R_k);
 //  - gain=k|kv: x' / |x'| is coded and the stored fp16 norm over |u| (u: the codes' concatenated centroids) is one
 //    fp16 scale per token and head (k_scale / v_scale, counted in bytes_per_sequence), so the lookup tables stay
-//    as they are: score = ks * sum_g LUT[g][code] (+ q . k_mean), value bins weigh p * vs;
+//    as they are: score = ks * sum_g LUT[g][code] (+ q . k_mean), value bins weigh p * vs; norm=fp8: the norm is
+//    E4M3-rounded first (the numbers of the simulated path), and the scale kept in fp16 as with fp16 norms (so the
+//    cache holds 16 bits per token and head where the method's accounting counts 8: decode would otherwise need
+//    |u| per token);
 //  - metric=task: the nearest L^T c to L^T x' is taken; decode reads the original-space centroids (unchanged).
-// Per-layer widths (lkbits/lvbits): each layer its own configuration (codes, codebooks, lookup tables).
+// Per-layer widths (lkbits/lvbits): each layer its own configurations (codes, codebooks, lookup tables), and keys
+// and values of a layer may differ (kbits != vbits): decode then takes quant_decode's dequantize-dot kernel with
+// run-time widths, as it does for gain= or rotate=pca on c2b8 / c4b8.
 // anchors=k|v (post-RoPE keys): the other tensor's anchor tokens are coded as any token at the prefill and at a
 // decode-time promotion (anchor_requantize_kernel) and kept dequantized (fp16) in their anchor slots, which decode
 // reads as any anchor: the quality of the method; the bytes of anchors=kv (the anchors are ~ratio of the tokens).
 // With decode-time anchors an anchor also keeps an exact fp16 copy of that tensor (anchor_kpre / anchor_vsrc), so
 // that a displaced anchor is coded from its exact rows as the CPU reference codes it (QuantizedKvCache::
 // decide_leaving re-quantizes from the exact copies): one more FP16 row per anchor.
-// What it runs is declared in quant/method_support.cpp (require_support in the constructor). Refused there: keys
-// and values of different configurations (in any layer) or one outside quant_decode's closed set (c2b8, c4b8, c8b8,
-// c16b12, c16b8, c16b6), anchors=k|v with pre-RoPE keys, correct=on, gain= or rotate=pca with c2b8 / c4b8 (their
-// kernels have no scales or rotated bases), commute at c16b12 or with metric=task (rotate=pca with commute:
-// parse_method); the codebooks are checked by check_codebooks_fit
+// What it runs is declared in quant/method_support.cpp (require_support in the constructor). Refused there: a
+// width outside quant_decode's closed set (c2b8, c4b8, c8b8, c16b12, c16b8, c16b6), anchors=k|v with pre-RoPE
+// keys, correct=on, commute at c16b12, with metric=task, with kbits != vbits or with gain= at c2b8 / c4b8
+// (rotate=pca with commute: parse_method); the codebooks are checked by check_codebooks_fit
 // (quant/codebook_fit.h), as in the CPU cache and the simulated quantizer.
 // Counts (per sequence and layer, the same for every KV head): n_anchor anchors, n_window window tokens, n_quant
 // quantized tokens; their sum is the sequence length. Per-layer ratios (lratio): each layer its own anchor ratio,
@@ -77,23 +81,29 @@ struct CompressedSeqState {
 
 class GpuCompressedKvCache {
  public:
+  // A layer's configurations of keys and values (kbits != vbits: two; quant_decode then reads each tensor's widths
+  // at run time, QuantDecodeParams::value_config).
+  struct LayerWidths {
+    cuda::VqKernelConfig keys = cuda::VqKernelConfig::kC8B8, values = cuda::VqKernelConfig::kC8B8;
+  };
   // The cache of method m (vq or antkv) with its codebooks (refusals above); window: the FP16 decode ring's length
   // (m.decode_window from the runtime factory).
   GpuCompressedKvCache(const ModelConfig& cfg, const MethodSpec& m, const CodebookSet& cb, int max_batch,
                        int capacity, int window);
   // Synthetic codebooks (uniform fp16 in [-1, 1)): benchmarks and max-context, where decode time does not
-  // depend on the values.
+  // depend on the values. widths: each layer's configurations (one per layer).
   // promote: decode steps run the online anchor rule (its cost in the benchmarks; scores start at 0).
   // gain_keys / gain_values / rotate: the coded transform with synthetic scales (uniform in [0.5, 1.5)), means and
   // bases (uniform in [-1, 1) / sqrt(head_dim)), run through the same decode as a real cache's (post- or pre-RoPE).
-  GpuCompressedKvCache(const ModelConfig& cfg, cuda::VqKernelConfig config, double anchor_ratio, int max_batch,
-                       int capacity, int window, uint64_t seed, bool pre_rope = false, bool promote = false,
-                       bool gain_keys = false, bool gain_values = false, bool rotate = false,
+  GpuCompressedKvCache(const ModelConfig& cfg, const std::vector<LayerWidths>& widths, double anchor_ratio,
+                       int max_batch, int capacity, int window, uint64_t seed, bool pre_rope = false,
+                       bool promote = false, bool gain_keys = false, bool gain_values = false, bool rotate = false,
                        bool commute = false);
   ~GpuCompressedKvCache();
 
   const std::string& name() const { return name_; }
-  cuda::VqKernelConfig config() const { return config_; }  // layer 0's (per-layer widths: each layer its own)
+  cuda::VqKernelConfig config() const { return config_; }  // layer 0's keys' (per-layer widths: each layer its own)
+  const LayerWidths& widths(int layer) const { return layer_cfg_.at(layer); }
   // fp16 lookup tables in quant_decode (c8b8: measured faster on the H200 at every batch and context, e.g.
   // 4.08x against 2.98x of fp16 flash-decoding at batch 16 / 128K; c16b12 always; others fp32)
   bool lut_half() const { return lut_half_; }
@@ -190,10 +200,11 @@ class GpuCompressedKvCache {
   void requantize_anchors(Layer& L, int blocks, int seq, const int32_t* slot_of, cudaStream_t stream);
   std::string name_;
   cuda::VqKernelConfig config_ = cuda::VqKernelConfig::kC8B8;
-  int n_layers_ = 0, n_kv_ = 0, n_heads_ = 0, d_ = 0, rec_ = 0, ng_ = 0, k_count_ = 0;
+  int n_layers_ = 0, n_kv_ = 0, n_heads_ = 0, d_ = 0;
   int max_batch_ = 0, capacity_ = 0, anchor_cap_ = 0, window_ = 0;
   bool lut_half_ = false, pre_ = false, promote_ = false;
   bool gain_k_ = false, gain_v_ = false, rotate_ = false, task_ = false;
+  bool fp8_norm_ = false;  // norm=fp8: the gain norm E4M3-rounded before its fp16 scale norm / |u| is kept
   int anchor_quant_side_ = -1;  // anchors=k: 1 (the anchors' values are quantized), anchors=v: 0 (keys); else -1
   cuda::DeviceBuffer<float> inv_freq_;  // [head_dim / 2] (pre_rope)
   bool commute_ = false;
@@ -207,7 +218,7 @@ class GpuCompressedKvCache {
                             cudaStream_t stream);
   size_t device_bytes_ = 0;
   std::vector<std::unique_ptr<Layer>> layers_;
-  std::vector<cuda::VqKernelConfig> layer_cfg_;  // each layer's configuration (set before allocate)
+  std::vector<LayerWidths> layer_cfg_;  // each layer's configurations (set before allocate)
   std::vector<std::vector<CompressedSeqState>> seqs_;  // [layer][sequence] (per-layer ratios: each layer its counts)
   // step: evict_slot | new_slot | code_slot | n_quant | n_anchor | n_window | seq_index | evict_pos,
   // [layer][8][max_batch]

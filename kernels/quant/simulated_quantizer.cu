@@ -3,7 +3,6 @@
 #include "kernels/quant/simulated_quantizer.h"
 
 #include <cuda_fp16.h>
-#include <cuda_fp8.h>
 
 #include <algorithm>
 #include <array>
@@ -15,6 +14,7 @@
 #include "kernels/anchor/anchor_scores.h"
 #include "kernels/attention/commute_decode.h"
 #include "kernels/common/cuda_check.h"
+#include "kernels/common/fp8_round.cuh"
 #include "kernels/common/device_buffer.h"
 #include "kernels/runtime/ops.h"
 #include "quant/codebook_fit.h"
@@ -36,12 +36,6 @@ int blocks_for(int64_t n, int threads = kThreads) {
 }
 
 __device__ __forceinline__ float round_fp16(float x) { return __half2float(__float2half_rn(x)); }
-// quant/fp8.h round_fp8_e4m3 on the device: nearest E4M3 value, ties to even, saturating at +-448, NaN kept (the
-// CUDA conversion with __NV_SATFINITE; E4M3 -> fp16 is exact)
-__device__ __forceinline__ float round_fp8_e4m3(float x) {
-  const __nv_fp8_storage_t v = __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
-  return __half2float(__half(__nv_cvt_fp8_to_halfraw(v, __NV_E4M3)));
-}
 
 // ---- staging: rows [lo, lo + rows) of (k_pre, k_post, v), fp16-rounded, into work [3][rows][kvd] -------------
 // Rows before row0 are waiting tokens of earlier calls, read from the ring (already rounded); the others come
@@ -379,7 +373,7 @@ __global__ void __launch_bounds__(kGainThreads) gain_kernel(const GainArgs p) {
     const double norm = sqrt(sq);
     if (lane == 0) {  // stored in fp16 or E4M3, rounded once from the float norm (vq.cpp gain_normalize)
       const float nf = __double2float_rn(norm);
-      p.norms[warp] = p.fp8_norm ? round_fp8_e4m3(nf) : round_fp16(nf);
+      p.norms[warp] = p.fp8_norm ? cuda::round_fp8_e4m3(nf) : round_fp16(nf);
     }
     scale = norm > 0 ? 1.0 / norm : 0.0;
   } else {

@@ -63,17 +63,23 @@ bool names(const MethodSpec& m, const char* key) {
   }
 }
 bool vq_like(const MethodSpec& m) { return m.needs_codebooks(); }
-// The compressed cache's rule for the first layer whose key and value widths differ (empty: none).
-std::string two_widths_in_a_layer(const MethodSpec& m, const ModelShapeFacts*) {
+// The first layer whose key and value widths differ, as "c1b8 / c2b8 in layer 3" (empty: none).
+std::string two_widths_in_a_layer(const MethodSpec& m) {
   const int n = std::max(1, m.listed_layers());
   for (int l = 0; l < n; ++l) {
     const VqConfig k = m.key_config(l), v = m.value_config(l);
     if (k.c != v.c || k.b != v.b)
-      return fmt::format("kbits != vbits{} (c{}b{} / c{}b{}): the compressed cache has one configuration for a "
-                         "layer's keys and values",
-                         m.layered() ? fmt::format(" in layer {}", l) : "", k.c, k.b, v.c, v.b);
+      return fmt::format("c{}b{} / c{}b{}{}", k.c, k.b, v.c, v.b, m.layered() ? fmt::format(" in layer {}", l) : "");
   }
   return {};
+}
+// key_rope=commute with per-layer widths of different key group sizes (the compressed cache keeps one RoPE pair
+// order, that of layer 0's keys)
+bool commute_pair_orders_differ(const MethodSpec& m) {
+  if (!m.commute()) return false;
+  for (int l = 0; l < m.listed_layers(); ++l)
+    if (m.key_config(l).c != m.key_config(0).c) return true;
+  return false;
 }
 bool one_anchor_tensor(const MethodSpec& m) { return m.anchors == AnchorTensors::kKeys || m.anchors == AnchorTensors::kValues; }
 // gain= or rotate=pca: the compressed cache's coded transform (per-token scale, rotated basis)
@@ -125,15 +131,15 @@ const std::vector<Rule> kSimulatedRules = {
 
 // The compressed vq/antkv cache (kernels/quant/compressed_cache.h): real path, bench, max-context.
 const std::vector<Rule> kCompressedRules = {
-    Rule{two_widths_in_a_layer, false},
+    ANTKV_RULE(m.commute() && !two_widths_in_a_layer(m).empty(), "key_rope=commute with kbits != vbits ({}) is not implemented in the compressed cache (commute_decode reads one configuration)", two_widths_in_a_layer(m)),
     ANTKV_RULE(first_width_not(m, compressed_width).c, "c{}b{} is not one of the compressed cache's configurations (bits 4, 2, 1, 0.75, 0.5, 0.375: c2b8, c4b8, c8b8, c16b12, c16b8, c16b6)", first_width_not(m, compressed_width).c, first_width_not(m, compressed_width).b),
     ANTKV_RULE(one_anchor_tensor(m) && m.pre_rope(), "anchors={} (one tensor only) runs on the compressed cache with post-RoPE keys (its anchor slots hold post-RoPE keys, the code stream pre-RoPE ones); key_rope=post", option_name(m.anchors)),
     ANTKV_RULE(m.commute() && first_width_not(m, commute_width).c, "key_rope=commute does not run c{}b{} on the compressed cache (its key codebook does not fit in shared memory)", first_width_not(m, commute_width).c, first_width_not(m, commute_width).b),
     ANTKV_RULE(m.commute() && m.metric != Metric::kPlain, "key_rope=commute with metric=task is not implemented in the compressed cache"),
     ANTKV_RULE(m.commute() && s && !(s->gqa_group() == 1 || s->gqa_group() == 2 || s->gqa_group() == 4 || s->gqa_group() == 8), "key_rope=commute takes a GQA group of 1, 2, 4 or 8 on the compressed cache, not {} (the model's)", s->gqa_group()),
-    ANTKV_RULE(coded(m) && first_width_not(m, lut_width).c, "gain= and rotate=pca run on the compressed cache's lookup-table widths (bits 1, 0.75, 0.5, 0.375), not c{}b{}", first_width_not(m, lut_width).c, first_width_not(m, lut_width).b),
+    ANTKV_RULE(commute_pair_orders_differ(m), "key_rope=commute with per-layer key widths of different group sizes is not implemented in the compressed cache (one RoPE pair order)"),
+    ANTKV_RULE(m.commute() && coded(m) && first_width_not(m, lut_width).c, "key_rope=commute with gain= runs on the compressed cache's lookup-table widths (bits 1, 0.75, 0.5, 0.375), not c{}b{}", first_width_not(m, lut_width).c, first_width_not(m, lut_width).b),
     ANTKV_RULE(m.correct, "correct=on is not implemented in the compressed cache"),
-    ANTKV_RULE(m.norm == Norm::kFp8, "norm=fp8 is not implemented in the compressed cache (it keeps one fp16 scale norm / |u| per token and head: an 8-bit norm would need |u| at decode); the simulated GPU path runs it"),
 };
 const std::vector<Note> kCompressedNotes = {
     ANTKV_NOTE(m.pre_rope() && !m.commute(), "pre-RoPE keys decode by dequantize-rotate-dot"),
@@ -141,6 +147,9 @@ const std::vector<Note> kCompressedNotes = {
     ANTKV_NOTE(one_anchor_tensor(m), "the other tensor's anchor tokens are coded and kept dequantized in their FP16 slots (quality of anchors={}, memory of anchors=kv{})", option_name(m.anchors), m.promotes() ? ", and an exact FP16 copy of that tensor per anchor, which a displaced anchor is coded from" : ""),
     ANTKV_NOTE(m.metric == Metric::kTask, "codes assigned in the task metric at prefill and append; decode reads the original-space centroids"),
     ANTKV_NOTE(m.keys.c < 8 && compressed_width(m.keys), "c{}b{}: its tables do not fit in shared memory, decode by dequantize-dot", m.keys.c, m.keys.b),
+    ANTKV_NOTE(!m.commute() && !two_widths_in_a_layer(m).empty(), "kbits != vbits ({}): such layers decode by dequantize-dot with each tensor's widths read at run time", two_widths_in_a_layer(m)),
+    ANTKV_NOTE(!m.commute() && coded(m) && first_width_not(m, lut_width).c, "gain= / rotate=pca at c{}b{}: decode by dequantize-dot with run-time widths", first_width_not(m, lut_width).c, first_width_not(m, lut_width).b),
+    ANTKV_NOTE(m.norm == Norm::kFp8 && m.gain != Gain::kOff, "norm=fp8: the norms E4M3-rounded as the simulated path's, the per-token scale kept in fp16 (8 bits per token and head more than the method's accounting)"),
 };
 
 // The packed uniform cache (kernels/quant/uniform_cache.h): real path (one prefill chunk, then decode), bench, max-context.
@@ -165,8 +174,8 @@ const std::vector<Note> kRealNotes = {
 // The synthetic compressed cache that bench and max-context fill (kernels/bench/method_bench.cpp).
 const std::vector<Rule> kBenchCompressedRules = {
     ANTKV_RULE(vq_like(m) && one_anchor_tensor(m), "anchors={} (one tensor only) is not implemented in the synthetic cache bench fills", option_name(m.anchors)),
-    ANTKV_RULE(vq_like(m) && m.layered(), "per-layer widths (lkbits, lvbits) are not implemented in the synthetic cache bench fills"),
     ANTKV_RULE(vq_like(m) && !m.layer_ratio.empty(), "per-layer ratios (lratio) are not implemented in the synthetic cache bench fills"),
+    ANTKV_RULE(vq_like(m) && m.layered() && s && s->num_layers > 0 && m.listed_layers() != s->num_layers, "lkbits/lvbits list {} layers, the model has {}", m.listed_layers(), s->num_layers),
 };
 const std::vector<Rule> kBenchKindRules = {
     ANTKV_RULE_ALT(m.kind == MethodKind::kRsq, "rsq has no real GPU cache to time (its cache is simulated); bench and max-context time fp16, uniform, vq and antkv"),

@@ -31,8 +31,9 @@ struct ModelShapeFacts {
   int head_dim = 0;
   int num_heads = 0;
   int num_kv_heads = 0;
+  int num_layers = 0;  // 0: unknown (the rules that need it pass)
   int gqa_group() const { return num_kv_heads > 0 ? num_heads / num_kv_heads : 0; }
-  static ModelShapeFacts of(const ModelConfig& c) { return {c.head_dim, c.num_heads, c.num_kv_heads}; }
+  static ModelShapeFacts of(const ModelConfig& c) { return {c.head_dim, c.num_heads, c.num_kv_heads, c.num_layers}; }
 };
 
 struct PathSupport {
