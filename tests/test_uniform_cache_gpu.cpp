@@ -758,6 +758,18 @@ TEST_CASE("bench methods: uniform parses with its closed set and simulated-only 
     CHECK(cuda::sequence_cache_bytes(c8, gk, 131072) ==
           Approx(cuda::sequence_cache_bytes(c8, cuda::parse_bench_method("antkv:bits=1"), 131072) + 2.0 * 131072 * 8 * 32)
               .epsilon(1e-12));
+    // keys and values of different widths: each tensor its own record bytes (16 at 1 bit, 8 at 0.5, head_dim 128),
+    // the rest as with one width; per-layer widths: each layer its own (half the layers at 1 bit, half at 0.5)
+    const double half = cuda::sequence_cache_bytes(c8, cuda::parse_bench_method("vq:bits=0.5"), 131072);
+    CHECK(cuda::sequence_cache_bytes(c8, cuda::parse_bench_method("vq:kbits=1,vbits=0.5"), 131072) ==
+          Approx((plain + half) / 2).epsilon(1e-12));
+    CHECK(plain - half == Approx(2.0 * 8 * 131072 * 8 * 32).epsilon(1e-12));
+    std::string lk;
+    for (int l = 0; l < 32; ++l) lk += (l ? "/" : "") + std::string(l % 2 ? "0.5" : "1");
+    const auto layered = cuda::parse_bench_method("vq:lkbits=" + lk + ",lvbits=" + lk);
+    CHECK(cuda::sequence_cache_bytes(c8, layered, 131072) == Approx((plain + half) / 2).epsilon(1e-12));
+    CHECK_THROWS_WITH(cuda::sequence_cache_bytes(tiny_config(16, 32, 8, 128), layered, 1024),
+                      Catch::Contains("lkbits/lvbits list 32 layers, the model has 16"));
   }
   // bytes: 2-bit codes of K and V, (scale, zero) per key block and channel and per value token, the FP16 ring
   ModelConfig cfg = tiny_config(32, 32, 8, 128);
