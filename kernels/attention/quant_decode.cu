@@ -1138,9 +1138,9 @@ int pre_blocks_per_sm(int ht) {
     ANTKV_CHECK(per_sm >= 1, "quant_decode: the dequantize-dot kernel does not fit on a multiprocessor");
     return per_sm;
   };
-  static const int n4 = query(quant_pre_split_kernel<D, C, C ? 8 : 0, 4, false>);
-  static const int n2 = query(quant_pre_split_kernel<D, C, C ? 8 : 0, 2, false>);
-  static const int n1 = query(quant_pre_split_kernel<D, C, C ? 8 : 0, 1, false>);
+  static const int n4 = query(quant_pre_split_kernel<D, C, 8, 4, false>);
+  static const int n2 = query(quant_pre_split_kernel<D, C, 8, 2, false>);
+  static const int n1 = query(quant_pre_split_kernel<D, C, 8, 1, false>);
   return ht == 4 ? n4 : ht == 2 ? n2 : n1;
 }
 

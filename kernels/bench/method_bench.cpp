@@ -61,13 +61,12 @@ BenchMethod parse_bench_method(const std::string& text, MethodPath path, const M
 namespace {
 // Each layer's configurations of method m on a model of cfg's layers (one entry: every layer).
 std::vector<GpuCompressedKvCache::LayerWidths> layer_widths(const ModelConfig& cfg, const BenchMethod& m) {
-  const size_t n = m.key_configs.size();
-  ANTKV_CHECK(n == m.value_configs.size() && (n <= 1 || n == static_cast<size_t>(cfg.num_layers)),
+  const size_t n = m.key_configs.size();  // parse_bench_method gives a compressed method one entry or more
+  ANTKV_CHECK(n == m.value_configs.size() && (n == 1 || n == static_cast<size_t>(cfg.num_layers)),
               "--method {}: lkbits/lvbits list {} layers, the model has {}", m.text, n, cfg.num_layers);
   std::vector<GpuCompressedKvCache::LayerWidths> w;
   for (int l = 0; l < cfg.num_layers; ++l)
-    w.push_back(n == 0 ? GpuCompressedKvCache::LayerWidths{m.config, m.config}
-                       : GpuCompressedKvCache::LayerWidths{m.key_configs[n == 1 ? 0 : l], m.value_configs[n == 1 ? 0 : l]});
+    w.push_back({m.key_configs[n == 1 ? 0 : l], m.value_configs[n == 1 ? 0 : l]});
   return w;
 }
 }  // namespace
@@ -151,14 +150,10 @@ double time_compressed_attention(const ModelConfig& cfg, GpuCompressedKvCache& c
                                  double* bytes) {
   const double ms = time_cache_attention(cfg, cache, B, ctx, iters);
   const auto& s = cache.state(0);
-  double recs = 0;  // key and value record bytes summed over the layers
-  for (int l = 0; l < cfg.num_layers; ++l)
-    recs += vq_record_bytes(cfg.head_dim, cache.widths(l).keys) + vq_record_bytes(cfg.head_dim, cache.widths(l).values);
-  *bytes = static_cast<double>(B) * cfg.num_kv_heads * s.n_quant * recs +
+  // codes of K and V with their gain scales (each layer's widths: code_bytes_per_token), code positions, FP16 rows
+  *bytes = static_cast<double>(B) * s.n_quant * static_cast<double>(cache.code_bytes_per_token()) +
            static_cast<double>(B) * cfg.num_layers * cfg.num_kv_heads *
-           ((cache.pre_rope() ? 4.0 * s.n_quant : 0.0) +
-            2.0 * s.n_quant * (int{cache.gain_keys()} + int{cache.gain_values()}) +
-            2.0 * (s.n_anchor + s.n_window) * cfg.head_dim * 2);
+           ((cache.pre_rope() ? 4.0 * s.n_quant : 0.0) + 2.0 * (s.n_anchor + s.n_window) * cfg.head_dim * 2);
   return ms;
 }
 

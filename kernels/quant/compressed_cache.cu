@@ -853,11 +853,11 @@ void GpuCompressedKvCache::allocate(const ModelConfig& cfg, int max_batch, int c
   const bool coded = coded_transform();
   int64_t ws = 0;
   for (int b = 1; b <= max_batch; ++b)
-    for (const LayerWidths& w : layer_cfg_)
-      for (cuda::VqKernelConfig c : {w.keys, w.values})
-        ws = std::max(ws, cuda::quant_decode_workspace_floats(
+    for (const LayerWidths& w : layer_cfg_)  // (plans are made from the keys' configuration)
+      ws = std::max(ws, cuda::quant_decode_workspace_floats(
                             b, cfg.num_heads, d_,
-                            cuda::quant_decode_max_splits(b, cfg.num_heads, n_kv_, d_, c, capacity, lut_half_of(c), 1, coded),
+                            cuda::quant_decode_max_splits(b, cfg.num_heads, n_kv_, d_, w.keys, capacity,
+                                                          lut_half_of(w.keys), 1, coded),
                             coded));
   workspace_.resize(static_cast<size_t>(ws));
   if (rotate_) {
