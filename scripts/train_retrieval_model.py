@@ -25,6 +25,10 @@ plus once at the last step, the live model decodes passkey and single-needle cas
 the weights with the best mean of the two accuracies are the ones saved (ties: the later step). Why: answer-token accuracy during training
 does not predict passkey accuracy at the evaluation's lengths and depths (a run 1.45x longer than the committed
 model's ended at 0.984 answer-token accuracy, against 0.981, yet retrieved 60% of passkeys against 95%).
+Fine-tuning (--init-from DIR, e.g. the committed model): the model and its architecture come from DIR (the
+architecture flags are ignored), there is no early phase (no short windows, copy windows at 5%), --task-mix can shift
+the tasks' shares, and the selection evaluates the starting weights first, so the saved weights are never worse than
+the start on the selection cases. train_log.json then keeps the base model's log under "base_log".
 """
 import argparse
 import json
@@ -81,7 +85,24 @@ def parse_args():
     p.add_argument("--select-seed", type=int, default=4321, help="seed of the selection cases (not the reference's)")
     p.add_argument("--select-s-per-eval", type=float, default=4.0,
                    help="seconds reserved per evaluation when --steps auto sizes the run")
+    p.add_argument("--init-from", default=None, help="fine-tune the HF-layout model in this folder (see above)")
+    p.add_argument("--task-mix", default=None, help="task=share,... over " + ", ".join(TASK_MIX)
+                   + " (shares normalized; default " + ",".join(f"{k}={v:g}" for k, v in TASK_MIX.items()) + ")")
     a = p.parse_args()
+    a.task_mix_dict = dict(TASK_MIX)
+    if a.task_mix is not None:
+        mix = {}
+        for part in a.task_mix.split(","):
+            k, _, v = part.partition("=")
+            try:
+                mix[k.strip()] = float(v)
+            except ValueError:
+                p.error(f"--task-mix {a.task_mix}: '{part}' is not task=share")
+            if k.strip() not in TASK_MIX or mix[k.strip()] < 0:
+                p.error(f"--task-mix {a.task_mix}: '{part}': unknown task or negative share")
+        if sum(mix.values()) <= 0:
+            p.error(f"--task-mix {a.task_mix}: the shares sum to zero")
+        a.task_mix_dict = {k: mix.get(k, 0.0) / sum(mix.values()) for k in TASK_MIX}
     if a.steps != "auto":
         try:
             a.steps = int(a.steps)
@@ -113,21 +134,21 @@ def tokenize_text(tok, paths):
     return np.concatenate(parts)
 
 
-def is_early(step, total):
-    return step < EARLY_FRACTION * total
+def is_early(step, total, early_fraction):
+    return step < early_fraction * total
 
 
-def window_length(step, total, seed, calib_steps):
+def window_length(step, total, seed, calib_steps, early_fraction):
     rng = np.random.default_rng([seed, step, 1])
     if step < calib_steps:                      # timing steps: CALIB_PER_LENGTH steps of each length in turn
         return LENGTHS[step // CALIB_PER_LENGTH]
-    if is_early(step, total):
+    if is_early(step, total, early_fraction):
         return int(rng.choice(EARLY_LENGTHS))
     return int(rng.choice(MAIN_LENGTHS, p=MAIN_MIX))
 
 
-def make_task_spec(rng):
-    task = str(rng.choice(list(TASK_MIX), p=list(TASK_MIX.values())))
+def make_task_spec(rng, mix):
+    task = str(rng.choice(list(mix), p=list(mix.values())))
     kind = "number" if task == "passkey" or rng.random() < 0.7 else "uuid"
     digits = int(rng.integers(3, 10)) if task == "passkey" else int(rng.integers(4, 10))
     if task == "niah_multikey":
@@ -139,7 +160,7 @@ def make_task_spec(rng):
     return rt.make_task(task, rng, kind=kind, digits=digits, count=count)
 
 
-def make_batch(windows, step, seed, L, batch, early):
+def make_batch(windows, step, seed, L, batch, early, mix):
     """[batch, L] ids and [batch, L-1] answer mask (targets that are answer tokens); deterministic per step."""
     rng = np.random.default_rng([seed, step])
     ids = np.empty((batch, L), dtype=np.int64)
@@ -151,7 +172,7 @@ def make_batch(windows, step, seed, L, batch, early):
         if u < p_copy:
             got = windows.copy_window(L, rng)
         elif u >= p_copy + 0.1:
-            spec = make_task_spec(rng)
+            spec = make_task_spec(rng, mix)
             u = rng.random()
             depth = 0.0 if u < 0.05 else 1.0 if u < 0.1 else float(rng.random())
             got = windows.task_window(spec, L, depth, rng, noise_filler=rng.random() < 0.25)
@@ -167,7 +188,8 @@ def make_batch(windows, step, seed, L, batch, early):
 class Batches(torch.utils.data.Dataset):
     """Batch number `step` of a run of `total` steps (for a DataLoader: batches made by worker processes)."""
 
-    def __init__(self, windows, seed, total, tokens_per_step, calib_steps, first, last):
+    def __init__(self, windows, seed, total, tokens_per_step, calib_steps, first, last, early_fraction, mix):
+        self.early_fraction, self.mix = early_fraction, mix
         self.windows, self.seed, self.total = windows, seed, total
         self.tokens_per_step, self.calib_steps, self.first, self.last = tokens_per_step, calib_steps, first, last
 
@@ -176,9 +198,9 @@ class Batches(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         step = self.first + i
-        L = window_length(step, self.total, self.seed, self.calib_steps)
-        early = step < self.calib_steps or is_early(step, self.total)
-        ids, ans = make_batch(self.windows, step, self.seed, L, self.tokens_per_step // L, early)
+        L = window_length(step, self.total, self.seed, self.calib_steps, self.early_fraction)
+        early = (step < self.calib_steps and self.early_fraction > 0) or is_early(step, self.total, self.early_fraction)
+        ids, ans = make_batch(self.windows, step, self.seed, L, self.tokens_per_step // L, early, self.mix)
         return torch.from_numpy(ids), torch.from_numpy(ans)
 
 
@@ -288,7 +310,30 @@ def main():
     print(f"text: {len(stream)} tokens from {', '.join(args.text)} ({time.time() - t0:.1f} s)", flush=True)
     select_words = na.haystack_words(args.text[0], "text") if args.select_cases > 0 else None
 
-    config = LlamaConfig(
+    early_fraction = 0.0 if args.init_from else EARLY_FRACTION
+    base_log = None
+    if args.init_from:
+        model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32,
+                                                 attn_implementation="sdpa").to(device)
+        config = model.config
+        if config.vocab_size != tok.get_vocab_size() or config.bos_token_id != bos or config.eos_token_id != eos:
+            raise SystemExit(f"{args.init_from}: vocabulary/BOS/EOS differ from {tok_path}'s")
+        rp = getattr(config, "rope_parameters", None) or {}
+        args.rope_theta = float(rp.get("rope_theta", getattr(config, "rope_theta", args.rope_theta)))
+        args.max_pos = config.max_position_embeddings
+        args.layers, args.heads, args.kv_heads = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
+        args.hidden, args.ffn, args.head_dim = config.hidden_size, config.intermediate_size, config.head_dim
+        if max(LENGTHS) > args.max_pos:
+            raise SystemExit(f"{args.init_from}: max_position_embeddings {args.max_pos} < {max(LENGTHS)}")
+        lp = os.path.join(args.init_from, "train_log.json")
+        if os.path.exists(lp):
+            with open(lp) as f:
+                base_log = json.load(f)
+            base_log = base_log.get("base_log", base_log)   # the first training of a chain
+        print(f"fine-tuning {args.init_from} (the architecture flags are ignored)", flush=True)
+    else:
+        model = None
+    config = model.config if model is not None else LlamaConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=args.hidden, intermediate_size=args.ffn,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         head_dim=args.head_dim, max_position_embeddings=args.max_pos, rms_norm_eps=1e-5,
@@ -296,8 +341,10 @@ def main():
         bos_token_id=bos, eos_token_id=eos, attention_bias=False, mlp_bias=False, hidden_act="silu",
         initializer_range=0.02)
     config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).to(device)
+    if model is None:
+        model = LlamaForCausalLM(config).to(device)
     model.train()
+    print(f"task mix: {json.dumps({k: round(v, 3) for k, v in args.task_mix_dict.items()})}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params} parameters, {args.layers} layers, hidden {args.hidden}, heads {args.heads}/"
           f"{args.kv_heads} x {args.head_dim}, ffn {args.ffn}, vocab {config.vocab_size}", flush=True)
@@ -320,7 +367,8 @@ def main():
     loader = None
 
     def make_loader(first, last, total_steps):
-        ds = Batches(windows, args.seed, total_steps, args.tokens_per_step, calib_steps, first, last)
+        ds = Batches(windows, args.seed, total_steps, args.tokens_per_step, calib_steps, first, last, early_fraction,
+                     args.task_mix_dict)
         return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=args.workers,
                                                 pin_memory=True, prefetch_factor=8 if args.workers else None))
 
@@ -328,8 +376,16 @@ def main():
     if args.steps == "auto":                    # CPU time of one batch per length (the workers share it)
         for L in LENGTHS:
             t = time.time()
-            make_batch(windows, 10 ** 9 + L, args.seed, L, args.tokens_per_step // L, True)
+            make_batch(windows, 10 ** 9 + L, args.seed, L, args.tokens_per_step // L, True, args.task_mix_dict)
             data_time[L] = time.time() - t
+    if args.init_from and args.select_cases > 0:   # the starting weights are a candidate
+        acc, secs = select_eval(model, tok, bos, select_words, args.select_seed, args.select_cases, args.max_pos)
+        selection.append(dict(step=0, passkey=acc["passkey"], niah_single=acc["niah_single"], seconds=round(secs, 1)))
+        print(f"selection at step 0 (the starting weights): passkey {acc['passkey']:.3f}, single "
+              f"{acc['niah_single']:.3f} ({secs:.1f} s)", flush=True)
+        best = ((acc["passkey"] + acc["niah_single"]) / 2, 0,
+                {k: v.detach().clone().cpu() for k, v in model.state_dict().items()})
+        t_train = time.time()
     while step < total:
         if step == 0:                           # the timing steps' lengths do not depend on the step count
             loader = make_loader(0, calib_steps, total)
@@ -369,7 +425,7 @@ def main():
             t_len = {k: max(group_time[k], data_time[k] / max(1, args.workers)) for k in LENGTHS}
             early_t = sum(t_len[k] for k in EARLY_LENGTHS) / len(EARLY_LENGTHS)
             main_t = sum(p * t_len[k] for k, p in zip(MAIN_LENGTHS, MAIN_MIX))
-            per_step = (EARLY_FRACTION * early_t + (1 - EARLY_FRACTION) * main_t) * 1.04
+            per_step = (early_fraction * early_t + (1 - early_fraction) * main_t) * 1.04
             left = args.budget_s - (time.time() - t_train)
             if args.select_cases > 0:
                 left -= (args.select_evals + 1) * args.select_s_per_eval  # is_select_step's count
@@ -413,11 +469,12 @@ def main():
             model.load_state_dict(best[2])
         print(f"selected the weights of step {best[1]} (mean of passkey and single {best[0]:.3f})", flush=True)
 
-    log = dict(script="scripts/train_retrieval_model.py", args={k: v for k, v in vars(args).items()},
+    log = dict(script="scripts/train_retrieval_model.py",
+               args={k: v for k, v in vars(args).items() if k != "task_mix_dict"}, task_mix=args.task_mix_dict,
                steps=step, stopped_early=stopped_early, train_seconds=round(train_s, 1),
                tokens_seen=step * args.tokens_per_step, text_tokens=int(len(stream)), params=n_params,
                device=torch.cuda.get_device_name(0), torch=torch.__version__, history=history,
-               selection=selection, selected_step=selected_step)
+               selection=selection, selected_step=selected_step, init_from=args.init_from, base_log=base_log)
     import transformers
     log["transformers"] = transformers.__version__
     save_model(model, args, args.tokenizer_from, args.out, log)

@@ -35,7 +35,22 @@ def main():
     needle = load(os.path.join(m, "reference", "needle_reference.json"))
     ppl = load(os.path.join(m, "reference", "ppl_books-test_txt.json"))
     acc = needle["accuracy"]
-    a = log["args"]
+    base = log.get("base_log") or log            # a fine-tuned model: the first training's log
+    a = base["args"]
+    finetune = ""
+    if log.get("base_log"):
+        fa = log["args"]
+        sel = log.get("selection") or []
+        picked = next((r for r in sel if r["step"] == log.get("selected_step")), None)
+        finetune = f"""
+Then fine-tuned: `scripts/train_retrieval_model.py --init-from <that model> --steps auto --budget-s {fa['budget_s']:g}
+--lr {fa['lr']:g} --warmup {fa['warmup']} --seed {fa['seed']} --task-mix {fa.get('task_mix') or 'default'}
+--select-cases {fa['select_cases']} --select-from {fa['select_from']:g} --select-evals {fa['select_evals']}` on
+{log['device']}: {log['steps']} steps ({log['tokens_seen'] / 1e6:.0f}M tokens) in {log['train_seconds']:.0f} s, no short-window
+phase. Passkey and single-needle accuracy on the selection cases (seed {fa['select_seed']}, not the reference's),
+by step: {'; '.join(f"{r['step']}: {pct(r['passkey'])} / {pct(r['niah_single'])}" for r in sel)}; the weights of step
+{log.get('selected_step')} are the ones kept{'' if picked is None else f" ({pct(picked['passkey'])} / {pct(picked['niah_single'])})"}.
+"""
     rows = []
     for task, s in acc["by_task"].items():
         by_len = ", ".join(f"{L}: {pct(v)}" for L, v in s["by_length"].items())
@@ -69,18 +84,18 @@ are single tokens, so values are copied digit by digit.
 
 ## How it was made
 `scripts/train_retrieval_model.py --text books-calib.txt --tokenizer-from stories260K --steps auto --budget-s
-{a['budget_s']:g} --seed {a['seed']}` on {log['device']} (torch {log['torch']}, transformers {log['transformers']}):
-{log['steps']} steps of {a['tokens_per_step']} tokens ({log['tokens_seen'] / 1e6:.0f}M tokens) in {log['train_seconds']:.0f} s,
-AdamW (lr {a['lr']:g}, warmup {a['warmup']}, cosine to 10%), bf16 autocast, SDPA. Repeat it with `--steps {log['steps']}`
+{a['budget_s']:g} --seed {a['seed']}` on {base['device']} (torch {base['torch']}, transformers {base['transformers']}):
+{base['steps']} steps of {a['tokens_per_step']} tokens ({base['tokens_seen'] / 1e6:.0f}M tokens) in {base['train_seconds']:.0f} s,
+AdamW (lr {a['lr']:g}, warmup {a['warmup']}, cosine to 10%), bf16 autocast, SDPA. Repeat it with `--steps {base['steps']}`
 instead of `--steps auto` (the batches depend only on the seed and the step; GPU kernels are not bitwise
-deterministic). Training text: `../shared/data/books-calib.txt` only ({log['text_tokens']:,} tokens; the test texts
+deterministic). Training text: `../shared/data/books-calib.txt` only ({base['text_tokens']:,} tokens; the test texts
 are held out), mixed with generated retrieval windows (`scripts/retrieval_tasks.py`: passkey, single needle with a
 number or UUID-like value, multi-key with distractors, multi-value, multi-query; haystack of book text or the
 repeated RULER noise sentence; depths uniform in [0, 1]; lengths 256 to 4096), copy windows, and plain text; every
 window starts with BOS. The loss is the LM loss on every non-answer token plus {a.get('answer_weight', 1.0):g} x the
 mean loss on the answer tokens. `scripts/make_retrieval_reference.py` wrote `reference/` and measured the accuracy
 below; this file is written by `scripts/write_retrieval_readme.py`.
-
+{finetune}
 Prompt format (plain text, BOS first): `{{intro}}\\n{{haystack with the needle}}\\n{{question}}`, answer ` {{value}}`;
 the exact templates are in `scripts/retrieval_tasks.py` and in `reference/needle_reference.json` (`templates`).
 
