@@ -784,6 +784,23 @@ __device__ __forceinline__ uint32_t rw_code(const uint8_t* rec, int i, int nb, i
   return (w >> (at & 7)) & ((1u << nb) - 1u);
 }
 
+// The same from a record staged in shared memory.
+__device__ __forceinline__ uint32_t staged_code(const uint8_t* rec, int i, int nb, int rec_bytes) {
+  const int at = i * nb, lo = at >> 3;
+  uint32_t w = rec[lo];
+  if (nb == 8) return w;
+  if (lo + 1 < rec_bytes) w |= static_cast<uint32_t>(rec[lo + 1]) << 8;
+  if (lo + 2 < rec_bytes) w |= static_cast<uint32_t>(rec[lo + 2]) << 16;
+  return (w >> (at & 7)) & ((1u << nb) - 1u);
+}
+
+// Dynamic shared memory of the post-RoPE (ROT = false) instantiations: each warp's 32 tokens' probabilities
+// [32][HT] floats and value records [32][D/2] bytes (D/2: the longest record, c2b8's).
+template <int D, int HT>
+constexpr int pre_stage_bytes() {
+  return 8 * 32 * (HT * 4 + D / 2);
+}
+
 template <int D, int C, int NB, int HT, bool ROT, bool EX = false>
 __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeParams p, const DequantWidths w) {
   constexpr bool RW = C == 0;
@@ -791,15 +808,16 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
   constexpr int NT = 256, NW = NT / 32, HALF = D / 2, PR = D / 64, NG = D / CC, REC = RW ? 4 : NG * NB / 8;
   constexpr int NWD = (REC + 3) / 4;
   constexpr bool QROT = EX && !ROT;  // post-RoPE coded keys: the rotated query
-  __shared__ float sQ[HT][D];
-  __shared__ float sQr[QROT ? HT : 1][D];  // R_k q (or q without a basis), scaled as sQ
+  __shared__ __align__(16) float sQ[HT][D];
+  __shared__ __align__(16) float sQr[QROT ? HT : 1][D];  // R_k q (or q without a basis), scaled as sQ
   __shared__ float sQm[HT];                // q . k_mean, scaled (QROT)
   __shared__ float sFreq[HALF];
   __shared__ float sO[NW][HT][D];
   __shared__ float sML[NW][HT][2];
   __shared__ float sOc[EX ? NW : 1][HT][D];  // EX: the warps' coded value sums
-  __shared__ __align__(16) float sU[EX ? NW : 1][D];  // EX: each warp's coded key (the product with R_k)
-  extern __shared__ __align__(16) float pre_dyn_smem[];  // EX with k_rotation: R_k of the KV head [D][D]
+  __shared__ __align__(16) float sU[EX && ROT ? NW : 1][D];  // EX (pre-RoPE): each warp's coded key times R_k
+  // ROT: with EX and k_rotation, R_k of the KV head [D][D]; !ROT: pre_stage_bytes() of staged tokens
+  extern __shared__ __align__(16) float pre_dyn_smem[];
   const int split = blockIdx.x, b = blockIdx.z;
   const int G = p.n_heads / p.n_kv_heads;
   const int tiles_per_kv = G / HT;
@@ -816,7 +834,7 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
   }
   if constexpr (ROT)
     for (int i = tid; i < HALF; i += NT) sFreq[i] = p.inv_freq[i];
-  if constexpr (EX)
+  if constexpr (EX && ROT)
     if (p.k_rotation) {
       const float4* src = reinterpret_cast<const float4*>(p.k_rotation + static_cast<int64_t>(kvh) * D * D);
       for (int i = tid; i < D * D / 4; i += NT) reinterpret_cast<float4*>(pre_dyn_smem)[i] = __ldg(src + i);
@@ -910,12 +928,174 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
       }
     }
   };
+  // the lane's channels lie in groups ga, gb of the keys (kga, kgb) and of the values (vga, vgb)
+  const int i0 = lane * PR, kga = i0 / k_ch, kgb = (i0 + HALF) / k_ch, vga = i0 / v_ch, vgb = (i0 + HALF) / v_ch;
+  // the 32-token rounds below: every form but pre-RoPE coded keys with a basis (k = k_mean + R_k^T (ks u) is a
+  // d x d product per token, shared by the warp in the per-token loop)
+  const bool rounds = !ROT || !EX || (!p.k_rotation && !p.k_mean);
+  if (rounds) {
+    // 32 tokens per warp and round. Lane j scores token j whole (its key codes, the centroids, pre-RoPE keys
+    // turned at the token's position, and HT dot products with q read from shared memory as broadcasts: no
+    // shuffles), then one max and one rescale per 32 tokens, then the values lane over channels as in the per-token
+    // loop, from the tokens' probabilities and value records staged in shared memory. (The per-token loop does a
+    // warp reduction, a rescale and four code reads per token and head: post-RoPE mixed widths took 0.6 ms per
+    // layer with it at the 8B shape, 128K.)
+    float* stage_p = pre_dyn_smem + warp * 32 * HT;  // [32][HT]: p of the warp's tokens (times vs with EX)
+    uint8_t* stage_v = reinterpret_cast<uint8_t*>(pre_dyn_smem + NW * 32 * HT) + warp * 32 * (D / 2);  // [32][vrec]
+    const float(*qs)[D] = QROT ? sQr : sQ;
+    float lp[HT];  // the lane's share of l: p of its tokens
+#pragma unroll
+    for (int h = 0; h < HT; ++h) lp[h] = 0.f;
+    for (int cb = q0 + warp * 32; cb < q1; cb += NW * 32) {
+      const int t = cb + lane;
+      const bool valid = t < q1;
+      float s[HT];
+#pragma unroll
+      for (int h = 0; h < HT; ++h) s[h] = 0.f;
+      float ks = 1.f, vs = 1.f;
+      if (valid) {
+        const uint8_t* rk = kbase + static_cast<int64_t>(t) * krec;
+        const int ksw = t & (kng - 1);
+        if constexpr (ROT) {  // pre-RoPE keys: channels i and i + D/2 (groups g and g + NG/2) turned at the token's position
+          const float pos = static_cast<float>(__ldg(cpos + t));
+          const int hg = kng / 2;
+          for (int g = 0; g < hg; ++g) {
+            const uint32_t ca = rw_code(rk, g ^ ksw, k_bits, krec), cb2 = rw_code(rk, (g + hg) ^ ksw, k_bits, krec);
+            const __half* pa = kcb + (static_cast<int64_t>(g) * (1 << k_bits) + ca) * k_ch;
+            const __half* pb = kcb + (static_cast<int64_t>(g + hg) * (1 << k_bits) + cb2) * k_ch;
+            for (int e = 0; e < k_ch; e += 2) {
+              const float2 a = __half22float2(__ldg(reinterpret_cast<const __half2*>(pa + e)));
+              const float2 bb = __half22float2(__ldg(reinterpret_cast<const __half2*>(pb + e)));
+              const float xa2[2] = {a.x, a.y}, xb2[2] = {bb.x, bb.y};
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+                const int i = g * k_ch + e + r;
+                // the runtime's fp32 angle, reduced as in the per-token loop below
+                const float angle = __fmul_rn(pos, sFreq[i]);
+                const float kk = rintf(angle * 0.15915494309189535f);
+                const float rr = fmaf(kk, 1.7484555e-07f, fmaf(-kk, 6.28318548202514648f, angle));
+                float sn, cs;
+                __sincosf(rr, &sn, &cs);
+                const float ka1 = xa2[r] * cs - xb2[r] * sn, kb1 = xb2[r] * cs + xa2[r] * sn;
+#pragma unroll
+                for (int h = 0; h < HT; ++h) s[h] = fmaf(sQ[h][i], ka1, fmaf(sQ[h][i + HALF], kb1, s[h]));
+              }
+            }
+          }
+        } else
+        for (int g = 0; g < kng; ++g) {
+          const uint32_t code = rw_code(rk, g ^ ksw, k_bits, krec);
+          const __half* cent = kcb + (static_cast<int64_t>(g) * (1 << k_bits) + code) * k_ch;
+          const int c0 = g * k_ch;
+          if (k_ch % 8 == 0) {  // 8 centroid halves per 16-byte load
+            for (int i = 0; i < k_ch; i += 8) {
+              const uint4 raw = __ldg(reinterpret_cast<const uint4*>(cent + i));
+              const __half2* hh = reinterpret_cast<const __half2*>(&raw);
+              const float2 c01 = __half22float2(hh[0]), c23 = __half22float2(hh[1]);
+              const float2 c45 = __half22float2(hh[2]), c67 = __half22float2(hh[3]);
+#pragma unroll
+              for (int h = 0; h < HT; ++h) {
+                const float4 a = *reinterpret_cast<const float4*>(&qs[h][c0 + i]);
+                const float4 e = *reinterpret_cast<const float4*>(&qs[h][c0 + i + 4]);
+                s[h] = fmaf(a.x, c01.x, fmaf(a.y, c01.y, fmaf(a.z, c23.x, fmaf(a.w, c23.y, s[h]))));
+                s[h] = fmaf(e.x, c45.x, fmaf(e.y, c45.y, fmaf(e.z, c67.x, fmaf(e.w, c67.y, s[h]))));
+              }
+            }
+          } else {
+            for (int i = 0; i < k_ch; i += 2) {
+              const float2 c = __half22float2(__ldg(reinterpret_cast<const __half2*>(cent + i)));
+#pragma unroll
+              for (int h = 0; h < HT; ++h) {
+                const float2 a = *reinterpret_cast<const float2*>(&qs[h][c0 + i]);
+                s[h] = fmaf(a.x, c.x, fmaf(a.y, c.y, s[h]));
+              }
+            }
+          }
+        }
+        if constexpr (EX) {
+          const int64_t so = bh * p.quant_capacity + t;
+          ks = p.k_scale ? __half2float(p.k_scale[so]) : 1.f;
+          vs = p.v_scale ? __half2float(p.v_scale[so]) : 1.f;
+        }
+        // the value record, staged for the warp's value pass
+        const uint8_t* rv = vbase + static_cast<int64_t>(t) * vrec;
+        uint8_t* dst = stage_v + lane * (D / 2);
+        if (vrec % 4 == 0) {
+          for (int i = 0; i < vrec; i += 4)
+            *reinterpret_cast<uint32_t*>(dst + i) = __ldg(reinterpret_cast<const uint32_t*>(rv + i));
+        } else {
+          for (int i = 0; i < vrec; ++i) dst[i] = __ldg(rv + i);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < HT; ++h) {
+        // QROT: q_mean + ks (R_k q) . u; pre-RoPE gain: ks q . R(pos) u; else q . k (all scaled by sl)
+        const float sc = valid ? (QROT ? fmaf(ks, s[h], sQm[QROT ? h : 0]) : EX ? ks * s[h] : s[h]) : -INFINITY;
+        const float mn = fmaxf(m[h], warp_max(sc));  // finite: lane 0's token is in range
+        const float al = exp2f(m[h] - mn), pw = exp2f(sc - mn);
+        m[h] = mn;
+        lp[h] = fmaf(lp[h], al, pw);
+#pragma unroll
+        for (int j = 0; j < PR; ++j) {
+          if constexpr (EX) {
+            oca[h][j] *= al, ocb[h][j] *= al;
+          } else {
+            oa[h][j] *= al, ob[h][j] *= al;
+          }
+        }
+        stage_p[lane * HT + h] = EX ? pw * vs : pw;
+      }
+      __syncwarp();
+      const int n = min(32, q1 - cb);
+      for (int j = 0; j < n; ++j) {
+        const uint8_t* rv = stage_v + j * (D / 2);
+        const int vsw = (cb + j) & (vng - 1);
+        const uint32_t vca = staged_code(rv, vga ^ vsw, v_bits, vrec), vcbb = staged_code(rv, vgb ^ vsw, v_bits, vrec);
+        const __half* pva = vcb + (static_cast<int64_t>(vga) * (1 << v_bits) + vca) * v_ch + i0 % v_ch;
+        const __half* pvb = vcb + (static_cast<int64_t>(vgb) * (1 << v_bits) + vcbb) * v_ch + (i0 + HALF) % v_ch;
+        float va[PR], vb[PR];
+        if constexpr (PR == 2) {
+          const float2 c = __half22float2(__ldg(reinterpret_cast<const __half2*>(pva)));
+          const float2 e = __half22float2(__ldg(reinterpret_cast<const __half2*>(pvb)));
+          va[0] = c.x, va[1] = c.y, vb[0] = e.x, vb[1] = e.y;
+        } else {
+          va[0] = __half2float(__ldg(pva)), vb[0] = __half2float(__ldg(pvb));
+        }
+        float pj[HT];
+        if constexpr (HT == 4) {
+          const float4 w4 = *reinterpret_cast<const float4*>(stage_p + j * HT);
+          pj[0] = w4.x, pj[1] = w4.y, pj[2] = w4.z, pj[3] = w4.w;
+        } else {
+#pragma unroll
+          for (int h = 0; h < HT; ++h) pj[h] = stage_p[j * HT + h];
+        }
+#pragma unroll
+        for (int h = 0; h < HT; ++h)
+#pragma unroll
+          for (int jj = 0; jj < PR; ++jj) {
+            if constexpr (EX) {
+              oca[h][jj] = fmaf(pj[h], va[jj], oca[h][jj]), ocb[h][jj] = fmaf(pj[h], vb[jj], ocb[h][jj]);
+            } else {
+              oa[h][jj] = fmaf(pj[h], va[jj], oa[h][jj]), ob[h][jj] = fmaf(pj[h], vb[jj], ob[h][jj]);
+            }
+          }
+      }
+      __syncwarp();  // the stage is rewritten by the warp's next round
+    }
+    // l from the lanes' shares; EX: the coded tokens' values' mean, p summed over them (every quantized token) times
+    // v_mean (the FP16 tokens below add theirs in accumulate)
+#pragma unroll
+    for (int h = 0; h < HT; ++h) {
+      l[h] = warp_sum(lp[h]);
+      if constexpr (EX)
+#pragma unroll
+        for (int j = 0; j < PR; ++j) oa[h][j] = fmaf(l[h], vma[j], oa[h][j]), ob[h][j] = fmaf(l[h], vmb[j], ob[h][j]);
+    }
+  } else if constexpr (ROT) {
   // (measured on the H200, batch 1 / 128K at the LLaMA-3-8B shape: this plain loop, one token per warp and
   // iteration, 20.2 ms per step over 32 layers; four tokens' loads in flight per iteration with 4 waves of
   // splits 22.4 ms, plus register-selected code words 28.9 ms: the kernel is bound by its instruction count,
   // not by load latency)
-  // the lane's channels lie in groups ga, gb of the keys (kga, kgb) and of the values (vga, vgb)
-  const int i0 = lane * PR, kga = i0 / k_ch, kgb = (i0 + HALF) / k_ch, vga = i0 / v_ch, vgb = (i0 + HALF) / v_ch;
   for (int t = q0 + warp; t < q1; t += NW) {
     uint32_t kca, kcbb, vca, vcbb;
     if constexpr (RW) {  // record bytes read where the lane's codes lie (in the swizzled order of each tensor)
@@ -1008,6 +1188,7 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
     }
     accumulate(true, ka, kb, va, vb, nullptr);
   }
+  }  // ROT
   float* logits = p.fp16_logits ? p.fp16_logits + (static_cast<int64_t>(b) * p.n_heads + h0) * n_logit : nullptr;
   for (int f = f0 + warp; f < f1; f += NW) {
     const __half* kr = f < na ? p.anchor_k + (bh * p.anchor_capacity + f) * D : p.window_k + (bh * p.window_capacity + (f - na)) * D;
@@ -1063,14 +1244,18 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
 template <int D, int C, int NB, int HT, bool ROT, bool EX>
 void launch_pre_ht(const QuantDecodeParams& p, const DequantWidths& w, dim3 grid, cudaStream_t stream) {
   const auto kernel = quant_pre_split_kernel<D, C, NB, HT, ROT, EX>;
-  if constexpr (EX) {  // R_k (64 KB at head_dim 128) is more than the default 48 KB of dynamic shared memory
+  // R_k (64 KB at head_dim 128; pre-RoPE coded keys) or the post-RoPE stage, with the static arrays more than the
+  // default 48 KB
+  constexpr int kDyn = ROT && EX ? std::max(D * D * 4, pre_stage_bytes<D, HT>()) : pre_stage_bytes<D, HT>();
+  if constexpr (kDyn > 0) {
     static const bool ready = [&] {
-      ANTKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D * D * 4));
+      ANTKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kDyn));
       return true;
     }();
     (void)ready;
   }
-  const size_t smem = EX && p.k_rotation ? static_cast<size_t>(D) * D * sizeof(float) : 0;
+  const size_t smem = ROT && EX && (p.k_rotation || p.k_mean) ? static_cast<size_t>(D) * D * sizeof(float)
+                                                              : static_cast<size_t>(pre_stage_bytes<D, HT>());
   kernel<<<grid, 256, smem, stream>>>(p, w);
   ANTKV_LAUNCH_CHECK("quant_pre_split_kernel");
 }
@@ -1132,15 +1317,16 @@ void launch_pre_config(const QuantDecodeParams& p, int ht, cudaStream_t stream) 
 // Resident blocks per multiprocessor of the dequantize-dot kernel (split plans of c2b8 / c4b8).
 template <int D, int C>
 int pre_blocks_per_sm(int ht) {
-  auto query = [](auto kernel) {
+  auto query = [](auto kernel, int dyn) {  // (post-RoPE: the stage in dynamic shared memory)
+    ANTKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn));
     int per_sm = 0;
-    ANTKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, 0));
+    ANTKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, dyn));
     ANTKV_CHECK(per_sm >= 1, "quant_decode: the dequantize-dot kernel does not fit on a multiprocessor");
     return per_sm;
   };
-  static const int n4 = query(quant_pre_split_kernel<D, C, 8, 4, false>);
-  static const int n2 = query(quant_pre_split_kernel<D, C, 8, 2, false>);
-  static const int n1 = query(quant_pre_split_kernel<D, C, 8, 1, false>);
+  static const int n4 = query(quant_pre_split_kernel<D, C, 8, 4, false>, pre_stage_bytes<D, 4>());
+  static const int n2 = query(quant_pre_split_kernel<D, C, 8, 2, false>, pre_stage_bytes<D, 2>());
+  static const int n1 = query(quant_pre_split_kernel<D, C, 8, 1, false>, pre_stage_bytes<D, 1>());
   return ht == 4 ? n4 : ht == 2 ? n2 : n1;
 }
 
