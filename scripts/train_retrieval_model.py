@@ -67,6 +67,9 @@ def parse_args():
     p.add_argument("--tokens-per-step", type=int, default=65536)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--answer-weight", type=float, default=2.0)
+    p.add_argument("--eos-weight", type=float, default=1.0,
+                   help="weight of an answer's closing EOS among its answer tokens (1: as the value's tokens); the "
+                        "retrieval model's misses copy the value and do not stop (recipes/needle-results.md)")
     p.add_argument("--workers", type=int, default=8, help="data processes after the timing steps (0: none)")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--hidden", type=int, default=256)
@@ -110,6 +113,8 @@ def parse_args():
             p.error(f"--steps {a.steps}: expected a positive integer or 'auto'")
         if a.steps <= 0:
             p.error(f"--steps {a.steps}: must be positive")
+    if not a.eos_weight > 0:
+        p.error(f"--eos-weight {a.eos_weight}: must be positive")
     if a.tokens_per_step % max(LENGTHS) != 0:
         p.error(f"--tokens-per-step {a.tokens_per_step} must be a multiple of {max(LENGTHS)}")
     if max(LENGTHS) > a.max_pos:
@@ -408,7 +413,10 @@ def main():
         ansf = ans.float()
         lmf = 1.0 - ansf
         n_ans = ansf.sum()
-        loss = (nll * lmf).sum() / lmf.sum() + args.answer_weight * (nll * ansf).sum() / n_ans.clamp(min=1.0)
+        answ = ansf
+        if args.eos_weight != 1.0:              # the answer's EOS (its targets that are EOS) weighted up or down
+            answ = ansf * (1.0 + (args.eos_weight - 1.0) * (ids[:, 1:] == eos).float())
+        loss = (nll * lmf).sum() / lmf.sum() + args.answer_weight * (nll * answ).sum() / answ.sum().clamp(min=1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
