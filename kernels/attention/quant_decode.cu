@@ -770,6 +770,10 @@ __global__ void __launch_bounds__(D) quant_reduce_coded_kernel(const QuantDecode
 // run-time group size, one instantiation for every pair of configurations.
 // Post-RoPE keys with the coded transform (!ROT && EX): the quantized tokens' scores are q_mean + ks (R_k q) . u
 // (q_rot staged beside q, whose products the FP16 tokens keep), as the lookup-table kernel's.
+// The quantized tokens in rounds of 32 (every form but EX with pre-RoPE keys and a basis, which keeps the per-token
+// loop above): lane j of a warp scores token j alone (its codes, centroids, the RoPE turn, HT dot products with
+// q from shared memory), the warp takes one max and one rescale per round, and the values are summed lane over
+// channels as above from the round's probabilities and value records, staged in dynamic shared memory.
 struct DequantWidths {
   int k_c = 0, k_b = 0, v_c = 0, v_b = 0;  // channels per group and bits per code of the keys and the values
 };
@@ -794,8 +798,8 @@ __device__ __forceinline__ uint32_t staged_code(const uint8_t* rec, int i, int n
   return (w >> (at & 7)) & ((1u << nb) - 1u);
 }
 
-// Dynamic shared memory of the post-RoPE (ROT = false) instantiations: each warp's 32 tokens' probabilities
-// [32][HT] floats and value records [32][D/2] bytes (D/2: the longest record, c2b8's).
+// Dynamic shared memory of the 32-token rounds: each warp's 32 tokens' probabilities [32][HT] floats and value
+// records [32][D/2] bytes (D/2: the longest record, c2b8's).
 template <int D, int HT>
 constexpr int pre_stage_bytes() {
   return 8 * 32 * (HT * 4 + D / 2);
@@ -816,7 +820,7 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
   __shared__ float sML[NW][HT][2];
   __shared__ float sOc[EX ? NW : 1][HT][D];  // EX: the warps' coded value sums
   __shared__ __align__(16) float sU[EX && ROT ? NW : 1][D];  // EX (pre-RoPE): each warp's coded key times R_k
-  // ROT: with EX and k_rotation, R_k of the KV head [D][D]; !ROT: pre_stage_bytes() of staged tokens
+  // the rounds' stage (pre_stage_bytes()), or with EX, pre-RoPE keys and a basis, R_k of the KV head [D][D]
   extern __shared__ __align__(16) float pre_dyn_smem[];
   const int split = blockIdx.x, b = blockIdx.z;
   const int G = p.n_heads / p.n_kv_heads;
