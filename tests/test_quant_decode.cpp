@@ -180,6 +180,12 @@ QCase sweep_case(VqKernelConfig cfg, int d, int G, int n, int second = 2001) {
   return c;
 }
 
+// The LLaMA-3-8B-shaped group (c8b8, head_dim 128, 32 query / 8 KV heads) with a long stream, peaked and sorted
+// scores; fp32 tables, post-RoPE and no coded transform until the caller sets them.
+QCase llama8b_case() {
+  return {VqKernelConfig::kC8B8, 128, 32, 8, {{9001, 90, 128}, {1025, 10, 128}, {5, 1, 1}}, 4.f, true, false};
+}
+
 // Runs one case through every split plan and compares with the CPU reference.
 void run_case(const QCase& c, std::mt19937& rng) {
   const auto info = cuda::vq_kernel_config_info(c.cfg);
@@ -491,7 +497,7 @@ TEST_CASE("GPU quant decode: every configuration, GQA 1/2/4, batch 3, equals the
   // fp16 lookup tables for c8b8; a LLaMA-3-8B-shaped group (32/8 heads) with a long sorted stream
   run_case({VqKernelConfig::kC8B8, 128, 8, 2, {{4097, 41, 128}, {333, 3, 17}, {0, 0, 1}}, 1.f, false, true}, rng);
   run_case({VqKernelConfig::kC8B8, 128, 2, 2, {{2049, 21, 128}, {1, 0, 0}, {77, 1, 2}}, 4.f, true, true}, rng);
-  run_case({VqKernelConfig::kC8B8, 128, 32, 8, {{9001, 90, 128}, {1025, 10, 128}, {5, 1, 1}}, 4.f, true, false}, rng);
+  run_case(llama8b_case(), rng);
 }
 
 // gain= and rotate=pca (QuantDecodeParams q_rot .. v_mean): every lookup-table configuration, head_dim 128 and 64,
@@ -517,9 +523,11 @@ TEST_CASE("GPU quant decode: per-token scales and rotated bases (gain=, rotate=p
         ++n;
       }
   }
-  // the LLaMA-3-8B-shaped group with every option, long stream
-  run_case({VqKernelConfig::kC8B8, 128, 32, 8, {{9001, 90, 128}, {1025, 10, 128}, {5, 1, 1}}, 4.f, true, true, false, 7},
-           rng);
+  // the LLaMA-3-8B-shaped group with every option, fp16 tables
+  QCase big = llama8b_case();
+  big.lut_half = true;
+  big.coded = 7;
+  run_case(big, rng);
 }
 
 // Keys and values of different configurations (QuantDecodeParams::value_config: the dequantize-dot kernel with each
@@ -556,7 +564,8 @@ TEST_CASE("GPU quant decode: keys and values of different configurations, and ga
         ++n;
       }
   // the LLaMA-3-8B-shaped group: 1-bit keys, 2-bit values with every option, long stream
-  QCase big{VqKernelConfig::kC8B8, 128, 32, 8, {{9001, 90, 128}, {1025, 10, 128}, {5, 1, 1}}, 4.f, true, false, false, 7};
+  QCase big = llama8b_case();
+  big.coded = 7;
   big.vcfg = VqKernelConfig::kC4B8;
   run_case(big, rng);
 }
@@ -602,9 +611,12 @@ TEST_CASE("GPU quant decode: pre-RoPE keys with per-token scales and bases (gain
         ++n;
       }
   }
-  // the LLaMA-3-8B-shaped group with every option, long stream
-  run_case({VqKernelConfig::kC8B8, 128, 32, 8, {{9001, 90, 128}, {1025, 10, 128}, {5, 1, 1}}, 4.f, false, false, true, 7},
-           rng);
+  // the LLaMA-3-8B-shaped group with every option, unsorted
+  QCase big = llama8b_case();
+  big.sorted = false;
+  big.pre_rope = true;
+  big.coded = 7;
+  run_case(big, rng);
 }
 
 // A workspace sized by quant_decode_max_splits holds every plan of up to that many sequences and tokens: a

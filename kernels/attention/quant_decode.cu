@@ -102,10 +102,13 @@ __device__ __forceinline__ uint32_t hash32(uint32_t x) {
   return x;
 }
 
-// C fp16 values (C = 8 or 16, 16-byte aligned) -> floats
+// C fp16 values (C = 1, 2, 4, 8 or 16, aligned to C x 2 bytes up to 16) -> floats
 template <int C>
 __device__ __forceinline__ void load_half_vec(const __half* ptr, float (&v)[C]) {
-  if constexpr (C < 8) {  // c4b8, c2b8: 8- or 4-byte loads
+  if constexpr (C == 1) {
+    v[0] = __half2float(__ldg(ptr));
+    return;
+  } else if constexpr (C < 8) {  // c4b8, c2b8: 8- or 4-byte loads
 #pragma unroll
     for (int j = 0; j < C / 2; ++j) {
       const float2 f = __half22float2(__ldg(reinterpret_cast<const __half2*>(ptr) + j));
@@ -778,23 +781,19 @@ struct DequantWidths {
   int k_c = 0, k_b = 0, v_c = 0, v_b = 0;  // channels per group and bits per code of the keys and the values
 };
 
-// The code of group position i (0 .. NG-1) of a b-bit record of `rec_bytes` bytes (little-endian bit order).
+// The code of group position i (0 .. NG-1) of a b-bit record of `rec_bytes` bytes (little-endian bit order), the
+// record in global memory read through the read-only cache (GLOBAL) or staged in shared memory.
+template <bool GLOBAL = true>
 __device__ __forceinline__ uint32_t rw_code(const uint8_t* rec, int i, int nb, int rec_bytes) {
+  auto byte = [rec](int k) -> uint32_t {
+    if constexpr (GLOBAL) return __ldg(rec + k);
+    else return rec[k];
+  };
   const int at = i * nb, lo = at >> 3;
-  uint32_t w = __ldg(rec + lo);
+  uint32_t w = byte(lo);
   if (nb == 8) return w;
-  if (lo + 1 < rec_bytes) w |= static_cast<uint32_t>(__ldg(rec + lo + 1)) << 8;
-  if (lo + 2 < rec_bytes) w |= static_cast<uint32_t>(__ldg(rec + lo + 2)) << 16;
-  return (w >> (at & 7)) & ((1u << nb) - 1u);
-}
-
-// The same from a record staged in shared memory.
-__device__ __forceinline__ uint32_t staged_code(const uint8_t* rec, int i, int nb, int rec_bytes) {
-  const int at = i * nb, lo = at >> 3;
-  uint32_t w = rec[lo];
-  if (nb == 8) return w;
-  if (lo + 1 < rec_bytes) w |= static_cast<uint32_t>(rec[lo + 1]) << 8;
-  if (lo + 2 < rec_bytes) w |= static_cast<uint32_t>(rec[lo + 2]) << 16;
+  if (lo + 1 < rec_bytes) w |= byte(lo + 1) << 8;
+  if (lo + 2 < rec_bytes) w |= byte(lo + 2) << 16;
   return (w >> (at & 7)) & ((1u << nb) - 1u);
 }
 
@@ -1054,17 +1053,12 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
       for (int j = 0; j < n; ++j) {
         const uint8_t* rv = stage_v + j * (D / 2);
         const int vsw = (cb + j) & (vng - 1);
-        const uint32_t vca = staged_code(rv, vga ^ vsw, v_bits, vrec), vcbb = staged_code(rv, vgb ^ vsw, v_bits, vrec);
+        const uint32_t vca = rw_code<false>(rv, vga ^ vsw, v_bits, vrec), vcbb = rw_code<false>(rv, vgb ^ vsw, v_bits, vrec);
         const __half* pva = vcb + (static_cast<int64_t>(vga) * (1 << v_bits) + vca) * v_ch + i0 % v_ch;
         const __half* pvb = vcb + (static_cast<int64_t>(vgb) * (1 << v_bits) + vcbb) * v_ch + (i0 + HALF) % v_ch;
         float va[PR], vb[PR];
-        if constexpr (PR == 2) {
-          const float2 c = __half22float2(__ldg(reinterpret_cast<const __half2*>(pva)));
-          const float2 e = __half22float2(__ldg(reinterpret_cast<const __half2*>(pvb)));
-          va[0] = c.x, va[1] = c.y, vb[0] = e.x, vb[1] = e.y;
-        } else {
-          va[0] = __half2float(__ldg(pva)), vb[0] = __half2float(__ldg(pvb));
-        }
+        load_half_vec<PR>(pva, va);
+        load_half_vec<PR>(pvb, vb);
         float pj[HT];
         if constexpr (HT == 4) {
           const float4 w4 = *reinterpret_cast<const float4*>(stage_p + j * HT);
@@ -1122,17 +1116,10 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
     const __half* pva = vcb + (static_cast<int64_t>(vga) * (1 << v_bits) + vca) * v_ch + i0 % v_ch;
     const __half* pvb = vcb + (static_cast<int64_t>(vgb) * (1 << v_bits) + vcbb) * v_ch + (i0 + HALF) % v_ch;
     float xa[PR], xb[PR], va[PR], vb[PR], ka[PR], kb[PR];
-    if constexpr (PR == 2) {
-      const float2 a = __half22float2(__ldg(reinterpret_cast<const __half2*>(pka)));
-      const float2 bb = __half22float2(__ldg(reinterpret_cast<const __half2*>(pkb)));
-      const float2 c = __half22float2(__ldg(reinterpret_cast<const __half2*>(pva)));
-      const float2 e = __half22float2(__ldg(reinterpret_cast<const __half2*>(pvb)));
-      xa[0] = a.x, xa[1] = a.y, xb[0] = bb.x, xb[1] = bb.y;
-      va[0] = c.x, va[1] = c.y, vb[0] = e.x, vb[1] = e.y;
-    } else {
-      xa[0] = __half2float(__ldg(pka)), xb[0] = __half2float(__ldg(pkb));
-      va[0] = __half2float(__ldg(pva)), vb[0] = __half2float(__ldg(pvb));
-    }
+    load_half_vec<PR>(pka, xa);
+    load_half_vec<PR>(pkb, xb);
+    load_half_vec<PR>(pva, va);
+    load_half_vec<PR>(pvb, vb);
     if constexpr (EX) {  // k = k_mean + R_k^T (ks u), v's coded part vs u
       const int64_t so = bh * p.quant_capacity + t;
       const float ks = p.k_scale ? __half2float(p.k_scale[so]) : 1.f;
