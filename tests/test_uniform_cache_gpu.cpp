@@ -3,13 +3,15 @@
 // runtime against the simulated path (antkv-ref-18m), and its decode attention against a CPU reference
 // that dequantizes with the same fp16 scales and zeros (softmax in double). Fresh random inputs each run (the
 // seed is printed on failure); odd lengths, partial key groups, windows, batch 3 with different lengths, GQA
-// 1, 4 and 8, head_dim 64 and 128, bits 2 and 4; every slot poisoned (NaN scales/zeros and residual rows, 0xFF
+// 1, 4, 7, 8 and 12 (12: two blocks of query heads, the second half empty), head_dim 64 and 128, bits 2 and 4; every slot poisoned (NaN scales/zeros and residual rows, 0xFF
 // codes) before it is written, so a read past the counts shows as NaN.
 //
 // Tolerances (max |gpu - ref| / max |ref|):
 //  - output 1e-2: it is bf16 (2^-9 relative rounding) of an fp32 softmax (flash_decode's and quant_decode's bound);
-//  - LSE 3e-4: fp32 scores, each a sum of head_dim products (sum_c (q_c s_c) code_c + q . z) against the CPU's
-//    double dot products: a few ulp of |q| |k| summed, ~1e-5 of scores up to ~10 (log2 and exp2 in fp32 add ~1e-7).
+//  - LSE 2e-3: the scores run on the tensor cores with fp16 operands: each q_c s_c (and, for the FP16 residual,
+//    each q_c) is rounded to fp16 (2^-11 relative) before the exact code products are summed in fp32, so a score
+//    carries up to ~2^-11 sum_c |q_c s_c code_c| of error (~1e-3 of scores up to ~10 when the terms align; the
+//    fp32 path this replaced met 3e-4). The output's p_t s_t operands are fp16 too, inside its bf16 bound.
 #include "test_support.h"
 #include "gpu_test_support.h"
 
@@ -213,7 +215,7 @@ void check_decode(GpuUniformKvCache& cache, const ModelConfig& cfg, int B, std::
   INFO(fmt::format("{}: {} splits of {}: output error {:.3g}, LSE error {:.3g}", what, plan.n_splits, plan.split_len, eo,
                    el));
   CHECK_MEASURED("test_uniform_cache_gpu: decode output rel err", eo, 1e-2);
-  CHECK_MEASURED("test_uniform_cache_gpu: decode LSE rel err", el, 3e-4);
+  CHECK_MEASURED("test_uniform_cache_gpu: decode LSE rel err", el, 2e-3);
 }
 
 }  // namespace
@@ -388,8 +390,8 @@ TEST_CASE("GPU uniform decode: appended caches of odd lengths equal the dequanti
   int n = 0;
   for (int bits : {2, 4})
     for (int d : {128, 64})
-      for (int G : {1, 4}) {
-        const int group = (n % 2) ? 32 : 128, window = (n % 3 == 1) ? 3 : 0;
+      for (int G : {1, 4, 12}) {
+        const int group = (n % 3 == 0) ? 128 : (n % 3 == 1) ? 32 : 64, window = (n % 4 == 1) ? 3 : 0;
         ++n;
         const std::string what = fmt::format("bits {} head_dim {} G {} group {} window {}", bits, d, G, group, window);
         INFO(what);
@@ -431,7 +433,7 @@ TEST_CASE("GPU uniform decode: synthetic long caches (many splits) equal the deq
   std::mt19937 rng(seed);
   for (int bits : {2, 4})
     for (int d : {128, 64}) {
-      const int G = bits == 2 ? 4 : 1, group = d == 128 ? 128 : 64, KV = 2;
+      const int G = bits == 2 ? 4 : 7, group = d == 128 ? 128 : 64, KV = 2;
       const std::string what = fmt::format("bits {} head_dim {} G {} group {}", bits, d, G, group);
       INFO(what);
       const ModelConfig cfg = tiny_config(1, KV * G, KV, d);

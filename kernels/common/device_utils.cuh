@@ -2,6 +2,7 @@
 // m16n8k16 bf16 -> fp32, ldmatrix), cp.async, and the 16-byte XOR swizzle of shared-memory tiles.
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -52,6 +53,15 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The same with fp16 inputs.
+__device__ __forceinline__ void mma_f16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -67,6 +77,38 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t pack_halves(__half lo, __half hi) {
+  __half2 v = __halves2half2(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// ---- low-bit codes to fp16 operands ----
+// (w & mask) | 0x64006400 in one LOP3: each 16-bit half is the fp16 1024 + (its masked bits), exact while the
+// masked field stays below bit 10 (an fp16 has 10 mantissa bits).
+__device__ __forceinline__ uint32_t codes_plus_1024(uint32_t w, uint32_t mask) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(w), "r"(mask), "r"(0x64006400u));  // (a & b) | c
+  return r;
+}
+// The two halves minus 1024: the codes as fp16 (exact), one HSUB2.
+__device__ __forceinline__ uint32_t sub_1024(uint32_t x) {
+  __half2 h = *reinterpret_cast<__half2*>(&x);
+  h = __hsub2(h, __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400)));
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+// (x - 1024) / 4 for fields at bits 2..3 of each half (1024 + 4 code), one HFMA2: x * 0.25 - 256, exact.
+__device__ __forceinline__ uint32_t sub_1024_quarter(uint32_t x) {
+  __half2 h = *reinterpret_cast<__half2*>(&x);
+  h = __hfma2(h, __halves2half2(__ushort_as_half(0x3400), __ushort_as_half(0x3400)),
+              __halves2half2(__ushort_as_half(0xDC00), __ushort_as_half(0xDC00)));
+  return *reinterpret_cast<uint32_t*>(&h);
 }
 
 // 16-byte asynchronous copy global -> shared; when !valid the 16 bytes are zero-filled and global

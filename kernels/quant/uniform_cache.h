@@ -43,49 +43,11 @@
 #include <vector>
 
 #include "kernels/common/device_buffer.h"
+#include "kernels/attention/uniform_decode.h"
 #include "kernels/common/dtypes.h"
 #include "model/model_config.h"
 
 namespace antkv {
-
-namespace cuda {
-
-// Closed set: bits 2 or 4, group 32, 64 or 128, head_dim 64 or 128, window >= 0; anything else an
-// antkv::Error naming it (`what` says who asks, e.g. the method text).
-void check_uniform_shape(const std::string& what, int head_dim, int bits, int group, int window);
-
-struct UniformDecodePlan {
-  int n_splits = 1;          // splits over the quantized key blocks; the last one also takes the FP16 residual
-  int split_len = 128;       // tokens per split, a multiple of 128
-  int heads_per_block = 1;   // query heads of one KV head per block (all G when G <= 4)
-};
-UniformDecodePlan plan_uniform_decode(int batch, int n_heads, int n_kv_heads, int64_t max_kend);
-// The most splits plan_uniform_decode gives `batch` sequences at any length (workspaces sized once).
-int uniform_decode_max_splits(int batch, int n_heads, int n_kv_heads);
-// Floats of workspace the decode needs: batch * n_heads * n_splits * (head_dim + 2).
-int64_t uniform_decode_workspace_floats(int batch, int n_heads, int head_dim, int n_splits);
-
-struct UniformDecodeParams {
-  int bits = 2, group = 128, window = 0;
-  int batch = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, capacity = 0;
-  const bf16* q = nullptr;            // [batch, n_heads, head_dim] post-RoPE
-  const uint32_t* k_codes = nullptr;  // [batch, n_kv_heads, KB * group, WPT]
-  const __half2* k_sz = nullptr;      // [batch, n_kv_heads, KB, head_dim]
-  const uint32_t* v_codes = nullptr;  // [batch, n_kv_heads, capacity, WPT]
-  const __half2* v_sz = nullptr;      // [batch, n_kv_heads, capacity, NVG]
-  const __half* ring_k = nullptr;     // [batch, n_kv_heads, R, head_dim]
-  const __half* ring_v = nullptr;     // [batch, n_kv_heads, R, head_dim]
-  const int32_t* lens = nullptr;      // [batch] (device) tokens per sequence, 1 .. capacity
-  bf16* out = nullptr;                // [batch, n_heads, head_dim]
-  float* lse = nullptr;               // [batch, n_heads] natural log-sum-exp of the scaled scores, or null
-  float* workspace = nullptr;         // uniform_decode_workspace_floats(batch, n_heads, head_dim, n_splits)
-  int64_t workspace_floats = 0;
-  int n_splits = 1, split_len = 128;  // from plan_uniform_decode (every sequence's k_end <= n_splits * split_len)
-  float scale = 0.f;
-};
-void uniform_decode(const UniformDecodeParams& p, cudaStream_t stream);
-
-}  // namespace cuda
 
 class GpuUniformKvCache {
  public:
