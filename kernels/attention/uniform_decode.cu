@@ -447,12 +447,8 @@ __global__ void __launch_bounds__(D) uniform_combine_kernel(const UniformDecodeP
 template <int D, int BITS, int GROUP>
 void launch_split(const UniformDecodeParams& p, cudaStream_t stream) {
   using TS = UniformTile<D, BITS, GROUP>;
-  static bool configured = false;  // the dynamic shared-memory opt-in, once per instantiation (host-side, one device)
-  if (!configured) {
-    ANTKV_CUDA_CHECK(cudaFuncSetAttribute(uniform_split_kernel<D, BITS, GROUP>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(TS::BYTES)));
-    configured = true;
-  }
+  // within the default 48 KB of dynamic shared memory (no opt-in, nothing to set before a graph capture)
+  static_assert(TS::BYTES <= 48 * 1024, "the split kernel's shared memory needs an opt-in");
   const int G = p.n_heads / p.n_kv_heads;
   const dim3 grid(p.n_splits, p.n_kv_heads * ((G + kHeads - 1) / kHeads), p.batch);
   uniform_split_kernel<D, BITS, GROUP><<<grid, kThreads, TS::BYTES, stream>>>(p);
