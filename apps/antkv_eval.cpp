@@ -411,6 +411,7 @@ struct BenchArgs {
   std::vector<std::string> methods;  // bench --method / max-context
   bool equal_memory = true;
   int max_batch = 512;
+  std::string uniform_kernel = "tensor-core";  // the packed uniform cache's split kernel (or cuda-core)
 };
 
 // A named shape of model/model_shapes.h as a random-weight benchmark model: any context (decode time is measured,
@@ -497,6 +498,8 @@ int run_method_bench_cmd(const BenchArgs& a, bool max_context) {
     o.equal_memory = a.equal_memory;
     o.max_batch_cap = a.max_batch;
     o.iters = a.iters;
+    o.uniform_kernel = cuda::parse_uniform_decode_kernel(a.uniform_kernel);
+    j["uniform_kernel"] = a.uniform_kernel;
     const auto r = cuda::run_method_bench(o, say);
     std::printf("%s", cuda::format_method_bench(r).c_str());
     j["device"] = r.device;
@@ -651,6 +654,10 @@ int main(int argc, char** argv) {
   bench->add_flag("--equal-memory,!--no-equal-memory", ba.equal_memory,
                   "with --method: also each method at the largest batch that fits per context (default on)");
   bench->add_option("--max-batch", ba.max_batch, "cap of the equal-memory batches")->capture_default_str();
+  bench->add_option("--uniform-kernel", ba.uniform_kernel,
+                    "the packed uniform cache's decode split kernel: tensor-core, or cuda-core (the one it replaced)")
+      ->check(CLI::IsMember({"tensor-core", "cuda-core"}))
+      ->capture_default_str();
 
   BenchArgs ma;
   ma.methods = {"fp16", "vq:bits=1"};

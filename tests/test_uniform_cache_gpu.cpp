@@ -8,10 +8,12 @@
 //
 // Tolerances (max |gpu - ref| / max |ref|):
 //  - output 1e-2: it is bf16 (2^-9 relative rounding) of an fp32 softmax (flash_decode's and quant_decode's bound);
-//  - LSE 2e-3: the scores run on the tensor cores with fp16 operands: each q_c s_c (and, for the FP16 residual,
-//    each q_c) is rounded to fp16 (2^-11 relative) before the exact code products are summed in fp32, so a score
-//    carries up to ~2^-11 sum_c |q_c s_c code_c| of error (~1e-3 of scores up to ~10 when the terms align; the
-//    fp32 path this replaced met 3e-4). The output's p_t s_t operands are fp16 too, inside its bf16 bound.
+//  - LSE, tensor-core kernel 2e-3: its scores take fp16 operands: each q_c s_c (and, for the FP16 residual, each
+//    q_c) is rounded to fp16 (2^-11 relative) before the exact code products are summed in fp32, so a score
+//    carries up to ~2^-11 sum_c |q_c s_c code_c| of error (~1e-3 of scores up to ~10 when the terms align). The
+//    output's p_t s_t operands are fp16 too, inside its bf16 bound.
+//  - LSE, CUDA-core kernel 3e-4: fp32 scores, each a sum of head_dim products (sum_c (q_c s_c) code_c + q . z)
+//    against the CPU's double dot products: a few ulp of |q| |k| summed, ~1e-5 of scores up to ~10.
 #include "test_support.h"
 #include "gpu_test_support.h"
 
@@ -186,7 +188,8 @@ void ref_decode(const GpuUniformKvCache::HostView& h, int group, int d, const fl
   }
 }
 
-// attend() for sequences 0..B-1 under `plan` against ref_decode on every head; returns nothing, CHECKs.
+// attend() for sequences 0..B-1 under `plan` against ref_decode on every head, with each split kernel (the
+// tensor-core one and the CUDA-core one it replaced); returns nothing, CHECKs. The cache is left on tensor cores.
 void check_decode(GpuUniformKvCache& cache, const ModelConfig& cfg, int B, std::mt19937& rng,
                   const cuda::UniformDecodePlan& plan, const std::string& what) {
   const int H = cfg.num_heads, KV = cfg.num_kv_heads, d = cfg.head_dim, G = H / KV;
@@ -194,28 +197,37 @@ void check_decode(GpuUniformKvCache& cache, const ModelConfig& cfg, int B, std::
   std::vector<float> q(static_cast<size_t>(B) * H * d);
   for (auto& x : q) x = round_bf(n01(rng));
   auto dq = upload_bf(q);
-  DeviceBuffer<bf16> out(q.size());
-  DeviceBuffer<float> lse(static_cast<size_t>(B) * H);
-  cuda::fill_bf16(out.get(), static_cast<int64_t>(out.size()), NAN, nullptr);
-  cuda::fill_f32(lse.get(), static_cast<int64_t>(lse.size()), NAN, nullptr);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  cache.upload_counts(B, nullptr);
-  cache.attend(0, B, H, dq.get(), out.get(), plan, scale, nullptr, lse.get());
-  const auto go = download_bf(out.get(), out.size());
-  const auto gl = download(lse);
-  std::vector<float> want(q.size()), want_lse(lse.size());
+  std::vector<float> want(q.size()), want_lse(static_cast<size_t>(B) * H);
   for (int b = 0; b < B; ++b)
     for (int kh = 0; kh < KV; ++kh) {
       const auto hv = cache.download(0, b, kh);
       const size_t row0 = static_cast<size_t>(b) * H + static_cast<size_t>(kh) * G;
       ref_decode(hv, cache.group(), d, q.data() + row0 * d, G, scale, want.data() + row0 * d, want_lse.data() + row0);
     }
-  const double eo = test::max_rel_error(go.data(), want.data(), want.size());
-  const double el = test::max_rel_error(gl.data(), want_lse.data(), want_lse.size());
-  INFO(fmt::format("{}: {} splits of {}: output error {:.3g}, LSE error {:.3g}", what, plan.n_splits, plan.split_len, eo,
-                   el));
-  CHECK_MEASURED("test_uniform_cache_gpu: decode output rel err", eo, 1e-2);
-  CHECK_MEASURED("test_uniform_cache_gpu: decode LSE rel err", el, 2e-3);
+  for (const auto kernel : {cuda::UniformDecodeKernel::kCudaCore, cuda::UniformDecodeKernel::kTensorCore}) {
+    DeviceBuffer<bf16> out(q.size());
+    DeviceBuffer<float> lse(static_cast<size_t>(B) * H);
+    cuda::fill_bf16(out.get(), static_cast<int64_t>(out.size()), NAN, nullptr);
+    cuda::fill_f32(lse.get(), static_cast<int64_t>(lse.size()), NAN, nullptr);
+    cache.upload_counts(B, nullptr);
+    cache.set_decode_kernel(kernel);
+    cache.attend(0, B, H, dq.get(), out.get(), plan, scale, nullptr, lse.get());
+    const auto go = download_bf(out.get(), out.size());
+    const auto gl = download(lse);
+    const double eo = test::max_rel_error(go.data(), want.data(), want.size());
+    const double el = test::max_rel_error(gl.data(), want_lse.data(), want_lse.size());
+    const bool tc = kernel == cuda::UniformDecodeKernel::kTensorCore;
+    INFO(fmt::format("{} ({} kernel): {} splits of {}: output error {:.3g}, LSE error {:.3g}", what,
+                     cuda::uniform_decode_kernel_name(kernel), plan.n_splits, plan.split_len, eo, el));
+    CHECK_MEASURED(tc ? "test_uniform_cache_gpu: decode output rel err (tensor cores)"
+                      : "test_uniform_cache_gpu: decode output rel err (CUDA cores)",
+                   eo, 1e-2);
+    // see the header: fp16 operands on the tensor cores, fp32 products on the CUDA cores
+    CHECK_MEASURED(tc ? "test_uniform_cache_gpu: decode LSE rel err (tensor cores)"
+                      : "test_uniform_cache_gpu: decode LSE rel err (CUDA cores)",
+                   el, tc ? 2e-3 : 3e-4);
+  }
 }
 
 }  // namespace

@@ -427,6 +427,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) uniform_split_kernel(c
   }
 }
 
+#include "kernels/attention/uniform_split_cuda_core.cuh"
+
 // One block of D threads per (head, sequence): the splits merged by the fp16 decode's combine step.
 template <int D>
 __global__ void __launch_bounds__(D) uniform_combine_kernel(const UniformDecodeParams p) {
@@ -455,8 +457,23 @@ void launch_split(const UniformDecodeParams& p, cudaStream_t stream) {
   ANTKV_LAUNCH_CHECK("uniform_split_kernel");
 }
 
+template <int D, int BITS, int HT>
+void launch_split_cuda_core(const UniformDecodeParams& p, cudaStream_t stream) {
+  const int G = p.n_heads / p.n_kv_heads;
+  const dim3 grid(p.n_splits, p.n_kv_heads * (G / HT), p.batch);
+  uniform_split_cuda_core_kernel<D, BITS, HT><<<grid, kTileCC, 0, stream>>>(p);
+  ANTKV_LAUNCH_CHECK("uniform_split_cuda_core_kernel");
+}
+
 template <int D, int BITS>
 void launch_split_group(const UniformDecodeParams& p, cudaStream_t stream) {
+  if (p.kernel == UniformDecodeKernel::kCudaCore) {  // HT query heads per block: 4, 2 or 1 dividing G
+    const int G = p.n_heads / p.n_kv_heads;
+    if (G % 4 == 0) launch_split_cuda_core<D, BITS, 4>(p, stream);
+    else if (G % 2 == 0) launch_split_cuda_core<D, BITS, 2>(p, stream);
+    else launch_split_cuda_core<D, BITS, 1>(p, stream);
+    return;
+  }
   if (p.group == 32) launch_split<D, BITS, 32>(p, stream);
   else if (p.group == 64) launch_split<D, BITS, 64>(p, stream);
   else launch_split<D, BITS, 128>(p, stream);
@@ -465,6 +482,16 @@ void launch_split_group(const UniformDecodeParams& p, cudaStream_t stream) {
 int64_t head_blocks(int G) { return (G + kHeads - 1) / kHeads; }
 
 }  // namespace
+
+const char* uniform_decode_kernel_name(UniformDecodeKernel k) {
+  return k == UniformDecodeKernel::kCudaCore ? "cuda-core" : "tensor-core";
+}
+
+UniformDecodeKernel parse_uniform_decode_kernel(const std::string& name) {
+  if (name == "tensor-core") return UniformDecodeKernel::kTensorCore;
+  if (name == "cuda-core") return UniformDecodeKernel::kCudaCore;
+  throw Error(fmt::format("unknown uniform decode kernel \"{}\" (tensor-core or cuda-core)", name));
+}
 
 void check_uniform_shape(const std::string& what, int head_dim, int bits, int group, int window) {
   ANTKV_CHECK(bits == 2 || bits == 4, "{}: the GPU uniform cache takes bits 2 or 4, not {}", what, bits);

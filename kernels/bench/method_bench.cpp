@@ -105,16 +105,18 @@ double free_bytes() {
 }
 
 std::unique_ptr<GpuRuntime> make_runtime(const ModelConfig& cfg, const BenchMethod& m, int B, int capacity,
-                                         uint64_t seed) {
+                                         uint64_t seed, UniformDecodeKernel uniform_kernel) {
   GpuRuntimeOptions ro;
   ro.max_batch = B;
   ro.max_context = capacity;
   ro.compressed_kv = m.compressed;
   ro.uniform_kv = m.uniform;
   auto rt = std::make_unique<GpuRuntime>(cfg, seed, ro);
-  if (m.uniform)
-    rt->set_uniform_cache(std::make_unique<GpuUniformKvCache>(cfg, m.uniform_bits, m.uniform_group, m.uniform_window, B,
-                                                              capacity));
+  if (m.uniform) {
+    auto cache = std::make_unique<GpuUniformKvCache>(cfg, m.uniform_bits, m.uniform_group, m.uniform_window, B, capacity);
+    cache->set_decode_kernel(uniform_kernel);
+    rt->set_uniform_cache(std::move(cache));
+  }
   if (m.compressed)
     rt->set_compressed_cache(
         std::make_unique<GpuCompressedKvCache>(cfg, layer_widths(cfg, m), m.anchor_ratio, B, capacity, m.window, seed + 7, m.pre_rope,
@@ -190,7 +192,7 @@ MethodDecodePoint bench_point(const ModelConfig& cfg, const BenchMethod& m, int 
     }
     return r;
   }
-  auto rt = make_runtime(cfg, m, B, capacity, o.seed);
+  auto rt = make_runtime(cfg, m, B, capacity, o.seed, o.uniform_kernel);
   r.ms_per_step = time_decode_steps(*rt, B, ctx, warm, steps, cfg.vocab_size, true);
   const double weights = static_cast<double>(rt->step_weight_bytes());
   r.tokens_per_s = B / (r.ms_per_step * 1e-3);
@@ -294,7 +296,7 @@ std::vector<MaxContextPoint> run_max_context(const ModelConfig& cfg, const std::
     int cap = static_cast<int>(std::min<int64_t>(lo, INT32_MAX - 1));
     for (int attempt = 0; attempt < 8 && cap > 64; ++attempt) {
       try {
-        auto rt = make_runtime(cfg, m, 1, cap, 1);
+        auto rt = make_runtime(cfg, m, 1, cap, 1, UniformDecodeKernel::kTensorCore);
         const int steps = 4;
         p.ms_per_step = time_decode_steps(*rt, 1, cap - steps - 3, 2, steps, cfg.vocab_size, true);
         p.tokens_per_s = 1e3 / p.ms_per_step;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels/attention/quant_decode.h"
+#include "kernels/attention/uniform_decode.h"
 #include "model/model_config.h"
 #include "quant/method_support.h"
 
@@ -67,6 +68,7 @@ struct MethodBenchOptions {
   int max_batch_cap = 512;     // equal-memory batches are capped here
   int iters = 20;
   uint64_t seed = 1;
+  UniformDecodeKernel uniform_kernel = UniformDecodeKernel::kTensorCore;  // the uniform cache's split kernel
 };
 
 struct MethodBenchResult {

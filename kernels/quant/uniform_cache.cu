@@ -411,6 +411,7 @@ void GpuUniformKvCache::attend(int layer, int B, int n_heads, const cuda::bf16* 
               "{}: attend of layer {} batch {} heads {} out of range", name_, layer, B, n_heads);
   cuda::UniformDecodeParams p;
   set_layer_fields(p, layer);
+  p.kernel = decode_kernel_;
   p.batch = B;
   p.n_heads = n_heads_;
   p.head_dim = d_;

@@ -59,6 +59,9 @@ class GpuUniformKvCache {
   int max_batch() const { return max_batch_; }
   int capacity() const { return capacity_; }
   size_t device_bytes() const { return device_bytes_; }
+  // The split kernel attend() runs (tensor cores by default; the CUDA-core one for comparisons and tests).
+  void set_decode_kernel(cuda::UniformDecodeKernel k) { decode_kernel_ = k; }
+  cuda::UniformDecodeKernel decode_kernel() const { return decode_kernel_; }
   // Bytes of one sequence's cache at full capacity (codes, scales/zeros, residual), all layers.
   static double sequence_bytes(const ModelConfig& cfg, int bits, int group, int window, int64_t capacity);
   // Bytes attention reads for one sequence of len tokens in one layer (all KV heads).
@@ -117,6 +120,7 @@ class GpuUniformKvCache {
   int n_layers_ = 0, n_kv_ = 0, n_heads_ = 0, d_ = 0, bits_ = 2, group_ = 128, window_ = 0;
   int max_batch_ = 0, capacity_ = 0, kb_ = 0, wpt_ = 0, nvg_ = 0, ring_ = 0;
   size_t device_bytes_ = 0;
+  cuda::UniformDecodeKernel decode_kernel_ = cuda::UniformDecodeKernel::kTensorCore;
   std::vector<Layer> layers_;
   std::vector<int> lens_;
   int pending_seq_ = -1, pending_tokens_ = 0;  // the prefill being written (write_prefill), -1: none
