@@ -76,6 +76,23 @@ __host__ __device__ __forceinline__ int value_channel(int mt, int row) {
   return 16 * mt + 8 * (rr >> 2) + (rr & 3) + 4 * (row >> 3);
 }
 
+// One (sequence, KV head)'s streams in the layout of uniform_cache.h (bk = sequence * n_kv_heads + KV head).
+struct UniformHeadStreams {
+  const uint32_t* kc;  // [KB * group, WPT] key codes
+  const __half2* ksz;  // [KB, D] key (scale, zero)
+  const uint32_t* vc;  // [capacity, WPT] value codes
+  const __half2* vsz;  // [capacity, NVG] value (scale, zero)
+  const __half* rk;    // [group + window, D] FP16 residual keys
+  const __half* rv;    // [group + window, D] FP16 residual values
+};
+template <int D, int BITS>
+__device__ __forceinline__ UniformHeadStreams uniform_head_streams(const UniformDecodeParams& p, int64_t bk, int group) {
+  constexpr int WPT = D * BITS / 32;
+  const int KB = (p.capacity + group - 1) / group, R = group + p.window, nvg = D / min(group, D);
+  return {p.k_codes + bk * KB * group * WPT, p.k_sz + bk * KB * D, p.v_codes + bk * p.capacity * WPT,
+          p.v_sz + bk * p.capacity * nvg, p.ring_k + bk * R * D, p.ring_v + bk * R * D};
+}
+
 // Per-warp online softmax of one 16-token step. sc: scores^T fragments in log2 units ([token r][head 2q],
 // [r][2q + 1], [r + 8][2q], [r + 8][2q + 1]; -inf for no token), replaced by p. m, l: running max and this
 // lane's partial sums of heads 2q, 2q + 1; o, oz rescaled.
@@ -127,15 +144,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) uniform_split_kernel(c
   const int len = p.lens[b];
   if (len < 1 || len > p.capacity) return;  // uniform_combine_kernel writes NaN for this sequence
   const int R = GROUP + p.window;
-  const int KB = (p.capacity + GROUP - 1) / GROUP;
   const UniformCounts cn = uniform_counts(len, GROUP, p.window);
-  const int64_t bk = static_cast<int64_t>(b) * p.n_kv_heads + kvh;
-  const uint32_t* kc = p.k_codes + bk * KB * GROUP * WPT;
-  const __half2* ksz = p.k_sz + bk * KB * D;
-  const uint32_t* vc = p.v_codes + bk * p.capacity * WPT;
-  const __half2* vsz = p.v_sz + bk * p.capacity * NVG;
-  const __half* rk = p.ring_k + bk * R * D;
-  const __half* rv = p.ring_v + bk * R * D;
+  const UniformHeadStreams st = uniform_head_streams<D, BITS>(p, static_cast<int64_t>(b) * p.n_kv_heads + kvh, GROUP);
+  const uint32_t *kc = st.kc, *vc = st.vc;
+  const __half2 *ksz = st.ksz, *vsz = st.vsz;
+  const __half *rk = st.rk, *rv = st.rv;
 
   auto stage_k = [&](int s) { return smem + s * TS::STAGE_WORDS; };
   auto stage_v = [&](int s) { return smem + s * TS::STAGE_WORDS + TS::K_WORDS; };

@@ -1,6 +1,7 @@
 // The uniform cache's decode split kernel on the CUDA cores (fp32 FMAs), the kernel before the tensor-core one of
 // uniform_decode.cu: kept beside it as a second GPU implementation (antkv-eval bench --uniform-kernel cuda-core,
-// and the tests check both against the CPU reference), so a run can compare the two on one machine.
+// and the tests check both against the CPU reference), so a run can compare the two on one machine. Its code is
+// main's kernel as it was (the stream pointers too, unshared: a shared helper changed its register allocation).
 // Included by uniform_decode.cu only (inside its anonymous namespace; needs kLog2e, kMaxSplits and dev::).
 #pragma once
 
