@@ -437,11 +437,14 @@ ModelConfig bench_config(const BenchArgs& a) {
 
 #ifdef ANTKV_HAVE_CUDA
 nlohmann::json method_point_json(const cuda::MethodDecodePoint& p) {
+  // the whole-model step's figures are null where it was not timed (--no-e2e, or it did not fit)
+  const auto step = [&](double v) { return p.ms_per_step > 0 ? nlohmann::json(v) : nlohmann::json(nullptr); };
   return {{"method", p.method}, {"batch", p.batch}, {"context", p.context}, {"largest_batch", p.equal_memory},
           {"ran", p.ran}, {"note", p.note}, {"cache_bytes_per_sequence", p.seq_cache_bytes},
-          {"ms_per_step", p.ms_per_step}, {"tokens_per_s", p.tokens_per_s}, {"attention_ms_per_step", p.attn_ms_per_step},
-          {"attention_bytes_per_step", p.attn_bytes_per_step}, {"attention_frac_of_copy_bw", p.attn_frac_of_copy},
-          {"bytes_per_step", p.bytes_per_step}, {"frac_of_copy_bw", p.frac_of_copy}};
+          {"ms_per_step", step(p.ms_per_step)}, {"tokens_per_s", step(p.tokens_per_s)},
+          {"attention_ms_per_step", p.attn_ms_per_step}, {"attention_bytes_per_step", p.attn_bytes_per_step},
+          {"attention_frac_of_copy_bw", p.attn_frac_of_copy}, {"bytes_per_step", p.bytes_per_step},
+          {"frac_of_copy_bw", step(p.frac_of_copy)}};
 }
 #endif
 
@@ -498,6 +501,7 @@ int run_method_bench_cmd(const BenchArgs& a, bool max_context) {
     o.equal_memory = a.equal_memory;
     o.max_batch_cap = a.max_batch;
     o.iters = a.iters;
+    o.e2e = !a.no_e2e;
     o.uniform_kernel = cuda::parse_uniform_decode_kernel(a.uniform_kernel);
     j["uniform_kernel"] = a.uniform_kernel;
     const auto r = cuda::run_method_bench(o, say);
@@ -643,7 +647,7 @@ int main(int argc, char** argv) {
   bench->add_option("--batch", ba.batches, "batch sizes")->capture_default_str();
   bench->add_option("--context", ba.contexts, "context lengths")->capture_default_str();
   bench->add_option("--iters", ba.iters, "timed iterations")->capture_default_str();
-  bench->add_flag("--no-e2e", ba.no_e2e, "attention kernels only");
+  bench->add_flag("--no-e2e", ba.no_e2e, "attention kernels only (with --method: the whole-model step is not timed)");
   bench->add_option("--json", ba.json_out, "write the figures as JSON");
   bench->add_flag("--force", ba.force, "overwrite an existing --json file");
   bench->add_option("--method", ba.methods,

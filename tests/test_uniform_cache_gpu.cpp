@@ -718,6 +718,32 @@ TEST_CASE("method_support: the compressed cache's widths are quant_decode's kVqK
   }
 }
 
+TEST_CASE("bench methods: a row whose whole-model step was not timed (--no-e2e) shows - there, not 0", "[quant]") {
+  cuda::MethodBenchResult r;
+  r.device = "test";
+  cuda::MethodDecodePoint timed, attention_only;
+  timed.method = "fp16";
+  timed.batch = attention_only.batch = 1;
+  timed.context = attention_only.context = 4096;
+  timed.ran = attention_only.ran = true;
+  timed.ms_per_step = 12.5;
+  timed.tokens_per_s = 80;
+  timed.attn_ms_per_step = attention_only.attn_ms_per_step = 1.25;
+  attention_only.method = "vq:bits=1";
+  attention_only.attn_frac_of_copy = 0.2;
+  attention_only.seq_cache_bytes = 1.09e9;
+  r.points = {timed, attention_only};
+  const std::string table = cuda::format_method_bench(r);
+  INFO(table);
+  CHECK(table.find("12.50") != std::string::npos);
+  const size_t row = table.find("vq:bits=1");
+  REQUIRE(row != std::string::npos);
+  const std::string line = table.substr(row, table.find('\n', row) - row);
+  CHECK(line.find(" - ") != std::string::npos);
+  CHECK(line.find("0.00 ") == std::string::npos);  // no whole-model figure of 0
+  CHECK(line.find("1.25") != std::string::npos);   // the attention time is there
+}
+
 TEST_CASE("bench methods: uniform parses with its closed set and simulated-only methods are refused by name", "[quant]") {
   const auto u = cuda::parse_bench_method("uniform:bits=2,group=128");
   CHECK(u.uniform);

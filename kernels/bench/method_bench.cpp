@@ -193,9 +193,11 @@ MethodDecodePoint bench_point(const ModelConfig& cfg, const BenchMethod& m, int 
     return r;
   }
   auto rt = make_runtime(cfg, m, B, capacity, o.seed, o.uniform_kernel);
-  r.ms_per_step = time_decode_steps(*rt, B, ctx, warm, steps, cfg.vocab_size, true);
+  if (o.e2e) {
+    r.ms_per_step = time_decode_steps(*rt, B, ctx, warm, steps, cfg.vocab_size, true);
+    r.tokens_per_s = B / (r.ms_per_step * 1e-3);
+  }
   const double weights = static_cast<double>(rt->step_weight_bytes());
-  r.tokens_per_s = B / (r.ms_per_step * 1e-3);
   if (m.uniform) {
     r.attn_ms_per_step = time_uniform_attention(cfg, *rt->uniform_cache(), B, ctx, std::max(3, o.iters / 4),
                                                 &r.attn_bytes_per_step);
@@ -212,7 +214,7 @@ MethodDecodePoint bench_point(const ModelConfig& cfg, const BenchMethod& m, int 
   }
   r.attn_frac_of_copy = r.attn_bytes_per_step / (r.attn_ms_per_step * 1e-3) / (copy_gbps * 1e9);
   r.bytes_per_step = weights + r.attn_bytes_per_step;
-  r.frac_of_copy = r.bytes_per_step / (r.ms_per_step * 1e-3) / (copy_gbps * 1e9);
+  if (o.e2e) r.frac_of_copy = r.bytes_per_step / (r.ms_per_step * 1e-3) / (copy_gbps * 1e9);
   r.ran = true;
   return r;
 }
@@ -236,10 +238,11 @@ MethodBenchResult run_method_bench(const MethodBenchOptions& o, const std::funct
   for (const auto& t : o.methods) methods.push_back(parse_bench_method(t, MethodPath::kBench, &shape));
   auto record = [&](MethodDecodePoint p) {
     if (p.ran)
-      say(fmt::format("{} B={} ctx={}{}: {:.2f} ms/step, {:.1f} tok/s; attention {:.2f} ms/step ({:.0f}% of copy bw), "
-                      "cache {:.2f} GB/seq",
-                      p.method, p.batch, p.context, p.equal_memory ? " (largest batch)" : "", p.ms_per_step,
-                      p.tokens_per_s, p.attn_ms_per_step, 100 * p.attn_frac_of_copy, p.seq_cache_bytes / 1e9));
+      say(fmt::format("{} B={} ctx={}{}: {}attention {:.2f} ms/step ({:.0f}% of copy bw), cache {:.2f} GB/seq",
+                      p.method, p.batch, p.context, p.equal_memory ? " (largest batch)" : "",
+                      p.ms_per_step > 0 ? fmt::format("{:.2f} ms/step, {:.1f} tok/s; ", p.ms_per_step, p.tokens_per_s)
+                                        : std::string(),
+                      p.attn_ms_per_step, 100 * p.attn_frac_of_copy, p.seq_cache_bytes / 1e9));
     else
       say(fmt::format("{} B={} ctx={}: skipped: {}{}", p.method, p.batch, p.context, p.note,
                       p.attn_ms_per_step > 0 ? fmt::format(" ({:.2f} ms/step)", p.attn_ms_per_step) : std::string()));
@@ -270,8 +273,11 @@ std::string format_method_bench(const MethodBenchResult& r) {
                        "-", "-", "-", attn, attn_pct, p.seq_cache_bytes / 1e9, p.note);
       continue;
     }
-    s += fmt::format("{:<24} {:>6} {:>8} {:>10.2f} {:>10.1f} {:>8.1f}% {:>10.2f} {:>7.1f}% {:>9.2f} {}\n", p.method, p.batch,
-                     p.context, p.ms_per_step, p.tokens_per_s, 100 * p.frac_of_copy, p.attn_ms_per_step,
+    const bool timed = p.ms_per_step > 0;  // the whole-model step (not with --no-e2e)
+    s += fmt::format("{:<24} {:>6} {:>8} {:>10} {:>10} {:>9} {:>10.2f} {:>7.1f}% {:>9.2f} {}\n", p.method, p.batch,
+                     p.context, timed ? fmt::format("{:.2f}", p.ms_per_step) : "-",
+                     timed ? fmt::format("{:.1f}", p.tokens_per_s) : "-",
+                     timed ? fmt::format("{:.1f}%", 100 * p.frac_of_copy) : "-", p.attn_ms_per_step,
                      100 * p.attn_frac_of_copy, p.seq_cache_bytes / 1e9, p.equal_memory ? "largest batch" : "");
   }
   return s;

@@ -50,7 +50,7 @@ struct MethodDecodePoint {
   bool ran = false;
   std::string note;            // why it did not run
   double seq_cache_bytes = 0;  // one sequence's cache (at the runtime's capacity)
-  double ms_per_step = 0;      // one decode step of the whole model (CUDA graph replay), host-timed
+  double ms_per_step = 0;      // one decode step of the whole model (CUDA graph replay), host-timed; 0: not timed
   double tokens_per_s = 0;
   double attn_ms_per_step = 0; // the attention kernels of every layer alone (CUDA events)
   double attn_bytes_per_step = 0;  // cache bytes attention reads per step (all layers, all sequences)
@@ -65,6 +65,7 @@ struct MethodBenchOptions {
   std::vector<int> batches = {1, 16};
   std::vector<int> contexts = {32768, 131072};
   bool equal_memory = true;    // also each method at its largest batch per context
+  bool e2e = true;             // time the whole model's decode step too (false: the attention kernels alone)
   int max_batch_cap = 512;     // equal-memory batches are capped here
   int iters = 20;
   uint64_t seed = 1;
