@@ -985,48 +985,34 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
               }
             }
           }
-        } else {
-          // one group's products: its centroid (8 halves per 16-byte load where the group has 8 or more channels)
-          // with the HT query heads
-          auto score_group = [&](int g, uint32_t code) {
-            const __half* cent = kcb + (static_cast<int64_t>(g) * (1 << k_bits) + code) * k_ch;
-            const int c0 = g * k_ch;
-            if (k_ch % 8 == 0) {  // 8 centroid halves per 16-byte load
-              for (int i = 0; i < k_ch; i += 8) {
-                const uint4 raw = __ldg(reinterpret_cast<const uint4*>(cent + i));
-                const __half2* hh = reinterpret_cast<const __half2*>(&raw);
-                const float2 c01 = __half22float2(hh[0]), c23 = __half22float2(hh[1]);
-                const float2 c45 = __half22float2(hh[2]), c67 = __half22float2(hh[3]);
+        } else
+        for (int g = 0; g < kng; ++g) {
+          const uint32_t code = rw_code(rk, g ^ ksw, k_bits, krec);
+          const __half* cent = kcb + (static_cast<int64_t>(g) * (1 << k_bits) + code) * k_ch;
+          const int c0 = g * k_ch;
+          if (k_ch % 8 == 0) {  // 8 centroid halves per 16-byte load
+            for (int i = 0; i < k_ch; i += 8) {
+              const uint4 raw = __ldg(reinterpret_cast<const uint4*>(cent + i));
+              const __half2* hh = reinterpret_cast<const __half2*>(&raw);
+              const float2 c01 = __half22float2(hh[0]), c23 = __half22float2(hh[1]);
+              const float2 c45 = __half22float2(hh[2]), c67 = __half22float2(hh[3]);
 #pragma unroll
-                for (int h = 0; h < HT; ++h) {
-                  const float4 a = *reinterpret_cast<const float4*>(&qs[h][c0 + i]);
-                  const float4 e = *reinterpret_cast<const float4*>(&qs[h][c0 + i + 4]);
-                  s[h] = fmaf(a.x, c01.x, fmaf(a.y, c01.y, fmaf(a.z, c23.x, fmaf(a.w, c23.y, s[h]))));
-                  s[h] = fmaf(e.x, c45.x, fmaf(e.y, c45.y, fmaf(e.z, c67.x, fmaf(e.w, c67.y, s[h]))));
-                }
+              for (int h = 0; h < HT; ++h) {
+                const float4 a = *reinterpret_cast<const float4*>(&qs[h][c0 + i]);
+                const float4 e = *reinterpret_cast<const float4*>(&qs[h][c0 + i + 4]);
+                s[h] = fmaf(a.x, c01.x, fmaf(a.y, c01.y, fmaf(a.z, c23.x, fmaf(a.w, c23.y, s[h]))));
+                s[h] = fmaf(e.x, c45.x, fmaf(e.y, c45.y, fmaf(e.z, c67.x, fmaf(e.w, c67.y, s[h]))));
               }
-            } else {
-              for (int i = 0; i < k_ch; i += 2) {
-                const float2 c = __half22float2(__ldg(reinterpret_cast<const __half2*>(cent + i)));
-#pragma unroll
-                for (int h = 0; h < HT; ++h) {
-                  const float2 a = *reinterpret_cast<const float2*>(&qs[h][c0 + i]);
-                  s[h] = fmaf(a.x, c.x, fmaf(a.y, c.y, s[h]));
-                }
-              }
-            }
-          };
-          if (k_bits == 8 && (reinterpret_cast<uintptr_t>(kbase) & 3) == 0) {
-            // 8-bit codes as whole words (position u of a word is group u ^ swizzle): four groups' centroid
-            // loads in flight, no byte loads
-            const uint32_t* rk4 = reinterpret_cast<const uint32_t*>(rk);
-            for (int w4 = 0; w4 < kng / 4; ++w4) {
-              const uint32_t word = __ldg(rk4 + w4);
-#pragma unroll
-              for (int u = 0; u < 4; ++u) score_group((4 * w4 + u) ^ ksw, (word >> (8 * u)) & 255u);
             }
           } else {
-            for (int g = 0; g < kng; ++g) score_group(g, rw_code(rk, g ^ ksw, k_bits, krec));
+            for (int i = 0; i < k_ch; i += 2) {
+              const float2 c = __half22float2(__ldg(reinterpret_cast<const __half2*>(cent + i)));
+#pragma unroll
+              for (int h = 0; h < HT; ++h) {
+                const float2 a = *reinterpret_cast<const float2*>(&qs[h][c0 + i]);
+                s[h] = fmaf(a.x, c.x, fmaf(a.y, c.y, s[h]));
+              }
+            }
           }
         }
         if constexpr (EX) {
@@ -1037,7 +1023,7 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
         // the value record, staged for the warp's value pass
         const uint8_t* rv = vbase + static_cast<int64_t>(t) * vrec;
         uint8_t* dst = stage_v + lane * (D / 2);
-        if (vrec % 4 == 0 && (reinterpret_cast<uintptr_t>(vbase) & 3) == 0) {
+        if (vrec % 4 == 0) {
           for (int i = 0; i < vrec; i += 4)
             *reinterpret_cast<uint32_t*>(dst + i) = __ldg(reinterpret_cast<const uint32_t*>(rv + i));
         } else {
@@ -1064,7 +1050,6 @@ __global__ void __launch_bounds__(256) quant_pre_split_kernel(const QuantDecodeP
       }
       __syncwarp();
       const int n = min(32, q1 - cb);
-#pragma unroll 4
       for (int j = 0; j < n; ++j) {
         const uint8_t* rv = stage_v + j * (D / 2);
         const int vsw = (cb + j) & (vng - 1);
