@@ -302,7 +302,7 @@ std::vector<MaxContextPoint> run_max_context(const ModelConfig& cfg, const std::
     int cap = static_cast<int>(std::min<int64_t>(lo, INT32_MAX - 1));
     for (int attempt = 0; attempt < 8 && cap > 64; ++attempt) {
       try {
-        auto rt = make_runtime(cfg, m, 1, cap, 1, UniformDecodeKernel::kTensorCore);
+        auto rt = make_runtime(cfg, m, 1, cap, 1, kDefaultUniformDecodeKernel);
         const int steps = 4;
         p.ms_per_step = time_decode_steps(*rt, 1, cap - steps - 3, 2, steps, cfg.vocab_size, true);
         p.tokens_per_s = 1e3 / p.ms_per_step;

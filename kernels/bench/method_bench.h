@@ -69,7 +69,7 @@ struct MethodBenchOptions {
   int max_batch_cap = 512;     // equal-memory batches are capped here
   int iters = 20;
   uint64_t seed = 1;
-  UniformDecodeKernel uniform_kernel = UniformDecodeKernel::kTensorCore;  // the uniform cache's split kernel
+  UniformDecodeKernel uniform_kernel = kDefaultUniformDecodeKernel;  // the uniform cache's split kernel
 };
 
 struct MethodBenchResult {

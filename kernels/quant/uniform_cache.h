@@ -120,7 +120,7 @@ class GpuUniformKvCache {
   int n_layers_ = 0, n_kv_ = 0, n_heads_ = 0, d_ = 0, bits_ = 2, group_ = 128, window_ = 0;
   int max_batch_ = 0, capacity_ = 0, kb_ = 0, wpt_ = 0, nvg_ = 0, ring_ = 0;
   size_t device_bytes_ = 0;
-  cuda::UniformDecodeKernel decode_kernel_ = cuda::UniformDecodeKernel::kTensorCore;
+  cuda::UniformDecodeKernel decode_kernel_ = cuda::kDefaultUniformDecodeKernel;
   std::vector<Layer> layers_;
   std::vector<int> lens_;
   int pending_seq_ = -1, pending_tokens_ = 0;  // the prefill being written (write_prefill), -1: none
