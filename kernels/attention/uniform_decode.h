@@ -2,7 +2,7 @@
 // counts are described there): flash-decoding splits over the quantized key blocks, the last split also over
 // the FP16 residual, merged by split_combine.cuh's combine.
 //
-// The split kernel runs both products on the tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate), the
+// The tensor-core split kernel (opt-in, see kDefaultUniformDecodeKernel) runs both products on the tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate), the
 // query heads of a KV head as the mma's N (8, padded), 16 tokens per warp per step:
 //  - scores^T [16 tokens, 8 heads] = codes [16 tokens, D] x (q_c s_c)^T [D, 8 heads], + q . z per key block;
 //    the 2/4-bit codes become fp16 operands in registers (the 0x6400 exponent trick: one LOP3 and one HSUB2

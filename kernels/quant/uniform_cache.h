@@ -59,7 +59,7 @@ class GpuUniformKvCache {
   int max_batch() const { return max_batch_; }
   int capacity() const { return capacity_; }
   size_t device_bytes() const { return device_bytes_; }
-  // The split kernel attend() runs (tensor cores by default; the CUDA-core one for comparisons and tests).
+  // The split kernel attend() runs (kDefaultUniformDecodeKernel: CUDA cores; tensor cores opt-in).
   void set_decode_kernel(cuda::UniformDecodeKernel k) { decode_kernel_ = k; }
   cuda::UniformDecodeKernel decode_kernel() const { return decode_kernel_; }
   // Bytes of one sequence's cache at full capacity (codes, scales/zeros, residual), all layers.
