@@ -411,7 +411,7 @@ struct BenchArgs {
   std::vector<std::string> methods;  // bench --method / max-context
   bool equal_memory = true;
   int max_batch = 512;
-  std::string uniform_kernel = "cuda-core";  // the packed uniform cache's split kernel (kDefaultUniformDecodeKernel)
+  std::string uniform_kernel;  // the packed uniform cache's split kernel; empty: kDefaultUniformDecodeKernel
 };
 
 // A named shape of model/model_shapes.h as a random-weight benchmark model: any context (decode time is measured,
@@ -502,8 +502,8 @@ int run_method_bench_cmd(const BenchArgs& a, bool max_context) {
     o.max_batch_cap = a.max_batch;
     o.iters = a.iters;
     o.e2e = !a.no_e2e;
-    o.uniform_kernel = cuda::parse_uniform_decode_kernel(a.uniform_kernel);
-    j["uniform_kernel"] = a.uniform_kernel;
+    if (!a.uniform_kernel.empty()) o.uniform_kernel = cuda::parse_uniform_decode_kernel(a.uniform_kernel);
+    j["uniform_kernel"] = cuda::uniform_decode_kernel_name(o.uniform_kernel);
     const auto r = cuda::run_method_bench(o, say);
     std::printf("%s", cuda::format_method_bench(r).c_str());
     j["device"] = r.device;
@@ -659,9 +659,9 @@ int main(int argc, char** argv) {
                   "with --method: also each method at the largest batch that fits per context (default on)");
   bench->add_option("--max-batch", ba.max_batch, "cap of the equal-memory batches")->capture_default_str();
   bench->add_option("--uniform-kernel", ba.uniform_kernel,
-                    "the packed uniform cache's decode split kernel: cuda-core, or tensor-core (faster, fp16 operands)")
-      ->check(CLI::IsMember({"tensor-core", "cuda-core"}))
-      ->capture_default_str();
+                    "the packed uniform cache's decode split kernel: cuda-core (the default), or tensor-core (faster, "
+                    "fp16 operands)")
+      ->check(CLI::IsMember({"tensor-core", "cuda-core"}));
 
   BenchArgs ma;
   ma.methods = {"fp16", "vq:bits=1"};

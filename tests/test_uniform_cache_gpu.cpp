@@ -206,12 +206,12 @@ void check_decode(GpuUniformKvCache& cache, const ModelConfig& cfg, int B, std::
       const size_t row0 = static_cast<size_t>(b) * H + static_cast<size_t>(kh) * G;
       ref_decode(hv, cache.group(), d, q.data() + row0 * d, G, scale, want.data() + row0 * d, want_lse.data() + row0);
     }
+  cache.upload_counts(B, nullptr);
   for (const auto kernel : {cuda::UniformDecodeKernel::kCudaCore, cuda::UniformDecodeKernel::kTensorCore}) {
     DeviceBuffer<bf16> out(q.size());
     DeviceBuffer<float> lse(static_cast<size_t>(B) * H);
     cuda::fill_bf16(out.get(), static_cast<int64_t>(out.size()), NAN, nullptr);
     cuda::fill_f32(lse.get(), static_cast<int64_t>(lse.size()), NAN, nullptr);
-    cache.upload_counts(B, nullptr);
     cache.set_decode_kernel(kernel);
     cache.attend(0, B, H, dq.get(), out.get(), plan, scale, nullptr, lse.get());
     const auto go = download_bf(out.get(), out.size());

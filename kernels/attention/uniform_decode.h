@@ -2,8 +2,9 @@
 // counts are described there): flash-decoding splits over the quantized key blocks, the last split also over
 // the FP16 residual, merged by split_combine.cuh's combine.
 //
-// The tensor-core split kernel (opt-in, see kDefaultUniformDecodeKernel) runs both products on the tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate), the
-// query heads of a KV head as the mma's N (8, padded), 16 tokens per warp per step:
+// The tensor-core split kernel (opt-in, see kDefaultUniformDecodeKernel) runs both products on the tensor cores
+// (mma.sync m16n8k16, fp16 in, fp32 accumulate), the query heads of a KV head as the mma's N (8, padded), 16
+// tokens per warp per step:
 //  - scores^T [16 tokens, 8 heads] = codes [16 tokens, D] x (q_c s_c)^T [D, 8 heads], + q . z per key block;
 //    the 2/4-bit codes become fp16 operands in registers (the 0x6400 exponent trick: one LOP3 and one HSUB2
 //    per two codes), with the channels of a 16-wide k step permuted so both halves of a register come from one
@@ -52,7 +53,7 @@ int64_t uniform_decode_workspace_floats(int batch, int n_heads, int head_dim, in
 enum class UniformDecodeKernel { kTensorCore, kCudaCore };
 // The default is the CUDA-core kernel. The tensor-core one is 2.0-2.3x faster (H100, 128K, kernels/NOTES.md), but
 // its fp16 operands (q s and p s rounded to fp16) moved the real cache's perplexity up to 0.96% away from the
-// simulated path in the perplexity test (bar 0.5%; CUDA-core 0.16-0.38%), so it is opt-in until a more precise
+// simulated path in the perplexity test (bar 0.5%; CUDA-core 0.02-0.38%), so it is opt-in until a more precise
 // form (hi/lo fp16 operands) has been measured.
 constexpr UniformDecodeKernel kDefaultUniformDecodeKernel = UniformDecodeKernel::kCudaCore;
 const char* uniform_decode_kernel_name(UniformDecodeKernel k);  // "tensor-core" / "cuda-core"
